@@ -1,0 +1,18 @@
+"""sparseinfer: sparse fine-tuning and fast sparse/quantized LLM inference on CPUs.
+
+Inference needs only numpy and the Rust extension; ``sparseinfer.training`` (``pip install
+sparseinfer[train]``) adds torch and transformers.
+"""
+
+from . import kernels
+from ._core import __version__, build_info
+from .errors import InvalidInputError, SparseInferError, UnsupportedError
+
+__all__ = [
+    "InvalidInputError",
+    "SparseInferError",
+    "UnsupportedError",
+    "__version__",
+    "build_info",
+    "kernels",
+]

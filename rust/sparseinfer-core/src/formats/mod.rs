@@ -1,0 +1,266 @@
+//! Weight formats: how a 2-D weight `W[out, in]` (row-major, `y = W @ x`) is packed in memory.
+//!
+//! Every format stores rows padded to `cols_pad` columns (a multiple of 64, and of the scale group) so the
+//! SIMD kernels never need a column tail; the activation vector is zero-padded to match.
+//!
+//! ```text
+//! dense-f32   row r: cols_pad × f32                      (4 B/weight)
+//! dense-bf16  row r: cols_pad × bf16 (upper half of f32)  (2 B/weight)
+//! dense-int8  row r: cols_pad × i8,  scales[r, g] f32      (1 B/weight + 4/G)
+//! dense-int4  row r: cols_pad/2 bytes, byte j = col 2j (low nibble) | col 2j+1 (high nibble)
+//!             nibble = q + 8 (symmetric, q in -7..=7) or q (asymmetric, q in 0..=15, w = d·q + m)
+//!
+//! sparse-*    masks[r, c]: u64, bit j set  <=>  column 64c + j is stored (nonzero)
+//!             values: the stored weights of row r, in column order, starting at byte row_offsets[r]
+//!               f32 / bf16 / i8: one element per set bit, back to back
+//!               int4: per 64-column chunk, ceil(n/2) bytes (n = popcount of that chunk's mask), low nibble
+//!                     first, so every chunk starts on a byte boundary
+//! ```
+//! The sparse mask is bit-compatible with the on-disk `bitmask` (uint8 `[rows, ceil(cols/8)]`, little-endian
+//! bit order): byte `k` of mask word `c` is on-disk byte `8c + k`. `values` ends with [`VALUE_PAD`] zero bytes
+//! so kernels may load a full vector past a row's last value.
+//!
+//! Quantization is round-to-nearest. Symmetric: `d = absmax / qmax`, `q = round(w / d)`. Asymmetric int4:
+//! `d = (max - min) / 15`, `m = min`, `q = round((w - m) / d)`, `ŵ = d·q + m`. Statistics use the real
+//! columns only (and, for sparse formats, only the stored nonzeros). In sparse formats a nonzero weight never
+//! rounds to a zero code: it keeps `|q| >= 1`, so the zero pattern survives a pack/unpack round trip.
+
+mod pack;
+
+pub use pack::PackOptions;
+
+use crate::error::{Error, Result};
+
+/// Bytes of zeros after the last stored value, so a kernel may read one full 64-byte vector past it.
+pub const VALUE_PAD: usize = 64;
+
+/// Columns per mask word, and the unit every row is padded to.
+pub const CHUNK: usize = 64;
+
+/// The weight formats. Names (see [`Format::name`]) are the stable strings used by Python and the CLI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// Every weight as f32.
+    DenseF32,
+    /// Every weight as bf16.
+    DenseBf16,
+    /// Every weight as symmetric int8 with an f32 scale per row or per group.
+    DenseInt8,
+    /// Every weight as int4 per group, symmetric or asymmetric, f32 scales.
+    DenseInt4,
+    /// 1-bit mask + nonzero f32 values.
+    SparseF32,
+    /// 1-bit mask + nonzero bf16 values.
+    SparseBf16,
+    /// 1-bit mask + nonzero symmetric int8 values with per-row or per-group scales.
+    SparseInt8,
+    /// 1-bit mask + nonzero int4 values per group.
+    SparseInt4,
+}
+
+/// The element encoding of a format, independent of sparsity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Elem {
+    /// 32-bit float.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// Signed 8-bit integer with scales.
+    I8,
+    /// 4-bit integer with scales (and mins when asymmetric).
+    I4,
+}
+
+impl Format {
+    /// Every format, in a fixed order.
+    pub const ALL: [Format; 8] = [
+        Format::DenseF32,
+        Format::DenseBf16,
+        Format::DenseInt8,
+        Format::DenseInt4,
+        Format::SparseF32,
+        Format::SparseBf16,
+        Format::SparseInt8,
+        Format::SparseInt4,
+    ];
+
+    /// The stable name, e.g. `"sparse-int8"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::DenseF32 => "dense-f32",
+            Format::DenseBf16 => "dense-bf16",
+            Format::DenseInt8 => "dense-int8",
+            Format::DenseInt4 => "dense-int4",
+            Format::SparseF32 => "sparse-f32",
+            Format::SparseBf16 => "sparse-bf16",
+            Format::SparseInt8 => "sparse-int8",
+            Format::SparseInt4 => "sparse-int4",
+        }
+    }
+
+    /// Parses a stable name; the error lists every valid name.
+    pub fn from_name(name: &str) -> Result<Format> {
+        Format::ALL.into_iter().find(|f| f.name() == name).ok_or_else(|| {
+            let names: Vec<_> = Format::ALL.iter().map(|f| f.name()).collect();
+            Error::invalid("format", format!("unknown format {name:?}; expected one of {}", names.join(", ")))
+        })
+    }
+
+    /// Whether the format stores a mask and only the nonzeros.
+    pub fn is_sparse(self) -> bool {
+        matches!(self, Format::SparseF32 | Format::SparseBf16 | Format::SparseInt8 | Format::SparseInt4)
+    }
+
+    /// The element encoding.
+    pub fn elem(self) -> Elem {
+        match self {
+            Format::DenseF32 | Format::SparseF32 => Elem::F32,
+            Format::DenseBf16 | Format::SparseBf16 => Elem::Bf16,
+            Format::DenseInt8 | Format::SparseInt8 => Elem::I8,
+            Format::DenseInt4 | Format::SparseInt4 => Elem::I4,
+        }
+    }
+}
+
+/// A packed weight matrix, ready for the kernels. Immutable once built; cheap to share behind an `Arc`.
+#[derive(Clone, Debug)]
+pub struct PackedMatrix {
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) cols_pad: usize,
+    pub(crate) format: Format,
+    /// Columns per scale group for integer formats (`cols_pad` means one scale per row); 0 for float formats.
+    pub(crate) group: usize,
+    pub(crate) asym: bool,
+    /// Packed values (dense: `rows × row_bytes`; sparse: see module docs), then [`VALUE_PAD`] zero bytes.
+    pub(crate) data: Vec<u8>,
+    /// Sparse only: `rows × cols_pad/64` mask words.
+    pub(crate) masks: Vec<u64>,
+    /// Sparse only: `rows + 1` byte offsets into `data`.
+    pub(crate) row_offsets: Vec<usize>,
+    /// Integer formats: `rows × groups` scales.
+    pub(crate) scales: Vec<f32>,
+    /// Asymmetric only: `rows × groups` minimums (`ŵ = d·q + m`).
+    pub(crate) mins: Vec<f32>,
+    pub(crate) nnz: usize,
+}
+
+impl PackedMatrix {
+    /// Packs a dense row-major `rows × cols` f32 matrix. Zeros are the pruned weights for sparse formats.
+    pub fn pack(w: &[f32], rows: usize, cols: usize, format: Format, opts: PackOptions) -> Result<Self> {
+        pack::pack(w, rows, cols, format, opts)
+    }
+
+    /// Output features (rows of `W`).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features (columns of `W`).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Columns after padding; activations are zero-padded to this length.
+    pub fn cols_pad(&self) -> usize {
+        self.cols_pad
+    }
+
+    /// The format.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Columns per scale group (`None` for float formats and for per-row scales).
+    pub fn group_size(&self) -> Option<usize> {
+        (self.group != 0 && self.group != self.cols_pad).then_some(self.group)
+    }
+
+    /// Whether int4 values are asymmetric (`ŵ = d·q + m`).
+    pub fn asymmetric(&self) -> bool {
+        self.asym
+    }
+
+    /// Stored (nonzero for sparse formats) weights divided by `rows × cols`.
+    pub fn density(&self) -> f64 {
+        self.nnz as f64 / (self.rows as f64 * self.cols as f64)
+    }
+
+    /// Bytes a matvec reads: values, masks, row offsets (as u32, as on disk), scales and mins. Excludes the
+    /// trailing pad, which is never multiplied.
+    pub fn nbytes(&self) -> usize {
+        let offsets = if self.format.is_sparse() { 4 * (self.rows + 1) } else { 0 };
+        (self.data.len() - VALUE_PAD) + 8 * self.masks.len() + offsets + 4 * (self.scales.len() + self.mins.len())
+    }
+
+    /// Scale groups per row.
+    pub(crate) fn groups(&self) -> usize {
+        self.cols_pad.checked_div(self.group).unwrap_or(0)
+    }
+
+    /// Mask words per row.
+    pub(crate) fn chunks(&self) -> usize {
+        self.cols_pad / CHUNK
+    }
+
+    /// Bytes of one dense row.
+    pub(crate) fn dense_row_bytes(&self) -> usize {
+        match self.format.elem() {
+            Elem::F32 => 4 * self.cols_pad,
+            Elem::Bf16 => 2 * self.cols_pad,
+            Elem::I8 => self.cols_pad,
+            Elem::I4 => self.cols_pad / 2,
+        }
+    }
+
+    /// Byte offset of row `r`'s values in `data`.
+    pub(crate) fn row_start(&self, r: usize) -> usize {
+        if self.format.is_sparse() {
+            self.row_offsets[r]
+        } else {
+            r * self.dense_row_bytes()
+        }
+    }
+
+    /// Dequantizes the whole matrix to row-major `rows × cols` f32 (the reference decoder).
+    pub fn to_dense(&self) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.rows * self.cols];
+        let mut row = vec![0.0f32; self.cols_pad];
+        for r in 0..self.rows {
+            crate::kernels::reference::decode_row(self, r, &mut row);
+            out[r * self.cols..(r + 1) * self.cols].copy_from_slice(&row[..self.cols]);
+        }
+        out
+    }
+}
+
+/// f32 -> bf16 with round-to-nearest-even (inputs are finite; overflow saturates to the largest bf16).
+pub(crate) fn f32_to_bf16(v: f32) -> u16 {
+    let bits = v.to_bits();
+    let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16;
+    let h = rounded as u16;
+    if h & 0x7FFF == 0x7F80 {
+        (h & 0x8000) | 0x7F7F
+    } else {
+        h
+    }
+}
+
+/// bf16 -> f32 (exact).
+#[inline]
+pub(crate) fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// Named error budgets. Tests in Rust and Python hold every kernel and format to these.
+pub mod budget {
+    /// A SIMD path against the scalar reference on the same packed matrix (summation order and the
+    /// placement of the per-row scale only): `|Δy| <= SUM_ORDER · Σ|ŵ·x|`.
+    pub const SUM_ORDER: f32 = 3e-5;
+    /// bf16 round-to-nearest-even: `|ŵ - w| <= BF16_REL · |w|`.
+    pub const BF16_REL: f32 = 1.0 / 256.0;
+    /// Integer round-to-nearest: `|ŵ - w| <= ROUND · d` (d the group's scale).
+    pub const ROUND: f32 = 0.5;
+    /// Sparse symmetric integer formats keep a stored nonzero at `|q| >= 1`: `|ŵ - w| <= SPARSE_ROUND · d`.
+    pub const SPARSE_ROUND: f32 = 1.0;
+}

@@ -1,0 +1,229 @@
+//! Packing a dense f32 matrix into each format (the quantizers). Decoding lives in `kernels::reference`.
+
+use super::{f32_to_bf16, Elem, Format, PackedMatrix, CHUNK, VALUE_PAD};
+use crate::error::{Error, Result};
+
+/// Options for [`PackedMatrix::pack`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PackOptions {
+    /// Columns per scale group: 32, 64 or 128. `None`: one scale per row for int8, 128 for int4.
+    /// Must be `None` for float formats.
+    pub group_size: Option<usize>,
+    /// Asymmetric int4 (`ŵ = d·q + m`, q in 0..=15). Only valid for int4 formats.
+    pub asymmetric: bool,
+}
+
+/// Default columns per group for int4 formats.
+pub const INT4_DEFAULT_GROUP: usize = 128;
+
+fn round_up(n: usize, m: usize) -> usize {
+    n.div_ceil(m) * m
+}
+
+/// Per-group quantization parameters and the code of one weight.
+#[derive(Clone, Copy)]
+struct Quant {
+    /// Scale `d`.
+    d: f32,
+    /// Minimum `m` (asymmetric) or 0.
+    m: f32,
+    /// `1/d`, or 0 when `d == 0`.
+    inv: f32,
+    /// Largest code magnitude (symmetric) or 15 (asymmetric).
+    qmax: f32,
+    asym: bool,
+}
+
+impl Quant {
+    /// Parameters from the values that the group stores.
+    fn fit(values: impl Iterator<Item = f32> + Clone, elem: Elem, asym: bool) -> Quant {
+        let qmax = if elem == Elem::I8 {
+            127.0
+        } else if asym {
+            15.0
+        } else {
+            7.0
+        };
+        let (d, m) = if asym {
+            let lo = values.clone().fold(f32::INFINITY, f32::min);
+            let hi = values.fold(f32::NEG_INFINITY, f32::max);
+            if lo.is_finite() {
+                ((hi - lo) / qmax, lo)
+            } else {
+                (0.0, 0.0)
+            }
+        } else {
+            (values.fold(0.0f32, |a, v| a.max(v.abs())) / qmax, 0.0)
+        };
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        Quant { d, m, inv, qmax, asym }
+    }
+
+    /// The integer code of `w` (signed for symmetric, 0..=15 for asymmetric). A nonzero weight of a sparse
+    /// format keeps a nonzero symmetric code so the mask and the values agree.
+    fn code(&self, w: f32, keep_nonzero: bool) -> i32 {
+        if self.asym {
+            ((w - self.m) * self.inv).round().clamp(0.0, self.qmax) as i32
+        } else {
+            let q = (w * self.inv).round().clamp(-self.qmax, self.qmax) as i32;
+            if q == 0 && keep_nonzero && w != 0.0 {
+                if w > 0.0 {
+                    1
+                } else {
+                    -1
+                }
+            } else {
+                q
+            }
+        }
+    }
+
+    /// The 4-bit storage of a code: `q + 8` symmetric, `q` asymmetric.
+    fn nibble(&self, q: i32) -> u8 {
+        (if self.asym { q } else { q + 8 }) as u8
+    }
+}
+
+pub(super) fn pack(w: &[f32], rows: usize, cols: usize, format: Format, opts: PackOptions) -> Result<PackedMatrix> {
+    const OP: &str = "pack";
+    if rows == 0 || cols == 0 {
+        return Err(Error::invalid(OP, format!("empty matrix: shape ({rows}, {cols})")));
+    }
+    if w.len() != rows * cols {
+        return Err(Error::invalid(OP, format!("{} values for shape ({rows}, {cols})", w.len())));
+    }
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return Err(Error::invalid(OP, format!("non-finite weight {} at ({}, {})", w[i], i / cols, i % cols)));
+    }
+    let elem = format.elem();
+    let quantized = matches!(elem, Elem::I8 | Elem::I4);
+    if let Some(g) = opts.group_size {
+        if !quantized {
+            return Err(Error::invalid(OP, format!("group_size applies to integer formats, not {}", format.name())));
+        }
+        if ![32, 64, 128].contains(&g) {
+            return Err(Error::invalid(OP, format!("group_size must be 32, 64 or 128, got {g}")));
+        }
+    }
+    if opts.asymmetric && elem != Elem::I4 {
+        return Err(Error::invalid(OP, format!("asymmetric applies to int4 formats, not {}", format.name())));
+    }
+    let explicit_group = match elem {
+        Elem::I4 => Some(opts.group_size.unwrap_or(INT4_DEFAULT_GROUP)),
+        Elem::I8 => opts.group_size,
+        _ => None,
+    };
+    let cols_pad = round_up(cols, explicit_group.unwrap_or(CHUNK).max(CHUNK));
+    let group = if quantized { explicit_group.unwrap_or(cols_pad) } else { 0 };
+
+    let mut m = PackedMatrix {
+        rows,
+        cols,
+        cols_pad,
+        format,
+        group,
+        asym: opts.asymmetric,
+        data: Vec::new(),
+        masks: Vec::new(),
+        row_offsets: Vec::new(),
+        scales: Vec::new(),
+        mins: Vec::new(),
+        nnz: w.iter().filter(|v| **v != 0.0).count(),
+    };
+    let sparse = format.is_sparse();
+    let groups = m.groups();
+    if quantized {
+        m.scales.reserve(rows * groups);
+    }
+    if sparse {
+        m.masks.reserve(rows * m.chunks());
+        m.row_offsets.reserve(rows + 1);
+    } else {
+        m.data.reserve(rows * m.dense_row_bytes() + VALUE_PAD);
+    }
+
+    let mut codes = vec![0i32; cols_pad];
+    for r in 0..rows {
+        let row = &w[r * cols..(r + 1) * cols];
+        // Fit one set of parameters per group and turn the row into integer codes.
+        if quantized {
+            for g in 0..groups {
+                let (c0, c1) = (g * group, ((g + 1) * group).min(cols));
+                let vals = row.get(c0..c1).unwrap_or(&[]);
+                let q = if sparse {
+                    Quant::fit(vals.iter().copied().filter(|v| *v != 0.0), elem, m.asym)
+                } else {
+                    Quant::fit(vals.iter().copied(), elem, m.asym)
+                };
+                m.scales.push(q.d);
+                if m.asym {
+                    m.mins.push(q.m);
+                }
+                for (c, code) in codes.iter_mut().enumerate().take((g + 1) * group).skip(c0) {
+                    *code = match row.get(c) {
+                        Some(&v) if c < c1 => {
+                            let code = q.code(v, sparse);
+                            if elem == Elem::I4 {
+                                q.nibble(code) as i32
+                            } else {
+                                code
+                            }
+                        }
+                        // Padding columns: a code that decodes to zero for symmetric formats.
+                        _ => {
+                            if elem == Elem::I4 && !m.asym {
+                                8
+                            } else {
+                                0
+                            }
+                        }
+                    };
+                }
+            }
+        }
+        if sparse {
+            m.row_offsets.push(m.data.len());
+            for ch in 0..m.chunks() {
+                let mut mask = 0u64;
+                let mut nibbles: Vec<u8> = Vec::new();
+                for j in 0..CHUNK {
+                    let c = ch * CHUNK + j;
+                    let v = match row.get(c) {
+                        Some(&v) if v != 0.0 => v,
+                        _ => continue,
+                    };
+                    mask |= 1 << j;
+                    match elem {
+                        Elem::F32 => m.data.extend_from_slice(&v.to_le_bytes()),
+                        Elem::Bf16 => {
+                            let mut h = f32_to_bf16(v);
+                            if h & 0x7FFF == 0 {
+                                h |= 1; // keep a nonzero that bf16 would flush
+                            }
+                            m.data.extend_from_slice(&h.to_le_bytes());
+                        }
+                        Elem::I8 => m.data.push(codes[c] as i8 as u8),
+                        Elem::I4 => nibbles.push(codes[c] as u8),
+                    }
+                }
+                for pair in nibbles.chunks(2) {
+                    m.data.push(pair[0] | (pair.get(1).copied().unwrap_or(0) << 4));
+                }
+                m.masks.push(mask);
+            }
+        } else {
+            let val = |c: usize| row.get(c).copied().unwrap_or(0.0);
+            match elem {
+                Elem::F32 => (0..cols_pad).for_each(|c| m.data.extend_from_slice(&val(c).to_le_bytes())),
+                Elem::Bf16 => (0..cols_pad).for_each(|c| m.data.extend_from_slice(&f32_to_bf16(val(c)).to_le_bytes())),
+                Elem::I8 => m.data.extend(codes.iter().map(|&q| q as i8 as u8)),
+                Elem::I4 => m.data.extend(codes.chunks(2).map(|p| p[0] as u8 | ((p[1] as u8) << 4))),
+            }
+        }
+    }
+    if sparse {
+        m.row_offsets.push(m.data.len());
+    }
+    m.data.extend_from_slice(&[0u8; VALUE_PAD]);
+    Ok(m)
+}

@@ -1,0 +1,221 @@
+//! Kernel dispatch: pick an ISA once, split rows over the thread pool, call the ISA's row kernel.
+//!
+//! Every ISA implements one entry point, `rows(m, r0, r1, xs, k, y)`, that computes `k` activation rows
+//! against weight rows `r0..r1` for every format. The scalar [`reference`] is always compiled; the SIMD
+//! variants live in `#[target_feature]` functions and are only called after runtime detection, so the
+//! crate builds for baseline x86-64.
+//!
+//! `SPARSEINFER_ISA=scalar|avx2|avx512` (or [`set_isa`]) forces a path, so tests can run all of them.
+
+pub mod reference;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use crate::error::{Error, Result};
+use crate::formats::PackedMatrix;
+use crate::parallel;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// An instruction-set path of the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// The portable reference ([`reference`]).
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C + BMI2 + POPCNT.
+    Avx2,
+    /// x86-64 AVX-512 F/BW/DQ/VL + VBMI2 (`vpexpandb`/`vpexpandw`).
+    Avx512,
+}
+
+impl Isa {
+    /// Every path, slowest first.
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
+
+    /// The stable name used by `SPARSEINFER_ISA` and `build_info()`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// Parses a name from [`Isa::name`].
+    pub fn from_name(name: &str) -> Result<Isa> {
+        Isa::ALL.into_iter().find(|i| i.name() == name.trim().to_ascii_lowercase()).ok_or_else(|| {
+            Error::invalid("isa", format!("unknown ISA {name:?}; expected one of scalar, avx2, avx512, auto"))
+        })
+    }
+
+    /// Whether this CPU (and this build) can run the path.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => x86::avx2_supported(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => x86::avx512_supported(),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+}
+
+/// The paths this CPU supports, slowest first.
+pub fn available_isas() -> Vec<Isa> {
+    Isa::ALL.into_iter().filter(|i| i.is_supported()).collect()
+}
+
+/// The fastest supported path.
+pub fn best_isa() -> Isa {
+    *available_isas().last().unwrap_or(&Isa::Scalar)
+}
+
+/// CPU features relevant to the kernels that this CPU has.
+pub fn cpu_features() -> Vec<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::features()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Vec::new()
+    }
+}
+
+const UNSET: u8 = u8::MAX;
+static ACTIVE: AtomicU8 = AtomicU8::new(UNSET);
+
+fn isa_from_env() -> Result<Isa> {
+    match std::env::var("SPARSEINFER_ISA") {
+        Ok(v) if !v.trim().is_empty() && v.trim() != "auto" => {
+            let isa = Isa::from_name(&v)?;
+            if !isa.is_supported() {
+                return Err(Error::unsupported(
+                    "isa",
+                    format!("SPARSEINFER_ISA={v} but this CPU supports only {:?}", names(&available_isas())),
+                ));
+            }
+            Ok(isa)
+        }
+        _ => Ok(best_isa()),
+    }
+}
+
+fn names(isas: &[Isa]) -> Vec<&'static str> {
+    isas.iter().map(|i| i.name()).collect()
+}
+
+/// The path in use: chosen once (from `SPARSEINFER_ISA`, else the best supported) and cached.
+pub fn active_isa() -> Result<Isa> {
+    match ACTIVE.load(Ordering::Relaxed) {
+        UNSET => {
+            let isa = isa_from_env()?;
+            ACTIVE.store(isa as u8, Ordering::Relaxed);
+            Ok(isa)
+        }
+        v => Ok(Isa::ALL[v as usize]),
+    }
+}
+
+/// Forces a path for later calls (`None`: back to the environment / best). Errors if unsupported here.
+pub fn set_isa(isa: Option<Isa>) -> Result<()> {
+    let isa = match isa {
+        Some(isa) if !isa.is_supported() => {
+            return Err(Error::unsupported(
+                "set_isa",
+                format!("{} is not supported on this CPU; available: {:?}", isa.name(), names(&available_isas())),
+            ))
+        }
+        Some(isa) => isa,
+        None => isa_from_env()?,
+    };
+    ACTIVE.store(isa as u8, Ordering::Relaxed);
+    Ok(())
+}
+
+type RowsFn = unsafe fn(&PackedMatrix, usize, usize, &[f32], usize, *mut f32);
+
+fn rows_fn(isa: Isa) -> RowsFn {
+    match isa {
+        Isa::Scalar => reference::rows,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => x86::avx2::rows,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => x86::avx512::rows,
+        #[allow(unreachable_patterns)]
+        _ => reference::rows,
+    }
+}
+
+/// Below this many multiply-adds a call stays on one thread.
+const PARALLEL_MIN_WORK: usize = 1 << 15;
+
+/// `y = W @ x`: `x` has `cols` values, `y` has `rows`.
+pub fn matvec(m: &PackedMatrix, x: &[f32], y: &mut [f32]) -> Result<()> {
+    matmul(m, x, 1, y)
+}
+
+/// `Y = X @ Wᵀ` for `k` activation rows: `x` is `k × cols` row-major, `y` is `k × rows` row-major.
+pub fn matmul(m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32]) -> Result<()> {
+    const OP: &str = "matmul";
+    if k == 0 {
+        return Err(Error::invalid(OP, "no activation rows"));
+    }
+    if x.len() != k * m.cols {
+        return Err(Error::invalid(OP, format!("activations hold {} values, expected {k} × {}", x.len(), m.cols)));
+    }
+    if y.len() != k * m.rows {
+        return Err(Error::invalid(OP, format!("output holds {} values, expected {k} × {}", y.len(), m.rows)));
+    }
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        return Err(Error::invalid(OP, format!("non-finite activation {} at ({}, {})", x[i], i / m.cols, i % m.cols)));
+    }
+    matmul_on(active_isa()?, m, x, k, y)
+}
+
+/// [`matmul`] on a given ISA, ignoring the active one (tests compare paths with it). Inputs must already be
+/// validated as [`matmul`] does; the ISA must be supported.
+pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32]) -> Result<()> {
+    if !isa.is_supported() {
+        return Err(Error::unsupported("matmul", format!("{} is not supported on this CPU", isa.name())));
+    }
+    if x.len() != k * m.cols || y.len() != k * m.rows {
+        return Err(Error::invalid("matmul", "activation or output length does not match the matrix"));
+    }
+    // Zero-pad each activation row to cols_pad so no kernel needs a column tail.
+    let mut xs = vec![0.0f32; k * m.cols_pad];
+    for a in 0..k {
+        xs[a * m.cols_pad..a * m.cols_pad + m.cols].copy_from_slice(&x[a * m.cols..(a + 1) * m.cols]);
+    }
+    run_rows(isa, m, &xs, k, y);
+    Ok(())
+}
+
+/// Splits weight rows over the pool. `xs` is already padded; `y` is `k × rows`.
+pub(crate) fn run_rows(isa: Isa, m: &PackedMatrix, xs: &[f32], k: usize, y: &mut [f32]) {
+    debug_assert!(xs.len() == k * m.cols_pad && y.len() == k * m.rows);
+    let f = rows_fn(isa);
+    let threads = parallel::num_threads();
+    let out = SendPtr(y.as_mut_ptr());
+    if threads <= 1 || m.rows * m.cols_pad * k < PARALLEL_MIN_WORK {
+        // SAFETY: y has k × rows elements; xs has k × cols_pad.
+        unsafe { f(m, 0, m.rows, xs, k, out.0) };
+        return;
+    }
+    // About 8 tasks per thread for balance, in multiples of 16 rows.
+    let per_task = m.rows.div_ceil(threads * 8).div_ceil(16) * 16;
+    let n_tasks = m.rows.div_ceil(per_task);
+    parallel::global().run(n_tasks, threads, &|t| {
+        let r0 = t * per_task;
+        let r1 = (r0 + per_task).min(m.rows);
+        let out = &out;
+        // SAFETY: tasks write disjoint row ranges of y.
+        unsafe { f(m, r0, r1, xs, k, out.0) };
+    });
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: used only for disjoint writes from pool tasks while the owner waits.
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}

@@ -1,0 +1,335 @@
+//! AVX-512 kernels (F/BW/DQ/VL + VBMI2). Kernel names: `<weight format>_f32` (f32 activations).
+//!
+//! Every kernel walks a row in 64-column chunks, the width of one mask word. Per chunk it produces four
+//! 16-lane f32 weight vectors and multiply-adds each against the matching slice of up to `NR` activation
+//! rows, keeping four independent accumulators per activation row so FMA latency never limits a row.
+//!
+//! Sparse decode is one instruction per chunk: VBMI2's `vpexpandb`/`vpexpandw` (and AVX-512F's
+//! `vexpandps`) scatter the packed nonzeros into the lanes whose mask bit is set and zero the rest.
+
+use crate::formats::{Format, PackedMatrix, CHUNK};
+use core::arch::x86_64::*;
+
+/// Scale handling, chosen per matrix and compiled into the kernel: one scale per row (applied once to the
+/// final sum; also used for float formats with scale 1), per group symmetric (`ŵ = d·q`), or per group
+/// asymmetric (`ŵ = d·q + m`, masked so pruned lanes stay zero).
+const ROW: u8 = 0;
+const GRP: u8 = 1;
+const ASYM: u8 = 2;
+
+type Acc<const NR: usize> = [[__m512; 4]; NR];
+
+/// Computes rows `r0..r1` for `k` activation rows: four at a time, then one at a time.
+///
+/// # Safety
+/// The CPU must support the enabled features; `xs` holds `k × cols_pad` floats; `y` is valid for
+/// writes at `a·rows + r` for every `a < k` and `r0 <= r < r1`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,popcnt,bmi2,fma")]
+pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, xs: &[f32], k: usize, y: *mut f32) {
+    debug_assert!(xs.len() >= k * m.cols_pad);
+    for r in r0..r1 {
+        let mut a = 0;
+        while a + 4 <= k {
+            row::<4>(m, r, xs, a, y);
+            a += 4;
+        }
+        while a < k {
+            row::<1>(m, r, xs, a, y);
+            a += 1;
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,popcnt,bmi2,fma")]
+unsafe fn row<const NR: usize>(m: &PackedMatrix, r: usize, xs: &[f32], a0: usize, y: *mut f32) {
+    let xp: [*const f32; NR] = core::array::from_fn(|a| xs.as_ptr().add((a0 + a) * m.cols_pad));
+    let mode = if m.asym {
+        ASYM
+    } else if m.group != 0 && m.group != m.cols_pad {
+        GRP
+    } else {
+        ROW
+    };
+    let acc: Acc<NR> = match (m.format, mode) {
+        (Format::DenseF32, _) => dense_f32_f32(m, r, &xp),
+        (Format::DenseBf16, _) => dense_bf16_f32(m, r, &xp),
+        (Format::DenseInt8, ROW) => dense_int8_f32::<NR, ROW>(m, r, &xp),
+        (Format::DenseInt8, _) => dense_int8_f32::<NR, GRP>(m, r, &xp),
+        (Format::DenseInt4, ROW) => dense_int4_f32::<NR, ROW>(m, r, &xp),
+        (Format::DenseInt4, GRP) => dense_int4_f32::<NR, GRP>(m, r, &xp),
+        (Format::DenseInt4, _) => dense_int4_f32::<NR, ASYM>(m, r, &xp),
+        (Format::SparseF32, _) => sparse_f32_f32(m, r, &xp),
+        (Format::SparseBf16, _) => sparse_bf16_f32(m, r, &xp),
+        (Format::SparseInt8, ROW) => sparse_int8_f32::<NR, ROW>(m, r, &xp),
+        (Format::SparseInt8, _) => sparse_int8_f32::<NR, GRP>(m, r, &xp),
+        (Format::SparseInt4, ROW) => sparse_int4_f32::<NR, ROW>(m, r, &xp),
+        (Format::SparseInt4, GRP) => sparse_int4_f32::<NR, GRP>(m, r, &xp),
+        (Format::SparseInt4, _) => sparse_int4_f32::<NR, ASYM>(m, r, &xp),
+    };
+    let scale = if mode == ROW && m.group != 0 { m.scales[r] } else { 1.0 };
+    for (a, acc) in acc.iter().enumerate() {
+        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        *y.add((a0 + a) * m.rows + r) = _mm512_reduce_add_ps(sum) * scale;
+    }
+}
+
+/// `acc[a][i] += w · x[a][col..col+16]` for every activation row.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn fma_rows<const NR: usize>(acc: &mut Acc<NR>, i: usize, w: __m512, xp: &[*const f32; NR], col: usize) {
+    for a in 0..NR {
+        acc[a][i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp[a].add(col)), acc[a][i]);
+    }
+}
+
+/// Scale parameters of one row: its scales and mins, and log2 of the group size.
+struct RowScales {
+    d: *const f32,
+    m: *const f32,
+    shift: u32,
+}
+
+impl RowScales {
+    fn of(m: &PackedMatrix, r: usize) -> RowScales {
+        let g = m.groups();
+        debug_assert!(m.group == 0 || m.group.is_power_of_two() || m.group == m.cols_pad);
+        RowScales {
+            d: m.scales.as_ptr().wrapping_add(r * g),
+            m: m.mins.as_ptr().wrapping_add(r * g),
+            shift: m.group.trailing_zeros(),
+        }
+    }
+}
+
+/// Dequantizes 16 integer codes (as f32) at column `col`. `keep` zeroes pruned lanes for the asymmetric
+/// form, whose `m` would otherwise make them nonzero.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn dequant<const MODE: u8>(q: __m512, keep: __mmask16, s: &RowScales, col: usize) -> __m512 {
+    match MODE {
+        ROW => q,
+        GRP => _mm512_mul_ps(q, _mm512_set1_ps(*s.d.add(col >> s.shift))),
+        _ => {
+            let g = col >> s.shift;
+            _mm512_maskz_fmadd_ps(keep, q, _mm512_set1_ps(*s.d.add(g)), _mm512_set1_ps(*s.m.add(g)))
+        }
+    }
+}
+
+/// 64 signed bytes -> four vectors of 16 f32 (sign-extend each 16-byte lane, convert).
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn i8x64_to_f32(v: __m512i) -> [__m512; 4] {
+    let lane = |x: __m128i| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(x));
+    [
+        lane(_mm512_castsi512_si128(v)),
+        lane(_mm512_extracti32x4_epi32::<1>(v)),
+        lane(_mm512_extracti32x4_epi32::<2>(v)),
+        lane(_mm512_extracti32x4_epi32::<3>(v)),
+    ]
+}
+
+/// 32 bytes of packed nibbles -> 64 bytes in order, each 0..=15.
+///
+/// ```text
+/// memory byte j:        [ hi_j | lo_j ]              (lo_j is column 2j, hi_j column 2j+1)
+/// zero-extend to u16:   0000 0000 hi_j lo_j
+/// (u16 & 0x0F) | ((u16 & 0xF0) << 4)  ->  0000 hi_j 0000 lo_j  = bytes [lo_j, hi_j] in little-endian order
+/// ```
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn nibbles_to_bytes(p: *const u8) -> __m512i {
+    let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(p as *const __m256i));
+    let lo = _mm512_and_si512(w, _mm512_set1_epi16(0x000F));
+    let hi = _mm512_slli_epi16::<4>(_mm512_and_si512(w, _mm512_set1_epi16(0x00F0)));
+    _mm512_or_si512(lo, hi)
+}
+
+/// Symmetric int4 nibbles hold `q + 8`; the asymmetric ones hold `q`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn center_int4<const MODE: u8>(v: __m512i) -> __m512i {
+    if MODE == ASYM {
+        v
+    } else {
+        _mm512_sub_epi8(v, _mm512_set1_epi8(8))
+    }
+}
+
+fn zero_acc<const NR: usize>() -> Acc<NR> {
+    // SAFETY: an all-zero bit pattern is a valid __m512 (+0.0 in every lane).
+    unsafe { core::mem::zeroed() }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn dense_f32_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*const f32; NR]) -> Acc<NR> {
+    let w = m.data.as_ptr().add(m.row_start(r)) as *const f32;
+    let mut acc = zero_acc::<NR>();
+    for ch in 0..m.chunks() {
+        for i in 0..4 {
+            let col = ch * CHUNK + 16 * i;
+            fma_rows(&mut acc, i, _mm512_loadu_ps(w.add(col)), xp, col);
+        }
+    }
+    acc
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,fma")]
+unsafe fn dense_bf16_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*const f32; NR]) -> Acc<NR> {
+    let w = m.data.as_ptr().add(m.row_start(r)) as *const u16;
+    let mut acc = zero_acc::<NR>();
+    for ch in 0..m.chunks() {
+        for i in 0..4 {
+            let col = ch * CHUNK + 16 * i;
+            // bf16 is the upper half of an f32: widen to 32 bits and shift into place.
+            let h = _mm256_loadu_si256(w.add(col) as *const __m256i);
+            let f = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
+            fma_rows(&mut acc, i, f, xp, col);
+        }
+    }
+    acc
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,fma")]
+unsafe fn dense_int8_f32<const NR: usize, const MODE: u8>(
+    m: &PackedMatrix,
+    r: usize,
+    xp: &[*const f32; NR],
+) -> Acc<NR> {
+    let w = m.data.as_ptr().add(m.row_start(r)) as *const i8;
+    let s = RowScales::of(m, r);
+    let mut acc = zero_acc::<NR>();
+    for ch in 0..m.chunks() {
+        for i in 0..4 {
+            let col = ch * CHUNK + 16 * i;
+            let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(w.add(col) as *const __m128i)));
+            fma_rows(&mut acc, i, dequant::<MODE>(q, 0xFFFF, &s, col), xp, col);
+        }
+    }
+    acc
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,fma")]
+unsafe fn dense_int4_f32<const NR: usize, const MODE: u8>(
+    m: &PackedMatrix,
+    r: usize,
+    xp: &[*const f32; NR],
+) -> Acc<NR> {
+    let w = m.data.as_ptr().add(m.row_start(r));
+    let s = RowScales::of(m, r);
+    let mut acc = zero_acc::<NR>();
+    for ch in 0..m.chunks() {
+        let q = i8x64_to_f32(center_int4::<MODE>(nibbles_to_bytes(w.add(ch * CHUNK / 2))));
+        for (i, q) in q.into_iter().enumerate() {
+            let col = ch * CHUNK + 16 * i;
+            fma_rows(&mut acc, i, dequant::<MODE>(q, 0xFFFF, &s, col), xp, col);
+        }
+    }
+    acc
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,popcnt,fma")]
+unsafe fn sparse_f32_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*const f32; NR]) -> Acc<NR> {
+    let mut p = m.data.as_ptr().add(m.row_start(r)) as *const f32;
+    let masks = m.masks.as_ptr().add(r * m.chunks());
+    let mut acc = zero_acc::<NR>();
+    for ch in 0..m.chunks() {
+        let mask = *masks.add(ch);
+        for i in 0..4 {
+            let k = (mask >> (16 * i)) as u16;
+            // vexpandps: the next popcount(k) packed values go to the set lanes, zeros elsewhere.
+            let w = _mm512_maskz_expand_ps(k, _mm512_loadu_ps(p));
+            p = p.add(k.count_ones() as usize);
+            fma_rows(&mut acc, i, w, xp, ch * CHUNK + 16 * i);
+        }
+    }
+    acc
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,popcnt,fma")]
+unsafe fn sparse_bf16_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*const f32; NR]) -> Acc<NR> {
+    let mut p = m.data.as_ptr().add(m.row_start(r)) as *const u16;
+    let masks = m.masks.as_ptr().add(r * m.chunks());
+    let mut acc = zero_acc::<NR>();
+    for ch in 0..m.chunks() {
+        let mask = *masks.add(ch);
+        for half in 0..2 {
+            let k = (mask >> (32 * half)) as u32;
+            // vpexpandw: 32 bf16 lanes from the next popcount(k) packed values.
+            let e = _mm512_maskz_expand_epi16(k, _mm512_loadu_si512(p as *const _));
+            p = p.add(k.count_ones() as usize);
+            let widen = |h: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
+            let col = ch * CHUNK + 32 * half;
+            fma_rows(&mut acc, 2 * half, widen(_mm512_castsi512_si256(e)), xp, col);
+            fma_rows(&mut acc, 2 * half + 1, widen(_mm512_extracti64x4_epi64::<1>(e)), xp, col + 16);
+        }
+    }
+    acc
+}
+
+/// Shared tail of the sparse integer kernels: 64 expanded codes of one chunk -> dequantize -> FMA.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,fma")]
+unsafe fn fma_codes<const NR: usize, const MODE: u8>(
+    acc: &mut Acc<NR>,
+    codes: __m512i,
+    mask: u64,
+    s: &RowScales,
+    xp: &[*const f32; NR],
+    ch: usize,
+) {
+    for (i, q) in i8x64_to_f32(codes).into_iter().enumerate() {
+        let col = ch * CHUNK + 16 * i;
+        fma_rows(acc, i, dequant::<MODE>(q, (mask >> (16 * i)) as u16, s, col), xp, col);
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vbmi2,popcnt,fma")]
+unsafe fn sparse_int8_f32<const NR: usize, const MODE: u8>(
+    m: &PackedMatrix,
+    r: usize,
+    xp: &[*const f32; NR],
+) -> Acc<NR> {
+    let mut p = m.data.as_ptr().add(m.row_start(r));
+    let masks = m.masks.as_ptr().add(r * m.chunks());
+    let s = RowScales::of(m, r);
+    let mut acc = zero_acc::<NR>();
+    for ch in 0..m.chunks() {
+        let mask = *masks.add(ch);
+        // vpexpandb: 64 byte lanes from the next popcount(mask) packed codes.
+        let codes = _mm512_maskz_expand_epi8(mask, _mm512_loadu_si512(p as *const _));
+        p = p.add(mask.count_ones() as usize);
+        fma_codes::<NR, MODE>(&mut acc, codes, mask, &s, xp, ch);
+    }
+    acc
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vbmi2,popcnt,fma")]
+unsafe fn sparse_int4_f32<const NR: usize, const MODE: u8>(
+    m: &PackedMatrix,
+    r: usize,
+    xp: &[*const f32; NR],
+) -> Acc<NR> {
+    let mut p = m.data.as_ptr().add(m.row_start(r));
+    let masks = m.masks.as_ptr().add(r * m.chunks());
+    let s = RowScales::of(m, r);
+    let mut acc = zero_acc::<NR>();
+    for ch in 0..m.chunks() {
+        let mask = *masks.add(ch);
+        // Unpack this chunk's nibbles to bytes in order, center them, then expand like int8.
+        let bytes = center_int4::<MODE>(nibbles_to_bytes(p));
+        let codes = _mm512_maskz_expand_epi8(mask, bytes);
+        p = p.add((mask.count_ones() as usize).div_ceil(2));
+        fma_codes::<NR, MODE>(&mut acc, codes, mask, &s, xp, ch);
+    }
+    acc
+}

@@ -1,0 +1,55 @@
+//! x86-64 SIMD kernels, compiled for baseline x86-64 and enabled per function with `#[target_feature]`.
+
+pub(crate) mod avx2;
+pub(crate) mod avx512;
+
+/// AVX2 path requirements.
+pub fn avx2_supported() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+        && is_x86_feature_detected!("bmi2")
+        && is_x86_feature_detected!("popcnt")
+}
+
+/// AVX-512 path requirements (VBMI2 provides the byte/word expand that decodes the sparse formats).
+pub fn avx512_supported() -> bool {
+    avx2_supported()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512dq")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vbmi2")
+}
+
+/// The kernel-relevant features this CPU reports.
+pub fn features() -> Vec<&'static str> {
+    let mut f = Vec::new();
+    macro_rules! probe {
+        ($($name:tt),*) => {$(
+            if is_x86_feature_detected!($name) {
+                f.push($name);
+            }
+        )*};
+    }
+    probe!(
+        "sse4.2",
+        "popcnt",
+        "bmi2",
+        "avx",
+        "avx2",
+        "fma",
+        "f16c",
+        "avxvnni",
+        "avx512f",
+        "avx512bw",
+        "avx512dq",
+        "avx512vl",
+        "avx512vbmi",
+        "avx512vbmi2",
+        "avx512vnni",
+        "avx512bf16",
+        "avx512fp16"
+    );
+    f
+}

@@ -1,0 +1,31 @@
+//! sparseinfer-core: sparse and quantized CPU kernels for LLM inference, in pure Rust.
+//!
+//! - [`formats`]: the packed weight formats ([`formats::Format`], [`formats::PackedMatrix`]).
+//! - [`kernels`]: `matvec`/`matmul` with runtime ISA dispatch (AVX-512, AVX2, scalar reference).
+//! - [`parallel`]: the persistent thread pool the kernels run on.
+//! - [`bandwidth`]: a memory read-bandwidth probe, the physical limit of memory-bound decoding.
+//!
+//! The Python binding (`sparseinfer._core`) is a separate crate; this one has no Python in it.
+#![deny(missing_docs)]
+
+pub mod bandwidth;
+pub mod error;
+pub mod formats;
+pub mod kernels;
+pub mod parallel;
+
+pub use error::{Error, Result};
+pub use formats::{Format, PackOptions, PackedMatrix};
+pub use kernels::Isa;
+
+/// The crate version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Whether this is an optimised build (`release`) or not (`debug`).
+pub fn build_profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+}

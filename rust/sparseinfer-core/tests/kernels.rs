@@ -1,0 +1,231 @@
+//! Kernel correctness: every ISA path against the scalar reference, matmul against matvec, and every
+//! format against the f32 weights it was packed from, each with a named budget (`formats::budget`).
+
+use proptest::prelude::*;
+use sparseinfer_core::formats::budget;
+use sparseinfer_core::kernels::{self, Isa};
+use sparseinfer_core::{Format, PackOptions, PackedMatrix};
+
+/// SplitMix64: a tiny deterministic generator so the tests need no RNG crate.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn normal(&mut self) -> f32 {
+        let (u, v) = (self.uniform().max(1e-7), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+    }
+}
+
+/// A matrix with roughly `density` nonzeros, plus an empty row, a full row and a row with one nonzero.
+fn matrix(rows: usize, cols: usize, density: f32, seed: u64) -> Vec<f32> {
+    let mut rng = Rng(seed);
+    let mut w: Vec<f32> = (0..rows * cols).map(|_| if rng.uniform() < density { rng.normal() } else { 0.0 }).collect();
+    if rows >= 4 {
+        w[..cols].fill(0.0);
+        for v in &mut w[cols..2 * cols] {
+            *v = rng.normal() + 3.0f32.copysign(rng.normal());
+        }
+        w[2 * cols..3 * cols].fill(0.0);
+        w[2 * cols + cols / 2] = 0.75;
+    }
+    w
+}
+
+fn activations(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Rng(seed ^ 0xABCD);
+    (0..n).map(|_| rng.normal()).collect()
+}
+
+fn options(format: Format, group: Option<usize>, asym: bool) -> Option<PackOptions> {
+    let int = matches!(format, Format::DenseInt8 | Format::SparseInt8 | Format::DenseInt4 | Format::SparseInt4);
+    let int4 = matches!(format, Format::DenseInt4 | Format::SparseInt4);
+    if (group.is_some() && !int) || (asym && !int4) {
+        return None;
+    }
+    Some(PackOptions { group_size: group, asymmetric: asym })
+}
+
+/// Every format × group × symmetry combination that is valid.
+fn all_variants() -> Vec<(Format, PackOptions)> {
+    let mut v = Vec::new();
+    for f in Format::ALL {
+        for g in [None, Some(32), Some(64), Some(128)] {
+            for asym in [false, true] {
+                if let Some(o) = options(f, g, asym) {
+                    v.push((f, o));
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Per-element bound on |ŵ - w| from the named budgets, computed from `w` itself (not from the packing).
+fn element_bounds(w: &[f32], rows: usize, cols: usize, f: Format, o: PackOptions) -> Vec<f32> {
+    let group = match f {
+        Format::DenseInt4 | Format::SparseInt4 => o.group_size.unwrap_or(128),
+        Format::DenseInt8 | Format::SparseInt8 => o.group_size.unwrap_or(usize::MAX),
+        _ => 0,
+    };
+    let mut out = vec![0.0f32; w.len()];
+    for r in 0..rows {
+        let row = &w[r * cols..(r + 1) * cols];
+        for c in 0..cols {
+            out[r * cols + c] = match f {
+                Format::DenseF32 | Format::SparseF32 => 0.0,
+                Format::DenseBf16 | Format::SparseBf16 => budget::BF16_REL * row[c].abs(),
+                _ => {
+                    let g0 = c / group.min(cols.max(1)) * group.min(cols.max(1));
+                    let g0 = if group == usize::MAX { 0 } else { g0 };
+                    let g1 = if group == usize::MAX { cols } else { (g0 + group).min(cols) };
+                    let vals = row[g0..g1].iter().filter(|v| !f.is_sparse() || **v != 0.0);
+                    let qmax = if matches!(f, Format::DenseInt8 | Format::SparseInt8) { 127.0 } else { 7.0 };
+                    let d = if o.asymmetric {
+                        let lo = vals.clone().fold(f32::INFINITY, |a, v| a.min(*v));
+                        let hi = vals.fold(f32::NEG_INFINITY, |a, v| a.max(*v));
+                        if lo.is_finite() {
+                            (hi - lo) / 15.0
+                        } else {
+                            0.0
+                        }
+                    } else {
+                        vals.fold(0.0f32, |a, v| a.max(v.abs())) / qmax
+                    };
+                    let k = if f.is_sparse() && !o.asymmetric { budget::SPARSE_ROUND } else { budget::ROUND };
+                    k * d * (1.0 + 1e-5) + 1e-6 * d.max(row[c].abs())
+                }
+            };
+        }
+    }
+    out
+}
+
+fn check_matrix(rows: usize, cols: usize, density: f32, seed: u64, f: Format, o: PackOptions, k: usize) {
+    let w = matrix(rows, cols, density, seed);
+    let m = PackedMatrix::pack(&w, rows, cols, f, o).unwrap();
+    let ctx = format!("{} {:?} {rows}x{cols} density {density} seed {seed}", f.name(), o);
+
+    // Format vs f32: every dequantized weight within its budget; sparse formats keep the zero pattern.
+    let dense = m.to_dense();
+    let bounds = element_bounds(&w, rows, cols, f, o);
+    for i in 0..w.len() {
+        assert!((dense[i] - w[i]).abs() <= bounds[i], "{ctx}: w[{i}]={} ŵ={} bound {}", w[i], dense[i], bounds[i]);
+        if f.is_sparse() && !o.asymmetric {
+            assert_eq!(w[i] == 0.0, dense[i] == 0.0, "{ctx}: zero pattern at {i}");
+        }
+        if f.is_sparse() && w[i] == 0.0 {
+            assert_eq!(dense[i], 0.0, "{ctx}: pruned weight revived at {i}");
+        }
+    }
+
+    // Every ISA against the scalar reference; matmul rows against matvec exactly.
+    let x = activations(k * cols, seed);
+    let mut want = vec![0.0f32; k * rows];
+    kernels::matmul_on(Isa::Scalar, &m, &x, k, &mut want).unwrap();
+    for isa in kernels::available_isas() {
+        let mut got = vec![0.0f32; k * rows];
+        kernels::matmul_on(isa, &m, &x, k, &mut got).unwrap();
+        for a in 0..k {
+            let xa = &x[a * cols..(a + 1) * cols];
+            let mut single = vec![0.0f32; rows];
+            kernels::matmul_on(isa, &m, xa, 1, &mut single).unwrap();
+            for r in 0..rows {
+                let i = a * rows + r;
+                let scale: f32 = (0..cols).map(|c| (dense[r * cols + c] * xa[c]).abs()).sum();
+                let tol = budget::SUM_ORDER * scale + 1e-6;
+                assert!(
+                    (got[i] - want[i]).abs() <= tol,
+                    "{ctx} {isa:?}: y[{a},{r}]={} ref {} tol {tol}",
+                    got[i],
+                    want[i]
+                );
+                assert_eq!(got[i].to_bits(), single[r].to_bits(), "{ctx} {isa:?}: matmul row {a} != matvec");
+            }
+        }
+    }
+}
+
+#[test]
+fn every_variant_on_odd_and_model_shapes() {
+    for (f, o) in all_variants() {
+        for &(rows, cols) in &[(1, 1), (5, 63), (17, 65), (33, 200), (64, 513), (130, 2048)] {
+            for &density in &[0.0, 0.03, 0.3, 0.5, 1.0] {
+                check_matrix(rows, cols, density, (rows * 31 + cols) as u64, f, o, 1);
+            }
+        }
+        check_matrix(96, 1000, 0.3, 7, f, o, 6);
+    }
+}
+
+#[test]
+fn threaded_large_matrix_matches_reference() {
+    // Large enough to be split over the pool.
+    for (f, o) in all_variants() {
+        check_matrix(520, 1536, 0.3, 11, f, o, 5);
+    }
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_crash() {
+    let opts = PackOptions::default();
+    assert!(PackedMatrix::pack(&[], 0, 4, Format::DenseF32, opts).is_err());
+    assert!(PackedMatrix::pack(&[1.0; 3], 2, 2, Format::DenseF32, opts).is_err());
+    assert!(PackedMatrix::pack(&[1.0, f32::NAN], 1, 2, Format::SparseInt8, opts).is_err());
+    assert!(PackedMatrix::pack(&[1.0, f32::INFINITY], 1, 2, Format::DenseInt4, opts).is_err());
+    let g = PackOptions { group_size: Some(48), asymmetric: false };
+    assert!(PackedMatrix::pack(&[1.0; 4], 2, 2, Format::DenseInt8, g).is_err());
+    let g = PackOptions { group_size: Some(32), asymmetric: false };
+    assert!(PackedMatrix::pack(&[1.0; 4], 2, 2, Format::DenseF32, g).is_err());
+    let a = PackOptions { group_size: None, asymmetric: true };
+    assert!(PackedMatrix::pack(&[1.0; 4], 2, 2, Format::SparseInt8, a).is_err());
+    assert!(Format::from_name("sparse-int3").unwrap_err().to_string().contains("sparse-int8"));
+
+    let m = PackedMatrix::pack(&[1.0; 4], 2, 2, Format::DenseF32, opts).unwrap();
+    let mut y = vec![0.0; 2];
+    assert!(kernels::matvec(&m, &[1.0], &mut y).is_err());
+    assert!(kernels::matvec(&m, &[1.0, f32::NAN], &mut y).is_err());
+    assert!(kernels::matmul(&m, &[], 0, &mut []).is_err());
+}
+
+#[test]
+fn sizes_follow_the_format_table() {
+    let (rows, cols) = (256, 2048);
+    let w = matrix(rows, cols, 0.3, 3);
+    let bytes = |f: Format| PackedMatrix::pack(&w, rows, cols, f, PackOptions::default()).unwrap().nbytes() as f64;
+    let per = |f| bytes(f) / (rows * cols) as f64;
+    let d = 0.3;
+    assert!((per(Format::DenseF32) - 4.0).abs() < 0.01);
+    assert!((per(Format::DenseBf16) - 2.0).abs() < 0.01);
+    assert!((per(Format::DenseInt8) - 1.0).abs() < 0.01);
+    assert!((per(Format::DenseInt4) - (0.5 + 4.0 / 128.0)).abs() < 0.01);
+    assert!((per(Format::SparseF32) - (d * 4.0 + 0.125)).abs() < 0.02);
+    assert!((per(Format::SparseInt8) - (d + 0.125)).abs() < 0.02);
+    assert!((per(Format::SparseInt4) - (d * 0.5 + 0.125 + 4.0 / 128.0)).abs() < 0.02);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn odd_shapes_and_densities(
+        rows in 1usize..40,
+        cols in 1usize..300,
+        density in 0.01f32..1.0,
+        seed in any::<u64>(),
+        variant in 0usize..19,
+        k in 1usize..7,
+    ) {
+        let variants = all_variants();
+        let (f, o) = variants[variant % variants.len()];
+        check_matrix(rows, cols, density, seed, f, o, k);
+    }
+}
