@@ -70,15 +70,36 @@ def check(w, fmt, group, asym, rng, k=3):
         assert np.all(dense[w == 0] == 0), "a pruned weight came back"
         if not asym:
             assert np.array_equal(dense != 0, w != 0), "zero pattern changed"
-    # The kernel against numpy on the dequantized weights (float64), within the summation-order budget.
+    # The kernel against numpy on the dequantized weights (float64), within the summation-order budget, for
+    # f32 activations and for int8 activations (against numpy on x̂, which is checked against x).
     x = rng.standard_normal((k, w.shape[1])).astype(np.float32)
-    want = x.astype(np.float64) @ dense.astype(np.float64).T
-    tol = B["sum_order"] * (np.abs(x) @ np.abs(dense).T) + 1e-6
-    got = m.matmul(x)
-    assert got.shape == (k, w.shape[0]) and got.dtype == np.float32
-    assert np.all(np.abs(got - want) <= tol)
-    for a in range(k):
-        np.testing.assert_array_equal(m.matvec(x[a]), got[a])  # matmul row == matvec, bit for bit
+    default = "int8" if fmt in INT else "f32"
+    for act in ("f32", "int8"):
+        xa = x if act == "f32" else quantize_activations(x)
+        want = xa.astype(np.float64) @ dense.astype(np.float64).T
+        tol = B["sum_order"] * (np.abs(xa) @ np.abs(dense).T) + 1e-6
+        got = m.matmul(x, activations=act)
+        assert got.shape == (k, w.shape[0]) and got.dtype == np.float32
+        assert np.all(np.abs(got - want) <= tol), f"{fmt} activations={act}"
+        if act == default:
+            np.testing.assert_array_equal(m.matmul(x), got)
+        for a in range(k):
+            np.testing.assert_array_equal(m.matvec(x[a], activations=act), got[a])  # bit for bit
+
+
+def quantize_activations(x):
+    """x̂ of activations="int8": per 64-column block, s = max|x|/127, x̂ = s·round_half_away(x/s), in float32."""
+    xh = np.zeros_like(x)
+    for c0 in range(0, x.shape[1], 64):
+        blk = x[:, c0 : c0 + 64]
+        s = (np.max(np.abs(blk), axis=1) / np.float32(127)).astype(np.float32)[:, None]
+        with np.errstate(divide="ignore"):
+            inv = np.where(s > 0, np.float32(1) / s, np.float32(0)).astype(np.float32)
+        v = blk * inv
+        code = np.clip(np.sign(v) * np.floor(np.abs(v) + np.float32(0.5)), -127, 127).astype(np.float32)
+        xh[:, c0 : c0 + 64] = s * code
+        assert np.all(np.abs(xh[:, c0 : c0 + 64] - blk) <= B["act_round"] * s * (1 + 1e-6))
+    return xh
 
 
 @pytest.mark.parametrize("fmt,group,asym", VARIANTS)
@@ -114,12 +135,14 @@ def test_every_isa_agrees_with_scalar_on_a_model_shape():
     x = rng.standard_normal(2048).astype(np.float32)
     for fmt in kernels.FORMATS:
         m = kernels.pack(w, fmt)
-        kernels.set_isa("scalar")
-        want = m.matvec(x)
-        tol = B["sum_order"] * (np.abs(m.to_dense()) @ np.abs(x)) + 1e-6
-        for isa in kernels.available_isas():
-            kernels.set_isa(isa)
-            assert np.all(np.abs(m.matvec(x) - want) <= tol), (fmt, isa)
+        for act in ("f32", "int8"):
+            kernels.set_isa("scalar")
+            want = m.matvec(x, activations=act)
+            xa = x if act == "f32" else quantize_activations(x[None])[0]
+            tol = B["sum_order"] * (np.abs(m.to_dense()) @ np.abs(xa)) + 1e-6
+            for isa in kernels.available_isas():
+                kernels.set_isa(isa)
+                assert np.all(np.abs(m.matvec(x, activations=act) - want) <= tol), (fmt, isa, act)
         kernels.set_isa(None)
 
 
@@ -211,6 +234,8 @@ def test_bad_options_and_activations_raise_clear_errors():
     ]:
         with pytest.raises(ValueError, match=msg):
             m.matvec(x)
+    with pytest.raises(InvalidInputError, match="activations"):
+        m.matvec(np.ones(8, np.float32), activations="int4")
     with pytest.raises(InvalidInputError, match="columns"):
         m.matmul(np.ones((2, 9), np.float32))
     with pytest.raises(InvalidInputError, match="empty"):

@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 use sparseinfer_core::formats::budget;
-use sparseinfer_core::kernels::{self, Isa};
+use sparseinfer_core::kernels::{self, Activations, Isa};
 use sparseinfer_core::{Format, PackOptions, PackedMatrix};
 
 /// SplitMix64: a tiny deterministic generator so the tests need no RNG crate.
@@ -127,31 +127,57 @@ fn check_matrix(rows: usize, cols: usize, density: f32, seed: u64, f: Format, o:
         }
     }
 
-    // Every ISA against the scalar reference; matmul rows against matvec exactly.
+    // Every ISA against the scalar reference, in both activation modes; matmul rows against matvec exactly.
     let x = activations(k * cols, seed);
-    let mut want = vec![0.0f32; k * rows];
-    kernels::matmul_on(Isa::Scalar, &m, &x, k, &mut want).unwrap();
-    for isa in kernels::available_isas() {
-        let mut got = vec![0.0f32; k * rows];
-        kernels::matmul_on(isa, &m, &x, k, &mut got).unwrap();
-        for a in 0..k {
-            let xa = &x[a * cols..(a + 1) * cols];
-            let mut single = vec![0.0f32; rows];
-            kernels::matmul_on(isa, &m, xa, 1, &mut single).unwrap();
-            for r in 0..rows {
-                let i = a * rows + r;
-                let scale: f32 = (0..cols).map(|c| (dense[r * cols + c] * xa[c]).abs()).sum();
-                let tol = budget::SUM_ORDER * scale + 1e-6;
-                assert!(
-                    (got[i] - want[i]).abs() <= tol,
-                    "{ctx} {isa:?}: y[{a},{r}]={} ref {} tol {tol}",
-                    got[i],
-                    want[i]
-                );
-                assert_eq!(got[i].to_bits(), single[r].to_bits(), "{ctx} {isa:?}: matmul row {a} != matvec");
+    for act in [Activations::F32, Activations::Int8] {
+        // The reference runs on the activations the mode uses: x itself, or x̂ (checked against x below).
+        let xhat = match act {
+            Activations::F32 => x.clone(),
+            Activations::Int8 => dequantized_activations(&m, &x, k),
+        };
+        let mut want = vec![0.0f32; k * rows];
+        kernels::matmul_on(Isa::Scalar, &m, &x, k, &mut want, act).unwrap();
+        for isa in kernels::available_isas() {
+            let mut got = vec![0.0f32; k * rows];
+            kernels::matmul_on(isa, &m, &x, k, &mut got, act).unwrap();
+            for a in 0..k {
+                let (xa, xh) = (&x[a * cols..(a + 1) * cols], &xhat[a * cols..(a + 1) * cols]);
+                let mut single = vec![0.0f32; rows];
+                kernels::matmul_on(isa, &m, xa, 1, &mut single, act).unwrap();
+                for r in 0..rows {
+                    let i = a * rows + r;
+                    let exact: f64 = (0..cols).map(|c| dense[r * cols + c] as f64 * xh[c] as f64).sum();
+                    let scale: f32 = (0..cols).map(|c| (dense[r * cols + c] * xh[c]).abs()).sum();
+                    let tol = budget::SUM_ORDER * scale + 1e-6;
+                    let at = format!("{ctx} {isa:?} {act:?}: y[{a},{r}]");
+                    assert!((want[i] as f64 - exact).abs() <= tol as f64, "{at}: reference {} vs {exact}", want[i]);
+                    assert!((got[i] - want[i]).abs() <= tol, "{at}={} ref {} tol {tol}", got[i], want[i]);
+                    assert_eq!(got[i].to_bits(), single[r].to_bits(), "{at}: matmul row != matvec");
+                }
             }
         }
     }
+}
+
+/// x̂ of the int8 activation mode, unpadded, after checking it against the ACT_ROUND budget.
+fn dequantized_activations(m: &PackedMatrix, x: &[f32], k: usize) -> Vec<f32> {
+    let (cols, cp) = (m.cols(), m.cols_pad());
+    let mut xs = vec![0.0f32; k * cp];
+    for a in 0..k {
+        xs[a * cp..a * cp + cols].copy_from_slice(&x[a * cols..(a + 1) * cols]);
+    }
+    let q = kernels::quantize_activations(m, &xs, k);
+    let mut out = Vec::with_capacity(k * cols);
+    for a in 0..k {
+        for c in 0..cols {
+            let (v, vh) = (xs[a * cp + c], q.xhat[a * cp + c]);
+            let s = q.sx[a * (cp / 64) + c / 64];
+            assert!((v - vh).abs() <= budget::ACT_ROUND * s * (1.0 + 1e-6), "x̂ {vh} vs x {v} (s {s})");
+            assert_eq!(q.xhat[a * cp + c], s * q.xq[a * cp + c] as f32);
+            out.push(vh);
+        }
+    }
+    out
 }
 
 #[test]
@@ -193,7 +219,8 @@ fn bad_input_is_an_error_not_a_crash() {
     let mut y = vec![0.0; 2];
     assert!(kernels::matvec(&m, &[1.0], &mut y).is_err());
     assert!(kernels::matvec(&m, &[1.0, f32::NAN], &mut y).is_err());
-    assert!(kernels::matmul(&m, &[], 0, &mut []).is_err());
+    assert!(kernels::matmul(&m, &[], 0, &mut [], None).is_err());
+    assert!(Activations::from_name("int4").is_err());
 }
 
 #[test]

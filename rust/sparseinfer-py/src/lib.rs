@@ -57,6 +57,10 @@ fn f32_slice<'py, D: numpy::ndarray::Dimension>(
     Ok(arr)
 }
 
+fn parse_act(py: Python<'_>, name: Option<&str>) -> PyResult<Option<kernels::Activations>> {
+    name.map(kernels::Activations::from_name).transpose().map_err(|e| to_py(py, e))
+}
+
 /// A weight matrix packed in one of the kernel formats.
 #[pyclass(name = "PackedMatrix", module = "sparseinfer._core", frozen)]
 struct PyPackedMatrix {
@@ -65,8 +69,16 @@ struct PyPackedMatrix {
 
 #[pymethods]
 impl PyPackedMatrix {
-    /// `W @ x` for `x` of shape `(in,)`, float32; returns `(out,)` float32.
-    fn matvec<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    /// `W @ x` for `x` of shape `(in,)`, float32; returns `(out,)` float32. `activations`: None (the
+    /// format's default: "int8" for integer formats, else "f32"), "f32" or "int8".
+    #[pyo3(signature = (x, activations = None))]
+    fn matvec<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        activations: Option<&str>,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let act = parse_act(py, activations)?;
         let x = f32_slice::<numpy::Ix1>(py, "matvec", "x", x)?;
         let m = self.inner.clone();
         if x.len() != m.cols() {
@@ -79,13 +91,21 @@ impl PyPackedMatrix {
         let x = x.as_slice()?.to_vec();
         let y = py.detach(move || {
             let mut y = vec![0.0f32; m.rows()];
-            kernels::matvec(&m, &x, &mut y).map(|_| y)
+            kernels::matmul(&m, &x, 1, &mut y, act).map(|_| y)
         });
         Ok(PyArray1::from_vec(py, y.map_err(|e| to_py(py, e))?))
     }
 
-    /// `X @ Wᵀ` for `X` of shape `(rows, in)`, float32; returns `(rows, out)` float32.
-    fn matmul<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    /// `X @ Wᵀ` for `X` of shape `(rows, in)`, float32; returns `(rows, out)` float32. `activations` as
+    /// for `matvec`.
+    #[pyo3(signature = (x, activations = None))]
+    fn matmul<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        activations: Option<&str>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let act = parse_act(py, activations)?;
         let x = f32_slice::<numpy::Ix2>(py, "matmul", "X", x)?;
         let m = self.inner.clone();
         let (k, cols) = (x.shape()[0], x.shape()[1]);
@@ -95,7 +115,7 @@ impl PyPackedMatrix {
         let x = x.as_slice()?.to_vec();
         let y = py.detach(move || {
             let mut y = vec![0.0f32; k * m.rows()];
-            kernels::matmul(&m, &x, k, &mut y).map(|_| y)
+            kernels::matmul(&m, &x, k, &mut y, act).map(|_| y)
         });
         let y = PyArray1::from_vec(py, y.map_err(|e| to_py(py, e))?);
         y.reshape([k, self.inner.rows()])
@@ -106,6 +126,13 @@ impl PyPackedMatrix {
         let m = self.inner.clone();
         let dense = py.detach(move || m.to_dense());
         PyArray1::from_vec(py, dense).reshape([self.inner.rows(), self.inner.cols()])
+    }
+
+    /// The kernel a call with `activations` runs now, e.g. "sparse_int8_i8 (avx512vnni)".
+    #[pyo3(signature = (activations = None))]
+    fn kernel(&self, py: Python<'_>, activations: Option<&str>) -> PyResult<String> {
+        let act = parse_act(py, activations)?.unwrap_or(kernels::Activations::default_for(self.inner.format()));
+        kernels::kernel_name(&self.inner, act).map_err(|e| to_py(py, e))
     }
 
     /// An independent copy of the packed buffers (benchmarks rotate over copies to defeat the cache).
@@ -257,6 +284,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     budgets.set_item("bf16_rel", budget::BF16_REL)?;
     budgets.set_item("round", budget::ROUND)?;
     budgets.set_item("sparse_round", budget::SPARSE_ROUND)?;
+    budgets.set_item("act_round", budget::ACT_ROUND)?;
     m.add("ERROR_BUDGETS", budgets)?;
     Ok(())
 }

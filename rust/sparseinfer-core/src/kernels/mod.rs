@@ -12,7 +12,7 @@ pub mod reference;
 mod x86;
 
 use crate::error::{Error, Result};
-use crate::formats::PackedMatrix;
+use crate::formats::{PackedMatrix, CHUNK};
 use crate::parallel;
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -151,13 +151,101 @@ fn rows_fn(isa: Isa) -> RowsFn {
 /// Below this many multiply-adds a call stays on one thread.
 const PARALLEL_MIN_WORK: usize = 1 << 15;
 
-/// `y = W @ x`: `x` has `cols` values, `y` has `rows`.
+/// How activations meet integer weights.
+///
+/// - `F32`: the f32 activations are used as they are; only the weights carry quantization error.
+/// - `Int8`: each activation row is quantized per 64-column block (`s = max|x| / 127`, `x̂ = s·round(x / s)`),
+///   the way llama.cpp pairs its weight formats with q8 activations. Where the CPU has AVX-512 VNNI the
+///   integer dot products run on `vpdpbusd`; elsewhere the f32 kernels run on `x̂`, so every ISA computes the
+///   same `Σ ŵ·x̂` up to summation order. The default for integer weight formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Activations {
+    /// f32 activations.
+    F32,
+    /// int8 activations per 64-column block.
+    Int8,
+}
+
+impl Activations {
+    /// The stable name (`"f32"`, `"int8"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Activations::F32 => "f32",
+            Activations::Int8 => "int8",
+        }
+    }
+
+    /// Parses a name from [`Activations::name`].
+    pub fn from_name(name: &str) -> Result<Activations> {
+        match name {
+            "f32" => Ok(Activations::F32),
+            "int8" => Ok(Activations::Int8),
+            _ => Err(Error::invalid("activations", format!("unknown activations {name:?}; expected f32 or int8"))),
+        }
+    }
+
+    /// `Int8` for integer weight formats, `F32` for float ones.
+    pub fn default_for(format: crate::Format) -> Activations {
+        match format.elem() {
+            crate::formats::Elem::I8 | crate::formats::Elem::I4 => Activations::Int8,
+            _ => Activations::F32,
+        }
+    }
+}
+
+/// Activations quantized per 64-column block, padded to `cols_pad`, for `k` rows.
+pub struct QuantActs {
+    /// Activation rows.
+    pub k: usize,
+    /// `k × cols_pad` codes.
+    pub xq: Vec<i8>,
+    /// `k × chunks` block scales.
+    pub sx: Vec<f32>,
+    /// `k × groups` sums of `x̂` per weight scale group (int4 zero points: `Σ m·x̂`).
+    pub gsum: Vec<f32>,
+    /// `k × cols_pad` dequantized activations `x̂`, for the f32 kernels.
+    pub xhat: Vec<f32>,
+}
+
+/// Quantizes `k` zero-padded activation rows of `m.cols_pad()` as [`Activations::Int8`] describes.
+pub fn quantize_activations(m: &PackedMatrix, xs: &[f32], k: usize) -> QuantActs {
+    let (cp, chunks, groups) = (m.cols_pad, m.chunks(), m.groups());
+    let mut q = QuantActs {
+        k,
+        xq: vec![0; k * cp],
+        sx: vec![0.0; k * chunks],
+        gsum: vec![0.0; k * groups],
+        xhat: vec![0.0; k * cp],
+    };
+    for (b, block) in xs.chunks(CHUNK).enumerate() {
+        let s = block.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
+        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        q.sx[b] = s;
+        for (j, v) in block.iter().enumerate() {
+            let code = (v * inv).round().clamp(-127.0, 127.0);
+            let i = b * CHUNK + j;
+            q.xq[i] = code as i8;
+            q.xhat[i] = s * code;
+        }
+    }
+    for (g, sum) in q.gsum.iter_mut().enumerate() {
+        {
+            let (a, gi) = (g / groups, g % groups);
+            let row = &q.xhat[a * cp..(a + 1) * cp];
+            *sum = row[gi * m.group..(gi + 1) * m.group].iter().sum();
+        }
+    }
+    q
+}
+
+/// `y = W @ x` with the format's default [`Activations`]: `x` has `cols` values, `y` has `rows`.
 pub fn matvec(m: &PackedMatrix, x: &[f32], y: &mut [f32]) -> Result<()> {
-    matmul(m, x, 1, y)
+    matmul(m, x, 1, y, None)
 }
 
 /// `Y = X @ Wᵀ` for `k` activation rows: `x` is `k × cols` row-major, `y` is `k × rows` row-major.
-pub fn matmul(m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32]) -> Result<()> {
+/// `act: None` uses [`Activations::default_for`] the format.
+pub fn matmul(m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32], act: Option<Activations>) -> Result<()> {
     const OP: &str = "matmul";
     if k == 0 {
         return Err(Error::invalid(OP, "no activation rows"));
@@ -171,16 +259,16 @@ pub fn matmul(m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32]) -> Result<()
     if let Some(i) = x.iter().position(|v| !v.is_finite()) {
         return Err(Error::invalid(OP, format!("non-finite activation {} at ({}, {})", x[i], i / m.cols, i % m.cols)));
     }
-    matmul_on(active_isa()?, m, x, k, y)
+    matmul_on(active_isa()?, m, x, k, y, act.unwrap_or(Activations::default_for(m.format)))
 }
 
-/// [`matmul`] on a given ISA, ignoring the active one (tests compare paths with it). Inputs must already be
-/// validated as [`matmul`] does; the ISA must be supported.
-pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32]) -> Result<()> {
+/// [`matmul`] on a given ISA, ignoring the active one (tests compare paths with it). Activations must be
+/// finite; the ISA must be supported.
+pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32], act: Activations) -> Result<()> {
     if !isa.is_supported() {
         return Err(Error::unsupported("matmul", format!("{} is not supported on this CPU", isa.name())));
     }
-    if x.len() != k * m.cols || y.len() != k * m.rows {
+    if k == 0 || x.len() != k * m.cols || y.len() != k * m.rows {
         return Err(Error::invalid("matmul", "activation or output length does not match the matrix"));
     }
     // Zero-pad each activation row to cols_pad so no kernel needs a column tail.
@@ -188,19 +276,45 @@ pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32])
     for a in 0..k {
         xs[a * m.cols_pad..a * m.cols_pad + m.cols].copy_from_slice(&x[a * m.cols..(a + 1) * m.cols]);
     }
-    run_rows(isa, m, &xs, k, y);
+    match act {
+        Activations::F32 => run_rows(m, k, y, rows_fn(isa), &xs),
+        Activations::Int8 => {
+            let q = quantize_activations(m, &xs, k);
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx512 && x86::vnni::supports(m) {
+                run_rows(m, k, y, x86::vnni::rows, &q);
+                return Ok(());
+            }
+            run_rows(m, k, y, rows_fn(isa), &q.xhat[..]);
+        }
+    }
     Ok(())
 }
 
-/// Splits weight rows over the pool. `xs` is already padded; `y` is `k × rows`.
-pub(crate) fn run_rows(isa: Isa, m: &PackedMatrix, xs: &[f32], k: usize, y: &mut [f32]) {
-    debug_assert!(xs.len() == k * m.cols_pad && y.len() == k * m.rows);
-    let f = rows_fn(isa);
+/// The ISA a call would run on and whether it takes the integer-activation (VNNI) kernels, for reports.
+pub fn kernel_name(m: &PackedMatrix, act: Activations) -> Result<String> {
+    let isa = active_isa()?;
+    #[cfg(target_arch = "x86_64")]
+    if act == Activations::Int8 && isa == Isa::Avx512 && x86::vnni::supports(m) {
+        return Ok(format!("{}_i8 (avx512vnni)", m.format.name().replace('-', "_")));
+    }
+    Ok(format!("{}_f32 ({})", m.format.name().replace('-', "_"), isa.name()))
+}
+
+/// Splits weight rows over the pool and runs `f(m, r0, r1, acts, y)` on each span; `y` is `k × rows`.
+fn run_rows<A: ?Sized + Sync>(
+    m: &PackedMatrix,
+    k: usize,
+    y: &mut [f32],
+    f: unsafe fn(&PackedMatrix, usize, usize, &A, usize, *mut f32),
+    acts: &A,
+) {
+    debug_assert!(y.len() == k * m.rows);
     let threads = parallel::num_threads();
     let out = SendPtr(y.as_mut_ptr());
     if threads <= 1 || m.rows * m.cols_pad * k < PARALLEL_MIN_WORK {
-        // SAFETY: y has k × rows elements; xs has k × cols_pad.
-        unsafe { f(m, 0, m.rows, xs, k, out.0) };
+        // SAFETY: y has k × rows elements; acts were built for k rows of cols_pad.
+        unsafe { f(m, 0, m.rows, acts, k, out.0) };
         return;
     }
     // About 8 tasks per thread for balance, in multiples of 16 rows.
@@ -211,7 +325,7 @@ pub(crate) fn run_rows(isa: Isa, m: &PackedMatrix, xs: &[f32], k: usize, y: &mut
         let r1 = (r0 + per_task).min(m.rows);
         let out = &out;
         // SAFETY: tasks write disjoint row ranges of y.
-        unsafe { f(m, r0, r1, xs, k, out.0) };
+        unsafe { f(m, r0, r1, acts, k, out.0) };
     });
 }
 

@@ -7,15 +7,16 @@
 //! Sparse decode is one instruction per chunk: VBMI2's `vpexpandb`/`vpexpandw` (and AVX-512F's
 //! `vexpandps`) scatter the packed nonzeros into the lanes whose mask bit is set and zero the rest.
 
+use super::vnni::PREFETCH;
 use crate::formats::{Format, PackedMatrix, CHUNK};
 use core::arch::x86_64::*;
 
 /// Scale handling, chosen per matrix and compiled into the kernel: one scale per row (applied once to the
 /// final sum; also used for float formats with scale 1), per group symmetric (`ŵ = d·q`), or per group
 /// asymmetric (`ŵ = d·q + m`, masked so pruned lanes stay zero).
-const ROW: u8 = 0;
-const GRP: u8 = 1;
-const ASYM: u8 = 2;
+pub(super) const ROW: u8 = 0;
+pub(super) const GRP: u8 = 1;
+pub(super) const ASYM: u8 = 2;
 
 type Acc<const NR: usize> = [[__m512; 4]; NR];
 
@@ -84,14 +85,14 @@ unsafe fn fma_rows<const NR: usize>(acc: &mut Acc<NR>, i: usize, w: __m512, xp: 
 }
 
 /// Scale parameters of one row: its scales and mins, and log2 of the group size.
-struct RowScales {
-    d: *const f32,
-    m: *const f32,
-    shift: u32,
+pub(super) struct RowScales {
+    pub(super) d: *const f32,
+    pub(super) m: *const f32,
+    pub(super) shift: u32,
 }
 
 impl RowScales {
-    fn of(m: &PackedMatrix, r: usize) -> RowScales {
+    pub(super) fn of(m: &PackedMatrix, r: usize) -> RowScales {
         let g = m.groups();
         debug_assert!(m.group == 0 || m.group.is_power_of_two() || m.group == m.cols_pad);
         RowScales {
@@ -139,7 +140,7 @@ unsafe fn i8x64_to_f32(v: __m512i) -> [__m512; 4] {
 /// ```
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn nibbles_to_bytes(p: *const u8) -> __m512i {
+pub(super) unsafe fn nibbles_to_bytes(p: *const u8) -> __m512i {
     let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(p as *const __m256i));
     let lo = _mm512_and_si512(w, _mm512_set1_epi16(0x000F));
     let hi = _mm512_slli_epi16::<4>(_mm512_and_si512(w, _mm512_set1_epi16(0x00F0)));
@@ -182,6 +183,7 @@ unsafe fn dense_bf16_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*con
     let w = m.data.as_ptr().add(m.row_start(r)) as *const u16;
     let mut acc = zero_acc::<NR>();
     for ch in 0..m.chunks() {
+        _mm_prefetch::<_MM_HINT_T0>((w.add(ch * CHUNK) as *const i8).add(PREFETCH));
         for i in 0..4 {
             let col = ch * CHUNK + 16 * i;
             // bf16 is the upper half of an f32: widen to 32 bits and shift into place.
@@ -241,6 +243,7 @@ unsafe fn sparse_f32_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*con
     let mut acc = zero_acc::<NR>();
     for ch in 0..m.chunks() {
         let mask = *masks.add(ch);
+        _mm_prefetch::<_MM_HINT_T0>((p as *const i8).add(PREFETCH));
         for i in 0..4 {
             let k = (mask >> (16 * i)) as u16;
             // vexpandps: the next popcount(k) packed values go to the set lanes, zeros elsewhere.
@@ -260,6 +263,7 @@ unsafe fn sparse_bf16_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*co
     let mut acc = zero_acc::<NR>();
     for ch in 0..m.chunks() {
         let mask = *masks.add(ch);
+        _mm_prefetch::<_MM_HINT_T0>((p as *const i8).add(PREFETCH));
         for half in 0..2 {
             let k = (mask >> (32 * half)) as u32;
             // vpexpandw: 32 bf16 lanes from the next popcount(k) packed values.
@@ -304,6 +308,7 @@ unsafe fn sparse_int8_f32<const NR: usize, const MODE: u8>(
     let mut acc = zero_acc::<NR>();
     for ch in 0..m.chunks() {
         let mask = *masks.add(ch);
+        _mm_prefetch::<_MM_HINT_T0>((p as *const i8).add(PREFETCH));
         // vpexpandb: 64 byte lanes from the next popcount(mask) packed codes.
         let codes = _mm512_maskz_expand_epi8(mask, _mm512_loadu_si512(p as *const _));
         p = p.add(mask.count_ones() as usize);
@@ -325,6 +330,7 @@ unsafe fn sparse_int4_f32<const NR: usize, const MODE: u8>(
     let mut acc = zero_acc::<NR>();
     for ch in 0..m.chunks() {
         let mask = *masks.add(ch);
+        _mm_prefetch::<_MM_HINT_T0>(p.add(PREFETCH) as *const i8);
         // Unpack this chunk's nibbles to bytes in order, center them, then expand like int8.
         let bytes = center_int4::<MODE>(nibbles_to_bytes(p));
         let codes = _mm512_maskz_expand_epi8(mask, bytes);

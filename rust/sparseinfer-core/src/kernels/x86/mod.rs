@@ -2,6 +2,7 @@
 
 pub(crate) mod avx2;
 pub(crate) mod avx512;
+pub(crate) mod vnni;
 
 /// AVX2 path requirements.
 pub fn avx2_supported() -> bool {
@@ -20,6 +21,11 @@ pub fn avx512_supported() -> bool {
         && is_x86_feature_detected!("avx512dq")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512vbmi2")
+}
+
+/// AVX-512 VNNI (`vpdpbusd`), used by the integer-activation kernels on top of the AVX-512 path.
+pub fn vnni_supported() -> bool {
+    avx512_supported() && is_x86_feature_detected!("avx512vnni")
 }
 
 /// The kernel-relevant features this CPU reports.
