@@ -5,9 +5,10 @@ import warnings
 
 import numpy as np
 import pytest
-import sparseinfer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import sparseinfer
 from sparseinfer import InvalidInputError, UnsupportedError, kernels
 
 B = kernels.ERROR_BUDGETS

@@ -1,0 +1,98 @@
+"""Kernel benchmark: every format against numpy's dense f32 ``W @ x`` (and torch, if installed), in one run.
+
+Decoding is memory-bound, so each timed round rotates over enough copies of the matrix that the working set is
+``SPARSEINFER_BENCH_BYTES`` (default 1.2 GB, over 4x this machine's 260 MB L3): the reads come from DRAM, as in a
+real decode step. Each case records its time per matvec, effective GB/s (packed bytes / time) and that as a
+fraction of the read bandwidth measured in the same run. Correctness is asserted before timing.
+
+    make bench      # timings on: JSON in bench/results/, table and plot in docs/benchmarks/
+
+With timing disabled (the default in `make test`) every case runs once on a single copy, as a correctness test.
+"""
+
+import functools
+import os
+
+import numpy as np
+import pytest
+
+import sparseinfer
+from sparseinfer import kernels
+
+SHAPES = {
+    "1b-attn 2048x2048": (2048, 2048),
+    "1b-up 5632x2048": (5632, 2048),
+    "1b-down 2048x5632": (2048, 5632),
+    "7b-attn 4096x4096": (4096, 4096),
+    "7b-up 11008x4096": (11008, 4096),
+}
+SPARSITIES = [0.0, 0.5, 0.6, 0.7, 0.8, 0.9]
+SPARSE = ["sparse-f32", "sparse-bf16", "sparse-int8", "sparse-int4"]
+DENSE = ["dense-f32", "dense-bf16", "dense-int8", "dense-int4"]
+INT = {"dense-int8", "dense-int4", "sparse-int8", "sparse-int4"}
+WORKING_SET = int(float(os.environ.get("SPARSEINFER_BENCH_BYTES", 1.2e9)))
+
+CASES = [(s, "numpy-f32", 0.0) for s in SHAPES]
+CASES += [(s, "torch-f32", 0.0) for s in SHAPES]
+CASES += [(s, f, 0.0) for s in SHAPES for f in DENSE]
+CASES += [(s, f, p) for s in SHAPES for f in SPARSE for p in SPARSITIES]
+
+
+@functools.lru_cache(maxsize=2)
+def weights(shape, sparsity):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(SHAPES[shape], dtype=np.float32)
+    w[rng.random(w.shape, dtype=np.float32) < sparsity] = 0.0
+    return w
+
+
+def copies(benchmark, nbytes):
+    return 1 if benchmark.disabled else max(2, -(-WORKING_SET // nbytes))
+
+
+@pytest.mark.parametrize("shape,fmt,sparsity", CASES, ids=[f"{s}-{f}-{p:.0%}" for s, f, p in CASES])
+def test_matvec(benchmark, read_bandwidth, shape, fmt, sparsity):
+    w = weights(shape, sparsity)
+    x = np.random.default_rng(1).standard_normal(w.shape[1], dtype=np.float32)
+    want = w.astype(np.float64) @ x
+    if fmt == "numpy-f32":
+        nbytes, n = w.nbytes, copies(benchmark, w.nbytes)
+        mats = [w] + [w.copy() for _ in range(n - 1)]
+        assert np.allclose(w @ x, want, rtol=1e-3, atol=1e-3)
+        run, kernel = (lambda: [m @ x for m in mats]), "numpy"
+    elif fmt == "torch-f32":
+        torch = pytest.importorskip("torch")
+        tw = torch.from_numpy(w)
+        nbytes, n = w.nbytes, copies(benchmark, w.nbytes)
+        mats = [tw] + [tw.clone() for _ in range(n - 1)]
+        tx = torch.from_numpy(x)
+        assert np.allclose((tw @ tx).numpy(), want, rtol=1e-3, atol=1e-3)
+        run, kernel = (lambda: [m @ tx for m in mats]), f"torch {torch.__version__}"
+    else:
+        m0 = kernels.pack(w, fmt)
+        nbytes, n = m0.nbytes, copies(benchmark, m0.nbytes)
+        # Correctness first: the kernel against numpy on the dequantized weights (and x̂ for int8 activations:
+        # bounded here by the activation budget, tested exactly in tests/).
+        got = m0.matvec(x)
+        dense = m0.to_dense().astype(np.float64)
+        x_err = np.zeros(x.size)
+        if fmt in INT:  # int8 activations by default: each x within act_round of its 64-block scale
+            blocks = np.abs(x).reshape(-1, 64).max(axis=1) / 127
+            x_err = np.repeat(blocks * kernels.ERROR_BUDGETS["act_round"], 64)
+        tol = 1e-4 * (np.abs(dense) @ np.abs(x)) + np.abs(dense) @ x_err + 1e-4
+        assert np.all(np.abs(got - dense @ x) <= tol)
+        mats = [m0] + [m0.copy() for _ in range(n - 1)]
+        run, kernel = (lambda: [m.matvec(x) for m in mats]), m0.kernel()
+    benchmark.group = shape
+    benchmark.extra_info.update(
+        shape=shape,
+        format=fmt,
+        sparsity=sparsity,
+        nbytes=nbytes,
+        copies=n,
+        kernel=kernel,
+        read_bandwidth_gbs=read_bandwidth,
+        threads=kernels.num_threads(),
+        isa=sparseinfer.build_info()["isa"],
+    )
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
