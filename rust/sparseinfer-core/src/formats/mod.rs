@@ -255,7 +255,8 @@ pub(crate) fn bf16_to_f32(h: u16) -> f32 {
 /// Named error budgets. Tests in Rust and Python hold every kernel and format to these.
 pub mod budget {
     /// A SIMD path against the scalar reference on the same packed matrix (summation order and the
-    /// placement of the per-row scale only): `|Δy| <= SUM_ORDER · Σ|ŵ·x|`.
+    /// placement of the per-row scale only): `|Δy| <= SUM_ORDER · Σ|ŵ·x|`. The int4 kernels with int8
+    /// activations add each group's zero point separately, so for them `|ŵ|` becomes `|ŵ| + |zero point|`.
     pub const SUM_ORDER: f32 = 3e-5;
     /// bf16 round-to-nearest-even: `|ŵ - w| <= BF16_REL · |w|`.
     pub const BF16_REL: f32 = 1.0 / 256.0;
@@ -263,6 +264,7 @@ pub mod budget {
     pub const ROUND: f32 = 0.5;
     /// Sparse symmetric integer formats keep a stored nonzero at `|q| >= 1`: `|ŵ - w| <= SPARSE_ROUND · d`.
     pub const SPARSE_ROUND: f32 = 1.0;
-    /// int8 activations (`Activations::Int8`): `|x̂ - x| <= ACT_ROUND · s`, s the 64-column block scale.
+    /// int8 activations (`Activations::Int8`): `|x̂ - x| <= ACT_ROUND · s`, s the 64-column block scale (plus the
+    /// f32 rounding of `x / s`, at most 127·2⁻²³·s).
     pub const ACT_ROUND: f32 = 0.5;
 }

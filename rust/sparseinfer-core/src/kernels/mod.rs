@@ -222,7 +222,11 @@ pub fn quantize_activations(m: &PackedMatrix, xs: &[f32], k: usize) -> QuantActs
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
         q.sx[b] = s;
         for (j, v) in block.iter().enumerate() {
-            let code = (v * inv).round().clamp(-127.0, 127.0);
+            // Round half away from zero without libm (baseline x86-64 has no roundss): truncate, then step
+            // away from zero when the exact remainder is at least one half.
+            let r = (v * inv).clamp(-127.0, 127.0);
+            let t = r as i32;
+            let code = (t + ((r - t as f32).abs() >= 0.5) as i32 * (r.signum() as i32)) as f32;
             let i = b * CHUNK + j;
             q.xq[i] = code as i8;
             q.xhat[i] = s * code;

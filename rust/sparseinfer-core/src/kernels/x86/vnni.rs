@@ -22,6 +22,32 @@ use core::arch::x86_64::*;
 /// Two f32 accumulators per activation row, alternating by chunk, so FMA latency does not bind.
 type Acc<const NR: usize> = [[__m512; NR]; 2];
 
+/// Runs `$body` for every chunk with `$acc` bound to `$a0` for even and `$a1` for odd chunks. Unrolled by
+/// hand so the accumulator index is a constant: indexing `acc[ch & 1]` at run time spills the
+/// accumulators to the stack and puts a store-forwarding round trip on every FMA.
+macro_rules! for_chunks {
+    ($chunks:expr, $a0:ident, $a1:ident, |$ch:ident, $acc:ident| $body:block) => {{
+        let chunks = $chunks;
+        let mut base = 0;
+        while base + 2 <= chunks {
+            {
+                let ($ch, $acc) = (base, &mut $a0);
+                $body
+            }
+            {
+                let ($ch, $acc) = (base + 1, &mut $a1);
+                $body
+            }
+            base += 2;
+        }
+        if base < chunks {
+            let ($ch, $acc) = (base, &mut $a0);
+            #[allow(unused_assignments)] // the last chunk's pointer advance
+            $body
+        }
+    }};
+}
+
 /// Bytes ahead of the weight stream to prefetch: the cores stall on DRAM latency otherwise, because the
 /// integer kernels do more work per byte than the hardware prefetcher keeps up with.
 pub(super) const PREFETCH: usize = 1024;
@@ -103,15 +129,19 @@ unsafe fn row<const NR: usize>(m: &PackedMatrix, r: usize, q: &QuantActs, a0: us
 /// (lane `j` covers columns `4j..4j+4`, so a 32-column group splits the lanes 8/8).
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn chunk_scale<const MODE: u8>(s: &RowScales, group: usize, sx: f32, ch: usize) -> __m512 {
+unsafe fn chunk_scale<const MODE: u8>(s: &RowScales, group: usize, sx: *const f32, ch: usize) -> __m512 {
+    // Both factors are broadcast straight from memory (load ports) and multiplied on the FMA ports: a
+    // broadcast from a register would add to port 5, which vpexpandb and the mask moves already saturate.
+    let sx = _mm512_set1_ps(*sx.add(ch));
     if MODE == ROW {
-        return _mm512_set1_ps(sx);
+        return sx;
     }
     let g = (ch * CHUNK) >> s.shift;
     if group >= CHUNK {
-        _mm512_set1_ps(sx * *s.d.add(g))
+        _mm512_mul_ps(sx, _mm512_set1_ps(*s.d.add(g)))
     } else {
-        _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sx * *s.d.add(g)), _mm512_set1_ps(sx * *s.d.add(g + 1)))
+        let d = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(*s.d.add(g)), _mm512_set1_ps(*s.d.add(g + 1)));
+        _mm512_mul_ps(sx, d)
     }
 }
 
@@ -119,7 +149,7 @@ unsafe fn chunk_scale<const MODE: u8>(s: &RowScales, group: usize, sx: f32, ch: 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
 unsafe fn signed_chunk<const NR: usize, const MODE: u8>(
-    acc: &mut Acc<NR>,
+    acc: &mut [__m512; NR],
     w: __m512i,
     act: &[ActRow; NR],
     s: &RowScales,
@@ -133,8 +163,7 @@ unsafe fn signed_chunk<const NR: usize, const MODE: u8>(
         // x where w >= 0, -x where w < 0 (0 - x under the sign mask).
         let sx = _mm512_mask_sub_epi8(xa, neg, _mm512_setzero_si512(), xa);
         let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
-        acc[ch & 1][a] =
-            _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), chunk_scale::<MODE>(s, group, *x.sx.add(ch), ch), acc[ch & 1][a]);
+        acc[a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), chunk_scale::<MODE>(s, group, x.sx, ch), acc[a]);
     }
 }
 
@@ -143,13 +172,13 @@ unsafe fn signed_chunk<const NR: usize, const MODE: u8>(
 unsafe fn dense_int8_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: usize, act: &[ActRow; NR]) -> Acc<NR> {
     let p = m.data.as_ptr().add(m.row_start(r));
     let s = RowScales::of(m, r);
-    let mut acc = [[_mm512_setzero_ps(); NR]; 2];
-    for ch in 0..m.chunks() {
+    let (mut acc0, mut acc1) = ([_mm512_setzero_ps(); NR], [_mm512_setzero_ps(); NR]);
+    for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
         _mm_prefetch::<_MM_HINT_T0>(p.add(ch * CHUNK + PREFETCH) as *const i8);
         let w = _mm512_loadu_si512(p.add(ch * CHUNK) as *const _);
-        signed_chunk::<NR, MODE>(&mut acc, w, act, &s, m.group, ch);
-    }
-    acc
+        signed_chunk::<NR, MODE>(acc, w, act, &s, m.group, ch);
+    });
+    [acc0, acc1]
 }
 
 #[inline]
@@ -158,15 +187,15 @@ unsafe fn sparse_int8_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: u
     let mut p = m.data.as_ptr().add(m.row_start(r));
     let masks = m.masks.as_ptr().add(r * m.chunks());
     let s = RowScales::of(m, r);
-    let mut acc = [[_mm512_setzero_ps(); NR]; 2];
-    for ch in 0..m.chunks() {
+    let (mut acc0, mut acc1) = ([_mm512_setzero_ps(); NR], [_mm512_setzero_ps(); NR]);
+    for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
         let mask = *masks.add(ch);
         _mm_prefetch::<_MM_HINT_T0>(p.add(PREFETCH) as *const i8);
         let w = _mm512_maskz_expand_epi8(mask, _mm512_loadu_si512(p as *const _));
         p = p.add(mask.count_ones() as usize);
-        signed_chunk::<NR, MODE>(&mut acc, w, act, &s, m.group, ch);
-    }
-    acc
+        signed_chunk::<NR, MODE>(acc, w, act, &s, m.group, ch);
+    });
+    [acc0, acc1]
 }
 
 #[inline]
@@ -174,18 +203,18 @@ unsafe fn sparse_int8_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: u
 unsafe fn dense_int4_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: usize, act: &[ActRow; NR]) -> Acc<NR> {
     let p = m.data.as_ptr().add(m.row_start(r));
     let s = RowScales::of(m, r);
-    let mut acc = [[_mm512_setzero_ps(); NR]; 2];
-    for ch in 0..m.chunks() {
+    let (mut acc0, mut acc1) = ([_mm512_setzero_ps(); NR], [_mm512_setzero_ps(); NR]);
+    for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
         _mm_prefetch::<_MM_HINT_T0>(p.add(ch * CHUNK / 2 + PREFETCH) as *const i8);
         let c = nibbles_to_bytes(p.add(ch * CHUNK / 2)); // unsigned codes; zero points added per row
         for (a, x) in act.iter().enumerate() {
             let xa = _mm512_loadu_si512(x.xq.add(ch * CHUNK) as *const _);
             let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xa);
-            let scale = chunk_scale::<MODE>(&s, m.group, *x.sx.add(ch), ch);
-            acc[ch & 1][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[ch & 1][a]);
+            let scale = chunk_scale::<MODE>(&s, m.group, x.sx, ch);
+            acc[a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[a]);
         }
-    }
-    acc
+    });
+    [acc0, acc1]
 }
 
 #[inline]
@@ -194,8 +223,8 @@ unsafe fn sparse_int4_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: u
     let mut p = m.data.as_ptr().add(m.row_start(r));
     let masks = m.masks.as_ptr().add(r * m.chunks());
     let s = RowScales::of(m, r);
-    let mut acc = [[_mm512_setzero_ps(); NR]; 2];
-    for ch in 0..m.chunks() {
+    let (mut acc0, mut acc1) = ([_mm512_setzero_ps(); NR], [_mm512_setzero_ps(); NR]);
+    for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
         let mask = *masks.add(ch);
         _mm_prefetch::<_MM_HINT_T0>(p.add(PREFETCH) as *const i8);
         // Codes c = q + 8 in the stored lanes and 8 (a zero weight) in the pruned ones, so the row's zero
@@ -205,9 +234,9 @@ unsafe fn sparse_int4_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: u
         for (a, x) in act.iter().enumerate() {
             let xa = _mm512_loadu_si512(x.xq.add(ch * CHUNK) as *const _);
             let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xa);
-            let scale = chunk_scale::<MODE>(&s, m.group, *x.sx.add(ch), ch);
-            acc[ch & 1][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[ch & 1][a]);
+            let scale = chunk_scale::<MODE>(&s, m.group, x.sx, ch);
+            acc[a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[a]);
         }
-    }
-    acc
+    });
+    [acc0, acc1]
 }
