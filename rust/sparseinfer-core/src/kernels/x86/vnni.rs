@@ -167,6 +167,24 @@ unsafe fn signed_chunk<const NR: usize, const MODE: u8>(
     }
 }
 
+/// `acc[a] += cvt(Σ c·x) · scale` for unsigned int4 codes `c` of chunk `ch` (zero points are added per row).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
+unsafe fn unsigned_chunk<const NR: usize, const MODE: u8>(
+    acc: &mut [__m512; NR],
+    c: __m512i,
+    act: &[ActRow; NR],
+    s: &RowScales,
+    group: usize,
+    ch: usize,
+) {
+    for (a, x) in act.iter().enumerate() {
+        let xa = _mm512_loadu_si512(x.xq.add(ch * CHUNK) as *const _);
+        let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xa);
+        acc[a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), chunk_scale::<MODE>(s, group, x.sx, ch), acc[a]);
+    }
+}
+
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
 unsafe fn dense_int8_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: usize, act: &[ActRow; NR]) -> Acc<NR> {
@@ -207,12 +225,7 @@ unsafe fn dense_int4_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: us
     for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
         _mm_prefetch::<_MM_HINT_T0>(p.add(ch * CHUNK / 2 + PREFETCH) as *const i8);
         let c = nibbles_to_bytes(p.add(ch * CHUNK / 2)); // unsigned codes; zero points added per row
-        for (a, x) in act.iter().enumerate() {
-            let xa = _mm512_loadu_si512(x.xq.add(ch * CHUNK) as *const _);
-            let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xa);
-            let scale = chunk_scale::<MODE>(&s, m.group, x.sx, ch);
-            acc[a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[a]);
-        }
+        unsigned_chunk::<NR, MODE>(acc, c, act, &s, m.group, ch);
     });
     [acc0, acc1]
 }
@@ -231,12 +244,7 @@ unsafe fn sparse_int4_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: u
         // point term is the same precomputed Σ -8·d·x̂ as for dense int4.
         let c = _mm512_mask_expand_epi8(_mm512_set1_epi8(8), mask, nibbles_to_bytes(p));
         p = p.add((mask.count_ones() as usize).div_ceil(2));
-        for (a, x) in act.iter().enumerate() {
-            let xa = _mm512_loadu_si512(x.xq.add(ch * CHUNK) as *const _);
-            let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xa);
-            let scale = chunk_scale::<MODE>(&s, m.group, x.sx, ch);
-            acc[a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[a]);
-        }
+        unsigned_chunk::<NR, MODE>(acc, c, act, &s, m.group, ch);
     });
     [acc0, acc1]
 }
