@@ -7,8 +7,13 @@ sparseinfer[train]``) adds torch and transformers.
 from . import kernels
 from ._core import __version__, build_info
 from .errors import InvalidInputError, SparseInferError, UnsupportedError
+from .model import GenerationStats, Model, generate, load
 
 __all__ = [
+    "GenerationStats",
+    "Model",
+    "generate",
+    "load",
     "InvalidInputError",
     "SparseInferError",
     "UnsupportedError",

@@ -2,13 +2,15 @@
 //! around heavy work and maps [`sparseinfer_core::Error`] to the Python exceptions of `sparseinfer.errors`.
 //! Nothing else lives here.
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use sparseinfer_core::formats::budget;
+use sparseinfer_core::runtime::{self, Generator, LoadOptions, Model, SamplingParams};
 use sparseinfer_core::{self as core, kernels, Error, Format, PackOptions, PackedMatrix};
 
 /// Maps a core error to `sparseinfer.errors.InvalidInputError` / `UnsupportedError` / `SparseInferError`.
@@ -208,6 +210,153 @@ fn pack<'py>(
     Ok(PyPackedMatrix { inner: Arc::new(m) })
 }
 
+/// A loaded decoder (weights memory-mapped and packed in Rust). Immutable; share it across threads.
+#[pyclass(name = "Model", module = "sparseinfer._core", frozen)]
+struct PyModel {
+    inner: Arc<Model>,
+}
+
+#[pymethods]
+impl PyModel {
+    /// Loads a model directory. `weights`: None keeps the stored precision, or a kernel format name packs
+    /// every linear layer into it (zeros become the sparsity pattern).
+    #[staticmethod]
+    #[pyo3(signature = (path, weights = None, group_size = None, asymmetric = false))]
+    fn load(
+        py: Python<'_>,
+        path: PathBuf,
+        weights: Option<&str>,
+        group_size: Option<usize>,
+        asymmetric: bool,
+    ) -> PyResult<Self> {
+        let weights = weights.map(Format::from_name).transpose().map_err(|e| to_py(py, e))?;
+        let opts = LoadOptions { weights, pack: PackOptions { group_size, asymmetric } };
+        let m = py.detach(|| runtime::load_dir(&path, opts)).map_err(|e| to_py(py, e))?;
+        Ok(PyModel { inner: Arc::new(m) })
+    }
+
+    /// Logits `(len(tokens), vocab)` float32 of every position, from a fresh cache.
+    fn logits<'py>(&self, py: Python<'py>, tokens: Vec<u32>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let m = self.inner.clone();
+        let n = tokens.len();
+        let v = py.detach(move || runtime::logits(&m, &tokens)).map_err(|e| to_py(py, e))?;
+        PyArray1::from_vec(py, v).reshape([n, self.inner.spec.vocab])
+    }
+
+    /// Architecture, sizes, per-layer formats/densities, bytes per token and kernels in use.
+    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let m = &self.inner;
+        let s = &m.spec;
+        let d = PyDict::new(py);
+        d.set_item("arch", &s.model_type)?;
+        d.set_item("hidden_size", s.hidden)?;
+        d.set_item("num_layers", s.layers)?;
+        d.set_item("num_heads", s.heads)?;
+        d.set_item("num_kv_heads", s.kv_heads)?;
+        d.set_item("head_dim", s.head_dim)?;
+        d.set_item("intermediate_size", s.intermediate)?;
+        d.set_item("vocab_size", s.vocab)?;
+        d.set_item("max_positions", s.max_positions)?;
+        let (linear_bytes, embed_bytes) = m.weight_bytes();
+        d.set_item("bytes_per_token", linear_bytes)?;
+        d.set_item("embedding_bytes", embed_bytes)?;
+        let mut params = s.vocab * s.hidden;
+        let layers = pyo3::types::PyList::empty(py);
+        for (i, l) in m.layers.iter().enumerate() {
+            for (name, lin) in [("qkv", &l.qkv), ("o", &l.o), ("up", &l.up), ("down", &l.down)] {
+                let w = &lin.w;
+                params += w.rows() * w.cols();
+                let e = PyDict::new(py);
+                e.set_item("layer", i)?;
+                e.set_item("name", name)?;
+                e.set_item("shape", (w.rows(), w.cols()))?;
+                e.set_item("format", w.format().name())?;
+                e.set_item("density", w.density())?;
+                e.set_item("nbytes", w.nbytes())?;
+                layers.append(e)?;
+            }
+        }
+        if !s.tie_embeddings {
+            params += s.vocab * s.hidden;
+        }
+        d.set_item("parameters", params)?;
+        d.set_item("linear", layers)?;
+        let head = &m.lm_head.w;
+        d.set_item("lm_head_format", head.format().name())?;
+        let first = m.layers.first().map(|l| &l.qkv.w).unwrap_or(head);
+        d.set_item("format", first.format().name())?;
+        let act = kernels::Activations::default_for(first.format());
+        d.set_item("kernel", kernels::kernel_name(first, act).map_err(|e| to_py(py, e))?)?;
+        d.set_item("isa", kernels::active_isa().map_err(|e| to_py(py, e))?.name())?;
+        d.set_item("threads", core::parallel::num_threads())?;
+        d.set_item("eos_token_ids", s.eos.clone())?;
+        d.set_item("bos_token_id", s.bos)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        let s = &self.inner.spec;
+        let f = self.inner.layers.first().map_or("?", |l| l.qkv.w.format().name());
+        format!(
+            "Model(arch={:?}, layers={}, hidden={}, vocab={}, format={f:?})",
+            s.model_type, s.layers, s.hidden, s.vocab
+        )
+    }
+}
+
+/// One sequence being generated: the first `next_token()` prefills the prompt, later calls decode one token.
+#[pyclass(name = "Generator", module = "sparseinfer._core", frozen)]
+struct PyGenerator {
+    inner: Mutex<Generator>,
+}
+
+#[pymethods]
+impl PyGenerator {
+    #[new]
+    #[pyo3(signature = (model, prompt, max_new_tokens, temperature = 0.0, top_k = None, top_p = None, repetition_penalty = 1.0, seed = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        model: &PyModel,
+        prompt: Vec<u32>,
+        max_new_tokens: usize,
+        temperature: f32,
+        top_k: Option<usize>,
+        top_p: Option<f32>,
+        repetition_penalty: f32,
+        seed: Option<u64>,
+    ) -> PyResult<Self> {
+        let params = SamplingParams { temperature, top_k, top_p, repetition_penalty, seed };
+        let g = py
+            .detach(|| Generator::new(model.inner.clone(), &prompt, max_new_tokens, params))
+            .map_err(|e| to_py(py, e))?;
+        Ok(PyGenerator { inner: Mutex::new(g) })
+    }
+
+    /// The next token id, or None when the context is full. Releases the GIL while it computes.
+    fn next_token(&self, py: Python<'_>) -> PyResult<Option<u32>> {
+        let r = py.detach(|| self.inner.lock().unwrap_or_else(|e| e.into_inner()).next_token());
+        r.map_err(|e| to_py(py, e))
+    }
+
+    /// Prompt tokens, prefill seconds, decode tokens and decode seconds so far.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.lock().unwrap_or_else(|e| e.into_inner()).stats();
+        let d = PyDict::new(py);
+        d.set_item("prompt_tokens", s.prompt_tokens)?;
+        d.set_item("prefill_s", s.prefill_s)?;
+        d.set_item("decode_tokens", s.decode_tokens)?;
+        d.set_item("decode_s", s.decode_s)?;
+        Ok(d)
+    }
+}
+
+/// The `model_type`s the runtime supports.
+#[pyfunction]
+fn supported_architectures() -> Vec<&'static str> {
+    runtime::arch::supported()
+}
+
 /// Version, build profile, CPU features, and the kernel ISA and thread count in use.
 #[pyfunction]
 fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
@@ -269,6 +418,9 @@ fn measure_read_bandwidth(py: Python<'_>, nbytes: usize, threads: Option<usize>,
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyPackedMatrix>()?;
+    m.add_class::<PyModel>()?;
+    m.add_class::<PyGenerator>()?;
+    m.add_function(wrap_pyfunction!(supported_architectures, m)?)?;
     m.add_function(wrap_pyfunction!(pack, m)?)?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
     m.add_function(wrap_pyfunction!(set_isa, m)?)?;

@@ -1,0 +1,276 @@
+"""The inference front door: ``load`` a model directory and ``generate`` text with the Rust runtime.
+
+Weights never pass through Python: the Rust core memory-maps the safetensors files and packs the linear layers
+into a kernel format. Python only tokenizes (with the ``tokenizers`` library), applies stop rules and detokenizes
+incrementally for streaming.
+
+>>> import sparseinfer
+>>> model = sparseinfer.load("path/to/model", weights="sparse-int8")
+>>> for piece in model.stream("Once upon a time", max_new_tokens=32):
+...     print(piece, end="")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from .errors import InvalidInputError, SparseInferError
+
+__all__ = ["GenerationStats", "Model", "generate", "load"]
+
+
+@dataclass
+class GenerationStats:
+    """Token counts and timings of the last generation (prefill includes sampling the first token)."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    finish_reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"prefill {self.prompt_tokens} tok at {self.prefill_tokens_per_s:.1f} tok/s, "
+            f"decode {self.decode_tokens} tok at {self.decode_tokens_per_s:.1f} tok/s ({self.finish_reason})"
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidInputError(f"{path}: not valid JSON: {e}") from e
+
+
+class Model:
+    """A loaded model: the Rust runtime plus its tokenizer. Create it with :func:`load`."""
+
+    def __init__(self, path: str | os.PathLike[str], weights: str | None = None, threads: int | None = None, **pack):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise InvalidInputError(f"model directory {str(self.path)!r} does not exist")
+        if threads is not None:
+            if threads < 1:
+                raise InvalidInputError(f"threads must be >= 1, got {threads}")
+            _core.set_num_threads(threads)
+        self._core = _core.Model.load(str(self.path), weights, pack.get("group_size"), pack.get("asymmetric", False))
+        self._info = self._core.info()
+        self._tokenizer = None
+        gen_cfg = _read_json(self.path / "generation_config.json")
+        eos = set(self._info["eos_token_ids"])
+        g = gen_cfg.get("eos_token_id")
+        eos.update(g if isinstance(g, list) else [g] if isinstance(g, int) else [])
+        self.eos_token_ids: frozenset[int] = frozenset(eos)
+        self.last_stats = GenerationStats()
+
+    # -- tokenizer -------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The ``tokenizers.Tokenizer`` from ``tokenizer.json`` (loaded on first use)."""
+        if self._tokenizer is None:
+            path = self.path / "tokenizer.json"
+            if not path.is_file():
+                raise InvalidInputError(f"{self.path} has no tokenizer.json; pass token ids to logits() instead")
+            try:
+                from tokenizers import Tokenizer
+            except ImportError as e:  # pragma: no cover - a declared dependency
+                raise SparseInferError("the 'tokenizers' package is required for text prompts") from e
+            self._tokenizer = Tokenizer.from_file(str(path))
+        return self._tokenizer
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        """Token ids of ``text`` (with the chat template of ``tokenizer_config.json`` when ``chat``)."""
+        if not isinstance(text, str):
+            raise InvalidInputError(f"the prompt must be a str, got {type(text).__name__}")
+        if chat:
+            text = self.apply_chat_template([{"role": "user", "content": text}])
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Renders ``messages`` with the model's Jinja chat template."""
+        cfg = _read_json(self.path / "tokenizer_config.json")
+        template = cfg.get("chat_template")
+        if not template:
+            raise InvalidInputError(f"{self.path} has no chat_template in tokenizer_config.json")
+        try:
+            import jinja2
+        except ImportError as e:
+            raise SparseInferError("chat templates need the 'jinja2' package (pip install jinja2)") from e
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(InvalidInputError(msg))
+        special = {k: v for k, v in cfg.items() if k.endswith("_token") and isinstance(v, str)}
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **special
+        )
+
+    # -- running ---------------------------------------------------------------------------------------
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """``(len(token_ids), vocab)`` float32 logits of every position (for parity tests)."""
+        ids = _check_ids(token_ids, self._info["vocab_size"])
+        return self._core.logits(ids)
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | str | None = None,
+        chat: bool = False,
+    ) -> Iterator[str]:
+        """Yields the completion's text pieces as they decode. Stops at EOS, a ``stop`` string (not included),
+        ``max_new_tokens`` or the context length. ``prompt`` may be text or token ids."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise InvalidInputError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidInputError("the prompt is empty")
+            ids = self.encode(prompt, chat=chat)
+        else:
+            ids = _check_ids(prompt, self._info["vocab_size"])
+        if not ids:
+            raise InvalidInputError("the prompt encodes to no tokens")
+        if len(ids) >= self._info["max_positions"]:
+            raise InvalidInputError(
+                f"the prompt has {len(ids)} tokens; the model's context is {self._info['max_positions']} positions"
+            )
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not s for s in stops):
+            raise InvalidInputError("stop strings must be non-empty")
+        self.last_stats = stats = GenerationStats(prompt_tokens=len(ids))
+        if max_new_tokens == 0:
+            stats.finish_reason = "length"
+            return
+        gen = _core.Generator(
+            self._core, ids, max_new_tokens, float(temperature), top_k, top_p, float(repetition_penalty), seed
+        )
+        out: list[int] = []
+        emitted = 0  # characters of the decoded completion already yielded
+        hold = max((len(s) for s in stops), default=1) - 1  # text held back while a stop string may be forming
+        reason = "length"
+        t0 = time.perf_counter()
+        while len(out) < max_new_tokens:
+            tok = gen.next_token()
+            if tok is None:
+                reason = "context"
+                break
+            if tok in self.eos_token_ids:
+                reason = "eos"
+                break
+            out.append(tok)
+            text = self.decode(out)
+            cut = min((i for i in (text.find(s, emitted) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                if cut > emitted:
+                    yield text[emitted:cut]
+                emitted = cut
+                reason = "stop"
+                break
+            # Hold back an incomplete UTF-8 sequence and a possible stop-string prefix.
+            safe = len(text) - (1 if text.endswith("\ufffd") else 0) - hold
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        if reason != "stop":
+            text = self.decode(out)
+            if len(text) > emitted:
+                yield text[emitted:]
+        s = gen.stats()
+        stats.new_tokens = len(out)
+        stats.prefill_s = s["prefill_s"]
+        stats.decode_tokens = s["decode_tokens"]
+        stats.decode_s = s["decode_s"]
+        stats.finish_reason = reason
+        stats.extra["wall_s"] = time.perf_counter() - t0
+
+    def generate(self, prompt: str | Sequence[int], **kw: Any) -> str:
+        """The completion of ``prompt`` (without the prompt). Keywords as for :meth:`stream`."""
+        return "".join(self.stream(prompt, **kw))
+
+    def info(self) -> dict[str, Any]:
+        """Architecture, parameter count, per-layer format/density, bytes read per token, kernel ISA."""
+        d = dict(self._info)
+        d["path"] = str(self.path)
+        return d
+
+    def __repr__(self) -> str:
+        i = self._info
+        return f"sparseinfer.Model({str(self.path)!r}, arch={i['arch']!r}, format={i['format']!r})"
+
+
+def _check_ids(ids: Sequence[int], vocab: int) -> list[int]:
+    if isinstance(ids, (str, bytes)):
+        raise InvalidInputError("expected token ids, got a string")
+    try:
+        out = [int(t) for t in ids]
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(f"token ids must be integers: {e}") from e
+    if not out:
+        raise InvalidInputError("no token ids")
+    bad = [t for t in out if t < 0 or t >= vocab]
+    if bad:
+        raise InvalidInputError(f"token id {bad[0]} is outside the vocabulary of {vocab}")
+    return out
+
+
+def load(
+    model_dir: str | os.PathLike[str] | None = None,
+    weights: str | None = None,
+    threads: int | None = None,
+    group_size: int | None = None,
+    asymmetric: bool = False,
+) -> Model:
+    """Loads a model directory (``None``: the default model). ``weights``: None keeps the stored precision, or a
+    kernel format (``"sparse-int8"``, ``"dense-int4"``, ...) to pack every linear layer into."""
+    if model_dir is None:
+        from .models import default_model_dir
+
+        model_dir = default_model_dir()
+    return Model(model_dir, weights=weights, threads=threads, group_size=group_size, asymmetric=asymmetric)
+
+
+def generate(
+    model_dir: str | os.PathLike[str] | None,
+    prompt: str,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    **kw: Any,
+) -> str:
+    """Loads ``model_dir`` and returns the completion of ``prompt``."""
+    weights = kw.pop("weights", None)
+    model = load(model_dir, weights=weights)
+    return model.generate(
+        prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **kw
+    )

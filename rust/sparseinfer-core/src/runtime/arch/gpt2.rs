@@ -1,0 +1,85 @@
+//! GPT-2 (Radford et al., 2019).
+//!
+//! Pre-norm blocks with biased LayerNorm, learned absolute positions, `gelu_new` MLP, biases everywhere, tied
+//! output head. Projections are `Conv1D` modules stored `[in, out]`; the loader transposes them once.
+//!
+//! Hugging Face names → ours (prefix `transformer.`):
+//! `wte` → embedding; `wpe` → positions; `h.i.ln_1` → ln1; `attn.c_attn` → qkv (already fused);
+//! `attn.c_proj` → o; `ln_2` → ln2; `mlp.c_fc` → up; `mlp.c_proj` → down; `ln_f` → final norm.
+
+use super::{prefix_of, Parts};
+use crate::error::{Error, Result};
+use crate::runtime::model::Layer;
+use crate::runtime::spec::{Act, Cfg, Mlp, NormKind, Positions, Spec};
+use crate::runtime::weights::{Layout, Loader};
+use serde_json::Value;
+
+/// `model_type`s this file serves.
+pub const MODEL_TYPES: &[&str] = &["gpt2"];
+
+/// The spec from `config.json`.
+pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
+    let c = Cfg { v, model_type };
+    let hidden = c.usize("n_embd")?;
+    let heads = c.usize("n_head")?;
+    if c.bool_or("scale_attn_by_inverse_layer_idx", false)? {
+        return Err(Error::unsupported("config", "gpt2: scale_attn_by_inverse_layer_idx is not supported"));
+    }
+    if !hidden.is_multiple_of(heads.max(1)) {
+        return Err(Error::invalid("config", format!("gpt2: n_embd {hidden} is not a multiple of {heads} heads")));
+    }
+    let head_dim = hidden.checked_div(heads).unwrap_or(0);
+    let scale = if c.bool_or("scale_attn_weights", true)? { 1.0 / (head_dim as f32).sqrt() } else { 1.0 };
+    let spec = Spec {
+        model_type: model_type.to_string(),
+        hidden,
+        layers: c.usize("n_layer")?,
+        heads,
+        kv_heads: heads,
+        head_dim,
+        intermediate: c.opt_usize("n_inner")?.unwrap_or(4 * hidden),
+        vocab: c.usize("vocab_size")?,
+        max_positions: c.usize("n_positions")?,
+        norm: NormKind::LayerNorm { bias: true },
+        norm_eps: c.opt_f64("layer_norm_epsilon")?.unwrap_or(1e-5) as f32,
+        positions: Positions::Learned { offset: 0 },
+        mlp: Mlp::Plain(Act::parse(c.opt_str("activation_function").unwrap_or("gelu_new"))?),
+        attn_scale: scale,
+        clip_qkv: None,
+        sliding_window: None,
+        tie_embeddings: c.bool_or("tie_word_embeddings", true)?,
+        attn_bias: true,
+        mlp_bias: true,
+        eos: c.token_ids("eos_token_id"),
+        bos: c.token_ids("bos_token_id").first().copied(),
+    };
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// The weights, per the name map in the module docs.
+pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
+    let p = prefix_of(l.store, &["transformer.", ""], "wte.weight")?;
+    let d = s.hidden;
+    let mut layers = Vec::with_capacity(s.layers);
+    for i in 0..s.layers {
+        let n = |x: &str| format!("{p}h.{i}.{x}");
+        layers.push(Layer {
+            ln1: l.norm(&n("ln_1"), d, true)?,
+            qkv: l.proj(&[(&n("attn.c_attn.weight"), 3 * d)], d, Layout::InOut, true)?,
+            o: l.proj(&[(&n("attn.c_proj.weight"), d)], d, Layout::InOut, true)?,
+            ln2: l.norm(&n("ln_2"), d, true)?,
+            up: l.proj(&[(&n("mlp.c_fc.weight"), s.intermediate)], d, Layout::InOut, true)?,
+            down: l.proj(&[(&n("mlp.c_proj.weight"), d)], s.intermediate, Layout::InOut, true)?,
+        });
+    }
+    let embed_name = format!("{p}wte.weight");
+    let head_name = if s.tie_embeddings { embed_name.clone() } else { "lm_head.weight".to_string() };
+    Ok(Parts {
+        embed: l.embedding(&embed_name, s.vocab, d)?,
+        pos_embed: Some(l.f32(&format!("{p}wpe.weight"), &[s.max_positions, d])?),
+        layers,
+        final_norm: Some(l.norm(&format!("{p}ln_f"), d, true)?),
+        lm_head: l.linear(&[(&head_name, s.vocab)], d, Layout::OutIn, false, l.plan.lm_head)?,
+    })
+}

@@ -1,0 +1,142 @@
+//! The Llama family: Llama 2/3, Mistral, Qwen2, SmolLM (Touvron et al., arXiv 2302.13971).
+//!
+//! Pre-norm blocks with RMSNorm, rotary position embeddings (Su et al., arXiv 2104.09864) with optional
+//! `linear`/`llama3` scaling, grouped-query attention, SwiGLU MLP (gate and up fused into one matrix), optional
+//! q/k/v biases (Qwen2) and tied embeddings (SmolLM).
+//!
+//! Hugging Face names → ours (prefix `model.`):
+//! `embed_tokens` → embedding; `layers.i.input_layernorm` → ln1; `self_attn.{q,k,v}_proj` → qkv (stacked);
+//! `self_attn.o_proj` → o; `post_attention_layernorm` → ln2; `mlp.{gate,up}_proj` → up (stacked);
+//! `mlp.down_proj` → down; `norm` → final norm; `lm_head` (or the embedding when tied) → head.
+
+use super::{prefix_of, Parts};
+use crate::error::{Error, Result};
+use crate::runtime::model::Layer;
+use crate::runtime::spec::{Act, Cfg, Mlp, NormKind, Positions, Spec};
+use crate::runtime::weights::{Layout, Loader};
+use serde_json::Value;
+
+/// `model_type`s this file serves.
+pub const MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
+
+/// The spec from `config.json`.
+pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
+    let c = Cfg { v, model_type };
+    let hidden = c.usize("hidden_size")?;
+    let heads = c.usize("num_attention_heads")?;
+    let head_dim = c.opt_usize("head_dim")?.unwrap_or(hidden.checked_div(heads).unwrap_or(0));
+    let inv_freq = rope_inv_freq(v, model_type, head_dim)?;
+    let sliding_window =
+        if c.bool_or("use_sliding_window", model_type == "mistral")? { c.opt_usize("sliding_window")? } else { None };
+    let spec = Spec {
+        model_type: model_type.to_string(),
+        hidden,
+        layers: c.usize("num_hidden_layers")?,
+        heads,
+        kv_heads: c.opt_usize("num_key_value_heads")?.unwrap_or(heads),
+        head_dim,
+        intermediate: c.usize("intermediate_size")?,
+        vocab: c.usize("vocab_size")?,
+        max_positions: c.opt_usize("max_position_embeddings")?.unwrap_or(2048),
+        norm: NormKind::Rms,
+        norm_eps: c.opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+        positions: Positions::Rope { inv_freq },
+        mlp: Mlp::Gated(Act::parse(c.opt_str("hidden_act").unwrap_or("silu"))?),
+        attn_scale: 1.0 / (head_dim as f32).sqrt(),
+        clip_qkv: None,
+        sliding_window,
+        tie_embeddings: c.bool_or("tie_word_embeddings", false)?,
+        attn_bias: c.bool_or("attention_bias", model_type == "qwen2")?,
+        mlp_bias: c.bool_or("mlp_bias", false)?,
+        eos: c.token_ids("eos_token_id"),
+        bos: c.token_ids("bos_token_id").first().copied(),
+    };
+    if c.opt_f64("partial_rotary_factor")?.is_some_and(|f| f != 1.0) {
+        return Err(Error::unsupported("config", format!("{model_type}: partial_rotary_factor != 1 is not supported")));
+    }
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// Rotary inverse frequencies with rope scaling applied. Reads `rope_parameters` (transformers ≥ 5) or the
+/// older `rope_theta` + `rope_scaling`.
+pub fn rope_inv_freq(v: &Value, model_type: &str, head_dim: usize) -> Result<Vec<f32>> {
+    let params = v.get("rope_parameters").filter(|p| p.is_object());
+    let scaling = params.or_else(|| v.get("rope_scaling").filter(|p| p.is_object()));
+    let theta = params
+        .and_then(|p| p.get("rope_theta"))
+        .or_else(|| v.get("rope_theta"))
+        .and_then(|t| t.as_f64())
+        .unwrap_or(10000.0);
+    let half = head_dim / 2;
+    let mut inv: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64)).collect();
+    let kind = scaling
+        .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
+    let num = |key: &str| scaling.and_then(|s| s.get(key)).and_then(|x| x.as_f64());
+    match kind {
+        "default" => {}
+        "linear" => {
+            let f = num("factor").unwrap_or(1.0);
+            inv.iter_mut().for_each(|x| *x /= f);
+        }
+        "llama3" => {
+            let factor = num("factor").unwrap_or(8.0);
+            let low = num("low_freq_factor").unwrap_or(1.0);
+            let high = num("high_freq_factor").unwrap_or(4.0);
+            let old_ctx = num("original_max_position_embeddings").unwrap_or(8192.0);
+            let (low_wavelen, high_wavelen) = (old_ctx / low, old_ctx / high);
+            for x in inv.iter_mut() {
+                let wavelen = 2.0 * std::f64::consts::PI / *x;
+                if wavelen > low_wavelen {
+                    *x /= factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (old_ctx / wavelen - low) / (high - low);
+                    *x = (1.0 - smooth) * *x / factor + smooth * *x;
+                }
+            }
+        }
+        other => {
+            return Err(Error::unsupported(
+                "config",
+                format!("{model_type}: rope scaling {other:?} is not supported (default, linear, llama3)"),
+            ))
+        }
+    }
+    Ok(inv.into_iter().map(|x| x as f32).collect())
+}
+
+/// The weights, per the name map in the module docs.
+pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
+    let p = prefix_of(l.store, &["model.", ""], "embed_tokens.weight")?;
+    let (d, hd) = (s.hidden, s.head_dim);
+    let mut layers = Vec::with_capacity(s.layers);
+    for i in 0..s.layers {
+        let n = |x: &str| format!("{p}layers.{i}.{x}");
+        let (q, k, v) = (n("self_attn.q_proj.weight"), n("self_attn.k_proj.weight"), n("self_attn.v_proj.weight"));
+        let (gate, up) = (n("mlp.gate_proj.weight"), n("mlp.up_proj.weight"));
+        layers.push(Layer {
+            ln1: l.norm(&n("input_layernorm"), d, false)?,
+            qkv: l.proj(
+                &[(&q, s.heads * hd), (&k, s.kv_heads * hd), (&v, s.kv_heads * hd)],
+                d,
+                Layout::OutIn,
+                s.attn_bias,
+            )?,
+            o: l.proj(&[(&n("self_attn.o_proj.weight"), d)], s.heads * hd, Layout::OutIn, false)?,
+            ln2: l.norm(&n("post_attention_layernorm"), d, false)?,
+            up: l.proj(&[(&gate, s.intermediate), (&up, s.intermediate)], d, Layout::OutIn, s.mlp_bias)?,
+            down: l.proj(&[(&n("mlp.down_proj.weight"), d)], s.intermediate, Layout::OutIn, s.mlp_bias)?,
+        });
+    }
+    let embed_name = format!("{p}embed_tokens.weight");
+    let head_name = if s.tie_embeddings { embed_name.clone() } else { "lm_head.weight".to_string() };
+    Ok(Parts {
+        embed: l.embedding(&embed_name, s.vocab, d)?,
+        pos_embed: None,
+        layers,
+        final_norm: Some(l.norm(&format!("{p}norm"), d, false)?),
+        lm_head: l.linear(&[(&head_name, s.vocab)], d, Layout::OutIn, false, l.plan.lm_head)?,
+    })
+}

@@ -1,0 +1,80 @@
+//! One file per architecture. Each turns `config.json` into a [`Spec`] and names the checkpoint's tensors
+//! (the Hugging Face → internal name map is written at the top of each file).
+
+pub mod gpt2;
+pub mod llama;
+pub mod mpt;
+pub mod opt;
+
+use super::model::Layer;
+use super::safetensors::WeightStore;
+use super::spec::{NormKind, Spec};
+use super::weights::{Embedding, Linear, Loader, NormW};
+use crate::error::{Error, Result};
+use serde_json::Value;
+
+/// What an architecture's loader hands to the generic model.
+pub struct Parts {
+    /// Token embedding `[V, D]`, left in the memory map.
+    pub embed: Embedding,
+    /// Learned positions `[P, D]`, if the architecture has them.
+    pub pos_embed: Option<Vec<f32>>,
+    /// The blocks.
+    pub layers: Vec<Layer>,
+    /// The norm before the head.
+    pub final_norm: Option<NormW>,
+    /// The output head.
+    pub lm_head: Linear,
+}
+
+/// Every supported `model_type`.
+pub fn supported() -> Vec<&'static str> {
+    let mut v: Vec<&str> = [llama::MODEL_TYPES, opt::MODEL_TYPES, gpt2::MODEL_TYPES, mpt::MODEL_TYPES].concat();
+    v.sort_unstable();
+    v
+}
+
+/// The spec for a parsed `config.json`.
+pub fn spec(config: &Value) -> Result<Spec> {
+    let model_type = config
+        .get("model_type")
+        .and_then(|t| t.as_str())
+        .ok_or_else(|| Error::invalid("config", "config.json has no \"model_type\""))?;
+    if llama::MODEL_TYPES.contains(&model_type) {
+        llama::spec(config, model_type)
+    } else if opt::MODEL_TYPES.contains(&model_type) {
+        opt::spec(config, model_type)
+    } else if gpt2::MODEL_TYPES.contains(&model_type) {
+        gpt2::spec(config, model_type)
+    } else if mpt::MODEL_TYPES.contains(&model_type) {
+        mpt::spec(config, model_type)
+    } else {
+        Err(Error::unsupported(
+            "config",
+            format!("model_type {model_type:?} is not supported; supported: {}", supported().join(", ")),
+        ))
+    }
+}
+
+/// The weights of a spec's architecture.
+pub fn load(spec: &Spec, loader: &Loader) -> Result<Parts> {
+    let t = spec.model_type.as_str();
+    let parts = if llama::MODEL_TYPES.contains(&t) {
+        llama::load(spec, loader)
+    } else if opt::MODEL_TYPES.contains(&t) {
+        opt::load(spec, loader)
+    } else if gpt2::MODEL_TYPES.contains(&t) {
+        gpt2::load(spec, loader)
+    } else {
+        mpt::load(spec, loader)
+    }?;
+    debug_assert!(matches!(spec.norm, NormKind::Rms | NormKind::LayerNorm { .. }));
+    Ok(parts)
+}
+
+/// The first prefix under which `probe` exists (checkpoints of the base model omit the task prefix).
+pub(crate) fn prefix_of(store: &WeightStore, prefixes: &[&'static str], probe: &str) -> Result<&'static str> {
+    prefixes.iter().copied().find(|p| store.contains(&format!("{p}{probe}"))).ok_or_else(|| {
+        Error::invalid("load", format!("tensor {:?} is missing from the checkpoint", format!("{}{probe}", prefixes[0])))
+    })
+}

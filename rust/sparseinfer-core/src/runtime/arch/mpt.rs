@@ -1,0 +1,108 @@
+//! MPT (MosaicML, 2023), the seed paper's model (Kurtic et al., arXiv 2310.06927).
+//!
+//! Pre-norm blocks with bias-free LayerNorm, ALiBi attention biases (Press et al., arXiv 2108.12409) instead of
+//! position embeddings, fused `Wqkv`, exact-GELU MLP, no linear biases, tied output head, optional `clip_qkv`.
+//!
+//! Hugging Face names → ours (prefix `transformer.`):
+//! `wte` → embedding; `blocks.i.norm_1` → ln1; `attn.Wqkv` → qkv; `attn.out_proj` → o; `norm_2` → ln2;
+//! `ffn.up_proj` → up; `ffn.down_proj` → down; `norm_f` → final norm.
+
+use super::{prefix_of, Parts};
+use crate::error::{Error, Result};
+use crate::runtime::model::Layer;
+use crate::runtime::spec::{Act, Cfg, Mlp, NormKind, Positions, Spec};
+use crate::runtime::weights::{Layout, Loader};
+use serde_json::Value;
+
+/// `model_type`s this file serves.
+pub const MODEL_TYPES: &[&str] = &["mpt"];
+
+/// MPT's ALiBi slopes: `1 / 2^(8·i / n)` over the next power of two `n ≥ heads`, interleaved when `heads` is
+/// not a power of two (odd positions first), as MPT's reference code builds them.
+pub fn alibi_slopes(heads: usize, bias_max: f64) -> Vec<f32> {
+    let n = heads.next_power_of_two();
+    let all: Vec<f64> = (1..=n).map(|i| 1.0 / 2f64.powf(i as f64 * bias_max / n as f64)).collect();
+    let ordered: Vec<f64> =
+        if n == heads { all } else { all.iter().skip(1).step_by(2).chain(all.iter().step_by(2)).copied().collect() };
+    ordered.into_iter().take(heads).map(|x| x as f32).collect()
+}
+
+/// The spec from `config.json`.
+pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
+    let c = Cfg { v, model_type };
+    let hidden = c.usize("d_model")?;
+    let heads = c.usize("n_heads")?;
+    let null = Value::Null;
+    let attn = v.get("attn_config").unwrap_or(&null);
+    let a = Cfg { v: attn, model_type };
+    if !a.bool_or("alibi", true)? {
+        return Err(Error::unsupported(
+            "config",
+            "mpt: only ALiBi MPT models (attn_config.alibi = true) are supported",
+        ));
+    }
+    for key in ["qk_ln", "prefix_lm", "attn_uses_sequence_id"] {
+        if a.bool_or(key, false)? {
+            return Err(Error::unsupported("config", format!("mpt: attn_config.{key} is not supported")));
+        }
+    }
+    if !c.bool_or("no_bias", true)? {
+        return Err(Error::unsupported("config", "mpt: linear biases (no_bias = false) are not supported"));
+    }
+    if !hidden.is_multiple_of(heads.max(1)) {
+        return Err(Error::invalid("config", format!("mpt: d_model {hidden} is not a multiple of {heads} heads")));
+    }
+    let head_dim = hidden.checked_div(heads).unwrap_or(0);
+    let spec = Spec {
+        model_type: model_type.to_string(),
+        hidden,
+        layers: c.usize("n_layers")?,
+        heads,
+        kv_heads: heads,
+        head_dim,
+        intermediate: c.opt_usize("expansion_ratio")?.unwrap_or(4) * hidden,
+        vocab: c.usize("vocab_size")?,
+        max_positions: c.opt_usize("max_seq_len")?.unwrap_or(2048),
+        norm: NormKind::LayerNorm { bias: false },
+        norm_eps: c.opt_f64("layer_norm_epsilon")?.unwrap_or(1e-5) as f32,
+        positions: Positions::Alibi { slopes: alibi_slopes(heads, a.opt_f64("alibi_bias_max")?.unwrap_or(8.0)) },
+        mlp: Mlp::Plain(Act::Gelu),
+        attn_scale: a.opt_f64("softmax_scale")?.map_or(1.0 / (head_dim as f32).sqrt(), |s| s as f32),
+        clip_qkv: a.opt_f64("clip_qkv")?.map(|x| x as f32),
+        sliding_window: None,
+        tie_embeddings: c.bool_or("tie_word_embeddings", true)?,
+        attn_bias: false,
+        mlp_bias: false,
+        eos: c.token_ids("eos_token_id"),
+        bos: c.token_ids("bos_token_id").first().copied(),
+    };
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// The weights, per the name map in the module docs.
+pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
+    let p = prefix_of(l.store, &["transformer.", ""], "wte.weight")?;
+    let d = s.hidden;
+    let mut layers = Vec::with_capacity(s.layers);
+    for i in 0..s.layers {
+        let n = |x: &str| format!("{p}blocks.{i}.{x}");
+        layers.push(Layer {
+            ln1: l.norm(&n("norm_1"), d, false)?,
+            qkv: l.proj(&[(&n("attn.Wqkv.weight"), 3 * d)], d, Layout::OutIn, false)?,
+            o: l.proj(&[(&n("attn.out_proj.weight"), d)], d, Layout::OutIn, false)?,
+            ln2: l.norm(&n("norm_2"), d, false)?,
+            up: l.proj(&[(&n("ffn.up_proj.weight"), s.intermediate)], d, Layout::OutIn, false)?,
+            down: l.proj(&[(&n("ffn.down_proj.weight"), d)], s.intermediate, Layout::OutIn, false)?,
+        });
+    }
+    let embed_name = format!("{p}wte.weight");
+    let head_name = if s.tie_embeddings { embed_name.clone() } else { "lm_head.weight".to_string() };
+    Ok(Parts {
+        embed: l.embedding(&embed_name, s.vocab, d)?,
+        pos_embed: None,
+        layers,
+        final_norm: Some(l.norm(&format!("{p}norm_f"), d, false)?),
+        lm_head: l.linear(&[(&head_name, s.vocab)], d, Layout::OutIn, false, l.plan.lm_head)?,
+    })
+}

@@ -1,0 +1,95 @@
+//! OPT (Zhang et al., arXiv 2205.01068).
+//!
+//! Pre-norm blocks (`do_layer_norm_before`) with biased LayerNorm, learned positions offset by 2, ReLU MLP,
+//! biases on every projection, tied output head. The post-norm variant (opt-350m) and a projected embedding
+//! width (`word_embed_proj_dim != hidden_size`) are refused with a clear error.
+//!
+//! Hugging Face names → ours (prefix `model.decoder.`):
+//! `embed_tokens` → embedding; `embed_positions` → positions; `layers.i.self_attn_layer_norm` → ln1;
+//! `self_attn.{q,k,v}_proj` → qkv; `self_attn.out_proj` → o; `final_layer_norm` → ln2; `fc1` → up; `fc2` → down;
+//! `final_layer_norm` (outside the layers) → final norm.
+
+use super::{prefix_of, Parts};
+use crate::error::{Error, Result};
+use crate::runtime::model::Layer;
+use crate::runtime::spec::{Act, Cfg, Mlp, NormKind, Positions, Spec};
+use crate::runtime::weights::{Layout, Loader};
+use serde_json::Value;
+
+/// `model_type`s this file serves.
+pub const MODEL_TYPES: &[&str] = &["opt"];
+
+/// The spec from `config.json`.
+pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
+    let c = Cfg { v, model_type };
+    let hidden = c.usize("hidden_size")?;
+    let heads = c.usize("num_attention_heads")?;
+    if !c.bool_or("do_layer_norm_before", true)? {
+        return Err(Error::unsupported("config", "opt: post-norm OPT (do_layer_norm_before = false) is not supported"));
+    }
+    if c.opt_usize("word_embed_proj_dim")?.is_some_and(|w| w != hidden) {
+        return Err(Error::unsupported("config", "opt: word_embed_proj_dim != hidden_size is not supported"));
+    }
+    if c.bool_or("_remove_final_layer_norm", false)? {
+        return Err(Error::unsupported("config", "opt: _remove_final_layer_norm is not supported"));
+    }
+    let head_dim = hidden.checked_div(heads).unwrap_or(0);
+    let bias = c.bool_or("enable_bias", true)?;
+    let spec = Spec {
+        model_type: model_type.to_string(),
+        hidden,
+        layers: c.usize("num_hidden_layers")?,
+        heads,
+        kv_heads: heads,
+        head_dim,
+        intermediate: c.usize("ffn_dim")?,
+        vocab: c.usize("vocab_size")?,
+        max_positions: c.usize("max_position_embeddings")?,
+        norm: NormKind::LayerNorm { bias: c.bool_or("layer_norm_elementwise_affine", true)? },
+        norm_eps: 1e-5,
+        positions: Positions::Learned { offset: 2 },
+        mlp: Mlp::Plain(Act::parse(c.opt_str("activation_function").unwrap_or("relu"))?),
+        attn_scale: 1.0 / (head_dim as f32).sqrt(),
+        clip_qkv: None,
+        sliding_window: None,
+        tie_embeddings: c.bool_or("tie_word_embeddings", true)?,
+        attn_bias: bias,
+        mlp_bias: bias,
+        eos: c.token_ids("eos_token_id"),
+        bos: c.token_ids("bos_token_id").first().copied(),
+    };
+    if !hidden.is_multiple_of(heads.max(1)) {
+        return Err(Error::invalid("config", format!("opt: hidden_size {hidden} is not a multiple of {heads} heads")));
+    }
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// The weights, per the name map in the module docs.
+pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
+    let p = prefix_of(l.store, &["model.decoder.", "decoder.", ""], "embed_tokens.weight")?;
+    let d = s.hidden;
+    let ln_bias = matches!(s.norm, NormKind::LayerNorm { bias: true });
+    let mut layers = Vec::with_capacity(s.layers);
+    for i in 0..s.layers {
+        let n = |x: &str| format!("{p}layers.{i}.{x}");
+        let (q, k, v) = (n("self_attn.q_proj.weight"), n("self_attn.k_proj.weight"), n("self_attn.v_proj.weight"));
+        layers.push(Layer {
+            ln1: l.norm(&n("self_attn_layer_norm"), d, ln_bias)?,
+            qkv: l.proj(&[(&q, d), (&k, d), (&v, d)], d, Layout::OutIn, s.attn_bias)?,
+            o: l.proj(&[(&n("self_attn.out_proj.weight"), d)], d, Layout::OutIn, s.attn_bias)?,
+            ln2: l.norm(&n("final_layer_norm"), d, ln_bias)?,
+            up: l.proj(&[(&n("fc1.weight"), s.intermediate)], d, Layout::OutIn, s.mlp_bias)?,
+            down: l.proj(&[(&n("fc2.weight"), d)], s.intermediate, Layout::OutIn, s.mlp_bias)?,
+        });
+    }
+    let embed_name = format!("{p}embed_tokens.weight");
+    let head_name = if s.tie_embeddings { embed_name.clone() } else { "lm_head.weight".to_string() };
+    Ok(Parts {
+        embed: l.embedding(&embed_name, s.vocab, d)?,
+        pos_embed: Some(l.f32(&format!("{p}embed_positions.weight"), &[s.max_positions + 2, d])?),
+        layers,
+        final_norm: Some(l.norm(&format!("{p}final_layer_norm"), d, ln_bias)?),
+        lm_head: l.linear(&[(&head_name, s.vocab)], d, Layout::OutIn, false, l.plan.lm_head)?,
+    })
+}

@@ -1,0 +1,155 @@
+//! The decoder runtime: load a model directory, run it, generate.
+//!
+//! - [`safetensors`]: the memory-mapped, validating weight reader.
+//! - [`spec`] and [`arch`]: `config.json` → an architecture-neutral [`spec::Spec`], one file per architecture.
+//! - [`weights`]: checkpoint tensors → packed linear layers ([`weights::WeightPlan`] picks the formats).
+//! - [`model`]: the forward pass; [`kv_cache`]: per-sequence state; [`sampler`]: next-token choice.
+//! - [`Generator`]: prefill once, then one token per call (the binding streams from it).
+
+pub mod arch;
+pub mod kv_cache;
+pub mod model;
+pub mod safetensors;
+pub mod sampler;
+pub mod spec;
+pub mod weights;
+
+use crate::error::{Error, Result};
+use crate::formats::{Format, PackOptions};
+pub use kv_cache::KvCache;
+pub use model::Model;
+pub use sampler::{Sampler, SamplingParams};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// How to load a model directory.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    /// Pack every linear layer into this format (zeros become the sparsity pattern); `None`: as stored.
+    pub weights: Option<Format>,
+    /// Group size / symmetry for integer formats.
+    pub pack: PackOptions,
+}
+
+/// Reads `config.json` of a model directory.
+pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
+    let path = dir.join("config.json");
+    if !dir.is_dir() {
+        return Err(Error::invalid("load", format!("{} is not a directory", dir.display())));
+    }
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::Io { op: format!("reading {}", path.display()), source: e })?;
+    serde_json::from_str(&text).map_err(|e| Error::invalid("load", format!("{}: not valid JSON: {e}", path.display())))
+}
+
+/// Loads a Hugging Face model directory (`config.json` + `*.safetensors`).
+pub fn load_dir(dir: &Path, opts: LoadOptions) -> Result<Model> {
+    let config = read_config(dir)?;
+    let spec = arch::spec(&config)?;
+    let store = safetensors::WeightStore::open_dir(dir)?;
+    let plan = match opts.weights {
+        Some(f) => weights::WeightPlan::for_format(f, opts.pack),
+        None => weights::WeightPlan::as_stored(store.main_float_dtype()),
+    };
+    model::build(spec, &weights::Loader { store: &store, plan })
+}
+
+/// Time and token counts of one generation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GenStats {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Seconds spent on the prompt (including the first token's sampling).
+    pub prefill_s: f64,
+    /// Tokens produced after the first.
+    pub decode_tokens: usize,
+    /// Seconds spent producing them.
+    pub decode_s: f64,
+}
+
+/// One sequence being generated: the prompt is prefilled by [`Generator::start`], then each
+/// [`Generator::next_token`] decodes one step.
+pub struct Generator {
+    model: Arc<Model>,
+    cache: KvCache,
+    sampler: Sampler,
+    seen: Vec<u32>,
+    last: Option<u32>,
+    stats: GenStats,
+}
+
+impl Generator {
+    /// A generator with room for `prompt + max_new_tokens` positions (capped at the model's context).
+    pub fn new(model: Arc<Model>, prompt: &[u32], max_new_tokens: usize, params: SamplingParams) -> Result<Generator> {
+        const OP: &str = "generate";
+        if prompt.is_empty() {
+            return Err(Error::invalid(OP, "the prompt is empty (no tokens)"));
+        }
+        let ctx = model.spec.max_positions;
+        if prompt.len() >= ctx {
+            return Err(Error::invalid(
+                OP,
+                format!("the prompt has {} tokens; the model's context is {ctx} positions", prompt.len()),
+            ));
+        }
+        let sampler = Sampler::new(params)?;
+        let cache = model.new_cache(prompt.len() + max_new_tokens);
+        Ok(Generator { model, cache, sampler, seen: prompt.to_vec(), last: None, stats: GenStats::default() })
+    }
+
+    /// Positions left before the context (or the requested capacity) is full.
+    pub fn remaining(&self) -> usize {
+        self.cache.capacity() - self.cache.len()
+    }
+
+    /// The next token: the first call prefills the prompt, later ones decode the previous token. Returns
+    /// `None` when the context is full.
+    pub fn next_token(&mut self) -> Result<Option<u32>> {
+        let t0 = Instant::now();
+        let mut logits = match self.last {
+            None => {
+                let prompt = self.seen.clone();
+                self.stats.prompt_tokens = prompt.len();
+                self.model.forward(&mut self.cache, &prompt, false)?
+            }
+            Some(t) => {
+                if self.remaining() == 0 {
+                    return Ok(None);
+                }
+                self.model.forward(&mut self.cache, &[t], false)?
+            }
+        };
+        let tok = self.sampler.sample(&mut logits, &self.seen)?;
+        let dt = t0.elapsed().as_secs_f64();
+        if self.last.is_none() {
+            self.stats.prefill_s = dt;
+        } else {
+            self.stats.decode_s += dt;
+            self.stats.decode_tokens += 1;
+        }
+        self.seen.push(tok);
+        self.last = Some(tok);
+        Ok(Some(tok))
+    }
+
+    /// Timings so far.
+    pub fn stats(&self) -> GenStats {
+        self.stats
+    }
+}
+
+/// Logits `[n × V]` of every position of `tokens`, from a fresh cache (parity tests use this).
+pub fn logits(model: &Model, tokens: &[u32]) -> Result<Vec<f32>> {
+    if tokens.is_empty() {
+        return Err(Error::invalid("logits", "no tokens"));
+    }
+    if tokens.len() > model.spec.max_positions {
+        return Err(Error::invalid(
+            "logits",
+            format!("{} tokens exceed the model's context of {} positions", tokens.len(), model.spec.max_positions),
+        ));
+    }
+    let mut cache = model.new_cache(tokens.len());
+    model.forward(&mut cache, tokens, true)
+}

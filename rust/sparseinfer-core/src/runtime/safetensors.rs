@@ -1,0 +1,359 @@
+//! A memory-mapped, validating reader of `*.safetensors` files and sharded model directories.
+//!
+//! The file format (https://github.com/huggingface/safetensors):
+//!
+//! ```text
+//! ┌──────────────┬───────────────────────────────┬──────────────────────────────┐
+//! │ u64 LE: n    │ n bytes of UTF-8 JSON header  │ data: tensors back to back   │
+//! └──────────────┴───────────────────────────────┴──────────────────────────────┘
+//! header: {"name": {"dtype": "F32", "shape": [r, c], "data_offsets": [begin, end]}, ..., "__metadata__": {...}}
+//! ```
+//!
+//! Offsets are relative to the start of the data section. Every header is checked before any tensor is
+//! read: offsets inside the file, `end - begin == numel × dtype size`, no two tensors overlapping. A file
+//! that lies gets [`Error::InvalidInput`] naming the file and tensor, never an out-of-bounds read.
+
+use crate::error::{Error, Result};
+use memmap2::Mmap;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const OP: &str = "safetensors";
+/// Headers larger than this are refused (the format's own reference limit is 100 MB).
+const MAX_HEADER: u64 = 100 << 20;
+
+/// Element types a tensor may have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    /// IEEE f32.
+    F32,
+    /// IEEE f16.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// Signed 8-bit.
+    I8,
+    /// Unsigned 8-bit.
+    U8,
+    /// Signed 32-bit.
+    I32,
+    /// Signed 64-bit.
+    I64,
+    /// Boolean (1 byte).
+    Bool,
+}
+
+impl Dtype {
+    fn parse(s: &str) -> Option<Dtype> {
+        Some(match s {
+            "F32" => Dtype::F32,
+            "F16" => Dtype::F16,
+            "BF16" => Dtype::BF16,
+            "I8" => Dtype::I8,
+            "U8" => Dtype::U8,
+            "I32" => Dtype::I32,
+            "I64" => Dtype::I64,
+            "BOOL" => Dtype::Bool,
+            _ => return None,
+        })
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 | Dtype::I32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::I8 | Dtype::U8 | Dtype::Bool => 1,
+            Dtype::I64 => 8,
+        }
+    }
+
+    /// The safetensors name (`"F32"`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "F32",
+            Dtype::F16 => "F16",
+            Dtype::BF16 => "BF16",
+            Dtype::I8 => "I8",
+            Dtype::U8 => "U8",
+            Dtype::I32 => "I32",
+            Dtype::I64 => "I64",
+            Dtype::Bool => "BOOL",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    begin: usize,
+    end: usize,
+}
+
+/// One mapped `.safetensors` file with a validated header.
+pub struct SafeTensors {
+    path: PathBuf,
+    map: Mmap,
+    data_start: usize,
+    entries: HashMap<String, Entry>,
+}
+
+/// A borrowed tensor: its dtype, shape and raw little-endian bytes inside the mapping.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorView<'a> {
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape (row-major).
+    pub shape: &'a [usize],
+    /// `numel × dtype.size()` bytes.
+    pub bytes: &'a [u8],
+}
+
+impl TensorView<'_> {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The values as f32 (from F32, F16 or BF16).
+    pub fn to_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let b = self.bytes;
+        Ok(match self.dtype {
+            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::BF16 => {
+                b.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect()
+            }
+            Dtype::F16 => b.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
+            d => {
+                return Err(Error::invalid(
+                    OP,
+                    format!("tensor {name:?} has dtype {}, expected F32, F16 or BF16", d.name()),
+                ))
+            }
+        })
+    }
+}
+
+/// IEEE half to single, exactly (subnormals, infinities and NaN included).
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    let bits = match (exp, man) {
+        (0, 0) => sign,
+        (0, m) => {
+            // Subnormal: value = m · 2^-24.
+            let v = m as f32 * (1.0 / 16_777_216.0);
+            return if sign != 0 { -v } else { v };
+        }
+        (0x1f, 0) => sign | 0x7f80_0000,
+        (0x1f, m) => sign | 0x7fc0_0000 | (m << 13),
+        (e, m) => sign | ((e + 112) << 23) | (m << 13),
+    };
+    f32::from_bits(bits)
+}
+
+impl SafeTensors {
+    /// Maps and validates a file.
+    pub fn open(path: &Path) -> Result<SafeTensors> {
+        let shown = path.display().to_string();
+        let io = |e| Error::Io { op: format!("opening {shown}"), source: e };
+        let file = File::open(path).map_err(io)?;
+        // SAFETY: the mapping is read-only. A file truncated by another process while mapped is the one
+        // way this can fault; model files are not expected to change under a running model.
+        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let bad = |msg: String| Error::invalid(OP, format!("{shown}: {msg}"));
+        if map.len() < 8 {
+            return Err(bad(format!("file is {} bytes, too short for a safetensors header", map.len())));
+        }
+        let n = u64::from_le_bytes(map[..8].try_into().expect("8 bytes"));
+        if n > MAX_HEADER || 8 + n > map.len() as u64 {
+            return Err(bad(format!(
+                "header length {n} does not fit in a {}-byte file (truncated or not safetensors)",
+                map.len()
+            )));
+        }
+        let data_start = 8 + n as usize;
+        let header: serde_json::Value =
+            serde_json::from_slice(&map[8..data_start]).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+        let obj = header.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
+        let data_len = map.len() - data_start;
+        let mut entries = HashMap::new();
+        for (name, v) in obj {
+            if name == "__metadata__" {
+                continue;
+            }
+            let e = parse_entry(v).map_err(|m| bad(format!("tensor {name:?}: {m}")))?;
+            if e.end > data_len {
+                return Err(bad(format!(
+                    "tensor {name:?} ends at byte {} of a {data_len}-byte data section (file truncated?)",
+                    e.end
+                )));
+            }
+            entries.insert(name.clone(), e);
+        }
+        let mut spans: Vec<(usize, usize, &String)> = entries.iter().map(|(k, e)| (e.begin, e.end, k)).collect();
+        spans.sort();
+        for w in spans.windows(2) {
+            if w[1].0 < w[0].1 {
+                return Err(bad(format!("tensors {:?} and {:?} overlap", w[0].2, w[1].2)));
+            }
+        }
+        Ok(SafeTensors { path: path.to_path_buf(), map, data_start, entries })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.entries.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// A tensor, if present.
+    pub fn get(&self, name: &str) -> Option<TensorView<'_>> {
+        self.entries.get(name).map(|e| TensorView {
+            dtype: e.dtype,
+            shape: &e.shape,
+            bytes: &self.map[self.data_start + e.begin..self.data_start + e.end],
+        })
+    }
+}
+
+fn parse_entry(v: &serde_json::Value) -> std::result::Result<Entry, String> {
+    let dtype_s = v.get("dtype").and_then(|d| d.as_str()).ok_or("missing \"dtype\"")?;
+    let dtype = Dtype::parse(dtype_s).ok_or_else(|| format!("unsupported dtype {dtype_s:?}"))?;
+    let shape: Vec<usize> = v
+        .get("shape")
+        .and_then(|s| s.as_array())
+        .ok_or("missing \"shape\"")?
+        .iter()
+        .map(|d| d.as_u64().map(|d| d as usize).ok_or("shape holds a non-integer"))
+        .collect::<std::result::Result<_, _>>()?;
+    let offs = v.get("data_offsets").and_then(|s| s.as_array()).ok_or("missing \"data_offsets\"")?;
+    if offs.len() != 2 {
+        return Err("\"data_offsets\" must hold two integers".into());
+    }
+    let begin = offs[0].as_u64().ok_or("bad data_offsets")? as usize;
+    let end = offs[1].as_u64().ok_or("bad data_offsets")? as usize;
+    let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("shape overflows")?;
+    let want = numel.checked_mul(dtype.size()).ok_or("shape overflows")?;
+    if end < begin || end - begin != want {
+        return Err(format!(
+            "data_offsets [{begin}, {end}] hold {} bytes but shape {shape:?} of {dtype_s} needs {want}",
+            end.saturating_sub(begin)
+        ));
+    }
+    Ok(Entry { dtype, shape, begin, end })
+}
+
+/// All weights of a model directory: one `model.safetensors`, or shards listed in
+/// `model.safetensors.index.json`, or every `*.safetensors` file in the directory.
+#[derive(Clone)]
+pub struct WeightStore {
+    files: Arc<Vec<SafeTensors>>,
+    index: Arc<HashMap<String, usize>>,
+}
+
+impl WeightStore {
+    /// Opens every weight file of `dir`.
+    pub fn open_dir(dir: &Path) -> Result<WeightStore> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let mut paths: Vec<PathBuf> = if index_path.is_file() {
+            let text = std::fs::read_to_string(&index_path)
+                .map_err(|e| Error::Io { op: format!("reading {}", index_path.display()), source: e })?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::invalid(OP, format!("{}: not valid JSON: {e}", index_path.display())))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::invalid(OP, format!("{}: no \"weight_map\" object", index_path.display())))?;
+            let mut files: Vec<PathBuf> =
+                map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect::<Vec<_>>();
+            files.sort();
+            files.dedup();
+            files
+        } else {
+            let rd = std::fs::read_dir(dir)
+                .map_err(|e| Error::Io { op: format!("listing {}", dir.display()), source: e })?;
+            let mut files: Vec<PathBuf> = rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            files.sort();
+            files
+        };
+        if paths.is_empty() {
+            return Err(Error::invalid(OP, format!("{}: no *.safetensors weight files", dir.display())));
+        }
+        paths.dedup();
+        let files: Vec<SafeTensors> = paths.iter().map(|p| SafeTensors::open(p)).collect::<Result<_>>()?;
+        let mut index = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            for name in f.entries.keys() {
+                index.insert(name.clone(), i);
+            }
+        }
+        Ok(WeightStore { files: Arc::new(files), index: Arc::new(index) })
+    }
+
+    /// A tensor, if any file has it.
+    pub fn get(&self, name: &str) -> Option<TensorView<'_>> {
+        self.index.get(name).and_then(|&i| self.files[i].get(name))
+    }
+
+    /// Whether a tensor exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.index.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// A required tensor with an expected shape.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<TensorView<'_>> {
+        let t = self
+            .get(name)
+            .ok_or_else(|| Error::invalid(OP, format!("tensor {name:?} is missing from the checkpoint")))?;
+        if t.shape != shape {
+            return Err(Error::invalid(
+                OP,
+                format!("tensor {name:?} has shape {:?}, the config implies {shape:?}", t.shape),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// A required float tensor with an expected shape, as f32.
+    pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.tensor(name, shape)?.to_f32(name)
+    }
+
+    /// The dtype most float tensors are stored in (for "load as stored").
+    pub fn main_float_dtype(&self) -> Dtype {
+        let mut count: HashMap<&'static str, usize> = HashMap::new();
+        for f in self.files.iter() {
+            for e in f.entries.values() {
+                if matches!(e.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+                    *count.entry(e.dtype.name()).or_default() += e.end - e.begin;
+                }
+            }
+        }
+        match count.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d) {
+            Some("BF16") => Dtype::BF16,
+            Some("F16") => Dtype::F16,
+            _ => Dtype::F32,
+        }
+    }
+}
