@@ -1,0 +1,97 @@
+"""Tiny random models of every supported architecture, built locally with transformers configs (no hub).
+
+Each builder saves a Hugging Face directory (config.json + model.safetensors + a small byte-level BPE
+tokenizer.json) and returns the torch model in eval mode, so tests compare sparseinfer against transformers on
+the same weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+VOCAB = 320
+CORPUS = (
+    "Once upon a time there was a tiny model. It read every weight once per token, and the weights were sparse. "
+    "To be, or not to be, that is the question: whether tis nobler in the mind to suffer the slings and arrows. "
+    "The quick brown fox jumps over the lazy dog. Sparse fine-tuning keeps accuracy at high sparsity. "
+) * 4
+
+
+def tokenizer_json(path: Path, vocab: int = VOCAB) -> None:
+    """A byte-level BPE tokenizer trained on a short corpus, with <s> (0) and </s> (1) special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([CORPUS], trainer)
+    tok.save(str(path / "tokenizer.json"))
+
+
+def config(kind: str, **overrides):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1)
+    if kind in ("llama", "mistral", "qwen2"):
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[kind]
+        kw = dict(
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        )
+    elif kind == "opt":
+        cls = tf.OPTConfig
+        kw = dict(
+            hidden_size=64,
+            ffn_dim=160,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=64,
+            pad_token_id=2,
+        )
+    elif kind == "gpt2":
+        cls = tf.GPT2Config
+        kw = dict(n_embd=64, n_layer=3, n_head=4, n_positions=256)
+    elif kind == "mpt":
+        cls = tf.MptConfig
+        kw = dict(d_model=64, n_layers=3, n_heads=4, max_seq_len=256, expansion_ratio=4)
+    else:
+        raise ValueError(kind)
+    kw.update(common)
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def build(kind: str, path: Path, seed: int = 0, sparsity: float = 0.0, scale: float = 1.0, **overrides):
+    """Saves a random `kind` model into `path` and returns it. `sparsity` zeroes that fraction of each
+    linear weight inside the blocks (by magnitude, per matrix); `scale` multiplies every weight so that logits
+    are not all near zero."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config(kind, **overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+                inside_blocks = any(k in name for k in (".layers.", ".h.", ".blocks."))
+                if sparsity > 0 and inside_blocks:
+                    k = int(p.numel() * sparsity)
+                    thresh = p.abs().flatten().kthvalue(k).values
+                    p[p.abs() <= thresh] = 0.0
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer_json(path)
+    return model
