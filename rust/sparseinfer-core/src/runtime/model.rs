@@ -59,6 +59,11 @@ impl Model {
         (linear + self.lm_head.w.nbytes(), self.embed.nbytes())
     }
 
+    /// The norm before the output head, if the architecture has one.
+    pub fn final_norm(&self) -> Option<&NormW> {
+        self.final_norm.as_ref()
+    }
+
     /// A fresh cache for up to `capacity` positions (capped at the model's context).
     pub fn new_cache(&self, capacity: usize) -> KvCache {
         let s = &self.spec;

@@ -1,0 +1,169 @@
+"""GGUF import: a tiny Llama written as llama.cpp writes it (q/k rows permuted, Q8_0 tensors) converts back to
+a directory whose logits match transformers; and the real default model (SmolLM2-135M) end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import sparseinfer
+from sparseinfer import InvalidInputError
+from sparseinfer.convert import convert_gguf, unpermute_rope_rows
+
+torch = pytest.importorskip("torch")
+gguf = pytest.importorskip("gguf")
+tiny_models = pytest.importorskip("tiny_models")
+
+
+def permute(w, n_head):
+    """llama.cpp's conversion permutation (the inverse of unpermute_rope_rows)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    w = np.arange(8 * 6 * 3, dtype=np.float32).reshape(48, 3)
+    assert np.array_equal(unpermute_rope_rows(permute(w, 6), 6), w)
+
+
+def write_gguf(ref, path, quantize_mlp: bool):
+    cfg = ref.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    tok = json.loads((path.parent / "hf" / "tokenizer.json").read_text())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([3 if t in ("<s>", "</s>") else 1 for t, _ in vocab])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    expected = {}
+    for name, p in ref.state_dict().items():
+        a = p.detach().numpy().astype(np.float32)
+        if name in names:
+            g = names[name]
+        else:
+            i, rest = name.split(".")[2], ".".join(name.split(".")[3:]).removesuffix(".weight")
+            g = f"blk.{i}.{per_layer[rest]}.weight"
+        if "q_proj" in name:
+            a = permute(a, cfg.num_attention_heads)
+        elif "k_proj" in name:
+            a = permute(a, cfg.num_key_value_heads)
+        if quantize_mlp and "mlp" in name:
+            q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            a = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(g, a)
+        expected[name] = a
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return expected
+
+
+@pytest.mark.parametrize("quantize_mlp", [False, True])
+def test_gguf_round_trip_matches_transformers(tmp_path, quantize_mlp):
+    ref = tiny_models.build("llama", tmp_path / "hf", scale=3.0, hidden_size=64, intermediate_size=128)
+    write_gguf(ref, tmp_path / "m.gguf", quantize_mlp)
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    model = sparseinfer.load(out)
+    ids = model.encode("Once upon a time there was a tiny model")
+    assert ids == sparseinfer.load(tmp_path / "hf").encode("Once upon a time there was a tiny model")
+    if quantize_mlp:  # the reference must see the same dequantized Q8_0 weights
+        import transformers as tf
+
+        ref = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(model.logits(ids), want, atol=1e-4, rtol=0)
+
+
+def test_convert_refuses_bad_input(tmp_path):
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        convert_gguf(tmp_path / "none.gguf", tmp_path / "out")
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(InvalidInputError, match="GGUF"):
+        convert_gguf(tmp_path / "bad.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists(), "a failed conversion must leave nothing behind"
+
+
+# -- the real default model ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm(tmp_path_factory):
+    from sparseinfer import models
+
+    try:
+        models.gguf_path()
+    except InvalidInputError as e:
+        pytest.skip(str(e))
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("SPARSEINFER_CACHE")
+    os.environ["SPARSEINFER_CACHE"] = str(cache)
+    try:
+        yield models.default_model_dir()
+    finally:
+        if old is None:
+            del os.environ["SPARSEINFER_CACHE"]
+        else:
+            os.environ["SPARSEINFER_CACHE"] = old
+
+
+def test_default_model_matches_transformers(smollm):
+    import transformers as tf
+
+    model = sparseinfer.load(smollm)
+    info = model.info()
+    assert info["arch"] == "llama" and info["num_layers"] == 30 and info["parameters"] == 134_515_008
+    tok = tf.AutoTokenizer.from_pretrained(smollm)
+    text = "The capital of France is"
+    ids = tok(text)["input_ids"]
+    assert ids == model.encode(text)
+    ref = tf.AutoModelForCausalLM.from_pretrained(smollm).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].numpy()
+        hf_ids = ref.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :].tolist()
+    got = model.logits(ids)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max() * 100  # 1e-3 relative to the logit scale
+    gen = sparseinfer._core.Generator(model._core, ids, 16)
+    ours = [gen.next_token() for _ in range(len(hf_ids))]
+    assert ours == hf_ids
+    assert "Paris" in model.generate(text, max_new_tokens=8)
+
+
+def test_default_model_through_load_none(smollm):
+    # With SPARSEINFER_CACHE pointing at the converted copy, load(None) reuses it (no second conversion).
+    before = os.stat(smollm / "model.safetensors").st_mtime
+    model = sparseinfer.load(None)
+    assert model.path == smollm and os.stat(smollm / "model.safetensors").st_mtime == before
