@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: help setup setup-train develop test lint demo bench wheel clean
+.PHONY: help setup setup-train develop test lint demo bench bench-e2e wheel clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -49,6 +49,11 @@ bench: develop  ## the kernel benchmark (minutes): JSON, table and plot into doc
 	$(PY) -m pytest bench/test_kernels_bench.py --benchmark-enable --benchmark-only -q \
 		--benchmark-json=bench/results/kernels.json
 	$(PY) bench/report.py bench/results/kernels.json docs/benchmarks
+
+bench-e2e: develop setup-train  ## end-to-end decode tokens/s vs transformers (~15 min): docs/benchmarks/e2e.*
+	$(PY) -m pytest bench/test_e2e_bench.py --benchmark-enable --benchmark-only -q \
+		--benchmark-json=bench/results/e2e.json
+	$(PY) bench/report_e2e.py bench/results/e2e.json docs/benchmarks
 
 wheel: setup  ## the release wheel (abi3) into dist/
 	$(VENV)/bin/maturin build --release --out dist --quiet

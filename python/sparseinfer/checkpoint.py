@@ -71,6 +71,9 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False) -> Iterat
         raise InvalidInputError(f"{final} already exists (pass overwrite=True to replace it)")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a model directory gets the usual permissions
     try:
         yield tmp
         for p in tmp.iterdir():

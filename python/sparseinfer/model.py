@@ -135,6 +135,75 @@ class Model:
         ids = _check_ids(token_ids, self._info["vocab_size"])
         return self._core.logits(ids)
 
+    def _prompt_ids(self, prompt: str | Sequence[int], chat: bool) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidInputError("the prompt is empty")
+            ids = self.encode(prompt, chat=chat)
+        else:
+            ids = _check_ids(prompt, self._info["vocab_size"])
+        if not ids:
+            raise InvalidInputError("the prompt encodes to no tokens")
+        if len(ids) >= self._info["max_positions"]:
+            raise InvalidInputError(
+                f"the prompt has {len(ids)} tokens; the model's context is {self._info['max_positions']} positions"
+            )
+        return ids
+
+    def _tokens(
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        repetition_penalty: float,
+        seed: int | None,
+    ) -> Iterator[int]:
+        """Yields new token ids until EOS, ``max_new_tokens`` or the context; fills ``last_stats``. A consumer
+        that stops early sets ``finish_reason`` itself."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise InvalidInputError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        self.last_stats = stats = GenerationStats(prompt_tokens=len(ids), finish_reason="length")
+        if max_new_tokens == 0:
+            return
+        gen = _core.Generator(
+            self._core, ids, max_new_tokens, float(temperature), top_k, top_p, float(repetition_penalty), seed
+        )
+        t0 = time.perf_counter()
+        try:
+            while stats.new_tokens < max_new_tokens:
+                tok = gen.next_token()
+                if tok is None:
+                    stats.finish_reason = "context"
+                    break
+                if tok in self.eos_token_ids:
+                    stats.finish_reason = "eos"
+                    break
+                stats.new_tokens += 1
+                yield tok
+        finally:
+            s = gen.stats()
+            stats.prefill_s = s["prefill_s"]
+            stats.decode_tokens = s["decode_tokens"]
+            stats.decode_s = s["decode_s"]
+            stats.extra["wall_s"] = time.perf_counter() - t0
+
+    def generate_ids(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        chat: bool = False,
+    ) -> list[int]:
+        """The new token ids (no detokenization: works without a tokenizer when ``prompt`` is ids)."""
+        ids = self._prompt_ids(prompt, chat)
+        return list(self._tokens(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed))
+
     def stream(
         self,
         prompt: str | Sequence[int],
@@ -149,68 +218,32 @@ class Model:
     ) -> Iterator[str]:
         """Yields the completion's text pieces as they decode. Stops at EOS, a ``stop`` string (not included),
         ``max_new_tokens`` or the context length. ``prompt`` may be text or token ids."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise InvalidInputError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidInputError("the prompt is empty")
-            ids = self.encode(prompt, chat=chat)
-        else:
-            ids = _check_ids(prompt, self._info["vocab_size"])
-        if not ids:
-            raise InvalidInputError("the prompt encodes to no tokens")
-        if len(ids) >= self._info["max_positions"]:
-            raise InvalidInputError(
-                f"the prompt has {len(ids)} tokens; the model's context is {self._info['max_positions']} positions"
-            )
+        ids = self._prompt_ids(prompt, chat)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not s for s in stops):
             raise InvalidInputError("stop strings must be non-empty")
-        self.last_stats = stats = GenerationStats(prompt_tokens=len(ids))
-        if max_new_tokens == 0:
-            stats.finish_reason = "length"
-            return
-        gen = _core.Generator(
-            self._core, ids, max_new_tokens, float(temperature), top_k, top_p, float(repetition_penalty), seed
-        )
+        tokens = self._tokens(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
         out: list[int] = []
         emitted = 0  # characters of the decoded completion already yielded
         hold = max((len(s) for s in stops), default=1) - 1  # text held back while a stop string may be forming
-        reason = "length"
-        t0 = time.perf_counter()
-        while len(out) < max_new_tokens:
-            tok = gen.next_token()
-            if tok is None:
-                reason = "context"
-                break
-            if tok in self.eos_token_ids:
-                reason = "eos"
-                break
+        for tok in tokens:
             out.append(tok)
             text = self.decode(out)
             cut = min((i for i in (text.find(s, emitted) for s in stops) if i >= 0), default=-1)
             if cut >= 0:
+                tokens.close()
+                self.last_stats.finish_reason = "stop"
                 if cut > emitted:
                     yield text[emitted:cut]
-                emitted = cut
-                reason = "stop"
-                break
+                return
             # Hold back an incomplete UTF-8 sequence and a possible stop-string prefix.
             safe = len(text) - (1 if text.endswith("\ufffd") else 0) - hold
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
-        if reason != "stop":
-            text = self.decode(out)
-            if len(text) > emitted:
-                yield text[emitted:]
-        s = gen.stats()
-        stats.new_tokens = len(out)
-        stats.prefill_s = s["prefill_s"]
-        stats.decode_tokens = s["decode_tokens"]
-        stats.decode_s = s["decode_s"]
-        stats.finish_reason = reason
-        stats.extra["wall_s"] = time.perf_counter() - t0
+        text = self.decode(out)
+        if len(text) > emitted:
+            yield text[emitted:]
 
     def generate(self, prompt: str | Sequence[int], **kw: Any) -> str:
         """The completion of ``prompt`` (without the prompt). Keywords as for :meth:`stream`."""

@@ -247,7 +247,7 @@ unsafe fn sparse_f32_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*con
         for i in 0..4 {
             let k = (mask >> (16 * i)) as u16;
             // vexpandps: the next popcount(k) packed values go to the set lanes, zeros elsewhere.
-            let w = _mm512_maskz_expand_ps(k, _mm512_loadu_ps(p));
+            let w = _mm512_maskz_expand_ps(k, _mm512_castsi512_ps(load512_nofold!(p)));
             p = p.add(k.count_ones() as usize);
             fma_rows(&mut acc, i, w, xp, ch * CHUNK + 16 * i);
         }
@@ -267,7 +267,7 @@ unsafe fn sparse_bf16_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*co
         for half in 0..2 {
             let k = (mask >> (32 * half)) as u32;
             // vpexpandw: 32 bf16 lanes from the next popcount(k) packed values.
-            let e = _mm512_maskz_expand_epi16(k, _mm512_loadu_si512(p as *const _));
+            let e = _mm512_maskz_expand_epi16(k, load512_nofold!(p));
             p = p.add(k.count_ones() as usize);
             let widen = |h: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
             let col = ch * CHUNK + 32 * half;
@@ -310,7 +310,7 @@ unsafe fn sparse_int8_f32<const NR: usize, const MODE: u8>(
         let mask = *masks.add(ch);
         _mm_prefetch::<_MM_HINT_T0>((p as *const i8).add(PREFETCH));
         // vpexpandb: 64 byte lanes from the next popcount(mask) packed codes.
-        let codes = _mm512_maskz_expand_epi8(mask, _mm512_loadu_si512(p as *const _));
+        let codes = _mm512_maskz_expand_epi8(mask, load512_nofold!(p));
         p = p.add(mask.count_ones() as usize);
         fma_codes::<NR, MODE>(&mut acc, codes, mask, &s, xp, ch);
     }

@@ -1,5 +1,24 @@
 //! x86-64 SIMD kernels, compiled for baseline x86-64 and enabled per function with `#[target_feature]`.
 
+/// An unaligned 64-byte load that LLVM cannot fold into the instruction using it (an `asm!` block is opaque).
+/// The expand instructions must get their source in a register: AMD Zen 4 runs the memory forms of
+/// `vpexpandb/w` and `vexpandps` as microcode, several times slower than a load plus the register form, which
+/// costs Intel nothing. Use only inside `#[target_feature(enable = "avx512f")]` functions.
+macro_rules! load512_nofold {
+    ($p:expr) => {{
+        let r: core::arch::x86_64::__m512i;
+        // SAFETY: the caller guarantees 64 readable bytes at $p (VALUE_PAD covers the packed tails).
+        core::arch::asm!(
+            "vmovdqu64 {r}, [{p}]",
+            r = out(zmm_reg) r,
+            p = in(reg) $p as *const u8,
+            options(pure, readonly, nostack, preserves_flags)
+        );
+        r
+    }};
+}
+pub(crate) use load512_nofold;
+
 pub(crate) mod avx2;
 pub(crate) mod avx512;
 pub(crate) mod vnni;

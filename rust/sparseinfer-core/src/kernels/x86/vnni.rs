@@ -209,7 +209,7 @@ unsafe fn sparse_int8_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: u
     for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
         let mask = *masks.add(ch);
         _mm_prefetch::<_MM_HINT_T0>(p.add(PREFETCH) as *const i8);
-        let w = _mm512_maskz_expand_epi8(mask, _mm512_loadu_si512(p as *const _));
+        let w = _mm512_maskz_expand_epi8(mask, load512_nofold!(p));
         p = p.add(mask.count_ones() as usize);
         signed_chunk::<NR, MODE>(acc, w, act, &s, m.group, ch);
     });

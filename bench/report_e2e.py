@@ -1,0 +1,95 @@
+"""Turns a pytest-benchmark JSON of bench/test_e2e_bench.py into a markdown table and a plot.
+
+python bench/report_e2e.py bench/results/e2e.json docs/benchmarks
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def load(path):
+    data = json.loads(Path(path).read_text())
+    return data, [b["extra_info"] for b in data["benchmarks"]]
+
+
+def label(r):
+    if r["runtime"] == "transformers":
+        return f"transformers {r['format']}"
+    return r["format"] + (f" {r['sparsity']:.0%}" if r["sparsity"] else "")
+
+
+def table(data, rows):
+    bw = rows[0]["read_bandwidth_gbs"]
+    cpu = data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "?")
+    out = [
+        "# End-to-end decode benchmark",
+        "",
+        f"Machine: {cpu}, {rows[0]['threads']} threads on both sides, ISA {rows[0]['isa']}. Read bandwidth "
+        f"measured in the same run: **{bw:.1f} GB/s**. Random Llama-shaped models; prompt {rows[0]['prompt_tokens']} "
+        f"tokens, {rows[0]['new_tokens']} new tokens, batch 1, greedy. Decode tok/s excludes the prompt. "
+        "Bytes/token: packed linear layers + head read once per decoded token (for transformers, every parameter "
+        "at its dtype). Best of 2 runs for sparseinfer, 1 for transformers.",
+        "",
+    ]
+    for size in dict.fromkeys(r["size"] for r in rows):
+        rs = [r for r in rows if r["size"] == size]
+        base = next((r["decode_tok_s"] for r in rs if label(r) == "transformers fp32"), None)
+        dense8 = next((r["decode_tok_s"] for r in rs if label(r) == "dense-int8"), None)
+        out += [
+            f"## {size} ({rs[0]['parameters'] / 1e6:.0f}M parameters)",
+            "",
+            "| runtime / format | MB/token | prefill tok/s | decode tok/s | GB/s | % of bandwidth "
+            "| vs transformers fp32 | vs our dense-int8 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rs:
+            vs = f"{r['decode_tok_s'] / base:.2f}x" if base else "-"
+            vs8 = f"{r['decode_tok_s'] / dense8:.2f}x" if dense8 and r["runtime"] == "sparseinfer" else "-"
+            out.append(
+                f"| {label(r)} | {r['bytes_per_token'] / 1e6:.0f} | {r['prefill_tok_s']:.1f} | "
+                f"{r['decode_tok_s']:.1f} | {r['gbs']:.1f} | {r['fraction_of_bandwidth']:.0%} | {vs} | {vs8} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(7 * len(sizes), 5), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        rs = [r for r in rows if r["size"] == size]
+        labels = [label(r) for r in rs]
+        colors = ["#999999" if r["runtime"] == "transformers" else "#1f77b4" for r in rs]
+        ax.barh(labels, [r["decode_tok_s"] for r in rs], color=colors)
+        ax.invert_yaxis()
+        ax.set_xlabel("decode tokens/s (batch 1)")
+        ax.set_title(f"{size} Llama-shaped model, {rs[0]['threads']} threads")
+        for i, r in enumerate(rs):
+            ax.text(
+                r["decode_tok_s"], i, f" {r['decode_tok_s']:.1f} ({r['fraction_of_bandwidth']:.0%} bw)", va="center"
+            )
+        ax.set_xlim(0, max(r["decode_tok_s"] for r in rs) * 1.35)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(src, dst):
+    data, rows = load(src)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "e2e.md").write_text(table(data, rows) + "\n")
+    (dst / "e2e.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, dst / "e2e.png")
+    print((dst / "e2e.md").read_text())
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

