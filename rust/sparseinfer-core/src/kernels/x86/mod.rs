@@ -17,7 +17,6 @@ macro_rules! load512_nofold {
         r
     }};
 }
-pub(crate) use load512_nofold;
 
 pub(crate) mod avx2;
 pub(crate) mod avx512;
