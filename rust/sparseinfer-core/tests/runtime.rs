@@ -19,7 +19,7 @@ fn tmp_dir(tag: &str) -> PathBuf {
 fn file_bytes() -> Vec<u8> {
     let header = r#"{"a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},"b":{"dtype":"F32","shape":[4],"data_offsets":[24,40]},"__metadata__":{"format":"pt"}}"#;
     let mut h = header.as_bytes().to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
