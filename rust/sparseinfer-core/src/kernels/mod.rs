@@ -8,6 +8,7 @@
 //! `SPARSEINFER_ISA=scalar|avx2|avx512` (or [`set_isa`]) forces a path, so tests can run all of them.
 
 pub mod reference;
+pub mod vector;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -10,6 +10,7 @@ use super::kv_cache::KvCache;
 use super::spec::{Act, Mlp, NormKind, Positions, Spec};
 use super::weights::{Embedding, Linear, NormW};
 use crate::error::{Error, Result};
+use crate::kernels::vector::{self, dot};
 use crate::parallel;
 
 /// Tokens per prefill step: large enough to amortise reading the weights, small enough for the caches.
@@ -224,8 +225,7 @@ impl Model {
             o.fill(0.0);
             for (i, p) in scores.iter().enumerate() {
                 let vrow = &values[(start + i) * hd..(start + i + 1) * hd];
-                let w = p * inv;
-                o.iter_mut().zip(vrow).for_each(|(o, v)| *o += w * v);
+                vector::axpy(p * inv, vrow, o);
             }
         };
         let n_tasks = k * heads;
@@ -254,19 +254,6 @@ unsafe impl Send for SendPtr {}
 pub fn build(spec: Spec, loader: &super::weights::Loader) -> Result<Model> {
     let parts = arch::load(&spec, loader)?;
     Ok(Model::from_parts(spec, parts))
-}
-
-/// `a · b` with eight independent partial sums (vectorises on baseline x86-64).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Applies a norm row by row: `out[k × D]` from `x[k × D]`.

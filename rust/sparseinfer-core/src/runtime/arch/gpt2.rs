@@ -7,7 +7,7 @@
 //! `wte` → embedding; `wpe` → positions; `h.i.ln_1` → ln1; `attn.c_attn` → qkv (already fused);
 //! `attn.c_proj` → o; `ln_2` → ln2; `mlp.c_fc` → up; `mlp.c_proj` → down; `ln_f` → final norm.
 
-use super::{prefix_of, Parts};
+use super::{par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
 use crate::runtime::model::Layer;
 use crate::runtime::spec::{Act, Cfg, Mlp, NormKind, Positions, Spec};
@@ -61,18 +61,17 @@ pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
 pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
     let p = prefix_of(l.store, &["transformer.", ""], "wte.weight")?;
     let d = s.hidden;
-    let mut layers = Vec::with_capacity(s.layers);
-    for i in 0..s.layers {
+    let layers = par_layers(s.layers, |i| {
         let n = |x: &str| format!("{p}h.{i}.{x}");
-        layers.push(Layer {
+        Ok(Layer {
             ln1: l.norm(&n("ln_1"), d, true)?,
             qkv: l.proj(&[(&n("attn.c_attn.weight"), 3 * d)], d, Layout::InOut, true)?,
             o: l.proj(&[(&n("attn.c_proj.weight"), d)], d, Layout::InOut, true)?,
             ln2: l.norm(&n("ln_2"), d, true)?,
             up: l.proj(&[(&n("mlp.c_fc.weight"), s.intermediate)], d, Layout::InOut, true)?,
             down: l.proj(&[(&n("mlp.c_proj.weight"), d)], s.intermediate, Layout::InOut, true)?,
-        });
-    }
+        })
+    })?;
     let embed_name = format!("{p}wte.weight");
     let head_name = if s.tie_embeddings { embed_name.clone() } else { "lm_head.weight".to_string() };
     Ok(Parts {

@@ -9,7 +9,7 @@
 //! `self_attn.o_proj` → o; `post_attention_layernorm` → ln2; `mlp.{gate,up}_proj` → up (stacked);
 //! `mlp.down_proj` → down; `norm` → final norm; `lm_head` (or the embedding when tied) → head.
 
-use super::{prefix_of, Parts};
+use super::{par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
 use crate::runtime::model::Layer;
 use crate::runtime::spec::{Act, Cfg, Mlp, NormKind, Positions, Spec};
@@ -111,12 +111,11 @@ pub fn rope_inv_freq(v: &Value, model_type: &str, head_dim: usize) -> Result<Vec
 pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
     let p = prefix_of(l.store, &["model.", ""], "embed_tokens.weight")?;
     let (d, hd) = (s.hidden, s.head_dim);
-    let mut layers = Vec::with_capacity(s.layers);
-    for i in 0..s.layers {
+    let layers = par_layers(s.layers, |i| {
         let n = |x: &str| format!("{p}layers.{i}.{x}");
         let (q, k, v) = (n("self_attn.q_proj.weight"), n("self_attn.k_proj.weight"), n("self_attn.v_proj.weight"));
         let (gate, up) = (n("mlp.gate_proj.weight"), n("mlp.up_proj.weight"));
-        layers.push(Layer {
+        Ok(Layer {
             ln1: l.norm(&n("input_layernorm"), d, false)?,
             qkv: l.proj(
                 &[(&q, s.heads * hd), (&k, s.kv_heads * hd), (&v, s.kv_heads * hd)],
@@ -128,8 +127,8 @@ pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
             ln2: l.norm(&n("post_attention_layernorm"), d, false)?,
             up: l.proj(&[(&gate, s.intermediate), (&up, s.intermediate)], d, Layout::OutIn, s.mlp_bias)?,
             down: l.proj(&[(&n("mlp.down_proj.weight"), d)], s.intermediate, Layout::OutIn, s.mlp_bias)?,
-        });
-    }
+        })
+    })?;
     let embed_name = format!("{p}embed_tokens.weight");
     let head_name = if s.tie_embeddings { embed_name.clone() } else { "lm_head.weight".to_string() };
     Ok(Parts {

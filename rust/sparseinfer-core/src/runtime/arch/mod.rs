@@ -72,6 +72,43 @@ pub fn load(spec: &Spec, loader: &Loader) -> Result<Parts> {
     Ok(parts)
 }
 
+/// Builds `n` layers with `f(i)` on up to the kernels' thread count (packing is the slow part of loading).
+/// Returns the first error in layer order.
+pub(crate) fn par_layers(n: usize, f: impl Fn(usize) -> Result<Layer> + Sync) -> Result<Vec<Layer>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let threads = crate::parallel::num_threads().clamp(1, n.max(1));
+    let next = AtomicUsize::new(0);
+    let slots: Vec<Mutex<Option<Result<Layer>>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    let work = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= n {
+            break;
+        }
+        let r = f(i);
+        let failed = r.is_err();
+        *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        if failed {
+            next.store(n, Ordering::Relaxed); // stop handing out more layers
+        }
+    };
+    std::thread::scope(|scope| {
+        for _ in 1..threads {
+            scope.spawn(work);
+        }
+        work();
+    });
+    let mut layers = Vec::with_capacity(n);
+    for slot in slots {
+        match slot.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(Ok(l)) => layers.push(l),
+            Some(Err(e)) => return Err(e),
+            None => return Err(Error::invalid("load", "a layer was not built (an earlier layer failed)")),
+        }
+    }
+    Ok(layers)
+}
+
 /// The first prefix under which `probe` exists (checkpoints of the base model omit the task prefix).
 pub(crate) fn prefix_of(store: &WeightStore, prefixes: &[&'static str], probe: &str) -> Result<&'static str> {
     prefixes.iter().copied().find(|p| store.contains(&format!("{p}{probe}"))).ok_or_else(|| {

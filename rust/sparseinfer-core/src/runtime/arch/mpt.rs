@@ -7,7 +7,7 @@
 //! `wte` → embedding; `blocks.i.norm_1` → ln1; `attn.Wqkv` → qkv; `attn.out_proj` → o; `norm_2` → ln2;
 //! `ffn.up_proj` → up; `ffn.down_proj` → down; `norm_f` → final norm.
 
-use super::{prefix_of, Parts};
+use super::{par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
 use crate::runtime::model::Layer;
 use crate::runtime::spec::{Act, Cfg, Mlp, NormKind, Positions, Spec};
@@ -84,18 +84,17 @@ pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
 pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
     let p = prefix_of(l.store, &["transformer.", ""], "wte.weight")?;
     let d = s.hidden;
-    let mut layers = Vec::with_capacity(s.layers);
-    for i in 0..s.layers {
+    let layers = par_layers(s.layers, |i| {
         let n = |x: &str| format!("{p}blocks.{i}.{x}");
-        layers.push(Layer {
+        Ok(Layer {
             ln1: l.norm(&n("norm_1"), d, false)?,
             qkv: l.proj(&[(&n("attn.Wqkv.weight"), 3 * d)], d, Layout::OutIn, false)?,
             o: l.proj(&[(&n("attn.out_proj.weight"), d)], d, Layout::OutIn, false)?,
             ln2: l.norm(&n("norm_2"), d, false)?,
             up: l.proj(&[(&n("ffn.up_proj.weight"), s.intermediate)], d, Layout::OutIn, false)?,
             down: l.proj(&[(&n("ffn.down_proj.weight"), d)], s.intermediate, Layout::OutIn, false)?,
-        });
-    }
+        })
+    })?;
     let embed_name = format!("{p}wte.weight");
     let head_name = if s.tie_embeddings { embed_name.clone() } else { "lm_head.weight".to_string() };
     Ok(Parts {

@@ -9,7 +9,7 @@
 //! `self_attn.{q,k,v}_proj` → qkv; `self_attn.out_proj` → o; `final_layer_norm` → ln2; `fc1` → up; `fc2` → down;
 //! `final_layer_norm` (outside the layers) → final norm.
 
-use super::{prefix_of, Parts};
+use super::{par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
 use crate::runtime::model::Layer;
 use crate::runtime::spec::{Act, Cfg, Mlp, NormKind, Positions, Spec};
@@ -70,19 +70,18 @@ pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
     let p = prefix_of(l.store, &["model.decoder.", "decoder.", ""], "embed_tokens.weight")?;
     let d = s.hidden;
     let ln_bias = matches!(s.norm, NormKind::LayerNorm { bias: true });
-    let mut layers = Vec::with_capacity(s.layers);
-    for i in 0..s.layers {
+    let layers = par_layers(s.layers, |i| {
         let n = |x: &str| format!("{p}layers.{i}.{x}");
         let (q, k, v) = (n("self_attn.q_proj.weight"), n("self_attn.k_proj.weight"), n("self_attn.v_proj.weight"));
-        layers.push(Layer {
+        Ok(Layer {
             ln1: l.norm(&n("self_attn_layer_norm"), d, ln_bias)?,
             qkv: l.proj(&[(&q, d), (&k, d), (&v, d)], d, Layout::OutIn, s.attn_bias)?,
             o: l.proj(&[(&n("self_attn.out_proj.weight"), d)], d, Layout::OutIn, s.attn_bias)?,
             ln2: l.norm(&n("final_layer_norm"), d, ln_bias)?,
             up: l.proj(&[(&n("fc1.weight"), s.intermediate)], d, Layout::OutIn, s.mlp_bias)?,
             down: l.proj(&[(&n("fc2.weight"), d)], s.intermediate, Layout::OutIn, s.mlp_bias)?,
-        });
-    }
+        })
+    })?;
     let embed_name = format!("{p}embed_tokens.weight");
     let head_name = if s.tie_embeddings { embed_name.clone() } else { "lm_head.weight".to_string() };
     Ok(Parts {
