@@ -111,18 +111,6 @@ def test_decode_matches_prefill(arch_model):
 # -- sparse and quantized formats ---------------------------------------------------------------------
 
 
-def block_quantize_acts(x: torch.Tensor) -> torch.Tensor:
-    """The runtime's int8 activations: per 64-column block, s = max|x|/127, x̂ = s·round_half_away(x/s)."""
-    *lead, cols = x.shape
-    pad = (-cols) % 64
-    xp = torch.nn.functional.pad(x, (0, pad)).reshape(*lead, -1, 64)
-    s = xp.abs().amax(-1, keepdim=True) / 127.0
-    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-    r = (xp * inv).clamp(-127, 127)
-    q = torch.sign(r) * torch.floor(r.abs() + 0.5)
-    return (q * s).reshape(*lead, -1)[..., :cols]
-
-
 def emulate(ref, fmt):
     """`ref` with every linear weight replaced by its packed-and-dequantized value (the head as dense-int8 /
     bf16 / f32, as the runtime plans it) and, for integer formats, int8 block-quantized linear inputs."""
@@ -138,7 +126,7 @@ def emulate(ref, fmt):
         w = mod.weight.detach().numpy().astype(np.float32)
         mod.weight.data = torch.from_numpy(kernels.pack(np.ascontiguousarray(w), f).to_dense())
         if "int" in f:
-            hooks.append(mod.register_forward_pre_hook(lambda m, args: (block_quantize_acts(args[0]),)))
+            hooks.append(mod.register_forward_pre_hook(lambda m, args: (tiny_models.block_quantize_acts(args[0]),)))
     return emu
 
 

@@ -95,3 +95,27 @@ def build(kind: str, path: Path, seed: int = 0, sparsity: float = 0.0, scale: fl
     model.save_pretrained(path)
     tokenizer_json(path)
     return model
+
+
+def block_quantize_acts(x):
+    """The runtime's int8 activations, in torch: per 64-column block, s = max|x|/127, x̂ = s·round_half_away(x/s)."""
+    import torch
+
+    *lead, cols = x.shape
+    pad = (-cols) % 64
+    xp = torch.nn.functional.pad(x, (0, pad)).reshape(*lead, -1, 64)
+    s = xp.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    r = (xp * inv).clamp(-127, 127)
+    q = torch.sign(r) * torch.floor(r.abs() + 0.5)
+    return (q * s).reshape(*lead, -1)[..., :cols]
+
+
+def quantize_linear_inputs(model, skip=()):
+    """Adds forward pre-hooks that give every nn.Linear (but those named in `skip`) int8 block activations."""
+    import torch
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name not in skip:
+            mod.register_forward_pre_hook(lambda m, args: (block_quantize_acts(args[0]),))
+    return model

@@ -151,6 +151,21 @@ impl PackedMatrix {
         pack::pack(w, rows, cols, format, opts)
     }
 
+    /// Packs with symmetric scales given per (row, group) instead of fitted ones: `scales` is `rows × per_row`
+    /// (per_row = 1 for int8 per row, else `ceil(cols / group)`). A checkpoint that stores `W = scale · q` packs
+    /// back to exactly its codes `q`. Only symmetric integer formats.
+    pub fn pack_with_scales(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        format: Format,
+        opts: PackOptions,
+        scales: &[f32],
+        per_row: usize,
+    ) -> Result<Self> {
+        pack::pack_impl(w, rows, cols, format, opts, Some(pack::GivenScales { scales, per_row }))
+    }
+
     /// Output features (rows of `W`).
     pub fn rows(&self) -> usize {
         self.rows

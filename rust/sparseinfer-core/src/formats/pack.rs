@@ -59,6 +59,13 @@ impl Quant {
         Quant { d, m, inv, qmax, asym }
     }
 
+    /// Symmetric parameters with a given scale `d`.
+    fn given(d: f32, elem: Elem) -> Quant {
+        let qmax = if elem == Elem::I8 { 127.0 } else { 7.0 };
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        Quant { d, m: 0.0, inv, qmax, asym: false }
+    }
+
     /// The integer code of `w` (signed for symmetric, 0..=15 for asymmetric). A nonzero weight of a sparse
     /// format keeps a nonzero symmetric code so the mask and the values agree.
     fn code(&self, w: f32, keep_nonzero: bool) -> i32 {
@@ -84,7 +91,25 @@ impl Quant {
     }
 }
 
+/// Symmetric scales given by the caller instead of fitted: `rows × n` values, `n` groups per row of the format's
+/// group size (1 for int8 per row). Groups past `n` (column padding) get scale 0.
+pub(super) struct GivenScales<'a> {
+    pub scales: &'a [f32],
+    pub per_row: usize,
+}
+
 pub(super) fn pack(w: &[f32], rows: usize, cols: usize, format: Format, opts: PackOptions) -> Result<PackedMatrix> {
+    pack_impl(w, rows, cols, format, opts, None)
+}
+
+pub(super) fn pack_impl(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    format: Format,
+    opts: PackOptions,
+    given: Option<GivenScales>,
+) -> Result<PackedMatrix> {
     const OP: &str = "pack";
     if rows == 0 || cols == 0 {
         return Err(Error::invalid(OP, format!("empty matrix: shape ({rows}, {cols})")));
@@ -132,6 +157,20 @@ pub(super) fn pack(w: &[f32], rows: usize, cols: usize, format: Format, opts: Pa
     };
     let sparse = format.is_sparse();
     let groups = m.groups();
+    if let Some(g) = &given {
+        if !quantized || m.asym {
+            return Err(Error::invalid(OP, "given scales need a symmetric integer format"));
+        }
+        if g.per_row == 0 || g.per_row > groups || g.scales.len() != rows * g.per_row {
+            return Err(Error::invalid(
+                OP,
+                format!("{} scales for {rows} rows of {} groups (format has {groups})", g.scales.len(), g.per_row),
+            ));
+        }
+        if let Some(v) = g.scales.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
+            return Err(Error::invalid(OP, format!("scale {v} is not a finite non-negative number")));
+        }
+    }
     if quantized {
         m.scales.reserve(rows * groups);
     }
@@ -150,10 +189,10 @@ pub(super) fn pack(w: &[f32], rows: usize, cols: usize, format: Format, opts: Pa
             for g in 0..groups {
                 let (c0, c1) = (g * group, ((g + 1) * group).min(cols));
                 let vals = row.get(c0..c1).unwrap_or(&[]);
-                let q = if sparse {
-                    Quant::fit(vals.iter().copied().filter(|v| *v != 0.0), elem, m.asym)
-                } else {
-                    Quant::fit(vals.iter().copied(), elem, m.asym)
+                let q = match &given {
+                    Some(gs) => Quant::given(if g < gs.per_row { gs.scales[r * gs.per_row + g] } else { 0.0 }, elem),
+                    None if sparse => Quant::fit(vals.iter().copied().filter(|v| *v != 0.0), elem, m.asym),
+                    None => Quant::fit(vals.iter().copied(), elem, m.asym),
                 };
                 m.scales.push(q.d);
                 if m.asym {

@@ -47,12 +47,13 @@ pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
 pub fn load_dir(dir: &Path, opts: LoadOptions) -> Result<Model> {
     let config = read_config(dir)?;
     let spec = arch::spec(&config)?;
+    let quant = weights::QuantScheme::from_config(&config)?;
     let store = safetensors::WeightStore::open_dir(dir)?;
     let plan = match opts.weights {
         Some(f) => weights::WeightPlan::for_format(f, opts.pack),
-        None => weights::WeightPlan::as_stored(store.main_float_dtype()),
+        None => weights::WeightPlan::as_stored(store.main_float_dtype(), quant.is_some()),
     };
-    model::build(spec, &weights::Loader { store: &store, plan })
+    model::build(spec, &weights::Loader { store: &store, plan, quant })
 }
 
 /// Time and token counts of one generation.

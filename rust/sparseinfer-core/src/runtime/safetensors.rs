@@ -340,6 +340,22 @@ impl WeightStore {
         self.tensor(name, shape)?.to_f32(name)
     }
 
+    /// A small integer tensor (I64 or I32) as i64 values (shapes stored as tensors).
+    pub fn int_values(&self, name: &str) -> Result<Vec<i64>> {
+        let t = self
+            .get(name)
+            .ok_or_else(|| Error::invalid(OP, format!("tensor {name:?} is missing from the checkpoint")))?;
+        match t.dtype {
+            Dtype::I64 => {
+                Ok(t.bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+            }
+            Dtype::I32 => {
+                Ok(t.bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64).collect())
+            }
+            d => Err(Error::invalid(OP, format!("tensor {name:?} has dtype {}, expected I64 or I32", d.name()))),
+        }
+    }
+
     /// The dtype most float tensors are stored in (for "load as stored").
     pub fn main_float_dtype(&self) -> Dtype {
         let mut count: HashMap<&'static str, usize> = HashMap::new();

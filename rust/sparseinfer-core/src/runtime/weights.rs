@@ -9,8 +9,11 @@ use crate::kernels;
 /// Which formats the linear layers and the output head are packed into.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WeightPlan {
-    /// Every transformer linear layer (q/k/v, o, MLP).
+    /// Every transformer linear layer (q/k/v, o, MLP), unless `stored`.
     pub linear: Format,
+    /// "As stored": each compressed linear takes the kernel format that matches its encoding (docs/FORMAT.md);
+    /// `linear` applies to the dense float ones.
+    pub stored: bool,
     /// The output head: never pruned, so a dense format (see [`WeightPlan::for_format`]).
     pub lm_head: Format,
     /// Group size and symmetry for integer formats.
@@ -27,13 +30,18 @@ impl WeightPlan {
             Format::DenseBf16 | Format::SparseBf16 => Format::DenseBf16,
             Format::DenseInt8 | Format::SparseInt8 | Format::DenseInt4 | Format::SparseInt4 => Format::DenseInt8,
         };
-        WeightPlan { linear, lm_head, pack }
+        WeightPlan { linear, stored: false, lm_head, pack }
     }
 
     /// The plan that keeps a dense checkpoint's precision: bf16 stays bf16, f32 and f16 become f32.
-    pub fn as_stored(dtype: Dtype) -> WeightPlan {
+    pub fn as_stored(dtype: Dtype, quantized: bool) -> WeightPlan {
         let f = if dtype == Dtype::BF16 { Format::DenseBf16 } else { Format::DenseF32 };
-        WeightPlan::for_format(f, PackOptions::default())
+        let mut plan = WeightPlan::for_format(f, PackOptions::default());
+        plan.stored = true;
+        if quantized {
+            plan.lm_head = Format::DenseInt8;
+        }
+        plan
     }
 }
 
@@ -124,6 +132,71 @@ pub struct Loader<'a> {
     pub store: &'a WeightStore,
     /// Target formats.
     pub plan: WeightPlan,
+    /// The checkpoint's weight quantization scheme, from `quantization_config` (docs/FORMAT.md).
+    pub quant: Option<QuantScheme>,
+}
+
+/// Symmetric integer weight quantization as a compressed checkpoint declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuantScheme {
+    /// 4 or 8.
+    pub bits: u32,
+    /// Columns per scale group; `None` = one scale per output channel.
+    pub group_size: Option<usize>,
+}
+
+impl QuantScheme {
+    /// Reads `quantization_config.config_groups.*.weights` of a config.json; `Ok(None)` when absent.
+    pub fn from_config(config: &serde_json::Value) -> Result<Option<QuantScheme>> {
+        let bad = |m: String| Error::invalid("load", format!("quantization_config: {m}"));
+        let Some(qc) = config.get("quantization_config").filter(|q| q.is_object()) else { return Ok(None) };
+        let method = qc.get("quant_method").and_then(|m| m.as_str()).unwrap_or("");
+        if method != "compressed-tensors" {
+            return Err(Error::unsupported(
+                "load",
+                format!("quantization method {method:?} is not supported (compressed-tensors)"),
+            ));
+        }
+        if let Some(v) = qc.get("sparseinfer_format_version").and_then(|v| v.as_u64()) {
+            if v > 1 {
+                return Err(Error::unsupported(
+                    "load",
+                    format!("checkpoint format version {v} is newer than this sparseinfer (1)"),
+                ));
+            }
+        }
+        let Some(groups) = qc.get("config_groups").and_then(|g| g.as_object()) else { return Ok(None) };
+        let mut scheme = None;
+        for g in groups.values() {
+            let w = g.get("weights").ok_or_else(|| bad("a config group has no \"weights\"".into()))?;
+            let bits = w.get("num_bits").and_then(|b| b.as_u64()).ok_or_else(|| bad("no num_bits".into()))? as u32;
+            if bits != 4 && bits != 8 {
+                return Err(Error::unsupported("load", format!("{bits}-bit weights are not supported (4, 8)")));
+            }
+            if w.get("type").and_then(|t| t.as_str()).unwrap_or("int") != "int" {
+                return Err(Error::unsupported("load", "only integer weight quantization is supported"));
+            }
+            if !w.get("symmetric").and_then(|t| t.as_bool()).unwrap_or(true) {
+                return Err(Error::unsupported("load", "asymmetric checkpoint quantization is not supported"));
+            }
+            let group_size = w.get("group_size").and_then(|g| g.as_u64()).map(|g| g as usize);
+            let s = QuantScheme { bits, group_size };
+            if scheme.is_some_and(|x| x != s) {
+                return Err(Error::unsupported("load", "mixed quantization schemes are not supported"));
+            }
+            scheme = Some(s);
+        }
+        Ok(scheme)
+    }
+}
+
+/// One stored weight matrix, decoded: dequantized values, and the codes' scales when it was quantized.
+struct Stored {
+    w: Vec<f32>,
+    /// `rows × per_row` scales and `per_row`, when quantized.
+    scales: Option<(Vec<f32>, usize)>,
+    sparse: bool,
+    bf16: bool,
 }
 
 /// How a projection is stored in the checkpoint.
@@ -153,49 +226,217 @@ impl Loader<'_> {
         })
     }
 
+    /// Decodes one `[rows, cols]` weight in any encoding of docs/FORMAT.md (dense float, int8, packed int4,
+    /// sparse bitmask over floats or codes), dequantized, with its scales when quantized.
+    fn stored(&self, name: &str, rows: usize, cols: usize, layout: Layout) -> Result<Stored> {
+        let bad = |m: String| Error::invalid("load", format!("{name}: {m}"));
+        let prefix = name.strip_suffix(".weight").unwrap_or(name);
+        let st = self.store;
+        let codes: Option<Vec<f32>>;
+        let mut sparse = false;
+        let mut bf16 = false;
+        if st.contains(&format!("{name}.bitmask")) {
+            if layout != Layout::OutIn {
+                return Err(bad("compressed Conv1D weights are not supported".into()));
+            }
+            sparse = true;
+            let shape = st.int_values(&format!("{name}.shape"))?;
+            if shape != [rows as i64, cols as i64] {
+                return Err(bad(format!("stored shape {shape:?}, the config implies [{rows}, {cols}]")));
+            }
+            let mask = st.tensor(&format!("{name}.bitmask"), &[rows, cols.div_ceil(8)])?;
+            if mask.dtype != Dtype::U8 {
+                return Err(bad("bitmask must be U8".into()));
+            }
+            let values = st.get(&format!("{name}.compressed")).ok_or_else(|| bad("no .compressed values".into()))?;
+            let nnz: usize = mask.bytes.iter().map(|b| b.count_ones() as usize).sum::<usize>();
+            // Bits past `cols` in the last byte of a row must be clear, or the count lies.
+            let tail_ok = cols.is_multiple_of(8)
+                || (0..rows).all(|r| mask.bytes[r * cols.div_ceil(8) + cols / 8] >> (cols % 8) == 0);
+            if values.shape.len() != 1 || values.shape[0] != nnz || !tail_ok {
+                return Err(bad(format!("bitmask has {nnz} set bits but .compressed holds {:?} values", values.shape)));
+            }
+            let flat: Vec<f32> = match values.dtype {
+                Dtype::I8 => values.bytes.iter().map(|&b| b as i8 as f32).collect(),
+                Dtype::F32 | Dtype::F16 | Dtype::BF16 => {
+                    bf16 = values.dtype == Dtype::BF16;
+                    values.to_f32(name)?
+                }
+                d => return Err(bad(format!(".compressed has dtype {}", d.name()))),
+            };
+            let mut dense = vec![0.0f32; rows * cols];
+            let mut k = 0;
+            for r in 0..rows {
+                for c in 0..cols {
+                    if mask.bytes[r * cols.div_ceil(8) + c / 8] >> (c % 8) & 1 == 1 {
+                        dense[r * cols + c] = flat[k];
+                        k += 1;
+                    }
+                }
+            }
+            if values.dtype == Dtype::I8 {
+                codes = Some(dense);
+            } else {
+                if let Some(i) = dense.iter().position(|x| !x.is_finite()) {
+                    return Err(bad(format!("non-finite value at {i}")));
+                }
+                return Ok(Stored { w: dense, scales: None, sparse, bf16 });
+            }
+        } else if st.contains(&format!("{prefix}.weight_packed")) {
+            let shape = st.int_values(&format!("{prefix}.weight_shape"))?;
+            if shape != [rows as i64, cols as i64] {
+                return Err(bad(format!("weight_shape {shape:?}, the config implies [{rows}, {cols}]")));
+            }
+            let packed = st.tensor(&format!("{prefix}.weight_packed"), &[rows, cols.div_ceil(8)])?;
+            if packed.dtype != Dtype::I32 {
+                return Err(bad("weight_packed must be I32".into()));
+            }
+            let words = cols.div_ceil(8);
+            let mut c = vec![0.0f32; rows * cols];
+            for r in 0..rows {
+                for j in 0..cols {
+                    let o = (r * words + j / 8) * 4;
+                    let word = u32::from_le_bytes(packed.bytes[o..o + 4].try_into().expect("4 bytes"));
+                    c[r * cols + j] = ((word >> (4 * (j % 8))) & 0xF) as f32 - 8.0;
+                }
+            }
+            codes = Some(c);
+        } else {
+            let t = st.get(name).ok_or_else(|| bad("tensor is missing from the checkpoint".into()))?;
+            if t.dtype == Dtype::I8 {
+                let t = st.tensor(name, &[rows, cols])?;
+                codes = Some(t.bytes.iter().map(|&b| b as i8 as f32).collect());
+            } else {
+                let w = match layout {
+                    Layout::OutIn => self.f32(name, &[rows, cols])?,
+                    Layout::InOut => {
+                        let t = self.f32(name, &[cols, rows])?;
+                        let mut w = vec![0.0f32; rows * cols];
+                        for i in 0..cols {
+                            for o in 0..rows {
+                                w[o * cols + i] = t[i * rows + o];
+                            }
+                        }
+                        w
+                    }
+                };
+                return Ok(Stored {
+                    w,
+                    scales: None,
+                    sparse: false,
+                    bf16: st.get(name).is_some_and(|t| t.dtype == Dtype::BF16),
+                });
+            }
+        }
+        // Quantized: W = scale[r, c / G] · q.
+        let codes = codes.expect("set above");
+        let scheme =
+            self.quant.ok_or_else(|| bad("integer weights but no quantization_config in config.json".into()))?;
+        let sname = format!("{prefix}.weight_scale");
+        let scale_t = st.get(&sname).ok_or_else(|| bad("no weight_scale".into()))?;
+        let per_row = match scheme.group_size {
+            None => 1,
+            Some(g) if g > 0 => cols.div_ceil(g),
+            Some(_) => return Err(bad("group_size 0".into())),
+        };
+        let scales = self
+            .f32(&sname, &[rows, per_row])
+            .map_err(|_| bad(format!("weight_scale has shape {:?}, expected [{rows}, {per_row}]", scale_t.shape)))?;
+        let g = scheme.group_size.unwrap_or(cols);
+        let (lo, hi) = if scheme.bits == 8 { (-127.0, 127.0) } else { (-8.0, 7.0) };
+        let mut w = vec![0.0f32; rows * cols];
+        for r in 0..rows {
+            for c in 0..cols {
+                let q = codes[r * cols + c];
+                if !(lo..=hi).contains(&q) {
+                    return Err(bad(format!("code {q} at ({r}, {c}) is outside the {}-bit range", scheme.bits)));
+                }
+                w[r * cols + c] = scales[r * per_row + c / g] * q;
+            }
+        }
+        Ok(Stored { w, scales: Some((scales, per_row)), sparse, bf16: false })
+    }
+
     /// One linear layer from one or more stacked projections (`parts`: weight names with their output rows,
-    /// all with `cols` inputs), packed into `format`. Biases are read from `{name without .weight}.bias` when
-    /// `bias` is set.
+    /// all with `cols` inputs), packed into `format` (`None`: the plan's, or as stored). Biases are read from
+    /// `{name without .weight}.bias` when `bias` is set. Quantized checkpoints keep their codes and scales
+    /// when the target format has the same bits and group.
     pub fn linear(
         &self,
         parts: &[(&str, usize)],
         cols: usize,
         layout: Layout,
         bias: bool,
-        format: Format,
+        format: Option<Format>,
     ) -> Result<Linear> {
         let rows: usize = parts.iter().map(|p| p.1).sum();
         let mut w = Vec::with_capacity(rows * cols);
         let mut b = Vec::with_capacity(rows);
+        let mut scales: Vec<f32> = Vec::new();
+        let mut per_row: Option<usize> = None;
+        let mut all_quant = true;
+        let (mut sparse, mut bf16) = (true, true);
         for &(name, r) in parts {
-            match layout {
-                Layout::OutIn => w.extend(self.f32(name, &[r, cols])?),
-                Layout::InOut => {
-                    let t = self.f32(name, &[cols, r])?;
-                    let start = w.len();
-                    w.resize(start + r * cols, 0.0);
-                    for i in 0..cols {
-                        for o in 0..r {
-                            w[start + o * cols + i] = t[i * r + o];
-                        }
-                    }
+            let s = self.stored(name, r, cols, layout)?;
+            w.extend(s.w);
+            sparse &= s.sparse;
+            bf16 &= s.bf16;
+            match s.scales {
+                Some((sc, n)) if per_row.is_none_or(|p| p == n) => {
+                    per_row = Some(n);
+                    scales.extend(sc);
                 }
+                _ => all_quant = false,
             }
             if bias {
                 let bname = format!("{}.bias", name.strip_suffix(".weight").unwrap_or(name));
                 b.extend(self.f32(&bname, &[r])?);
             }
         }
-        let packed = PackedMatrix::pack(&w, rows, cols, format, self.plan.pack).map_err(|e| match e {
+        let quant = if all_quant { self.quant } else { None };
+        let format = match format {
+            Some(f) => f,
+            None if !self.plan.stored => self.plan.linear,
+            None => match (quant.map(|q| q.bits), sparse) {
+                (Some(8), true) => Format::SparseInt8,
+                (Some(8), false) => Format::DenseInt8,
+                (Some(_), true) => Format::SparseInt4,
+                (Some(_), false) => Format::DenseInt4,
+                (None, true) if bf16 => Format::SparseBf16,
+                (None, true) => Format::SparseF32,
+                (None, false) => self.plan.linear,
+            },
+        };
+        let mut opts = self.plan.pack;
+        if self.plan.stored {
+            if let Some(q) = quant {
+                opts.group_size = if q.bits == 4 { Some(q.group_size.unwrap_or(cols)) } else { q.group_size };
+            }
+        }
+        let ctx = |e: Error| match e {
             Error::InvalidInput { msg, .. } => Error::invalid("load", format!("packing {}: {msg}", parts[0].0)),
             e => e,
-        })?;
+        };
+        let elem_bits = match format.elem() {
+            crate::formats::Elem::I8 => Some(8),
+            crate::formats::Elem::I4 => Some(4),
+            _ => None,
+        };
+        let same_grid = quant.is_some_and(|q| {
+            let target_group = if q.bits == 4 { Some(opts.group_size.unwrap_or(128)) } else { opts.group_size };
+            Some(q.bits) == elem_bits && !opts.asymmetric && target_group == q.group_size
+        });
+        let packed = if same_grid {
+            PackedMatrix::pack_with_scales(&w, rows, cols, format, opts, &scales, per_row.unwrap_or(1)).map_err(ctx)?
+        } else {
+            PackedMatrix::pack(&w, rows, cols, format, opts).map_err(ctx)?
+        };
         Ok(Linear { w: packed, bias: bias.then_some(b) })
     }
 
     /// A transformer projection in the plan's linear format.
     pub fn proj(&self, parts: &[(&str, usize)], cols: usize, layout: Layout, bias: bool) -> Result<Linear> {
-        self.linear(parts, cols, layout, bias, self.plan.linear)
+        self.linear(parts, cols, layout, bias, None)
     }
 
     /// An embedding table `[rows, cols]` left in the memory map.

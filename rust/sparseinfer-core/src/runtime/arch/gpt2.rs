@@ -79,6 +79,6 @@ pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
         pos_embed: Some(l.f32(&format!("{p}wpe.weight"), &[s.max_positions, d])?),
         layers,
         final_norm: Some(l.norm(&format!("{p}ln_f"), d, true)?),
-        lm_head: l.linear(&[(&head_name, s.vocab)], d, Layout::OutIn, false, l.plan.lm_head)?,
+        lm_head: l.linear(&[(&head_name, s.vocab)], d, Layout::OutIn, false, Some(l.plan.lm_head))?,
     })
 }

@@ -102,6 +102,6 @@ pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
         pos_embed: None,
         layers,
         final_norm: Some(l.norm(&format!("{p}norm_f"), d, false)?),
-        lm_head: l.linear(&[(&head_name, s.vocab)], d, Layout::OutIn, false, l.plan.lm_head)?,
+        lm_head: l.linear(&[(&head_name, s.vocab)], d, Layout::OutIn, false, Some(l.plan.lm_head))?,
     })
 }

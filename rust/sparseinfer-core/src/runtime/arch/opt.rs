@@ -89,6 +89,6 @@ pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
         pos_embed: Some(l.f32(&format!("{p}embed_positions.weight"), &[s.max_positions + 2, d])?),
         layers,
         final_norm: Some(l.norm(&format!("{p}final_layer_norm"), d, ln_bias)?),
-        lm_head: l.linear(&[(&head_name, s.vocab)], d, Layout::OutIn, false, l.plan.lm_head)?,
+        lm_head: l.linear(&[(&head_name, s.vocab)], d, Layout::OutIn, false, Some(l.plan.lm_head))?,
     })
 }
