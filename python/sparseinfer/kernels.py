@@ -45,10 +45,15 @@ __all__ = [
 ]
 
 
-def pack(w, format: str = "sparse-int8", group_size: int | None = None, asymmetric: bool = False) -> PackedMatrix:
+def pack(
+    w, format: str = "sparse-int8", group_size: int | None = None, asymmetric: bool = False, scales=None
+) -> PackedMatrix:
     """Packs a C-contiguous float32 ``(out, in)`` matrix into ``format``.
+
+    ``scales``: a float32 ``(out, groups)`` array that fixes a symmetric integer grid instead of fitting one
+    (``w`` should then hold ``scale · code`` values, as a quantized checkpoint does).
 
     Raises :class:`sparseinfer.InvalidInputError` (a ``ValueError``) for a wrong dtype, shape or layout,
     an empty or non-finite matrix, or an unknown format or group size.
     """
-    return _pack(w, format, group_size, asymmetric)
+    return _pack(w, format, group_size, asymmetric, scales)

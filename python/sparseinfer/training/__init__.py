@@ -16,8 +16,8 @@ try:
 except ImportError as e:  # pragma: no cover - the inference-only install
     raise ImportError("sparseinfer.training needs torch and transformers: pip install 'sparseinfer[train]'") from e
 
+from .compressed import export
 from .distill.losses import ce_loss, kd_loss, squarehead_loss, total_loss
-from .export import export
 from .finetune import FinetuneConfig, finetune
 from .masks import MaskKeeper, apply_masks, mask_from_scores, masks_from_zeros, prunable_linears, sparsity_report
 from .pruning import prune

@@ -273,3 +273,59 @@ proptest! {
         check_matrix(rows, cols, density, seed, f, o, k);
     }
 }
+
+/// Packing with given scales keeps the stored codes exactly: `to_dense` returns `scale · q` even when no group's
+/// largest code reaches the grid's end (GPTQ output), where refitting the scales would change every code.
+#[test]
+fn pack_with_given_scales_keeps_codes() {
+    use sparseinfer_core::PackOptions;
+    let (rows, cols): (usize, usize) = (5, 200);
+    for (format, group, qmax) in [
+        (Format::DenseInt8, None, 127i32),
+        (Format::SparseInt8, None, 127),
+        (Format::DenseInt8, Some(64), 127),
+        (Format::DenseInt4, Some(128), 7),
+        (Format::SparseInt4, Some(32), 7),
+    ] {
+        let g = group.unwrap_or(cols);
+        let per_row = cols.div_ceil(g);
+        let scales: Vec<f32> = (0..rows * per_row).map(|i| 0.01 + 0.003 * i as f32).collect();
+        let mut w = vec![0.0f32; rows * cols];
+        for r in 0..rows {
+            for c in 0..cols {
+                // Codes within ±(qmax - 1): a refit would rescale them.
+                let q = ((r * 7 + c * 3) % (2 * qmax as usize - 1)) as i32 - (qmax - 1);
+                let q = if format.is_sparse() && c % 3 == 0 { 0 } else { q };
+                w[r * cols + c] = scales[r * per_row + c / g] * q as f32;
+            }
+        }
+        let opts = PackOptions { group_size: group, asymmetric: false };
+        let m = PackedMatrix::pack_with_scales(&w, rows, cols, format, opts, &scales, per_row).unwrap();
+        assert_eq!(m.to_dense(), w, "{format:?} group {group:?}");
+        // Every ISA computes Σ ŵ·x̂ on these matrices too.
+        for k in [1, 3] {
+            let x = activations(k * cols, 9);
+            let xhat = dequantized_activations(&m, &x, k);
+            for isa in kernels::available_isas() {
+                let mut y = vec![0.0f32; k * rows];
+                kernels::matmul_on(isa, &m, &x, k, &mut y, Activations::Int8).unwrap();
+                for (a, r) in (0..k).flat_map(|a| (0..rows).map(move |r| (a, r))) {
+                    let xa = &xhat[a * cols..(a + 1) * cols];
+                    let want: f32 = (0..cols).map(|c| w[r * cols + c] * xa[c]).sum();
+                    let mag: f32 = (0..cols).map(|c| (w[r * cols + c] * xa[c]).abs()).sum();
+                    let got = y[a * rows + r];
+                    assert!(
+                        (got - want).abs() <= 1e-4 * mag + 1e-6,
+                        "{isa:?} {format:?} k={k} ({a}, {r}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+        let refit = PackedMatrix::pack(&w, rows, cols, format, opts).unwrap();
+        assert_ne!(refit.to_dense(), w, "the test must exercise codes a refit would change");
+    }
+    let opts = PackOptions::default();
+    assert!(PackedMatrix::pack_with_scales(&[1.0; 8], 2, 4, Format::DenseF32, opts, &[1.0, 1.0], 1).is_err());
+    assert!(PackedMatrix::pack_with_scales(&[1.0; 8], 2, 4, Format::DenseInt8, opts, &[1.0], 1).is_err());
+    assert!(PackedMatrix::pack_with_scales(&[1.0; 8], 2, 4, Format::DenseInt8, opts, &[f32::NAN, 1.0], 1).is_err());
+}

@@ -191,22 +191,36 @@ impl PyPackedMatrix {
     }
 }
 
-/// Packs a float32 `(out, in)` matrix; zeros are pruned weights for the sparse formats.
+/// Packs a float32 `(out, in)` matrix; zeros are pruned weights for the sparse formats. `scales` (float32
+/// `(out, groups)`, symmetric integer formats only) fixes the quantization grid instead of fitting it.
 #[pyfunction]
-#[pyo3(signature = (w, format = "sparse-int8", group_size = None, asymmetric = false))]
+#[pyo3(signature = (w, format = "sparse-int8", group_size = None, asymmetric = false, scales = None))]
 fn pack<'py>(
     py: Python<'py>,
     w: &Bound<'py, PyAny>,
     format: &str,
     group_size: Option<usize>,
     asymmetric: bool,
+    scales: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<PyPackedMatrix> {
     let fmt = Format::from_name(format).map_err(|e| to_py(py, e))?;
     let w = f32_slice::<numpy::Ix2>(py, "pack", "w", w)?;
     let (rows, cols) = (w.shape()[0], w.shape()[1]);
     let data = w.as_slice()?;
     let opts = PackOptions { group_size, asymmetric };
-    let m = py.detach(|| PackedMatrix::pack(data, rows, cols, fmt, opts)).map_err(|e| to_py(py, e))?;
+    let m = match scales {
+        None => py.detach(|| PackedMatrix::pack(data, rows, cols, fmt, opts)),
+        Some(s) => {
+            let s = f32_slice::<numpy::Ix2>(py, "pack", "scales", s)?;
+            if s.shape()[0] != rows {
+                return Err(invalid(py, "pack", format!("scales has {} rows, w has {rows}", s.shape()[0])));
+            }
+            let per_row = s.shape()[1];
+            let sv = s.as_slice()?;
+            py.detach(|| PackedMatrix::pack_with_scales(data, rows, cols, fmt, opts, sv, per_row))
+        }
+    }
+    .map_err(|e| to_py(py, e))?;
     Ok(PyPackedMatrix { inner: Arc::new(m) })
 }
 
