@@ -4,6 +4,8 @@
 - ``sparseinfer info [MODEL]``: the build and CPU, or a model's architecture, formats and bytes per token.
 - ``sparseinfer convert model.gguf OUT_DIR``: import a llama.cpp GGUF as a Hugging Face directory.
 - ``sparseinfer bench [MODEL]``: decode tokens/s of a model in each requested weight format.
+- ``sparseinfer prune|finetune|quantize|export|train RECIPE``: the training pipeline from a YAML recipe
+  (``training/recipes/``; needs ``sparseinfer[train]``).
 - ``sparseinfer demo``: every kernel format against numpy's dense f32 ``W @ x`` on a Llama-1B layer.
 """
 
@@ -138,6 +140,19 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .training import recipe as R
+    from .training.run import STAGES, run
+
+    recipe = R.load(args.recipe)
+    if args.work_dir:
+        recipe["work_dir"] = args.work_dir
+    stages = STAGES if args.command == "train" else (args.command,)
+    metrics = run(recipe, stages)
+    print(json.dumps(metrics, indent=2, default=float))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sparseinfer", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--repeats", type=int, default=2)
     b.add_argument("--threads", type=int, default=0)
+    for stage, text in [
+        ("prune", "one-shot prune the recipe's model (magnitude, wanda, sparsegpt)"),
+        ("finetune", "sparse fine-tune with fixed masks (CE / KD / SquareHead); runs under torchrun too"),
+        ("quantize", "quantize (RTN / GPTQ) and export the compressed checkpoint"),
+        ("export", "export the latest stage's model as a compressed checkpoint"),
+        ("train", "every stage of the recipe in order"),
+    ]:
+        t = sub.add_parser(stage, help=text)
+        t.add_argument("recipe", help="a YAML recipe (see training/recipes/)")
+        t.add_argument("--work-dir", default=None, help="override the recipe's work_dir")
     demo = sub.add_parser("demo", help="time every kernel format against numpy dense f32 on one layer")
     demo.add_argument("--rows", type=int, default=5632)
     demo.add_argument("--cols", type=int, default=2048)
@@ -179,8 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import SparseInferError
 
     handlers = {"generate": _generate, "info": _info, "convert": _convert, "bench": _bench, "demo": _demo}
+    handlers.update({s: _train for s in ("prune", "finetune", "quantize", "export", "train")})
     try:
         return handlers[args.command](args)
     except SparseInferError as e:
+        print(f"sparseinfer: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        if args.command not in ("prune", "finetune", "quantize", "export", "train"):
+            raise
         print(f"sparseinfer: error: {e}", file=sys.stderr)
         return 2

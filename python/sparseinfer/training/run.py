@@ -1,0 +1,180 @@
+"""Carries out a recipe (``recipe.py``) stage by stage. Each stage saves a Hugging Face directory under
+``work_dir`` (``pruned/``, ``finetuned/``) that the next stage starts from, so stages can run as separate
+commands (``sparseinfer prune|finetune|quantize|export RECIPE``) or all at once (``sparseinfer train RECIPE``).
+Metrics (perplexity before/after, loss terms, sparsity) accumulate in ``work_dir/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import data as D
+from .compressed import export
+from .finetune import finetune
+from .masks import prunable_linears, sparsity_report
+from .pruning import prune
+from .quant import quantize
+
+STAGES = ("prune", "finetune", "quantize", "export")
+
+
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def model_dir(recipe: dict) -> Path:
+    if recipe["model"] == "default":
+        from ..models import default_model_dir
+
+        return default_model_dir()
+    return Path(recipe["model"])
+
+
+def _load(path: Path):
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def _tokenizer(path: Path):
+    import transformers as tf
+
+    return tf.AutoTokenizer.from_pretrained(path)
+
+
+def _examples(recipe: dict, tok, split: str) -> list[dict]:
+    d = recipe["data"]
+    src = d.get(split)
+    if not src:
+        return []
+    if str(src).endswith(".jsonl"):
+        return D.load_jsonl(tok, src, d["seq_len"], d.get("answer_only", True))
+    return D.load_text(tok, src, d["seq_len"], tok.eos_token_id)
+
+
+class Runner:
+    """State shared by the stages of one recipe."""
+
+    def __init__(self, recipe: dict):
+        self.recipe = recipe
+        self.work = Path(recipe["work_dir"])
+        self.src = model_dir(recipe)
+        self.tok = _tokenizer(self.src)
+        torch.manual_seed(recipe["seed"])
+        self.train = _examples(recipe, self.tok, "train")
+        self.eval = _examples(recipe, self.tok, "eval")
+        if recipe["data"].get("eval_samples"):
+            self.eval = self.eval[: recipe["data"]["eval_samples"]]
+        self.metrics_path = self.work / "metrics.json"
+        self.metrics: dict[str, Any] = json.loads(self.metrics_path.read_text()) if self.metrics_path.is_file() else {}
+
+    def latest(self) -> Path:
+        for name in ("finetuned", "pruned"):
+            if (self.work / name / "config.json").is_file():
+                return self.work / name
+        return self.src
+
+    def calibration(self):
+        return D.calibration_batches(self.train, self.recipe["data"]["calibration_samples"])
+
+    def ppl(self, model) -> float | None:
+        return D.perplexity(model, self.eval) if self.eval else None
+
+    def save_metrics(self, stage: str, values: dict) -> None:
+        if not _rank0():
+            return
+        self.metrics[stage] = values
+        self.work.mkdir(parents=True, exist_ok=True)
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.metrics, indent=2, default=float))
+        os.replace(tmp, self.metrics_path)
+
+    def save_model(self, model, name: str) -> Path:
+        from ..checkpoint import atomic_dir
+
+        out = self.work / name
+        if _rank0():
+            with atomic_dir(out, overwrite=True) as tmp:
+                model.save_pretrained(tmp)
+                self.tok.save_pretrained(tmp)
+        return out
+
+    # -- stages --------------------------------------------------------------------------------------------
+    def prune(self) -> None:
+        p = self.recipe["prune"] or {}
+        model = _load(self.src)
+        before = self.ppl(model)
+        method = p.get("method", "sparsegpt")
+        cal = self.calibration() if method != "magnitude" else None
+        kw = {k: p[k] for k in ("structure", "ignore", "block_size", "damp") if k in p}
+        masks = prune(model, method, p.get("sparsity", 0.5), calibration=cal, **kw)
+        rep = sparsity_report(model, masks)
+        self.save_model(model, "pruned")
+        self.save_metrics("prune", {"ppl_dense": before, "ppl_pruned": self.ppl(model), "sparsity": rep["global"]})
+
+    def finetune(self) -> None:
+        start = self.work / "pruned" if (self.work / "pruned" / "config.json").is_file() else self.src
+        student, teacher = _load(start), _load(self.src)
+        cfg = dict(self.recipe["finetune"] or {})
+        cfg.setdefault("seed", self.recipe["seed"])
+        cfg["out_dir"] = str(self.work / "finetune-ckpt")
+        cfg.setdefault("save_every", 50)
+        if not self.train:
+            raise ValueError("fine-tuning needs data.train")
+        before = self.ppl(student)
+        r = finetune(student, teacher, self.train, cfg, progress=_rank0())
+        self.save_model(student, "finetuned")
+        final = r["final"]
+        self.save_metrics(
+            "finetune",
+            {
+                "ppl_before": before,
+                "ppl_after": self.ppl(student),
+                "final": final,
+                "steps": r["steps"],
+                "seconds": r["seconds"],
+                "world_size": r["world_size"],
+                "sparsity": sparsity_report(student, {n: None for n in prunable_linears(student)})["global"],
+            },
+        )
+
+    def quantize(self) -> None:
+        q = self.recipe["quantize"] or {}
+        model = _load(self.latest())
+        method = q.get("method", "gptq")
+        quantize(model, q.get("bits", 8), q.get("group_size"), method, self.calibration() if method == "gptq" else None)
+        self.save_metrics("quantize", {"ppl": self.ppl(model), **q})
+        self._export(model)
+
+    def export(self) -> None:
+        self._export(_load(self.latest()))
+
+    def _export(self, model) -> None:
+        e = self.recipe.get("export") or {}
+        out = Path(e.get("out_dir", self.work / "export"))
+        if _rank0():
+            export(
+                model, self.tok, out, sparse=e.get("sparse"), recipe=self.recipe, metrics=self.metrics, overwrite=True
+            )
+        self.save_metrics("export", {"out_dir": str(out)})
+
+
+def run(recipe: dict, stages=STAGES) -> dict:
+    """Runs the given stages of a validated recipe (those whose section is present) and returns the metrics."""
+    r = Runner(recipe)
+    for stage in stages:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
+        if stage == "export" and recipe.get("quantize") is not None and "quantize" in stages:
+            continue  # quantize already exported
+        if recipe.get(stage) is None and stage != "export":
+            continue
+        getattr(r, stage)()
+    return r.metrics

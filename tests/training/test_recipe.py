@@ -1,0 +1,100 @@
+"""Recipes: validation errors, every stage through the CLI on a tiny model, and fine-tuning under torchrun (DDP,
+2 CPU processes, gloo)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+tiny_models = pytest.importorskip("tiny_models")
+yaml = pytest.importorskip("yaml")
+import sparseinfer  # noqa: E402
+from sparseinfer.training import recipe as R  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    tiny_models.build("llama", root / "model", scale=1.0, hidden_size=64, intermediate_size=128, eos_token_id=None)
+    for split, n in (("train", 12), ("eval", 3)):
+        (root / split).mkdir()
+        (root / split / "a.txt").write_text(tiny_models.CORPUS * n)
+    return root
+
+
+def recipe(root, **over):
+    r = {
+        "model": str(root / "model"),
+        "work_dir": str(root / "work"),
+        "data": {"train": str(root / "train"), "eval": str(root / "eval"), "seq_len": 32, "calibration_samples": 4},
+        "prune": {"method": "sparsegpt", "sparsity": 0.6},
+        "finetune": {"steps": 3, "lr": 1e-4, "batch_size": 2, "w_ce": 1.0, "w_sq": 1.0, "warmup_steps": 1},
+        "quantize": {"bits": 8, "method": "gptq"},
+        "export": {"out_dir": str(root / "export")},
+    }
+    r.update(over)
+    return r
+
+
+def cli(*args, timeout=600, launcher=None):
+    cmd = (launcher or [sys.executable, "-m"]) + ["sparseinfer", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"prune": {"method": "random"}}, "prune.method"),
+        ({"prune": {"sparsity": 1.5}}, "sparsity"),
+        ({"finetune": {"stepz": 3}}, "unknown"),
+        ({"quantize": {"bits": 3}}, "bits"),
+        ({"frobnicate": 1}, "unknown recipe sections"),
+        ({"data": {"seq_len": 32}}, "data.train"),
+    ],
+)
+def test_validation(setup, bad, match):
+    with pytest.raises(R.RecipeError, match=match):
+        R.validate(recipe(setup, **bad))
+    with pytest.raises(R.RecipeError, match="model"):
+        R.validate({"data": {}})
+
+
+def test_every_stage_through_the_cli(setup):
+    path = setup / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe(setup)))
+    for stage in ("prune", "finetune", "quantize"):
+        r = cli(stage, str(path))
+        assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads((setup / "work" / "metrics.json").read_text())
+    assert abs(metrics["prune"]["sparsity"] - 0.6) < 0.02
+    assert metrics["finetune"]["steps"] == 3 and metrics["finetune"]["final"]["sq"] > 0
+    model = sparseinfer.load(setup / "export")
+    info = model.info()
+    assert info["format"] == "sparse-int8"
+    assert max(layer["density"] for layer in info["linear"]) <= 0.41
+    assert isinstance(model.generate("Once upon a time", max_new_tokens=8), str)
+    exported = json.loads((setup / "export" / "sparseinfer.json").read_text())
+    assert exported["recipe"]["prune"]["sparsity"] == 0.6 and exported["quantization"]["bits"] == 8
+
+
+def test_bad_recipe_is_a_one_line_error(setup):
+    path = setup / "bad.yaml"
+    path.write_text("model: x\nprune: {method: nope}\n")
+    r = cli("prune", str(path))
+    assert r.returncode == 2 and "prune.method" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_finetune_under_torchrun_ddp(setup, tmp_path):
+    r = recipe(setup, work_dir=str(tmp_path / "ddp"))
+    r["finetune"]["steps"] = 2
+    del r["prune"], r["quantize"]
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(r))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", "-m"]
+    out = cli("finetune", str(path), launcher=launcher, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["finetune"]["world_size"] == 2 and metrics["finetune"]["steps"] == 2
+    assert (tmp_path / "ddp" / "finetuned" / "config.json").is_file()
