@@ -4,7 +4,7 @@ Inference needs only numpy and the Rust extension; ``sparseinfer.training`` (``p
 sparseinfer[train]``) adds torch and transformers.
 """
 
-from . import kernels
+from . import kernels, models
 from ._core import __version__, build_info
 from .errors import InvalidInputError, SparseInferError, UnsupportedError
 from .model import GenerationStats, Model, generate, load
@@ -20,4 +20,5 @@ __all__ = [
     "__version__",
     "build_info",
     "kernels",
+    "models",
 ]

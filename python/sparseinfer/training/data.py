@@ -101,7 +101,7 @@ def perplexity(model, examples: Sequence[dict], batch_size: int = 4) -> float:
     for i in range(0, len(examples), batch_size):
         ex = examples[i : i + batch_size]
         ids = torch.stack([e["input_ids"] for e in ex])
-        labels = torch.stack([e["labels"] for e in ex])
+        labels = torch.stack([e.get("labels", e["input_ids"]) for e in ex])
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         tgt = labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(
