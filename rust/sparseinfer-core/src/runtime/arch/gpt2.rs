@@ -7,7 +7,7 @@
 //! `wte` → embedding; `wpe` → positions; `h.i.ln_1` → ln1; `attn.c_attn` → qkv (already fused);
 //! `attn.c_proj` → o; `ln_2` → ln2; `mlp.c_fc` → up; `mlp.c_proj` → down; `ln_f` → final norm.
 
-use super::{par_layers, prefix_of, Parts};
+use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
 use crate::runtime::model::Layer;
 use crate::runtime::spec::{Act, Cfg, Mlp, NormKind, Positions, Spec};
@@ -72,13 +72,6 @@ pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
             down: l.proj(&[(&n("mlp.c_proj.weight"), d)], s.intermediate, Layout::InOut, true)?,
         })
     })?;
-    let embed_name = format!("{p}wte.weight");
-    let head_name = if s.tie_embeddings { embed_name.clone() } else { "lm_head.weight".to_string() };
-    Ok(Parts {
-        embed: l.embedding(&embed_name, s.vocab, d)?,
-        pos_embed: Some(l.f32(&format!("{p}wpe.weight"), &[s.max_positions, d])?),
-        layers,
-        final_norm: Some(l.norm(&format!("{p}ln_f"), d, true)?),
-        lm_head: l.linear(&[(&head_name, s.vocab)], d, Layout::OutIn, false, Some(l.plan.lm_head))?,
-    })
+    let pos_embed = Some(l.f32(&format!("{p}wpe.weight"), &[s.max_positions, d])?);
+    finish(s, l, layers, &format!("{p}wte.weight"), pos_embed, &format!("{p}ln_f"), true)
 }

@@ -9,7 +9,7 @@
 //! `self_attn.o_proj` → o; `post_attention_layernorm` → ln2; `mlp.{gate,up}_proj` → up (stacked);
 //! `mlp.down_proj` → down; `norm` → final norm; `lm_head` (or the embedding when tied) → head.
 
-use super::{par_layers, prefix_of, Parts};
+use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
 use crate::runtime::model::Layer;
 use crate::runtime::spec::{Act, Cfg, Mlp, NormKind, Positions, Spec};
@@ -129,13 +129,6 @@ pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
             down: l.proj(&[(&n("mlp.down_proj.weight"), d)], s.intermediate, Layout::OutIn, s.mlp_bias)?,
         })
     })?;
-    let embed_name = format!("{p}embed_tokens.weight");
-    let head_name = if s.tie_embeddings { embed_name.clone() } else { "lm_head.weight".to_string() };
-    Ok(Parts {
-        embed: l.embedding(&embed_name, s.vocab, d)?,
-        pos_embed: None,
-        layers,
-        final_norm: Some(l.norm(&format!("{p}norm"), d, false)?),
-        lm_head: l.linear(&[(&head_name, s.vocab)], d, Layout::OutIn, false, Some(l.plan.lm_head))?,
-    })
+    let pos_embed = None;
+    finish(s, l, layers, &format!("{p}embed_tokens.weight"), pos_embed, &format!("{p}norm"), false)
 }

@@ -9,11 +9,12 @@ pub mod opt;
 use super::model::Layer;
 use super::safetensors::WeightStore;
 use super::spec::{NormKind, Spec};
-use super::weights::{Embedding, Linear, Loader, NormW};
+use super::weights::{Embedding, Layout, Linear, Loader, NormW};
 use crate::error::{Error, Result};
 use serde_json::Value;
 
-/// What an architecture's loader hands to the generic model.
+/// What an architecture's loader hands to the generic model (`final_norm` is optional for architectures
+/// without one).
 pub struct Parts {
     /// Token embedding `[V, D]`, left in the memory map.
     pub embed: Embedding,
@@ -107,6 +108,29 @@ pub(crate) fn par_layers(n: usize, f: impl Fn(usize) -> Result<Layer> + Sync) ->
         }
     }
     Ok(layers)
+}
+
+/// The parts around the blocks, shared by every architecture: the token embedding (left in the mmap), learned
+/// positions if any, the final norm, and the output head (the embedding itself when tied, else `lm_head.weight`)
+/// packed in the plan's head format.
+pub(crate) fn finish(
+    s: &Spec,
+    l: &Loader,
+    layers: Vec<Layer>,
+    embed_name: &str,
+    pos_embed: Option<Vec<f32>>,
+    final_norm: &str,
+    norm_bias: bool,
+) -> Result<Parts> {
+    let d = s.hidden;
+    let head_name = if s.tie_embeddings { embed_name } else { "lm_head.weight" };
+    Ok(Parts {
+        embed: l.embedding(embed_name, s.vocab, d)?,
+        pos_embed,
+        layers,
+        final_norm: Some(l.norm(final_norm, d, norm_bias)?),
+        lm_head: l.linear(&[(head_name, s.vocab)], d, Layout::OutIn, false, Some(l.plan.lm_head))?,
+    })
 }
 
 /// The first prefix under which `probe` exists (checkpoints of the base model omit the task prefix).

@@ -7,7 +7,7 @@
 //! `wte` → embedding; `blocks.i.norm_1` → ln1; `attn.Wqkv` → qkv; `attn.out_proj` → o; `norm_2` → ln2;
 //! `ffn.up_proj` → up; `ffn.down_proj` → down; `norm_f` → final norm.
 
-use super::{par_layers, prefix_of, Parts};
+use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
 use crate::runtime::model::Layer;
 use crate::runtime::spec::{Act, Cfg, Mlp, NormKind, Positions, Spec};
@@ -95,13 +95,6 @@ pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
             down: l.proj(&[(&n("ffn.down_proj.weight"), d)], s.intermediate, Layout::OutIn, false)?,
         })
     })?;
-    let embed_name = format!("{p}wte.weight");
-    let head_name = if s.tie_embeddings { embed_name.clone() } else { "lm_head.weight".to_string() };
-    Ok(Parts {
-        embed: l.embedding(&embed_name, s.vocab, d)?,
-        pos_embed: None,
-        layers,
-        final_norm: Some(l.norm(&format!("{p}norm_f"), d, false)?),
-        lm_head: l.linear(&[(&head_name, s.vocab)], d, Layout::OutIn, false, Some(l.plan.lm_head))?,
-    })
+    let pos_embed = None;
+    finish(s, l, layers, &format!("{p}wte.weight"), pos_embed, &format!("{p}norm_f"), false)
 }

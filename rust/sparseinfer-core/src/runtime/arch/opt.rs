@@ -9,7 +9,7 @@
 //! `self_attn.{q,k,v}_proj` → qkv; `self_attn.out_proj` → o; `final_layer_norm` → ln2; `fc1` → up; `fc2` → down;
 //! `final_layer_norm` (outside the layers) → final norm.
 
-use super::{par_layers, prefix_of, Parts};
+use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
 use crate::runtime::model::Layer;
 use crate::runtime::spec::{Act, Cfg, Mlp, NormKind, Positions, Spec};
@@ -82,13 +82,6 @@ pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
             down: l.proj(&[(&n("fc2.weight"), d)], s.intermediate, Layout::OutIn, s.mlp_bias)?,
         })
     })?;
-    let embed_name = format!("{p}embed_tokens.weight");
-    let head_name = if s.tie_embeddings { embed_name.clone() } else { "lm_head.weight".to_string() };
-    Ok(Parts {
-        embed: l.embedding(&embed_name, s.vocab, d)?,
-        pos_embed: Some(l.f32(&format!("{p}embed_positions.weight"), &[s.max_positions + 2, d])?),
-        layers,
-        final_norm: Some(l.norm(&format!("{p}final_layer_norm"), d, ln_bias)?),
-        lm_head: l.linear(&[(&head_name, s.vocab)], d, Layout::OutIn, false, Some(l.plan.lm_head))?,
-    })
+    let pos_embed = Some(l.f32(&format!("{p}embed_positions.weight"), &[s.max_positions + 2, d])?);
+    finish(s, l, layers, &format!("{p}embed_tokens.weight"), pos_embed, &format!("{p}final_layer_norm"), ln_bias)
 }
