@@ -265,6 +265,7 @@ class Study:
         self.ablation("squarehead-70-wsq0.1", s, dict(w_ce=1.0, w_kd=0.0, w_sq=0.1), n, lr)
         self.ablation("ce-70-3x", s, LOSSES["ce"], 3 * n, lr)
         self.ablation("squarehead-70-3x", s, LOSSES["squarehead"], 3 * n, lr)
+        self.ablation("squarehead-70-lr5e-4", s, LOSSES["squarehead"], n, 5e-4)
 
     def quantized(self, loss: str, sparsity: float, bits: int):
         name = f"quant-{loss}-{round(sparsity * 100)}-int{bits}"
