@@ -34,8 +34,8 @@ _DTYPES = {
 def write_safetensors(
     path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Writes ``tensors`` (little-endian numpy arrays; bf16 as ``uint16`` arrays named in ``metadata`` is not
-    supported, use f32/f16) to ``path`` in the safetensors format, tensors sorted by name."""
+    """Writes ``tensors`` (numpy arrays of the dtypes above; numpy has no bf16, so floats are f32 or f16) to
+    ``path`` in the safetensors format, little-endian, tensors sorted by name."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}

@@ -123,10 +123,11 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"{'format':<14}{'MB/token':>10}{'prefill tok/s':>15}{'decode tok/s':>14}{'GB/s':>8}{'% bw':>7}")
     for fmt in args.formats.split(","):
         model = load(args.model, weights=None if fmt == "stored" else fmt, threads=args.threads or None)
-        nbytes = model.info()["bytes_per_token"]
+        info = model.info()
+        nbytes = info["bytes_per_token"]
+        ids = [t % info["vocab_size"] for t in prompt]
         best = None
         for _ in range(args.repeats):
-            ids = [t % model.info()["vocab_size"] for t in prompt]
             for _ in model.stream(ids, max_new_tokens=args.new_tokens):
                 pass
             st = model.last_stats

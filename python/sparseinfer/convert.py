@@ -170,8 +170,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
             tensors[hf] = np.ascontiguousarray(w)
         write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt", "source": gguf_path.name})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        tok_cfg = _tokenizer_files(reader, tmp)
+        _tokenizer_files(reader, tmp)
         gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        del tok_cfg
     return Path(out_dir)

@@ -155,7 +155,6 @@ def finetune(
         torch.set_rng_state(state["torch_rng"])
     need_hidden = cfg.w_sq > 0
     history: list[dict[str, float]] = []
-    order_rng = random.Random(cfg.seed)
     per_step = cfg.batch_size * cfg.grad_accum * world
     pad_id = getattr(getattr(student, "config", None), "pad_token_id", None) or 0
 
@@ -175,7 +174,6 @@ def finetune(
     # Skip the batches a resumed run has already consumed, so the data order is the same as an unbroken run.
     for _ in range(step * cfg.grad_accum):
         next(stream)
-    del order_rng
     bar = None
     if progress and rank == 0:
         try:

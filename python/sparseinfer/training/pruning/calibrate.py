@@ -27,6 +27,15 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     return min(candidates, key=lambda c: c[:2])[2]
 
 
+def block_progress(desc: str) -> Callable | None:
+    """A tqdm wrapper for the per-block loop of ``sequential`` (None when tqdm is missing)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return lambda it: tqdm(it, desc=desc, unit="block", leave=False)
+
+
 class _Stop(Exception):
     pass
 

@@ -9,18 +9,9 @@ from torch import nn
 
 from ..masks import DEFAULT_IGNORE, mask_from_scores, prunable_linears, weight_matrix
 from . import algorithms
-from .calibrate import sequential, set_weight
+from .calibrate import block_progress, sequential, set_weight
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
-
-
-def _progress(desc):
-    try:
-        from tqdm.auto import tqdm
-
-        return lambda it: tqdm(it, desc=desc, unit="block", leave=False)
-    except ImportError:  # pragma: no cover
-        return None
 
 
 @torch.no_grad()
@@ -72,7 +63,7 @@ def prune(
         masks[name] = keep
 
     stat = "norm" if method == "wanda" else "hessian"
-    sequential(model, batches, stat, process, modules, progress=_progress(f"{method} {sparsity:.0%}"))
+    sequential(model, batches, stat, process, modules, progress=block_progress(f"{method} {sparsity:.0%}"))
     # Modules outside the blocks (none by default) are pruned by magnitude.
     for name, mod in modules.items():
         if name not in masks:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..masks import DEFAULT_IGNORE, prunable_linears, weight_matrix
-from ..pruning.calibrate import sequential, set_weight
+from ..pruning.calibrate import block_progress, sequential, set_weight
 from . import algorithms
 
 
@@ -74,13 +74,7 @@ def quantize(
         w = weight_matrix(mod).detach().float()
         store(name, mod, *algorithms.gptq(w, hessian, bits, group_size, block_size=block_size, damp=damp))
 
-    try:
-        from tqdm.auto import tqdm
-
-        progress = lambda it: tqdm(it, desc=f"gptq int{bits}", unit="block", leave=False)  # noqa: E731
-    except ImportError:  # pragma: no cover
-        progress = None
-    sequential(model, batches, "hessian", process, modules, progress=progress)
+    sequential(model, batches, "hessian", process, modules, progress=block_progress(f"gptq int{bits}"))
     for name, mod in modules.items():
         if name not in specs:
             store(name, mod, *algorithms.rtn(weight_matrix(mod).detach().float(), bits, group_size))

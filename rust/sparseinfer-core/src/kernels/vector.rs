@@ -4,25 +4,37 @@
 
 use super::{active_isa, Isa};
 
-/// `Σ a[i]·b[i]`.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    #[cfg(target_arch = "x86_64")]
-    if active_isa().is_ok_and(|i| i != Isa::Scalar) {
-        // SAFETY: every non-scalar ISA implies AVX2 and FMA.
-        return unsafe { x86::dot(a, b) };
-    }
-    dot_scalar(a, b)
+/// The dot and axpy functions of the active ISA, chosen once. Loops that call them per element (attention
+/// calls `dot` once per cached position) should pick them with this instead of dispatching on every call.
+#[derive(Clone, Copy)]
+pub struct VectorOps {
+    /// `Σ a[i]·b[i]`.
+    pub dot: fn(&[f32], &[f32]) -> f32,
+    /// `y[i] += alpha·x[i]`.
+    pub axpy: fn(f32, &[f32], &mut [f32]),
 }
 
-/// `y[i] += alpha·x[i]`.
-pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    debug_assert_eq!(x.len(), y.len());
+/// The operations for the active ISA (AVX2+FMA on every SIMD path, else the scalar reference).
+pub fn ops() -> VectorOps {
     #[cfg(target_arch = "x86_64")]
     if active_isa().is_ok_and(|i| i != Isa::Scalar) {
-        // SAFETY: every non-scalar ISA implies AVX2 and FMA.
-        return unsafe { x86::axpy(alpha, x, y) };
+        return VectorOps { dot: x86::dot_checked, axpy: x86::axpy_checked };
     }
+    VectorOps { dot: dot_scalar, axpy: axpy_scalar }
+}
+
+/// `Σ a[i]·b[i]` on the active ISA.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    (ops().dot)(a, b)
+}
+
+/// `y[i] += alpha·x[i]` on the active ISA.
+pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    (ops().axpy)(alpha, x, y)
+}
+
+/// The reference axpy.
+pub fn axpy_scalar(alpha: f32, x: &[f32], y: &mut [f32]) {
     y.iter_mut().zip(x).for_each(|(y, x)| *y += alpha * x);
 }
 
@@ -42,6 +54,19 @@ pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use core::arch::x86_64::*;
+
+    /// [`dot`] behind a safe signature; only installed by [`super::ops`] when a SIMD ISA (hence AVX2+FMA) is
+    /// active.
+    pub fn dot_checked(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: `ops` returns this only when the active ISA implies AVX2 and FMA.
+        unsafe { dot(a, b) }
+    }
+
+    /// [`axpy`] behind a safe signature, under the same condition.
+    pub fn axpy_checked(alpha: f32, x: &[f32], y: &mut [f32]) {
+        // SAFETY: as for `dot_checked`.
+        unsafe { axpy(alpha, x, y) }
+    }
 
     /// # Safety
     /// The CPU must support AVX2 and FMA.

@@ -10,7 +10,7 @@ use super::kv_cache::KvCache;
 use super::spec::{Act, Mlp, NormKind, Positions, Spec};
 use super::weights::{Embedding, Linear, NormW};
 use crate::error::{Error, Result};
-use crate::kernels::vector::{self, dot};
+use crate::kernels::vector;
 use crate::parallel;
 
 /// Tokens per prefill step: large enough to amortise reading the weights, small enough for the caches.
@@ -201,6 +201,7 @@ impl Model {
         let group = s.heads / s.kv_heads;
         let rows = s.qkv_rows();
         let out_ptr = SendPtr(out.as_mut_ptr());
+        let ops = vector::ops();
         let task = |t: usize| {
             let (a, h) = (t / heads, t % heads);
             let pos = pos0 + a;
@@ -208,7 +209,7 @@ impl Model {
             let q = &qkv[a * rows + h * hd..a * rows + (h + 1) * hd];
             let (keys, values) = cache.head(layer, h / group);
             let mut scores: Vec<f32> =
-                (start..=pos).map(|j| dot(q, &keys[j * hd..(j + 1) * hd]) * s.attn_scale).collect();
+                (start..=pos).map(|j| (ops.dot)(q, &keys[j * hd..(j + 1) * hd]) * s.attn_scale).collect();
             if let Positions::Alibi { slopes } = &s.positions {
                 let m = slopes[h];
                 scores.iter_mut().enumerate().for_each(|(i, v)| *v += m * ((start + i) as f32 - pos as f32));
@@ -225,7 +226,7 @@ impl Model {
             o.fill(0.0);
             for (i, p) in scores.iter().enumerate() {
                 let vrow = &values[(start + i) * hd..(start + i + 1) * hd];
-                vector::axpy(p * inv, vrow, o);
+                (ops.axpy)(p * inv, vrow, o);
             }
         };
         let n_tasks = k * heads;

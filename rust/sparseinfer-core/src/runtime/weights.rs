@@ -232,6 +232,14 @@ impl Loader<'_> {
         let bad = |m: String| Error::invalid("load", format!("{name}: {m}"));
         let prefix = name.strip_suffix(".weight").unwrap_or(name);
         let st = self.store;
+        // A shape stored as a tensor must be the one the config implies.
+        let expect_shape = |tensor: String| -> Result<()> {
+            let shape = st.int_values(&tensor)?;
+            if shape != [rows as i64, cols as i64] {
+                return Err(bad(format!("{tensor} is {shape:?}, the config implies [{rows}, {cols}]")));
+            }
+            Ok(())
+        };
         let codes: Option<Vec<f32>>;
         let mut sparse = false;
         let mut bf16 = false;
@@ -240,10 +248,7 @@ impl Loader<'_> {
                 return Err(bad("compressed Conv1D weights are not supported".into()));
             }
             sparse = true;
-            let shape = st.int_values(&format!("{name}.shape"))?;
-            if shape != [rows as i64, cols as i64] {
-                return Err(bad(format!("stored shape {shape:?}, the config implies [{rows}, {cols}]")));
-            }
+            expect_shape(format!("{name}.shape"))?;
             let mask = st.tensor(&format!("{name}.bitmask"), &[rows, cols.div_ceil(8)])?;
             if mask.dtype != Dtype::U8 {
                 return Err(bad("bitmask must be U8".into()));
@@ -283,10 +288,7 @@ impl Loader<'_> {
                 return Ok(Stored { w: dense, scales: None, sparse, bf16 });
             }
         } else if st.contains(&format!("{prefix}.weight_packed")) {
-            let shape = st.int_values(&format!("{prefix}.weight_shape"))?;
-            if shape != [rows as i64, cols as i64] {
-                return Err(bad(format!("weight_shape {shape:?}, the config implies [{rows}, {cols}]")));
-            }
+            expect_shape(format!("{prefix}.weight_shape"))?;
             let packed = st.tensor(&format!("{prefix}.weight_packed"), &[rows, cols.div_ceil(8)])?;
             if packed.dtype != Dtype::I32 {
                 return Err(bad("weight_packed must be I32".into()));
