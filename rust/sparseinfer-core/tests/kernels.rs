@@ -128,10 +128,9 @@ fn check_matrix(rows: usize, cols: usize, density: f32, seed: u64, f: Format, o:
     }
 
     let int4 = matches!(f, Format::DenseInt4 | Format::SparseInt4);
-    let int8 = matches!(f, Format::DenseInt8 | Format::SparseInt8);
     // max|w| of each weight's scale group (asymmetric: max of |min|, |max|), the size of its zero point.
     let zero_points: Vec<f32> = {
-        let g = o.group_size.unwrap_or(if int8 { cols } else { 128 });
+        let g = o.group_size.unwrap_or(128);
         (0..rows * cols)
             .map(|i| {
                 let (r, c) = (i / cols, i % cols);
@@ -160,16 +159,10 @@ fn check_matrix(rows: usize, cols: usize, density: f32, seed: u64, f: Format, o:
                 for r in 0..rows {
                     let i = a * rows + r;
                     let exact: f64 = (0..cols).map(|c| dense[r * cols + c] as f64 * xh[c] as f64).sum();
-                    // Integer kernels with int8 activations dot unsigned codes (int4: q + 8, int8: q + 128) and
-                    // subtract each group's zero point separately (Σ d·c·x̂ + Σ z·x̂), so their rounding scales
-                    // with |ŵ| + |zero point| <= |ŵ| + 1.2·max|w|.
-                    let zp = |c: usize| {
-                        if (int4 || int8) && act == Activations::Int8 {
-                            1.2 * zero_points[r * cols + c]
-                        } else {
-                            0.0
-                        }
-                    };
+                    // int4 kernels with int8 activations add each group's zero point separately (Σ d·c·x̂ +
+                    // Σ m·x̂), so their rounding scales with |ŵ| + |zero point| <= |ŵ| + 1.2·max|w|.
+                    let zp =
+                        |c: usize| if int4 && act == Activations::Int8 { 1.2 * zero_points[r * cols + c] } else { 0.0 };
                     let scale: f32 = (0..cols).map(|c| (dense[r * cols + c].abs() + zp(c)) * xh[c].abs()).sum();
                     let tol = budget::SUM_ORDER * scale + 1e-6;
                     let at = format!("{ctx} {isa:?} {act:?}: y[{a},{r}]");

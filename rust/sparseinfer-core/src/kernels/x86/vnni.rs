@@ -113,13 +113,13 @@ unsafe fn row<const NR: usize>(m: &PackedMatrix, r: usize, q: &QuantActs, a0: us
     let row_scale = if mode == ROW { m.scales[r] } else { 1.0 };
     for (a, (even, odd)) in acc[0].iter().zip(&acc[1]).enumerate() {
         let mut out = _mm512_reduce_add_ps(_mm512_add_ps(*even, *odd)) * row_scale;
-        // Zero point of every group: ŵ = d·c + z with c the unsigned code the dot products used and
-        // z = m (asymmetric int4), -8·d (symmetric int4, c = q + 8) or -128·d (int8, c = q + 128).
-        let offset = if m.format.elem() == Elem::I4 { -8.0 } else { -128.0 };
-        let gs = q.gsum.as_ptr().add((a0 + a) * groups);
-        for g in 0..groups {
-            let zp = if m.asym { m.mins[r * groups + g] } else { offset * m.scales[r * groups + g] };
-            out += zp * *gs.add(g);
+        if m.format.elem() == Elem::I4 {
+            // Zero point of every group: ŵ = d·c + m' with m' = m (asymmetric) or -8·d (symmetric).
+            let gs = q.gsum.as_ptr().add((a0 + a) * groups);
+            for g in 0..groups {
+                let zp = if m.asym { m.mins[r * groups + g] } else { -8.0 * m.scales[r * groups + g] };
+                out += zp * *gs.add(g);
+            }
         }
         *y.add((a0 + a) * m.rows + r) = out;
     }
@@ -145,11 +145,7 @@ unsafe fn chunk_scale<const MODE: u8>(s: &RowScales, group: usize, sx: *const f3
     }
 }
 
-/// `acc[a] += cvt(Σ (w + 128)·x) · scale` for signed int8 weights `w` of chunk `ch`.
-///
-/// `vpdpbusd` multiplies unsigned by signed bytes. Flipping the sign bit (`w XOR 0x80`) turns a signed code into
-/// the unsigned `w + 128` in one instruction (a pruned lane, expanded as 0, becomes 128: a zero weight), and the
-/// `128·Σx̂` this adds is removed once per row from the activation sums (`gsum`), the way int4 zero points are.
+/// `acc[a] += cvt(Σ |w|·(±x)) · scale` for signed int8 weights `w` of chunk `ch`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
 unsafe fn signed_chunk<const NR: usize, const MODE: u8>(
@@ -160,8 +156,15 @@ unsafe fn signed_chunk<const NR: usize, const MODE: u8>(
     group: usize,
     ch: usize,
 ) {
-    let wu = _mm512_xor_si512(w, _mm512_set1_epi8(i8::MIN));
-    unsigned_chunk::<NR, MODE>(acc, wu, act, s, group, ch);
+    let aw = _mm512_abs_epi8(w);
+    let neg = _mm512_movepi8_mask(w);
+    for (a, x) in act.iter().enumerate() {
+        let xa = _mm512_loadu_si512(x.xq.add(ch * CHUNK) as *const _);
+        // x where w >= 0, -x where w < 0 (0 - x under the sign mask).
+        let sx = _mm512_mask_sub_epi8(xa, neg, _mm512_setzero_si512(), xa);
+        let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
+        acc[a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), chunk_scale::<MODE>(s, group, x.sx, ch), acc[a]);
+    }
 }
 
 /// `acc[a] += cvt(Σ c·x) · scale` for unsigned int4 codes `c` of chunk `ch` (zero points are added per row).
