@@ -1,4 +1,5 @@
-"""Tiny random models of every supported architecture, built locally with transformers configs (no hub).
+"""Tiny random models of every supported architecture (and T5 / Whisper for training), built locally with
+transformers configs (no hub).
 
 Each builder saves a Hugging Face directory (config.json + model.safetensors + a small byte-level BPE
 tokenizer.json) and returns the torch model in eval mode, so tests compare sparseinfer against transformers on
@@ -7,9 +8,11 @@ the same weights.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 VOCAB = 320
+SEQ2SEQ = ("t5", "whisper")  # encoder-decoders; the rest are causal LMs
 CORPUS = (
     "Once upon a time there was a tiny model. It read every weight once per token, and the weights were sparse. "
     "To be, or not to be, that is the question: whether tis nobler in the mind to suffer the slings and arrows. "
@@ -66,6 +69,35 @@ def config(kind: str, **overrides):
     elif kind == "mpt":
         cls = tf.MptConfig
         kw = dict(d_model=64, n_layers=3, n_heads=4, max_seq_len=256, expansion_ratio=4)
+    elif kind == "t5":
+        cls = tf.T5Config
+        kw = dict(
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_decoder_layers=3,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            decoder_start_token_id=0,
+        )
+    elif kind == "whisper":
+        cls = tf.WhisperConfig
+        kw = dict(
+            num_mel_bins=16,
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            max_source_positions=16,
+            max_target_positions=64,
+            pad_token_id=0,
+            decoder_start_token_id=0,
+        )
     else:
         raise ValueError(kind)
     kw.update(common)
@@ -81,12 +113,13 @@ def build(kind: str, path: Path, seed: int = 0, sparsity: float = 0.0, scale: fl
     import transformers as tf
 
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(config(kind, **overrides)).eval()
+    auto = {"t5": tf.AutoModelForSeq2SeqLM, "whisper": tf.AutoModelForSpeechSeq2Seq}.get(kind, tf.AutoModelForCausalLM)
+    model = auto.from_config(config(kind, **overrides)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.mul_(scale)
-                inside_blocks = any(k in name for k in (".layers.", ".h.", ".blocks."))
+                inside_blocks = any(k in name for k in (".layers.", ".h.", ".blocks.", ".block."))
                 if sparsity > 0 and inside_blocks:
                     k = int(p.numel() * sparsity)
                     thresh = p.abs().flatten().kthvalue(k).values
@@ -94,6 +127,12 @@ def build(kind: str, path: Path, seed: int = 0, sparsity: float = 0.0, scale: fl
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer_json(path)
+    if kind in SEQ2SEQ:
+        # Without this AutoTokenizer would look for the architecture's own tokenizer (T5's is a Unigram model).
+        special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<s>"}
+        (path / "tokenizer_config.json").write_text(
+            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **special})
+        )
     return model
 
 

@@ -5,7 +5,8 @@ Needs ``pip install sparseinfer[train]`` (torch, transformers). Pure functions o
 ``export`` are thin drivers over them.
 
 >>> from sparseinfer import training as T
->>> masks = T.prune(model, method="sparsegpt", sparsity=0.7, calibration=batches)
+>>> masks = T.prune(model, method="sparsegpt", sparsity=0.7, calibration=batches)  # allocation="owl" for OWL
+>>> T.gradual_prune(t5, teacher, examples, stages=[0.5, 0.67, 0.75, 0.8], calibration=batches)  # staged
 >>> T.finetune(model, teacher, examples, {"steps": 200, "w_ce": 1.0, "w_sq": 1.0})
 >>> T.quantize(model, bits=8, method="gptq", calibration=batches)
 >>> T.export(model, tokenizer, "out/sparse70-int8")
@@ -19,6 +20,7 @@ except ImportError as e:  # pragma: no cover - the inference-only install
 from .compressed import export
 from .distill.losses import ce_loss, kd_loss, squarehead_loss, total_loss
 from .finetune import FinetuneConfig, finetune
+from .gradual import gradual_prune
 from .masks import MaskKeeper, apply_masks, mask_from_scores, masks_from_zeros, prunable_linears, sparsity_report
 from .pruning import prune
 from .quant import QuantSpec, quantize
@@ -31,6 +33,7 @@ __all__ = [
     "ce_loss",
     "export",
     "finetune",
+    "gradual_prune",
     "kd_loss",
     "mask_from_scores",
     "masks_from_zeros",

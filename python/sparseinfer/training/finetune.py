@@ -3,6 +3,8 @@
 The thin driver around the pure losses (``distill.losses``) and mask keeping (``masks.MaskKeeper``): AdamW with
 linear warmup and decay, gradient accumulation, optional bf16 autocast, checkpoint + resume, seeded, and DDP when
 launched under ``torchrun`` / ``accelerate launch`` (one process per rank; the data is sharded by rank).
+Causal LMs and encoder-decoders (T5, Whisper, BART): for the latter SquareHead compares the encoder's and the
+decoder's block outputs, each over its own non-padding tokens, and CE/KD are over the decoder's labels.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import collate, seq2seq_ids
 from .distill.losses import ce_loss, kd_loss, squarehead_loss, total_loss
 from .masks import MaskKeeper, masks_from_zeros, prunable_linears
 
@@ -67,20 +70,6 @@ class FinetuneConfig:
             raise ValueError("temperature must be > 0")
 
 
-def _collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-pads 1-D ``input_ids`` (and ``labels``, with -100) to the longest example."""
-    n = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), n), dtype=torch.long)
-    labels = torch.full((len(examples), n), -100, dtype=torch.long)
-    for i, e in enumerate(examples):
-        k = len(e["input_ids"])
-        ids[i, :k] = torch.as_tensor(e["input_ids"])
-        mask[i, :k] = 1
-        labels[i, :k] = torch.as_tensor(e.get("labels", e["input_ids"]))
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def _lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -88,6 +77,26 @@ def _lr_lambda(warmup: int, total: int):
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return f
+
+
+def loss_terms(out_s, out_t, batch: dict[str, torch.Tensor], cfg: FinetuneConfig, seq2seq: bool = False):
+    """``(ce, kd, sq)`` for one batch from the student's and teacher's outputs (None for a term whose weight is
+    zero). Causal LM: shifted CE, KD over ``attention_mask``, SquareHead over ``hidden_states[1:]``.
+    Encoder-decoder: unshifted CE on the decoder's labels, KD over ``decoder_attention_mask``, and SquareHead
+    summed over the encoder's blocks (``encoder_hidden_states[1:]``, encoder mask) and the decoder's
+    (``decoder_hidden_states[1:]``, decoder mask)."""
+    dec_mask = batch.get("decoder_attention_mask") if seq2seq else batch.get("attention_mask")
+    ce = ce_loss(out_s.logits, batch["labels"], shift=not seq2seq) if cfg.w_ce else None
+    kd = kd_loss(out_s.logits, out_t.logits, cfg.temperature, dec_mask) if cfg.w_kd else None
+    sq = None
+    if cfg.w_sq:
+        if seq2seq:
+            enc_mask = batch.get("attention_mask")
+            sq = squarehead_loss(out_s.encoder_hidden_states[1:], out_t.encoder_hidden_states[1:], enc_mask)
+            sq = sq + squarehead_loss(out_s.decoder_hidden_states[1:], out_t.decoder_hidden_states[1:], dec_mask)
+        else:
+            sq = squarehead_loss(out_s.hidden_states[1:], out_t.hidden_states[1:], dec_mask)
+    return ce, kd, sq
 
 
 def _dist():
@@ -116,9 +125,9 @@ def finetune(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Fine-tunes ``student`` in place on ``data`` (a sequence of examples ``{"input_ids": 1-D, "labels": 1-D}``,
-    labels -100 where the loss does not count), distilling from ``teacher`` when KD or SquareHead weights are set.
-    Pruned weights (zeros of the prunable linears, or ``masks``) stay exactly zero. Returns metrics: the loss
-    terms over training and the final ones.
+    labels -100 where the loss does not count; ``data`` describes encoder-decoder examples), distilling from
+    ``teacher`` when KD or SquareHead weights are set. Pruned weights (zeros of the prunable linears, or ``masks``)
+    stay exactly zero. Returns metrics: the loss terms over training and the final ones.
 
     >>> finetune(student, teacher, examples, {"steps": 200, "lr": 1e-4, "w_ce": 1, "w_sq": 1})
     """
@@ -156,7 +165,8 @@ def finetune(
     need_hidden = cfg.w_sq > 0
     history: list[dict[str, float]] = []
     per_step = cfg.batch_size * cfg.grad_accum * world
-    pad_id = getattr(getattr(student, "config", None), "pad_token_id", None) or 0
+    s2s = seq2seq_ids(student)
+    pad_id, start_id = s2s if s2s else (getattr(getattr(student, "config", None), "pad_token_id", None) or 0, None)
 
     def batches():
         epoch = 0
@@ -165,9 +175,9 @@ def finetune(
             random.Random(cfg.seed + epoch).shuffle(idx)
             idx = idx[rank::world]
             for i in range(0, len(idx) - cfg.batch_size + 1, cfg.batch_size):
-                yield _collate([data[j] for j in idx[i : i + cfg.batch_size]], pad_id)
+                yield collate([data[j] for j in idx[i : i + cfg.batch_size]], pad_id, start_id)
             if len(idx) < cfg.batch_size:
-                yield _collate([data[j] for j in idx], pad_id)
+                yield collate([data[j] for j in idx], pad_id, start_id)
             epoch += 1
 
     stream = batches()
@@ -189,29 +199,14 @@ def finetune(
         terms = {"ce": 0.0, "kd": 0.0, "sq": 0.0, "loss": 0.0}
         for _ in range(cfg.grad_accum):
             batch = next(stream)
+            inputs = {k: v for k, v in batch.items() if k != "labels"}  # the loss is computed here, not by the model
             with autocast:
-                out_s = model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    output_hidden_states=need_hidden,
-                    use_cache=False,
-                )
+                out_s = model(**inputs, output_hidden_states=need_hidden, use_cache=False)
                 out_t = None
                 if teacher is not None and (cfg.w_kd or cfg.w_sq):
                     with torch.no_grad():
-                        out_t = teacher(
-                            input_ids=batch["input_ids"],
-                            attention_mask=batch["attention_mask"],
-                            output_hidden_states=need_hidden,
-                            use_cache=False,
-                        )
-                ce = ce_loss(out_s.logits, batch["labels"]) if cfg.w_ce else None
-                kd = kd_loss(out_s.logits, out_t.logits, cfg.temperature, batch["attention_mask"]) if cfg.w_kd else None
-                sq = (
-                    squarehead_loss(out_s.hidden_states[1:], out_t.hidden_states[1:], batch["attention_mask"])
-                    if cfg.w_sq
-                    else None
-                )
+                        out_t = teacher(**inputs, output_hidden_states=need_hidden, use_cache=False)
+                ce, kd, sq = loss_terms(out_s, out_t, batch, cfg, seq2seq=s2s is not None)
                 loss = total_loss(ce, kd, sq, cfg.w_ce, cfg.w_kd, cfg.w_sq)
             (loss / cfg.grad_accum).backward()
             for k, v in (("ce", ce), ("kd", kd), ("sq", sq), ("loss", loss)):

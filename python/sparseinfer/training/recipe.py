@@ -13,6 +13,13 @@ quantization and the export, and ``run`` carries them out. Validated up front wi
     finetune: {steps: 200, lr: 1.0e-4, batch_size: 8, w_ce: 1.0, w_kd: 0.0, w_sq: 1.0}
     quantize: {bits: 8, group_size: null, method: gptq}
     export:   {out_dir: runs/sparse70/export}
+
+Staged gradual pruning (the paper's schedule for encoder-decoders such as T5; ``model`` may be any
+``AutoModelForSeq2SeqLM`` directory, trained on a ``.jsonl`` of prompt/answer pairs): ``stages`` replaces
+``sparsity``, and the ``finetune`` section's losses and optimizer are used between stages for ``steps_per_stage``
+steps (default: ``finetune.steps``) and then once more for the final fine-tuning:
+
+    prune:    {method: sparsegpt, stages: [0.5, 0.67, 0.75, 0.8], steps_per_stage: 100}
 """
 
 from __future__ import annotations
@@ -25,10 +32,20 @@ from pathlib import Path
 from typing import Any
 
 from .finetune import FinetuneConfig
+from .gradual import check_stages
 
 SECTIONS = {"model", "work_dir", "seed", "data", "prune", "finetune", "quantize", "export"}
 DATA_KEYS = {"train", "eval", "seq_len", "calibration_samples", "answer_only", "eval_samples"}
-PRUNE_KEYS = {"method", "sparsity", "structure", "ignore", "block_size", "damp"}
+PRUNE_KEYS = {
+    "method",
+    "sparsity",
+    "structure",
+    "ignore",
+    "block_size",
+    "damp",
+    "stages",
+    "steps_per_stage",
+}
 QUANT_KEYS = {"bits", "group_size", "method"}
 EXPORT_KEYS = {"out_dir", "sparse"}
 
@@ -71,6 +88,21 @@ def validate(recipe: dict) -> dict:
         s = p.get("sparsity", 0.5)
         if not isinstance(s, (int, float)) or not 0 <= s < 1:
             raise RecipeError(f"prune.sparsity must be a number in [0, 1), got {s!r}")
+        if "stages" in p:
+            if "sparsity" in p:
+                raise RecipeError("prune: give either sparsity (one shot) or stages (gradual), not both")
+            stages = p["stages"]
+            if not isinstance(stages, list) or not all(isinstance(x, (int, float)) for x in stages):
+                raise RecipeError(f"prune.stages must be a list of sparsities, got {stages!r}")
+            try:
+                check_stages(stages)
+            except ValueError as e:
+                raise RecipeError(f"prune.{e}") from e
+            n = p.get("steps_per_stage", 0)
+            if not isinstance(n, int) or n < 0:
+                raise RecipeError(f"prune.steps_per_stage must be an integer >= 0, got {n!r}")
+        elif "steps_per_stage" in p:
+            raise RecipeError("prune.steps_per_stage needs prune.stages")
     if r.get("finetune") is not None:
         ft = r["finetune"]
         names = {f.name for f in fields(FinetuneConfig)} - {"extra", "out_dir"}
@@ -88,6 +120,7 @@ def validate(recipe: dict) -> dict:
     if r.get("export") is not None:
         _check_keys("export", r["export"], EXPORT_KEYS)
     needs_data = (r.get("prune") or {}).get("method", "sparsegpt") != "magnitude" and r.get("prune") is not None
+    needs_data |= bool((r.get("prune") or {}).get("stages"))
     needs_data |= r.get("finetune") is not None or (r.get("quantize") or {}).get("method", "gptq") == "gptq"
     if needs_data and not data.get("train"):
         raise RecipeError("data.train is required for calibration or fine-tuning")

@@ -16,6 +16,7 @@ import torch
 from . import data as D
 from .compressed import export
 from .finetune import finetune
+from .gradual import gradual_prune
 from .masks import prunable_linears, sparsity_report
 from .pruning import prune
 from .quant import quantize
@@ -35,10 +36,17 @@ def model_dir(recipe: dict) -> Path:
     return Path(recipe["model"])
 
 
+def _is_seq2seq(path: Path) -> bool:
+    import transformers as tf
+
+    return bool(getattr(tf.AutoConfig.from_pretrained(path), "is_encoder_decoder", False))
+
+
 def _load(path: Path):
     import transformers as tf
 
-    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    auto = tf.AutoModelForSeq2SeqLM if _is_seq2seq(path) else tf.AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=torch.float32)
     model.eval()
     return model
 
@@ -49,13 +57,15 @@ def _tokenizer(path: Path):
     return tf.AutoTokenizer.from_pretrained(path)
 
 
-def _examples(recipe: dict, tok, split: str) -> list[dict]:
+def _examples(recipe: dict, tok, split: str, seq2seq: bool = False) -> list[dict]:
     d = recipe["data"]
     src = d.get(split)
     if not src:
         return []
     if str(src).endswith(".jsonl"):
-        return D.load_jsonl(tok, src, d["seq_len"], d.get("answer_only", True))
+        return D.load_jsonl(tok, src, d["seq_len"], d.get("answer_only", True), seq2seq, tok.eos_token_id)
+    if seq2seq:
+        raise ValueError(f"data.{split}: an encoder-decoder model trains on a .jsonl of prompt/answer pairs")
     return D.load_text(tok, src, d["seq_len"], tok.eos_token_id)
 
 
@@ -67,9 +77,10 @@ class Runner:
         self.work = Path(recipe["work_dir"])
         self.src = model_dir(recipe)
         self.tok = _tokenizer(self.src)
+        self.seq2seq = _is_seq2seq(self.src)
         torch.manual_seed(recipe["seed"])
-        self.train = _examples(recipe, self.tok, "train")
-        self.eval = _examples(recipe, self.tok, "eval")
+        self.train = _examples(recipe, self.tok, "train", self.seq2seq)
+        self.eval = _examples(recipe, self.tok, "eval", self.seq2seq)
         if recipe["data"].get("eval_samples"):
             self.eval = self.eval[: recipe["data"]["eval_samples"]]
         self.metrics_path = self.work / "metrics.json"
@@ -81,8 +92,9 @@ class Runner:
                 return self.work / name
         return self.src
 
-    def calibration(self):
-        return D.calibration_batches(self.train, self.recipe["data"]["calibration_samples"])
+    def calibration(self, model=None):
+        s2s = D.seq2seq_ids(model) if model is not None else None
+        return D.calibration_batches(self.train, self.recipe["data"]["calibration_samples"], seq2seq=s2s)
 
     def ppl(self, model) -> float | None:
         return D.perplexity(model, self.eval) if self.eval else None
@@ -112,22 +124,52 @@ class Runner:
         model = _load(self.src)
         before = self.ppl(model)
         method = p.get("method", "sparsegpt")
-        cal = self.calibration() if method != "magnitude" else None
-        kw = {k: p[k] for k in ("structure", "ignore", "block_size", "damp") if k in p}
-        masks = prune(model, method, p.get("sparsity", 0.5), calibration=cal, **kw)
+        cal = self.calibration(model) if method != "magnitude" else None
+        keys = ("structure", "ignore", "block_size", "damp")
+        kw = {k: p[k] for k in keys if k in p}
+        values: dict[str, Any] = {"ppl_dense": before}
+        if p.get("stages"):
+            # Staged gradual pruning: fine-tune with the dense teacher between stages, with the finetune section.
+            teacher = _load(self.src)
+            cfg = self._finetune_config("gradual-ckpt")
+            ckpt_dir = cfg.pop("out_dir")
+            steps = p.get("steps_per_stage") or cfg.get("steps", 100)
+            stage_ppl: list[float | None] = []
+            r = gradual_prune(
+                model,
+                teacher,
+                self.train,
+                p["stages"],
+                method,
+                calibration=cal,
+                steps_per_stage=steps,
+                finetune_config=cfg,
+                out_dir=ckpt_dir,
+                progress=_rank0(),
+                on_stage=lambda *_: stage_ppl.append(self.ppl(model)),
+                **kw,
+            )
+            masks = r["masks"]
+            values["stages"] = [{**h, "ppl": q} for h, q in zip(r["stages"], stage_ppl)]
+        else:
+            masks = prune(model, method, p.get("sparsity", 0.5), calibration=cal, **kw)
         rep = sparsity_report(model, masks)
         self.save_model(model, "pruned")
-        self.save_metrics("prune", {"ppl_dense": before, "ppl_pruned": self.ppl(model), "sparsity": rep["global"]})
+        self.save_metrics("prune", {**values, "ppl_pruned": self.ppl(model), "sparsity": rep["global"]})
+
+    def _finetune_config(self, ckpt: str) -> dict:
+        cfg = dict(self.recipe.get("finetune") or {})
+        cfg.setdefault("seed", self.recipe["seed"])
+        cfg["out_dir"] = str(self.work / ckpt)
+        cfg.setdefault("save_every", 50)
+        if not self.train:
+            raise ValueError("fine-tuning needs data.train")
+        return cfg
 
     def finetune(self) -> None:
         start = self.work / "pruned" if (self.work / "pruned" / "config.json").is_file() else self.src
         student, teacher = _load(start), _load(self.src)
-        cfg = dict(self.recipe["finetune"] or {})
-        cfg.setdefault("seed", self.recipe["seed"])
-        cfg["out_dir"] = str(self.work / "finetune-ckpt")
-        cfg.setdefault("save_every", 50)
-        if not self.train:
-            raise ValueError("fine-tuning needs data.train")
+        cfg = self._finetune_config("finetune-ckpt")
         before = self.ppl(student)
         r = finetune(student, teacher, self.train, cfg, progress=_rank0())
         self.save_model(student, "finetuned")
@@ -149,7 +191,8 @@ class Runner:
         q = self.recipe["quantize"] or {}
         model = _load(self.latest())
         method = q.get("method", "gptq")
-        quantize(model, q.get("bits", 8), q.get("group_size"), method, self.calibration() if method == "gptq" else None)
+        cal = self.calibration(model) if method == "gptq" else None
+        quantize(model, q.get("bits", 8), q.get("group_size"), method, cal)
         self.save_metrics("quantize", {"ppl": self.ppl(model), **q})
         self._export(model)
 

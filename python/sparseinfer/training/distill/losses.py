@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 
 
-def ce_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def ce_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, shift: bool = True) -> torch.Tensor:
     """Next-token cross-entropy. logits: [B, S, V]; labels: [B, S] aligned with the inputs (shifted here), with
-    ``ignore_index`` on tokens that do not count (padding, or the prompt for answer-only training)."""
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=ignore_index
-    )
+    ``ignore_index`` on tokens that do not count (padding, or the prompt for answer-only training). ``shift=False``
+    for an encoder-decoder, whose decoder logits at position t already predict ``labels[:, t]``."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=ignore_index)
 
 
 def kd_loss(

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..masks import DEFAULT_IGNORE, mask_from_scores, prunable_linears, weight_matrix
+from ..masks import DEFAULT_IGNORE, prunable_linears, weight_matrix
 from . import algorithms
 from .calibrate import block_progress, sequential, set_weight
 
@@ -25,12 +25,15 @@ def prune(
     layer_sparsity: dict[str, float] | None = None,
     block_size: int = 128,
     damp: float = 0.01,
+    prior: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prunes ``model`` in place and returns ``{module name: keep mask [out, in]}``.
 
     method: "magnitude" (no data), "wanda" or "sparsegpt" (need ``calibration``: batches of model inputs, e.g.
-    ``{"input_ids": LongTensor[B, S], "attention_mask": ...}``). structure: "unstructured" or "N:M" (e.g. "2:4").
-    ``layer_sparsity`` overrides the sparsity of named modules (non-uniform / OWL-style allocations).
+    ``{"input_ids": LongTensor[B, S], "attention_mask": ...}``; for an encoder-decoder also ``labels`` or
+    ``decoder_input_ids``). structure: "unstructured" or "N:M" (e.g. "2:4").
+    ``layer_sparsity`` overrides the sparsity of named modules. ``prior`` holds the keep masks of an earlier stage:
+    the new masks are nested in them (staged gradual pruning).
 
     >>> masks = prune(model, "sparsegpt", 0.7, calibration=[{"input_ids": ids}])
     """
@@ -41,33 +44,34 @@ def prune(
     modules = prunable_linears(model, ignore)
     if not modules:
         raise ValueError("no prunable linear layers (check the ignore patterns)")
-    per = {n: (layer_sparsity or {}).get(n, sparsity) for n in modules}
-    masks: dict[str, torch.Tensor] = {}
-    if method == "magnitude":
-        for name, mod in modules.items():
-            w = weight_matrix(mod)
-            masks[name] = mask_from_scores(w.detach().abs().float(), per[name], structure)
-            w.mul_(masks[name].to(w.dtype))
-        return masks
+    prior = prior or {}
     batches = list(calibration or [])
-    if not batches:
+    if method != "magnitude" and not batches:
         raise ValueError(f"{method} needs calibration batches")
+    per = {n: sparsity for n in modules}
+    per.update({n: s for n, s in (layer_sparsity or {}).items() if n in modules})
+    masks: dict[str, torch.Tensor] = {}
 
     def process(name, mod, stat):
         w = weight_matrix(mod).detach().float()
+        keep0 = prior.get(name)
         if method == "wanda":
-            new, keep = algorithms.wanda(w, stat.sqrt(), per[name], structure)
+            new, keep = algorithms.wanda(w, stat.sqrt(), per[name], structure, prior=keep0)
+        elif method == "sparsegpt":
+            new, keep = algorithms.sparsegpt(
+                w, stat, per[name], structure, block_size=block_size, damp=damp, prior=keep0
+            )
         else:
-            new, keep = algorithms.sparsegpt(w, stat, per[name], structure, block_size=block_size, damp=damp)
+            new, keep = algorithms.magnitude(w, per[name], structure, prior=keep0)
         set_weight(mod, new)
         masks[name] = keep
 
-    stat = "norm" if method == "wanda" else "hessian"
-    sequential(model, batches, stat, process, modules, progress=block_progress(f"{method} {sparsity:.0%}"))
-    # Modules outside the blocks (none by default) are pruned by magnitude.
+    if method != "magnitude":
+        stat = "norm" if method == "wanda" else "hessian"
+        sequential(model, batches, stat, process, modules, progress=block_progress(f"{method} {sparsity:.0%}"))
+    # Magnitude pruning, and modules outside the blocks (none by default), need no statistics.
     for name, mod in modules.items():
         if name not in masks:
-            w = weight_matrix(mod)
-            masks[name] = mask_from_scores(w.detach().abs().float(), per[name], structure)
-            w.mul_(masks[name].to(w.dtype))
+            process(name, mod, None)
     return masks
+

@@ -200,6 +200,8 @@ pub struct QuantActs {
     pub k: usize,
     /// `k × cols_pad` codes.
     pub xq: Vec<i8>,
+    /// The same codes offset to unsigned, `xq + 128` (the unsigned operand of the VNNI int8-weight kernels).
+    pub xu: Vec<u8>,
     /// `k × chunks` block scales.
     pub sx: Vec<f32>,
     /// `k × groups` sums of `x̂` per weight scale group (int4 zero points: `Σ m·x̂`).
@@ -210,37 +212,84 @@ pub struct QuantActs {
 
 /// Quantizes `k` zero-padded activation rows of `m.cols_pad()` as [`Activations::Int8`] describes.
 pub fn quantize_activations(m: &PackedMatrix, xs: &[f32], k: usize) -> QuantActs {
+    quantize_activations_for(m, xs, k, true)
+}
+
+/// [`quantize_activations`]; `xhat: false` leaves `xhat` empty (the VNNI kernels read only the codes).
+/// The per-block work is compiled for AVX-512 and AVX2 as well, where the CPU has them: every copy computes
+/// the same codes bit for bit (the rounding below is exact), so the ISA never changes a result.
+fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, xhat: bool) -> QuantActs {
     let (cp, chunks, groups) = (m.cols_pad, m.chunks(), m.groups());
+    debug_assert!(xs.len() == k * cp);
     let mut q = QuantActs {
         k,
         xq: vec![0; k * cp],
+        xu: vec![0x80; k * cp],
         sx: vec![0.0; k * chunks],
         gsum: vec![0.0; k * groups],
-        xhat: vec![0.0; k * cp],
+        xhat: if xhat { vec![0.0; k * cp] } else { Vec::new() },
     };
-    for (b, block) in xs.chunks(CHUNK).enumerate() {
-        let s = block.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
-        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-        q.sx[b] = s;
-        for (j, v) in block.iter().enumerate() {
-            // Round half away from zero without libm (baseline x86-64 has no roundss): truncate, then step
-            // away from zero when the exact remainder is at least one half.
-            let r = (v * inv).clamp(-127.0, 127.0);
-            let t = r as i32;
-            let code = (t + ((r - t as f32).abs() >= 0.5) as i32 * (r.signum() as i32)) as f32;
-            let i = b * CHUNK + j;
-            q.xq[i] = code as i8;
-            q.xhat[i] = s * code;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if Isa::Avx512.is_supported() {
+            // SAFETY: the features were detected.
+            unsafe { x86::avx512::quantize_blocks(xs, &mut q) };
+        } else if Isa::Avx2.is_supported() {
+            // SAFETY: the features were detected.
+            unsafe { x86::avx2::quantize_blocks(xs, &mut q) };
+        } else {
+            quantize_blocks(xs, &mut q);
         }
     }
-    for (g, sum) in q.gsum.iter_mut().enumerate() {
-        {
-            let (a, gi) = (g / groups, g % groups);
-            let row = &q.xhat[a * cp..(a + 1) * cp];
-            *sum = row[gi * m.group..(gi + 1) * m.group].iter().sum();
+    #[cfg(not(target_arch = "x86_64"))]
+    quantize_blocks(xs, &mut q);
+    if m.format.elem() == crate::formats::Elem::I4 {
+        // Zero-point sums per weight group (only the int4 kernels use them), from the codes: x̂ = s·code.
+        for a in 0..k {
+            for g in 0..groups {
+                let (c0, c1) = (g * m.group, (g + 1) * m.group);
+                q.gsum[a * groups + g] = (c0..c1).map(|c| q.sx[a * chunks + c / CHUNK] * q.xq[a * cp + c] as f32).sum();
+            }
         }
     }
     q
+}
+
+/// Quantizes every 64-value block of `xs` into `q` (codes, offset codes, scales, and `x̂` if allocated).
+/// Written so LLVM vectorizes it: branch-free selects, a 16-lane max, an exact round half away from zero.
+#[inline(always)]
+pub(crate) fn quantize_blocks(xs: &[f32], q: &mut QuantActs) {
+    let with_xhat = !q.xhat.is_empty();
+    for (b, block) in xs.chunks_exact(CHUNK).enumerate() {
+        let mut lanes = [0.0f32; 16];
+        for part in block.chunks_exact(16) {
+            for (l, v) in lanes.iter_mut().zip(part) {
+                let a = v.abs();
+                *l = if a > *l { a } else { *l };
+            }
+        }
+        let amax = lanes.iter().fold(0.0f32, |a, &v| if v > a { v } else { a });
+        let s = amax / 127.0;
+        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        q.sx[b] = s;
+        let at = b * CHUNK;
+        for j in 0..CHUNK {
+            // Round half away from zero without libm (baseline x86-64 has no roundss): truncate, then step
+            // away from zero when the exact remainder (r - t is exact below 2^23) is at least one half.
+            let r = (block[j] * inv).clamp(-127.0, 127.0);
+            // SAFETY: r is finite and within ±127.
+            let t = unsafe { r.to_int_unchecked::<i32>() };
+            let step = if r < 0.0 { -1 } else { 1 };
+            let code = t + if (r - t as f32).abs() >= 0.5 { step } else { 0 };
+            q.xq[at + j] = code as i8;
+            q.xu[at + j] = (code + 128) as u8;
+        }
+        if with_xhat {
+            for j in 0..CHUNK {
+                q.xhat[at + j] = s * q.xq[at + j] as f32;
+            }
+        }
+    }
 }
 
 /// `y = W @ x` with the format's default [`Activations`]: `x` has `cols` values, `y` has `rows`.
@@ -284,12 +333,13 @@ pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32],
     match act {
         Activations::F32 => run_rows(m, k, y, rows_fn(isa), &xs),
         Activations::Int8 => {
-            let q = quantize_activations(m, &xs, k);
             #[cfg(target_arch = "x86_64")]
             if isa == Isa::Avx512 && x86::vnni::supports(m) {
+                let q = quantize_activations_for(m, &xs, k, false);
                 run_rows(m, k, y, x86::vnni::rows, &q);
                 return Ok(());
             }
+            let q = quantize_activations(m, &xs, k);
             run_rows(m, k, y, rows_fn(isa), &q.xhat[..]);
         }
     }

@@ -339,3 +339,12 @@ unsafe fn sparse_int4_f32<const NR: usize, const MODE: u8>(
     }
     acc
 }
+
+/// [`crate::kernels::quantize_blocks`] compiled for this ISA (LLVM vectorizes it; the codes are identical).
+///
+/// # Safety
+/// The CPU must support the enabled features.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+pub(crate) unsafe fn quantize_blocks(xs: &[f32], q: &mut crate::kernels::QuantActs) {
+    crate::kernels::quantize_blocks(xs, q)
+}
