@@ -74,4 +74,3 @@ def prune(
         if name not in masks:
             process(name, mod, None)
     return masks
-
