@@ -113,19 +113,22 @@ def test_gradual_stages_on_t5_from_a_recipe(tmp_path):
         "model": str(tmp_path / "t5"),
         "work_dir": str(tmp_path / "work"),
         "data": {"train": str(tmp_path / "pairs.jsonl"), "eval": str(tmp_path / "pairs.jsonl"), "seq_len": 16},
-        "prune": {"method": "wanda", "stages": [0.5, 0.75], "steps_per_stage": 2},
+        "prune": {"method": "wanda", "stages": [0.5, 0.75], "steps_per_stage": 2, "allocation": "owl"},
         "finetune": {"steps": 2, "lr": 1e-3, "batch_size": 4, "w_ce": 1.0, "w_sq": 1.0, "warmup_steps": 1},
     }
     metrics = runner.run(R.validate(r), stages=("prune", "finetune"))
     stages = metrics["prune"]["stages"]
     assert [s["sparsity"] for s in stages] == [0.5, 0.75]
-    assert all(abs(s["achieved"] - s["sparsity"]) < 0.01 and s["ppl"] > 1 and s["finetune"]["sq"] > 0 for s in stages)
-    assert abs(metrics["prune"]["sparsity"] - 0.75) < 0.01 and abs(metrics["finetune"]["sparsity"] - 0.75) < 0.01
+    # OWL gives each block its own sparsity; Wanda rounds each row's count down (rows of 64 or 128 inputs).
+    assert all(abs(s["achieved"] - s["sparsity"]) < 1 / 64 and s["ppl"] > 1 and s["finetune"]["sq"] > 0 for s in stages)
+    assert abs(metrics["prune"]["sparsity"] - 0.75) < 1 / 64
+    assert metrics["finetune"]["sparsity"] == metrics["prune"]["sparsity"]
     assert (tmp_path / "work" / "gradual-ckpt" / "stage-1").is_dir()
     for bad, match in (
         ({"stages": [0.5, 0.4]}, "increasing"),
         ({"stages": [0.5], "sparsity": 0.5}, "not both"),
         ({"steps_per_stage": 3}, "needs prune.stages"),
+        ({"allocation": "lumpy"}, "allocation"),
     ):
         with pytest.raises(R.RecipeError, match=match):
             R.validate({**r, "prune": bad})

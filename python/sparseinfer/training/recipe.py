@@ -9,7 +9,7 @@ quantization and the export, and ``run`` carries them out. Validated up front wi
       eval: data/eval/               # optional; perplexity before/after each stage
       seq_len: 256
       calibration_samples: 64
-    prune:    {method: sparsegpt, sparsity: 0.7, structure: unstructured}
+    prune:    {method: sparsegpt, sparsity: 0.7, structure: unstructured}   # allocation: owl for OWL
     finetune: {steps: 200, lr: 1.0e-4, batch_size: 8, w_ce: 1.0, w_kd: 0.0, w_sq: 1.0}
     quantize: {bits: 8, group_size: null, method: gptq}
     export:   {out_dir: runs/sparse70/export}
@@ -43,6 +43,9 @@ PRUNE_KEYS = {
     "ignore",
     "block_size",
     "damp",
+    "allocation",
+    "owl_lambda",
+    "owl_m",
     "stages",
     "steps_per_stage",
 }
@@ -88,6 +91,8 @@ def validate(recipe: dict) -> dict:
         s = p.get("sparsity", 0.5)
         if not isinstance(s, (int, float)) or not 0 <= s < 1:
             raise RecipeError(f"prune.sparsity must be a number in [0, 1), got {s!r}")
+        if p.get("allocation", "uniform") not in ("uniform", "owl"):
+            raise RecipeError(f"prune.allocation must be uniform or owl, got {p.get('allocation')!r}")
         if "stages" in p:
             if "sparsity" in p:
                 raise RecipeError("prune: give either sparsity (one shot) or stages (gradual), not both")
@@ -120,7 +125,7 @@ def validate(recipe: dict) -> dict:
     if r.get("export") is not None:
         _check_keys("export", r["export"], EXPORT_KEYS)
     needs_data = (r.get("prune") or {}).get("method", "sparsegpt") != "magnitude" and r.get("prune") is not None
-    needs_data |= bool((r.get("prune") or {}).get("stages"))
+    needs_data |= bool((r.get("prune") or {}).get("stages")) or (r.get("prune") or {}).get("allocation") == "owl"
     needs_data |= r.get("finetune") is not None or (r.get("quantize") or {}).get("method", "gptq") == "gptq"
     if needs_data and not data.get("train"):
         raise RecipeError("data.train is required for calibration or fine-tuning")

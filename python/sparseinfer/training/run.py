@@ -124,8 +124,8 @@ class Runner:
         model = _load(self.src)
         before = self.ppl(model)
         method = p.get("method", "sparsegpt")
-        cal = self.calibration(model) if method != "magnitude" else None
-        keys = ("structure", "ignore", "block_size", "damp")
+        cal = self.calibration(model) if method != "magnitude" or p.get("allocation") == "owl" else None
+        keys = ("structure", "ignore", "block_size", "damp", "allocation", "owl_lambda", "owl_m")
         kw = {k: p[k] for k in keys if k in p}
         values: dict[str, Any] = {"ppl_dense": before}
         if p.get("stages"):
