@@ -41,9 +41,10 @@ pub fn avx512_supported() -> bool {
         && is_x86_feature_detected!("avx512vbmi2")
 }
 
-/// AVX-512 VNNI (`vpdpbusd`), used by the integer-activation kernels on top of the AVX-512 path.
+/// AVX-512 VNNI (`vpdpbusd`) and VBMI (`vpmultishiftqb`, int4 unpacking), used by the integer-activation
+/// kernels on top of the AVX-512 path (every CPU with VBMI2 has VBMI too).
 pub fn vnni_supported() -> bool {
-    avx512_supported() && is_x86_feature_detected!("avx512vnni")
+    avx512_supported() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vbmi")
 }
 
 /// The kernel-relevant features this CPU reports.
