@@ -77,3 +77,5 @@ def test_config_is_validated(pruned):
         T.finetune(model, teacher, examples(), {"lr": 0})
     with pytest.raises(ValueError, match="examples"):
         T.finetune(model, teacher, [], {})
+    with pytest.raises(ValueError, match="parallel"):
+        T.finetune(model, teacher, examples(), {"parallel": "zero3"})

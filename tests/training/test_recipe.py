@@ -1,5 +1,5 @@
-"""Recipes: validation errors, every stage through the CLI on a tiny model, and fine-tuning under torchrun (DDP,
-2 CPU processes, gloo)."""
+"""Recipes: validation errors, every stage through the CLI on a tiny model, staged gradual pruning of a tiny T5,
+and fine-tuning under torchrun (DDP and FSDP, 2 CPU processes, gloo)."""
 
 import json
 import subprocess
@@ -132,3 +132,39 @@ def test_gradual_stages_on_t5_from_a_recipe(tmp_path):
     ):
         with pytest.raises(R.RecipeError, match=match):
             R.validate({**r, "prune": bad})
+
+
+def test_finetune_under_torchrun_fsdp_keeps_masks_and_matches_ddp(setup, tmp_path):
+    import math
+
+    import transformers as tf
+
+    from sparseinfer.training import masks_from_zeros, prunable_linears, prune
+
+    pruned = tf.AutoModelForCausalLM.from_pretrained(setup / "model")
+    masks = prune(pruned, "magnitude", 0.6)
+    weights = {}
+    for parallel in ("fsdp", "ddp"):
+        work = tmp_path / parallel
+        pruned.save_pretrained(work / "pruned")  # the finetune stage starts from work_dir/pruned
+        r = recipe(setup, work_dir=str(work))
+        r["finetune"].update(steps=2, parallel=parallel, w_kd=1.0)
+        del r["prune"], r["quantize"]
+        path = tmp_path / f"{parallel}.yaml"
+        path.write_text(yaml.safe_dump(r))
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29534"]
+        out = cli("finetune", str(path), launcher=launcher + ["-m"], timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        metrics = json.loads((work / "metrics.json").read_text())["finetune"]
+        assert metrics["world_size"] == 2 and metrics["steps"] == 2
+        assert all(math.isfinite(metrics["final"][k]) and metrics["final"][k] > 0 for k in ("ce", "kd", "sq"))
+        model = tf.AutoModelForCausalLM.from_pretrained(work / "finetuned")
+        kept = masks_from_zeros(model, prunable_linears(model))
+        for name, keep in masks.items():
+            assert torch.equal(kept[name], keep), f"{parallel}: {name} mask changed"
+        weights[parallel] = model.state_dict()
+        state = torch.load(work / "finetune-ckpt" / "checkpoint.pt", weights_only=False)
+        assert state["format"] == ("fsdp-full" if parallel == "fsdp" else "plain") and state["step"] == 2
+    # The same gradient-averaged AdamW steps, sharded or not.
+    for k, v in weights["ddp"].items():
+        torch.testing.assert_close(weights["fsdp"][k], v, rtol=0, atol=1e-5, msg=k)

@@ -2,7 +2,8 @@
 
 The thin driver around the pure losses (``distill.losses``) and mask keeping (``masks.MaskKeeper``): AdamW with
 linear warmup and decay, gradient accumulation, optional bf16 autocast, checkpoint + resume, seeded, and DDP when
-launched under ``torchrun`` / ``accelerate launch`` (one process per rank; the data is sharded by rank).
+launched under ``torchrun`` / ``accelerate launch`` (one process per rank; the data is sharded by rank), or FSDP
+(``parallel="fsdp"``: FSDP2 ``fully_shard`` per transformer block, so gradients and optimizer state are sharded).
 Causal LMs and encoder-decoders (T5, Whisper, BART): for the latter SquareHead compares the encoder's and the
 decoder's block outputs, each over its own non-padding tokens, and CE/KD are over the decoder's labels.
 """
@@ -47,6 +48,7 @@ class FinetuneConfig:
     save_every: int = 0
     out_dir: str | None = None
     keep_masks: bool = True
+    parallel: str = "ddp"  # under torchrun: "ddp", or "fsdp" (FSDP2 fully_shard; torch >= 2.6); one process: unused
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -68,6 +70,8 @@ class FinetuneConfig:
             raise ValueError("loss weights must be >= 0 and not all zero")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -109,6 +113,54 @@ def _dist():
     return dist if dist.is_initialized() else None
 
 
+def _fully_shard(student: nn.Module) -> nn.Module:
+    """An FSDP2-sharded copy of ``student``: each transformer block is one FSDP unit, the rest (embeddings, head,
+    final norm) the root's. The copy is trained; ``_gather_into`` writes its weights back into ``student``."""
+    import copy
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as e:  # pragma: no cover - torch < 2.6
+        raise RuntimeError("parallel='fsdp' needs torch >= 2.6 (torch.distributed.fsdp.fully_shard)") from e
+    from .pruning.calibrate import block_stacks
+
+    model = copy.deepcopy(student)
+    for blocks in block_stacks(model):
+        for block in blocks:
+            fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def _full_state(model: nn.Module, opt, fsdp: bool, rank0_only: bool = True):
+    """The model's (and optimizer's) full, unsharded state dicts. Under FSDP every rank must call this (it
+    gathers); with ``rank0_only`` only rank 0 gets the tensors."""
+    if not fsdp:
+        return model.state_dict(), (opt.state_dict() if opt is not None else None)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
+    if opt is None:
+        return get_model_state_dict(model, options=options), None
+    return get_state_dict(model, opt, options=options)
+
+
+def _load_full_state(model: nn.Module, opt, model_state: dict, opt_state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        model.load_state_dict(model_state)
+        opt.load_state_dict(opt_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(
+        model,
+        opt,
+        model_state_dict=model_state,
+        optim_state_dict=opt_state,
+        options=StateDictOptions(full_state_dict=True),
+    )
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     torch.save(obj, tmp)
@@ -142,23 +194,30 @@ def finetune(
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     if masks is None and cfg.keep_masks:
         masks = masks_from_zeros(student, prunable_linears(student))
-    keeper = MaskKeeper(student, masks) if masks else None
+    fsdp = dist is not None and cfg.parallel == "fsdp"
     model: nn.Module = student
-    if dist:
+    if fsdp:
+        model = _fully_shard(student)
+    elif dist:
         model = nn.parallel.DistributedDataParallel(student)
+    # Under FSDP the sharded copy is trained: its weights are DTensors, and MaskKeeper shards the masks to match.
+    trained = model if fsdp else student
+    keeper = MaskKeeper(trained, masks) if masks else None
     if teacher is not None:
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    params = [p for p in student.parameters() if p.requires_grad]
+    params = [p for p in trained.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, max(cfg.steps, 1)))
     step = 0
     ckpt = Path(cfg.out_dir) / "checkpoint.pt" if cfg.out_dir else None
+    ckpt_format = "fsdp-full" if fsdp else "plain"  # FSDP's full optimizer state is keyed by parameter name
     if ckpt is not None and ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        student.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        if state.get("format", "plain") != ckpt_format:
+            raise ValueError(f"{ckpt} holds {state.get('format', 'plain')!r} state; this run needs {ckpt_format!r}")
+        _load_full_state(trained, opt, state["model"], state["optimizer"], fsdp)
         sched.load_state_dict(state["scheduler"])
         step = state["step"]
         torch.set_rng_state(state["torch_rng"])
@@ -229,21 +288,28 @@ def finetune(
             bar.update(1)
             if step % max(cfg.log_every, 1) == 0 or step == cfg.steps:
                 bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items() if v})
+        if ckpt is not None and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
+            model_state, opt_state = _full_state(trained, opt, fsdp)  # under FSDP: a gather every rank joins
         if ckpt is not None and rank == 0 and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             _atomic_save(
                 {
-                    "model": student.state_dict(),
-                    "optimizer": opt.state_dict(),
+                    "model": model_state,
+                    "optimizer": opt_state,
                     "scheduler": sched.state_dict(),
                     "step": step,
                     "torch_rng": torch.get_rng_state(),
+                    "format": ckpt_format,
                     "config": asdict(cfg),
                 },
                 ckpt,
             )
     if bar is not None:
         bar.close()
+    if fsdp:
+        # Every rank gets the full trained weights back into the caller's (unsharded) model.
+        full, _ = _full_state(trained, None, fsdp, rank0_only=False)
+        student.load_state_dict(full)
     student.eval()
     last = history[-1] if history else {}
     return {

@@ -126,6 +126,9 @@ class MaskKeeper:
     """Keeps pruned weights at exactly zero during fine-tuning: their gradients are zeroed before the optimizer
     step (so Adam's moments for them stay zero and nothing revives them) and the weights are re-masked after it.
 
+    Works on FSDP2-sharded models (``fully_shard``): a weight that is a DTensor gets its mask sharded the same way,
+    so each rank masks only its own shard. (FSDP1's flattened parameters are not supported.)
+
     >>> keeper = MaskKeeper(model, masks)
     >>> loss.backward(); keeper.before_step(); opt.step(); keeper.after_step()
     """
@@ -134,9 +137,9 @@ class MaskKeeper:
         mods = dict(model.named_modules())
         self.items = []
         for name, mask in masks.items():
-            mod = mods[name]
-            m = mask.t() if type(mod).__name__ == "Conv1D" else mask
-            self.items.append((mod.weight, m.to(mod.weight.device)))
+            w = mods[name].weight
+            m = mask.t() if type(mods[name]).__name__ == "Conv1D" else mask
+            self.items.append((w, _like(m, w)))
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -148,3 +151,17 @@ class MaskKeeper:
     def after_step(self) -> None:
         for p, m in self.items:
             p.mul_(m.to(p.dtype))
+
+
+def _like(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The bool mask on the weight's device, sharded like it when the weight is a DTensor."""
+    if tuple(mask.shape) != tuple(weight.shape):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(weight.shape)}")
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:  # pragma: no cover - torch < 2.4
+        DTensor = None
+    if DTensor is not None and isinstance(weight, DTensor):
+        # Every rank holds the same full mask, so each cuts out its own shard (no communication).
+        return distribute_tensor(mask.to(weight.device), weight.device_mesh, weight.placements, src_data_rank=None)
+    return mask.to(weight.device)
