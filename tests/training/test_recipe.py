@@ -4,6 +4,7 @@ and fine-tuning under torchrun (DDP and FSDP, 2 CPU processes, gloo)."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +169,8 @@ def test_finetune_under_torchrun_fsdp_keeps_masks_and_matches_ddp(setup, tmp_pat
     # The same gradient-averaged AdamW steps, sharded or not.
     for k, v in weights["ddp"].items():
         torch.testing.assert_close(weights["fsdp"][k], v, rtol=0, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "training" / "recipes").glob("*.yaml")))
+def test_shipped_recipes_validate(path):
+    R.load(path)
