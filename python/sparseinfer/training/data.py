@@ -167,7 +167,9 @@ def calibration_batches(
     examples: Sequence[dict], n: int, batch_size: int = 4, seq2seq: tuple[int, int] | None = None
 ) -> list[dict]:
     """The first ``n`` examples as model-input batches for pruning and GPTQ. For an encoder-decoder pass
-    ``seq2seq=(pad id, decoder start id)`` (``seq2seq_ids(model)``): the batches then carry the decoder inputs."""
+    ``seq2seq=(pad id, decoder start id)`` (``seq2seq_ids(model)``): the batches then carry the decoder inputs.
+    Examples of different lengths are padded, and the padding positions count in the calibration statistics;
+    ``batch_size=1`` avoids that."""
     ex = list(examples[:n])
     if not ex:
         raise ValueError("no calibration examples")

@@ -13,9 +13,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-# Not pruned by default: embeddings, the output head (Whisper's is ``proj_out``) and norms are not nn.Linear inside
-# blocks, except the head.
-DEFAULT_IGNORE = ("lm_head", "proj_out", "*embed*", "*wte*", "*wpe*", "*norm*", "*ln_*", "*score*")
+# Not pruned by default: embeddings, the output head (Whisper's is the top-level ``proj_out``) and norms are not
+# nn.Linear inside blocks, except the head.
+DEFAULT_IGNORE = ("lm_head", "re:^proj_out$", "*embed*", "*wte*", "*wpe*", "*norm*", "*ln_*", "*score*")
 
 
 def _ignored(name: str, ignore: Iterable[str]) -> bool:
