@@ -273,10 +273,10 @@ pub(crate) fn quantize_blocks(xs: &[f32], q: &mut QuantActs) {
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
         q.sx[b] = s;
         let at = b * CHUNK;
-        for j in 0..CHUNK {
+        for (j, v) in block.iter().enumerate() {
             // Round half away from zero without libm (baseline x86-64 has no roundss): truncate, then step
             // away from zero when the exact remainder (r - t is exact below 2^23) is at least one half.
-            let r = (block[j] * inv).clamp(-127.0, 127.0);
+            let r = (v * inv).clamp(-127.0, 127.0);
             // SAFETY: r is finite and within ±127.
             let t = unsafe { r.to_int_unchecked::<i32>() };
             let step = if r < 0.0 { -1 } else { 1 };
