@@ -103,13 +103,15 @@ def loss_terms(out_s, out_t, batch: dict[str, torch.Tensor], cfg: FinetuneConfig
     return ce, kd, sq
 
 
-def _dist():
+def _dist(device: torch.device):
+    """torch.distributed under torchrun (initialized here if needed): nccl when the model is on CUDA, else gloo
+    (a visible GPU does not make a CPU model's process group nccl)."""
     import torch.distributed as dist
 
     if not dist.is_available():
         return None
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist if dist.is_initialized() else None
 
 
@@ -190,7 +192,7 @@ def finetune(
         raise ValueError("no training examples")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    dist = _dist()
+    dist = _dist(next(student.parameters()).device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     if masks is None and cfg.keep_masks:
         masks = masks_from_zeros(student, prunable_linears(student))
