@@ -3,7 +3,8 @@
 Decoding is memory-bound, so each timed round rotates over enough copies of the matrix that the working set is
 ``SPARSEINFER_BENCH_BYTES`` (default 1.2 GB, over 4x the L3 of the machines we run on, 32 MB on the current AMD
 EPYC): the reads come from DRAM, as in a real decode step. Each case records its time per matvec, effective GB/s
-(packed bytes / time) and that as a fraction of the read bandwidth measured in the same run. Correctness is asserted before timing.
+(packed bytes / time) and that as a fraction of the read bandwidth measured in the same run. Correctness is
+asserted before timing.
 
     make bench      # timings on: JSON in bench/results/, table and plot in docs/benchmarks/
 
