@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: help setup setup-train develop test lint demo bench bench-e2e wheel clean
+.PHONY: help setup setup-train develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e wheel clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -39,6 +39,22 @@ lint: setup  ## rustfmt, clippy -D warnings, ruff
 test: develop setup-train lint  ## everything CI checks: lint, cargo test, pytest
 	cargo test -p sparseinfer-core --quiet
 	$(PY) -m pytest -q
+
+# The NEON kernels, cross-compiled for aarch64 and run under qemu against the scalar reference. Installs the
+# cross toolchain when missing: rustup's aarch64 std, and apt's cross gcc and qemu-user.
+AARCH64 := aarch64-unknown-linux-gnu
+AARCH64_APT := qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+aarch64-toolchain:  ## install the aarch64 cross toolchain if missing (rustup std, cross gcc, qemu-user)
+	rustup target list --installed | grep -q $(AARCH64) || rustup target add $(AARCH64)
+	command -v qemu-aarch64 >/dev/null && command -v aarch64-linux-gnu-gcc >/dev/null || \
+		apt-get install -y -q $(AARCH64_APT) >/dev/null || \
+		(apt-get update -q >/dev/null && apt-get install -y -q $(AARCH64_APT) >/dev/null)
+
+test-aarch64: aarch64-toolchain  ## kernel tests for aarch64 (NEON and scalar paths) under qemu
+	cargo clippy -p sparseinfer-core --target $(AARCH64) --all-targets --quiet -- -D warnings
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" \
+		cargo test -p sparseinfer-core --target $(AARCH64) --release --quiet --test kernels
 
 PROMPT ?= Once upon a time
 demo: develop  ## the main job: generate text with the default model (SmolLM2-135M), dense and sparse-int8

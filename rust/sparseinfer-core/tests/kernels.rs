@@ -209,6 +209,17 @@ fn every_variant_on_odd_and_model_shapes() {
     }
 }
 
+/// The SIMD path of the architecture is detected, so the comparisons above really ran it.
+#[test]
+fn the_architecture_simd_path_is_available() {
+    let isas = kernels::available_isas();
+    #[cfg(target_arch = "aarch64")]
+    assert!(isas.contains(&Isa::Neon), "{isas:?}");
+    #[cfg(target_arch = "x86_64")]
+    assert!(!isas.contains(&Isa::Neon), "{isas:?}");
+    assert_eq!(isas[0], Isa::Scalar);
+}
+
 #[test]
 fn threaded_large_matrix_matches_reference() {
     // Large enough to be split over the pool.

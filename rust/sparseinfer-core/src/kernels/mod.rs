@@ -5,8 +5,10 @@
 //! variants live in `#[target_feature]` functions and are only called after runtime detection, so the
 //! crate builds for baseline x86-64.
 //!
-//! `SPARSEINFER_ISA=scalar|avx2|avx512` (or [`set_isa`]) forces a path, so tests can run all of them.
+//! `SPARSEINFER_ISA=scalar|avx2|avx512|neon` (or [`set_isa`]) forces a path, so tests can run all of them.
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 pub mod reference;
 pub mod vector;
 #[cfg(target_arch = "x86_64")]
@@ -26,11 +28,13 @@ pub enum Isa {
     Avx2,
     /// x86-64 AVX-512 F/BW/DQ/VL + VBMI2 (`vpexpandb`/`vpexpandw`).
     Avx512,
+    /// aarch64 NEON (Advanced SIMD).
+    Neon,
 }
 
 impl Isa {
     /// Every path, slowest first.
-    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon];
 
     /// The stable name used by `SPARSEINFER_ISA` and `build_info()`.
     pub fn name(self) -> &'static str {
@@ -38,13 +42,14 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
         }
     }
 
     /// Parses a name from [`Isa::name`].
     pub fn from_name(name: &str) -> Result<Isa> {
         Isa::ALL.into_iter().find(|i| i.name() == name.trim().to_ascii_lowercase()).ok_or_else(|| {
-            Error::invalid("isa", format!("unknown ISA {name:?}; expected one of scalar, avx2, avx512, auto"))
+            Error::invalid("isa", format!("unknown ISA {name:?}; expected one of scalar, avx2, avx512, neon, auto"))
         })
     }
 
@@ -56,7 +61,9 @@ impl Isa {
             Isa::Avx2 => x86::avx2_supported(),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => x86::avx512_supported(),
-            #[cfg(not(target_arch = "x86_64"))]
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => aarch64::neon_supported(),
+            #[allow(unreachable_patterns)]
             _ => false,
         }
     }
@@ -78,7 +85,11 @@ pub fn cpu_features() -> Vec<&'static str> {
     {
         x86::features()
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    {
+        aarch64::features()
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         Vec::new()
     }
@@ -144,6 +155,8 @@ fn rows_fn(isa: Isa) -> RowsFn {
         Isa::Avx2 => x86::avx2::rows,
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => x86::avx512::rows,
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => aarch64::neon::rows,
         #[allow(unreachable_patterns)]
         _ => reference::rows,
     }
@@ -349,6 +362,8 @@ pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32],
 /// The ISA a call would run on and whether it takes the integer-activation (VNNI) kernels, for reports.
 pub fn kernel_name(m: &PackedMatrix, act: Activations) -> Result<String> {
     let isa = active_isa()?;
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = act;
     #[cfg(target_arch = "x86_64")]
     if act == Activations::Int8 && isa == Isa::Avx512 && x86::vnni::supports(m) {
         return Ok(format!("{}_i8 (avx512vnni)", m.format.name().replace('-', "_")));

@@ -2,6 +2,7 @@
 //! by the active ISA. The scalar versions are the reference; both sum in a fixed order of 8 lanes, so results
 //! differ only by FMA rounding.
 
+#[cfg(target_arch = "x86_64")]
 use super::{active_isa, Isa};
 
 /// The dot and axpy functions of the active ISA, chosen once. Loops that call them per element (attention

@@ -1,0 +1,390 @@
+//! NEON kernels (aarch64). Kernel names: `<weight format>_f32` (f32 activations; int8 activations run these
+//! kernels on `x̂`, like AVX2).
+//!
+//! Same walk as the x86 kernels: 64-column chunks, up to `NR` activation rows, and here 8 columns (one mask
+//! byte) per step as two 4-lane f32 vectors. NEON has no expand instruction, so sparse decode looks up, per
+//! mask byte, a `tbl` control that moves the next popcount(b) packed values into the set lanes; indices
+//! past the table (0xFF) give zero bytes, so pruned lanes come out as 0:
+//!
+//! ```text
+//! mask byte b = 0b0010_1101         packed values: v0 v1 v2 v3 ...
+//! lane:          7654 3210
+//! i8:   tbl with TBL_I8[b]  = [0,FF,1,2,FF,3,FF,FF]            -> [v0, 0, v1, v2, 0, v3, 0, 0]
+//! bf16: tbl with TBL_I16[b] = two bytes per lane (16-byte table)
+//! f32:  tbl2 with TBL_I32[b] = four bytes per lane (32-byte table, two 16-byte halves of the output)
+//! ```
+//! then the pointer advances by popcount(b) values.
+
+use crate::formats::{Format, PackedMatrix, CHUNK};
+use core::arch::aarch64::*;
+
+const ROW: u8 = 0;
+const GRP: u8 = 1;
+const ASYM: u8 = 2;
+
+/// Four accumulators per activation row: lanes 0-3 and 4-7 of even and of odd mask bytes.
+type Acc<const NR: usize> = [[float32x4_t; 4]; NR];
+
+#[repr(align(16))]
+struct Lut<const N: usize>([[u8; N]; 256]);
+
+/// For each mask byte: `tbl` control placing value `rank` (of `width` bytes) in each set lane.
+static TBL_I8: Lut<8> = Lut(build_tbl::<8>(1));
+static TBL_I16: Lut<16> = Lut(build_tbl::<16>(2));
+static TBL_I32: Lut<32> = Lut(build_tbl::<32>(4));
+
+const fn build_tbl<const N: usize>(width: usize) -> [[u8; N]; 256] {
+    let mut t = [[0xFFu8; N]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let (mut lane, mut rank) = (0, 0);
+        while lane < 8 {
+            if b >> lane & 1 == 1 {
+                let mut k = 0;
+                while k < width {
+                    t[b][lane * width + k] = (rank * width + k) as u8;
+                    k += 1;
+                }
+                rank += 1;
+            }
+            lane += 1;
+        }
+        b += 1;
+    }
+    t
+}
+
+/// Computes rows `r0..r1` for `k` activation rows: four at a time, then one at a time.
+///
+/// # Safety
+/// The CPU must support NEON; `xs` holds `k × cols_pad` floats; `y` is valid for writes at `a·rows + r` for
+/// every `a < k` and `r0 <= r < r1`.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, xs: &[f32], k: usize, y: *mut f32) {
+    debug_assert!(xs.len() >= k * m.cols_pad);
+    for r in r0..r1 {
+        let mut a = 0;
+        while a + 4 <= k {
+            row::<4>(m, r, xs, a, y);
+            a += 4;
+        }
+        while a < k {
+            row::<1>(m, r, xs, a, y);
+            a += 1;
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn row<const NR: usize>(m: &PackedMatrix, r: usize, xs: &[f32], a0: usize, y: *mut f32) {
+    let xp: [*const f32; NR] = core::array::from_fn(|a| xs.as_ptr().add((a0 + a) * m.cols_pad));
+    let mode = if m.asym {
+        ASYM
+    } else if m.group != 0 && m.group != m.cols_pad {
+        GRP
+    } else {
+        ROW
+    };
+    let acc: Acc<NR> = match (m.format, mode) {
+        (Format::DenseF32, _) => dense_f32_f32(m, r, &xp),
+        (Format::DenseBf16, _) => dense_bf16_f32(m, r, &xp),
+        (Format::DenseInt8, ROW) => dense_int8_f32::<NR, ROW>(m, r, &xp),
+        (Format::DenseInt8, _) => dense_int8_f32::<NR, GRP>(m, r, &xp),
+        (Format::DenseInt4, ROW) => dense_int4_f32::<NR, ROW>(m, r, &xp),
+        (Format::DenseInt4, GRP) => dense_int4_f32::<NR, GRP>(m, r, &xp),
+        (Format::DenseInt4, _) => dense_int4_f32::<NR, ASYM>(m, r, &xp),
+        (Format::SparseF32, _) => sparse_f32_f32(m, r, &xp),
+        (Format::SparseBf16, _) => sparse_bf16_f32(m, r, &xp),
+        (Format::SparseInt8, ROW) => sparse_int8_f32::<NR, ROW>(m, r, &xp),
+        (Format::SparseInt8, _) => sparse_int8_f32::<NR, GRP>(m, r, &xp),
+        (Format::SparseInt4, ROW) => sparse_int4_f32::<NR, ROW>(m, r, &xp),
+        (Format::SparseInt4, GRP) => sparse_int4_f32::<NR, GRP>(m, r, &xp),
+        (Format::SparseInt4, _) => sparse_int4_f32::<NR, ASYM>(m, r, &xp),
+    };
+    let scale = if mode == ROW && m.group != 0 { m.scales[r] } else { 1.0 };
+    for (a, acc) in acc.iter().enumerate() {
+        let sum = vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]));
+        *y.add((a0 + a) * m.rows + r) = vaddvq_f32(sum) * scale;
+    }
+}
+
+/// `acc[a] += w · x[a][col..col+8]` for every activation row; `i` (the mask byte) picks the accumulator pair.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn fma_rows<const NR: usize>(
+    acc: &mut Acc<NR>,
+    i: usize,
+    w: [float32x4_t; 2],
+    xp: &[*const f32; NR],
+    col: usize,
+) {
+    let j = 2 * (i & 1);
+    for a in 0..NR {
+        acc[a][j] = vfmaq_f32(acc[a][j], w[0], vld1q_f32(xp[a].add(col)));
+        acc[a][j + 1] = vfmaq_f32(acc[a][j + 1], w[1], vld1q_f32(xp[a].add(col + 4)));
+    }
+}
+
+/// Scale parameters of one row: its scales and mins, and log2 of the group size.
+struct RowScales {
+    d: *const f32,
+    m: *const f32,
+    shift: u32,
+}
+
+impl RowScales {
+    fn of(m: &PackedMatrix, r: usize) -> RowScales {
+        let g = m.groups();
+        RowScales {
+            d: m.scales.as_ptr().wrapping_add(r * g),
+            m: m.mins.as_ptr().wrapping_add(r * g),
+            shift: m.group.trailing_zeros(),
+        }
+    }
+}
+
+/// Dequantizes 8 codes (as f32) at column `col` (8 columns never straddle a group: groups are >= 32).
+/// `keep` (the mask byte) zeroes pruned lanes for the asymmetric form, whose `m` would make them nonzero.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn dequant<const MODE: u8>(q: [float32x4_t; 2], keep: u8, s: &RowScales, col: usize) -> [float32x4_t; 2] {
+    match MODE {
+        ROW => q,
+        GRP => {
+            let d = *s.d.add(col >> s.shift);
+            [vmulq_n_f32(q[0], d), vmulq_n_f32(q[1], d)]
+        }
+        _ => {
+            let g = col >> s.shift;
+            let (d, mn) = (vdupq_n_f32(*s.d.add(g)), vdupq_n_f32(*s.m.add(g)));
+            let lanes = lane_masks(keep);
+            [
+                vreinterpretq_f32_u32(vandq_u32(lanes[0], vreinterpretq_u32_f32(vfmaq_f32(mn, q[0], d)))),
+                vreinterpretq_f32_u32(vandq_u32(lanes[1], vreinterpretq_u32_f32(vfmaq_f32(mn, q[1], d)))),
+            ]
+        }
+    }
+}
+
+/// All-ones u32 lanes where bit `lane` of `b` is set (lanes 0-3, 4-7).
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn lane_masks(b: u8) -> [uint32x4_t; 2] {
+    const BITS: [u32; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
+    let v = vdupq_n_u32(b as u32);
+    let (lo, hi) = (vld1q_u32(BITS.as_ptr()), vld1q_u32(BITS.as_ptr().add(4)));
+    [vtstq_u32(v, lo), vtstq_u32(v, hi)]
+}
+
+/// 8 signed byte codes as two f32x4.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn i8x8_to_f32(v: int8x8_t) -> [float32x4_t; 2] {
+    let w = vmovl_s8(v);
+    [vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))), vcvtq_f32_s32(vmovl_high_s16(w))]
+}
+
+/// 8 bytes of packed nibbles (column `2j` in the low nibble of byte `j`) -> 16 codes in order, 0..=15, as
+/// two 8-byte halves (columns 0-7 and 8-15).
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn nibbles(p: *const u8) -> [uint8x8_t; 2] {
+    let v = vld1_u8(p);
+    let (lo, hi) = (vand_u8(v, vdup_n_u8(0x0F)), vshr_n_u8::<4>(v));
+    [vzip1_u8(lo, hi), vzip2_u8(lo, hi)]
+}
+
+/// Symmetric int4 nibbles hold `q + 8`; the asymmetric ones hold `q`.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn center_int4<const MODE: u8>(v: uint8x8_t) -> int8x8_t {
+    let s = vreinterpret_s8_u8(v);
+    if MODE == ASYM {
+        s
+    } else {
+        vsub_s8(s, vdup_n_s8(8))
+    }
+}
+
+fn zero_acc<const NR: usize>() -> Acc<NR> {
+    // SAFETY: an all-zero bit pattern is a valid float32x4_t (+0.0 in every lane).
+    unsafe { core::mem::zeroed() }
+}
+
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn dense_f32_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*const f32; NR]) -> Acc<NR> {
+    let w = m.data.as_ptr().add(m.row_start(r)) as *const f32;
+    let mut acc = zero_acc::<NR>();
+    for col in (0..m.cols_pad).step_by(8) {
+        fma_rows(&mut acc, col / 8, [vld1q_f32(w.add(col)), vld1q_f32(w.add(col + 4))], xp, col);
+    }
+    acc
+}
+
+/// 8 bf16 values as two f32x4: bf16 is the upper half of an f32.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn bf16x8_to_f32(h: uint16x8_t) -> [float32x4_t; 2] {
+    [vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(h))), vreinterpretq_f32_u32(vshll_high_n_u16::<16>(h))]
+}
+
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn dense_bf16_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*const f32; NR]) -> Acc<NR> {
+    let w = m.data.as_ptr().add(m.row_start(r)) as *const u16;
+    let mut acc = zero_acc::<NR>();
+    for col in (0..m.cols_pad).step_by(8) {
+        fma_rows(&mut acc, col / 8, bf16x8_to_f32(vld1q_u16(w.add(col))), xp, col);
+    }
+    acc
+}
+
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn dense_int8_f32<const NR: usize, const MODE: u8>(
+    m: &PackedMatrix,
+    r: usize,
+    xp: &[*const f32; NR],
+) -> Acc<NR> {
+    let w = m.data.as_ptr().add(m.row_start(r)) as *const i8;
+    let s = RowScales::of(m, r);
+    let mut acc = zero_acc::<NR>();
+    for col in (0..m.cols_pad).step_by(8) {
+        let q = i8x8_to_f32(vld1_s8(w.add(col)));
+        fma_rows(&mut acc, col / 8, dequant::<MODE>(q, 0xFF, &s, col), xp, col);
+    }
+    acc
+}
+
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn dense_int4_f32<const NR: usize, const MODE: u8>(
+    m: &PackedMatrix,
+    r: usize,
+    xp: &[*const f32; NR],
+) -> Acc<NR> {
+    let w = m.data.as_ptr().add(m.row_start(r));
+    let s = RowScales::of(m, r);
+    let mut acc = zero_acc::<NR>();
+    for col16 in (0..m.cols_pad).step_by(16) {
+        for (j, half) in nibbles(w.add(col16 / 2)).into_iter().enumerate() {
+            let col = col16 + 8 * j;
+            let q = i8x8_to_f32(center_int4::<MODE>(half));
+            fma_rows(&mut acc, j, dequant::<MODE>(q, 0xFF, &s, col), xp, col);
+        }
+    }
+    acc
+}
+
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn sparse_f32_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*const f32; NR]) -> Acc<NR> {
+    let mut p = m.data.as_ptr().add(m.row_start(r));
+    let masks = m.masks.as_ptr().add(r * m.chunks());
+    let mut acc = zero_acc::<NR>();
+    for ch in 0..m.chunks() {
+        let mask = *masks.add(ch);
+        for i in 0..8 {
+            let b = (mask >> (8 * i)) as u8 as usize;
+            let t = uint8x16x2_t(vld1q_u8(p), vld1q_u8(p.add(16)));
+            let idx = TBL_I32.0[b].as_ptr();
+            let w = [
+                vreinterpretq_f32_u8(vqtbl2q_u8(t, vld1q_u8(idx))),
+                vreinterpretq_f32_u8(vqtbl2q_u8(t, vld1q_u8(idx.add(16)))),
+            ];
+            p = p.add(4 * b.count_ones() as usize);
+            fma_rows(&mut acc, i, w, xp, ch * CHUNK + 8 * i);
+        }
+    }
+    acc
+}
+
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn sparse_bf16_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*const f32; NR]) -> Acc<NR> {
+    let mut p = m.data.as_ptr().add(m.row_start(r));
+    let masks = m.masks.as_ptr().add(r * m.chunks());
+    let mut acc = zero_acc::<NR>();
+    for ch in 0..m.chunks() {
+        let mask = *masks.add(ch);
+        for i in 0..8 {
+            let b = (mask >> (8 * i)) as u8 as usize;
+            let h = vqtbl1q_u8(vld1q_u8(p), vld1q_u8(TBL_I16.0[b].as_ptr()));
+            p = p.add(2 * b.count_ones() as usize);
+            fma_rows(&mut acc, i, bf16x8_to_f32(vreinterpretq_u16_u8(h)), xp, ch * CHUNK + 8 * i);
+        }
+    }
+    acc
+}
+
+/// Expands and accumulates the 64 columns of one chunk from signed byte codes at `p` (int8 codes, or int4
+/// codes already unpacked and centred to bytes).
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn chunk_codes<const NR: usize, const MODE: u8>(
+    acc: &mut Acc<NR>,
+    mut p: *const u8,
+    mask: u64,
+    s: &RowScales,
+    xp: &[*const f32; NR],
+    ch: usize,
+) {
+    for i in 0..8 {
+        let b = (mask >> (8 * i)) as u8;
+        let codes = vqtbl1_u8(vld1q_u8(p), vld1_u8(TBL_I8.0[b as usize].as_ptr()));
+        p = p.add(b.count_ones() as usize);
+        let col = ch * CHUNK + 8 * i;
+        let q = i8x8_to_f32(vreinterpret_s8_u8(codes));
+        fma_rows(acc, i, dequant::<MODE>(q, b, s, col), xp, col);
+    }
+}
+
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn sparse_int8_f32<const NR: usize, const MODE: u8>(
+    m: &PackedMatrix,
+    r: usize,
+    xp: &[*const f32; NR],
+) -> Acc<NR> {
+    let mut p = m.data.as_ptr().add(m.row_start(r));
+    let masks = m.masks.as_ptr().add(r * m.chunks());
+    let s = RowScales::of(m, r);
+    let mut acc = zero_acc::<NR>();
+    for ch in 0..m.chunks() {
+        let mask = *masks.add(ch);
+        chunk_codes::<NR, MODE>(&mut acc, p, mask, &s, xp, ch);
+        p = p.add(mask.count_ones() as usize);
+    }
+    acc
+}
+
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn sparse_int4_f32<const NR: usize, const MODE: u8>(
+    m: &PackedMatrix,
+    r: usize,
+    xp: &[*const f32; NR],
+) -> Acc<NR> {
+    let mut p = m.data.as_ptr().add(m.row_start(r));
+    let masks = m.masks.as_ptr().add(r * m.chunks());
+    let s = RowScales::of(m, r);
+    let mut acc = zero_acc::<NR>();
+    // The chunk's codes unpacked and centred to bytes, plus 16 bytes of slack for the last 16-byte load.
+    let mut buf = [0u8; CHUNK + 16];
+    for ch in 0..m.chunks() {
+        let mask = *masks.add(ch);
+        let n = mask.count_ones() as usize;
+        // Unpack only the bytes this chunk uses (8 packed bytes hold 16 codes).
+        for h in 0..n.div_ceil(16) {
+            for (j, half) in nibbles(p.add(8 * h)).into_iter().enumerate() {
+                let codes = vreinterpret_u8_s8(center_int4::<MODE>(half));
+                vst1_u8(buf.as_mut_ptr().add(16 * h + 8 * j), codes);
+            }
+        }
+        chunk_codes::<NR, MODE>(&mut acc, buf.as_ptr(), mask, &s, xp, ch);
+        p = p.add(n.div_ceil(2));
+    }
+    acc
+}
