@@ -387,12 +387,16 @@ fn run_rows<A: ?Sized + Sync>(
         unsafe { f(m, 0, m.rows, acts, k, out.0) };
         return;
     }
-    // About 8 tasks per thread for balance, in multiples of 16 rows.
-    let per_task = m.rows.div_ceil(threads * 8).div_ceil(16) * 16;
-    let n_tasks = m.rows.div_ceil(per_task);
-    parallel::global().run(n_tasks, threads, &|t| {
-        let r0 = t * per_task;
-        let r1 = (r0 + per_task).min(m.rows);
+    // Guided scheduling: each task takes 1/(2·threads) of the rows not yet handed out (a multiple of 16), so
+    // the first tasks are long sequential streams (the hardware prefetchers ramp up again at every task start;
+    // 8 equal tasks per thread were ~10-20 % slower from DRAM) and the short tail still balances a slow thread.
+    let mut bounds = vec![0];
+    while let Some(&r) = bounds.last().filter(|&&r| r < m.rows) {
+        let size = (m.rows - r).div_ceil(2 * threads).div_ceil(16) * 16;
+        bounds.push((r + size).min(m.rows));
+    }
+    parallel::global().run(bounds.len() - 1, threads, &|t| {
+        let (r0, r1) = (bounds[t], bounds[t + 1]);
         let out = &out;
         // SAFETY: tasks write disjoint row ranges of y.
         unsafe { f(m, r0, r1, acts, k, out.0) };
