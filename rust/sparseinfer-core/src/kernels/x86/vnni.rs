@@ -61,6 +61,9 @@ pub(crate) fn supports(m: &PackedMatrix) -> bool {
     matches!(m.format.elem(), Elem::I8 | Elem::I4) && !(m.format.is_sparse() && m.asym) && super::vnni_supported()
 }
 
+/// Chunk scales from two 32-column weight groups (see [`chunk_scale`]).
+const GRP32: u8 = 3;
+
 /// Rows per batched horizontal reduction.
 const BATCH: usize = 16;
 
@@ -117,17 +120,28 @@ unsafe fn batch<const NR: usize>(m: &PackedMatrix, g0: usize, g1: usize, q: &Qua
     } else {
         ROW
     };
+    // How chunk scales are formed, fixed per kernel instantiation (a run-time test in the loop cost ~5 %):
+    // per row, per group of >= 64 columns, or two 32-column groups per chunk.
+    let scaling = match mode {
+        ROW => ROW,
+        _ if m.group >= CHUNK => GRP,
+        _ => GRP32,
+    };
     let mut sums = [[_mm512_setzero_ps(); BATCH]; NR];
     for r in g0..g1 {
-        let acc: Acc<NR> = match (m.format, mode) {
+        let acc: Acc<NR> = match (m.format, scaling) {
             (Format::DenseInt8, ROW) => dense_int8_i8::<NR, ROW>(m, r, &act),
-            (Format::DenseInt8, _) => dense_int8_i8::<NR, GRP>(m, r, &act),
+            (Format::DenseInt8, GRP) => dense_int8_i8::<NR, GRP>(m, r, &act),
+            (Format::DenseInt8, _) => dense_int8_i8::<NR, GRP32>(m, r, &act),
             (Format::SparseInt8, ROW) => sparse_int8_i8::<NR, ROW>(m, r, &act),
-            (Format::SparseInt8, _) => sparse_int8_i8::<NR, GRP>(m, r, &act),
+            (Format::SparseInt8, GRP) => sparse_int8_i8::<NR, GRP>(m, r, &act),
+            (Format::SparseInt8, _) => sparse_int8_i8::<NR, GRP32>(m, r, &act),
             (Format::DenseInt4, ROW) => dense_int4_i8::<NR, ROW>(m, r, &act),
-            (Format::DenseInt4, _) => dense_int4_i8::<NR, GRP>(m, r, &act),
+            (Format::DenseInt4, GRP) => dense_int4_i8::<NR, GRP>(m, r, &act),
+            (Format::DenseInt4, _) => dense_int4_i8::<NR, GRP32>(m, r, &act),
             (Format::SparseInt4, ROW) => sparse_int4_i8::<NR, ROW>(m, r, &act),
-            (Format::SparseInt4, _) => sparse_int4_i8::<NR, GRP>(m, r, &act),
+            (Format::SparseInt4, GRP) => sparse_int4_i8::<NR, GRP>(m, r, &act),
+            (Format::SparseInt4, _) => sparse_int4_i8::<NR, GRP32>(m, r, &act),
             _ => unreachable!("vnni::supports admits integer formats only"),
         };
         for a in 0..NR {
@@ -202,7 +216,7 @@ unsafe fn hsum16(v: &[__m512; BATCH]) -> __m512 {
 /// (lane `j` covers columns `4j..4j+4`, so a 32-column group splits the lanes 8/8).
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn chunk_scale<const MODE: u8>(s: &RowScales, group: usize, sx: *const f32, ch: usize) -> __m512 {
+unsafe fn chunk_scale<const MODE: u8>(s: &RowScales, sx: *const f32, ch: usize) -> __m512 {
     // Both factors are broadcast straight from memory (load ports) and multiplied on the FMA ports: a
     // broadcast from a register would add to port 5, which vpexpandb and the mask moves already saturate.
     let sx = _mm512_set1_ps(*sx.add(ch));
@@ -210,7 +224,7 @@ unsafe fn chunk_scale<const MODE: u8>(s: &RowScales, group: usize, sx: *const f3
         return sx;
     }
     let g = (ch * CHUNK) >> s.shift;
-    if group >= CHUNK {
+    if MODE == GRP {
         _mm512_mul_ps(sx, _mm512_set1_ps(*s.d.add(g)))
     } else {
         let d = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(*s.d.add(g)), _mm512_set1_ps(*s.d.add(g + 1)));
@@ -226,14 +240,13 @@ unsafe fn signed_chunk<const NR: usize, const MODE: u8>(
     w: __m512i,
     act: &[ActRow; NR],
     s: &RowScales,
-    group: usize,
     ch: usize,
 ) {
     let offset = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), w);
     for (a, x) in act.iter().enumerate() {
         let xu = _mm512_loadu_si512(x.xu.add(ch * CHUNK) as *const _);
         let dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xu, w), offset);
-        acc[a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), chunk_scale::<MODE>(s, group, x.sx, ch), acc[a]);
+        acc[a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), chunk_scale::<MODE>(s, x.sx, ch), acc[a]);
     }
 }
 
@@ -245,13 +258,12 @@ unsafe fn unsigned_chunk<const NR: usize, const MODE: u8>(
     c: __m512i,
     act: &[ActRow; NR],
     s: &RowScales,
-    group: usize,
     ch: usize,
 ) {
     for (a, x) in act.iter().enumerate() {
         let xa = _mm512_loadu_si512(x.xq.add(ch * CHUNK) as *const _);
         let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xa);
-        acc[a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), chunk_scale::<MODE>(s, group, x.sx, ch), acc[a]);
+        acc[a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), chunk_scale::<MODE>(s, x.sx, ch), acc[a]);
     }
 }
 
@@ -264,7 +276,7 @@ unsafe fn dense_int8_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: us
     for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
         _mm_prefetch::<_MM_HINT_T0>(p.add(ch * CHUNK + PREFETCH) as *const i8);
         let w = _mm512_loadu_si512(p.add(ch * CHUNK) as *const _);
-        signed_chunk::<NR, MODE>(acc, w, act, &s, m.group, ch);
+        signed_chunk::<NR, MODE>(acc, w, act, &s, ch);
     });
     [acc0, acc1]
 }
@@ -281,7 +293,7 @@ unsafe fn sparse_int8_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: u
         _mm_prefetch::<_MM_HINT_T0>(p.add(PREFETCH) as *const i8);
         let w = _mm512_maskz_expand_epi8(mask, load512_nofold!(p));
         p = p.add(mask.count_ones() as usize);
-        signed_chunk::<NR, MODE>(acc, w, act, &s, m.group, ch);
+        signed_chunk::<NR, MODE>(acc, w, act, &s, ch);
     });
     [acc0, acc1]
 }
@@ -295,7 +307,7 @@ unsafe fn dense_int4_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: us
     for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
         _mm_prefetch::<_MM_HINT_T0>(p.add(ch * CHUNK / 2 + PREFETCH) as *const i8);
         let c = nibbles(p.add(ch * CHUNK / 2)); // unsigned codes; zero points added per row
-        unsigned_chunk::<NR, MODE>(acc, c, act, &s, m.group, ch);
+        unsigned_chunk::<NR, MODE>(acc, c, act, &s, ch);
     });
     [acc0, acc1]
 }
@@ -314,7 +326,7 @@ unsafe fn sparse_int4_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: u
         // point term is the same precomputed Σ -8·d·x̂ as for dense int4.
         let c = _mm512_mask_expand_epi8(_mm512_set1_epi8(8), mask, nibbles(p));
         p = p.add((mask.count_ones() as usize).div_ceil(2));
-        unsigned_chunk::<NR, MODE>(acc, c, act, &s, m.group, ch);
+        unsigned_chunk::<NR, MODE>(acc, c, act, &s, ch);
     });
     [acc0, acc1]
 }
