@@ -10,6 +10,8 @@
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
 pub mod reference;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+mod simd;
 pub mod vector;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -213,13 +215,14 @@ pub struct QuantActs {
     pub k: usize,
     /// `k × cols_pad` codes.
     pub xq: Vec<i8>,
-    /// The same codes offset to unsigned, `xq + 128` (the unsigned operand of the VNNI int8-weight kernels).
+    /// The same codes offset to unsigned, `xq + 128` (the unsigned operand of the VNNI int8-weight kernels);
+    /// empty when `xhat` is filled instead.
     pub xu: Vec<u8>,
     /// `k × chunks` block scales.
     pub sx: Vec<f32>,
     /// `k × groups` sums of `x̂` per weight scale group (int4 zero points: `Σ m·x̂`).
     pub gsum: Vec<f32>,
-    /// `k × cols_pad` dequantized activations `x̂`, for the f32 kernels.
+    /// `k × cols_pad` dequantized activations `x̂`, for the f32 kernels (empty on the VNNI path).
     pub xhat: Vec<f32>,
 }
 
@@ -228,7 +231,8 @@ pub fn quantize_activations(m: &PackedMatrix, xs: &[f32], k: usize) -> QuantActs
     quantize_activations_for(m, xs, k, true)
 }
 
-/// [`quantize_activations`]; `xhat: false` leaves `xhat` empty (the VNNI kernels read only the codes).
+/// [`quantize_activations`] for one consumer: `xhat: true` fills `x̂` for the f32 kernels and leaves `xu`
+/// empty; `false` fills the offset codes `xu` for the VNNI kernels and leaves `x̂` empty.
 /// The per-block work is compiled for AVX-512 and AVX2 as well, where the CPU has them: every copy computes
 /// the same codes bit for bit (the rounding below is exact), so the ISA never changes a result.
 fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, xhat: bool) -> QuantActs {
@@ -237,7 +241,7 @@ fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, xhat: bool) 
     let mut q = QuantActs {
         k,
         xq: vec![0; k * cp],
-        xu: vec![0x80; k * cp],
+        xu: if xhat { Vec::new() } else { vec![0x80; k * cp] },
         sx: vec![0.0; k * chunks],
         gsum: vec![0.0; k * groups],
         xhat: if xhat { vec![0.0; k * cp] } else { Vec::new() },
@@ -295,7 +299,11 @@ pub(crate) fn quantize_blocks(xs: &[f32], q: &mut QuantActs) {
             let step = if r < 0.0 { -1 } else { 1 };
             let code = t + if (r - t as f32).abs() >= 0.5 { step } else { 0 };
             q.xq[at + j] = code as i8;
-            q.xu[at + j] = (code + 128) as u8;
+        }
+        if !q.xu.is_empty() {
+            for j in 0..CHUNK {
+                q.xu[at + j] = (q.xq[at + j] as u8) ^ 0x80; // q + 128
+            }
         }
         if with_xhat {
             for j in 0..CHUNK {

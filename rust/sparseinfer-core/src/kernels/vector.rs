@@ -53,7 +53,7 @@ pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use core::arch::x86_64::*;
 
     /// [`dot`] behind a safe signature; only installed by [`super::ops`] when a SIMD ISA (hence AVX2+FMA) is

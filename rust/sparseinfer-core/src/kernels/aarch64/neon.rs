@@ -16,11 +16,8 @@
 //! then the pointer advances by popcount(b) values.
 
 use crate::formats::{Format, PackedMatrix, CHUNK};
+use crate::kernels::simd::{expand_table, scale_mode, RowScales, ASYM, GRP, ROW};
 use core::arch::aarch64::*;
-
-const ROW: u8 = 0;
-const GRP: u8 = 1;
-const ASYM: u8 = 2;
 
 /// Four accumulators per activation row: lanes 0-3 and 4-7 of even and of odd mask bytes.
 type Acc<const NR: usize> = [[float32x4_t; 4]; NR];
@@ -28,31 +25,10 @@ type Acc<const NR: usize> = [[float32x4_t; 4]; NR];
 #[repr(align(16))]
 struct Lut<const N: usize>([[u8; N]; 256]);
 
-/// For each mask byte: `tbl` control placing value `rank` (of `width` bytes) in each set lane.
-static TBL_I8: Lut<8> = Lut(build_tbl::<8>(1));
-static TBL_I16: Lut<16> = Lut(build_tbl::<16>(2));
-static TBL_I32: Lut<32> = Lut(build_tbl::<32>(4));
-
-const fn build_tbl<const N: usize>(width: usize) -> [[u8; N]; 256] {
-    let mut t = [[0xFFu8; N]; 256];
-    let mut b = 0;
-    while b < 256 {
-        let (mut lane, mut rank) = (0, 0);
-        while lane < 8 {
-            if b >> lane & 1 == 1 {
-                let mut k = 0;
-                while k < width {
-                    t[b][lane * width + k] = (rank * width + k) as u8;
-                    k += 1;
-                }
-                rank += 1;
-            }
-            lane += 1;
-        }
-        b += 1;
-    }
-    t
-}
+/// For each mask byte: `tbl` control placing value `rank` (of 1, 2 or 4 bytes) in each set lane.
+static TBL_I8: Lut<8> = Lut(expand_table(1));
+static TBL_I16: Lut<16> = Lut(expand_table(2));
+static TBL_I32: Lut<32> = Lut(expand_table(4));
 
 /// Computes rows `r0..r1` for `k` activation rows: four at a time, then one at a time.
 ///
@@ -79,13 +55,7 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, xs: &[f32], k:
 #[target_feature(enable = "neon")]
 unsafe fn row<const NR: usize>(m: &PackedMatrix, r: usize, xs: &[f32], a0: usize, y: *mut f32) {
     let xp: [*const f32; NR] = core::array::from_fn(|a| xs.as_ptr().add((a0 + a) * m.cols_pad));
-    let mode = if m.asym {
-        ASYM
-    } else if m.group != 0 && m.group != m.cols_pad {
-        GRP
-    } else {
-        ROW
-    };
+    let mode = scale_mode(m);
     let acc: Acc<NR> = match (m.format, mode) {
         (Format::DenseF32, _) => dense_f32_f32(m, r, &xp),
         (Format::DenseBf16, _) => dense_bf16_f32(m, r, &xp),
@@ -123,24 +93,6 @@ unsafe fn fma_rows<const NR: usize>(
     for a in 0..NR {
         acc[a][j] = vfmaq_f32(acc[a][j], w[0], vld1q_f32(xp[a].add(col)));
         acc[a][j + 1] = vfmaq_f32(acc[a][j + 1], w[1], vld1q_f32(xp[a].add(col + 4)));
-    }
-}
-
-/// Scale parameters of one row: its scales and mins, and log2 of the group size.
-struct RowScales {
-    d: *const f32,
-    m: *const f32,
-    shift: u32,
-}
-
-impl RowScales {
-    fn of(m: &PackedMatrix, r: usize) -> RowScales {
-        let g = m.groups();
-        RowScales {
-            d: m.scales.as_ptr().wrapping_add(r * g),
-            m: m.mins.as_ptr().wrapping_add(r * g),
-            shift: m.group.trailing_zeros(),
-        }
     }
 }
 

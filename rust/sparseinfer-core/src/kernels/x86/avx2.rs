@@ -8,17 +8,14 @@
 //! mask byte b = 0b0010_1101         packed values: v0 v1 v2 v3 ...
 //! lane:          7654 3210
 //! f32:  vpermps with EXPAND_IDX[b] = [0,0,1,2,0,3,0,0] -> [v0, x, v1, v2, x, v3, x, x], AND LANE_MASK[b]
-//! i8:   pshufb  with SHUF_I8[b]    = [0,80,1,2,80,3,80,80] (0x80 zeroes a byte)
+//! i8:   pshufb  with SHUF_I8[b]    = [0,FF,1,2,FF,3,FF,FF] (a set high bit zeroes a byte)
 //! bf16: pshufb  with SHUF_I16[b]   = two bytes per lane
 //! ```
 //! then the pointer advances by popcount(b) values.
 
 use crate::formats::{Format, PackedMatrix, CHUNK};
+use crate::kernels::simd::{expand_table, scale_mode, RowScales, ASYM, GRP, ROW};
 use core::arch::x86_64::*;
-
-const ROW: u8 = 0;
-const GRP: u8 = 1;
-const ASYM: u8 = 2;
 
 type Acc<const NR: usize> = [[__m256; 2]; NR];
 
@@ -32,9 +29,9 @@ static EXPAND_IDX: Lut32 = Lut32(build_expand_idx());
 /// For each mask byte: all-ones in set lanes.
 static LANE_MASK: Lut32 = Lut32(build_lane_mask());
 /// For each mask byte: pshufb control placing byte `rank` in each set lane (first 8 bytes used).
-static SHUF_I8: Lut16 = Lut16(build_shuf(1));
+static SHUF_I8: Lut16 = Lut16(expand_table(1));
 /// For each mask byte: pshufb control placing 16-bit value `rank` in each set lane.
-static SHUF_I16: Lut16 = Lut16(build_shuf(2));
+static SHUF_I16: Lut16 = Lut16(expand_table(2));
 
 const fn build_expand_idx() -> [[u32; 8]; 256] {
     let mut t = [[0u32; 8]; 256];
@@ -69,27 +66,6 @@ const fn build_lane_mask() -> [[u32; 8]; 256] {
     t
 }
 
-const fn build_shuf(width: usize) -> [[u8; 16]; 256] {
-    let mut t = [[0x80u8; 16]; 256];
-    let mut b = 0;
-    while b < 256 {
-        let (mut lane, mut rank) = (0, 0);
-        while lane < 8 {
-            if b >> lane & 1 == 1 {
-                let mut k = 0;
-                while k < width {
-                    t[b][lane * width + k] = (rank * width + k) as u8;
-                    k += 1;
-                }
-                rank += 1;
-            }
-            lane += 1;
-        }
-        b += 1;
-    }
-    t
-}
-
 /// Computes rows `r0..r1` for `k` activation rows: four at a time, then one at a time.
 ///
 /// # Safety
@@ -115,13 +91,7 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, xs: &[f32], k:
 #[target_feature(enable = "avx2,fma,popcnt,bmi2")]
 unsafe fn row<const NR: usize>(m: &PackedMatrix, r: usize, xs: &[f32], a0: usize, y: *mut f32) {
     let xp: [*const f32; NR] = core::array::from_fn(|a| xs.as_ptr().add((a0 + a) * m.cols_pad));
-    let mode = if m.asym {
-        ASYM
-    } else if m.group != 0 && m.group != m.cols_pad {
-        GRP
-    } else {
-        ROW
-    };
+    let mode = scale_mode(m);
     let acc: Acc<NR> = match (m.format, mode) {
         (Format::DenseF32, _) => dense_f32_f32(m, r, &xp),
         (Format::DenseBf16, _) => dense_bf16_f32(m, r, &xp),
@@ -159,24 +129,6 @@ unsafe fn hsum(v: __m256) -> f32 {
 unsafe fn fma_rows<const NR: usize>(acc: &mut Acc<NR>, i: usize, w: __m256, xp: &[*const f32; NR], col: usize) {
     for a in 0..NR {
         acc[a][i & 1] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp[a].add(col)), acc[a][i & 1]);
-    }
-}
-
-/// Scale parameters of one row: its scales and mins, and log2 of the group size.
-struct RowScales {
-    d: *const f32,
-    m: *const f32,
-    shift: u32,
-}
-
-impl RowScales {
-    fn of(m: &PackedMatrix, r: usize) -> RowScales {
-        let g = m.groups();
-        RowScales {
-            d: m.scales.as_ptr().wrapping_add(r * g),
-            m: m.mins.as_ptr().wrapping_add(r * g),
-            shift: m.group.trailing_zeros(),
-        }
     }
 }
 

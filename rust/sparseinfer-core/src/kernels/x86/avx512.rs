@@ -9,14 +9,8 @@
 
 use super::vnni::PREFETCH;
 use crate::formats::{Format, PackedMatrix, CHUNK};
+use crate::kernels::simd::{scale_mode, RowScales, ASYM, GRP, ROW};
 use core::arch::x86_64::*;
-
-/// Scale handling, chosen per matrix and compiled into the kernel: one scale per row (applied once to the
-/// final sum; also used for float formats with scale 1), per group symmetric (`ŵ = d·q`), or per group
-/// asymmetric (`ŵ = d·q + m`, masked so pruned lanes stay zero).
-pub(super) const ROW: u8 = 0;
-pub(super) const GRP: u8 = 1;
-pub(super) const ASYM: u8 = 2;
 
 type Acc<const NR: usize> = [[__m512; 4]; NR];
 
@@ -45,13 +39,7 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, xs: &[f32], k:
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,popcnt,bmi2,fma")]
 unsafe fn row<const NR: usize>(m: &PackedMatrix, r: usize, xs: &[f32], a0: usize, y: *mut f32) {
     let xp: [*const f32; NR] = core::array::from_fn(|a| xs.as_ptr().add((a0 + a) * m.cols_pad));
-    let mode = if m.asym {
-        ASYM
-    } else if m.group != 0 && m.group != m.cols_pad {
-        GRP
-    } else {
-        ROW
-    };
+    let mode = scale_mode(m);
     let acc: Acc<NR> = match (m.format, mode) {
         (Format::DenseF32, _) => dense_f32_f32(m, r, &xp),
         (Format::DenseBf16, _) => dense_bf16_f32(m, r, &xp),
@@ -81,25 +69,6 @@ unsafe fn row<const NR: usize>(m: &PackedMatrix, r: usize, xs: &[f32], a0: usize
 unsafe fn fma_rows<const NR: usize>(acc: &mut Acc<NR>, i: usize, w: __m512, xp: &[*const f32; NR], col: usize) {
     for a in 0..NR {
         acc[a][i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp[a].add(col)), acc[a][i]);
-    }
-}
-
-/// Scale parameters of one row: its scales and mins, and log2 of the group size.
-pub(super) struct RowScales {
-    pub(super) d: *const f32,
-    pub(super) m: *const f32,
-    pub(super) shift: u32,
-}
-
-impl RowScales {
-    pub(super) fn of(m: &PackedMatrix, r: usize) -> RowScales {
-        let g = m.groups();
-        debug_assert!(m.group == 0 || m.group.is_power_of_two() || m.group == m.cols_pad);
-        RowScales {
-            d: m.scales.as_ptr().wrapping_add(r * g),
-            m: m.mins.as_ptr().wrapping_add(r * g),
-            shift: m.group.trailing_zeros(),
-        }
     }
 }
 

@@ -18,8 +18,9 @@
 //!
 //! Sparse asymmetric int4 is not served here (`supports` is false); it runs the f32 kernels on `x̂`.
 
-use super::avx512::{RowScales, ASYM, GRP, ROW};
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
+use crate::kernels::simd::{scale_mode, RowScales, GRP, ROW};
+use crate::kernels::vector::x86::dot;
 use crate::kernels::QuantActs;
 use core::arch::x86_64::*;
 
@@ -113,13 +114,7 @@ unsafe fn batch<const NR: usize>(m: &PackedMatrix, g0: usize, g1: usize, q: &Qua
         xq: q.xq.as_ptr().add((a0 + a) * cp),
         sx: q.sx.as_ptr().add((a0 + a) * chunks),
     });
-    let mode = if m.asym {
-        ASYM
-    } else if m.group != m.cols_pad {
-        GRP
-    } else {
-        ROW
-    };
+    let mode = scale_mode(m);
     // How chunk scales are formed, fixed per kernel instantiation (a run-time test in the loop cost ~5 %):
     // per row, per group of >= 64 columns, or two 32-column groups per chunk.
     let scaling = match mode {
@@ -159,29 +154,14 @@ unsafe fn batch<const NR: usize>(m: &PackedMatrix, g0: usize, g1: usize, q: &Qua
             if m.format.elem() == Elem::I4 {
                 // Zero point of every group: ŵ = d·c + m' with m' = m (asymmetric) or -8·d (symmetric).
                 let gs = q.gsum.as_ptr().add((a0 + a) * groups);
-                *o += if m.asym {
-                    dot(m.mins.as_ptr().add(r * groups), gs, groups)
-                } else {
-                    -8.0 * dot(m.scales.as_ptr().add(r * groups), gs, groups)
-                };
+                let gs = core::slice::from_raw_parts(gs, groups);
+                let row = r * groups..(r + 1) * groups;
+                // A vector dot: a scalar loop is one long chain of dependent adds.
+                *o += if m.asym { dot(&m.mins[row], gs) } else { -8.0 * dot(&m.scales[row], gs) };
             }
             *y.add((a0 + a) * m.rows + r) = *o;
         }
     }
-}
-
-/// `Σ a[i]·b[i]` over `n` values, 16 lanes at a time (a scalar loop is one long chain of dependent adds).
-#[inline]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
-    let mut acc = _mm512_setzero_ps();
-    let mut i = 0;
-    while i < n {
-        let lanes: __mmask16 = if n - i >= 16 { !0 } else { (1u16 << (n - i)) - 1 };
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, a.add(i)), _mm512_maskz_loadu_ps(lanes, b.add(i)), acc);
-        i += 16;
-    }
-    _mm512_reduce_add_ps(acc)
 }
 
 /// Lane `i` of the result is the sum of the 16 lanes of `v[i]`: a transposing tree of 45 shuffles and adds
