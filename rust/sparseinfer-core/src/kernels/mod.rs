@@ -9,6 +9,7 @@
 
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
+pub mod aligned;
 pub mod reference;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod simd;
@@ -19,6 +20,7 @@ mod x86;
 use crate::error::{Error, Result};
 use crate::formats::{PackedMatrix, CHUNK};
 use crate::parallel;
+use aligned::Aligned;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// An instruction-set path of the kernels.
@@ -214,16 +216,16 @@ pub struct QuantActs {
     /// Activation rows.
     pub k: usize,
     /// `k × cols_pad` codes.
-    pub xq: Vec<i8>,
-    /// The same codes offset to unsigned, `xq + 128` (the unsigned operand of the VNNI int8-weight kernels);
-    /// empty when `xhat` is filled instead.
-    pub xu: Vec<u8>,
+    pub xq: Aligned<i8>,
+    /// `k × chunks × 16`: lane `l` of block `b` is `−128 · Σ` of the four codes `64b + 4l .. 64b + 4l + 4`,
+    /// the offset that the VNNI int8-weight kernels subtract (see `x86::vnni`); empty when `xhat` is filled.
+    pub negk: Aligned<i32>,
     /// `k × chunks` block scales.
     pub sx: Vec<f32>,
     /// `k × groups` sums of `x̂` per weight scale group (int4 zero points: `Σ m·x̂`).
     pub gsum: Vec<f32>,
     /// `k × cols_pad` dequantized activations `x̂`, for the f32 kernels (empty on the VNNI path).
-    pub xhat: Vec<f32>,
+    pub xhat: Aligned<f32>,
 }
 
 /// Quantizes `k` zero-padded activation rows of `m.cols_pad()` as [`Activations::Int8`] describes.
@@ -231,8 +233,8 @@ pub fn quantize_activations(m: &PackedMatrix, xs: &[f32], k: usize) -> QuantActs
     quantize_activations_for(m, xs, k, true)
 }
 
-/// [`quantize_activations`] for one consumer: `xhat: true` fills `x̂` for the f32 kernels and leaves `xu`
-/// empty; `false` fills the offset codes `xu` for the VNNI kernels and leaves `x̂` empty.
+/// [`quantize_activations`] for one consumer: `xhat: true` fills `x̂` for the f32 kernels and leaves `negk`
+/// empty; `false` fills the offsets `negk` for the VNNI kernels and leaves `x̂` empty.
 /// The per-block work is compiled for AVX-512 and AVX2 as well, where the CPU has them: every copy computes
 /// the same codes bit for bit (the rounding below is exact), so the ISA never changes a result.
 fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, xhat: bool) -> QuantActs {
@@ -240,11 +242,11 @@ fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, xhat: bool) 
     debug_assert!(xs.len() == k * cp);
     let mut q = QuantActs {
         k,
-        xq: vec![0; k * cp],
-        xu: if xhat { Vec::new() } else { vec![0x80; k * cp] },
+        xq: Aligned::zeroed(k * cp),
+        negk: if xhat { Aligned::empty() } else { Aligned::zeroed(k * chunks * 16) },
         sx: vec![0.0; k * chunks],
         gsum: vec![0.0; k * groups],
-        xhat: if xhat { vec![0.0; k * cp] } else { Vec::new() },
+        xhat: if xhat { Aligned::zeroed(k * cp) } else { Aligned::empty() },
     };
     #[cfg(target_arch = "x86_64")]
     {
@@ -272,7 +274,8 @@ fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, xhat: bool) 
     q
 }
 
-/// Quantizes every 64-value block of `xs` into `q` (codes, offset codes, scales, and `x̂` if allocated).
+/// Quantizes every 64-value block of `xs` into `q` (codes, scales, and the offsets or `x̂`, whichever is
+/// allocated).
 /// Written so LLVM vectorizes it: branch-free selects, a 16-lane max, an exact round half away from zero.
 #[inline(always)]
 pub(crate) fn quantize_blocks(xs: &[f32], q: &mut QuantActs) {
@@ -300,9 +303,10 @@ pub(crate) fn quantize_blocks(xs: &[f32], q: &mut QuantActs) {
             let code = t + if (r - t as f32).abs() >= 0.5 { step } else { 0 };
             q.xq[at + j] = code as i8;
         }
-        if !q.xu.is_empty() {
-            for j in 0..CHUNK {
-                q.xu[at + j] = (q.xq[at + j] as u8) ^ 0x80; // q + 128
+        if !q.negk.is_empty() {
+            for (l, k) in q.negk[b * 16..(b + 1) * 16].iter_mut().enumerate() {
+                let four = &q.xq[at + 4 * l..at + 4 * l + 4];
+                *k = -128 * four.iter().map(|&c| c as i32).sum::<i32>();
             }
         }
         if with_xhat {
@@ -347,12 +351,12 @@ pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32],
         return Err(Error::invalid("matmul", "activation or output length does not match the matrix"));
     }
     // Zero-pad each activation row to cols_pad so no kernel needs a column tail.
-    let mut xs = vec![0.0f32; k * m.cols_pad];
+    let mut xs = Aligned::<f32>::zeroed(k * m.cols_pad);
     for a in 0..k {
         xs[a * m.cols_pad..a * m.cols_pad + m.cols].copy_from_slice(&x[a * m.cols..(a + 1) * m.cols]);
     }
     match act {
-        Activations::F32 => run_rows(m, k, y, rows_fn(isa), &xs),
+        Activations::F32 => run_rows(m, k, y, rows_fn(isa), &xs[..]),
         Activations::Int8 => {
             #[cfg(target_arch = "x86_64")]
             if isa == Isa::Avx512 && x86::vnni::supports(m) {
