@@ -263,24 +263,39 @@ fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, xhat: bool) 
     #[cfg(not(target_arch = "x86_64"))]
     quantize_blocks(xs, &mut q);
     if m.format.elem() == crate::formats::Elem::I4 {
-        // Zero-point sums per weight group (only the int4 kernels use them), from the codes: x̂ = s·code.
-        for a in 0..k {
-            for g in 0..groups {
-                let (c0, c1) = (g * m.group, (g + 1) * m.group);
-                q.gsum[a * groups + g] = (c0..c1).map(|c| q.sx[a * chunks + c / CHUNK] * q.xq[a * cp + c] as f32).sum();
-            }
-        }
+        group_sums(&mut q, m.group);
     }
     q
 }
 
+/// The int4 kernels' zero-point sums `gsum = Σ x̂` per weight group of `group` (32, or a multiple of 64)
+/// columns, from the codes (`x̂ = s·code`): exact integer sums per 32 columns, then one product per block.
+/// A scalar f32 sum over every column was a chain of dependent adds, ~1 µs per 2048 columns.
+fn group_sums(q: &mut QuantActs, group: usize) {
+    let halves: Vec<f32> =
+        q.xq.chunks_exact(CHUNK / 2)
+            .enumerate()
+            .map(|(h, codes)| {
+                let codes: &[i8; CHUNK / 2] = codes.try_into().expect("32 codes");
+                q.sx[h / 2] * codes.iter().map(|&c| c as i32).sum::<i32>() as f32
+            })
+            .collect();
+    for (g, out) in halves.chunks_exact(group / (CHUNK / 2)).zip(q.gsum.iter_mut()) {
+        *out = g.iter().sum();
+    }
+}
+
 /// Quantizes every 64-value block of `xs` into `q` (codes, scales, and the offsets or `x̂`, whichever is
 /// allocated).
-/// Written so LLVM vectorizes it: branch-free selects, a 16-lane max, an exact round half away from zero.
+/// Written so LLVM vectorizes it: fixed-size blocks (no bounds checks in the loops), branch-free selects, a
+/// 16-lane max, an exact round half away from zero.
 #[inline(always)]
 pub(crate) fn quantize_blocks(xs: &[f32], q: &mut QuantActs) {
     let with_xhat = !q.xhat.is_empty();
-    for (b, block) in xs.chunks_exact(CHUNK).enumerate() {
+    let with_negk = !q.negk.is_empty();
+    for (b, (block, codes)) in xs.chunks_exact(CHUNK).zip(q.xq.chunks_exact_mut(CHUNK)).enumerate() {
+        let block: &[f32; CHUNK] = block.try_into().expect("64 values");
+        let codes: &mut [i8; CHUNK] = codes.try_into().expect("64 codes");
         let mut lanes = [0.0f32; 16];
         for part in block.chunks_exact(16) {
             for (l, v) in lanes.iter_mut().zip(part) {
@@ -290,28 +305,28 @@ pub(crate) fn quantize_blocks(xs: &[f32], q: &mut QuantActs) {
         }
         let amax = lanes.iter().fold(0.0f32, |a, &v| if v > a { v } else { a });
         let s = amax / 127.0;
-        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        // Capped so that a block of tiny (subnormal-scale) values cannot make 1/s infinite and 0·∞ a NaN.
+        let inv = if s > 0.0 { (1.0 / s).min(f32::MAX) } else { 0.0 };
         q.sx[b] = s;
-        let at = b * CHUNK;
-        for (j, v) in block.iter().enumerate() {
+        for (c, v) in codes.iter_mut().zip(block) {
             // Round half away from zero without libm (baseline x86-64 has no roundss): truncate, then step
             // away from zero when the exact remainder (r - t is exact below 2^23) is at least one half.
             let r = (v * inv).clamp(-127.0, 127.0);
             // SAFETY: r is finite and within ±127.
             let t = unsafe { r.to_int_unchecked::<i32>() };
             let step = if r < 0.0 { -1 } else { 1 };
-            let code = t + if (r - t as f32).abs() >= 0.5 { step } else { 0 };
-            q.xq[at + j] = code as i8;
+            *c = (t + if (r - t as f32).abs() >= 0.5 { step } else { 0 }) as i8;
         }
-        if !q.negk.is_empty() {
-            for (l, k) in q.negk[b * 16..(b + 1) * 16].iter_mut().enumerate() {
-                let four = &q.xq[at + 4 * l..at + 4 * l + 4];
+        if with_negk {
+            let negk: &mut [i32; 16] = (&mut q.negk[b * 16..(b + 1) * 16]).try_into().expect("16 lanes");
+            for (k, four) in negk.iter_mut().zip(codes.chunks_exact(4)) {
                 *k = -128 * four.iter().map(|&c| c as i32).sum::<i32>();
             }
         }
         if with_xhat {
-            for j in 0..CHUNK {
-                q.xhat[at + j] = s * q.xq[at + j] as f32;
+            let xhat: &mut [f32; CHUNK] = (&mut q.xhat[b * CHUNK..(b + 1) * CHUNK]).try_into().expect("64 values");
+            for (h, &c) in xhat.iter_mut().zip(codes.iter()) {
+                *h = s * c as f32;
             }
         }
     }
@@ -335,7 +350,10 @@ pub fn matmul(m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32], act: Option<
     if y.len() != k * m.rows {
         return Err(Error::invalid(OP, format!("output holds {} values, expected {k} × {}", y.len(), m.rows)));
     }
-    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+    // Branch-free and vectorizable (SSE2 has no unsigned max): an all-ones exponent carries into bit 31.
+    // The position is only looked up on failure.
+    if x.iter().fold(0u32, |a, v| a | ((v.to_bits() & 0x7F80_0000) + 0x0080_0000) >> 31) != 0 {
+        let i = x.iter().position(|v| !v.is_finite()).expect("a non-finite value");
         return Err(Error::invalid(OP, format!("non-finite activation {} at ({}, {})", x[i], i / m.cols, i % m.cols)));
     }
     matmul_on(active_isa()?, m, x, k, y, act.unwrap_or(Activations::default_for(m.format)))
@@ -419,3 +437,74 @@ struct SendPtr(*mut f32);
 // SAFETY: used only for disjoint writes from pool tasks while the owner waits.
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Activation rows that hit every rounding edge: exact halves, the ±127 clamp, zeros, all-zero and
+    /// subnormal-scale blocks, mixed magnitudes.
+    fn edge_rows(cp: usize, k: usize) -> Vec<f32> {
+        let mut s = 0x9E37_79B9u32;
+        let mut rnd = move || {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            s
+        };
+        (0..k * cp)
+            .map(|i| match (i / CHUNK) % 6 {
+                0 => 0.0,
+                1 => 1e-38 * ((rnd() % 7) as f32 - 3.0),
+                2 => ((rnd() % 255) as f32 - 127.0) * 0.5, // many exact halves after scaling
+                3 => f32::from_bits(rnd() & 0xBFFF_FFFF),  // finite, any magnitude below 2^64
+                _ => ((rnd() % 20001) as f32 - 10000.0) * 1e-3,
+            })
+            .collect()
+    }
+
+    fn quantized(xs: &[f32], cp: usize, k: usize, simd: bool) -> QuantActs {
+        let chunks = cp / CHUNK;
+        let mut q = QuantActs {
+            k,
+            xq: Aligned::zeroed(k * cp),
+            negk: Aligned::zeroed(k * chunks * 16),
+            sx: vec![0.0; k * chunks],
+            gsum: Vec::new(),
+            xhat: Aligned::zeroed(k * cp),
+        };
+        if simd {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: only called when AVX-512 is supported.
+            unsafe {
+                x86::avx512::quantize_blocks(xs, &mut q)
+            };
+        } else {
+            quantize_blocks(xs, &mut q);
+        }
+        q
+    }
+
+    #[test]
+    fn every_activation_quantizer_gives_identical_bits() {
+        if !Isa::Avx512.is_supported() {
+            eprintln!("skipped: no AVX-512");
+            return;
+        }
+        let (cp, k) = (CHUNK * 37, 3);
+        let xs = edge_rows(cp, k);
+        let (a, b) = (quantized(&xs, cp, k, false), quantized(&xs, cp, k, true));
+        assert_eq!(&a.xq[..], &b.xq[..]);
+        assert_eq!(&a.negk[..], &b.negk[..]);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.sx), bits(&b.sx));
+        assert_eq!(bits(&a.xhat), bits(&b.xhat));
+        assert!(a.xhat.iter().all(|v| v.is_finite()));
+        // Spot-check the rounding itself: 63.5 → 64, -63.5 → -64 in a block whose maximum is 127.
+        let mut xs = vec![0.0f32; CHUNK];
+        xs[..3].copy_from_slice(&[127.0, 63.5, -63.5]);
+        let q = quantized(&xs, CHUNK, 1, false);
+        assert_eq!(&q.xq[..3], &[127, 64, -64]);
+        assert_eq!(q.negk[0], -128 * (127 + 64 - 64));
+    }
+}

@@ -309,11 +309,75 @@ unsafe fn sparse_int4_f32<const NR: usize, const MODE: u8>(
     acc
 }
 
-/// [`crate::kernels::quantize_blocks`] compiled for this ISA (LLVM vectorizes it; the codes are identical).
+/// [`crate::kernels::quantize_blocks`] written out for AVX-512, with the same f32 operations in the same
+/// order, so the codes, scales, offsets and `x̂` are bit-identical (a unit test checks it). LLVM's
+/// vectorization of the portable loop reduced each block's maximum through scalar shuffles and a mask-register
+/// dance: ~1.4 µs per 2048 columns, more than the matvec of a 256-row sparse matrix.
 ///
 /// # Safety
 /// The CPU must support the enabled features.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 pub(crate) unsafe fn quantize_blocks(xs: &[f32], q: &mut crate::kernels::QuantActs) {
-    crate::kernels::quantize_blocks(xs, q)
+    let (with_xhat, with_negk) = (!q.xhat.is_empty(), !q.negk.is_empty());
+    let abs = _mm512_set1_epi32(0x7FFF_FFFF);
+    let (lo, hi, half) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0), _mm512_set1_ps(0.5));
+    let one = _mm512_set1_epi32(1);
+    for (b, block) in xs.chunks_exact(CHUNK).enumerate() {
+        let x: [__m512; 4] = core::array::from_fn(|i| _mm512_loadu_ps(block.as_ptr().add(16 * i)));
+        let a: [__m512; 4] =
+            core::array::from_fn(|i| _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x[i]), abs)));
+        // Lane maxima as the portable loop forms them (a > l ? a : l over the four 16-value parts), then
+        // their maximum: max is exact, so the order of the reduction does not matter.
+        let mut l = _mm512_setzero_ps();
+        for v in a {
+            l = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, l), l, v);
+        }
+        let amax = _mm512_reduce_max_ps(l);
+        let s = amax / 127.0;
+        let inv = _mm512_set1_ps(if s > 0.0 { (1.0 / s).min(f32::MAX) } else { 0.0 });
+        *q.sx.get_unchecked_mut(b) = s;
+        let codes: [__m512i; 4] = core::array::from_fn(|i| {
+            let r = _mm512_max_ps(_mm512_min_ps(_mm512_mul_ps(x[i], inv), hi), lo);
+            let t = _mm512_cvttps_epi32(r);
+            let frac = _mm512_sub_ps(r, _mm512_cvtepi32_ps(t));
+            let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(
+                _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(frac), abs)),
+                half,
+            );
+            // ±1 by the sign of r (-0.0 never steps: its remainder is 0).
+            let step = _mm512_mask_blend_epi32(
+                _mm512_cmp_ps_mask::<_CMP_LT_OQ>(r, _mm512_setzero_ps()),
+                one,
+                _mm512_set1_epi32(-1),
+            );
+            _mm512_mask_add_epi32(t, away, t, step)
+        });
+        let packed = _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm512_cvtepi32_epi8(codes[0])),
+                _mm512_cvtepi32_epi8(codes[1]),
+            )),
+            _mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm512_cvtepi32_epi8(codes[2])),
+                _mm512_cvtepi32_epi8(codes[3]),
+            ),
+        );
+        _mm512_storeu_si512(q.xq.as_mut_ptr().add(b * CHUNK) as *mut _, packed);
+        if with_negk {
+            // Σ of each four codes: byte pairs to i16, then i16 pairs to i32; times -128.
+            let pairs = _mm512_maddubs_epi16(_mm512_set1_epi8(1), packed);
+            let fours = _mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
+            let negk = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32::<7>(fours));
+            _mm512_storeu_si512(q.negk.as_mut_ptr().add(b * 16) as *mut _, negk);
+        }
+        if with_xhat {
+            let sv = _mm512_set1_ps(s);
+            for (i, c) in codes.iter().enumerate() {
+                _mm512_storeu_ps(
+                    q.xhat.as_mut_ptr().add(b * CHUNK + 16 * i),
+                    _mm512_mul_ps(sv, _mm512_cvtepi32_ps(*c)),
+                );
+            }
+        }
+    }
 }
