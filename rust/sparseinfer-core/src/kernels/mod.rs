@@ -217,9 +217,9 @@ pub struct QuantActs {
     pub k: usize,
     /// `k × cols_pad` codes.
     pub xq: Aligned<i8>,
-    /// `k × chunks × 16`: lane `l` of block `b` is `−128 · Σ` of the four codes `64b + 4l .. 64b + 4l + 4`,
-    /// the offset that the VNNI int8-weight kernels subtract (see `x86::vnni`); empty when `xhat` is filled.
-    pub negk: Aligned<i32>,
+    /// The same codes offset to unsigned, `xq + 128` (the unsigned operand of the VNNI int8-weight kernels);
+    /// empty when `xhat` is filled instead.
+    pub xu: Aligned<u8>,
     /// `k × chunks` block scales.
     pub sx: Vec<f32>,
     /// `k × groups` sums of `x̂` per weight scale group (int4 zero points: `Σ m·x̂`).
@@ -233,8 +233,8 @@ pub fn quantize_activations(m: &PackedMatrix, xs: &[f32], k: usize) -> QuantActs
     quantize_activations_for(m, xs, k, true)
 }
 
-/// [`quantize_activations`] for one consumer: `xhat: true` fills `x̂` for the f32 kernels and leaves `negk`
-/// empty; `false` fills the offsets `negk` for the VNNI kernels and leaves `x̂` empty.
+/// [`quantize_activations`] for one consumer: `xhat: true` fills `x̂` for the f32 kernels and leaves `xu`
+/// empty; `false` fills the offset codes `xu` for the VNNI kernels and leaves `x̂` empty.
 /// The per-block work is compiled for AVX-512 and AVX2 as well, where the CPU has them: every copy computes
 /// the same codes bit for bit (the rounding below is exact), so the ISA never changes a result.
 fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, xhat: bool) -> QuantActs {
@@ -243,7 +243,7 @@ fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, xhat: bool) 
     let mut q = QuantActs {
         k,
         xq: Aligned::zeroed(k * cp),
-        negk: if xhat { Aligned::empty() } else { Aligned::zeroed(k * chunks * 16) },
+        xu: if xhat { Aligned::empty() } else { Aligned::zeroed(k * cp) },
         sx: vec![0.0; k * chunks],
         gsum: vec![0.0; k * groups],
         xhat: if xhat { Aligned::zeroed(k * cp) } else { Aligned::empty() },
@@ -285,14 +285,14 @@ fn group_sums(q: &mut QuantActs, group: usize) {
     }
 }
 
-/// Quantizes every 64-value block of `xs` into `q` (codes, scales, and the offsets or `x̂`, whichever is
-/// allocated).
+/// Quantizes every 64-value block of `xs` into `q` (codes, scales, and the offset codes or `x̂`, whichever
+/// is allocated).
 /// Written so LLVM vectorizes it: fixed-size blocks (no bounds checks in the loops), branch-free selects, a
 /// 16-lane max, an exact round half away from zero.
 #[inline(always)]
 pub(crate) fn quantize_blocks(xs: &[f32], q: &mut QuantActs) {
     let with_xhat = !q.xhat.is_empty();
-    let with_negk = !q.negk.is_empty();
+    let with_xu = !q.xu.is_empty();
     for (b, (block, codes)) in xs.chunks_exact(CHUNK).zip(q.xq.chunks_exact_mut(CHUNK)).enumerate() {
         let block: &[f32; CHUNK] = block.try_into().expect("64 values");
         let codes: &mut [i8; CHUNK] = codes.try_into().expect("64 codes");
@@ -317,10 +317,10 @@ pub(crate) fn quantize_blocks(xs: &[f32], q: &mut QuantActs) {
             let step = if r < 0.0 { -1 } else { 1 };
             *c = (t + if (r - t as f32).abs() >= 0.5 { step } else { 0 }) as i8;
         }
-        if with_negk {
-            let negk: &mut [i32; 16] = (&mut q.negk[b * 16..(b + 1) * 16]).try_into().expect("16 lanes");
-            for (k, four) in negk.iter_mut().zip(codes.chunks_exact(4)) {
-                *k = -128 * four.iter().map(|&c| c as i32).sum::<i32>();
+        if with_xu {
+            let xu: &mut [u8; CHUNK] = (&mut q.xu[b * CHUNK..(b + 1) * CHUNK]).try_into().expect("64 codes");
+            for (u, &c) in xu.iter_mut().zip(codes.iter()) {
+                *u = (c as u8) ^ 0x80; // c + 128
             }
         }
         if with_xhat {
@@ -468,7 +468,7 @@ mod tests {
         let mut q = QuantActs {
             k,
             xq: Aligned::zeroed(k * cp),
-            negk: Aligned::zeroed(k * chunks * 16),
+            xu: Aligned::zeroed(k * cp),
             sx: vec![0.0; k * chunks],
             gsum: Vec::new(),
             xhat: Aligned::zeroed(k * cp),
@@ -495,7 +495,7 @@ mod tests {
         let xs = edge_rows(cp, k);
         let (a, b) = (quantized(&xs, cp, k, false), quantized(&xs, cp, k, true));
         assert_eq!(&a.xq[..], &b.xq[..]);
-        assert_eq!(&a.negk[..], &b.negk[..]);
+        assert_eq!(&a.xu[..], &b.xu[..]);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&a.sx), bits(&b.sx));
         assert_eq!(bits(&a.xhat), bits(&b.xhat));
@@ -505,6 +505,6 @@ mod tests {
         xs[..3].copy_from_slice(&[127.0, 63.5, -63.5]);
         let q = quantized(&xs, CHUNK, 1, false);
         assert_eq!(&q.xq[..3], &[127, 64, -64]);
-        assert_eq!(q.negk[0], -128 * (127 + 64 - 64));
+        assert_eq!(&q.xu[..3], &[255, 192, 64]);
     }
 }

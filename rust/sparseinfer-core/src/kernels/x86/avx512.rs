@@ -310,7 +310,7 @@ unsafe fn sparse_int4_f32<const NR: usize, const MODE: u8>(
 }
 
 /// [`crate::kernels::quantize_blocks`] written out for AVX-512, with the same f32 operations in the same
-/// order, so the codes, scales, offsets and `x̂` are bit-identical (a unit test checks it). LLVM's
+/// order, so the codes, scales, offset codes and `x̂` are bit-identical (a unit test checks it). LLVM's
 /// vectorization of the portable loop reduced each block's maximum through scalar shuffles and a mask-register
 /// dance: ~1.4 µs per 2048 columns, more than the matvec of a 256-row sparse matrix.
 ///
@@ -318,7 +318,7 @@ unsafe fn sparse_int4_f32<const NR: usize, const MODE: u8>(
 /// The CPU must support the enabled features.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 pub(crate) unsafe fn quantize_blocks(xs: &[f32], q: &mut crate::kernels::QuantActs) {
-    let (with_xhat, with_negk) = (!q.xhat.is_empty(), !q.negk.is_empty());
+    let (with_xhat, with_xu) = (!q.xhat.is_empty(), !q.xu.is_empty());
     let abs = _mm512_set1_epi32(0x7FFF_FFFF);
     let (lo, hi, half) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0), _mm512_set1_ps(0.5));
     let one = _mm512_set1_epi32(1);
@@ -363,12 +363,9 @@ pub(crate) unsafe fn quantize_blocks(xs: &[f32], q: &mut crate::kernels::QuantAc
             ),
         );
         _mm512_storeu_si512(q.xq.as_mut_ptr().add(b * CHUNK) as *mut _, packed);
-        if with_negk {
-            // Σ of each four codes: byte pairs to i16, then i16 pairs to i32; times -128.
-            let pairs = _mm512_maddubs_epi16(_mm512_set1_epi8(1), packed);
-            let fours = _mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
-            let negk = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32::<7>(fours));
-            _mm512_storeu_si512(q.negk.as_mut_ptr().add(b * 16) as *mut _, negk);
+        if with_xu {
+            let xu = _mm512_xor_si512(packed, _mm512_set1_epi8(-128)); // c + 128
+            _mm512_storeu_si512(q.xu.as_mut_ptr().add(b * CHUNK) as *mut _, xu);
         }
         if with_xhat {
             let sv = _mm512_set1_ps(s);

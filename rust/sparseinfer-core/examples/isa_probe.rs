@@ -1,0 +1,237 @@
+//! Throughput of the instructions the x86 kernels are built from, in core cycles per instruction.
+//!
+//!     cargo run --release -p sparseinfer-core --example isa_probe
+//!
+//! The numbers behind the VNNI kernels' shape. On AMD Zen 5 (the EPYC of the benchmarks in
+//! docs/benchmarks) `vpdpbusd` and FMA issue two per cycle, `vpexpandb` one per 1.5 cycles, and a 64-byte
+//! load that straddles two cache lines takes two load slots (1.0 against 0.5 cycles). The sparse int8
+//! loop (docs/benchmarks/kernels.md) needs ~4 cycles per 64-column chunk from L2/L3, more than any one of
+//! these: its loads (mask, values, activations, scale) and the streaming of the weights bound it, not
+//! its arithmetic.
+//!
+//! Each instruction runs in an `asm!` loop with independent destinations (no dependency chain), timed
+//! against a chain of dependent adds that runs at one per cycle, so the figures are in core cycles
+//! whatever the clock. Needs AVX-512 (F, BW, VBMI, VBMI2, VNNI); prints a note and exits otherwise.
+
+#[cfg(target_arch = "x86_64")]
+mod probe {
+    use core::arch::asm;
+    use std::time::Instant;
+
+    const ITERS: u64 = 20_000_000;
+
+    /// The probe's table (masks, and the source of the load probes), on a cache-line boundary.
+    #[repr(C, align(64))]
+    struct Table([u64; 512]);
+
+    /// Nanoseconds per core cycle, from a chain of dependent adds (one per cycle on every x86 core).
+    fn ns_per_cycle() -> f64 {
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            let mut x = 0u64;
+            // SAFETY: register arithmetic only.
+            unsafe {
+                asm!(
+                    "2:",
+                    "add {x}, 1", "add {x}, 1", "add {x}, 1", "add {x}, 1",
+                    "add {x}, 1", "add {x}, 1", "add {x}, 1", "add {x}, 1",
+                    "sub {n}, 8",
+                    "jnz 2b",
+                    x = inout(reg) x,
+                    n = inout(reg) ITERS * 8 => _,
+                    options(nostack, nomem),
+                );
+            }
+            assert_eq!(x, ITERS * 8);
+            best = best.min(t.elapsed().as_secs_f64() * 1e9 / (ITERS * 8) as f64);
+        }
+        best
+    }
+
+    /// Runs `$body` (eight independent instructions) `ITERS` times and prints cycles per instruction.
+    macro_rules! probe {
+        ($name:expr, $cyc:expr, $masks:expr, $body:literal) => {{
+            let masks: &[u64; 512] = $masks;
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let t = Instant::now();
+                // SAFETY: reads the 512-entry table below index 256 + 16 (the index wraps at 256), clobbers only the
+                // declared vector and mask registers; the CPU has the features (checked by the caller).
+                unsafe {
+                    asm!(
+                        "vpxord zmm8, zmm8, zmm8",
+                        "vpternlogd zmm9, zmm9, zmm9, 0xFF",
+                        "xor {i}, {i}",
+                        "/* mask table {m} */",
+                        "2:",
+                        $body,
+                        "add {i}, 8",
+                        "and {i}, 255",
+                        "dec {n}",
+                        "jnz 2b",
+                        m = in(reg) masks.as_ptr(),
+                        i = out(reg) _,
+                        n = inout(reg) ITERS => _,
+                        out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
+                        out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
+                        out("zmm8") _, out("zmm9") _,
+                        out("k1") _, out("k2") _, out("k3") _, out("k4") _,
+                        options(nostack, readonly),
+                    );
+                }
+                best = best.min(t.elapsed().as_secs_f64() * 1e9 / (ITERS * 8) as f64);
+            }
+            println!("{:<50} {:5.2} cycles", $name, best / $cyc);
+        }};
+    }
+
+    pub fn run() {
+        let ok = ["avx512f", "avx512bw", "avx512vbmi", "avx512vbmi2", "avx512vnni"].iter().all(|f| match *f {
+            "avx512f" => is_x86_feature_detected!("avx512f"),
+            "avx512bw" => is_x86_feature_detected!("avx512bw"),
+            "avx512vbmi" => is_x86_feature_detected!("avx512vbmi"),
+            "avx512vbmi2" => is_x86_feature_detected!("avx512vbmi2"),
+            _ => is_x86_feature_detected!("avx512vnni"),
+        });
+        if !ok {
+            println!("isa_probe needs AVX-512 F/BW/VBMI/VBMI2/VNNI; this CPU lacks one of them");
+            return;
+        }
+        // Masks with ~30 % of bits set (the density of a 70 %-sparse chunk), different every time.
+        let mut s = 0x2545_F491_4F6C_DD1Du64;
+        let masks = Table(core::array::from_fn(|_| {
+            (0..64).fold(0u64, |m, b| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                if s % 10 < 3 {
+                    m | 1 << b
+                } else {
+                    m
+                }
+            })
+        }));
+        let ones = Table([u64::MAX; 512]);
+        let cyc = ns_per_cycle();
+        println!("core clock ~{:.2} GHz (from a dependent add chain)", 1.0 / cyc);
+        println!("throughput per instruction, eight independent destinations per loop:");
+        probe!(
+            "vpdpbusd zmm (int8 dot, 64 bytes)",
+            cyc,
+            &masks.0,
+            "vpdpbusd zmm0, zmm8, zmm9\nvpdpbusd zmm1, zmm8, zmm9\nvpdpbusd zmm2, zmm8, zmm9\nvpdpbusd zmm3, zmm8, zmm9\n\
+             vpdpbusd zmm4, zmm8, zmm9\nvpdpbusd zmm5, zmm8, zmm9\nvpdpbusd zmm6, zmm8, zmm9\nvpdpbusd zmm7, zmm8, zmm9"
+        );
+        probe!(
+            "vfmadd231ps zmm",
+            cyc,
+            &masks.0,
+            "vfmadd231ps zmm0, zmm8, zmm9\nvfmadd231ps zmm1, zmm8, zmm9\nvfmadd231ps zmm2, zmm8, zmm9\n\
+             vfmadd231ps zmm3, zmm8, zmm9\nvfmadd231ps zmm4, zmm8, zmm9\nvfmadd231ps zmm5, zmm8, zmm9\n\
+             vfmadd231ps zmm6, zmm8, zmm9\nvfmadd231ps zmm7, zmm8, zmm9"
+        );
+        probe!(
+            "vpermb zmm (byte permute)",
+            cyc,
+            &masks.0,
+            "vpermb zmm0, zmm8, zmm9\nvpermb zmm1, zmm8, zmm9\nvpermb zmm2, zmm8, zmm9\nvpermb zmm3, zmm8, zmm9\n\
+             vpermb zmm4, zmm8, zmm9\nvpermb zmm5, zmm8, zmm9\nvpermb zmm6, zmm8, zmm9\nvpermb zmm7, zmm8, zmm9"
+        );
+        probe!(
+            "vpexpandb zmm, a new mask each time",
+            cyc,
+            &masks.0,
+            "kmovq k1, [{m} + 8*{i}]\nvpexpandb zmm0{{k1}}{{z}}, zmm9\nkmovq k2, [{m} + 8*{i} + 8]\n\
+             vpexpandb zmm1{{k2}}{{z}}, zmm9\nkmovq k3, [{m} + 8*{i} + 16]\nvpexpandb zmm2{{k3}}{{z}}, zmm9\n\
+             kmovq k4, [{m} + 8*{i} + 24]\nvpexpandb zmm3{{k4}}{{z}}, zmm9\nkmovq k1, [{m} + 8*{i} + 32]\n\
+             vpexpandb zmm4{{k1}}{{z}}, zmm9\nkmovq k2, [{m} + 8*{i} + 40]\nvpexpandb zmm5{{k2}}{{z}}, zmm9\n\
+             kmovq k3, [{m} + 8*{i} + 48]\nvpexpandb zmm6{{k3}}{{z}}, zmm9\nkmovq k4, [{m} + 8*{i} + 56]\n\
+             vpexpandb zmm7{{k4}}{{z}}, zmm9"
+        );
+        probe!(
+            "vpexpandb zmm, all-ones masks",
+            cyc,
+            &ones.0,
+            "kmovq k1, [{m} + 8*{i}]\nvpexpandb zmm0{{k1}}{{z}}, zmm9\nkmovq k2, [{m} + 8*{i} + 8]\n\
+             vpexpandb zmm1{{k2}}{{z}}, zmm9\nkmovq k3, [{m} + 8*{i} + 16]\nvpexpandb zmm2{{k3}}{{z}}, zmm9\n\
+             kmovq k4, [{m} + 8*{i} + 24]\nvpexpandb zmm3{{k4}}{{z}}, zmm9\nkmovq k1, [{m} + 8*{i} + 32]\n\
+             vpexpandb zmm4{{k1}}{{z}}, zmm9\nkmovq k2, [{m} + 8*{i} + 40]\nvpexpandb zmm5{{k2}}{{z}}, zmm9\n\
+             kmovq k3, [{m} + 8*{i} + 48]\nvpexpandb zmm6{{k3}}{{z}}, zmm9\nkmovq k4, [{m} + 8*{i} + 56]\n\
+             vpexpandb zmm7{{k4}}{{z}}, zmm9"
+        );
+        probe!(
+            "vpcompressb zmm, a new mask each time",
+            cyc,
+            &masks.0,
+            "kmovq k1, [{m} + 8*{i}]\nvpcompressb zmm0{{k1}}{{z}}, zmm9\nkmovq k2, [{m} + 8*{i} + 8]\n\
+             vpcompressb zmm1{{k2}}{{z}}, zmm9\nkmovq k3, [{m} + 8*{i} + 16]\nvpcompressb zmm2{{k3}}{{z}}, zmm9\n\
+             kmovq k4, [{m} + 8*{i} + 24]\nvpcompressb zmm3{{k4}}{{z}}, zmm9\nkmovq k1, [{m} + 8*{i} + 32]\n\
+             vpcompressb zmm4{{k1}}{{z}}, zmm9\nkmovq k2, [{m} + 8*{i} + 40]\nvpcompressb zmm5{{k2}}{{z}}, zmm9\n\
+             kmovq k3, [{m} + 8*{i} + 48]\nvpcompressb zmm6{{k3}}{{z}}, zmm9\nkmovq k4, [{m} + 8*{i} + 56]\n\
+             vpcompressb zmm7{{k4}}{{z}}, zmm9"
+        );
+        probe!(
+            "vexpandps zmm (16 lanes), a new mask each time",
+            cyc,
+            &masks.0,
+            "kmovw k1, [{m} + 8*{i}]\nvexpandps zmm0{{k1}}{{z}}, zmm9\nkmovw k2, [{m} + 8*{i} + 8]\n\
+             vexpandps zmm1{{k2}}{{z}}, zmm9\nkmovw k3, [{m} + 8*{i} + 16]\nvexpandps zmm2{{k3}}{{z}}, zmm9\n\
+             kmovw k4, [{m} + 8*{i} + 24]\nvexpandps zmm3{{k4}}{{z}}, zmm9\nkmovw k1, [{m} + 8*{i} + 32]\n\
+             vexpandps zmm4{{k1}}{{z}}, zmm9\nkmovw k2, [{m} + 8*{i} + 40]\nvexpandps zmm5{{k2}}{{z}}, zmm9\n\
+             kmovw k3, [{m} + 8*{i} + 48]\nvexpandps zmm6{{k3}}{{z}}, zmm9\nkmovw k4, [{m} + 8*{i} + 56]\n\
+             vexpandps zmm7{{k4}}{{z}}, zmm9"
+        );
+        probe!(
+            "vfmadd231ps zmm, m32{1to16} (embedded broadcast)",
+            cyc,
+            &masks.0,
+            "vfmadd231ps zmm0, zmm8, [{m} + 8*{i}]{{1to16}}\nvfmadd231ps zmm1, zmm8, [{m} + 8*{i} + 8]{{1to16}}\n\
+             vfmadd231ps zmm2, zmm8, [{m} + 8*{i} + 16]{{1to16}}\nvfmadd231ps zmm3, zmm8, [{m} + 8*{i} + 24]{{1to16}}\n\
+             vfmadd231ps zmm4, zmm8, [{m} + 8*{i} + 32]{{1to16}}\nvfmadd231ps zmm5, zmm8, [{m} + 8*{i} + 40]{{1to16}}\n\
+             vfmadd231ps zmm6, zmm8, [{m} + 8*{i} + 48]{{1to16}}\nvfmadd231ps zmm7, zmm8, [{m} + 8*{i} + 56]{{1to16}}"
+        );
+        probe!(
+            "vbroadcastss zmm, m32 (separate broadcast load)",
+            cyc,
+            &masks.0,
+            "vbroadcastss zmm0, [{m} + 8*{i}]\nvbroadcastss zmm1, [{m} + 8*{i} + 8]\nvbroadcastss zmm2, [{m} + 8*{i} + 16]\n\
+             vbroadcastss zmm3, [{m} + 8*{i} + 24]\nvbroadcastss zmm4, [{m} + 8*{i} + 32]\n\
+             vbroadcastss zmm5, [{m} + 8*{i} + 40]\nvbroadcastss zmm6, [{m} + 8*{i} + 48]\nvbroadcastss zmm7, [{m} + 8*{i} + 56]"
+        );
+        probe!(
+            "vmovdqu64 zmm, m512 within one cache line",
+            cyc,
+            &masks.0,
+            "vmovdqu64 zmm0, [{m} + 8*{i}]\nvmovdqu64 zmm1, [{m} + 8*{i} + 64]\nvmovdqu64 zmm2, [{m} + 8*{i} + 128]\n\
+             vmovdqu64 zmm3, [{m} + 8*{i} + 192]\nvmovdqu64 zmm4, [{m} + 8*{i} + 256]\nvmovdqu64 zmm5, [{m} + 8*{i} + 320]\n\
+             vmovdqu64 zmm6, [{m} + 8*{i} + 384]\nvmovdqu64 zmm7, [{m} + 8*{i} + 448]"
+        );
+        probe!(
+            "vmovdqu64 zmm, m512 straddling two lines",
+            cyc,
+            &masks.0,
+            "vmovdqu64 zmm0, [{m} + 8*{i} + 13]\nvmovdqu64 zmm1, [{m} + 8*{i} + 77]\nvmovdqu64 zmm2, [{m} + 8*{i} + 141]\n\
+             vmovdqu64 zmm3, [{m} + 8*{i} + 205]\nvmovdqu64 zmm4, [{m} + 8*{i} + 269]\nvmovdqu64 zmm5, [{m} + 8*{i} + 333]\n\
+             vmovdqu64 zmm6, [{m} + 8*{i} + 397]\nvmovdqu64 zmm7, [{m} + 8*{i} + 461]"
+        );
+        probe!(
+            "kmovq k, m64 + vpblendmb zmm (mask cost alone)",
+            cyc,
+            &masks.0,
+            "kmovq k1, [{m} + 8*{i}]\nvpblendmb zmm0{{k1}}, zmm8, zmm9\nkmovq k2, [{m} + 8*{i} + 8]\n\
+             vpblendmb zmm1{{k2}}, zmm8, zmm9\nkmovq k3, [{m} + 8*{i} + 16]\nvpblendmb zmm2{{k3}}, zmm8, zmm9\n\
+             kmovq k4, [{m} + 8*{i} + 24]\nvpblendmb zmm3{{k4}}, zmm8, zmm9\nkmovq k1, [{m} + 8*{i} + 32]\n\
+             vpblendmb zmm4{{k1}}, zmm8, zmm9\nkmovq k2, [{m} + 8*{i} + 40]\nvpblendmb zmm5{{k2}}, zmm8, zmm9\n\
+             kmovq k3, [{m} + 8*{i} + 48]\nvpblendmb zmm6{{k3}}, zmm8, zmm9\nkmovq k4, [{m} + 8*{i} + 56]\n\
+             vpblendmb zmm7{{k4}}, zmm8, zmm9"
+        );
+    }
+}
+
+fn main() {
+    #[cfg(target_arch = "x86_64")]
+    probe::run();
+    #[cfg(not(target_arch = "x86_64"))]
+    println!("isa_probe measures x86 instructions; nothing to do on this architecture");
+}
