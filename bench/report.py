@@ -38,8 +38,8 @@ def table(data, rows):
         "holds. On the AMD Zen 5 machine of these runs that is ~3.2 cycles per chunk and core for sparse int8 in "
         "L1, bound by the loads per chunk (mask, values, activations, scale) rather than the arithmetic "
         "(`cargo run --release -p sparseinfer-core --example isa_probe` measures the instructions), ~4 from L2/L3 "
-        "and ~5 from DRAM with both cores streaming. Per core that is ~20 GB/s of 70 %-sparse int8 against the ~25-35 GB/s a core "
-        "can pull, so the sparse integer formats stay below the bandwidth from ~70 % sparsity on.",
+        "and ~5 from DRAM with both cores streaming. Per core that is ~20 GB/s of 70 %-sparse int8 against the "
+        "~25-35 GB/s a core can pull, so the sparse integer formats stay below the bandwidth from ~70 % sparsity on.",
         "",
         "| shape | format | sparsity | bytes/weight | time (us) | GB/s | % of bandwidth | vs numpy f32 | kernel |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -46,6 +46,8 @@ def label(r):
 
 
 def table(data, rows):
+    if not rows:
+        return "# End-to-end decode benchmark\n"
     bw = rows[0]["read_bandwidth_gbs"]
     cpu = data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "?")
     out = [
@@ -111,7 +113,8 @@ def main(src, dst):
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "e2e.md").write_text(table(data, rows) + "\n" + paired_table(paired))
     (dst / "e2e.json").write_text(json.dumps(rows + paired, indent=1))
-    plot(rows, dst / "e2e.png")
+    if rows:
+        plot(rows, dst / "e2e.png")
     print((dst / "e2e.md").read_text())
 
 

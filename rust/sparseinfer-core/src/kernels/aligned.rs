@@ -36,7 +36,7 @@ pub struct Aligned<T: Plain> {
 impl<T: Plain> Aligned<T> {
     /// `len` zeros.
     pub fn zeroed(len: usize) -> Self {
-        let bytes = len * size_of::<T>();
+        let bytes = len.checked_mul(size_of::<T>()).expect("buffer size overflows usize");
         Aligned { lines: vec![Line([0; 64]); bytes.div_ceil(64)], len, _t: PhantomData }
     }
 

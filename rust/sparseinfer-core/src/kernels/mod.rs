@@ -235,11 +235,12 @@ pub fn quantize_activations(m: &PackedMatrix, xs: &[f32], k: usize) -> QuantActs
 
 /// [`quantize_activations`] for one consumer: `xhat: true` fills `x̂` for the f32 kernels and leaves `xu`
 /// empty; `false` fills the offset codes `xu` for the VNNI kernels and leaves `x̂` empty.
-/// The per-block work is compiled for AVX-512 and AVX2 as well, where the CPU has them: every copy computes
-/// the same codes bit for bit (the rounding below is exact), so the ISA never changes a result.
+/// The per-block work is written out for AVX-512 and compiled for AVX2 as well, where the CPU has them: every
+/// copy computes the same codes bit for bit (the rounding below is exact), so the ISA never changes a result.
 fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, xhat: bool) -> QuantActs {
     let (cp, chunks, groups) = (m.cols_pad, m.chunks(), m.groups());
-    debug_assert!(xs.len() == k * cp);
+    // A real assert: the AVX-512 copy below writes through raw pointers sized by these buffers.
+    assert_eq!(xs.len(), k * cp, "activations must be k × cols_pad");
     let mut q = QuantActs {
         k,
         xq: Aligned::zeroed(k * cp),
@@ -285,6 +286,20 @@ fn group_sums(q: &mut QuantActs, group: usize) {
     }
 }
 
+/// A block's scale and its reciprocal from its largest magnitude. A block whose reciprocal would overflow
+/// (largest magnitude below ~3.7e-37) quantizes to zeros with scale 0: an absolute error below 4e-37, where a
+/// capped reciprocal would give codes too small for the 0.5-step rounding bound.
+#[inline(always)]
+pub(crate) fn block_scale(amax: f32) -> (f32, f32) {
+    let s = amax / 127.0;
+    let inv = 1.0 / s;
+    if s > 0.0 && inv.is_finite() {
+        (s, inv)
+    } else {
+        (0.0, 0.0)
+    }
+}
+
 /// Quantizes every 64-value block of `xs` into `q` (codes, scales, and the offset codes or `x̂`, whichever
 /// is allocated).
 /// Written so LLVM vectorizes it: fixed-size blocks (no bounds checks in the loops), branch-free selects, a
@@ -304,15 +319,16 @@ pub(crate) fn quantize_blocks(xs: &[f32], q: &mut QuantActs) {
             }
         }
         let amax = lanes.iter().fold(0.0f32, |a, &v| if v > a { v } else { a });
-        let s = amax / 127.0;
-        // Capped so that a block of tiny (subnormal-scale) values cannot make 1/s infinite and 0·∞ a NaN.
-        let inv = if s > 0.0 { (1.0 / s).min(f32::MAX) } else { 0.0 };
+        let (s, inv) = block_scale(amax);
         q.sx[b] = s;
         for (c, v) in codes.iter_mut().zip(block) {
             // Round half away from zero without libm (baseline x86-64 has no roundss): truncate, then step
             // away from zero when the exact remainder (r - t is exact below 2^23) is at least one half.
-            let r = (v * inv).clamp(-127.0, 127.0);
-            // SAFETY: r is finite and within ±127.
+            // min/max rather than clamp: a NaN (callers reject them; this keeps a slip from being UB) becomes
+            // 127, as the AVX-512 copy's vminps/vmaxps make it.
+            #[allow(clippy::manual_clamp)]
+            let r = (v * inv).min(127.0).max(-127.0);
+            // SAFETY: r is within ±127 (not NaN: min and max return the other operand for one).
             let t = unsafe { r.to_int_unchecked::<i32>() };
             let step = if r < 0.0 { -1 } else { 1 };
             *c = (t + if (r - t as f32).abs() >= 0.5 { step } else { 0 }) as i8;
@@ -350,17 +366,23 @@ pub fn matmul(m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32], act: Option<
     if y.len() != k * m.rows {
         return Err(Error::invalid(OP, format!("output holds {} values, expected {k} × {}", y.len(), m.rows)));
     }
+    check_finite(OP, x, m.cols)?;
+    matmul_on(active_isa()?, m, x, k, y, act.unwrap_or(Activations::default_for(m.format)))
+}
+
+/// An error naming the first non-finite activation, if any (`cols` per activation row).
+fn check_finite(op: &'static str, x: &[f32], cols: usize) -> Result<()> {
     // Branch-free and vectorizable (SSE2 has no unsigned max): an all-ones exponent carries into bit 31.
     // The position is only looked up on failure.
     if x.iter().fold(0u32, |a, v| a | ((v.to_bits() & 0x7F80_0000) + 0x0080_0000) >> 31) != 0 {
         let i = x.iter().position(|v| !v.is_finite()).expect("a non-finite value");
-        return Err(Error::invalid(OP, format!("non-finite activation {} at ({}, {})", x[i], i / m.cols, i % m.cols)));
+        return Err(Error::invalid(op, format!("non-finite activation {} at ({}, {})", x[i], i / cols, i % cols)));
     }
-    matmul_on(active_isa()?, m, x, k, y, act.unwrap_or(Activations::default_for(m.format)))
+    Ok(())
 }
 
-/// [`matmul`] on a given ISA, ignoring the active one (tests compare paths with it). Activations must be
-/// finite; the ISA must be supported.
+/// [`matmul`] on a given ISA, ignoring the active one (tests compare paths with it). The ISA must be
+/// supported.
 pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32], act: Activations) -> Result<()> {
     if !isa.is_supported() {
         return Err(Error::unsupported("matmul", format!("{} is not supported on this CPU", isa.name())));
@@ -368,6 +390,7 @@ pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32],
     if k == 0 || x.len() != k * m.cols || y.len() != k * m.rows {
         return Err(Error::invalid("matmul", "activation or output length does not match the matrix"));
     }
+    check_finite("matmul", x, m.cols)?;
     // Zero-pad each activation row to cols_pad so no kernel needs a column tail.
     let mut xs = Aligned::<f32>::zeroed(k * m.cols_pad);
     for a in 0..k {
@@ -443,7 +466,7 @@ mod tests {
     use super::*;
 
     /// Activation rows that hit every rounding edge: exact halves, the ±127 clamp, zeros, all-zero and
-    /// subnormal-scale blocks, mixed magnitudes.
+    /// subnormal-scale blocks, mixed magnitudes, and a few NaNs.
     fn edge_rows(cp: usize, k: usize) -> Vec<f32> {
         let mut s = 0x9E37_79B9u32;
         let mut rnd = move || {
@@ -457,7 +480,8 @@ mod tests {
                 0 => 0.0,
                 1 => 1e-38 * ((rnd() % 7) as f32 - 3.0),
                 2 => ((rnd() % 255) as f32 - 127.0) * 0.5, // many exact halves after scaling
-                3 => f32::from_bits(rnd() & 0xBFFF_FFFF),  // finite, any magnitude below 2^64
+                3 => f32::from_bits(rnd() & 0xFF7F_FFFF),  // an even exponent below 255: finite, any magnitude
+                4 if i % 9 == 0 => f32::NAN,               // rejected by matmul, but defined here: code 127
                 _ => ((rnd() % 20001) as f32 - 10000.0) * 1e-3,
             })
             .collect()
@@ -500,11 +524,19 @@ mod tests {
         assert_eq!(bits(&a.sx), bits(&b.sx));
         assert_eq!(bits(&a.xhat), bits(&b.xhat));
         assert!(a.xhat.iter().all(|v| v.is_finite()));
-        // Spot-check the rounding itself: 63.5 → 64, -63.5 → -64 in a block whose maximum is 127.
-        let mut xs = vec![0.0f32; CHUNK];
+    }
+
+    #[test]
+    fn quantization_rounds_half_away_from_zero_and_zeroes_vanishing_blocks() {
+        // 63.5 → 64, -63.5 → -64 in a block whose maximum is 127.
+        let mut xs = vec![0.0f32; 2 * CHUNK];
         xs[..3].copy_from_slice(&[127.0, 63.5, -63.5]);
-        let q = quantized(&xs, CHUNK, 1, false);
+        // A block below ~3.7e-37 has no finite 1/s: zeros with scale 0, not codes off by up to 117 steps.
+        xs[CHUNK] = 3e-38;
+        let q = quantized(&xs, 2 * CHUNK, 1, false);
         assert_eq!(&q.xq[..3], &[127, 64, -64]);
         assert_eq!(&q.xu[..3], &[255, 192, 64]);
+        assert_eq!((q.sx[1], q.xq[CHUNK]), (0.0, 0));
+        assert_eq!(block_scale(127.0), (1.0, 1.0));
     }
 }

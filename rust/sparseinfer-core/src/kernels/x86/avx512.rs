@@ -152,7 +152,7 @@ unsafe fn dense_bf16_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*con
     let w = m.data.as_ptr().add(m.row_start(r)) as *const u16;
     let mut acc = zero_acc::<NR>();
     for ch in 0..m.chunks() {
-        _mm_prefetch::<_MM_HINT_T0>((w.add(ch * CHUNK) as *const i8).add(PREFETCH));
+        _mm_prefetch::<_MM_HINT_T0>((w.add(ch * CHUNK) as *const i8).wrapping_add(PREFETCH));
         for i in 0..4 {
             let col = ch * CHUNK + 16 * i;
             // bf16 is the upper half of an f32: widen to 32 bits and shift into place.
@@ -212,7 +212,7 @@ unsafe fn sparse_f32_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*con
     let mut acc = zero_acc::<NR>();
     for ch in 0..m.chunks() {
         let mask = *masks.add(ch);
-        _mm_prefetch::<_MM_HINT_T0>((p as *const i8).add(PREFETCH));
+        _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(PREFETCH));
         for i in 0..4 {
             let k = (mask >> (16 * i)) as u16;
             // vexpandps: the next popcount(k) packed values go to the set lanes, zeros elsewhere.
@@ -232,7 +232,7 @@ unsafe fn sparse_bf16_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*co
     let mut acc = zero_acc::<NR>();
     for ch in 0..m.chunks() {
         let mask = *masks.add(ch);
-        _mm_prefetch::<_MM_HINT_T0>((p as *const i8).add(PREFETCH));
+        _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(PREFETCH));
         for half in 0..2 {
             let k = (mask >> (32 * half)) as u32;
             // vpexpandw: 32 bf16 lanes from the next popcount(k) packed values.
@@ -277,7 +277,7 @@ unsafe fn sparse_int8_f32<const NR: usize, const MODE: u8>(
     let mut acc = zero_acc::<NR>();
     for ch in 0..m.chunks() {
         let mask = *masks.add(ch);
-        _mm_prefetch::<_MM_HINT_T0>((p as *const i8).add(PREFETCH));
+        _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(PREFETCH));
         // vpexpandb: 64 byte lanes from the next popcount(mask) packed codes.
         let codes = _mm512_maskz_expand_epi8(mask, load512_nofold!(p));
         p = p.add(mask.count_ones() as usize);
@@ -299,7 +299,7 @@ unsafe fn sparse_int4_f32<const NR: usize, const MODE: u8>(
     let mut acc = zero_acc::<NR>();
     for ch in 0..m.chunks() {
         let mask = *masks.add(ch);
-        _mm_prefetch::<_MM_HINT_T0>(p.add(PREFETCH) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
         // Unpack this chunk's nibbles to bytes in order, center them, then expand like int8.
         let bytes = center_int4::<MODE>(nibbles_to_bytes(p));
         let codes = _mm512_maskz_expand_epi8(mask, bytes);
@@ -319,6 +319,9 @@ unsafe fn sparse_int4_f32<const NR: usize, const MODE: u8>(
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 pub(crate) unsafe fn quantize_blocks(xs: &[f32], q: &mut crate::kernels::QuantActs) {
     let (with_xhat, with_xu) = (!q.xhat.is_empty(), !q.xu.is_empty());
+    // The stores below go through raw pointers: every buffer must hold what `xs` quantizes to.
+    assert!(xs.len().is_multiple_of(CHUNK) && q.xq.len() == xs.len() && q.sx.len() == xs.len() / CHUNK);
+    assert!((!with_xu || q.xu.len() == xs.len()) && (!with_xhat || q.xhat.len() == xs.len()));
     let abs = _mm512_set1_epi32(0x7FFF_FFFF);
     let (lo, hi, half) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0), _mm512_set1_ps(0.5));
     let one = _mm512_set1_epi32(1);
@@ -332,10 +335,9 @@ pub(crate) unsafe fn quantize_blocks(xs: &[f32], q: &mut crate::kernels::QuantAc
         for v in a {
             l = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, l), l, v);
         }
-        let amax = _mm512_reduce_max_ps(l);
-        let s = amax / 127.0;
-        let inv = _mm512_set1_ps(if s > 0.0 { (1.0 / s).min(f32::MAX) } else { 0.0 });
-        *q.sx.get_unchecked_mut(b) = s;
+        let (s, inv) = crate::kernels::block_scale(_mm512_reduce_max_ps(l));
+        let inv = _mm512_set1_ps(inv);
+        q.sx[b] = s;
         let codes: [__m512i; 4] = core::array::from_fn(|i| {
             let r = _mm512_max_ps(_mm512_min_ps(_mm512_mul_ps(x[i], inv), hi), lo);
             let t = _mm512_cvttps_epi32(r);

@@ -56,7 +56,9 @@ macro_rules! for_chunks {
 
 /// Bytes ahead of the weight stream to prefetch: the cores stall on DRAM latency otherwise, because the
 /// integer kernels do more work per byte than the hardware prefetcher keeps up with. With both cores
-/// streaming, 4096 was 6-8 % faster than 1024 for sparse int8 on AMD Zen 5 (8192: no better).
+/// streaming, 4096 was 6-8 % faster than 1024 for sparse int8 on AMD Zen 5 (8192: no better); sparse int4
+/// and the f32-activation kernels, which share it, did not change. The address may lie past the end of the
+/// matrix (`wrapping_add`): a prefetch never faults.
 pub(super) const PREFETCH: usize = 4096;
 
 /// Whether these kernels serve `m` (and the CPU has VNNI).
@@ -82,7 +84,11 @@ const BATCH: usize = 16;
 /// with `k` rows; `y` is valid for writes at `a·rows + r` for every `a < k` and `r0 <= r < r1`.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,popcnt,bmi2,fma")]
 pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
-    debug_assert!(q.k == k && q.xq.len() == k * m.cols_pad);
+    debug_assert!(q.k == k && q.xq.len() == k * m.cols_pad && m.cols_pad.is_multiple_of(CHUNK));
+    // The aligned loads of `xu` need every row and chunk of it on a 64-byte boundary.
+    debug_assert!(
+        q.xu.len() == k * m.cols_pad && (q.xu.as_ptr() as usize).is_multiple_of(64) || m.format.elem() == Elem::I4
+    );
     let mut g0 = r0;
     while g0 < r1 {
         let g1 = (g0 + BATCH).min(r1);
@@ -272,7 +278,7 @@ unsafe fn dense_int8_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: us
     let s = RowScales::of(m, r);
     let (mut acc0, mut acc1) = ([_mm512_setzero_ps(); NR], [_mm512_setzero_ps(); NR]);
     for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
-        _mm_prefetch::<_MM_HINT_T0>(p.add(ch * CHUNK + PREFETCH) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ch * CHUNK + PREFETCH) as *const i8);
         let w = _mm512_loadu_si512(p.add(ch * CHUNK) as *const _);
         signed_chunk::<NR, MODE>(acc, w, act, &s, ch);
     });
@@ -288,7 +294,7 @@ unsafe fn sparse_int8_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: u
     let (mut acc0, mut acc1) = ([_mm512_setzero_ps(); NR], [_mm512_setzero_ps(); NR]);
     for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
         let mask = *masks.add(ch);
-        _mm_prefetch::<_MM_HINT_T0>(p.add(PREFETCH) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
         let w = _mm512_maskz_expand_epi8(mask, load512_nofold!(p));
         p = p.add(mask.count_ones() as usize);
         signed_chunk::<NR, MODE>(acc, w, act, &s, ch);
@@ -303,7 +309,7 @@ unsafe fn dense_int4_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: us
     let s = RowScales::of(m, r);
     let (mut acc0, mut acc1) = ([_mm512_setzero_ps(); NR], [_mm512_setzero_ps(); NR]);
     for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
-        _mm_prefetch::<_MM_HINT_T0>(p.add(ch * CHUNK / 2 + PREFETCH) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ch * CHUNK / 2 + PREFETCH) as *const i8);
         let c = nibbles(p.add(ch * CHUNK / 2)); // unsigned codes; zero points added per row
         unsigned_chunk::<NR, MODE>(acc, c, act, &s, ch);
     });
@@ -319,7 +325,7 @@ unsafe fn sparse_int4_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: u
     let (mut acc0, mut acc1) = ([_mm512_setzero_ps(); NR], [_mm512_setzero_ps(); NR]);
     for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
         let mask = *masks.add(ch);
-        _mm_prefetch::<_MM_HINT_T0>(p.add(PREFETCH) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
         // Codes c = q + 8 in the stored lanes and 8 (a zero weight) in the pruned ones, so the row's zero
         // point term is the same precomputed Σ -8·d·x̂ as for dense int4.
         let c = _mm512_mask_expand_epi8(_mm512_set1_epi8(8), mask, nibbles(p));
