@@ -116,7 +116,7 @@ mod probe {
         }));
         let ones = Table([u64::MAX; 512]);
         let cyc = ns_per_cycle();
-        println!("core clock ~{:.2} GHz (from a dependent add chain)", 1.0 / cyc);
+        println!("core clock ~{:.2} GHz (from a dependent imul chain)", 1.0 / cyc);
         println!("throughput per instruction (eight per loop iteration):");
         probe!(
             "vpdpbusd zmm (int8 dot, 64 bytes)",
