@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: help setup setup-train develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e wheel clean
+.PHONY: help setup setup-train develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-llamacpp wheel clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -70,6 +70,18 @@ bench-e2e: develop setup-train  ## end-to-end decode tokens/s vs transformers (~
 	$(PY) -m pytest bench/test_e2e_bench.py --benchmark-enable --benchmark-only -q \
 		--benchmark-json=bench/results/e2e.json
 	$(PY) bench/report_e2e.py bench/results/e2e.json docs/benchmarks
+
+# llama.cpp from PyPI's source release, built for this CPU in its own virtualenv (not needed by anything else).
+LCPP_VENV ?= $(VENV)-llamacpp
+$(LCPP_VENV)/.installed:
+	$(PYTHON) -m venv $(LCPP_VENV)
+	$(LCPP_VENV)/bin/pip install -q cmake ninja scikit-build-core numpy
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(LCPP_VENV)/bin/pip install -q --no-binary llama-cpp-python llama-cpp-python
+	touch $@
+
+bench-llamacpp: develop setup-train $(LCPP_VENV)/.installed  ## llama.cpp vs sparseinfer decode on the 1B model: docs/benchmarks/llamacpp.md
+	$(PY) bench/llamacpp_compare.py --size 1b --rounds 3 --llamacpp-python $(LCPP_VENV)/bin/python
 
 wheel: setup  ## the release wheel (abi3) into dist/
 	$(VENV)/bin/maturin build --release --out dist --quiet
