@@ -10,15 +10,44 @@ from pathlib import Path
 
 
 def load(path):
+    """The per-case rows (time, GB/s) and the paired, interleaved measurements, apart."""
     data = json.loads(Path(path).read_text())
-    rows = []
+    rows, paired = [], []
     for b in data["benchmarks"]:
         e = b["extra_info"]
+        if e.get("kind") == "paired":
+            paired.append(e)
+            continue
         t = b["stats"]["median"] / e["copies"]  # seconds per matvec
         rows.append(
             {**e, "time_us": t * 1e6, "gbs": e["nbytes"] / t / 1e9, "min_us": b["stats"]["min"] / e["copies"] * 1e6}
         )
-    return data, rows
+    return data, rows, paired
+
+
+def paired_table(paired):
+    """Speedups over numpy measured back to back, round by round (test_paired_vs_numpy)."""
+    if not paired:
+        return ""
+    names = [n for n in paired[0]["median_speedup"] if n != "numpy-f32"]
+    out = [
+        "## Paired speedups over numpy f32 (interleaved)",
+        "",
+        "Each round times numpy and every format back to back, one DRAM-sized rotation each, after its own "
+        "bandwidth probe. Median over the rounds, with the range in brackets.",
+        "",
+        "| shape | rounds | bandwidth (GB/s) | " + " | ".join(names) + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    for p in paired:
+        rs = p["rounds"]
+        bws = [r["read_bandwidth_gbs"] for r in rs]
+        cells = []
+        for n in names:
+            s = [r["time_us"]["numpy-f32"] / r["time_us"][n] for r in rs]
+            cells.append(f"{p['median_speedup'][n]:.2f}x ({min(s):.2f}-{max(s):.2f})")
+        out.append(f"| {p['shape']} | {len(rs)} | {min(bws):.0f}-{max(bws):.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 def table(data, rows):
@@ -92,9 +121,9 @@ def plot(rows, out_png):
 def main():
     src, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
     out_dir.mkdir(parents=True, exist_ok=True)
-    data, rows = load(src)
-    (out_dir / "kernels.md").write_text(table(data, rows) + "\n![kernels](kernels.png)\n")
-    (out_dir / "kernels.json").write_text(json.dumps(rows, indent=1))
+    data, rows, paired = load(src)
+    (out_dir / "kernels.md").write_text(table(data, rows) + "\n" + paired_table(paired) + "\n![kernels](kernels.png)\n")
+    (out_dir / "kernels.json").write_text(json.dumps(rows + paired, indent=1))
     plot(rows, out_dir / "kernels.png")
     print(f"wrote {out_dir}/kernels.md, kernels.json, kernels.png")
 
