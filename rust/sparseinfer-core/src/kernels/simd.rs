@@ -62,3 +62,60 @@ pub(crate) const fn expand_table<const N: usize>(width: usize) -> [[u8; N]; 256]
     }
     t
 }
+
+/// Defines an f32-activation path's entry point `rows` and its per-row dispatch `row` over every format and
+/// scale mode, for the kernels the path defines under the shared names (`dense_f32_f32`, ...,
+/// `sparse_int4_f32::<NR, MODE>`, each returning the path's `Acc<NR>`). `$features` are the path's target
+/// features; `|$acc| $sum` reduces one activation row's accumulators to its dot product.
+macro_rules! f32_row_kernels {
+    ($features:literal, |$acc:ident| $sum:expr) => {
+        /// Computes rows `r0..r1` for `k` activation rows: four at a time, then one at a time.
+        ///
+        /// # Safety
+        /// The CPU must support the enabled features; `xs` holds `k × cols_pad` floats; `y` is valid for
+        /// writes at `a·rows + r` for every `a < k` and `r0 <= r < r1`.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, xs: &[f32], k: usize, y: *mut f32) {
+            debug_assert!(xs.len() >= k * m.cols_pad);
+            for r in r0..r1 {
+                let mut a = 0;
+                while a + 4 <= k {
+                    row::<4>(m, r, xs, a, y);
+                    a += 4;
+                }
+                while a < k {
+                    row::<1>(m, r, xs, a, y);
+                    a += 1;
+                }
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn row<const NR: usize>(m: &PackedMatrix, r: usize, xs: &[f32], a0: usize, y: *mut f32) {
+            let xp: [*const f32; NR] = core::array::from_fn(|a| xs.as_ptr().add((a0 + a) * m.cols_pad));
+            let mode = scale_mode(m);
+            let acc: Acc<NR> = match (m.format, mode) {
+                (Format::DenseF32, _) => dense_f32_f32(m, r, &xp),
+                (Format::DenseBf16, _) => dense_bf16_f32(m, r, &xp),
+                (Format::DenseInt8, ROW) => dense_int8_f32::<NR, ROW>(m, r, &xp),
+                (Format::DenseInt8, _) => dense_int8_f32::<NR, GRP>(m, r, &xp),
+                (Format::DenseInt4, ROW) => dense_int4_f32::<NR, ROW>(m, r, &xp),
+                (Format::DenseInt4, GRP) => dense_int4_f32::<NR, GRP>(m, r, &xp),
+                (Format::DenseInt4, _) => dense_int4_f32::<NR, ASYM>(m, r, &xp),
+                (Format::SparseF32, _) => sparse_f32_f32(m, r, &xp),
+                (Format::SparseBf16, _) => sparse_bf16_f32(m, r, &xp),
+                (Format::SparseInt8, ROW) => sparse_int8_f32::<NR, ROW>(m, r, &xp),
+                (Format::SparseInt8, _) => sparse_int8_f32::<NR, GRP>(m, r, &xp),
+                (Format::SparseInt4, ROW) => sparse_int4_f32::<NR, ROW>(m, r, &xp),
+                (Format::SparseInt4, GRP) => sparse_int4_f32::<NR, GRP>(m, r, &xp),
+                (Format::SparseInt4, _) => sparse_int4_f32::<NR, ASYM>(m, r, &xp),
+            };
+            let scale = if mode == ROW && m.group != 0 { m.scales[r] } else { 1.0 };
+            for (a, $acc) in acc.iter().enumerate() {
+                *y.add((a0 + a) * m.rows + r) = $sum * scale;
+            }
+        }
+    };
+}
+pub(crate) use f32_row_kernels;

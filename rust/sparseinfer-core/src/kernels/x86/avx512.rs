@@ -9,59 +9,14 @@
 
 use super::vnni::PREFETCH;
 use crate::formats::{Format, PackedMatrix, CHUNK};
-use crate::kernels::simd::{scale_mode, RowScales, ASYM, GRP, ROW};
+use crate::kernels::simd::{f32_row_kernels, scale_mode, RowScales, ASYM, GRP, ROW};
 use core::arch::x86_64::*;
 
 type Acc<const NR: usize> = [[__m512; 4]; NR];
 
-/// Computes rows `r0..r1` for `k` activation rows: four at a time, then one at a time.
-///
-/// # Safety
-/// The CPU must support the enabled features; `xs` holds `k × cols_pad` floats; `y` is valid for
-/// writes at `a·rows + r` for every `a < k` and `r0 <= r < r1`.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,popcnt,bmi2,fma")]
-pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, xs: &[f32], k: usize, y: *mut f32) {
-    debug_assert!(xs.len() >= k * m.cols_pad);
-    for r in r0..r1 {
-        let mut a = 0;
-        while a + 4 <= k {
-            row::<4>(m, r, xs, a, y);
-            a += 4;
-        }
-        while a < k {
-            row::<1>(m, r, xs, a, y);
-            a += 1;
-        }
-    }
-}
-
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,popcnt,bmi2,fma")]
-unsafe fn row<const NR: usize>(m: &PackedMatrix, r: usize, xs: &[f32], a0: usize, y: *mut f32) {
-    let xp: [*const f32; NR] = core::array::from_fn(|a| xs.as_ptr().add((a0 + a) * m.cols_pad));
-    let mode = scale_mode(m);
-    let acc: Acc<NR> = match (m.format, mode) {
-        (Format::DenseF32, _) => dense_f32_f32(m, r, &xp),
-        (Format::DenseBf16, _) => dense_bf16_f32(m, r, &xp),
-        (Format::DenseInt8, ROW) => dense_int8_f32::<NR, ROW>(m, r, &xp),
-        (Format::DenseInt8, _) => dense_int8_f32::<NR, GRP>(m, r, &xp),
-        (Format::DenseInt4, ROW) => dense_int4_f32::<NR, ROW>(m, r, &xp),
-        (Format::DenseInt4, GRP) => dense_int4_f32::<NR, GRP>(m, r, &xp),
-        (Format::DenseInt4, _) => dense_int4_f32::<NR, ASYM>(m, r, &xp),
-        (Format::SparseF32, _) => sparse_f32_f32(m, r, &xp),
-        (Format::SparseBf16, _) => sparse_bf16_f32(m, r, &xp),
-        (Format::SparseInt8, ROW) => sparse_int8_f32::<NR, ROW>(m, r, &xp),
-        (Format::SparseInt8, _) => sparse_int8_f32::<NR, GRP>(m, r, &xp),
-        (Format::SparseInt4, ROW) => sparse_int4_f32::<NR, ROW>(m, r, &xp),
-        (Format::SparseInt4, GRP) => sparse_int4_f32::<NR, GRP>(m, r, &xp),
-        (Format::SparseInt4, _) => sparse_int4_f32::<NR, ASYM>(m, r, &xp),
-    };
-    let scale = if mode == ROW && m.group != 0 { m.scales[r] } else { 1.0 };
-    for (a, acc) in acc.iter().enumerate() {
-        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-        *y.add((a0 + a) * m.rows + r) = _mm512_reduce_add_ps(sum) * scale;
-    }
-}
+f32_row_kernels!("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,popcnt,bmi2,fma", |acc| _mm512_reduce_add_ps(
+    _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))
+));
 
 /// `acc[a][i] += w · x[a][col..col+16]` for every activation row.
 #[inline]
