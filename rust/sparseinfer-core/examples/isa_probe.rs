@@ -52,7 +52,7 @@ mod probe {
 
     /// Runs `$body` (eight independent instructions) `ITERS` times and prints cycles per instruction.
     macro_rules! probe {
-        ($name:expr, $cyc:expr, $masks:expr, $body:literal) => {{
+        ($name:expr, $cyc:expr, $masks:expr, $body:expr) => {{
             let masks: &[u64; 512] = $masks;
             let mut best = f64::MAX;
             for _ in 0..5 {
@@ -88,6 +88,70 @@ mod probe {
         }};
     }
 
+    /// `$op zmmN, zmm8, zmm9` for N = 0..8: eight register-only instructions.
+    macro_rules! reg8 {
+        ($op:literal) => {
+            concat!(
+                $op,
+                " zmm0, zmm8, zmm9\n",
+                $op,
+                " zmm1, zmm8, zmm9\n",
+                $op,
+                " zmm2, zmm8, zmm9\n",
+                $op,
+                " zmm3, zmm8, zmm9\n",
+                $op,
+                " zmm4, zmm8, zmm9\n",
+                $op,
+                " zmm5, zmm8, zmm9\n",
+                $op,
+                " zmm6, zmm8, zmm9\n",
+                $op,
+                " zmm7, zmm8, zmm9"
+            )
+        };
+    }
+
+    /// Eight zero-masked `$op zmmN{kK}{z}, zmm9`, each with a fresh mask loaded from the table by `$kmov`.
+    macro_rules! masked8 {
+        ($kmov:literal, $op:literal) => {
+            concat!(
+                $kmov,
+                " k1, [{m} + 8*{i}]\n",
+                $op,
+                " zmm0{{k1}}{{z}}, zmm9\n",
+                $kmov,
+                " k2, [{m} + 8*{i} + 8]\n",
+                $op,
+                " zmm1{{k2}}{{z}}, zmm9\n",
+                $kmov,
+                " k3, [{m} + 8*{i} + 16]\n",
+                $op,
+                " zmm2{{k3}}{{z}}, zmm9\n",
+                $kmov,
+                " k4, [{m} + 8*{i} + 24]\n",
+                $op,
+                " zmm3{{k4}}{{z}}, zmm9\n",
+                $kmov,
+                " k1, [{m} + 8*{i} + 32]\n",
+                $op,
+                " zmm4{{k1}}{{z}}, zmm9\n",
+                $kmov,
+                " k2, [{m} + 8*{i} + 40]\n",
+                $op,
+                " zmm5{{k2}}{{z}}, zmm9\n",
+                $kmov,
+                " k3, [{m} + 8*{i} + 48]\n",
+                $op,
+                " zmm6{{k3}}{{z}}, zmm9\n",
+                $kmov,
+                " k4, [{m} + 8*{i} + 56]\n",
+                $op,
+                " zmm7{{k4}}{{z}}, zmm9"
+            )
+        };
+    }
+
     pub fn run() {
         let ok = ["avx512f", "avx512bw", "avx512vbmi", "avx512vbmi2", "avx512vnni"].iter().all(|f| match *f {
             "avx512f" => is_x86_feature_detected!("avx512f"),
@@ -118,72 +182,13 @@ mod probe {
         let cyc = ns_per_cycle();
         println!("core clock ~{:.2} GHz (from a dependent imul chain)", 1.0 / cyc);
         println!("throughput per instruction (eight per loop iteration):");
-        probe!(
-            "vpdpbusd zmm (int8 dot, 64 bytes)",
-            cyc,
-            &masks.0,
-            "vpdpbusd zmm0, zmm8, zmm9\nvpdpbusd zmm1, zmm8, zmm9\nvpdpbusd zmm2, zmm8, zmm9\nvpdpbusd zmm3, zmm8, zmm9\n\
-             vpdpbusd zmm4, zmm8, zmm9\nvpdpbusd zmm5, zmm8, zmm9\nvpdpbusd zmm6, zmm8, zmm9\nvpdpbusd zmm7, zmm8, zmm9"
-        );
-        probe!(
-            "vfmadd231ps zmm",
-            cyc,
-            &masks.0,
-            "vfmadd231ps zmm0, zmm8, zmm9\nvfmadd231ps zmm1, zmm8, zmm9\nvfmadd231ps zmm2, zmm8, zmm9\n\
-             vfmadd231ps zmm3, zmm8, zmm9\nvfmadd231ps zmm4, zmm8, zmm9\nvfmadd231ps zmm5, zmm8, zmm9\n\
-             vfmadd231ps zmm6, zmm8, zmm9\nvfmadd231ps zmm7, zmm8, zmm9"
-        );
-        probe!(
-            "vpermb zmm (byte permute)",
-            cyc,
-            &masks.0,
-            "vpermb zmm0, zmm8, zmm9\nvpermb zmm1, zmm8, zmm9\nvpermb zmm2, zmm8, zmm9\nvpermb zmm3, zmm8, zmm9\n\
-             vpermb zmm4, zmm8, zmm9\nvpermb zmm5, zmm8, zmm9\nvpermb zmm6, zmm8, zmm9\nvpermb zmm7, zmm8, zmm9"
-        );
-        probe!(
-            "vpexpandb zmm, a new mask each time",
-            cyc,
-            &masks.0,
-            "kmovq k1, [{m} + 8*{i}]\nvpexpandb zmm0{{k1}}{{z}}, zmm9\nkmovq k2, [{m} + 8*{i} + 8]\n\
-             vpexpandb zmm1{{k2}}{{z}}, zmm9\nkmovq k3, [{m} + 8*{i} + 16]\nvpexpandb zmm2{{k3}}{{z}}, zmm9\n\
-             kmovq k4, [{m} + 8*{i} + 24]\nvpexpandb zmm3{{k4}}{{z}}, zmm9\nkmovq k1, [{m} + 8*{i} + 32]\n\
-             vpexpandb zmm4{{k1}}{{z}}, zmm9\nkmovq k2, [{m} + 8*{i} + 40]\nvpexpandb zmm5{{k2}}{{z}}, zmm9\n\
-             kmovq k3, [{m} + 8*{i} + 48]\nvpexpandb zmm6{{k3}}{{z}}, zmm9\nkmovq k4, [{m} + 8*{i} + 56]\n\
-             vpexpandb zmm7{{k4}}{{z}}, zmm9"
-        );
-        probe!(
-            "vpexpandb zmm, all-ones masks",
-            cyc,
-            &ones.0,
-            "kmovq k1, [{m} + 8*{i}]\nvpexpandb zmm0{{k1}}{{z}}, zmm9\nkmovq k2, [{m} + 8*{i} + 8]\n\
-             vpexpandb zmm1{{k2}}{{z}}, zmm9\nkmovq k3, [{m} + 8*{i} + 16]\nvpexpandb zmm2{{k3}}{{z}}, zmm9\n\
-             kmovq k4, [{m} + 8*{i} + 24]\nvpexpandb zmm3{{k4}}{{z}}, zmm9\nkmovq k1, [{m} + 8*{i} + 32]\n\
-             vpexpandb zmm4{{k1}}{{z}}, zmm9\nkmovq k2, [{m} + 8*{i} + 40]\nvpexpandb zmm5{{k2}}{{z}}, zmm9\n\
-             kmovq k3, [{m} + 8*{i} + 48]\nvpexpandb zmm6{{k3}}{{z}}, zmm9\nkmovq k4, [{m} + 8*{i} + 56]\n\
-             vpexpandb zmm7{{k4}}{{z}}, zmm9"
-        );
-        probe!(
-            "vpcompressb zmm, a new mask each time",
-            cyc,
-            &masks.0,
-            "kmovq k1, [{m} + 8*{i}]\nvpcompressb zmm0{{k1}}{{z}}, zmm9\nkmovq k2, [{m} + 8*{i} + 8]\n\
-             vpcompressb zmm1{{k2}}{{z}}, zmm9\nkmovq k3, [{m} + 8*{i} + 16]\nvpcompressb zmm2{{k3}}{{z}}, zmm9\n\
-             kmovq k4, [{m} + 8*{i} + 24]\nvpcompressb zmm3{{k4}}{{z}}, zmm9\nkmovq k1, [{m} + 8*{i} + 32]\n\
-             vpcompressb zmm4{{k1}}{{z}}, zmm9\nkmovq k2, [{m} + 8*{i} + 40]\nvpcompressb zmm5{{k2}}{{z}}, zmm9\n\
-             kmovq k3, [{m} + 8*{i} + 48]\nvpcompressb zmm6{{k3}}{{z}}, zmm9\nkmovq k4, [{m} + 8*{i} + 56]\n\
-             vpcompressb zmm7{{k4}}{{z}}, zmm9"
-        );
-        probe!(
-            "vexpandps zmm (16 lanes), a new mask each time",
-            cyc,
-            &masks.0,
-            "kmovw k1, [{m} + 8*{i}]\nvexpandps zmm0{{k1}}{{z}}, zmm9\nkmovw k2, [{m} + 8*{i} + 8]\n\
-             vexpandps zmm1{{k2}}{{z}}, zmm9\nkmovw k3, [{m} + 8*{i} + 16]\nvexpandps zmm2{{k3}}{{z}}, zmm9\n\
-             kmovw k4, [{m} + 8*{i} + 24]\nvexpandps zmm3{{k4}}{{z}}, zmm9\nkmovw k1, [{m} + 8*{i} + 32]\n\
-             vexpandps zmm4{{k1}}{{z}}, zmm9\nkmovw k2, [{m} + 8*{i} + 40]\nvexpandps zmm5{{k2}}{{z}}, zmm9\n\
-             kmovw k3, [{m} + 8*{i} + 48]\nvexpandps zmm6{{k3}}{{z}}, zmm9\nkmovw k4, [{m} + 8*{i} + 56]\n\
-             vexpandps zmm7{{k4}}{{z}}, zmm9"
-        );
+        probe!("vpdpbusd zmm (int8 dot, 64 bytes)", cyc, &masks.0, reg8!("vpdpbusd"));
+        probe!("vfmadd231ps zmm", cyc, &masks.0, reg8!("vfmadd231ps"));
+        probe!("vpermb zmm (byte permute)", cyc, &masks.0, reg8!("vpermb"));
+        probe!("vpexpandb zmm, a new mask each time", cyc, &masks.0, masked8!("kmovq", "vpexpandb"));
+        probe!("vpexpandb zmm, all-ones masks", cyc, &ones.0, masked8!("kmovq", "vpexpandb"));
+        probe!("vpcompressb zmm, a new mask each time", cyc, &masks.0, masked8!("kmovq", "vpcompressb"));
+        probe!("vexpandps zmm (16 lanes), a new mask each time", cyc, &masks.0, masked8!("kmovw", "vexpandps"));
         probe!(
             "vfmadd231ps zmm, m32{1to16} (embedded broadcast)",
             cyc,

@@ -18,7 +18,7 @@ pub mod vector;
 mod x86;
 
 use crate::error::{Error, Result};
-use crate::formats::{PackedMatrix, CHUNK};
+use crate::formats::{Elem, PackedMatrix, CHUNK};
 use crate::parallel;
 use aligned::Aligned;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -205,7 +205,7 @@ impl Activations {
     /// `Int8` for integer weight formats, `F32` for float ones.
     pub fn default_for(format: crate::Format) -> Activations {
         match format.elem() {
-            crate::formats::Elem::I8 | crate::formats::Elem::I4 => Activations::Int8,
+            Elem::I8 | Elem::I4 => Activations::Int8,
             _ => Activations::F32,
         }
     }
@@ -222,7 +222,8 @@ pub struct QuantActs {
     pub xu: Aligned<u8>,
     /// `k × chunks` block scales.
     pub sx: Vec<f32>,
-    /// `k × groups` sums of `x̂` per weight scale group (int4 zero points: `Σ m·x̂`).
+    /// `k × groups` sums of `x̂` per weight scale group (the VNNI int4 kernels' zero points: `Σ m·x̂`);
+    /// empty otherwise.
     pub gsum: Vec<f32>,
     /// `k × cols_pad` dequantized activations `x̂`, for the f32 kernels (empty on the VNNI path).
     pub xhat: Aligned<f32>,
@@ -246,7 +247,7 @@ fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, xhat: bool) 
         xq: Aligned::zeroed(k * cp),
         xu: if xhat { Aligned::empty() } else { Aligned::zeroed(k * cp) },
         sx: vec![0.0; k * chunks],
-        gsum: vec![0.0; k * groups],
+        gsum: if xhat || m.format.elem() != Elem::I4 { Vec::new() } else { vec![0.0; k * groups] },
         xhat: if xhat { Aligned::zeroed(k * cp) } else { Aligned::empty() },
     };
     #[cfg(target_arch = "x86_64")]
@@ -263,7 +264,7 @@ fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, xhat: bool) 
     }
     #[cfg(not(target_arch = "x86_64"))]
     quantize_blocks(xs, &mut q);
-    if m.format.elem() == crate::formats::Elem::I4 {
+    if !q.gsum.is_empty() {
         group_sums(&mut q, m.group);
     }
     q
