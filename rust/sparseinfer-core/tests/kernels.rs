@@ -141,11 +141,11 @@ fn check_matrix(rows: usize, cols: usize, density: f32, seed: u64, f: Format, o:
     };
     // Every ISA against the scalar reference, in both activation modes; matmul rows against matvec exactly.
     let x = activations(k * cols, seed);
-    for act in [Activations::F32, Activations::Int8] {
+    for act in [Activations::F32, Activations::Int8, Activations::Int8Token] {
         // The reference runs on the activations the mode uses: x itself, or x̂ (checked against x below).
         let xhat = match act {
             Activations::F32 => x.clone(),
-            Activations::Int8 => dequantized_activations(&m, &x, k),
+            _ => dequantized_activations(&m, &x, k, act == Activations::Int8Token),
         };
         let mut want = vec![0.0f32; k * rows];
         kernels::matmul_on(Isa::Scalar, &m, &x, k, &mut want, act).unwrap();
@@ -175,19 +175,24 @@ fn check_matrix(rows: usize, cols: usize, density: f32, seed: u64, f: Format, o:
     }
 }
 
-/// x̂ of the int8 activation mode, unpadded, after checking it against the ACT_ROUND budget.
-fn dequantized_activations(m: &PackedMatrix, x: &[f32], k: usize) -> Vec<f32> {
+/// x̂ of an int8 activation mode (per block, or per row with `token`), unpadded, after checking it against
+/// the ACT_ROUND budget.
+fn dequantized_activations(m: &PackedMatrix, x: &[f32], k: usize, token: bool) -> Vec<f32> {
     let (cols, cp) = (m.cols(), m.cols_pad());
     let mut xs = vec![0.0f32; k * cp];
     for a in 0..k {
         xs[a * cp..a * cp + cols].copy_from_slice(&x[a * cols..(a + 1) * cols]);
     }
-    let q = kernels::quantize_activations(m, &xs, k);
+    let q = kernels::quantize_activations(m, &xs, k, token);
     let mut out = Vec::with_capacity(k * cols);
     for a in 0..k {
         for c in 0..cols {
             let (v, vh) = (xs[a * cp + c], q.xhat[a * cp + c]);
             let s = q.sx[a * (cp / 64) + c / 64];
+            if token {
+                let amax = xs[a * cp..(a + 1) * cp].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                assert!(s == amax / 127.0 || amax < 1e-36, "per-row scale {s} for max |x| {amax}");
+            }
             // x/s is rounded to f32 before the code is chosen: up to 127·2^-23 of s past one half.
             assert!((v - vh).abs() <= (budget::ACT_ROUND + 2e-5) * s, "x̂ {vh} vs x {v} (s {s})");
             assert_eq!(q.xhat[a * cp + c], s * q.xq[a * cp + c] as f32);
@@ -316,10 +321,13 @@ fn pack_with_given_scales_keeps_codes() {
         // Every ISA computes Σ ŵ·x̂ on these matrices too.
         for k in [1, 3] {
             let x = activations(k * cols, 9);
-            let xhat = dequantized_activations(&m, &x, k);
-            for isa in kernels::available_isas() {
+            for (isa, act) in kernels::available_isas()
+                .into_iter()
+                .flat_map(|isa| [(isa, Activations::Int8), (isa, Activations::Int8Token)])
+            {
+                let xhat = dequantized_activations(&m, &x, k, act == Activations::Int8Token);
                 let mut y = vec![0.0f32; k * rows];
-                kernels::matmul_on(isa, &m, &x, k, &mut y, Activations::Int8).unwrap();
+                kernels::matmul_on(isa, &m, &x, k, &mut y, act).unwrap();
                 for (a, r) in (0..k).flat_map(|a| (0..rows).map(move |r| (a, r))) {
                     let xa = &xhat[a * cols..(a + 1) * cols];
                     let want: f32 = (0..cols).map(|c| w[r * cols + c] * xa[c]).sum();
@@ -327,7 +335,7 @@ fn pack_with_given_scales_keeps_codes() {
                     let got = y[a * rows + r];
                     assert!(
                         (got - want).abs() <= 1e-4 * mag + 1e-6,
-                        "{isa:?} {format:?} k={k} ({a}, {r}): {got} vs {want}"
+                        "{isa:?} {act:?} {format:?} k={k} ({a}, {r}): {got} vs {want}"
                     );
                 }
             }

@@ -176,12 +176,19 @@ const PARALLEL_MIN_WORK: usize = 1 << 15;
 ///   the way llama.cpp pairs its weight formats with q8 activations. Where the CPU has AVX-512 VNNI the
 ///   integer dot products run on `vpdpbusd`; elsewhere the f32 kernels run on `x̂`, so every ISA computes the
 ///   same `Σ ŵ·x̂` up to summation order. The default for integer weight formats.
+/// - `Int8Token`: the same with one scale per activation row (per token; `s = max|x| / 127` over the row),
+///   as W8A8 "dynamic per-token" schemes (compressed-tensors, vLLM) do. Coarser than `Int8` where a row
+///   mixes large and small values, but the VNNI kernels then add whole rows (or weight groups) in exact
+///   integers and convert once, instead of converting and scaling every 64 columns: fewer instructions per
+///   weight, which is what the sparse kernels are short of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Activations {
     /// f32 activations.
     F32,
     /// int8 activations per 64-column block.
     Int8,
+    /// int8 activations with one scale per row.
+    Int8Token,
 }
 
 impl Activations {
@@ -190,7 +197,13 @@ impl Activations {
         match self {
             Activations::F32 => "f32",
             Activations::Int8 => "int8",
+            Activations::Int8Token => "int8-token",
         }
+    }
+
+    /// Whether the activations are quantized to int8.
+    pub fn is_int8(self) -> bool {
+        matches!(self, Activations::Int8 | Activations::Int8Token)
     }
 
     /// Parses a name from [`Activations::name`].
@@ -198,7 +211,11 @@ impl Activations {
         match name {
             "f32" => Ok(Activations::F32),
             "int8" => Ok(Activations::Int8),
-            _ => Err(Error::invalid("activations", format!("unknown activations {name:?}; expected f32 or int8"))),
+            "int8-token" => Ok(Activations::Int8Token),
+            _ => Err(Error::invalid(
+                "activations",
+                format!("unknown activations {name:?}; expected f32, int8 or int8-token"),
+            )),
         }
     }
 
@@ -211,10 +228,13 @@ impl Activations {
     }
 }
 
-/// Activations quantized per 64-column block, padded to `cols_pad`, for `k` rows.
+/// Activations quantized per 64-column block or per row, padded to `cols_pad`, for `k` rows.
 pub struct QuantActs {
     /// Activation rows.
     pub k: usize,
+    /// One scale per row ([`Activations::Int8Token`]) instead of per 64-column block; `sx` then repeats the
+    /// row's scale in every block.
+    pub token: bool,
     /// `k × cols_pad` codes.
     pub xq: Aligned<i8>,
     /// The same codes offset to unsigned, `xq + 128` (the unsigned operand of the VNNI int8-weight kernels);
@@ -222,6 +242,10 @@ pub struct QuantActs {
     pub xu: Aligned<u8>,
     /// `k × chunks` block scales.
     pub sx: Vec<f32>,
+    /// VNNI per-row-scale kernels only: per activation row and weight scale block, per i32 lane `j`, the
+    /// zero point times the sum of the codes the lane meets (`z · Σ x` over columns `64c + 4j..64c + 4j + 4`
+    /// of every chunk `c` in the block), subtracted from the exact integer sums; empty otherwise.
+    pub zcorr: Aligned<i32>,
     /// `k × groups` sums of `x̂` per weight scale group (the VNNI int4 kernels' zero points: `Σ m·x̂`);
     /// empty otherwise.
     pub gsum: Vec<f32>,
@@ -229,25 +253,30 @@ pub struct QuantActs {
     pub xhat: Aligned<f32>,
 }
 
-/// Quantizes `k` zero-padded activation rows of `m.cols_pad()` as [`Activations::Int8`] describes.
-pub fn quantize_activations(m: &PackedMatrix, xs: &[f32], k: usize) -> QuantActs {
-    quantize_activations_for(m, xs, k, true)
+/// Quantizes `k` zero-padded activation rows of `m.cols_pad()` as [`Activations::Int8`] (`token: false`) or
+/// [`Activations::Int8Token`] (`token: true`) describes.
+pub fn quantize_activations(m: &PackedMatrix, xs: &[f32], k: usize, token: bool) -> QuantActs {
+    quantize_activations_for(m, xs, k, true, token)
 }
 
 /// [`quantize_activations`] for one consumer: `xhat: true` fills `x̂` for the f32 kernels and leaves `xu`
 /// empty; `false` fills the offset codes `xu` for the VNNI kernels and leaves `x̂` empty.
 /// The per-block work is written out for AVX-512 and compiled for AVX2 as well, where the CPU has them: every
 /// copy computes the same codes bit for bit (the rounding below is exact), so the ISA never changes a result.
-fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, xhat: bool) -> QuantActs {
+fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, xhat: bool, token: bool) -> QuantActs {
     let (cp, chunks, groups) = (m.cols_pad, m.chunks(), m.groups());
     // A real assert: the AVX-512 copy below writes through raw pointers sized by these buffers.
     assert_eq!(xs.len(), k * cp, "activations must be k × cols_pad");
+    // The VNNI per-row-scale kernels read the codes and corrections; the per-block ones the offset codes.
+    let vnni_token = !xhat && token;
     let mut q = QuantActs {
         k,
+        token,
         xq: Aligned::zeroed(k * cp),
-        xu: if xhat { Aligned::empty() } else { Aligned::zeroed(k * cp) },
+        xu: if xhat || token { Aligned::empty() } else { Aligned::zeroed(k * cp) },
         sx: vec![0.0; k * chunks],
-        gsum: if xhat || m.format.elem() != Elem::I4 { Vec::new() } else { vec![0.0; k * groups] },
+        zcorr: Aligned::empty(),
+        gsum: if xhat || vnni_token || m.format.elem() != Elem::I4 { Vec::new() } else { vec![0.0; k * groups] },
         xhat: if xhat { Aligned::zeroed(k * cp) } else { Aligned::empty() },
     };
     #[cfg(target_arch = "x86_64")]
@@ -267,7 +296,35 @@ fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, xhat: bool) 
     if !q.gsum.is_empty() {
         group_sums(&mut q, m.group);
     }
+    #[cfg(target_arch = "x86_64")]
+    if vnni_token {
+        // SAFETY: only the VNNI path asks for these codes, after detecting the features.
+        unsafe { x86::vnni::zero_point_corrections(m, &mut q) };
+    }
     q
+}
+
+/// The largest magnitude of a 64-value block, as every quantizer copy forms it: lane maxima over the four
+/// 16-value parts (`a > l ? a : l`), then their maximum (max is exact, so the reduction order is free).
+#[inline(always)]
+fn block_amax(block: &[f32; CHUNK]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    for part in block.chunks_exact(16) {
+        for (l, v) in lanes.iter_mut().zip(part) {
+            let a = v.abs();
+            *l = if a > *l { a } else { *l };
+        }
+    }
+    lanes.iter().fold(0.0f32, |a, &v| if v > a { v } else { a })
+}
+
+/// Per-row quantization: replaces the block maxima in `q.sx` (row-major, `q.k` rows) by their row's maximum.
+pub(crate) fn spread_row_maxima(q: &mut QuantActs) {
+    let per_row = q.sx.len() / q.k.max(1);
+    for row in q.sx.chunks_exact_mut(per_row.max(1)) {
+        let amax = row.iter().fold(0.0f32, |a, &v| if v > a { v } else { a });
+        row.fill(amax);
+    }
 }
 
 /// The int4 kernels' zero-point sums `gsum = Σ x̂` per weight group of `group` (32, or a multiple of 64)
@@ -309,18 +366,16 @@ pub(crate) fn block_scale(amax: f32) -> (f32, f32) {
 pub(crate) fn quantize_blocks(xs: &[f32], q: &mut QuantActs) {
     let with_xhat = !q.xhat.is_empty();
     let with_xu = !q.xu.is_empty();
+    for (block, amax) in xs.chunks_exact(CHUNK).zip(q.sx.iter_mut()) {
+        *amax = block_amax(block.try_into().expect("64 values"));
+    }
+    if q.token {
+        spread_row_maxima(q);
+    }
     for (b, (block, codes)) in xs.chunks_exact(CHUNK).zip(q.xq.chunks_exact_mut(CHUNK)).enumerate() {
         let block: &[f32; CHUNK] = block.try_into().expect("64 values");
         let codes: &mut [i8; CHUNK] = codes.try_into().expect("64 codes");
-        let mut lanes = [0.0f32; 16];
-        for part in block.chunks_exact(16) {
-            for (l, v) in lanes.iter_mut().zip(part) {
-                let a = v.abs();
-                *l = if a > *l { a } else { *l };
-            }
-        }
-        let amax = lanes.iter().fold(0.0f32, |a, &v| if v > a { v } else { a });
-        let (s, inv) = block_scale(amax);
+        let (s, inv) = block_scale(q.sx[b]);
         q.sx[b] = s;
         for (c, v) in codes.iter_mut().zip(block) {
             // Round half away from zero without libm (baseline x86-64 has no roundss): truncate, then step
@@ -399,14 +454,15 @@ pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32],
     }
     match act {
         Activations::F32 => run_rows(m, k, y, rows_fn(isa), &xs[..]),
-        Activations::Int8 => {
+        Activations::Int8 | Activations::Int8Token => {
+            let token = act == Activations::Int8Token;
             #[cfg(target_arch = "x86_64")]
-            if isa == Isa::Avx512 && x86::vnni::supports(m) {
-                let q = quantize_activations_for(m, &xs, k, false);
+            if isa == Isa::Avx512 && x86::vnni::supports(m, token) {
+                let q = quantize_activations_for(m, &xs, k, false, token);
                 run_rows(m, k, y, x86::vnni::rows, &q);
                 return Ok(());
             }
-            let q = quantize_activations(m, &xs, k);
+            let q = quantize_activations(m, &xs, k, token);
             run_rows(m, k, y, rows_fn(isa), &q.xhat[..]);
         }
     }
@@ -419,8 +475,9 @@ pub fn kernel_name(m: &PackedMatrix, act: Activations) -> Result<String> {
     #[cfg(not(target_arch = "x86_64"))]
     let _ = act;
     #[cfg(target_arch = "x86_64")]
-    if act == Activations::Int8 && isa == Isa::Avx512 && x86::vnni::supports(m) {
-        return Ok(format!("{}_i8 (avx512vnni)", m.format.name().replace('-', "_")));
+    if act.is_int8() && isa == Isa::Avx512 && x86::vnni::supports(m, act == Activations::Int8Token) {
+        let per = if act == Activations::Int8Token { "_token" } else { "" };
+        return Ok(format!("{}_i8{per} (avx512vnni)", m.format.name().replace('-', "_")));
     }
     Ok(format!("{}_f32 ({})", m.format.name().replace('-', "_"), isa.name()))
 }
@@ -488,10 +545,12 @@ mod tests {
             .collect()
     }
 
-    fn quantized(xs: &[f32], cp: usize, k: usize, simd: bool) -> QuantActs {
+    fn quantized(xs: &[f32], cp: usize, k: usize, simd: bool, token: bool) -> QuantActs {
         let chunks = cp / CHUNK;
         let mut q = QuantActs {
             k,
+            token,
+            zcorr: Aligned::empty(),
             xq: Aligned::zeroed(k * cp),
             xu: Aligned::zeroed(k * cp),
             sx: vec![0.0; k * chunks],
@@ -518,13 +577,17 @@ mod tests {
         }
         let (cp, k) = (CHUNK * 37, 3);
         let xs = edge_rows(cp, k);
-        let (a, b) = (quantized(&xs, cp, k, false), quantized(&xs, cp, k, true));
-        assert_eq!(&a.xq[..], &b.xq[..]);
-        assert_eq!(&a.xu[..], &b.xu[..]);
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&a.sx), bits(&b.sx));
-        assert_eq!(bits(&a.xhat), bits(&b.xhat));
-        assert!(a.xhat.iter().all(|v| v.is_finite()));
+        for token in [false, true] {
+            let (a, b) = (quantized(&xs, cp, k, false, token), quantized(&xs, cp, k, true, token));
+            assert_eq!(&a.xq[..], &b.xq[..]);
+            assert_eq!(&a.xu[..], &b.xu[..]);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a.sx), bits(&b.sx));
+            assert_eq!(bits(&a.xhat), bits(&b.xhat));
+            assert!(a.xhat.iter().all(|v| v.is_finite()));
+            // Per row: one scale repeated over the row's blocks.
+            assert_eq!(token, a.sx.chunks(37).all(|row| row.iter().all(|&s| s == row[0])));
+        }
     }
 
     #[test]
@@ -534,7 +597,7 @@ mod tests {
         xs[..3].copy_from_slice(&[127.0, 63.5, -63.5]);
         // A block below ~3.7e-37 has no finite 1/s: zeros with scale 0, not codes off by up to 117 steps.
         xs[CHUNK] = 3e-38;
-        let q = quantized(&xs, 2 * CHUNK, 1, false);
+        let q = quantized(&xs, 2 * CHUNK, 1, false, false);
         assert_eq!(&q.xq[..3], &[127, 64, -64]);
         assert_eq!(&q.xu[..3], &[255, 192, 64]);
         assert_eq!((q.sx[1], q.xq[CHUNK]), (0.0, 0));

@@ -281,16 +281,23 @@ pub(crate) unsafe fn quantize_blocks(xs: &[f32], q: &mut crate::kernels::QuantAc
     let (lo, hi, half) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0), _mm512_set1_ps(0.5));
     let one = _mm512_set1_epi32(1);
     for (b, block) in xs.chunks_exact(CHUNK).enumerate() {
-        let x: [__m512; 4] = core::array::from_fn(|i| _mm512_loadu_ps(block.as_ptr().add(16 * i)));
-        let a: [__m512; 4] =
-            core::array::from_fn(|i| _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x[i]), abs)));
+        let a: [__m512; 4] = core::array::from_fn(|i| {
+            _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(block.as_ptr().add(16 * i) as *const _), abs))
+        });
         // Lane maxima as the portable loop forms them (a > l ? a : l over the four 16-value parts), then
         // their maximum: max is exact, so the order of the reduction does not matter.
         let mut l = _mm512_setzero_ps();
         for v in a {
             l = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, l), l, v);
         }
-        let (s, inv) = crate::kernels::block_scale(_mm512_reduce_max_ps(l));
+        q.sx[b] = _mm512_reduce_max_ps(l);
+    }
+    if q.token {
+        crate::kernels::spread_row_maxima(q);
+    }
+    for (b, block) in xs.chunks_exact(CHUNK).enumerate() {
+        let x: [__m512; 4] = core::array::from_fn(|i| _mm512_loadu_ps(block.as_ptr().add(16 * i)));
+        let (s, inv) = crate::kernels::block_scale(q.sx[b]);
         let inv = _mm512_set1_ps(inv);
         q.sx[b] = s;
         let codes: [__m512i; 4] = core::array::from_fn(|i| {

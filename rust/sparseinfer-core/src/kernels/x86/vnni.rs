@@ -61,9 +61,12 @@ macro_rules! for_chunks {
 /// matrix (`wrapping_add`): a prefetch never faults.
 pub(super) const PREFETCH: usize = 4096;
 
-/// Whether these kernels serve `m` (and the CPU has VNNI).
-pub(crate) fn supports(m: &PackedMatrix) -> bool {
-    matches!(m.format.elem(), Elem::I8 | Elem::I4) && !(m.format.is_sparse() && m.asym) && super::vnni_supported()
+/// Whether these kernels serve `m` (and the CPU has VNNI), with per-block (`token: false`) or per-row
+/// activation scales. Per-row scales take symmetric weights only, and rows short enough that every exact
+/// integer sum fits an i32 ([`TOKEN_MAX_COLS`]).
+pub(crate) fn supports(m: &PackedMatrix, token: bool) -> bool {
+    let shape = if token { !m.asym && m.cols_pad <= TOKEN_MAX_COLS } else { !(m.format.is_sparse() && m.asym) };
+    matches!(m.format.elem(), Elem::I8 | Elem::I4) && shape && super::vnni_supported()
 }
 
 /// Chunk scales from two 32-column weight groups (see [`chunk_scale`]).
@@ -105,11 +108,61 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
     }
 }
 
-/// Pointers to one activation row's codes, offset codes and block scales.
+/// The widest row the per-row-scale kernels take. A weight row's exact sum `Σ q·x` is at most
+/// `127 · 127 · cols` (int8), and each i32 lane's partial sum stays below `255 · 127 · cols / 16`: both fit an
+/// i32 up to here. (`vpdpbusd` wraps, so only the final sums need to fit.)
+pub(crate) const TOKEN_MAX_COLS: usize = 1 << 20;
+
+/// Chunks per scale block of the per-row-scale kernels: the weight group (or the whole row), one chunk for
+/// 32-column groups (whose two groups split the chunk's lanes).
+fn token_block_chunks(m: &PackedMatrix) -> usize {
+    if scale_mode(m) == ROW {
+        m.chunks()
+    } else {
+        (m.group / CHUNK).max(1)
+    }
+}
+
+/// The per-row-scale kernels add `Σ c·x` with unsigned weight codes `c = q + z`: `z = 128` for int8 (the
+/// codes are the stored bytes with the top bit flipped), `8` for int4.
+fn zero_point(m: &PackedMatrix) -> u8 {
+    if m.format.elem() == Elem::I8 {
+        128
+    } else {
+        8
+    }
+}
+
+/// Fills `q.zcorr`: per activation row and scale block, the 16 lane sums `z · Σ x` (one `vpdpbusd` of the
+/// broadcast zero point with each chunk's codes), which turn `Σ c·x` into `Σ q·x` lane by lane, exactly.
+///
+/// # Safety
+/// The CPU must support AVX-512 VNNI; `q.xq` holds `q.k` rows of `m.cols_pad` codes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(crate) unsafe fn zero_point_corrections(m: &PackedMatrix, q: &mut QuantActs) {
+    let (cp, sbc) = (m.cols_pad, token_block_chunks(m));
+    let blocks = m.chunks() / sbc;
+    assert!(q.xq.len() == q.k * cp && blocks * sbc == m.chunks());
+    q.zcorr = crate::kernels::aligned::Aligned::zeroed(q.k * blocks * 16);
+    let z = _mm512_set1_epi8(zero_point(m) as i8);
+    for a in 0..q.k {
+        for b in 0..blocks {
+            let mut v = _mm512_setzero_si512();
+            for ch in b * sbc..(b + 1) * sbc {
+                v = _mm512_dpbusd_epi32(v, z, _mm512_load_si512(q.xq.as_ptr().add(a * cp + ch * CHUNK) as *const _));
+            }
+            _mm512_store_si512(q.zcorr.as_mut_ptr().add((a * blocks + b) * 16) as *mut _, v);
+        }
+    }
+}
+
+/// Pointers to one activation row's codes, offset codes, block scales and (per-row scales) zero-point
+/// corrections.
 struct ActRow {
     xq: *const i8,
     xu: *const u8,
     sx: *const f32,
+    zc: *const i32,
 }
 
 /// Weight rows `g0..g1` (at most [`BATCH`]) against activation rows `a0..a0+NR`.
@@ -117,10 +170,12 @@ struct ActRow {
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,popcnt,bmi2,fma")]
 unsafe fn batch<const NR: usize>(m: &PackedMatrix, g0: usize, g1: usize, q: &QuantActs, a0: usize, y: *mut f32) {
     let (cp, chunks, groups) = (m.cols_pad, m.chunks(), m.groups());
+    let zc_row = if q.token { 16 * chunks / token_block_chunks(m) } else { 0 };
     let act: [ActRow; NR] = core::array::from_fn(|a| ActRow {
         xq: q.xq.as_ptr().add((a0 + a) * cp),
-        xu: q.xu.as_ptr().add((a0 + a) * cp),
+        xu: q.xu.as_ptr().wrapping_add((a0 + a) * cp),
         sx: q.sx.as_ptr().add((a0 + a) * chunks),
+        zc: q.zcorr.as_ptr().wrapping_add((a0 + a) * zc_row),
     });
     let mode = scale_mode(m);
     // How chunk scales are formed, fixed per kernel instantiation (a run-time test in the loop cost ~5 %):
@@ -132,20 +187,21 @@ unsafe fn batch<const NR: usize>(m: &PackedMatrix, g0: usize, g1: usize, q: &Qua
     };
     let mut sums = [[_mm512_setzero_ps(); BATCH]; NR];
     for r in g0..g1 {
-        let acc: Acc<NR> = match (m.format, scaling) {
-            (Format::DenseInt8, ROW) => dense_int8_i8::<NR, ROW>(m, r, &act),
-            (Format::DenseInt8, GRP) => dense_int8_i8::<NR, GRP>(m, r, &act),
-            (Format::DenseInt8, _) => dense_int8_i8::<NR, GRP32>(m, r, &act),
-            (Format::SparseInt8, ROW) => sparse_int8_i8::<NR, ROW>(m, r, &act),
-            (Format::SparseInt8, GRP) => sparse_int8_i8::<NR, GRP>(m, r, &act),
-            (Format::SparseInt8, _) => sparse_int8_i8::<NR, GRP32>(m, r, &act),
-            (Format::DenseInt4, ROW) => dense_int4_i8::<NR, ROW>(m, r, &act),
-            (Format::DenseInt4, GRP) => dense_int4_i8::<NR, GRP>(m, r, &act),
-            (Format::DenseInt4, _) => dense_int4_i8::<NR, GRP32>(m, r, &act),
-            (Format::SparseInt4, ROW) => sparse_int4_i8::<NR, ROW>(m, r, &act),
-            (Format::SparseInt4, GRP) => sparse_int4_i8::<NR, GRP>(m, r, &act),
-            (Format::SparseInt4, _) => sparse_int4_i8::<NR, GRP32>(m, r, &act),
-            _ => unreachable!("vnni::supports admits integer formats only"),
+        let acc: Acc<NR> = match (q.token, m.format, scaling) {
+            (true, Format::DenseInt8, ROW) => token_row::<NR, DI8, ROW>(m, r, &act),
+            (true, Format::DenseInt8, GRP) => token_row::<NR, DI8, GRP>(m, r, &act),
+            (true, Format::DenseInt8, _) => token_row::<NR, DI8, GRP32>(m, r, &act),
+            (true, Format::SparseInt8, ROW) => token_row::<NR, SI8, ROW>(m, r, &act),
+            (true, Format::SparseInt8, GRP) => token_row::<NR, SI8, GRP>(m, r, &act),
+            (true, Format::SparseInt8, _) => token_row::<NR, SI8, GRP32>(m, r, &act),
+            (true, Format::DenseInt4, ROW) => token_row::<NR, DI4, ROW>(m, r, &act),
+            (true, Format::DenseInt4, GRP) => token_row::<NR, DI4, GRP>(m, r, &act),
+            (true, Format::DenseInt4, _) => token_row::<NR, DI4, GRP32>(m, r, &act),
+            (true, Format::SparseInt4, ROW) => token_row::<NR, SI4, ROW>(m, r, &act),
+            (true, Format::SparseInt4, GRP) => token_row::<NR, SI4, GRP>(m, r, &act),
+            (true, Format::SparseInt4, _) => token_row::<NR, SI4, GRP32>(m, r, &act),
+            (true, ..) => unreachable!("vnni::supports admits integer formats only"),
+            (false, ..) => block_row::<NR>(m, r, scaling, &act),
         };
         for a in 0..NR {
             sums[a][r - g0] = _mm512_add_ps(acc[0][a], acc[1][a]);
@@ -156,10 +212,12 @@ unsafe fn batch<const NR: usize>(m: &PackedMatrix, g0: usize, g1: usize, q: &Qua
     let scale = if mode == ROW { _mm512_maskz_loadu_ps(lanes, m.scales.as_ptr().add(g0)) } else { _mm512_set1_ps(1.0) };
     for (a, rows) in sums.iter().enumerate() {
         let mut out = [0.0f32; BATCH];
+        // Per-row activation scales multiply the exact sums once, here.
+        let scale = if q.token { _mm512_mul_ps(scale, _mm512_set1_ps(*act[a].sx)) } else { scale };
         _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(hsum16(rows), scale));
         for (i, o) in out[..n].iter_mut().enumerate() {
             let r = g0 + i;
-            if m.format.elem() == Elem::I4 {
+            if m.format.elem() == Elem::I4 && !q.token {
                 // Zero point of every group: ŵ = d·c + m' with m' = m (asymmetric) or -8·d (symmetric).
                 let gs = q.gsum.as_ptr().add((a0 + a) * groups);
                 let gs = core::slice::from_raw_parts(gs, groups);
@@ -169,6 +227,27 @@ unsafe fn batch<const NR: usize>(m: &PackedMatrix, g0: usize, g1: usize, q: &Qua
             }
             *y.add((a0 + a) * m.rows + r) = *o;
         }
+    }
+}
+
+/// One weight row with per-block activation scales.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,popcnt,bmi2,fma")]
+unsafe fn block_row<const NR: usize>(m: &PackedMatrix, r: usize, scaling: u8, act: &[ActRow; NR]) -> Acc<NR> {
+    match (m.format, scaling) {
+        (Format::DenseInt8, ROW) => dense_int8_i8::<NR, ROW>(m, r, act),
+        (Format::DenseInt8, GRP) => dense_int8_i8::<NR, GRP>(m, r, act),
+        (Format::DenseInt8, _) => dense_int8_i8::<NR, GRP32>(m, r, act),
+        (Format::SparseInt8, ROW) => sparse_int8_i8::<NR, ROW>(m, r, act),
+        (Format::SparseInt8, GRP) => sparse_int8_i8::<NR, GRP>(m, r, act),
+        (Format::SparseInt8, _) => sparse_int8_i8::<NR, GRP32>(m, r, act),
+        (Format::DenseInt4, ROW) => dense_int4_i8::<NR, ROW>(m, r, act),
+        (Format::DenseInt4, GRP) => dense_int4_i8::<NR, GRP>(m, r, act),
+        (Format::DenseInt4, _) => dense_int4_i8::<NR, GRP32>(m, r, act),
+        (Format::SparseInt4, ROW) => sparse_int4_i8::<NR, ROW>(m, r, act),
+        (Format::SparseInt4, GRP) => sparse_int4_i8::<NR, GRP>(m, r, act),
+        (Format::SparseInt4, _) => sparse_int4_i8::<NR, GRP32>(m, r, act),
+        _ => unreachable!("vnni::supports admits integer formats only"),
     }
 }
 
@@ -334,6 +413,82 @@ unsafe fn sparse_int4_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: u
         unsigned_chunk::<NR, MODE>(acc, c, act, &s, ch);
     });
     [acc0, acc1]
+}
+
+/// Weight formats of [`token_row`], as const parameters.
+const DI8: u8 = 0;
+const SI8: u8 = 1;
+const DI4: u8 = 2;
+const SI4: u8 = 3;
+
+/// One weight row against per-row-scaled activations: `Σ c·x` in exact i32 lanes over each scale block
+/// (the weight group, or the whole row), the block's zero-point correction subtracted lane by lane, then one
+/// conversion and (for groups) one multiply-add with the group scale per block. Per chunk that is the codes
+/// and one `vpdpbusd` per activation row; the per-block kernels also convert and scale every chunk.
+/// The caller multiplies the row's sum by the activation scale (and the row scale).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,avx512vnni,popcnt,fma")]
+unsafe fn token_row<const NR: usize, const FMT: u8, const MODE: u8>(
+    m: &PackedMatrix,
+    r: usize,
+    act: &[ActRow; NR],
+) -> Acc<NR> {
+    let sparse = FMT == SI8 || FMT == SI4;
+    let mut p = m.data.as_ptr().add(m.row_start(r));
+    let masks = m.masks.as_ptr().wrapping_add(r * m.chunks());
+    let s = RowScales::of(m, r);
+    let sbc = token_block_chunks(m);
+    let flip = _mm512_set1_epi8(-128);
+    let (mut f0, mut f1) = ([_mm512_setzero_ps(); NR], [_mm512_setzero_ps(); NR]);
+    // Alternating f32 accumulators by block: with 64- or 128-column groups, one accumulator would put an
+    // FMA latency on every block.
+    for_chunks!(m.chunks() / sbc, f0, f1, |b, accf| {
+        let (mut i0, mut i1) = ([_mm512_setzero_si512(); NR], [_mm512_setzero_si512(); NR]);
+        for_chunks!(sbc, i0, i1, |j, acci| {
+            let ch = b * sbc + j;
+            let c = if sparse {
+                let mask = *masks.add(ch);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+                if FMT == SI8 {
+                    // Pruned lanes expand to 0 and flip to 128: a zero weight.
+                    let w = _mm512_maskz_expand_epi8(mask, load512_nofold!(p));
+                    p = p.add(mask.count_ones() as usize);
+                    _mm512_xor_si512(w, flip)
+                } else {
+                    let c = _mm512_mask_expand_epi8(_mm512_set1_epi8(8), mask, nibbles(p));
+                    p = p.add((mask.count_ones() as usize).div_ceil(2));
+                    c
+                }
+            } else if FMT == DI8 {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ch * CHUNK + PREFETCH) as *const i8);
+                _mm512_xor_si512(_mm512_loadu_si512(p.add(ch * CHUNK) as *const _), flip)
+            } else {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ch * CHUNK / 2 + PREFETCH) as *const i8);
+                nibbles(p.add(ch * CHUNK / 2))
+            };
+            for (a, x) in act.iter().enumerate() {
+                let xa = _mm512_load_si512(x.xq.add(ch * CHUNK) as *const _);
+                acci[a] = _mm512_dpbusd_epi32(acci[a], c, xa);
+            }
+        });
+        for (a, x) in act.iter().enumerate() {
+            let zc = _mm512_load_si512(x.zc.add(16 * b) as *const _);
+            let exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(i0[a], i1[a]), zc));
+            accf[a] = match MODE {
+                ROW => _mm512_add_ps(accf[a], exact),
+                GRP => _mm512_fmadd_ps(exact, _mm512_set1_ps(*s.d.add(b)), accf[a]),
+                _ => {
+                    let d = _mm512_mask_blend_ps(
+                        0xFF00,
+                        _mm512_set1_ps(*s.d.add(2 * b)),
+                        _mm512_set1_ps(*s.d.add(2 * b + 1)),
+                    );
+                    _mm512_fmadd_ps(exact, d, accf[a])
+                }
+            };
+        }
+    });
+    [f0, f1]
 }
 
 /// 64 int4 codes (32 bytes at `p`, column `2j` in the low nibble of byte `j`) as 64 bytes: `vpermq` gives
