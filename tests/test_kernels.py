@@ -75,8 +75,8 @@ def check(w, fmt, group, asym, rng, k=3):
     # f32 activations and for int8 activations (against numpy on x̂, which is checked against x).
     x = rng.standard_normal((k, w.shape[1])).astype(np.float32)
     default = "int8" if fmt in INT else "f32"
-    for act in ("f32", "int8"):
-        xa = x if act == "f32" else quantize_activations(x)
+    for act in ("f32", "int8", "int8-token"):
+        xa = x if act == "f32" else quantize_activations(x, token=act == "int8-token")
         want = xa.astype(np.float64) @ dense.astype(np.float64).T
         mag = np.abs(dense)
         if fmt in INT4 and act == "int8":  # zero points are added separately: rounding scales with them too
@@ -99,12 +99,14 @@ def group_absmax(w, g):
     return out
 
 
-def quantize_activations(x):
-    """x̂ of activations="int8": per 64-column block, s = max|x|/127, x̂ = s·round_half_away(x/s), in float32."""
+def quantize_activations(x, token=False):
+    """x̂ of activations="int8": per 64-column block, s = max|x|/127, x̂ = s·round_half_away(x/s), in float32.
+    With `token` ("int8-token"), s is one per row."""
     xh = np.zeros_like(x)
     for c0 in range(0, x.shape[1], 64):
         blk = x[:, c0 : c0 + 64]
-        s = (np.max(np.abs(blk), axis=1) / np.float32(127)).astype(np.float32)[:, None]
+        amax = np.max(np.abs(x if token else blk), axis=1)
+        s = (amax / np.float32(127)).astype(np.float32)[:, None]
         with np.errstate(divide="ignore"):
             inv = np.where(s > 0, np.float32(1) / s, np.float32(0)).astype(np.float32)
         v = np.clip(blk * inv, -127, 127)
@@ -149,10 +151,10 @@ def test_every_isa_agrees_with_scalar_on_a_model_shape():
     x = rng.standard_normal(2048).astype(np.float32)
     for fmt in kernels.FORMATS:
         m = kernels.pack(w, fmt)
-        for act in ("f32", "int8"):
+        for act in ("f32", "int8", "int8-token"):
             kernels.set_isa("scalar")
             want = m.matvec(x, activations=act)
-            xa = x if act == "f32" else quantize_activations(x[None])[0]
+            xa = x if act == "f32" else quantize_activations(x[None], token=act == "int8-token")[0]
             mag = np.abs(m.to_dense()) + (1.2 * group_absmax(w, 128) if fmt in INT4 and act == "int8" else 0)
             tol = B["sum_order"] * (mag @ np.abs(xa)) + 1e-6
             for isa in kernels.available_isas():

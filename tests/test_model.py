@@ -111,9 +111,10 @@ def test_decode_matches_prefill(arch_model):
 # -- sparse and quantized formats ---------------------------------------------------------------------
 
 
-def emulate(ref, fmt):
+def emulate(ref, fmt, token=False):
     """`ref` with every linear weight replaced by its packed-and-dequantized value (the head as dense-int8 /
-    bf16 / f32, as the runtime plans it) and, for integer formats, int8 block-quantized linear inputs."""
+    bf16 / f32, as the runtime plans it) and, for integer formats, int8 block-quantized linear inputs (one
+    scale per token with `token`)."""
     import copy
 
     emu = copy.deepcopy(ref)
@@ -126,7 +127,9 @@ def emulate(ref, fmt):
         w = mod.weight.detach().numpy().astype(np.float32)
         mod.weight.data = torch.from_numpy(kernels.pack(np.ascontiguousarray(w), f).to_dense())
         if "int" in f:
-            hooks.append(mod.register_forward_pre_hook(lambda m, args: (tiny_models.block_quantize_acts(args[0]),)))
+            hooks.append(
+                mod.register_forward_pre_hook(lambda m, args: (tiny_models.block_quantize_acts(args[0], token),))
+            )
     return emu
 
 
@@ -158,6 +161,24 @@ def test_sparse_formats_within_budget(sparse_llama, fmt):
     # And the format stays close to the unquantized model: it is still the same model.
     dense = torch_logits(ref, PROMPT)
     assert np.corrcoef(got.ravel(), dense.ravel())[0, 1] > 0.95
+
+
+@pytest.mark.parametrize("fmt", ["sparse-int8", "sparse-int4", "dense-int8"])
+def test_int8_token_activations_within_budget(sparse_llama, fmt):
+    path, ref = sparse_llama
+    model = sparseinfer.load(path, weights=fmt, activations="int8-token")
+    info = model.info()
+    assert info["activations"] == "int8-token"
+    if "avx512vnni" in info["kernel"]:
+        assert info["kernel"].startswith(fmt.replace("-", "_") + "_i8_token")
+    got = model.logits(PROMPT)
+    want = torch_logits(emulate(ref, fmt, token=True), PROMPT)
+    assert np.abs(got - want).max() / np.abs(want).max() <= FORMAT_BUDGET["sparse-int8"]
+    # Per-token scales are a different emulation: the block one must not match as well.
+    block = torch_logits(emulate(ref, fmt), PROMPT)
+    assert np.abs(got - want).max() < np.abs(got - block).max()
+    with pytest.raises(InvalidInputError, match="activations"):
+        sparseinfer.load(path, weights=fmt, activations="int4")
 
 
 @pytest.mark.parametrize("fmt", ["dense-int8", "dense-int4", "dense-bf16"])

@@ -136,14 +136,15 @@ def build(kind: str, path: Path, seed: int = 0, sparsity: float = 0.0, scale: fl
     return model
 
 
-def block_quantize_acts(x):
-    """The runtime's int8 activations, in torch: per 64-column block, s = max|x|/127, x̂ = s·round_half_away(x/s)."""
+def block_quantize_acts(x, token=False):
+    """The runtime's int8 activations, in torch: per 64-column block (per row with `token`), s = max|x|/127,
+    x̂ = s·round_half_away(x/s)."""
     import torch
 
     *lead, cols = x.shape
     pad = (-cols) % 64
     xp = torch.nn.functional.pad(x, (0, pad)).reshape(*lead, -1, 64)
-    s = xp.abs().amax(-1, keepdim=True) / 127.0
+    s = (xp.abs().amax((-2, -1), keepdim=True) if token else xp.abs().amax(-1, keepdim=True)) / 127.0
     inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
     r = (xp * inv).clamp(-127, 127)
     q = torch.sign(r) * torch.floor(r.abs() + 0.5)

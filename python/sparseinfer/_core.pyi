@@ -39,7 +39,11 @@ def pack(
 class Model:
     @staticmethod
     def load(
-        path: str, weights: str | None = None, group_size: int | None = None, asymmetric: bool = False
+        path: str,
+        weights: str | None = None,
+        group_size: int | None = None,
+        asymmetric: bool = False,
+        activations: str | None = None,
     ) -> Model: ...
     def logits(self, tokens: list[int]) -> npt.NDArray[np.float32]: ...
     def info(self) -> dict[str, Any]: ...

@@ -67,7 +67,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from . import load
 
-    model = load(args.model, weights=args.weights, threads=args.threads or None)
+    model = load(args.model, weights=args.weights, threads=args.threads or None, activations=args.activations)
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     for piece in model.stream(
         prompt,
@@ -122,7 +122,8 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"measured read bandwidth {bw:.1f} GB/s; prompt {len(prompt)} tokens, {args.new_tokens} new tokens")
     print(f"{'format':<14}{'MB/token':>10}{'prefill tok/s':>15}{'decode tok/s':>14}{'GB/s':>8}{'% bw':>7}")
     for fmt in args.formats.split(","):
-        model = load(args.model, weights=None if fmt == "stored" else fmt, threads=args.threads or None)
+        weights = None if fmt == "stored" else fmt
+        model = load(args.model, weights=weights, threads=args.threads or None, activations=args.activations)
         info = model.info()
         nbytes = info["bytes_per_token"]
         ids = [t % info["vocab_size"] for t in prompt]
@@ -154,6 +155,9 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+ACT_HELP = "f32, int8 (per 64-column block) or int8-token (per token); default: the format's own"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sparseinfer", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("prompt", help="the prompt text ('-' reads stdin)")
     g.add_argument("-m", "--model", default=None, help="model directory or preset (default: SmolLM2-135M-Instruct)")
     g.add_argument("--weights", default=None, help="pack linear layers into this kernel format (e.g. sparse-int8)")
+    g.add_argument("--activations", default=None, help=ACT_HELP)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=None)
@@ -185,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--repeats", type=int, default=2)
     b.add_argument("--threads", type=int, default=0)
+    b.add_argument("--activations", default=None, help=ACT_HELP)
     for stage, text in [
         ("prune", "one-shot prune the recipe's model (magnitude, wanda, sparsegpt)"),
         ("finetune", "sparse fine-tune with fixed masks (CE / KD / SquareHead); runs under torchrun too"),

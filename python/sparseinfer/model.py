@@ -75,7 +75,9 @@ class Model:
             if threads < 1:
                 raise InvalidInputError(f"threads must be >= 1, got {threads}")
             _core.set_num_threads(threads)
-        self._core = _core.Model.load(str(self.path), weights, pack.get("group_size"), pack.get("asymmetric", False))
+        self._core = _core.Model.load(
+            str(self.path), weights, pack.get("group_size"), pack.get("asymmetric", False), pack.get("activations")
+        )
         self._info = self._core.info()
         self._tokenizer = None
         gen_cfg = _read_json(self.path / "generation_config.json")
@@ -281,17 +283,27 @@ def load(
     threads: int | None = None,
     group_size: int | None = None,
     asymmetric: bool = False,
+    activations: str | None = None,
 ) -> Model:
     """Loads a model directory (``None`` or a preset name: the default model, see ``sparseinfer.models``).
 
     ``weights``: None keeps the stored precision, or a kernel format (``"sparse-int8"``, ``"dense-int4"``, ...)
-    to pack every linear layer into (zeros become the sparsity pattern)."""
+    to pack every linear layer into (zeros become the sparsity pattern). ``activations``: how the linear
+    layers meet their inputs, ``None`` for each format's default, or ``"f32"``, ``"int8"`` (int8 per
+    64-column block) or ``"int8-token"`` (int8 with one scale per token: fewer instructions per weight)."""
     if model_dir is None or not os.path.exists(model_dir):
         from .models import resolve
 
         model_dir, preset_weights = resolve(model_dir)
         weights = weights or preset_weights
-    return Model(model_dir, weights=weights, threads=threads, group_size=group_size, asymmetric=asymmetric)
+    return Model(
+        model_dir,
+        weights=weights,
+        threads=threads,
+        group_size=group_size,
+        asymmetric=asymmetric,
+        activations=activations,
+    )
 
 
 def generate(

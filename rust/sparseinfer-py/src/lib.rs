@@ -233,18 +233,21 @@ struct PyModel {
 #[pymethods]
 impl PyModel {
     /// Loads a model directory. `weights`: None keeps the stored precision, or a kernel format name packs
-    /// every linear layer into it (zeros become the sparsity pattern).
+    /// every linear layer into it (zeros become the sparsity pattern). `activations`: None (each format's
+    /// default), "f32", "int8" or "int8-token".
     #[staticmethod]
-    #[pyo3(signature = (path, weights = None, group_size = None, asymmetric = false))]
+    #[pyo3(signature = (path, weights = None, group_size = None, asymmetric = false, activations = None))]
     fn load(
         py: Python<'_>,
         path: PathBuf,
         weights: Option<&str>,
         group_size: Option<usize>,
         asymmetric: bool,
+        activations: Option<&str>,
     ) -> PyResult<Self> {
         let weights = weights.map(Format::from_name).transpose().map_err(|e| to_py(py, e))?;
-        let opts = LoadOptions { weights, pack: PackOptions { group_size, asymmetric } };
+        let activations = parse_act(py, activations)?;
+        let opts = LoadOptions { weights, pack: PackOptions { group_size, asymmetric }, activations };
         let m = py.detach(|| runtime::load_dir(&path, opts)).map_err(|e| to_py(py, e))?;
         Ok(PyModel { inner: Arc::new(m) })
     }
@@ -303,7 +306,8 @@ impl PyModel {
         d.set_item("lm_head_format", head.format().name())?;
         let first = m.layers.first().map(|l| &l.qkv.w).unwrap_or(head);
         d.set_item("format", first.format().name())?;
-        let act = kernels::Activations::default_for(first.format());
+        let act = m.layers.first().and_then(|l| l.qkv.act).unwrap_or(kernels::Activations::default_for(first.format()));
+        d.set_item("activations", act.name())?;
         d.set_item("kernel", kernels::kernel_name(first, act).map_err(|e| to_py(py, e))?)?;
         d.set_item("isa", kernels::active_isa().map_err(|e| to_py(py, e))?.name())?;
         d.set_item("threads", core::parallel::num_threads())?;

@@ -30,6 +30,8 @@ pub struct LoadOptions {
     pub weights: Option<Format>,
     /// Group size / symmetry for integer formats.
     pub pack: PackOptions,
+    /// Activation mode of every linear layer; `None`: each format's default.
+    pub activations: Option<crate::kernels::Activations>,
 }
 
 /// Reads `config.json` of a model directory.
@@ -49,10 +51,11 @@ pub fn load_dir(dir: &Path, opts: LoadOptions) -> Result<Model> {
     let spec = arch::spec(&config)?;
     let quant = weights::QuantScheme::from_config(&config)?;
     let store = safetensors::WeightStore::open_dir(dir)?;
-    let plan = match opts.weights {
+    let mut plan = match opts.weights {
         Some(f) => weights::WeightPlan::for_format(f, opts.pack),
         None => weights::WeightPlan::as_stored(store.main_float_dtype(), quant.is_some()),
     };
+    plan.act = opts.activations;
     model::build(spec, &weights::Loader { store: &store, plan, quant })
 }
 

@@ -18,6 +18,8 @@ pub struct WeightPlan {
     pub lm_head: Format,
     /// Group size and symmetry for integer formats.
     pub pack: PackOptions,
+    /// How every linear layer meets its activations; `None`: [`kernels::Activations::default_for`] its format.
+    pub act: Option<kernels::Activations>,
 }
 
 impl WeightPlan {
@@ -30,7 +32,7 @@ impl WeightPlan {
             Format::DenseBf16 | Format::SparseBf16 => Format::DenseBf16,
             Format::DenseInt8 | Format::SparseInt8 | Format::DenseInt4 | Format::SparseInt4 => Format::DenseInt8,
         };
-        WeightPlan { linear, stored: false, lm_head, pack }
+        WeightPlan { linear, stored: false, lm_head, pack, act: None }
     }
 
     /// The plan that keeps a dense checkpoint's precision: bf16 stays bf16, f32 and f16 become f32.
@@ -51,12 +53,14 @@ pub struct Linear {
     pub w: PackedMatrix,
     /// Optional bias (`rows` values).
     pub bias: Option<Vec<f32>>,
+    /// The activation mode (`None`: the format's default).
+    pub act: Option<kernels::Activations>,
 }
 
 impl Linear {
     /// `y[k × rows] = x[k × cols] Wᵀ (+ b)`.
     pub fn forward(&self, x: &[f32], k: usize, y: &mut [f32]) -> Result<()> {
-        kernels::matmul(&self.w, x, k, y, None)?;
+        kernels::matmul(&self.w, x, k, y, self.act)?;
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(self.w.rows()) {
                 row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
@@ -433,7 +437,7 @@ impl Loader<'_> {
         } else {
             PackedMatrix::pack(&w, rows, cols, format, opts).map_err(ctx)?
         };
-        Ok(Linear { w: packed, bias: bias.then_some(b) })
+        Ok(Linear { w: packed, bias: bias.then_some(b), act: self.plan.act })
     }
 
     /// A transformer projection in the plan's linear format.
