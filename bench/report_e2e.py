@@ -57,13 +57,18 @@ def table(data, rows):
         f"measured in the same run: **{bw:.1f} GB/s**. Random Llama-shaped models; prompt {rows[0]['prompt_tokens']} "
         f"tokens, {rows[0]['new_tokens']} new tokens, batch 1, greedy. Decode tok/s excludes the prompt. "
         "Bytes/token: packed linear layers + head read once per decoded token (for transformers, every parameter "
-        "at its dtype). Best of 2 runs for sparseinfer, 1 for transformers.",
+        "at its dtype). Best of 2 runs for sparseinfer, 1 for transformers. Integer formats take int8 "
+        "activations per 64-column block; `+token` rows scale them per token instead (fewer instructions per "
+        "weight, coarser activations), and compare with dense-int8+token.",
         "",
     ]
     for size in dict.fromkeys(r["size"] for r in rows):
         rs = [r for r in rows if r["size"] == size]
         base = next((r["decode_tok_s"] for r in rs if label(r) == "transformers fp32"), None)
-        dense8 = next((r["decode_tok_s"] for r in rs if label(r) == "dense-int8"), None)
+        dense8 = {
+            token: next((r["decode_tok_s"] for r in rs if label(r) == "dense-int8" + token), None)
+            for token in ("", "+token")
+        }
         out += [
             f"## {size} ({rs[0]['parameters'] / 1e6:.0f}M parameters)",
             "",
@@ -73,7 +78,8 @@ def table(data, rows):
         ]
         for r in rs:
             vs = f"{r['decode_tok_s'] / base:.2f}x" if base else "-"
-            vs8 = f"{r['decode_tok_s'] / dense8:.2f}x" if dense8 and r["runtime"] == "sparseinfer" else "-"
+            d8 = dense8["+token" if r["format"].endswith("+token") else ""]
+            vs8 = f"{r['decode_tok_s'] / d8:.2f}x" if d8 and r["runtime"] == "sparseinfer" else "-"
             out.append(
                 f"| {label(r)} | {r['bytes_per_token'] / 1e6:.0f} | {r['prefill_tok_s']:.1f} | "
                 f"{r['decode_tok_s']:.1f} | {r['gbs']:.1f} | {r['fraction_of_bandwidth']:.0%} | {vs} | {vs8} |"

@@ -27,6 +27,9 @@ PROMPT_TOKENS = 16
 NEW_TOKENS = 128
 OURS = [("dense-f32", 0.0), ("dense-bf16", 0.0), ("dense-int8", 0.0), ("dense-int4", 0.0)]
 OURS += [(f, s) for f in ("sparse-int8", "sparse-int4") for s in (0.5, 0.7, 0.8)]
+# "+token": the same weights with int8 activations scaled per token instead of per 64 columns.
+OURS += [("dense-int8+token", 0.0), ("sparse-int8+token", 0.7), ("sparse-int4+token", 0.7)]
+TOKEN = "+token"
 CASES = [("transformers", "fp32", 0.0), ("transformers", "bf16", 0.0)] + [("sparseinfer", f, s) for f, s in OURS]
 
 
@@ -61,8 +64,14 @@ def run_transformers(path, dtype, new_tokens):
     }
 
 
+def load_case(path, fmt):
+    """A model for a case name: a kernel format, with "+token" for per-token int8 activations."""
+    weights, token = fmt.removesuffix(TOKEN), fmt.endswith(TOKEN)
+    return sparseinfer.load(path, weights=weights, activations="int8-token" if token else None)
+
+
 def run_ours(path, fmt, new_tokens):
-    model = sparseinfer.load(path, weights=fmt)
+    model = load_case(path, fmt)
     ids = prompt(model.info()["vocab_size"])
     assert len(model.generate_ids(ids, max_new_tokens=4)) == 4  # warm up
     best = None
@@ -78,6 +87,7 @@ def run_ours(path, fmt, new_tokens):
         "decode_tok_s": best.decode_tokens_per_s,
         "bytes_per_token": info["bytes_per_token"],
         "kernel": info["kernel"],
+        "activations": info["activations"],
         "runtime": "sparseinfer",
     }
 
@@ -121,8 +131,10 @@ PAIRED_ROUNDS = 6
 PAIRED = ("dense-int8", 0.0), ("sparse-int8", 0.7)
 
 
-def test_paired_sparse_vs_dense(benchmark):
-    """sparse-int8 70 % against dense-int8 on the 1B model, interleaved round by round.
+@pytest.mark.parametrize("token", [False, True], ids=["int8", "int8-token"])
+def test_paired_sparse_vs_dense(benchmark, token):
+    """sparse-int8 70 % against dense-int8 on the 1B model, interleaved round by round, with int8 activations
+    per 64-column block or (`token`) per token.
 
     This VM's DRAM bandwidth swings by up to 2x over minutes (other tenants). Dense decoding follows it, the
     sparse integer kernels are compute-bound and do not, so the ratio of two cases timed minutes apart says
@@ -133,7 +145,8 @@ def test_paired_sparse_vs_dense(benchmark):
     size = "tiny" if disabled else "1b"
     new_tokens = 8 if disabled else NEW_TOKENS
     rounds = 1 if disabled else PAIRED_ROUNDS
-    models = [sparseinfer.load(llama_models.model_dir(size, s), weights=f) for f, s in PAIRED]
+    suffix = TOKEN if token else ""
+    models = [load_case(llama_models.model_dir(size, s), f + suffix) for f, s in PAIRED]
     ids = prompt(models[0].info()["vocab_size"])
     for m in models:
         m.generate_ids(ids, max_new_tokens=4)  # warm up: page in the weights
@@ -156,8 +169,9 @@ def test_paired_sparse_vs_dense(benchmark):
     benchmark.extra_info.update(
         kind="paired",
         size=size,
-        dense=f"{PAIRED[0][0]}",
-        sparse=f"{PAIRED[1][0]} {PAIRED[1][1]:.0%}",
+        dense=f"{PAIRED[0][0]}{suffix}",
+        sparse=f"{PAIRED[1][0]}{suffix} {PAIRED[1][1]:.0%}",
+        activations=models[0].info()["activations"],
         new_tokens=new_tokens,
         threads=kernels.num_threads(),
         rounds=results,
