@@ -102,7 +102,9 @@ def test_matvec(benchmark, read_bandwidth, shape, fmt, sparsity):
 
 
 PAIRED_SHAPES = ["1b-attn 2048x2048", "1b-up 5632x2048", "1b-down 2048x5632"]
-PAIRED_FORMATS = [("dense-int8", 0.0), ("sparse-int8", 0.7), ("sparse-int4", 0.7)]
+# (format, sparsity, activations): None is the format's default (int8 per 64-column block for integer formats).
+PAIRED_FORMATS = [("dense-int8", 0.0, None), ("sparse-int8", 0.7, None), ("sparse-int4", 0.7, None)]
+PAIRED_FORMATS += [("sparse-int8", 0.7, "int8-token"), ("sparse-int4", 0.7, "int8-token")]
 PAIRED_ROUNDS = 5
 
 
@@ -116,9 +118,12 @@ def test_paired_vs_numpy(benchmark, shape):
     x = rng.standard_normal(SHAPES[shape][1], dtype=np.float32)
     w = weights(shape, 0.0)
     rotations = {"numpy-f32": [w] + [w.copy() for _ in range(copies(benchmark, w.nbytes) - 1)]}
-    for fmt, sparsity in PAIRED_FORMATS:
+    acts = {}
+    for fmt, sparsity, act in PAIRED_FORMATS:
         m0 = kernels.pack(weights(shape, sparsity), fmt)
-        rotations[f"{fmt} {sparsity:.0%}"] = [m0] + [m0.copy() for _ in range(copies(benchmark, m0.nbytes) - 1)]
+        name = f"{fmt}{'+token' if act == 'int8-token' else ''} {sparsity:.0%}"
+        rotations[name] = [m0] + [m0.copy() for _ in range(copies(benchmark, m0.nbytes) - 1)]
+        acts[name] = act
 
     def per_matvec(name):
         mats = rotations[name]
@@ -131,7 +136,7 @@ def test_paired_vs_numpy(benchmark, shape):
                 m @ x
         else:
             for m in mats:
-                m.matvec(x)
+                m.matvec(x, acts[name])
         return (time.perf_counter() - t) / len(mats)
 
     for name in rotations:
