@@ -60,15 +60,16 @@ unsafe fn i8x64_to_f32(v: __m512i) -> [__m512; 4] {
 /// ```text
 /// memory byte j:        [ hi_j | lo_j ]              (lo_j is column 2j, hi_j column 2j+1)
 /// zero-extend to u16:   0000 0000 hi_j lo_j
-/// (u16 & 0x0F) | ((u16 & 0xF0) << 4)  ->  0000 hi_j 0000 lo_j  = bytes [lo_j, hi_j] in little-endian order
+/// (u16 | u16 << 4) & 0x0F0F            ->  0000 hi_j 0000 lo_j  = bytes [lo_j, hi_j] in little-endian order
 /// ```
+/// One shuffle, one shift and one `vpternlogd`. The VNNI int4 kernels use it too: on AMD Zen 4 it was 7-15 %
+/// faster there than `vpermq` + `vpmultishiftqb` + AND, whose two shuffles compete with `vpexpandb`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
 pub(super) unsafe fn nibbles_to_bytes(p: *const u8) -> __m512i {
     let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(p as *const __m256i));
-    let lo = _mm512_and_si512(w, _mm512_set1_epi16(0x000F));
-    let hi = _mm512_slli_epi16::<4>(_mm512_and_si512(w, _mm512_set1_epi16(0x00F0)));
-    _mm512_or_si512(lo, hi)
+    // 0xA8: (A | B) & C.
+    _mm512_ternarylogic_epi32::<0xA8>(w, _mm512_slli_epi16::<4>(w), _mm512_set1_epi16(0x0F0F))
 }
 
 /// Symmetric int4 nibbles hold `q + 8`; the asymmetric ones hold `q`.

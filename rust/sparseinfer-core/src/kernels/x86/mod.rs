@@ -41,8 +41,8 @@ pub fn avx512_supported() -> bool {
         && is_x86_feature_detected!("avx512vbmi2")
 }
 
-/// AVX-512 VNNI (`vpdpbusd`) and VBMI (`vpmultishiftqb`, int4 unpacking), used by the integer-activation
-/// kernels on top of the AVX-512 path (every CPU with VBMI2 has VBMI too).
+/// AVX-512 VNNI (`vpdpbusd`), used by the integer-activation kernels on top of the AVX-512 path. Their
+/// functions also enable VBMI, so it is checked too (every CPU with VBMI2 has it).
 pub fn vnni_supported() -> bool {
     avx512_supported() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vbmi")
 }

@@ -19,6 +19,7 @@
 //!
 //! Sparse asymmetric int4 is not served here (`supports` is false); it runs the f32 kernels on `x̂`.
 
+use super::avx512::nibbles_to_bytes;
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
 use crate::kernels::simd::{scale_mode, RowScales, GRP, ROW};
 use crate::kernels::vector::x86::dot;
@@ -390,7 +391,7 @@ unsafe fn dense_int4_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: us
     let (mut acc0, mut acc1) = ([_mm512_setzero_ps(); NR], [_mm512_setzero_ps(); NR]);
     for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ch * CHUNK / 2 + PREFETCH) as *const i8);
-        let c = nibbles(p.add(ch * CHUNK / 2)); // unsigned codes; zero points added per row
+        let c = nibbles_to_bytes(p.add(ch * CHUNK / 2)); // unsigned codes; zero points added per row
         unsigned_chunk::<NR, MODE>(acc, c, act, &s, ch);
     });
     [acc0, acc1]
@@ -408,7 +409,7 @@ unsafe fn sparse_int4_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: u
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
         // Codes c = q + 8 in the stored lanes and 8 (a zero weight) in the pruned ones, so the row's zero
         // point term is the same precomputed Σ -8·d·x̂ as for dense int4.
-        let c = _mm512_mask_expand_epi8(_mm512_set1_epi8(8), mask, nibbles(p));
+        let c = _mm512_mask_expand_epi8(_mm512_set1_epi8(8), mask, nibbles_to_bytes(p));
         p = p.add((mask.count_ones() as usize).div_ceil(2));
         unsigned_chunk::<NR, MODE>(acc, c, act, &s, ch);
     });
@@ -455,7 +456,7 @@ unsafe fn token_row<const NR: usize, const FMT: u8, const MODE: u8>(
                     p = p.add(mask.count_ones() as usize);
                     _mm512_xor_si512(w, flip)
                 } else {
-                    let c = _mm512_mask_expand_epi8(_mm512_set1_epi8(8), mask, nibbles(p));
+                    let c = _mm512_mask_expand_epi8(_mm512_set1_epi8(8), mask, nibbles_to_bytes(p));
                     p = p.add((mask.count_ones() as usize).div_ceil(2));
                     c
                 }
@@ -464,7 +465,7 @@ unsafe fn token_row<const NR: usize, const FMT: u8, const MODE: u8>(
                 _mm512_xor_si512(_mm512_loadu_si512(p.add(ch * CHUNK) as *const _), flip)
             } else {
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ch * CHUNK / 2 + PREFETCH) as *const i8);
-                nibbles(p.add(ch * CHUNK / 2))
+                nibbles_to_bytes(p.add(ch * CHUNK / 2))
             };
             for (a, x) in act.iter().enumerate() {
                 let xa = _mm512_load_si512(x.xq.add(ch * CHUNK) as *const _);
@@ -489,26 +490,4 @@ unsafe fn token_row<const NR: usize, const FMT: u8, const MODE: u8>(
         }
     });
     [f0, f1]
-}
-
-/// 64 int4 codes (32 bytes at `p`, column `2j` in the low nibble of byte `j`) as 64 bytes: `vpermq` gives
-/// each 8-byte source word to two destination words, and `vpmultishiftqb` pulls nibble `8i + b` of word
-/// `i` into byte `b` (bit offsets 0, 4, ..., 60), then one AND. Three operations where widening to 16 bits
-/// and merging shifted halves took five. Reads 32 bytes.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-unsafe fn nibbles(p: *const u8) -> __m512i {
-    let v = _mm512_castsi256_si512(_mm256_loadu_si256(p as *const __m256i));
-    let words = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 0, 1, 1, 2, 2, 3, 3), v);
-    let offsets = _mm512_set_epi64(
-        0x3C38_3430_2C28_2420,
-        0x1C18_1410_0C08_0400,
-        0x3C38_3430_2C28_2420,
-        0x1C18_1410_0C08_0400,
-        0x3C38_3430_2C28_2420,
-        0x1C18_1410_0C08_0400,
-        0x3C38_3430_2C28_2420,
-        0x1C18_1410_0C08_0400,
-    );
-    _mm512_and_si512(_mm512_multishift_epi64_epi8(offsets, words), _mm512_set1_epi8(0x0F))
 }
