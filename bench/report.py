@@ -64,11 +64,19 @@ def table(data, rows):
         "Reading it: a memory-bound kernel sits near 100 % of the bandwidth, and its speedup over numpy grows with "
         "sparsity as its bytes shrink. A sparse kernel whose GB/s falls as sparsity rises is compute-bound: it "
         "pays per 64-column chunk (load the mask, expand or gather, multiply, scale) however few values the chunk "
-        "holds. On the AMD Zen 5 machine of these runs that is ~3.2 cycles per chunk and core for sparse int8 in "
-        "L1, bound by the loads per chunk (mask, values, activations, scale) rather than the arithmetic "
-        "(`cargo run --release -p sparseinfer-core --example isa_probe` measures the instructions), ~4 from L2/L3 "
-        "and ~5 from DRAM with both cores streaming. Per core that is ~20 GB/s of 70 %-sparse int8 against the "
-        "~25-35 GB/s a core can pull, so the sparse integer formats stay below the bandwidth from ~70 % sparsity on.",
+        "holds. What a chunk costs depends on the CPU (`cargo run --release -p sparseinfer-core --example "
+        "isa_probe` measures the instructions):",
+        "",
+        "- AMD Zen 5 (4.2 GHz, full-width AVX-512; `vpexpandb` 1.5 cycles): sparse int8 ~3.2 cycles per chunk and "
+        "core in L1, bound by the loads (mask, values, activations, scale), ~4 from L2/L3, ~5 from DRAM with both "
+        "cores streaming: ~20 GB/s per core of 70 %-sparse int8.",
+        "- AMD Zen 4 (3.7 GHz, AVX-512 on 256-bit units; `vpexpandb` 2.6 cycles, `vpdpbusd` and 64-byte loads "
+        "1.0): sparse int8 ~7 cycles per chunk with int8 activations per 64 columns, ~6 with `int8-token` "
+        "(per-token activation scales: no per-chunk convert and scale); sparse int4 ~7.7 (nibble unpack + expand). "
+        "That is ~12-16 GB/s per core of 70 %-sparse int8.",
+        "",
+        "Either way the sparse integer formats fall below the bandwidth from ~70 % sparsity on. `+token` rows run "
+        'the same matrices with `activations="int8-token"`.',
         "",
         "| shape | format | sparsity | bytes/weight | time (us) | GB/s | % of bandwidth | vs numpy f32 | kernel |",
         "|---|---|---|---|---|---|---|---|---|",

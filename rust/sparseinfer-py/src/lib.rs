@@ -72,7 +72,8 @@ struct PyPackedMatrix {
 #[pymethods]
 impl PyPackedMatrix {
     /// `W @ x` for `x` of shape `(in,)`, float32; returns `(out,)` float32. `activations`: None (the
-    /// format's default: "int8" for integer formats, else "f32"), "f32" or "int8".
+    /// format's default: "int8" for integer formats, else "f32"), "f32", "int8" (per 64-column block) or
+    /// "int8-token" (one scale per row).
     #[pyo3(signature = (x, activations = None))]
     fn matvec<'py>(
         &self,
