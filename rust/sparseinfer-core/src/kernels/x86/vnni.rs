@@ -89,10 +89,13 @@ const BATCH: usize = 16;
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,popcnt,bmi2,fma")]
 pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
     debug_assert!(q.k == k && q.xq.len() == k * m.cols_pad && m.cols_pad.is_multiple_of(CHUNK));
-    // The aligned loads of `xu` need every row and chunk of it on a 64-byte boundary.
-    debug_assert!(
+    // The aligned loads of `xu`, `xq` and `zcorr` need every row and chunk on a 64-byte boundary.
+    debug_assert!((q.xq.as_ptr() as usize).is_multiple_of(64));
+    debug_assert!(if q.token {
+        q.zcorr.len() == k * 16 * m.chunks() / token_block_chunks(m) && (q.zcorr.as_ptr() as usize).is_multiple_of(64)
+    } else {
         q.xu.len() == k * m.cols_pad && (q.xu.as_ptr() as usize).is_multiple_of(64) || m.format.elem() == Elem::I4
-    );
+    });
     let mut g0 = r0;
     while g0 < r1 {
         let g1 = (g0 + BATCH).min(r1);
