@@ -70,9 +70,9 @@ impl Quant {
     /// format keeps a nonzero symmetric code so the mask and the values agree.
     fn code(&self, w: f32, keep_nonzero: bool) -> i32 {
         if self.asym {
-            ((w - self.m) * self.inv).round().clamp(0.0, self.qmax) as i32
+            round_clamped((w - self.m) * self.inv, 0.0, self.qmax)
         } else {
-            let q = (w * self.inv).round().clamp(-self.qmax, self.qmax) as i32;
+            let q = round_clamped(w * self.inv, -self.qmax, self.qmax);
             if q == 0 && keep_nonzero && w != 0.0 {
                 if w > 0.0 {
                     1
@@ -89,6 +89,17 @@ impl Quant {
     fn nibble(&self, q: i32) -> u8 {
         (if self.asym { q } else { q + 8 }) as u8
     }
+}
+
+/// `x.round().clamp(lo, hi) as i32` (round half away from zero) without libm's `roundf`, which baseline x86-64
+/// calls out of line for every weight: clamp first (the bounds are integers, so the order does not matter),
+/// truncate, then step away from zero when the exact remainder is at least one half. NaN gives 0, as before.
+#[inline]
+fn round_clamped(x: f32, lo: f32, hi: f32) -> i32 {
+    let x = x.clamp(lo, hi);
+    let t = x as i32;
+    let r = x - t as f32;
+    t + (r >= 0.5) as i32 - (r <= -0.5) as i32
 }
 
 /// Symmetric scales given by the caller instead of fitted: `rows × n` values, `n` groups per row of the format's
@@ -253,8 +264,8 @@ pub(super) fn pack_impl(
         } else {
             let val = |c: usize| row.get(c).copied().unwrap_or(0.0);
             match elem {
-                Elem::F32 => (0..cols_pad).for_each(|c| m.data.extend_from_slice(&val(c).to_le_bytes())),
-                Elem::Bf16 => (0..cols_pad).for_each(|c| m.data.extend_from_slice(&f32_to_bf16(val(c)).to_le_bytes())),
+                Elem::F32 => m.data.extend((0..cols_pad).flat_map(|c| val(c).to_le_bytes())),
+                Elem::Bf16 => m.data.extend((0..cols_pad).flat_map(|c| f32_to_bf16(val(c)).to_le_bytes())),
                 Elem::I8 => m.data.extend(codes.iter().map(|&q| q as i8 as u8)),
                 Elem::I4 => m.data.extend(codes.chunks(2).map(|p| p[0] as u8 | ((p[1] as u8) << 4))),
             }

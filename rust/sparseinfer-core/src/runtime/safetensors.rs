@@ -137,23 +137,17 @@ impl TensorView<'_> {
     }
 }
 
-/// IEEE half to single, exactly (subnormals, infinities and NaN included).
+/// IEEE half to single, exactly (subnormals, infinities and NaN included). Branch-free, so LLVM vectorizes
+/// loops over it (a `match` on the exponent cost ~1 ns per weight when loading f16 checkpoints): the
+/// exponent and mantissa shifted into place are the f32 with the same bits scaled by 2^-112 (subnormal
+/// halves become f32 subnormals), so one exact multiply by 2^112 rebiases both; infinities and NaNs only
+/// need the exponent set to all ones.
 pub fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let man = (h & 0x3ff) as u32;
-    let bits = match (exp, man) {
-        (0, 0) => sign,
-        (0, m) => {
-            // Subnormal: value = m · 2^-24.
-            let v = m as f32 * (1.0 / 16_777_216.0);
-            return if sign != 0 { -v } else { v };
-        }
-        (0x1f, 0) => sign | 0x7f80_0000,
-        (0x1f, m) => sign | 0x7fc0_0000 | (m << 13),
-        (e, m) => sign | ((e + 112) << 23) | (m << 13),
-    };
-    f32::from_bits(bits)
+    let sign = ((h & 0x8000) as u32) << 16;
+    let body = ((h & 0x7fff) as u32) << 13;
+    let scaled = (f32::from_bits(body) * f32::from_bits(0x7780_0000)).to_bits(); // × 2^112
+    let bits = if h & 0x7c00 == 0x7c00 { body | 0x7f80_0000 } else { scaled };
+    f32::from_bits(sign | bits)
 }
 
 impl SafeTensors {
