@@ -213,6 +213,11 @@ def test_generate_text_and_stream_agree(llama_dir):
     assert "".join(pieces) == text
     assert model.last_stats.new_tokens == 20 and model.last_stats.finish_reason == "length"
     assert text == sparseinfer.generate(llama_dir, "Once upon a time", max_new_tokens=20)
+    # Load options pass through generate() to load().
+    tok = sparseinfer.load(llama_dir, weights="sparse-int8", activations="int8-token")
+    want = tok.generate("Once upon a time", max_new_tokens=8)
+    kw = dict(weights="sparse-int8", activations="int8-token", max_new_tokens=8)
+    assert sparseinfer.generate(llama_dir, "Once upon a time", **kw) == want
     # Greedy text equals decoding the greedy ids.
     ids = model.encode("Once upon a time")
     assert text == model.decode(our_greedy(model, ids, 20))

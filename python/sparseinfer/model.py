@@ -316,9 +316,11 @@ def generate(
     seed: int | None = None,
     **kw: Any,
 ) -> str:
-    """Loads ``model_dir`` and returns the completion of ``prompt``."""
-    weights = kw.pop("weights", None)
-    model = load(model_dir, weights=weights)
+    """Loads ``model_dir`` and returns the completion of ``prompt``. The keyword arguments of :func:`load`
+    (``weights``, ``threads``, ``group_size``, ``asymmetric``, ``activations``) go to it; the rest to
+    :meth:`Model.generate`."""
+    load_kw = {k: kw.pop(k) for k in ("weights", "threads", "group_size", "asymmetric", "activations") if k in kw}
+    model = load(model_dir, **load_kw)
     return model.generate(
         prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **kw
     )

@@ -186,11 +186,11 @@ fn dequantized_activations(m: &PackedMatrix, x: &[f32], k: usize, token: bool) -
     let q = kernels::quantize_activations(m, &xs, k, token);
     let mut out = Vec::with_capacity(k * cols);
     for a in 0..k {
+        let amax = xs[a * cp..(a + 1) * cp].iter().fold(0.0f32, |m, v| m.max(v.abs()));
         for c in 0..cols {
             let (v, vh) = (xs[a * cp + c], q.xhat[a * cp + c]);
             let s = q.sx[a * (cp / 64) + c / 64];
             if token {
-                let amax = xs[a * cp..(a + 1) * cp].iter().fold(0.0f32, |m, v| m.max(v.abs()));
                 assert!(s == amax / 127.0 || amax < 1e-36, "per-row scale {s} for max |x| {amax}");
             }
             // x/s is rounded to f32 before the code is chosen: up to 127·2^-23 of s past one half.
@@ -347,4 +347,24 @@ fn pack_with_given_scales_keeps_codes() {
     assert!(PackedMatrix::pack_with_scales(&[1.0; 8], 2, 4, Format::DenseF32, opts, &[1.0, 1.0], 1).is_err());
     assert!(PackedMatrix::pack_with_scales(&[1.0; 8], 2, 4, Format::DenseInt8, opts, &[1.0], 1).is_err());
     assert!(PackedMatrix::pack_with_scales(&[1.0; 8], 2, 4, Format::DenseInt8, opts, &[f32::NAN, 1.0], 1).is_err());
+}
+
+#[test]
+fn rows_too_wide_for_exact_lanes_take_the_f32_kernels() {
+    // Per-row activation scales add whole rows in i32 lanes up to 2^20 columns; a wider row must fall back
+    // to the f32 kernels on x̂ (same result up to summation order), never overflow.
+    let cols = (1 << 20) + 64;
+    let w: Vec<f32> = (0..cols).map(|c| if c % 3 == 0 { 0.0 } else { ((c % 11) as f32 - 5.0) * 0.1 }).collect();
+    let x: Vec<f32> = (0..cols).map(|c| ((c % 7) as f32 - 3.0) * 0.5).collect();
+    for format in [Format::DenseInt8, Format::SparseInt8] {
+        let m = PackedMatrix::pack(&w, 1, cols, format, PackOptions::default()).unwrap();
+        let name = kernels::kernel_name(&m, Activations::Int8Token).unwrap();
+        assert!(name.contains("_f32"), "{format:?}: {name}");
+        let (xhat, dense) = (dequantized_activations(&m, &x, 1, true), m.to_dense());
+        let want: f64 = dense.iter().zip(&xhat).map(|(a, b)| *a as f64 * *b as f64).sum();
+        let mut y = [0.0f32];
+        kernels::matmul(&m, &x, 1, &mut y, Some(Activations::Int8Token)).unwrap();
+        let mag: f64 = dense.iter().zip(&xhat).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+        assert!((y[0] as f64 - want).abs() <= 1e-4 * mag, "{format:?}: {} vs {want}", y[0]);
+    }
 }

@@ -307,7 +307,11 @@ impl PyModel {
         d.set_item("lm_head_format", head.format().name())?;
         let first = m.layers.first().map(|l| &l.qkv.w).unwrap_or(head);
         d.set_item("format", first.format().name())?;
-        let act = m.layers.first().and_then(|l| l.qkv.act).unwrap_or(kernels::Activations::default_for(first.format()));
+        let act = m
+            .layers
+            .first()
+            .map_or(m.lm_head.act, |l| l.qkv.act)
+            .unwrap_or(kernels::Activations::default_for(first.format()));
         d.set_item("activations", act.name())?;
         d.set_item("kernel", kernels::kernel_name(first, act).map_err(|e| to_py(py, e))?)?;
         d.set_item("isa", kernels::active_isa().map_err(|e| to_py(py, e))?.name())?;

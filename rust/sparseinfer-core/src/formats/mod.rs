@@ -279,7 +279,7 @@ pub mod budget {
     pub const ROUND: f32 = 0.5;
     /// Sparse symmetric integer formats keep a stored nonzero at `|q| >= 1`: `|ŵ - w| <= SPARSE_ROUND · d`.
     pub const SPARSE_ROUND: f32 = 1.0;
-    /// int8 activations (`Activations::Int8`): `|x̂ - x| <= ACT_ROUND · s`, s the 64-column block scale (plus the
-    /// f32 rounding of `x / s`, at most 127·2⁻²³·s).
+    /// int8 activations: `|x̂ - x| <= ACT_ROUND · s`, s the 64-column block scale (`Activations::Int8`) or the
+    /// row's (`Activations::Int8Token`), plus the f32 rounding of `x / s`, at most 127·2⁻²³·s.
     pub const ACT_ROUND: f32 = 0.5;
 }

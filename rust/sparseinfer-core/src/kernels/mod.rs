@@ -192,7 +192,7 @@ pub enum Activations {
 }
 
 impl Activations {
-    /// The stable name (`"f32"`, `"int8"`).
+    /// The stable name (`"f32"`, `"int8"`, `"int8-token"`).
     pub fn name(self) -> &'static str {
         match self {
             Activations::F32 => "f32",
@@ -297,8 +297,8 @@ fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, xhat: bool, 
         group_sums(&mut q, m.group);
     }
     #[cfg(target_arch = "x86_64")]
-    if vnni_token {
-        // SAFETY: only the VNNI path asks for these codes, after detecting the features.
+    if vnni_token && x86::vnni_supported() {
+        // SAFETY: the features were detected.
         unsafe { x86::vnni::zero_point_corrections(m, &mut q) };
     }
     q

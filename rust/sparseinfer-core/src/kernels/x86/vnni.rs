@@ -1,7 +1,9 @@
-//! AVX-512 VNNI kernels for integer weights with int8 activations (`Activations::Int8`).
-//! Kernel names: `<weight format>_i8`.
+//! AVX-512 VNNI kernels for integer weights with int8 activations: per 64-column block (`Activations::Int8`,
+//! kernel names `<weight format>_i8`) or per row (`Activations::Int8Token`, `<weight format>_i8_token`, see
+//! [`token_row`]; they make the weights the unsigned operand, with one correction per scale block instead
+//! of per chunk).
 //!
-//! Per 64-column chunk, `vpdpbusd` multiplies 64 unsigned bytes by 64 signed bytes and adds each group of
+//! Per-block activations: per 64-column chunk, `vpdpbusd` multiplies 64 unsigned bytes by 64 signed bytes and adds each group of
 //! four products into one of 16 i32 lanes: exact integer arithmetic. The chunk's i32 lanes are then
 //! converted to f32 and multiply-added with the chunk scale `s_x · d` into an f32 accumulator.
 //!
@@ -17,7 +19,8 @@
 //!   once per row from precomputed group sums. Sparse rows expand with 8 (a zero weight) in the pruned
 //!   lanes, so the same correction holds.
 //!
-//! Sparse asymmetric int4 is not served here (`supports` is false); it runs the f32 kernels on `x̂`.
+//! Sparse asymmetric int4 is not served here (`supports` is false), nor any asymmetric int4 with per-row
+//! activations; they run the f32 kernels on `x̂`.
 
 use super::avx512::nibbles_to_bytes;
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
@@ -112,9 +115,11 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
     }
 }
 
-/// The widest row the per-row-scale kernels take. A weight row's exact sum `Σ q·x` is at most
-/// `127 · 127 · cols` (int8), and each i32 lane's partial sum stays below `255 · 127 · cols / 16`: both fit an
-/// i32 up to here. (`vpdpbusd` wraps, so only the final sums need to fit.)
+/// The widest row the per-row-scale kernels take. Each i32 lane is converted on its own, and `vpdpbusd`,
+/// the adds and the correction all wrap, so only each lane's final value has to fit: `Σ q·x` over its
+/// `cols / 16` columns, at most `127 · 127 · cols / 16` in magnitude (int8), which fits an i32 up to ~2.1M
+/// columns. The lane sums are exact integers; past 2^24 in magnitude (rows of more than ~16k columns) their
+/// conversion to f32 rounds, by at most 2^-24 relative.
 pub(crate) const TOKEN_MAX_COLS: usize = 1 << 20;
 
 /// Chunks per scale block of the per-row-scale kernels: the weight group (or the whole row), one chunk for
