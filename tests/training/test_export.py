@@ -134,6 +134,28 @@ def test_writes_are_atomic(tmp_path, pruned, monkeypatch):
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir()), "the temp dir must be cleaned up"
 
 
+def test_declared_per_token_activations_are_honoured(tmp_path, pruned):
+    src, base, batches = pruned
+    model = copy.deepcopy(base)
+    T.quantize(model, bits=8, method="rtn")
+    out = T.export(model, src, tmp_path / "out", sparse=True)
+    assert sparseinfer.load(out).info()["activations"] == "int8"
+    cfg = json.loads((out / "config.json").read_text())
+    acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"] = acts
+    (out / "config.json").write_text(json.dumps(cfg))
+    token = sparseinfer.load(out)
+    assert token.info()["activations"] == "int8-token"
+    assert sparseinfer.load(out, activations="int8").info()["activations"] == "int8"
+    np.testing.assert_array_equal(
+        token.logits(PROMPT), sparseinfer.load(out, weights="sparse-int8", activations="int8-token").logits(PROMPT)
+    )
+    # A static per-tensor declaration keeps the finer per-block dynamic scales.
+    acts.update(strategy="tensor", dynamic=False)
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert sparseinfer.load(out).info()["activations"] == "int8"
+
+
 def test_refuses_newer_format(tmp_path, pruned):
     src, model, _ = pruned
     out = T.export(model, src, tmp_path / "out")

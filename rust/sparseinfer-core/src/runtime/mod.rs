@@ -55,7 +55,9 @@ pub fn load_dir(dir: &Path, opts: LoadOptions) -> Result<Model> {
         Some(f) => weights::WeightPlan::for_format(f, opts.pack),
         None => weights::WeightPlan::as_stored(store.main_float_dtype(), quant.is_some()),
     };
-    plan.act = opts.activations;
+    // The caller's choice, else what the checkpoint was quantized for.
+    let declared = quant.filter(|q| q.token_acts).map(|_| crate::kernels::Activations::Int8Token);
+    plan.act = opts.activations.or(declared);
     model::build(spec, &weights::Loader { store: &store, plan, quant })
 }
 

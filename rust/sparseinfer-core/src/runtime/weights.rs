@@ -147,6 +147,11 @@ pub struct QuantScheme {
     pub bits: u32,
     /// Columns per scale group; `None` = one scale per output channel.
     pub group_size: Option<usize>,
+    /// `input_activations` declares int8 per-token dynamic quantization (compressed-tensors' W8A8 scheme):
+    /// the model then runs with [`kernels::Activations::Int8Token`] unless the caller asks otherwise. Other
+    /// activation schemes (static per tensor, ...) run with the default per-64-column dynamic scales, which
+    /// are at least as fine.
+    pub token_acts: bool,
 }
 
 impl QuantScheme {
@@ -184,7 +189,13 @@ impl QuantScheme {
                 return Err(Error::unsupported("load", "asymmetric checkpoint quantization is not supported"));
             }
             let group_size = w.get("group_size").and_then(|g| g.as_u64()).map(|g| g as usize);
-            let s = QuantScheme { bits, group_size };
+            let token_acts = g.get("input_activations").is_some_and(|a| {
+                a.get("num_bits").and_then(|b| b.as_u64()) == Some(8)
+                    && a.get("type").and_then(|t| t.as_str()).unwrap_or("int") == "int"
+                    && a.get("strategy").and_then(|s| s.as_str()) == Some("token")
+                    && a.get("dynamic").and_then(|d| d.as_bool()) == Some(true)
+            });
+            let s = QuantScheme { bits, group_size, token_acts };
             if scheme.is_some_and(|x| x != s) {
                 return Err(Error::unsupported("load", "mixed quantization schemes are not supported"));
             }
