@@ -174,6 +174,17 @@ struct ActRow {
     zc: *const i32,
 }
 
+/// Calls a kernel with the chunk-scale mode `$scaling` (ROW, GRP or GRP32) as its last const parameter.
+macro_rules! by_scaling {
+    ($scaling:expr, $f:ident::<$($g:ident),*>($($arg:expr),*)) => {
+        match $scaling {
+            ROW => $f::<$($g,)* ROW>($($arg),*),
+            GRP => $f::<$($g,)* GRP>($($arg),*),
+            _ => $f::<$($g,)* GRP32>($($arg),*),
+        }
+    };
+}
+
 /// Weight rows `g0..g1` (at most [`BATCH`]) against activation rows `a0..a0+NR`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,popcnt,bmi2,fma")]
@@ -196,21 +207,22 @@ unsafe fn batch<const NR: usize>(m: &PackedMatrix, g0: usize, g1: usize, q: &Qua
     };
     let mut sums = [[_mm512_setzero_ps(); BATCH]; NR];
     for r in g0..g1 {
-        let acc: Acc<NR> = match (q.token, m.format, scaling) {
-            (true, Format::DenseInt8, ROW) => token_row::<NR, DI8, ROW>(m, r, &act),
-            (true, Format::DenseInt8, GRP) => token_row::<NR, DI8, GRP>(m, r, &act),
-            (true, Format::DenseInt8, _) => token_row::<NR, DI8, GRP32>(m, r, &act),
-            (true, Format::SparseInt8, ROW) => token_row::<NR, SI8, ROW>(m, r, &act),
-            (true, Format::SparseInt8, GRP) => token_row::<NR, SI8, GRP>(m, r, &act),
-            (true, Format::SparseInt8, _) => token_row::<NR, SI8, GRP32>(m, r, &act),
-            (true, Format::DenseInt4, ROW) => token_row::<NR, DI4, ROW>(m, r, &act),
-            (true, Format::DenseInt4, GRP) => token_row::<NR, DI4, GRP>(m, r, &act),
-            (true, Format::DenseInt4, _) => token_row::<NR, DI4, GRP32>(m, r, &act),
-            (true, Format::SparseInt4, ROW) => token_row::<NR, SI4, ROW>(m, r, &act),
-            (true, Format::SparseInt4, GRP) => token_row::<NR, SI4, GRP>(m, r, &act),
-            (true, Format::SparseInt4, _) => token_row::<NR, SI4, GRP32>(m, r, &act),
-            (true, ..) => unreachable!("vnni::supports admits integer formats only"),
-            (false, ..) => block_row::<NR>(m, r, scaling, &act),
+        let acc: Acc<NR> = if q.token {
+            match m.format {
+                Format::DenseInt8 => by_scaling!(scaling, token_row::<NR, DI8>(m, r, &act)),
+                Format::SparseInt8 => by_scaling!(scaling, token_row::<NR, SI8>(m, r, &act)),
+                Format::DenseInt4 => by_scaling!(scaling, token_row::<NR, DI4>(m, r, &act)),
+                Format::SparseInt4 => by_scaling!(scaling, token_row::<NR, SI4>(m, r, &act)),
+                _ => unreachable!("vnni::supports admits integer formats only"),
+            }
+        } else {
+            match m.format {
+                Format::DenseInt8 => by_scaling!(scaling, dense_int8_i8::<NR>(m, r, &act)),
+                Format::SparseInt8 => by_scaling!(scaling, sparse_int8_i8::<NR>(m, r, &act)),
+                Format::DenseInt4 => by_scaling!(scaling, dense_int4_i8::<NR>(m, r, &act)),
+                Format::SparseInt4 => by_scaling!(scaling, sparse_int4_i8::<NR>(m, r, &act)),
+                _ => unreachable!("vnni::supports admits integer formats only"),
+            }
         };
         for a in 0..NR {
             sums[a][r - g0] = _mm512_add_ps(acc[0][a], acc[1][a]);
@@ -236,27 +248,6 @@ unsafe fn batch<const NR: usize>(m: &PackedMatrix, g0: usize, g1: usize, q: &Qua
             }
             *y.add((a0 + a) * m.rows + r) = *o;
         }
-    }
-}
-
-/// One weight row with per-block activation scales.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,popcnt,bmi2,fma")]
-unsafe fn block_row<const NR: usize>(m: &PackedMatrix, r: usize, scaling: u8, act: &[ActRow; NR]) -> Acc<NR> {
-    match (m.format, scaling) {
-        (Format::DenseInt8, ROW) => dense_int8_i8::<NR, ROW>(m, r, act),
-        (Format::DenseInt8, GRP) => dense_int8_i8::<NR, GRP>(m, r, act),
-        (Format::DenseInt8, _) => dense_int8_i8::<NR, GRP32>(m, r, act),
-        (Format::SparseInt8, ROW) => sparse_int8_i8::<NR, ROW>(m, r, act),
-        (Format::SparseInt8, GRP) => sparse_int8_i8::<NR, GRP>(m, r, act),
-        (Format::SparseInt8, _) => sparse_int8_i8::<NR, GRP32>(m, r, act),
-        (Format::DenseInt4, ROW) => dense_int4_i8::<NR, ROW>(m, r, act),
-        (Format::DenseInt4, GRP) => dense_int4_i8::<NR, GRP>(m, r, act),
-        (Format::DenseInt4, _) => dense_int4_i8::<NR, GRP32>(m, r, act),
-        (Format::SparseInt4, ROW) => sparse_int4_i8::<NR, ROW>(m, r, act),
-        (Format::SparseInt4, GRP) => sparse_int4_i8::<NR, GRP>(m, r, act),
-        (Format::SparseInt4, _) => sparse_int4_i8::<NR, GRP32>(m, r, act),
-        _ => unreachable!("vnni::supports admits integer formats only"),
     }
 }
 
