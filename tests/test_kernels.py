@@ -79,8 +79,8 @@ def check(w, fmt, group, asym, rng, k=3):
         xa = x if act == "f32" else quantize_activations(x, token=act == "int8-token")
         want = xa.astype(np.float64) @ dense.astype(np.float64).T
         mag = np.abs(dense)
-        if fmt in INT4 and act == "int8":  # zero points are added separately: rounding scales with them too
-            mag = mag + 1.2 * group_absmax(w, group or 128)
+        if fmt in INT and act == "int8":  # zero points are added separately: rounding scales with them too
+            mag = mag + 1.2 * group_absmax(w, group or (128 if fmt in INT4 else w.shape[1]))
         tol = B["sum_order"] * (np.abs(xa) @ mag.T) + 1e-6
         got = m.matmul(x, activations=act)
         assert got.shape == (k, w.shape[0]) and got.dtype == np.float32

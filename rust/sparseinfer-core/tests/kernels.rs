@@ -128,9 +128,10 @@ fn check_matrix(rows: usize, cols: usize, density: f32, seed: u64, f: Format, o:
     }
 
     let int4 = matches!(f, Format::DenseInt4 | Format::SparseInt4);
+    let int = int4 || matches!(f, Format::DenseInt8 | Format::SparseInt8);
     // max|w| of each weight's scale group (asymmetric: max of |min|, |max|), the size of its zero point.
     let zero_points: Vec<f32> = {
-        let g = o.group_size.unwrap_or(128);
+        let g = o.group_size.unwrap_or(if int4 { 128 } else { cols });
         (0..rows * cols)
             .map(|i| {
                 let (r, c) = (i / cols, i % cols);
@@ -159,10 +160,16 @@ fn check_matrix(rows: usize, cols: usize, density: f32, seed: u64, f: Format, o:
                 for r in 0..rows {
                     let i = a * rows + r;
                     let exact: f64 = (0..cols).map(|c| dense[r * cols + c] as f64 * xh[c] as f64).sum();
-                    // int4 kernels with int8 activations add each group's zero point separately (Σ d·c·x̂ +
-                    // Σ m·x̂), so their rounding scales with |ŵ| + |zero point| <= |ŵ| + 1.2·max|w|.
-                    let zp =
-                        |c: usize| if int4 && act == Activations::Int8 { 1.2 * zero_points[r * cols + c] } else { 0.0 };
+                    // The integer kernels with per-block int8 activations add each group's zero point
+                    // separately (Σ d·c·x̂ + Σ m·x̂; int8: m = -128·d), so their rounding scales with
+                    // |ŵ| + |zero point| <= |ŵ| + 1.2·max|w|.
+                    let zp = |c: usize| {
+                        if int && act == Activations::Int8 {
+                            1.2 * zero_points[r * cols + c]
+                        } else {
+                            0.0
+                        }
+                    };
                     let scale: f32 = (0..cols).map(|c| (dense[r * cols + c].abs() + zp(c)) * xh[c].abs()).sum();
                     let tol = budget::SUM_ORDER * scale + 1e-6;
                     let at = format!("{ctx} {isa:?} {act:?}: y[{a},{r}]");

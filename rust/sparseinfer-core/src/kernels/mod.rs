@@ -237,16 +237,13 @@ pub struct QuantActs {
     pub token: bool,
     /// `k × cols_pad` codes.
     pub xq: Aligned<i8>,
-    /// The same codes offset to unsigned, `xq + 128` (the unsigned operand of the VNNI int8-weight kernels);
-    /// empty when `xhat` is filled instead.
-    pub xu: Aligned<u8>,
     /// `k × chunks` block scales.
     pub sx: Vec<f32>,
     /// VNNI per-row-scale kernels only: per activation row and weight scale block, per i32 lane `j`, the
     /// zero point times the sum of the codes the lane meets (`z · Σ x` over columns `64c + 4j..64c + 4j + 4`
     /// of every chunk `c` in the block), subtracted from the exact integer sums; empty otherwise.
     pub zcorr: Aligned<i32>,
-    /// `k × groups` sums of `x̂` per weight scale group (the VNNI int4 kernels' zero points: `Σ m·x̂`);
+    /// `k × groups` sums of `x̂` per weight scale group (the VNNI per-block kernels' zero points: `Σ m·x̂`);
     /// empty otherwise.
     pub gsum: Vec<f32>,
     /// `k × cols_pad` dequantized activations `x̂`, for the f32 kernels (empty on the VNNI path).
@@ -259,24 +256,27 @@ pub fn quantize_activations(m: &PackedMatrix, xs: &[f32], k: usize, token: bool)
     quantize_activations_for(m, xs, k, true, token)
 }
 
-/// [`quantize_activations`] for one consumer: `xhat: true` fills `x̂` for the f32 kernels and leaves `xu`
-/// empty; `false` fills the offset codes `xu` for the VNNI kernels and leaves `x̂` empty.
+/// [`quantize_activations`] for one consumer: `xhat: true` fills `x̂` for the f32 kernels; `false` fills what
+/// the VNNI kernels read besides the codes (group sums, or per-row-scale corrections) and leaves `x̂` empty.
 /// The per-block work is written out for AVX-512 and compiled for AVX2 as well, where the CPU has them: every
 /// copy computes the same codes bit for bit (the rounding below is exact), so the ISA never changes a result.
 fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, xhat: bool, token: bool) -> QuantActs {
     let (cp, chunks, groups) = (m.cols_pad, m.chunks(), m.groups());
     // A real assert: the AVX-512 copy below writes through raw pointers sized by these buffers.
     assert_eq!(xs.len(), k * cp, "activations must be k × cols_pad");
-    // The VNNI per-row-scale kernels read the codes and corrections; the per-block ones the offset codes.
+    // The VNNI per-row-scale kernels read the codes and corrections; the per-block ones the group sums.
     let vnni_token = !xhat && token;
     let mut q = QuantActs {
         k,
         token,
         xq: Aligned::zeroed(k * cp),
-        xu: if xhat || token { Aligned::empty() } else { Aligned::zeroed(k * cp) },
         sx: vec![0.0; k * chunks],
         zcorr: Aligned::empty(),
-        gsum: if xhat || vnni_token || m.format.elem() != Elem::I4 { Vec::new() } else { vec![0.0; k * groups] },
+        gsum: if xhat || vnni_token || !matches!(m.format.elem(), Elem::I4 | Elem::I8) {
+            Vec::new()
+        } else {
+            vec![0.0; k * groups]
+        },
         xhat: if xhat { Aligned::zeroed(k * cp) } else { Aligned::empty() },
     };
     #[cfg(target_arch = "x86_64")]
@@ -327,7 +327,7 @@ pub(crate) fn spread_row_maxima(q: &mut QuantActs) {
     }
 }
 
-/// The int4 kernels' zero-point sums `gsum = Σ x̂` per weight group of `group` (32, or a multiple of 64)
+/// The VNNI per-block kernels' zero-point sums `gsum = Σ x̂` per weight group of `group` (32, or a multiple of 64)
 /// columns, from the codes (`x̂ = s·code`): exact integer sums per 32 columns, then one product per block.
 /// A scalar f32 sum over every column was a chain of dependent adds, ~1 µs per 2048 columns.
 fn group_sums(q: &mut QuantActs, group: usize) {
@@ -358,14 +358,12 @@ pub(crate) fn block_scale(amax: f32) -> (f32, f32) {
     }
 }
 
-/// Quantizes every 64-value block of `xs` into `q` (codes, scales, and the offset codes or `x̂`, whichever
-/// is allocated).
+/// Quantizes every 64-value block of `xs` into `q` (codes, scales, and `x̂` if it is allocated).
 /// Written so LLVM vectorizes it: fixed-size blocks (no bounds checks in the loops), branch-free selects, a
 /// 16-lane max, an exact round half away from zero.
 #[inline(always)]
 pub(crate) fn quantize_blocks(xs: &[f32], q: &mut QuantActs) {
     let with_xhat = !q.xhat.is_empty();
-    let with_xu = !q.xu.is_empty();
     for (block, amax) in xs.chunks_exact(CHUNK).zip(q.sx.iter_mut()) {
         *amax = block_amax(block.try_into().expect("64 values"));
     }
@@ -388,12 +386,6 @@ pub(crate) fn quantize_blocks(xs: &[f32], q: &mut QuantActs) {
             let t = unsafe { r.to_int_unchecked::<i32>() };
             let step = if r < 0.0 { -1 } else { 1 };
             *c = (t + if (r - t as f32).abs() >= 0.5 { step } else { 0 }) as i8;
-        }
-        if with_xu {
-            let xu: &mut [u8; CHUNK] = (&mut q.xu[b * CHUNK..(b + 1) * CHUNK]).try_into().expect("64 codes");
-            for (u, &c) in xu.iter_mut().zip(codes.iter()) {
-                *u = (c as u8) ^ 0x80; // c + 128
-            }
         }
         if with_xhat {
             let xhat: &mut [f32; CHUNK] = (&mut q.xhat[b * CHUNK..(b + 1) * CHUNK]).try_into().expect("64 values");
@@ -552,7 +544,6 @@ mod tests {
             token,
             zcorr: Aligned::empty(),
             xq: Aligned::zeroed(k * cp),
-            xu: Aligned::zeroed(k * cp),
             sx: vec![0.0; k * chunks],
             gsum: Vec::new(),
             xhat: Aligned::zeroed(k * cp),
@@ -580,7 +571,6 @@ mod tests {
         for token in [false, true] {
             let (a, b) = (quantized(&xs, cp, k, false, token), quantized(&xs, cp, k, true, token));
             assert_eq!(&a.xq[..], &b.xq[..]);
-            assert_eq!(&a.xu[..], &b.xu[..]);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&a.sx), bits(&b.sx));
             assert_eq!(bits(&a.xhat), bits(&b.xhat));
@@ -599,7 +589,6 @@ mod tests {
         xs[CHUNK] = 3e-38;
         let q = quantized(&xs, 2 * CHUNK, 1, false, false);
         assert_eq!(&q.xq[..3], &[127, 64, -64]);
-        assert_eq!(&q.xu[..3], &[255, 192, 64]);
         assert_eq!((q.sx[1], q.xq[CHUNK]), (0.0, 0));
         assert_eq!(block_scale(127.0), (1.0, 1.0));
     }

@@ -266,7 +266,7 @@ unsafe fn sparse_int4_f32<const NR: usize, const MODE: u8>(
 }
 
 /// [`crate::kernels::quantize_blocks`] written out for AVX-512, with the same f32 operations in the same
-/// order, so the codes, scales, offset codes and `x̂` are bit-identical (a unit test checks it). LLVM's
+/// order, so the codes, scales and `x̂` are bit-identical (a unit test checks it). LLVM's
 /// vectorization of the portable loop reduced each block's maximum through scalar shuffles and a mask-register
 /// dance: ~1.4 µs per 2048 columns, more than the matvec of a 256-row sparse matrix.
 ///
@@ -274,10 +274,10 @@ unsafe fn sparse_int4_f32<const NR: usize, const MODE: u8>(
 /// The CPU must support the enabled features.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 pub(crate) unsafe fn quantize_blocks(xs: &[f32], q: &mut crate::kernels::QuantActs) {
-    let (with_xhat, with_xu) = (!q.xhat.is_empty(), !q.xu.is_empty());
+    let with_xhat = !q.xhat.is_empty();
     // The stores below go through raw pointers: every buffer must hold what `xs` quantizes to.
     assert!(xs.len().is_multiple_of(CHUNK) && q.xq.len() == xs.len() && q.sx.len() == xs.len() / CHUNK);
-    assert!((!with_xu || q.xu.len() == xs.len()) && (!with_xhat || q.xhat.len() == xs.len()));
+    assert!(!with_xhat || q.xhat.len() == xs.len());
     let abs = _mm512_set1_epi32(0x7FFF_FFFF);
     let (lo, hi, half) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0), _mm512_set1_ps(0.5));
     let one = _mm512_set1_epi32(1);
@@ -328,10 +328,6 @@ pub(crate) unsafe fn quantize_blocks(xs: &[f32], q: &mut crate::kernels::QuantAc
             ),
         );
         _mm512_storeu_si512(q.xq.as_mut_ptr().add(b * CHUNK) as *mut _, packed);
-        if with_xu {
-            let xu = _mm512_xor_si512(packed, _mm512_set1_epi8(-128)); // c + 128
-            _mm512_storeu_si512(q.xu.as_mut_ptr().add(b * CHUNK) as *mut _, xu);
-        }
         if with_xhat {
             let sv = _mm512_set1_ps(s);
             for (i, c) in codes.iter().enumerate() {

@@ -7,17 +7,14 @@
 //! four products into one of 16 i32 lanes: exact integer arithmetic. The chunk's i32 lanes are then
 //! converted to f32 and multiply-added with the chunk scale `s_x · d` into an f32 accumulator.
 //!
-//! `vpdpbusd` needs one unsigned operand:
-//! - int8 weights (signed): the activations are the unsigned operand, offset once per call to
-//!   `x + 128 ∈ [1, 255]` (`QuantActs::xu`), and each chunk subtracts `Σ 128·w` computed by a second
-//!   `vpdpbusd` on the same weights. Both sums are exact i32, so the result equals `Σ x·w` exactly.
-//!   (Subtracting the offset after scaling, in f32, would cancel large terms and lose the exactness.)
-//!   Making the weights the unsigned operand instead (`w ^ 0x80`) saves that `vpdpbusd` but needs the
-//!   offset `128·Σx` per chunk from memory: one more 64-byte load per chunk, and loads are what these
-//!   loops run out of on AMD Zen 5 (3.5 against 3.2 cycles per chunk in an L1-resident model of the loop).
-//! - int4 codes are already unsigned (`c = q + 8`): `Σ c·x` directly, then the zero point `Σ_g m_g·Σx̂_g`
-//!   once per row from precomputed group sums. Sparse rows expand with 8 (a zero weight) in the pruned
-//!   lanes, so the same correction holds.
+//! `vpdpbusd` needs one unsigned operand: the weights, as codes `c = q + z` (int8: the stored byte with its
+//! top bit flipped, `z = 128`; int4: the stored nibble `q + 8`). Sparse rows expand zeros into the pruned
+//! lanes, which become `z`, a zero weight. The zero point `Σ_g z·d_g·Σx̂_g` is then subtracted once per row from
+//! precomputed group sums (`QuantActs::gsum`), in f32; asymmetric int4 adds `Σ_g m_g·Σx̂_g` the same way.
+//! That rounding scales with `|ŵ| + |zero point|` rather than `|ŵ|` (see the test budgets).
+//! On AMD Zen 4 this is 25 % faster for dense int8 from L2 than the signed form it replaced (activations
+//! offset to `x + 128`, and a second `vpdpbusd` per chunk to subtract `Σ 128·w` exactly in i32); sparse int8,
+//! limited by its expand, gained ~2 %.
 //!
 //! Sparse asymmetric int4 is not served here (`supports` is false), nor any asymmetric int4 with per-row
 //! activations; they run the f32 kernels on `x̂`.
@@ -92,12 +89,12 @@ const BATCH: usize = 16;
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,popcnt,bmi2,fma")]
 pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
     debug_assert!(q.k == k && q.xq.len() == k * m.cols_pad && m.cols_pad.is_multiple_of(CHUNK));
-    // The aligned loads of `xu`, `xq` and `zcorr` need every row and chunk on a 64-byte boundary.
+    // The aligned loads of `xq` and `zcorr` need every row and chunk on a 64-byte boundary.
     debug_assert!((q.xq.as_ptr() as usize).is_multiple_of(64));
     debug_assert!(if q.token {
         q.zcorr.len() == k * 16 * m.chunks() / token_block_chunks(m) && (q.zcorr.as_ptr() as usize).is_multiple_of(64)
     } else {
-        q.xu.len() == k * m.cols_pad && (q.xu.as_ptr() as usize).is_multiple_of(64) || m.format.elem() == Elem::I4
+        q.gsum.len() == k * m.groups()
     });
     let mut g0 = r0;
     while g0 < r1 {
@@ -165,11 +162,10 @@ pub(crate) unsafe fn zero_point_corrections(m: &PackedMatrix, q: &mut QuantActs)
     }
 }
 
-/// Pointers to one activation row's codes, offset codes, block scales and (per-row scales) zero-point
+/// Pointers to one activation row's codes, block scales and (per-row scales) zero-point
 /// corrections.
 struct ActRow {
     xq: *const i8,
-    xu: *const u8,
     sx: *const f32,
     zc: *const i32,
 }
@@ -193,7 +189,6 @@ unsafe fn batch<const NR: usize>(m: &PackedMatrix, g0: usize, g1: usize, q: &Qua
     let zc_row = if q.token { 16 * chunks / token_block_chunks(m) } else { 0 };
     let act: [ActRow; NR] = core::array::from_fn(|a| ActRow {
         xq: q.xq.as_ptr().add((a0 + a) * cp),
-        xu: q.xu.as_ptr().wrapping_add((a0 + a) * cp),
         sx: q.sx.as_ptr().add((a0 + a) * chunks),
         zc: q.zcorr.as_ptr().wrapping_add((a0 + a) * zc_row),
     });
@@ -238,13 +233,13 @@ unsafe fn batch<const NR: usize>(m: &PackedMatrix, g0: usize, g1: usize, q: &Qua
         _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(hsum16(rows), scale));
         for (i, o) in out[..n].iter_mut().enumerate() {
             let r = g0 + i;
-            if m.format.elem() == Elem::I4 && !q.token {
-                // Zero point of every group: ŵ = d·c + m' with m' = m (asymmetric) or -8·d (symmetric).
+            if !q.token {
+                // Zero point of every group: ŵ = d·c + m' with m' = m (asymmetric int4) or -z·d (symmetric).
                 let gs = q.gsum.as_ptr().add((a0 + a) * groups);
                 let gs = core::slice::from_raw_parts(gs, groups);
                 let row = r * groups..(r + 1) * groups;
                 // A vector dot: a scalar loop is one long chain of dependent adds.
-                *o += if m.asym { dot(&m.mins[row], gs) } else { -8.0 * dot(&m.scales[row], gs) };
+                *o += if m.asym { dot(&m.mins[row], gs) } else { -(zero_point(m) as f32) * dot(&m.scales[row], gs) };
             }
             *y.add((a0 + a) * m.rows + r) = *o;
         }
@@ -316,25 +311,8 @@ unsafe fn chunk_scale<const MODE: u8>(s: &RowScales, sx: *const f32, ch: usize) 
     }
 }
 
-/// `acc[a] += cvt(Σ w·x) · scale` for signed int8 weights `w` of chunk `ch`, as `Σ (x+128)·w − Σ 128·w`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
-unsafe fn signed_chunk<const NR: usize, const MODE: u8>(
-    acc: &mut [__m512; NR],
-    w: __m512i,
-    act: &[ActRow; NR],
-    s: &RowScales,
-    ch: usize,
-) {
-    let offset = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), w);
-    for (a, x) in act.iter().enumerate() {
-        let xu = _mm512_load_si512(x.xu.add(ch * CHUNK) as *const _);
-        let dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xu, w), offset);
-        acc[a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), chunk_scale::<MODE>(s, x.sx, ch), acc[a]);
-    }
-}
-
-/// `acc[a] += cvt(Σ c·x) · scale` for unsigned int4 codes `c` of chunk `ch` (zero points are added per row).
+/// `acc[a] += cvt(Σ c·x) · scale` for the unsigned weight codes `c` of chunk `ch` (zero points are added per
+/// row, in `batch`).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
 unsafe fn unsigned_chunk<const NR: usize, const MODE: u8>(
@@ -359,8 +337,8 @@ unsafe fn dense_int8_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: us
     let (mut acc0, mut acc1) = ([_mm512_setzero_ps(); NR], [_mm512_setzero_ps(); NR]);
     for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ch * CHUNK + PREFETCH) as *const i8);
-        let w = _mm512_loadu_si512(p.add(ch * CHUNK) as *const _);
-        signed_chunk::<NR, MODE>(acc, w, act, &s, ch);
+        let c = _mm512_xor_si512(_mm512_loadu_si512(p.add(ch * CHUNK) as *const _), _mm512_set1_epi8(-128));
+        unsigned_chunk::<NR, MODE>(acc, c, act, &s, ch);
     });
     [acc0, acc1]
 }
@@ -375,9 +353,9 @@ unsafe fn sparse_int8_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: u
     for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
         let mask = *masks.add(ch);
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
-        let w = _mm512_maskz_expand_epi8(mask, load512_nofold!(p));
+        let c = _mm512_xor_si512(_mm512_maskz_expand_epi8(mask, load512_nofold!(p)), _mm512_set1_epi8(-128));
         p = p.add(mask.count_ones() as usize);
-        signed_chunk::<NR, MODE>(acc, w, act, &s, ch);
+        unsigned_chunk::<NR, MODE>(acc, c, act, &s, ch);
     });
     [acc0, acc1]
 }
