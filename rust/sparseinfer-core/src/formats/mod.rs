@@ -7,8 +7,11 @@
 //! dense-f32   row r: cols_pad × f32                      (4 B/weight)
 //! dense-bf16  row r: cols_pad × bf16 (upper half of f32)  (2 B/weight)
 //! dense-int8  row r: cols_pad × i8,  scales[r, g] f32      (1 B/weight + 4/G)
-//! dense-int4  row r: cols_pad/2 bytes, byte j = col 2j (low nibble) | col 2j+1 (high nibble)
+//! dense-int4  row r: cols_pad/2 bytes, 32 per 64-column chunk c:
+//!               byte 32c + j = col 64c + j (low nibble) | col 64c + 32 + j (high nibble), j < 32
 //!             nibble = q + 8 (symmetric, q in -7..=7) or q (asymmetric, q in 0..=15, w = d·q + m)
+//!             (halves rather than neighbours: a chunk decodes with one broadcast and one GF2P8AFFINEQB on
+//!             AVX-512, and with an AND and a shift on AVX2 and NEON, without interleaving shuffles)
 //!
 //! sparse-*    masks[r, c]: u64, bit j set  <=>  column 64c + j is stored (nonzero)
 //!             values: the stored weights of row r, in column order, starting at byte row_offsets[r]

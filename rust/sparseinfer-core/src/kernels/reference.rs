@@ -32,7 +32,11 @@ pub fn decode_row(m: &PackedMatrix, r: usize, out: &mut [f32]) {
                 Elem::F32 => f32::from_le_bytes(data[4 * c..4 * c + 4].try_into().unwrap()),
                 Elem::Bf16 => bf16_to_f32(u16::from_le_bytes([data[2 * c], data[2 * c + 1]])),
                 Elem::I8 => dequant(data[c] as i8 as i32, c),
-                Elem::I4 => dequant(int4((data[c / 2] >> (4 * (c % 2))) & 0xF), c),
+                Elem::I4 => {
+                    let (ch, j) = (c / CHUNK, c % CHUNK);
+                    let byte = data[ch * CHUNK / 2 + j % (CHUNK / 2)];
+                    dequant(int4((byte >> (4 * (j / (CHUNK / 2)))) & 0xF), c)
+                }
             };
         }
         return;

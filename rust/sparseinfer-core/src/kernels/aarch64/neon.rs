@@ -90,8 +90,8 @@ unsafe fn i8x8_to_f32(v: int8x8_t) -> [float32x4_t; 2] {
     [vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))), vcvtq_f32_s32(vmovl_high_s16(w))]
 }
 
-/// 8 bytes of packed nibbles (column `2j` in the low nibble of byte `j`) -> 16 codes in order, 0..=15, as
-/// two 8-byte halves (columns 0-7 and 8-15).
+/// 8 bytes of packed sparse int4 values (value `2j` in the low nibble of byte `j`) -> 16 codes in order,
+/// 0..=15, as two 8-byte halves (values 0-7 and 8-15).
 #[inline]
 #[target_feature(enable = "neon")]
 unsafe fn nibbles(p: *const u8) -> [uint8x8_t; 2] {
@@ -173,11 +173,15 @@ unsafe fn dense_int4_f32<const NR: usize, const MODE: u8>(
     let w = m.data.as_ptr().add(m.row_start(r));
     let s = RowScales::of(m, r);
     let mut acc = zero_acc::<NR>();
-    for col16 in (0..m.cols_pad).step_by(16) {
-        for (j, half) in nibbles(w.add(col16 / 2)).into_iter().enumerate() {
-            let col = col16 + 8 * j;
-            let q = i8x8_to_f32(center_int4::<MODE>(half));
-            fma_rows(&mut acc, j, dequant::<MODE>(q, 0xFF, &s, col), xp, col);
+    // Dense int4 chunks hold column j in the low and column j + 32 in the high nibble of byte j.
+    for ch in 0..m.chunks() {
+        for k in 0..4 {
+            let v = vld1_u8(w.add(ch * CHUNK / 2 + 8 * k));
+            for (h, codes) in [vand_u8(v, vdup_n_u8(0x0F)), vshr_n_u8::<4>(v)].into_iter().enumerate() {
+                let col = ch * CHUNK + 32 * h + 8 * k;
+                let q = i8x8_to_f32(center_int4::<MODE>(codes));
+                fma_rows(&mut acc, k % 2, dequant::<MODE>(q, 0xFF, &s, col), xp, col);
+            }
         }
     }
     acc

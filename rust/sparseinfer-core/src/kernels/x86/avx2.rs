@@ -108,7 +108,18 @@ unsafe fn i8x8_to_f32(v: __m128i) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
 }
 
-/// 16 bytes of packed nibbles -> 32 bytes in order, each 0..=15 (see the AVX-512 twin for the diagram).
+/// A dense int4 chunk (32 bytes, byte j = column j | column j + 32 << 4) -> codes of columns 0-31 and
+/// 32-63, each 0..=15.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn dense_nibbles(p: *const u8) -> [__m256i; 2] {
+    let v = _mm256_loadu_si256(p as *const __m256i);
+    let low = _mm256_set1_epi8(0x0F);
+    [_mm256_and_si256(v, low), _mm256_and_si256(_mm256_srli_epi16::<4>(v), low)]
+}
+
+/// 16 bytes of packed nibbles -> 32 bytes in order, each 0..=15 (the sparse int4 layout; see the AVX-512
+/// twin for the diagram).
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn nibbles_to_bytes(p: *const u8) -> __m256i {
@@ -186,13 +197,15 @@ unsafe fn dense_int4_f32<const NR: usize, const MODE: u8>(
     let w = m.data.as_ptr().add(m.row_start(r));
     let s = RowScales::of(m, r);
     let mut acc = zero_acc::<NR>();
-    for col32 in (0..m.cols_pad).step_by(32) {
-        let bytes = center_int4::<MODE>(nibbles_to_bytes(w.add(col32 / 2)));
-        let halves = [_mm256_castsi256_si128(bytes), _mm256_extracti128_si256::<1>(bytes)];
-        for (h, half) in halves.into_iter().enumerate() {
-            for (j, q) in [half, _mm_srli_si128::<8>(half)].into_iter().enumerate() {
-                let col = col32 + 16 * h + 8 * j;
-                fma_rows(&mut acc, j, dequant::<MODE>(i8x8_to_f32(q), ALL_LANES, &s, col), xp, col);
+    for ch in 0..m.chunks() {
+        for (part, bytes) in dense_nibbles(w.add(ch * CHUNK / 2)).into_iter().enumerate() {
+            let (col32, bytes) = (ch * CHUNK + 32 * part, center_int4::<MODE>(bytes));
+            let halves = [_mm256_castsi256_si128(bytes), _mm256_extracti128_si256::<1>(bytes)];
+            for (h, half) in halves.into_iter().enumerate() {
+                for (j, q) in [half, _mm_srli_si128::<8>(half)].into_iter().enumerate() {
+                    let col = col32 + 16 * h + 8 * j;
+                    fma_rows(&mut acc, j, dequant::<MODE>(i8x8_to_f32(q), ALL_LANES, &s, col), xp, col);
+                }
             }
         }
     }

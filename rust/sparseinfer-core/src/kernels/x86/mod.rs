@@ -31,7 +31,8 @@ pub fn avx2_supported() -> bool {
         && is_x86_feature_detected!("popcnt")
 }
 
-/// AVX-512 path requirements (VBMI2 provides the byte/word expand that decodes the sparse formats).
+/// AVX-512 path requirements (VBMI2 provides the byte/word expand that decodes the sparse formats, GFNI the
+/// dense int4 nibble unpack; every CPU with VBMI2 so far has GFNI: Intel since Ice Lake, AMD since Zen 4).
 pub fn avx512_supported() -> bool {
     avx2_supported()
         && is_x86_feature_detected!("avx512f")
@@ -39,6 +40,7 @@ pub fn avx512_supported() -> bool {
         && is_x86_feature_detected!("avx512dq")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512vbmi2")
+        && is_x86_feature_detected!("gfni")
 }
 
 /// AVX-512 VNNI (`vpdpbusd`), used by the integer-activation kernels on top of the AVX-512 path. Their
@@ -73,6 +75,7 @@ pub fn features() -> Vec<&'static str> {
         "avx512vbmi",
         "avx512vbmi2",
         "avx512vnni",
+        "gfni",
         "avx512bf16",
         "avx512fp16"
     );

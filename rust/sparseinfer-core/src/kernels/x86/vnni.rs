@@ -19,7 +19,7 @@
 //! Sparse asymmetric int4 is not served here (`supports` is false), nor any asymmetric int4 with per-row
 //! activations; they run the f32 kernels on `x̂`.
 
-use super::avx512::nibbles_to_bytes;
+use super::avx512::{dense_nibbles, nibbles_to_bytes};
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
 use crate::kernels::simd::{scale_mode, RowScales, GRP, ROW};
 use crate::kernels::vector::x86::dot;
@@ -86,7 +86,7 @@ const BATCH: usize = 16;
 /// # Safety
 /// The CPU must support the enabled features and [`supports`] must hold for `m`; `q` was built for `m`
 /// with `k` rows; `y` is valid for writes at `a·rows + r` for every `a < k` and `r0 <= r < r1`.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,popcnt,bmi2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,gfni,popcnt,bmi2,fma")]
 pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
     debug_assert!(q.k == k && q.xq.len() == k * m.cols_pad && m.cols_pad.is_multiple_of(CHUNK));
     // The aligned loads of `xq` and `zcorr` need every row and chunk on a 64-byte boundary.
@@ -183,7 +183,7 @@ macro_rules! by_scaling {
 
 /// Weight rows `g0..g1` (at most [`BATCH`]) against activation rows `a0..a0+NR`.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,popcnt,bmi2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,gfni,popcnt,bmi2,fma")]
 unsafe fn batch<const NR: usize>(m: &PackedMatrix, g0: usize, g1: usize, q: &QuantActs, a0: usize, y: *mut f32) {
     let (cp, chunks, groups) = (m.cols_pad, m.chunks(), m.groups());
     let zc_row = if q.token { 16 * chunks / token_block_chunks(m) } else { 0 };
@@ -344,7 +344,7 @@ unsafe fn dense_int8_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: us
 }
 
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,avx512vnni,popcnt,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,avx512vnni,gfni,popcnt,fma")]
 unsafe fn sparse_int8_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: usize, act: &[ActRow; NR]) -> Acc<NR> {
     let mut p = m.data.as_ptr().add(m.row_start(r));
     let masks = m.masks.as_ptr().add(r * m.chunks());
@@ -361,21 +361,21 @@ unsafe fn sparse_int8_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: u
 }
 
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,fma")]
 unsafe fn dense_int4_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: usize, act: &[ActRow; NR]) -> Acc<NR> {
     let p = m.data.as_ptr().add(m.row_start(r));
     let s = RowScales::of(m, r);
     let (mut acc0, mut acc1) = ([_mm512_setzero_ps(); NR], [_mm512_setzero_ps(); NR]);
     for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ch * CHUNK / 2 + PREFETCH) as *const i8);
-        let c = nibbles_to_bytes(p.add(ch * CHUNK / 2)); // unsigned codes; zero points added per row
+        let c = dense_nibbles(p.add(ch * CHUNK / 2)); // unsigned codes; zero points added per row
         unsigned_chunk::<NR, MODE>(acc, c, act, &s, ch);
     });
     [acc0, acc1]
 }
 
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,avx512vnni,popcnt,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,avx512vnni,gfni,popcnt,fma")]
 unsafe fn sparse_int4_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: usize, act: &[ActRow; NR]) -> Acc<NR> {
     let mut p = m.data.as_ptr().add(m.row_start(r));
     let masks = m.masks.as_ptr().add(r * m.chunks());
@@ -405,7 +405,7 @@ const SI4: u8 = 3;
 /// and one `vpdpbusd` per activation row; the per-block kernels also convert and scale every chunk.
 /// The caller multiplies the row's sum by the activation scale (and the row scale).
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,avx512vnni,popcnt,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,avx512vnni,gfni,popcnt,fma")]
 unsafe fn token_row<const NR: usize, const FMT: u8, const MODE: u8>(
     m: &PackedMatrix,
     r: usize,
@@ -442,7 +442,7 @@ unsafe fn token_row<const NR: usize, const FMT: u8, const MODE: u8>(
                 _mm512_xor_si512(_mm512_loadu_si512(p.add(ch * CHUNK) as *const _), flip)
             } else {
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ch * CHUNK / 2 + PREFETCH) as *const i8);
-                nibbles_to_bytes(p.add(ch * CHUNK / 2))
+                dense_nibbles(p.add(ch * CHUNK / 2))
             };
             for (a, x) in act.iter().enumerate() {
                 let xa = _mm512_load_si512(x.xq.add(ch * CHUNK) as *const _);
