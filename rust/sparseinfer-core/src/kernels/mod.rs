@@ -414,7 +414,6 @@ pub fn matmul(m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32], act: Option<
     if y.len() != k * m.rows {
         return Err(Error::invalid(OP, format!("output holds {} values, expected {k} × {}", y.len(), m.rows)));
     }
-    check_finite(OP, x, m.cols)?;
     matmul_on(active_isa()?, m, x, k, y, act.unwrap_or(Activations::default_for(m.format)))
 }
 
@@ -439,22 +438,30 @@ pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32],
         return Err(Error::invalid("matmul", "activation or output length does not match the matrix"));
     }
     check_finite("matmul", x, m.cols)?;
-    // Zero-pad each activation row to cols_pad so no kernel needs a column tail.
-    let mut xs = Aligned::<f32>::zeroed(k * m.cols_pad);
-    for a in 0..k {
-        xs[a * m.cols_pad..a * m.cols_pad + m.cols].copy_from_slice(&x[a * m.cols..(a + 1) * m.cols]);
-    }
+    // Zero-pad each activation row to cols_pad so no kernel needs a column tail (rows already that long are
+    // used in place: the f32 kernels and the quantizers load them unaligned).
+    let padded;
+    let xs: &[f32] = if m.cols == m.cols_pad {
+        x
+    } else {
+        let mut p = Aligned::<f32>::zeroed(k * m.cols_pad);
+        for a in 0..k {
+            p[a * m.cols_pad..a * m.cols_pad + m.cols].copy_from_slice(&x[a * m.cols..(a + 1) * m.cols]);
+        }
+        padded = p;
+        &padded[..]
+    };
     match act {
-        Activations::F32 => run_rows(m, k, y, rows_fn(isa), &xs[..]),
+        Activations::F32 => run_rows(m, k, y, rows_fn(isa), xs),
         Activations::Int8 | Activations::Int8Token => {
             let token = act == Activations::Int8Token;
             #[cfg(target_arch = "x86_64")]
             if isa == Isa::Avx512 && x86::vnni::supports(m, token) {
-                let q = quantize_activations_for(m, &xs, k, false, token);
+                let q = quantize_activations_for(m, xs, k, false, token);
                 run_rows(m, k, y, x86::vnni::rows, &q);
                 return Ok(());
             }
-            let q = quantize_activations(m, &xs, k, token);
+            let q = quantize_activations(m, xs, k, token);
             run_rows(m, k, y, rows_fn(isa), &q.xhat[..]);
         }
     }
