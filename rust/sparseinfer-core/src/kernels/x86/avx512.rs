@@ -125,7 +125,6 @@ unsafe fn dense_bf16_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*con
     let w = m.data.as_ptr().add(m.row_start(r)) as *const u16;
     let mut acc = zero_acc::<NR>();
     for ch in 0..m.chunks() {
-        _mm_prefetch::<_MM_HINT_T0>((w.add(ch * CHUNK) as *const i8).wrapping_add(PREFETCH));
         for i in 0..4 {
             let col = ch * CHUNK + 16 * i;
             // bf16 is the upper half of an f32: widen to 32 bits and shift into place.

@@ -55,11 +55,12 @@ macro_rules! for_chunks {
     }};
 }
 
-/// Bytes ahead of the weight stream to prefetch: the cores stall on DRAM latency otherwise, because the
-/// integer kernels do more work per byte than the hardware prefetcher keeps up with. With both cores
-/// streaming, 4096 was 6-8 % faster than 1024 for sparse int8 on AMD Zen 5 (8192: no better); sparse int4
-/// and the f32-activation kernels, which share it, did not change. The address may lie past the end of the
-/// matrix (`wrapping_add`): a prefetch never faults.
+/// Bytes ahead of a sparse weight stream to prefetch: the sparse kernels do enough work per byte that the
+/// hardware prefetcher falls behind. With both cores streaming, 4096 was 6-8 % faster than 1024 for sparse
+/// int8 on AMD Zen 5 (8192: no better). The address may lie past the end of the matrix (`wrapping_add`): a
+/// prefetch never faults. Dense kernels do not prefetch: on AMD Zen 4 dropping it made dense bf16 9-28 %,
+/// dense int8 2-11 % and dense int4 ~2 % faster from DRAM (the hardware prefetcher streams them alone, as it
+/// always did for dense f32), while sparse int8 and int4 were within noise either way.
 pub(super) const PREFETCH: usize = 4096;
 
 /// Whether these kernels serve `m` (and the CPU has VNNI), with per-block (`token: false`) or per-row
@@ -336,7 +337,6 @@ unsafe fn dense_int8_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: us
     let s = RowScales::of(m, r);
     let (mut acc0, mut acc1) = ([_mm512_setzero_ps(); NR], [_mm512_setzero_ps(); NR]);
     for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ch * CHUNK + PREFETCH) as *const i8);
         let c = _mm512_xor_si512(_mm512_loadu_si512(p.add(ch * CHUNK) as *const _), _mm512_set1_epi8(-128));
         unsigned_chunk::<NR, MODE>(acc, c, act, &s, ch);
     });
@@ -367,7 +367,6 @@ unsafe fn dense_int4_i8<const NR: usize, const MODE: u8>(m: &PackedMatrix, r: us
     let s = RowScales::of(m, r);
     let (mut acc0, mut acc1) = ([_mm512_setzero_ps(); NR], [_mm512_setzero_ps(); NR]);
     for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ch * CHUNK / 2 + PREFETCH) as *const i8);
         let c = dense_nibbles(p.add(ch * CHUNK / 2)); // unsigned codes; zero points added per row
         unsigned_chunk::<NR, MODE>(acc, c, act, &s, ch);
     });
@@ -438,10 +437,8 @@ unsafe fn token_row<const NR: usize, const FMT: u8, const MODE: u8>(
                     c
                 }
             } else if FMT == DI8 {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ch * CHUNK + PREFETCH) as *const i8);
                 _mm512_xor_si512(_mm512_loadu_si512(p.add(ch * CHUNK) as *const _), flip)
             } else {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ch * CHUNK / 2 + PREFETCH) as *const i8);
                 dense_nibbles(p.add(ch * CHUNK / 2))
             };
             for (a, x) in act.iter().enumerate() {
