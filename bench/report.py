@@ -72,8 +72,9 @@ def table(data, rows):
         "cores streaming: ~20 GB/s per core of 70 %-sparse int8.",
         "- AMD Zen 4 (3.7 GHz, AVX-512 on 256-bit units; `vpexpandb` 2.6 cycles, `vpdpbusd` and 64-byte loads "
         "1.0): sparse int8 ~7 cycles per chunk with int8 activations per 64 columns, ~6 with `int8-token` "
-        "(per-token activation scales: no per-chunk convert and scale); sparse int4 ~7.7 (nibble unpack + expand). "
-        "That is ~12-16 GB/s per core of 70 %-sparse int8.",
+        "(per-token activation scales: no per-chunk convert and scale); sparse int4 ~7.5. No single instruction "
+        "binds: replacing the expand by a blend saved only 5-10 %, so the ~15 instructions per chunk share the "
+        "256-bit pipes. That is ~12-16 GB/s per core of 70 %-sparse int8.",
         "",
         "Either way the sparse integer formats fall below the bandwidth from ~70 % sparsity on. `+token` rows run "
         'the same matrices with `activations="int8-token"`.',
