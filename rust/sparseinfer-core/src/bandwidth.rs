@@ -1,7 +1,7 @@
 //! Memory read bandwidth: the ceiling for memory-bound decoding. Every thread streams its share of a buffer
 //! much larger than the last-level cache, in each of a few access patterns, and the best pattern is the
 //! figure: a probe slower than some reader of the same memory would not be the machine's limit. (On an AMD
-//! Zen 4 VM the earlier probe, 16 short prefetched streams per thread, read 25-30 GB/s while our dense
+//! Zen 4 VM the earlier probe, 16 short prefetched streams per thread, read 22-30 GB/s while our dense
 //! kernels read up to 46; this one read 31-34 next to 33 for the dense f32 kernel.)
 
 use crate::parallel;
