@@ -12,6 +12,7 @@ incrementally for streaming.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -306,6 +307,10 @@ def load(
     )
 
 
+# The options of load() that generate() passes through, read off its signature so the two cannot drift.
+_LOAD_OPTIONS = tuple(inspect.signature(load).parameters)[1:]
+
+
 def generate(
     model_dir: str | os.PathLike[str] | None,
     prompt: str,
@@ -317,10 +322,8 @@ def generate(
     **kw: Any,
 ) -> str:
     """Loads ``model_dir`` and returns the completion of ``prompt``. The keyword arguments of :func:`load`
-    (``weights``, ``threads``, ``group_size``, ``asymmetric``, ``activations``) go to it; the rest to
-    :meth:`Model.generate`."""
-    load_kw = {k: kw.pop(k) for k in ("weights", "threads", "group_size", "asymmetric", "activations") if k in kw}
-    model = load(model_dir, **load_kw)
+    (``weights``, ``threads``, ``activations``, ...) go to it; the rest to :meth:`Model.generate`."""
+    model = load(model_dir, **{k: kw.pop(k) for k in _LOAD_OPTIONS if k in kw})
     return model.generate(
         prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **kw
     )
