@@ -130,8 +130,8 @@ fn token_block_chunks(m: &PackedMatrix) -> usize {
     }
 }
 
-/// The per-row-scale kernels add `Σ c·x` with unsigned weight codes `c = q + z`: `z = 128` for int8 (the
-/// codes are the stored bytes with the top bit flipped), `8` for int4.
+/// The zero point `z` of the unsigned weight codes `c = q + z` every kernel here adds up: `128` for int8 (the
+/// stored bytes with the top bit flipped), `8` for int4.
 fn zero_point(m: &PackedMatrix) -> u8 {
     if m.format.elem() == Elem::I8 {
         128
