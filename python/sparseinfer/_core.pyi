@@ -22,6 +22,8 @@ class PackedMatrix:
     @property
     def format(self) -> str: ...
     @property
+    def layout(self) -> str: ...
+    @property
     def density(self) -> float: ...
     @property
     def group_size(self) -> int | None: ...
@@ -34,6 +36,7 @@ def pack(
     group_size: int | None = None,
     asymmetric: bool = False,
     scales: npt.NDArray[np.float32] | None = None,
+    layout: str = "auto",
 ) -> PackedMatrix: ...
 
 class Model:

@@ -46,14 +46,24 @@ __all__ = [
 
 
 def pack(
-    w, format: str = "sparse-int8", group_size: int | None = None, asymmetric: bool = False, scales=None
+    w,
+    format: str = "sparse-int8",
+    group_size: int | None = None,
+    asymmetric: bool = False,
+    scales=None,
+    layout: str = "auto",
 ) -> PackedMatrix:
     """Packs a C-contiguous float32 ``(out, in)`` matrix into ``format``.
 
     ``scales``: a float32 ``(out, groups)`` array that fixes a symmetric integer grid instead of fitting one
     (``w`` should then hold ``scale · code`` values, as a quantized checkpoint does).
 
+    ``layout``: ``"auto"`` (the default) tiles sparse-int8 and symmetric sparse-int4 where the AVX-512 VNNI
+    kernels will read them (16 rows interleaved per 4 columns), else keeps rows; ``"rows"`` or ``"tiles"``
+    force one. A tiled matrix builds a row-layout copy the first time another kernel (f32 activations, or a
+    forced ISA) needs it. ``m.layout`` says which one a matrix has.
+
     Raises :class:`sparseinfer.InvalidInputError` (a ``ValueError``) for a wrong dtype, shape or layout,
     an empty or non-finite matrix, or an unknown format or group size.
     """
-    return _pack(w, format, group_size, asymmetric, scales)
+    return _pack(w, format, group_size, asymmetric, scales, layout)

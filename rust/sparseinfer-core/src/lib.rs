@@ -17,7 +17,7 @@ pub mod parallel;
 pub mod runtime;
 
 pub use error::{Error, Result};
-pub use formats::{Format, PackOptions, PackedMatrix};
+pub use formats::{Format, Layout, PackOptions, PackedMatrix};
 pub use kernels::Isa;
 
 /// The crate version.

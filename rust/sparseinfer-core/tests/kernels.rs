@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use sparseinfer_core::formats::budget;
 use sparseinfer_core::kernels::{self, Activations, Isa};
-use sparseinfer_core::{Format, PackOptions, PackedMatrix};
+use sparseinfer_core::{Format, Layout, PackOptions, PackedMatrix};
 
 /// SplitMix64: a tiny deterministic generator so the tests need no RNG crate.
 struct Rng(u64);
@@ -51,10 +51,12 @@ fn options(format: Format, group: Option<usize>, asym: bool) -> Option<PackOptio
     if (group.is_some() && !int) || (asym && !int4) {
         return None;
     }
-    Some(PackOptions { group_size: group, asymmetric: asym })
+    Some(PackOptions { group_size: group, asymmetric: asym, ..Default::default() })
 }
 
-/// Every format × group × symmetry combination that is valid.
+/// Every format × group × symmetry combination that is valid, in the default layout; the sparse integer
+/// formats that can be tiled also in the layout the default does not pick here, so both are checked on every
+/// machine (tiles without VNNI run on the row-layout twin).
 fn all_variants() -> Vec<(Format, PackOptions)> {
     let mut v = Vec::new();
     for f in Format::ALL {
@@ -62,6 +64,10 @@ fn all_variants() -> Vec<(Format, PackOptions)> {
             for asym in [false, true] {
                 if let Some(o) = options(f, g, asym) {
                     v.push((f, o));
+                    if matches!(f, Format::SparseInt8 | Format::SparseInt4) && !asym {
+                        let other = if kernels::reads_tiles(f) { Layout::Rows } else { Layout::Tiles };
+                        v.push((f, PackOptions { layout: other, ..o }));
+                    }
                 }
             }
         }
@@ -113,6 +119,11 @@ fn check_matrix(rows: usize, cols: usize, density: f32, seed: u64, f: Format, o:
     let w = matrix(rows, cols, density, seed);
     let m = PackedMatrix::pack(&w, rows, cols, f, o).unwrap();
     let ctx = format!("{} {:?} {rows}x{cols} density {density} seed {seed}", f.name(), o);
+    let tiled = match o.layout {
+        Layout::Auto => kernels::reads_tiles(f) && !o.asymmetric,
+        l => l == Layout::Tiles,
+    };
+    assert_eq!(m.layout(), if tiled { Layout::Tiles } else { Layout::Rows }, "{ctx}");
 
     // Format vs f32: every dequantized weight within its budget; sparse formats keep the zero pattern.
     let dense = m.to_dense();
@@ -246,13 +257,17 @@ fn bad_input_is_an_error_not_a_crash() {
     assert!(PackedMatrix::pack(&[1.0; 3], 2, 2, Format::DenseF32, opts).is_err());
     assert!(PackedMatrix::pack(&[1.0, f32::NAN], 1, 2, Format::SparseInt8, opts).is_err());
     assert!(PackedMatrix::pack(&[1.0, f32::INFINITY], 1, 2, Format::DenseInt4, opts).is_err());
-    let g = PackOptions { group_size: Some(48), asymmetric: false };
+    let g = PackOptions { group_size: Some(48), ..Default::default() };
     assert!(PackedMatrix::pack(&[1.0; 4], 2, 2, Format::DenseInt8, g).is_err());
-    let g = PackOptions { group_size: Some(32), asymmetric: false };
+    let g = PackOptions { group_size: Some(32), ..Default::default() };
     assert!(PackedMatrix::pack(&[1.0; 4], 2, 2, Format::DenseF32, g).is_err());
-    let a = PackOptions { group_size: None, asymmetric: true };
+    let a = PackOptions { asymmetric: true, ..Default::default() };
     assert!(PackedMatrix::pack(&[1.0; 4], 2, 2, Format::SparseInt8, a).is_err());
     assert!(Format::from_name("sparse-int3").unwrap_err().to_string().contains("sparse-int8"));
+    let t = PackOptions { layout: Layout::Tiles, ..Default::default() };
+    assert!(PackedMatrix::pack(&[1.0; 4], 2, 2, Format::DenseInt8, t).is_err());
+    assert!(PackedMatrix::pack(&[1.0; 4], 2, 2, Format::SparseInt4, PackOptions { asymmetric: true, ..t }).is_err());
+    assert!(Layout::from_name("columns").unwrap_err().to_string().contains("tiles"));
 
     let m = PackedMatrix::pack(&[1.0; 4], 2, 2, Format::DenseF32, opts).unwrap();
     let mut y = vec![0.0; 2];
@@ -321,9 +336,14 @@ fn pack_with_given_scales_keeps_codes() {
                 w[r * cols + c] = scales[r * per_row + c / g] * q as f32;
             }
         }
-        let opts = PackOptions { group_size: group, asymmetric: false };
+        let opts = PackOptions { group_size: group, ..Default::default() };
         let m = PackedMatrix::pack_with_scales(&w, rows, cols, format, opts, &scales, per_row).unwrap();
         assert_eq!(m.to_dense(), w, "{format:?} group {group:?}");
+        if format.is_sparse() {
+            let t = PackOptions { layout: Layout::Tiles, ..opts };
+            let tiled = PackedMatrix::pack_with_scales(&w, rows, cols, format, t, &scales, per_row).unwrap();
+            assert_eq!(tiled.to_dense(), w, "{format:?} group {group:?} tiled");
+        }
         // Every ISA computes Σ ŵ·x̂ on these matrices too.
         for k in [1, 3] {
             let x = activations(k * cols, 9);
@@ -372,5 +392,24 @@ fn rows_too_wide_for_exact_lanes_take_the_f32_kernels() {
         kernels::matmul(&m, &x, 1, &mut y, Some(Activations::Int8Token)).unwrap();
         let mag: f64 = dense.iter().zip(&xhat).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
         assert!((y[0] as f64 - want).abs() <= 1e-4 * mag, "{format:?}: {} vs {want}", y[0]);
+    }
+}
+
+#[test]
+fn tiled_rows_at_the_exact_lane_limit() {
+    // Tiled per-row-scale kernels add a whole row in each i32 lane: up to 2^17 columns of the largest codes
+    // must come out exact, and a wider row must fall back to the f32 kernels.
+    for (cols, vnni) in [(1usize << 17, true), ((1 << 17) + 64, false)] {
+        let w = vec![1.0f32; cols];
+        let x = vec![1.0f32; cols];
+        let opts = PackOptions { layout: Layout::Tiles, ..Default::default() };
+        let m = PackedMatrix::pack(&w, 1, cols, Format::SparseInt8, opts).unwrap();
+        let name = kernels::kernel_name(&m, Activations::Int8Token).unwrap();
+        if kernels::reads_tiles(Format::SparseInt8) {
+            assert_eq!(name.contains("tiles"), vnni, "{cols}: {name}");
+        }
+        let mut y = [0.0f32];
+        kernels::matmul(&m, &x, 1, &mut y, Some(Activations::Int8Token)).unwrap();
+        assert!((y[0] as f64 - cols as f64).abs() <= 1e-4 * cols as f64, "{cols}: {} vs {cols}", y[0]);
     }
 }

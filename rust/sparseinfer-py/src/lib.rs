@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use sparseinfer_core::formats::budget;
 use sparseinfer_core::runtime::{self, Generator, LoadOptions, Model, SamplingParams};
-use sparseinfer_core::{self as core, kernels, Error, Format, PackOptions, PackedMatrix};
+use sparseinfer_core::{self as core, kernels, Error, Format, Layout, PackOptions, PackedMatrix};
 
 /// Maps a core error to `sparseinfer.errors.InvalidInputError` / `UnsupportedError` / `SparseInferError`.
 fn to_py(py: Python<'_>, e: Error) -> PyErr {
@@ -161,6 +161,12 @@ impl PyPackedMatrix {
         self.inner.format().name()
     }
 
+    /// The in-memory layout: "rows" or "tiles".
+    #[getter]
+    fn layout(&self) -> &'static str {
+        self.inner.layout().name()
+    }
+
     /// Fraction of nonzero weights in the packed source.
     #[getter]
     fn density(&self) -> f64 {
@@ -194,8 +200,9 @@ impl PyPackedMatrix {
 
 /// Packs a float32 `(out, in)` matrix; zeros are pruned weights for the sparse formats. `scales` (float32
 /// `(out, groups)`, symmetric integer formats only) fixes the quantization grid instead of fitting it.
+/// `layout`: "auto", "rows" or "tiles" (the in-memory layout; see `formats::tiles`).
 #[pyfunction]
-#[pyo3(signature = (w, format = "sparse-int8", group_size = None, asymmetric = false, scales = None))]
+#[pyo3(signature = (w, format = "sparse-int8", group_size = None, asymmetric = false, scales = None, layout = "auto"))]
 fn pack<'py>(
     py: Python<'py>,
     w: &Bound<'py, PyAny>,
@@ -203,12 +210,14 @@ fn pack<'py>(
     group_size: Option<usize>,
     asymmetric: bool,
     scales: Option<&Bound<'py, PyAny>>,
+    layout: &str,
 ) -> PyResult<PyPackedMatrix> {
     let fmt = Format::from_name(format).map_err(|e| to_py(py, e))?;
+    let layout = Layout::from_name(layout).map_err(|e| to_py(py, e))?;
     let w = f32_slice::<numpy::Ix2>(py, "pack", "w", w)?;
     let (rows, cols) = (w.shape()[0], w.shape()[1]);
     let data = w.as_slice()?;
-    let opts = PackOptions { group_size, asymmetric };
+    let opts = PackOptions { group_size, asymmetric, layout };
     let m = match scales {
         None => py.detach(|| PackedMatrix::pack(data, rows, cols, fmt, opts)),
         Some(s) => {
@@ -248,7 +257,8 @@ impl PyModel {
     ) -> PyResult<Self> {
         let weights = weights.map(Format::from_name).transpose().map_err(|e| to_py(py, e))?;
         let activations = parse_act(py, activations)?;
-        let opts = LoadOptions { weights, pack: PackOptions { group_size, asymmetric }, activations };
+        let opts =
+            LoadOptions { weights, pack: PackOptions { group_size, asymmetric, ..Default::default() }, activations };
         let m = py.detach(|| runtime::load_dir(&path, opts)).map_err(|e| to_py(py, e))?;
         Ok(PyModel { inner: Arc::new(m) })
     }

@@ -19,6 +19,10 @@
 //!               int4: per 64-column chunk, ceil(n/2) bytes (n = popcount of that chunk's mask), low nibble
 //!                     first, so every chunk starts on a byte boundary
 //! ```
+//! Sparse int8 and symmetric int4 may instead be tiled: 16 rows interleaved per 4 columns, for the AVX-512 VNNI
+//! kernels ([`tiles`] has the diagram). [`Layout`] picks one at pack time; a tiled matrix builds its row-layout
+//! twin ([`PackedMatrix::row_major`]) the first time a kernel that reads rows needs it.
+//!
 //! The sparse mask is bit-compatible with the on-disk `bitmask` (uint8 `[rows, ceil(cols/8)]`, little-endian
 //! bit order): byte `k` of mask word `c` is on-disk byte `8c + k`. `values` ends with [`VALUE_PAD`] zero bytes
 //! so kernels may load a full vector past a row's last value.
@@ -29,8 +33,9 @@
 //! rounds to a zero code: it keeps `|q| >= 1`, so the zero pattern survives a pack/unpack round trip.
 
 mod pack;
+pub mod tiles;
 
-pub use pack::PackOptions;
+pub use pack::{Layout, PackOptions};
 
 use crate::error::{Error, Result};
 
@@ -139,8 +144,14 @@ pub struct PackedMatrix {
     pub(crate) data: Vec<u8>,
     /// Sparse only: `rows × cols_pad/64` mask words.
     pub(crate) masks: Vec<u64>,
-    /// Sparse only: `rows + 1` byte offsets into `data`.
+    /// Sparse only: `rows + 1` byte offsets into `data` (tiled: one per tile, plus one).
     pub(crate) row_offsets: Vec<usize>,
+    /// Whether `data`, `masks` and `row_offsets` hold the tiled layout ([`tiles`]) instead of rows.
+    pub(crate) tiled: bool,
+    /// Tiled with scale groups: each tile's scales, group by group, 16 rows each ([`tiles`]).
+    pub(crate) tile_scales: Vec<f32>,
+    /// Tiled only: the row-layout copy, built on first use by a kernel that reads rows.
+    pub(crate) row_twin: std::sync::OnceLock<Box<PackedMatrix>>,
     /// Integer formats: `rows × groups` scales.
     pub(crate) scales: Vec<f32>,
     /// Asymmetric only: `rows × groups` minimums (`ŵ = d·q + m`).
@@ -199,16 +210,58 @@ impl PackedMatrix {
         self.asym
     }
 
+    /// The in-memory layout: [`Layout::Rows`] or [`Layout::Tiles`].
+    pub fn layout(&self) -> Layout {
+        if self.tiled {
+            Layout::Tiles
+        } else {
+            Layout::Rows
+        }
+    }
+
+    /// This matrix in the row layout: itself, or (tiled) its row-layout twin, built once on first use.
+    pub fn row_major(&self) -> &PackedMatrix {
+        if self.tiled {
+            self.row_twin.get_or_init(|| Box::new(tiles::untile(self)))
+        } else {
+            self
+        }
+    }
+
+    /// Everything but the packed values, masks and offsets (which are left empty).
+    pub(crate) fn clone_meta(&self) -> PackedMatrix {
+        PackedMatrix {
+            rows: self.rows,
+            cols: self.cols,
+            cols_pad: self.cols_pad,
+            format: self.format,
+            group: self.group,
+            asym: self.asym,
+            data: Vec::new(),
+            masks: Vec::new(),
+            row_offsets: Vec::new(),
+            tiled: false,
+            tile_scales: Vec::new(),
+            row_twin: Default::default(),
+            scales: self.scales.clone(),
+            mins: self.mins.clone(),
+            nnz: self.nnz,
+        }
+    }
+
     /// Stored (nonzero for sparse formats) weights divided by `rows × cols`.
     pub fn density(&self) -> f64 {
         self.nnz as f64 / (self.rows as f64 * self.cols as f64)
     }
 
-    /// Bytes a matvec reads: values, masks, row offsets (as u32, as on disk), scales and mins. Excludes the
-    /// trailing pad, which is never multiplied.
+    /// Bytes a matvec reads: values, masks, row (or tile) offsets (as u32, as on disk), scales and mins
+    /// (a tiled matrix with scale groups reads its tile scales instead). Excludes the trailing pad, which is
+    /// never multiplied, and a tiled matrix's row-layout twin.
     pub fn nbytes(&self) -> usize {
-        let offsets = if self.format.is_sparse() { 4 * (self.rows + 1) } else { 0 };
-        (self.data.len() - VALUE_PAD) + 8 * self.masks.len() + offsets + 4 * (self.scales.len() + self.mins.len())
+        let offsets = if self.format.is_sparse() { 4 * self.row_offsets.len() } else { 0 };
+        let scales = if self.tile_scales.is_empty() { self.scales.len() } else { self.tile_scales.len() };
+        let scales = scales + self.mins.len();
+        (self.data.len() - VALUE_PAD) + 8 * self.masks.len() + offsets + 4 * scales
     }
 
     /// Scale groups per row.
@@ -231,8 +284,9 @@ impl PackedMatrix {
         }
     }
 
-    /// Byte offset of row `r`'s values in `data`.
+    /// Byte offset of row `r`'s values in `data` (row layout only).
     pub(crate) fn row_start(&self, r: usize) -> usize {
+        debug_assert!(!self.tiled);
         if self.format.is_sparse() {
             self.row_offsets[r]
         } else {

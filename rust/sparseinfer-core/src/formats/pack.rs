@@ -1,7 +1,42 @@
 //! Packing a dense f32 matrix into each format (the quantizers). Decoding lives in `kernels::reference`.
 
-use super::{f32_to_bf16, Elem, Format, PackedMatrix, CHUNK, VALUE_PAD};
+use super::{f32_to_bf16, tiles, Elem, Format, PackedMatrix, CHUNK, VALUE_PAD};
 use crate::error::{Error, Result};
+
+/// The in-memory layout of a packed matrix.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// Tiles where the kernels that would run read them (sparse int8 and symmetric int4 with AVX-512 VNNI
+    /// the active path), else rows.
+    #[default]
+    Auto,
+    /// One row after another (every format, every kernel).
+    Rows,
+    /// 16 rows interleaved per 4 columns (sparse int8 and symmetric sparse int4 only; see `formats::tiles`).
+    /// Kernels other than AVX-512 VNNI with int8 activations run on a row-layout twin built on first use.
+    Tiles,
+}
+
+impl Layout {
+    /// The stable name (`"auto"`, `"rows"`, `"tiles"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Auto => "auto",
+            Layout::Rows => "rows",
+            Layout::Tiles => "tiles",
+        }
+    }
+
+    /// Parses a name from [`Layout::name`].
+    pub fn from_name(name: &str) -> Result<Layout> {
+        match name {
+            "auto" => Ok(Layout::Auto),
+            "rows" => Ok(Layout::Rows),
+            "tiles" => Ok(Layout::Tiles),
+            _ => Err(Error::invalid("layout", format!("unknown layout {name:?}; expected auto, rows or tiles"))),
+        }
+    }
+}
 
 /// Options for [`PackedMatrix::pack`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -11,6 +46,8 @@ pub struct PackOptions {
     pub group_size: Option<usize>,
     /// Asymmetric int4 (`ŵ = d·q + m`, q in 0..=15). Only valid for int4 formats.
     pub asymmetric: bool,
+    /// The in-memory layout.
+    pub layout: Layout,
 }
 
 /// Default columns per group for int4 formats.
@@ -162,6 +199,9 @@ pub(super) fn pack_impl(
         data: Vec::new(),
         masks: Vec::new(),
         row_offsets: Vec::new(),
+        tiled: false,
+        tile_scales: Vec::new(),
+        row_twin: Default::default(),
         scales: Vec::new(),
         mins: Vec::new(),
         nnz: w.iter().filter(|v| **v != 0.0).count(),
@@ -279,5 +319,16 @@ pub(super) fn pack_impl(
         m.row_offsets.push(m.data.len());
     }
     m.data.extend_from_slice(&[0u8; VALUE_PAD]);
-    Ok(m)
+    let tile = match opts.layout {
+        Layout::Rows => false,
+        Layout::Auto => tiles::can_tile(&m) && crate::kernels::reads_tiles(format),
+        Layout::Tiles if tiles::can_tile(&m) => true,
+        Layout::Tiles => {
+            return Err(Error::invalid(
+                OP,
+                format!("the tiled layout takes sparse-int8 and symmetric sparse-int4, not {}", format.name()),
+            ))
+        }
+    };
+    Ok(if tile { tiles::tile(&m) } else { m })
 }

@@ -150,6 +150,23 @@ pub fn set_isa(isa: Option<Isa>) -> Result<()> {
     Ok(())
 }
 
+/// Whether `Layout::Auto` tiles a matrix of `format`: the active path reads tiles (AVX-512 VNNI, which takes
+/// sparse int8 and int4 with the default int8 activations).
+pub fn reads_tiles(format: crate::Format) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        format.is_sparse()
+            && matches!(format.elem(), Elem::I8 | Elem::I4)
+            && active_isa().is_ok_and(|i| i == Isa::Avx512)
+            && x86::vnni_supported()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = format;
+        false
+    }
+}
+
 type RowsFn = unsafe fn(&PackedMatrix, usize, usize, &[f32], usize, *mut f32);
 
 fn rows_fn(isa: Isa) -> RowsFn {
@@ -451,8 +468,9 @@ pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32],
         padded = p;
         &padded[..]
     };
+    // Only the VNNI kernels read tiles; the rest run on the row-layout twin.
     match act {
-        Activations::F32 => run_rows(m, k, y, rows_fn(isa), xs),
+        Activations::F32 => run_rows(m.row_major(), k, y, rows_fn(isa), xs),
         Activations::Int8 | Activations::Int8Token => {
             let token = act == Activations::Int8Token;
             #[cfg(target_arch = "x86_64")]
@@ -461,6 +479,7 @@ pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32],
                 run_rows(m, k, y, x86::vnni::rows, &q);
                 return Ok(());
             }
+            let m = m.row_major();
             let q = quantize_activations(m, xs, k, token);
             run_rows(m, k, y, rows_fn(isa), &q.xhat[..]);
         }
@@ -476,7 +495,8 @@ pub fn kernel_name(m: &PackedMatrix, act: Activations) -> Result<String> {
     #[cfg(target_arch = "x86_64")]
     if act.is_int8() && isa == Isa::Avx512 && x86::vnni::supports(m, act == Activations::Int8Token) {
         let per = if act == Activations::Int8Token { "_token" } else { "" };
-        return Ok(format!("{}_i8{per} (avx512vnni)", m.format.name().replace('-', "_")));
+        let tiles = if m.tiled { ", tiles" } else { "" };
+        return Ok(format!("{}_i8{per} (avx512vnni{tiles})", m.format.name().replace('-', "_")));
     }
     Ok(format!("{}_f32 ({})", m.format.name().replace('-', "_"), isa.name()))
 }

@@ -7,6 +7,7 @@ use crate::formats::{bf16_to_f32, Elem, PackedMatrix, CHUNK};
 
 /// Dequantizes row `r` into `out[..cols_pad]` (padding columns decode to zero or to the group minimum).
 pub fn decode_row(m: &PackedMatrix, r: usize, out: &mut [f32]) {
+    let m = m.row_major();
     let out = &mut out[..m.cols_pad];
     let data = &m.data[m.row_start(r)..];
     let groups = m.groups();

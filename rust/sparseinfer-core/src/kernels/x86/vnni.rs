@@ -20,6 +20,7 @@
 //! activations; they run the f32 kernels on `x̂`.
 
 use super::avx512::{dense_nibbles, nibbles_to_bytes};
+use crate::formats::tiles::{QUAD, TILE};
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
 use crate::kernels::simd::{scale_mode, RowScales, GRP, ROW};
 use crate::kernels::vector::x86::dot;
@@ -67,7 +68,8 @@ pub(super) const PREFETCH: usize = 4096;
 /// activation scales. Per-row scales take symmetric weights only, and rows short enough that every exact
 /// integer sum fits an i32 ([`TOKEN_MAX_COLS`]).
 pub(crate) fn supports(m: &PackedMatrix, token: bool) -> bool {
-    let shape = if token { !m.asym && m.cols_pad <= TOKEN_MAX_COLS } else { !(m.format.is_sparse() && m.asym) };
+    let max_cols = if m.tiled { TILE_TOKEN_MAX_COLS } else { TOKEN_MAX_COLS };
+    let shape = if token { !m.asym && m.cols_pad <= max_cols } else { !(m.format.is_sparse() && m.asym) };
     matches!(m.format.elem(), Elem::I8 | Elem::I4) && shape && super::vnni_supported()
 }
 
@@ -93,10 +95,13 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
     // The aligned loads of `xq` and `zcorr` need every row and chunk on a 64-byte boundary.
     debug_assert!((q.xq.as_ptr() as usize).is_multiple_of(64));
     debug_assert!(if q.token {
-        q.zcorr.len() == k * 16 * m.chunks() / token_block_chunks(m) && (q.zcorr.as_ptr() as usize).is_multiple_of(64)
+        q.zcorr.len() == k * zcorr_per_row(m) && (q.zcorr.as_ptr() as usize).is_multiple_of(64)
     } else {
         q.gsum.len() == k * m.groups()
     });
+    if m.tiled {
+        return tile_rows(m, r0, r1, q, k, y);
+    }
     let mut g0 = r0;
     while g0 < r1 {
         let g1 = (g0 + BATCH).min(r1);
@@ -120,6 +125,10 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
 /// conversion to f32 rounds, by at most 2^-24 relative.
 pub(crate) const TOKEN_MAX_COLS: usize = 1 << 20;
 
+/// The widest row the per-row-scale kernels take on tiled matrices, where each i32 lane adds a whole scale
+/// block of one row (every column of it, with per-row weight scales): `127 · 127 · cols` must fit an i32.
+pub(crate) const TILE_TOKEN_MAX_COLS: usize = 1 << 17;
+
 /// Chunks per scale block of the per-row-scale kernels: the weight group (or the whole row), one chunk for
 /// 32-column groups (whose two groups split the chunk's lanes).
 fn token_block_chunks(m: &PackedMatrix) -> usize {
@@ -140,13 +149,43 @@ fn zero_point(m: &PackedMatrix) -> u8 {
     }
 }
 
+/// Columns per scale segment of the tiled per-row-scale kernels: the weight group, or the whole row.
+fn tile_token_segment(m: &PackedMatrix) -> usize {
+    if scale_mode(m) == ROW {
+        m.cols_pad
+    } else {
+        m.group
+    }
+}
+
+/// Entries of `q.zcorr` per activation row.
+fn zcorr_per_row(m: &PackedMatrix) -> usize {
+    if m.tiled {
+        m.cols_pad / tile_token_segment(m)
+    } else {
+        16 * m.chunks() / token_block_chunks(m)
+    }
+}
+
 /// Fills `q.zcorr`: per activation row and scale block, the 16 lane sums `z · Σ x` (one `vpdpbusd` of the
 /// broadcast zero point with each chunk's codes), which turn `Σ c·x` into `Σ q·x` lane by lane, exactly.
+/// Tiled matrices, whose lanes are rows that each meet every column, take one `z · Σ x` per segment
+/// ([`tile_token_segment`]).
 ///
 /// # Safety
 /// The CPU must support AVX-512 VNNI; `q.xq` holds `q.k` rows of `m.cols_pad` codes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(crate) unsafe fn zero_point_corrections(m: &PackedMatrix, q: &mut QuantActs) {
+    if m.tiled {
+        let (seg, per_row) = (tile_token_segment(m), zcorr_per_row(m));
+        assert!(q.xq.len() == q.k * per_row * seg);
+        q.zcorr = crate::kernels::aligned::Aligned::zeroed(q.k * per_row);
+        let z = zero_point(m) as i32;
+        for (codes, zc) in q.xq.chunks_exact(seg).zip(q.zcorr.iter_mut()) {
+            *zc = z * codes.iter().map(|&c| c as i32).sum::<i32>();
+        }
+        return;
+    }
     let (cp, sbc) = (m.cols_pad, token_block_chunks(m));
     let blocks = m.chunks() / sbc;
     assert!(q.xq.len() == q.k * cp && blocks * sbc == m.chunks());
@@ -186,7 +225,7 @@ macro_rules! by_scaling {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,gfni,popcnt,bmi2,fma")]
 unsafe fn batch<const NR: usize>(m: &PackedMatrix, g0: usize, g1: usize, q: &QuantActs, a0: usize, y: *mut f32) {
-    let (cp, chunks, groups) = (m.cols_pad, m.chunks(), m.groups());
+    let (cp, chunks) = (m.cols_pad, m.chunks());
     let zc_row = if q.token { 16 * chunks / token_block_chunks(m) } else { 0 };
     let act: [ActRow; NR] = core::array::from_fn(|a| ActRow {
         xq: q.xq.as_ptr().add((a0 + a) * cp),
@@ -234,16 +273,24 @@ unsafe fn batch<const NR: usize>(m: &PackedMatrix, g0: usize, g1: usize, q: &Qua
         _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(hsum16(rows), scale));
         for (i, o) in out[..n].iter_mut().enumerate() {
             let r = g0 + i;
-            if !q.token {
-                // Zero point of every group: ŵ = d·c + m' with m' = m (asymmetric int4) or -z·d (symmetric).
-                let gs = q.gsum.as_ptr().add((a0 + a) * groups);
-                let gs = core::slice::from_raw_parts(gs, groups);
-                let row = r * groups..(r + 1) * groups;
-                // A vector dot: a scalar loop is one long chain of dependent adds.
-                *o += if m.asym { dot(&m.mins[row], gs) } else { -(zero_point(m) as f32) * dot(&m.scales[row], gs) };
-            }
-            *y.add((a0 + a) * m.rows + r) = *o;
+            *y.add((a0 + a) * m.rows + r) = *o + if q.token { 0.0 } else { zero_point_term(m, q, a0 + a, r) };
         }
+    }
+}
+
+/// The per-block kernels' zero points of weight row `r` against activation row `a`: `ŵ = d·c + m'` per group,
+/// with `m' = m` (asymmetric int4) or `-z·d` (symmetric), so the row adds `Σ_g m'_g · Σx̂_g`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
+unsafe fn zero_point_term(m: &PackedMatrix, q: &QuantActs, a: usize, r: usize) -> f32 {
+    let groups = m.groups();
+    let gs = &q.gsum[a * groups..(a + 1) * groups];
+    let row = r * groups..(r + 1) * groups;
+    // A vector dot: a scalar loop is one long chain of dependent adds.
+    if m.asym {
+        dot(&m.mins[row], gs)
+    } else {
+        -(zero_point(m) as f32) * dot(&m.scales[row], gs)
     }
 }
 
@@ -430,4 +477,144 @@ unsafe fn token_row<const NR: usize, const FMT: u8, const MODE: u8>(
         }
     });
     [f0, f1]
+}
+
+/// Tiled matrices ([`crate::formats::tiles`]): weight rows `r0..r1` (`r0` a multiple of 16) against the `k`
+/// activation rows of `q`, one tile of 16 rows at a time, sharing each tile's decoded codes between up to four
+/// activation rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,gfni,popcnt,bmi2,fma")]
+unsafe fn tile_rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
+    debug_assert!(r0.is_multiple_of(TILE) && r1 <= m.rows);
+    for t in r0 / TILE..r1.div_ceil(TILE) {
+        let mut a = 0;
+        while a + 4 <= k {
+            tile::<4>(m, t, r1, q, a, y);
+            a += 4;
+        }
+        while a < k {
+            tile::<1>(m, t, r1, q, a, y);
+            a += 1;
+        }
+    }
+}
+
+/// Tile `t` (its rows below `r1`) against activation rows `a0..a0 + NR`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,gfni,popcnt,bmi2,fma")]
+unsafe fn tile<const NR: usize>(m: &PackedMatrix, t: usize, r1: usize, q: &QuantActs, a0: usize, y: *mut f32) {
+    let (cp, chunks) = (m.cols_pad, m.chunks());
+    let zc_row = if q.token { zcorr_per_row(m) } else { 0 };
+    let act: [ActRow; NR] = core::array::from_fn(|a| ActRow {
+        xq: q.xq.as_ptr().add((a0 + a) * cp),
+        sx: q.sx.as_ptr().add((a0 + a) * chunks),
+        zc: q.zcorr.as_ptr().wrapping_add((a0 + a) * zc_row),
+    });
+    let grouped = scale_mode(m) != ROW;
+    let acc = match (m.format, q.token, grouped) {
+        (Format::SparseInt8, false, false) => tile_acc::<NR, SI8, false, false>(m, t, &act),
+        (Format::SparseInt8, false, true) => tile_acc::<NR, SI8, false, true>(m, t, &act),
+        (Format::SparseInt8, true, false) => tile_acc::<NR, SI8, true, false>(m, t, &act),
+        (Format::SparseInt8, true, true) => tile_acc::<NR, SI8, true, true>(m, t, &act),
+        (Format::SparseInt4, false, false) => tile_acc::<NR, SI4, false, false>(m, t, &act),
+        (Format::SparseInt4, false, true) => tile_acc::<NR, SI4, false, true>(m, t, &act),
+        (Format::SparseInt4, true, false) => tile_acc::<NR, SI4, true, false>(m, t, &act),
+        (Format::SparseInt4, true, true) => tile_acc::<NR, SI4, true, true>(m, t, &act),
+        _ => unreachable!("only sparse integer formats are tiled"),
+    };
+    let n = (r1 - t * TILE).min(TILE);
+    let lanes: __mmask16 = if n == TILE { !0 } else { (1u16 << n) - 1 };
+    let (groups, z) = (m.groups(), -(zero_point(m) as f32));
+    let d16 = m.tile_scales.as_ptr().wrapping_add(t * groups * TILE);
+    for (a, v) in acc.into_iter().enumerate() {
+        let mut v = v;
+        if !q.token {
+            // Zero points, ŵ = d·c - z·d: the 16 rows' Σ_g d_g·Σx̂_g in one vector.
+            let gs = q.gsum.as_ptr().add((a0 + a) * groups);
+            if grouped {
+                let mut zp = _mm512_setzero_ps();
+                for g in 0..groups {
+                    zp = _mm512_fmadd_ps(_mm512_loadu_ps(d16.add(g * TILE)), _mm512_set1_ps(*gs.add(g)), zp);
+                }
+                v = _mm512_fmadd_ps(zp, _mm512_set1_ps(z), v);
+            } else {
+                v = _mm512_add_ps(v, _mm512_set1_ps(z * *gs));
+            }
+        }
+        if !grouped {
+            v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(lanes, m.scales.as_ptr().add(t * TILE)));
+        }
+        if q.token {
+            v = _mm512_mul_ps(v, _mm512_set1_ps(*act[a].sx));
+        }
+        _mm512_mask_storeu_ps(y.add((a0 + a) * m.rows + t * TILE), lanes, v);
+    }
+}
+
+/// The unsigned codes of one tiled quad with mask `mask` at `*p` (stored int8 codes are already flipped, so
+/// pruned lanes expand straight to the zero point), advancing `*p` past its values.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,gfni,popcnt")]
+unsafe fn quad_codes<const FMT: u8>(p: &mut *const u8, mask: u64) -> __m512i {
+    if FMT == SI8 {
+        let c = _mm512_mask_expand_epi8(_mm512_set1_epi8(-128), mask, load512_nofold!(*p));
+        *p = p.add(mask.count_ones() as usize);
+        c
+    } else {
+        let c = _mm512_mask_expand_epi8(_mm512_set1_epi8(8), mask, nibbles_to_bytes(*p));
+        *p = p.add((mask.count_ones() as usize).div_ceil(2));
+        c
+    }
+}
+
+/// Tile `t`'s 16 row sums (f32 lanes, before per-row weight scales and per-row activation scales) for `NR`
+/// activation rows. The columns run in scale segments: per-block activations take 64-column chunks (32 for
+/// 32-column groups), whose exact i32 lanes are converted and multiplied by the chunk's activation scale
+/// (times the 16 rows' group scales, `GROUPED`); per-row activations (`TOKEN`) take whole groups (or the
+/// whole row) and subtract the segment's zero-point correction before the conversion.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,avx512vnni,gfni,popcnt,fma")]
+unsafe fn tile_acc<const NR: usize, const FMT: u8, const TOKEN: bool, const GROUPED: bool>(
+    m: &PackedMatrix,
+    t: usize,
+    act: &[ActRow; NR],
+) -> [__m512; NR] {
+    let quads = m.cols_pad / QUAD;
+    let masks = m.masks.as_ptr().add(t * quads);
+    let mut p = m.data.as_ptr().add(m.row_offsets[t]);
+    let d16 = m.tile_scales.as_ptr().wrapping_add(t * m.groups() * TILE);
+    let shift = m.group.trailing_zeros();
+    let seg = if TOKEN { tile_token_segment(m) } else { m.group.min(CHUNK) };
+    let mut f = [_mm512_setzero_ps(); NR];
+    for s in 0..m.cols_pad / seg {
+        // Four i32 accumulators per activation row: `vpdpbusd` latency would bind one.
+        let mut ia = [[_mm512_setzero_si512(); NR]; 4];
+        let mut quad = s * seg / QUAD;
+        while quad < (s + 1) * seg / QUAD {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+            for acc in ia.iter_mut() {
+                let c = quad_codes::<FMT>(&mut p, *masks.add(quad));
+                for (a, x) in act.iter().enumerate() {
+                    let xa = _mm512_set1_epi32((x.xq.add(quad * QUAD) as *const i32).read_unaligned());
+                    acc[a] = _mm512_dpbusd_epi32(acc[a], c, xa);
+                }
+                quad += 1;
+            }
+        }
+        let col = s * seg;
+        for (a, x) in act.iter().enumerate() {
+            let mut sum = _mm512_add_epi32(_mm512_add_epi32(ia[0][a], ia[1][a]), _mm512_add_epi32(ia[2][a], ia[3][a]));
+            if TOKEN {
+                sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(*x.zc.add(s)));
+            }
+            let v = _mm512_cvtepi32_ps(sum);
+            let d = || _mm512_loadu_ps(d16.add((col >> shift) * TILE));
+            f[a] = match (TOKEN, GROUPED) {
+                (true, false) => _mm512_add_ps(f[a], v),
+                (true, true) => _mm512_fmadd_ps(v, d(), f[a]),
+                (false, false) => _mm512_fmadd_ps(v, broadcast(x.sx.add(col / CHUNK)), f[a]),
+                (false, true) => _mm512_fmadd_ps(v, _mm512_mul_ps(broadcast(x.sx.add(col / CHUNK)), d()), f[a]),
+            };
+        }
+    }
+    f
 }

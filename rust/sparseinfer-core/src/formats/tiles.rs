@@ -1,0 +1,194 @@
+//! The tiled layout of the sparse integer formats, read by the AVX-512 VNNI kernels, and its conversions
+//! from and to the row layout every other kernel reads.
+//!
+//! ```text
+//! tile t = weight rows 16t..16t+16 (the last tile padded with empty rows), quad q = columns 4q..4q+4
+//! masks[t, q]: u64, bit 4i + j set  <=>  weight (16t + i, 4q + j) is stored
+//!   byte 4i + j of a 64-byte vector = row i, column j: the operand order of `vpdpbusd`, whose i32 lane i
+//!   then adds row i's four products against the four activations of the quad broadcast to every lane
+//! values: the stored codes of tile t, quad after quad, in bit order, from byte tile_offsets[t]
+//!   int8: the code with its top bit flipped (`q ^ 0x80`, the unsigned operand: pruned lanes expand to 0x80)
+//!   int4: ceil(n/2) bytes per quad (n its popcount), low nibble first, each nibble `q + 8`
+//! tile_scales (groups of >= 64 or 32 columns): tiles × groups × 16 f32, the 16 rows' scales of each group
+//! ```
+//! In the row layout a 64-column chunk of one row is one vector, and every chunk's i32 lanes have to be
+//! converted and scaled on their own (per-block activation scales), nine instructions for ~19 stored values
+//! at 70 % sparsity. In the tiled layout one vector holds 16 rows: a chunk of 64 columns takes 16 vectors
+//! that add into the same i32 lanes, and the conversion and scaling happen once per 16 × 64 weights. The
+//! activation is a broadcast memory operand of `vpdpbusd`, so a 64-weight vector costs a mask load, its
+//! popcount, the values load, one `vpexpandb` and one `vpdpbusd`.
+
+use super::{Elem, PackedMatrix, CHUNK, VALUE_PAD};
+
+/// Weight rows per tile: the i32 lanes of one 512-bit vector.
+pub const TILE: usize = 16;
+
+/// Columns per quad: the four bytes `vpdpbusd` adds into one lane.
+pub const QUAD: usize = 4;
+
+/// The stored units (int8 bytes as stored in the row layout, int4 nibbles) of 16 rows starting at `r0`,
+/// spread over `cols_pad` columns, and whether each is stored; rows past the matrix stay empty.
+struct Block {
+    units: Vec<u8>,
+    present: Vec<bool>,
+}
+
+impl Block {
+    fn new(cols_pad: usize) -> Block {
+        Block { units: vec![0; TILE * cols_pad], present: vec![false; TILE * cols_pad] }
+    }
+
+    fn clear(&mut self) {
+        self.units.fill(0);
+        self.present.fill(false);
+    }
+}
+
+/// Whether `m` (row layout) can be tiled: the sparse integer formats, symmetric.
+pub(crate) fn can_tile(m: &PackedMatrix) -> bool {
+    m.format.is_sparse() && matches!(m.format.elem(), Elem::I8 | Elem::I4) && !m.asym
+}
+
+/// The tiled copy of a row-layout matrix (see [`can_tile`]).
+pub(crate) fn tile(m: &PackedMatrix) -> PackedMatrix {
+    debug_assert!(can_tile(m) && !m.tiled);
+    let (cp, tiles, int4) = (m.cols_pad, m.rows.div_ceil(TILE), m.format.elem() == Elem::I4);
+    let quads = cp / QUAD;
+    let mut out = PackedMatrix {
+        data: Vec::with_capacity(m.data.len()),
+        masks: Vec::with_capacity(tiles * quads),
+        row_offsets: Vec::with_capacity(tiles + 1),
+        tiled: true,
+        row_twin: Default::default(),
+        ..m.clone_meta()
+    };
+    let mut b = Block::new(cp);
+    let mut nibbles = Vec::with_capacity(CHUNK);
+    for t in 0..tiles {
+        b.clear();
+        for i in 0..TILE.min(m.rows - t * TILE) {
+            read_row(m, t * TILE + i, &mut b.units[i * cp..(i + 1) * cp], &mut b.present[i * cp..(i + 1) * cp]);
+        }
+        out.row_offsets.push(out.data.len());
+        for q in 0..quads {
+            let mut mask = 0u64;
+            nibbles.clear();
+            for i in 0..TILE {
+                for j in 0..QUAD {
+                    let at = i * cp + q * QUAD + j;
+                    if !b.present[at] {
+                        continue;
+                    }
+                    mask |= 1 << (QUAD * i + j);
+                    if int4 {
+                        nibbles.push(b.units[at]);
+                    } else {
+                        out.data.push(b.units[at] ^ 0x80);
+                    }
+                }
+            }
+            out.data.extend(nibbles.chunks(2).map(|p| p[0] | (p.get(1).copied().unwrap_or(0) << 4)));
+            out.masks.push(mask);
+        }
+    }
+    out.row_offsets.push(out.data.len());
+    out.data.extend_from_slice(&[0u8; VALUE_PAD]);
+    out.tile_scales = tile_scales(m);
+    out
+}
+
+/// Per tile and scale group, the 16 rows' scales (0 for padding rows); empty for one scale per row, which
+/// the kernels apply to the finished sums instead.
+fn tile_scales(m: &PackedMatrix) -> Vec<f32> {
+    let groups = m.groups();
+    if groups <= 1 {
+        return Vec::new();
+    }
+    let tiles = m.rows.div_ceil(TILE);
+    let mut s = vec![0.0f32; tiles * groups * TILE];
+    for r in 0..m.rows {
+        let (t, i) = (r / TILE, r % TILE);
+        for g in 0..groups {
+            s[(t * groups + g) * TILE + i] = m.scales[r * groups + g];
+        }
+    }
+    s
+}
+
+/// The row-layout copy of a tiled matrix, for the kernels that read rows.
+pub(crate) fn untile(m: &PackedMatrix) -> PackedMatrix {
+    debug_assert!(m.tiled);
+    let (cp, chunks, int4) = (m.cols_pad, m.chunks(), m.format.elem() == Elem::I4);
+    let mut out = PackedMatrix {
+        data: Vec::with_capacity(m.data.len()),
+        masks: Vec::with_capacity(m.rows * chunks),
+        row_offsets: Vec::with_capacity(m.rows + 1),
+        tiled: false,
+        row_twin: Default::default(),
+        tile_scales: Vec::new(),
+        ..m.clone_meta()
+    };
+    let mut b = Block::new(cp);
+    let mut nibbles = Vec::with_capacity(CHUNK);
+    for t in 0..m.rows.div_ceil(TILE) {
+        b.clear();
+        read_tile(m, t, &mut b);
+        for i in 0..TILE.min(m.rows - t * TILE) {
+            out.row_offsets.push(out.data.len());
+            for ch in 0..chunks {
+                let mut mask = 0u64;
+                nibbles.clear();
+                for j in 0..CHUNK {
+                    let at = i * cp + ch * CHUNK + j;
+                    if b.present[at] {
+                        mask |= 1 << j;
+                        if int4 {
+                            nibbles.push(b.units[at]);
+                        } else {
+                            out.data.push(b.units[at]);
+                        }
+                    }
+                }
+                out.data.extend(nibbles.chunks(2).map(|p| p[0] | (p.get(1).copied().unwrap_or(0) << 4)));
+                out.masks.push(mask);
+            }
+        }
+    }
+    out.row_offsets.push(out.data.len());
+    out.data.extend_from_slice(&[0u8; VALUE_PAD]);
+    out
+}
+
+/// Spreads row `r` of a row-layout sparse integer matrix into `units` / `present` (`cols_pad` each).
+fn read_row(m: &PackedMatrix, r: usize, units: &mut [u8], present: &mut [bool]) {
+    let int4 = m.format.elem() == Elem::I4;
+    let mut pos = m.row_offsets[r];
+    for ch in 0..m.chunks() {
+        let mask = m.masks[r * m.chunks() + ch];
+        let mut k = 0;
+        for j in (0..CHUNK).filter(|j| mask >> j & 1 == 1) {
+            units[ch * CHUNK + j] = if int4 { (m.data[pos + k / 2] >> (4 * (k % 2))) & 0xF } else { m.data[pos + k] };
+            present[ch * CHUNK + j] = true;
+            k += 1;
+        }
+        pos += if int4 { k.div_ceil(2) } else { k };
+    }
+}
+
+/// Spreads tile `t` of a tiled matrix into `b` (row-layout units: int8 codes unflipped).
+fn read_tile(m: &PackedMatrix, t: usize, b: &mut Block) {
+    let (cp, int4) = (m.cols_pad, m.format.elem() == Elem::I4);
+    let quads = cp / QUAD;
+    let mut pos = m.row_offsets[t];
+    for q in 0..quads {
+        let mask = m.masks[t * quads + q];
+        let mut k = 0;
+        for bit in (0..CHUNK).filter(|bit| mask >> bit & 1 == 1) {
+            let at = bit / QUAD * cp + q * QUAD + bit % QUAD;
+            b.units[at] = if int4 { (m.data[pos + k / 2] >> (4 * (k % 2))) & 0xF } else { m.data[pos + k] ^ 0x80 };
+            b.present[at] = true;
+            k += 1;
+        }
+        pos += if int4 { k.div_ceil(2) } else { k };
+    }
+}
