@@ -425,6 +425,10 @@ impl Loader<'_> {
             },
         };
         let mut opts = self.plan.pack;
+        if self.plan.act == Some(kernels::Activations::F32) {
+            // Only the int8-activation kernels read tiles: keep rows rather than build a twin on first use.
+            opts.layout = crate::formats::Layout::Rows;
+        }
         if self.plan.stored {
             if let Some(q) = quant {
                 opts.group_size = if q.bits == 4 { Some(q.group_size.unwrap_or(cols)) } else { q.group_size };
