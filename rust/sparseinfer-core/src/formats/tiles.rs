@@ -26,8 +26,8 @@ pub const TILE: usize = 16;
 /// Columns per quad: the four bytes `vpdpbusd` adds into one lane.
 pub const QUAD: usize = 4;
 
-/// The stored units (int8 bytes as stored in the row layout, int4 nibbles) of 16 rows starting at `r0`,
-/// spread over `cols_pad` columns, and whether each is stored; rows past the matrix stay empty.
+/// The stored units (int8 bytes as stored in the row layout, int4 nibbles) of one tile's 16 rows, spread over
+/// `cols_pad` columns each, and whether each is stored; rows past the matrix stay empty.
 struct Block {
     units: Vec<u8>,
     present: Vec<bool>,
@@ -49,46 +49,50 @@ pub(crate) fn can_tile(m: &PackedMatrix) -> bool {
     m.format.is_sparse() && matches!(m.format.elem(), Elem::I8 | Elem::I4) && !m.asym
 }
 
-/// The tiled copy of a row-layout matrix (see [`can_tile`]).
+/// The tiled copy of a row-layout matrix (see [`can_tile`]). Each quad takes a 4-bit slice of 16 rows' mask
+/// words and the next values of each row in turn, so the stored values are copied, never spread out.
 pub(crate) fn tile(m: &PackedMatrix) -> PackedMatrix {
     debug_assert!(can_tile(m) && !m.tiled);
-    let (cp, tiles, int4) = (m.cols_pad, m.rows.div_ceil(TILE), m.format.elem() == Elem::I4);
-    let quads = cp / QUAD;
+    let (chunks, tiles, int4) = (m.chunks(), m.rows.div_ceil(TILE), m.format.elem() == Elem::I4);
     let mut out = PackedMatrix {
         data: Vec::with_capacity(m.data.len()),
-        masks: Vec::with_capacity(tiles * quads),
+        masks: Vec::with_capacity(tiles * m.cols_pad / QUAD),
         row_offsets: Vec::with_capacity(tiles + 1),
         tiled: true,
         row_twin: Default::default(),
         ..m.clone_meta()
     };
-    let mut b = Block::new(cp);
-    let mut nibbles = Vec::with_capacity(CHUNK);
+    let mut nibbles = [0u8; CHUNK];
     for t in 0..tiles {
-        b.clear();
-        for i in 0..TILE.min(m.rows - t * TILE) {
-            read_row(m, t * TILE + i, &mut b.units[i * cp..(i + 1) * cp], &mut b.present[i * cp..(i + 1) * cp]);
-        }
+        let (r0, nr) = (t * TILE, TILE.min(m.rows - t * TILE));
+        // Per row: where its current chunk's values start, and how many of them the quads took so far.
+        let mut pos: [usize; TILE] = core::array::from_fn(|i| if i < nr { m.row_offsets[r0 + i] } else { 0 });
+        let mut taken = [0usize; TILE];
         out.row_offsets.push(out.data.len());
-        for q in 0..quads {
-            let mut mask = 0u64;
-            nibbles.clear();
-            for i in 0..TILE {
-                for j in 0..QUAD {
-                    let at = i * cp + q * QUAD + j;
-                    if !b.present[at] {
-                        continue;
-                    }
-                    mask |= 1 << (QUAD * i + j);
-                    if int4 {
-                        nibbles.push(b.units[at]);
-                    } else {
-                        out.data.push(b.units[at] ^ 0x80);
-                    }
-                }
+        for ch in 0..chunks {
+            for (p, k) in pos.iter_mut().zip(taken.iter_mut()) {
+                *p += if int4 { k.div_ceil(2) } else { *k };
+                *k = 0;
             }
-            out.data.extend(nibbles.chunks(2).map(|p| p[0] | (p.get(1).copied().unwrap_or(0) << 4)));
-            out.masks.push(mask);
+            for qq in 0..CHUNK / QUAD {
+                let (mut mask, mut n) = (0u64, 0);
+                for i in 0..nr {
+                    let bits = (m.masks[(r0 + i) * chunks + ch] >> (QUAD * qq)) & 0xF;
+                    mask |= bits << (QUAD * i);
+                    let (p, k, c) = (pos[i], taken[i], bits.count_ones() as usize);
+                    if int4 {
+                        for j in k..k + c {
+                            nibbles[n] = (m.data[p + j / 2] >> (4 * (j % 2))) & 0xF;
+                            n += 1;
+                        }
+                    } else {
+                        out.data.extend(m.data[p + k..p + k + c].iter().map(|b| b ^ 0x80));
+                    }
+                    taken[i] += c;
+                }
+                out.data.extend(nibbles[..n].chunks(2).map(|p| p[0] | (p.get(1).copied().unwrap_or(0) << 4)));
+                out.masks.push(mask);
+            }
         }
     }
     out.row_offsets.push(out.data.len());
@@ -157,22 +161,6 @@ pub(crate) fn untile(m: &PackedMatrix) -> PackedMatrix {
     out.row_offsets.push(out.data.len());
     out.data.extend_from_slice(&[0u8; VALUE_PAD]);
     out
-}
-
-/// Spreads row `r` of a row-layout sparse integer matrix into `units` / `present` (`cols_pad` each).
-fn read_row(m: &PackedMatrix, r: usize, units: &mut [u8], present: &mut [bool]) {
-    let int4 = m.format.elem() == Elem::I4;
-    let mut pos = m.row_offsets[r];
-    for ch in 0..m.chunks() {
-        let mask = m.masks[r * m.chunks() + ch];
-        let mut k = 0;
-        for j in (0..CHUNK).filter(|j| mask >> j & 1 == 1) {
-            units[ch * CHUNK + j] = if int4 { (m.data[pos + k / 2] >> (4 * (k % 2))) & 0xF } else { m.data[pos + k] };
-            present[ch * CHUNK + j] = true;
-            k += 1;
-        }
-        pos += if int4 { k.div_ceil(2) } else { k };
-    }
 }
 
 /// Spreads tile `t` of a tiled matrix into `b` (row-layout units: int8 codes unflipped).
