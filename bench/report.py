@@ -71,13 +71,15 @@ def table(data, rows):
         "core in L1, bound by the loads (mask, values, activations, scale), ~4 from L2/L3, ~5 from DRAM with both "
         "cores streaming: ~20 GB/s per core of 70 %-sparse int8.",
         "- AMD Zen 4 (3.7 GHz, AVX-512 on 256-bit units; `vpexpandb` 2.6 cycles, `vpdpbusd` and 64-byte loads "
-        "1.0): sparse int8 ~7 cycles per chunk with int8 activations per 64 columns, ~6 with `int8-token` "
-        "(per-token activation scales: no per-chunk convert and scale); sparse int4 ~7.5. No single instruction "
-        "binds: replacing the expand by a blend saved only 5-10 %, so the ~15 instructions per chunk share the "
-        "256-bit pipes. That is ~12-16 GB/s per core of 70 %-sparse int8.",
+        "1.0), one thread from L2, per 64 weights at 70 %: in the row layout sparse int8 took ~6-7.5 cycles "
+        "(one row's chunk per vector: expand, `vpdpbusd`, then convert and scale every chunk) and sparse int4 "
+        "~7.5; in the tiled layout (`kernels` `tiles`: 16 rows per vector, the conversion and scaling once per "
+        "16 rows) ~3.5-4.1 and ~4.8. That is ~26 GB/s per core of 70 %-sparse int8 (two cores: above this "
+        "VM's bandwidth, so sparse int8 runs near it through 80 %) but ~13.5 GB/s per core of sparse int4, which "
+        "also unpacks nibbles (two cores: ~27 GB/s, below it from ~60 %).",
         "",
-        "Either way the sparse integer formats fall below the bandwidth from ~70 % sparsity on. `+token` rows run "
-        'the same matrices with `activations="int8-token"`.',
+        "Sparse f32 and bf16 (f32 activations, row layout) fall below the bandwidth from ~70 % sparsity on. "
+        '`+token` rows run the same matrices with `activations="int8-token"`.',
         "",
         "| shape | format | sparsity | bytes/weight | time (us) | GB/s | % of bandwidth | vs numpy f32 | kernel |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -24,8 +24,8 @@ def paired_table(paired):
             f"## Paired: {p['sparse']} against {p['dense']} ({p['size']}, interleaved)",
             "",
             "The two models alternate round by round (ABBA), each round with its own bandwidth probe, so both "
-            "see the same VM bandwidth. Dense decoding follows the bandwidth; the sparse integer kernels are "
-            "compute-bound and do not, so the ratio falls as the bandwidth rises.",
+            "see the same VM bandwidth. The ideal ratio is the bytes per token (dense / sparse); where the sparse "
+            "kernels stop keeping up with the memory, the ratio falls as the bandwidth rises.",
             "",
             "| round | read bandwidth (GB/s) | dense tok/s | sparse tok/s | sparse / dense |",
             "|---|---|---|---|---|",
