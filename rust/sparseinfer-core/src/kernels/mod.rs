@@ -470,7 +470,7 @@ pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32],
     };
     // Only the VNNI kernels read tiles; the rest run on the row-layout twin.
     match act {
-        Activations::F32 => run_rows(m.row_major(), k, y, rows_fn(isa), xs),
+        Activations::F32 => run_rows(m.row_major(), k, y, rows_fn(isa), &f32_operand(isa, m, xs)),
         Activations::Int8 | Activations::Int8Token => {
             let token = act == Activations::Int8Token;
             #[cfg(target_arch = "x86_64")]
@@ -481,10 +481,21 @@ pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32],
             }
             let m = m.row_major();
             let q = quantize_activations(m, xs, k, token);
-            run_rows(m, k, y, rows_fn(isa), &q.xhat[..]);
+            run_rows(m, k, y, rows_fn(isa), &f32_operand(isa, m, &q.xhat));
         }
     }
     Ok(())
+}
+
+/// Activation rows as the f32 kernels of `isa` read them for `m`: as they are, except for AVX-512 sparse bf16,
+/// which multiplies each 32-column block's even columns, then its odd ones.
+fn f32_operand<'a>(isa: Isa, m: &PackedMatrix, xs: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && x86::avx512::wants_bf16_pair_order(m) {
+        return std::borrow::Cow::Owned(x86::avx512::bf16_pair_order(xs));
+    }
+    let _ = (isa, m);
+    std::borrow::Cow::Borrowed(xs)
 }
 
 /// The ISA a call would run on and whether it takes the integer-activation (VNNI) kernels, for reports.

@@ -202,18 +202,22 @@ unsafe fn sparse_bf16_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*co
     let mut p = m.data.as_ptr().add(m.row_start(r)) as *const u16;
     let masks = m.masks.as_ptr().add(r * m.chunks());
     let mut acc = zero_acc::<NR>();
+    let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
     for ch in 0..m.chunks() {
         let mask = *masks.add(ch);
-        _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(PREFETCH));
         for half in 0..2 {
+            // One prefetch per 32 columns: they hold up to 64 bytes, a cache line.
+            _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(PREFETCH));
             let k = (mask >> (32 * half)) as u32;
-            // vpexpandw: 32 bf16 lanes from the next popcount(k) packed values.
+            // vpexpandw: 32 bf16 lanes from the next popcount(k) packed values. Each 32-bit lane then holds an
+            // even column in its low half and the next odd column in its high half: a shift makes the even
+            // ones f32, an AND the odd ones, in place (no widening shuffles). The activations come permuted to
+            // match ([`bf16_pair_order`]): 16 even columns, then 16 odd ones.
             let e = _mm512_maskz_expand_epi16(k, load512_nofold!(p));
             p = p.add(k.count_ones() as usize);
-            let widen = |h: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
             let col = ch * CHUNK + 32 * half;
-            fma_rows(&mut acc, 2 * half, widen(_mm512_castsi512_si256(e)), xp, col);
-            fma_rows(&mut acc, 2 * half + 1, widen(_mm512_extracti64x4_epi64::<1>(e)), xp, col + 16);
+            fma_rows(&mut acc, 2 * half, _mm512_castsi512_ps(_mm512_slli_epi32::<16>(e)), xp, col);
+            fma_rows(&mut acc, 2 * half + 1, _mm512_castsi512_ps(_mm512_and_si512(e, high)), xp, col + 16);
         }
     }
     acc
@@ -354,4 +358,22 @@ pub(crate) unsafe fn quantize_blocks(xs: &[f32], q: &mut crate::kernels::QuantAc
             }
         }
     }
+}
+
+/// Whether these f32 kernels read `m`'s activations in [`bf16_pair_order`] (sparse bf16).
+pub(crate) fn wants_bf16_pair_order(m: &PackedMatrix) -> bool {
+    m.format == crate::Format::SparseBf16
+}
+
+/// Activation rows (`cols_pad` each, a multiple of 32) in the order the sparse bf16 kernel multiplies them:
+/// each 32-column block as its 16 even columns, then its 16 odd ones.
+pub(crate) fn bf16_pair_order(xs: &[f32]) -> Vec<f32> {
+    let mut out = vec![0.0f32; xs.len()];
+    for (src, dst) in xs.chunks_exact(32).zip(out.chunks_exact_mut(32)) {
+        for j in 0..16 {
+            dst[j] = src[2 * j];
+            dst[16 + j] = src[2 * j + 1];
+        }
+    }
+    out
 }
