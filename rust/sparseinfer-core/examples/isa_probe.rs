@@ -189,6 +189,15 @@ mod probe {
         probe!("vpexpandb zmm, all-ones masks", cyc, &ones.0, masked8!("kmovq", "vpexpandb"));
         probe!("vpcompressb zmm, a new mask each time", cyc, &masks.0, masked8!("kmovq", "vpcompressb"));
         probe!("vexpandps zmm (16 lanes), a new mask each time", cyc, &masks.0, masked8!("kmovw", "vexpandps"));
+        probe!("vpexpandw zmm (32 lanes), a new mask each time", cyc, &masks.0, masked8!("kmovd", "vpexpandw"));
+        probe!(
+            "vpmovzxbw zmm, ymm (bytes to words)",
+            cyc,
+            &masks.0,
+            "vpmovzxbw zmm0, ymm9\nvpmovzxbw zmm1, ymm9\nvpmovzxbw zmm2, ymm9\nvpmovzxbw zmm3, ymm9\n\
+             vpmovzxbw zmm4, ymm9\nvpmovzxbw zmm5, ymm9\nvpmovzxbw zmm6, ymm9\nvpmovzxbw zmm7, ymm9"
+        );
+        probe!("vpandd zmm (a logic op)", cyc, &masks.0, reg8!("vpandd"));
         probe!(
             "vfmadd231ps zmm, m32{1to16} (embedded broadcast)",
             cyc,
