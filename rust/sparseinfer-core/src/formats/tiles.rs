@@ -8,7 +8,10 @@
 //!   then adds row i's four products against the four activations of the quad broadcast to every lane
 //! values: the stored codes of tile t, quad after quad, in bit order, from byte tile_offsets[t]
 //!   int8: the code with its top bit flipped (`q ^ 0x80`, the unsigned operand: pruned lanes expand to 0x80)
-//!   int4: ceil(n/2) bytes per quad (n its popcount), low nibble first, each nibble `q + 8`
+//!   int4: per pair of quads (2k, 2k + 1), with n0 and n1 values, each nibble `q + 8`:
+//!     n0 <= 32 and n1 <= 32: max(n0, n1) bytes, byte j = value j of quad 2k (low nibble)
+//!                                                  | value j of quad 2k + 1 (high nibble)
+//!     else: ceil(n0/2) bytes of quad 2k then ceil(n1/2) of quad 2k + 1, each low nibble first
 //! tile_scales (groups of >= 64 or 32 columns): tiles × groups × 16 f32, the 16 rows' scales of each group
 //! ```
 //! In the row layout a 64-column chunk of one row is one vector, and every chunk's i32 lanes have to be
@@ -25,6 +28,37 @@ pub const TILE: usize = 16;
 
 /// Columns per quad: the four bytes `vpdpbusd` adds into one lane.
 pub const QUAD: usize = 4;
+
+/// Whether a pair of int4 quads with `n0` and `n1` values shares bytes (one quad per nibble) rather than
+/// storing each quad's nibbles in turn: each quad's values must fit the 32 bytes a kernel loads.
+#[inline]
+pub fn int4_pair_shares_bytes(n0: usize, n1: usize) -> bool {
+    n0 <= CHUNK / 2 && n1 <= CHUNK / 2
+}
+
+/// Appends one pair of int4 quads' nibbles (`a`, `b`: 0..=15 each) in the tiled encoding.
+fn push_int4_pair(data: &mut Vec<u8>, a: &[u8], b: &[u8]) {
+    if int4_pair_shares_bytes(a.len(), b.len()) {
+        let nib = |v: &[u8], j: usize| v.get(j).copied().unwrap_or(0);
+        data.extend((0..a.len().max(b.len())).map(|j| nib(a, j) | (nib(b, j) << 4)));
+    } else {
+        for v in [a, b] {
+            data.extend(v.chunks(2).map(|p| p[0] | (p.get(1).copied().unwrap_or(0) << 4)));
+        }
+    }
+}
+
+/// Reads one pair of int4 quads with `n0` and `n1` values at `data[pos..]`: the nibbles and the bytes used.
+fn read_int4_pair(data: &[u8], pos: usize, n0: usize, n1: usize) -> (Vec<u8>, Vec<u8>, usize) {
+    if int4_pair_shares_bytes(n0, n1) {
+        let a = (0..n0).map(|j| data[pos + j] & 0xF).collect();
+        let b = (0..n1).map(|j| data[pos + j] >> 4).collect();
+        (a, b, n0.max(n1))
+    } else {
+        let low_first = |at: usize, n: usize| (0..n).map(|j| (data[at + j / 2] >> (4 * (j % 2))) & 0xF).collect();
+        (low_first(pos, n0), low_first(pos + n0.div_ceil(2), n1), n0.div_ceil(2) + n1.div_ceil(2))
+    }
+}
 
 /// The stored units (int8 bytes as stored in the row layout, int4 nibbles) of one tile's 16 rows, spread over
 /// `cols_pad` columns each, and whether each is stored; rows past the matrix stay empty.
@@ -62,7 +96,8 @@ pub(crate) fn tile(m: &PackedMatrix) -> PackedMatrix {
         row_twin: Default::default(),
         ..m.clone_meta()
     };
-    let mut nibbles = [0u8; CHUNK];
+    // int4: the nibbles of the even quad of a pair, then of the odd one.
+    let mut nibbles = [Vec::with_capacity(CHUNK), Vec::with_capacity(CHUNK)];
     for t in 0..tiles {
         let (r0, nr) = (t * TILE, TILE.min(m.rows - t * TILE));
         // Per row: where its current chunk's values start, and how many of them the quads took so far.
@@ -75,22 +110,22 @@ pub(crate) fn tile(m: &PackedMatrix) -> PackedMatrix {
                 *k = 0;
             }
             for qq in 0..CHUNK / QUAD {
-                let (mut mask, mut n) = (0u64, 0);
+                let mut mask = 0u64;
+                nibbles[qq % 2].clear();
                 for i in 0..nr {
                     let bits = (m.masks[(r0 + i) * chunks + ch] >> (QUAD * qq)) & 0xF;
                     mask |= bits << (QUAD * i);
                     let (p, k, c) = (pos[i], taken[i], bits.count_ones() as usize);
                     if int4 {
-                        for j in k..k + c {
-                            nibbles[n] = (m.data[p + j / 2] >> (4 * (j % 2))) & 0xF;
-                            n += 1;
-                        }
+                        nibbles[qq % 2].extend((k..k + c).map(|j| (m.data[p + j / 2] >> (4 * (j % 2))) & 0xF));
                     } else {
                         out.data.extend(m.data[p + k..p + k + c].iter().map(|b| b ^ 0x80));
                     }
                     taken[i] += c;
                 }
-                out.data.extend(nibbles[..n].chunks(2).map(|p| p[0] | (p.get(1).copied().unwrap_or(0) << 4)));
+                if int4 && qq % 2 == 1 {
+                    push_int4_pair(&mut out.data, &nibbles[0], &nibbles[1]);
+                }
                 out.masks.push(mask);
             }
         }
@@ -167,16 +202,28 @@ pub(crate) fn untile(m: &PackedMatrix) -> PackedMatrix {
 fn read_tile(m: &PackedMatrix, t: usize, b: &mut Block) {
     let (cp, int4) = (m.cols_pad, m.format.elem() == Elem::I4);
     let quads = cp / QUAD;
-    let mut pos = m.row_offsets[t];
-    for q in 0..quads {
-        let mask = m.masks[t * quads + q];
-        let mut k = 0;
-        for bit in (0..CHUNK).filter(|bit| mask >> bit & 1 == 1) {
+    let masks = &m.masks[t * quads..(t + 1) * quads];
+    let mut spread = |q: usize, units: &mut dyn Iterator<Item = u8>| {
+        for bit in (0..CHUNK).filter(|bit| masks[q] >> bit & 1 == 1) {
             let at = bit / QUAD * cp + q * QUAD + bit % QUAD;
-            b.units[at] = if int4 { (m.data[pos + k / 2] >> (4 * (k % 2))) & 0xF } else { m.data[pos + k] ^ 0x80 };
+            b.units[at] = units.next().expect("a value per set bit");
             b.present[at] = true;
-            k += 1;
         }
-        pos += if int4 { k.div_ceil(2) } else { k };
+    };
+    let mut pos = m.row_offsets[t];
+    if int4 {
+        for q in (0..quads).step_by(2) {
+            let n = |q: usize| masks[q].count_ones() as usize;
+            let (a, c, used) = read_int4_pair(&m.data, pos, n(q), n(q + 1));
+            spread(q, &mut a.into_iter());
+            spread(q + 1, &mut c.into_iter());
+            pos += used;
+        }
+    } else {
+        for (q, mask) in masks.iter().enumerate() {
+            let n = mask.count_ones() as usize;
+            spread(q, &mut m.data[pos..pos + n].iter().map(|v| v ^ 0x80));
+            pos += n;
+        }
     }
 }
