@@ -201,6 +201,7 @@ pub(super) fn pack_impl(
         row_offsets: Vec::new(),
         tiled: false,
         tile_scales: Vec::new(),
+        tile_shared: Vec::new(),
         row_twin: Default::default(),
         scales: Vec::new(),
         mins: Vec::new(),

@@ -9,9 +9,10 @@
 //! values: the stored codes of tile t, quad after quad, in bit order, from byte tile_offsets[t]
 //!   int8: the code with its top bit flipped (`q ^ 0x80`, the unsigned operand: pruned lanes expand to 0x80)
 //!   int4: per pair of quads (2k, 2k + 1), with n0 and n1 values, each nibble `q + 8`:
-//!     n0 <= 32 and n1 <= 32: max(n0, n1) bytes, byte j = value j of quad 2k (low nibble)
-//!                                                  | value j of quad 2k + 1 (high nibble)
+//!     a tile whose quads all hold <= 32 values (tile_shared[t]): max(n0, n1) bytes,
+//!       byte j = value j of quad 2k (low nibble) | value j of quad 2k + 1 (high nibble)
 //!     else: ceil(n0/2) bytes of quad 2k then ceil(n1/2) of quad 2k + 1, each low nibble first
+//!     (one choice per tile, so the kernel branches once per tile, not on every pair)
 //! tile_scales (groups of >= 64 or 32 columns): tiles × groups × 16 f32, the 16 rows' scales of each group
 //! ```
 //! In the row layout a 64-column chunk of one row is one vector, and every chunk's i32 lanes have to be
@@ -29,16 +30,14 @@ pub const TILE: usize = 16;
 /// Columns per quad: the four bytes `vpdpbusd` adds into one lane.
 pub const QUAD: usize = 4;
 
-/// Whether a pair of int4 quads with `n0` and `n1` values shares bytes (one quad per nibble) rather than
-/// storing each quad's nibbles in turn: each quad's values must fit the 32 bytes a kernel loads.
-#[inline]
-pub fn int4_pair_shares_bytes(n0: usize, n1: usize) -> bool {
-    n0 <= CHUNK / 2 && n1 <= CHUNK / 2
+/// Whether a tile's int4 quads can share bytes in pairs: each quad's values fit the 32 bytes a kernel loads.
+fn int4_quads_share_bytes(nibbles: &[Vec<u8>]) -> bool {
+    nibbles.iter().all(|q| q.len() <= CHUNK / 2)
 }
 
 /// Appends one pair of int4 quads' nibbles (`a`, `b`: 0..=15 each) in the tiled encoding.
-fn push_int4_pair(data: &mut Vec<u8>, a: &[u8], b: &[u8]) {
-    if int4_pair_shares_bytes(a.len(), b.len()) {
+fn push_int4_pair(data: &mut Vec<u8>, a: &[u8], b: &[u8], shared: bool) {
+    if shared {
         let nib = |v: &[u8], j: usize| v.get(j).copied().unwrap_or(0);
         data.extend((0..a.len().max(b.len())).map(|j| nib(a, j) | (nib(b, j) << 4)));
     } else {
@@ -49,8 +48,8 @@ fn push_int4_pair(data: &mut Vec<u8>, a: &[u8], b: &[u8]) {
 }
 
 /// Reads one pair of int4 quads with `n0` and `n1` values at `data[pos..]`: the nibbles and the bytes used.
-fn read_int4_pair(data: &[u8], pos: usize, n0: usize, n1: usize) -> (Vec<u8>, Vec<u8>, usize) {
-    if int4_pair_shares_bytes(n0, n1) {
+fn read_int4_pair(data: &[u8], pos: usize, n0: usize, n1: usize, shared: bool) -> (Vec<u8>, Vec<u8>, usize) {
+    if shared {
         let a = (0..n0).map(|j| data[pos + j] & 0xF).collect();
         let b = (0..n1).map(|j| data[pos + j] >> 4).collect();
         (a, b, n0.max(n1))
@@ -96,8 +95,9 @@ pub(crate) fn tile(m: &PackedMatrix) -> PackedMatrix {
         row_twin: Default::default(),
         ..m.clone_meta()
     };
-    // int4: the nibbles of the even quad of a pair, then of the odd one.
-    let mut nibbles = [Vec::with_capacity(CHUNK), Vec::with_capacity(CHUNK)];
+    // int4: the nibbles of each quad of the tile, written once the tile's encoding is known.
+    let quads = m.cols_pad / QUAD;
+    let mut nibbles: Vec<Vec<u8>> = if int4 { vec![Vec::with_capacity(CHUNK); quads] } else { Vec::new() };
     for t in 0..tiles {
         let (r0, nr) = (t * TILE, TILE.min(m.rows - t * TILE));
         // Per row: where its current chunk's values start, and how many of them the quads took so far.
@@ -111,23 +111,30 @@ pub(crate) fn tile(m: &PackedMatrix) -> PackedMatrix {
             }
             for qq in 0..CHUNK / QUAD {
                 let mut mask = 0u64;
-                nibbles[qq % 2].clear();
+                let q = ch * (CHUNK / QUAD) + qq;
+                if int4 {
+                    nibbles[q].clear();
+                }
                 for i in 0..nr {
                     let bits = (m.masks[(r0 + i) * chunks + ch] >> (QUAD * qq)) & 0xF;
                     mask |= bits << (QUAD * i);
                     let (p, k, c) = (pos[i], taken[i], bits.count_ones() as usize);
                     if int4 {
-                        nibbles[qq % 2].extend((k..k + c).map(|j| (m.data[p + j / 2] >> (4 * (j % 2))) & 0xF));
+                        nibbles[q].extend((k..k + c).map(|j| (m.data[p + j / 2] >> (4 * (j % 2))) & 0xF));
                     } else {
                         out.data.extend(m.data[p + k..p + k + c].iter().map(|b| b ^ 0x80));
                     }
                     taken[i] += c;
                 }
-                if int4 && qq % 2 == 1 {
-                    push_int4_pair(&mut out.data, &nibbles[0], &nibbles[1]);
-                }
                 out.masks.push(mask);
             }
+        }
+        if int4 {
+            let shared = int4_quads_share_bytes(&nibbles);
+            for pair in nibbles.chunks_exact(2) {
+                push_int4_pair(&mut out.data, &pair[0], &pair[1], shared);
+            }
+            out.tile_shared.push(shared);
         }
     }
     out.row_offsets.push(out.data.len());
@@ -165,6 +172,7 @@ pub(crate) fn untile(m: &PackedMatrix) -> PackedMatrix {
         tiled: false,
         row_twin: Default::default(),
         tile_scales: Vec::new(),
+        tile_shared: Vec::new(),
         ..m.clone_meta()
     };
     let mut b = Block::new(cp);
@@ -214,7 +222,7 @@ fn read_tile(m: &PackedMatrix, t: usize, b: &mut Block) {
     if int4 {
         for q in (0..quads).step_by(2) {
             let n = |q: usize| masks[q].count_ones() as usize;
-            let (a, c, used) = read_int4_pair(&m.data, pos, n(q), n(q + 1));
+            let (a, c, used) = read_int4_pair(&m.data, pos, n(q), n(q + 1), m.tile_shared[t]);
             spread(q, &mut a.into_iter());
             spread(q + 1, &mut c.into_iter());
             pos += used;

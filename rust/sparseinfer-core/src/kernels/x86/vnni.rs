@@ -20,7 +20,7 @@
 //! activations; they run the f32 kernels on `x̂`.
 
 use super::avx512::{dense_nibbles, nibbles_to_bytes};
-use crate::formats::tiles::{int4_pair_shares_bytes, QUAD, TILE};
+use crate::formats::tiles::{QUAD, TILE};
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
 use crate::kernels::simd::{scale_mode, RowScales, GRP, ROW};
 use crate::kernels::vector::x86::dot;
@@ -382,6 +382,8 @@ const DI8: u8 = 0;
 const SI8: u8 = 1;
 const DI4: u8 = 2;
 const SI4: u8 = 3;
+/// Tiled sparse int4 whose quad pairs share bytes (`formats::tiles`).
+const SI4_SHARED: u8 = 4;
 
 /// Chunk `ch`'s unsigned weight codes `c = q + z` (see the module docs) in format `FMT`. Dense chunks are
 /// read at their offset from the row start `*p`; sparse ones at `*p`, which then advances past the chunk's
@@ -510,16 +512,26 @@ unsafe fn tile<const NR: usize>(m: &PackedMatrix, t: usize, r1: usize, q: &Quant
         zc: q.zcorr.as_ptr().wrapping_add((a0 + a) * zc_row),
     });
     let grouped = scale_mode(m) != ROW;
-    let acc = match (m.format, q.token, grouped) {
-        (Format::SparseInt8, false, false) => tile_acc::<NR, SI8, false, false>(m, t, &act),
-        (Format::SparseInt8, false, true) => tile_acc::<NR, SI8, false, true>(m, t, &act),
-        (Format::SparseInt8, true, false) => tile_acc::<NR, SI8, true, false>(m, t, &act),
-        (Format::SparseInt8, true, true) => tile_acc::<NR, SI8, true, true>(m, t, &act),
-        (Format::SparseInt4, false, false) => tile_acc::<NR, SI4, false, false>(m, t, &act),
-        (Format::SparseInt4, false, true) => tile_acc::<NR, SI4, false, true>(m, t, &act),
-        (Format::SparseInt4, true, false) => tile_acc::<NR, SI4, true, false>(m, t, &act),
-        (Format::SparseInt4, true, true) => tile_acc::<NR, SI4, true, true>(m, t, &act),
-        _ => unreachable!("only sparse integer formats are tiled"),
+    // Int4 tiles whose quad pairs share bytes decode another way: one branch per tile.
+    let fmt = match m.format {
+        Format::SparseInt8 => SI8,
+        _ if m.tile_shared[t] => SI4_SHARED,
+        _ => SI4,
+    };
+    macro_rules! by_fmt {
+        ($token:literal, $grouped:literal) => {
+            match fmt {
+                SI8 => tile_acc::<NR, SI8, $token, $grouped>(m, t, &act),
+                SI4 => tile_acc::<NR, SI4, $token, $grouped>(m, t, &act),
+                _ => tile_acc::<NR, SI4_SHARED, $token, $grouped>(m, t, &act),
+            }
+        };
+    }
+    let acc = match (q.token, grouped) {
+        (false, false) => by_fmt!(false, false),
+        (false, true) => by_fmt!(false, true),
+        (true, false) => by_fmt!(true, false),
+        (true, true) => by_fmt!(true, true),
     };
     let n = (r1 - t * TILE).min(TILE);
     let lanes: __mmask16 = if n == TILE { !0 } else { (1u16 << n) - 1 };
@@ -561,15 +573,15 @@ unsafe fn int8_quad_codes(p: &mut *const u8, mask: u64) -> __m512i {
 }
 
 /// The unsigned codes of a pair of tiled int4 quads with masks `m0` and `m1` at `*p`, advancing `*p` past
-/// them. A pair that shares bytes (the usual case from ~50 % sparsity on) decodes with one 32-byte load and
-/// two logic ops for both quads, where unpacking each quad's nibbles in turn takes a widening shuffle, a shift
-/// and a `vpternlogd` per quad.
+/// them. Where pairs share bytes (`SI4_SHARED`: every quad of the tile holds at most 32 values, the usual case from
+/// ~60 % sparsity on) both quads decode with one 32-byte load and two logic ops, where unpacking each quad's
+/// nibbles in turn takes a widening shuffle, a shift and a `vpternlogd` per quad.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,popcnt")]
-unsafe fn int4_pair_codes(p: &mut *const u8, m0: u64, m1: u64) -> (__m512i, __m512i) {
+unsafe fn int4_pair_codes<const FMT: u8>(p: &mut *const u8, m0: u64, m1: u64) -> (__m512i, __m512i) {
     let (n0, n1) = (m0.count_ones() as usize, m1.count_ones() as usize);
     let (eight, low) = (_mm512_set1_epi8(8), _mm512_set1_epi8(0x0F));
-    if int4_pair_shares_bytes(n0, n1) {
+    if FMT == SI4_SHARED {
         let v = _mm512_zextsi256_si512(_mm256_loadu_si256(*p as *const __m256i));
         let (c0, c1) = (_mm512_and_si512(v, low), _mm512_and_si512(_mm512_srli_epi16::<4>(v), low));
         *p = p.add(n0.max(n1));
@@ -625,7 +637,7 @@ unsafe fn tile_acc<const NR: usize, const FMT: u8, const TOKEN: bool, const GROU
                 }
             } else {
                 for pair in ia.chunks_exact_mut(2) {
-                    let (c0, c1) = int4_pair_codes(&mut p, *masks.add(quad), *masks.add(quad + 1));
+                    let (c0, c1) = int4_pair_codes::<FMT>(&mut p, *masks.add(quad), *masks.add(quad + 1));
                     quad_dot(&mut pair[0], c0, act, quad);
                     quad_dot(&mut pair[1], c1, act, quad + 1);
                     quad += 2;
