@@ -75,16 +75,17 @@ def table(data, rows):
         "holds. What a chunk costs depends on the CPU (`cargo run --release -p sparseinfer-core --example "
         "isa_probe` measures the instructions):",
         "",
-        "- AMD Zen 5 (4.2 GHz, full-width AVX-512; `vpexpandb` 1.5 cycles): sparse int8 ~3.2 cycles per chunk and "
+        "- AMD Zen 5 (4.2 GHz, full-width AVX-512; `vpexpandb` 1.5 cycles; row layout, measured before tiles): "
+        "sparse int8 ~3.2 cycles per chunk and "
         "core in L1, bound by the loads (mask, values, activations, scale), ~4 from L2/L3, ~5 from DRAM with both "
         "cores streaming: ~20 GB/s per core of 70 %-sparse int8.",
         "- AMD Zen 4 (3.7 GHz, AVX-512 on 256-bit units; `vpexpandb` 2.6 cycles, `vpdpbusd` and 64-byte loads "
         "1.0), one thread from L2, per 64 weights at 70 %: in the row layout sparse int8 took ~6-7.5 cycles "
         "(one row's chunk per vector: expand, `vpdpbusd`, then convert and scale every chunk) and sparse int4 "
         "~7.5; in the tiled layout (`kernels` `tiles`: 16 rows per vector, the conversion and scaling once per "
-        "16 rows) ~3.5-4.1 and ~4.8. That is ~26 GB/s per core of 70 %-sparse int8 (two cores: above this "
-        "VM's bandwidth, so sparse int8 runs near it through 80 %) but ~13.5 GB/s per core of sparse int4, which "
-        "also unpacks nibbles (two cores: ~27 GB/s, below it from ~60 %).",
+        "16 rows) ~3.5-4.1 and ~3.8 (int4 quads in pairs that share bytes), `vpexpandb` + `vpdpbusd` being most of "
+        "it. That is ~26 GB/s per core of 70 %-sparse int8 and ~17 of int4: two cores read more than this VM "
+        "usually gives, so what is left below 100 % is memory stalls and, on the 2048x2048 shape, per-call costs.",
         "",
         "Sparse f32 and bf16 (f32 activations, row layout) fall below the bandwidth from ~70 % sparsity on. "
         '`+token` rows run the same matrices with `activations="int8-token"`.',
