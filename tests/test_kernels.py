@@ -71,7 +71,7 @@ def check(w, fmt, group, asym, rng, k=3, layout="auto"):
     assert np.all(err <= bound), f"{fmt} g={group} asym={asym}: ŵ{worst} off by {err[worst]} > {bound[worst]}"
     if fmt.startswith("sparse"):
         assert np.all(dense[w == 0] == 0), "a pruned weight came back"
-        if not asym:
+        if fmt not in INT:  # integer formats may round a stored weight to code 0
             assert np.array_equal(dense != 0, w != 0), "zero pattern changed"
     # The kernel against numpy on the dequantized weights (float64), within the summation-order budget, for
     # f32 activations and for int8 activations (against numpy on x̂, which is checked against x).

@@ -29,8 +29,9 @@
 //!
 //! Quantization is round-to-nearest. Symmetric: `d = absmax / qmax`, `q = round(w / d)`. Asymmetric int4:
 //! `d = (max - min) / 15`, `m = min`, `q = round((w - m) / d)`, `ŵ = d·q + m`. Statistics use the real
-//! columns only (and, for sparse formats, only the stored nonzeros). In sparse formats a nonzero weight never
-//! rounds to a zero code: it keeps `|q| >= 1`, so the zero pattern survives a pack/unpack round trip.
+//! columns only (and, for sparse formats, only the stored nonzeros). A stored weight that rounds to code 0 stays
+//! in the mask and decodes to 0, so a pruned weight always decodes to 0 but a stored one may too (as in the
+//! checkpoints `sparseinfer.training` exports, which drop such weights from the mask).
 
 mod pack;
 pub mod tiles;
@@ -337,8 +338,9 @@ pub mod budget {
     pub const BF16_REL: f32 = 1.0 / 256.0;
     /// Integer round-to-nearest: `|ŵ - w| <= ROUND · d` (d the group's scale).
     pub const ROUND: f32 = 0.5;
-    /// Sparse symmetric integer formats keep a stored nonzero at `|q| >= 1`: `|ŵ - w| <= SPARSE_ROUND · d`.
-    pub const SPARSE_ROUND: f32 = 1.0;
+    /// Sparse integer formats round their stored values to nearest too (a stored value may round to code 0):
+    /// `|ŵ - w| <= SPARSE_ROUND · d`, the same as [`ROUND`]. Kept as its own name for the budget tables.
+    pub const SPARSE_ROUND: f32 = ROUND;
     /// int8 activations: `|x̂ - x| <= ACT_ROUND · s`, s the 64-column block scale (`Activations::Int8`) or the
     /// row's (`Activations::Int8Token`), plus the f32 rounding of `x / s`, at most 127·2⁻²³·s.
     pub const ACT_ROUND: f32 = 0.5;

@@ -103,22 +103,15 @@ impl Quant {
         Quant { d, m: 0.0, inv, qmax, asym: false }
     }
 
-    /// The integer code of `w` (signed for symmetric, 0..=15 for asymmetric). A nonzero weight of a sparse
-    /// format keeps a nonzero symmetric code so the mask and the values agree.
-    fn code(&self, w: f32, keep_nonzero: bool) -> i32 {
+    /// The integer code of `w`, rounded to nearest: signed for symmetric, 0..=15 for asymmetric. A stored
+    /// weight of a sparse format may round to code 0: it stays in the mask and decodes to 0. (Forcing it to
+    /// `|q| = 1` instead kept the zero pattern, but pushed every weight below `d/2` to `±d`: on an unpruned
+    /// model packed as sparse-int4, where `d = max/7`, that turned the output into nonsense.)
+    fn code(&self, w: f32) -> i32 {
         if self.asym {
             round_clamped((w - self.m) * self.inv, 0.0, self.qmax)
         } else {
-            let q = round_clamped(w * self.inv, -self.qmax, self.qmax);
-            if q == 0 && keep_nonzero && w != 0.0 {
-                if w > 0.0 {
-                    1
-                } else {
-                    -1
-                }
-            } else {
-                q
-            }
+            round_clamped(w * self.inv, -self.qmax, self.qmax)
         }
     }
 
@@ -253,7 +246,7 @@ pub(super) fn pack_impl(
                 for (c, code) in codes.iter_mut().enumerate().take((g + 1) * group).skip(c0) {
                     *code = match row.get(c) {
                         Some(&v) if c < c1 => {
-                            let code = q.code(v, sparse);
+                            let code = q.code(v);
                             if elem == Elem::I4 {
                                 q.nibble(code) as i32
                             } else {
