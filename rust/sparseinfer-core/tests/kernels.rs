@@ -65,7 +65,7 @@ fn all_variants() -> Vec<(Format, PackOptions)> {
                 if let Some(o) = options(f, g, asym) {
                     v.push((f, o));
                     if matches!(f, Format::SparseInt8 | Format::SparseInt4) && !asym {
-                        let other = if kernels::reads_tiles(f) { Layout::Rows } else { Layout::Tiles };
+                        let other = if kernels::reads_tiles() { Layout::Rows } else { Layout::Tiles };
                         v.push((f, PackOptions { layout: other, ..o }));
                     }
                 }
@@ -120,7 +120,7 @@ fn check_matrix(rows: usize, cols: usize, density: f32, seed: u64, f: Format, o:
     let m = PackedMatrix::pack(&w, rows, cols, f, o).unwrap();
     let ctx = format!("{} {:?} {rows}x{cols} density {density} seed {seed}", f.name(), o);
     let tiled = match o.layout {
-        Layout::Auto => kernels::reads_tiles(f) && !o.asymmetric,
+        Layout::Auto => matches!(f, Format::SparseInt8 | Format::SparseInt4) && !o.asymmetric && kernels::reads_tiles(),
         l => l == Layout::Tiles,
     };
     assert_eq!(m.layout(), if tiled { Layout::Tiles } else { Layout::Rows }, "{ctx}");
@@ -405,7 +405,7 @@ fn tiled_rows_at_the_exact_lane_limit() {
         let opts = PackOptions { layout: Layout::Tiles, ..Default::default() };
         let m = PackedMatrix::pack(&w, 1, cols, Format::SparseInt8, opts).unwrap();
         let name = kernels::kernel_name(&m, Activations::Int8Token).unwrap();
-        if kernels::reads_tiles(Format::SparseInt8) {
+        if kernels::reads_tiles() {
             assert_eq!(name.contains("tiles"), vnni, "{cols}: {name}");
         }
         let mut y = [0.0f32];

@@ -231,15 +231,22 @@ impl PackedMatrix {
         }
     }
 
-    /// Everything but the packed values, masks and offsets (which are left empty).
-    pub(crate) fn clone_meta(&self) -> PackedMatrix {
+    /// A matrix of this shape, format and scale grouping with nothing packed yet.
+    pub(crate) fn unpacked(
+        rows: usize,
+        cols: usize,
+        cols_pad: usize,
+        format: Format,
+        group: usize,
+        asym: bool,
+    ) -> Self {
         PackedMatrix {
-            rows: self.rows,
-            cols: self.cols,
-            cols_pad: self.cols_pad,
-            format: self.format,
-            group: self.group,
-            asym: self.asym,
+            rows,
+            cols,
+            cols_pad,
+            format,
+            group,
+            asym,
             data: Vec::new(),
             masks: Vec::new(),
             row_offsets: Vec::new(),
@@ -247,9 +254,19 @@ impl PackedMatrix {
             tile_scales: Vec::new(),
             tile_shared: Vec::new(),
             row_twin: Default::default(),
+            scales: Vec::new(),
+            mins: Vec::new(),
+            nnz: 0,
+        }
+    }
+
+    /// Everything but the packed values, masks, offsets and tile data (which are left empty).
+    pub(crate) fn clone_meta(&self) -> PackedMatrix {
+        PackedMatrix {
             scales: self.scales.clone(),
             mins: self.mins.clone(),
             nnz: self.nnz,
+            ..Self::unpacked(self.rows, self.cols, self.cols_pad, self.format, self.group, self.asym)
         }
     }
 

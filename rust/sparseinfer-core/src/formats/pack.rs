@@ -183,22 +183,8 @@ pub(super) fn pack_impl(
     let group = if quantized { explicit_group.unwrap_or(cols_pad) } else { 0 };
 
     let mut m = PackedMatrix {
-        rows,
-        cols,
-        cols_pad,
-        format,
-        group,
-        asym: opts.asymmetric,
-        data: Vec::new(),
-        masks: Vec::new(),
-        row_offsets: Vec::new(),
-        tiled: false,
-        tile_scales: Vec::new(),
-        tile_shared: Vec::new(),
-        row_twin: Default::default(),
-        scales: Vec::new(),
-        mins: Vec::new(),
         nnz: w.iter().filter(|v| **v != 0.0).count(),
+        ..PackedMatrix::unpacked(rows, cols, cols_pad, format, group, opts.asymmetric)
     };
     let sparse = format.is_sparse();
     let groups = m.groups();
@@ -315,7 +301,7 @@ pub(super) fn pack_impl(
     m.data.extend_from_slice(&[0u8; VALUE_PAD]);
     let tile = match opts.layout {
         Layout::Rows => false,
-        Layout::Auto => tiles::can_tile(&m) && crate::kernels::reads_tiles(format),
+        Layout::Auto => tiles::can_tile(&m) && crate::kernels::reads_tiles(),
         Layout::Tiles if tiles::can_tile(&m) => true,
         Layout::Tiles => {
             return Err(Error::invalid(

@@ -92,7 +92,6 @@ pub(crate) fn tile(m: &PackedMatrix) -> PackedMatrix {
         masks: Vec::with_capacity(tiles * m.cols_pad / QUAD),
         row_offsets: Vec::with_capacity(tiles + 1),
         tiled: true,
-        row_twin: Default::default(),
         ..m.clone_meta()
     };
     // int4: the nibbles of each quad of the tile, written once the tile's encoding is known.
@@ -169,10 +168,6 @@ pub(crate) fn untile(m: &PackedMatrix) -> PackedMatrix {
         data: Vec::with_capacity(m.data.len()),
         masks: Vec::with_capacity(m.rows * chunks),
         row_offsets: Vec::with_capacity(m.rows + 1),
-        tiled: false,
-        row_twin: Default::default(),
-        tile_scales: Vec::new(),
-        tile_shared: Vec::new(),
         ..m.clone_meta()
     };
     let mut b = Block::new(cp);

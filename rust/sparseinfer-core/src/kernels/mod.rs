@@ -150,19 +150,15 @@ pub fn set_isa(isa: Option<Isa>) -> Result<()> {
     Ok(())
 }
 
-/// Whether `Layout::Auto` tiles a matrix of `format`: the active path reads tiles (AVX-512 VNNI, which takes
-/// sparse int8 and int4 with the default int8 activations).
-pub fn reads_tiles(format: crate::Format) -> bool {
+/// Whether the active path reads tiles (AVX-512 VNNI), so that `Layout::Auto` tiles the formats that can be
+/// tiled (`formats::tiles`).
+pub fn reads_tiles() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        format.is_sparse()
-            && matches!(format.elem(), Elem::I8 | Elem::I4)
-            && active_isa().is_ok_and(|i| i == Isa::Avx512)
-            && x86::vnni_supported()
+        active_isa().is_ok_and(|i| i == Isa::Avx512) && x86::vnni_supported()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = format;
         false
     }
 }
