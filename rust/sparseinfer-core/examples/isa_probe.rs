@@ -198,6 +198,20 @@ mod probe {
              vpmovzxbw zmm4, ymm9\nvpmovzxbw zmm5, ymm9\nvpmovzxbw zmm6, ymm9\nvpmovzxbw zmm7, ymm9"
         );
         probe!("vpandd zmm (a logic op)", cyc, &masks.0, reg8!("vpandd"));
+        probe!("vpermt2ps zmm (two-table float permute)", cyc, &masks.0, reg8!("vpermt2ps"));
+        probe!(
+            "vexpandps + vfmadd231ps zmm (a sparse f32 step)",
+            cyc,
+            &masks.0,
+            "kmovw k1, [{m} + 8*{i}]\nvexpandps zmm0{{k1}}{{z}}, zmm9\nvfmadd231ps zmm4, zmm0, zmm8\n\
+             kmovw k2, [{m} + 8*{i} + 8]\nvexpandps zmm1{{k2}}{{z}}, zmm9\nvfmadd231ps zmm5, zmm1, zmm8\n\
+             kmovw k3, [{m} + 8*{i} + 16]\nvexpandps zmm2{{k3}}{{z}}, zmm9\nvfmadd231ps zmm6, zmm2, zmm8\n\
+             kmovw k4, [{m} + 8*{i} + 24]\nvexpandps zmm3{{k4}}{{z}}, zmm9\nvfmadd231ps zmm7, zmm3, zmm8\n\
+             kmovw k1, [{m} + 8*{i} + 32]\nvexpandps zmm0{{k1}}{{z}}, zmm9\nvfmadd231ps zmm4, zmm0, zmm8\n\
+             kmovw k2, [{m} + 8*{i} + 40]\nvexpandps zmm1{{k2}}{{z}}, zmm9\nvfmadd231ps zmm5, zmm1, zmm8\n\
+             kmovw k3, [{m} + 8*{i} + 48]\nvexpandps zmm2{{k3}}{{z}}, zmm9\nvfmadd231ps zmm6, zmm2, zmm8\n\
+             kmovw k4, [{m} + 8*{i} + 56]\nvexpandps zmm3{{k4}}{{z}}, zmm9\nvfmadd231ps zmm7, zmm3, zmm8"
+        );
         probe!(
             "vfmadd231ps zmm, m32{1to16} (embedded broadcast)",
             cyc,

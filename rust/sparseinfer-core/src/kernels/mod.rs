@@ -171,7 +171,7 @@ fn rows_fn(isa: Isa) -> RowsFn {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => x86::avx2::rows,
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => x86::avx512::rows,
+        Isa::Avx512 => x86::avx512::rows_shared_x,
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => aarch64::neon::rows,
         #[allow(unreachable_patterns)]
