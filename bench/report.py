@@ -18,10 +18,11 @@ def load(path):
         if e.get("kind") == "paired":
             paired.append(e)
             continue
-        t = b["stats"]["median"] / e["copies"]  # seconds per matvec
-        rows.append(
-            {**e, "time_us": t * 1e6, "gbs": e["nbytes"] / t / 1e9, "min_us": b["stats"]["min"] / e["copies"] * 1e6}
-        )
+        if "time_us" in e:  # timed by the test itself, round by round
+            t = e["time_us"] / 1e6
+        else:  # older runs: pytest-benchmark timed the whole rotation per round
+            t = b["stats"]["median"] / e["copies"]  # seconds per matvec
+        rows.append({**e, "time_us": t * 1e6, "gbs": e["nbytes"] / t / 1e9})
     return data, rows, paired
 
 
@@ -50,6 +51,17 @@ def paired_table(paired):
     return "\n".join(out) + "\n"
 
 
+def fraction(r):
+    """A case's fraction of the bandwidth: the median over its rounds of GB/s over the probe just before the
+    round (older runs: median GB/s over the median probe)."""
+    return r.get("bandwidth_fraction") or r["gbs"] / case_bw(r)
+
+
+def fraction_cell(r):
+    lo_hi = r.get("bandwidth_fraction_range")
+    return f"{fraction(r):.0%}" + (f" ({lo_hi[0]:.0%}-{lo_hi[1]:.0%})" if lo_hi else "")
+
+
 def case_bw(r):
     """The bandwidth a case is judged against: the median of the probes before its rounds (older runs: the
     run's single probe)."""
@@ -64,10 +76,14 @@ def table(data, rows):
         "# Kernel benchmark",
         "",
         f"Machine: {info.get('cpu', {}).get('brand_raw', '?')}, {rows[0]['threads']} threads, ISA {rows[0]['isa']}. "
-        f"Measured read bandwidth at the start of the run: **{bw:.1f} GB/s**. Working set per case >= 1.2 GB "
-        "(4x+ L3), so every read comes from DRAM. Time is the median of 5 rounds per matvec; GB/s = packed bytes / "
-        "time. This VM's bandwidth drifts within minutes, so a short probe runs before every round of every case, "
-        "and each case's % of bandwidth is against the median of its own probes (the bandwidth column).",
+        f"Sustained read bandwidth (the median of 15 probes at the start of the run): **{bw:.1f} GB/s**. "
+        "Working set per case >= 1.2 GB (4x+ L3), so every read comes from DRAM. A round runs the next 256 MB "
+        "of that rotation between two bandwidth probes of about the same length. This VM's read bandwidth jumps "
+        "between ~32 and ~55 GB/s, for seconds to minutes at a time, so a round counts only if its two probes "
+        "agree within 10 % (the bandwidth held steady); each case keeps 9 such rounds (the rounds column: "
+        "kept/run). Time is the median over them per matvec, GB/s = packed bytes / time, the bandwidth column "
+        "the median of the kept rounds' probes, and % of bandwidth the median of each round's GB/s over the mean "
+        "of its two probes (range in brackets).",
         "",
         "Reading it: a memory-bound kernel sits near 100 % of the bandwidth, and its speedup over numpy grows with "
         "sparsity as its bytes shrink. A sparse kernel whose GB/s falls as sparsity rises is compute-bound: it "
@@ -87,18 +103,24 @@ def table(data, rows):
         "it. That is ~26 GB/s per core of 70 %-sparse int8 and ~17 of int4: two cores read more than this VM "
         "usually gives, so what is left below 100 % is memory stalls and, on the 2048x2048 shape, per-call costs.",
         "",
-        "Sparse f32 and bf16 (f32 activations, row layout) fall below the bandwidth from ~70 % sparsity on. "
+        "Sparse f32 and bf16 (f32 activations, row layout) are compute-bound from ~70 % sparsity on this Zen 4: "
+        "a `vexpandps` and an FMA take 3.0 cycles together (`isa_probe`: they share ports), so a 64-column chunk "
+        "costs >= ~12 cycles in f32 and ~10 in bf16 however few values it holds. At 80 % that caps two cores at "
+        "~35 GB/s (f32) and ~25 GB/s (bf16) before any memory stall. Dense f32/bf16 and the denser sparse f32/bf16 "
+        "matrices compute four rows per pass over the activations, so a long f32 activation row is read from L1 "
+        "once per four rows (`avx512::rows_shared_x`). "
         '`+token` rows run the same matrices with `activations="int8-token"`.',
         "",
         "| shape | format | sparsity | bytes/weight | time (us) | GB/s | bandwidth (GB/s) | % of bandwidth | "
-        "vs numpy f32 | kernel |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "rounds | vs numpy f32 | kernel |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rows_, cols = (int(v) for v in r["shape"].split()[-1].split("x"))
         out.append(
             f"| {r['shape']} | {r['format']} | {r['sparsity']:.0%} | {r['nbytes'] / (rows_ * cols):.3f} | "
-            f"{r['time_us']:.0f} | {r['gbs']:.1f} | {case_bw(r):.1f} | {r['gbs'] / case_bw(r):.0%} | "
+            f"{r['time_us']:.0f} | {r['gbs']:.1f} | {case_bw(r):.1f} | {fraction_cell(r)} | "
+            f"{r.get('rounds_kept', '?')}/{r.get('rounds_seen', '?')} | "
             f"{base[r['shape']] / r['time_us']:.2f}x | "
             f"{r['kernel']} |"
         )
