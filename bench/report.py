@@ -52,24 +52,29 @@ def paired_table(paired):
 
 
 def fraction(r):
-    """A case's fraction of the bandwidth: the median over its rounds of GB/s over the probe just before the
-    round (older runs: median GB/s over the median probe)."""
+    """A case's fraction of the bandwidth: the median over its kept rounds of GB/s over the mean of the probes
+    before and after the round (older runs: median GB/s over the median probe)."""
     return r.get("bandwidth_fraction") or r["gbs"] / case_bw(r)
 
 
 def fraction_cell(r):
     lo_hi = r.get("bandwidth_fraction_range")
-    return f"{fraction(r):.0%}" + (f" ({lo_hi[0]:.0%}-{lo_hi[1]:.0%})" if lo_hi else "")
+    cell = f"{fraction(r):.0%}" + (f" ({lo_hi[0]:.0%}-{lo_hi[1]:.0%})" if lo_hi else "")
+    return cell + (" unsteady" if r.get("unsteady") else "")
 
 
 def case_bw(r):
-    """The bandwidth a case is judged against: the median of the probes before its rounds (older runs: the
-    run's single probe)."""
+    """The bandwidth a case is judged against: the median of its kept rounds' probes (older runs: of the probes
+    before its rounds, or the run's single probe)."""
     return r.get("case_read_bandwidth_gbs") or r["read_bandwidth_gbs"]
 
 
 def table(data, rows):
     base = {r["shape"]: r["time_us"] for r in rows if r["format"] == "numpy-f32"}
+
+    def speedup(r):
+        return f"{base[r['shape']] / r['time_us']:.2f}x" if r["shape"] in base else "?"
+
     bw = rows[0]["read_bandwidth_gbs"]
     info = data.get("machine_info", {})
     out = [
@@ -78,12 +83,12 @@ def table(data, rows):
         f"Machine: {info.get('cpu', {}).get('brand_raw', '?')}, {rows[0]['threads']} threads, ISA {rows[0]['isa']}. "
         f"Sustained read bandwidth (the median of 15 probes at the start of the run): **{bw:.1f} GB/s**. "
         "Working set per case >= 1.2 GB (4x+ L3), so every read comes from DRAM. A round runs the next 256 MB "
-        "of that rotation between two bandwidth probes of about the same length. This VM's read bandwidth jumps "
-        "between ~32 and ~55 GB/s, for seconds to minutes at a time, so a round counts only if its two probes "
-        "agree within 10 % (the bandwidth held steady); each case keeps 9 such rounds (the rounds column: "
-        "kept/run). Time is the median over them per matvec, GB/s = packed bytes / time, the bandwidth column "
-        "the median of the kept rounds' probes, and % of bandwidth the median of each round's GB/s over the mean "
-        "of its two probes (range in brackets).",
+        "of that rotation between two bandwidth probes of 256 MB each. This VM's read bandwidth jumps between "
+        "~32 and ~55 GB/s, for seconds to minutes at a time, so a round counts only if its two probes agree "
+        "within 10 % (the bandwidth held steady); each case keeps 9 such rounds (the rounds column: kept/run; "
+        "unsteady: fewer than 3 held, all rounds shown). Time is the median over them per matvec, GB/s = packed "
+        "bytes / time, the bandwidth column the median of the kept rounds' probes, and % of bandwidth the median "
+        "of each round's GB/s over the mean of its two probes (range in brackets).",
         "",
         "Reading it: a memory-bound kernel sits near 100 % of the bandwidth, and its speedup over numpy grows with "
         "sparsity as its bytes shrink. A sparse kernel whose GB/s falls as sparsity rises is compute-bound: it "
@@ -121,7 +126,7 @@ def table(data, rows):
             f"| {r['shape']} | {r['format']} | {r['sparsity']:.0%} | {r['nbytes'] / (rows_ * cols):.3f} | "
             f"{r['time_us']:.0f} | {r['gbs']:.1f} | {case_bw(r):.1f} | {fraction_cell(r)} | "
             f"{r.get('rounds_kept', '?')}/{r.get('rounds_seen', '?')} | "
-            f"{base[r['shape']] / r['time_us']:.2f}x | "
+            f"{speedup(r)} | "
             f"{r['kernel']} |"
         )
     return "\n".join(out) + "\n"
@@ -138,7 +143,9 @@ def plot(rows, out_png):
     bw = rows[0]["read_bandwidth_gbs"]
     for j, shape in enumerate(shapes):
         sub = [r for r in rows if r["shape"] == shape]
-        base = next(r["time_us"] for r in sub if r["format"] == "numpy-f32")
+        base = next((r["time_us"] for r in sub if r["format"] == "numpy-f32"), None)
+        if base is None:
+            continue
         lines = defaultdict(list)
         for r in sub:
             lines[r["format"]].append((r["sparsity"], r["gbs"], base / r["time_us"]))

@@ -228,7 +228,8 @@ fn every_variant_on_odd_and_model_shapes() {
             }
         }
         check_matrix(96, 1000, 0.3, 7, f, o, 6);
-        // Long rows at a density where the AVX-512 float matvec shares activation loads over row groups.
+        // Long rows (cols_pad >= 4096) at density ~0.3 (`matrix` makes rows empty, full or at the density): the
+        // AVX-512 sparse float matvec takes its four-row groups here (`avx512::shares_x`), two groups and a tail.
         check_matrix(9, 4100, 0.3, 5, f, o, 2);
     }
 }

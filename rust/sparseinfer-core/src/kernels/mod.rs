@@ -626,4 +626,30 @@ mod tests {
         assert_eq!((q.sx[1], q.xq[CHUNK]), (0.0, 0));
         assert_eq!(block_scale(127.0), (1.0, 1.0));
     }
+
+    /// Which float matvecs take the AVX-512 four-row groups: the density rule of `avx512::shares_x`.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn float_matvecs_share_activations_by_density_and_row_length() {
+        use crate::formats::{Format, PackOptions};
+        let pack = |rows: usize, cols: usize, density: f64, f: Format| {
+            // Every `step`-th weight nonzero.
+            let step = (1.0 / density).round() as usize;
+            let w: Vec<f32> = (0..rows * cols).map(|i| if i % step == 0 { 1.0 } else { 0.0 }).collect();
+            PackedMatrix::pack(&w, rows, cols, f, PackOptions::default()).unwrap()
+        };
+        for (rows, cols, density, f, shares) in [
+            (8, 256, 0.1, Format::DenseF32, true),
+            (8, 256, 0.1, Format::DenseBf16, true),
+            (8, 2048, 0.5, Format::SparseF32, true),
+            (8, 2048, 0.5, Format::SparseBf16, true),
+            (8, 2048, 1.0 / 3.0, Format::SparseF32, false),
+            (8, 4096, 1.0 / 3.0, Format::SparseBf16, true),
+            (8, 4096, 0.2, Format::SparseF32, false),
+            (8, 4096, 0.5, Format::SparseInt8, false),
+        ] {
+            let m = pack(rows, cols, density, f);
+            assert_eq!(x86::avx512::shares_x(&m), shares, "{} {rows}x{cols} density {}", f.name(), m.density());
+        }
+    }
 }

@@ -41,7 +41,8 @@ pub(crate) unsafe fn rows_shared_x(m: &PackedMatrix, r0: usize, r1: usize, xs: &
         Format::DenseF32 => dense_f32_rb,
         Format::DenseBf16 => dense_bf16_rb,
         Format::SparseF32 => sparse_f32_rb,
-        _ => sparse_bf16_rb,
+        Format::SparseBf16 => sparse_bf16_rb,
+        f => unreachable!("shares_x took {}", f.name()),
     };
     let mut r = r0;
     while r + RB <= r1 {
