@@ -151,8 +151,8 @@ pub struct PackedMatrix {
     pub(crate) tiled: bool,
     /// Tiled with scale groups: each tile's scales, group by group, 16 rows each ([`tiles`]).
     pub(crate) tile_scales: Vec<f32>,
-    /// Tiled int4: per tile, whether its pairs of quads share bytes ([`tiles`]).
-    pub(crate) tile_shared: Vec<bool>,
+    /// Tiled int4: per tile, whether every quad holds <= 32 values (its pairs load 32 bytes; [`tiles`]).
+    pub(crate) tile_narrow: Vec<bool>,
     /// Tiled only: the row-layout copy, built on first use by a kernel that reads rows.
     pub(crate) row_twin: std::sync::OnceLock<Box<PackedMatrix>>,
     /// Integer formats: `rows × groups` scales.
@@ -252,7 +252,7 @@ impl PackedMatrix {
             row_offsets: Vec::new(),
             tiled: false,
             tile_scales: Vec::new(),
-            tile_shared: Vec::new(),
+            tile_narrow: Vec::new(),
             row_twin: Default::default(),
             scales: Vec::new(),
             mins: Vec::new(),

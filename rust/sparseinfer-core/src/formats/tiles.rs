@@ -8,11 +8,10 @@
 //!   then adds row i's four products against the four activations of the quad broadcast to every lane
 //! values: the stored codes of tile t, quad after quad, in bit order, from byte tile_offsets[t]
 //!   int8: the code with its top bit flipped (`q ^ 0x80`, the unsigned operand: pruned lanes expand to 0x80)
-//!   int4: per pair of quads (2k, 2k + 1), with n0 and n1 values, each nibble `q + 8`:
-//!     a tile whose quads all hold <= 32 values (tile_shared[t]): max(n0, n1) bytes,
-//!       byte j = value j of quad 2k (low nibble) | value j of quad 2k + 1 (high nibble)
-//!     else: ceil(n0/2) bytes of quad 2k then ceil(n1/2) of quad 2k + 1, each low nibble first
-//!     (one choice per tile, so the kernel branches once per tile, not on every pair)
+//!   int4: per pair of quads (2k, 2k + 1), with n0 and n1 values, each nibble `q + 8`: max(n0, n1) bytes,
+//!     byte j = value j of quad 2k (low nibble) | value j of quad 2k + 1 (high nibble)
+//!     (a kernel loads 64 bytes and takes both quads' values with one AND and one shift + AND; a tile whose
+//!     quads all hold <= 32 values, tile_narrow[t], loads 32: the usual case from ~70 % sparsity on)
 //! tile_scales (groups of >= 64 or 32 columns): tiles × groups × 16 f32, the 16 rows' scales of each group
 //! ```
 //! In the row layout a 64-column chunk of one row is one vector, and every chunk's i32 lanes have to be
@@ -30,33 +29,22 @@ pub const TILE: usize = 16;
 /// Columns per quad: the four bytes `vpdpbusd` adds into one lane.
 pub const QUAD: usize = 4;
 
-/// Whether a tile's int4 quads can share bytes in pairs: each quad's values fit the 32 bytes a kernel loads.
-fn int4_quads_share_bytes(nibbles: &[Vec<u8>]) -> bool {
+/// Whether every int4 quad of a tile holds at most 32 values, so that a kernel may load 32 bytes per pair.
+fn int4_quads_narrow(nibbles: &[Vec<u8>]) -> bool {
     nibbles.iter().all(|q| q.len() <= CHUNK / 2)
 }
 
 /// Appends one pair of int4 quads' nibbles (`a`, `b`: 0..=15 each) in the tiled encoding.
-fn push_int4_pair(data: &mut Vec<u8>, a: &[u8], b: &[u8], shared: bool) {
-    if shared {
-        let nib = |v: &[u8], j: usize| v.get(j).copied().unwrap_or(0);
-        data.extend((0..a.len().max(b.len())).map(|j| nib(a, j) | (nib(b, j) << 4)));
-    } else {
-        for v in [a, b] {
-            data.extend(v.chunks(2).map(|p| p[0] | (p.get(1).copied().unwrap_or(0) << 4)));
-        }
-    }
+fn push_int4_pair(data: &mut Vec<u8>, a: &[u8], b: &[u8]) {
+    let nib = |v: &[u8], j: usize| v.get(j).copied().unwrap_or(0);
+    data.extend((0..a.len().max(b.len())).map(|j| nib(a, j) | (nib(b, j) << 4)));
 }
 
 /// Reads one pair of int4 quads with `n0` and `n1` values at `data[pos..]`: the nibbles and the bytes used.
-fn read_int4_pair(data: &[u8], pos: usize, n0: usize, n1: usize, shared: bool) -> (Vec<u8>, Vec<u8>, usize) {
-    if shared {
-        let a = (0..n0).map(|j| data[pos + j] & 0xF).collect();
-        let b = (0..n1).map(|j| data[pos + j] >> 4).collect();
-        (a, b, n0.max(n1))
-    } else {
-        let low_first = |at: usize, n: usize| (0..n).map(|j| (data[at + j / 2] >> (4 * (j % 2))) & 0xF).collect();
-        (low_first(pos, n0), low_first(pos + n0.div_ceil(2), n1), n0.div_ceil(2) + n1.div_ceil(2))
-    }
+fn read_int4_pair(data: &[u8], pos: usize, n0: usize, n1: usize) -> (Vec<u8>, Vec<u8>, usize) {
+    let a = (0..n0).map(|j| data[pos + j] & 0xF).collect();
+    let b = (0..n1).map(|j| data[pos + j] >> 4).collect();
+    (a, b, n0.max(n1))
 }
 
 /// The stored units (int8 bytes as stored in the row layout, int4 nibbles) of one tile's 16 rows, spread over
@@ -129,11 +117,10 @@ pub(crate) fn tile(m: &PackedMatrix) -> PackedMatrix {
             }
         }
         if int4 {
-            let shared = int4_quads_share_bytes(&nibbles);
             for pair in nibbles.chunks_exact(2) {
-                push_int4_pair(&mut out.data, &pair[0], &pair[1], shared);
+                push_int4_pair(&mut out.data, &pair[0], &pair[1]);
             }
-            out.tile_shared.push(shared);
+            out.tile_narrow.push(int4_quads_narrow(&nibbles));
         }
     }
     out.row_offsets.push(out.data.len());
@@ -217,7 +204,7 @@ fn read_tile(m: &PackedMatrix, t: usize, b: &mut Block) {
     if int4 {
         for q in (0..quads).step_by(2) {
             let n = |q: usize| masks[q].count_ones() as usize;
-            let (a, c, used) = read_int4_pair(&m.data, pos, n(q), n(q + 1), m.tile_shared[t]);
+            let (a, c, used) = read_int4_pair(&m.data, pos, n(q), n(q + 1));
             spread(q, &mut a.into_iter());
             spread(q + 1, &mut c.into_iter());
             pos += used;
