@@ -10,26 +10,25 @@ PROBE_BYTES = 256 << 20
 
 class Bandwidth:
     """Read-bandwidth probes over a run. This VM's bandwidth jumps between ~32 and ~55 GB/s for seconds to
-    minutes at a time; the median of the probes is the sustained figure."""
+    minutes at a time; the median of the first `warmup` probes is the run's sustained figure."""
 
     def __init__(self, warmup: int = 15):
         self.probes: list[float] = []
         self.warmup = warmup
 
-    def _start(self):
+    def _measure(self) -> float:
+        self.probes.append(kernels.measure_read_bandwidth(nbytes=PROBE_BYTES, repeats=1))
+        return self.probes[-1]
+
+    def at_start(self) -> float:
         # Lazily, so that `make test` (benchmarks disabled, no probe wanted) does not pay for it.
         while len(self.probes) < self.warmup:
-            self.probes.append(kernels.measure_read_bandwidth(nbytes=PROBE_BYTES, repeats=1))
+            self._measure()
+        return statistics.median(self.probes[: self.warmup])
 
     def probe(self) -> float:
-        self._start()
-        gbs = kernels.measure_read_bandwidth(nbytes=PROBE_BYTES, repeats=1)
-        self.probes.append(gbs)
-        return gbs
-
-    def sustained(self) -> float:
-        self._start()
-        return statistics.median(self.probes)
+        self.at_start()
+        return self._measure()
 
 
 @pytest.fixture(scope="session")
@@ -40,4 +39,4 @@ def bandwidth():
 @pytest.fixture(scope="session")
 def read_bandwidth(bandwidth):
     """The machine's sustained read bandwidth (GB/s) at the start of the run, with the kernels' thread count."""
-    return bandwidth.sustained()
+    return bandwidth.at_start()

@@ -136,7 +136,7 @@ def test_matvec(benchmark, bandwidth, shape, fmt, sparsity):
         per_round=per_round,
         kernel=kernel,
         time_us=statistics.median(times) * 1e6,
-        read_bandwidth_gbs=bandwidth.sustained(),
+        read_bandwidth_gbs=bandwidth.at_start(),
         case_read_bandwidth_gbs=statistics.median(probes),
         bandwidth_fraction=statistics.median(fractions),
         bandwidth_fraction_range=[min(fractions), max(fractions)],

@@ -14,9 +14,14 @@ use core::arch::x86_64::*;
 
 type Acc<const NR: usize> = [[__m512; 4]; NR];
 
-f32_row_kernels!("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,gfni,popcnt,bmi2,fma", |acc| _mm512_reduce_add_ps(
-    _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))
-));
+f32_row_kernels!("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi2,gfni,popcnt,bmi2,fma", |acc| hsum(acc));
+
+/// One row's dot product from its four accumulators (every path reduces in this order).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn hsum(acc: &[__m512; 4]) -> f32 {
+    _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])))
+}
 
 /// Weight rows a float-format matvec computes per pass over the activations ([`rows_shared_x`]).
 const RB: usize = 4;
@@ -47,8 +52,7 @@ pub(crate) unsafe fn rows_shared_x(m: &PackedMatrix, r0: usize, r1: usize, xs: &
     let mut r = r0;
     while r + RB <= r1 {
         for (i, acc) in kern(m, r, xs.as_ptr()).iter().enumerate() {
-            *y.add(r + i) =
-                _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+            *y.add(r + i) = hsum(acc);
         }
         r += RB;
     }
@@ -78,9 +82,24 @@ pub(crate) fn shares_x(m: &PackedMatrix) -> bool {
     }
 }
 
-/// Bytes from sparse row `r` to row `r + RB` (or to the end of the last row).
-fn group_span(m: &PackedMatrix, r: usize) -> usize {
-    m.row_offsets[(r + RB).min(m.rows)] - m.row_offsets[r]
+/// The value streams of sparse rows `r..r + RB`: where each starts, and how far ahead it prefetches (to the
+/// same offset one row group on: the bytes from its row to the row `RB` later, or to the end of the last row).
+///
+/// # Safety
+/// Rows `r..r + RB` exist.
+unsafe fn sparse_streams<T>(m: &PackedMatrix, r: usize) -> ([*const T; RB], [usize; RB]) {
+    let start = core::array::from_fn(|i| m.data.as_ptr().add(m.row_start(r + i)) as *const T);
+    let ahead = core::array::from_fn(|i| m.row_offsets[(r + i + RB).min(m.rows)] - m.row_offsets[r + i]);
+    (start, ahead)
+}
+
+/// Chunk `ch`'s mask word of each of the sparse rows `r..r + RB`.
+///
+/// # Safety
+/// Rows `r..r + RB` exist and `ch < m.chunks()`.
+#[inline]
+unsafe fn group_masks(m: &PackedMatrix, r: usize, ch: usize) -> [u64; RB] {
+    core::array::from_fn(|i| *m.masks.as_ptr().add((r + i) * m.chunks() + ch))
 }
 
 #[inline]
@@ -128,12 +147,10 @@ unsafe fn dense_bf16_rb(m: &PackedMatrix, r: usize, x: *const f32) -> [[__m512; 
 #[inline]
 #[target_feature(enable = "avx512f,popcnt,fma")]
 unsafe fn sparse_f32_rb(m: &PackedMatrix, r: usize, x: *const f32) -> [[__m512; 4]; RB] {
-    let mut p: [*const f32; RB] = core::array::from_fn(|i| m.data.as_ptr().add(m.row_start(r + i)) as *const f32);
-    let ahead: [usize; RB] = core::array::from_fn(|i| group_span(m, r + i));
-    let masks = m.masks.as_ptr().add(r * m.chunks());
+    let (mut p, ahead) = sparse_streams::<f32>(m, r);
     let mut acc = [[_mm512_setzero_ps(); 4]; RB];
     for ch in 0..m.chunks() {
-        let mask: [u64; RB] = core::array::from_fn(|i| *masks.add(i * m.chunks() + ch));
+        let mask = group_masks(m, r, ch);
         for i in 0..4 {
             let xv = _mm512_loadu_ps(x.add(ch * CHUNK + 16 * i));
             for (((a, p), mask), ahead) in acc.iter_mut().zip(p.iter_mut()).zip(mask).zip(ahead) {
@@ -151,13 +168,11 @@ unsafe fn sparse_f32_rb(m: &PackedMatrix, r: usize, x: *const f32) -> [[__m512; 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,popcnt,fma")]
 unsafe fn sparse_bf16_rb(m: &PackedMatrix, r: usize, x: *const f32) -> [[__m512; 4]; RB] {
-    let mut p: [*const u16; RB] = core::array::from_fn(|i| m.data.as_ptr().add(m.row_start(r + i)) as *const u16);
-    let ahead: [usize; RB] = core::array::from_fn(|i| group_span(m, r + i));
-    let masks = m.masks.as_ptr().add(r * m.chunks());
+    let (mut p, ahead) = sparse_streams::<u16>(m, r);
     let mut acc = [[_mm512_setzero_ps(); 4]; RB];
     let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
     for ch in 0..m.chunks() {
-        let mask: [u64; RB] = core::array::from_fn(|i| *masks.add(i * m.chunks() + ch));
+        let mask = group_masks(m, r, ch);
         for half in 0..2 {
             let col = ch * CHUNK + 32 * half;
             let (xe, xo) = (_mm512_loadu_ps(x.add(col)), _mm512_loadu_ps(x.add(col + 16)));
