@@ -56,15 +56,28 @@ def test_seeded_and_resumable(tmp_path):
     T.finetune(b, teacher, examples(), cfg, progress=False)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
-    # Interrupted after 3 steps, resumed to 6: the same weights as the unbroken run.
+    # Interrupted after 3 steps (the callback raises as a kill would), resumed to 6: the same weights as the
+    # unbroken run.
     c = copy.deepcopy(base)
     out = str(tmp_path / "run")
-    T.finetune(c, teacher, examples(), {**cfg, "steps": 3, "out_dir": out, "save_every": 1}, progress=False)
+
+    def kill_at_3(step, terms):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        T.finetune(c, teacher, examples(), {**cfg, "out_dir": out, "save_every": 1}, progress=False, on_step=kill_at_3)
     d = copy.deepcopy(base)
     r = T.finetune(d, teacher, examples(), {**cfg, "out_dir": out, "save_every": 1}, progress=False)
     assert r["steps"] == 6 and len(r["history"]) == 3
     for (k, va), vd in zip(a.state_dict().items(), d.state_dict().values()):
         assert torch.allclose(va, vd, atol=1e-6), k
+    # Resuming with other training settings is refused, unless forced.
+    e = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="lr: 0.001 -> 0.002"):
+        T.finetune(e, teacher, examples(), {**cfg, "lr": 2e-3, "steps": 7, "out_dir": out}, progress=False)
+    r = T.finetune(e, teacher, examples(), {**cfg, "steps": 7, "out_dir": out, "resume": "force"}, progress=False)
+    assert r["steps"] == 7 and len(r["history"]) == 1
 
 
 def test_config_is_validated(pruned):

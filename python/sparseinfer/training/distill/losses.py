@@ -80,3 +80,93 @@ def total_loss(ce: torch.Tensor | None, kd: torch.Tensor | None, sq: torch.Tenso
     if out is None:
         raise ValueError("every loss weight is zero")
     return out
+
+
+class _HeadLosses(torch.autograd.Function):
+    """``w_ce·CE + w_kd·KD`` of the output head, a token chunk at a time: the [N, V] logits of neither model are
+    ever held whole. The gradients are computed in the forward pass (each chunk's softmax is needed for them and
+    is dropped after), kept as dh [N, D] and dW [V, D], and scaled by the incoming gradient in backward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, h_t, weight_t, w_ce, w_kd, temperature, chunk, dtype):
+        n = h.shape[0]
+        w = weight.detach().to(dtype)  # [V, D]
+        wt = weight_t.detach().to(dtype) if h_t is not None else None
+        dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device)  # [N, D]
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)  # [V, D]
+        n_ce = int((labels != -100).sum()) if w_ce else 0
+        ce_sum = torch.zeros((), dtype=torch.float64, device=h.device)
+        kd_sum = torch.zeros((), dtype=torch.float64, device=h.device)
+        for i in range(0, n, chunk):
+            hc = h[i : i + chunk].detach().to(dtype)  # [c, D]
+            z = (hc @ w.t()).float()  # [c, V] student logits
+            g = torch.zeros_like(z)
+            if w_ce and n_ce:
+                y = labels[i : i + chunk]
+                valid = y != -100
+                lse = torch.logsumexp(z, dim=-1)  # [c]
+                yv = y.clamp_min(0)
+                ce_sum += (lse - z.gather(1, yv[:, None])[:, 0])[valid].double().sum()
+                p = torch.exp(z - lse[:, None])
+                p[torch.arange(len(y), device=p.device), yv] -= 1.0
+                g += p.mul_(valid[:, None].to(p.dtype) * (w_ce / n_ce))
+                del p
+            if w_kd and h_t is not None:
+                zt = (h_t[i : i + chunk].detach().to(dtype) @ wt.t()).float()  # [c, V] teacher logits
+                log_pt = F.log_softmax(zt / temperature, dim=-1)
+                log_ps = F.log_softmax(z / temperature, dim=-1)
+                pt = log_pt.exp()
+                kd_sum += (pt * (log_pt - log_ps)).sum().double()
+                # d/dz_s of T²·KL(p_t ‖ p_s) with p = softmax(z / T): T·(p_s − p_t), averaged over the N tokens.
+                g += (log_ps.exp_() - pt).mul_(w_kd * temperature / n)
+                del zt, log_pt, log_ps, pt
+            gd = g.to(dtype)
+            dh[i : i + chunk] = (gd @ w).float()
+            dw += (gd.t() @ hc).float()
+            del z, g, gd
+        ce = (ce_sum / max(n_ce, 1)).float()
+        kd = (kd_sum / n).float() * temperature**2
+        loss = (w_ce * ce if w_ce else 0) + (w_kd * kd if w_kd and h_t is not None else 0)
+        loss = torch.as_tensor(loss, dtype=torch.float32, device=h.device)
+        ctx.save_for_backward(dh.to(h.dtype), dw.to(weight.dtype))
+        ctx.mark_non_differentiable(ce, kd)
+        return loss, ce, kd
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+        dh, dw = ctx.saved_tensors
+        return dh * grad_loss, dw * grad_loss, None, None, None, None, None, None, None, None
+
+
+def head_losses(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    w_ce: float = 1.0,
+    w_kd: float = 0.0,
+    temperature: float = 2.0,
+    chunk: int = 1024,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(w_ce·CE + w_kd·KD, CE, KD)`` straight from the final hidden states and a bias-free output head, in
+    token chunks, so no [N, V] logits tensor outlives its chunk. Equal to ``ce_loss`` / ``kd_loss`` on the
+    logits ``hidden @ weight.T`` (within the rounding of ``dtype``, the dtype the head's matmuls run in); only
+    the first term carries a gradient (to ``hidden`` and ``weight``).
+
+    hidden: [N, D] student, one row per counted token; weight: [V, D]; labels: [N] the target of each row (already
+    shifted for a causal LM), -100 where CE does not count; teacher_hidden: [N, D] and teacher_weight: [V, D] for
+    KD (every row counts). CE averages over the labelled rows, KD over all N rows.
+    """
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden must be [N, D] and labels [N], got {tuple(hidden.shape)} and {tuple(labels.shape)}")
+    if w_kd and (teacher_hidden is None or teacher_weight is None):
+        raise ValueError("KD needs the teacher's hidden states and head weight")
+    if w_kd and teacher_hidden.shape != hidden.shape:
+        raise ValueError(f"teacher hidden {tuple(teacher_hidden.shape)} vs student {tuple(hidden.shape)}")
+    if temperature <= 0 or chunk < 1:
+        raise ValueError("temperature must be > 0 and chunk >= 1")
+    return _HeadLosses.apply(
+        hidden, weight, labels, teacher_hidden if w_kd else None, teacher_weight, w_ce, w_kd, temperature, chunk, dtype
+    )
