@@ -13,7 +13,6 @@ incrementally for streaming.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -24,7 +23,9 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from .chat import render_chat_template
 from .errors import InvalidInputError, SparseInferError
+from .modeldir import MAX_TOKENIZER_BYTES, read_json, read_model_file
 
 __all__ = ["GenerationStats", "Model", "generate", "load"]
 
@@ -56,15 +57,6 @@ class GenerationStats:
         )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidInputError(f"{path}: not valid JSON: {e}") from e
-
-
 class Model:
     """A loaded model: the Rust runtime plus its tokenizer. Create it with :func:`load`."""
 
@@ -81,10 +73,10 @@ class Model:
         )
         self._info = self._core.info()
         self._tokenizer = None
-        gen_cfg = _read_json(self.path / "generation_config.json")
+        gen_cfg = read_json(self.path, "generation_config.json")
         eos = set(self._info["eos_token_ids"])
         g = gen_cfg.get("eos_token_id")
-        eos.update(g if isinstance(g, list) else [g] if isinstance(g, int) else [])
+        eos.update(t for t in (g if isinstance(g, list) else [g]) if type(t) is int and t >= 0)
         self.eos_token_ids: frozenset[int] = frozenset(eos)
         self.last_stats = GenerationStats()
 
@@ -93,14 +85,17 @@ class Model:
     def tokenizer(self):
         """The ``tokenizers.Tokenizer`` from ``tokenizer.json`` (loaded on first use)."""
         if self._tokenizer is None:
-            path = self.path / "tokenizer.json"
-            if not path.is_file():
+            raw = read_model_file(self.path, "tokenizer.json", MAX_TOKENIZER_BYTES)
+            if raw is None:
                 raise InvalidInputError(f"{self.path} has no tokenizer.json; pass token ids to logits() instead")
             try:
                 from tokenizers import Tokenizer
             except ImportError as e:  # pragma: no cover - a declared dependency
                 raise SparseInferError("the 'tokenizers' package is required for text prompts") from e
-            self._tokenizer = Tokenizer.from_file(str(path))
+            try:
+                self._tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
+            except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+                raise InvalidInputError(f"{self.path / 'tokenizer.json'}: not a valid tokenizer: {e}") from None
         return self._tokenizer
 
     def encode(self, text: str, chat: bool = False) -> list[int]:
@@ -116,20 +111,25 @@ class Model:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Renders ``messages`` with the model's Jinja chat template."""
-        cfg = _read_json(self.path / "tokenizer_config.json")
+        """Renders ``messages`` with the model's Jinja chat template, in a sandbox with time and size budgets
+        (see :mod:`sparseinfer.chat`): the template is untrusted code from the model directory."""
+        cfg = read_json(self.path, "tokenizer_config.json")
+        source = str(self.path / "tokenizer_config.json")
         template = cfg.get("chat_template")
+        if isinstance(template, list):
+            # Named templates (transformers' format): [{"name": "default", "template": "..."}, ...].
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
         if not template:
             raise InvalidInputError(f"{self.path} has no chat_template in tokenizer_config.json")
-        try:
-            import jinja2
-        except ImportError as e:
-            raise SparseInferError("chat templates need the 'jinja2' package (pip install jinja2)") from e
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(InvalidInputError(msg))
-        special = {k: v for k, v in cfg.items() if k.endswith("_token") and isinstance(v, str)}
-        return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **special
+        special = {}
+        for k, v in cfg.items():
+            if k.endswith("_token"):
+                v = v.get("content") if isinstance(v, dict) else v  # an AddedToken saved as a dict
+                if isinstance(v, str):
+                    special[k] = v
+        return render_chat_template(
+            template, messages, source=source, add_generation_prompt=add_generation_prompt, **special
         )
 
     # -- running ---------------------------------------------------------------------------------------

@@ -1,0 +1,396 @@
+"""Rendering a model's Jinja chat template, which is untrusted code from the model directory.
+
+The template runs in jinja2's ``ImmutableSandboxedEnvironment`` (as transformers renders it), so it cannot reach
+Python internals (``__globals__``, ``__class__``, ...) or mutate its inputs. The sandbox does not bound time or
+memory, so rendering also runs under budgets:
+
+- steps: every Python line and call executed while rendering (template code and the filters it calls) costs
+  one step, counted by a trace function; nested loops over ``range`` cannot run for hours;
+- size: no value the template builds (strings, lists, big integers) and not the output may exceed a size
+  limit (a fixed floor plus a multiple of the input), checked before the operations that could jump past it
+  (``*``, ``**``, ``%``, ``~``, ``join``, ``replace``, ``center``, ``indent``, ``format``, ``tojson``) and after
+  every filter, call and operator;
+- ``range`` yields at most :data:`MAX_RANGE` items per call.
+
+Every failure (syntax, sandbox violation, undefined value, ``raise_exception``, budget) is an
+:class:`~sparseinfer.errors.InvalidInputError` naming where the template came from.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import string
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from .errors import InvalidInputError, SparseInferError
+
+__all__ = ["MAX_RANGE", "MAX_TEMPLATE_CHARS", "render_chat_template"]
+
+#: Longest template accepted (real ones are a few KB; the longest on the Hub are under 100 KB).
+MAX_TEMPLATE_CHARS = 1 << 20
+#: Items one ``range()`` call may yield.
+MAX_RANGE = 1 << 16
+#: Rendering steps allowed, plus :data:`STEPS_PER_MESSAGE` per message.
+MAX_STEPS = 2_000_000
+STEPS_PER_MESSAGE = 5_000
+#: Characters of any value or of the output, plus :data:`SIZE_PER_INPUT_CHAR` per character of the input.
+MAX_CHARS = 1 << 20
+SIZE_PER_INPUT_CHAR = 4
+#: Bits of an integer a template may build (``2 ** 4096`` is far past any index or count).
+MAX_INT_BITS = 4096
+#: Oldest jinja2 without known sandbox escapes (CVE-2024-56201, CVE-2024-56326, CVE-2025-27516).
+MIN_JINJA = (3, 1, 6)
+
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?(.)")
+_DIGITS = re.compile(r"\d+")
+
+
+class _OverBudget(BaseException):
+    """Raised from inside the render when a budget runs out. A BaseException, so that no ``except Exception``
+    in jinja2 or a filter swallows it."""
+
+
+class _Limits:
+    """The step and size budgets of one render."""
+
+    def __init__(self, steps: int, chars: int):
+        self.steps = steps
+        self.chars = chars
+        self.tripped: str | None = None
+
+    def fail(self, why: str):
+        self.tripped = why
+        raise _OverBudget(why)
+
+    def charge(self, n: int = 1) -> None:
+        self.steps -= n
+        if self.steps < 0:
+            self.fail("the template ran too long (step budget exhausted; a loop that never ends?)")
+
+    def trace(self, frame, event, arg):
+        # The global trace function: called on every Python call made while rendering.
+        self.charge()
+        return self.trace_lines
+
+    def trace_lines(self, frame, event, arg):
+        if event == "line":
+            self.charge()
+        return self.trace_lines
+
+    def size(self, obj: Any, cap: int | None = None) -> int:
+        """Characters ``obj`` would render to (an upper estimate), counted up to ``cap`` (default: the size
+        limit). Every item visited costs a step."""
+        from jinja2.utils import Namespace
+
+        cap = self.chars if cap is None else cap
+        total, stack, visited = 0, [obj], 0
+        while stack and total <= cap:
+            x = stack.pop()
+            visited += 1
+            if isinstance(x, (str, bytes)):
+                total += len(x)
+            elif isinstance(x, bool) or x is None or isinstance(x, float):
+                total += 8
+            elif isinstance(x, int):
+                total += x.bit_length() // 3 + 2
+            elif isinstance(x, Mapping):
+                total += 4 * len(x)
+                stack.extend(x.keys())
+                stack.extend(x.values())
+            elif isinstance(x, (list, tuple, set, frozenset)):
+                total += 2 * len(x) + 2
+                stack.extend(x)
+            elif isinstance(x, Namespace):
+                stack.append(object.__getattribute__(x, "_Namespace__attrs"))
+            else:
+                total += 32
+        self.charge(visited)
+        return total
+
+    def check(self, value: Any, what: str = "a value") -> Any:
+        """Returns ``value`` if it fits the size limits, else fails."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value.bit_length() > MAX_INT_BITS:
+                self.fail(f"{what} is an integer of {value.bit_length()} bits (limit {MAX_INT_BITS})")
+        elif self.size(value) > self.chars:
+            self.fail(f"{what} is larger than the limit of {self.chars} characters")
+        return value
+
+    def need(self, chars: int, what: str) -> None:
+        if chars > self.chars:
+            self.fail(f"{what} would be larger than the limit of {self.chars} characters")
+
+
+def _percent_bound(limits: _Limits, fmt: str, args: Any) -> int:
+    """An upper bound on the length of ``fmt % args``: the format, widths, precisions and the arguments."""
+    total = len(fmt) + limits.size(args)
+    for width, precision, _ in _PERCENT_SPEC.findall(fmt):
+        if "*" in (width, precision):
+            limits.fail("'*' widths in % formats are not allowed in chat templates")
+        total += int(width or 0) + int(precision or 0)
+    return total
+
+
+def _format_bound(limits: _Limits, fmt: str, args: Any) -> int:
+    """An upper bound on the length of ``fmt.format(*args)``."""
+    total = len(fmt) + limits.size(args)
+    try:
+        fields = list(string.Formatter().parse(fmt))
+    except ValueError:
+        return total  # format() itself will raise
+    for _, _, spec, _ in fields:
+        if spec:
+            if "{" in spec:
+                limits.fail("nested fields in format specs are not allowed in chat templates")
+            total += sum(int(d) for d in _DIGITS.findall(spec))
+    return total
+
+
+def _environment(limits: _Limits):
+    import jinja2
+    import jinja2.ext
+    from jinja2.compiler import CodeGenerator
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.utils import Namespace
+
+    class SizedCodeGenerator(CodeGenerator):
+        # `a ~ b` compiles to str_join((a, b)), which no sandbox hook sees; route it through a checked join.
+        def visit_Concat(self, node, frame):
+            self.write("environment.checked_concat(")
+            super().visit_Concat(node, frame)
+            self.write(")")
+
+    class GenerationExtension(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}`` (transformers marks assistant turns with it): renders
+        its body unchanged."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    class ChatNamespace(Namespace):
+        # Namespaces refuse underscore names, as transformers' do, so no dunder can be stored on one.
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                ChatNamespace._check_name(name)
+            Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            ChatNamespace._check_name(name)
+            Namespace.__setitem__(self, name, limits.check(value, f"namespace attribute {name!r}"))
+
+        @staticmethod
+        def _check_name(name):
+            if not isinstance(name, str) or name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
+
+    def checked_range(*args):
+        r = range(*args)
+        if len(r) > MAX_RANGE:
+            limits.fail(f"range() of {len(r)} items (limit {MAX_RANGE})")
+        return r
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(f"raise_exception: {message}")
+
+    def strftime_now(fmt):
+        if not isinstance(fmt, str) or len(fmt) > 256:
+            raise jinja2.exceptions.TemplateError("strftime_now takes a format string of at most 256 characters")
+        return datetime.now().strftime(fmt)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Not jinja2's tojson, which escapes HTML characters; the options of transformers' version.
+        small = isinstance(indent, str) and len(indent) <= 16 or type(indent) is int and 0 <= indent <= 16
+        if indent is not None and not small:
+            raise jinja2.exceptions.TemplateError("tojson indent must be at most 16")
+        limits.need(SIZE_PER_INPUT_CHAR * limits.size(x), "tojson output")
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def pre_filter(name: str, value: Any, args: tuple, kwargs: dict) -> None:
+        """Bounds the filters whose output can be much larger than their input."""
+        if name == "join":
+            sep = args[0] if args else kwargs.get("d", "")
+            n = len(value) if isinstance(value, (list, tuple, str)) else 0
+            limits.need(limits.size(value) + limits.size(sep) * n, "join result")
+        elif name == "replace" and isinstance(value, str) and len(args) >= 2:
+            old, new = str(args[0]), str(args[1])
+            limits.need(len(value) + (value.count(old) + 1) * len(new), "replace result")
+        elif name == "center":
+            width = args[0] if args else kwargs.get("width", 80)
+            if isinstance(width, int):
+                limits.need(width, "center result")
+        elif name == "indent":
+            width = args[0] if args else kwargs.get("width", 4)
+            w = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+            lines = str(value).count("\n") + 1
+            limits.need(len(str(value)) + lines * w, "indent result")
+        elif name == "format" and isinstance(value, str):
+            limits.need(_percent_bound(limits, value, (args, kwargs)), "format result")
+        elif name in ("string", "pprint", "list", "wordwrap", "truncate"):
+            limits.need(limits.size(value), f"{name} result")
+
+    def sized_filter(name: str, f):
+        pass_arg = jinja2.utils._PassArg.from_obj(f)
+
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            rest = args[1:] if pass_arg is not None else args
+            if rest:
+                pre_filter(name, rest[0], rest[1:], kwargs)
+            return limits.check(f(*args, **kwargs), f"the result of the {name!r} filter")
+
+        return wrapper
+
+    class ChatEnvironment(ImmutableSandboxedEnvironment):
+        code_generator_class = SizedCodeGenerator
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(left, int) and isinstance(right, int):
+                if abs(left) > 1 and right > 0 and right * left.bit_length() > MAX_INT_BITS:
+                    limits.fail(f"{left} ** {right} is too large")
+            elif operator == "*":
+                seq, n = (left, right) if isinstance(right, int) else (right, left)
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and n > 1:
+                    limits.need(limits.size(seq) * n, "a repetition")
+            elif operator == "%" and isinstance(left, str):
+                limits.need(_percent_bound(limits, left, right), "a % format")
+            elif operator == "+" and isinstance(left, (str, list, tuple)):
+                limits.need(limits.size(left) + limits.size(right), "a sum")
+            return limits.check(super().call_binop(context, operator, left, right), f"the result of {operator!r}")
+
+        def wrap_str_format(self, value):
+            fmt = super().wrap_str_format(value)
+            if fmt is None:
+                return None
+            template = value.__self__
+
+            @functools.wraps(fmt)
+            def checked(*args, **kwargs):
+                limits.need(_format_bound(limits, template, (args, kwargs)), "str.format result")
+                return limits.check(fmt(*args, **kwargs), "str.format result")
+
+            return checked
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's signature
+            target = getattr(__obj, "__self__", None)
+            name = getattr(__obj, "__name__", "")
+            if isinstance(target, str):
+                if name in ("center", "ljust", "rjust", "zfill", "expandtabs"):
+                    width = args[0] if args else 8
+                    if isinstance(width, int):
+                        limits.need(width * (target.count("\t") + 1 if name == "expandtabs" else 1), f"str.{name}")
+                elif name == "join" and args:
+                    n = len(args[0]) if isinstance(args[0], (list, tuple, str)) else 0
+                    limits.need(limits.size(args[0]) + len(target) * n, "str.join result")
+                elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+                    limits.need(len(target) + (target.count(args[0]) + 1) * len(args[1]), "str.replace result")
+            return limits.check(super().call(__context, __obj, *args, **kwargs), f"the result of calling {name!r}")
+
+        def checked_concat(self, joined):
+            return limits.check(joined, "a ~ concatenation")
+
+    env = ChatEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[jinja2.ext.loopcontrols, GenerationExtension],
+        finalize=lambda v: limits.check(v, "an output expression"),
+    )
+    env.filters["tojson"] = tojson
+    env.filters = {name: sized_filter(name, f) for name, f in env.filters.items()}
+    env.globals.update(
+        range=checked_range,
+        raise_exception=raise_exception,
+        strftime_now=strftime_now,
+        namespace=ChatNamespace,
+    )
+    env.globals.pop("lipsum", None)
+    return env
+
+
+def _plain(value: Any) -> Any:
+    """``value`` rebuilt from plain JSON types, so the template sees no methods of rich objects."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+        return [_plain(v) for v in value]
+    raise InvalidInputError(f"chat messages must hold JSON-like values, got {type(value).__name__}")
+
+
+def render_chat_template(
+    template: str, messages: list[dict[str, Any]], source: str = "chat template", **variables: Any
+) -> str:
+    """Renders ``template`` (untrusted) with ``messages`` and ``variables`` (e.g. ``add_generation_prompt``,
+    ``bos_token``). ``source`` names where the template came from in error messages."""
+    try:
+        import jinja2
+    except ImportError as e:
+        raise SparseInferError("chat templates need the 'jinja2' package (pip install 'jinja2>=3.1.6')") from e
+    version = tuple(int(p) for p in re.findall(r"\d+", jinja2.__version__)[:3])
+    if version < MIN_JINJA:
+        raise SparseInferError(
+            f"jinja2 {jinja2.__version__} has known sandbox escapes; chat templates need jinja2>=3.1.6"
+        )
+    if not isinstance(template, str):
+        raise InvalidInputError(f"{source}: the chat template must be a string, got {type(template).__name__}")
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise InvalidInputError(
+            f"{source}: the chat template has {len(template)} characters (limit {MAX_TEMPLATE_CHARS})"
+        )
+    data = _plain({"messages": messages, **variables})
+    input_chars = len(json.dumps(data))
+    limits = _Limits(
+        steps=MAX_STEPS + STEPS_PER_MESSAGE * len(data["messages"]),
+        chars=MAX_CHARS + SIZE_PER_INPUT_CHAR * input_chars,
+    )
+    env = _environment(limits)
+    previous = sys.gettrace()
+    try:
+        compiled = env.from_string(template)
+        pieces: list[str] = []
+        length = 0
+        sys.settrace(limits.trace)
+        try:
+            for piece in compiled.generate(**data):
+                length += len(piece)
+                if length > limits.chars:
+                    limits.fail(f"the output is longer than the limit of {limits.chars} characters")
+                pieces.append(piece)
+        finally:
+            sys.settrace(previous)
+    except _OverBudget as e:
+        raise InvalidInputError(f"{source}: chat template refused: {e}") from None
+    except jinja2.TemplateSyntaxError as e:
+        raise InvalidInputError(f"{source}: chat template syntax error at line {e.lineno}: {e.message}") from None
+    except jinja2.exceptions.SecurityError as e:
+        raise InvalidInputError(f"{source}: chat template tried an unsafe operation: {e}") from None
+    except jinja2.TemplateError as e:
+        raise InvalidInputError(f"{source}: chat template failed: {e}") from None
+    except Exception as e:  # the template is untrusted code: any failure is its own
+        raise InvalidInputError(f"{source}: chat template failed: {type(e).__name__}: {e}") from None
+    if limits.tripped:  # a budget error that something inside the render caught and dropped
+        raise InvalidInputError(f"{source}: chat template refused: {limits.tripped}")
+    return "".join(pieces)

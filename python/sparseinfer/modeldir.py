@@ -1,0 +1,106 @@
+"""Reading the small files of a model directory (JSON configs, tokenizer.json) as untrusted input.
+
+A file is read only if it resolves inside the model directory (symbolic links included), is a regular file
+(never a FIFO or a device, which would block or never end) and is under a size cap. The Rust core applies the
+same rules to config.json and the weights (``rust/sparseinfer-core/src/runtime/files.rs``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidInputError
+
+__all__ = ["MAX_JSON_BYTES", "MAX_TOKENIZER_BYTES", "read_json", "read_model_file"]
+
+#: Largest JSON config read (config.json, generation_config.json, tokenizer_config.json).
+MAX_JSON_BYTES = 64 << 20
+#: Largest tokenizer.json read (big vocabularies with merges reach tens of MB).
+MAX_TOKENIZER_BYTES = 256 << 20
+
+
+def allowed_roots(model_dir: Path) -> list[Path]:
+    """The directories files of ``model_dir`` may resolve into: the directory itself and, for a Hugging Face
+    hub cache snapshot (``.../snapshots/<revision>``, whose files link into ``.../blobs``), that blobs folder."""
+    root = model_dir.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots":
+        roots.append(root.parent.parent / "blobs")
+    return roots
+
+
+def resolve_inside(model_dir: Path, name: str) -> Path:
+    """The real path of ``name`` inside ``model_dir``; raises if it is absolute, climbs out with ``..`` or is
+    a link that resolves outside."""
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise InvalidInputError(f"{model_dir}: {name!r} is not a path inside the model directory")
+    real = (model_dir / rel).resolve()
+    if not any(real == r or r in real.parents for r in allowed_roots(model_dir)):
+        raise InvalidInputError(f"{model_dir / name}: resolves to {real}, outside the model directory")
+    return real
+
+
+def read_model_file(model_dir: Path, name: str, limit: int) -> bytes | None:
+    """The bytes of ``model_dir/name``, or None when it does not exist."""
+    shown = model_dir / name
+    path = resolve_inside(model_dir, name)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise InvalidInputError(f"{shown}: cannot be read: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInputError(f"{shown}: not a regular file")
+    # O_NONBLOCK: if the file was swapped for a FIFO since the stat, opening it must not wait for a writer.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise InvalidInputError(f"{shown}: cannot be opened: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInputError(f"{shown}: not a regular file")
+        if st.st_size > limit:
+            raise InvalidInputError(f"{shown}: {st.st_size} bytes is over the limit of {limit}")
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise InvalidInputError(f"{shown}: more than the limit of {limit} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_json(model_dir: Path, name: str, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """The JSON object in ``model_dir/name``; ``{}`` when the file does not exist."""
+    raw = read_model_file(model_dir, name, limit)
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise InvalidInputError(f"{model_dir / name}: not valid JSON: {type(e).__name__} at {_where(e)}") from None
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{model_dir / name}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _where(e: Exception) -> str:
+    # Where the parse failed, without echoing the file's bytes.
+    if isinstance(e, json.JSONDecodeError):
+        return f"line {e.lineno} column {e.colno}"
+    if isinstance(e, UnicodeDecodeError):
+        return f"byte {e.start}"
+    return "nesting depth"
