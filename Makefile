@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: help setup setup-train develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-llamacpp wheel clean
+.PHONY: help setup setup-train develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-train bench-llamacpp study wheel clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -70,6 +70,11 @@ bench-e2e: develop setup-train  ## end-to-end decode tokens/s vs transformers (~
 	$(PY) -m pytest bench/test_e2e_bench.py --benchmark-enable --benchmark-only -q \
 		--benchmark-json=bench/results/e2e.json
 	$(PY) bench/report_e2e.py bench/results/e2e.json docs/benchmarks
+
+bench-train: develop setup-train  ## fine-tuning step tokens/s, plain fp32 vs fast bf16 (~10 min): docs/benchmarks/train.md
+	$(PY) -m pytest bench/test_train_bench.py --benchmark-enable --benchmark-only -q \
+		--benchmark-json=bench/results/train-run.json
+	$(PY) bench/report_train.py bench/results/train-run.json docs/benchmarks
 
 # llama.cpp from PyPI's source release, built for this CPU in its own virtualenv (not needed by anything else).
 LCPP_VENV ?= $(VENV)-llamacpp

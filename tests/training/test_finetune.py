@@ -92,3 +92,62 @@ def test_config_is_validated(pruned):
         T.finetune(model, teacher, [], {})
     with pytest.raises(ValueError, match="parallel"):
         T.finetune(model, teacher, examples(), {"parallel": "zero3"})
+
+
+def _one_step_grads(model, teacher, batch, **cfg):
+    from sparseinfer.training.finetune import FinetuneConfig, Parallel, _Step, train_step
+
+    m = copy.deepcopy(model)
+    t = copy.deepcopy(teacher)
+    config = FinetuneConfig(**cfg)
+    if config.bf16:
+        t.to(torch.bfloat16)
+    step = _Step(Parallel(m, "ddp"), t, config, seq2seq=False)
+    step.check(m, t, batch)
+    terms = train_step(m, t, batch, step, 1.0)
+    return terms, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, step.head is not None
+
+
+# bf16 budget of the fast path against the fp32 reference: each loss term within 2 % (bf16 keeps 8 bits of
+# mantissa; the errors of ~4 layers' matmuls add up), each gradient within 10 % of its norm.
+BF16_LOSS_RTOL = 2e-2
+BF16_GRAD_RTOL = 0.1
+
+
+@pytest.mark.parametrize("weights", [dict(w_ce=1, w_kd=0, w_sq=0), dict(w_ce=1, w_kd=1, w_sq=0), dict(w_ce=1, w_sq=1)])
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_head_and_bf16_match_the_plain_fp32_step(tmp_path, weights, tied):
+    model = tiny_models.build("llama", tmp_path, scale=1.0, hidden_size=64, intermediate_size=128)
+    if tied:  # one tensor is the embedding and the head: both gradients land in it
+        model.lm_head.weight = model.model.embed_tokens.weight
+    teacher = copy.deepcopy(model)
+    T.prune(model, "magnitude", 0.5)
+    ex = examples(n=4, length=24)
+    ex[3] = {"input_ids": ex[3]["input_ids"][:16]}  # padding in the batch
+    from sparseinfer.training.data import collate
+
+    batch = collate(ex)
+    ref, g_ref, fused = _one_step_grads(model, teacher, batch, fused_head=False, **weights)
+    assert not fused
+    got, g_got, fused = _one_step_grads(model, teacher, batch, fused_head=True, **weights)
+    assert fused, "the tiny llama's head should take the fused path"
+    for k in ref:
+        assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), k
+    for n, g in g_ref.items():
+        assert torch.allclose(g_got[n], g, rtol=1e-4, atol=1e-6), n
+    fast, g_fast, _ = _one_step_grads(model, teacher, batch, fused_head=True, bf16=True, **weights)
+    for k in ref:
+        assert fast[k] == pytest.approx(ref[k], rel=BF16_LOSS_RTOL, abs=1e-4), k
+    for n, g in g_ref.items():
+        assert (g_fast[n] - g).norm() <= BF16_GRAD_RTOL * g.norm() + 1e-6, n
+
+
+def test_bf16_fast_path_keeps_masks_exact(pruned):
+    model, teacher, masks = pruned
+    cfg = dict(steps=5, lr=1e-3, warmup_steps=1, batch_size=4, w_ce=1, w_kd=1, w_sq=1, bf16=True)
+    r = T.finetune(model, teacher, examples(), cfg, progress=False)
+    assert r["fused_head"] and next(teacher.parameters()).dtype == torch.bfloat16
+    mods = dict(model.named_modules())
+    for name, keep in masks.items():
+        w = mods[name].weight
+        assert w.dtype == torch.float32 and torch.equal(w != 0, keep), name

@@ -58,6 +58,7 @@ class FinetuneConfig:
     bf16: bool = False  # student under bf16 autocast (fp32 master weights), teacher cast to bf16 in place
     fused_head: bool = True  # CE / KD of a causal LM's head in token chunks (``head_losses``) where it applies
     head_chunk: int = 1024  # tokens per chunk of the fused head losses
+    fused_optimizer: bool = True  # torch's fused AdamW kernel (one pass over every parameter) where it applies
     log_every: int = 10
     save_every: int = 0
     out_dir: str | None = None
@@ -459,7 +460,7 @@ def finetune(
         if cfg.bf16 and (cfg.w_kd or cfg.w_sq):
             teacher.to(torch.bfloat16)
     params = [p for p in par.trained.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = _adamw(params, cfg, fused=cfg.fused_optimizer and not par.fsdp)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, max(cfg.steps, 1)))
     ckpt = Path(cfg.out_dir) / "checkpoint.pt" if cfg.out_dir else None
     step = load_checkpoint(ckpt, par, opt, sched, cfg) if ckpt is not None else 0
@@ -517,6 +518,17 @@ def finetune(
         "world_size": par.world,
         "fused_head": state.head is not None,
     }
+
+
+def _adamw(params, cfg: FinetuneConfig, fused: bool) -> torch.optim.AdamW:
+    """AdamW; the fused kernel when asked and the parameters' device has one (CPU and CUDA, torch >= 2.4). The
+    per-tensor loop it replaces takes about a tenth of a CPU training step on a 135M model."""
+    if fused:
+        try:
+            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _batches(data, cfg: FinetuneConfig, rank: int, world: int, pad_id: int, start_id: int | None):

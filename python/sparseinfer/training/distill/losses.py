@@ -100,26 +100,30 @@ class _HeadLosses(torch.autograd.Function):
         for i in range(0, n, chunk):
             hc = h[i : i + chunk].detach().to(dtype)  # [c, D]
             z = (hc @ w.t()).float()  # [c, V] student logits
-            g = torch.zeros_like(z)
+            g = None  # [c, V] d loss / d z
             if w_ce and n_ce:
                 y = labels[i : i + chunk]
                 valid = y != -100
-                lse = torch.logsumexp(z, dim=-1)  # [c]
+                rows = torch.arange(len(y), device=z.device)
                 yv = y.clamp_min(0)
-                ce_sum += (lse - z.gather(1, yv[:, None])[:, 0])[valid].double().sum()
-                p = torch.exp(z - lse[:, None])
-                p[torch.arange(len(y), device=p.device), yv] -= 1.0
-                g += p.mul_(valid[:, None].to(p.dtype) * (w_ce / n_ce))
-                del p
+                p = torch.softmax(z, dim=-1)
+                # -log p(y); p(y) is floored at the smallest normal float (a token loss of ~87 nats at most).
+                nll = -torch.log(p[rows, yv].clamp_min(torch.finfo(p.dtype).tiny))
+                ce_sum += nll[valid].double().sum()
+                p[rows, yv] -= 1.0
+                g = p.mul_(valid[:, None].to(p.dtype) * (w_ce / n_ce))
             if w_kd and h_t is not None:
                 zt = (h_t[i : i + chunk].detach().to(dtype) @ wt.t()).float()  # [c, V] teacher logits
-                log_pt = F.log_softmax(zt / temperature, dim=-1)
-                log_ps = F.log_softmax(z / temperature, dim=-1)
+                log_pt = F.log_softmax(zt.div_(temperature), dim=-1)
+                log_ps = F.log_softmax(z.div_(temperature), dim=-1)
                 pt = log_pt.exp()
                 kd_sum += (pt * (log_pt - log_ps)).sum().double()
                 # d/dz_s of T²·KL(p_t ‖ p_s) with p = softmax(z / T): T·(p_s − p_t), averaged over the N tokens.
-                g += (log_ps.exp_() - pt).mul_(w_kd * temperature / n)
-                del zt, log_pt, log_ps, pt
+                gk = log_ps.exp_().sub_(pt).mul_(w_kd * temperature / n)
+                g = gk if g is None else g.add_(gk)
+                del zt, log_pt, log_ps, pt, gk
+            if g is None:
+                continue
             gd = g.to(dtype)
             dh[i : i + chunk] = (gd @ w).float()
             dw += (gd.t() @ hc).float()
