@@ -1,7 +1,9 @@
 """A tiny Llama model directory built with numpy alone (no torch), and a way to run attempts against it in a
 child process, for the tests that treat a model directory as an attacker's input.
 
-An attempt that aborts, segfaults or hangs the child fails its test instead of killing pytest.
+An attempt that aborts, segfaults or hangs the child fails its test instead of killing pytest; the child's
+address space is capped at 4 GiB so that one that reads or allocates without end cannot take the machine's
+memory.
 """
 
 from __future__ import annotations
@@ -72,7 +74,10 @@ def tiny_llama(path: Path, tokenizer: bool = True, **config_overrides) -> Path:
 
 
 CHILD_PRELUDE = """
-import json, sys
+import json, resource, sys
+# A regression that reads without end or allocates wildly fails with MemoryError or an abort in this child,
+# instead of taking the machine's memory.
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
 import sparseinfer
 from sparseinfer import InvalidInputError, SparseInferError
 

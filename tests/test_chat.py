@@ -159,8 +159,6 @@ def test_templates_cannot_hang_or_exhaust_memory(model_dir, template):
     with_template(model_dir, template)
     proc = hostile_models.run_child(
         f"""
-        import resource
-        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))  # a runaway template fails, not the machine
         m = sparseinfer.load({str(model_dir)!r})
         print(json.dumps(outcome(lambda: m.apply_chat_template([{{"role": "user", "content": "hi"}}]))))
         """,

@@ -13,6 +13,8 @@ incrementally for streaming.
 from __future__ import annotations
 
 import inspect
+import numbers
+import operator
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -170,6 +172,9 @@ class Model:
         self.last_stats = stats = GenerationStats(prompt_tokens=len(ids), finish_reason="length")
         if max_new_tokens == 0:
             return
+        for name, value in (("temperature", temperature), ("repetition_penalty", repetition_penalty)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise InvalidInputError(f"{name} must be a number, got {value!r}")
         gen = _core.Generator(
             self._core, ids, max_new_tokens, float(temperature), top_k, top_p, float(repetition_penalty), seed
         )
@@ -267,9 +272,18 @@ def _check_ids(ids: Sequence[int], vocab: int) -> list[int]:
     if isinstance(ids, (str, bytes)):
         raise InvalidInputError("expected token ids, got a string")
     try:
-        out = [int(t) for t in ids]
-    except (TypeError, ValueError) as e:
-        raise InvalidInputError(f"token ids must be integers: {e}") from e
+        items = list(ids)
+    except TypeError as e:
+        raise InvalidInputError(f"token ids must be a sequence of integers: {e}") from None
+    out = []
+    for t in items:
+        # operator.index: ints and numpy integers only; a float id is refused, not truncated onto another id.
+        if isinstance(t, bool):
+            raise InvalidInputError(f"token ids must be integers, got {t!r}")
+        try:
+            out.append(operator.index(t))
+        except TypeError:
+            raise InvalidInputError(f"token ids must be integers, got {type(t).__name__} {t!r}") from None
     if not out:
         raise InvalidInputError("no token ids")
     bad = [t for t in out if t < 0 or t >= vocab]

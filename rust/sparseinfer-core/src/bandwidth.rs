@@ -4,8 +4,16 @@
 //! Zen 4 VM the earlier probe, 16 short prefetched streams per thread, read 22-30 GB/s while our dense
 //! kernels read up to 46; this one read 31-34 next to 33 for the dense f32 kernel.)
 
+use crate::error::{Error, Result};
 use crate::parallel;
 use std::time::Instant;
+
+/// Largest probe buffer (a probe needs a few times the last-level cache, not the machine's memory).
+pub const MAX_BYTES: usize = 64 << 30;
+/// Most repeats (each reads the buffer three times).
+pub const MAX_REPEATS: usize = 1000;
+/// Most threads.
+pub const MAX_THREADS: usize = 4096;
 
 /// How many parts of its share each thread reads side by side, one pattern per entry.
 const STREAMS: [usize; 3] = [1, 2, 4];
@@ -13,10 +21,23 @@ const STREAMS: [usize; 3] = [1, 2, 4];
 /// Best-of-`repeats` read bandwidth in GB/s (1e9 bytes/s) over a `bytes`-sized buffer with `threads` threads,
 /// the best over [`STREAMS`]: each thread reads one contiguous share (as the kernels' row tasks do), split
 /// into that many equal parts read side by side.
-pub fn measure_read_bandwidth(bytes: usize, threads: usize, repeats: usize) -> f64 {
+/// Sizes past [`MAX_BYTES`], [`MAX_REPEATS`] or [`MAX_THREADS`], and a buffer the allocator refuses, are errors.
+pub fn measure_read_bandwidth(bytes: usize, threads: usize, repeats: usize) -> Result<f64> {
+    const OP: &str = "measure_read_bandwidth";
+    if bytes > MAX_BYTES {
+        return Err(Error::invalid(OP, format!("nbytes {bytes} is over the limit of {MAX_BYTES}")));
+    }
+    if repeats > MAX_REPEATS || threads > MAX_THREADS {
+        return Err(Error::invalid(
+            OP,
+            format!("repeats {repeats} / threads {threads} are over the limits {MAX_REPEATS} / {MAX_THREADS}"),
+        ));
+    }
     let words = (bytes / 8).max(1 << 12);
+    let mut buf: Vec<u64> = Vec::new();
+    buf.try_reserve_exact(words).map_err(|_| Error::invalid(OP, format!("cannot allocate {bytes} bytes")))?;
     // Touch every page so the timed passes read memory, not the zero page.
-    let buf: Vec<u64> = (0..words as u64).collect();
+    buf.extend(0..words as u64);
     let threads = threads.max(1);
     let per_task = words.div_ceil(threads);
     let mut best = f64::INFINITY;
@@ -31,7 +52,7 @@ pub fn measure_read_bandwidth(bytes: usize, threads: usize, repeats: usize) -> f
             best = best.min(t.elapsed().as_secs_f64());
         }
     }
-    (words * 8) as f64 / best / 1e9
+    Ok((words * 8) as f64 / best / 1e9)
 }
 
 /// Reads `s` as `streams` equal parts side by side, two cache lines of each in turn (a tail alone).
@@ -99,7 +120,15 @@ fn sum_words_portable(s: &[u64]) -> u64 {
 mod tests {
     #[test]
     fn measures_a_positive_finite_bandwidth() {
-        let gbs = super::measure_read_bandwidth(1 << 20, 2, 2);
+        let gbs = super::measure_read_bandwidth(1 << 20, 2, 2).unwrap();
         assert!(gbs.is_finite() && gbs > 0.0);
+    }
+
+    #[test]
+    fn absurd_sizes_are_errors() {
+        assert!(super::measure_read_bandwidth(1 << 60, 1, 1).is_err());
+        assert!(super::measure_read_bandwidth(usize::MAX, 1, 1).is_err());
+        assert!(super::measure_read_bandwidth(1 << 20, 1, usize::MAX).is_err());
+        assert!(super::measure_read_bandwidth(1 << 20, usize::MAX, 1).is_err());
     }
 }

@@ -147,3 +147,77 @@ fn a_directory_without_weights_is_an_error() {
         matches!(load_dir(&d, LoadOptions::default()), Err(Error::InvalidInput { ref msg, .. }) if msg.contains("safetensors"))
     );
 }
+
+const LLAMA: &str = r#"{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
+    "intermediate_size": 8, "vocab_size": 10}"#;
+
+#[test]
+fn absurd_config_sizes_are_errors_before_any_allocation() {
+    let base: serde_json::Value = serde_json::from_str(LLAMA).unwrap();
+    for key in [
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "intermediate_size",
+        "vocab_size",
+        "max_position_embeddings",
+    ] {
+        for v in
+            [serde_json::json!(1u64 << 40), serde_json::json!(u64::MAX), serde_json::json!(-1), serde_json::json!(2.5)]
+        {
+            let mut c = base.clone();
+            c[key] = v.clone();
+            assert!(matches!(arch::spec(&c), Err(Error::InvalidInput { .. })), "{key} = {v} was accepted");
+        }
+    }
+    let mut c = base.clone();
+    c["model_type"] = "mistral".into();
+    c["sliding_window"] = 0.into();
+    assert!(matches!(arch::spec(&c), Err(Error::InvalidInput { ref msg, .. }) if msg.contains("sliding_window")));
+}
+
+#[test]
+fn index_entries_must_stay_inside_the_directory() {
+    let d = tmp_dir("traversal");
+    let outside = tmp_dir("traversal-outside");
+    write(&outside.join("w.safetensors"), &file_bytes());
+    std::fs::write(d.join("config.json"), LLAMA).unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(outside.join("w.safetensors"), d.join("link.safetensors")).unwrap();
+    let abs = outside.join("w.safetensors").display().to_string();
+    for entry in [
+        "../sparseinfer-rt-traversal-outside-x/w.safetensors",
+        abs.as_str(),
+        "a/../../w.safetensors",
+        "link.safetensors",
+    ] {
+        let index = serde_json::json!({"weight_map": {"a": entry}});
+        std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        match load_dir(&d, LoadOptions::default()) {
+            Err(Error::InvalidInput { msg, .. }) => {
+                assert!(msg.contains("outside") || msg.contains("relative"), "{entry}: {msg}")
+            }
+            Err(e) => panic!("{entry}: {e}"),
+            Ok(_) => panic!("{entry} was opened"),
+        }
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn special_files_are_refused_without_blocking() {
+    let d = tmp_dir("fifo");
+    let fifo = d.join("config.json");
+    let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    assert!(
+        matches!(load_dir(&d, LoadOptions::default()), Err(Error::InvalidInput { ref msg, .. }) if msg.contains("regular"))
+    );
+    assert!(matches!(SafeTensors::open(&fifo), Err(Error::InvalidInput { .. })));
+    std::fs::remove_file(&fifo).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &fifo).unwrap();
+    assert!(matches!(load_dir(&d, LoadOptions::default()), Err(Error::InvalidInput { .. })));
+}

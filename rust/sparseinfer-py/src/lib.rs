@@ -2,13 +2,14 @@
 //! around heavy work and maps [`sparseinfer_core::Error`] to the Python exceptions of `sparseinfer.errors`.
 //! Nothing else lives here.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBool, PyDict};
 use sparseinfer_core::formats::budget;
 use sparseinfer_core::runtime::{self, Generator, LoadOptions, Model, SamplingParams};
 use sparseinfer_core::{self as core, kernels, Error, Format, Layout, PackOptions, PackedMatrix};
@@ -28,6 +29,62 @@ fn to_py(py: Python<'_>, e: Error) -> PyErr {
 
 fn invalid(py: Python<'_>, op: &'static str, msg: String) -> PyErr {
     to_py(py, Error::invalid(op, msg))
+}
+
+/// Runs the body of an exported function, turning a panic into `sparseinfer.SparseInferError` (pyo3 would
+/// raise `PanicException`, a BaseException that `except Exception` does not catch). Every export uses it.
+fn guard<T>(py: Python<'_>, op: &'static str, body: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let err =
+            to_py(py, Error::Io { op: op.into(), source: std::io::Error::other(format!("internal error: {msg}")) });
+        Err(err)
+    })
+}
+
+/// An integer argument (a Python int or anything with `__index__`, not a bool or a float) that fits `T`.
+fn int_arg<T: TryFrom<i128> + std::fmt::Display>(
+    py: Python<'_>,
+    op: &'static str,
+    what: &str,
+    obj: &Bound<'_, PyAny>,
+) -> PyResult<T> {
+    let type_name = || obj.get_type().name().map(|n| n.to_string()).unwrap_or_default();
+    if obj.is_instance_of::<PyBool>() || !obj.hasattr("__index__").unwrap_or(false) {
+        return Err(invalid(py, op, format!("{what} must be an integer, got {} {obj}", type_name())));
+    }
+    let v: i128 = match obj.extract::<i64>() {
+        Ok(v) => v.into(),
+        Err(_) => obj
+            .extract::<u64>()
+            .map(i128::from)
+            .map_err(|_| invalid(py, op, format!("{what} = {obj} is out of range")))?,
+    };
+    T::try_from(v).map_err(|_| invalid(py, op, format!("{what} = {v} is out of range")))
+}
+
+/// An optional integer argument.
+fn opt_int_arg<T: TryFrom<i128> + std::fmt::Display>(
+    py: Python<'_>,
+    op: &'static str,
+    what: &str,
+    obj: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Option<T>> {
+    obj.filter(|o| !o.is_none()).map(|o| int_arg(py, op, what, o)).transpose()
+}
+
+/// Token ids: a sequence of integers in `0..=u32::MAX` (the model checks them against its vocabulary).
+fn token_ids(py: Python<'_>, op: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    if obj.is_instance_of::<pyo3::types::PyString>() || obj.is_instance_of::<pyo3::types::PyBytes>() {
+        return Err(invalid(py, op, "expected token ids, got a string".into()));
+    }
+    let items =
+        obj.try_iter().map_err(|_| invalid(py, op, format!("token ids must be a sequence, got {}", describe(obj))))?;
+    items.map(|t| int_arg::<u32>(py, op, "token id", &t?)).collect()
 }
 
 /// Describes an object's dtype and shape for error messages.
@@ -81,22 +138,7 @@ impl PyPackedMatrix {
         x: &Bound<'py, PyAny>,
         activations: Option<&str>,
     ) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        let act = parse_act(py, activations)?;
-        let x = f32_slice::<numpy::Ix1>(py, "matvec", "x", x)?;
-        let m = self.inner.clone();
-        if x.len() != m.cols() {
-            return Err(invalid(
-                py,
-                "matvec",
-                format!("x has {} values, the matrix has {} columns", x.len(), m.cols()),
-            ));
-        }
-        let x = x.as_slice()?.to_vec();
-        let y = py.detach(move || {
-            let mut y = vec![0.0f32; m.rows()];
-            kernels::matmul(&m, &x, 1, &mut y, act).map(|_| y)
-        });
-        Ok(PyArray1::from_vec(py, y.map_err(|e| to_py(py, e))?))
+        guard(py, "matvec", || self.matvec_impl(py, x, activations))
     }
 
     /// `X @ Wᵀ` for `X` of shape `(rows, in)`, float32; returns `(rows, out)` float32. `activations` as
@@ -108,39 +150,30 @@ impl PyPackedMatrix {
         x: &Bound<'py, PyAny>,
         activations: Option<&str>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let act = parse_act(py, activations)?;
-        let x = f32_slice::<numpy::Ix2>(py, "matmul", "X", x)?;
-        let m = self.inner.clone();
-        let (k, cols) = (x.shape()[0], x.shape()[1]);
-        if cols != m.cols() {
-            return Err(invalid(py, "matmul", format!("X has {cols} columns, the matrix has {}", m.cols())));
-        }
-        let x = x.as_slice()?.to_vec();
-        let y = py.detach(move || {
-            let mut y = vec![0.0f32; k * m.rows()];
-            kernels::matmul(&m, &x, k, &mut y, act).map(|_| y)
-        });
-        let y = PyArray1::from_vec(py, y.map_err(|e| to_py(py, e))?);
-        y.reshape([k, self.inner.rows()])
+        guard(py, "matmul", || self.matmul_impl(py, x, activations))
     }
 
     /// The dequantized weights as a float32 `(out, in)` array (for tests and inspection).
     fn to_dense<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let m = self.inner.clone();
-        let dense = py.detach(move || m.to_dense());
-        PyArray1::from_vec(py, dense).reshape([self.inner.rows(), self.inner.cols()])
+        guard(py, "to_dense", || {
+            let m = self.inner.clone();
+            let dense = py.detach(move || m.to_dense());
+            PyArray1::from_vec(py, dense).reshape([self.inner.rows(), self.inner.cols()])
+        })
     }
 
     /// The kernel a call with `activations` runs now, e.g. "sparse_int8_i8 (avx512vnni)".
     #[pyo3(signature = (activations = None))]
     fn kernel(&self, py: Python<'_>, activations: Option<&str>) -> PyResult<String> {
-        let act = parse_act(py, activations)?.unwrap_or(kernels::Activations::default_for(self.inner.format()));
-        kernels::kernel_name(&self.inner, act).map_err(|e| to_py(py, e))
+        guard(py, "kernel", || {
+            let act = parse_act(py, activations)?.unwrap_or(kernels::Activations::default_for(self.inner.format()));
+            kernels::kernel_name(&self.inner, act).map_err(|e| to_py(py, e))
+        })
     }
 
     /// An independent copy of the packed buffers (benchmarks rotate over copies to defeat the cache).
-    fn copy(&self) -> Self {
-        PyPackedMatrix { inner: Arc::new((*self.inner).clone()) }
+    fn copy(&self, py: Python<'_>) -> PyResult<Self> {
+        guard(py, "copy", || Ok(PyPackedMatrix { inner: Arc::new((*self.inner).clone()) }))
     }
 
     /// Bytes a matvec reads from memory.
@@ -198,6 +231,54 @@ impl PyPackedMatrix {
     }
 }
 
+impl PyPackedMatrix {
+    fn matvec_impl<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        activations: Option<&str>,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let act = parse_act(py, activations)?;
+        let x = f32_slice::<numpy::Ix1>(py, "matvec", "x", x)?;
+        let m = self.inner.clone();
+        if x.len() != m.cols() {
+            return Err(invalid(
+                py,
+                "matvec",
+                format!("x has {} values, the matrix has {} columns", x.len(), m.cols()),
+            ));
+        }
+        let x = x.as_slice()?.to_vec();
+        let y = py.detach(move || {
+            let mut y = vec![0.0f32; m.rows()];
+            kernels::matmul(&m, &x, 1, &mut y, act).map(|_| y)
+        });
+        Ok(PyArray1::from_vec(py, y.map_err(|e| to_py(py, e))?))
+    }
+
+    fn matmul_impl<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        activations: Option<&str>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let act = parse_act(py, activations)?;
+        let x = f32_slice::<numpy::Ix2>(py, "matmul", "X", x)?;
+        let m = self.inner.clone();
+        let (k, cols) = (x.shape()[0], x.shape()[1]);
+        if cols != m.cols() {
+            return Err(invalid(py, "matmul", format!("X has {cols} columns, the matrix has {}", m.cols())));
+        }
+        let x = x.as_slice()?.to_vec();
+        let y = py.detach(move || {
+            let mut y = vec![0.0f32; k * m.rows()];
+            kernels::matmul(&m, &x, k, &mut y, act).map(|_| y)
+        });
+        let y = PyArray1::from_vec(py, y.map_err(|e| to_py(py, e))?);
+        y.reshape([k, self.inner.rows()])
+    }
+}
+
 /// Packs a float32 `(out, in)` matrix; zeros are pruned weights for the sparse formats. `scales` (float32
 /// `(out, groups)`, symmetric integer formats only) fixes the quantization grid instead of fitting it.
 /// `layout`: "auto", "rows" or "tiles" (the in-memory layout; see `formats::tiles`).
@@ -207,11 +288,24 @@ fn pack<'py>(
     py: Python<'py>,
     w: &Bound<'py, PyAny>,
     format: &str,
-    group_size: Option<usize>,
+    group_size: Option<&Bound<'py, PyAny>>,
     asymmetric: bool,
     scales: Option<&Bound<'py, PyAny>>,
     layout: &str,
 ) -> PyResult<PyPackedMatrix> {
+    guard(py, "pack", || pack_impl(py, w, format, group_size, asymmetric, scales, layout))
+}
+
+fn pack_impl<'py>(
+    py: Python<'py>,
+    w: &Bound<'py, PyAny>,
+    format: &str,
+    group_size: Option<&Bound<'py, PyAny>>,
+    asymmetric: bool,
+    scales: Option<&Bound<'py, PyAny>>,
+    layout: &str,
+) -> PyResult<PyPackedMatrix> {
+    let group_size = opt_int_arg::<usize>(py, "pack", "group_size", group_size)?;
     let fmt = Format::from_name(format).map_err(|e| to_py(py, e))?;
     let layout = Layout::from_name(layout).map_err(|e| to_py(py, e))?;
     let w = f32_slice::<numpy::Ix2>(py, "pack", "w", w)?;
@@ -247,32 +341,53 @@ impl PyModel {
     /// default), "f32", "int8" or "int8-token".
     #[staticmethod]
     #[pyo3(signature = (path, weights = None, group_size = None, asymmetric = false, activations = None))]
-    fn load(
-        py: Python<'_>,
+    fn load<'py>(
+        py: Python<'py>,
         path: PathBuf,
         weights: Option<&str>,
-        group_size: Option<usize>,
+        group_size: Option<&Bound<'py, PyAny>>,
         asymmetric: bool,
         activations: Option<&str>,
     ) -> PyResult<Self> {
-        let weights = weights.map(Format::from_name).transpose().map_err(|e| to_py(py, e))?;
-        let activations = parse_act(py, activations)?;
-        let opts =
-            LoadOptions { weights, pack: PackOptions { group_size, asymmetric, ..Default::default() }, activations };
-        let m = py.detach(|| runtime::load_dir(&path, opts)).map_err(|e| to_py(py, e))?;
-        Ok(PyModel { inner: Arc::new(m) })
+        guard(py, "load", || {
+            let group_size = opt_int_arg::<usize>(py, "load", "group_size", group_size)?;
+            let weights = weights.map(Format::from_name).transpose().map_err(|e| to_py(py, e))?;
+            let activations = parse_act(py, activations)?;
+            let pack = PackOptions { group_size, asymmetric, ..Default::default() };
+            let opts = LoadOptions { weights, pack, activations };
+            let m = py.detach(|| runtime::load_dir(&path, opts)).map_err(|e| to_py(py, e))?;
+            Ok(PyModel { inner: Arc::new(m) })
+        })
     }
 
     /// Logits `(len(tokens), vocab)` float32 of every position, from a fresh cache.
-    fn logits<'py>(&self, py: Python<'py>, tokens: Vec<u32>) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let m = self.inner.clone();
-        let n = tokens.len();
-        let v = py.detach(move || runtime::logits(&m, &tokens)).map_err(|e| to_py(py, e))?;
-        PyArray1::from_vec(py, v).reshape([n, self.inner.spec.vocab])
+    fn logits<'py>(&self, py: Python<'py>, tokens: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        guard(py, "logits", || {
+            let tokens = token_ids(py, "logits", tokens)?;
+            let m = self.inner.clone();
+            let n = tokens.len();
+            let v = py.detach(move || runtime::logits(&m, &tokens)).map_err(|e| to_py(py, e))?;
+            PyArray1::from_vec(py, v).reshape([n, self.inner.spec.vocab])
+        })
     }
 
     /// Architecture, sizes, per-layer formats/densities, bytes per token and kernels in use.
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        guard(py, "info", || self.info_impl(py))
+    }
+
+    fn __repr__(&self) -> String {
+        let s = &self.inner.spec;
+        let f = self.inner.layers.first().map_or("?", |l| l.qkv.w.format().name());
+        format!(
+            "Model(arch={:?}, layers={}, hidden={}, vocab={}, format={f:?})",
+            s.model_type, s.layers, s.hidden, s.vocab
+        )
+    }
+}
+
+impl PyModel {
+    fn info_impl<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let m = &self.inner;
         let s = &m.spec;
         let d = PyDict::new(py);
@@ -330,15 +445,6 @@ impl PyModel {
         d.set_item("bos_token_id", s.bos)?;
         Ok(d)
     }
-
-    fn __repr__(&self) -> String {
-        let s = &self.inner.spec;
-        let f = self.inner.layers.first().map_or("?", |l| l.qkv.w.format().name());
-        format!(
-            "Model(arch={:?}, layers={}, hidden={}, vocab={}, format={f:?})",
-            s.model_type, s.layers, s.hidden, s.vocab
-        )
-    }
 }
 
 /// One sequence being generated: the first `next_token()` prefills the prompt, later calls decode one token.
@@ -352,51 +458,76 @@ impl PyGenerator {
     #[new]
     #[pyo3(signature = (model, prompt, max_new_tokens, temperature = 0.0, top_k = None, top_p = None, repetition_penalty = 1.0, seed = None))]
     #[allow(clippy::too_many_arguments)]
-    fn new(
-        py: Python<'_>,
+    fn new<'py>(
+        py: Python<'py>,
         model: &PyModel,
-        prompt: Vec<u32>,
-        max_new_tokens: usize,
-        temperature: f32,
-        top_k: Option<usize>,
-        top_p: Option<f32>,
-        repetition_penalty: f32,
-        seed: Option<u64>,
+        prompt: &Bound<'py, PyAny>,
+        max_new_tokens: &Bound<'py, PyAny>,
+        temperature: f64,
+        top_k: Option<&Bound<'py, PyAny>>,
+        top_p: Option<f64>,
+        repetition_penalty: f64,
+        seed: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Self> {
-        let params = SamplingParams { temperature, top_k, top_p, repetition_penalty, seed };
-        let g = py
-            .detach(|| Generator::new(model.inner.clone(), &prompt, max_new_tokens, params))
-            .map_err(|e| to_py(py, e))?;
-        Ok(PyGenerator { inner: Mutex::new(g) })
+        const OP: &str = "generate";
+        guard(py, OP, || {
+            let prompt = token_ids(py, OP, prompt)?;
+            let max_new_tokens = int_arg::<usize>(py, OP, "max_new_tokens", max_new_tokens)?;
+            let top_k = opt_int_arg::<usize>(py, OP, "top_k", top_k)?;
+            let seed = opt_int_arg::<u64>(py, OP, "seed", seed)?;
+            // Checked in f64: a tiny negative temperature would round to -0.0 in f32 and pass as greedy.
+            if !(temperature.is_finite() && temperature >= 0.0) {
+                return Err(invalid(py, OP, format!("temperature must be a finite number >= 0, got {temperature}")));
+            }
+            let params = SamplingParams {
+                temperature: temperature as f32,
+                top_k,
+                top_p: top_p.map(|p| p as f32),
+                repetition_penalty: repetition_penalty as f32,
+                seed,
+            };
+            let g = py
+                .detach(|| Generator::new(model.inner.clone(), &prompt, max_new_tokens, params))
+                .map_err(|e| to_py(py, e))?;
+            Ok(PyGenerator { inner: Mutex::new(g) })
+        })
     }
 
     /// The next token id, or None when the context is full. Releases the GIL while it computes.
     fn next_token(&self, py: Python<'_>) -> PyResult<Option<u32>> {
-        let r = py.detach(|| self.inner.lock().unwrap_or_else(|e| e.into_inner()).next_token());
-        r.map_err(|e| to_py(py, e))
+        guard(py, "generate", || {
+            let r = py.detach(|| self.inner.lock().unwrap_or_else(|e| e.into_inner()).next_token());
+            r.map_err(|e| to_py(py, e))
+        })
     }
 
     /// Prompt tokens, prefill seconds, decode tokens and decode seconds so far.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.inner.lock().unwrap_or_else(|e| e.into_inner()).stats();
-        let d = PyDict::new(py);
-        d.set_item("prompt_tokens", s.prompt_tokens)?;
-        d.set_item("prefill_s", s.prefill_s)?;
-        d.set_item("decode_tokens", s.decode_tokens)?;
-        d.set_item("decode_s", s.decode_s)?;
-        Ok(d)
+        guard(py, "stats", || {
+            let s = self.inner.lock().unwrap_or_else(|e| e.into_inner()).stats();
+            let d = PyDict::new(py);
+            d.set_item("prompt_tokens", s.prompt_tokens)?;
+            d.set_item("prefill_s", s.prefill_s)?;
+            d.set_item("decode_tokens", s.decode_tokens)?;
+            d.set_item("decode_s", s.decode_s)?;
+            Ok(d)
+        })
     }
 }
 
 /// The `model_type`s the runtime supports.
 #[pyfunction]
-fn supported_architectures() -> Vec<&'static str> {
-    runtime::arch::supported()
+fn supported_architectures(py: Python<'_>) -> PyResult<Vec<&'static str>> {
+    guard(py, "supported_architectures", || Ok(runtime::arch::supported()))
 }
 
 /// Version, build profile, CPU features, and the kernel ISA and thread count in use.
 #[pyfunction]
 fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    guard(py, "build_info", || build_info_impl(py))
+}
+
+fn build_info_impl(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("version", core::VERSION)?;
     d.set_item("profile", core::build_profile())?;
@@ -413,43 +544,64 @@ fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 #[pyfunction]
 #[pyo3(signature = (name = None))]
 fn set_isa(py: Python<'_>, name: Option<&str>) -> PyResult<()> {
-    let isa = match name {
-        None | Some("auto") => None,
-        Some(n) => Some(core::Isa::from_name(n).map_err(|e| to_py(py, e))?),
-    };
-    kernels::set_isa(isa).map_err(|e| to_py(py, e))
+    guard(py, "set_isa", || {
+        let isa = match name {
+            None | Some("auto") => None,
+            Some(n) => Some(core::Isa::from_name(n).map_err(|e| to_py(py, e))?),
+        };
+        kernels::set_isa(isa).map_err(|e| to_py(py, e))
+    })
 }
 
 /// The ISA the kernels use now.
 #[pyfunction]
 fn active_isa(py: Python<'_>) -> PyResult<&'static str> {
-    kernels::active_isa().map(|i| i.name()).map_err(|e| to_py(py, e))
+    guard(py, "active_isa", || kernels::active_isa().map(|i| i.name()).map_err(|e| to_py(py, e)))
 }
 
 /// The ISAs this CPU supports, slowest first.
 #[pyfunction]
-fn available_isas() -> Vec<&'static str> {
-    kernels::available_isas().iter().map(|i| i.name()).collect()
+fn available_isas(py: Python<'_>) -> PyResult<Vec<&'static str>> {
+    guard(py, "available_isas", || Ok(kernels::available_isas().iter().map(|i| i.name()).collect()))
 }
 
 /// Sets the kernel thread count (0 restores the default).
 #[pyfunction]
-fn set_num_threads(n: usize) {
-    core::parallel::set_num_threads(n)
+fn set_num_threads(py: Python<'_>, n: &Bound<'_, PyAny>) -> PyResult<()> {
+    guard(py, "set_num_threads", || {
+        let n = int_arg::<usize>(py, "set_num_threads", "n", n)?;
+        if n > core::bandwidth::MAX_THREADS {
+            let max = core::bandwidth::MAX_THREADS;
+            return Err(invalid(py, "set_num_threads", format!("{n} threads is over the limit of {max}")));
+        }
+        core::parallel::set_num_threads(n);
+        Ok(())
+    })
 }
 
 /// The kernel thread count.
 #[pyfunction]
-fn num_threads() -> usize {
-    core::parallel::num_threads()
+fn num_threads(py: Python<'_>) -> PyResult<usize> {
+    guard(py, "num_threads", || Ok(core::parallel::num_threads()))
 }
 
-/// Best-of-`repeats` memory read bandwidth in GB/s over `nbytes` with `threads` threads.
+/// Best-of-`repeats` memory read bandwidth in GB/s over `nbytes` (default 1 GiB) with `threads` threads
+/// (default: the kernel thread count), `repeats` (default 5) times.
 #[pyfunction]
-#[pyo3(signature = (nbytes = 1 << 30, threads = None, repeats = 5))]
-fn measure_read_bandwidth(py: Python<'_>, nbytes: usize, threads: Option<usize>, repeats: usize) -> f64 {
-    let threads = threads.unwrap_or_else(core::parallel::num_threads);
-    py.detach(move || core::bandwidth::measure_read_bandwidth(nbytes, threads, repeats))
+#[pyo3(signature = (nbytes = None, threads = None, repeats = None))]
+fn measure_read_bandwidth<'py>(
+    py: Python<'py>,
+    nbytes: Option<&Bound<'py, PyAny>>,
+    threads: Option<&Bound<'py, PyAny>>,
+    repeats: Option<&Bound<'py, PyAny>>,
+) -> PyResult<f64> {
+    const OP: &str = "measure_read_bandwidth";
+    guard(py, OP, || {
+        let nbytes = opt_int_arg::<usize>(py, OP, "nbytes", nbytes)?.unwrap_or(1 << 30);
+        let threads = opt_int_arg::<usize>(py, OP, "threads", threads)?.unwrap_or_else(core::parallel::num_threads);
+        let repeats = opt_int_arg::<usize>(py, OP, "repeats", repeats)?.unwrap_or(5);
+        py.detach(move || core::bandwidth::measure_read_bandwidth(nbytes, threads, repeats)).map_err(|e| to_py(py, e))
+    })
 }
 
 #[pymodule]

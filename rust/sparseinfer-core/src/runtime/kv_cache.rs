@@ -1,28 +1,38 @@
-//! The key/value cache of one sequence, preallocated for its whole capacity.
+//! The key/value cache of one sequence. It grows with the positions written, so a large capacity (a long
+//! context in `config.json`, a large `max_new_tokens`) costs nothing until it is used.
 //!
-//! Layout per layer and per key/value head: `capacity × head_dim` keys, then the same for values, so one
-//! head's keys are contiguous for the attention dot products:
+//! Layout: one buffer per layer and key/value head, positions back to back, so one head's keys are
+//! contiguous for the attention dot products:
 //!
 //! ```text
-//! keys[layer][kv_head][position][head_dim]     values[layer][kv_head][position][head_dim]
+//! keys[layer · kv_heads + kv_head][position][head_dim]     values[...] likewise
 //! ```
+
+use crate::error::{Error, Result};
 
 /// Cached keys and values for up to `capacity` positions.
 pub struct KvCache {
-    layers: usize,
     kv_heads: usize,
     head_dim: usize,
     capacity: usize,
     len: usize,
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
 }
 
 impl KvCache {
-    /// An empty cache (memory: `2 · layers · kv_heads · capacity · head_dim` floats).
+    /// An empty cache with room for `capacity` positions (memory: `2 · layers · kv_heads · head_dim` floats
+    /// per position written).
     pub fn new(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> KvCache {
-        let n = layers * kv_heads * capacity * head_dim;
-        KvCache { layers, kv_heads, head_dim, capacity, len: 0, keys: vec![0.0; n], values: vec![0.0; n] }
+        let heads = layers * kv_heads;
+        KvCache {
+            kv_heads,
+            head_dim,
+            capacity,
+            len: 0,
+            keys: (0..heads).map(|_| Vec::new()).collect(),
+            values: (0..heads).map(|_| Vec::new()).collect(),
+        }
     }
 
     /// Positions filled.
@@ -50,25 +60,35 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
-    fn base(&self, layer: usize, head: usize) -> usize {
-        debug_assert!(layer < self.layers && head < self.kv_heads);
-        (layer * self.kv_heads + head) * self.capacity * self.head_dim
-    }
-
-    /// Stores the keys and values (`kv_heads × head_dim` each) of position `pos` in `layer`.
-    pub fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+    /// Stores the keys and values (`kv_heads × head_dim` each) of position `pos` (at most `len()`) in `layer`.
+    /// Fails, rather than aborting, when memory for a new position cannot be had.
+    pub fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) -> Result<()> {
         let hd = self.head_dim;
-        for h in 0..self.kv_heads {
-            let at = self.base(layer, h) + pos * hd;
-            self.keys[at..at + hd].copy_from_slice(&k[h * hd..(h + 1) * hd]);
-            self.values[at..at + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
+        if pos >= self.capacity {
+            return Err(Error::invalid("kv cache", format!("position {pos} is past the capacity {}", self.capacity)));
         }
+        for h in 0..self.kv_heads {
+            let i = layer * self.kv_heads + h;
+            for (buf, src) in
+                [(&mut self.keys[i], &k[h * hd..(h + 1) * hd]), (&mut self.values[i], &v[h * hd..(h + 1) * hd])]
+            {
+                let at = pos * hd;
+                if buf.len() < at + hd {
+                    let grow = at + hd - buf.len();
+                    buf.try_reserve(grow)
+                        .map_err(|_| Error::invalid("kv cache", format!("not enough memory for position {pos}")))?;
+                    buf.resize(at + hd, 0.0);
+                }
+                buf[at..at + hd].copy_from_slice(src);
+            }
+        }
+        Ok(())
     }
 
-    /// Keys and values of one head of one layer, `capacity × head_dim` each (valid up to the written ones).
+    /// Keys and values of one head of one layer, `positions written × head_dim` each.
     pub fn head(&self, layer: usize, head: usize) -> (&[f32], &[f32]) {
-        let (b, n) = (self.base(layer, head), self.capacity * self.head_dim);
-        (&self.keys[b..b + n], &self.values[b..b + n])
+        let i = layer * self.kv_heads + head;
+        (&self.keys[i], &self.values[i])
     }
 
     /// Marks `n` more positions as filled (after every layer wrote them).

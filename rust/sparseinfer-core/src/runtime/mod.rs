@@ -7,6 +7,7 @@
 //! - [`Generator`]: prefill once, then one token per call (the binding streams from it).
 
 pub mod arch;
+pub mod files;
 pub mod kv_cache;
 pub mod model;
 pub mod safetensors;
@@ -34,23 +35,24 @@ pub struct LoadOptions {
     pub activations: Option<crate::kernels::Activations>,
 }
 
-/// Reads `config.json` of a model directory.
+/// Reads `config.json` of a model directory (a regular file inside it, at most [`files::MAX_JSON_BYTES`]).
 pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
-    let path = dir.join("config.json");
-    if !dir.is_dir() {
-        return Err(Error::invalid("load", format!("{} is not a directory", dir.display())));
-    }
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| Error::Io { op: format!("reading {}", path.display()), source: e })?;
-    serde_json::from_str(&text).map_err(|e| Error::invalid("load", format!("{}: not valid JSON: {e}", path.display())))
+    read_config_in(&files::ModelDir::new(dir)?)
 }
 
-/// Loads a Hugging Face model directory (`config.json` + `*.safetensors`).
+fn read_config_in(dir: &files::ModelDir) -> Result<serde_json::Value> {
+    dir.read_json("config.json", files::MAX_JSON_BYTES)?
+        .ok_or_else(|| Error::invalid("load", format!("{}: no such file", dir.shown("config.json"))))
+}
+
+/// Loads a Hugging Face model directory (`config.json` + `*.safetensors`). The model keeps no reference to
+/// the files: what it reads later is copied before this returns.
 pub fn load_dir(dir: &Path, opts: LoadOptions) -> Result<Model> {
-    let config = read_config(dir)?;
+    let dir = files::ModelDir::new(dir)?;
+    let config = read_config_in(&dir)?;
     let spec = arch::spec(&config)?;
     let quant = weights::QuantScheme::from_config(&config)?;
-    let store = safetensors::WeightStore::open_dir(dir)?;
+    let store = safetensors::WeightStore::open_dir(&dir)?;
     let mut plan = match opts.weights {
         Some(f) => weights::WeightPlan::for_format(f, opts.pack),
         None => weights::WeightPlan::as_stored(store.main_float_dtype(), quant.is_some()),
@@ -100,7 +102,7 @@ impl Generator {
             ));
         }
         let sampler = Sampler::new(params)?;
-        let cache = model.new_cache(prompt.len() + max_new_tokens);
+        let cache = model.new_cache(prompt.len().saturating_add(max_new_tokens));
         Ok(Generator { model, cache, sampler, seen: prompt.to_vec(), last: None, stats: GenStats::default() })
     }
 

@@ -93,7 +93,11 @@ impl Model {
             ));
         }
         let v = self.spec.vocab;
-        let mut logits = Vec::with_capacity(if all_logits { tokens.len() * v } else { v });
+        let want = if all_logits { tokens.len().saturating_mul(v) } else { v };
+        let mut logits = Vec::new();
+        logits
+            .try_reserve_exact(want)
+            .map_err(|_| Error::invalid(OP, format!("not enough memory for {} x {v} logits", tokens.len())))?;
         let n_chunks = tokens.len().div_ceil(PREFILL_CHUNK);
         for (c, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
             let last = c + 1 == n_chunks;
@@ -154,7 +158,7 @@ impl Model {
                         apply_rope(head, cs, sn);
                     }
                 }
-                cache.write(li, pos0 + a, &row[q_w..q_w + kv_w], &row[q_w + kv_w..]);
+                cache.write(li, pos0 + a, &row[q_w..q_w + kv_w], &row[q_w + kv_w..])?;
             }
             self.attention(cache, li, pos0, k, &qkv, &mut att);
             layer.o.forward(&att, k, &mut proj)?;

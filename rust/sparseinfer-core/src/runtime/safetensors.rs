@@ -13,6 +13,7 @@
 //! read: offsets inside the file, `end - begin == numel × dtype size`, no two tensors overlapping. A file
 //! that lies gets [`Error::InvalidInput`] naming the file and tensor, never an out-of-bounds read.
 
+use super::files::{ModelDir, MAX_JSON_BYTES};
 use crate::error::{Error, Result};
 use memmap2::Mmap;
 use std::collections::HashMap;
@@ -151,20 +152,29 @@ pub fn f16_to_f32(h: u16) -> f32 {
 }
 
 impl SafeTensors {
-    /// Maps and validates a file.
+    /// Maps and validates a file (a regular file only).
     pub fn open(path: &Path) -> Result<SafeTensors> {
+        SafeTensors::from_file(super::files::open_regular(path)?, path)
+    }
+
+    /// Maps and validates an open file; `path` names it in errors.
+    pub fn from_file(file: File, path: &Path) -> Result<SafeTensors> {
         let shown = path.display().to_string();
-        let io = |e| Error::Io { op: format!("opening {shown}"), source: e };
-        let file = File::open(path).map_err(io)?;
+        let io = |e| Error::Io { op: format!("mapping {shown}"), source: e };
         // SAFETY: the mapping is read-only. A file truncated by another process while mapped is the one
-        // way this can fault; model files are not expected to change under a running model.
+        // way this can fault; the model copies what it keeps (packed layers, the embedding) before load_dir
+        // returns and drops the map, so only a truncation during loading can.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
         let bad = |msg: String| Error::invalid(OP, format!("{shown}: {msg}"));
         if map.len() < 8 {
             return Err(bad(format!("file is {} bytes, too short for a safetensors header", map.len())));
         }
         let n = u64::from_le_bytes(map[..8].try_into().expect("8 bytes"));
-        if n > MAX_HEADER || 8 + n > map.len() as u64 {
+        if n > MAX_HEADER {
+            // Not echoing n: in a file that is not safetensors these are its first bytes.
+            return Err(bad(format!("header length is over {MAX_HEADER} bytes (not a safetensors file?)")));
+        }
+        if 8 + n > map.len() as u64 {
             return Err(bad(format!(
                 "header length {n} does not fit in a {}-byte file (truncated or not safetensors)",
                 map.len()
@@ -257,38 +267,40 @@ pub struct WeightStore {
 }
 
 impl WeightStore {
-    /// Opens every weight file of `dir`.
-    pub fn open_dir(dir: &Path) -> Result<WeightStore> {
-        let index_path = dir.join("model.safetensors.index.json");
-        let mut paths: Vec<PathBuf> = if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|e| Error::Io { op: format!("reading {}", index_path.display()), source: e })?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::invalid(OP, format!("{}: not valid JSON: {e}", index_path.display())))?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::invalid(OP, format!("{}: no \"weight_map\" object", index_path.display())))?;
-            let mut files: Vec<PathBuf> =
-                map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect::<Vec<_>>();
-            files.sort();
-            files.dedup();
-            files
-        } else {
-            let rd = std::fs::read_dir(dir)
-                .map_err(|e| Error::Io { op: format!("listing {}", dir.display()), source: e })?;
-            let mut files: Vec<PathBuf> = rd
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-                .collect();
-            files.sort();
-            files
+    /// Opens every weight file of `dir`: the shards listed in `model.safetensors.index.json`, else every
+    /// `*.safetensors` file. Each must resolve inside the directory and be a regular file.
+    pub fn open_dir(dir: &ModelDir) -> Result<WeightStore> {
+        const INDEX: &str = "model.safetensors.index.json";
+        let names: Vec<String> = match dir.read_json(INDEX, MAX_JSON_BYTES)? {
+            Some(v) => {
+                let bad = |m: &str| Error::invalid(OP, format!("{}: {m}", dir.shown(INDEX)));
+                let map =
+                    v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no \"weight_map\" object"))?;
+                let mut names = Vec::new();
+                for (tensor, file) in map {
+                    let file =
+                        file.as_str().ok_or_else(|| bad(&format!("weight_map[{tensor:?}] is not a file name")))?;
+                    names.push(file.to_string());
+                }
+                names.sort();
+                names.dedup();
+                names
+            }
+            None => dir.names_with_extension("safetensors")?,
         };
-        if paths.is_empty() {
-            return Err(Error::invalid(OP, format!("{}: no *.safetensors weight files", dir.display())));
+        if names.is_empty() {
+            return Err(Error::invalid(OP, format!("{}: no *.safetensors weight files", dir.shown(""))));
         }
-        paths.dedup();
-        let files: Vec<SafeTensors> = paths.iter().map(|p| SafeTensors::open(p)).collect::<Result<_>>()?;
+        // Two names may be links to one file: open each real file once.
+        let mut seen = std::collections::HashSet::new();
+        let mut files = Vec::new();
+        for name in &names {
+            let real =
+                dir.resolve(name)?.ok_or_else(|| Error::invalid(OP, format!("{}: no such file", dir.shown(name))))?;
+            if seen.insert(real) {
+                files.push(SafeTensors::from_file(dir.open_required(name)?, Path::new(&dir.shown(name)))?);
+            }
+        }
         let mut index = HashMap::new();
         for (i, f) in files.iter().enumerate() {
             for name in f.entries.keys() {

@@ -3,10 +3,14 @@
 
 use crate::error::{Error, Result};
 
+/// Temperatures below this sample greedily: every token but the maximum has probability 0 in f64 there
+/// (a logit gap of 1e-6 over 1e-30 is exp(-1e24)), so the division is skipped.
+pub const GREEDY_BELOW: f32 = 1e-30;
+
 /// Sampling settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
-    /// 0 means greedy.
+    /// 0 (or anything below [`GREEDY_BELOW`]) means greedy.
     pub temperature: f32,
     /// Keep the `k` most likely tokens.
     pub top_k: Option<usize>,
@@ -29,7 +33,10 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         const OP: &str = "sampling";
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(Error::invalid(OP, format!("temperature must be >= 0, got {}", self.temperature)));
+            return Err(Error::invalid(
+                OP,
+                format!("temperature must be a finite number >= 0, got {}", self.temperature),
+            ));
         }
         if self.top_k == Some(0) {
             return Err(Error::invalid(OP, "top_k must be >= 1"));
@@ -87,11 +94,13 @@ impl Sampler {
                 if t < logits.len() && !done[t] {
                     done[t] = true;
                     let l = &mut logits[t];
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    // Clamped: a tiny penalty must not turn a logit into an infinity.
+                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty }
+                        .clamp(f32::MIN, f32::MAX);
                 }
             }
         }
-        if p.temperature == 0.0 {
+        if p.temperature < GREEDY_BELOW {
             // First maximum, as argmax does in torch.
             let mut best = 0;
             for (i, &v) in logits.iter().enumerate() {
@@ -101,14 +110,17 @@ impl Sampler {
             }
             return Ok(best as u32);
         }
-        let t = p.temperature;
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / t)).collect();
+        // Candidates in decreasing logit order (the order of logit / T for any T > 0).
+        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
         cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if let Some(k) = p.top_k {
             cand.truncate(k.min(cand.len()));
         }
-        let max = cand[0].1;
-        let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+        // Softmax of logit / T in log space: (l - max) / T is <= 0, so a tiny T sends it to -inf (probability 0)
+        // instead of overflowing l / T to infinities whose difference is NaN.
+        let (max, t) = (cand[0].1 as f64, p.temperature as f64);
+        let mut probs: Vec<f64> =
+            cand.iter().map(|c| if c.1 as f64 == max { 1.0 } else { ((c.1 as f64 - max) / t).exp() }).collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= total);
         if let Some(top_p) = p.top_p {
@@ -170,7 +182,30 @@ mod tests {
     }
 
     #[test]
+    fn tiny_temperatures_pick_the_maximum() {
+        for t in [1e-20f32, 1e-30, 1e-38, 1e-45, f32::MIN_POSITIVE] {
+            for seed in 0..20 {
+                let p = SamplingParams { temperature: t, seed: Some(seed), ..Default::default() };
+                let mut s = Sampler::new(p).unwrap();
+                let mut logits = [3.0, 1e30, -1e30, 1e30 * (1.0 - 1e-7), 0.5];
+                assert_eq!(s.sample(&mut logits, &[]).unwrap(), 1, "temperature {t}");
+                assert_eq!(s.sample(&mut [-5.0, -1.0, -3.0], &[]).unwrap(), 1, "temperature {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn tiny_repetition_penalty_stays_finite() {
+        let p = SamplingParams { temperature: 1.0, repetition_penalty: 1e-45, seed: Some(1), ..Default::default() };
+        let mut s = Sampler::new(p).unwrap();
+        assert!(s.sample(&mut [1.0, 2.0, 3.0], &[0, 1]).unwrap() < 3);
+    }
+
+    #[test]
     fn bad_settings_and_nan_are_errors() {
+        for t in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -1e-30] {
+            assert!(Sampler::new(SamplingParams { temperature: t, ..Default::default() }).is_err(), "{t}");
+        }
         assert!(Sampler::new(SamplingParams { temperature: -1.0, ..Default::default() }).is_err());
         assert!(Sampler::new(SamplingParams { top_p: Some(0.0), ..Default::default() }).is_err());
         assert!(Sampler::new(SamplingParams::default()).unwrap().sample(&mut [f32::NAN], &[]).is_err());

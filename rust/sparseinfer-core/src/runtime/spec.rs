@@ -6,6 +6,28 @@ use serde_json::Value;
 
 const OP: &str = "config";
 
+/// Upper bounds on the sizes a `config.json` may declare, checked before anything is sized from them. Each is
+/// several times the largest released model's (hidden 16384, 126 layers, 128 heads, head_dim 256,
+/// intermediate 53248, vocabulary 256k, 10M positions); the tensors' shapes must then match exactly.
+pub mod limits {
+    /// Residual width.
+    pub const HIDDEN: usize = 1 << 17;
+    /// Transformer blocks.
+    pub const LAYERS: usize = 1 << 10;
+    /// Attention heads (query or key/value).
+    pub const HEADS: usize = 1 << 10;
+    /// Width of one head.
+    pub const HEAD_DIM: usize = 1 << 11;
+    /// MLP inner width.
+    pub const INTERMEDIATE: usize = 1 << 20;
+    /// Vocabulary (token ids are u32).
+    pub const VOCAB: usize = 1 << 24;
+    /// Context length (the KV cache grows with use, so this bounds only what a config may claim).
+    pub const POSITIONS: usize = 1 << 26;
+    /// Multipliers of another size (MPT's `expansion_ratio`).
+    pub const RATIO: usize = 64;
+}
+
 /// Layer normalisation kind.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum NormKind {
@@ -132,22 +154,45 @@ impl Spec {
         (self.heads + 2 * self.kv_heads) * self.head_dim
     }
 
-    /// Checks the numbers fit together; every architecture calls this.
+    /// Checks the numbers fit together and within [`limits`]; every architecture calls this.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::invalid(OP, format!("{}: {m}", self.model_type)));
-        for (name, v) in [
-            ("hidden size", self.hidden),
-            ("layers", self.layers),
-            ("heads", self.heads),
-            ("kv heads", self.kv_heads),
-            ("head_dim", self.head_dim),
-            ("intermediate size", self.intermediate),
-            ("vocab size", self.vocab),
-            ("max positions", self.max_positions),
+        let bad = |m: String| Err(Error::invalid(OP, format!("{}: config.json: {m}", self.model_type)));
+        for (name, v, max) in [
+            ("hidden size", self.hidden, limits::HIDDEN),
+            ("layers", self.layers, limits::LAYERS),
+            ("heads", self.heads, limits::HEADS),
+            ("kv heads", self.kv_heads, limits::HEADS),
+            ("head_dim", self.head_dim, limits::HEAD_DIM),
+            ("intermediate size", self.intermediate, limits::INTERMEDIATE),
+            ("vocab size", self.vocab, limits::VOCAB),
+            ("max positions", self.max_positions, limits::POSITIONS),
         ] {
             if v == 0 {
                 return bad(format!("{name} is 0"));
             }
+            if v > max {
+                return bad(format!("{name} {v} is over the limit of {max}"));
+            }
+        }
+        if self.sliding_window == Some(0) {
+            return bad("sliding_window is 0 (no position could attend to any)".into());
+        }
+        if let Some(c) = self.clip_qkv {
+            if !(c.is_finite() && c > 0.0) {
+                return bad(format!("clip_qkv {c} is not a positive number"));
+            }
+        }
+        if !self.attn_scale.is_finite() {
+            return bad(format!("attention scale {} is not finite", self.attn_scale));
+        }
+        match &self.positions {
+            Positions::Rope { inv_freq } if inv_freq.iter().any(|f| !(f.is_finite() && *f > 0.0)) => {
+                return bad("rotary frequencies are not finite positive numbers (rope_theta or rope scaling)".into());
+            }
+            Positions::Alibi { slopes } if slopes.len() != self.heads || slopes.iter().any(|s| !s.is_finite()) => {
+                return bad("ALiBi slopes are not finite (alibi_bias_max)".into());
+            }
+            _ => {}
         }
         if !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!("{} heads is not a multiple of {} key/value heads", self.heads, self.kv_heads));
@@ -182,11 +227,27 @@ impl Cfg<'_> {
         self.opt_usize(key)?.ok_or_else(|| self.missing(key))
     }
 
+    /// A required size of at most `max` (see [`limits`]).
+    pub fn size(&self, key: &str, max: usize) -> Result<usize> {
+        self.opt_size(key, max)?.ok_or_else(|| self.missing(key))
+    }
+
+    /// An optional size of at most `max`.
+    pub fn opt_size(&self, key: &str, max: usize) -> Result<Option<usize>> {
+        match self.opt_usize(key)? {
+            Some(n) if n > max => Err(Error::invalid(
+                OP,
+                format!("{}: config.json {key:?} = {n} is over the limit of {max}", self.model_type),
+            )),
+            n => Ok(n),
+        }
+    }
+
     /// An optional non-negative integer (absent or null: `None`).
     pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.v.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+            Some(x) => x.as_u64().and_then(|n| usize::try_from(n).ok()).map(Some).ok_or_else(|| {
                 Error::invalid(OP, format!("{}: {key:?} must be a non-negative integer, got {x}", self.model_type))
             }),
         }
@@ -218,11 +279,13 @@ impl Cfg<'_> {
         self.v.get(key).and_then(|x| x.as_str())
     }
 
-    /// Token ids under `key`: an integer, a list of them, or absent.
+    /// Token ids under `key`: an integer, a list of them, or absent. Values that are not u32 are skipped
+    /// (not truncated onto another id).
     pub fn token_ids(&self, key: &str) -> Vec<u32> {
+        let id = |x: &Value| x.as_u64().and_then(|n| u32::try_from(n).ok());
         match self.v.get(key) {
-            Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|n| n as u32).collect(),
+            Some(n @ Value::Number(_)) => id(n).into_iter().collect(),
+            Some(Value::Array(a)) => a.iter().filter_map(id).collect(),
             _ => Vec::new(),
         }
     }

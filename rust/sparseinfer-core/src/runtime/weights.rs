@@ -78,10 +78,11 @@ pub struct NormW {
     pub b: Option<Vec<f32>>,
 }
 
-/// A `[V, D]` table read row by row from the memory map (never copied whole).
+/// A `[V, D]` table in its stored precision (f32, f16 or bf16), copied out of the checkpoint at load so that
+/// the model does not depend on the mapped file; rows are widened to f32 as tokens read them.
 pub struct Embedding {
-    store: WeightStore,
-    name: String,
+    dtype: Dtype,
+    bytes: Vec<u8>,
     rows: usize,
     cols: usize,
 }
@@ -100,10 +101,9 @@ impl Embedding {
                 format!("token id {i} is outside the vocabulary of {}", self.rows),
             ));
         }
-        let t = self.store.get(&self.name).expect("checked at load");
-        let size = t.dtype.size();
-        let bytes = &t.bytes[i * self.cols * size..(i + 1) * self.cols * size];
-        match t.dtype {
+        let size = self.dtype.size();
+        let bytes = &self.bytes[i * self.cols * size..(i + 1) * self.cols * size];
+        match self.dtype {
             Dtype::F32 => {
                 for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
                     *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
@@ -124,10 +124,14 @@ impl Embedding {
         Ok(())
     }
 
-    /// Bytes of the table in the file.
+    /// Bytes of the table as stored.
     pub fn nbytes(&self) -> usize {
-        self.store.get(&self.name).map_or(0, |t| t.bytes.len())
+        self.bytes.len()
     }
+}
+
+fn out_of_memory(name: &str, n: usize) -> Error {
+    Error::invalid("load", format!("{name}: not enough memory for {n} values"))
 }
 
 /// Reads tensors by Hugging Face name and builds runtime weights according to a [`WeightPlan`].
@@ -178,7 +182,11 @@ impl QuantScheme {
         let mut scheme = None;
         for g in groups.values() {
             let w = g.get("weights").ok_or_else(|| bad("a config group has no \"weights\"".into()))?;
-            let bits = w.get("num_bits").and_then(|b| b.as_u64()).ok_or_else(|| bad("no num_bits".into()))? as u32;
+            let bits = w
+                .get("num_bits")
+                .and_then(|b| b.as_u64())
+                .and_then(|b| u32::try_from(b).ok())
+                .ok_or_else(|| bad("no usable num_bits".into()))?;
             if bits != 4 && bits != 8 {
                 return Err(Error::unsupported("load", format!("{bits}-bit weights are not supported (4, 8)")));
             }
@@ -387,15 +395,22 @@ impl Loader<'_> {
         format: Option<Format>,
     ) -> Result<Linear> {
         let rows: usize = parts.iter().map(|p| p.1).sum();
-        let mut w = Vec::with_capacity(rows * cols);
-        let mut b = Vec::with_capacity(rows);
+        // Grown part by part: each part's size is checked against its tensor before it is decoded, so nothing
+        // is sized from the config alone.
+        let mut w: Vec<f32> = Vec::new();
+        let mut b = Vec::new();
         let mut scales: Vec<f32> = Vec::new();
         let mut per_row: Option<usize> = None;
         let mut all_quant = true;
         let (mut sparse, mut bf16) = (true, true);
         for &(name, r) in parts {
             let s = self.stored(name, r, cols, layout)?;
-            w.extend(s.w);
+            if w.is_empty() {
+                w = s.w;
+            } else {
+                w.try_reserve_exact(s.w.len()).map_err(|_| out_of_memory(name, s.w.len()))?;
+                w.extend(s.w);
+            }
             sparse &= s.sparse;
             bf16 &= s.bf16;
             match s.scales {
@@ -460,12 +475,15 @@ impl Loader<'_> {
         self.linear(parts, cols, layout, bias, None)
     }
 
-    /// An embedding table `[rows, cols]` left in the memory map.
+    /// An embedding table `[rows, cols]`, copied in its stored precision.
     pub fn embedding(&self, name: &str, rows: usize, cols: usize) -> Result<Embedding> {
         let t = self.store.tensor(name, &[rows, cols])?;
         if !matches!(t.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
             return Err(Error::invalid("load", format!("embedding {name:?} has dtype {}", t.dtype.name())));
         }
-        Ok(Embedding { store: self.store.clone(), name: name.to_string(), rows, cols })
+        let mut bytes = Vec::new();
+        bytes.try_reserve_exact(t.bytes.len()).map_err(|_| out_of_memory(name, t.bytes.len()))?;
+        bytes.extend_from_slice(t.bytes);
+        Ok(Embedding { dtype: t.dtype, bytes, rows, cols })
     }
 }

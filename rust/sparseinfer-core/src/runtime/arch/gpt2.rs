@@ -10,7 +10,7 @@
 use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
 use crate::runtime::model::Layer;
-use crate::runtime::spec::{Act, Cfg, Mlp, NormKind, Positions, Spec};
+use crate::runtime::spec::{limits, Act, Cfg, Mlp, NormKind, Positions, Spec};
 use crate::runtime::weights::{Layout, Loader};
 use serde_json::Value;
 
@@ -20,8 +20,8 @@ pub const MODEL_TYPES: &[&str] = &["gpt2"];
 /// The spec from `config.json`.
 pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
     let c = Cfg { v, model_type };
-    let hidden = c.usize("n_embd")?;
-    let heads = c.usize("n_head")?;
+    let hidden = c.size("n_embd", limits::HIDDEN)?;
+    let heads = c.size("n_head", limits::HEADS)?;
     if c.bool_or("scale_attn_by_inverse_layer_idx", false)? {
         return Err(Error::unsupported("config", "gpt2: scale_attn_by_inverse_layer_idx is not supported"));
     }
@@ -33,13 +33,13 @@ pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
     let spec = Spec {
         model_type: model_type.to_string(),
         hidden,
-        layers: c.usize("n_layer")?,
+        layers: c.size("n_layer", limits::LAYERS)?,
         heads,
         kv_heads: heads,
         head_dim,
-        intermediate: c.opt_usize("n_inner")?.unwrap_or(4 * hidden),
-        vocab: c.usize("vocab_size")?,
-        max_positions: c.usize("n_positions")?,
+        intermediate: c.opt_size("n_inner", limits::INTERMEDIATE)?.unwrap_or(4 * hidden),
+        vocab: c.size("vocab_size", limits::VOCAB)?,
+        max_positions: c.size("n_positions", limits::POSITIONS)?,
         norm: NormKind::LayerNorm { bias: true },
         norm_eps: c.opt_f64("layer_norm_epsilon")?.unwrap_or(1e-5) as f32,
         positions: Positions::Learned { offset: 0 },

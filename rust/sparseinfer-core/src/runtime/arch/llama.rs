@@ -12,7 +12,7 @@
 use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
 use crate::runtime::model::Layer;
-use crate::runtime::spec::{Act, Cfg, Mlp, NormKind, Positions, Spec};
+use crate::runtime::spec::{limits, Act, Cfg, Mlp, NormKind, Positions, Spec};
 use crate::runtime::weights::{Layout, Loader};
 use serde_json::Value;
 
@@ -22,22 +22,22 @@ pub const MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
 /// The spec from `config.json`.
 pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
     let c = Cfg { v, model_type };
-    let hidden = c.usize("hidden_size")?;
-    let heads = c.usize("num_attention_heads")?;
-    let head_dim = c.opt_usize("head_dim")?.unwrap_or(hidden.checked_div(heads).unwrap_or(0));
+    let hidden = c.size("hidden_size", limits::HIDDEN)?;
+    let heads = c.size("num_attention_heads", limits::HEADS)?;
+    let head_dim = c.opt_size("head_dim", limits::HEAD_DIM)?.unwrap_or(hidden.checked_div(heads).unwrap_or(0));
     let inv_freq = rope_inv_freq(v, model_type, head_dim)?;
     let sliding_window =
         if c.bool_or("use_sliding_window", model_type == "mistral")? { c.opt_usize("sliding_window")? } else { None };
     let spec = Spec {
         model_type: model_type.to_string(),
         hidden,
-        layers: c.usize("num_hidden_layers")?,
+        layers: c.size("num_hidden_layers", limits::LAYERS)?,
         heads,
-        kv_heads: c.opt_usize("num_key_value_heads")?.unwrap_or(heads),
+        kv_heads: c.opt_size("num_key_value_heads", limits::HEADS)?.unwrap_or(heads),
         head_dim,
-        intermediate: c.usize("intermediate_size")?,
-        vocab: c.usize("vocab_size")?,
-        max_positions: c.opt_usize("max_position_embeddings")?.unwrap_or(2048),
+        intermediate: c.size("intermediate_size", limits::INTERMEDIATE)?,
+        vocab: c.size("vocab_size", limits::VOCAB)?,
+        max_positions: c.opt_size("max_position_embeddings", limits::POSITIONS)?.unwrap_or(2048),
         norm: NormKind::Rms,
         norm_eps: c.opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
         positions: Positions::Rope { inv_freq },

@@ -10,7 +10,7 @@
 use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
 use crate::runtime::model::Layer;
-use crate::runtime::spec::{Act, Cfg, Mlp, NormKind, Positions, Spec};
+use crate::runtime::spec::{limits, Act, Cfg, Mlp, NormKind, Positions, Spec};
 use crate::runtime::weights::{Layout, Loader};
 use serde_json::Value;
 
@@ -30,8 +30,8 @@ pub fn alibi_slopes(heads: usize, bias_max: f64) -> Vec<f32> {
 /// The spec from `config.json`.
 pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
     let c = Cfg { v, model_type };
-    let hidden = c.usize("d_model")?;
-    let heads = c.usize("n_heads")?;
+    let hidden = c.size("d_model", limits::HIDDEN)?;
+    let heads = c.size("n_heads", limits::HEADS)?;
     let null = Value::Null;
     let attn = v.get("attn_config").unwrap_or(&null);
     let a = Cfg { v: attn, model_type };
@@ -56,13 +56,13 @@ pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
     let spec = Spec {
         model_type: model_type.to_string(),
         hidden,
-        layers: c.usize("n_layers")?,
+        layers: c.size("n_layers", limits::LAYERS)?,
         heads,
         kv_heads: heads,
         head_dim,
-        intermediate: c.opt_usize("expansion_ratio")?.unwrap_or(4) * hidden,
-        vocab: c.usize("vocab_size")?,
-        max_positions: c.opt_usize("max_seq_len")?.unwrap_or(2048),
+        intermediate: c.opt_size("expansion_ratio", limits::RATIO)?.unwrap_or(4) * hidden,
+        vocab: c.size("vocab_size", limits::VOCAB)?,
+        max_positions: c.opt_size("max_seq_len", limits::POSITIONS)?.unwrap_or(2048),
         norm: NormKind::LayerNorm { bias: false },
         norm_eps: c.opt_f64("layer_norm_epsilon")?.unwrap_or(1e-5) as f32,
         positions: Positions::Alibi { slopes: alibi_slopes(heads, a.opt_f64("alibi_bias_max")?.unwrap_or(8.0)) },

@@ -12,7 +12,7 @@
 use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
 use crate::runtime::model::Layer;
-use crate::runtime::spec::{Act, Cfg, Mlp, NormKind, Positions, Spec};
+use crate::runtime::spec::{limits, Act, Cfg, Mlp, NormKind, Positions, Spec};
 use crate::runtime::weights::{Layout, Loader};
 use serde_json::Value;
 
@@ -22,8 +22,8 @@ pub const MODEL_TYPES: &[&str] = &["opt"];
 /// The spec from `config.json`.
 pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
     let c = Cfg { v, model_type };
-    let hidden = c.usize("hidden_size")?;
-    let heads = c.usize("num_attention_heads")?;
+    let hidden = c.size("hidden_size", limits::HIDDEN)?;
+    let heads = c.size("num_attention_heads", limits::HEADS)?;
     if !c.bool_or("do_layer_norm_before", true)? {
         return Err(Error::unsupported("config", "opt: post-norm OPT (do_layer_norm_before = false) is not supported"));
     }
@@ -38,13 +38,13 @@ pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
     let spec = Spec {
         model_type: model_type.to_string(),
         hidden,
-        layers: c.usize("num_hidden_layers")?,
+        layers: c.size("num_hidden_layers", limits::LAYERS)?,
         heads,
         kv_heads: heads,
         head_dim,
-        intermediate: c.usize("ffn_dim")?,
-        vocab: c.usize("vocab_size")?,
-        max_positions: c.usize("max_position_embeddings")?,
+        intermediate: c.size("ffn_dim", limits::INTERMEDIATE)?,
+        vocab: c.size("vocab_size", limits::VOCAB)?,
+        max_positions: c.size("max_position_embeddings", limits::POSITIONS)?,
         norm: NormKind::LayerNorm { bias: c.bool_or("layer_norm_elementwise_affine", true)? },
         norm_eps: 1e-5,
         positions: Positions::Learned { offset: 2 },

@@ -1,0 +1,167 @@
+//! Opening the files of a model directory, which is untrusted input.
+//!
+//! Every path a checkpoint names (config.json, the shard index and the shards it lists) must resolve inside
+//! the directory: relative, without `..`, and, with symbolic links resolved, still under the directory. A Hugging
+//! Face hub cache snapshot (`.../snapshots/<revision>/`, whose files are links into `.../blobs/`) may also
+//! resolve into that `blobs` folder. Only regular files are opened (a FIFO would block, a device would never
+//! end), with `O_NONBLOCK` so that a file swapped for a FIFO after the check cannot block the open either, and
+//! checked again on the open handle. JSON files are read up to a size cap. Errors name the file, never its
+//! contents.
+
+use crate::error::{Error, Result};
+use std::fs::File;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+const OP: &str = "load";
+/// Largest JSON file read (config.json, model.safetensors.index.json).
+pub const MAX_JSON_BYTES: u64 = 64 << 20;
+
+/// A model directory whose files are opened by name, confined to it.
+pub struct ModelDir {
+    /// The directory as the caller named it (for messages).
+    shown: PathBuf,
+    /// Canonical directories a file may resolve into.
+    roots: Vec<PathBuf>,
+}
+
+impl ModelDir {
+    /// The directory at `dir`; an error if it is not one.
+    pub fn new(dir: &Path) -> Result<ModelDir> {
+        let real = dir
+            .canonicalize()
+            .map_err(|e| Error::invalid(OP, format!("{}: cannot open the model directory: {e}", dir.display())))?;
+        if !real.is_dir() {
+            return Err(Error::invalid(OP, format!("{} is not a directory", dir.display())));
+        }
+        let mut roots = vec![real.clone()];
+        if real.parent().and_then(Path::file_name).is_some_and(|n| n == "snapshots") {
+            if let Some(blobs) = real.parent().and_then(Path::parent).map(|p| p.join("blobs")) {
+                roots.extend(blobs.canonicalize());
+            }
+        }
+        Ok(ModelDir { shown: dir.to_path_buf(), roots })
+    }
+
+    /// `name` joined to the directory as the caller named it (for messages).
+    pub fn shown(&self, name: &str) -> String {
+        self.shown.join(name).display().to_string()
+    }
+
+    /// The canonical path of `name`, `None` when it does not exist. Refuses absolute names, `..` and links
+    /// that resolve outside the directory.
+    pub fn resolve(&self, name: &str) -> Result<Option<PathBuf>> {
+        let rel = Path::new(name);
+        if name.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
+            return Err(Error::invalid(
+                OP,
+                format!("{}: {name:?} is not a relative path inside the model directory", self.shown.display()),
+            ));
+        }
+        let real = match self.roots[0].join(rel).canonicalize() {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::invalid(OP, format!("{}: cannot be resolved: {e}", self.shown(name)))),
+        };
+        if !self.roots.iter().any(|r| real.starts_with(r)) {
+            return Err(Error::invalid(
+                OP,
+                format!("{}: resolves to {}, outside the model directory", self.shown(name), real.display()),
+            ));
+        }
+        Ok(Some(real))
+    }
+
+    /// Opens `name` for reading if it exists: inside the directory, a regular file.
+    pub fn open(&self, name: &str) -> Result<Option<File>> {
+        let Some(real) = self.resolve(name)? else { return Ok(None) };
+        let shown = self.shown(name);
+        let not_regular = || Error::invalid(OP, format!("{shown}: not a regular file"));
+        let meta = std::fs::metadata(&real).map_err(|e| Error::Io { op: format!("reading {shown}"), source: e })?;
+        if !meta.is_file() {
+            return Err(not_regular());
+        }
+        let file =
+            open_nonblocking(&real, false).map_err(|e| Error::Io { op: format!("opening {shown}"), source: e })?;
+        let meta = file.metadata().map_err(|e| Error::Io { op: format!("reading {shown}"), source: e })?;
+        if !meta.is_file() {
+            return Err(not_regular());
+        }
+        Ok(Some(file))
+    }
+
+    /// Opens `name`, which must exist.
+    pub fn open_required(&self, name: &str) -> Result<File> {
+        self.open(name)?.ok_or_else(|| Error::invalid(OP, format!("{}: no such file", self.shown(name))))
+    }
+
+    /// The JSON in `name` (at most `limit` bytes), `None` when the file does not exist.
+    pub fn read_json(&self, name: &str, limit: u64) -> Result<Option<serde_json::Value>> {
+        let Some(file) = self.open(name)? else { return Ok(None) };
+        let shown = self.shown(name);
+        let bytes = read_capped(file, limit, &shown)?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::invalid(OP, format!("{shown}: not valid JSON: {e}")))
+    }
+
+    /// Names of the directory's entries that end with `.{ext}`, sorted (no filtering by type: [`Self::open`]
+    /// checks each one).
+    pub fn names_with_extension(&self, ext: &str) -> Result<Vec<String>> {
+        let io = |e| Error::Io { op: format!("listing {}", self.shown.display()), source: e };
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.roots[0]).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            if path.extension().is_some_and(|x| x == ext) {
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .ok_or_else(|| Error::invalid(OP, format!("{}: a file name is not UTF-8", self.shown.display())))?;
+                names.push(name.to_string());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}
+
+/// Reads all of `file`, refusing more than `limit` bytes (`shown` names it in errors).
+pub fn read_capped(file: File, limit: u64, shown: &str) -> Result<Vec<u8>> {
+    let io = |e| Error::Io { op: format!("reading {shown}"), source: e };
+    let len = file.metadata().map_err(io)?.len();
+    if len > limit {
+        return Err(Error::invalid(OP, format!("{shown}: {len} bytes is over the limit of {limit}")));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::invalid(OP, format!("{shown}: more than the limit of {limit} bytes")));
+    }
+    Ok(bytes)
+}
+
+/// Opens `path` read-only without waiting for a FIFO's writer. Without `follow`, a link in the last
+/// component is refused (for canonical paths: a link there now was put there after the check).
+pub fn open_nonblocking(path: &Path, follow: bool) -> std::io::Result<File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_NONBLOCK | if follow { 0 } else { libc::O_NOFOLLOW });
+    }
+    #[cfg(not(unix))]
+    let _ = follow;
+    opts.open(path)
+}
+
+/// Opens a file the caller named directly (not through a model directory): a regular file only.
+pub fn open_regular(path: &Path) -> Result<File> {
+    let shown = path.display().to_string();
+    let file = open_nonblocking(path, true).map_err(|e| Error::Io { op: format!("opening {shown}"), source: e })?;
+    let meta = file.metadata().map_err(|e| Error::Io { op: format!("reading {shown}"), source: e })?;
+    if !meta.is_file() {
+        return Err(Error::invalid(OP, format!("{shown}: not a regular file")));
+    }
+    Ok(file)
+}
