@@ -76,6 +76,9 @@ bench-train: develop setup-train  ## fine-tuning step tokens/s, plain fp32 vs fa
 		--benchmark-json=bench/results/train-run.json
 	$(PY) bench/report_train.py bench/results/train-run.json docs/benchmarks
 
+study: develop setup-train  ## the accuracy study (hours on 2 cores; resumable, state under the user cache): docs/results
+	$(PY) training/study.py
+
 # llama.cpp from PyPI's source release, built for this CPU in its own virtualenv (not needed by anything else).
 LCPP_VENV ?= $(VENV)-llamacpp
 $(LCPP_VENV)/.installed:

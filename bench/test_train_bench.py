@@ -64,12 +64,12 @@ def _model(benchmark_on: bool):
     return tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def test_training_step_throughput(benchmark, request):
+def test_training_step_throughput(benchmark):
     from sparseinfer import kernels
     from sparseinfer.training.finetune import FinetuneConfig, Parallel, _adamw, _Step, train_step
     from sparseinfer.training.masks import prunable_linears
 
-    on = not request.config.getoption("benchmark_disable", default=True)
+    on = not benchmark.disabled
     torch.set_num_threads(kernels.num_threads())
     base = _model(on)
     c = base.config

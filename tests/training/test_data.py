@@ -43,3 +43,29 @@ def test_seq2seq_jsonl_and_collate(tmp_path):
 def test_shift_right_reads_ignored_labels_as_padding():
     labels = torch.tensor([[7, 8, -100, -100]])
     assert D.shift_right(labels, start_id=2, pad_id=0).tolist() == [[2, 7, 8, 0]]
+
+
+def test_example_nll_matches_perplexity_and_bootstrap_brackets_it(tmp_path):
+    import math
+
+    tiny_models = pytest.importorskip("tiny_models")
+    model = tiny_models.build("llama", tmp_path, scale=1.0)
+    g = torch.Generator().manual_seed(0)
+    ex = [{"input_ids": torch.randint(2, tiny_models.VOCAB, (12,), generator=g)} for _ in range(10)]
+    nll = D.example_nll(model, ex, batch_size=3)
+    assert len(nll) == 10 and all(n == 11 for _, n in nll)
+    # The same figure as the model's own mean loss over the shifted tokens.
+    ids = torch.stack([e["input_ids"] for e in ex])
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=ids).loss
+    assert D.perplexity_of(nll) == pytest.approx(math.exp(float(ref)), rel=1e-5)
+    assert D.perplexity(model, ex) == pytest.approx(D.perplexity_of(nll), rel=1e-6)
+    lo, hi = D.bootstrap_interval(nll)
+    assert lo < D.perplexity_of(nll) < hi
+    # Paired against itself the ratio is exactly 1; against a uniformly worse model it excludes 1.
+    assert D.bootstrap_interval(nll, nll) == pytest.approx((1.0, 1.0))
+    worse = [(x + 0.5 * n, n) for x, n in nll]
+    lo, hi = D.bootstrap_interval(worse, nll)
+    assert lo > 1.0 and hi == pytest.approx(math.exp(0.5), rel=1e-6)
+    with pytest.raises(ValueError):
+        D.bootstrap_interval(nll, nll[:3])

@@ -10,6 +10,7 @@ the prompt goes to the encoder and the answer is the decoder's target (``input_f
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -183,28 +184,64 @@ def calibration_batches(
 
 
 @torch.no_grad()
-def perplexity(model, examples: Sequence[dict], batch_size: int = 4) -> float:
-    """exp(mean next-token NLL) over the labelled tokens of ``examples`` (for an encoder-decoder: of the
-    decoder's labels given the encoder input)."""
+def example_nll(model, examples: Sequence[dict], batch_size: int = 4) -> list[tuple[float, int]]:
+    """``(summed next-token NLL, labelled tokens)`` of each example (for an encoder-decoder: of the decoder's
+    labels given the encoder input), on the model's device; the unit a bootstrap over examples resamples."""
     model.eval()
-    nll, count = 0.0, 0
+    device = next(model.parameters()).device
+    out: list[tuple[float, int]] = []
     s2s = seq2seq_ids(model)
     for i in range(0, len(examples), batch_size):
         ex = examples[i : i + batch_size]
         if s2s is not None:
-            batch = collate(ex, *s2s)
+            batch = {k: v.to(device) for k, v in collate(ex, *s2s).items()}
             tgt = batch.pop("labels")
             logits = model(**batch, use_cache=False).logits.float()
         else:
-            ids = torch.stack([e["input_ids"] for e in ex])
-            labels = torch.stack([e.get("labels", e["input_ids"]) for e in ex])
+            ids = torch.stack([e["input_ids"] for e in ex]).to(device)
+            labels = torch.stack([e.get("labels", e["input_ids"]) for e in ex]).to(device)
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
             tgt = labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum", ignore_index=-100
-        )
-        nll += float(loss)
-        count += int((tgt != -100).sum())
+        nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), tgt, reduction="none", ignore_index=-100
+        )  # [B, S]
+        for row, t in zip(nll.double().sum(1).tolist(), (tgt != -100).sum(1).tolist()):
+            out.append((float(row), int(t)))
+    return out
+
+
+def perplexity_of(nll: Sequence[tuple[float, int]]) -> float:
+    """exp(total NLL / total tokens) of ``example_nll`` pairs."""
+    count = sum(n for _, n in nll)
     if count == 0:
         raise ValueError("no labelled tokens to evaluate")
-    return float(torch.exp(torch.tensor(nll / count)))
+    return math.exp(sum(x for x, _ in nll) / count)
+
+
+def bootstrap_interval(
+    nll: Sequence[tuple[float, int]],
+    baseline: Sequence[tuple[float, int]] | None = None,
+    samples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """95 % percentile bootstrap interval over examples: of the perplexity of ``nll``, or, given the
+    ``baseline``'s NLL on the same examples, of the ratio ppl / ppl_baseline (paired: both resample the same
+    examples, so the shared difficulty of an example cancels)."""
+    import numpy as np
+
+    a = np.asarray(nll, dtype=np.float64)
+    b = np.asarray(baseline, dtype=np.float64) if baseline is not None else None
+    if b is not None and b.shape != a.shape:
+        raise ValueError("a paired bootstrap needs the NLL of the same examples")
+    idx = np.random.default_rng(seed).integers(0, len(a), (samples, len(a)))
+    stat = np.exp(a[idx, 0].sum(1) / a[idx, 1].sum(1))
+    if b is not None:
+        stat = stat / np.exp(b[idx, 0].sum(1) / b[idx, 1].sum(1))
+    lo, hi = np.percentile(stat, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def perplexity(model, examples: Sequence[dict], batch_size: int = 4) -> float:
+    """exp(mean next-token NLL) over the labelled tokens of ``examples`` (for an encoder-decoder: of the
+    decoder's labels given the encoder input)."""
+    return perplexity_of(example_nll(model, examples, batch_size))

@@ -437,8 +437,8 @@ def finetune(
     labels -100 where the loss does not count; ``data`` describes encoder-decoder examples), distilling from
     ``teacher`` when KD or SquareHead weights are set (with ``bf16`` the teacher is cast to bf16 in place).
     Pruned weights (zeros of the prunable linears, or ``masks``) stay exactly zero. ``on_step(step, terms)`` is
-    called after every optimizer step (e.g. to evaluate on a schedule). Returns metrics: the loss terms over
-    training and the final ones.
+    called after every optimizer step (e.g. to evaluate on a schedule); a true return value stops the run there
+    (early stopping). Returns metrics: the loss terms over training and the final ones.
 
     >>> finetune(student, teacher, examples, {"steps": 200, "lr": 1e-4, "w_ce": 1, "w_sq": 1})
     """
@@ -500,10 +500,13 @@ def finetune(
             bar.update(1)
             if step % max(cfg.log_every, 1) == 0 or step == cfg.steps:
                 bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items() if v})
-        if ckpt is not None and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
+        # The callback runs before the checkpoint: a run killed inside it resumes from the last checkpoint and
+        # calls it again for this step.
+        stop = bool(on_step(step, terms)) if on_step is not None else False
+        if ckpt is not None and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or stop):
             save_checkpoint(ckpt, par, opt, sched, step, cfg)
-        if on_step is not None:
-            on_step(step, terms)
+        if stop:
+            break
     if bar is not None:
         bar.close()
     par.finish()

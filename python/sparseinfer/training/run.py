@@ -72,16 +72,19 @@ def _examples(recipe: dict, tok, split: str, seq2seq: bool = False) -> list[dict
 class Runner:
     """State shared by the stages of one recipe."""
 
-    def __init__(self, recipe: dict):
+    def __init__(self, recipe: dict, train: list[dict] | None = None, eval: list[dict] | None = None, device=None):
+        """``train`` / ``eval`` replace the examples the recipe's data paths name (the study cuts its own
+        splits); ``device`` is where models are loaded (default CPU)."""
         self.recipe = recipe
         self.work = Path(recipe["work_dir"])
         self.src = model_dir(recipe)
         self.tok = _tokenizer(self.src)
         self.seq2seq = _is_seq2seq(self.src)
+        self.device = torch.device(device or "cpu")
         torch.manual_seed(recipe["seed"])
-        self.train = _examples(recipe, self.tok, "train", self.seq2seq)
-        self.eval = _examples(recipe, self.tok, "eval", self.seq2seq)
-        if recipe["data"].get("eval_samples"):
+        self.train = train if train is not None else _examples(recipe, self.tok, "train", self.seq2seq)
+        self.eval = eval if eval is not None else _examples(recipe, self.tok, "eval", self.seq2seq)
+        if recipe.get("data", {}).get("eval_samples"):
             self.eval = self.eval[: recipe["data"]["eval_samples"]]
         self.metrics_path = self.work / "metrics.json"
         self.metrics: dict[str, Any] = json.loads(self.metrics_path.read_text()) if self.metrics_path.is_file() else {}
@@ -95,6 +98,10 @@ class Runner:
     def calibration(self, model=None):
         s2s = D.seq2seq_ids(model) if model is not None else None
         return D.calibration_batches(self.train, self.recipe["data"]["calibration_samples"], seq2seq=s2s)
+
+    def load(self, path: Path | str | None = None):
+        """A Hugging Face model directory (default: the recipe's model) in fp32 on the runner's device."""
+        return _load(Path(path) if path is not None else self.src).to(self.device)
 
     def ppl(self, model) -> float | None:
         return D.perplexity(model, self.eval) if self.eval else None
