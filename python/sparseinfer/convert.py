@@ -4,11 +4,17 @@ Reads a GGUF file with the ``gguf`` package (``pip install gguf``), dequantizes 
 llama.cpp's rotary row permutation of q/k, and writes ``config.json``, ``model.safetensors``, ``tokenizer.json``,
 ``tokenizer_config.json`` and ``generation_config.json``. Llama-architecture GGUFs with a BPE (``gpt2``)
 tokenizer are supported, which covers Llama 3, SmolLM, Qwen2-style vocabularies.
+
+The file is untrusted input: every metadata key is read with its expected type and range, every tensor's type,
+shape and extent are checked against the file and the metadata before it is read, and anything else is an
+``InvalidInputError`` naming the file and the key or tensor.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -34,6 +40,20 @@ _NAMES = {
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
 
+# The runtime's size limits (`limits` in rust/sparseinfer-core/src/runtime/spec.rs): a GGUF that declares more
+# could not be loaded once converted.
+_MAX_HIDDEN = 1 << 17
+_MAX_LAYERS = 1 << 10
+_MAX_HEADS = 1 << 10
+_MAX_HEAD_DIM = 1 << 11
+_MAX_INTERMEDIATE = 1 << 20
+_MAX_VOCAB = 1 << 24
+_MAX_POSITIONS = 1 << 26
+# ggml tensors have at most four dimensions (GGML_MAX_DIMS).
+_MAX_DIMS = 4
+
+_REQUIRED = object()
+
 
 def _hf_name(name: str) -> str | None:
     parts = name.split(".")
@@ -50,11 +70,146 @@ def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _field(reader, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+class _Metadata:
+    """Typed access to a GGUF file's key/value metadata. A key of the wrong type, out of range or missing
+    (without a default) is an ``InvalidInputError`` naming the file and the key."""
+
+    def __init__(self, gguf, reader, path: Path):
+        self._fields = reader.fields
+        self._path = path
+        t = gguf.GGUFValueType
+        self._t = t
+        self._ints = {t.UINT8, t.INT8, t.UINT16, t.INT16, t.UINT32, t.INT32, t.UINT64, t.INT64}
+
+    def error(self, key: str, msg: str) -> InvalidInputError:
+        return InvalidInputError(f"{self._path}: GGUF key {key!r} {msg}")
+
+    def _read(self, key: str, default: Any) -> tuple[bool, list, Any]:
+        """(present, value types, contents); a missing required key raises."""
+        f = self._fields.get(key)
+        if f is None:
+            if default is _REQUIRED:
+                raise self.error(key, "is missing")
+            return False, [], default
+        try:
+            value = f.contents()
+        except Exception as e:  # e.g. a string that is not UTF-8
+            raise self.error(key, f"cannot be read: {type(e).__name__}: {e}") from None
+        return True, list(f.types), value
+
+    def _type_name(self, types: list) -> str:
+        if not types:
+            return "no value"
+        if types[0] == self._t.ARRAY:
+            return f"an array of {types[-1].name}" if len(types) > 1 else "an empty array"
+        return types[0].name
+
+    def integer(self, key: str, default: Any = _REQUIRED, lo: int = 1, hi: int = 2**63 - 1) -> Any:
+        present, types, value = self._read(key, default)
+        if not present:
+            return value
+        if len(types) != 1 or types[0] not in self._ints:
+            raise self.error(key, f"must be an integer, got {self._type_name(types)}")
+        if not lo <= value <= hi:
+            raise self.error(key, f"is {value}, outside {lo}..{hi}")
+        return int(value)
+
+    def real(self, key: str, default: Any = _REQUIRED) -> Any:
+        """A finite number > 0."""
+        present, types, value = self._read(key, default)
+        if not present:
+            return value
+        if len(types) != 1 or types[0] not in self._ints | {self._t.FLOAT32, self._t.FLOAT64}:
+            raise self.error(key, f"must be a number, got {self._type_name(types)}")
+        if not (math.isfinite(value) and value > 0):
+            raise self.error(key, f"is {value}, not a finite number > 0")
+        return float(value)
+
+    def string(self, key: str, default: Any = _REQUIRED) -> Any:
+        present, types, value = self._read(key, default)
+        if present and types != [self._t.STRING]:
+            raise self.error(key, f"must be a string, got {self._type_name(types)}")
+        return value
+
+    def flag(self, key: str, default: Any = _REQUIRED) -> Any:
+        present, types, value = self._read(key, default)
+        if present and types != [self._t.BOOL]:
+            raise self.error(key, f"must be a bool, got {self._type_name(types)}")
+        return bool(value) if present else value
+
+    def strings(self, key: str, default: Any = _REQUIRED) -> Any:
+        present, types, value = self._read(key, default)
+        if present and types != [self._t.ARRAY, self._t.STRING]:
+            raise self.error(key, f"must be an array of strings, got {self._type_name(types)}")
+        return value
+
+    def integers(self, key: str, default: Any = _REQUIRED) -> Any:
+        present, types, value = self._read(key, default)
+        if present and not (len(types) == 2 and types[0] == self._t.ARRAY and types[1] in self._ints):
+            raise self.error(key, f"must be an array of integers, got {self._type_name(types)}")
+        return value
+
+
+@functools.cache
+def _checked_reader(gguf):
+    """A ``GGUFReader`` that refuses, before reading it, a tensor whose type is unknown, whose dimensions are
+    absurd or whose data runs past the end of the file, and any header read past the end of the file (the
+    plain reader silently reads short arrays there, and can loop on an array length that lies)."""
+
+    class CheckedReader(gguf.GGUFReader):
+        def __init__(self, path: str):
+            self.path = path  # for messages; set first, the parent's __init__ reads the whole header
+            super().__init__(path)
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > len(self.data):
+                raise InvalidInputError(
+                    f"{self.path}: truncated GGUF file: the header needs bytes {int(offset)}..{end} of {len(self.data)}"
+                )
+            return super()._get(offset, dtype, count, override_order)
+
+        def _build_tensors(self, start_offs, fields):
+            for index, field in enumerate(fields):
+                self._check_tensor(index, int(start_offs), field)
+            super()._build_tensors(start_offs, fields)
+
+        def _check_tensor(self, index: int, start: int, field) -> None:
+            _, name_data, _, dims, raw_type, offset = field.parts
+            try:
+                name = bytes(name_data).decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInputError(f"{self.path}: tensor {index}: the name is not UTF-8") from None
+            where = f"{self.path}: tensor {name!r}"
+            dims = [int(d) for d in dims]
+            kind = int(raw_type[0])
+            try:
+                qtype = gguf.GGMLQuantizationType(kind)
+            except ValueError:
+                raise InvalidInputError(f"{where}: unknown GGML tensor type {kind}") from None
+            if not 1 <= len(dims) <= _MAX_DIMS or any(d < 1 for d in dims):
+                raise InvalidInputError(f"{where}: dimensions {dims} (1 to {_MAX_DIMS} sizes, each >= 1)")
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            if dims[0] % block:
+                raise InvalidInputError(f"{where}: rows of {dims[0]} are not whole {qtype.name} blocks of {block}")
+            n_bytes = math.prod(dims) // block * type_size  # Python ints: no overflow
+            begin = start + int(offset[0])
+            if begin + n_bytes > len(self.data):
+                raise InvalidInputError(
+                    f"{where}: {qtype.name} {dims} needs bytes {begin}..{begin + n_bytes} of a "
+                    f"{len(self.data)}-byte file (truncated, or dimensions that lie)"
+                )
+
+    return CheckedReader
+
+
+def _open(gguf, path: Path):
+    try:
+        return _checked_reader(gguf)(str(path))
+    except InvalidInputError:
+        raise
+    except Exception as e:  # the gguf package raises assorted errors on corrupt files
+        raise InvalidInputError(f"{path}: not a readable GGUF file: {type(e).__name__}: {e}") from None
 
 
 def _progress(iterable, total: int, desc: str):
@@ -66,33 +221,50 @@ def _progress(iterable, total: int, desc: str):
         return iterable
 
 
-def _tokenizer_files(reader, out: Path) -> dict[str, Any]:
+def _tokenizer_files(meta: _Metadata, out: Path, vocab_size: int, context: int) -> dict[str, Any]:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    kind = _field(reader, "tokenizer.ggml.model")
+    kind = meta.string("tokenizer.ggml.model", None)
     if kind != "gpt2":
         raise UnsupportedError(f"GGUF tokenizer model {kind!r} is not supported (only 'gpt2' byte-level BPE)")
-    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-    types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
+    tokens = meta.strings("tokenizer.ggml.tokens")
+    if not tokens:
+        raise meta.error("tokenizer.ggml.tokens", "is empty")
+    if len(tokens) > vocab_size:
+        raise meta.error("tokenizer.ggml.tokens", f"has {len(tokens)} tokens, more than the vocabulary {vocab_size}")
+    types = meta.integers("tokenizer.ggml.token_type", [1] * len(tokens))
+    if len(types) != len(tokens):
+        raise meta.error("tokenizer.ggml.token_type", f"has {len(types)} entries for {len(tokens)} tokens")
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    pre = _field(reader, "tokenizer.ggml.pre", "default")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    # SmolLM and Llama 3 split digits one by one before the byte-level regex.
-    if pre in ("smollm", "llama-bpe", "llama3"):
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    else:
-        tok.pre_tokenizer = byte_level
-    tok.decoder = decoders.ByteLevel()
-    # Control (3) and user-defined (4) tokens are matched whole and skipped when decoding.
+    merges = []
+    for i, m in enumerate(meta.strings("tokenizer.ggml.merges", [])):
+        pair = tuple(m.split(" "))
+        if len(pair) != 2 or not all(pair):
+            raise meta.error("tokenizer.ggml.merges", f"entry {i} {m[:80]!r} is not two tokens separated by a space")
+        for t in (*pair, pair[0] + pair[1]):
+            if t not in vocab:
+                raise meta.error("tokenizer.ggml.merges", f"entry {i} {m[:80]!r}: {t[:80]!r} is not a token")
+        merges.append(pair)
+    pre = meta.string("tokenizer.ggml.pre", "default")
     special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (3, 4)]
-    tok.add_special_tokens(special)
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        # SmolLM and Llama 3 split digits one by one before the byte-level regex.
+        if pre in ("smollm", "llama-bpe", "llama3"):
+            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        else:
+            tok.pre_tokenizer = byte_level
+        tok.decoder = decoders.ByteLevel()
+        # Control (3) and user-defined (4) tokens are matched whole and skipped when decoding.
+        tok.add_special_tokens(special)
+    except Exception as e:  # tokenizers raises a bare Exception on a vocabulary it cannot build
+        raise meta.error("tokenizer.ggml.tokens", f"does not make a BPE tokenizer: {e}") from None
     tok.save(str(out / "tokenizer.json"))
 
     def tok_of(key):
-        i = _field(reader, key)
-        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+        i = meta.integer(key, None, lo=0, hi=len(tokens) - 1)
+        return None if i is None else tokens[i]
 
     cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -100,18 +272,43 @@ def _tokenizer_files(reader, out: Path) -> dict[str, Any]:
         "eos_token": tok_of("tokenizer.ggml.eos_token_id"),
         "unk_token": tok_of("tokenizer.ggml.unknown_token_id"),
         "pad_token": tok_of("tokenizer.ggml.padding_token_id"),
-        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        "model_max_length": int(_field(reader, "llama.context_length", 2048)),
+        "add_bos_token": meta.flag("tokenizer.ggml.add_bos_token", False),
+        "model_max_length": context,
     }
-    template = _field(reader, "tokenizer.chat_template")
+    template = meta.string("tokenizer.chat_template", None)
     if template:
         cfg["chat_template"] = template
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
     return cfg
 
 
+def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """GGUF name → Hugging Face shape ``[out, in]`` of every tensor the config implies (``output`` when
+    untied)."""
+    d, v, ff = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
+    q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
+    shapes = {"token_embd.weight": (v, d), "output_norm.weight": (d,)}
+    if not config["tie_word_embeddings"]:
+        shapes["output.weight"] = (v, d)
+    block = {
+        "attn_norm": (d,),
+        "ffn_norm": (d,),
+        "attn_q": (q, d),
+        "attn_k": (kv, d),
+        "attn_v": (kv, d),
+        "attn_output": (d, q),
+        "ffn_gate": (ff, d),
+        "ffn_up": (ff, d),
+        "ffn_down": (d, ff),
+    }
+    for i in range(config["num_hidden_layers"]):
+        shapes.update({f"blk.{i}.{k}.weight": s for k, s in block.items()})
+    return shapes
+
+
 def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Converts a Llama-architecture GGUF file into a float32 Hugging Face directory at ``out_dir`` (atomic)."""
+    """Converts a Llama-architecture GGUF file into a float32 Hugging Face directory at ``out_dir`` (atomic).
+    A file whose metadata or tensors are malformed raises ``InvalidInputError`` naming the key or tensor."""
     try:
         import gguf
     except ImportError as e:
@@ -119,58 +316,80 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise InvalidInputError(f"{gguf_path} does not exist")
-    try:
-        reader = gguf.GGUFReader(str(gguf_path))
-    except Exception as e:  # the gguf package raises assorted errors on corrupt files
-        raise InvalidInputError(f"{gguf_path}: not a readable GGUF file: {e}") from e
-    arch = _field(reader, "general.architecture")
+    reader = _open(gguf, gguf_path)
+    meta = _Metadata(gguf, reader, gguf_path)
+    arch = meta.string("general.architecture")
     if arch != "llama":
         raise UnsupportedError(f"GGUF architecture {arch!r} is not supported for import (only 'llama')")
-    n_head = int(_field(reader, "llama.attention.head_count"))
-    n_kv = int(_field(reader, "llama.attention.head_count_kv", n_head))
-    hidden = int(_field(reader, "llama.embedding_length"))
+    n_head = meta.integer("llama.attention.head_count", hi=_MAX_HEADS)
+    n_kv = meta.integer("llama.attention.head_count_kv", n_head, hi=n_head)
+    if n_head % n_kv:
+        raise meta.error("llama.attention.head_count_kv", f"{n_kv} does not divide head_count {n_head}")
+    hidden = meta.integer("llama.embedding_length", hi=_MAX_HIDDEN)
+    head_dim = meta.integer("llama.rope.dimension_count", hidden // n_head or None, hi=_MAX_HEAD_DIM)
+    if head_dim is None or head_dim % 2:
+        raise meta.error("llama.rope.dimension_count", f"the head size {head_dim} is not a positive even number")
     names = {t.name for t in reader.tensors}
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    vocab = int(_field(reader, "llama.vocab_size", len(tokens) if tokens is not None else 0))
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    tokens = meta.strings("tokenizer.ggml.tokens", None)
+    vocab = meta.integer("llama.vocab_size", len(tokens) if tokens else _REQUIRED, hi=_MAX_VOCAB)
+    context = meta.integer("llama.context_length", 2048, hi=_MAX_POSITIONS)
+
+    def token_id(key):
+        return meta.integer(key, None, lo=0, hi=vocab - 1)
+
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": hidden,
-        "intermediate_size": int(_field(reader, "llama.feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, "llama.block_count")),
+        "intermediate_size": meta.integer("llama.feed_forward_length", hi=_MAX_INTERMEDIATE),
+        "num_hidden_layers": meta.integer("llama.block_count", hi=_MAX_LAYERS),
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv,
-        "head_dim": int(_field(reader, "llama.rope.dimension_count", hidden // n_head)),
-        "max_position_embeddings": int(_field(reader, "llama.context_length", 2048)),
-        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        "head_dim": head_dim,
+        "max_position_embeddings": context,
+        "rms_norm_eps": meta.real("llama.attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": meta.real("llama.rope.freq_base", 10000.0),
         "vocab_size": vocab,
         "tie_word_embeddings": "output.weight" not in names,
         "hidden_act": "silu",
         "torch_dtype": "float32",
-        "bos_token_id": None if bos is None else int(bos),
-        "eos_token_id": None if eos is None else int(eos),
+        "bos_token_id": token_id("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": token_id("tokenizer.ggml.eos_token_id"),
     }
+    expected = _expected_shapes(config)
+    q = gguf.GGMLQuantizationType
+    integer_types = {q.I8, q.I16, q.I32, q.I64}  # ggml's integer tensors hold indices, not weights
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         tensors: dict[str, np.ndarray] = {}
         for t in _progress(reader.tensors, len(reader.tensors), f"converting {gguf_path.name}"):
+            where = f"{gguf_path}: tensor {t.name!r}"
             hf = _hf_name(t.name)
             if hf is None:
                 if t.name.startswith("rope_freqs"):
                     raise UnsupportedError("GGUF with rope_freqs (Llama 3.1 rope scaling) is not supported yet")
                 continue
-            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-            w = w.reshape([int(d) for d in reversed(t.shape)]) if w.ndim != len(t.shape) else w
+            shape = tuple(int(d) for d in reversed(t.shape))
+            if t.name not in expected:
+                raise InvalidInputError(f"{where}: not part of a model of {config['num_hidden_layers']} blocks")
+            if shape != expected[t.name]:
+                raise InvalidInputError(f"{where}: shape {list(shape)}, the metadata implies {list(expected[t.name])}")
+            if t.tensor_type in integer_types:
+                raise InvalidInputError(f"{where}: tensor type {t.tensor_type.name} is not a weight type")
+            try:
+                w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+            except Exception as e:  # a type the gguf package cannot dequantize (F64, Q8_K, ...), or bad data
+                raise InvalidInputError(f"{where}: cannot read tensor type {t.tensor_type.name}: {e}") from None
             if hf.endswith("q_proj.weight"):
                 w = unpermute_rope_rows(w, n_head)
             elif hf.endswith("k_proj.weight"):
                 w = unpermute_rope_rows(w, n_kv)
             tensors[hf] = np.ascontiguousarray(w)
+        missing = [n for n in expected if _hf_name(n) not in tensors]
+        if missing:
+            raise InvalidInputError(f"{gguf_path}: tensor {missing[0]!r} is missing ({len(missing)} in all)")
         write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt", "source": gguf_path.name})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        _tokenizer_files(reader, tmp)
+        _tokenizer_files(meta, tmp, vocab, context)
         gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return Path(out_dir)
