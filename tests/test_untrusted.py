@@ -421,3 +421,51 @@ def test_config_is_a_typed_error_everywhere(model):
         (model / "config.json").write_text(content)
         with pytest.raises(InvalidInputError, match="config.json"):
             sparseinfer.load(model)
+
+
+# -- format versions (docs/FORMAT.md: an int this build reads; anything else refused by name) --------------
+
+BAD_VERSIONS = ["2", "1", 2.0, 1.0, 1.5, True, None, 0, -1, [1], {"major": 1}]
+
+
+def with_quant_version(d, value):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "sparseinfer_format_version": value}
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("value", BAD_VERSIONS, ids=repr)
+def test_quantization_config_version_must_be_a_supported_int(model, value):
+    with_quant_version(model, value)
+    with pytest.raises(InvalidInputError) as e:
+        sparseinfer.load(model)
+    assert str(model / "config.json") in str(e.value)
+    assert "quantization_config.sparseinfer_format_version" in str(e.value)
+
+
+@pytest.mark.parametrize("value", BAD_VERSIONS, ids=repr)
+def test_sparseinfer_json_version_must_be_a_supported_int(model, value):
+    (model / "sparseinfer.json").write_text(json.dumps({"format_version": value}))
+    with pytest.raises(InvalidInputError) as e:
+        sparseinfer.load(model)
+    assert str(model / "sparseinfer.json") in str(e.value) and "format_version" in str(e.value)
+
+
+@pytest.mark.parametrize("content", ["[1]", '"1"', "{", "{}", '{"version": 1}'])
+def test_sparseinfer_json_must_carry_its_version(model, content):
+    (model / "sparseinfer.json").write_text(content)
+    with pytest.raises(InvalidInputError, match="sparseinfer.json"):
+        sparseinfer.load(model)
+
+
+def test_newer_versions_are_unsupported_and_version_1_loads(model):
+    with_quant_version(model, 1)
+    (model / "sparseinfer.json").write_text(json.dumps({"format_version": 1, "recipe": None}))
+    assert sparseinfer.load(model).logits([1, 2]).shape == (2, hostile_models.VOCAB)
+    (model / "sparseinfer.json").write_text(json.dumps({"format_version": 2}))
+    with pytest.raises(sparseinfer.UnsupportedError, match="sparseinfer.json.*format_version.*newer"):
+        sparseinfer.load(model)
+    (model / "sparseinfer.json").unlink()
+    with_quant_version(model, 3)
+    with pytest.raises(sparseinfer.UnsupportedError, match="sparseinfer_format_version.*newer"):
+        sparseinfer.load(model)

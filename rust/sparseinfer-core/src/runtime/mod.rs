@@ -2,6 +2,7 @@
 //!
 //! - [`safetensors`]: the memory-mapped, validating weight reader.
 //! - [`spec`] and [`arch`]: `config.json` → an architecture-neutral [`spec::Spec`], one file per architecture.
+//! - [`version`]: the checkpoint format version a directory declares, checked before anything else.
 //! - [`weights`]: checkpoint tensors → packed linear layers ([`weights::WeightPlan`] picks the formats).
 //! - [`model`]: the forward pass; [`kv_cache`]: per-sequence state; [`sampler`]: next-token choice.
 //! - [`Generator`]: prefill once, then one token per call (the binding streams from it).
@@ -13,6 +14,7 @@ pub mod model;
 pub mod safetensors;
 pub mod sampler;
 pub mod spec;
+pub mod version;
 pub mod weights;
 
 use crate::error::{Error, Result};
@@ -50,6 +52,7 @@ fn read_config_in(dir: &files::ModelDir) -> Result<serde_json::Value> {
 pub fn load_dir(dir: &Path, opts: LoadOptions) -> Result<Model> {
     let dir = files::ModelDir::new(dir)?;
     let config = read_config_in(&dir)?;
+    version::check(&dir, &config)?;
     let spec = arch::spec(&config)?;
     let quant = weights::QuantScheme::from_config(&config)?;
     let store = safetensors::WeightStore::open_dir(&dir)?;
