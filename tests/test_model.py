@@ -259,6 +259,35 @@ def test_zero_new_tokens_and_context_limit(llama_dir):
         model.generate([3] * 256, max_new_tokens=1)
 
 
+def test_interleaved_streams_keep_their_own_stats(llama_dir):
+    model = sparseinfer.load(llama_dir)
+    prompt = "Once upon a time"
+    want = model.generate(prompt, max_new_tokens=12)
+    a = model.stream(prompt, max_new_tokens=12)
+    b = model.stream([3] * 250, max_new_tokens=50)  # ends at the context after 7 tokens
+    got = [next(a), next(a)]
+    assert list(b) and b.stats.finish_reason == "context" and b.stats.new_tokens == 7
+    assert b.stats.prompt_tokens == 250
+    assert model.last_stats is b.stats  # b finished; a has not
+    got += list(a)
+    assert "".join(got) == want
+    assert a.stats.new_tokens == 12 and a.stats.finish_reason == "length"
+    assert a.stats.prompt_tokens == len(model.encode(prompt)) and a.stats.decode_tokens == 11
+    assert model.last_stats is a.stats  # the call that finished last
+    assert b.stats.finish_reason == "context" and b.stats.new_tokens == 7  # untouched by a
+    # A stream closed early publishes its own stats when it is closed; one never started publishes nothing.
+    c = model.stream(prompt, max_new_tokens=30, stop=["\x00never"])
+    d = model.stream(prompt, max_new_tokens=5)
+    next(c)
+    c.close()
+    assert model.last_stats is c.stats and 1 <= c.stats.new_tokens < 30
+    d.close()
+    assert model.last_stats is c.stats
+    # generate() and generate_ids() also leave their own stats in last_stats.
+    model.generate_ids(prompt, max_new_tokens=3)
+    assert model.last_stats.new_tokens == 3 and model.last_stats is not c.stats
+
+
 def test_two_threads_two_models(llama_dir):
     models = [sparseinfer.load(llama_dir), sparseinfer.load(llama_dir, weights="sparse-int8")]
     want = [m.generate("To be", max_new_tokens=16) for m in models]

@@ -7,11 +7,12 @@ sparseinfer[train]``) adds torch and transformers.
 from . import kernels, models
 from ._core import __version__, build_info
 from .errors import InvalidInputError, SparseInferError, UnsupportedError
-from .model import GenerationStats, Model, generate, load
+from .model import GenerationStats, Model, Stream, generate, load
 
 __all__ = [
     "GenerationStats",
     "Model",
+    "Stream",
     "generate",
     "load",
     "InvalidInputError",

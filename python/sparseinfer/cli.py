@@ -69,7 +69,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     model = load(args.model, weights=args.weights, threads=args.threads or None, activations=args.activations)
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
-    for piece in model.stream(
+    stream = model.stream(
         prompt,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -79,13 +79,14 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
         chat=args.chat,
-    ):
+    )
+    for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     info = model.info()
     print(
-        f"[{info['arch']} {info['format']} {info['isa']} x{info['threads']}] {model.last_stats.summary()}",
+        f"[{info['arch']} {info['format']} {info['isa']} x{info['threads']}] {stream.stats.summary()}",
         file=sys.stderr,
     )
     return 0
@@ -129,9 +130,10 @@ def _bench(args: argparse.Namespace) -> int:
         ids = [t % info["vocab_size"] for t in prompt]
         best = None
         for _ in range(args.repeats):
-            for _ in model.stream(ids, max_new_tokens=args.new_tokens):
+            stream = model.stream(ids, max_new_tokens=args.new_tokens)
+            for _ in stream:
                 pass
-            st = model.last_stats
+            st = stream.stats
             if best is None or st.decode_tokens_per_s > best.decode_tokens_per_s:
                 best = st
         gbs = nbytes * best.decode_tokens_per_s / 1e9

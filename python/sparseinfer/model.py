@@ -17,7 +17,7 @@ import numbers
 import operator
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +29,15 @@ from .chat import render_chat_template
 from .errors import InvalidInputError, SparseInferError
 from .modeldir import MAX_TOKENIZER_BYTES, read_json, read_model_file
 
-__all__ = ["GenerationStats", "Model", "generate", "load"]
+__all__ = ["GenerationStats", "Model", "Stream", "generate", "load"]
 
 
 @dataclass
 class GenerationStats:
-    """Token counts and timings of the last generation (prefill includes sampling the first token)."""
+    """Token counts and timings of one generation (prefill includes sampling the first token).
+
+    ``finish_reason``: ``"length"`` (``max_new_tokens``), ``"eos"``, ``"stop"`` (a stop string), ``"context"``
+    (the context is full); a stream its consumer closed early keeps ``"length"``."""
 
     prompt_tokens: int = 0
     new_tokens: int = 0
@@ -59,6 +62,26 @@ class GenerationStats:
         )
 
 
+class Stream(Iterator[str]):
+    """What :meth:`Model.stream` returns: an iterator over the completion's text pieces, with the statistics
+    of this call alone in ``stats`` (filled in as it runs, final once it is exhausted or closed). Streams
+    interleaved on one model each keep their own."""
+
+    def __init__(self, pieces: Generator[str, None, None], stats: GenerationStats):
+        self._pieces = pieces
+        self.stats = stats
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stops the generation (as breaking out of a loop over it does, once the stream is dropped)."""
+        self._pieces.close()
+
+
 class Model:
     """A loaded model: the Rust runtime plus its tokenizer. Create it with :func:`load`."""
 
@@ -80,6 +103,7 @@ class Model:
         g = gen_cfg.get("eos_token_id")
         eos.update(t for t in (g if isinstance(g, list) else [g]) if type(t) is int and t >= 0)
         self.eos_token_ids: frozenset[int] = frozenset(eos)
+        # The stats of the generation that finished last (each call also keeps its own: Stream.stats).
         self.last_stats = GenerationStats()
 
     # -- tokenizer -------------------------------------------------------------------------------------
@@ -157,6 +181,7 @@ class Model:
 
     def _tokens(
         self,
+        stats: GenerationStats,
         ids: list[int],
         max_new_tokens: int,
         temperature: float,
@@ -164,13 +189,15 @@ class Model:
         top_p: float | None,
         repetition_penalty: float,
         seed: int | None,
-    ) -> Iterator[int]:
-        """Yields new token ids until EOS, ``max_new_tokens`` or the context; fills ``last_stats``. A consumer
-        that stops early sets ``finish_reason`` itself."""
+    ) -> Generator[int, None, None]:
+        """Yields new token ids until EOS, ``max_new_tokens`` or the context, filling ``stats`` (this call's
+        own), which becomes ``last_stats`` when the generation ends. A consumer that stops at a stop string sets
+        ``finish_reason`` itself before closing."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise InvalidInputError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-        self.last_stats = stats = GenerationStats(prompt_tokens=len(ids), finish_reason="length")
+        stats.prompt_tokens, stats.finish_reason = len(ids), "length"
         if max_new_tokens == 0:
+            self.last_stats = stats
             return
         for name, value in (("temperature", temperature), ("repetition_penalty", repetition_penalty)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -196,6 +223,7 @@ class Model:
             stats.decode_tokens = s["decode_tokens"]
             stats.decode_s = s["decode_s"]
             stats.extra["wall_s"] = time.perf_counter() - t0
+            self.last_stats = stats
 
     def generate_ids(
         self,
@@ -208,9 +236,11 @@ class Model:
         seed: int | None = None,
         chat: bool = False,
     ) -> list[int]:
-        """The new token ids (no detokenization: works without a tokenizer when ``prompt`` is ids)."""
+        """The new token ids (no detokenization: works without a tokenizer when ``prompt`` is ids). Its
+        statistics are ``last_stats`` when it returns."""
         ids = self._prompt_ids(prompt, chat)
-        return list(self._tokens(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed))
+        stats = GenerationStats()
+        return list(self._tokens(stats, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed))
 
     def stream(
         self,
@@ -223,38 +253,61 @@ class Model:
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
         chat: bool = False,
-    ) -> Iterator[str]:
+    ) -> Stream:
         """Yields the completion's text pieces as they decode. Stops at EOS, a ``stop`` string (not included),
-        ``max_new_tokens`` or the context length. ``prompt`` may be text or token ids."""
+        ``max_new_tokens`` or the context length. ``prompt`` may be text or token ids.
+
+        The returned :class:`Stream` carries this call's own :class:`GenerationStats` in ``.stats``, final once
+        it is exhausted or closed; ``model.last_stats`` is the stats of whichever call finished last, so
+        interleaved streams should read their own ``.stats``. Nothing runs (the prompt is not even checked)
+        until the first piece is asked for."""
+        stats = GenerationStats()
+        sampling = (temperature, top_k, top_p, repetition_penalty, seed)
+        return Stream(self._pieces(stats, prompt, max_new_tokens, sampling, stop, chat), stats)
+
+    def _pieces(
+        self,
+        stats: GenerationStats,
+        prompt: str | Sequence[int],
+        max_new_tokens: int,
+        sampling: tuple,
+        stop: Sequence[str] | str | None,
+        chat: bool,
+    ) -> Generator[str, None, None]:
+        """The body of :meth:`stream`; ``sampling``: (temperature, top_k, top_p, repetition_penalty, seed)."""
         ids = self._prompt_ids(prompt, chat)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not s for s in stops):
             raise InvalidInputError("stop strings must be non-empty")
-        tokens = self._tokens(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+        tokens = self._tokens(stats, ids, max_new_tokens, *sampling)
         out: list[int] = []
         emitted = 0  # characters of the decoded completion already yielded
         hold = max((len(s) for s in stops), default=1) - 1  # text held back while a stop string may be forming
-        for tok in tokens:
-            out.append(tok)
-            text = self.decode(out)
-            cut = min((i for i in (text.find(s, emitted) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                tokens.close()
-                self.last_stats.finish_reason = "stop"
-                if cut > emitted:
-                    yield text[emitted:cut]
-                return
-            # Hold back an incomplete UTF-8 sequence and a possible stop-string prefix.
-            safe = len(text) - (1 if text.endswith("\ufffd") else 0) - hold
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
+        try:
+            for tok in tokens:
+                out.append(tok)
+                text = self.decode(out)
+                cut = min((i for i in (text.find(s, emitted) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    stats.finish_reason = "stop"  # before close(), which publishes the stats
+                    tokens.close()
+                    if cut > emitted:
+                        yield text[emitted:cut]
+                    return
+                # Hold back an incomplete UTF-8 sequence and a possible stop-string prefix.
+                safe = len(text) - (1 if text.endswith("\ufffd") else 0) - hold
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+        finally:
+            tokens.close()  # a stream closed early ends its generation (and publishes its stats) now
         text = self.decode(out)
         if len(text) > emitted:
             yield text[emitted:]
 
     def generate(self, prompt: str | Sequence[int], **kw: Any) -> str:
-        """The completion of ``prompt`` (without the prompt). Keywords as for :meth:`stream`."""
+        """The completion of ``prompt`` (without the prompt). Keywords as for :meth:`stream`. Its statistics are
+        ``last_stats`` when it returns."""
         return "".join(self.stream(prompt, **kw))
 
     def info(self) -> dict[str, Any]:
