@@ -221,3 +221,41 @@ fn special_files_are_refused_without_blocking() {
     std::os::unix::fs::symlink("/dev/zero", &fifo).unwrap();
     assert!(matches!(load_dir(&d, LoadOptions::default()), Err(Error::InvalidInput { .. })));
 }
+
+#[test]
+fn compressed_tensors_formats_are_refused_by_name() {
+    use sparseinfer_core::runtime::weights::QuantScheme;
+    let group = |fmt: serde_json::Value| {
+        serde_json::json!({"quantization_config": {"quant_method": "compressed-tensors", "format": "int-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "format": fmt,
+                "weights": {"num_bits": 8, "type": "int", "symmetric": true, "strategy": "channel"}}}}})
+    };
+    // What compressed-tensors writes (a group's format is null before 0.15) is read.
+    for ok in [serde_json::json!("int-quantized"), serde_json::Value::Null] {
+        let s = QuantScheme::from_config(&group(ok)).unwrap().unwrap();
+        assert_eq!((s.bits, s.group_size), (8, None));
+    }
+    let refused = |c: &serde_json::Value, fmt: &str, field: &str| {
+        let e = QuantScheme::from_config(c).unwrap_err();
+        let want = format!("format \"{fmt}\" is not supported");
+        assert!(
+            matches!(&e, Error::Unsupported { msg, .. } if msg.contains(&want) && msg.contains(field)),
+            "{fmt}: {e}"
+        );
+    };
+    refused(&group("float-quantized".into()), "float-quantized", "config_groups.group_0.format");
+    let mut top = group("int-quantized".into());
+    top["quantization_config"]["format"] = "nvfp4-pack-quantized".into();
+    refused(&top, "nvfp4-pack-quantized", "quantization_config.format");
+    // A 2:4 checkpoint stores other tensors than the unstructured bitmask: refused before any tensor is read.
+    let sparse = serde_json::json!({"quantization_config": {"quant_method": "compressed-tensors", "format": "dense",
+        "sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}}});
+    refused(&sparse, "sparse-24-bitmask", "sparsity_config.format");
+    let mut bitmask = sparse.clone();
+    bitmask["quantization_config"]["sparsity_config"]["format"] = "sparse-bitmask".into();
+    assert_eq!(QuantScheme::from_config(&bitmask).unwrap(), None);
+    let mut not_a_name = group("int-quantized".into());
+    not_a_name["quantization_config"]["format"] = 3.into();
+    assert!(matches!(QuantScheme::from_config(&not_a_name), Err(Error::InvalidInput { .. })));
+}

@@ -178,9 +178,14 @@ impl QuantScheme {
                 ));
             }
         }
+        check_format(qc.get("format"), "quantization_config.format", QUANT_FORMATS)?;
+        if let Some(sc) = qc.get("sparsity_config").filter(|s| s.as_object().is_some_and(|o| !o.is_empty())) {
+            check_format(sc.get("format"), "quantization_config.sparsity_config.format", SPARSITY_FORMATS)?;
+        }
         let Some(groups) = qc.get("config_groups").and_then(|g| g.as_object()) else { return Ok(None) };
         let mut scheme = None;
-        for g in groups.values() {
+        for (gname, g) in groups {
+            check_format(g.get("format"), &format!("quantization_config.config_groups.{gname}.format"), QUANT_FORMATS)?;
             let w = g.get("weights").ok_or_else(|| bad("a config group has no \"weights\"".into()))?;
             let bits = w
                 .get("num_bits")
@@ -210,6 +215,25 @@ impl QuantScheme {
             scheme = Some(s);
         }
         Ok(scheme)
+    }
+}
+
+/// compressed-tensors quantization formats whose tensors [`Loader`] decodes (docs/FORMAT.md).
+const QUANT_FORMATS: &[&str] = &["dense", "int-quantized", "pack-quantized"];
+/// compressed-tensors sparsity formats whose tensors [`Loader`] decodes.
+const SPARSITY_FORMATS: &[&str] = &["dense", "sparse-bitmask"];
+
+/// Refuses a compressed-tensors format (a string at `field` of config.json, absent or null: not declared) that
+/// is not one of `known`: its tensors would be read as something they are not.
+fn check_format(v: Option<&serde_json::Value>, field: &str, known: &[&str]) -> Result<()> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(()),
+        Some(serde_json::Value::String(f)) if known.contains(&f.as_str()) => Ok(()),
+        Some(serde_json::Value::String(f)) => Err(Error::unsupported(
+            "load",
+            format!("config.json {field}: compressed-tensors format {f:?} is not supported ({})", known.join(", ")),
+        )),
+        Some(other) => Err(Error::invalid("load", format!("config.json {field}: {other} is not a format name"))),
     }
 }
 
@@ -266,17 +290,22 @@ impl Loader<'_> {
         let codes: Option<Vec<f32>>;
         let mut sparse = false;
         let mut bf16 = false;
-        if st.contains(&format!("{name}.bitmask")) {
+        // sparse-bitmask tensors sit beside the module's other tensors: `<module>.bitmask` (compressed-tensors
+        // 0.9 on), or `<module>.weight.bitmask` (compressed-tensors up to 0.8, and sparseinfer before it).
+        let sparse_base = [prefix, name].into_iter().find(|b| st.contains(&format!("{b}.bitmask")));
+        if let Some(base) = sparse_base {
             if layout != Layout::OutIn {
                 return Err(bad("compressed Conv1D weights are not supported".into()));
             }
             sparse = true;
-            expect_shape(format!("{name}.shape"))?;
-            let mask = st.tensor(&format!("{name}.bitmask"), &[rows, cols.div_ceil(8)])?;
+            expect_shape(format!("{base}.shape"))?;
+            let mask = st.tensor(&format!("{base}.bitmask"), &[rows, cols.div_ceil(8)])?;
             if mask.dtype != Dtype::U8 {
-                return Err(bad("bitmask must be U8".into()));
+                return Err(bad(format!("{base}.bitmask has dtype {}, expected U8", mask.dtype.name())));
             }
-            let values = st.get(&format!("{name}.compressed")).ok_or_else(|| bad("no .compressed values".into()))?;
+            let values = st
+                .get(&format!("{base}.compressed"))
+                .ok_or_else(|| bad(format!("{base}.compressed (the stored values) is missing")))?;
             let nnz: usize = mask.bytes.iter().map(|b| b.count_ones() as usize).sum::<usize>();
             // Bits past `cols` in the last byte of a row must be clear, or the count lies.
             let tail_ok = cols.is_multiple_of(8)
@@ -358,17 +387,34 @@ impl Loader<'_> {
         let scheme =
             self.quant.ok_or_else(|| bad("integer weights but no quantization_config in config.json".into()))?;
         let sname = format!("{prefix}.weight_scale");
-        let scale_t = st.get(&sname).ok_or_else(|| bad("no weight_scale".into()))?;
+        let scale_t = st.get(&sname).ok_or_else(|| bad(format!("{sname} is missing")))?;
         let per_row = match scheme.group_size {
             None => 1,
             Some(g) if g > 0 => cols.div_ceil(g),
             Some(_) => return Err(bad("group_size 0".into())),
         };
-        let scales = self
-            .f32(&sname, &[rows, per_row])
-            .map_err(|_| bad(format!("weight_scale has shape {:?}, expected [{rows}, {per_row}]", scale_t.shape)))?;
+        if !matches!(scale_t.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            return Err(bad(format!(
+                "{sname} has dtype {}: scales must be floats (F32, F16 or BF16)",
+                scale_t.dtype.name()
+            )));
+        }
+        if scale_t.shape != [rows, per_row] {
+            return Err(bad(format!("{sname} has shape {:?}, expected [{rows}, {per_row}]", scale_t.shape)));
+        }
+        let scales = scale_t.to_f32(&sname)?;
+        if let Some(i) = scales.iter().position(|x| !x.is_finite()) {
+            return Err(bad(format!(
+                "{sname} holds a non-finite scale {} at [{}, {}]",
+                scales[i],
+                i / per_row,
+                i % per_row
+            )));
+        }
         let g = scheme.group_size.unwrap_or(cols);
-        let (lo, hi) = if scheme.bits == 8 { (-127.0, 127.0) } else { (-8.0, 7.0) };
+        // compressed-tensors' symmetric range, whose rounding reaches -128 (-8): the kernels' symmetric grid stops
+        // at -127 (-7), so packing with these scales stores such a code one step up (docs/FORMAT.md).
+        let (lo, hi) = if scheme.bits == 8 { (-128.0, 127.0) } else { (-8.0, 7.0) };
         let mut w = vec![0.0f32; rows * cols];
         for r in 0..rows {
             for c in 0..cols {
