@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: help setup setup-train develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-train bench-llamacpp study wheel clean
+.PHONY: help setup setup-train setup-interop develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-train bench-llamacpp study wheel clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -24,8 +24,16 @@ $(VENV)/.installed-train: $(VENV)/.installed
 	$(PY) -m pip install -q "torch>=2.1" "transformers>=4.45" "safetensors>=0.4" "compressed-tensors>=0.9"
 	touch $@
 
+# compressed-tensors 0.14, the last release with the sparse-bitmask compressor, in a directory of its own that
+# tests/training/ct_legacy.py puts first on PYTHONPATH: torch and transformers come from the venv, whose own
+# compressed-tensors stays current.
+$(VENV)/ct014/.installed: $(VENV)/.installed-train
+	$(PY) -m pip install -q --no-deps --target $(VENV)/ct014 "compressed-tensors==0.14.*"
+	touch $@
+
 setup: $(VENV)/.installed  ## create the virtualenv: build, test and bench tools, the default model
 setup-train: $(VENV)/.installed-train  ## add torch and transformers (training, parity tests)
+setup-interop: $(VENV)/ct014/.installed  ## add compressed-tensors 0.14 beside the venv (sparse-bitmask interop tests)
 
 develop: setup  ## build the extension (release) into the virtualenv
 	$(VENV)/bin/maturin develop --release --quiet
@@ -36,7 +44,7 @@ lint: setup  ## rustfmt, clippy -D warnings, ruff
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/ruff format --check python tests bench
 
-test: develop setup-train lint  ## everything CI checks: lint, cargo test, pytest
+test: develop setup-train setup-interop lint  ## everything CI checks: lint, cargo test, pytest
 	cargo test -p sparseinfer-core --quiet
 	$(PY) -m pytest -q
 

@@ -97,13 +97,15 @@ def decode_with_compressed_tensors(t, name, qcfg):
     from compressed_tensors.utils.helpers import unpack_bitmasks
 
     scale = t.get(f"{name}.weight_scale")
-    if f"{name}.weight.bitmask" in t:
-        rows, cols = (int(v) for v in t[f"{name}.weight.shape"])
-        keep = unpack_bitmasks(torch.from_numpy(t[f"{name}.weight.bitmask"]), [rows, cols]).numpy()
+    if f"{name}.bitmask" in t:
+        # compressed-tensors' sparse-bitmask tensors sit beside the module's: <module>.bitmask, not .weight.bitmask.
+        assert not any(k.startswith(f"{name}.weight.") for k in t)
+        rows, cols = (int(v) for v in t[f"{name}.shape"])
+        keep = unpack_bitmasks(torch.from_numpy(t[f"{name}.bitmask"]), [rows, cols]).numpy()
         vals = np.zeros((rows, cols), dtype=np.float32)
-        vals[keep] = t[f"{name}.weight.compressed"].astype(np.float32)
+        vals[keep] = t[f"{name}.compressed"].astype(np.float32)
         # Our own decoder agrees with compressed-tensors' bit order.
-        assert np.array_equal(E.decode_sparse(t, f"{name}.weight").astype(np.float32), vals)
+        assert np.array_equal(E.decode_sparse(t, name).astype(np.float32), vals)
         codes = vals
     elif f"{name}.weight_packed" in t:
         from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
@@ -127,7 +129,7 @@ def test_writes_are_atomic(tmp_path, pruned, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(E, "write_safetensors", boom)
+    monkeypatch.setattr(E, "write_tensors", boom)
     with pytest.raises(RuntimeError):
         T.export(model, src, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -1,8 +1,10 @@
 """``export(model, tokenizer, out_dir)``: write the compressed checkpoint that ``sparseinfer.load`` runs.
 
-The contract is docs/FORMAT.md (version 1): compressed-tensors names and layouts (``sparse-bitmask``,
-``int-quantized``, ``pack-quantized``) plus our documented sparse-int4 extension. The encoders here are pure
-numpy functions so the format can be tested without torch.
+The contract is docs/FORMAT.md (version 1): compressed-tensors names and layouts (``sparse-bitmask`` as
+compressed-tensors 0.9-0.14 write it, ``int-quantized``, ``pack-quantized``) plus our documented sparse-int4
+extension, and the ``quantization_config`` compressed-tensors' own writer emits, so that transformers and
+compressed-tensors load the export with the weights we trained. The bit-level encoders are numpy functions so the
+layouts can be tested without torch.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import atomic_dir, write_safetensors
+from ..checkpoint import atomic_dir
 
 FORMAT_VERSION = 1
 # A module is stored sparse when at least this fraction of its weights is zero.
 SPARSE_THRESHOLD = 0.25
+# compressed-tensors' names of the per-module tensors of its sparse-bitmask compressor (BitmaskCompressor's
+# compression_param_names), each stored beside the module's other tensors as ``<module>.<name>``.
+SPARSE_PARAMS = ("shape", "compressed", "bitmask", "row_offsets")
 
 
 def pack_bitmask(keep: np.ndarray) -> np.ndarray:
@@ -31,26 +36,36 @@ def unpack_bitmask(bits: np.ndarray, cols: int) -> np.ndarray:
     return np.unpackbits(bits, axis=1, count=cols, bitorder="little").astype(bool)
 
 
-def encode_sparse(values: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
-    """The sparse-bitmask tensors of a matrix whose zeros are the pruned weights (float or int8 codes)."""
-    keep = values != 0
+def encode_sparse(values, module: str) -> dict[str, Any]:
+    """The sparse-bitmask tensors of ``<module>``'s weight, whose zeros are the pruned weights: a float or int8
+    codes matrix [rows, cols], numpy or torch (bf16 values stay bf16). Laid out as compressed-tensors'
+    ``BitmaskTensor.dict(module)``: ``<module>.shape`` I64 [2], ``.bitmask`` U8, ``.compressed`` (the nonzeros,
+    row-major), ``.row_offsets`` I64 [rows]."""
+    keep = np.asarray(values != 0)
     rows, cols = values.shape
     counts = keep.sum(1)
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    offsets = (np.cumsum(counts) - counts).astype(np.int64)
+    compressed = values[keep] if isinstance(values, np.ndarray) else values[_torch().from_numpy(keep)]
     return {
-        f"{prefix}.shape": np.array([rows, cols], dtype=np.int64),
-        f"{prefix}.bitmask": pack_bitmask(keep),
-        f"{prefix}.compressed": np.ascontiguousarray(values[keep]),
-        f"{prefix}.row_offsets": offsets,
+        f"{module}.shape": np.array([rows, cols], dtype=np.int64),
+        f"{module}.bitmask": pack_bitmask(keep),
+        f"{module}.compressed": compressed,
+        f"{module}.row_offsets": offsets,
     }
 
 
-def decode_sparse(t: dict[str, np.ndarray], prefix: str) -> np.ndarray:
-    rows, cols = (int(v) for v in t[f"{prefix}.shape"])
-    keep = unpack_bitmask(t[f"{prefix}.bitmask"], cols)
-    out = np.zeros((rows, cols), dtype=t[f"{prefix}.compressed"].dtype)
-    out[keep] = t[f"{prefix}.compressed"]
+def decode_sparse(t: dict[str, np.ndarray], module: str) -> np.ndarray:
+    rows, cols = (int(v) for v in t[f"{module}.shape"])
+    keep = unpack_bitmask(t[f"{module}.bitmask"], cols)
+    out = np.zeros((rows, cols), dtype=t[f"{module}.compressed"].dtype)
+    out[keep] = t[f"{module}.compressed"]
     return out
+
+
+def _torch():
+    import torch
+
+    return torch
 
 
 def pack_int4(codes: np.ndarray) -> np.ndarray:
@@ -70,36 +85,44 @@ def unpack_int4(words: np.ndarray, cols: int) -> np.ndarray:
     return (codes[:, :cols].astype(np.int16) - 8).astype(np.int8)
 
 
-def encode_linear(
-    w: np.ndarray, codes: np.ndarray | None, scales: np.ndarray | None, bits: int | None, sparse: bool, prefix: str
-) -> dict[str, np.ndarray]:
-    """The tensors of one linear ``<prefix>`` (``prefix`` ends without ``.weight``). w: float [out, in];
+def quant_format(bits: int | None) -> str:
+    """compressed-tensors' name of the format our integer weights are stored in (``dense``: float weights)."""
+    return "dense" if bits is None else ("int-quantized" if bits == 8 else "pack-quantized")
+
+
+def encode_linear(w, codes: np.ndarray | None, scales: np.ndarray | None, bits: int | None, sparse: bool, module: str):
+    """The tensors of one linear ``<module>``. w: float [out, in] (numpy or torch, in the dtype to store);
     codes/scales/bits from quantization (None for float)."""
-    t: dict[str, np.ndarray] = {}
+    t: dict[str, Any] = {}
     if codes is None:
         if sparse:
-            t.update(encode_sparse(w, f"{prefix}.weight"))
+            t.update(encode_sparse(w, module))
         else:
-            t[f"{prefix}.weight"] = w
+            t[f"{module}.weight"] = w
         return t
-    t[f"{prefix}.weight_scale"] = np.ascontiguousarray(scales, dtype=np.float32)
+    t[f"{module}.weight_scale"] = np.ascontiguousarray(scales, dtype=np.float32)
     if sparse:
-        t.update(encode_sparse(codes.astype(np.int8), f"{prefix}.weight"))
+        # compressed-tensors compresses the int8 codes the quantization compressor left in ``.weight``.
+        t.update(encode_sparse(codes.astype(np.int8), module))
     elif bits == 8:
-        t[f"{prefix}.weight"] = codes.astype(np.int8)
+        t[f"{module}.weight"] = codes.astype(np.int8)
     else:
-        t[f"{prefix}.weight_packed"] = pack_int4(codes)
-        t[f"{prefix}.weight_shape"] = np.array(codes.shape, dtype=np.int64)
+        t[f"{module}.weight_packed"] = pack_int4(codes)
+        t[f"{module}.weight_shape"] = np.array(codes.shape, dtype=np.int64)
     return t
 
 
 def quantization_config(sparse: bool, global_sparsity: float, bits: int | None, group_size: int | None) -> dict:
-    cfg: dict[str, Any] = {
-        "quant_method": "compressed-tensors",
-        "format": "dense" if bits is None else ("int-quantized" if bits == 8 else "pack-quantized"),
-        "ignore": ["lm_head"],
-        "sparseinfer_format_version": FORMAT_VERSION,
-    }
+    """config.json's ``quantization_config`` as compressed-tensors' ``ModelCompressor.update_config`` writes it.
+    ``quantization_status: compressed`` and the group's ``format`` are what tell compressed-tensors (>= 0.15,
+    through transformers) that the stored weights are codes to decompress; without them it loads the codes
+    as if they were the weights."""
+    fmt = quant_format(bits)
+    cfg: dict[str, Any] = {"quant_method": "compressed-tensors"}
+    if bits is not None:
+        # compressed-tensors 0.9-0.14 read every key beside quant_method and sparsity_config as a quantization
+        # config (and then require config_groups): a sparse float export has none of them.
+        cfg.update(format=fmt, ignore=["lm_head"], sparseinfer_format_version=FORMAT_VERSION)
     if sparse:
         cfg["sparsity_config"] = {
             "format": "sparse-bitmask",
@@ -109,19 +132,36 @@ def quantization_config(sparse: bool, global_sparsity: float, bits: int | None, 
             "ignore": ["lm_head"],
         }
     if bits is not None:
+        cfg["quantization_status"] = "compressed"
         cfg["config_groups"] = {
             "group_0": {
                 "targets": ["Linear"],
+                "format": fmt,
                 "weights": {
                     "num_bits": bits,
                     "type": "int",
                     "symmetric": True,
                     "strategy": "channel" if group_size is None else "group",
                     "group_size": group_size,
+                    "dynamic": False,
                 },
+                "input_activations": None,
+                "output_activations": None,
             }
         }
     return cfg
+
+
+def write_tensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+    """Writes numpy arrays and torch tensors with the safetensors library (torch keeps bf16 as bf16)."""
+    torch = _torch()
+    from safetensors.torch import save_file
+
+    as_torch = {
+        k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.detach().cpu()).contiguous()
+        for k, v in tensors.items()
+    }
+    save_file(as_torch, str(path), metadata=metadata)
 
 
 def export(
@@ -135,57 +175,62 @@ def export(
 ) -> Path:
     """Writes ``model`` (a transformers causal LM, possibly pruned and ``quantize``d) as a compressed checkpoint.
 
-    sparse: store linears as bitmask + nonzeros (None: each linear with >= 25 % zeros). ``tokenizer``: a
-    transformers tokenizer (``save_pretrained``) or a directory to copy tokenizer files from, or None.
+    sparse: store linears as compressed-tensors' sparse-bitmask (None: each linear with >= 25 % zeros).
+    ``sparse=False`` writes the dense-compatible form (quantized but not bitmask-compressed), which stacks
+    without a sparse-bitmask decompressor read: compressed-tensors >= 0.15, so current transformers and vLLM.
+    Float tensors keep the model's dtype (f32, f16 or bf16). ``tokenizer``: a transformers tokenizer
+    (``save_pretrained``) or a directory to copy tokenizer files from, or None.
 
     >>> export(model, tokenizer, "out/sparse70-int8")
     >>> sparseinfer.load("out/sparse70-int8").generate("Once upon a time")
     """
-    import torch
+    torch = _torch()
 
     from .masks import prunable_linears
 
     state = {k: v.detach() for k, v in model.state_dict().items()}
     linears = {n: m for n, m in prunable_linears(model).items() if isinstance(m, torch.nn.Linear)}
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, Any] = {}
     per_module: dict[str, float] = {}
     zeros = total = 0
     bits_seen: set[tuple[int, int | None]] = set()
     any_sparse = False
-    float_dtype = np.float16 if next(model.parameters()).dtype == torch.float16 else np.float32
+    dtype = next(model.parameters()).dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"export: model dtype {dtype} is not a float dtype (float32, float16 or bfloat16)")
     for name, mod in linears.items():
-        w = mod.weight.detach().float().cpu().numpy()
+        w = mod.weight.detach().cpu()
+        zero = (w == 0).numpy()
         spec = getattr(mod, "sparseinfer_quant", None)
-        frac = float((w == 0).mean())
+        frac = float(zero.mean())
         is_sparse = frac >= SPARSE_THRESHOLD if sparse is None else bool(sparse)
         codes = scales = bits = None
         if spec is not None:
             codes = spec.codes.cpu().numpy().astype(np.int8)
             # A weight pruned after quantization, or one that rounded to zero, is zero: keep codes and weights
             # in agreement so the bitmask is exactly the nonzeros.
-            codes = np.where(w == 0, 0, codes).astype(np.int8)
+            codes = np.where(zero, 0, codes).astype(np.int8)
             scales = spec.scales.cpu().numpy().astype(np.float32)
             bits = spec.bits
             bits_seen.add((spec.bits, spec.group_size))
-        tensors.update(encode_linear(w.astype(float_dtype), codes, scales, bits, is_sparse, name))
+        tensors.update(encode_linear(w.to(dtype), codes, scales, bits, is_sparse, name))
         state.pop(f"{name}.weight", None)
         any_sparse |= is_sparse
         per_module[name] = frac
-        zeros += int((w == 0).sum())
-        total += w.size
+        zeros += int(zero.sum())
+        total += zero.size
     if len(bits_seen) > 1:
         raise ValueError(f"mixed quantization schemes are not supported by the format: {sorted(bits_seen)}")
     tied = getattr(model.config, "tie_word_embeddings", False)
     for k, v in state.items():
         if tied and k == "lm_head.weight":
             continue
-        a = v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
-        tensors[k] = a.astype(float_dtype) if a.dtype == np.float32 else a
+        tensors[k] = v.to(dtype) if v.is_floating_point() else v
     bits, group = next(iter(bits_seen)) if bits_seen else (None, None)
     config = model.config.to_dict()
     if any_sparse or bits is not None:
         config["quantization_config"] = quantization_config(any_sparse, zeros / max(total, 1), bits, group)
-    config["dtype"] = "float16" if float_dtype == np.float16 else "float32"
+    config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
     info = {
         "format_version": FORMAT_VERSION,
@@ -195,7 +240,7 @@ def export(
         "metrics": metrics,
     }
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt", "sparseinfer_format_version": "1"})
+        write_tensors(tmp / "model.safetensors", tensors, {"format": "pt", "sparseinfer_format_version": "1"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         gen = getattr(model, "generation_config", None)
         if gen is not None:
