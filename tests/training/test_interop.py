@@ -40,6 +40,8 @@ INT_ACT_FLIP = 3e-2
 # sees the int8 codes as the observed dtype): weights agree to f16's relative precision.
 CT014_F16_SCALES = 1e-3
 CT014 = Path(sys.prefix) / "ct014"
+# compressed-tensors' BitmaskCompressor.compression_param_names, stored as <module>.<name>.
+SPARSE_PARAMS = ("shape", "compressed", "bitmask", "row_offsets")
 LEGACY = Path(__file__).with_name("ct_legacy.py")
 
 
@@ -82,13 +84,6 @@ def test_transformers_loads_dense_compatible_exports(tmp_path, pruned, case):
     if dtype is not None:
         model = model.to(dtype)
     out = T.export(model, src, tmp_path / "out", sparse=False)
-    cfg = json.loads((out / "config.json").read_text())
-    if bits:
-        q = cfg["quantization_config"]
-        # What compressed-tensors' own writer emits; without these it loads the int8 codes as weights.
-        assert q["quantization_status"] == "compressed"
-        assert q["config_groups"]["group_0"]["format"] == q["format"]
-        assert "sparsity_config" not in q
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     if dtype is None:
         err = rel(hf_logits(loaded), hf_logits(model))
@@ -99,6 +94,13 @@ def test_transformers_loads_dense_compatible_exports(tmp_path, pruned, case):
         state = model.state_dict()
         for k, v in loaded.state_dict().items():
             assert v.dtype == torch.bfloat16 and torch.equal(v, state[k]), k
+    cfg = json.loads((out / "config.json").read_text())
+    if bits:
+        q = cfg["quantization_config"]
+        # What compressed-tensors' own writer emits; without these it loads the int8 codes as weights.
+        assert q["quantization_status"] == "compressed"
+        assert q["config_groups"]["group_0"]["format"] == q["format"]
+        assert "sparsity_config" not in q
     if dtype is not None:
         # A bf16 model is written as bf16 and runs as bf16 in sparseinfer.
         from safetensors import safe_open
@@ -124,7 +126,7 @@ def test_compressed_tensors_014_decompresses_our_sparse_exports(tmp_path, pruned
     out = T.export(model, src, tmp_path / "out", sparse=True)
     t = load_file(str(out / "model.safetensors"))
     for name in T.prunable_linears(model):
-        assert {k for k in t if k.startswith(f"{name}.")} >= {f"{name}.{p}" for p in E.SPARSE_PARAMS}
+        assert {k for k in t if k.startswith(f"{name}.")} >= {f"{name}.{p}" for p in SPARSE_PARAMS}
     ct014("decompress", out, tmp_path / "dense.safetensors")
     dense = load_file(str(tmp_path / "dense.safetensors"))
     for name, mod in T.prunable_linears(model).items():
@@ -178,7 +180,7 @@ def test_legacy_weight_bitmask_naming_still_loads(tmp_path, pruned):
     def legacy(t):
         for k in [k for k in t if k.endswith(".bitmask")]:
             module = k.removesuffix(".bitmask")
-            for p in E.SPARSE_PARAMS:
+            for p in SPARSE_PARAMS:
                 t[f"{module}.weight.{p}"] = t.pop(f"{module}.{p}")
 
     rewrite(out, legacy)

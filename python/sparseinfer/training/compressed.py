@@ -22,9 +22,6 @@ from ..checkpoint import atomic_dir
 FORMAT_VERSION = 1
 # A module is stored sparse when at least this fraction of its weights is zero.
 SPARSE_THRESHOLD = 0.25
-# compressed-tensors' names of the per-module tensors of its sparse-bitmask compressor (BitmaskCompressor's
-# compression_param_names), each stored beside the module's other tensors as ``<module>.<name>``.
-SPARSE_PARAMS = ("shape", "compressed", "bitmask", "row_offsets")
 
 
 def pack_bitmask(keep: np.ndarray) -> np.ndarray:
