@@ -237,8 +237,11 @@ class Study:
 
         def run():
             model = self.load(None)
-            base = self.evaluate(model)
-            base_val = self.evaluate(model, self.val)
+            path, prog = self._progress(name)
+            if "base" not in prog:  # the untrained model's figures, kept across resumes
+                prog["base"], prog["base_validation"] = self.evaluate(model), _short(self.evaluate(model, self.val))
+                _write_json(path, prog)
+            base, base_val = prog["base"], prog["base_validation"]
             epoch_steps = max(1, len(self.train) * self.b["seq_len"] // self.tokens_per_step)
             steps = self.b.get("max_teacher_steps") or self.b["teacher_epochs"] * epoch_steps
             val_steps = max(1, self.b["val_every"] // self.tokens_per_step)
@@ -256,10 +259,16 @@ class Study:
                 since_best = sum(1 for p in prog["curve"] if p["step"] > best["step"])
                 model.train()
                 # Early stopping: at least one epoch, then `patience` evaluations without a new best.
-                return step >= epoch_steps and since_best >= patience
+                stop = step >= epoch_steps and since_best >= patience
+                if stop:
+                    prog["stopped_at"] = step
+                    _write_json(self._progress(name)[0], prog)
+                return stop
 
             cfg = self._finetune_config(steps, self.b["teacher_lr"], RECIPES["ce"], name, val_steps, keep_masks=False)
-            r = T.finetune(model, None, self.train, cfg, on_step=on_step)
+            r = {"steps": prog.get("stopped_at")}
+            if r["steps"] is None:  # not stopped early before an interruption
+                r = T.finetune(model, None, self.train, cfg, on_step=on_step)
             _, prog = self._progress(name)
             best = min(prog["curve"], key=lambda p: p["ppl"])
             teacher = self.load("dense-ft-best")
