@@ -151,6 +151,8 @@ def _train(args: argparse.Namespace) -> int:
     recipe = R.load(args.recipe)
     if args.work_dir:
         recipe["work_dir"] = args.work_dir
+    if getattr(args, "dense", False):
+        recipe["export"] = {**(recipe.get("export") or {}), "sparse": False}
     stages = STAGES if args.command == "train" else (args.command,)
     metrics = run(recipe, stages)
     print(json.dumps(metrics, indent=2, default=float))
@@ -203,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         t = sub.add_parser(stage, help=text)
         t.add_argument("recipe", help="a YAML recipe (see training/recipes/)")
         t.add_argument("--work-dir", default=None, help="override the recipe's work_dir")
+        if stage in ("quantize", "export", "train"):
+            t.add_argument(
+                "--dense",
+                action="store_true",
+                help="export without sparse-bitmask compression (the form stacks that cannot read sparsity load)",
+            )
     demo = sub.add_parser("demo", help="time every kernel format against numpy dense f32 on one layer")
     demo.add_argument("--rows", type=int, default=5632)
     demo.add_argument("--cols", type=int, default=2048)

@@ -78,6 +78,13 @@ def test_every_stage_through_the_cli(setup):
     assert isinstance(model.generate("Once upon a time", max_new_tokens=8), str)
     exported = json.loads((setup / "export" / "sparseinfer.json").read_text())
     assert exported["recipe"]["prune"]["sparsity"] == 0.6 and exported["quantization"]["bits"] == 8
+    # --dense: the same model without sparse-bitmask compression, for stacks that cannot read sparsity.
+    r = cli("export", str(path), "--dense")
+    assert r.returncode == 0, r.stderr[-2000:]
+    config = json.loads((setup / "export" / "config.json").read_text())
+    assert "sparsity_config" not in config.get("quantization_config", {})
+    dense = sparseinfer.load(setup / "export")
+    assert max(layer["density"] for layer in dense.info()["linear"]) <= 0.41  # the zeros are still zeros
 
 
 def test_bad_recipe_is_a_one_line_error(setup):
