@@ -203,8 +203,8 @@ def example_nll(model, examples: Sequence[dict], batch_size: int = 4) -> list[tu
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
             tgt = labels[:, 1:]
         nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), tgt, reduction="none", ignore_index=-100
-        )  # [B, S]
+            logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none", ignore_index=-100
+        ).view(tgt.shape)  # [B, S]; flat rows: the [B, V, S] layout is ~4x slower on CPU
         for row, t in zip(nll.double().sum(1).tolist(), (tgt != -100).sum(1).tolist()):
             out.append((float(row), int(t)))
     return out
