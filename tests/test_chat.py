@@ -171,6 +171,31 @@ def test_templates_cannot_hang_or_exhaust_memory(model_dir, template):
 
 
 @pytest.mark.parametrize(
+    "template",
+    [
+        "{{ range(4000) | map('center', 1000000) | join }}",
+        "{{ range(4000) | map('center', 1000000) | list | length }}",
+        "{{ range(60000) | join('y' * 100000) }}",
+        "{{ ('a ' * 200000) | wordwrap(1, wrapstring='w' * 100000) }}",
+    ],
+    ids=["lazy-map-join", "lazy-map-list", "join-lazy-separator", "wordwrap-wrapstring"],
+)
+def test_lazy_and_expanding_filters_are_stopped_by_the_size_budget(model_dir, template):
+    # Stopped by the budget before the memory is taken, not by a MemoryError after (the child's 4 GiB cap).
+    with_template(model_dir, template)
+    proc = hostile_models.run_child(
+        f"""
+        m = sparseinfer.load({str(model_dir)!r})
+        print(json.dumps(outcome(lambda: m.apply_chat_template([{{"role": "user", "content": "hi"}}]))))
+        """,
+        timeout=90,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["raised"] == "InvalidInputError" and "limit of" in result["msg"], result
+
+
+@pytest.mark.parametrize(
     "template, match",
     [
         ("{% for m in messages %}{{ m.content }", "syntax"),

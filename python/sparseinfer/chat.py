@@ -23,7 +23,7 @@ import json
 import re
 import string
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Sized
 from datetime import datetime
 from typing import Any
 
@@ -223,7 +223,7 @@ def _environment(limits: _Limits):
         """Bounds the filters whose output can be much larger than their input."""
         if name == "join":
             sep = args[0] if args else kwargs.get("d", "")
-            n = len(value) if isinstance(value, (list, tuple, str)) else 0
+            n = len(value) if isinstance(value, Sized) else 0  # iterators arrive materialized
             limits.need(limits.size(value) + limits.size(sep) * n, "join result")
         elif name == "replace" and isinstance(value, str) and len(args) >= 2:
             old, new = str(args[0]), str(args[1])
@@ -239,18 +239,42 @@ def _environment(limits: _Limits):
             limits.need(len(str(value)) + lines * w, "indent result")
         elif name == "format" and isinstance(value, str):
             limits.need(_percent_bound(limits, value, (args, kwargs)), "format result")
-        elif name in ("string", "pprint", "list", "wordwrap", "truncate"):
+        elif name == "wordwrap":
+            # wordwrap(s, width=79, break_long_words=True, wrapstring=None): one wrapstring per line it makes.
+            width = args[0] if args else kwargs.get("width", 79)
+            wrap = args[2] if len(args) > 2 else kwargs.get("wrapstring")
+            text = str(value)
+            lines = len(text) // max(width, 1) + text.count("\n") + 1 if isinstance(width, int) else len(text) + 1
+            limits.need(len(text) + lines * (len(str(wrap)) if wrap is not None else 1), "wordwrap result")
+        elif name in ("string", "pprint", "list", "truncate"):
             limits.need(limits.size(value), f"{name} result")
+
+    def charged(items, what: str):
+        """A lazy sequence (``map``, ``select``, a generator) whose items are counted against the size limit as
+        they are produced: its own size says nothing of what it will yield."""
+        total = 0
+        for x in items:
+            total += limits.size(x)
+            if total > limits.chars:
+                limits.fail(f"{what} is larger than the limit of {limits.chars} characters")
+            yield x
 
     def sized_filter(name: str, f):
         pass_arg = jinja2.utils._PassArg.from_obj(f)
 
         @functools.wraps(f)
         def wrapper(*args, **kwargs):
-            rest = args[1:] if pass_arg is not None else args
+            head, rest = (args[:1], args[1:]) if pass_arg is not None else ((), args)
             if rest:
-                pre_filter(name, rest[0], rest[1:], kwargs)
-            return limits.check(f(*args, **kwargs), f"the result of the {name!r} filter")
+                value = rest[0]
+                if isinstance(value, Iterator):  # materialized under the budget, so pre_filter sees its size
+                    value = list(charged(value, f"the input of the {name!r} filter"))
+                    args = head + (value,) + rest[1:]
+                pre_filter(name, value, rest[1:], kwargs)
+            out = f(*args, **kwargs)
+            if isinstance(out, Iterator):
+                return charged(out, f"the result of the {name!r} filter")
+            return limits.check(out, f"the result of the {name!r} filter")
 
         return wrapper
 
@@ -310,7 +334,9 @@ def _environment(limits: _Limits):
         finalize=lambda v: limits.check(v, "an output expression"),
     )
     env.filters["tojson"] = tojson
-    env.filters = {name: sized_filter(name, f) for name, f in env.filters.items()}
+    # urlize's output (its target and rel attributes per URL) is not bounded by its input; chat templates do
+    # not use it.
+    env.filters = {name: sized_filter(name, f) for name, f in env.filters.items() if name != "urlize"}
     env.globals.update(
         range=checked_range,
         raise_exception=raise_exception,
