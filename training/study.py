@@ -320,14 +320,25 @@ class Study:
             path, prog = self._progress(name)
             if not any(p["step"] == 0 for p in prog["curve"]):
                 self._record_point(name, 0, {"step": 0, "tokens": 0, **_short(self.evaluate(student))})
-            t_start = time.time()
+            # Training time and steps, summed over sessions at each evaluation point (the steps after the last
+            # point are redone on a resume, so they are counted when they are done again).
+            clock = {"t": time.time(), "seconds": 0.0, "steps": 0}
 
             def on_step(step, terms):
+                now = time.time()
+                clock["seconds"] += now - clock["t"]
+                clock["steps"] += 1
+                clock["t"] = now
                 if step % eval_steps and step != steps:
                     return False
                 point = {"step": step, "tokens": step * self.tokens_per_step, **_short(self.evaluate(student))}
-                point.update(loss={k: v for k, v in terms.items() if v}, wall_s=time.time() - t_start)
+                point["loss"] = {k: v for k, v in terms.items() if v}
                 self._record_point(name, step, point)
+                _, prog = self._progress(name)
+                prog["train_seconds"] = prog.get("train_seconds", 0.0) + clock["seconds"]
+                prog["train_steps"] = prog.get("train_steps", 0) + clock["steps"]
+                _write_json(path, prog)
+                clock.update(t=time.time(), seconds=0.0, steps=0)  # evaluation time is not training time
                 student.train()
                 return False
 
@@ -344,11 +355,15 @@ class Study:
                 "lr": lr,
                 "steps": r["steps"],
                 "training_tokens": r["steps"] * self.tokens_per_step,
-                "tokens_per_s_training": len(r["history"]) * self.tokens_per_step / max(r["seconds"], 1e-9),
-                "fused_head": r["fused_head"],
-                "final_loss": r["final"],
+                "tokens_per_s_training": prog.get("train_steps", 0)
+                * self.tokens_per_step
+                / max(prog.get("train_seconds", 0.0), 1e-9),
+                "train_seconds": prog.get("train_seconds", 0.0),
+                "final_loss": prog["curve"][-1].get("loss", {}),
                 "curve": prog["curve"],
                 "measured_sparsity": T.sparsity_report(student, masks)["global"],
+                # The recipe chosen for quantization is the best on the validation plays, not the held-out ones.
+                "validation": _short(self.evaluate(student, self.val)),
                 **self.evaluate(student),
             }
 
@@ -357,7 +372,7 @@ class Study:
     def best_recipe(self, sparsity: float) -> str:
         done = {r: self.cell_result(f"ft-{r}-{round(sparsity * 100)}") for r in RECIPES}
         done = {r: c for r, c in done.items() if c}
-        return min(done, key=lambda r: done[r]["ppl"])
+        return min(done, key=lambda r: done[r]["validation"]["ppl"])
 
     def cell_result(self, name: str):
         path = self.work / "cells" / f"{name}.json"
@@ -577,13 +592,13 @@ def report(work: Path, out: Path, budget: str):
     if timing:
         L += [
             "",
-            "| cell | training tokens | steps | tokens/s (incl. evaluation) | wall time (last session) |",
+            "| cell | training tokens | steps | training tokens/s | training time |",
             "|---|---|---|---|---|",
         ]
         for c in timing:
             L.append(
                 f"| {c['name']} | {c['training_tokens']} | {c['steps']} | {c['tokens_per_s_training']:.0f} | "
-                f"{c['seconds'] / 60:.0f} min |"
+                f"{c['train_seconds'] / 60:.0f} min |"
             )
     q = [c for c in cells.values() if c.get("kind") == "quantized"]
     if q:

@@ -152,3 +152,12 @@ def test_bf16_fast_path_keeps_masks_exact(pruned):
     for name, keep in masks.items():
         w = mods[name].weight
         assert w.dtype == torch.float32 and torch.equal(w != 0, keep), name
+
+
+def test_an_early_stop_is_kept_by_the_checkpoint(pruned, tmp_path):
+    model, teacher, _ = pruned
+    cfg = dict(steps=6, lr=1e-3, warmup_steps=1, batch_size=4, w_ce=1, w_sq=0, save_every=3, out_dir=str(tmp_path))
+    r = T.finetune(model, None, examples(), cfg, progress=False, on_step=lambda step, terms: step == 2)
+    assert r["steps"] == 2 and r["stopped_early"]
+    again = T.finetune(copy.deepcopy(model), None, examples(), cfg, progress=False)
+    assert again["steps"] == 2 and again["stopped_early"] and again["history"] == []

@@ -95,7 +95,7 @@ class FinetuneConfig:
 
 
 # Settings that may change between a run and its resumption without changing what is trained.
-_RESUMABLE_CHANGES = {"log_every", "save_every", "out_dir", "resume", "extra"}
+_RESUMABLE_CHANGES = {"log_every", "save_every", "out_dir", "resume", "extra", "head_chunk"}
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -234,8 +234,11 @@ def _remove_stale_temporaries(path: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def save_checkpoint(path: Path, par: Parallel, opt, sched, step: int, cfg: FinetuneConfig) -> None:
-    """Writes the full training state atomically (rank 0; under FSDP every rank joins the gather)."""
+def save_checkpoint(
+    path: Path, par: Parallel, opt, sched, step: int, cfg: FinetuneConfig, stopped: bool = False
+) -> None:
+    """Writes the full training state atomically (rank 0; under FSDP every rank joins the gather). ``stopped``:
+    the run ended early here (``on_step`` asked it to), so a resumption trains no further."""
     model_state, opt_state = par.full_state(opt)
     if par.rank != 0:
         return
@@ -246,6 +249,8 @@ def save_checkpoint(path: Path, par: Parallel, opt, sched, step: int, cfg: Finet
             "optimizer": opt_state,
             "scheduler": sched.state_dict(),
             "step": step,
+            "stopped": stopped,
+            "world_size": par.world,
             "torch_rng": torch.get_rng_state(),
             "format": par.checkpoint_format,
             "config": asdict(cfg),
@@ -254,17 +259,20 @@ def save_checkpoint(path: Path, par: Parallel, opt, sched, step: int, cfg: Finet
     )
 
 
-def load_checkpoint(path: Path, par: Parallel, opt, sched, cfg: FinetuneConfig) -> int:
-    """Restores a checkpoint into the model, optimizer and schedule; returns its step (0 when there is none).
-    A checkpoint saved with other training settings is refused unless ``cfg.resume == "force"``."""
+def load_checkpoint(path: Path, par: Parallel, opt, sched, cfg: FinetuneConfig) -> tuple[int, bool]:
+    """Restores a checkpoint into the model, optimizer and schedule; returns its step (0 when there is none)
+    and whether the run had stopped early there. A checkpoint saved with other training settings is refused
+    unless ``cfg.resume == "force"``."""
     _remove_stale_temporaries(path)
     if not path.is_file():
-        return 0
+        return 0, False
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("format", "plain") != par.checkpoint_format:
         held = state.get("format", "plain")
         raise ValueError(f"{path} holds {held!r} state; this run needs {par.checkpoint_format!r}")
-    saved, now = state.get("config") or {}, asdict(cfg)
+    saved, now = dict(state.get("config") or {}), asdict(cfg)
+    # The data order depends on the number of ranks (each skips its own share of the batches on resume).
+    saved["world_size"], now["world_size"] = state.get("world_size", par.world), par.world
     changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and k in saved and saved[k] != now[k])
     if changed and cfg.resume != "force":
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
@@ -275,7 +283,7 @@ def load_checkpoint(path: Path, par: Parallel, opt, sched, cfg: FinetuneConfig) 
     par.load_full_state(opt, state["model"], state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
+    return int(state["step"]), bool(state.get("stopped", False))
 
 
 # -- one step ----------------------------------------------------------------------------------------------------
@@ -369,7 +377,7 @@ def train_step(model: nn.Module, teacher: nn.Module | None, batch: dict[str, tor
     out_t = None
     if teacher is not None and (cfg.w_kd or cfg.w_sq):
         t_skip = {"logits_to_keep": _NO_LOGITS} if (fused or step.teacher_skips_head) else {}
-        with torch.inference_mode(), step.autocast() if cfg.bf16 else nullcontext():
+        with torch.inference_mode(), step.autocast():
             out_t = teacher(**batch, output_hidden_states=need_hidden, use_cache=False, **t_skip)
     with step.autocast():
         if fused:
@@ -463,7 +471,7 @@ def finetune(
     opt = _adamw(params, cfg, fused=cfg.fused_optimizer and not par.fsdp)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, max(cfg.steps, 1)))
     ckpt = Path(cfg.out_dir) / "checkpoint.pt" if cfg.out_dir else None
-    step = load_checkpoint(ckpt, par, opt, sched, cfg) if ckpt is not None else 0
+    step, stopped = load_checkpoint(ckpt, par, opt, sched, cfg) if ckpt is not None else (0, False)
     history: list[dict[str, float]] = []
     per_step = cfg.batch_size * cfg.grad_accum * par.world
     s2s = seq2seq_ids(student)
@@ -476,7 +484,7 @@ def finetune(
     state = _Step(par, teacher, cfg, seq2seq=s2s is not None)
     par.model.train()
     t0 = time.time()
-    while step < cfg.steps:
+    while step < cfg.steps and not stopped:
         terms = {"ce": 0.0, "kd": 0.0, "sq": 0.0, "loss": 0.0}
         for _ in range(cfg.grad_accum):
             batch = next(stream)
@@ -502,11 +510,9 @@ def finetune(
                 bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items() if v})
         # The callback runs before the checkpoint: a run killed inside it resumes from the last checkpoint and
         # calls it again for this step.
-        stop = bool(on_step(step, terms)) if on_step is not None else False
-        if ckpt is not None and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or stop):
-            save_checkpoint(ckpt, par, opt, sched, step, cfg)
-        if stop:
-            break
+        stopped = bool(on_step(step, terms)) if on_step is not None else False
+        if ckpt is not None and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps or stopped):
+            save_checkpoint(ckpt, par, opt, sched, step, cfg, stopped=stopped)
     if bar is not None:
         bar.close()
     par.finish()
@@ -514,6 +520,7 @@ def finetune(
     last = history[-1] if history else {}
     return {
         "steps": step,
+        "stopped_early": stopped,
         "tokens_per_step": per_step,
         "seconds": time.time() - t0,
         "final": last,
@@ -524,8 +531,8 @@ def finetune(
 
 
 def _adamw(params, cfg: FinetuneConfig, fused: bool) -> torch.optim.AdamW:
-    """AdamW; the fused kernel when asked and the parameters' device has one (CPU and CUDA, torch >= 2.4). The
-    per-tensor loop it replaces takes about a tenth of a CPU training step on a 135M model."""
+    """AdamW; the fused kernel (one pass over all parameters) when asked and the parameters' device has one
+    (CPU and CUDA, torch >= 2.4); see docs/benchmarks/train.md."""
     if fused:
         try:
             return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
