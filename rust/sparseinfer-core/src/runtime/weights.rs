@@ -134,6 +134,14 @@ fn out_of_memory(name: &str, n: usize) -> Error {
     Error::invalid("load", format!("{name}: not enough memory for {n} values"))
 }
 
+/// `n` zeros, or an error naming `name` when the memory is not there (`vec!` would abort the process).
+fn zeros(name: &str, n: usize) -> Result<Vec<f32>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| out_of_memory(name, n))?;
+    v.resize(n, 0.0);
+    Ok(v)
+}
+
 /// Reads tensors by Hugging Face name and builds runtime weights according to a [`WeightPlan`].
 pub struct Loader<'a> {
     /// The checkpoint.
@@ -321,7 +329,7 @@ impl Loader<'_> {
                 }
                 d => return Err(bad(format!(".compressed has dtype {}", d.name()))),
             };
-            let mut dense = vec![0.0f32; rows * cols];
+            let mut dense = zeros(name, rows * cols)?;
             let mut k = 0;
             for r in 0..rows {
                 for c in 0..cols {
@@ -346,7 +354,7 @@ impl Loader<'_> {
                 return Err(bad("weight_packed must be I32".into()));
             }
             let words = cols.div_ceil(8);
-            let mut c = vec![0.0f32; rows * cols];
+            let mut c = zeros(name, rows * cols)?;
             for r in 0..rows {
                 for j in 0..cols {
                     let o = (r * words + j / 8) * 4;
@@ -365,7 +373,7 @@ impl Loader<'_> {
                     Layout::OutIn => self.f32(name, &[rows, cols])?,
                     Layout::InOut => {
                         let t = self.f32(name, &[cols, rows])?;
-                        let mut w = vec![0.0f32; rows * cols];
+                        let mut w = zeros(name, rows * cols)?;
                         for i in 0..cols {
                             for o in 0..rows {
                                 w[o * cols + i] = t[i * rows + o];
@@ -415,7 +423,7 @@ impl Loader<'_> {
         // compressed-tensors' symmetric range, whose rounding reaches -128 (-8): the kernels' symmetric grid stops
         // at -127 (-7), so packing with these scales stores such a code one step up (docs/FORMAT.md).
         let (lo, hi) = if scheme.bits == 8 { (-128.0, 127.0) } else { (-8.0, 7.0) };
-        let mut w = vec![0.0f32; rows * cols];
+        let mut w = zeros(name, rows * cols)?;
         for r in 0..rows {
             for c in 0..cols {
                 let q = codes[r * cols + c];
