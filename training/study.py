@@ -40,6 +40,7 @@ import torch
 
 import sparseinfer
 from sparseinfer import training as T
+from sparseinfer.checkpoint import atomic_file
 from sparseinfer.training import data as D
 from sparseinfer.training.run import Runner
 
@@ -116,9 +117,8 @@ def _evenly(examples: list, n: int) -> list:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=float))
 
 
 class Study:

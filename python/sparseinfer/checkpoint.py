@@ -1,4 +1,4 @@
-"""Writing model directories: a small safetensors writer and atomic directory creation.
+"""Writing model directories: a small safetensors writer and atomic directory and file creation.
 
 Readers live in Rust (the runtime memory-maps safetensors itself); Python only writes, for the GGUF import and
 the training export. Every write goes to a temporary sibling directory that takes the target's place at the
@@ -107,6 +107,27 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False) -> Iterat
         _fsync_dir(final.parent)
     except BaseException:
         _remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yields a temporary path next to ``final`` to write one file to; on success it is fsynced and renamed onto
+    ``final`` (atomic), on an exception removed. Temporaries of dead writers are removed as in ``atomic_dir``."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(final)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

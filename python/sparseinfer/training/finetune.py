@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint import atomic_file
 from .data import collate, seq2seq_ids
 from .distill.losses import ce_loss, head_losses, kd_loss, squarehead_loss, total_loss
 from .masks import MaskKeeper, masks_from_zeros, prunable_linears
@@ -217,23 +218,6 @@ class Parallel:
 # -- checkpoints -------------------------------------------------------------------------------------------------
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Removes ``checkpoint.pt.tmp-*`` files that a killed run left behind (their writer is gone)."""
-    for tmp in path.parent.glob(path.name + ".tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
-            tmp.unlink(missing_ok=True)
-
-
 def save_checkpoint(
     path: Path, par: Parallel, opt, sched, step: int, cfg: FinetuneConfig, stopped: bool = False
 ) -> None:
@@ -242,28 +226,27 @@ def save_checkpoint(
     model_state, opt_state = par.full_state(opt)
     if par.rank != 0:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save(
-        {
-            "model": model_state,
-            "optimizer": opt_state,
-            "scheduler": sched.state_dict(),
-            "step": step,
-            "stopped": stopped,
-            "world_size": par.world,
-            "torch_rng": torch.get_rng_state(),
-            "format": par.checkpoint_format,
-            "config": asdict(cfg),
-        },
-        path,
-    )
+    with atomic_file(path) as tmp:
+        torch.save(
+            {
+                "model": model_state,
+                "optimizer": opt_state,
+                "scheduler": sched.state_dict(),
+                "step": step,
+                "stopped": stopped,
+                "world_size": par.world,
+                "torch_rng": torch.get_rng_state(),
+                "format": par.checkpoint_format,
+                "config": asdict(cfg),
+            },
+            tmp,
+        )
 
 
 def load_checkpoint(path: Path, par: Parallel, opt, sched, cfg: FinetuneConfig) -> tuple[int, bool]:
     """Restores a checkpoint into the model, optimizer and schedule; returns its step (0 when there is none)
     and whether the run had stopped early there. A checkpoint saved with other training settings is refused
     unless ``cfg.resume == "force"``."""
-    _remove_stale_temporaries(path)
     if not path.is_file():
         return 0, False
     state = torch.load(path, map_location="cpu", weights_only=False)
