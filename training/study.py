@@ -540,10 +540,23 @@ def report(work: Path, out: Path, budget: str):
     dense = cells.get("dense-ft")
     if dense is None:
         L += ["The teacher (dense fine-tuning) has not finished yet.", ""]
+        prog_path = work / "progress" / "dense-ft.json"
+        prog = json.loads(prog_path.read_text()) if prog_path.is_file() else {}
+        if "base" in prog:
+            b, v = prog["base"], prog["base_validation"]
+            L += [
+                f"Before fine-tuning, SmolLM2-135M-Instruct: held-out {b['ppl']:.2f} [{b['ci95'][0]:.2f}, "
+                f"{b['ci95'][1]:.2f}], validation {v['ppl']:.2f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}].",
+                "",
+            ]
         running = curves.get("dense-ft")
         if running:
-            L += ["Its validation curve so far:", "", "| step | training tokens | validation ppl |", "|---|---|---|"]
-            L += [f"| {p['step']} | {p['tokens']} | {p['ppl']:.3f} |" for p in running]
+            L += ["The teacher's validation curve so far:", ""]
+            L += ["| step | training tokens | validation ppl [95 % interval] |", "|---|---|---|"]
+            L += [
+                f"| {p['step']} | {p['tokens']} | {p['ppl']:.2f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}] |"
+                for p in running
+            ]
         (out / "study.md").write_text("\n".join(L) + "\n")
         print("\n".join(L))
         return
