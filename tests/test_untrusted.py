@@ -7,6 +7,7 @@ in child processes (hostile_models.run_cases / run_child) with a timeout, so a r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -84,16 +85,40 @@ def test_config_cannot_be_a_link_outside(tmp_path, model):
         sparseinfer.load(model)
 
 
-def test_links_inside_and_hub_cache_snapshots_still_load(tmp_path, good):
-    # A hub cache: snapshots/<rev>/* are links into ../../blobs.
-    repo = tmp_path / "models--org--tiny"
+def _hub_snapshot(root, good, repo_name="models--org--tiny"):
+    # A hub cache: snapshots/<rev>/* are links into ../../blobs/<sha256 of the file>.
+    repo = root / repo_name
     (repo / "blobs").mkdir(parents=True)
     snap = repo / "snapshots" / "abc123"
     snap.mkdir(parents=True)
     for f in good.iterdir():
-        shutil.copy(f, repo / "blobs" / f.name)
-        (snap / f.name).symlink_to(os.path.join("..", "..", "blobs", f.name))
+        blob = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copy(f, repo / "blobs" / blob)
+        (snap / f.name).symlink_to(os.path.join("..", "..", "blobs", blob))
+    return snap
+
+
+def test_links_inside_and_hub_cache_snapshots_still_load(tmp_path, good):
+    snap = _hub_snapshot(tmp_path, good)
     assert sparseinfer.load(snap).logits([1, 2]).shape == (2, hostile_models.VOCAB)
+
+
+def test_a_folder_named_snapshots_outside_a_hub_cache_gains_no_second_root(tmp_path, good):
+    # The same links, but the folder above `snapshots` is not a hub repository: blobs/ is outside the model.
+    snap = _hub_snapshot(tmp_path, good, repo_name="not-a-hub-repo")
+    with pytest.raises(InvalidInputError, match="outside the model directory"):
+        sparseinfer.load(snap)
+
+
+def test_hub_snapshot_links_reach_only_files_directly_in_blobs(tmp_path, good):
+    snap = _hub_snapshot(tmp_path, good)
+    secret = snap.parent.parent / "blobs" / "deeper" / "config.json"
+    secret.parent.mkdir()
+    shutil.copy(good / "config.json", secret)
+    (snap / "config.json").unlink()
+    (snap / "config.json").symlink_to(secret)
+    with pytest.raises(InvalidInputError, match="outside the model directory"):
+        sparseinfer.load(snap)
 
 
 def test_errors_do_not_echo_file_contents(model):

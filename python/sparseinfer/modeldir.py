@@ -23,24 +23,31 @@ MAX_JSON_BYTES = 64 << 20
 MAX_TOKENIZER_BYTES = 256 << 20
 
 
-def allowed_roots(model_dir: Path) -> list[Path]:
-    """The directories files of ``model_dir`` may resolve into: the directory itself and, for a Hugging Face
-    hub cache snapshot (``.../snapshots/<revision>``, whose files link into ``.../blobs``), that blobs folder."""
+#: Folder prefixes of a Hugging Face hub cache repository (``<cache>/models--org--name/{blobs,snapshots}``).
+HUB_REPO_PREFIXES = ("models--", "datasets--", "spaces--")
+
+
+def hub_blobs(model_dir: Path) -> Path | None:
+    """For a Hugging Face hub cache snapshot (``.../models--org--name/snapshots/<revision>``, whose files link
+    into ``.../blobs``), that blobs folder; otherwise None. Only that exact layout qualifies, so a directory
+    that merely sits in some folder called ``snapshots`` gains no second root."""
     root = model_dir.resolve()
-    roots = [root]
-    if root.parent.name == "snapshots":
-        roots.append(root.parent.parent / "blobs")
-    return roots
+    repo = root.parent.parent
+    if root.parent.name == "snapshots" and repo.name.startswith(HUB_REPO_PREFIXES) and (repo / "blobs").is_dir():
+        return (repo / "blobs").resolve()
+    return None
 
 
 def resolve_inside(model_dir: Path, name: str) -> Path:
     """The real path of ``name`` inside ``model_dir``; raises if it is absolute, climbs out with ``..`` or is
-    a link that resolves outside."""
+    a link that resolves outside (a hub snapshot's links may resolve to a file directly in its blobs folder)."""
     rel = Path(name)
     if rel.is_absolute() or ".." in rel.parts:
         raise InvalidInputError(f"{model_dir}: {name!r} is not a path inside the model directory")
     real = (model_dir / rel).resolve()
-    if not any(real == r or r in real.parents for r in allowed_roots(model_dir)):
+    root = model_dir.resolve()
+    blobs = hub_blobs(model_dir)
+    if not (root in real.parents or (blobs is not None and real.parent == blobs)):
         raise InvalidInputError(f"{model_dir / name}: resolves to {real}, outside the model directory")
     return real
 

@@ -2,8 +2,9 @@
 //!
 //! Every path a checkpoint names (config.json, the shard index and the shards it lists) must resolve inside
 //! the directory: relative, without `..`, and, with symbolic links resolved, still under the directory. A Hugging
-//! Face hub cache snapshot (`.../snapshots/<revision>/`, whose files are links into `.../blobs/`) may also
-//! resolve into that `blobs` folder. Only regular files are opened (a FIFO would block, a device would never
+//! Face hub cache snapshot (`.../models--org--name/snapshots/<revision>/`, whose files are links into
+//! `.../blobs/`) may also resolve to a file directly in that `blobs` folder; a directory that merely sits in some
+//! folder called `snapshots` gains no second root. Only regular files are opened (a FIFO would block, a device would never
 //! end), with `O_NONBLOCK` so that a file swapped for a FIFO after the check cannot block the open either, and
 //! checked again on the open handle. JSON files are read up to a size cap. Errors name the file, never its
 //! contents.
@@ -17,12 +18,28 @@ const OP: &str = "load";
 /// Largest JSON file read (config.json, model.safetensors.index.json).
 pub const MAX_JSON_BYTES: u64 = 64 << 20;
 
+/// Folder prefixes of a Hugging Face hub cache repository (`<cache>/models--org--name/{blobs,snapshots}`).
+const HUB_REPO_PREFIXES: [&str; 3] = ["models--", "datasets--", "spaces--"];
+
+/// The canonical blobs folder of the hub cache repository whose snapshot `real` (canonical) is, if it is one.
+fn hub_blobs(real: &Path) -> Option<PathBuf> {
+    let snapshots = real.parent()?;
+    let repo = snapshots.parent()?;
+    let repo_name = repo.file_name()?.to_str()?;
+    if snapshots.file_name()? != "snapshots" || !HUB_REPO_PREFIXES.iter().any(|p| repo_name.starts_with(p)) {
+        return None;
+    }
+    repo.join("blobs").canonicalize().ok().filter(|b| b.is_dir())
+}
+
 /// A model directory whose files are opened by name, confined to it.
 pub struct ModelDir {
     /// The directory as the caller named it (for messages).
     shown: PathBuf,
-    /// Canonical directories a file may resolve into.
-    roots: Vec<PathBuf>,
+    /// The canonical directory.
+    root: PathBuf,
+    /// For a hub cache snapshot, the canonical blobs folder its links may resolve into (files directly in it).
+    blobs: Option<PathBuf>,
 }
 
 impl ModelDir {
@@ -34,13 +51,8 @@ impl ModelDir {
         if !real.is_dir() {
             return Err(Error::invalid(OP, format!("{} is not a directory", dir.display())));
         }
-        let mut roots = vec![real.clone()];
-        if real.parent().and_then(Path::file_name).is_some_and(|n| n == "snapshots") {
-            if let Some(blobs) = real.parent().and_then(Path::parent).map(|p| p.join("blobs")) {
-                roots.extend(blobs.canonicalize());
-            }
-        }
-        Ok(ModelDir { shown: dir.to_path_buf(), roots })
+        let blobs = hub_blobs(&real);
+        Ok(ModelDir { shown: dir.to_path_buf(), root: real, blobs })
     }
 
     /// `name` joined to the directory as the caller named it (for messages).
@@ -58,12 +70,13 @@ impl ModelDir {
                 format!("{}: {name:?} is not a relative path inside the model directory", self.shown.display()),
             ));
         }
-        let real = match self.roots[0].join(rel).canonicalize() {
+        let real = match self.root.join(rel).canonicalize() {
             Ok(p) => p,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::invalid(OP, format!("{}: cannot be resolved: {e}", self.shown(name)))),
         };
-        if !self.roots.iter().any(|r| real.starts_with(r)) {
+        let in_blobs = self.blobs.as_deref().is_some_and(|b| real.parent() == Some(b));
+        if !(real.starts_with(&self.root) || in_blobs) {
             return Err(Error::invalid(
                 OP,
                 format!("{}: resolves to {}, outside the model directory", self.shown(name), real.display()),
@@ -110,7 +123,7 @@ impl ModelDir {
     pub fn names_with_extension(&self, ext: &str) -> Result<Vec<String>> {
         let io = |e| Error::Io { op: format!("listing {}", self.shown.display()), source: e };
         let mut names = Vec::new();
-        for entry in std::fs::read_dir(&self.roots[0]).map_err(io)? {
+        for entry in std::fs::read_dir(&self.root).map_err(io)? {
             let path = entry.map_err(io)?.path();
             if path.extension().is_some_and(|x| x == ext) {
                 let name = path
