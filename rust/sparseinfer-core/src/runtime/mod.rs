@@ -1,19 +1,20 @@
 //! The decoder runtime: load a model directory, run it, generate.
 //!
 //! - [`safetensors`]: the memory-mapped, validating weight reader.
-//! - [`spec`] and [`arch`]: `config.json` → an architecture-neutral [`spec::Spec`], one file per architecture.
+//! - [`config`] and [`arch`]: `config.json` → an architecture-neutral [`config::Spec`]; one table row and one
+//!   file per architecture.
 //! - [`version`]: the checkpoint format version a directory declares, checked before anything else.
 //! - [`weights`]: checkpoint tensors → packed linear layers ([`weights::WeightPlan`] picks the formats).
 //! - [`model`]: the forward pass; [`kv_cache`]: per-sequence state; [`sampler`]: next-token choice.
 //! - [`Generator`]: prefill once, then one token per call (the binding streams from it).
 
 pub mod arch;
+pub mod config;
 pub mod files;
 pub mod kv_cache;
 pub mod model;
 pub mod safetensors;
 pub mod sampler;
-pub mod spec;
 pub mod version;
 pub mod weights;
 

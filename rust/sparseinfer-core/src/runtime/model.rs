@@ -6,8 +6,8 @@
 //! `V` vocabulary, `T` positions in the cache.
 
 use super::arch::{self, Parts};
+use super::config::{Act, Mlp, NormKind, Positions, Spec};
 use super::kv_cache::KvCache;
-use super::spec::{Act, Mlp, NormKind, Positions, Spec};
 use super::weights::{Embedding, Linear, NormW};
 use crate::error::{Error, Result};
 use crate::kernels::vector;
@@ -206,6 +206,7 @@ impl Model {
         let rows = s.qkv_rows();
         let out_ptr = SendPtr(out.as_mut_ptr());
         let ops = vector::ops();
+        let scale = s.attn_scale();
         let task = |t: usize| {
             let (a, h) = (t / heads, t % heads);
             let pos = pos0 + a;
@@ -213,7 +214,7 @@ impl Model {
             let q = &qkv[a * rows + h * hd..a * rows + (h + 1) * hd];
             let (keys, values) = cache.head(layer, h / group);
             let mut scores: Vec<f32> =
-                (start..=pos).map(|j| (ops.dot)(q, &keys[j * hd..(j + 1) * hd]) * s.attn_scale).collect();
+                (start..=pos).map(|j| (ops.dot)(q, &keys[j * hd..(j + 1) * hd]) * scale).collect();
             if let Positions::Alibi { slopes } = &s.positions {
                 let m = slopes[h];
                 scores.iter_mut().enumerate().for_each(|(i, v)| *v += m * ((start + i) as f32 - pos as f32));

@@ -9,17 +9,12 @@
 
 use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
+use crate::runtime::config::{limits, Act, Cfg, Mlp, Sizes, Spec};
 use crate::runtime::model::Layer;
-use crate::runtime::spec::{limits, Act, Cfg, Mlp, NormKind, Positions, Spec};
 use crate::runtime::weights::{Layout, Loader};
-use serde_json::Value;
-
-/// `model_type`s this file serves.
-pub const MODEL_TYPES: &[&str] = &["gpt2"];
 
 /// The spec from `config.json`.
-pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
-    let c = Cfg { v, model_type };
+pub fn spec(c: &Cfg) -> Result<Spec> {
     let hidden = c.size("n_embd", limits::HIDDEN)?;
     let heads = c.size("n_head", limits::HEADS)?;
     if c.bool_or("scale_attn_by_inverse_layer_idx", false)? {
@@ -28,33 +23,21 @@ pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
     if !hidden.is_multiple_of(heads.max(1)) {
         return Err(Error::invalid("config", format!("gpt2: n_embd {hidden} is not a multiple of {heads} heads")));
     }
-    let head_dim = hidden.checked_div(heads).unwrap_or(0);
-    let scale = if c.bool_or("scale_attn_weights", true)? { 1.0 / (head_dim as f32).sqrt() } else { 1.0 };
-    let spec = Spec {
-        model_type: model_type.to_string(),
+    let unscaled = !c.bool_or("scale_attn_weights", true)?;
+    let sizes = Sizes {
         hidden,
         layers: c.size("n_layer", limits::LAYERS)?,
         heads,
-        kv_heads: heads,
-        head_dim,
         intermediate: c.opt_size("n_inner", limits::INTERMEDIATE)?.unwrap_or(4 * hidden),
         vocab: c.size("vocab_size", limits::VOCAB)?,
         max_positions: c.size("n_positions", limits::POSITIONS)?,
-        norm: NormKind::LayerNorm { bias: true },
-        norm_eps: c.opt_f64("layer_norm_epsilon")?.unwrap_or(1e-5) as f32,
-        positions: Positions::Learned { offset: 0 },
-        mlp: Mlp::Plain(Act::parse(c.opt_str("activation_function").unwrap_or("gelu_new"))?),
-        attn_scale: scale,
-        clip_qkv: None,
-        sliding_window: None,
-        tie_embeddings: c.bool_or("tie_word_embeddings", true)?,
-        attn_bias: true,
-        mlp_bias: true,
-        eos: c.token_ids("eos_token_id"),
-        bos: c.token_ids("bos_token_id").first().copied(),
     };
-    spec.validate()?;
-    Ok(spec)
+    Ok(Spec {
+        norm_eps: c.opt_f64("layer_norm_epsilon")?.unwrap_or(1e-5) as f32,
+        mlp: Mlp::Plain(Act::parse(c.opt_str("activation_function").unwrap_or("gelu_new"))?),
+        attn_scale: unscaled.then_some(1.0),
+        ..Spec::new(c, sizes)?
+    })
 }
 
 /// The weights, per the name map in the module docs.

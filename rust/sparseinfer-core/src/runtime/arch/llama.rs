@@ -11,50 +11,44 @@
 
 use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
+use crate::runtime::config::{limits, Act, Cfg, Mlp, NormKind, Positions, Sizes, Spec};
 use crate::runtime::model::Layer;
-use crate::runtime::spec::{limits, Act, Cfg, Mlp, NormKind, Positions, Spec};
 use crate::runtime::weights::{Layout, Loader};
 use serde_json::Value;
 
-/// `model_type`s this file serves.
-pub const MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
-
 /// The spec from `config.json`.
-pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
-    let c = Cfg { v, model_type };
+pub fn spec(c: &Cfg) -> Result<Spec> {
+    let (v, model_type) = (c.v, c.model_type);
     let hidden = c.size("hidden_size", limits::HIDDEN)?;
     let heads = c.size("num_attention_heads", limits::HEADS)?;
     let head_dim = c.opt_size("head_dim", limits::HEAD_DIM)?.unwrap_or(hidden.checked_div(heads).unwrap_or(0));
     let inv_freq = rope_inv_freq(v, model_type, head_dim)?;
     let sliding_window =
         if c.bool_or("use_sliding_window", model_type == "mistral")? { c.opt_usize("sliding_window")? } else { None };
-    let spec = Spec {
-        model_type: model_type.to_string(),
+    let sizes = Sizes {
         hidden,
         layers: c.size("num_hidden_layers", limits::LAYERS)?,
         heads,
-        kv_heads: c.opt_size("num_key_value_heads", limits::HEADS)?.unwrap_or(heads),
-        head_dim,
         intermediate: c.size("intermediate_size", limits::INTERMEDIATE)?,
         vocab: c.size("vocab_size", limits::VOCAB)?,
         max_positions: c.opt_size("max_position_embeddings", limits::POSITIONS)?.unwrap_or(2048),
+    };
+    let spec = Spec {
+        kv_heads: c.opt_size("num_key_value_heads", limits::HEADS)?.unwrap_or(heads),
+        head_dim,
         norm: NormKind::Rms,
         norm_eps: c.opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
         positions: Positions::Rope { inv_freq },
         mlp: Mlp::Gated(Act::parse(c.opt_str("hidden_act").unwrap_or("silu"))?),
-        attn_scale: 1.0 / (head_dim as f32).sqrt(),
-        clip_qkv: None,
         sliding_window,
         tie_embeddings: c.bool_or("tie_word_embeddings", false)?,
         attn_bias: c.bool_or("attention_bias", model_type == "qwen2")?,
         mlp_bias: c.bool_or("mlp_bias", false)?,
-        eos: c.token_ids("eos_token_id"),
-        bos: c.token_ids("bos_token_id").first().copied(),
+        ..Spec::new(c, sizes)?
     };
     if c.opt_f64("partial_rotary_factor")?.is_some_and(|f| f != 1.0) {
         return Err(Error::unsupported("config", format!("{model_type}: partial_rotary_factor != 1 is not supported")));
     }
-    spec.validate()?;
     Ok(spec)
 }
 

@@ -1,14 +1,15 @@
-//! One file per architecture. Each turns `config.json` into a [`Spec`] and names the checkpoint's tensors
-//! (the Hugging Face → internal name map is written at the top of each file).
+//! The supported architectures: one row of [`ARCHS`] and one file each. A file turns `config.json` into a
+//! [`Spec`] (overriding [`Spec::new`]'s defaults) and names the checkpoint's tensors (the Hugging Face → internal
+//! name map is written at its top).
 
 pub mod gpt2;
 pub mod llama;
 pub mod mpt;
 pub mod opt;
 
+use super::config::{Cfg, Spec};
 use super::model::Layer;
 use super::safetensors::WeightStore;
-use super::spec::{NormKind, Spec};
 use super::weights::{Embedding, Layout, Linear, Loader, NormW};
 use crate::error::{Error, Result};
 use serde_json::Value;
@@ -28,49 +29,55 @@ pub struct Parts {
     pub lm_head: Linear,
 }
 
-/// Every supported `model_type`.
+/// One architecture: the `model_type`s it serves, its config reader and its weight loader.
+pub struct Arch {
+    /// `model_type` values of `config.json` this row serves.
+    pub model_types: &'static [&'static str],
+    /// `config.json` → [`Spec`] (validated afterwards by [`spec`]).
+    pub spec: fn(&Cfg) -> Result<Spec>,
+    /// The checkpoint's tensors → the model's parts.
+    pub load: fn(&Spec, &Loader) -> Result<Parts>,
+}
+
+/// Every supported architecture.
+pub const ARCHS: &[Arch] = &[
+    Arch { model_types: &["llama", "mistral", "qwen2"], spec: llama::spec, load: llama::load },
+    Arch { model_types: &["opt"], spec: opt::spec, load: opt::load },
+    Arch { model_types: &["gpt2"], spec: gpt2::spec, load: gpt2::load },
+    Arch { model_types: &["mpt"], spec: mpt::spec, load: mpt::load },
+];
+
+/// The row serving `model_type`.
+fn find(model_type: &str) -> Result<&'static Arch> {
+    ARCHS.iter().find(|a| a.model_types.contains(&model_type)).ok_or_else(|| {
+        Error::unsupported(
+            "config",
+            format!("model_type {model_type:?} is not supported; supported: {}", supported().join(", ")),
+        )
+    })
+}
+
+/// Every supported `model_type`, sorted.
 pub fn supported() -> Vec<&'static str> {
-    let mut v: Vec<&str> = [llama::MODEL_TYPES, opt::MODEL_TYPES, gpt2::MODEL_TYPES, mpt::MODEL_TYPES].concat();
+    let mut v: Vec<&str> = ARCHS.iter().flat_map(|a| a.model_types.iter().copied()).collect();
     v.sort_unstable();
     v
 }
 
-/// The spec for a parsed `config.json`.
+/// The validated spec for a parsed `config.json`.
 pub fn spec(config: &Value) -> Result<Spec> {
     let model_type = config
         .get("model_type")
         .and_then(|t| t.as_str())
         .ok_or_else(|| Error::invalid("config", "config.json has no \"model_type\""))?;
-    if llama::MODEL_TYPES.contains(&model_type) {
-        llama::spec(config, model_type)
-    } else if opt::MODEL_TYPES.contains(&model_type) {
-        opt::spec(config, model_type)
-    } else if gpt2::MODEL_TYPES.contains(&model_type) {
-        gpt2::spec(config, model_type)
-    } else if mpt::MODEL_TYPES.contains(&model_type) {
-        mpt::spec(config, model_type)
-    } else {
-        Err(Error::unsupported(
-            "config",
-            format!("model_type {model_type:?} is not supported; supported: {}", supported().join(", ")),
-        ))
-    }
+    let spec = (find(model_type)?.spec)(&Cfg { v: config, model_type })?;
+    spec.validate()?;
+    Ok(spec)
 }
 
 /// The weights of a spec's architecture.
 pub fn load(spec: &Spec, loader: &Loader) -> Result<Parts> {
-    let t = spec.model_type.as_str();
-    let parts = if llama::MODEL_TYPES.contains(&t) {
-        llama::load(spec, loader)
-    } else if opt::MODEL_TYPES.contains(&t) {
-        opt::load(spec, loader)
-    } else if gpt2::MODEL_TYPES.contains(&t) {
-        gpt2::load(spec, loader)
-    } else {
-        mpt::load(spec, loader)
-    }?;
-    debug_assert!(matches!(spec.norm, NormKind::Rms | NormKind::LayerNorm { .. }));
-    Ok(parts)
+    (find(&spec.model_type)?.load)(spec, loader)
 }
 
 /// Builds `n` layers with `f(i)` on up to the kernels' thread count (packing is the slow part of loading).

@@ -9,13 +9,10 @@
 
 use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
+use crate::runtime::config::{limits, Act, Cfg, Mlp, NormKind, Positions, Sizes, Spec};
 use crate::runtime::model::Layer;
-use crate::runtime::spec::{limits, Act, Cfg, Mlp, NormKind, Positions, Spec};
 use crate::runtime::weights::{Layout, Loader};
 use serde_json::Value;
-
-/// `model_type`s this file serves.
-pub const MODEL_TYPES: &[&str] = &["mpt"];
 
 /// MPT's ALiBi slopes: `1 / 2^(8·i / n)` over the next power of two `n ≥ heads`, interleaved when `heads` is
 /// not a power of two (odd positions first), as MPT's reference code builds them.
@@ -28,13 +25,11 @@ pub fn alibi_slopes(heads: usize, bias_max: f64) -> Vec<f32> {
 }
 
 /// The spec from `config.json`.
-pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
-    let c = Cfg { v, model_type };
+pub fn spec(c: &Cfg) -> Result<Spec> {
     let hidden = c.size("d_model", limits::HIDDEN)?;
     let heads = c.size("n_heads", limits::HEADS)?;
     let null = Value::Null;
-    let attn = v.get("attn_config").unwrap_or(&null);
-    let a = Cfg { v: attn, model_type };
+    let a = Cfg { v: c.v.get("attn_config").unwrap_or(&null), model_type: c.model_type };
     if !a.bool_or("alibi", true)? {
         return Err(Error::unsupported(
             "config",
@@ -52,32 +47,25 @@ pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
     if !hidden.is_multiple_of(heads.max(1)) {
         return Err(Error::invalid("config", format!("mpt: d_model {hidden} is not a multiple of {heads} heads")));
     }
-    let head_dim = hidden.checked_div(heads).unwrap_or(0);
-    let spec = Spec {
-        model_type: model_type.to_string(),
+    let sizes = Sizes {
         hidden,
         layers: c.size("n_layers", limits::LAYERS)?,
         heads,
-        kv_heads: heads,
-        head_dim,
         intermediate: c.opt_size("expansion_ratio", limits::RATIO)?.unwrap_or(4) * hidden,
         vocab: c.size("vocab_size", limits::VOCAB)?,
         max_positions: c.opt_size("max_seq_len", limits::POSITIONS)?.unwrap_or(2048),
+    };
+    Ok(Spec {
         norm: NormKind::LayerNorm { bias: false },
         norm_eps: c.opt_f64("layer_norm_epsilon")?.unwrap_or(1e-5) as f32,
         positions: Positions::Alibi { slopes: alibi_slopes(heads, a.opt_f64("alibi_bias_max")?.unwrap_or(8.0)) },
         mlp: Mlp::Plain(Act::Gelu),
-        attn_scale: a.opt_f64("softmax_scale")?.map_or(1.0 / (head_dim as f32).sqrt(), |s| s as f32),
+        attn_scale: a.opt_f64("softmax_scale")?.map(|s| s as f32),
         clip_qkv: a.opt_f64("clip_qkv")?.map(|x| x as f32),
-        sliding_window: None,
-        tie_embeddings: c.bool_or("tie_word_embeddings", true)?,
         attn_bias: false,
         mlp_bias: false,
-        eos: c.token_ids("eos_token_id"),
-        bos: c.token_ids("bos_token_id").first().copied(),
-    };
-    spec.validate()?;
-    Ok(spec)
+        ..Spec::new(c, sizes)?
+    })
 }
 
 /// The weights, per the name map in the module docs.

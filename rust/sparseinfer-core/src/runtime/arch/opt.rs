@@ -11,17 +11,12 @@
 
 use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
+use crate::runtime::config::{limits, Act, Cfg, Mlp, NormKind, Positions, Sizes, Spec};
 use crate::runtime::model::Layer;
-use crate::runtime::spec::{limits, Act, Cfg, Mlp, NormKind, Positions, Spec};
 use crate::runtime::weights::{Layout, Loader};
-use serde_json::Value;
-
-/// `model_type`s this file serves.
-pub const MODEL_TYPES: &[&str] = &["opt"];
 
 /// The spec from `config.json`.
-pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
-    let c = Cfg { v, model_type };
+pub fn spec(c: &Cfg) -> Result<Spec> {
     let hidden = c.size("hidden_size", limits::HIDDEN)?;
     let heads = c.size("num_attention_heads", limits::HEADS)?;
     if !c.bool_or("do_layer_norm_before", true)? {
@@ -33,35 +28,26 @@ pub fn spec(v: &Value, model_type: &str) -> Result<Spec> {
     if c.bool_or("_remove_final_layer_norm", false)? {
         return Err(Error::unsupported("config", "opt: _remove_final_layer_norm is not supported"));
     }
-    let head_dim = hidden.checked_div(heads).unwrap_or(0);
     let bias = c.bool_or("enable_bias", true)?;
-    let spec = Spec {
-        model_type: model_type.to_string(),
+    let sizes = Sizes {
         hidden,
         layers: c.size("num_hidden_layers", limits::LAYERS)?,
         heads,
-        kv_heads: heads,
-        head_dim,
         intermediate: c.size("ffn_dim", limits::INTERMEDIATE)?,
         vocab: c.size("vocab_size", limits::VOCAB)?,
         max_positions: c.size("max_position_embeddings", limits::POSITIONS)?,
+    };
+    let spec = Spec {
         norm: NormKind::LayerNorm { bias: c.bool_or("layer_norm_elementwise_affine", true)? },
-        norm_eps: 1e-5,
         positions: Positions::Learned { offset: 2 },
         mlp: Mlp::Plain(Act::parse(c.opt_str("activation_function").unwrap_or("relu"))?),
-        attn_scale: 1.0 / (head_dim as f32).sqrt(),
-        clip_qkv: None,
-        sliding_window: None,
-        tie_embeddings: c.bool_or("tie_word_embeddings", true)?,
         attn_bias: bias,
         mlp_bias: bias,
-        eos: c.token_ids("eos_token_id"),
-        bos: c.token_ids("bos_token_id").first().copied(),
+        ..Spec::new(c, sizes)?
     };
     if !hidden.is_multiple_of(heads.max(1)) {
         return Err(Error::invalid("config", format!("opt: hidden_size {hidden} is not a multiple of {heads} heads")));
     }
-    spec.validate()?;
     Ok(spec)
 }
 

@@ -1,5 +1,8 @@
-//! The architecture-neutral description of a decoder ([`Spec`]) that every architecture file fills in from
-//! its `config.json`, and small helpers to read that JSON with clear errors.
+//! The architecture-neutral description of a model ([`Spec`]) that every architecture file fills in from its
+//! `config.json`, and the reader of that JSON ([`Cfg`]) whose errors name the key.
+//!
+//! [`Spec::new`] holds the common choices (a GPT-2-style decoder); an architecture reads its sizes and overrides
+//! only the fields where it differs, so a new field gets its default in one place.
 
 use crate::error::{Error, Result};
 use serde_json::Value;
@@ -101,6 +104,23 @@ pub enum Mlp {
     Plain(Act),
 }
 
+/// The sizes every architecture reads from its config (under its own key names).
+#[derive(Clone, Copy, Debug)]
+pub struct Sizes {
+    /// Residual width `D`.
+    pub hidden: usize,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Query heads `H`.
+    pub heads: usize,
+    /// MLP inner width `I`.
+    pub intermediate: usize,
+    /// Vocabulary size `V`.
+    pub vocab: usize,
+    /// Longest context the model supports.
+    pub max_positions: usize,
+}
+
 /// Everything the generic forward pass needs to know about a decoder.
 #[derive(Clone, Debug)]
 pub struct Spec {
@@ -130,15 +150,15 @@ pub struct Spec {
     pub positions: Positions,
     /// MLP kind.
     pub mlp: Mlp,
-    /// Attention score scale (usually `1/sqrt(head_dim)`).
-    pub attn_scale: f32,
+    /// Attention score scale; `None`: `1/sqrt(head_dim)` (see [`Spec::attn_scale`]).
+    pub attn_scale: Option<f32>,
     /// Clamp q, k and v to `±clip` (MPT's `clip_qkv`).
     pub clip_qkv: Option<f32>,
     /// Attend only to the last `w` positions (Mistral's sliding window).
     pub sliding_window: Option<usize>,
     /// Whether the output head reuses the token embedding.
     pub tie_embeddings: bool,
-    /// Whether q/k/v, o, up and down carry biases.
+    /// Whether q/k/v carry biases (and o, in the architectures whose o has one).
     pub attn_bias: bool,
     /// Whether the MLP carries biases.
     pub mlp_bias: bool,
@@ -149,12 +169,50 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// The spec of a GPT-2-style decoder of these sizes, which an architecture overrides where it differs:
+    /// multi-head attention (`kv_heads = heads`, `head_dim = hidden / heads`, scale `1/sqrt(head_dim)`), biased
+    /// LayerNorm with epsilon 1e-5, learned positions, a plain tanh-GELU MLP, biases on every projection, no
+    /// q/k/v clipping or sliding window. The head is tied unless `tie_word_embeddings` is false (Hugging Face's
+    /// default), and the eos/bos ids are the config's.
+    pub fn new(c: &Cfg, sizes: Sizes) -> Result<Spec> {
+        let Sizes { hidden, layers, heads, intermediate, vocab, max_positions } = sizes;
+        Ok(Spec {
+            model_type: c.model_type.to_string(),
+            hidden,
+            layers,
+            heads,
+            kv_heads: heads,
+            head_dim: hidden.checked_div(heads).unwrap_or(0),
+            intermediate,
+            vocab,
+            max_positions,
+            norm: NormKind::LayerNorm { bias: true },
+            norm_eps: 1e-5,
+            positions: Positions::Learned { offset: 0 },
+            mlp: Mlp::Plain(Act::GeluTanh),
+            attn_scale: None,
+            clip_qkv: None,
+            sliding_window: None,
+            tie_embeddings: c.bool_or("tie_word_embeddings", true)?,
+            attn_bias: true,
+            mlp_bias: true,
+            eos: c.token_ids("eos_token_id"),
+            bos: c.token_ids("bos_token_id").first().copied(),
+        })
+    }
+
+    /// The attention score scale: the configured one, else `1/sqrt(head_dim)`.
+    pub fn attn_scale(&self) -> f32 {
+        self.attn_scale.unwrap_or(1.0 / (self.head_dim as f32).sqrt())
+    }
+
     /// Rows of the fused q/k/v projection: `(H + 2G) · head_dim`.
     pub fn qkv_rows(&self) -> usize {
         (self.heads + 2 * self.kv_heads) * self.head_dim
     }
 
-    /// Checks the numbers fit together and within [`limits`]; every architecture calls this.
+    /// Checks the numbers fit together and within [`limits`] ([`super::arch::spec`] calls it for every
+    /// architecture).
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::invalid(OP, format!("{}: config.json: {m}", self.model_type)));
         for (name, v, max) in [
@@ -182,8 +240,8 @@ impl Spec {
                 return bad(format!("clip_qkv {c} is not a positive number"));
             }
         }
-        if !self.attn_scale.is_finite() {
-            return bad(format!("attention scale {} is not finite", self.attn_scale));
+        if !self.attn_scale().is_finite() {
+            return bad(format!("attention scale {} is not finite", self.attn_scale()));
         }
         match &self.positions {
             Positions::Rope { inv_freq } if inv_freq.iter().any(|f| !(f.is_finite() && *f > 0.0)) => {
