@@ -103,13 +103,20 @@ def truncated(path: Path, keep: int) -> None:
     path.write_bytes(data[: keep if keep >= 0 else len(data) + keep])
 
 
-def lying_array_length(path: Path) -> None:
-    """Sets the length of the file's last metadata array (an INT32 array) to 2**40."""
+def lying_array_length(path: Path, n: int) -> None:
+    """Sets the length of the file's last metadata array (an INT32 array) to ``n``."""
     data = bytearray(path.read_bytes())
     key = b"zz.last_array"
     at = data.index(key) + len(key)
     assert data[at : at + 8] == bytes([9, 0, 0, 0, 5, 0, 0, 0])  # ARRAY of INT32
-    data[at + 8 : at + 16] = (2**40).to_bytes(8, "little")
+    data[at + 8 : at + 16] = n.to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+
+
+def lying_header_count(path: Path, offset: int, n: int) -> None:
+    """Sets the u64 at ``offset`` of the header (8: tensor count, 16: key count) to ``n``."""
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 8] = n.to_bytes(8, "little")
     path.write_bytes(bytes(data))
 
 
@@ -169,7 +176,11 @@ CASES = [
     ("block-past-count", {"tensors": {"blk.7.attn_norm.weight": {"tensor": np.ones(E, np.float32)}}}, "blk.7"),
     ("truncated-data", {"truncate": -100}, "blk.1.ffn_down.weight"),  # written last
     ("truncated-header", {"truncate": 200}, "truncated"),
-    ("array-length-lies", {"keys": {"zz.last_array": ([1, 2, 3], V.ARRAY, V.INT32)}, "lie": True}, "truncated"),
+    ("array-length-lies", {"keys": {"zz.last_array": ([1, 2, 3], V.ARRAY, V.INT32)}, "lie": 2**20}, "truncated"),
+    # Counts past any real file's are refused before the reader loops over them (memory and time).
+    ("array-length-huge", {"keys": {"zz.last_array": ([1, 2, 3], V.ARRAY, V.INT32)}, "lie": 2**40}, "array's length"),
+    ("key-count-huge", {"count": (16, 2**40)}, "GGUF.kv_count"),
+    ("tensor-count-huge", {"count": (8, 2**40)}, "GGUF.tensor_count"),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -187,12 +198,14 @@ def files(tmp_path_factory, tok_dir):
     out = []
     for name, spec, _ in CASES:
         spec = dict(spec)
-        cut, lie = spec.pop("truncate", None), spec.pop("lie", False)
+        cut, lie, count = spec.pop("truncate", None), spec.pop("lie", None), spec.pop("count", None)
         p = tiny_gguf(d / f"{name}.gguf", tok_dir, **spec)
         if cut is not None:
             truncated(p, cut)
-        if lie:
-            lying_array_length(p)
+        if lie is not None:
+            lying_array_length(p, lie)
+        if count is not None:
+            lying_header_count(p, *count)
         out.append(str(p))
     return out
 

@@ -51,6 +51,13 @@ _MAX_VOCAB = 1 << 24
 _MAX_POSITIONS = 1 << 26
 # ggml tensors have at most four dimensions (GGML_MAX_DIMS).
 _MAX_DIMS = 4
+# Header counts. The gguf reader keeps a few numpy views (~100 bytes each) per header value, so a count that
+# lies costs memory and time in proportion to it long before the file runs out. Real files stay far below these:
+# a few dozen keys, hundreds to a few thousand tensors, vocabularies of up to ~262K tokens with merges and scores.
+_MAX_KEYS = 1 << 16
+_MAX_TENSORS = 1 << 16
+_MAX_ARRAY = 1 << 22  # elements of one metadata array
+_MAX_HEADER_VALUES = 1 << 23  # elements of all arrays together
 
 _REQUIRED = object()
 
@@ -160,6 +167,28 @@ def _checked_reader(gguf):
         def __init__(self, path: str):
             self.path = path  # for messages; set first, the parent's __init__ reads the whole header
             super().__init__(path)
+
+        def _build_fields(self, offs, count):
+            self._check_count("GGUF.kv_count", int(count), _MAX_KEYS)
+            self._values = 0
+            return super()._build_fields(offs, count)
+
+        def _build_tensor_info(self, offs, count):
+            self._check_count("GGUF.tensor_count", int(count), _MAX_TENSORS)
+            return super()._build_tensor_info(offs, count)
+
+        def _get_field_parts(self, orig_offs, raw_type):
+            if int(raw_type) == int(gguf.GGUFValueType.ARRAY):
+                # The element count follows the element type (u32); check it before the reader loops over it.
+                n = int(self._get(int(orig_offs) + 4, np.uint64)[0])
+                self._check_count("a metadata array's length", n, _MAX_ARRAY)
+                self._values += n
+                self._check_count("the metadata arrays' total length", self._values, _MAX_HEADER_VALUES)
+            return super()._get_field_parts(orig_offs, raw_type)
+
+        def _check_count(self, what: str, n: int, limit: int) -> None:
+            if n > limit:
+                raise InvalidInputError(f"{self.path}: {what} is {n}, over the limit of {limit}")
 
         def _get(self, offset, dtype, count=1, override_order=None):
             end = int(offset) + np.dtype(dtype).itemsize * int(count)
