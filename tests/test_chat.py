@@ -77,6 +77,8 @@ def test_transformers_template_features(model_dir):
         "{% set ns = namespace() %}{% set ns.__class__ = 1 %}{{ lipsum.__globals__.os.system('touch PWNED') }}",
         "{{ ('{0.__class__.__init__.__globals__}').format(cycler) }}",
         "{{ messages.append({'role': 'x'}) }}{{ messages | length }}",
+        "{{ dict.__class__.__mro__[1].__subclasses__() }}",
+        "{{ dict.fromkeys.__func__.__globals__ }}",
     ],
     ids=[
         "cycler-globals",
@@ -88,6 +90,8 @@ def test_transformers_template_features(model_dir):
         "namespace-dunder",
         "str-format-globals",
         "mutate-input",
+        "dict-class",
+        "dict-globals",
     ],
 )
 def test_templates_cannot_run_code(model_dir, tmp_path, template):
@@ -131,6 +135,7 @@ def test_templates_cannot_run_code(model_dir, tmp_path, template):
         "{% set l = ['y' * 500000] * 4000 %}{{ l | tojson }}",
         "{% for i in range(10**6) %}{{ 'z' * 1000 }}{% endfor %}",
         "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+        "{{ dict.fromkeys(range(60000), 'y' * 500000) }}",
     ],
     ids=[
         "huge-range",
@@ -153,6 +158,7 @@ def test_templates_cannot_run_code(model_dir, tmp_path, template):
         "tojson-refs",
         "long-output",
         "recursion",
+        "dict-fromkeys-refs",
     ],
 )
 def test_templates_cannot_hang_or_exhaust_memory(model_dir, template):
@@ -230,3 +236,63 @@ def test_bad_tokenizer_config_values(model_dir):
 def test_named_templates(model_dir):
     model = with_template(model_dir, [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}])
     assert model.apply_chat_template(MESSAGES) == "D"
+
+
+def test_template_files_beside_the_config(model_dir, tmp_path):
+    # chat_template.jinja (and additional_chat_templates/) take priority over tokenizer_config.json, as in
+    # transformers, and are read under the model directory's rules: inside it, regular files, a size limit.
+    import os
+
+    with_template(model_dir, "from the config")
+    jinja = model_dir / "chat_template.jinja"
+    extra = model_dir / "additional_chat_templates"
+    try:
+        jinja.write_text("from the file")
+        assert sparseinfer.load(model_dir).apply_chat_template(MESSAGES) == "from the file"
+        extra.mkdir()
+        (extra / "tool_use.jinja").write_text("tools: {{ tools | length if tools else 0 }}{{ undefined.x }}")
+        model = sparseinfer.load(model_dir)
+        assert model.apply_chat_template(MESSAGES) == "from the file"
+        with pytest.raises(InvalidInputError, match="tool_use.jinja: chat template failed"):
+            model.apply_chat_template(MESSAGES, tools=[{"name": "f"}])
+        (extra / "tool_use.jinja").write_text("tools: {{ tools | length if tools else 0 }}")
+        assert model.apply_chat_template(MESSAGES, tools=[{"name": "f"}]) == "tools: 1"
+        assert model.apply_chat_template(MESSAGES, chat_template="tool_use") == "tools: 0"
+        with pytest.raises(InvalidInputError, match="tools must be"):
+            model.apply_chat_template(MESSAGES, tools=["not a schema"])
+
+        outside = tmp_path / "outside.jinja"
+        outside.write_text("secret")
+        jinja.unlink()
+        jinja.symlink_to(outside)
+        with pytest.raises(InvalidInputError, match="outside the model directory"):
+            model.apply_chat_template(MESSAGES)
+        jinja.unlink()
+        os.mkfifo(jinja)
+        with pytest.raises(InvalidInputError, match="not a regular file"):
+            model.apply_chat_template(MESSAGES)
+        jinja.unlink()
+        jinja.write_bytes(b"\xff\xfe")
+        with pytest.raises(InvalidInputError, match="UTF-8"):
+            model.apply_chat_template(MESSAGES)
+        jinja.unlink()
+        (extra / "tool_use.jinja").unlink()
+        extra.rmdir()
+        extra.symlink_to(tmp_path)
+        with pytest.raises(InvalidInputError, match="outside the model directory"):
+            model.apply_chat_template(MESSAGES)
+    finally:
+        for p in (jinja, extra):
+            if p.is_symlink() or p.is_fifo() or p.is_file():
+                p.unlink()
+            elif p.is_dir():
+                for f in p.iterdir():
+                    f.unlink()
+                p.rmdir()
+
+
+def test_messages_must_be_dicts(model_dir):
+    model = with_template(model_dir, CHATML)
+    for bad in ([], "hi", ["hi"]):
+        with pytest.raises(InvalidInputError, match="messages|dicts"):
+            model.apply_chat_template(bad)

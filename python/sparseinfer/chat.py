@@ -14,22 +14,29 @@ memory, so rendering also runs under budgets:
 
 Every failure (syntax, sandbox violation, undefined value, ``raise_exception``, budget) is an
 :class:`~sparseinfer.errors.InvalidInputError` naming where the template came from.
+
+:func:`apply_chat_template` renders a model directory's template with the inputs transformers'
+``tokenizer.apply_chat_template(..., tokenize=False)`` gives it: the template files it reads (``chat_template.jinja``,
+``additional_chat_templates/``, else ``tokenizer_config.json``), the special tokens it passes (AddedToken dicts
+included), ``tools`` and ``documents`` (None when not given), and messages without their None-valued keys.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import string
 import sys
 from collections.abc import Iterator, Mapping, Sequence, Sized
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError, SparseInferError
 
-__all__ = ["MAX_RANGE", "MAX_TEMPLATE_CHARS", "render_chat_template"]
+__all__ = ["MAX_RANGE", "MAX_TEMPLATE_CHARS", "apply_chat_template", "load_chat_templates", "render_chat_template"]
 
 #: Longest template accepted (real ones are a few KB; the longest on the Hub are under 100 KB).
 MAX_TEMPLATE_CHARS = 1 << 20
@@ -45,6 +52,14 @@ SIZE_PER_INPUT_CHAR = 4
 MAX_INT_BITS = 4096
 #: Oldest jinja2 without known sandbox escapes (CVE-2024-56201, CVE-2024-56326, CVE-2025-27516).
 MIN_JINJA = (3, 1, 6)
+#: Template files read from ``additional_chat_templates/`` (real models have one or two).
+MAX_EXTRA_TEMPLATES = 64
+#: The special tokens every transformers tokenizer has; ``*_token`` keys beyond them are passed too (transformers 5
+#: treats them as model-specific special tokens), as are the named ``extra_special_tokens``.
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+#: Names a message's reasoning is passed under: transformers copies the first one present to
+#: ``reasoning_content`` (what templates read) and to ``thinking`` (gpt-oss templates).
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 _PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?(.)")
 _DIGITS = re.compile(r"\d+")
@@ -203,6 +218,14 @@ def _environment(limits: _Limits):
             limits.fail(f"range() of {len(r)} items (limit {MAX_RANGE})")
         return r
 
+    class TemplateDict:
+        # transformers' ``dict`` global: builds dicts without handing the template the ``dict`` type itself.
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(f"raise_exception: {message}")
 
@@ -342,6 +365,7 @@ def _environment(limits: _Limits):
         raise_exception=raise_exception,
         strftime_now=strftime_now,
         namespace=ChatNamespace,
+        dict=TemplateDict(),
     )
     env.globals.pop("lipsum", None)
     return env
@@ -420,3 +444,180 @@ def render_chat_template(
     if limits.tripped:  # a budget error that something inside the render caught and dropped
         raise InvalidInputError(f"{source}: chat template refused: {limits.tripped}")
     return "".join(pieces)
+
+
+# -- a model directory's template, with the inputs transformers gives it ----------------------------------------
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token's text: a string, or an AddedToken saved as a dict (``{"__type": "AddedToken",
+    "content": ...}``); None for anything else."""
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def special_tokens(tokenizer_config: Mapping[str, Any], special_tokens_map: Mapping[str, Any] | None = None):
+    """The special tokens transformers passes to the template, by name: the standard ones and every other
+    ``*_token`` key that holds a token, then the named ``extra_special_tokens``. ``special_tokens_map`` (the
+    legacy ``special_tokens_map.json``) overrides them only when the config has no ``added_tokens_decoder``, as
+    in transformers."""
+    cfg = dict(tokenizer_config)
+    if special_tokens_map and "added_tokens_decoder" not in cfg:
+        cfg.update({k: v for k, v in special_tokens_map.items() if k != "extra_special_tokens"})
+        extra = special_tokens_map.get("extra_special_tokens")
+        if isinstance(extra, Mapping):
+            cfg["extra_special_tokens"] = {**(cfg.get("extra_special_tokens") or {}), **extra}
+    tokens = {}
+    for name, value in cfg.items():
+        text = _token_text(value)
+        if name.endswith("_token") and text is not None:
+            tokens[name] = text
+    extra = cfg.get("extra_special_tokens")
+    if isinstance(extra, Mapping):
+        for name, value in extra.items():
+            text = _token_text(value)
+            if isinstance(name, str) and text is not None:
+                tokens[name] = text
+    return tokens
+
+
+def _read_templates(model_dir: Path) -> tuple[Any, dict[str, str]]:
+    """The template(s) of ``model_dir`` in transformers' form (a string, a dict of named ones, or None) and the
+    file each came from, by name (``""`` for a single one)."""
+    from .modeldir import read_json, read_model_file, resolve_inside
+
+    limit = 4 * MAX_TEMPLATE_CHARS  # UTF-8 bytes; the characters are checked when it renders
+
+    def read_text(name: str) -> str | None:
+        raw = read_model_file(model_dir, name, limit)
+        if raw is None:
+            return None
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidInputError(f"{model_dir / name}: not UTF-8 text (byte {e.start})") from None
+
+    templates: dict[str, str] = {}
+    files: dict[str, str] = {}
+    default = read_text("chat_template.jinja")
+    if default is not None:
+        templates["default"], files["default"] = default, str(model_dir / "chat_template.jinja")
+    extra_dir = resolve_inside(model_dir, "additional_chat_templates")
+    if extra_dir.is_dir():
+        where = model_dir / "additional_chat_templates"
+        try:
+            names = sorted(n for n in os.listdir(extra_dir) if n.endswith(".jinja"))
+        except OSError as e:
+            raise InvalidInputError(f"{where}: cannot be listed: {e.strerror}") from None
+        if len(names) > MAX_EXTRA_TEMPLATES:
+            raise InvalidInputError(f"{where}: {len(names)} templates (limit {MAX_EXTRA_TEMPLATES})")
+        for name in names:
+            text = read_text(f"additional_chat_templates/{name}")
+            if text is not None:
+                templates[name[: -len(".jinja")]] = text
+                files[name[: -len(".jinja")]] = str(where / name)
+    if list(templates) == ["default"]:
+        return templates["default"], {"": files["default"]}
+    if templates:
+        return templates, files
+    config = str(model_dir / "tokenizer_config.json")
+    template = read_json(model_dir, "tokenizer_config.json").get("chat_template")
+    if isinstance(template, list):
+        named = {}
+        for t in template:
+            if not (isinstance(t, Mapping) and isinstance(t.get("name"), str) and "template" in t):
+                raise InvalidInputError(f"{config}: a named chat template must be {{'name': ..., 'template': ...}}")
+            named[t["name"]] = t["template"]
+        return named, dict.fromkeys(named, config)
+    return template, {"": config}
+
+
+def load_chat_templates(model_dir: str | os.PathLike) -> str | dict[str, str] | None:
+    """The chat template(s) of ``model_dir`` as transformers loads them: ``chat_template.jinja`` (the default)
+    and ``additional_chat_templates/<name>.jinja`` when present, else ``chat_template`` of
+    ``tokenizer_config.json`` (a string, or named templates as ``[{"name": ..., "template": ...}]``). A dict
+    when there are several, None when there is none."""
+    return _read_templates(Path(model_dir))[0]
+
+
+def _select_template(model_dir: Path, chat_template: str | None, tools: Any) -> tuple[Any, str]:
+    """transformers' ``get_chat_template``: a name picks one of several templates; with ``tools``, ``tool_use``
+    is preferred to ``default``. Any other ``chat_template`` string is a template itself. Returns the template
+    and where it came from."""
+    templates, files = _read_templates(model_dir)
+    if isinstance(templates, dict):
+        name = chat_template
+        if name is None:
+            if tools is not None and "tool_use" in templates:
+                name = "tool_use"
+            elif "default" in templates:
+                name = "default"
+            else:
+                raise InvalidInputError(
+                    f"{model_dir}: several chat templates and no default; pass chat_template= one of "
+                    f"{sorted(templates)}"
+                )
+        if name in templates:
+            return templates[name], files[name]
+    if chat_template is not None:
+        return chat_template, "the chat_template argument"
+    if templates is None:
+        raise InvalidInputError(f"{model_dir} has no chat_template in tokenizer_config.json (or chat_template.jinja)")
+    return templates, files[""]
+
+
+def _chat_messages(messages: Any) -> list[dict[str, Any]]:
+    """The messages as transformers hands them to the template: dicts without their None-valued keys, with the
+    reasoning under every name templates read it by."""
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+        raise InvalidInputError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    out = []
+    for m in messages:
+        if not isinstance(m, Mapping):
+            raise InvalidInputError(f"chat messages must be dicts, got {type(m).__name__}")
+        m = {k: v for k, v in m.items() if v is not None}
+        reasoning = next((m[k] for k in REASONING_FIELDS if k in m), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
+
+
+def apply_chat_template(
+    model_dir: str | os.PathLike,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool = False,
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    documents: list[dict[str, Any]] | None = None,
+    chat_template: str | None = None,
+    **kwargs: Any,
+) -> str:
+    """Renders ``messages`` with the chat template of ``model_dir``, as transformers'
+    ``tokenizer.apply_chat_template(messages, tokenize=False, ...)`` does, in the sandbox of
+    :func:`render_chat_template`.
+
+    ``tools`` and ``documents`` are JSON schemas and ``{"title": ..., "text": ...}`` dicts; ``chat_template``
+    names one of several templates (or is a template); ``kwargs`` are further template variables (e.g.
+    ``date_string``, ``enable_thinking``) and override the special tokens."""
+    from .modeldir import read_json
+
+    model_dir = Path(model_dir)
+    template, source = _select_template(model_dir, chat_template, tools)
+    if tools is not None and not all(isinstance(t, Mapping) for t in tools):
+        raise InvalidInputError("tools must be JSON schema dicts")
+    if documents is not None and not all(isinstance(d, Mapping) for d in documents):
+        raise InvalidInputError("documents must be dicts with 'title' and 'text' keys")
+    cfg = read_json(model_dir, "tokenizer_config.json")
+    legacy = read_json(model_dir, "special_tokens_map.json") if "added_tokens_decoder" not in cfg else None
+    variables = {**special_tokens(cfg, legacy), **kwargs}
+    return render_chat_template(
+        template,
+        _chat_messages(messages),
+        source=source,
+        tools=tools,
+        documents=documents,
+        add_generation_prompt=add_generation_prompt,
+        **variables,
+    )

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from .chat import render_chat_template
+from .chat import apply_chat_template
 from .errors import InvalidInputError, SparseInferError
 from .modeldir import MAX_TOKENIZER_BYTES, read_json, read_model_file
 
@@ -136,26 +136,27 @@ class Model:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Renders ``messages`` with the model's Jinja chat template, in a sandbox with time and size budgets
-        (see :mod:`sparseinfer.chat`): the template is untrusted code from the model directory."""
-        cfg = read_json(self.path, "tokenizer_config.json")
-        source = str(self.path / "tokenizer_config.json")
-        template = cfg.get("chat_template")
-        if isinstance(template, list):
-            # Named templates (transformers' format): [{"name": "default", "template": "..."}, ...].
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
-        if not template:
-            raise InvalidInputError(f"{self.path} has no chat_template in tokenizer_config.json")
-        special = {}
-        for k, v in cfg.items():
-            if k.endswith("_token"):
-                v = v.get("content") if isinstance(v, dict) else v  # an AddedToken saved as a dict
-                if isinstance(v, str):
-                    special[k] = v
-        return render_chat_template(
-            template, messages, source=source, add_generation_prompt=add_generation_prompt, **special
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Renders ``messages`` with the model's Jinja chat template as transformers'
+        ``apply_chat_template(..., tokenize=False)`` does (see :func:`sparseinfer.chat.apply_chat_template`),
+        in a sandbox with time and size budgets: the template is untrusted code from the model directory."""
+        return apply_chat_template(
+            self.path,
+            messages,
+            add_generation_prompt,
+            tools=tools,
+            documents=documents,
+            chat_template=chat_template,
+            **kwargs,
         )
 
     # -- running ---------------------------------------------------------------------------------------
