@@ -2,7 +2,7 @@
 //! error (never a panic or an out-of-bounds read), and configs are validated.
 
 use proptest::prelude::*;
-use sparseinfer_core::runtime::safetensors::{f16_to_f32, Dtype, SafeTensors};
+use sparseinfer_core::runtime::checkpoint::safetensors::{f16_to_f32, Dtype, SafeTensors};
 use sparseinfer_core::runtime::{arch, load_dir, LoadOptions};
 use sparseinfer_core::Error;
 use std::io::Write;
@@ -224,7 +224,7 @@ fn special_files_are_refused_without_blocking() {
 
 #[test]
 fn compressed_tensors_formats_are_refused_by_name() {
-    use sparseinfer_core::runtime::weights::QuantScheme;
+    use sparseinfer_core::runtime::checkpoint::QuantScheme;
     let group = |fmt: serde_json::Value| {
         serde_json::json!({"quantization_config": {"quant_method": "compressed-tensors", "format": "int-quantized",
             "quantization_status": "compressed",

@@ -420,7 +420,7 @@ impl PyModel {
             }
         }
         // Norm weights (and biases): two per block and the final one.
-        let norm_params = |n: &runtime::weights::NormW| n.w.len() + n.b.as_ref().map_or(0, Vec::len);
+        let norm_params = |n: &runtime::ops::NormW| n.w.len() + n.b.as_ref().map_or(0, Vec::len);
         params += m.layers.iter().map(|l| norm_params(&l.ln1) + norm_params(&l.ln2)).sum::<usize>();
         params += m.final_norm().map_or(0, norm_params);
         if !s.tie_embeddings {

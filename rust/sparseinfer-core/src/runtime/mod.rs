@@ -1,22 +1,27 @@
 //! The decoder runtime: load a model directory, run it, generate.
 //!
-//! - [`safetensors`]: the memory-mapped, validating weight reader.
+//! - [`checkpoint`]: the memory-mapped, validating safetensors reader, the declared quantization scheme, and
+//!   one decoder per stored weight encoding.
 //! - [`config`] and [`arch`]: `config.json` → an architecture-neutral [`config::Spec`]; one table row and one
 //!   file per architecture.
 //! - [`version`]: the checkpoint format version a directory declares, checked before anything else.
-//! - [`weights`]: checkpoint tensors → packed linear layers ([`weights::WeightPlan`] picks the formats).
+//! - [`plan`]: which kernel format each linear layer is packed into; [`loader`]: checkpoint tensors → packed
+//!   linear layers, norms and the embedding, as the plan says.
+//! - [`ops`]: the operations blocks are built from (linear, norm, embedding).
 //! - [`model`]: the forward pass; [`kv_cache`]: per-sequence state; [`sampler`]: next-token choice.
 //! - [`Generator`]: prefill once, then one token per call (the binding streams from it).
 
 pub mod arch;
+pub mod checkpoint;
 pub mod config;
 pub mod files;
 pub mod kv_cache;
+pub mod loader;
 pub mod model;
-pub mod safetensors;
+pub mod ops;
+pub mod plan;
 pub mod sampler;
 pub mod version;
-pub mod weights;
 
 use crate::error::{Error, Result};
 use crate::formats::{Format, PackOptions};
@@ -55,16 +60,16 @@ pub fn load_dir(dir: &Path, opts: LoadOptions) -> Result<Model> {
     let config = read_config_in(&dir)?;
     version::check(&dir, &config)?;
     let spec = arch::spec(&config)?;
-    let quant = weights::QuantScheme::from_config(&config)?;
-    let store = safetensors::WeightStore::open_dir(&dir)?;
+    let quant = checkpoint::QuantScheme::from_config(&config)?;
+    let store = checkpoint::WeightStore::open_dir(&dir)?;
     let mut plan = match opts.weights {
-        Some(f) => weights::WeightPlan::for_format(f, opts.pack),
-        None => weights::WeightPlan::as_stored(store.main_float_dtype(), quant.is_some()),
+        Some(f) => plan::WeightPlan::for_format(f, opts.pack),
+        None => plan::WeightPlan::as_stored(store.main_float_dtype(), quant.is_some()),
     };
     // The caller's choice, else what the checkpoint was quantized for.
     let declared = quant.filter(|q| q.token_acts).map(|_| crate::kernels::Activations::Int8Token);
     plan.act = opts.activations.or(declared);
-    model::build(spec, &weights::Loader { store: &store, plan, quant })
+    model::build(spec, &loader::Loader { store: &store, plan, quant })
 }
 
 /// Time and token counts of one generation.

@@ -8,7 +8,7 @@
 use super::arch::{self, Parts};
 use super::config::{Act, Mlp, NormKind, Positions, Spec};
 use super::kv_cache::KvCache;
-use super::weights::{Embedding, Linear, NormW};
+use super::ops::{Embedding, Linear, NormW};
 use crate::error::{Error, Result};
 use crate::kernels::vector;
 use crate::parallel;
@@ -257,7 +257,7 @@ unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
 /// Loads a model from a spec and a loader (see [`super::load_dir`]).
-pub fn build(spec: Spec, loader: &super::weights::Loader) -> Result<Model> {
+pub fn build(spec: Spec, loader: &super::loader::Loader) -> Result<Model> {
     let parts = arch::load(&spec, loader)?;
     Ok(Model::from_parts(spec, parts))
 }

@@ -9,9 +9,10 @@
 
 use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
+use crate::runtime::checkpoint::Orientation;
 use crate::runtime::config::{limits, Act, Cfg, Mlp, Sizes, Spec};
+use crate::runtime::loader::Loader;
 use crate::runtime::model::Layer;
-use crate::runtime::weights::{Layout, Loader};
 
 /// The spec from `config.json`.
 pub fn spec(c: &Cfg) -> Result<Spec> {
@@ -48,11 +49,11 @@ pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
         let n = |x: &str| format!("{p}h.{i}.{x}");
         Ok(Layer {
             ln1: l.norm(&n("ln_1"), d, true)?,
-            qkv: l.proj(&[(&n("attn.c_attn.weight"), 3 * d)], d, Layout::InOut, true)?,
-            o: l.proj(&[(&n("attn.c_proj.weight"), d)], d, Layout::InOut, true)?,
+            qkv: l.proj(&[(&n("attn.c_attn.weight"), 3 * d)], d, Orientation::InOut, true)?,
+            o: l.proj(&[(&n("attn.c_proj.weight"), d)], d, Orientation::InOut, true)?,
             ln2: l.norm(&n("ln_2"), d, true)?,
-            up: l.proj(&[(&n("mlp.c_fc.weight"), s.intermediate)], d, Layout::InOut, true)?,
-            down: l.proj(&[(&n("mlp.c_proj.weight"), d)], s.intermediate, Layout::InOut, true)?,
+            up: l.proj(&[(&n("mlp.c_fc.weight"), s.intermediate)], d, Orientation::InOut, true)?,
+            down: l.proj(&[(&n("mlp.c_proj.weight"), d)], s.intermediate, Orientation::InOut, true)?,
         })
     })?;
     let pos_embed = Some(l.f32(&format!("{p}wpe.weight"), &[s.max_positions, d])?);

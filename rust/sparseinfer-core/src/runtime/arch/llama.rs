@@ -11,9 +11,10 @@
 
 use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
+use crate::runtime::checkpoint::Orientation;
 use crate::runtime::config::{limits, Act, Cfg, Mlp, NormKind, Positions, Sizes, Spec};
+use crate::runtime::loader::Loader;
 use crate::runtime::model::Layer;
-use crate::runtime::weights::{Layout, Loader};
 use serde_json::Value;
 
 /// The spec from `config.json`.
@@ -114,13 +115,13 @@ pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
             qkv: l.proj(
                 &[(&q, s.heads * hd), (&k, s.kv_heads * hd), (&v, s.kv_heads * hd)],
                 d,
-                Layout::OutIn,
+                Orientation::OutIn,
                 s.attn_bias,
             )?,
-            o: l.proj(&[(&n("self_attn.o_proj.weight"), d)], s.heads * hd, Layout::OutIn, false)?,
+            o: l.proj(&[(&n("self_attn.o_proj.weight"), d)], s.heads * hd, Orientation::OutIn, false)?,
             ln2: l.norm(&n("post_attention_layernorm"), d, false)?,
-            up: l.proj(&[(&gate, s.intermediate), (&up, s.intermediate)], d, Layout::OutIn, s.mlp_bias)?,
-            down: l.proj(&[(&n("mlp.down_proj.weight"), d)], s.intermediate, Layout::OutIn, s.mlp_bias)?,
+            up: l.proj(&[(&gate, s.intermediate), (&up, s.intermediate)], d, Orientation::OutIn, s.mlp_bias)?,
+            down: l.proj(&[(&n("mlp.down_proj.weight"), d)], s.intermediate, Orientation::OutIn, s.mlp_bias)?,
         })
     })?;
     let pos_embed = None;

@@ -7,10 +7,11 @@ pub mod llama;
 pub mod mpt;
 pub mod opt;
 
+use super::checkpoint::{Orientation, WeightStore};
 use super::config::{Cfg, Spec};
+use super::loader::Loader;
 use super::model::Layer;
-use super::safetensors::WeightStore;
-use super::weights::{Embedding, Layout, Linear, Loader, NormW};
+use super::ops::{Embedding, Linear, NormW};
 use crate::error::{Error, Result};
 use serde_json::Value;
 
@@ -136,7 +137,7 @@ pub(crate) fn finish(
         pos_embed,
         layers,
         final_norm: Some(l.norm(final_norm, d, norm_bias)?),
-        lm_head: l.linear(&[(head_name, s.vocab)], d, Layout::OutIn, false, Some(l.plan.lm_head))?,
+        lm_head: l.linear(&[(head_name, s.vocab)], d, Orientation::OutIn, false, Some(l.plan.lm_head))?,
     })
 }
 

@@ -9,9 +9,10 @@
 
 use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
+use crate::runtime::checkpoint::Orientation;
 use crate::runtime::config::{limits, Act, Cfg, Mlp, NormKind, Positions, Sizes, Spec};
+use crate::runtime::loader::Loader;
 use crate::runtime::model::Layer;
-use crate::runtime::weights::{Layout, Loader};
 use serde_json::Value;
 
 /// MPT's ALiBi slopes: `1 / 2^(8·i / n)` over the next power of two `n ≥ heads`, interleaved when `heads` is
@@ -76,11 +77,11 @@ pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
         let n = |x: &str| format!("{p}blocks.{i}.{x}");
         Ok(Layer {
             ln1: l.norm(&n("norm_1"), d, false)?,
-            qkv: l.proj(&[(&n("attn.Wqkv.weight"), 3 * d)], d, Layout::OutIn, false)?,
-            o: l.proj(&[(&n("attn.out_proj.weight"), d)], d, Layout::OutIn, false)?,
+            qkv: l.proj(&[(&n("attn.Wqkv.weight"), 3 * d)], d, Orientation::OutIn, false)?,
+            o: l.proj(&[(&n("attn.out_proj.weight"), d)], d, Orientation::OutIn, false)?,
             ln2: l.norm(&n("norm_2"), d, false)?,
-            up: l.proj(&[(&n("ffn.up_proj.weight"), s.intermediate)], d, Layout::OutIn, false)?,
-            down: l.proj(&[(&n("ffn.down_proj.weight"), d)], s.intermediate, Layout::OutIn, false)?,
+            up: l.proj(&[(&n("ffn.up_proj.weight"), s.intermediate)], d, Orientation::OutIn, false)?,
+            down: l.proj(&[(&n("ffn.down_proj.weight"), d)], s.intermediate, Orientation::OutIn, false)?,
         })
     })?;
     let pos_embed = None;

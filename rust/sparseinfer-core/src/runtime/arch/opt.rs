@@ -11,9 +11,10 @@
 
 use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
+use crate::runtime::checkpoint::Orientation;
 use crate::runtime::config::{limits, Act, Cfg, Mlp, NormKind, Positions, Sizes, Spec};
+use crate::runtime::loader::Loader;
 use crate::runtime::model::Layer;
-use crate::runtime::weights::{Layout, Loader};
 
 /// The spec from `config.json`.
 pub fn spec(c: &Cfg) -> Result<Spec> {
@@ -61,11 +62,11 @@ pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
         let (q, k, v) = (n("self_attn.q_proj.weight"), n("self_attn.k_proj.weight"), n("self_attn.v_proj.weight"));
         Ok(Layer {
             ln1: l.norm(&n("self_attn_layer_norm"), d, ln_bias)?,
-            qkv: l.proj(&[(&q, d), (&k, d), (&v, d)], d, Layout::OutIn, s.attn_bias)?,
-            o: l.proj(&[(&n("self_attn.out_proj.weight"), d)], d, Layout::OutIn, s.attn_bias)?,
+            qkv: l.proj(&[(&q, d), (&k, d), (&v, d)], d, Orientation::OutIn, s.attn_bias)?,
+            o: l.proj(&[(&n("self_attn.out_proj.weight"), d)], d, Orientation::OutIn, s.attn_bias)?,
             ln2: l.norm(&n("final_layer_norm"), d, ln_bias)?,
-            up: l.proj(&[(&n("fc1.weight"), s.intermediate)], d, Layout::OutIn, s.mlp_bias)?,
-            down: l.proj(&[(&n("fc2.weight"), d)], s.intermediate, Layout::OutIn, s.mlp_bias)?,
+            up: l.proj(&[(&n("fc1.weight"), s.intermediate)], d, Orientation::OutIn, s.mlp_bias)?,
+            down: l.proj(&[(&n("fc2.weight"), d)], s.intermediate, Orientation::OutIn, s.mlp_bias)?,
         })
     })?;
     let pos_embed = Some(l.f32(&format!("{p}embed_positions.weight"), &[s.max_positions + 2, d])?);

@@ -13,8 +13,8 @@
 //! read: offsets inside the file, `end - begin == numel × dtype size`, no two tensors overlapping. A file
 //! that lies gets [`Error::InvalidInput`] naming the file and tensor, never an out-of-bounds read.
 
-use super::files::{ModelDir, MAX_JSON_BYTES};
 use crate::error::{Error, Result};
+use crate::runtime::files::{ModelDir, MAX_JSON_BYTES};
 use memmap2::Mmap;
 use std::collections::HashMap;
 use std::fs::File;
@@ -154,7 +154,7 @@ pub fn f16_to_f32(h: u16) -> f32 {
 impl SafeTensors {
     /// Maps and validates a file (a regular file only).
     pub fn open(path: &Path) -> Result<SafeTensors> {
-        SafeTensors::from_file(super::files::open_regular(path)?, path)
+        SafeTensors::from_file(crate::runtime::files::open_regular(path)?, path)
     }
 
     /// Maps and validates an open file; `path` names it in errors.

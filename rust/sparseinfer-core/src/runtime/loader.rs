@@ -1,0 +1,109 @@
+//! Building the model's weights from a checkpoint by Hugging Face name: linear layers (projections stacked
+//! into one packed matrix) in the formats of a [`WeightPlan`], norms, and the embedding table.
+
+use super::checkpoint::{self, out_of_memory, Dtype, Orientation, QuantScheme, WeightStore};
+use super::ops::{Embedding, Linear, NormW};
+use super::plan::{StoredAs, WeightPlan};
+use crate::error::{Error, Result};
+use crate::formats::{Format, PackedMatrix};
+
+/// Reads tensors by Hugging Face name and builds runtime weights according to a [`WeightPlan`].
+pub struct Loader<'a> {
+    /// The checkpoint.
+    pub store: &'a WeightStore,
+    /// Target formats.
+    pub plan: WeightPlan,
+    /// The checkpoint's weight quantization scheme, from `quantization_config` (docs/FORMAT.md).
+    pub quant: Option<QuantScheme>,
+}
+
+impl Loader<'_> {
+    /// A float tensor of an exact shape, as f32 (finite values only).
+    pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        checkpoint::finite_f32(self.store, name, shape)
+    }
+
+    /// A norm of width `d` (`{prefix}.weight`, and `{prefix}.bias` when `bias`).
+    pub fn norm(&self, prefix: &str, d: usize, bias: bool) -> Result<NormW> {
+        Ok(NormW {
+            w: self.f32(&format!("{prefix}.weight"), &[d])?,
+            b: if bias { Some(self.f32(&format!("{prefix}.bias"), &[d])?) } else { None },
+        })
+    }
+
+    /// One linear layer from one or more stacked projections (`parts`: weight names with their output rows,
+    /// all with `cols` inputs), packed into `format` (`None`: the plan's, or as stored). Biases are read from
+    /// `{name without .weight}.bias` when `bias` is set. Quantized checkpoints keep their codes and scales
+    /// when the target format has the same bits and group.
+    pub fn linear(
+        &self,
+        parts: &[(&str, usize)],
+        cols: usize,
+        orientation: Orientation,
+        bias: bool,
+        format: Option<Format>,
+    ) -> Result<Linear> {
+        let rows: usize = parts.iter().map(|p| p.1).sum();
+        // Grown part by part: each part's size is checked against its tensor before it is decoded, so nothing
+        // is sized from the config alone.
+        let mut w: Vec<f32> = Vec::new();
+        let mut b = Vec::new();
+        let mut scales: Vec<f32> = Vec::new();
+        let mut per_row: Option<usize> = None;
+        let mut all_quant = true;
+        let (mut sparse, mut bf16) = (true, true);
+        for &(name, r) in parts {
+            let target = checkpoint::encodings::Target { store: self.store, name, rows: r, cols, orientation };
+            let s = checkpoint::decode(&target, self.quant)?;
+            if w.is_empty() {
+                w = s.w;
+            } else {
+                w.try_reserve_exact(s.w.len()).map_err(|_| out_of_memory(name, s.w.len()))?;
+                w.extend(s.w);
+            }
+            sparse &= s.sparse;
+            bf16 &= s.bf16;
+            match s.scales {
+                Some((sc, n)) if per_row.is_none_or(|p| p == n) => {
+                    per_row = Some(n);
+                    scales.extend(sc);
+                }
+                _ => all_quant = false,
+            }
+            if bias {
+                let bname = format!("{}.bias", name.strip_suffix(".weight").unwrap_or(name));
+                b.extend(self.f32(&bname, &[r])?);
+            }
+        }
+        let stored = StoredAs { quant: if all_quant { self.quant } else { None }, sparse, bf16 };
+        let format = format.unwrap_or_else(|| self.plan.format_for(stored));
+        let opts = self.plan.pack_options(stored, cols);
+        let ctx = |e: Error| match e {
+            Error::InvalidInput { msg, .. } => Error::invalid("load", format!("packing {}: {msg}", parts[0].0)),
+            e => e,
+        };
+        let packed = if stored.same_grid(format, &opts) {
+            PackedMatrix::pack_with_scales(&w, rows, cols, format, opts, &scales, per_row.unwrap_or(1)).map_err(ctx)?
+        } else {
+            PackedMatrix::pack(&w, rows, cols, format, opts).map_err(ctx)?
+        };
+        Ok(Linear { w: packed, bias: bias.then_some(b), act: self.plan.act })
+    }
+
+    /// A transformer projection in the plan's linear format.
+    pub fn proj(&self, parts: &[(&str, usize)], cols: usize, orientation: Orientation, bias: bool) -> Result<Linear> {
+        self.linear(parts, cols, orientation, bias, None)
+    }
+
+    /// An embedding table `[rows, cols]`, copied in its stored precision.
+    pub fn embedding(&self, name: &str, rows: usize, cols: usize) -> Result<Embedding> {
+        let t = self.store.tensor(name, &[rows, cols])?;
+        if !matches!(t.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            return Err(Error::invalid("load", format!("embedding {name:?} has dtype {}", t.dtype.name())));
+        }
+        let mut bytes = Vec::new();
+        bytes.try_reserve_exact(t.bytes.len()).map_err(|_| out_of_memory(name, t.bytes.len()))?;
+        bytes.extend_from_slice(t.bytes);
+        Ok(Embedding::new(t.dtype, bytes, rows, cols))
+    }
+}

@@ -1,0 +1,28 @@
+//! A linear layer `y = W x (+ b)` over a packed weight: the one place the model meets the kernels.
+
+use crate::error::Result;
+use crate::formats::PackedMatrix;
+use crate::kernels;
+
+/// A linear layer `y = W x (+ b)` with `W` packed.
+pub struct Linear {
+    /// The packed weight.
+    pub w: PackedMatrix,
+    /// Optional bias (`rows` values).
+    pub bias: Option<Vec<f32>>,
+    /// The activation mode (`None`: the format's default).
+    pub act: Option<kernels::Activations>,
+}
+
+impl Linear {
+    /// `y[k × rows] = x[k × cols] Wᵀ (+ b)`.
+    pub fn forward(&self, x: &[f32], k: usize, y: &mut [f32]) -> Result<()> {
+        kernels::matmul(&self.w, x, k, y, self.act)?;
+        if let Some(b) = &self.bias {
+            for row in y.chunks_exact_mut(self.w.rows()) {
+                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+            }
+        }
+        Ok(())
+    }
+}

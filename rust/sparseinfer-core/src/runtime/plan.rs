@@ -1,0 +1,108 @@
+//! Which kernel format each linear layer is packed into: the caller's choice for every layer, or "as stored",
+//! where each compressed linear takes the format that matches its encoding (docs/FORMAT.md, "What the runtime
+//! makes of it"). The head stays dense either way.
+
+use super::checkpoint::{Dtype, QuantScheme};
+use crate::formats::{Format, PackOptions};
+use crate::kernels;
+
+/// Which formats the linear layers and the output head are packed into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WeightPlan {
+    /// Every transformer linear layer (q/k/v, o, MLP), unless `stored`.
+    pub linear: Format,
+    /// "As stored": each compressed linear takes the kernel format that matches its encoding (docs/FORMAT.md);
+    /// `linear` applies to the dense float ones.
+    pub stored: bool,
+    /// The output head: never pruned, so a dense format (see [`WeightPlan::for_format`]).
+    pub lm_head: Format,
+    /// Group size and symmetry for integer formats.
+    pub pack: PackOptions,
+    /// How every linear layer meets its activations; `None`: [`kernels::Activations::default_for`] its format.
+    pub act: Option<kernels::Activations>,
+}
+
+impl WeightPlan {
+    /// The plan for a requested linear format. The head stays dense, as the paper keeps it: f32/bf16 heads for
+    /// float formats, int8 per row for integer ones (an int4 head costs more accuracy than it saves time on
+    /// small models).
+    pub fn for_format(linear: Format, pack: PackOptions) -> WeightPlan {
+        let lm_head = match linear {
+            Format::DenseF32 | Format::SparseF32 => Format::DenseF32,
+            Format::DenseBf16 | Format::SparseBf16 => Format::DenseBf16,
+            Format::DenseInt8 | Format::SparseInt8 | Format::DenseInt4 | Format::SparseInt4 => Format::DenseInt8,
+        };
+        WeightPlan { linear, stored: false, lm_head, pack, act: None }
+    }
+
+    /// The plan that keeps a dense checkpoint's precision: bf16 stays bf16, f32 and f16 become f32.
+    pub fn as_stored(dtype: Dtype, quantized: bool) -> WeightPlan {
+        let f = if dtype == Dtype::BF16 { Format::DenseBf16 } else { Format::DenseF32 };
+        let mut plan = WeightPlan::for_format(f, PackOptions::default());
+        plan.stored = true;
+        if quantized {
+            plan.lm_head = Format::DenseInt8;
+        }
+        plan
+    }
+
+    /// The kernel format of a linear layer the caller did not pin: the plan's linear format, or, loading as
+    /// stored, the one matching its encoding (quantized bits, sparsity, bf16; docs/FORMAT.md).
+    pub fn format_for(&self, stored: StoredAs) -> Format {
+        if !self.stored {
+            return self.linear;
+        }
+        match (stored.quant.map(|q| q.bits), stored.sparse) {
+            (Some(8), true) => Format::SparseInt8,
+            (Some(8), false) => Format::DenseInt8,
+            (Some(_), true) => Format::SparseInt4,
+            (Some(_), false) => Format::DenseInt4,
+            (None, true) if stored.bf16 => Format::SparseBf16,
+            (None, true) => Format::SparseF32,
+            (None, false) => self.linear,
+        }
+    }
+
+    /// Pack options for a linear layer of `cols` inputs stored as `stored`: the plan's, with row layout when
+    /// the activations stay f32 (only the int8-activation kernels read tiles, so no twin is built on first
+    /// use), and, loading as stored, the checkpoint's scale groups.
+    pub fn pack_options(&self, stored: StoredAs, cols: usize) -> PackOptions {
+        let mut opts = self.pack;
+        if self.act == Some(kernels::Activations::F32) {
+            opts.layout = crate::formats::Layout::Rows;
+        }
+        if self.stored {
+            if let Some(q) = stored.quant {
+                opts.group_size = if q.bits == 4 { Some(q.group_size.unwrap_or(cols)) } else { q.group_size };
+            }
+        }
+        opts
+    }
+}
+
+/// What the stacked parts of one linear layer were stored as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredAs {
+    /// The checkpoint's scheme, when every part is quantized with one scale grouping.
+    pub quant: Option<QuantScheme>,
+    /// Every part stored sparse.
+    pub sparse: bool,
+    /// Every part stored as bf16 floats.
+    pub bf16: bool,
+}
+
+impl StoredAs {
+    /// Whether packing into `format` with `opts` puts the codes on the checkpoint's grid (same bits, group
+    /// size, symmetric), so its scales can be kept as they are.
+    pub fn same_grid(&self, format: Format, opts: &PackOptions) -> bool {
+        let elem_bits = match format.elem() {
+            crate::formats::Elem::I8 => Some(8),
+            crate::formats::Elem::I4 => Some(4),
+            _ => None,
+        };
+        self.quant.is_some_and(|q| {
+            let target_group = if q.bits == 4 { Some(opts.group_size.unwrap_or(128)) } else { opts.group_size };
+            Some(q.bits) == elem_bits && !opts.asymmetric && target_group == q.group_size
+        })
+    }
+}
