@@ -94,6 +94,18 @@ def test_bad_recipe_is_a_one_line_error(setup):
     assert r.returncode == 2 and "prune.method" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_stage_whose_earlier_stage_has_not_run_refuses(setup, tmp_path):
+    # A pruned recipe's export, quantize or finetune on a fresh work_dir must not fall back to the dense source.
+    path = tmp_path / "recipe.yaml"
+    r = recipe(setup, work_dir=str(tmp_path / "work"), export={"out_dir": str(tmp_path / "export")})
+    path.write_text(yaml.safe_dump(r))
+    for stage, missing in (("export", "finetune"), ("quantize", "finetune"), ("finetune", "prune")):
+        out = cli(stage, str(path))
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert f"has a {missing} stage" in out.stderr and f"sparseinfer {missing} RECIPE" in out.stderr
+    assert not (tmp_path / "export").exists()
+
+
 def test_finetune_under_torchrun_ddp(setup, tmp_path):
     r = recipe(setup, work_dir=str(tmp_path / "ddp"))
     r["finetune"]["steps"] = 2

@@ -20,8 +20,11 @@ from .gradual import gradual_prune
 from .masks import prunable_linears, sparsity_report
 from .pruning import prune
 from .quant import quantize
+from .recipe import RecipeError
 
 STAGES = ("prune", "finetune", "quantize", "export")
+#: The directory under ``work_dir`` each model-writing stage saves to.
+OUTPUTS = {"prune": "pruned", "finetune": "finetuned"}
 
 
 def _rank0() -> bool:
@@ -89,10 +92,21 @@ class Runner:
         self.metrics_path = self.work / "metrics.json"
         self.metrics: dict[str, Any] = json.loads(self.metrics_path.read_text()) if self.metrics_path.is_file() else {}
 
-    def latest(self) -> Path:
-        for name in ("finetuned", "pruned"):
-            if (self.work / name / "config.json").is_file():
-                return self.work / name
+    def latest(self, stage: str = "export") -> Path:
+        """The model ``stage`` starts from: the output of the latest earlier stage the recipe has (fine-tuning,
+        then pruning), or the recipe's model when it has neither. An earlier stage that has not been run is an
+        error, so a pruned recipe never exports or fine-tunes its dense source by mistake."""
+        earlier = STAGES[: STAGES.index(stage)]
+        for section in ("finetune", "prune"):
+            if section not in earlier or self.recipe.get(section) is None:
+                continue
+            out = self.work / OUTPUTS[section]
+            if (out / "config.json").is_file():
+                return out
+            raise RecipeError(
+                f"the recipe has a {section} stage but {out} holds no model: run 'sparseinfer {section} RECIPE' "
+                f"first (or 'sparseinfer train RECIPE' for every stage)"
+            )
         return self.src
 
     def calibration(self, model=None):
@@ -161,7 +175,7 @@ class Runner:
         else:
             masks = prune(model, method, p.get("sparsity", 0.5), calibration=cal, **kw)
         rep = sparsity_report(model, masks)
-        self.save_model(model, "pruned")
+        self.save_model(model, OUTPUTS["prune"])
         self.save_metrics("prune", {**values, "ppl_pruned": self.ppl(model), "sparsity": rep["global"]})
 
     def _finetune_config(self, ckpt: str) -> dict:
@@ -174,12 +188,11 @@ class Runner:
         return cfg
 
     def finetune(self) -> None:
-        start = self.work / "pruned" if (self.work / "pruned" / "config.json").is_file() else self.src
-        student, teacher = _load(start), _load(self.src)
+        student, teacher = _load(self.latest("finetune")), _load(self.src)
         cfg = self._finetune_config("finetune-ckpt")
         before = self.ppl(student)
         r = finetune(student, teacher, self.train, cfg, progress=_rank0())
-        self.save_model(student, "finetuned")
+        self.save_model(student, OUTPUTS["finetune"])
         final = r["final"]
         self.save_metrics(
             "finetune",
@@ -196,7 +209,7 @@ class Runner:
 
     def quantize(self) -> None:
         q = self.recipe["quantize"] or {}
-        model = _load(self.latest())
+        model = _load(self.latest("quantize"))
         method = q.get("method", "gptq")
         cal = self.calibration(model) if method == "gptq" else None
         quantize(model, q.get("bits", 8), q.get("group_size"), method, cal)
@@ -204,7 +217,7 @@ class Runner:
         self._export(model)
 
     def export(self) -> None:
-        self._export(_load(self.latest()))
+        self._export(_load(self.latest("export")))
 
     def _export(self, model) -> None:
         e = self.recipe.get("export") or {}
