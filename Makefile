@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 # torch (a ~3 GB CUDA build from PyPI, run on CPU) and transformers: the training side and the parity tests.
 # pip skips what the (cached) venv already has, so a warm machine downloads nothing.
 $(VENV)/.installed-train: $(VENV)/.installed
-	$(PY) -m pip install -q "torch>=2.1" "transformers>=4.45" "safetensors>=0.4" "compressed-tensors>=0.9"
+	$(PY) -m pip install -q "torch>=2.1" "transformers>=4.56" "safetensors>=0.4" "compressed-tensors>=0.9"
 	touch $@
 
 # compressed-tensors 0.14, the last release with the sparse-bitmask compressor, in a directory of its own that
