@@ -378,7 +378,7 @@ impl PyModel {
 
     fn __repr__(&self) -> String {
         let s = &self.inner.spec;
-        let f = self.inner.layers.first().map_or("?", |l| l.qkv.w.format().name());
+        let f = self.inner.layers.first().map_or("?", |l| l.attn.qkv.w.format().name());
         format!(
             "Model(arch={:?}, layers={}, hidden={}, vocab={}, format={f:?})",
             s.model_type, s.layers, s.hidden, s.vocab
@@ -406,7 +406,7 @@ impl PyModel {
         let mut params = s.vocab * s.hidden;
         let layers = pyo3::types::PyList::empty(py);
         for (i, l) in m.layers.iter().enumerate() {
-            for (name, lin) in [("qkv", &l.qkv), ("o", &l.o), ("up", &l.up), ("down", &l.down)] {
+            for (name, lin) in [("qkv", &l.attn.qkv), ("o", &l.attn.o), ("up", &l.ffn.up), ("down", &l.ffn.down)] {
                 let w = &lin.w;
                 params += w.rows() * w.cols() + lin.bias.as_ref().map_or(0, Vec::len);
                 let e = PyDict::new(py);
@@ -421,7 +421,7 @@ impl PyModel {
         }
         // Norm weights (and biases): two per block and the final one.
         let norm_params = |n: &runtime::ops::NormW| n.w.len() + n.b.as_ref().map_or(0, Vec::len);
-        params += m.layers.iter().map(|l| norm_params(&l.ln1) + norm_params(&l.ln2)).sum::<usize>();
+        params += m.layers.iter().map(|l| norm_params(&l.attn.norm) + norm_params(&l.ffn.norm)).sum::<usize>();
         params += m.final_norm().map_or(0, norm_params);
         if !s.tie_embeddings {
             params += s.vocab * s.hidden;
@@ -430,12 +430,12 @@ impl PyModel {
         d.set_item("linear", layers)?;
         let head = &m.lm_head.w;
         d.set_item("lm_head_format", head.format().name())?;
-        let first = m.layers.first().map(|l| &l.qkv.w).unwrap_or(head);
+        let first = m.layers.first().map(|l| &l.attn.qkv.w).unwrap_or(head);
         d.set_item("format", first.format().name())?;
         let act = m
             .layers
             .first()
-            .map_or(m.lm_head.act, |l| l.qkv.act)
+            .map_or(m.lm_head.act, |l| l.attn.qkv.act)
             .unwrap_or(kernels::Activations::default_for(first.format()));
         d.set_item("activations", act.name())?;
         d.set_item("kernel", kernels::kernel_name(first, act).map_err(|e| to_py(py, e))?)?;

@@ -4,6 +4,8 @@
 //! [`Spec::new`] holds the common choices (a GPT-2-style decoder); an architecture reads its sizes and overrides
 //! only the fields where it differs, so a new field gets its default in one place.
 
+pub use super::ops::activations::Act;
+pub use super::ops::norm::NormKind;
 use crate::error::{Error, Result};
 use serde_json::Value;
 
@@ -31,18 +33,6 @@ pub mod limits {
     pub const RATIO: usize = 64;
 }
 
-/// Layer normalisation kind.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum NormKind {
-    /// `x / sqrt(mean(x²) + eps) · w` (Llama family).
-    Rms,
-    /// `(x - mean) / sqrt(var + eps) · w (+ b)`.
-    LayerNorm {
-        /// Whether the checkpoint carries a bias.
-        bias: bool,
-    },
-}
-
 /// Where positions enter the model.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Positions {
@@ -62,37 +52,6 @@ pub enum Positions {
         /// One slope per head.
         slopes: Vec<f32>,
     },
-}
-
-/// Activation of the MLP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Act {
-    /// `x · sigmoid(x)`.
-    Silu,
-    /// `max(x, 0)`.
-    Relu,
-    /// GELU with the tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
-    GeluTanh,
-    /// Exact GELU (erf).
-    Gelu,
-}
-
-impl Act {
-    /// Parses a Hugging Face activation name.
-    pub fn parse(name: &str) -> Result<Act> {
-        Ok(match name {
-            "silu" | "swish" => Act::Silu,
-            "relu" => Act::Relu,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Act::GeluTanh,
-            "gelu" => Act::Gelu,
-            _ => {
-                return Err(Error::unsupported(
-                    OP,
-                    format!("activation {name:?} is not supported (silu, relu, gelu, gelu_new, gelu_pytorch_tanh)"),
-                ))
-            }
-        })
-    }
 }
 
 /// MLP shape.

@@ -8,6 +8,7 @@
 //! keys[layer · kv_heads + kv_head][position][head_dim]     values[...] likewise
 //! ```
 
+use super::ops::attention::KvView;
 use crate::error::{Error, Result};
 
 /// Cached keys and values for up to `capacity` positions.
@@ -87,8 +88,13 @@ impl KvCache {
 
     /// Keys and values of one head of one layer, `positions written × head_dim` each.
     pub fn head(&self, layer: usize, head: usize) -> (&[f32], &[f32]) {
-        let i = layer * self.kv_heads + head;
-        (&self.keys[i], &self.values[i])
+        self.layer(layer).head(head)
+    }
+
+    /// The keys and values of `layer`, as attention reads them.
+    pub fn layer(&self, layer: usize) -> KvView<'_> {
+        let heads = layer * self.kv_heads..(layer + 1) * self.kv_heads;
+        KvView::new(&self.keys[heads.clone()], &self.values[heads])
     }
 
     /// Marks `n` more positions as filled (after every layer wrote them).

@@ -7,17 +7,19 @@
 //! - [`version`]: the checkpoint format version a directory declares, checked before anything else.
 //! - [`plan`]: which kernel format each linear layer is packed into; [`loader`]: checkpoint tensors → packed
 //!   linear layers, norms and the embedding, as the plan says.
-//! - [`ops`]: the operations blocks are built from (linear, norm, embedding).
-//! - [`model`]: the forward pass; [`kv_cache`]: per-sequence state; [`sampler`]: next-token choice.
+//! - [`ops`]: linear, norm, rope, activations, attention over a KV view, embedding; [`blocks`]: the decoder
+//!   block built from them; [`models`]: the decoder-only model (prefill, decode one token).
+//! - [`kv_cache`]: per-sequence state; [`sampler`]: next-token choice.
 //! - [`Generator`]: prefill once, then one token per call (the binding streams from it).
 
 pub mod arch;
+pub mod blocks;
 pub mod checkpoint;
 pub mod config;
 pub mod files;
 pub mod kv_cache;
 pub mod loader;
-pub mod model;
+pub mod models;
 pub mod ops;
 pub mod plan;
 pub mod sampler;
@@ -26,7 +28,7 @@ pub mod version;
 use crate::error::{Error, Result};
 use crate::formats::{Format, PackOptions};
 pub use kv_cache::KvCache;
-pub use model::Model;
+pub use models::Model;
 pub use sampler::{Sampler, SamplingParams};
 use std::path::Path;
 use std::sync::Arc;
@@ -69,7 +71,7 @@ pub fn load_dir(dir: &Path, opts: LoadOptions) -> Result<Model> {
     // The caller's choice, else what the checkpoint was quantized for.
     let declared = quant.filter(|q| q.token_acts).map(|_| crate::kernels::Activations::Int8Token);
     plan.act = opts.activations.or(declared);
-    model::build(spec, &loader::Loader { store: &store, plan, quant })
+    models::decoder::build(spec, &loader::Loader { store: &store, plan, quant })
 }
 
 /// Time and token counts of one generation.
@@ -126,15 +128,14 @@ impl Generator {
         let t0 = Instant::now();
         let mut logits = match self.last {
             None => {
-                let prompt = self.seen.clone();
-                self.stats.prompt_tokens = prompt.len();
-                self.model.forward(&mut self.cache, &prompt, false)?
+                self.stats.prompt_tokens = self.seen.len();
+                self.model.prefill(&mut self.cache, &self.seen, false)?
             }
             Some(t) => {
                 if self.remaining() == 0 {
                     return Ok(None);
                 }
-                self.model.forward(&mut self.cache, &[t], false)?
+                self.model.decode_one(&mut self.cache, t)?
             }
         };
         let tok = self.sampler.sample(&mut logits, &self.seen)?;
@@ -168,5 +169,5 @@ pub fn logits(model: &Model, tokens: &[u32]) -> Result<Vec<f32>> {
         ));
     }
     let mut cache = model.new_cache(tokens.len());
-    model.forward(&mut cache, tokens, true)
+    model.prefill(&mut cache, tokens, true)
 }

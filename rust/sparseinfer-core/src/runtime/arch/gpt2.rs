@@ -4,15 +4,15 @@
 //! output head. Projections are `Conv1D` modules stored `[in, out]`; the loader transposes them once.
 //!
 //! Hugging Face names → ours (prefix `transformer.`):
-//! `wte` → embedding; `wpe` → positions; `h.i.ln_1` → ln1; `attn.c_attn` → qkv (already fused);
-//! `attn.c_proj` → o; `ln_2` → ln2; `mlp.c_fc` → up; `mlp.c_proj` → down; `ln_f` → final norm.
+//! `wte` → embedding; `wpe` → positions; `h.i.ln_1` → attn.norm; `attn.c_attn` → attn.qkv (already fused);
+//! `attn.c_proj` → attn.o; `ln_2` → ffn.norm; `mlp.c_fc` → ffn.up; `mlp.c_proj` → ffn.down; `ln_f` → final norm.
 
 use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
+use crate::runtime::blocks::{DecoderBlock, FeedForward, SelfAttention};
 use crate::runtime::checkpoint::Orientation;
 use crate::runtime::config::{limits, Act, Cfg, Mlp, Sizes, Spec};
 use crate::runtime::loader::Loader;
-use crate::runtime::model::Layer;
 
 /// The spec from `config.json`.
 pub fn spec(c: &Cfg) -> Result<Spec> {
@@ -47,13 +47,17 @@ pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
     let d = s.hidden;
     let layers = par_layers(s.layers, |i| {
         let n = |x: &str| format!("{p}h.{i}.{x}");
-        Ok(Layer {
-            ln1: l.norm(&n("ln_1"), d, true)?,
-            qkv: l.proj(&[(&n("attn.c_attn.weight"), 3 * d)], d, Orientation::InOut, true)?,
-            o: l.proj(&[(&n("attn.c_proj.weight"), d)], d, Orientation::InOut, true)?,
-            ln2: l.norm(&n("ln_2"), d, true)?,
-            up: l.proj(&[(&n("mlp.c_fc.weight"), s.intermediate)], d, Orientation::InOut, true)?,
-            down: l.proj(&[(&n("mlp.c_proj.weight"), d)], s.intermediate, Orientation::InOut, true)?,
+        Ok(DecoderBlock {
+            attn: SelfAttention {
+                norm: l.norm(&n("ln_1"), d, true)?,
+                qkv: l.proj(&[(&n("attn.c_attn.weight"), 3 * d)], d, Orientation::InOut, true)?,
+                o: l.proj(&[(&n("attn.c_proj.weight"), d)], d, Orientation::InOut, true)?,
+            },
+            ffn: FeedForward {
+                norm: l.norm(&n("ln_2"), d, true)?,
+                up: l.proj(&[(&n("mlp.c_fc.weight"), s.intermediate)], d, Orientation::InOut, true)?,
+                down: l.proj(&[(&n("mlp.c_proj.weight"), d)], s.intermediate, Orientation::InOut, true)?,
+            },
         })
     })?;
     let pos_embed = Some(l.f32(&format!("{p}wpe.weight"), &[s.max_positions, d])?);

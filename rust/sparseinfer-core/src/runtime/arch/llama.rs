@@ -5,17 +5,17 @@
 //! q/k/v biases (Qwen2) and tied embeddings (SmolLM).
 //!
 //! Hugging Face names → ours (prefix `model.`):
-//! `embed_tokens` → embedding; `layers.i.input_layernorm` → ln1; `self_attn.{q,k,v}_proj` → qkv (stacked);
-//! `self_attn.o_proj` → o; `post_attention_layernorm` → ln2; `mlp.{gate,up}_proj` → up (stacked);
-//! `mlp.down_proj` → down; `norm` → final norm; `lm_head` (or the embedding when tied) → head.
+//! `embed_tokens` → embedding; `layers.i.input_layernorm` → attn.norm; `self_attn.{q,k,v}_proj` → attn.qkv (stacked);
+//! `self_attn.o_proj` → attn.o; `post_attention_layernorm` → ffn.norm; `mlp.{gate,up}_proj` → ffn.up (stacked);
+//! `mlp.down_proj` → ffn.down; `norm` → final norm; `lm_head` (or the embedding when tied) → head.
 
 use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
+use crate::runtime::blocks::{DecoderBlock, FeedForward, SelfAttention};
 use crate::runtime::checkpoint::Orientation;
 use crate::runtime::config::{limits, Act, Cfg, Mlp, NormKind, Positions, Sizes, Spec};
 use crate::runtime::loader::Loader;
-use crate::runtime::model::Layer;
-use serde_json::Value;
+use crate::runtime::ops::rope;
 
 /// The spec from `config.json`.
 pub fn spec(c: &Cfg) -> Result<Spec> {
@@ -23,7 +23,7 @@ pub fn spec(c: &Cfg) -> Result<Spec> {
     let hidden = c.size("hidden_size", limits::HIDDEN)?;
     let heads = c.size("num_attention_heads", limits::HEADS)?;
     let head_dim = c.opt_size("head_dim", limits::HEAD_DIM)?.unwrap_or(hidden.checked_div(heads).unwrap_or(0));
-    let inv_freq = rope_inv_freq(v, model_type, head_dim)?;
+    let inv_freq = rope::inv_freq(v, model_type, head_dim)?;
     let sliding_window =
         if c.bool_or("use_sliding_window", model_type == "mistral")? { c.opt_usize("sliding_window")? } else { None };
     let sizes = Sizes {
@@ -53,55 +53,6 @@ pub fn spec(c: &Cfg) -> Result<Spec> {
     Ok(spec)
 }
 
-/// Rotary inverse frequencies with rope scaling applied. Reads `rope_parameters` (transformers ≥ 5) or the
-/// older `rope_theta` + `rope_scaling`.
-pub fn rope_inv_freq(v: &Value, model_type: &str, head_dim: usize) -> Result<Vec<f32>> {
-    let params = v.get("rope_parameters").filter(|p| p.is_object());
-    let scaling = params.or_else(|| v.get("rope_scaling").filter(|p| p.is_object()));
-    let theta = params
-        .and_then(|p| p.get("rope_theta"))
-        .or_else(|| v.get("rope_theta"))
-        .and_then(|t| t.as_f64())
-        .unwrap_or(10000.0);
-    let half = head_dim / 2;
-    let mut inv: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64)).collect();
-    let kind = scaling
-        .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
-        .and_then(|t| t.as_str())
-        .unwrap_or("default");
-    let num = |key: &str| scaling.and_then(|s| s.get(key)).and_then(|x| x.as_f64());
-    match kind {
-        "default" => {}
-        "linear" => {
-            let f = num("factor").unwrap_or(1.0);
-            inv.iter_mut().for_each(|x| *x /= f);
-        }
-        "llama3" => {
-            let factor = num("factor").unwrap_or(8.0);
-            let low = num("low_freq_factor").unwrap_or(1.0);
-            let high = num("high_freq_factor").unwrap_or(4.0);
-            let old_ctx = num("original_max_position_embeddings").unwrap_or(8192.0);
-            let (low_wavelen, high_wavelen) = (old_ctx / low, old_ctx / high);
-            for x in inv.iter_mut() {
-                let wavelen = 2.0 * std::f64::consts::PI / *x;
-                if wavelen > low_wavelen {
-                    *x /= factor;
-                } else if wavelen >= high_wavelen {
-                    let smooth = (old_ctx / wavelen - low) / (high - low);
-                    *x = (1.0 - smooth) * *x / factor + smooth * *x;
-                }
-            }
-        }
-        other => {
-            return Err(Error::unsupported(
-                "config",
-                format!("{model_type}: rope scaling {other:?} is not supported (default, linear, llama3)"),
-            ))
-        }
-    }
-    Ok(inv.into_iter().map(|x| x as f32).collect())
-}
-
 /// The weights, per the name map in the module docs.
 pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
     let p = prefix_of(l.store, &["model.", ""], "embed_tokens.weight")?;
@@ -110,18 +61,22 @@ pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
         let n = |x: &str| format!("{p}layers.{i}.{x}");
         let (q, k, v) = (n("self_attn.q_proj.weight"), n("self_attn.k_proj.weight"), n("self_attn.v_proj.weight"));
         let (gate, up) = (n("mlp.gate_proj.weight"), n("mlp.up_proj.weight"));
-        Ok(Layer {
-            ln1: l.norm(&n("input_layernorm"), d, false)?,
-            qkv: l.proj(
-                &[(&q, s.heads * hd), (&k, s.kv_heads * hd), (&v, s.kv_heads * hd)],
-                d,
-                Orientation::OutIn,
-                s.attn_bias,
-            )?,
-            o: l.proj(&[(&n("self_attn.o_proj.weight"), d)], s.heads * hd, Orientation::OutIn, false)?,
-            ln2: l.norm(&n("post_attention_layernorm"), d, false)?,
-            up: l.proj(&[(&gate, s.intermediate), (&up, s.intermediate)], d, Orientation::OutIn, s.mlp_bias)?,
-            down: l.proj(&[(&n("mlp.down_proj.weight"), d)], s.intermediate, Orientation::OutIn, s.mlp_bias)?,
+        Ok(DecoderBlock {
+            attn: SelfAttention {
+                norm: l.norm(&n("input_layernorm"), d, false)?,
+                qkv: l.proj(
+                    &[(&q, s.heads * hd), (&k, s.kv_heads * hd), (&v, s.kv_heads * hd)],
+                    d,
+                    Orientation::OutIn,
+                    s.attn_bias,
+                )?,
+                o: l.proj(&[(&n("self_attn.o_proj.weight"), d)], s.heads * hd, Orientation::OutIn, false)?,
+            },
+            ffn: FeedForward {
+                norm: l.norm(&n("post_attention_layernorm"), d, false)?,
+                up: l.proj(&[(&gate, s.intermediate), (&up, s.intermediate)], d, Orientation::OutIn, s.mlp_bias)?,
+                down: l.proj(&[(&n("mlp.down_proj.weight"), d)], s.intermediate, Orientation::OutIn, s.mlp_bias)?,
+            },
         })
     })?;
     let pos_embed = None;

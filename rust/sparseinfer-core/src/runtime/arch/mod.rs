@@ -7,10 +7,10 @@ pub mod llama;
 pub mod mpt;
 pub mod opt;
 
+use super::blocks::DecoderBlock;
 use super::checkpoint::{Orientation, WeightStore};
 use super::config::{Cfg, Spec};
 use super::loader::Loader;
-use super::model::Layer;
 use super::ops::{Embedding, Linear, NormW};
 use crate::error::{Error, Result};
 use serde_json::Value;
@@ -23,7 +23,7 @@ pub struct Parts {
     /// Learned positions `[P, D]`, if the architecture has them.
     pub pos_embed: Option<Vec<f32>>,
     /// The blocks.
-    pub layers: Vec<Layer>,
+    pub layers: Vec<DecoderBlock>,
     /// The norm before the head.
     pub final_norm: Option<NormW>,
     /// The output head.
@@ -83,12 +83,12 @@ pub fn load(spec: &Spec, loader: &Loader) -> Result<Parts> {
 
 /// Builds `n` layers with `f(i)` on up to the kernels' thread count (packing is the slow part of loading).
 /// Returns the first error in layer order.
-pub(crate) fn par_layers(n: usize, f: impl Fn(usize) -> Result<Layer> + Sync) -> Result<Vec<Layer>> {
+pub(crate) fn par_layers(n: usize, f: impl Fn(usize) -> Result<DecoderBlock> + Sync) -> Result<Vec<DecoderBlock>> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
     let threads = crate::parallel::num_threads().clamp(1, n.max(1));
     let next = AtomicUsize::new(0);
-    let slots: Vec<Mutex<Option<Result<Layer>>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    let slots: Vec<Mutex<Option<Result<DecoderBlock>>>> = (0..n).map(|_| Mutex::new(None)).collect();
     let work = || loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
         if i >= n {
@@ -124,7 +124,7 @@ pub(crate) fn par_layers(n: usize, f: impl Fn(usize) -> Result<Layer> + Sync) ->
 pub(crate) fn finish(
     s: &Spec,
     l: &Loader,
-    layers: Vec<Layer>,
+    layers: Vec<DecoderBlock>,
     embed_name: &str,
     pos_embed: Option<Vec<f32>>,
     final_norm: &str,

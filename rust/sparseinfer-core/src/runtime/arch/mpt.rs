@@ -4,15 +4,15 @@
 //! position embeddings, fused `Wqkv`, exact-GELU MLP, no linear biases, tied output head, optional `clip_qkv`.
 //!
 //! Hugging Face names → ours (prefix `transformer.`):
-//! `wte` → embedding; `blocks.i.norm_1` → ln1; `attn.Wqkv` → qkv; `attn.out_proj` → o; `norm_2` → ln2;
-//! `ffn.up_proj` → up; `ffn.down_proj` → down; `norm_f` → final norm.
+//! `wte` → embedding; `blocks.i.norm_1` → attn.norm; `attn.Wqkv` → attn.qkv; `attn.out_proj` → attn.o; `norm_2` → ffn.norm;
+//! `ffn.up_proj` → ffn.up; `ffn.down_proj` → ffn.down; `norm_f` → final norm.
 
 use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
+use crate::runtime::blocks::{DecoderBlock, FeedForward, SelfAttention};
 use crate::runtime::checkpoint::Orientation;
 use crate::runtime::config::{limits, Act, Cfg, Mlp, NormKind, Positions, Sizes, Spec};
 use crate::runtime::loader::Loader;
-use crate::runtime::model::Layer;
 use serde_json::Value;
 
 /// MPT's ALiBi slopes: `1 / 2^(8·i / n)` over the next power of two `n ≥ heads`, interleaved when `heads` is
@@ -75,13 +75,17 @@ pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
     let d = s.hidden;
     let layers = par_layers(s.layers, |i| {
         let n = |x: &str| format!("{p}blocks.{i}.{x}");
-        Ok(Layer {
-            ln1: l.norm(&n("norm_1"), d, false)?,
-            qkv: l.proj(&[(&n("attn.Wqkv.weight"), 3 * d)], d, Orientation::OutIn, false)?,
-            o: l.proj(&[(&n("attn.out_proj.weight"), d)], d, Orientation::OutIn, false)?,
-            ln2: l.norm(&n("norm_2"), d, false)?,
-            up: l.proj(&[(&n("ffn.up_proj.weight"), s.intermediate)], d, Orientation::OutIn, false)?,
-            down: l.proj(&[(&n("ffn.down_proj.weight"), d)], s.intermediate, Orientation::OutIn, false)?,
+        Ok(DecoderBlock {
+            attn: SelfAttention {
+                norm: l.norm(&n("norm_1"), d, false)?,
+                qkv: l.proj(&[(&n("attn.Wqkv.weight"), 3 * d)], d, Orientation::OutIn, false)?,
+                o: l.proj(&[(&n("attn.out_proj.weight"), d)], d, Orientation::OutIn, false)?,
+            },
+            ffn: FeedForward {
+                norm: l.norm(&n("norm_2"), d, false)?,
+                up: l.proj(&[(&n("ffn.up_proj.weight"), s.intermediate)], d, Orientation::OutIn, false)?,
+                down: l.proj(&[(&n("ffn.down_proj.weight"), d)], s.intermediate, Orientation::OutIn, false)?,
+            },
         })
     })?;
     let pos_embed = None;

@@ -5,16 +5,16 @@
 //! width (`word_embed_proj_dim != hidden_size`) are refused with a clear error.
 //!
 //! Hugging Face names → ours (prefix `model.decoder.`):
-//! `embed_tokens` → embedding; `embed_positions` → positions; `layers.i.self_attn_layer_norm` → ln1;
-//! `self_attn.{q,k,v}_proj` → qkv; `self_attn.out_proj` → o; `final_layer_norm` → ln2; `fc1` → up; `fc2` → down;
+//! `embed_tokens` → embedding; `embed_positions` → positions; `layers.i.self_attn_layer_norm` → attn.norm;
+//! `self_attn.{q,k,v}_proj` → attn.qkv; `self_attn.out_proj` → attn.o; `final_layer_norm` → ffn.norm; `fc1` → ffn.up; `fc2` → ffn.down;
 //! `final_layer_norm` (outside the layers) → final norm.
 
 use super::{finish, par_layers, prefix_of, Parts};
 use crate::error::{Error, Result};
+use crate::runtime::blocks::{DecoderBlock, FeedForward, SelfAttention};
 use crate::runtime::checkpoint::Orientation;
 use crate::runtime::config::{limits, Act, Cfg, Mlp, NormKind, Positions, Sizes, Spec};
 use crate::runtime::loader::Loader;
-use crate::runtime::model::Layer;
 
 /// The spec from `config.json`.
 pub fn spec(c: &Cfg) -> Result<Spec> {
@@ -60,13 +60,17 @@ pub fn load(s: &Spec, l: &Loader) -> Result<Parts> {
     let layers = par_layers(s.layers, |i| {
         let n = |x: &str| format!("{p}layers.{i}.{x}");
         let (q, k, v) = (n("self_attn.q_proj.weight"), n("self_attn.k_proj.weight"), n("self_attn.v_proj.weight"));
-        Ok(Layer {
-            ln1: l.norm(&n("self_attn_layer_norm"), d, ln_bias)?,
-            qkv: l.proj(&[(&q, d), (&k, d), (&v, d)], d, Orientation::OutIn, s.attn_bias)?,
-            o: l.proj(&[(&n("self_attn.out_proj.weight"), d)], d, Orientation::OutIn, s.attn_bias)?,
-            ln2: l.norm(&n("final_layer_norm"), d, ln_bias)?,
-            up: l.proj(&[(&n("fc1.weight"), s.intermediate)], d, Orientation::OutIn, s.mlp_bias)?,
-            down: l.proj(&[(&n("fc2.weight"), d)], s.intermediate, Orientation::OutIn, s.mlp_bias)?,
+        Ok(DecoderBlock {
+            attn: SelfAttention {
+                norm: l.norm(&n("self_attn_layer_norm"), d, ln_bias)?,
+                qkv: l.proj(&[(&q, d), (&k, d), (&v, d)], d, Orientation::OutIn, s.attn_bias)?,
+                o: l.proj(&[(&n("self_attn.out_proj.weight"), d)], d, Orientation::OutIn, s.attn_bias)?,
+            },
+            ffn: FeedForward {
+                norm: l.norm(&n("final_layer_norm"), d, ln_bias)?,
+                up: l.proj(&[(&n("fc1.weight"), s.intermediate)], d, Orientation::OutIn, s.mlp_bias)?,
+                down: l.proj(&[(&n("fc2.weight"), d)], s.intermediate, Orientation::OutIn, s.mlp_bias)?,
+            },
         })
     })?;
     let pos_embed = Some(l.f32(&format!("{p}embed_positions.weight"), &[s.max_positions + 2, d])?);

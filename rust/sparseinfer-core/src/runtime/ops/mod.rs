@@ -1,9 +1,13 @@
 //! The operations blocks are built from, each over plain `[k × width]` row-major buffers: [`linear`] (the
-//! kernels), [`norm`], [`embedding`] lookups.
+//! kernels), [`norm`], [`rope`], [`activations`], [`attention`] over a view of keys and values, and the
+//! [`embedding`] table.
 
+pub mod activations;
+pub mod attention;
 pub mod embedding;
 pub mod linear;
 pub mod norm;
+pub mod rope;
 
 pub use embedding::Embedding;
 pub use linear::Linear;

@@ -8,3 +8,40 @@ pub struct NormW {
     /// Shift (LayerNorm with bias only).
     pub b: Option<Vec<f32>>,
 }
+
+/// Layer normalisation kind.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum NormKind {
+    /// `x / sqrt(mean(x²) + eps) · w` (Llama family).
+    Rms,
+    /// `(x - mean) / sqrt(var + eps) · w (+ b)`.
+    LayerNorm {
+        /// Whether the checkpoint carries a bias.
+        bias: bool,
+    },
+}
+
+impl NormW {
+    /// Normalises `x[k × D]` row by row into `out[k × D]`.
+    pub fn forward(&self, kind: NormKind, eps: f32, x: &[f32], out: &mut [f32]) {
+        let d = self.w.len();
+        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            match kind {
+                NormKind::Rms => {
+                    let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                    let r = 1.0 / (ms + eps).sqrt();
+                    or.iter_mut().zip(xr).zip(&self.w).for_each(|((o, x), w)| *o = x * r * w);
+                }
+                NormKind::LayerNorm { .. } => {
+                    let mean = xr.iter().sum::<f32>() / d as f32;
+                    let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                    let r = 1.0 / (var + eps).sqrt();
+                    or.iter_mut().zip(xr).zip(&self.w).for_each(|((o, x), w)| *o = (x - mean) * r * w);
+                    if let Some(b) = &self.b {
+                        or.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+                    }
+                }
+            }
+        }
+    }
+}

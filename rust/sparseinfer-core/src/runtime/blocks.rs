@@ -1,0 +1,175 @@
+//! Transformer blocks built from [`super::ops`]. Each sublayer owns its weights and adds its output to the
+//! residual stream `x[k × D]` (pre-norm: `x += f(norm(x))`): [`SelfAttention`] and [`FeedForward`]. The decoder
+//! block is the two in turn. An encoder block would be the same two sublayers attending with [`Span::All`] over
+//! its own keys; a decoder block with cross-attention would add a sublayer over the encoder's keys and values
+//! (a [`super::ops::attention::KvView`] of them) between the two.
+//!
+//! Shapes: `k` tokens in flight, `D` hidden, `H`/`G` query/key-value heads of width `hd`, `I` MLP width.
+
+use super::config::{Mlp, Positions, Spec};
+use super::kv_cache::KvCache;
+use super::ops::activations::mlp_activation;
+use super::ops::attention::{self, Heads, Span};
+use super::ops::{rope, Linear, NormW};
+use crate::error::Result;
+
+/// A pre-norm decoder block: causal self-attention, then the MLP.
+pub struct DecoderBlock {
+    /// The self-attention sublayer.
+    pub attn: SelfAttention,
+    /// The MLP sublayer.
+    pub ffn: FeedForward,
+}
+
+/// Pre-norm self-attention: `x += o(attend(qkv(norm(x))))`.
+pub struct SelfAttention {
+    /// Norm before attention.
+    pub norm: NormW,
+    /// Fused q/k/v projection: `(H + 2G)·hd` rows.
+    pub qkv: Linear,
+    /// Output projection.
+    pub o: Linear,
+}
+
+/// Pre-norm MLP: `x += down(act(up(norm(x))))`.
+pub struct FeedForward {
+    /// Norm before the MLP.
+    pub norm: NormW,
+    /// Input projection (`2I` rows, gate first, when gated).
+    pub up: Linear,
+    /// Output projection.
+    pub down: Linear,
+}
+
+/// What every block shares in one step: the spec, and the positions `pos0..pos0 + k` of the new tokens.
+pub struct Step<'a> {
+    /// The model.
+    pub spec: &'a Spec,
+    /// Position of the first new token.
+    pub pos0: usize,
+    /// New tokens.
+    pub k: usize,
+    /// Rotary cos/sin tables `[k × hd/2]` of these positions, for rotary models.
+    pub rope: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl<'a> Step<'a> {
+    /// The step of `k` tokens from position `pos0`.
+    pub fn new(spec: &'a Spec, pos0: usize, k: usize) -> Step<'a> {
+        let rope = match &spec.positions {
+            Positions::Rope { inv_freq } => Some(rope::tables(inv_freq, pos0, k)),
+            _ => None,
+        };
+        Step { spec, pos0, k, rope }
+    }
+}
+
+/// Buffers of one step, reused by every block.
+pub struct Scratch {
+    /// Normed input `[k × D]`.
+    h: Vec<f32>,
+    /// q/k/v `[k × (H + 2G)·hd]`.
+    qkv: Vec<f32>,
+    /// Attention output `[k × H·hd]`.
+    att: Vec<f32>,
+    /// A sublayer's output `[k × D]`.
+    proj: Vec<f32>,
+    /// MLP input projection `[k × 2I]` (gated) or `[k × I]`.
+    up: Vec<f32>,
+    /// MLP activation `[k × I]`.
+    act: Vec<f32>,
+}
+
+impl Scratch {
+    /// Buffers for `k` tokens of `s`.
+    pub fn new(s: &Spec, k: usize) -> Scratch {
+        let inner = match s.mlp {
+            Mlp::Gated(_) => 2 * s.intermediate,
+            Mlp::Plain(_) => s.intermediate,
+        };
+        Scratch {
+            h: vec![0.0; k * s.hidden],
+            qkv: vec![0.0; k * s.qkv_rows()],
+            att: vec![0.0; k * s.heads * s.head_dim],
+            proj: vec![0.0; k * s.hidden],
+            up: vec![0.0; k * inner],
+            act: vec![0.0; k * s.intermediate],
+        }
+    }
+}
+
+impl DecoderBlock {
+    /// Runs block `layer` on `x[k × D]` in place, writing the new tokens' keys and values into the cache.
+    pub fn forward(
+        &self,
+        step: &Step,
+        layer: usize,
+        cache: &mut KvCache,
+        x: &mut [f32],
+        buf: &mut Scratch,
+    ) -> Result<()> {
+        self.attn.forward(step, layer, cache, x, buf)?;
+        self.ffn.forward(step, x, buf)
+    }
+
+    /// Bytes of the packed linear layers.
+    pub fn linear_bytes(&self) -> usize {
+        self.attn.qkv.w.nbytes() + self.attn.o.w.nbytes() + self.ffn.up.w.nbytes() + self.ffn.down.w.nbytes()
+    }
+}
+
+impl SelfAttention {
+    /// Causal self-attention over the cache: `h = norm(x)`; `qkv = h Wqkvᵀ`; clip, rotate q and k; store k and v
+    /// at positions `pos0..pos0 + k` of `layer`; `x += attend(q, cache) Woᵀ`.
+    pub fn forward(
+        &self,
+        step: &Step,
+        layer: usize,
+        cache: &mut KvCache,
+        x: &mut [f32],
+        buf: &mut Scratch,
+    ) -> Result<()> {
+        let (s, k, pos0) = (step.spec, step.k, step.pos0);
+        let hd = s.head_dim;
+        let (q_w, kv_w, rows) = (s.heads * hd, s.kv_heads * hd, s.qkv_rows());
+        self.norm.forward(s.norm, s.norm_eps, x, &mut buf.h);
+        self.qkv.forward(&buf.h, k, &mut buf.qkv)?;
+        for a in 0..k {
+            let row = &mut buf.qkv[a * rows..(a + 1) * rows];
+            if let Some(c) = s.clip_qkv {
+                row.iter_mut().for_each(|v| *v = v.clamp(-c, c));
+            }
+            if let Some((cos, sin)) = &step.rope {
+                let half = hd / 2;
+                let (cs, sn) = (&cos[a * half..(a + 1) * half], &sin[a * half..(a + 1) * half]);
+                for head in row[..q_w + kv_w].chunks_exact_mut(hd) {
+                    rope::rotate(head, cs, sn);
+                }
+            }
+            cache.write(layer, pos0 + a, &row[q_w..q_w + kv_w], &row[q_w + kv_w..])?;
+        }
+        let heads = Heads { heads: s.heads, kv_heads: s.kv_heads, head_dim: hd, scale: s.attn_scale() };
+        let alibi = match &s.positions {
+            Positions::Alibi { slopes } => Some(slopes.as_slice()),
+            _ => None,
+        };
+        let span = Span::Causal { pos0, window: s.sliding_window, alibi };
+        attention::attend(heads, span, &buf.qkv, rows, k, cache.layer(layer), &mut buf.att);
+        self.o.forward(&buf.att, k, &mut buf.proj)?;
+        x.iter_mut().zip(&buf.proj).for_each(|(x, p)| *x += p);
+        Ok(())
+    }
+}
+
+impl FeedForward {
+    /// `h = norm(x)`; `x += down(act(up(h)))` (gated: `act(gate(h)) · up(h)`).
+    pub fn forward(&self, step: &Step, x: &mut [f32], buf: &mut Scratch) -> Result<()> {
+        let (s, k) = (step.spec, step.k);
+        self.norm.forward(s.norm, s.norm_eps, x, &mut buf.h);
+        self.up.forward(&buf.h, k, &mut buf.up)?;
+        mlp_activation(s.mlp, s.intermediate, &buf.up, &mut buf.act);
+        self.down.forward(&buf.act, k, &mut buf.proj)?;
+        x.iter_mut().zip(&buf.proj).for_each(|(x, p)| *x += p);
+        Ok(())
+    }
+}

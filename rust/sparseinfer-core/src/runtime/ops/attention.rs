@@ -1,0 +1,123 @@
+//! Scaled dot-product attention (Vaswani et al., arXiv 1706.03762) of new queries over a view of keys and
+//! values, with grouped-query heads (Ainslie et al., arXiv 2305.13245). The [`Span`] says which positions a
+//! query sees: causal self-attention over a KV cache (with an optional sliding window and ALiBi biases, Press et
+//! al., arXiv 2108.12409), or every position, as encoder self-attention and cross-attention need.
+
+use crate::kernels::vector;
+use crate::parallel;
+
+/// The heads of one attention layer.
+#[derive(Clone, Copy, Debug)]
+pub struct Heads {
+    /// Query heads `H`.
+    pub heads: usize,
+    /// Key/value heads `G`; query head `h` reads key/value head `h / (H / G)`.
+    pub kv_heads: usize,
+    /// Width of one head `hd`.
+    pub head_dim: usize,
+    /// Score scale.
+    pub scale: f32,
+}
+
+/// Keys and values of one layer: per key/value head, positions back to back, `hd` values each.
+#[derive(Clone, Copy)]
+pub struct KvView<'a> {
+    keys: &'a [Vec<f32>],
+    values: &'a [Vec<f32>],
+}
+
+impl<'a> KvView<'a> {
+    /// A view of per-head key and value buffers (`keys[g]`: positions × `hd`).
+    pub fn new(keys: &'a [Vec<f32>], values: &'a [Vec<f32>]) -> KvView<'a> {
+        debug_assert_eq!(keys.len(), values.len());
+        KvView { keys, values }
+    }
+
+    /// Keys and values of key/value head `g`.
+    pub fn head(&self, g: usize) -> (&'a [f32], &'a [f32]) {
+        (&self.keys[g], &self.values[g])
+    }
+}
+
+/// Which positions of the view each query sees.
+#[derive(Clone, Copy, Debug)]
+pub enum Span<'a> {
+    /// Query `a` sits at position `pos0 + a` and sees positions up to its own (the last `window` of them, when
+    /// set); `alibi` adds `slope_h · (j - i)` to the score of query position `i` at key position `j`.
+    Causal {
+        /// Position of the first query.
+        pos0: usize,
+        /// Sliding window (Mistral).
+        window: Option<usize>,
+        /// One ALiBi slope per query head.
+        alibi: Option<&'a [f32]>,
+    },
+    /// Every query sees positions `0..len` (encoder self-attention, cross-attention).
+    All {
+        /// Positions in the view.
+        len: usize,
+    },
+}
+
+/// `out[k × H·hd]`: the attention of `k` queries, query `a` of head `h` at `q[a · q_stride + h · hd..]`, over
+/// `kv`. One task per (query, head) pair on the thread pool when the work is large enough.
+pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv: KvView, out: &mut [f32]) {
+    let Heads { heads: n_heads, kv_heads, head_dim: hd, scale } = heads;
+    let group = n_heads / kv_heads;
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let ops = vector::ops();
+    let task = |t: usize| {
+        let (a, h) = (t / n_heads, t % n_heads);
+        // Keys `start..end`, and the ALiBi slope with the query's position.
+        let (start, end, alibi) = match span {
+            Span::Causal { pos0, window, alibi } => {
+                let pos = pos0 + a;
+                (window.map_or(0, |w| (pos + 1).saturating_sub(w)), pos + 1, alibi.map(|s| (s[h], pos)))
+            }
+            Span::All { len } => (0, len, None),
+        };
+        let qh = &q[a * q_stride + h * hd..a * q_stride + (h + 1) * hd];
+        let (keys, values) = kv.head(h / group);
+        let mut scores: Vec<f32> = (start..end).map(|j| (ops.dot)(qh, &keys[j * hd..(j + 1) * hd]) * scale).collect();
+        if let Some((m, pos)) = alibi {
+            scores.iter_mut().enumerate().for_each(|(i, v)| *v += m * ((start + i) as f32 - pos as f32));
+        }
+        let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut sum = 0.0f32;
+        scores.iter_mut().for_each(|v| {
+            *v = (*v - max).exp();
+            sum += *v;
+        });
+        let inv = 1.0 / sum;
+        // SAFETY: each (query, head) task writes its own hd-wide slice of `out`.
+        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(a * n_heads * hd + h * hd), hd) };
+        o.fill(0.0);
+        for (i, p) in scores.iter().enumerate() {
+            let vrow = &values[(start + i) * hd..(start + i + 1) * hd];
+            (ops.axpy)(p * inv, vrow, o);
+        }
+    };
+    let n_tasks = k * n_heads;
+    let seen = match span {
+        Span::Causal { pos0, .. } => pos0 + k,
+        Span::All { len } => len,
+    };
+    let work = n_tasks * seen * hd;
+    let threads = parallel::num_threads();
+    if threads > 1 && work >= 1 << 16 {
+        parallel::global().run(n_tasks, threads, &task);
+    } else {
+        (0..n_tasks).for_each(task);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: used only for disjoint writes from pool tasks while the owner waits.
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
