@@ -40,7 +40,7 @@ _NAMES = {
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
 
-# The runtime's size limits (`limits` in rust/sparseinfer-core/src/runtime/spec.rs): a GGUF that declares more
+# The runtime's size limits (`limits` in rust/sparseinfer-core/src/runtime/config.rs): a GGUF that declares more
 # could not be loaded once converted.
 _MAX_HIDDEN = 1 << 17
 _MAX_LAYERS = 1 << 10
