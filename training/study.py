@@ -61,7 +61,7 @@ CELL_ORDER += [(0.5, r) for r in ("ce", "squarehead", "kd", "kd+squarehead")]
 BUDGETS = {
     # The reference run on a 2-core CPU. Sparse cells: 1M training tokens each (~one epoch of the training
     # plays), 8 x 512 tokens per step, the paper's learning rates (1e-4 at 60-80 %, 3e-5 at 50 %), 20 warmup
-    # steps, linear decay, AdamW without weight decay, bf16 autocast.
+    # steps, linear decay, AdamW without weight decay; bf16 autocast where the CPU has native bf16 GEMMs.
     "full": dict(
         seq_len=512,
         micro_batch=2,
@@ -128,6 +128,14 @@ class Study:
         self.budget = budget
         for sub in ("cells", "models", "checkpoints", "progress"):
             (work / sub).mkdir(parents=True, exist_ok=True)
+        # The training precision is chosen once per study, where it starts (bf16 autocast where the device has
+        # native bf16 GEMMs, else fp32), and kept: a study resumed on another machine trains as it began.
+        meta_path = work / "study.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if "bf16" not in meta:
+            meta["bf16"] = T.bf16_is_fast(device)
+            _write_json(meta_path, meta)
+        self.bf16 = bool(meta["bf16"])
         torch.manual_seed(SEED)
         if device == "cpu":
             torch.set_num_threads(os.cpu_count() or 2)
@@ -163,6 +171,7 @@ class Study:
             "eval_chunks": len(self.eval),
             "validation_tokens_used": len(self.val) * seq,
             "tokens_per_step": self.tokens_per_step,
+            "precision": "bf16 autocast" if self.bf16 else "fp32",
         }
         self.calib = D.calibration_batches(_evenly(self.train, self.b["calibration"]), self.b["calibration"])
 
@@ -217,7 +226,7 @@ class Study:
             grad_accum=self.b["grad_accum"],
             temperature=2.0,
             seed=SEED,
-            bf16=True,
+            bf16=self.bf16,
             save_every=save_every,
             out_dir=str(self.work / "checkpoints" / name),
             **weights,

@@ -19,7 +19,7 @@ except ImportError as e:  # pragma: no cover - the inference-only install
 
 from .compressed import export
 from .distill.losses import ce_loss, kd_loss, squarehead_loss, total_loss
-from .finetune import FinetuneConfig, finetune
+from .finetune import FinetuneConfig, bf16_is_fast, finetune
 from .gradual import gradual_prune
 from .masks import MaskKeeper, apply_masks, mask_from_scores, masks_from_zeros, prunable_linears, sparsity_report
 from .pruning import prune
@@ -27,6 +27,7 @@ from .quant import QuantSpec, quantize
 
 __all__ = [
     "FinetuneConfig",
+    "bf16_is_fast",
     "MaskKeeper",
     "QuantSpec",
     "apply_masks",

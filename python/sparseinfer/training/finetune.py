@@ -99,6 +99,21 @@ class FinetuneConfig:
 _RESUMABLE_CHANGES = {"log_every", "save_every", "out_dir", "resume", "extra", "head_chunk"}
 
 
+def bf16_is_fast(device: str | torch.device = "cpu") -> bool:
+    """Whether bf16 matrix products run natively on ``device``, so that ``bf16=True`` speeds training up.
+
+    A CPU without AVX512-BF16 or AMX emulates bf16 GEMMs, dozens of times slower than fp32 (an AVX2 CPU does),
+    so there the fp32 path is the fast one."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
 def _lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
