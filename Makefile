@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: help setup setup-train setup-interop develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-train bench-llamacpp study wheel clean
+.PHONY: help setup setup-train setup-interop develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-train bench-llamacpp study wheel clean fuzz-build fuzz fuzz-merge fuzz-seeds fuzz-regress
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -104,3 +104,48 @@ wheel: setup  ## the release wheel (abi3) into dist/
 
 clean:
 	rm -rf target dist $(VENV)
+
+# Coverage-guided fuzzing of the loaders (docs/security/fuzzing.md): libFuzzer through libfuzzer-sys, built on
+# stable with sanitizer coverage (cargo fuzz's `--sanitizer none` flags), each target FUZZ_SECONDS at nice 19,
+# one at a time. New inputs go to FUZZ_WORK; `make fuzz-merge` minimizes them into the committed corpus, which
+# `cargo test` replays (rust/sparseinfer-core/tests/fuzz_corpus.rs).
+FUZZ_DIR := rust/sparseinfer-core/fuzz
+FUZZ_TARGETS ?= load_dir safetensors config compressed
+FUZZ_SECONDS ?= 600
+FUZZ_CACHE ?= $(HOME)/.cache/sparseinfer-fuzz
+FUZZ_WORK ?= $(FUZZ_CACHE)/work
+FUZZ_HOST := $(shell rustc -vV | sed -n 's/^host: //p')
+FUZZ_BIN = $(FUZZ_CACHE)/target/$(FUZZ_HOST)/release
+FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+	-Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+	-Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks
+FUZZ_FLAGS ?= -rss_limit_mb=2048 -timeout=20 -dict=$(FUZZ_DIR)/loaders.dict -print_final_stats=1
+
+fuzz-build:  ## build the libFuzzer targets (stable Rust, sanitizer coverage, no sanitizer)
+	RUSTFLAGS="$(FUZZ_RUSTFLAGS)" nice -n 10 cargo build --release --quiet --manifest-path $(FUZZ_DIR)/Cargo.toml \
+		--features libfuzzer --target $(FUZZ_HOST) --target-dir $(FUZZ_CACHE)/target $(FUZZ_TARGETS:%=--bin %)
+
+fuzz: fuzz-build  ## the fuzz campaign: every target FUZZ_SECONDS (600) at nice 19, logs in FUZZ_WORK
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p $(FUZZ_WORK)/$$t $(FUZZ_DIR)/artifacts/$$t; \
+		echo "== $$t ($(FUZZ_SECONDS) s)"; \
+		nice -n 19 $(FUZZ_BIN)/$$t $(FUZZ_FLAGS) -max_total_time=$(FUZZ_SECONDS) \
+			-artifact_prefix=$(FUZZ_DIR)/artifacts/$$t/ $(FUZZ_WORK)/$$t $(FUZZ_DIR)/corpus/$$t \
+			> $(FUZZ_WORK)/$$t.log 2>&1 || { tail -40 $(FUZZ_WORK)/$$t.log; exit 1; }; \
+		grep -E '^#[0-9]+ *DONE|stat::number_of_executed_units|stat::peak_rss' $(FUZZ_WORK)/$$t.log; \
+	done
+
+fuzz-merge: fuzz-build  ## minimize the committed corpus and the campaign's new inputs into the committed corpus
+	@for t in $(FUZZ_TARGETS); do \
+		rm -rf $(FUZZ_WORK)/$$t.merged && mkdir -p $(FUZZ_WORK)/$$t.merged $(FUZZ_WORK)/$$t; \
+		nice -n 19 $(FUZZ_BIN)/$$t -merge=1 $(FUZZ_FLAGS) $(FUZZ_WORK)/$$t.merged $(FUZZ_DIR)/corpus/$$t \
+			$(FUZZ_WORK)/$$t > $(FUZZ_WORK)/$$t.merge.log 2>&1 || { tail -20 $(FUZZ_WORK)/$$t.merge.log; exit 1; }; \
+		rm -rf $(FUZZ_DIR)/corpus/$$t && mv $(FUZZ_WORK)/$$t.merged $(FUZZ_DIR)/corpus/$$t; \
+		echo "$$t: $$(ls $(FUZZ_DIR)/corpus/$$t | wc -l) inputs"; \
+	done
+
+fuzz-seeds:  ## (re)write the seed inputs (tiny models of every architecture) into the corpus
+	cd $(FUZZ_DIR) && nice -n 10 cargo run --release --quiet --target-dir $(FUZZ_CACHE)/target --bin seeds -- corpus
+
+fuzz-regress:  ## replay the committed corpus through the targets, without instrumentation (also part of cargo test)
+	cargo test -p sparseinfer-core --release --quiet --test fuzz_corpus

@@ -1,0 +1,6 @@
+//! libFuzzer entry for [`sparseinfer_fuzz::config`].
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = sparseinfer_fuzz::config(data);
+});
