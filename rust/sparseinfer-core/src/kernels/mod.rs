@@ -187,8 +187,9 @@ const PARALLEL_MIN_WORK: usize = 1 << 15;
 /// - `F32`: the f32 activations are used as they are; only the weights carry quantization error.
 /// - `Int8`: each activation row is quantized per 64-column block (`s = max|x| / 127`, `x̂ = s·round(x / s)`),
 ///   the way llama.cpp pairs its weight formats with q8 activations. Where the CPU has AVX-512 VNNI the
-///   integer dot products run on `vpdpbusd`; elsewhere the f32 kernels run on `x̂`, so every ISA computes the
-///   same `Σ ŵ·x̂` up to summation order. The default for integer weight formats.
+///   integer dot products run on `vpdpbusd`, on AVX2 on `vpmaddubsw` (symmetric weights); elsewhere the f32
+///   kernels run on `x̂`, so every ISA computes the same `Σ ŵ·x̂` up to summation order. The default for
+///   integer weight formats.
 /// - `Int8Token`: the same with one scale per activation row (per token; `s = max|x| / 127` over the row),
 ///   as W8A8 "dynamic per-token" schemes (compressed-tensors, vLLM) do. Coarser than `Int8` where a row
 ///   mixes large and small values, but the VNNI kernels then add whole rows (or weight groups) in exact
@@ -266,26 +267,38 @@ pub struct QuantActs {
 /// Quantizes `k` zero-padded activation rows of `m.cols_pad()` as [`Activations::Int8`] (`token: false`) or
 /// [`Activations::Int8Token`] (`token: true`) describes.
 pub fn quantize_activations(m: &PackedMatrix, xs: &[f32], k: usize, token: bool) -> QuantActs {
-    quantize_activations_for(m, xs, k, true, token)
+    quantize_activations_for(m, xs, k, Consumer::F32, token)
 }
 
-/// [`quantize_activations`] for one consumer: `xhat: true` fills `x̂` for the f32 kernels; `false` fills what
-/// the VNNI kernels read besides the codes (group sums, or per-row-scale corrections) and leaves `x̂` empty.
+/// Which kernels read a [`QuantActs`], and so what it holds besides the codes and block scales.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Consumer {
+    /// The f32 kernels: `x̂`.
+    F32,
+    /// The AVX-512 VNNI kernels: group sums, or per-row-scale corrections.
+    Vnni,
+    /// The AVX2 integer kernels: nothing more.
+    Codes,
+}
+
+/// [`quantize_activations`] for one [`Consumer`]: `x̂` for the f32 kernels, what the VNNI kernels read besides
+/// the codes (group sums, or per-row-scale corrections), or (AVX2 integer kernels) only the codes and scales.
 /// The per-block work is written out for AVX-512 and compiled for AVX2 as well, where the CPU has them: every
 /// copy computes the same codes bit for bit (the rounding below is exact), so the ISA never changes a result.
-fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, xhat: bool, token: bool) -> QuantActs {
+fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, to: Consumer, token: bool) -> QuantActs {
     let (cp, chunks, groups) = (m.cols_pad, m.chunks(), m.groups());
     // A real assert: the AVX-512 copy below writes through raw pointers sized by these buffers.
     assert_eq!(xs.len(), k * cp, "activations must be k × cols_pad");
     // The VNNI per-row-scale kernels read the codes and corrections; the per-block ones the group sums.
-    let vnni_token = !xhat && token;
+    let (xhat, vnni) = (to == Consumer::F32, to == Consumer::Vnni);
+    let vnni_token = vnni && token;
     let mut q = QuantActs {
         k,
         token,
         xq: Aligned::zeroed(k * cp),
         sx: vec![0.0; k * chunks],
         zcorr: Aligned::empty(),
-        gsum: if xhat || vnni_token || !matches!(m.format.elem(), Elem::I4 | Elem::I8) {
+        gsum: if !vnni || token || !matches!(m.format.elem(), Elem::I4 | Elem::I8) {
             Vec::new()
         } else {
             vec![0.0; k * groups]
@@ -471,8 +484,15 @@ pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32],
             let token = act == Activations::Int8Token;
             #[cfg(target_arch = "x86_64")]
             if isa == Isa::Avx512 && x86::vnni::supports(m, token) {
-                let q = quantize_activations_for(m, xs, k, false, token);
+                let q = quantize_activations_for(m, xs, k, Consumer::Vnni, token);
                 run_rows(m, k, y, x86::vnni::rows, &q);
+                return Ok(());
+            }
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx2 && x86::avx2_int::supports(m) {
+                let m = m.row_major();
+                let q = quantize_activations_for(m, xs, k, Consumer::Codes, token);
+                run_rows(m, k, y, x86::avx2_int::rows, &q);
                 return Ok(());
             }
             let m = m.row_major();
@@ -494,7 +514,8 @@ fn f32_operand<'a>(isa: Isa, m: &PackedMatrix, xs: &'a [f32]) -> std::borrow::Co
     std::borrow::Cow::Borrowed(xs)
 }
 
-/// The ISA a call would run on and whether it takes the integer-activation (VNNI) kernels, for reports.
+/// The ISA a call would run on and whether it takes the integer-activation kernels (AVX-512 VNNI or AVX2),
+/// for reports.
 pub fn kernel_name(m: &PackedMatrix, act: Activations) -> Result<String> {
     let isa = active_isa()?;
     #[cfg(not(target_arch = "x86_64"))]
@@ -504,6 +525,11 @@ pub fn kernel_name(m: &PackedMatrix, act: Activations) -> Result<String> {
         let per = if act == Activations::Int8Token { "_token" } else { "" };
         let tiles = if m.tiled { ", tiles" } else { "" };
         return Ok(format!("{}_i8{per} (avx512vnni{tiles})", m.format.name().replace('-', "_")));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if act.is_int8() && isa == Isa::Avx2 && x86::avx2_int::supports(m) {
+        let per = if act == Activations::Int8Token { "_token" } else { "" };
+        return Ok(format!("{}_i8{per} (avx2)", m.format.name().replace('-', "_")));
     }
     Ok(format!("{}_f32 ({})", m.format.name().replace('-', "_"), isa.name()))
 }

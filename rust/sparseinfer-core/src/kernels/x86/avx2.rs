@@ -1,4 +1,5 @@
-//! AVX2 + FMA kernels. Kernel names: `<weight format>_f32` (f32 activations).
+//! AVX2 + FMA kernels. Kernel names: `<weight format>_f32` (f32 activations; symmetric integer weights with
+//! int8 activations run the integer kernels of [`super::avx2_int`]).
 //!
 //! Same walk as the AVX-512 kernels (64-column chunks, up to `NR` activation rows) with 8-lane vectors.
 //! AVX2 has no expand instruction, so sparse decode goes one mask byte (8 columns) at a time through
@@ -22,14 +23,14 @@ type Acc<const NR: usize> = [[__m256; 2]; NR];
 #[repr(align(32))]
 struct Lut32([[u32; 8]; 256]);
 #[repr(align(16))]
-struct Lut16([[u8; 16]; 256]);
+pub(super) struct Lut16(pub(super) [[u8; 16]; 256]);
 
 /// For each mask byte: the rank of each set lane among the set lanes (0 for clear lanes).
 static EXPAND_IDX: Lut32 = Lut32(build_expand_idx());
 /// For each mask byte: all-ones in set lanes.
 static LANE_MASK: Lut32 = Lut32(build_lane_mask());
 /// For each mask byte: pshufb control placing byte `rank` in each set lane (first 8 bytes used).
-static SHUF_I8: Lut16 = Lut16(expand_table(1));
+pub(super) static SHUF_I8: Lut16 = Lut16(expand_table(1));
 /// For each mask byte: pshufb control placing 16-bit value `rank` in each set lane.
 static SHUF_I16: Lut16 = Lut16(expand_table(2));
 
@@ -70,7 +71,7 @@ f32_row_kernels!("avx2,fma,popcnt,bmi2", |acc| hsum(_mm256_add_ps(acc[0], acc[1]
 
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -112,7 +113,7 @@ unsafe fn i8x8_to_f32(v: __m128i) -> __m256 {
 /// 32-63, each 0..=15.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn dense_nibbles(p: *const u8) -> [__m256i; 2] {
+pub(super) unsafe fn dense_nibbles(p: *const u8) -> [__m256i; 2] {
     let v = _mm256_loadu_si256(p as *const __m256i);
     let low = _mm256_set1_epi8(0x0F);
     [_mm256_and_si256(v, low), _mm256_and_si256(_mm256_srli_epi16::<4>(v), low)]
@@ -122,7 +123,7 @@ unsafe fn dense_nibbles(p: *const u8) -> [__m256i; 2] {
 /// twin for the diagram).
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn nibbles_to_bytes(p: *const u8) -> __m256i {
+pub(super) unsafe fn nibbles_to_bytes(p: *const u8) -> __m256i {
     let w = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
     let lo = _mm256_and_si256(w, _mm256_set1_epi16(0x000F));
     let hi = _mm256_slli_epi16::<4>(_mm256_and_si256(w, _mm256_set1_epi16(0x00F0)));

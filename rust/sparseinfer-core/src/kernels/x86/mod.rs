@@ -19,6 +19,7 @@ macro_rules! load512_nofold {
 }
 
 pub(crate) mod avx2;
+pub(crate) mod avx2_int;
 pub(crate) mod avx512;
 pub(crate) mod vnni;
 

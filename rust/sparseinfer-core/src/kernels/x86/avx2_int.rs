@@ -1,0 +1,227 @@
+//! AVX2 kernels for symmetric integer weights with int8 activations: per 64-column block
+//! (`Activations::Int8`, kernel names `<weight format>_i8 (avx2)`) or per row (`Activations::Int8Token`,
+//! `<weight format>_i8_token (avx2)`, whose block scales are the row's scale repeated).
+//!
+//! Per 64-column chunk the weight codes `q` (int8, or int4 nibbles minus 8) sit in two 32-byte vectors of
+//! signed bytes; sparse chunks are expanded one mask byte at a time as in the f32 kernels (`pshufb` with
+//! `SHUF_I8`, [`expand64`]), once per weight row for up to four activation rows. The products `Σ q·x` are exact:
+//!
+//! ```text
+//! vpsignb   x' = x · sign(q)                     (0 where q = 0)
+//! vpmaddubsw   |q| (unsigned) · x' (signed), adjacent pairs added into i16: |sum| <= 2·128·127 < 2^15
+//! vpmaddwd  with ones: adjacent i16 pairs into i32
+//! ```
+//! and each chunk's eight i32 lanes are converted once and multiply-added with the chunk scale `s_x · d` (two
+//! 32-column halves with their own weight scale for 32-column groups). So every product and every block sum is
+//! exact, as in the AVX-512 VNNI kernels; only the f32 sum over chunks differs from the scalar reference in
+//! order. Signed weights need no zero point, so the budget is `SUM_ORDER · Σ|ŵ·x̂|` with nothing added.
+
+use super::avx2::{dense_nibbles, hsum, nibbles_to_bytes, SHUF_I8};
+use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
+use crate::kernels::simd::{scale_mode, RowScales, GRP, ROW};
+use crate::kernels::QuantActs;
+use core::arch::x86_64::*;
+
+/// Whether these kernels serve `m` (symmetric int8 and int4, dense or sparse) on this CPU.
+pub(crate) fn supports(m: &PackedMatrix) -> bool {
+    matches!(m.format.elem(), Elem::I8 | Elem::I4) && !m.asym && super::avx2_supported()
+}
+
+/// Chunk scales from two 32-column weight groups.
+const GRP32: u8 = 3;
+
+/// Weight formats of the kernels, as const parameters.
+const DI8: u8 = 0;
+const SI8: u8 = 1;
+const DI4: u8 = 2;
+const SI4: u8 = 3;
+
+/// Computes rows `r0..r1` (row layout) for the `k` quantized activation rows in `q`: four activation rows
+/// share each decoded weight row, then one at a time. Every activation row goes through the same operations
+/// in either blocking, so a matmul row equals the matvec bit for bit.
+///
+/// # Safety
+/// The CPU must support the enabled features and [`supports`] must hold for `m` (row layout); `q` holds `k`
+/// rows of `m.cols_pad` codes and their block scales; `y` is valid for writes at `a·rows + r` for every
+/// `a < k` and `r0 <= r < r1`.
+#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
+    debug_assert!(!m.tiled && q.k == k && q.xq.len() == k * m.cols_pad && q.sx.len() == k * m.chunks());
+    let scaling = match scale_mode(m) {
+        ROW => ROW,
+        _ if m.group >= CHUNK => GRP,
+        _ => GRP32,
+    };
+    macro_rules! by_format {
+        ($nr:literal, $r:expr, $a:expr) => {
+            match (m.format, scaling) {
+                (Format::DenseInt8, ROW) => row::<$nr, DI8, ROW>(m, $r, q, $a, y),
+                (Format::DenseInt8, GRP) => row::<$nr, DI8, GRP>(m, $r, q, $a, y),
+                (Format::DenseInt8, _) => row::<$nr, DI8, GRP32>(m, $r, q, $a, y),
+                (Format::SparseInt8, ROW) => row::<$nr, SI8, ROW>(m, $r, q, $a, y),
+                (Format::SparseInt8, GRP) => row::<$nr, SI8, GRP>(m, $r, q, $a, y),
+                (Format::SparseInt8, _) => row::<$nr, SI8, GRP32>(m, $r, q, $a, y),
+                (Format::DenseInt4, ROW) => row::<$nr, DI4, ROW>(m, $r, q, $a, y),
+                (Format::DenseInt4, GRP) => row::<$nr, DI4, GRP>(m, $r, q, $a, y),
+                (Format::DenseInt4, _) => row::<$nr, DI4, GRP32>(m, $r, q, $a, y),
+                (Format::SparseInt4, ROW) => row::<$nr, SI4, ROW>(m, $r, q, $a, y),
+                (Format::SparseInt4, GRP) => row::<$nr, SI4, GRP>(m, $r, q, $a, y),
+                (Format::SparseInt4, _) => row::<$nr, SI4, GRP32>(m, $r, q, $a, y),
+                _ => unreachable!("avx2_int::supports admits integer formats only"),
+            }
+        };
+    }
+    for r in r0..r1 {
+        let mut a = 0;
+        while a + 4 <= k {
+            by_format!(4, r, a);
+            a += 4;
+        }
+        while a < k {
+            by_format!(1, r, a);
+            a += 1;
+        }
+    }
+}
+
+/// One activation row's codes and block scales.
+struct ActRow {
+    xq: *const i8,
+    sx: *const f32,
+}
+
+/// Weight row `r` against activation rows `a0..a0 + NR`: writes `y[a, r]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+unsafe fn row<const NR: usize, const FMT: u8, const MODE: u8>(
+    m: &PackedMatrix,
+    r: usize,
+    q: &QuantActs,
+    a0: usize,
+    y: *mut f32,
+) {
+    let (cp, chunks) = (m.cols_pad, m.chunks());
+    let act: [ActRow; NR] = core::array::from_fn(|a| ActRow {
+        xq: q.xq.as_ptr().add((a0 + a) * cp),
+        sx: q.sx.as_ptr().add((a0 + a) * chunks),
+    });
+    let mut p = m.data.as_ptr().add(m.row_start(r));
+    let masks = m.masks.as_ptr().wrapping_add(r * chunks);
+    let s = RowScales::of(m, r);
+    // The int4 sparse chunk's codes unpacked to bytes, plus 8 bytes of slack for the last 8-byte load.
+    let mut buf = [0u8; CHUNK + 8];
+    // Two f32 accumulators per activation row, alternating by chunk, so FMA latency does not bind.
+    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); NR], [_mm256_setzero_ps(); NR]);
+    let mut ch = 0;
+    while ch + 2 <= chunks {
+        let w = chunk_codes::<FMT>(&mut p, masks, ch, &mut buf);
+        chunk_dot::<NR, MODE>(&mut acc0, w, &act, &s, ch);
+        let w = chunk_codes::<FMT>(&mut p, masks, ch + 1, &mut buf);
+        chunk_dot::<NR, MODE>(&mut acc1, w, &act, &s, ch + 1);
+        ch += 2;
+    }
+    if ch < chunks {
+        let w = chunk_codes::<FMT>(&mut p, masks, ch, &mut buf);
+        chunk_dot::<NR, MODE>(&mut acc0, w, &act, &s, ch);
+    }
+    let scale = if MODE == ROW { *s.d } else { 1.0 };
+    for a in 0..NR {
+        *y.add((a0 + a) * m.rows + r) = hsum(_mm256_add_ps(acc0[a], acc1[a])) * scale;
+    }
+}
+
+/// Chunk `ch`'s signed weight codes, columns 0-31 and 32-63. Dense chunks are read at their offset from the
+/// row start `*p`; sparse ones at `*p`, which then advances past the chunk's values (chunks come in order).
+#[inline]
+#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+unsafe fn chunk_codes<const FMT: u8>(
+    p: &mut *const u8,
+    masks: *const u64,
+    ch: usize,
+    buf: &mut [u8; CHUNK + 8],
+) -> [__m256i; 2] {
+    match FMT {
+        DI8 => {
+            let w = p.add(ch * CHUNK);
+            [_mm256_loadu_si256(w as *const __m256i), _mm256_loadu_si256(w.add(32) as *const __m256i)]
+        }
+        DI4 => {
+            let eight = _mm256_set1_epi8(8);
+            let [lo, hi] = dense_nibbles(p.add(ch * CHUNK / 2));
+            [_mm256_sub_epi8(lo, eight), _mm256_sub_epi8(hi, eight)]
+        }
+        SI8 => {
+            let mask = *masks.add(ch);
+            let w = expand64(*p, mask);
+            *p = p.add(mask.count_ones() as usize);
+            w
+        }
+        _ => {
+            let mask = *masks.add(ch);
+            let n = mask.count_ones() as usize;
+            // Unpack only the bytes this chunk uses (one 16-byte load covers 32 codes), centred to q.
+            for h in 0..n.div_ceil(32) {
+                let bytes = _mm256_sub_epi8(nibbles_to_bytes(p.add(16 * h)), _mm256_set1_epi8(8));
+                _mm256_storeu_si256(buf.as_mut_ptr().add(32 * h) as *mut __m256i, bytes);
+            }
+            *p = p.add(n.div_ceil(2));
+            expand64(buf.as_ptr(), mask)
+        }
+    }
+}
+
+/// The 64 signed bytes of a sparse chunk with mask `mask` whose stored bytes start at `p`, pruned lanes 0:
+/// per mask byte, an 8-byte load, a `pshufb` with that byte's control, and the pointer advanced by its
+/// popcount; the eight results are joined into two 32-byte vectors.
+#[inline]
+#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+unsafe fn expand64(mut p: *const u8, mask: u64) -> [__m256i; 2] {
+    let mut v = [_mm_setzero_si128(); 8];
+    for (i, v) in v.iter_mut().enumerate() {
+        let b = (mask >> (8 * i)) as u8 as usize;
+        let ctl = _mm_load_si128(SHUF_I8.0[b].as_ptr() as *const __m128i);
+        *v = _mm_shuffle_epi8(_mm_loadl_epi64(p as *const __m128i), ctl);
+        p = p.add(b.count_ones() as usize);
+    }
+    let q: [__m128i; 4] = core::array::from_fn(|j| _mm_unpacklo_epi64(v[2 * j], v[2 * j + 1]));
+    [_mm256_set_m128i(q[1], q[0]), _mm256_set_m128i(q[3], q[2])]
+}
+
+/// `Σ q·x` of 32 signed weight codes `w` against 32 activation codes at `x`, as eight exact i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+unsafe fn dot32(w: __m256i, w_abs: __m256i, x: *const i8) -> __m256i {
+    let x = _mm256_loadu_si256(x as *const __m256i);
+    let pairs = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(x, w));
+    _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+}
+
+/// `acc[a] += cvt(Σ q·x) · s_x · d` over chunk `ch` for every activation row.
+#[inline]
+#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+unsafe fn chunk_dot<const NR: usize, const MODE: u8>(
+    acc: &mut [__m256; NR],
+    w: [__m256i; 2],
+    act: &[ActRow; NR],
+    s: &RowScales,
+    ch: usize,
+) {
+    let abs = [_mm256_abs_epi8(w[0]), _mm256_abs_epi8(w[1])];
+    for (acc, x) in acc.iter_mut().zip(act) {
+        let xq = x.xq.add(ch * CHUNK);
+        let (d0, d1) = (dot32(w[0], abs[0], xq), dot32(w[1], abs[1], xq.add(32)));
+        let sx = *x.sx.add(ch);
+        match MODE {
+            ROW => *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)), _mm256_set1_ps(sx), *acc),
+            GRP => {
+                let d = *s.d.add((ch * CHUNK) >> s.shift);
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)), _mm256_set1_ps(sx * d), *acc);
+            }
+            _ => {
+                let g = (ch * CHUNK) >> s.shift;
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(sx * *s.d.add(g)), *acc);
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(sx * *s.d.add(g + 1)), *acc);
+            }
+        }
+    }
+}
