@@ -93,16 +93,19 @@ class Runner:
         self.metrics: dict[str, Any] = json.loads(self.metrics_path.read_text()) if self.metrics_path.is_file() else {}
 
     def latest(self, stage: str = "export") -> Path:
-        """The model ``stage`` starts from: the output of the latest earlier stage the recipe has (fine-tuning,
-        then pruning), or the recipe's model when it has neither. An earlier stage that has not been run is an
-        error, so a pruned recipe never exports or fine-tunes its dense source by mistake."""
+        """The model ``stage`` starts from: the latest earlier stage's output in the work directory (fine-tuning,
+        then pruning; one placed there by hand counts too), or the recipe's model when there is none. An earlier
+        stage the recipe declares but has not run is an error, so a pruned recipe never exports or fine-tunes its
+        dense source by mistake."""
         earlier = STAGES[: STAGES.index(stage)]
         for section in ("finetune", "prune"):
-            if section not in earlier or self.recipe.get(section) is None:
+            if section not in earlier:
                 continue
             out = self.work / OUTPUTS[section]
-            if (out / "config.json").is_file():
+            if (out / "config.json").is_file():  # also a model put there by hand (a recipe without that stage)
                 return out
+            if self.recipe.get(section) is None:
+                continue
             raise RecipeError(
                 f"the recipe has a {section} stage but {out} holds no model: run 'sparseinfer {section} RECIPE' "
                 f"first (or 'sparseinfer train RECIPE' for every stage)"
