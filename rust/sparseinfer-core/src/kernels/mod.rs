@@ -278,6 +278,7 @@ enum Consumer {
     /// The AVX-512 VNNI kernels: group sums, or per-row-scale corrections.
     Vnni,
     /// The AVX2 integer kernels: nothing more.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Codes,
 }
 
@@ -291,6 +292,7 @@ fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, to: Consumer
     assert_eq!(xs.len(), k * cp, "activations must be k × cols_pad");
     // The VNNI per-row-scale kernels read the codes and corrections; the per-block ones the group sums.
     let (xhat, vnni) = (to == Consumer::F32, to == Consumer::Vnni);
+    #[cfg(target_arch = "x86_64")]
     let vnni_token = vnni && token;
     let mut q = QuantActs {
         k,
