@@ -78,6 +78,8 @@ BUDGETS = {
         val_chunks=64,
         calibration=64,
         new_tokens=128,
+        # A checkpoint every 8 steps (minutes on 2 cores): a session that ends mid-cell loses little.
+        save_every=8,
     ),
     # A pipeline check in minutes.
     "smoke": dict(
@@ -97,6 +99,7 @@ BUDGETS = {
         calibration=4,
         new_tokens=8,
         max_teacher_steps=4,
+        save_every=2,
     ),
 }
 SEED = 0
@@ -274,7 +277,8 @@ class Study:
                     _write_json(self._progress(name)[0], prog)
                 return stop
 
-            cfg = self._finetune_config(steps, self.b["teacher_lr"], RECIPES["ce"], name, val_steps, keep_masks=False)
+            save = min(val_steps, self.b["save_every"])
+            cfg = self._finetune_config(steps, self.b["teacher_lr"], RECIPES["ce"], name, save, keep_masks=False)
             r = {"steps": prog.get("stopped_at")}
             if r["steps"] is None:  # not stopped early before an interruption
                 r = T.finetune(model, None, self.train, cfg, on_step=on_step)
@@ -351,7 +355,7 @@ class Study:
                 student.train()
                 return False
 
-            cfg = self._finetune_config(steps, lr, weights, name, eval_steps)
+            cfg = self._finetune_config(steps, lr, weights, name, min(eval_steps, self.b["save_every"]))
             r = T.finetune(student, teacher, self.train, cfg, on_step=on_step)
             masks = T.masks_from_zeros(student, T.prunable_linears(student))
             self.save(student, name)
