@@ -83,7 +83,11 @@ class Stream(Iterator[str]):
 
 
 class Model:
-    """A loaded model: the Rust runtime plus its tokenizer. Create it with :func:`load`."""
+    """A loaded model: the Rust runtime plus its tokenizer. Create it with :func:`load`.
+
+    Decoder-only models continue their prompt. Encoder-decoder models (T5) take the prompt as the encoder's
+    input ("translate English to German: ...") and generate the decoder's output from the decoder start token;
+    ``encoder_decoder`` tells which this is."""
 
     def __init__(self, path: str | os.PathLike[str], weights: str | None = None, threads: int | None = None, **pack):
         self.path = Path(path)
@@ -93,9 +97,10 @@ class Model:
             if threads < 1:
                 raise InvalidInputError(f"threads must be >= 1, got {threads}")
             _core.set_num_threads(threads)
-        self._core = _core.Model.load(
+        self._core = _core.load_model(
             str(self.path), weights, pack.get("group_size"), pack.get("asymmetric", False), pack.get("activations")
         )
+        self.encoder_decoder: bool = isinstance(self._core, _core.Seq2SeqModel)
         self._info = self._core.info()
         self._tokenizer = None
         gen_cfg = read_json(self.path, "generation_config.json")
@@ -129,6 +134,8 @@ class Model:
         if not isinstance(text, str):
             raise InvalidInputError(f"the prompt must be a str, got {type(text).__name__}")
         if chat:
+            if self.encoder_decoder:
+                raise InvalidInputError(f"{self._info['arch']} is an encoder-decoder model: it has no chat template")
             text = self.apply_chat_template([{"role": "user", "content": text}])
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         return self.tokenizer.encode(text).ids
@@ -160,10 +167,24 @@ class Model:
         )
 
     # -- running ---------------------------------------------------------------------------------------
-    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """``(len(token_ids), vocab)`` float32 logits of every position (for parity tests)."""
-        ids = _check_ids(token_ids, self._info["vocab_size"])
+    def logits(self, token_ids: Sequence[int], decoder_ids: Sequence[int] | None = None) -> np.ndarray:
+        """``(len(token_ids), vocab)`` float32 logits of every position (for parity tests). An encoder-decoder
+        takes the encoder's ``token_ids`` and returns ``(len(decoder_ids), vocab)`` for the decoder's."""
+        vocab = self._info["vocab_size"]
+        ids = _check_ids(token_ids, vocab)
+        if self.encoder_decoder:
+            if decoder_ids is None:
+                raise InvalidInputError("an encoder-decoder model needs decoder_ids as well as the encoder's token ids")
+            return self._core.logits(ids, _check_ids(decoder_ids, vocab))
+        if decoder_ids is not None:
+            raise InvalidInputError(f"{self._info['arch']} is a decoder-only model: it takes no decoder_ids")
         return self._core.logits(ids)
+
+    def encoder_hidden_states(self, token_ids: Sequence[int]) -> np.ndarray:
+        """The encoder's output ``(len(token_ids), hidden)`` float32 of an encoder-decoder model."""
+        if not self.encoder_decoder:
+            raise InvalidInputError(f"{self._info['arch']} is a decoder-only model: it has no encoder")
+        return self._core.encode(_check_ids(token_ids, self._info["vocab_size"]))
 
     def _prompt_ids(self, prompt: str | Sequence[int], chat: bool) -> list[int]:
         if isinstance(prompt, str):
@@ -174,7 +195,7 @@ class Model:
             ids = _check_ids(prompt, self._info["vocab_size"])
         if not ids:
             raise InvalidInputError("the prompt encodes to no tokens")
-        if len(ids) >= self._info["max_positions"]:
+        if not self.encoder_decoder and len(ids) >= self._info["max_positions"]:
             raise InvalidInputError(
                 f"the prompt has {len(ids)} tokens; the model's context is {self._info['max_positions']} positions"
             )
@@ -203,9 +224,8 @@ class Model:
         for name, value in (("temperature", temperature), ("repetition_penalty", repetition_penalty)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise InvalidInputError(f"{name} must be a number, got {value!r}")
-        gen = _core.Generator(
-            self._core, ids, max_new_tokens, float(temperature), top_k, top_p, float(repetition_penalty), seed
-        )
+        make = _core.Seq2SeqGenerator if self.encoder_decoder else _core.Generator
+        gen = make(self._core, ids, max_new_tokens, float(temperature), top_k, top_p, float(repetition_penalty), seed)
         t0 = time.perf_counter()
         try:
             while stats.new_tokens < max_new_tokens:
@@ -237,8 +257,9 @@ class Model:
         seed: int | None = None,
         chat: bool = False,
     ) -> list[int]:
-        """The new token ids (no detokenization: works without a tokenizer when ``prompt`` is ids). Its
-        statistics are ``last_stats`` when it returns."""
+        """The new token ids (no detokenization: works without a tokenizer when ``prompt`` is ids; an
+        encoder-decoder's are the encoder input ids, and it returns the generated decoder ids without the start
+        token). Its statistics are ``last_stats`` when it returns."""
         ids = self._prompt_ids(prompt, chat)
         stats = GenerationStats()
         return list(self._tokens(stats, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed))

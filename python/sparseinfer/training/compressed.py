@@ -219,9 +219,16 @@ def export(
     if len(bits_seen) > 1:
         raise ValueError(f"mixed quantization schemes are not supported by the format: {sorted(bits_seen)}")
     tied = getattr(model.config, "tie_word_embeddings", False)
+    # Tensors tied to one already written (T5's encoder/decoder embed_tokens are `shared`) are written once,
+    # under the first name, as transformers' own save_pretrained does; loaders re-tie them.
+    seen: set[tuple] = set()
     for k, v in state.items():
         if tied and k == "lm_head.weight":
             continue
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        if v.numel() and key in seen:
+            continue
+        seen.add(key)
         tensors[k] = v.to(dtype) if v.is_floating_point() else v
     bits, group = next(iter(bits_seen)) if bits_seen else (None, None)
     config = model.config.to_dict()

@@ -11,7 +11,7 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict};
 use sparseinfer_core::formats::budget;
-use sparseinfer_core::runtime::{self, Generator, LoadOptions, Model, SamplingParams};
+use sparseinfer_core::runtime::{self, Generator, LoadOptions, Model, SamplingParams, Seq2Seq, Seq2SeqGenerator};
 use sparseinfer_core::{self as core, kernels, Error, Format, Layout, PackOptions, PackedMatrix};
 
 /// Maps a core error to `sparseinfer.errors.InvalidInputError` / `UnsupportedError` / `SparseInferError`.
@@ -447,6 +447,41 @@ impl PyModel {
     }
 }
 
+/// The sampling parameters of a generator's arguments.
+fn sampling(
+    py: Python<'_>,
+    temperature: f64,
+    top_k: Option<&Bound<'_, PyAny>>,
+    top_p: Option<f64>,
+    repetition_penalty: f64,
+    seed: Option<&Bound<'_, PyAny>>,
+) -> PyResult<SamplingParams> {
+    const OP: &str = "generate";
+    let top_k = opt_int_arg::<usize>(py, OP, "top_k", top_k)?;
+    let seed = opt_int_arg::<u64>(py, OP, "seed", seed)?;
+    // Checked in f64: a tiny negative temperature would round to -0.0 in f32 and pass as greedy.
+    if !(temperature.is_finite() && temperature >= 0.0) {
+        return Err(invalid(py, OP, format!("temperature must be a finite number >= 0, got {temperature}")));
+    }
+    Ok(SamplingParams {
+        temperature: temperature as f32,
+        top_k,
+        top_p: top_p.map(|p| p as f32),
+        repetition_penalty: repetition_penalty as f32,
+        seed,
+    })
+}
+
+/// Generator statistics as a dict.
+fn stats_dict(py: Python<'_>, s: runtime::GenStats) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("prompt_tokens", s.prompt_tokens)?;
+    d.set_item("prefill_s", s.prefill_s)?;
+    d.set_item("decode_tokens", s.decode_tokens)?;
+    d.set_item("decode_s", s.decode_s)?;
+    Ok(d)
+}
+
 /// One sequence being generated: the first `next_token()` prefills the prompt, later calls decode one token.
 #[pyclass(name = "Generator", module = "sparseinfer._core", frozen)]
 struct PyGenerator {
@@ -473,19 +508,7 @@ impl PyGenerator {
         guard(py, OP, || {
             let prompt = token_ids(py, OP, prompt)?;
             let max_new_tokens = int_arg::<usize>(py, OP, "max_new_tokens", max_new_tokens)?;
-            let top_k = opt_int_arg::<usize>(py, OP, "top_k", top_k)?;
-            let seed = opt_int_arg::<u64>(py, OP, "seed", seed)?;
-            // Checked in f64: a tiny negative temperature would round to -0.0 in f32 and pass as greedy.
-            if !(temperature.is_finite() && temperature >= 0.0) {
-                return Err(invalid(py, OP, format!("temperature must be a finite number >= 0, got {temperature}")));
-            }
-            let params = SamplingParams {
-                temperature: temperature as f32,
-                top_k,
-                top_p: top_p.map(|p| p as f32),
-                repetition_penalty: repetition_penalty as f32,
-                seed,
-            };
+            let params = sampling(py, temperature, top_k, top_p, repetition_penalty, seed)?;
             let g = py
                 .detach(|| Generator::new(model.inner.clone(), &prompt, max_new_tokens, params))
                 .map_err(|e| to_py(py, e))?;
@@ -503,16 +526,177 @@ impl PyGenerator {
 
     /// Prompt tokens, prefill seconds, decode tokens and decode seconds so far.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        guard(py, "stats", || {
-            let s = self.inner.lock().unwrap_or_else(|e| e.into_inner()).stats();
+        guard(py, "stats", || stats_dict(py, self.inner.lock().unwrap_or_else(|e| e.into_inner()).stats()))
+    }
+}
+
+/// A loaded encoder-decoder (T5). Immutable; share it across threads.
+#[pyclass(name = "Seq2SeqModel", module = "sparseinfer._core", frozen)]
+struct PySeq2SeqModel {
+    inner: Arc<Seq2Seq>,
+}
+
+#[pymethods]
+impl PySeq2SeqModel {
+    /// The encoder output `(len(input_ids), hidden)` float32 (after the encoder's final norm).
+    fn encode<'py>(&self, py: Python<'py>, input_ids: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        guard(py, "encode", || {
+            let ids = token_ids(py, "encode", input_ids)?;
+            let (m, n) = (self.inner.clone(), ids.len());
+            let v = py.detach(move || m.encode(&ids)).map_err(|e| to_py(py, e))?;
+            PyArray1::from_vec(py, v).reshape([n, self.inner.spec.hidden])
+        })
+    }
+
+    /// Decoder logits `(len(decoder_ids), vocab)` float32 of every decoder position for the encoder input
+    /// `input_ids` (the decoder ids start with the decoder start token, as the model was trained).
+    fn logits<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: &Bound<'py, PyAny>,
+        decoder_ids: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        guard(py, "logits", || {
+            let ids = token_ids(py, "logits", input_ids)?;
+            let dec = token_ids(py, "logits", decoder_ids)?;
+            let (m, k) = (self.inner.clone(), dec.len());
+            let v = py
+                .detach(move || {
+                    let enc = m.encode(&ids)?;
+                    let mut st = m.start(&enc, dec.len())?;
+                    m.decode(&mut st, &dec, true)
+                })
+                .map_err(|e| to_py(py, e))?;
+            PyArray1::from_vec(py, v).reshape([k, self.inner.spec.vocab])
+        })
+    }
+
+    /// Architecture, sizes, formats, bytes per decoded token and kernels in use.
+    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        guard(py, "info", || {
+            let (m, s) = (&self.inner, &self.inner.spec);
             let d = PyDict::new(py);
-            d.set_item("prompt_tokens", s.prompt_tokens)?;
-            d.set_item("prefill_s", s.prefill_s)?;
-            d.set_item("decode_tokens", s.decode_tokens)?;
-            d.set_item("decode_s", s.decode_s)?;
+            d.set_item("arch", &s.model_type)?;
+            d.set_item("encoder_decoder", true)?;
+            d.set_item("hidden_size", s.hidden)?;
+            d.set_item("num_layers", s.layers)?;
+            d.set_item("num_encoder_layers", s.encoder_layers)?;
+            d.set_item("num_heads", s.heads)?;
+            d.set_item("head_dim", s.head_dim)?;
+            d.set_item("intermediate_size", s.intermediate)?;
+            d.set_item("vocab_size", s.vocab)?;
+            let (encoder_bytes, decoder_bytes, embed_bytes) = m.weight_bytes();
+            d.set_item("encoder_bytes", encoder_bytes)?;
+            d.set_item("bytes_per_token", decoder_bytes)?;
+            d.set_item("embedding_bytes", embed_bytes)?;
+            let layers = pyo3::types::PyList::empty(py);
+            for (stack, i, name, lin) in m.linears() {
+                let (w, e) = (&lin.w, PyDict::new(py));
+                e.set_item("stack", stack)?;
+                e.set_item("layer", i)?;
+                e.set_item("name", name)?;
+                e.set_item("shape", (w.rows(), w.cols()))?;
+                e.set_item("format", w.format().name())?;
+                e.set_item("density", w.density())?;
+                e.set_item("nbytes", w.nbytes())?;
+                layers.append(e)?;
+            }
+            d.set_item("linear", layers)?;
+            let head = &m.lm_head().w;
+            d.set_item("lm_head_format", head.format().name())?;
+            let first = m.linears().first().map_or(m.lm_head(), |l| l.3);
+            d.set_item("format", first.w.format().name())?;
+            let act = first.act.unwrap_or(kernels::Activations::default_for(first.w.format()));
+            d.set_item("activations", act.name())?;
+            d.set_item("kernel", kernels::kernel_name(&first.w, act).map_err(|e| to_py(py, e))?)?;
+            d.set_item("isa", kernels::active_isa().map_err(|e| to_py(py, e))?.name())?;
+            d.set_item("threads", core::parallel::num_threads())?;
+            d.set_item("eos_token_ids", s.eos.clone())?;
+            d.set_item("decoder_start_token_id", s.bos)?;
             Ok(d)
         })
     }
+
+    fn __repr__(&self) -> String {
+        let s = &self.inner.spec;
+        format!(
+            "Seq2SeqModel(arch={:?}, encoder_layers={}, decoder_layers={}, hidden={}, vocab={})",
+            s.model_type, s.encoder_layers, s.layers, s.hidden, s.vocab
+        )
+    }
+}
+
+/// One input being translated: the first `next_token()` encodes it and decodes the start token, later calls
+/// decode one token each.
+#[pyclass(name = "Seq2SeqGenerator", module = "sparseinfer._core", frozen)]
+struct PySeq2SeqGenerator {
+    inner: Mutex<Seq2SeqGenerator>,
+}
+
+#[pymethods]
+impl PySeq2SeqGenerator {
+    #[new]
+    #[pyo3(signature = (model, input_ids, max_new_tokens, temperature = 0.0, top_k = None, top_p = None, repetition_penalty = 1.0, seed = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new<'py>(
+        py: Python<'py>,
+        model: &PySeq2SeqModel,
+        input_ids: &Bound<'py, PyAny>,
+        max_new_tokens: &Bound<'py, PyAny>,
+        temperature: f64,
+        top_k: Option<&Bound<'py, PyAny>>,
+        top_p: Option<f64>,
+        repetition_penalty: f64,
+        seed: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Self> {
+        const OP: &str = "generate";
+        guard(py, OP, || {
+            let ids = token_ids(py, OP, input_ids)?;
+            let max_new_tokens = int_arg::<usize>(py, OP, "max_new_tokens", max_new_tokens)?;
+            let params = sampling(py, temperature, top_k, top_p, repetition_penalty, seed)?;
+            let g =
+                Seq2SeqGenerator::new(model.inner.clone(), &ids, max_new_tokens, params).map_err(|e| to_py(py, e))?;
+            Ok(PySeq2SeqGenerator { inner: Mutex::new(g) })
+        })
+    }
+
+    /// The next decoder token id, or None after max_new_tokens. Releases the GIL while it computes.
+    fn next_token(&self, py: Python<'_>) -> PyResult<Option<u32>> {
+        guard(py, "generate", || {
+            let r = py.detach(|| self.inner.lock().unwrap_or_else(|e| e.into_inner()).next_token());
+            r.map_err(|e| to_py(py, e))
+        })
+    }
+
+    /// Input tokens, prefill (encoding and first token) seconds, decode tokens and decode seconds so far.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        guard(py, "stats", || stats_dict(py, self.inner.lock().unwrap_or_else(|e| e.into_inner()).stats()))
+    }
+}
+
+/// Loads a model directory of either kind: a `Model` (decoder-only) or a `Seq2SeqModel` (encoder-decoder).
+/// Arguments as for `Model.load`.
+#[pyfunction]
+#[pyo3(signature = (path, weights = None, group_size = None, asymmetric = false, activations = None))]
+fn load_model<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    weights: Option<&str>,
+    group_size: Option<&Bound<'py, PyAny>>,
+    asymmetric: bool,
+    activations: Option<&str>,
+) -> PyResult<Bound<'py, PyAny>> {
+    guard(py, "load", || {
+        let group_size = opt_int_arg::<usize>(py, "load", "group_size", group_size)?;
+        let weights = weights.map(Format::from_name).transpose().map_err(|e| to_py(py, e))?;
+        let activations = parse_act(py, activations)?;
+        let pack = PackOptions { group_size, asymmetric, ..Default::default() };
+        let opts = LoadOptions { weights, pack, activations };
+        match py.detach(|| runtime::load_any(&path, opts)).map_err(|e| to_py(py, e))? {
+            runtime::AnyModel::Decoder(m) => Ok(Bound::new(py, PyModel { inner: Arc::new(m) })?.into_any()),
+            runtime::AnyModel::Seq2Seq(m) => Ok(Bound::new(py, PySeq2SeqModel { inner: Arc::new(m) })?.into_any()),
+        }
+    })
 }
 
 /// The `model_type`s the runtime supports.
@@ -609,6 +793,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyPackedMatrix>()?;
     m.add_class::<PyModel>()?;
     m.add_class::<PyGenerator>()?;
+    m.add_class::<PySeq2SeqModel>()?;
+    m.add_class::<PySeq2SeqGenerator>()?;
+    m.add_function(wrap_pyfunction!(load_model, m)?)?;
     m.add_function(wrap_pyfunction!(supported_architectures, m)?)?;
     m.add_function(wrap_pyfunction!(pack, m)?)?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;

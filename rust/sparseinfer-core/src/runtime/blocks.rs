@@ -1,8 +1,8 @@
 //! Transformer blocks built from [`super::ops`]. Each sublayer owns its weights and adds its output to the
-//! residual stream `x[k × D]` (pre-norm: `x += f(norm(x))`): [`SelfAttention`] and [`FeedForward`]. The decoder
-//! block is the two in turn. An encoder block would be the same two sublayers attending with [`Span::All`] over
-//! its own keys; a decoder block with cross-attention would add a sublayer over the encoder's keys and values
-//! (a [`super::ops::attention::KvView`] of them) between the two.
+//! residual stream `x[k × D]` (pre-norm: `x += f(norm(x))`): [`SelfAttention`], [`CrossAttention`] and
+//! [`FeedForward`]. The decoder block is self-attention then the MLP; an encoder block is the same two with
+//! self-attention over every position ([`Step::bidirectional`]); the decoder block of an encoder-decoder model
+//! ([`CrossBlock`]) adds attention over the encoder's keys and values between the two.
 //!
 //! Shapes: `k` tokens in flight, `D` hidden, `H`/`G` query/key-value heads of width `hd`, `I` MLP width.
 
@@ -10,6 +10,7 @@ use super::config::{Mlp, Positions, Spec};
 use super::kv_cache::KvCache;
 use super::ops::activations::mlp_activation;
 use super::ops::attention::{self, Heads, Span};
+use super::ops::relative::BiasTable;
 use super::ops::{rope, Linear, NormW};
 use crate::error::Result;
 
@@ -41,6 +42,29 @@ pub struct FeedForward {
     pub down: Linear,
 }
 
+/// Pre-norm attention over another sequence's keys and values (the encoder's, computed once per input):
+/// `x += o(attend(q(norm(x)), kv(encoder)))`.
+pub struct CrossAttention {
+    /// Norm before attention.
+    pub norm: NormW,
+    /// Query projection: `H·hd` rows.
+    pub q: Linear,
+    /// Fused key/value projection of the encoder output: `2G·hd` rows.
+    pub kv: Linear,
+    /// Output projection.
+    pub o: Linear,
+}
+
+/// The decoder block of an encoder-decoder model: causal self-attention, cross-attention, the MLP.
+pub struct CrossBlock {
+    /// The self-attention sublayer.
+    pub attn: SelfAttention,
+    /// Attention over the encoder output.
+    pub cross: CrossAttention,
+    /// The MLP sublayer.
+    pub ffn: FeedForward,
+}
+
 /// What every block shares in one step: the spec, and the positions `pos0..pos0 + k` of the new tokens.
 pub struct Step<'a> {
     /// The model.
@@ -51,16 +75,31 @@ pub struct Step<'a> {
     pub k: usize,
     /// Rotary cos/sin tables `[k × hd/2]` of these positions, for rotary models.
     pub rope: Option<(Vec<f32>, Vec<f32>)>,
+    /// Self-attention sees every position of the step (an encoder), not only the earlier ones.
+    pub bidirectional: bool,
+    /// The relative position bias of self-attention, for every distance of this step.
+    pub rel: Option<BiasTable>,
 }
 
 impl<'a> Step<'a> {
-    /// The step of `k` tokens from position `pos0`.
+    /// The causal step of `k` tokens from position `pos0`.
     pub fn new(spec: &'a Spec, pos0: usize, k: usize) -> Step<'a> {
         let rope = match &spec.positions {
             Positions::Rope { inv_freq } => Some(rope::tables(inv_freq, pos0, k)),
             _ => None,
         };
-        Step { spec, pos0, k, rope }
+        Step { spec, pos0, k, rope, bidirectional: false, rel: None }
+    }
+
+    /// A step whose self-attention adds the relative position bias of the learned `weights[buckets × H]`
+    /// (bidirectional: an encoder over all `k` tokens at once, from position 0).
+    pub fn relative(spec: &'a Spec, pos0: usize, k: usize, weights: &[f32], bidirectional: bool) -> Step<'a> {
+        let max_distance = match spec.positions {
+            Positions::Buckets { max_distance, .. } => max_distance,
+            _ => 0,
+        };
+        let rel = BiasTable::new(weights, spec.heads, bidirectional, max_distance, pos0, k, pos0 + k);
+        Step { bidirectional, rel: Some(rel), ..Step::new(spec, pos0, k) }
     }
 }
 
@@ -153,11 +192,82 @@ impl SelfAttention {
             Positions::Alibi { slopes } => Some(slopes.as_slice()),
             _ => None,
         };
-        let span = Span::Causal { pos0, window: s.sliding_window, alibi };
+        let rel = step.rel.as_ref().map(BiasTable::view);
+        let span = if step.bidirectional {
+            Span::All { len: pos0 + k, rel }
+        } else {
+            Span::Causal { pos0, window: s.sliding_window, alibi, rel }
+        };
         attention::attend(heads, span, &buf.qkv, rows, k, cache.layer(layer), &mut buf.att);
         self.o.forward(&buf.att, k, &mut buf.proj)?;
         x.iter_mut().zip(&buf.proj).for_each(|(x, p)| *x += p);
         Ok(())
+    }
+}
+
+impl CrossAttention {
+    /// The keys and values of the encoder output `enc[n × D]` for decoder layer `layer`, written to positions
+    /// `0..n` of `cross` (once per input).
+    pub fn fill(&self, s: &Spec, layer: usize, enc: &[f32], n: usize, cross: &mut KvCache) -> Result<()> {
+        let kv_w = s.kv_heads * s.head_dim;
+        let mut kv = vec![0.0f32; n * 2 * kv_w];
+        self.kv.forward(enc, n, &mut kv)?;
+        for (a, row) in kv.chunks_exact(2 * kv_w).enumerate() {
+            cross.write(layer, a, &row[..kv_w], &row[kv_w..])?;
+        }
+        Ok(())
+    }
+
+    /// `x += o(attend(q(norm(x)), cross[layer]))` over every encoder position.
+    pub fn forward(&self, step: &Step, layer: usize, cross: &KvCache, x: &mut [f32], buf: &mut Scratch) -> Result<()> {
+        let (s, k) = (step.spec, step.k);
+        let q_w = s.heads * s.head_dim;
+        self.norm.forward(s.norm, s.norm_eps, x, &mut buf.h);
+        let q = &mut buf.qkv[..k * q_w];
+        self.q.forward(&buf.h, k, q)?;
+        let heads = Heads { heads: s.heads, kv_heads: s.kv_heads, head_dim: s.head_dim, scale: s.attn_scale() };
+        attention::attend(
+            heads,
+            Span::All { len: cross.len(), rel: None },
+            q,
+            q_w,
+            k,
+            cross.layer(layer),
+            &mut buf.att,
+        );
+        self.o.forward(&buf.att, k, &mut buf.proj)?;
+        x.iter_mut().zip(&buf.proj).for_each(|(x, p)| *x += p);
+        Ok(())
+    }
+}
+
+impl CrossBlock {
+    /// Runs block `layer` on `x[k × D]` in place: self-attention over `cache` (which gets the new tokens'
+    /// keys and values), cross-attention over `cross`, the MLP.
+    pub fn forward(
+        &self,
+        step: &Step,
+        layer: usize,
+        cache: &mut KvCache,
+        cross: &KvCache,
+        x: &mut [f32],
+        buf: &mut Scratch,
+    ) -> Result<()> {
+        self.attn.forward(step, layer, cache, x, buf)?;
+        self.cross.forward(step, layer, cross, x, buf)?;
+        self.ffn.forward(step, x, buf)
+    }
+
+    /// Bytes of the packed linear layers.
+    pub fn linear_bytes(&self) -> usize {
+        let c = &self.cross;
+        self.attn.qkv.w.nbytes()
+            + self.attn.o.w.nbytes()
+            + c.q.w.nbytes()
+            + c.kv.w.nbytes()
+            + c.o.w.nbytes()
+            + self.ffn.up.w.nbytes()
+            + self.ffn.down.w.nbytes()
     }
 }
 

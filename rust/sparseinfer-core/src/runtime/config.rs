@@ -47,6 +47,14 @@ pub enum Positions {
         /// OPT stores two padding rows first.
         offset: usize,
     },
+    /// T5's relative position bias: a learned per-head bias per bucket of distances
+    /// ([`super::ops::relative`]), stored in the first block of each stack.
+    Buckets {
+        /// Buckets (each direction gets half in the encoder).
+        buckets: usize,
+        /// Distances beyond this share the last bucket.
+        max_distance: usize,
+    },
     /// ALiBi: a per-head linear bias `slope_h · (j - i)` on attention scores.
     Alibi {
         /// One slope per head.
@@ -87,8 +95,10 @@ pub struct Spec {
     pub model_type: String,
     /// Residual width `D`.
     pub hidden: usize,
-    /// Transformer blocks.
+    /// Transformer blocks (of the decoder, in an encoder-decoder model).
     pub layers: usize,
+    /// Encoder blocks of an encoder-decoder model; 0 for a decoder-only one.
+    pub encoder_layers: usize,
     /// Query heads `H`.
     pub heads: usize,
     /// Key/value heads `G` (`H` is a multiple of `G`).
@@ -117,13 +127,15 @@ pub struct Spec {
     pub sliding_window: Option<usize>,
     /// Whether the output head reuses the token embedding.
     pub tie_embeddings: bool,
+    /// Factor on the final hidden state before the head (T5's `d_model^-0.5`).
+    pub output_scale: f32,
     /// Whether q/k/v carry biases (and o, in the architectures whose o has one).
     pub attn_bias: bool,
     /// Whether the MLP carries biases.
     pub mlp_bias: bool,
     /// Token ids that end generation.
     pub eos: Vec<u32>,
-    /// The beginning-of-sequence token, if any.
+    /// The beginning-of-sequence token, if any; an encoder-decoder model's first decoder token.
     pub bos: Option<u32>,
 }
 
@@ -139,6 +151,7 @@ impl Spec {
             model_type: c.model_type.to_string(),
             hidden,
             layers,
+            encoder_layers: 0,
             heads,
             kv_heads: heads,
             head_dim: hidden.checked_div(heads).unwrap_or(0),
@@ -153,6 +166,7 @@ impl Spec {
             clip_qkv: None,
             sliding_window: None,
             tie_embeddings: c.bool_or("tie_word_embeddings", true)?,
+            output_scale: 1.0,
             attn_bias: true,
             mlp_bias: true,
             eos: c.token_ids("eos_token_id"),
@@ -191,6 +205,9 @@ impl Spec {
                 return bad(format!("{name} {v} is over the limit of {max}"));
             }
         }
+        if self.encoder_layers > limits::LAYERS {
+            return bad(format!("encoder layers {} is over the limit of {}", self.encoder_layers, limits::LAYERS));
+        }
         if self.sliding_window == Some(0) {
             return bad("sliding_window is 0 (no position could attend to any)".into());
         }
@@ -208,6 +225,17 @@ impl Spec {
             }
             Positions::Alibi { slopes } if slopes.len() != self.heads || slopes.iter().any(|s| !s.is_finite()) => {
                 return bad("ALiBi slopes are not finite (alibi_bias_max)".into());
+            }
+            // At least one bucket per direction beyond the exact ones, and a farthest distance past them.
+            Positions::Buckets { buckets, max_distance }
+                if *buckets < 4
+                    || *buckets > 1 << 16
+                    || *max_distance <= buckets / 4
+                    || *max_distance > limits::POSITIONS =>
+            {
+                return bad(format!(
+                    "relative_attention_num_buckets {buckets} / max_distance {max_distance} are out of range"
+                ));
             }
             _ => {}
         }

@@ -7,10 +7,12 @@
 //! - [`version`]: the checkpoint format version a directory declares, checked before anything else.
 //! - [`plan`]: which kernel format each linear layer is packed into; [`loader`]: checkpoint tensors → packed
 //!   linear layers, norms and the embedding, as the plan says.
-//! - [`ops`]: linear, norm, rope, activations, attention over a KV view, embedding; [`blocks`]: the decoder
-//!   block built from them; [`models`]: the decoder-only model (prefill, decode one token).
+//! - [`ops`]: linear, norm, rope, relative position bias, activations, attention over a KV view, embedding;
+//!   [`blocks`]: the decoder, encoder and cross-attention blocks built from them; [`models`]: the decoder-only
+//!   model (prefill, decode one token) and the encoder-decoder.
 //! - [`kv_cache`]: per-sequence state; [`sampler`]: next-token choice.
-//! - [`Generator`]: prefill once, then one token per call (the binding streams from it).
+//! - [`Generator`]: prefill once, then one token per call (the binding streams from it); [`Seq2SeqGenerator`]:
+//!   the same for an encoder-decoder, which encodes the input first.
 
 pub mod arch;
 pub mod blocks;
@@ -28,7 +30,7 @@ pub mod version;
 use crate::error::{Error, Result};
 use crate::formats::{Format, PackOptions};
 pub use kv_cache::KvCache;
-pub use models::Model;
+pub use models::{Model, Seq2Seq};
 pub use sampler::{Sampler, SamplingParams};
 use std::path::Path;
 use std::sync::Arc;
@@ -55,9 +57,28 @@ fn read_config_in(dir: &files::ModelDir) -> Result<serde_json::Value> {
         .ok_or_else(|| Error::invalid("load", format!("{}: no such file", dir.shown("config.json"))))
 }
 
-/// Loads a Hugging Face model directory (`config.json` + `*.safetensors`). The model keeps no reference to
-/// the files: what it reads later is copied before this returns.
+/// A loaded model of either kind.
+pub enum AnyModel {
+    /// Decoder-only.
+    Decoder(Model),
+    /// Encoder-decoder.
+    Seq2Seq(Seq2Seq),
+}
+
+/// Loads a Hugging Face model directory (`config.json` + `*.safetensors`) of a decoder-only model. The model
+/// keeps no reference to the files: what it reads later is copied before this returns.
 pub fn load_dir(dir: &Path, opts: LoadOptions) -> Result<Model> {
+    match load_any(dir, opts)? {
+        AnyModel::Decoder(m) => Ok(m),
+        AnyModel::Seq2Seq(m) => Err(Error::unsupported(
+            "load",
+            format!("{} is an encoder-decoder model: load it as one (sparseinfer.load does)", m.spec.model_type),
+        )),
+    }
+}
+
+/// Loads a model directory of either kind (see [`load_dir`]).
+pub fn load_any(dir: &Path, opts: LoadOptions) -> Result<AnyModel> {
     let dir = files::ModelDir::new(dir)?;
     let config = read_config_in(&dir)?;
     version::check(&dir, &config)?;
@@ -71,7 +92,14 @@ pub fn load_dir(dir: &Path, opts: LoadOptions) -> Result<Model> {
     // The caller's choice, else what the checkpoint was quantized for.
     let declared = quant.filter(|q| q.token_acts).map(|_| crate::kernels::Activations::Int8Token);
     plan.act = opts.activations.or(declared);
-    models::decoder::build(spec, &loader::Loader { store: &store, plan, quant })
+    let loader = loader::Loader { store: &store, plan, quant };
+    Ok(match arch::build_of(&spec)? {
+        arch::Build::Decoder(_) => AnyModel::Decoder(models::decoder::build(spec, &loader)?),
+        arch::Build::Seq2Seq(_) => {
+            let parts = arch::load_seq2seq(&spec, &loader)?;
+            AnyModel::Seq2Seq(Seq2Seq::from_parts(spec, parts))
+        }
+    })
 }
 
 /// Time and token counts of one generation.
@@ -152,6 +180,65 @@ impl Generator {
     }
 
     /// Timings so far.
+    pub fn stats(&self) -> GenStats {
+        self.stats
+    }
+}
+
+/// One input of an encoder-decoder being translated: the first [`Seq2SeqGenerator::next_token`] encodes the
+/// input and decodes the start token; later ones decode the previous token.
+pub struct Seq2SeqGenerator {
+    model: Arc<Seq2Seq>,
+    input: Vec<u32>,
+    state: Option<models::seq2seq::Seq2SeqState>,
+    sampler: Sampler,
+    max_new_tokens: usize,
+    seen: Vec<u32>,
+    stats: GenStats,
+}
+
+impl Seq2SeqGenerator {
+    /// A generator of up to `max_new_tokens` decoder tokens for the encoder input `input`.
+    pub fn new(model: Arc<Seq2Seq>, input: &[u32], max_new_tokens: usize, params: SamplingParams) -> Result<Self> {
+        if input.is_empty() {
+            return Err(Error::invalid("generate", "the input is empty (no tokens)"));
+        }
+        let sampler = Sampler::new(params)?;
+        let stats = GenStats::default();
+        Ok(Seq2SeqGenerator { model, input: input.to_vec(), state: None, sampler, max_new_tokens, seen: vec![], stats })
+    }
+
+    /// The next decoder token, or `None` after `max_new_tokens`.
+    pub fn next_token(&mut self) -> Result<Option<u32>> {
+        if self.seen.len() >= self.max_new_tokens {
+            return Ok(None);
+        }
+        let t0 = Instant::now();
+        let mut logits = match (&mut self.state, self.seen.last()) {
+            (Some(st), Some(&t)) => self.model.decode(st, &[t], false)?,
+            _ => {
+                self.stats.prompt_tokens = self.input.len();
+                let enc = self.model.encode(&self.input)?;
+                let mut st = self.model.start(&enc, self.max_new_tokens)?;
+                let start = self.model.spec.bos.unwrap_or(0);
+                let logits = self.model.decode(&mut st, &[start], false)?;
+                self.state = Some(st);
+                logits
+            }
+        };
+        let tok = self.sampler.sample(&mut logits, &self.seen)?;
+        let dt = t0.elapsed().as_secs_f64();
+        if self.seen.is_empty() {
+            self.stats.prefill_s = dt;
+        } else {
+            self.stats.decode_s += dt;
+            self.stats.decode_tokens += 1;
+        }
+        self.seen.push(tok);
+        Ok(Some(tok))
+    }
+
+    /// Timings so far (`prompt_tokens`: the encoder input; prefill: encoding and the first token).
     pub fn stats(&self) -> GenStats {
         self.stats
     }

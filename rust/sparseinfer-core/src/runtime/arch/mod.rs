@@ -6,11 +6,13 @@ pub mod gpt2;
 pub mod llama;
 pub mod mpt;
 pub mod opt;
+pub mod t5;
 
 use super::blocks::DecoderBlock;
 use super::checkpoint::{Orientation, WeightStore};
 use super::config::{Cfg, Spec};
 use super::loader::Loader;
+use super::models::seq2seq::Seq2SeqParts;
 use super::ops::{Embedding, Linear, NormW};
 use crate::error::{Error, Result};
 use serde_json::Value;
@@ -30,6 +32,15 @@ pub struct Parts {
     pub lm_head: Linear,
 }
 
+/// The checkpoint's tensors → the model's parts, by kind of model.
+#[derive(Clone, Copy)]
+pub enum Build {
+    /// A decoder-only model.
+    Decoder(fn(&Spec, &Loader) -> Result<Parts>),
+    /// An encoder-decoder model.
+    Seq2Seq(fn(&Spec, &Loader) -> Result<Seq2SeqParts>),
+}
+
 /// One architecture: the `model_type`s it serves, its config reader and its weight loader.
 pub struct Arch {
     /// `model_type` values of `config.json` this row serves.
@@ -37,15 +48,16 @@ pub struct Arch {
     /// `config.json` → [`Spec`] (validated afterwards by [`spec`]).
     pub spec: fn(&Cfg) -> Result<Spec>,
     /// The checkpoint's tensors → the model's parts.
-    pub load: fn(&Spec, &Loader) -> Result<Parts>,
+    pub load: Build,
 }
 
 /// Every supported architecture.
 pub const ARCHS: &[Arch] = &[
-    Arch { model_types: &["llama", "mistral", "qwen2"], spec: llama::spec, load: llama::load },
-    Arch { model_types: &["opt"], spec: opt::spec, load: opt::load },
-    Arch { model_types: &["gpt2"], spec: gpt2::spec, load: gpt2::load },
-    Arch { model_types: &["mpt"], spec: mpt::spec, load: mpt::load },
+    Arch { model_types: &["llama", "mistral", "qwen2"], spec: llama::spec, load: Build::Decoder(llama::load) },
+    Arch { model_types: &["opt"], spec: opt::spec, load: Build::Decoder(opt::load) },
+    Arch { model_types: &["gpt2"], spec: gpt2::spec, load: Build::Decoder(gpt2::load) },
+    Arch { model_types: &["mpt"], spec: mpt::spec, load: Build::Decoder(mpt::load) },
+    Arch { model_types: &["t5", "mt5"], spec: t5::spec, load: Build::Seq2Seq(t5::load) },
 ];
 
 /// The row serving `model_type`.
@@ -76,19 +88,41 @@ pub fn spec(config: &Value) -> Result<Spec> {
     Ok(spec)
 }
 
-/// The weights of a spec's architecture.
+/// How a spec's architecture is built (which kind of model it is).
+pub fn build_of(spec: &Spec) -> Result<Build> {
+    Ok(find(&spec.model_type)?.load)
+}
+
+/// The weights of a decoder-only spec's architecture.
 pub fn load(spec: &Spec, loader: &Loader) -> Result<Parts> {
-    (find(&spec.model_type)?.load)(spec, loader)
+    match build_of(spec)? {
+        Build::Decoder(f) => f(spec, loader),
+        Build::Seq2Seq(_) => Err(Error::unsupported(
+            "load",
+            format!("{} is an encoder-decoder model: load it as one (sparseinfer.load does)", spec.model_type),
+        )),
+    }
+}
+
+/// The weights of an encoder-decoder spec's architecture.
+pub fn load_seq2seq(spec: &Spec, loader: &Loader) -> Result<Seq2SeqParts> {
+    match build_of(spec)? {
+        Build::Seq2Seq(f) => f(spec, loader),
+        Build::Decoder(_) => Err(Error::unsupported(
+            "load",
+            format!("{} is a decoder-only model, not an encoder-decoder", spec.model_type),
+        )),
+    }
 }
 
 /// Builds `n` layers with `f(i)` on up to the kernels' thread count (packing is the slow part of loading).
 /// Returns the first error in layer order.
-pub(crate) fn par_layers(n: usize, f: impl Fn(usize) -> Result<DecoderBlock> + Sync) -> Result<Vec<DecoderBlock>> {
+pub(crate) fn par_layers<T: Send>(n: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
     let threads = crate::parallel::num_threads().clamp(1, n.max(1));
     let next = AtomicUsize::new(0);
-    let slots: Vec<Mutex<Option<Result<DecoderBlock>>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    let slots: Vec<Mutex<Option<Result<T>>>> = (0..n).map(|_| Mutex::new(None)).collect();
     let work = || loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
         if i >= n {

@@ -39,6 +39,18 @@ impl<'a> KvView<'a> {
     }
 }
 
+/// An additive score bias that depends on the head and the distance `key position - query position` (T5's
+/// relative position bias, [`super::relative`]): `values[h · width + zero + j - i]`.
+#[derive(Clone, Copy, Debug)]
+pub struct RelBias<'a> {
+    /// Head-major biases, `width` distances per head.
+    pub values: &'a [f32],
+    /// Distances per head.
+    pub width: usize,
+    /// Index of distance 0.
+    pub zero: usize,
+}
+
 /// Which positions of the view each query sees.
 #[derive(Clone, Copy, Debug)]
 pub enum Span<'a> {
@@ -51,11 +63,16 @@ pub enum Span<'a> {
         window: Option<usize>,
         /// One ALiBi slope per query head.
         alibi: Option<&'a [f32]>,
+        /// A relative position bias.
+        rel: Option<RelBias<'a>>,
     },
-    /// Every query sees positions `0..len` (encoder self-attention, cross-attention).
+    /// Every query sees positions `0..len` (encoder self-attention, cross-attention); query `a` sits at position
+    /// `a` (for `rel`).
     All {
         /// Positions in the view.
         len: usize,
+        /// A relative position bias.
+        rel: Option<RelBias<'a>>,
     },
 }
 
@@ -69,18 +86,23 @@ pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv
     let task = |t: usize| {
         let (a, h) = (t / n_heads, t % n_heads);
         // Keys `start..end`, and the ALiBi slope with the query's position.
-        let (start, end, alibi) = match span {
-            Span::Causal { pos0, window, alibi } => {
+        let (start, end, alibi, rel, pos) = match span {
+            Span::Causal { pos0, window, alibi, rel } => {
                 let pos = pos0 + a;
-                (window.map_or(0, |w| (pos + 1).saturating_sub(w)), pos + 1, alibi.map(|s| (s[h], pos)))
+                (window.map_or(0, |w| (pos + 1).saturating_sub(w)), pos + 1, alibi.map(|s| s[h]), rel, pos)
             }
-            Span::All { len } => (0, len, None),
+            Span::All { len, rel } => (0, len, None, rel, a),
         };
         let qh = &q[a * q_stride + h * hd..a * q_stride + (h + 1) * hd];
         let (keys, values) = kv.head(h / group);
         let mut scores: Vec<f32> = (start..end).map(|j| (ops.dot)(qh, &keys[j * hd..(j + 1) * hd]) * scale).collect();
-        if let Some((m, pos)) = alibi {
+        if let Some(m) = alibi {
             scores.iter_mut().enumerate().for_each(|(i, v)| *v += m * ((start + i) as f32 - pos as f32));
+        }
+        if let Some(RelBias { values, width, zero }) = rel {
+            // Distance `start - pos` sits at `zero + start - pos` (>= 0 by the table's construction).
+            let row = &values[h * width + zero + start - pos..];
+            scores.iter_mut().zip(row).for_each(|(v, b)| *v += b);
         }
         let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let mut sum = 0.0f32;
@@ -100,7 +122,7 @@ pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv
     let n_tasks = k * n_heads;
     let seen = match span {
         Span::Causal { pos0, .. } => pos0 + k,
-        Span::All { len } => len,
+        Span::All { len, .. } => len,
     };
     let work = n_tasks * seen * hd;
     let threads = parallel::num_threads();

@@ -1,5 +1,5 @@
 //! The operations blocks are built from, each over plain `[k × width]` row-major buffers: [`linear`] (the
-//! kernels), [`norm`], [`rope`], [`activations`], [`attention`] over a view of keys and values, and the
+//! kernels), [`norm`], [`rope`], [`relative`] position biases, [`activations`], [`attention`] over a view of keys and values, and the
 //! [`embedding`] table.
 
 pub mod activations;
@@ -7,6 +7,7 @@ pub mod attention;
 pub mod embedding;
 pub mod linear;
 pub mod norm;
+pub mod relative;
 pub mod rope;
 
 pub use embedding::Embedding;

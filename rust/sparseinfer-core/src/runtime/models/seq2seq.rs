@@ -1,0 +1,211 @@
+//! The encoder-decoder model (T5): the encoder runs once over the whole input ([`Seq2Seq::encode`]); each
+//! decoder layer's cross-attention keys and values of that output are computed once ([`Seq2Seq::start`]); the
+//! decoder then runs like a decoder-only model over its own KV cache ([`Seq2Seq::decode`]), prompt tokens in
+//! chunks of [`PREFILL_CHUNK`], generated tokens one at a time.
+//!
+//! Shapes: `n` encoder positions, `k` decoder tokens in flight, `D` hidden, `V` vocabulary.
+
+use super::decoder::PREFILL_CHUNK;
+use crate::error::{Error, Result};
+use crate::runtime::blocks::{CrossBlock, DecoderBlock, Scratch, Step};
+use crate::runtime::config::Spec;
+use crate::runtime::kv_cache::KvCache;
+use crate::runtime::ops::{Embedding, Linear, NormW};
+
+const OP: &str = "forward";
+
+/// What an encoder-decoder architecture's loader hands to the model.
+pub struct Seq2SeqParts {
+    /// Token embedding `[V, D]`, shared by both stacks.
+    pub embed: Embedding,
+    /// Encoder blocks (bidirectional self-attention, MLP).
+    pub encoder: Vec<DecoderBlock>,
+    /// The norm after the encoder.
+    pub encoder_norm: NormW,
+    /// The encoder's relative position bias `[buckets × H]`.
+    pub encoder_bias: Vec<f32>,
+    /// Decoder blocks (causal self-attention, cross-attention, MLP).
+    pub decoder: Vec<CrossBlock>,
+    /// The norm after the decoder.
+    pub decoder_norm: NormW,
+    /// The decoder's relative position bias `[buckets × H]`.
+    pub decoder_bias: Vec<f32>,
+    /// The output head.
+    pub lm_head: Linear,
+}
+
+/// A loaded encoder-decoder, immutable and shareable across threads. Inputs live in [`Seq2SeqState`]s.
+pub struct Seq2Seq {
+    /// The architecture description (`layers`: decoder blocks, `encoder_layers`: encoder blocks).
+    pub spec: Spec,
+    p: Seq2SeqParts,
+}
+
+/// One input being decoded: the decoder's self-attention cache and the encoder output's keys and values.
+pub struct Seq2SeqState {
+    /// Decoder self-attention keys and values.
+    pub cache: KvCache,
+    cross: KvCache,
+}
+
+impl Seq2SeqState {
+    /// Encoder positions the decoder attends to.
+    pub fn encoder_len(&self) -> usize {
+        self.cross.len()
+    }
+}
+
+impl Seq2Seq {
+    /// Assembles a model from an architecture's parts.
+    pub fn from_parts(spec: Spec, p: Seq2SeqParts) -> Seq2Seq {
+        Seq2Seq { spec, p }
+    }
+
+    /// Bytes of the encoder's packed linear layers (read once per input), of the decoder's and the head
+    /// (read once per generated token), and of the embedding table as stored.
+    pub fn weight_bytes(&self) -> (usize, usize, usize) {
+        let enc: usize = self.p.encoder.iter().map(DecoderBlock::linear_bytes).sum();
+        let dec: usize = self.p.decoder.iter().map(CrossBlock::linear_bytes).sum();
+        (enc, dec + self.p.lm_head.w.nbytes(), self.p.embed.nbytes())
+    }
+
+    /// Every packed linear layer with its stack (`"encoder"`, `"decoder"`), block and name.
+    pub fn linears(&self) -> Vec<(&'static str, usize, &'static str, &Linear)> {
+        let mut v = Vec::new();
+        for (i, b) in self.p.encoder.iter().enumerate() {
+            for (n, l) in [("qkv", &b.attn.qkv), ("o", &b.attn.o), ("up", &b.ffn.up), ("down", &b.ffn.down)] {
+                v.push(("encoder", i, n, l));
+            }
+        }
+        for (i, b) in self.p.decoder.iter().enumerate() {
+            let c = &b.cross;
+            for (n, l) in [
+                ("qkv", &b.attn.qkv),
+                ("o", &b.attn.o),
+                ("cross_q", &c.q),
+                ("cross_kv", &c.kv),
+                ("cross_o", &c.o),
+                ("up", &b.ffn.up),
+                ("down", &b.ffn.down),
+            ] {
+                v.push(("decoder", i, n, l));
+            }
+        }
+        v
+    }
+
+    /// The output head.
+    pub fn lm_head(&self) -> &Linear {
+        &self.p.lm_head
+    }
+
+    /// The encoder output `[n × D]` (after its final norm) of `tokens`.
+    pub fn encode(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let s = &self.spec;
+        self.check_ids(tokens)?;
+        let n = tokens.len();
+        let mut x = self.embed(tokens)?;
+        let mut cache = KvCache::new(s.encoder_layers, s.kv_heads, s.head_dim, n);
+        let step = Step::relative(s, 0, n, &self.p.encoder_bias, true);
+        let mut buf = Scratch::new(s, n);
+        for (li, block) in self.p.encoder.iter().enumerate() {
+            block.forward(&step, li, &mut cache, &mut x, &mut buf)?;
+        }
+        let mut out = vec![0.0f32; x.len()];
+        self.p.encoder_norm.forward(s.norm, s.norm_eps, &x, &mut out);
+        Ok(out)
+    }
+
+    /// The decoding state of the encoder output `enc[n × D]`, with room for `capacity` decoder positions.
+    pub fn start(&self, enc: &[f32], capacity: usize) -> Result<Seq2SeqState> {
+        let s = &self.spec;
+        let d = s.hidden;
+        if enc.is_empty() || !enc.len().is_multiple_of(d) {
+            return Err(Error::invalid(
+                OP,
+                format!("the encoder output has {} values, not a multiple of {d}", enc.len()),
+            ));
+        }
+        let n = enc.len() / d;
+        let mut cross = KvCache::new(s.layers, s.kv_heads, s.head_dim, n);
+        for (li, block) in self.p.decoder.iter().enumerate() {
+            block.cross.fill(s, li, enc, n, &mut cross)?;
+        }
+        cross.advance(n);
+        let cache = KvCache::new(s.layers, s.kv_heads, s.head_dim, capacity.min(s.max_positions));
+        Ok(Seq2SeqState { cache, cross })
+    }
+
+    /// Runs decoder `tokens` at the state's next positions ([`PREFILL_CHUNK`] at a time) and appends them to
+    /// its cache. Returns logits `[k × V]` for every token when `all_logits`, else `[V]` for the last one.
+    pub fn decode(&self, st: &mut Seq2SeqState, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        let s = &self.spec;
+        self.check_ids(tokens)?;
+        if st.cache.len() + tokens.len() > st.cache.capacity() {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "{} cached + {} new tokens exceed the capacity of {} positions",
+                    st.cache.len(),
+                    tokens.len(),
+                    st.cache.capacity()
+                ),
+            ));
+        }
+        let (v, d) = (s.vocab, s.hidden);
+        let mut logits = Vec::new();
+        let want = if all_logits { tokens.len().saturating_mul(v) } else { v };
+        logits
+            .try_reserve_exact(want)
+            .map_err(|_| Error::invalid(OP, format!("not enough memory for {} x {v} logits", tokens.len())))?;
+        let n_chunks = tokens.len().div_ceil(PREFILL_CHUNK);
+        for (c, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+            let k = chunk.len();
+            let mut x = self.embed(chunk)?;
+            let step = Step::relative(s, st.cache.len(), k, &self.p.decoder_bias, false);
+            let mut buf = Scratch::new(s, k);
+            for (li, block) in self.p.decoder.iter().enumerate() {
+                block.forward(&step, li, &mut st.cache, &st.cross, &mut x, &mut buf)?;
+            }
+            st.cache.advance(k);
+            if all_logits {
+                logits.extend(self.head(&x, k)?);
+            } else if c + 1 == n_chunks {
+                logits = self.head(&x[(k - 1) * d..], 1)?;
+            }
+        }
+        Ok(logits)
+    }
+
+    fn check_ids(&self, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::invalid(OP, "no tokens"));
+        }
+        if let Some(t) = tokens.iter().find(|&&t| t as usize >= self.spec.vocab) {
+            return Err(Error::invalid(OP, format!("token id {t} is outside the vocabulary of {}", self.spec.vocab)));
+        }
+        Ok(())
+    }
+
+    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let d = self.spec.hidden;
+        let mut x = vec![0.0f32; tokens.len() * d];
+        for (&t, row) in tokens.iter().zip(x.chunks_exact_mut(d)) {
+            self.p.embed.row(t as usize, row)?;
+        }
+        Ok(x)
+    }
+
+    /// Final norm, output scaling and head for `k` rows: logits `[k × V]`.
+    fn head(&self, x: &[f32], k: usize) -> Result<Vec<f32>> {
+        let s = &self.spec;
+        let mut h = vec![0.0f32; k * s.hidden];
+        self.p.decoder_norm.forward(s.norm, s.norm_eps, &x[..k * s.hidden], &mut h);
+        if s.output_scale != 1.0 {
+            h.iter_mut().for_each(|v| *v *= s.output_scale);
+        }
+        let mut logits = vec![0.0f32; k * s.vocab];
+        self.p.lm_head.forward(&h, k, &mut logits)?;
+        Ok(logits)
+    }
+}

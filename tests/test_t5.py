@@ -1,0 +1,173 @@
+"""T5 in the runtime: encoder outputs, decoder logits and greedy tokens against transformers on tiny random
+models of both FFN kinds (ReLU with a tied, scaled head; gated-GELU without scaling), sparse weights through the
+sparse kernels, the generation API and the CLI, and bad configs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import sparseinfer
+from sparseinfer import InvalidInputError, UnsupportedError
+
+torch = pytest.importorskip("torch")
+tiny_models = pytest.importorskip("tiny_models")
+
+VARIANTS = {
+    # The original T5: ReLU MLP, head tied to the embedding and the decoder output scaled by d_model^-0.5;
+    # a deeper decoder than encoder.
+    "t5-relu": dict(feed_forward_proj="relu"),
+    # T5 v1.1 / flan-t5: gated-GELU, no output scaling (transformers 5 writes scale_decoder_outputs: false).
+    "t5-gated-gelu": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_decoder_layers=2),
+}
+# fp32 in another summation order: errors within 1e-4 of the largest |value| (T5 scores are unscaled, so the
+# random weights scaled up to give non-trivial logits also amplify rounding).
+REL = 1e-4
+# 37 encoder tokens: past the exact buckets, into the logarithmic ones in both directions.
+INPUT = [(i * 37 + 5) % tiny_models.VOCAB for i in range(37)]
+# 40 decoder tokens after the start token: more than one prefill chunk.
+DECODER = [0] + [(i * 53 + 11) % tiny_models.VOCAB for i in range(40)]
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def t5(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    ref = tiny_models.build("t5", path, scale=3.0, **VARIANTS[request.param])
+    return path, ref
+
+
+def torch_forward(ref, ids, dec):
+    with torch.no_grad():
+        out = ref(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([dec]))
+    return out.encoder_last_hidden_state[0].numpy(), out.logits[0].numpy()
+
+
+def torch_greedy(ref, ids, n):
+    """Greedy decoding by full forward passes (transformers' generate() fails on T5 configs whose decoder is
+    deeper than the encoder: its cache is sized by num_layers)."""
+    out = [ref.config.decoder_start_token_id]
+    with torch.no_grad():
+        enc = ref.get_encoder()(input_ids=torch.tensor([ids]))
+        for _ in range(n):
+            logits = ref(encoder_outputs=enc, decoder_input_ids=torch.tensor([out])).logits
+            out.append(int(logits[0, -1].argmax()))
+    return out[1:]
+
+
+def test_encoder_and_decoder_match_transformers(t5):
+    path, ref = t5
+    model = sparseinfer.load(path)
+    assert model.encoder_decoder
+    want_enc, want_logits = torch_forward(ref, INPUT, DECODER)
+    got_enc = model.encoder_hidden_states(INPUT)
+    assert got_enc.shape == want_enc.shape == (len(INPUT), 64)
+    np.testing.assert_allclose(got_enc, want_enc, atol=REL * np.abs(want_enc).max(), rtol=0)
+    got = model.logits(INPUT, DECODER)
+    assert got.shape == want_logits.shape == (len(DECODER), tiny_models.VOCAB)
+    assert np.abs(want_logits).max() > 0.5, "logits too small to make the comparison meaningful"
+    np.testing.assert_allclose(got, want_logits, atol=REL * np.abs(want_logits).max(), rtol=0)
+
+
+def test_greedy_tokens_identical(t5):
+    path, ref = t5
+    model = sparseinfer.load(path)
+    want = torch_greedy(ref, INPUT, 24)
+    assert len(set(want)) > 1, f"a constant reference makes a weak test: {want}"
+    assert model.generate_ids(INPUT, max_new_tokens=24) == want
+    assert model.last_stats.prompt_tokens == len(INPUT)
+    assert model.last_stats.decode_tokens == 23
+
+
+def test_sparse_weights_run_on_the_sparse_kernels(tmp_path):
+    # Unscaled weights: scaled up, this random model is chaotic enough that bf16 weights alone move its logits
+    # by 15 %.
+    ref = tiny_models.build("t5", tmp_path, sparsity=0.7, feed_forward_proj="gated-gelu")
+    _, want = torch_forward(ref, INPUT, DECODER)
+    model = sparseinfer.load(tmp_path, weights="sparse-f32")
+    info = model.info()
+    blocks = [e for e in info["linear"] if e["stack"] == "decoder" and e["name"] == "up"]
+    assert blocks and all(e["format"] == "sparse-f32" and e["density"] < 0.35 for e in blocks), blocks
+    np.testing.assert_allclose(model.logits(INPUT, DECODER), want, atol=REL * np.abs(want).max(), rtol=0)
+    # int8 codes and int8 activations: within a few percent of the logit range, and the same next token almost
+    # everywhere.
+    got = sparseinfer.load(tmp_path, weights="sparse-int8").logits(INPUT, DECODER)
+    assert np.abs(got - want).max() < 0.03 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
+
+
+def test_text_generation_and_cli(t5, capsys):
+    path, ref = t5
+    text = "translate English to German: the quick brown fox"
+    model = sparseinfer.load(path)
+    ids = model.encode(text)
+    out = sparseinfer.generate(path, text, max_new_tokens=8)
+    assert isinstance(out, str)
+    assert model.generate(text, max_new_tokens=8) == out
+    assert model.decode(torch_greedy(ref, ids, 8)).startswith(out) or out == model.decode(torch_greedy(ref, ids, 8))
+    from sparseinfer.cli import main
+
+    assert main(["generate", "-m", str(path), text, "--max-new-tokens", "8"]) == 0
+    cap = capsys.readouterr()
+    assert out in cap.out
+    assert "decode" in cap.err and "tok/s" in cap.err
+
+
+def test_misuse_is_a_clear_error(t5):
+    path, _ = t5
+    model = sparseinfer.load(path)
+    with pytest.raises(InvalidInputError, match="decoder_ids"):
+        model.logits(INPUT)
+    with pytest.raises(InvalidInputError, match="chat template"):
+        model.generate("hello", chat=True)
+    with pytest.raises(InvalidInputError, match="vocabulary"):
+        model.logits(INPUT, [0, tiny_models.VOCAB])
+
+
+def _edit_config(src, dst, **changes):
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_bad_configs_are_refused_by_name(t5, tmp_path):
+    path, _ = t5
+    bad = _edit_config(path, tmp_path / "ffn", feed_forward_proj="gated-gelu-x")
+    with pytest.raises(UnsupportedError, match="feed_forward_proj"):
+        sparseinfer.load(bad)
+    bad = _edit_config(path, tmp_path / "buckets", relative_attention_num_buckets=1)
+    with pytest.raises(InvalidInputError, match="relative_attention_num_buckets"):
+        sparseinfer.load(bad)
+    # An untied head as transformers 4 writes it names its own weight, which this checkpoint lacks.
+    bad = _edit_config(path, tmp_path / "untied", tie_word_embeddings=False, scale_decoder_outputs=None)
+    with pytest.raises(InvalidInputError, match="lm_head.weight"):
+        sparseinfer.load(bad)
+
+
+def test_pruned_quantized_export_loads_and_matches(tmp_path):
+    # The training side's path: prune, quantize, export (compressed-tensors sparse-bitmask + int8), then run.
+    from sparseinfer import training as T
+
+    src = tmp_path / "src"
+    ref = tiny_models.build("t5", src, feed_forward_proj="gated-gelu")
+    T.prune(ref, "magnitude", 0.6)
+    T.quantize(ref, bits=8, method="rtn")
+    out = T.export(ref, src, tmp_path / "out", sparse=True)
+    model = sparseinfer.load(out)
+    formats = {e["format"] for e in model.info()["linear"]}
+    assert formats == {"sparse-int8"}, formats
+    _, want = torch_forward(ref, INPUT, DECODER)
+    # The fake-quantized torch model vs the runtime (int8 activations, an int8 head): as for sparse-int8 above.
+    got = model.logits(INPUT, DECODER)
+    assert np.abs(got - want).max() < 0.03 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
+    assert model.generate_ids(INPUT, max_new_tokens=8) == torch_greedy(ref, INPUT, 8)
