@@ -109,11 +109,21 @@ pub type Outcome = Result<(), String>;
 
 fn load_in(dir: &Path, opts: LoadOptions) -> Outcome {
     sparseinfer_core::parallel::set_num_threads(1);
-    let model = runtime::load_dir(dir, opts).map_err(|e| e.to_string())?;
-    let last = (model.spec.vocab.min(u32::MAX as usize) - 1) as u32;
     // Running may still refuse, with a typed error: finite weights can overflow to a non-finite activation.
-    let tokens: &[u32] = if model.spec.max_positions < 2 { &[0] } else { &[0, last] };
-    runtime::logits(&model, tokens).map(|_| ()).map_err(|e| format!("run: {e}"))
+    let run = |e: sparseinfer_core::Error| format!("run: {e}");
+    match runtime::load_any(dir, opts).map_err(|e| e.to_string())? {
+        runtime::AnyModel::Decoder(model) => {
+            let last = (model.spec.vocab.min(u32::MAX as usize) - 1) as u32;
+            let tokens: &[u32] = if model.spec.max_positions < 2 { &[0] } else { &[0, last] };
+            runtime::logits(&model, tokens).map(|_| ()).map_err(run)
+        }
+        runtime::AnyModel::Seq2Seq(model) => {
+            let last = (model.spec.vocab.min(u32::MAX as usize) - 1) as u32;
+            let enc = model.encode(&[0, last, 0]).map_err(run)?;
+            let mut state = model.start(&enc, 2).map_err(run)?;
+            model.decode(&mut state, &[0, last], true).map(|_| ()).map_err(run)
+        }
+    }
 }
 
 /// The [`LoadOptions`] byte: mostly "as stored", else a kernel format with a group size and symmetry.
@@ -287,7 +297,7 @@ const I: usize = 16;
 const V: usize = 16;
 const P: usize = 16;
 
-/// Llama, OPT, GPT-2 and MPT.
+/// Llama, OPT, GPT-2, MPT and T5.
 pub const TINY: &[Tiny] = &[
     Tiny {
         model_types: &["llama", "mistral", "qwen2"],
@@ -390,6 +400,38 @@ pub const TINY: &[Tiny] = &[
             t.f32(&format!("{l}ffn.down_proj.weight"), &[D, 2 * D], false);
             t.f32(&format!("{p}norm_f.weight"), &[D], true);
             t.f32("lm_head.weight", &[V, D], false);
+        },
+    },
+    Tiny {
+        model_types: &["t5", "mt5"],
+        config: || {
+            json!({"model_type": "t5", "d_model": D, "d_kv": D / 2, "d_ff": I, "num_layers": 1,
+                   "num_decoder_layers": 1, "num_heads": 2, "relative_attention_num_buckets": 8,
+                   "relative_attention_max_distance": 16, "feed_forward_proj": "gated-gelu", "vocab_size": V,
+                   "tie_word_embeddings": true, "decoder_start_token_id": 0, "eos_token_id": 1})
+        },
+        weights: |t| {
+            t.f32("shared.weight", &[V, D], false);
+            for stack in ["encoder", "decoder"] {
+                let b = format!("{stack}.block.0.layer.");
+                t.f32(&format!("{b}0.SelfAttention.relative_attention_bias.weight"), &[8, 2], false);
+                let mut sub = vec![(0, "SelfAttention")];
+                if stack == "decoder" {
+                    sub.push((1, "EncDecAttention"));
+                }
+                for (i, name) in sub {
+                    t.f32(&format!("{b}{i}.layer_norm.weight"), &[D], true);
+                    for m in ["q", "k", "v", "o"] {
+                        t.f32(&format!("{b}{i}.{name}.{m}.weight"), &[D, D], false);
+                    }
+                }
+                let f = if stack == "decoder" { 2 } else { 1 };
+                t.f32(&format!("{b}{f}.layer_norm.weight"), &[D], true);
+                t.f32(&format!("{b}{f}.DenseReluDense.wi_0.weight"), &[I, D], false);
+                t.f32(&format!("{b}{f}.DenseReluDense.wi_1.weight"), &[I, D], false);
+                t.f32(&format!("{b}{f}.DenseReluDense.wo.weight"), &[D, I], false);
+                t.f32(&format!("{stack}.final_layer_norm.weight"), &[D], true);
+            }
         },
     },
 ];

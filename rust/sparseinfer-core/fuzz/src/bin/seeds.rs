@@ -156,6 +156,12 @@ fn main() {
             3,
             json!({"attn_config": {"alibi": true, "alibi_bias_max": 8, "clip_qkv": 6.0, "softmax_scale": 0.5}}),
         ),
+        (
+            "t5-relu-untied",
+            4,
+            json!({"feed_forward_proj": "relu", "tie_word_embeddings": false, "scale_decoder_outputs": false,
+            "layer_norm_epsilon": 1e-6, "num_decoder_layers": 1}),
+        ),
     ];
     for (name, arch, extra) in variants {
         put("config", name, &with(TINY[arch].config(), extra));
