@@ -54,7 +54,7 @@ class Model:
 class Generator:
     def __init__(
         self,
-        model: Model,
+        model: Model | Seq2SeqModel,
         prompt: list[int],
         max_new_tokens: int,
         temperature: float = 0.0,
@@ -70,21 +70,6 @@ class Seq2SeqModel:
     def encode(self, input_ids: list[int]) -> npt.NDArray[np.float32]: ...
     def logits(self, input_ids: list[int], decoder_ids: list[int]) -> npt.NDArray[np.float32]: ...
     def info(self) -> dict[str, Any]: ...
-
-class Seq2SeqGenerator:
-    def __init__(
-        self,
-        model: Seq2SeqModel,
-        input_ids: list[int],
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-    ) -> None: ...
-    def next_token(self) -> int | None: ...
-    def stats(self) -> dict[str, float]: ...
 
 def load_model(
     path: str,

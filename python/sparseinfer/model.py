@@ -224,8 +224,9 @@ class Model:
         for name, value in (("temperature", temperature), ("repetition_penalty", repetition_penalty)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise InvalidInputError(f"{name} must be a number, got {value!r}")
-        make = _core.Seq2SeqGenerator if self.encoder_decoder else _core.Generator
-        gen = make(self._core, ids, max_new_tokens, float(temperature), top_k, top_p, float(repetition_penalty), seed)
+        gen = _core.Generator(
+            self._core, ids, max_new_tokens, float(temperature), top_k, top_p, float(repetition_penalty), seed
+        )
         t0 = time.perf_counter()
         try:
             while stats.new_tokens < max_new_tokens:

@@ -350,11 +350,7 @@ impl PyModel {
         activations: Option<&str>,
     ) -> PyResult<Self> {
         guard(py, "load", || {
-            let group_size = opt_int_arg::<usize>(py, "load", "group_size", group_size)?;
-            let weights = weights.map(Format::from_name).transpose().map_err(|e| to_py(py, e))?;
-            let activations = parse_act(py, activations)?;
-            let pack = PackOptions { group_size, asymmetric, ..Default::default() };
-            let opts = LoadOptions { weights, pack, activations };
+            let opts = load_options(py, weights, group_size, asymmetric, activations)?;
             let m = py.detach(|| runtime::load_dir(&path, opts)).map_err(|e| to_py(py, e))?;
             Ok(PyModel { inner: Arc::new(m) })
         })
@@ -447,6 +443,21 @@ impl PyModel {
     }
 }
 
+/// The load options of `load`'s arguments.
+fn load_options(
+    py: Python<'_>,
+    weights: Option<&str>,
+    group_size: Option<&Bound<'_, PyAny>>,
+    asymmetric: bool,
+    activations: Option<&str>,
+) -> PyResult<LoadOptions> {
+    let group_size = opt_int_arg::<usize>(py, "load", "group_size", group_size)?;
+    let weights = weights.map(Format::from_name).transpose().map_err(|e| to_py(py, e))?;
+    let activations = parse_act(py, activations)?;
+    let pack = PackOptions { group_size, asymmetric, ..Default::default() };
+    Ok(LoadOptions { weights, pack, activations })
+}
+
 /// The sampling parameters of a generator's arguments.
 fn sampling(
     py: Python<'_>,
@@ -482,10 +493,18 @@ fn stats_dict(py: Python<'_>, s: runtime::GenStats) -> PyResult<Bound<'_, PyDict
     Ok(d)
 }
 
-/// One sequence being generated: the first `next_token()` prefills the prompt, later calls decode one token.
+/// A generation of either kind of model.
+enum Gen {
+    Decoder(Generator),
+    Seq2Seq(Seq2SeqGenerator),
+}
+
+/// One sequence being generated. For a `Model`, the first `next_token()` prefills the prompt and later calls
+/// decode one token; for a `Seq2SeqModel`, the prompt is the encoder input: the first call encodes it and
+/// decodes the start token.
 #[pyclass(name = "Generator", module = "sparseinfer._core", frozen)]
 struct PyGenerator {
-    inner: Mutex<Generator>,
+    inner: Mutex<Gen>,
 }
 
 #[pymethods]
@@ -495,7 +514,7 @@ impl PyGenerator {
     #[allow(clippy::too_many_arguments)]
     fn new<'py>(
         py: Python<'py>,
-        model: &PyModel,
+        model: &Bound<'py, PyAny>,
         prompt: &Bound<'py, PyAny>,
         max_new_tokens: &Bound<'py, PyAny>,
         temperature: f64,
@@ -509,24 +528,43 @@ impl PyGenerator {
             let prompt = token_ids(py, OP, prompt)?;
             let max_new_tokens = int_arg::<usize>(py, OP, "max_new_tokens", max_new_tokens)?;
             let params = sampling(py, temperature, top_k, top_p, repetition_penalty, seed)?;
-            let g = py
-                .detach(|| Generator::new(model.inner.clone(), &prompt, max_new_tokens, params))
-                .map_err(|e| to_py(py, e))?;
-            Ok(PyGenerator { inner: Mutex::new(g) })
+            let g = if let Ok(m) = model.cast::<PyModel>() {
+                let m = m.get().inner.clone();
+                py.detach(|| Generator::new(m, &prompt, max_new_tokens, params)).map(Gen::Decoder)
+            } else if let Ok(m) = model.cast::<PySeq2SeqModel>() {
+                Seq2SeqGenerator::new(m.get().inner.clone(), &prompt, max_new_tokens, params).map(Gen::Seq2Seq)
+            } else {
+                return Err(invalid(
+                    py,
+                    OP,
+                    format!("model must be a Model or a Seq2SeqModel, got {}", describe(model)),
+                ));
+            };
+            Ok(PyGenerator { inner: Mutex::new(g.map_err(|e| to_py(py, e))?) })
         })
     }
 
-    /// The next token id, or None when the context is full. Releases the GIL while it computes.
+    /// The next token id, or None when the context (or, for a Seq2SeqModel, max_new_tokens) is reached.
+    /// Releases the GIL while it computes.
     fn next_token(&self, py: Python<'_>) -> PyResult<Option<u32>> {
         guard(py, "generate", || {
-            let r = py.detach(|| self.inner.lock().unwrap_or_else(|e| e.into_inner()).next_token());
+            let r = py.detach(|| match &mut *self.inner.lock().unwrap_or_else(|e| e.into_inner()) {
+                Gen::Decoder(g) => g.next_token(),
+                Gen::Seq2Seq(g) => g.next_token(),
+            });
             r.map_err(|e| to_py(py, e))
         })
     }
 
     /// Prompt tokens, prefill seconds, decode tokens and decode seconds so far.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        guard(py, "stats", || stats_dict(py, self.inner.lock().unwrap_or_else(|e| e.into_inner()).stats()))
+        guard(py, "stats", || {
+            let s = match &*self.inner.lock().unwrap_or_else(|e| e.into_inner()) {
+                Gen::Decoder(g) => g.stats(),
+                Gen::Seq2Seq(g) => g.stats(),
+            };
+            stats_dict(py, s)
+        })
     }
 }
 
@@ -626,54 +664,6 @@ impl PySeq2SeqModel {
     }
 }
 
-/// One input being translated: the first `next_token()` encodes it and decodes the start token, later calls
-/// decode one token each.
-#[pyclass(name = "Seq2SeqGenerator", module = "sparseinfer._core", frozen)]
-struct PySeq2SeqGenerator {
-    inner: Mutex<Seq2SeqGenerator>,
-}
-
-#[pymethods]
-impl PySeq2SeqGenerator {
-    #[new]
-    #[pyo3(signature = (model, input_ids, max_new_tokens, temperature = 0.0, top_k = None, top_p = None, repetition_penalty = 1.0, seed = None))]
-    #[allow(clippy::too_many_arguments)]
-    fn new<'py>(
-        py: Python<'py>,
-        model: &PySeq2SeqModel,
-        input_ids: &Bound<'py, PyAny>,
-        max_new_tokens: &Bound<'py, PyAny>,
-        temperature: f64,
-        top_k: Option<&Bound<'py, PyAny>>,
-        top_p: Option<f64>,
-        repetition_penalty: f64,
-        seed: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Self> {
-        const OP: &str = "generate";
-        guard(py, OP, || {
-            let ids = token_ids(py, OP, input_ids)?;
-            let max_new_tokens = int_arg::<usize>(py, OP, "max_new_tokens", max_new_tokens)?;
-            let params = sampling(py, temperature, top_k, top_p, repetition_penalty, seed)?;
-            let g =
-                Seq2SeqGenerator::new(model.inner.clone(), &ids, max_new_tokens, params).map_err(|e| to_py(py, e))?;
-            Ok(PySeq2SeqGenerator { inner: Mutex::new(g) })
-        })
-    }
-
-    /// The next decoder token id, or None after max_new_tokens. Releases the GIL while it computes.
-    fn next_token(&self, py: Python<'_>) -> PyResult<Option<u32>> {
-        guard(py, "generate", || {
-            let r = py.detach(|| self.inner.lock().unwrap_or_else(|e| e.into_inner()).next_token());
-            r.map_err(|e| to_py(py, e))
-        })
-    }
-
-    /// Input tokens, prefill (encoding and first token) seconds, decode tokens and decode seconds so far.
-    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        guard(py, "stats", || stats_dict(py, self.inner.lock().unwrap_or_else(|e| e.into_inner()).stats()))
-    }
-}
-
 /// Loads a model directory of either kind: a `Model` (decoder-only) or a `Seq2SeqModel` (encoder-decoder).
 /// Arguments as for `Model.load`.
 #[pyfunction]
@@ -687,11 +677,7 @@ fn load_model<'py>(
     activations: Option<&str>,
 ) -> PyResult<Bound<'py, PyAny>> {
     guard(py, "load", || {
-        let group_size = opt_int_arg::<usize>(py, "load", "group_size", group_size)?;
-        let weights = weights.map(Format::from_name).transpose().map_err(|e| to_py(py, e))?;
-        let activations = parse_act(py, activations)?;
-        let pack = PackOptions { group_size, asymmetric, ..Default::default() };
-        let opts = LoadOptions { weights, pack, activations };
+        let opts = load_options(py, weights, group_size, asymmetric, activations)?;
         match py.detach(|| runtime::load_any(&path, opts)).map_err(|e| to_py(py, e))? {
             runtime::AnyModel::Decoder(m) => Ok(Bound::new(py, PyModel { inner: Arc::new(m) })?.into_any()),
             runtime::AnyModel::Seq2Seq(m) => Ok(Bound::new(py, PySeq2SeqModel { inner: Arc::new(m) })?.into_any()),
@@ -794,7 +780,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyModel>()?;
     m.add_class::<PyGenerator>()?;
     m.add_class::<PySeq2SeqModel>()?;
-    m.add_class::<PySeq2SeqGenerator>()?;
     m.add_function(wrap_pyfunction!(load_model, m)?)?;
     m.add_function(wrap_pyfunction!(supported_architectures, m)?)?;
     m.add_function(wrap_pyfunction!(pack, m)?)?;

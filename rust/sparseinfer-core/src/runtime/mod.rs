@@ -115,6 +115,18 @@ pub struct GenStats {
     pub decode_s: f64,
 }
 
+impl GenStats {
+    /// Counts a step of `dt` seconds: the prefill (the first), or one decoded token.
+    fn record(&mut self, first: bool, dt: f64) {
+        if first {
+            self.prefill_s = dt;
+        } else {
+            self.decode_s += dt;
+            self.decode_tokens += 1;
+        }
+    }
+}
+
 /// One sequence being generated: the prompt is prefilled by [`Generator::start`], then each
 /// [`Generator::next_token`] decodes one step.
 pub struct Generator {
@@ -167,13 +179,7 @@ impl Generator {
             }
         };
         let tok = self.sampler.sample(&mut logits, &self.seen)?;
-        let dt = t0.elapsed().as_secs_f64();
-        if self.last.is_none() {
-            self.stats.prefill_s = dt;
-        } else {
-            self.stats.decode_s += dt;
-            self.stats.decode_tokens += 1;
-        }
+        self.stats.record(self.last.is_none(), t0.elapsed().as_secs_f64());
         self.seen.push(tok);
         self.last = Some(tok);
         Ok(Some(tok))
@@ -227,13 +233,7 @@ impl Seq2SeqGenerator {
             }
         };
         let tok = self.sampler.sample(&mut logits, &self.seen)?;
-        let dt = t0.elapsed().as_secs_f64();
-        if self.seen.is_empty() {
-            self.stats.prefill_s = dt;
-        } else {
-            self.stats.decode_s += dt;
-            self.stats.decode_tokens += 1;
-        }
+        self.stats.record(self.seen.is_empty(), t0.elapsed().as_secs_f64());
         self.seen.push(tok);
         Ok(Some(tok))
     }
