@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: help setup setup-train setup-interop develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-train bench-llamacpp study wheel clean fuzz-build fuzz fuzz-merge fuzz-seeds fuzz-regress
+.PHONY: help setup setup-train setup-interop setup-audio develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-train bench-llamacpp study wheel clean fuzz-build fuzz fuzz-merge fuzz-seeds fuzz-regress
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -34,6 +34,10 @@ $(VENV)/ct014/.installed: $(VENV)/.installed-train
 setup: $(VENV)/.installed  ## create the virtualenv: build, test and bench tools, the default model
 setup-train: $(VENV)/.installed-train  ## add torch and transformers (training, parity tests)
 setup-interop: $(VENV)/ct014/.installed  ## add compressed-tensors 0.14 beside the venv (sparse-bitmask interop tests)
+setup-audio:  ## install espeak-ng if missing (speech for the Whisper front-end tests), best effort
+	command -v espeak-ng >/dev/null || apt-get install -y -q espeak-ng >/dev/null || \
+		(apt-get update -q >/dev/null && apt-get install -y -q espeak-ng >/dev/null) || \
+		echo "WARNING: espeak-ng could not be installed; the Whisper front end is tested on synthetic audio only"
 
 develop: setup  ## build the extension (release) into the virtualenv
 	$(VENV)/bin/maturin develop --release --quiet
@@ -44,7 +48,7 @@ lint: setup  ## rustfmt, clippy -D warnings, ruff
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/ruff format --check python tests bench
 
-test: develop setup-train setup-interop lint  ## everything CI checks: lint, cargo test, pytest
+test: develop setup-train setup-interop setup-audio lint  ## everything CI checks: lint, cargo test, pytest
 	cargo test -p sparseinfer-core --quiet
 	$(PY) -m pytest -q
 

@@ -4,10 +4,10 @@ Inference needs only numpy and the Rust extension; ``sparseinfer.training`` (``p
 sparseinfer[train]``) adds torch and transformers.
 """
 
-from . import kernels, models
+from . import audio, kernels, models
 from ._core import __version__, build_info
 from .errors import InvalidInputError, SparseInferError, UnsupportedError
-from .model import GenerationStats, Model, Stream, generate, load
+from .model import GenerationStats, Model, Stream, generate, load, transcribe
 
 __all__ = [
     "GenerationStats",
@@ -15,11 +15,13 @@ __all__ = [
     "Stream",
     "generate",
     "load",
+    "transcribe",
     "InvalidInputError",
     "SparseInferError",
     "UnsupportedError",
     "__version__",
     "build_info",
+    "audio",
     "kernels",
     "models",
 ]

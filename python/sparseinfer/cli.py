@@ -150,6 +150,31 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _transcribe(args: argparse.Namespace) -> int:
+    from . import load
+
+    _check_model(args.model)
+    model = load(args.model, weights=args.weights, threads=args.threads or None, activations=args.activations)
+    out = model.transcribe(
+        args.audio,
+        task=args.task,
+        language=args.language,
+        return_ids=args.ids,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    print(json.dumps(out) if args.ids else out)
+    info, st = model.info(), model.last_stats
+    lang = f", language {st.extra['language']}" if "language" in st.extra else ""
+    print(
+        f"[{info['arch']} {info['format']} {info['isa']} x{info['threads']}] {st.extra['windows']} window(s){lang}: "
+        f"encoder + first token {st.prefill_s:.2f} s, {st.summary()}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from . import build_info, load
 
@@ -361,6 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--threads", type=_non_negative_int, default=0, help=THREADS_HELP)
 
+    t = sub.add_parser("transcribe", help="transcribe or translate speech with a Whisper model", formatter_class=fmt)
+    t.add_argument("audio", help="a WAV file (any rate and channel count; resampled to the model's)")
+    t.add_argument("-m", "--model", required=True, help="a Whisper model directory")
+    t.add_argument(
+        "--task", default=None, choices=("transcribe", "translate"), help="translate: English text of any language"
+    )
+    t.add_argument("--language", default=None, help="the spoken language's code (e.g. de); default: detect it")
+    t.add_argument("--weights", default=None, choices=FORMATS, metavar="FORMAT", help=weights_help)
+    t.add_argument("--activations", default=None, choices=ACTIVATIONS, help=ACT_HELP)
+    t.add_argument("--max-new-tokens", type=_non_negative_int, default=None, help="tokens per 30 s window at most")
+    t.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    t.add_argument("--seed", type=int, default=None, help="sampling seed; default: random")
+    t.add_argument("--ids", action="store_true", help="print the generated token ids (JSON) instead of text")
+    t.add_argument("--threads", type=_non_negative_int, default=0, help=THREADS_HELP)
+
     i = sub.add_parser("info", help="the build and CPU, or a model's architecture and formats", formatter_class=fmt)
     i.add_argument("model", nargs="?", default=None, help="a model directory or preset; default: the build and CPU")
     i.add_argument("--weights", default=None, choices=FORMATS, metavar="FORMAT", help=weights_help)
@@ -426,7 +466,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .errors import SparseInferError
 
-    handlers = {"generate": _generate, "info": _info, "convert": _convert, "bench": _bench, "demo": _demo}
+    handlers = {
+        "generate": _generate,
+        "transcribe": _transcribe,
+        "info": _info,
+        "convert": _convert,
+        "bench": _bench,
+        "demo": _demo,
+    }
     handlers.update(dict.fromkeys(TRAINING, _train))
 
     def fail(message: str) -> int:

@@ -29,7 +29,7 @@ from .chat import apply_chat_template
 from .errors import InvalidInputError, SparseInferError
 from .modeldir import MAX_TOKENIZER_BYTES, read_json, read_model_file
 
-__all__ = ["GenerationStats", "Model", "Stream", "generate", "load"]
+__all__ = ["GenerationStats", "Model", "Stream", "generate", "load", "transcribe"]
 
 
 @dataclass
@@ -167,26 +167,75 @@ class Model:
         )
 
     # -- running ---------------------------------------------------------------------------------------
-    def logits(self, token_ids: Sequence[int], decoder_ids: Sequence[int] | None = None) -> np.ndarray:
+    @property
+    def reads_audio(self) -> bool:
+        """Whether the encoder reads a log-mel spectrogram (Whisper) rather than token ids."""
+        return self._info.get("encoder_input") == "mel"
+
+    def _encoder_input(self, x: Any) -> Any:
+        """Token ids, or for an audio encoder a ``(mel bins, frames)`` float32 spectrogram."""
+        if not self.reads_audio:
+            return _check_ids(x, self._info["vocab_size"])
+        arr = np.asarray(x)
+        if arr.ndim != 2 or arr.dtype.kind != "f":
+            raise InvalidInputError(
+                f"{self._info['arch']}'s encoder reads a (mel bins, frames) float spectrogram "
+                f"(see features()), got {arr.dtype} of shape {arr.shape}"
+            )
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+    def logits(self, token_ids: Any, decoder_ids: Sequence[int] | None = None) -> np.ndarray:
         """``(len(token_ids), vocab)`` float32 logits of every position (for parity tests). An encoder-decoder
-        takes the encoder's ``token_ids`` and returns ``(len(decoder_ids), vocab)`` for the decoder's."""
+        takes the encoder's input (token ids, or a spectrogram for Whisper) and returns
+        ``(len(decoder_ids), vocab)`` for the decoder's."""
         vocab = self._info["vocab_size"]
-        ids = _check_ids(token_ids, vocab)
         if self.encoder_decoder:
             if decoder_ids is None:
-                raise InvalidInputError("an encoder-decoder model needs decoder_ids as well as the encoder's token ids")
-            return self._core.logits(ids, _check_ids(decoder_ids, vocab))
+                raise InvalidInputError("an encoder-decoder model needs decoder_ids as well as the encoder's input")
+            return self._core.logits(self._encoder_input(token_ids), _check_ids(decoder_ids, vocab))
+        ids = _check_ids(token_ids, vocab)
         if decoder_ids is not None:
             raise InvalidInputError(f"{self._info['arch']} is a decoder-only model: it takes no decoder_ids")
         return self._core.logits(ids)
 
-    def encoder_hidden_states(self, token_ids: Sequence[int]) -> np.ndarray:
-        """The encoder's output ``(len(token_ids), hidden)`` float32 of an encoder-decoder model."""
+    def encoder_hidden_states(self, token_ids: Any) -> np.ndarray:
+        """The encoder's output ``(positions, hidden)`` float32 of an encoder-decoder model, for token ids or
+        (Whisper) a spectrogram."""
         if not self.encoder_decoder:
             raise InvalidInputError(f"{self._info['arch']} is a decoder-only model: it has no encoder")
-        return self._core.encode(_check_ids(token_ids, self._info["vocab_size"]))
+        return self._core.encode(self._encoder_input(token_ids))
+
+    def features(self, audio: Any, sampling_rate: int | None = None) -> list[np.ndarray]:
+        """Whisper's ``(mel bins, frames)`` float32 log-mel spectrograms of ``audio`` (a WAV path, or samples
+        at ``sampling_rate``, default the model's 16 kHz), one per 30 s window."""
+        from .speech import features
+
+        return features(self, audio, sampling_rate)
+
+    def transcribe(
+        self,
+        audio: Any,
+        task: str | None = None,
+        language: str | None = None,
+        return_ids: bool = False,
+        sampling_rate: int | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> str | list[int]:
+        """Whisper: the text of ``audio`` (a WAV path, or samples at ``sampling_rate``), transcribed or, with
+        ``task="translate"``, translated to English. ``language``: the spoken language's code (``"de"``),
+        None to detect it. ``return_ids``: the generated token ids instead of text. See
+        :mod:`sparseinfer.speech`; statistics (with the detected language) land in ``last_stats``."""
+        from .speech import transcribe
+
+        if not self.reads_audio:
+            raise InvalidInputError(f"{self._info['arch']} does not read audio: use generate()")
+        return transcribe(self, audio, task, language, return_ids, sampling_rate, max_new_tokens, temperature, seed)
 
     def _prompt_ids(self, prompt: str | Sequence[int], chat: bool) -> list[int]:
+        if self.reads_audio:
+            raise InvalidInputError(f"{self._info['arch']}'s encoder reads audio: use transcribe()")
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidInputError("the prompt is empty")
@@ -417,3 +466,11 @@ def generate(
     return model.generate(
         prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **kw
     )
+
+
+def transcribe(model_dir: str | os.PathLike[str], audio: Any, task: str | None = None, **kw: Any) -> str | list[int]:
+    """Loads the Whisper model ``model_dir`` and returns the text of ``audio`` (a WAV path or samples):
+    ``task="translate"`` for English text of any language, ``"transcribe"`` (the default) for the spoken
+    language's. The keyword arguments of :func:`load` go to it; the rest to :meth:`Model.transcribe`."""
+    model = load(model_dir, **{k: kw.pop(k) for k in _LOAD_OPTIONS if k in kw})
+    return model.transcribe(audio, task=task, **kw)

@@ -11,7 +11,9 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict};
 use sparseinfer_core::formats::budget;
-use sparseinfer_core::runtime::{self, Generator, LoadOptions, Model, SamplingParams, Seq2Seq, Seq2SeqGenerator};
+use sparseinfer_core::runtime::{
+    self, EncoderSource, Generator, LoadOptions, Model, SamplingParams, Seq2Seq, Seq2SeqGenerator, TokenRules,
+};
 use sparseinfer_core::{self as core, kernels, Error, Format, Layout, PackOptions, PackedMatrix};
 
 /// Maps a core error to `sparseinfer.errors.InvalidInputError` / `UnsupportedError` / `SparseInferError`.
@@ -114,6 +116,23 @@ fn f32_slice<'py, D: numpy::ndarray::Dimension>(
         return Err(invalid(py, op, format!("{what} is empty: shape {:?}", arr.shape())));
     }
     Ok(arr)
+}
+
+/// An encoder-decoder's input: token ids, or a 2-D float32 log-mel spectrogram `(mel bins, frames)`.
+fn encoder_source(py: Python<'_>, op: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<EncoderSource> {
+    if obj.hasattr("ndim").unwrap_or(false) && obj.hasattr("dtype").unwrap_or(false) {
+        let is_int = obj
+            .getattr("dtype")
+            .and_then(|d| d.getattr("kind"))
+            .is_ok_and(|k| k.to_string() == "i" || k.to_string() == "u");
+        if !is_int {
+            let arr = f32_slice::<numpy::Ix2>(py, op, "the spectrogram", obj)?;
+            let frames = arr.shape()[1];
+            let values = arr.as_slice().map_err(|e| invalid(py, op, e.to_string()))?.to_vec();
+            return Ok(EncoderSource::Mel { values, frames });
+        }
+    }
+    Ok(EncoderSource::Tokens(token_ids(py, op, obj)?))
 }
 
 fn parse_act(py: Python<'_>, name: Option<&str>) -> PyResult<Option<kernels::Activations>> {
@@ -510,7 +529,7 @@ struct PyGenerator {
 #[pymethods]
 impl PyGenerator {
     #[new]
-    #[pyo3(signature = (model, prompt, max_new_tokens, temperature = 0.0, top_k = None, top_p = None, repetition_penalty = 1.0, seed = None))]
+    #[pyo3(signature = (model, prompt, max_new_tokens, temperature = 0.0, top_k = None, top_p = None, repetition_penalty = 1.0, seed = None, decoder_prompt = None, suppress_tokens = None, begin_suppress_tokens = None))]
     #[allow(clippy::too_many_arguments)]
     fn new<'py>(
         py: Python<'py>,
@@ -522,17 +541,38 @@ impl PyGenerator {
         top_p: Option<f64>,
         repetition_penalty: f64,
         seed: Option<&Bound<'py, PyAny>>,
+        decoder_prompt: Option<&Bound<'py, PyAny>>,
+        suppress_tokens: Option<&Bound<'py, PyAny>>,
+        begin_suppress_tokens: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Self> {
         const OP: &str = "generate";
         guard(py, OP, || {
-            let prompt = token_ids(py, OP, prompt)?;
             let max_new_tokens = int_arg::<usize>(py, OP, "max_new_tokens", max_new_tokens)?;
             let params = sampling(py, temperature, top_k, top_p, repetition_penalty, seed)?;
+            let ids =
+                |o: Option<&Bound<'py, PyAny>>| o.filter(|o| !o.is_none()).map(|o| token_ids(py, OP, o)).transpose();
+            let (decoder_prompt, suppress, begin_suppress) =
+                (ids(decoder_prompt)?, ids(suppress_tokens)?, ids(begin_suppress_tokens)?);
             let g = if let Ok(m) = model.cast::<PyModel>() {
+                if decoder_prompt.is_some() || suppress.is_some() || begin_suppress.is_some() {
+                    return Err(invalid(
+                        py,
+                        OP,
+                        "decoder_prompt and suppress tokens apply to encoder-decoder models only".into(),
+                    ));
+                }
+                let prompt = token_ids(py, OP, prompt)?;
                 let m = m.get().inner.clone();
                 py.detach(|| Generator::new(m, &prompt, max_new_tokens, params)).map(Gen::Decoder)
             } else if let Ok(m) = model.cast::<PySeq2SeqModel>() {
-                Seq2SeqGenerator::new(m.get().inner.clone(), &prompt, max_new_tokens, params).map(Gen::Seq2Seq)
+                let input = encoder_source(py, OP, prompt)?;
+                let rules = TokenRules {
+                    suppress: suppress.unwrap_or_default(),
+                    begin_suppress: begin_suppress.unwrap_or_default(),
+                };
+                let dp = decoder_prompt.unwrap_or_default();
+                Seq2SeqGenerator::new(m.get().inner.clone(), input, &dp, max_new_tokens, params, rules)
+                    .map(Gen::Seq2Seq)
             } else {
                 return Err(invalid(
                     py,
@@ -541,6 +581,30 @@ impl PyGenerator {
                 ));
             };
             Ok(PyGenerator { inner: Mutex::new(g.map_err(|e| to_py(py, e))?) })
+        })
+    }
+
+    /// Encoder-decoder only: appends `tokens` to the decoder's input (they are not counted as generated).
+    fn force(&self, py: Python<'_>, tokens: &Bound<'_, PyAny>) -> PyResult<()> {
+        guard(py, "generate", || {
+            let ids = token_ids(py, "generate", tokens)?;
+            match &mut *self.inner.lock().unwrap_or_else(|e| e.into_inner()) {
+                Gen::Seq2Seq(g) => g.force(&ids).map_err(|e| to_py(py, e)),
+                Gen::Decoder(_) => Err(invalid(py, "generate", "force() applies to encoder-decoder models".into())),
+            }
+        })
+    }
+
+    /// Encoder-decoder only: the most likely of `candidates` as the next decoder token, which is then forced
+    /// (language detection); None when the decoder's context is full. Releases the GIL while it computes.
+    fn choose(&self, py: Python<'_>, candidates: &Bound<'_, PyAny>) -> PyResult<Option<u32>> {
+        guard(py, "generate", || {
+            let ids = token_ids(py, "generate", candidates)?;
+            let r = py.detach(|| match &mut *self.inner.lock().unwrap_or_else(|e| e.into_inner()) {
+                Gen::Seq2Seq(g) => g.choose(&ids),
+                Gen::Decoder(_) => Err(Error::invalid("generate", "choose() applies to encoder-decoder models")),
+            });
+            r.map_err(|e| to_py(py, e))
         })
     }
 
@@ -568,7 +632,7 @@ impl PyGenerator {
     }
 }
 
-/// A loaded encoder-decoder (T5). Immutable; share it across threads.
+/// A loaded encoder-decoder (T5, Whisper). Immutable; share it across threads.
 #[pyclass(name = "Seq2SeqModel", module = "sparseinfer._core", frozen)]
 struct PySeq2SeqModel {
     inner: Arc<Seq2Seq>,
@@ -576,31 +640,35 @@ struct PySeq2SeqModel {
 
 #[pymethods]
 impl PySeq2SeqModel {
-    /// The encoder output `(len(input_ids), hidden)` float32 (after the encoder's final norm).
-    fn encode<'py>(&self, py: Python<'py>, input_ids: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    /// The encoder output `(positions, hidden)` float32 (after the encoder's final norm) of `input`: token
+    /// ids, or a float32 log-mel spectrogram `(mel bins, frames)` for an audio encoder.
+    fn encode<'py>(&self, py: Python<'py>, input: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<f32>>> {
         guard(py, "encode", || {
-            let ids = token_ids(py, "encode", input_ids)?;
-            let (m, n) = (self.inner.clone(), ids.len());
-            let v = py.detach(move || m.encode(&ids)).map_err(|e| to_py(py, e))?;
-            PyArray1::from_vec(py, v).reshape([n, self.inner.spec.hidden])
+            let src = encoder_source(py, "encode", input)?;
+            let m = self.inner.clone();
+            let v = py.detach(move || src.encode(&m)).map_err(|e| to_py(py, e))?;
+            let d = self.inner.spec.hidden;
+            let n = v.len() / d;
+            PyArray1::from_vec(py, v).reshape([n, d])
         })
     }
 
     /// Decoder logits `(len(decoder_ids), vocab)` float32 of every decoder position for the encoder input
-    /// `input_ids` (the decoder ids start with the decoder start token, as the model was trained).
+    /// `input` (ids or a spectrogram, as for `encode`; the decoder ids start with the decoder start token, as
+    /// the model was trained).
     fn logits<'py>(
         &self,
         py: Python<'py>,
-        input_ids: &Bound<'py, PyAny>,
+        input: &Bound<'py, PyAny>,
         decoder_ids: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         guard(py, "logits", || {
-            let ids = token_ids(py, "logits", input_ids)?;
+            let src = encoder_source(py, "logits", input)?;
             let dec = token_ids(py, "logits", decoder_ids)?;
             let (m, k) = (self.inner.clone(), dec.len());
             let v = py
                 .detach(move || {
-                    let enc = m.encode(&ids)?;
+                    let enc = src.encode(&m)?;
                     let mut st = m.start(&enc, dec.len())?;
                     m.decode(&mut st, &dec, true)
                 })
@@ -651,6 +719,15 @@ impl PySeq2SeqModel {
             d.set_item("threads", core::parallel::num_threads())?;
             d.set_item("eos_token_ids", s.eos.clone())?;
             d.set_item("decoder_start_token_id", s.bos)?;
+            d.set_item("max_positions", s.max_positions)?;
+            match s.encoder_input {
+                runtime::config::EncoderInput::Tokens => d.set_item("encoder_input", "tokens")?,
+                runtime::config::EncoderInput::Mel { bins, positions } => {
+                    d.set_item("encoder_input", "mel")?;
+                    d.set_item("num_mel_bins", bins)?;
+                    d.set_item("max_source_positions", positions)?;
+                }
+            }
             Ok(d)
         })
     }
@@ -679,8 +756,8 @@ fn load_model<'py>(
     guard(py, "load", || {
         let opts = load_options(py, weights, group_size, asymmetric, activations)?;
         match py.detach(|| runtime::load_any(&path, opts)).map_err(|e| to_py(py, e))? {
-            runtime::AnyModel::Decoder(m) => Ok(Bound::new(py, PyModel { inner: Arc::new(m) })?.into_any()),
-            runtime::AnyModel::Seq2Seq(m) => Ok(Bound::new(py, PySeq2SeqModel { inner: Arc::new(m) })?.into_any()),
+            runtime::AnyModel::Decoder(m) => Ok(Bound::new(py, PyModel { inner: Arc::from(m) })?.into_any()),
+            runtime::AnyModel::Seq2Seq(m) => Ok(Bound::new(py, PySeq2SeqModel { inner: Arc::from(m) })?.into_any()),
         }
     })
 }

@@ -119,7 +119,15 @@ fn load_in(dir: &Path, opts: LoadOptions) -> Outcome {
         }
         runtime::AnyModel::Seq2Seq(model) => {
             let last = (model.spec.vocab.min(u32::MAX as usize) - 1) as u32;
-            let enc = model.encode(&[0, last, 0]).map_err(run)?;
+            let enc = match model.spec.encoder_input {
+                runtime::config::EncoderInput::Tokens => model.encode(&[0, last, 0]),
+                runtime::config::EncoderInput::Mel { bins, positions } => {
+                    let frames = (2 * positions).min(5);
+                    let mel: Vec<f32> = (0..bins * frames).map(|i| (i % 7) as f32 * 0.25 - 0.75).collect();
+                    model.encode_features(&mel, frames)
+                }
+            }
+            .map_err(run)?;
             let mut state = model.start(&enc, 2).map_err(run)?;
             model.decode(&mut state, &[0, last], true).map(|_| ()).map_err(run)
         }

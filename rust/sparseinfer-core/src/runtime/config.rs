@@ -31,6 +31,25 @@ pub mod limits {
     pub const POSITIONS: usize = 1 << 26;
     /// Multipliers of another size (MPT's `expansion_ratio`).
     pub const RATIO: usize = 64;
+    /// Input channels of an audio encoder (Whisper's mel bins: 80 or 128).
+    pub const MEL_BINS: usize = 1 << 12;
+    /// Positions of an audio encoder (Whisper's 1500: 30 s at 50 frames/s).
+    pub const SOURCE_POSITIONS: usize = 1 << 16;
+}
+
+/// What the encoder of an encoder-decoder model reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EncoderInput {
+    /// Token ids through the shared embedding (T5).
+    Tokens,
+    /// A log-mel spectrogram `[bins × frames]` through two convolutions, the second of stride 2, onto at most
+    /// `positions` encoder positions (Whisper).
+    Mel {
+        /// Mel bins (input channels).
+        bins: usize,
+        /// Encoder positions (the learned or sinusoidal table's rows); up to `2 · positions` frames.
+        positions: usize,
+    },
 }
 
 /// Where positions enter the model.
@@ -99,6 +118,8 @@ pub struct Spec {
     pub layers: usize,
     /// Encoder blocks of an encoder-decoder model; 0 for a decoder-only one.
     pub encoder_layers: usize,
+    /// What the encoder reads (an encoder-decoder model's).
+    pub encoder_input: EncoderInput,
     /// Query heads `H`.
     pub heads: usize,
     /// Key/value heads `G` (`H` is a multiple of `G`).
@@ -152,6 +173,7 @@ impl Spec {
             hidden,
             layers,
             encoder_layers: 0,
+            encoder_input: EncoderInput::Tokens,
             heads,
             kv_heads: heads,
             head_dim: hidden.checked_div(heads).unwrap_or(0),
@@ -207,6 +229,15 @@ impl Spec {
         }
         if self.encoder_layers > limits::LAYERS {
             return bad(format!("encoder layers {} is over the limit of {}", self.encoder_layers, limits::LAYERS));
+        }
+        if let EncoderInput::Mel { bins, positions } = self.encoder_input {
+            if bins == 0 || bins > limits::MEL_BINS || positions == 0 || positions > limits::SOURCE_POSITIONS {
+                return bad(format!(
+                    "num_mel_bins {bins} / max_source_positions {positions} are out of range (1..={}, 1..={})",
+                    limits::MEL_BINS,
+                    limits::SOURCE_POSITIONS
+                ));
+            }
         }
         if self.sliding_window == Some(0) {
             return bad("sliding_window is 0 (no position could attend to any)".into());

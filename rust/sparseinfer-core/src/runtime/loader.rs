@@ -43,6 +43,53 @@ impl Loader<'_> {
         bias: bool,
         format: Option<Format>,
     ) -> Result<Linear> {
+        self.build(parts, cols, orientation, &vec![bias; parts.len()], format)
+    }
+
+    /// A transformer projection in the plan's linear format.
+    pub fn proj(&self, parts: &[(&str, usize)], cols: usize, orientation: Orientation, bias: bool) -> Result<Linear> {
+        self.linear(parts, cols, orientation, bias, None)
+    }
+
+    /// A projection in the plan's linear format whose parts differ in having a bias (`biases[i]` for
+    /// `parts[i]`; a part without one adds zeros), as Whisper's attention, whose key projection has none.
+    pub fn proj_biases(
+        &self,
+        parts: &[(&str, usize)],
+        biases: &[bool],
+        cols: usize,
+        orientation: Orientation,
+    ) -> Result<Linear> {
+        self.build(parts, cols, orientation, biases, None)
+    }
+
+    /// A 1-D convolution of kernel `width` (`{prefix}.weight` `[out, channels, width]`, `{prefix}.bias`) as
+    /// the linear layer of its im2col form (`channels · width` inputs, index `c · width + j`), packed in the
+    /// head's format: convolutions are not pruned, so they take the dense format of the plan.
+    pub fn conv1d(&self, prefix: &str, out: usize, channels: usize, width: usize) -> Result<Linear> {
+        let name = format!("{prefix}.weight");
+        let w = self.f32(&name, &[out, channels, width])?;
+        let b = self.f32(&format!("{prefix}.bias"), &[out])?;
+        let cols = channels * width;
+        let stored = StoredAs { quant: None, sparse: false, bf16: false };
+        let packed = PackedMatrix::pack(&w, out, cols, self.plan.lm_head, self.plan.pack_options(stored, cols))
+            .map_err(|e| match e {
+                Error::InvalidInput { msg, .. } => Error::invalid("load", format!("packing {name}: {msg}")),
+                e => e,
+            })?;
+        Ok(Linear { w: packed, bias: Some(b), act: self.plan.act })
+    }
+
+    fn build(
+        &self,
+        parts: &[(&str, usize)],
+        cols: usize,
+        orientation: Orientation,
+        biases: &[bool],
+        format: Option<Format>,
+    ) -> Result<Linear> {
+        debug_assert_eq!(parts.len(), biases.len());
+        let bias = biases.iter().any(|&b| b);
         let rows: usize = parts.iter().map(|p| p.1).sum();
         // Grown part by part: each part's size is checked against its tensor before it is decoded, so nothing
         // is sized from the config alone.
@@ -52,7 +99,7 @@ impl Loader<'_> {
         let mut per_row: Option<usize> = None;
         let mut all_quant = true;
         let (mut sparse, mut bf16) = (true, true);
-        for &(name, r) in parts {
+        for (&(name, r), &has_bias) in parts.iter().zip(biases) {
             let target = checkpoint::encodings::Target { store: self.store, name, rows: r, cols, orientation };
             let s = checkpoint::decode(&target, self.quant)?;
             if w.is_empty() {
@@ -70,9 +117,11 @@ impl Loader<'_> {
                 }
                 _ => all_quant = false,
             }
-            if bias {
+            if has_bias {
                 let bname = format!("{}.bias", name.strip_suffix(".weight").unwrap_or(name));
                 b.extend(self.f32(&bname, &[r])?);
+            } else if bias {
+                b.resize(b.len() + r, 0.0);
             }
         }
         let stored = StoredAs { quant: if all_quant { self.quant } else { None }, sparse, bf16 };
@@ -88,11 +137,6 @@ impl Loader<'_> {
             PackedMatrix::pack(&w, rows, cols, format, opts).map_err(ctx)?
         };
         Ok(Linear { w: packed, bias: bias.then_some(b), act: self.plan.act })
-    }
-
-    /// A transformer projection in the plan's linear format.
-    pub fn proj(&self, parts: &[(&str, usize)], cols: usize, orientation: Orientation, bias: bool) -> Result<Linear> {
-        self.linear(parts, cols, orientation, bias, None)
     }
 
     /// An embedding table `[rows, cols]`, copied in its stored precision.

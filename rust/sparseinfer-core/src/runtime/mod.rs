@@ -12,7 +12,7 @@
 //!   model (prefill, decode one token) and the encoder-decoder.
 //! - [`kv_cache`]: per-sequence state; [`sampler`]: next-token choice.
 //! - [`Generator`]: prefill once, then one token per call (the binding streams from it); [`Seq2SeqGenerator`]:
-//!   the same for an encoder-decoder, which encodes the input first.
+//!   the same for an encoder-decoder, which encodes its [`EncoderSource`] (token ids or a spectrogram) first.
 
 pub mod arch;
 pub mod blocks;
@@ -60,16 +60,16 @@ fn read_config_in(dir: &files::ModelDir) -> Result<serde_json::Value> {
 /// A loaded model of either kind.
 pub enum AnyModel {
     /// Decoder-only.
-    Decoder(Model),
+    Decoder(Box<Model>),
     /// Encoder-decoder.
-    Seq2Seq(Seq2Seq),
+    Seq2Seq(Box<Seq2Seq>),
 }
 
 /// Loads a Hugging Face model directory (`config.json` + `*.safetensors`) of a decoder-only model. The model
 /// keeps no reference to the files: what it reads later is copied before this returns.
 pub fn load_dir(dir: &Path, opts: LoadOptions) -> Result<Model> {
     match load_any(dir, opts)? {
-        AnyModel::Decoder(m) => Ok(m),
+        AnyModel::Decoder(m) => Ok(*m),
         AnyModel::Seq2Seq(m) => Err(Error::unsupported(
             "load",
             format!("{} is an encoder-decoder model: load it as one (sparseinfer.load does)", m.spec.model_type),
@@ -94,10 +94,10 @@ pub fn load_any(dir: &Path, opts: LoadOptions) -> Result<AnyModel> {
     plan.act = opts.activations.or(declared);
     let loader = loader::Loader { store: &store, plan, quant };
     Ok(match arch::build_of(&spec)? {
-        arch::Build::Decoder(_) => AnyModel::Decoder(models::decoder::build(spec, &loader)?),
+        arch::Build::Decoder(_) => AnyModel::Decoder(Box::new(models::decoder::build(spec, &loader)?)),
         arch::Build::Seq2Seq(_) => {
             let parts = arch::load_seq2seq(&spec, &loader)?;
-            AnyModel::Seq2Seq(Seq2Seq::from_parts(spec, parts))
+            AnyModel::Seq2Seq(Box::new(Seq2Seq::from_parts(spec, parts)))
         }
     })
 }
@@ -191,54 +191,179 @@ impl Generator {
     }
 }
 
-/// One input of an encoder-decoder being translated: the first [`Seq2SeqGenerator::next_token`] encodes the
-/// input and decodes the start token; later ones decode the previous token.
+/// What an encoder-decoder generation encodes.
+#[derive(Clone, Debug)]
+pub enum EncoderSource {
+    /// Token ids (T5).
+    Tokens(Vec<u32>),
+    /// A log-mel spectrogram `[bins × frames]`, channel-major (Whisper).
+    Mel {
+        /// The values.
+        values: Vec<f32>,
+        /// Frames (columns).
+        frames: usize,
+    },
+}
+
+impl EncoderSource {
+    /// The encoder output `[n × D]` of this input.
+    pub fn encode(&self, model: &Seq2Seq) -> Result<Vec<f32>> {
+        match self {
+            EncoderSource::Tokens(ids) => model.encode(ids),
+            EncoderSource::Mel { values, frames } => model.encode_features(values, *frames),
+        }
+    }
+}
+
+/// Tokens a decoder generation never produces (`suppress`), and tokens it does not produce first
+/// (`begin_suppress`): Whisper's generation config lists both.
+#[derive(Clone, Debug, Default)]
+pub struct TokenRules {
+    /// Never sampled.
+    pub suppress: Vec<u32>,
+    /// Not sampled as the first generated token.
+    pub begin_suppress: Vec<u32>,
+}
+
+/// One input of an encoder-decoder being translated or transcribed. The first call that needs logits encodes
+/// the input; the decoder then reads its prompt (the start token, or the caller's prompt), tokens the caller
+/// [`force`](Seq2SeqGenerator::force)s, and what it generates, each decoded once into its cache.
 pub struct Seq2SeqGenerator {
     model: Arc<Seq2Seq>,
-    input: Vec<u32>,
+    input: EncoderSource,
     state: Option<models::seq2seq::Seq2SeqState>,
     sampler: Sampler,
+    rules: TokenRules,
     max_new_tokens: usize,
-    seen: Vec<u32>,
+    /// Decoder tokens not yet run (the prompt first, then forced and generated ones).
+    pending: Vec<u32>,
+    generated: Vec<u32>,
     stats: GenStats,
 }
 
 impl Seq2SeqGenerator {
-    /// A generator of up to `max_new_tokens` decoder tokens for the encoder input `input`.
-    pub fn new(model: Arc<Seq2Seq>, input: &[u32], max_new_tokens: usize, params: SamplingParams) -> Result<Self> {
-        if input.is_empty() {
-            return Err(Error::invalid("generate", "the input is empty (no tokens)"));
+    /// A generator of up to `max_new_tokens` decoder tokens for `input`, after the decoder prompt
+    /// `decoder_prompt` (empty: the model's start token).
+    pub fn new(
+        model: Arc<Seq2Seq>,
+        input: EncoderSource,
+        decoder_prompt: &[u32],
+        max_new_tokens: usize,
+        params: SamplingParams,
+        rules: TokenRules,
+    ) -> Result<Self> {
+        const OP: &str = "generate";
+        match &input {
+            EncoderSource::Tokens(t) if t.is_empty() => {
+                return Err(Error::invalid(OP, "the input is empty (no tokens)"))
+            }
+            EncoderSource::Mel { frames: 0, .. } => return Err(Error::invalid(OP, "the spectrogram has no frames")),
+            _ => {}
+        }
+        let vocab = model.spec.vocab;
+        for (what, ids) in [
+            ("decoder prompt", decoder_prompt),
+            ("suppress", &rules.suppress),
+            ("begin_suppress", &rules.begin_suppress),
+        ] {
+            if let Some(t) = ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(Error::invalid(OP, format!("{what} token id {t} is outside the vocabulary of {vocab}")));
+            }
         }
         let sampler = Sampler::new(params)?;
-        let stats = GenStats::default();
-        Ok(Seq2SeqGenerator { model, input: input.to_vec(), state: None, sampler, max_new_tokens, seen: vec![], stats })
+        let pending =
+            if decoder_prompt.is_empty() { vec![model.spec.bos.unwrap_or(0)] } else { decoder_prompt.to_vec() };
+        Ok(Seq2SeqGenerator {
+            model,
+            input,
+            state: None,
+            sampler,
+            rules,
+            max_new_tokens,
+            pending,
+            generated: vec![],
+            stats: GenStats::default(),
+        })
     }
 
-    /// The next decoder token, or `None` after `max_new_tokens`.
+    /// Runs the pending decoder tokens (encoding the input first, on the first call) and returns the logits
+    /// `[V]` after the last of them; `None` when the decoder's context is full.
+    fn step(&mut self) -> Result<Option<Vec<f32>>> {
+        let st = match &mut self.state {
+            Some(st) => st,
+            None => {
+                let enc = self.input.encode(&self.model)?;
+                self.stats.prompt_tokens = enc.len() / self.model.spec.hidden;
+                self.state.insert(self.model.start(&enc, usize::MAX)?)
+            }
+        };
+        if st.cache.len() + self.pending.len() > st.cache.capacity() {
+            return Ok(None);
+        }
+        let logits = self.model.decode(st, &self.pending, false)?;
+        self.pending.clear();
+        Ok(Some(logits))
+    }
+
+    /// The next decoder token, or `None` after `max_new_tokens` or at the end of the decoder's context.
     pub fn next_token(&mut self) -> Result<Option<u32>> {
-        if self.seen.len() >= self.max_new_tokens {
+        if self.generated.len() >= self.max_new_tokens {
             return Ok(None);
         }
         let t0 = Instant::now();
-        let mut logits = match (&mut self.state, self.seen.last()) {
-            (Some(st), Some(&t)) => self.model.decode(st, &[t], false)?,
-            _ => {
-                self.stats.prompt_tokens = self.input.len();
-                let enc = self.model.encode(&self.input)?;
-                let mut st = self.model.start(&enc, self.max_new_tokens)?;
-                let start = self.model.spec.bos.unwrap_or(0);
-                let logits = self.model.decode(&mut st, &[start], false)?;
-                self.state = Some(st);
-                logits
-            }
-        };
-        let tok = self.sampler.sample(&mut logits, &self.seen)?;
-        self.stats.record(self.seen.is_empty(), t0.elapsed().as_secs_f64());
-        self.seen.push(tok);
+        let first = self.state.is_none();
+        let Some(mut logits) = self.step()? else { return Ok(None) };
+        let mut mask = |ids: &[u32]| ids.iter().for_each(|&t| logits[t as usize] = f32::NEG_INFINITY);
+        mask(&self.rules.suppress);
+        if self.generated.is_empty() {
+            mask(&self.rules.begin_suppress);
+        }
+        let tok = self.sampler.sample(&mut logits, &self.generated)?;
+        self.stats.record(first, t0.elapsed().as_secs_f64());
+        self.generated.push(tok);
+        self.pending.push(tok);
         Ok(Some(tok))
     }
 
-    /// Timings so far (`prompt_tokens`: the encoder input; prefill: encoding and the first token).
+    /// Appends `tokens` to the decoder's input after what it has read or produced so far (Whisper's task
+    /// tokens after a detected language). They are not counted as generated.
+    pub fn force(&mut self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.model.spec.vocab;
+        if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::invalid("generate", format!("token id {t} is outside the vocabulary of {vocab}")));
+        }
+        self.pending.extend_from_slice(tokens);
+        Ok(())
+    }
+
+    /// The most likely of `candidates` as the next decoder token (Whisper's language detection), which is then
+    /// forced. `None` when the decoder's context is full.
+    pub fn choose(&mut self, candidates: &[u32]) -> Result<Option<u32>> {
+        let vocab = self.model.spec.vocab;
+        if candidates.is_empty() {
+            return Err(Error::invalid("generate", "no candidate tokens to choose from"));
+        }
+        if let Some(t) = candidates.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::invalid(
+                "generate",
+                format!("candidate token id {t} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        let t0 = Instant::now();
+        let first = self.state.is_none();
+        let Some(logits) = self.step()? else { return Ok(None) };
+        // The first maximum, as argmax does.
+        let best =
+            candidates
+                .iter()
+                .copied()
+                .fold(candidates[0], |b, t| if logits[t as usize] > logits[b as usize] { t } else { b });
+        self.stats.record(first, t0.elapsed().as_secs_f64());
+        self.pending.push(best);
+        Ok(Some(best))
+    }
+
+    /// Timings so far (`prompt_tokens`: the encoder's positions; prefill: encoding and the first step).
     pub fn stats(&self) -> GenStats {
         self.stats
     }

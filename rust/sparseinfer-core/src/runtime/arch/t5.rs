@@ -140,12 +140,14 @@ pub fn load(s: &Spec, l: &Loader) -> Result<Seq2SeqParts> {
 
     Ok(Seq2SeqParts {
         embed: l.embedding("shared.weight", s.vocab, d)?,
+        audio: None,
         encoder,
         encoder_norm: l.norm("encoder.final_layer_norm", d, false)?,
-        encoder_bias: bias("encoder")?,
+        encoder_bias: Some(bias("encoder")?),
         decoder,
         decoder_norm: l.norm("decoder.final_layer_norm", d, false)?,
-        decoder_bias: bias("decoder")?,
+        decoder_bias: Some(bias("decoder")?),
+        decoder_positions: None,
         lm_head: l.linear(&[(head, s.vocab)], d, Orientation::OutIn, false, Some(l.plan.lm_head))?,
     })
 }

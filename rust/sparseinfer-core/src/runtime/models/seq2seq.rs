@@ -1,37 +1,55 @@
-//! The encoder-decoder model (T5): the encoder runs once over the whole input ([`Seq2Seq::encode`]); each
+//! The encoder-decoder model (T5, Whisper): the encoder runs once over the whole input, token ids
+//! ([`Seq2Seq::encode`]) or a log-mel spectrogram through the audio front end ([`Seq2Seq::encode_features`]); each
 //! decoder layer's cross-attention keys and values of that output are computed once ([`Seq2Seq::start`]); the
 //! decoder then runs like a decoder-only model over its own KV cache ([`Seq2Seq::decode`]), prompt tokens in
 //! chunks of [`PREFILL_CHUNK`], generated tokens one at a time.
 //!
-//! Shapes: `n` encoder positions, `k` decoder tokens in flight, `D` hidden, `V` vocabulary.
+//! Shapes: `n` encoder positions, `k` decoder tokens in flight, `D` hidden, `V` vocabulary, `M` mel bins,
+//! `T` spectrogram frames.
 
 use super::decoder::PREFILL_CHUNK;
 use crate::error::{Error, Result};
 use crate::runtime::blocks::{CrossBlock, DecoderBlock, Scratch, Step};
-use crate::runtime::config::Spec;
+use crate::runtime::config::{EncoderInput, Spec};
 use crate::runtime::kv_cache::KvCache;
-use crate::runtime::ops::{Embedding, Linear, NormW};
+use crate::runtime::ops::activations::Act;
+use crate::runtime::ops::{conv, Embedding, Linear, NormW};
 
 const OP: &str = "forward";
 
 /// What an encoder-decoder architecture's loader hands to the model.
 pub struct Seq2SeqParts {
-    /// Token embedding `[V, D]`, shared by both stacks.
+    /// Token embedding `[V, D]` of the decoder (and of the encoder, when it reads tokens).
     pub embed: Embedding,
+    /// The audio front end, when the encoder reads a spectrogram ([`EncoderInput::Mel`]).
+    pub audio: Option<AudioFrontEnd>,
     /// Encoder blocks (bidirectional self-attention, MLP).
     pub encoder: Vec<DecoderBlock>,
     /// The norm after the encoder.
     pub encoder_norm: NormW,
-    /// The encoder's relative position bias `[buckets × H]`.
-    pub encoder_bias: Vec<f32>,
+    /// The encoder's relative position bias `[buckets × H]`, when it has one (T5).
+    pub encoder_bias: Option<Vec<f32>>,
     /// Decoder blocks (causal self-attention, cross-attention, MLP).
     pub decoder: Vec<CrossBlock>,
     /// The norm after the decoder.
     pub decoder_norm: NormW,
-    /// The decoder's relative position bias `[buckets × H]`.
-    pub decoder_bias: Vec<f32>,
+    /// The decoder's relative position bias `[buckets × H]`, when it has one (T5).
+    pub decoder_bias: Option<Vec<f32>>,
+    /// The decoder's learned positions `[max_positions × D]`, added to its token embeddings (Whisper).
+    pub decoder_positions: Option<Vec<f32>>,
     /// The output head.
     pub lm_head: Linear,
+}
+
+/// Whisper's audio front end: `gelu(conv2(gelu(conv1(mel))))`, the second convolution of stride 2, plus
+/// the encoder's position table.
+pub struct AudioFrontEnd {
+    /// `M → D` channels, stride 1 (`D` rows, `3M` columns).
+    pub conv1: Linear,
+    /// `D → D` channels, stride 2 (`D` rows, `3D` columns).
+    pub conv2: Linear,
+    /// Encoder positions `[P × D]` (sinusoidal in Whisper).
+    pub positions: Vec<f32>,
 }
 
 /// A loaded encoder-decoder, immutable and shareable across threads. Inputs live in [`Seq2SeqState`]s.
@@ -61,10 +79,11 @@ impl Seq2Seq {
         Seq2Seq { spec, p }
     }
 
-    /// Bytes of the encoder's packed linear layers (read once per input), of the decoder's and the head
-    /// (read once per generated token), and of the embedding table as stored.
+    /// Bytes of the encoder's packed linear layers and convolutions (read once per input), of the decoder's
+    /// and the head (read once per generated token), and of the embedding table as stored.
     pub fn weight_bytes(&self) -> (usize, usize, usize) {
-        let enc: usize = self.p.encoder.iter().map(DecoderBlock::linear_bytes).sum();
+        let conv = self.p.audio.as_ref().map_or(0, |a| a.conv1.w.nbytes() + a.conv2.w.nbytes());
+        let enc: usize = conv + self.p.encoder.iter().map(DecoderBlock::linear_bytes).sum::<usize>();
         let dec: usize = self.p.decoder.iter().map(CrossBlock::linear_bytes).sum();
         (enc, dec + self.p.lm_head.w.nbytes(), self.p.embed.nbytes())
     }
@@ -91,6 +110,10 @@ impl Seq2Seq {
                 v.push(("decoder", i, n, l));
             }
         }
+        if let Some(a) = &self.p.audio {
+            v.push(("encoder", 0, "conv1", &a.conv1));
+            v.push(("encoder", 0, "conv2", &a.conv2));
+        }
         v
     }
 
@@ -101,12 +124,60 @@ impl Seq2Seq {
 
     /// The encoder output `[n × D]` (after its final norm) of `tokens`.
     pub fn encode(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let s = &self.spec;
+        if self.p.audio.is_some() {
+            return Err(Error::invalid(
+                OP,
+                format!("{}'s encoder reads a spectrogram, not token ids", self.spec.model_type),
+            ));
+        }
         self.check_ids(tokens)?;
-        let n = tokens.len();
-        let mut x = self.embed(tokens)?;
+        let x = self.embed(tokens)?;
+        self.run_encoder(x, tokens.len())
+    }
+
+    /// The encoder output `[n × D]` of the log-mel spectrogram `mel[M × T]` (channel-major, as Whisper's
+    /// feature extractor lays it out), `n = ⌈T / 2⌉`. `T` may be anything up to twice the encoder's positions;
+    /// Whisper was trained on exactly that many (30 s, padded).
+    pub fn encode_features(&self, mel: &[f32], frames: usize) -> Result<Vec<f32>> {
+        let s = &self.spec;
+        let (Some(a), EncoderInput::Mel { bins, positions }) = (&self.p.audio, s.encoder_input) else {
+            return Err(Error::invalid(OP, format!("{}'s encoder reads token ids, not a spectrogram", s.model_type)));
+        };
+        if frames == 0 || frames > 2 * positions {
+            return Err(Error::invalid(
+                OP,
+                format!("the spectrogram has {frames} frames; the encoder takes 1 to {} (30 s)", 2 * positions),
+            ));
+        }
+        if frames.checked_mul(bins) != Some(mel.len()) {
+            return Err(Error::invalid(
+                OP,
+                format!("the spectrogram has {} values, not {bins} mel bins x {frames} frames", mel.len()),
+            ));
+        }
+        if let Some(i) = mel.iter().position(|v| !v.is_finite()) {
+            return Err(Error::invalid(OP, format!("the spectrogram holds a non-finite value at {i}")));
+        }
+        let d = s.hidden;
+        let mut h = conv::conv1d_channel_major(&a.conv1, mel, bins, frames, 1)?;
+        h.iter_mut().for_each(|v| *v = Act::Gelu.apply(*v));
+        let mut x = conv::conv1d_time_major(&a.conv2, &h, d, frames, 2)?;
+        drop(h);
+        let n = conv::out_len(frames, 2);
+        for (row, pos) in x.chunks_exact_mut(d).zip(a.positions.chunks_exact(d)) {
+            row.iter_mut().zip(pos).for_each(|(v, p)| *v = Act::Gelu.apply(*v) + p);
+        }
+        self.run_encoder(x, n)
+    }
+
+    /// The encoder blocks and final norm over the embedded input `x[n × D]`.
+    fn run_encoder(&self, mut x: Vec<f32>, n: usize) -> Result<Vec<f32>> {
+        let s = &self.spec;
         let mut cache = KvCache::new(s.encoder_layers, s.kv_heads, s.head_dim, n);
-        let step = Step::relative(s, 0, n, &self.p.encoder_bias, true);
+        let step = match &self.p.encoder_bias {
+            Some(bias) => Step::relative(s, 0, n, bias, true),
+            None => Step { bidirectional: true, ..Step::new(s, 0, n) },
+        };
         let mut buf = Scratch::new(s, n);
         for (li, block) in self.p.encoder.iter().enumerate() {
             block.forward(&step, li, &mut cache, &mut x, &mut buf)?;
@@ -161,8 +232,19 @@ impl Seq2Seq {
         let n_chunks = tokens.len().div_ceil(PREFILL_CHUNK);
         for (c, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
             let k = chunk.len();
+            let pos0 = st.cache.len();
             let mut x = self.embed(chunk)?;
-            let step = Step::relative(s, st.cache.len(), k, &self.p.decoder_bias, false);
+            if let Some(table) = &self.p.decoder_positions {
+                // Positions below the cache's capacity, which `start` caps at the table's rows.
+                let rows = table.get(pos0 * d..(pos0 + k) * d).ok_or_else(|| {
+                    Error::invalid(OP, format!("position {} is past the model's {}", pos0 + k, s.max_positions))
+                })?;
+                x.iter_mut().zip(rows).for_each(|(v, p)| *v += p);
+            }
+            let step = match &self.p.decoder_bias {
+                Some(bias) => Step::relative(s, pos0, k, bias, false),
+                None => Step::new(s, pos0, k),
+            };
             let mut buf = Scratch::new(s, k);
             for (li, block) in self.p.decoder.iter().enumerate() {
                 block.forward(&step, li, &mut st.cache, &st.cross, &mut x, &mut buf)?;
