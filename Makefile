@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: help setup setup-train setup-interop setup-audio develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-train bench-llamacpp study wheel clean fuzz-build fuzz fuzz-merge fuzz-seeds fuzz-regress
+.PHONY: help setup setup-train setup-interop setup-audio develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-seq2seq bench-train bench-llamacpp study wheel clean fuzz-build fuzz fuzz-merge fuzz-seeds fuzz-regress
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -77,6 +77,11 @@ bench: develop  ## the kernel benchmark (minutes): JSON, table and plot into doc
 	$(PY) -m pytest bench/test_kernels_bench.py --benchmark-enable --benchmark-only -q \
 		--benchmark-json=bench/results/kernels.json
 	$(PY) bench/report.py bench/results/kernels.json docs/benchmarks
+
+bench-seq2seq: develop setup-train  ## T5 and Whisper shapes vs transformers (~30 min): docs/benchmarks/seq2seq.*
+	$(PY) -m pytest bench/test_seq2seq_bench.py --benchmark-enable --benchmark-only -q $(BENCH_ARGS) \
+		--benchmark-json=bench/results/seq2seq.json
+	$(PY) bench/report_seq2seq.py bench/results/seq2seq.json docs/benchmarks
 
 bench-e2e: develop setup-train  ## end-to-end decode tokens/s vs transformers (~15 min): docs/benchmarks/e2e.*
 	$(PY) -m pytest bench/test_e2e_bench.py --benchmark-enable --benchmark-only -q \
