@@ -1,6 +1,6 @@
 """Writing model directories: a small safetensors writer and atomic directory and file creation.
 
-Readers live in Rust (the runtime memory-maps safetensors itself); Python only writes, for the GGUF import and
+Readers live in Rust (the runtime reads safetensors itself); Python only writes, for the GGUF import and
 the training export. Every write goes to a temporary sibling directory that takes the target's place at the
 end (atomically swapped with an existing one on Linux), so a crash leaves either the old or the new model,
 never a partial one.

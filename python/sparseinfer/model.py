@@ -1,6 +1,6 @@
 """The inference front door: ``load`` a model directory and ``generate`` text with the Rust runtime.
 
-Weights never pass through Python: the Rust core memory-maps the safetensors files and packs the linear layers
+Weights never pass through Python: the Rust core reads the safetensors files and packs the linear layers
 into a kernel format. Python only tokenizes (with the ``tokenizers`` library), applies stop rules and detokenizes
 incrementally for streaming.
 

@@ -3,7 +3,7 @@
 //! - [`formats`]: the packed weight formats ([`formats::Format`], [`formats::PackedMatrix`]).
 //! - [`kernels`]: `matvec`/`matmul` with runtime ISA dispatch (AVX-512, AVX2, scalar reference).
 //! - [`parallel`]: the persistent thread pool the kernels run on.
-//! - [`runtime`]: the decoder runtime (safetensors mmap, Llama/OPT/GPT-2/MPT, KV cache, sampling).
+//! - [`runtime`]: the runtime (safetensors reader, Llama/OPT/GPT-2/MPT, T5, Whisper, KV cache, sampling).
 //! - [`bandwidth`]: a memory read-bandwidth probe, the physical limit of memory-bound decoding.
 //!
 //! The Python binding (`sparseinfer._core`) is a separate crate; this one has no Python in it.

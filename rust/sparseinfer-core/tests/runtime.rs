@@ -41,10 +41,25 @@ fn reads_a_valid_file() {
     write(&p, &file_bytes());
     let st = SafeTensors::open(&p).unwrap();
     assert_eq!(st.names(), vec!["a", "b"]);
-    let a = st.get("a").unwrap();
+    let a = st.get("a").unwrap().unwrap();
     assert_eq!((a.dtype, a.shape), (Dtype::F32, &[2usize, 3][..]));
     assert_eq!(a.to_f32("a").unwrap(), vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
-    assert_eq!(st.get("b").unwrap().to_f32("b").unwrap(), vec![6.0, 7.0, 8.0, 9.0]);
+    assert_eq!(st.get("b").unwrap().unwrap().to_f32("b").unwrap(), vec![6.0, 7.0, 8.0, 9.0]);
+    assert!(st.get("c").unwrap().is_none());
+}
+
+#[test]
+fn a_file_truncated_after_opening_is_an_error_not_a_fault() {
+    // With a memory map the read past the new end would raise SIGBUS and kill the process.
+    let d = tmp_dir("truncated-later");
+    let p = d.join("m.safetensors");
+    let bytes = file_bytes();
+    write(&p, &bytes);
+    let st = SafeTensors::open(&p).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(bytes.len() as u64 - 8).unwrap();
+    let e = st.get("b").unwrap_err().to_string();
+    assert!(e.contains("\"b\"") && e.contains("changed while loading"), "{e}");
+    assert!(st.get("a").unwrap().is_some(), "a tensor before the cut still reads");
 }
 
 #[test]
@@ -97,7 +112,7 @@ proptest! {
         write(&p, &bytes);
         if let Ok(st) = SafeTensors::open(&p) {
             for name in st.names() {
-                let t = st.get(name).unwrap();
+                let t = st.get(name).unwrap().unwrap();
                 prop_assert_eq!(t.bytes.len(), t.numel() * t.dtype.size());
                 let _ = t.to_f32(name);
             }

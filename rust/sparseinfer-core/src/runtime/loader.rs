@@ -139,15 +139,12 @@ impl Loader<'_> {
         Ok(Linear { w: packed, bias: bias.then_some(b), act: self.plan.act })
     }
 
-    /// An embedding table `[rows, cols]`, copied in its stored precision.
+    /// An embedding table `[rows, cols]`, kept in its stored precision.
     pub fn embedding(&self, name: &str, rows: usize, cols: usize) -> Result<Embedding> {
         let t = self.store.tensor(name, &[rows, cols])?;
         if !matches!(t.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
             return Err(Error::invalid("load", format!("embedding {name:?} has dtype {}", t.dtype.name())));
         }
-        let mut bytes = Vec::new();
-        bytes.try_reserve_exact(t.bytes.len()).map_err(|_| out_of_memory(name, t.bytes.len()))?;
-        bytes.extend_from_slice(t.bytes);
-        Ok(Embedding::new(t.dtype, bytes, rows, cols))
+        Ok(Embedding::new(t.dtype, t.bytes, rows, cols))
     }
 }

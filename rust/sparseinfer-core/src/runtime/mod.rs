@@ -1,6 +1,6 @@
 //! The decoder runtime: load a model directory, run it, generate.
 //!
-//! - [`checkpoint`]: the memory-mapped, validating safetensors reader, the declared quantization scheme, and
+//! - [`checkpoint`]: the validating safetensors reader, the declared quantization scheme, and
 //!   one decoder per stored weight encoding.
 //! - [`config`] and [`arch`]: `config.json` → an architecture-neutral [`config::Spec`]; one table row and one
 //!   file per architecture.

@@ -21,7 +21,7 @@ use serde_json::Value;
 /// What an architecture's loader hands to the generic model (`final_norm` is optional for architectures
 /// without one).
 pub struct Parts {
-    /// Token embedding `[V, D]`, left in the memory map.
+    /// Token embedding `[V, D]`, in its stored precision.
     pub embed: Embedding,
     /// Learned positions `[P, D]`, if the architecture has them.
     pub pos_embed: Option<Vec<f32>>,
@@ -154,7 +154,7 @@ pub(crate) fn par_layers<T: Send>(n: usize, f: impl Fn(usize) -> Result<T> + Syn
     Ok(layers)
 }
 
-/// The parts around the blocks, shared by every architecture: the token embedding (left in the mmap), learned
+/// The parts around the blocks, shared by every architecture: the token embedding (in its stored precision), learned
 /// positions if any, the final norm, and the output head (the embedding itself when tied, else `lm_head.weight`)
 /// packed in the plan's head format.
 pub(crate) fn finish(

@@ -156,7 +156,7 @@ fn sparse_bitmask(t: &Target) -> Result<Option<Encoded>> {
         return Err(t.bad(format!("{base}.bitmask has dtype {}, expected U8", mask.dtype.name())));
     }
     let values = st
-        .get(&format!("{base}.compressed"))
+        .get(&format!("{base}.compressed"))?
         .ok_or_else(|| t.bad(format!("{base}.compressed (the stored values) is missing")))?;
     let nnz: usize = mask.bytes.iter().map(|b| b.count_ones() as usize).sum::<usize>();
     // Bits past `cols` in the last byte of a row must be clear, or the count lies.
@@ -216,7 +216,7 @@ fn pack_quantized(t: &Target) -> Result<Option<Encoded>> {
 
 /// `int-quantized`: int8 codes in `<module>.weight` itself (I8 `[rows, cols]`).
 fn int_quantized(t: &Target) -> Result<Option<Encoded>> {
-    if t.store.get(t.name).is_none_or(|w| w.dtype != Dtype::I8) {
+    if t.store.meta(t.name).is_none_or(|(dtype, _)| dtype != Dtype::I8) {
         return Ok(None);
     }
     let w = t.store.tensor(t.name, &[t.rows, t.cols])?;
@@ -226,8 +226,8 @@ fn int_quantized(t: &Target) -> Result<Option<Encoded>> {
 /// Dense floats (F32, F16 or BF16) in `<module>.weight`, oriented as `t.orientation` says (a `Conv1D` weight
 /// is transposed once here).
 fn dense(t: &Target) -> Result<Option<Encoded>> {
-    let Some(stored) = t.store.get(t.name) else { return Ok(None) };
-    let bf16 = stored.dtype == Dtype::BF16;
+    let Some((dtype, _)) = t.store.meta(t.name) else { return Ok(None) };
+    let bf16 = dtype == Dtype::BF16;
     let (rows, cols) = (t.rows, t.cols);
     let w = match t.orientation {
         Orientation::OutIn => finite_f32(t.store, t.name, &[rows, cols])?,
@@ -251,7 +251,7 @@ fn dequantize(t: &Target, quant: Option<QuantScheme>, codes: &[f32], sparse: boo
     let (st, rows, cols) = (t.store, t.rows, t.cols);
     let scheme = quant.ok_or_else(|| t.bad("integer weights but no quantization_config in config.json"))?;
     let sname = format!("{}.weight_scale", t.module());
-    let scale_t = st.get(&sname).ok_or_else(|| t.bad(format!("{sname} is missing")))?;
+    let scale_t = st.get(&sname)?.ok_or_else(|| t.bad(format!("{sname} is missing")))?;
     let per_row = match scheme.group_size {
         None => 1,
         Some(g) if g > 0 => cols.div_ceil(g),

@@ -1,5 +1,5 @@
-//! Reading a checkpoint: the memory-mapped safetensors files ([`safetensors`]), the weight quantization scheme
-//! `config.json` declares ([`quant_scheme`]), and one decoder per stored weight encoding ([`encodings`],
+//! Reading a checkpoint: the safetensors files ([`safetensors`]), the weight quantization scheme `config.json`
+//! declares ([`quant_scheme`]), and one decoder per stored weight encoding ([`encodings`],
 //! docs/FORMAT.md). What comes out is plain f32 values and, for quantized weights, their scales; which kernel
 //! format they are packed into is [`super::plan`]'s choice.
 

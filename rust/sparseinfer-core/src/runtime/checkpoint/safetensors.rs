@@ -1,4 +1,4 @@
-//! A memory-mapped, validating reader of `*.safetensors` files and sharded model directories.
+//! A validating reader of `*.safetensors` files and sharded model directories.
 //!
 //! The file format (https://github.com/huggingface/safetensors):
 //!
@@ -12,12 +12,16 @@
 //! Offsets are relative to the start of the data section. Every header is checked before any tensor is
 //! read: offsets inside the file, `end - begin == numel × dtype size`, no two tensors overlapping. A file
 //! that lies gets [`Error::InvalidInput`] naming the file and tensor, never an out-of-bounds read.
+//!
+//! Tensors are read with positioned reads (`pread`) into owned buffers, not memory-mapped: the model copies
+//! every weight it keeps while loading, so a map saved no copy, and a file truncated by another process while
+//! mapped kills the process with SIGBUS on the next touch, where a read returns an error.
 
 use crate::error::{Error, Result};
 use crate::runtime::files::{ModelDir, MAX_JSON_BYTES};
-use memmap2::Mmap;
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -94,23 +98,23 @@ struct Entry {
     end: usize,
 }
 
-/// One mapped `.safetensors` file with a validated header.
+/// One open `.safetensors` file with a validated header.
 pub struct SafeTensors {
     path: PathBuf,
-    map: Mmap,
-    data_start: usize,
+    file: File,
+    data_start: u64,
     entries: HashMap<String, Entry>,
 }
 
-/// A borrowed tensor: its dtype, shape and raw little-endian bytes inside the mapping.
-#[derive(Clone, Copy, Debug)]
+/// A tensor read from its file: its dtype, shape and raw little-endian bytes.
+#[derive(Clone, Debug)]
 pub struct TensorView<'a> {
     /// Element type.
     pub dtype: Dtype,
     /// Shape (row-major).
     pub shape: &'a [usize],
     /// `numel × dtype.size()` bytes.
-    pub bytes: &'a [u8],
+    pub bytes: Vec<u8>,
 }
 
 impl TensorView<'_> {
@@ -121,7 +125,7 @@ impl TensorView<'_> {
 
     /// The values as f32 (from F32, F16 or BF16).
     pub fn to_f32(&self, name: &str) -> Result<Vec<f32>> {
-        let b = self.bytes;
+        let b = &self.bytes[..];
         Ok(match self.dtype {
             Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             Dtype::BF16 => {
@@ -152,39 +156,39 @@ pub fn f16_to_f32(h: u16) -> f32 {
 }
 
 impl SafeTensors {
-    /// Maps and validates a file (a regular file only).
+    /// Opens and validates a file (a regular file only).
     pub fn open(path: &Path) -> Result<SafeTensors> {
         SafeTensors::from_file(crate::runtime::files::open_regular(path)?, path)
     }
 
-    /// Maps and validates an open file; `path` names it in errors.
+    /// Validates an open file; `path` names it in errors.
     pub fn from_file(file: File, path: &Path) -> Result<SafeTensors> {
         let shown = path.display().to_string();
-        let io = |e| Error::Io { op: format!("mapping {shown}"), source: e };
-        // SAFETY: the mapping is read-only. A file truncated by another process while mapped is the one
-        // way this can fault; the model copies what it keeps (packed layers, the embedding) before load_dir
-        // returns and drops the map, so only a truncation during loading can.
-        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let io = |e| Error::Io { op: format!("reading {shown}"), source: e };
+        let file_len = file.metadata().map_err(io)?.len();
         let bad = |msg: String| Error::invalid(OP, format!("{shown}: {msg}"));
-        if map.len() < 8 {
-            return Err(bad(format!("file is {} bytes, too short for a safetensors header", map.len())));
+        if file_len < 8 {
+            return Err(bad(format!("file is {file_len} bytes, too short for a safetensors header")));
         }
-        let n = u64::from_le_bytes(map[..8].try_into().expect("8 bytes"));
+        let mut first = [0u8; 8];
+        file.read_exact_at(&mut first, 0).map_err(io)?;
+        let n = u64::from_le_bytes(first);
         if n > MAX_HEADER {
             // Not echoing n: in a file that is not safetensors these are its first bytes.
             return Err(bad(format!("header length is over {MAX_HEADER} bytes (not a safetensors file?)")));
         }
-        if 8 + n > map.len() as u64 {
+        if 8 + n > file_len {
             return Err(bad(format!(
-                "header length {n} does not fit in a {}-byte file (truncated or not safetensors)",
-                map.len()
+                "header length {n} does not fit in a {file_len}-byte file (truncated or not safetensors)"
             )));
         }
-        let data_start = 8 + n as usize;
+        let data_start = 8 + n;
+        let mut raw = vec![0u8; n as usize];
+        file.read_exact_at(&mut raw, 8).map_err(io)?;
         let header: serde_json::Value =
-            serde_json::from_slice(&map[8..data_start]).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+            serde_json::from_slice(&raw).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
         let obj = header.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
-        let data_len = map.len() - data_start;
+        let data_len = usize::try_from(file_len - data_start).unwrap_or(usize::MAX);
         let mut entries = HashMap::new();
         for (name, v) in obj {
             if name == "__metadata__" {
@@ -206,7 +210,7 @@ impl SafeTensors {
                 return Err(bad(format!("tensors {:?} and {:?} overlap", w[0].2, w[1].2)));
             }
         }
-        Ok(SafeTensors { path: path.to_path_buf(), map, data_start, entries })
+        Ok(SafeTensors { path: path.to_path_buf(), file, data_start, entries })
     }
 
     /// The file's path.
@@ -221,13 +225,23 @@ impl SafeTensors {
         v
     }
 
-    /// A tensor, if present.
-    pub fn get(&self, name: &str) -> Option<TensorView<'_>> {
-        self.entries.get(name).map(|e| TensorView {
-            dtype: e.dtype,
-            shape: &e.shape,
-            bytes: &self.map[self.data_start + e.begin..self.data_start + e.end],
-        })
+    /// A tensor's dtype and shape, if present (nothing is read).
+    pub fn meta(&self, name: &str) -> Option<(Dtype, &[usize])> {
+        self.entries.get(name).map(|e| (e.dtype, &e.shape[..]))
+    }
+
+    /// A tensor read from the file, if present. A file cut short since it was opened is an error naming it.
+    pub fn get(&self, name: &str) -> Result<Option<TensorView<'_>>> {
+        let Some(e) = self.entries.get(name) else { return Ok(None) };
+        let n = e.end - e.begin;
+        let mut bytes = Vec::new();
+        bytes.try_reserve_exact(n).map_err(|_| super::out_of_memory(name, n))?;
+        bytes.resize(n, 0);
+        self.file.read_exact_at(&mut bytes, self.data_start + e.begin as u64).map_err(|source| Error::Io {
+            op: format!("reading tensor {name:?} of {} (was the file changed while loading?)", self.path.display()),
+            source,
+        })?;
+        Ok(Some(TensorView { dtype: e.dtype, shape: &e.shape, bytes }))
     }
 }
 
@@ -310,9 +324,17 @@ impl WeightStore {
         Ok(WeightStore { files: Arc::new(files), index: Arc::new(index) })
     }
 
-    /// A tensor, if any file has it.
-    pub fn get(&self, name: &str) -> Option<TensorView<'_>> {
-        self.index.get(name).and_then(|&i| self.files[i].get(name))
+    /// A tensor read from whichever file has it, if any.
+    pub fn get(&self, name: &str) -> Result<Option<TensorView<'_>>> {
+        match self.index.get(name) {
+            Some(&i) => self.files[i].get(name),
+            None => Ok(None),
+        }
+    }
+
+    /// A tensor's dtype and shape, if any file has it (nothing is read).
+    pub fn meta(&self, name: &str) -> Option<(Dtype, &[usize])> {
+        self.index.get(name).and_then(|&i| self.files[i].meta(name))
     }
 
     /// Whether a tensor exists.
@@ -329,16 +351,16 @@ impl WeightStore {
 
     /// A required tensor with an expected shape.
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<TensorView<'_>> {
-        let t = self
-            .get(name)
-            .ok_or_else(|| Error::invalid(OP, format!("tensor {name:?} is missing from the checkpoint")))?;
-        if t.shape != shape {
+        let missing = || Error::invalid(OP, format!("tensor {name:?} is missing from the checkpoint"));
+        let (_, stored) = self.meta(name).ok_or_else(missing)?;
+        // Checked before reading, so a wrong config never sizes a read.
+        if stored != shape {
             return Err(Error::invalid(
                 OP,
-                format!("tensor {name:?} has shape {:?}, the config implies {shape:?}", t.shape),
+                format!("tensor {name:?} has shape {stored:?}, the config implies {shape:?}"),
             ));
         }
-        Ok(t)
+        self.get(name)?.ok_or_else(missing)
     }
 
     /// A required float tensor with an expected shape, as f32.
@@ -349,7 +371,7 @@ impl WeightStore {
     /// A small integer tensor (I64 or I32) as i64 values (shapes stored as tensors).
     pub fn int_values(&self, name: &str) -> Result<Vec<i64>> {
         let t = self
-            .get(name)
+            .get(name)?
             .ok_or_else(|| Error::invalid(OP, format!("tensor {name:?} is missing from the checkpoint")))?;
         match t.dtype {
             Dtype::I64 => {

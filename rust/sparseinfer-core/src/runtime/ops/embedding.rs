@@ -4,7 +4,7 @@ use crate::error::{Error, Result};
 use crate::runtime::checkpoint::safetensors::{f16_to_f32, Dtype};
 
 /// A `[V, D]` table in its stored precision (f32, f16 or bf16), copied out of the checkpoint at load so that
-/// the model does not depend on the mapped file; rows are widened to f32 as tokens read them.
+/// the model does not depend on the file; rows are widened to f32 as tokens read them.
 pub struct Embedding {
     dtype: Dtype,
     bytes: Vec<u8>,
