@@ -76,13 +76,68 @@ pub enum Span<'a> {
     },
 }
 
+/// Queries and positions from which [`attend`] works on transposed keys and values (see [`Layout`]).
+const TRANSPOSE_QUERIES: usize = 8;
+const TRANSPOSE_POSITIONS: usize = 64;
+
+/// How [`attend_with`] reads keys and values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// As stored, position-major: one `hd`-long dot product per score and one `hd`-long axpy per value row.
+    /// Cheapest for few queries (decoding), where a transposed copy would cost as much as the work.
+    Positions,
+    /// A head-dimension-major copy of each key/value head (`kt[d][j]`), made once per call: scores become `hd`
+    /// axpys over all positions and outputs `hd` dot products over them, long vectors without a horizontal
+    /// sum per score. For many queries over many positions (an encoder, cross-attention prefill).
+    Transposed,
+}
+
 /// `out[k × H·hd]`: the attention of `k` queries, query `a` of head `h` at `q[a · q_stride + h · hd..]`, over
 /// `kv`. One task per (query, head) pair on the thread pool when the work is large enough.
 pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv: KvView, out: &mut [f32]) {
+    let layout = if k >= TRANSPOSE_QUERIES && seen(span, k) >= TRANSPOSE_POSITIONS {
+        Layout::Transposed
+    } else {
+        Layout::Positions
+    };
+    attend_with(layout, heads, span, q, q_stride, k, kv, out)
+}
+
+/// Positions of the view the queries of `span` reach.
+fn seen(span: Span, k: usize) -> usize {
+    match span {
+        Span::Causal { pos0, .. } => pos0 + k,
+        Span::All { len, .. } => len,
+    }
+}
+
+/// [`attend`] with the key/value layout chosen by the caller (tests compare the two).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_with(
+    layout: Layout,
+    heads: Heads,
+    span: Span,
+    q: &[f32],
+    q_stride: usize,
+    k: usize,
+    kv: KvView,
+    out: &mut [f32],
+) {
     let Heads { heads: n_heads, kv_heads, head_dim: hd, scale } = heads;
     let group = n_heads / kv_heads;
     let out_ptr = SendPtr(out.as_mut_ptr());
     let ops = vector::ops();
+    let n = seen(span, k);
+    // kt[g][d · n + j] = keys of head g at position j, dimension d (likewise vt).
+    let transposed: Vec<(Vec<f32>, Vec<f32>)> = match layout {
+        Layout::Positions => Vec::new(),
+        Layout::Transposed => (0..kv_heads)
+            .map(|g| {
+                let (keys, values) = kv.head(g);
+                (transpose(&keys[..n * hd], n, hd), transpose(&values[..n * hd], n, hd))
+            })
+            .collect(),
+    };
     let task = |t: usize| {
         let (a, h) = (t / n_heads, t % n_heads);
         // Keys `start..end`, and the ALiBi slope with the query's position.
@@ -95,7 +150,17 @@ pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv
         };
         let qh = &q[a * q_stride + h * hd..a * q_stride + (h + 1) * hd];
         let (keys, values) = kv.head(h / group);
-        let mut scores: Vec<f32> = (start..end).map(|j| (ops.dot)(qh, &keys[j * hd..(j + 1) * hd]) * scale).collect();
+        let mut scores: Vec<f32> = match layout {
+            Layout::Positions => (start..end).map(|j| (ops.dot)(qh, &keys[j * hd..(j + 1) * hd]) * scale).collect(),
+            Layout::Transposed => {
+                let kt = &transposed[h / group].0;
+                let mut s = vec![0.0f32; end - start];
+                for (d, &qd) in qh.iter().enumerate() {
+                    (ops.axpy)(qd * scale, &kt[d * n + start..d * n + end], &mut s);
+                }
+                s
+            }
+        };
         if let Some(m) = alibi {
             scores.iter_mut().enumerate().for_each(|(i, v)| *v += m * ((start + i) as f32 - pos as f32));
         }
@@ -113,24 +178,41 @@ pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv
         let inv = 1.0 / sum;
         // SAFETY: each (query, head) task writes its own hd-wide slice of `out`.
         let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(a * n_heads * hd + h * hd), hd) };
-        o.fill(0.0);
-        for (i, p) in scores.iter().enumerate() {
-            let vrow = &values[(start + i) * hd..(start + i + 1) * hd];
-            (ops.axpy)(p * inv, vrow, o);
+        match layout {
+            Layout::Positions => {
+                o.fill(0.0);
+                for (i, p) in scores.iter().enumerate() {
+                    let vrow = &values[(start + i) * hd..(start + i + 1) * hd];
+                    (ops.axpy)(p * inv, vrow, o);
+                }
+            }
+            Layout::Transposed => {
+                let vt = &transposed[h / group].1;
+                for (d, od) in o.iter_mut().enumerate() {
+                    *od = (ops.dot)(&scores, &vt[d * n + start..d * n + end]) * inv;
+                }
+            }
         }
     };
     let n_tasks = k * n_heads;
-    let seen = match span {
-        Span::Causal { pos0, .. } => pos0 + k,
-        Span::All { len, .. } => len,
-    };
-    let work = n_tasks * seen * hd;
+    let work = n_tasks * n * hd;
     let threads = parallel::num_threads();
     if threads > 1 && work >= 1 << 16 {
         parallel::global().run(n_tasks, threads, &task);
     } else {
         (0..n_tasks).for_each(task);
     }
+}
+
+/// `[n × hd]` → `[hd × n]`.
+fn transpose(x: &[f32], n: usize, hd: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; n * hd];
+    for (j, row) in x.chunks_exact(hd).enumerate() {
+        for (d, &v) in row.iter().enumerate() {
+            t[d * n + j] = v;
+        }
+    }
+    t
 }
 
 #[derive(Clone, Copy)]
@@ -143,3 +225,36 @@ impl SendPtr {
 // SAFETY: used only for disjoint writes from pool tasks while the owner waits.
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both layouts over every span kind: the same attention within f32 rounding of the summation order.
+    #[test]
+    fn transposed_layout_matches_the_position_layout() {
+        let (h, g, hd, n) = (4, 2, 16, 90);
+        let val = |i: usize, m: usize| ((i * m + 11) % 37) as f32 / 18.0 - 1.0;
+        let keys: Vec<Vec<f32>> = (0..g).map(|x| (0..n * hd).map(|i| val(i + x, 7)).collect()).collect();
+        let values: Vec<Vec<f32>> = (0..g).map(|x| (0..n * hd).map(|i| val(i + x, 5)).collect()).collect();
+        let kv = KvView::new(&keys, &values);
+        let heads = Heads { heads: h, kv_heads: g, head_dim: hd, scale: 0.25 };
+        let slopes = [0.5, 0.25, 0.125, 0.0625];
+        let k = 20;
+        let q: Vec<f32> = (0..k * h * hd).map(|i| val(i, 3)).collect();
+        let spans = [
+            Span::All { len: n, rel: None },
+            Span::Causal { pos0: n - k, window: None, alibi: None, rel: None },
+            Span::Causal { pos0: n - k, window: Some(33), alibi: Some(&slopes), rel: None },
+        ];
+        for span in spans {
+            let mut a = vec![0.0f32; k * h * hd];
+            let mut b = vec![0.0f32; k * h * hd];
+            attend_with(Layout::Positions, heads, span, &q, h * hd, k, kv, &mut a);
+            attend_with(Layout::Transposed, heads, span, &q, h * hd, k, kv, &mut b);
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-5, "{x} vs {y} in {span:?}");
+            }
+        }
+    }
+}
