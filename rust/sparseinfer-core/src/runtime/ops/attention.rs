@@ -83,20 +83,21 @@ const TRANSPOSE_POSITIONS: usize = 64;
 /// How [`attend_with`] reads keys and values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
-    /// As stored, position-major: one `hd`-long dot product per score and one `hd`-long axpy per value row.
-    /// Cheapest for few queries (decoding), where a transposed copy would cost as much as the work.
+    /// As stored, position-major, one query at a time: an `hd`-long dot product per score and an `hd`-long
+    /// axpy per value row. Cheapest for few queries (decoding), where a transposed copy would cost as much as
+    /// the work.
     Positions,
-    /// A head-dimension-major copy of each key/value head (`kt[d][j]`), made once per call: scores become `hd`
-    /// axpys over all positions and outputs `hd` dot products over them, long vectors without a horizontal
-    /// sum per score. For many queries over many positions (an encoder, cross-attention prefill).
-    Transposed,
+    /// Four queries at a time over a dimension-major copy of each key head (`kt[d][j]`, made once per call),
+    /// so each key or value load feeds four FMAs ([`crate::kernels::vector::VectorOps::scores4`]); leftover
+    /// queries take [`Layout::Positions`]. For many queries over many positions (an encoder, a prefill).
+    Blocked,
 }
 
 /// `out[k × H·hd]`: the attention of `k` queries, query `a` of head `h` at `q[a · q_stride + h · hd..]`, over
 /// `kv`. One task per (query, head) pair on the thread pool when the work is large enough.
 pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv: KvView, out: &mut [f32]) {
     let layout = if k >= TRANSPOSE_QUERIES && seen(span, k) >= TRANSPOSE_POSITIONS {
-        Layout::Transposed
+        Layout::Blocked
     } else {
         Layout::Positions
     };
@@ -128,74 +129,93 @@ pub fn attend_with(
     let out_ptr = SendPtr(out.as_mut_ptr());
     let ops = vector::ops();
     let n = seen(span, k);
-    // kt[g][d · n + j] = keys of head g at position j, dimension d (likewise vt).
-    let transposed: Vec<(Vec<f32>, Vec<f32>)> = match layout {
-        Layout::Positions => Vec::new(),
-        Layout::Transposed => (0..kv_heads)
-            .map(|g| {
-                let (keys, values) = kv.head(g);
-                (transpose(&keys[..n * hd], n, hd), transpose(&values[..n * hd], n, hd))
-            })
-            .collect(),
+    // Query `a`'s keys `start..end`, ALiBi slope (for head `h`), relative bias and position.
+    let range = |a: usize, h: usize| match span {
+        Span::Causal { pos0, window, alibi, rel } => {
+            let pos = pos0 + a;
+            (window.map_or(0, |w| (pos + 1).saturating_sub(w)), pos + 1, alibi.map(|s| s[h]), rel, pos)
+        }
+        Span::All { len, rel } => (0, len, None, rel, a),
     };
-    let task = |t: usize| {
-        let (a, h) = (t / n_heads, t % n_heads);
-        // Keys `start..end`, and the ALiBi slope with the query's position.
-        let (start, end, alibi, rel, pos) = match span {
-            Span::Causal { pos0, window, alibi, rel } => {
-                let pos = pos0 + a;
-                (window.map_or(0, |w| (pos + 1).saturating_sub(w)), pos + 1, alibi.map(|s| s[h]), rel, pos)
-            }
-            Span::All { len, rel } => (0, len, None, rel, a),
-        };
-        let qh = &q[a * q_stride + h * hd..a * q_stride + (h + 1) * hd];
-        let (keys, values) = kv.head(h / group);
-        let mut scores: Vec<f32> = match layout {
-            Layout::Positions => (start..end).map(|j| (ops.dot)(qh, &keys[j * hd..(j + 1) * hd]) * scale).collect(),
-            Layout::Transposed => {
-                let kt = &transposed[h / group].0;
-                let mut s = vec![0.0f32; end - start];
-                for (d, &qd) in qh.iter().enumerate() {
-                    (ops.axpy)(qd * scale, &kt[d * n + start..d * n + end], &mut s);
-                }
-                s
-            }
-        };
+    // Scores (already scaled) of query `a`, head `h`, over `from..from + scores.len()` → probabilities in
+    // place, 0 outside the query's own keys; returns 1 / their sum.
+    let softmax = |a: usize, h: usize, from: usize, scores: &mut [f32]| -> f32 {
+        let (start, end, alibi, rel, pos) = range(a, h);
+        let (lo, hi) = (start - from, end - from);
+        let own = &mut scores[lo..hi];
         if let Some(m) = alibi {
-            scores.iter_mut().enumerate().for_each(|(i, v)| *v += m * ((start + i) as f32 - pos as f32));
+            own.iter_mut().enumerate().for_each(|(i, v)| *v += m * ((start + i) as f32 - pos as f32));
         }
         if let Some(RelBias { values, width, zero }) = rel {
             // Distance `start - pos` sits at `zero + start - pos` (>= 0 by the table's construction).
             let row = &values[h * width + zero + start - pos..];
-            scores.iter_mut().zip(row).for_each(|(v, b)| *v += b);
+            own.iter_mut().zip(row).for_each(|(v, b)| *v += b);
         }
-        let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let max = own.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let mut sum = 0.0f32;
-        scores.iter_mut().for_each(|v| {
+        own.iter_mut().for_each(|v| {
             *v = (*v - max).exp();
             sum += *v;
         });
-        let inv = 1.0 / sum;
-        // SAFETY: each (query, head) task writes its own hd-wide slice of `out`.
-        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(a * n_heads * hd + h * hd), hd) };
-        match layout {
-            Layout::Positions => {
-                o.fill(0.0);
-                for (i, p) in scores.iter().enumerate() {
-                    let vrow = &values[(start + i) * hd..(start + i + 1) * hd];
-                    (ops.axpy)(p * inv, vrow, o);
-                }
-            }
-            Layout::Transposed => {
-                let vt = &transposed[h / group].1;
-                for (d, od) in o.iter_mut().enumerate() {
-                    *od = (ops.dot)(&scores, &vt[d * n + start..d * n + end]) * inv;
-                }
-            }
+        scores[..lo].fill(0.0);
+        scores[hi..].fill(0.0);
+        1.0 / sum
+    };
+    // SAFETY: each task writes the hd-wide slices of its own (query, head) pairs of `out`.
+    let out_of = |a: usize, h: usize| unsafe {
+        std::slice::from_raw_parts_mut(out_ptr.get().add(a * n_heads * hd + h * hd), hd)
+    };
+    let one = |a: usize, h: usize| {
+        let (start, end, ..) = range(a, h);
+        let qh = &q[a * q_stride + h * hd..a * q_stride + (h + 1) * hd];
+        let (keys, values) = kv.head(h / group);
+        let mut scores: Vec<f32> = (start..end).map(|j| (ops.dot)(qh, &keys[j * hd..(j + 1) * hd]) * scale).collect();
+        let inv = softmax(a, h, start, &mut scores);
+        let o = out_of(a, h);
+        o.fill(0.0);
+        for (i, p) in scores.iter().enumerate() {
+            (ops.axpy)(p * inv, &values[(start + i) * hd..(start + i + 1) * hd], o);
         }
     };
-    let n_tasks = k * n_heads;
-    let work = n_tasks * n * hd;
+    // kt[g][d · n + j]: key head g, dimension d, position j.
+    let kt: Vec<Vec<f32>> = match layout {
+        Layout::Positions => Vec::new(),
+        Layout::Blocked => (0..kv_heads).map(|g| transpose(&kv.head(g).0[..n * hd], n, hd)).collect(),
+    };
+    let block = |a0: usize, h: usize| {
+        // The union of the four queries' key ranges (causal ranges grow with the query).
+        let (from, to) = (range(a0, h).0, range(a0 + 3, h).1);
+        let mut qs = vec![0.0f32; 4 * hd];
+        for (i, qa) in qs.chunks_exact_mut(hd).enumerate() {
+            let src = &q[(a0 + i) * q_stride + h * hd..(a0 + i) * q_stride + (h + 1) * hd];
+            qa.iter_mut().zip(src).for_each(|(d, s)| *d = s * scale);
+        }
+        let l = to - from;
+        let mut scores = vec![0.0f32; 4 * l];
+        (ops.scores4)(&qs, &kt[h / group], n, from..to, &mut scores);
+        let mut inv = [0.0f32; 4];
+        for (i, s) in scores.chunks_exact_mut(l).enumerate() {
+            inv[i] = softmax(a0 + i, h, from, s);
+        }
+        let mut o4 = vec![0.0f32; 4 * hd];
+        (ops.weighted4)(&scores, kv.head(h / group).1, hd, from, &mut o4);
+        for (i, oa) in o4.chunks_exact(hd).enumerate() {
+            out_of(a0 + i, h).iter_mut().zip(oa).for_each(|(o, v)| *o = v * inv[i]);
+        }
+    };
+    let per_block = if layout == Layout::Blocked { 4 } else { 1 };
+    let blocks = k.div_ceil(per_block);
+    let task = |t: usize| {
+        let (b, h) = (t / n_heads, t % n_heads);
+        let a0 = b * per_block;
+        if per_block == 4 && a0 + 4 <= k {
+            block(a0, h);
+        } else {
+            (a0..(a0 + per_block).min(k)).for_each(|a| one(a, h));
+        }
+    };
+    let n_tasks = blocks * n_heads;
+    let work = k * n_heads * n * hd;
     let threads = parallel::num_threads();
     if threads > 1 && work >= 1 << 16 {
         parallel::global().run(n_tasks, threads, &task);
@@ -240,20 +260,22 @@ mod tests {
         let kv = KvView::new(&keys, &values);
         let heads = Heads { heads: h, kv_heads: g, head_dim: hd, scale: 0.25 };
         let slopes = [0.5, 0.25, 0.125, 0.0625];
-        let k = 20;
-        let q: Vec<f32> = (0..k * h * hd).map(|i| val(i, 3)).collect();
-        let spans = [
-            Span::All { len: n, rel: None },
-            Span::Causal { pos0: n - k, window: None, alibi: None, rel: None },
-            Span::Causal { pos0: n - k, window: Some(33), alibi: Some(&slopes), rel: None },
-        ];
-        for span in spans {
-            let mut a = vec![0.0f32; k * h * hd];
-            let mut b = vec![0.0f32; k * h * hd];
-            attend_with(Layout::Positions, heads, span, &q, h * hd, k, kv, &mut a);
-            attend_with(Layout::Transposed, heads, span, &q, h * hd, k, kv, &mut b);
-            for (x, y) in a.iter().zip(&b) {
-                assert!((x - y).abs() <= 1e-5, "{x} vs {y} in {span:?}");
+        // 23 queries: five blocks of four and three left over.
+        for k in [20, 23] {
+            let q: Vec<f32> = (0..k * h * hd).map(|i| val(i, 3)).collect();
+            let spans = [
+                Span::All { len: n, rel: None },
+                Span::Causal { pos0: n - k, window: None, alibi: None, rel: None },
+                Span::Causal { pos0: n - k, window: Some(33), alibi: Some(&slopes), rel: None },
+            ];
+            for span in spans {
+                let mut a = vec![0.0f32; k * h * hd];
+                let mut b = vec![0.0f32; k * h * hd];
+                attend_with(Layout::Positions, heads, span, &q, h * hd, k, kv, &mut a);
+                attend_with(Layout::Blocked, heads, span, &q, h * hd, k, kv, &mut b);
+                for (x, y) in a.iter().zip(&b) {
+                    assert!((x - y).abs() <= 1e-5, "{x} vs {y} in {span:?}");
+                }
             }
         }
     }
