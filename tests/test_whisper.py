@@ -355,8 +355,30 @@ def test_misuse_and_bad_configs_are_clear_errors(whisper, tmp_path):
         sparseinfer.load(edited("heads", encoder_attention_heads=2))
     with pytest.raises(InvalidInputError, match="conv1"):
         sparseinfer.load(edited("mel2", num_mel_bins=MEL * 2))
+    # Audio that would resample to nothing or to too much.
+    with pytest.raises(InvalidInputError, match="sampling_rate"):
+        model.transcribe(np.zeros(1000, np.float32), sampling_rate=1)
+    with pytest.raises(InvalidInputError, match="no sample"):
+        model.transcribe(np.zeros(1, np.float32), sampling_rate=48000)
+    with pytest.raises(InvalidInputError, match="samples, channels"):
+        model.transcribe(np.zeros((2, 1000), np.float32))
+    with pytest.raises(InvalidInputError, match="language must be a str"):
+        model.transcribe(np.zeros(100, np.float32), language=3)
+    with pytest.raises(InvalidInputError, match="temperature"):
+        model.transcribe(np.zeros(100, np.float32), temperature="hot")
+    with pytest.raises(InvalidInputError, match="whole vocabulary"):
+        g = sparseinfer._core.Generator(model._core, features(), 2, suppress_tokens=list(range(tiny_models.VOCAB)))
+        g.next_token()
     gen = tmp_path / "gen"
     shutil.copytree(path, gen)
+    for bad, field in [
+        ({"is_multilingual": True, "lang_to_id": {"<|en|>": []}, "task_to_id": {"transcribe": 8}}, "lang_to_id"),
+        ({"forced_decoder_ids": [[1, 5], ["a", 6]]}, "forced_decoder_ids"),
+        ({"is_multilingual": "false"}, "is_multilingual"),
+    ]:
+        (gen / "generation_config.json").write_text(json.dumps(bad))
+        with pytest.raises(InvalidInputError, match=field):
+            sparseinfer.load(gen).transcribe(np.zeros(100, np.float32))
     (gen / "generation_config.json").write_text(json.dumps({"suppress_tokens": ["x"]}))
     with pytest.raises(InvalidInputError, match="suppress_tokens"):
         sparseinfer.load(gen).transcribe(np.zeros(100, np.float32))

@@ -23,6 +23,10 @@ __all__ = ["FeatureConfig", "log_mel", "mel_filters", "read_wav", "resample", "l
 
 #: Largest WAV file read (about 3.5 hours of 16-bit 16 kHz stereo).
 MAX_WAV_BYTES = 1 << 30
+#: Sampling rates accepted for input audio (telephone to studio rates).
+MIN_RATE, MAX_RATE = 1000, 384000
+#: Longest input, in samples after resampling (4 hours at 16 kHz).
+MAX_SAMPLES = 4 * 3600 * 16000
 
 
 @dataclass(frozen=True)
@@ -97,9 +101,15 @@ def log_mel(audio: np.ndarray, cfg: FeatureConfig, frames: int) -> np.ndarray:
     x = np.pad(x, pad, mode="reflect")
     window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(cfg.n_fft) / cfg.n_fft)  # periodic Hann
     n_frames = 1 + (len(x) - cfg.n_fft) // cfg.hop_length
-    idx = np.arange(cfg.n_fft)[None, :] + cfg.hop_length * np.arange(n_frames)[:, None]
-    spec = np.abs(np.fft.rfft(x[idx] * window, axis=1)) ** 2  # [n_frames, n_fft // 2 + 1]
-    mel = spec @ mel_filters(cfg.n_mels, cfg.n_fft, cfg.sampling_rate)  # [n_frames, n_mels]
+    filters = mel_filters(cfg.n_mels, cfg.n_fft, cfg.sampling_rate)
+    mel = np.empty((n_frames, cfg.n_mels))
+    # Frames in chunks of about 16M samples, so a large n_fft never builds one [frames, n_fft] matrix.
+    step = max(1, (1 << 24) // cfg.n_fft)
+    for f0 in range(0, n_frames, step):
+        f = np.arange(f0, min(f0 + step, n_frames))
+        idx = np.arange(cfg.n_fft)[None, :] + cfg.hop_length * f[:, None]
+        spec = np.abs(np.fft.rfft(x[idx] * window, axis=1)) ** 2  # [frames, n_fft // 2 + 1]
+        mel[f] = spec @ filters
     logm = np.log10(np.maximum(mel, 1e-10)).T[:, :-1]
     logm = np.maximum(logm, logm.max() - 8.0)
     out = ((logm + 4.0) / 4.0).astype(np.float32)
@@ -112,6 +122,8 @@ def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
     if rate == target or len(audio) == 0:
         return np.asarray(audio, dtype=np.float32)
     n_out = int(round(len(audio) * target / rate))
+    if n_out < 1:
+        raise InvalidInputError(f"{len(audio)} samples at {rate} Hz make no sample at {target} Hz")
     spec = np.fft.rfft(np.asarray(audio, dtype=np.float64))
     keep = min(len(spec), n_out // 2 + 1)
     out = np.zeros(n_out // 2 + 1, dtype=np.complex128)
@@ -160,8 +172,8 @@ def read_wav(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
 
 
 def _decode(p: Path, body: bytes, tag: int, channels: int, rate: int, bits: int) -> tuple[np.ndarray, int]:
-    if channels < 1 or rate < 1:
-        raise InvalidInputError(f"{p}: {channels} channels at {rate} Hz")
+    if channels < 1 or not MIN_RATE <= rate <= MAX_RATE:
+        raise InvalidInputError(f"{p}: {channels} channels at {rate} Hz (rates {MIN_RATE} to {MAX_RATE} are read)")
     kinds = {(_PCM, 8): "u1", (_PCM, 16): "<i2", (_PCM, 32): "<i4", (_FLOAT, 32): "<f4", (_FLOAT, 64): "<f8"}
     width = bits // 8
     frame = width * channels
@@ -176,10 +188,10 @@ def _decode(p: Path, body: bytes, tag: int, channels: int, rate: int, bits: int)
             x = (x - 128.0) / 128.0 if bits == 8 else x / float(1 << (bits - 1))
     else:
         raise InvalidInputError(f"{p}: WAV format {tag} with {bits} bits per sample is not supported")
-    x = x.reshape(n, channels).mean(axis=1)
+    x = x.reshape(n, channels).mean(axis=1).astype(np.float32)
     if not np.isfinite(x).all():
         raise InvalidInputError(f"{p}: holds non-finite samples")
-    return x.astype(np.float32), rate
+    return x, rate
 
 
 def load_audio(audio, sampling_rate: int | None, target: int) -> np.ndarray:
@@ -195,14 +207,18 @@ def load_audio(audio, sampling_rate: int | None, target: int) -> np.ndarray:
         except (TypeError, ValueError) as e:
             raise InvalidInputError(f"audio must be a WAV path or an array of samples: {e}") from None
         if x.ndim == 2:
+            if x.shape[1] > x.shape[0]:
+                raise InvalidInputError(f"a 2-D audio array is [samples, channels]; got shape {x.shape}")
             x = x.mean(axis=1)
         if x.ndim != 1:
             raise InvalidInputError(f"audio must be 1-D (or [samples, channels]), got shape {x.shape}")
         if not np.isfinite(x).all():
-            raise InvalidInputError("audio holds non-finite samples")
+            raise InvalidInputError("audio holds non-finite samples (or values beyond float32)")
         rate = target if sampling_rate is None else sampling_rate
-        if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
-            raise InvalidInputError(f"sampling_rate must be a positive int, got {rate!r}")
+        if isinstance(rate, bool) or not isinstance(rate, int) or not MIN_RATE <= rate <= MAX_RATE:
+            raise InvalidInputError(f"sampling_rate must be an int from {MIN_RATE} to {MAX_RATE}, got {rate!r}")
     if len(x) == 0:
         raise InvalidInputError("the audio has no samples")
+    if len(x) * target / rate > MAX_SAMPLES:
+        raise InvalidInputError(f"the audio is over {MAX_SAMPLES // (3600 * 16000)} hours long")
     return resample(x, rate, target)

@@ -63,7 +63,13 @@ def _id_map(where: str, key: str, value: Any, vocab: int) -> dict[str, int]:
         return {}
     if not isinstance(value, dict):
         raise InvalidInputError(f"{where}: {key!r} must be an object of token ids, got {type(value).__name__}")
-    return {str(k): _ids(where, f"{key}.{k}", v, vocab)[0] for k, v in value.items()}
+    out = {}
+    for k, v in value.items():
+        ids = _ids(where, f"{key}.{k}", v, vocab)
+        if len(ids) != 1:
+            raise InvalidInputError(f"{where}: {key}.{k} must be one token id, got {v!r}")
+        out[str(k)] = ids[0]
+    return out
 
 
 def decoder_prompt(model: Model, task: str | None, language: str | None) -> DecoderPrompt:
@@ -77,6 +83,10 @@ def decoder_prompt(model: Model, task: str | None, language: str | None) -> Deco
     langs = _id_map(where, "lang_to_id", gen.get("lang_to_id"), vocab)
     tasks = _id_map(where, "task_to_id", gen.get("task_to_id"), vocab)
     multilingual = gen.get("is_multilingual", bool(langs))
+    if not isinstance(multilingual, bool):
+        raise InvalidInputError(f"{where}: 'is_multilingual' must be true or false, got {multilingual!r}")
+    if language is not None and not isinstance(language, str):
+        raise InvalidInputError(f"language must be a str such as 'de', got {language!r}")
     tail = g("no_timestamps_token_id")
     rules = {
         "suppress": _ids(where, "suppress_tokens", gen.get("suppress_tokens"), vocab, outside_ok=True),
@@ -93,9 +103,17 @@ def decoder_prompt(model: Model, task: str | None, language: str | None) -> Deco
                 "it takes no task or language"
             )
         forced = gen.get("forced_decoder_ids")
-        if isinstance(forced, list) and all(isinstance(f, list) and len(f) == 2 for f in forced):
-            ids = [sot] + _ids(where, "forced_decoder_ids", [f[1] for f in sorted(forced, key=lambda f: f[0])], vocab)
-            return DecoderPrompt(ids=ids, detect=[], after=[], **rules)
+        if forced is not None:
+            # [[position, id], ...] after the start token; transformers skips null ids.
+            ok = isinstance(forced, list) and all(
+                isinstance(f, list) and len(f) == 2 and type(f[0]) is int and (f[1] is None or type(f[1]) is int)
+                for f in forced
+            )
+            if not ok:
+                raise InvalidInputError(f"{where}: 'forced_decoder_ids' must be [[position, token id], ...]")
+            pairs = sorted((f for f in forced if f[1] is not None), key=lambda f: f[0])
+            ids = [sot] + _ids(where, "forced_decoder_ids", [f[1] for f in pairs], vocab)
+            return DecoderPrompt(ids=ids + [t for t in tail if t not in ids], detect=[], after=[], **rules)
         return DecoderPrompt(ids=[sot] + tail, detect=[], after=[], **rules)
     task = task or "transcribe"
     if task not in tasks:
@@ -145,8 +163,14 @@ def transcribe(
 
     if not isinstance(return_ids, bool):
         raise InvalidInputError(f"return_ids must be a bool, got {return_ids!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise InvalidInputError(f"temperature must be a number, got {temperature!r}")
     prompt = decoder_prompt(model, task, language)
     room = model._info["max_positions"] - len(prompt.ids) - (1 + len(prompt.after) if prompt.detect else 0)
+    if room < 1:
+        raise InvalidInputError(
+            f"the decoder's context of {model._info['max_positions']} positions leaves no room after the prompt"
+        )
     if max_new_tokens is None:
         max_new_tokens = room
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -209,11 +233,9 @@ def _window(
         begin_suppress_tokens=prompt.begin_suppress,
     )
     out: list[int] = []
+    stats.finish_reason = "length"
     if detect:
-        lang = gen.choose(prompt.detect)
-        if lang is None:
-            return out
-        out.append(lang)
+        out.append(gen.choose(prompt.detect))  # never None: the context has room (checked by transcribe)
         gen.force(prompt.after)
     n = 0
     while n < max_new_tokens:
@@ -236,7 +258,9 @@ def _window(
 
 
 def _language_of(model: Model, token: int) -> str:
+    """The language code of a language token (its id, without a tokenizer.json)."""
     try:
-        return model.tokenizer.id_to_token(token).strip("<|>")
-    except Exception:  # a model without a tokenizer.json: report the id
+        name = model.tokenizer.id_to_token(token)
+    except InvalidInputError:
         return str(token)
+    return name.strip("<|>") if name else str(token)

@@ -12,7 +12,7 @@ use super::ops::activations::mlp_activation;
 use super::ops::attention::{self, Heads, Span};
 use super::ops::relative::BiasTable;
 use super::ops::{rope, Linear, NormW};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// A pre-norm decoder block: causal self-attention, then the MLP.
 pub struct DecoderBlock {
@@ -120,20 +120,30 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    /// Buffers for `k` tokens of `s`.
-    pub fn new(s: &Spec, k: usize) -> Scratch {
+    /// Buffers for `k` tokens of `s`; an error, not an abort, when the memory is not there (an encoder's `k`
+    /// and the widths come from the config).
+    pub fn new(s: &Spec, k: usize) -> Result<Scratch> {
         let inner = match s.mlp {
             Mlp::Gated(_) => 2 * s.intermediate,
             Mlp::Plain(_) => s.intermediate,
         };
-        Scratch {
-            h: vec![0.0; k * s.hidden],
-            qkv: vec![0.0; k * s.qkv_rows()],
-            att: vec![0.0; k * s.heads * s.head_dim],
-            proj: vec![0.0; k * s.hidden],
-            up: vec![0.0; k * inner],
-            act: vec![0.0; k * s.intermediate],
-        }
+        let buf = |width: usize| -> Result<Vec<f32>> {
+            let n = k.checked_mul(width).ok_or_else(|| Error::invalid("forward", "scratch size overflows"))?;
+            let mut v = Vec::new();
+            v.try_reserve_exact(n).map_err(|_| {
+                Error::invalid("forward", format!("not enough memory for {k} positions x {width} activations"))
+            })?;
+            v.resize(n, 0.0);
+            Ok(v)
+        };
+        Ok(Scratch {
+            h: buf(s.hidden)?,
+            qkv: buf(s.qkv_rows())?,
+            att: buf(s.heads * s.head_dim)?,
+            proj: buf(s.hidden)?,
+            up: buf(inner)?,
+            act: buf(s.intermediate)?,
+        })
     }
 }
 

@@ -318,6 +318,9 @@ impl Seq2SeqGenerator {
         if self.generated.is_empty() {
             mask(&self.rules.begin_suppress);
         }
+        if logits.iter().all(|v| *v == f32::NEG_INFINITY) {
+            return Err(Error::invalid("generate", "the suppressed tokens cover the whole vocabulary"));
+        }
         let tok = self.sampler.sample(&mut logits, &self.generated)?;
         self.stats.record(first, t0.elapsed().as_secs_f64());
         self.generated.push(tok);

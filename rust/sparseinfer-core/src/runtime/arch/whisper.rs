@@ -29,8 +29,10 @@ pub fn spec(c: &Cfg) -> Result<Spec> {
     let hidden = c.size("d_model", limits::HIDDEN)?;
     let heads = c.size("decoder_attention_heads", limits::HEADS)?;
     let intermediate = c.size("decoder_ffn_dim", limits::INTERMEDIATE)?;
-    for (key, want) in [("encoder_attention_heads", heads), ("encoder_ffn_dim", intermediate)] {
-        let got = c.opt_size(key, limits::INTERMEDIATE)?.unwrap_or(want);
+    for (key, want, max) in
+        [("encoder_attention_heads", heads, limits::HEADS), ("encoder_ffn_dim", intermediate, limits::INTERMEDIATE)]
+    {
+        let got = c.opt_size(key, max)?.unwrap_or(want);
         if got != want {
             return Err(Error::unsupported(
                 "config",

@@ -120,7 +120,7 @@ impl Model {
         let (k, pos0) = (tokens.len(), cache.len());
         let mut x = self.embed(tokens, pos0)?;
         let step = Step::new(s, pos0, k);
-        let mut buf = Scratch::new(s, k);
+        let mut buf = Scratch::new(s, k)?;
         for (li, block) in self.layers.iter().enumerate() {
             block.forward(&step, li, cache, &mut x, &mut buf)?;
         }

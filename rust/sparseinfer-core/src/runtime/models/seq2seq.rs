@@ -178,7 +178,7 @@ impl Seq2Seq {
             Some(bias) => Step::relative(s, 0, n, bias, true),
             None => Step { bidirectional: true, ..Step::new(s, 0, n) },
         };
-        let mut buf = Scratch::new(s, n);
+        let mut buf = Scratch::new(s, n)?;
         for (li, block) in self.p.encoder.iter().enumerate() {
             block.forward(&step, li, &mut cache, &mut x, &mut buf)?;
         }
@@ -245,7 +245,7 @@ impl Seq2Seq {
                 Some(bias) => Step::relative(s, pos0, k, bias, false),
                 None => Step::new(s, pos0, k),
             };
-            let mut buf = Scratch::new(s, k);
+            let mut buf = Scratch::new(s, k)?;
             for (li, block) in self.p.decoder.iter().enumerate() {
                 block.forward(&step, li, &mut st.cache, &st.cross, &mut x, &mut buf)?;
             }

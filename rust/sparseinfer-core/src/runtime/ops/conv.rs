@@ -44,7 +44,7 @@ fn im2col_forward(
         ));
     }
     let n = out_len(frames, stride);
-    let mut patches = alloc(n * cols)?;
+    let mut patches = alloc(n.checked_mul(cols))?;
     for (t, row) in patches.chunks_exact_mut(cols).enumerate() {
         for c in 0..channels {
             for j in 0..WIDTH {
@@ -54,12 +54,13 @@ fn im2col_forward(
             }
         }
     }
-    let mut y = alloc(n * w.w.rows())?;
+    let mut y = alloc(n.checked_mul(w.w.rows()))?;
     w.forward(&patches, n, &mut y)?;
     Ok(y)
 }
 
-fn alloc(n: usize) -> Result<Vec<f32>> {
+fn alloc(n: Option<usize>) -> Result<Vec<f32>> {
+    let n = n.ok_or_else(|| Error::invalid("conv", "the output size overflows"))?;
     let mut v = Vec::new();
     v.try_reserve_exact(n).map_err(|_| Error::invalid("conv", format!("not enough memory for {n} values")))?;
     v.resize(n, 0.0);
