@@ -232,6 +232,12 @@ def test_language_task_and_detection_as_transformers_does(whisper, tmp_path):
     assert model.last_stats.extra["language"] == model.tokenizer.id_to_token(lang).strip("<|>")
     want = hf_generate(ref, feats, 16, prompt=4, task="translate")
     assert model.transcribe(clip, task="translate", return_ids=True, max_new_tokens=16) == want
+    # The generation config's language and task are the defaults, as transformers takes them.
+    cfg = json.loads((mpath / "generation_config.json").read_text())
+    (mpath / "generation_config.json").write_text(json.dumps({**cfg, "language": "fr", "task": "transcribe"}))
+    want = hf_generate(ref, feats, 16, prompt=4, language="fr", task="transcribe")
+    assert sparseinfer.load(mpath).transcribe(clip, return_ids=True, max_new_tokens=16) == want
+    (mpath / "generation_config.json").write_text(json.dumps(cfg))
     gen = sparseinfer._core.Generator(model._core, feats, 4, decoder_prompt=[0], suppress_tokens=[11, 12])
     assert gen.choose([5, 6, 7]) == lang
     with pytest.raises(InvalidInputError, match="not one of this model's: de, en, fr"):

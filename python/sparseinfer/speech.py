@@ -115,7 +115,15 @@ def decoder_prompt(model: Model, task: str | None, language: str | None) -> Deco
             ids = [sot] + _ids(where, "forced_decoder_ids", [f[1] for f in pairs], vocab)
             return DecoderPrompt(ids=ids + [t for t in tail if t not in ids], detect=[], after=[], **rules)
         return DecoderPrompt(ids=[sot] + tail, detect=[], after=[], **rules)
-    task = task or "transcribe"
+    # The caller's choice, else the generation config's (fine-tuned checkpoints set one), else transformers'
+    # defaults: transcribe, and detect the language.
+    for key, value in (("task", gen.get("task")), ("language", gen.get("language"))):
+        if value is not None and not isinstance(value, str):
+            raise InvalidInputError(f"{where}: {key!r} must be a string, got {value!r}")
+    task = task or gen.get("task") or "transcribe"
+    if task not in TASKS:
+        raise InvalidInputError(f"{where}: task {task!r} is not one of {TASKS}")
+    language = language or gen.get("language")
     if task not in tasks:
         raise InvalidInputError(f"{where}: task_to_id has no {task!r}")
     after = [tasks[task]] + tail

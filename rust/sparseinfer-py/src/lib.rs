@@ -118,21 +118,23 @@ fn f32_slice<'py, D: numpy::ndarray::Dimension>(
     Ok(arr)
 }
 
-/// An encoder-decoder's input: token ids, or a 2-D float32 log-mel spectrogram `(mel bins, frames)`.
-fn encoder_source(py: Python<'_>, op: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<EncoderSource> {
-    if obj.hasattr("ndim").unwrap_or(false) && obj.hasattr("dtype").unwrap_or(false) {
-        let is_int = obj
-            .getattr("dtype")
-            .and_then(|d| d.getattr("kind"))
-            .is_ok_and(|k| k.to_string() == "i" || k.to_string() == "u");
-        if !is_int {
+/// An encoder-decoder's input, as the model's encoder reads it: a 2-D float32 log-mel spectrogram
+/// `(mel bins, frames)` for an audio encoder, token ids otherwise.
+fn encoder_source(
+    py: Python<'_>,
+    op: &'static str,
+    model: &Seq2Seq,
+    obj: &Bound<'_, PyAny>,
+) -> PyResult<EncoderSource> {
+    match model.spec.encoder_input {
+        runtime::config::EncoderInput::Mel { .. } => {
             let arr = f32_slice::<numpy::Ix2>(py, op, "the spectrogram", obj)?;
             let frames = arr.shape()[1];
             let values = arr.as_slice().map_err(|e| invalid(py, op, e.to_string()))?.to_vec();
-            return Ok(EncoderSource::Mel { values, frames });
+            Ok(EncoderSource::Mel { values, frames })
         }
+        runtime::config::EncoderInput::Tokens => Ok(EncoderSource::Tokens(token_ids(py, op, obj)?)),
     }
-    Ok(EncoderSource::Tokens(token_ids(py, op, obj)?))
 }
 
 fn parse_act(py: Python<'_>, name: Option<&str>) -> PyResult<Option<kernels::Activations>> {
@@ -565,7 +567,7 @@ impl PyGenerator {
                 let m = m.get().inner.clone();
                 py.detach(|| Generator::new(m, &prompt, max_new_tokens, params)).map(Gen::Decoder)
             } else if let Ok(m) = model.cast::<PySeq2SeqModel>() {
-                let input = encoder_source(py, OP, prompt)?;
+                let input = encoder_source(py, OP, &m.get().inner, prompt)?;
                 let rules = TokenRules {
                     suppress: suppress.unwrap_or_default(),
                     begin_suppress: begin_suppress.unwrap_or_default(),
@@ -644,7 +646,7 @@ impl PySeq2SeqModel {
     /// ids, or a float32 log-mel spectrogram `(mel bins, frames)` for an audio encoder.
     fn encode<'py>(&self, py: Python<'py>, input: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<f32>>> {
         guard(py, "encode", || {
-            let src = encoder_source(py, "encode", input)?;
+            let src = encoder_source(py, "encode", &self.inner, input)?;
             let m = self.inner.clone();
             let v = py.detach(move || src.encode(&m)).map_err(|e| to_py(py, e))?;
             let d = self.inner.spec.hidden;
@@ -663,7 +665,7 @@ impl PySeq2SeqModel {
         decoder_ids: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         guard(py, "logits", || {
-            let src = encoder_source(py, "logits", input)?;
+            let src = encoder_source(py, "logits", &self.inner, input)?;
             let dec = token_ids(py, "logits", decoder_ids)?;
             let (m, k) = (self.inner.clone(), dec.len());
             let v = py
