@@ -278,14 +278,7 @@ class Model:
         )
         t0 = time.perf_counter()
         try:
-            while stats.new_tokens < max_new_tokens:
-                tok = gen.next_token()
-                if tok is None:
-                    stats.finish_reason = "context"
-                    break
-                if tok in self.eos_token_ids:
-                    stats.finish_reason = "eos"
-                    break
+            for tok in next_tokens(gen, max_new_tokens, self.eos_token_ids, stats):
                 stats.new_tokens += 1
                 yield tok
         finally:
@@ -391,6 +384,20 @@ class Model:
     def __repr__(self) -> str:
         i = self._info
         return f"sparseinfer.Model({str(self.path)!r}, arch={i['arch']!r}, format={i['format']!r})"
+
+
+def next_tokens(gen: Any, limit: int, eos: frozenset[int], stats: GenerationStats) -> Iterator[int]:
+    """Up to ``limit`` tokens of a ``_core.Generator``, stopping before EOS or when the context is full; sets
+    ``stats.finish_reason`` when it stops early."""
+    for _ in range(limit):
+        tok = gen.next_token()
+        if tok is None:
+            stats.finish_reason = "context"
+            return
+        if tok in eos:
+            stats.finish_reason = "eos"
+            return
+        yield tok
 
 
 def _check_ids(ids: Sequence[int], vocab: int) -> list[int]:

@@ -20,10 +20,11 @@ import numpy as np
 from . import _core
 from .audio import FeatureConfig, load_audio, log_mel
 from .errors import InvalidInputError
+from .model import GenerationStats, next_tokens
 from .modeldir import read_json
 
 if TYPE_CHECKING:
-    from .model import GenerationStats, Model
+    from .model import Model
 
 __all__ = ["DecoderPrompt", "decoder_prompt", "features", "transcribe"]
 
@@ -167,8 +168,6 @@ def transcribe(
 ) -> str | list[int]:
     """The text (or, with ``return_ids``, the generated token ids, without the prompt, windows concatenated)
     of ``audio``; see the module docs. Statistics land in ``model.last_stats``."""
-    from .model import GenerationStats
-
     if not isinstance(return_ids, bool):
         raise InvalidInputError(f"return_ids must be a bool, got {return_ids!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
@@ -245,23 +244,14 @@ def _window(
     if detect:
         out.append(gen.choose(prompt.detect))  # never None: the context has room (checked by transcribe)
         gen.force(prompt.after)
-    n = 0
-    while n < max_new_tokens:
-        tok = gen.next_token()
-        if tok is None:
-            stats.finish_reason = "context"
-            break
-        if tok in model.eos_token_ids:
-            stats.finish_reason = "eos"
-            break
-        out.append(tok)
-        n += 1
+    generated = list(next_tokens(gen, max_new_tokens, model.eos_token_ids, stats))
+    out.extend(generated)
     s = gen.stats()
     stats.prompt_tokens += s["prompt_tokens"]
     stats.prefill_s += s["prefill_s"]
     stats.decode_tokens += s["decode_tokens"]
     stats.decode_s += s["decode_s"]
-    stats.new_tokens += n
+    stats.new_tokens += len(generated)
     return out
 
 
