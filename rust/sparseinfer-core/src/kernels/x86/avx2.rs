@@ -30,7 +30,7 @@ static EXPAND_IDX: Lut32 = Lut32(build_expand_idx());
 /// For each mask byte: all-ones in set lanes.
 static LANE_MASK: Lut32 = Lut32(build_lane_mask());
 /// For each mask byte: pshufb control placing byte `rank` in each set lane (first 8 bytes used).
-pub(super) static SHUF_I8: Lut16 = Lut16(expand_table(1));
+static SHUF_I8: Lut16 = Lut16(expand_table(1));
 /// For each mask byte: pshufb control placing 16-bit value `rank` in each set lane.
 static SHUF_I16: Lut16 = Lut16(expand_table(2));
 

@@ -3,8 +3,9 @@
 //! `<weight format>_i8_token (avx2)`, whose block scales are the row's scale repeated).
 //!
 //! Per 64-column chunk the weight codes `q` (int8, or int4 nibbles minus 8) sit in two 32-byte vectors of
-//! signed bytes; sparse chunks are expanded one mask byte at a time as in the f32 kernels (`pshufb` with
-//! `SHUF_I8`, [`expand64`]), once per weight row for up to four activation rows. The products `Σ q·x` are exact:
+//! signed bytes; a sparse chunk is expanded 32 columns at a time ([`expand32`]: one `vpshufb` whose control is
+//! built from four per-mask-byte table rows and one offset row), once per weight row for up to four activation
+//! rows. The products `Σ q·x` are exact:
 //!
 //! ```text
 //! vpsignb   x' = x · sign(q)                     (0 where q = 0)
@@ -16,7 +17,7 @@
 //! exact, as in the AVX-512 VNNI kernels; only the f32 sum over chunks differs from the scalar reference in
 //! order. Signed weights need no zero point, so the budget is `SUM_ORDER · Σ|ŵ·x̂|` with nothing added.
 
-use super::avx2::{dense_nibbles, hsum, nibbles_to_bytes, SHUF_I8};
+use super::avx2::{dense_nibbles, hsum, nibbles_to_bytes};
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
 use crate::kernels::simd::{scale_mode, RowScales, GRP, ROW};
 use crate::kernels::QuantActs;
@@ -108,8 +109,8 @@ unsafe fn row<const NR: usize, const FMT: u8, const MODE: u8>(
     let mut p = m.data.as_ptr().add(m.row_start(r));
     let masks = m.masks.as_ptr().wrapping_add(r * chunks);
     let s = RowScales::of(m, r);
-    // The int4 sparse chunk's codes unpacked to bytes, plus 8 bytes of slack for the last 8-byte load.
-    let mut buf = [0u8; CHUNK + 8];
+    // The int4 sparse chunk's codes unpacked to bytes (expand32 reads at most 64 of them).
+    let mut buf = [0u8; CHUNK];
     // Two f32 accumulators per activation row, alternating by chunk, so FMA latency does not bind.
     let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); NR], [_mm256_setzero_ps(); NR]);
     let mut ch = 0;
@@ -138,7 +139,7 @@ unsafe fn chunk_codes<const FMT: u8>(
     p: &mut *const u8,
     masks: *const u64,
     ch: usize,
-    buf: &mut [u8; CHUNK + 8],
+    buf: &mut [u8; CHUNK],
 ) -> [__m256i; 2] {
     match FMT {
         DI8 => {
@@ -170,21 +171,84 @@ unsafe fn chunk_codes<const FMT: u8>(
     }
 }
 
-/// The 64 signed bytes of a sparse chunk with mask `mask` whose stored bytes start at `p`, pruned lanes 0:
-/// per mask byte, an 8-byte load, a `pshufb` with that byte's control, and the pointer advanced by its
-/// popcount; the eight results are joined into two 32-byte vectors.
+/// Per mask byte, the ranks of its set bits in their lanes and 0x80 in the clear ones (a `pshufb` control
+/// that stays a zeroing one after up to 8 is added to it).
+#[repr(align(8))]
+struct Ranks([[u8; 8]; 256]);
+
+static RANKS: Ranks = Ranks(ranks());
+
+const fn ranks() -> [[u8; 8]; 256] {
+    let mut t = [[0x80u8; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let (mut lane, mut rank) = (0, 0);
+        while lane < 8 {
+            if b >> lane & 1 == 1 {
+                t[b][lane] = rank;
+                rank += 1;
+            }
+            lane += 1;
+        }
+        b += 1;
+    }
+    t
+}
+
+/// Row `9·c0 + c2`: `c0` added to control bytes 8-15 and `c2` to bytes 24-31 (the second mask byte of each
+/// 16-column half counts from the end of the first one's values).
+#[repr(align(32))]
+struct HalfOffsets([[u8; 32]; 81]);
+
+static HALF_OFFSETS: HalfOffsets = HalfOffsets(half_offsets());
+
+const fn half_offsets() -> [[u8; 32]; 81] {
+    let mut t = [[0u8; 32]; 81];
+    let mut c0 = 0;
+    while c0 < 9 {
+        let mut c2 = 0;
+        while c2 < 9 {
+            let mut i = 0;
+            while i < 8 {
+                t[9 * c0 + c2][8 + i] = c0 as u8;
+                t[9 * c0 + c2][24 + i] = c2 as u8;
+                i += 1;
+            }
+            c2 += 1;
+        }
+        c0 += 1;
+    }
+    t
+}
+
+/// The 64 signed bytes of a sparse chunk with mask `mask` whose stored bytes start at `p`, pruned lanes 0.
 #[inline]
 #[target_feature(enable = "avx2,fma,popcnt,bmi2")]
-unsafe fn expand64(mut p: *const u8, mask: u64) -> [__m256i; 2] {
-    let mut v = [_mm_setzero_si128(); 8];
-    for (i, v) in v.iter_mut().enumerate() {
-        let b = (mask >> (8 * i)) as u8 as usize;
-        let ctl = _mm_load_si128(SHUF_I8.0[b].as_ptr() as *const __m128i);
-        *v = _mm_shuffle_epi8(_mm_loadl_epi64(p as *const __m128i), ctl);
-        p = p.add(b.count_ones() as usize);
-    }
-    let q: [__m128i; 4] = core::array::from_fn(|j| _mm_unpacklo_epi64(v[2 * j], v[2 * j + 1]));
-    [_mm256_set_m128i(q[1], q[0]), _mm256_set_m128i(q[3], q[2])]
+unsafe fn expand64(p: *const u8, mask: u64) -> [__m256i; 2] {
+    let lo = mask as u32;
+    [expand32(p, lo), expand32(p.add(lo.count_ones() as usize), (mask >> 32) as u32)]
+}
+
+/// 32 columns with mask `m` from the values at `p`: columns 0-15 from the 16 bytes at `p`, columns 16-31 from
+/// the 16 bytes after the first 16 columns' values, each half's control the rank rows of its two mask bytes
+/// with the first byte's popcount added to the second's. This is fewer instructions per column than one
+/// 8-byte shuffle per mask byte (which the f32 kernels use, and which the dispatch-bound sparse integer
+/// kernels felt); the 16-byte loads stay within the row's values and `VALUE_PAD` (or the int4 unpack buffer).
+#[inline(always)]
+unsafe fn expand32(p: *const u8, m: u32) -> __m256i {
+    let b = [m & 0xFF, (m >> 8) & 0xFF, (m >> 16) & 0xFF, m >> 24].map(|b| b as usize);
+    let (c0, c2, c01) = (b[0].count_ones() as usize, b[2].count_ones() as usize, (m & 0xFFFF).count_ones() as usize);
+    let pair = |i: usize| {
+        let lo = _mm_loadl_epi64(RANKS.0[b[i]].as_ptr() as *const __m128i);
+        _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(lo), RANKS.0[b[i + 1]].as_ptr() as *const f64))
+    };
+    let offsets = _mm256_load_si256(HALF_OFFSETS.0[9 * c0 + c2].as_ptr() as *const __m256i);
+    let ctl = _mm256_add_epi8(_mm256_set_m128i(pair(2), pair(0)), offsets);
+    let src = _mm256_inserti128_si256::<1>(
+        _mm256_castsi128_si256(_mm_loadu_si128(p as *const __m128i)),
+        _mm_loadu_si128(p.add(c01) as *const __m128i),
+    );
+    _mm256_shuffle_epi8(src, ctl)
 }
 
 /// `Σ q·x` of 32 signed weight codes `w` against 32 activation codes at `x`, as eight exact i32 lanes.
