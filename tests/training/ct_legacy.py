@@ -1,12 +1,12 @@
-"""compressed-tensors 0.9-0.14 (the last releases with the sparse-bitmask compressor), run in a subprocess.
+"""compressed-tensors 0.9-0.14 (the last releases with the sparse-bitmask compressors), run in a subprocess.
 
 The main environment holds a current compressed-tensors; ``make setup-interop`` installs 0.14 on its own into
 a directory that is put first on ``PYTHONPATH`` for this script only (the rest, torch and transformers, comes
 from the main environment). Two commands:
 
-    python ct_legacy.py write SRC OUT KIND       # KIND sparse-f32 | sparse-int8: compressed-tensors compresses
-                                                 # the (pruned) model in SRC into OUT with its own ModelCompressor,
-                                                 # and OUT.decompressed.safetensors, its own decompression of OUT
+    python ct_legacy.py write SRC OUT KIND       # KIND one of KINDS: compressed-tensors compresses the (pruned)
+                                                 # model in SRC into OUT with its own ModelCompressor, and
+                                                 # OUT.decompressed.safetensors, its own decompression of OUT
     python ct_legacy.py decompress DIR OUT_FILE  # decompress checkpoint DIR with compressed-tensors' own code
 """
 
@@ -44,12 +44,25 @@ def decompress(directory: Path, out_file: Path) -> None:
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out_file))
 
 
+# What each fixture kind is: compressed-tensors' sparsity compressor (None, unstructured "bitmask" or "2:4"),
+# its weight quantization args (None: float weights) and the quantization compressor's format.
+KINDS = {
+    "sparse-f32": ("bitmask", None, None),
+    "sparse-int8": ("bitmask", dict(num_bits=8, symmetric=True, strategy="channel"), "int-quantized"),
+    "sparse24-f32": ("2:4", None, None),
+    "sparse24-int8": ("2:4", dict(num_bits=8, symmetric=True, strategy="channel"), "int-quantized"),
+    "pack8": (None, dict(num_bits=8, symmetric=True, strategy="channel"), "pack-quantized"),
+    "pack4-asym": (None, dict(num_bits=4, symmetric=False, strategy="group", group_size=64), "pack-quantized"),
+    "int8-asym": (None, dict(num_bits=8, symmetric=False, strategy="channel"), "int-quantized"),
+}
+
+
 def write(src: Path, out: Path, kind: str) -> None:
     import compressed_tensors
     import torch
     import transformers as tf
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.config import BitmaskConfig
+    from compressed_tensors.config import BitmaskConfig, Sparse24BitMaskConfig
     from compressed_tensors.quantization import (
         QuantizationArgs,
         QuantizationConfig,
@@ -61,27 +74,39 @@ def write(src: Path, out: Path, kind: str) -> None:
     from safetensors.torch import save_file
 
     assert compressed_tensors.__version__.startswith("0.14"), compressed_tensors.__version__
+    if kind not in KINDS:
+        raise SystemExit(f"unknown kind {kind}")
+    structure, qargs, qformat = KINDS[kind]
     model = tf.AutoModelForCausalLM.from_pretrained(src).eval()
     linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     zeros = sum(int((m.weight == 0).sum()) for m in linears) / sum(m.weight.numel() for m in linears)
-    sparsity = BitmaskConfig(
-        global_sparsity=zeros, sparsity_structure="unstructured", targets=["Linear"], ignore=["lm_head"]
-    )
+    sparsity = None
+    if structure == "bitmask":
+        sparsity = BitmaskConfig(
+            global_sparsity=zeros, sparsity_structure="unstructured", targets=["Linear"], ignore=["lm_head"]
+        )
+    elif structure == "2:4":
+        sparsity = Sparse24BitMaskConfig(global_sparsity=zeros, targets=["Linear"], ignore=["lm_head"])
     quant = None
-    if kind == "sparse-int8":
-        # compressed-tensors' W8A16 per-channel scheme, its own scales and its own rounding.
-        args = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
+    if qargs is not None:
+        # compressed-tensors' own scheme, its own scales and zero points, and its own rounding.
+        args = QuantizationArgs(type="int", **qargs)
         scheme = QuantizationScheme(targets=["Linear"], weights=args)
-        quant = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"], format="int-quantized")
+        quant = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"], format=qformat)
         apply_quantization_config(model, quant)
         with torch.no_grad():
             for m in linears:
                 w = m.weight
-                scale, zp = calculate_qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), args)
+                if args.strategy == "group":
+                    g = w.reshape(w.shape[0], -1, args.group_size)
+                    lo, hi = g.amin(-1), g.amax(-1)
+                else:
+                    lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+                scale, zp = calculate_qparams(lo, hi, args)
                 m.weight_scale.data = scale.to(m.weight_scale.dtype)
+                if not args.symmetric:
+                    m.weight_zero_point.data = zp.to(m.weight_zero_point.dtype)
                 m.weight.data = fake_quantize(w, scale, zp, args)
-    elif kind != "sparse-f32":
-        raise SystemExit(f"unknown kind {kind}")
     compressor = ModelCompressor(sparsity_config=sparsity, quantization_config=quant)
     state = compressor.compress(model)
     out.mkdir(parents=True)

@@ -137,32 +137,73 @@ def test_compressed_tensors_014_decompresses_our_sparse_exports(tmp_path, pruned
         assert np.array_equal(got == 0, want == 0), name
 
 
-@pytest.mark.parametrize("kind", ["sparse-f32", "sparse-int8"])
-def test_sparseinfer_loads_compressed_tensors_014_checkpoints(tmp_path, pruned, kind):
-    src, base = pruned
+@pytest.fixture(scope="module")
+def pruned24(tmp_path_factory):
+    """The tiny random Llama of ``pruned``, 2:4 magnitude-pruned."""
+    path = tmp_path_factory.mktemp("src24")
+    model = tiny_models.build("llama", path, scale=3.0, hidden_size=128, intermediate_size=256)
+    T.prune(model, "magnitude", 0.5, structure="2:4")
+    return path, model
+
+
+# Fixture kind (tests/training/ct_legacy.py KINDS) -> the kernel format sparseinfer loads it as.
+CT014_KINDS = {
+    "sparse-f32": "sparse-f32",
+    "sparse-int8": "sparse-int8",
+    "sparse24-f32": "sparse-f32",
+    "sparse24-int8": "sparse-int8",
+    "pack8": "dense-int8",
+    "pack4-asym": "dense-int4",
+    "int8-asym": "dense-int8",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CT014_KINDS))
+def test_sparseinfer_loads_compressed_tensors_014_checkpoints(tmp_path, pruned, pruned24, kind):
+    src, base = pruned24 if kind.startswith("sparse24") else pruned
     base.save_pretrained(tmp_path / "pruned")
     fixture = tmp_path / kind
     ct014("write", tmp_path / "pruned", fixture, kind)
     t = load_file(str(fixture / "model.safetensors"))
-    assert "model.layers.0.mlp.up_proj.bitmask" in t and "model.layers.0.mlp.up_proj.weight.bitmask" not in t
+    if kind.startswith("sparse"):
+        assert "model.layers.0.mlp.up_proj.bitmask" in t and "model.layers.0.mlp.up_proj.weight.bitmask" not in t
     dense = load_file(str(fixture.with_name(f"{kind}.decompressed.safetensors")))
     ref = copy.deepcopy(base)
     weights = {k: v for k, v in dense.items() if k.endswith(".weight")}
-    if kind == "sparse-int8":
+    if not kind.endswith("f32"):
         for name in T.prunable_linears(ref):
-            # compressed-tensors' symmetric int8 rounds to -128, which the int8 kernels store as -127
-            # (docs/FORMAT.md): the reference makes the same one-step move.
-            codes = E.decode_sparse(t, name)
-            weights[f"{name}.weight"] = weights[f"{name}.weight"] + (codes == -128) * dense[f"{name}.weight_scale"]
+            w, scale = weights[f"{name}.weight"], dense[f"{name}.weight_scale"]
+            if kind == "int8-asym":
+                # The int8 kernels are symmetric: zero points are decoded, then the weights refit on that grid.
+                weights[f"{name}.weight"] = sparseinfer.kernels.pack(w, "dense-int8").to_dense()
+            elif not kind.endswith("asym"):
+                # compressed-tensors' symmetric int8 rounds to -128, which the int8 kernels store as -127
+                # (docs/FORMAT.md): the reference makes the same one-step move.
+                weights[f"{name}.weight"] = w + (np.rint(w / scale) == -128) * scale
         head = ref.lm_head.weight.detach().numpy()
         ref.lm_head.weight.data = torch.from_numpy(sparseinfer.kernels.pack(head, "dense-int8").to_dense())
         tiny_models.quantize_linear_inputs(ref)
     missing = ref.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False).missing_keys
     assert missing == []
     loaded = sparseinfer.load(fixture)
-    assert {layer["format"] for layer in loaded.info()["linear"]} == {kind}
+    assert {layer["format"] for layer in loaded.info()["linear"]} == {CT014_KINDS[kind]}
     err = rel(loaded.logits(PROMPT), hf_logits(ref))
-    assert err < (DENSE_EXACT if kind == "sparse-f32" else INT_ACT_FLIP), err
+    assert err < (DENSE_EXACT if kind.endswith("f32") else INT_ACT_FLIP), err
+
+
+def test_sparse_24_bitmask_that_is_not_2_4_is_refused(tmp_path, pruned24):
+    src, base = pruned24
+    base.save_pretrained(tmp_path / "pruned")
+    fixture = tmp_path / "sparse24-f32"
+    ct014("write", tmp_path / "pruned", fixture, "sparse24-f32")
+    name = "model.layers.0.mlp.up_proj"
+
+    def three_of_four(t):
+        t[f"{name}.bitmask"][0, 0] |= 0b0111  # a third weight in columns 0..3 of row 0
+
+    rewrite(fixture, three_of_four)
+    with pytest.raises(sparseinfer.InvalidInputError, match=rf"{name}.bitmask is not 2:4: columns 0..4 of row 0"):
+        sparseinfer.load(fixture)
 
 
 def rewrite(out, edit):
@@ -214,7 +255,7 @@ def test_bad_weight_scale_is_refused_with_what_is_wrong(tmp_path, pruned, bad, m
 
 @pytest.mark.parametrize(
     "field, value",
-    [("format", "float-quantized"), ("group", "nvfp4-pack-quantized"), ("sparsity", "sparse-24-bitmask")],
+    [("format", "float-quantized"), ("group", "nvfp4-pack-quantized"), ("sparsity", "marlin-24")],
 )
 def test_unsupported_compressed_tensors_format_is_refused_by_name(tmp_path, pruned, field, value):
     src, base = pruned

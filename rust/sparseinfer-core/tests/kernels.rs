@@ -2,7 +2,7 @@
 //! format against the f32 weights it was packed from, each with a named budget (`formats::budget`).
 
 use proptest::prelude::*;
-use sparseinfer_core::formats::budget;
+use sparseinfer_core::formats::{budget, GivenScales};
 use sparseinfer_core::kernels::{self, Activations, Isa};
 use sparseinfer_core::{Format, Layout, PackOptions, PackedMatrix};
 
@@ -364,11 +364,27 @@ fn pack_with_given_scales_keeps_codes() {
             }
         }
         let opts = PackOptions { group_size: group, ..Default::default() };
-        let m = PackedMatrix::pack_with_scales(&w, rows, cols, format, opts, &scales, per_row).unwrap();
+        let m = PackedMatrix::pack_with_scales(
+            &w,
+            rows,
+            cols,
+            format,
+            opts,
+            GivenScales { scales: &scales, mins: None, per_row },
+        )
+        .unwrap();
         assert_eq!(m.to_dense(), w, "{format:?} group {group:?}");
         if format.is_sparse() {
             let t = PackOptions { layout: Layout::Tiles, ..opts };
-            let tiled = PackedMatrix::pack_with_scales(&w, rows, cols, format, t, &scales, per_row).unwrap();
+            let tiled = PackedMatrix::pack_with_scales(
+                &w,
+                rows,
+                cols,
+                format,
+                t,
+                GivenScales { scales: &scales, mins: None, per_row },
+            )
+            .unwrap();
             assert_eq!(tiled.to_dense(), w, "{format:?} group {group:?} tiled");
         }
         // Every ISA computes Σ ŵ·x̂ on these matrices too.
@@ -397,9 +413,10 @@ fn pack_with_given_scales_keeps_codes() {
         assert_ne!(refit.to_dense(), w, "the test must exercise codes a refit would change");
     }
     let opts = PackOptions::default();
-    assert!(PackedMatrix::pack_with_scales(&[1.0; 8], 2, 4, Format::DenseF32, opts, &[1.0, 1.0], 1).is_err());
-    assert!(PackedMatrix::pack_with_scales(&[1.0; 8], 2, 4, Format::DenseInt8, opts, &[1.0], 1).is_err());
-    assert!(PackedMatrix::pack_with_scales(&[1.0; 8], 2, 4, Format::DenseInt8, opts, &[f32::NAN, 1.0], 1).is_err());
+    let given = |scales: &'static [f32]| GivenScales { scales, mins: None, per_row: 1 };
+    assert!(PackedMatrix::pack_with_scales(&[1.0; 8], 2, 4, Format::DenseF32, opts, given(&[1.0, 1.0])).is_err());
+    assert!(PackedMatrix::pack_with_scales(&[1.0; 8], 2, 4, Format::DenseInt8, opts, given(&[1.0])).is_err());
+    assert!(PackedMatrix::pack_with_scales(&[1.0; 8], 2, 4, Format::DenseInt8, opts, given(&[f32::NAN, 1.0])).is_err());
 }
 
 #[test]

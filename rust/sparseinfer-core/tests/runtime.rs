@@ -263,13 +263,15 @@ fn compressed_tensors_formats_are_refused_by_name() {
     let mut top = group("int-quantized".into());
     top["quantization_config"]["format"] = "nvfp4-pack-quantized".into();
     refused(&top, "nvfp4-pack-quantized", "quantization_config.format");
-    // A 2:4 checkpoint stores other tensors than the unstructured bitmask: refused before any tensor is read.
+    // Marlin's 2:4 layout (a GPU kernel's tile permutation) is not read: refused before any tensor is read.
     let sparse = serde_json::json!({"quantization_config": {"quant_method": "compressed-tensors", "format": "dense",
-        "sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}}});
-    refused(&sparse, "sparse-24-bitmask", "sparsity_config.format");
-    let mut bitmask = sparse.clone();
-    bitmask["quantization_config"]["sparsity_config"]["format"] = "sparse-bitmask".into();
-    assert_eq!(QuantScheme::from_config(&bitmask).unwrap(), None);
+        "sparsity_config": {"format": "marlin-24", "sparsity_structure": "2:4"}}});
+    refused(&sparse, "marlin-24", "sparsity_config.format");
+    for format in ["sparse-bitmask", "sparse-24-bitmask"] {
+        let mut bitmask = sparse.clone();
+        bitmask["quantization_config"]["sparsity_config"]["format"] = format.into();
+        assert_eq!(QuantScheme::from_config(&bitmask).unwrap(), None);
+    }
     let mut not_a_name = group("int-quantized".into());
     not_a_name["quantization_config"]["format"] = 3.into();
     assert!(matches!(QuantScheme::from_config(&not_a_name), Err(Error::InvalidInput { .. })));

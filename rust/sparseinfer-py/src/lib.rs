@@ -10,7 +10,7 @@ use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict};
-use sparseinfer_core::formats::budget;
+use sparseinfer_core::formats::{budget, GivenScales};
 use sparseinfer_core::runtime::{
     self, EncoderSource, Generator, LoadOptions, Model, SamplingParams, Seq2Seq, Seq2SeqGenerator, TokenRules,
 };
@@ -342,7 +342,16 @@ fn pack_impl<'py>(
             }
             let per_row = s.shape()[1];
             let sv = s.as_slice()?;
-            py.detach(|| PackedMatrix::pack_with_scales(data, rows, cols, fmt, opts, sv, per_row))
+            py.detach(|| {
+                PackedMatrix::pack_with_scales(
+                    data,
+                    rows,
+                    cols,
+                    fmt,
+                    opts,
+                    GivenScales { scales: sv, mins: None, per_row },
+                )
+            })
         }
     }
     .map_err(|e| to_py(py, e))?;

@@ -36,7 +36,7 @@
 mod pack;
 pub mod tiles;
 
-pub use pack::{Layout, PackOptions};
+pub use pack::{GivenScales, Layout, PackOptions};
 
 use crate::error::{Error, Result};
 
@@ -168,19 +168,17 @@ impl PackedMatrix {
         pack::pack(w, rows, cols, format, opts)
     }
 
-    /// Packs with symmetric scales given per (row, group) instead of fitted ones: `scales` is `rows × per_row`
-    /// (per_row = 1 for int8 per row, else `ceil(cols / group)`). A checkpoint that stores `W = scale · q` packs
-    /// back to exactly its codes `q`. Only symmetric integer formats.
+    /// Packs with scales given per (row, group) instead of fitted ones ([`GivenScales`]). A checkpoint that
+    /// stores `W = scale · q` packs back to exactly its codes `q`. Integer formats.
     pub fn pack_with_scales(
         w: &[f32],
         rows: usize,
         cols: usize,
         format: Format,
         opts: PackOptions,
-        scales: &[f32],
-        per_row: usize,
+        grid: GivenScales,
     ) -> Result<Self> {
-        pack::pack_impl(w, rows, cols, format, opts, Some(pack::GivenScales { scales, per_row }))
+        pack::pack_impl(w, rows, cols, format, opts, Some(grid))
     }
 
     /// Output features (rows of `W`).

@@ -96,11 +96,15 @@ impl Quant {
         Quant { d, m, inv, qmax, asym }
     }
 
-    /// Symmetric parameters with a given scale `d`.
-    fn given(d: f32, elem: Elem) -> Quant {
-        let qmax = if elem == Elem::I8 { 127.0 } else { 7.0 };
+    /// Parameters with a given scale `d` (and, asymmetric int4, minimum `m`).
+    fn given(d: f32, m: Option<f32>, elem: Elem) -> Quant {
+        let qmax = match (elem, m) {
+            (Elem::I8, _) => 127.0,
+            (_, Some(_)) => 15.0,
+            _ => 7.0,
+        };
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        Quant { d, m: 0.0, inv, qmax, asym: false }
+        Quant { d, m: m.unwrap_or(0.0), inv, qmax, asym: m.is_some() }
     }
 
     /// The integer code of `w`, rounded to nearest: signed for symmetric, 0..=15 for asymmetric. A stored
@@ -132,10 +136,14 @@ fn round_clamped(x: f32, lo: f32, hi: f32) -> i32 {
     t + (r >= 0.5) as i32 - (r <= -0.5) as i32
 }
 
-/// Symmetric scales given by the caller instead of fitted: `rows × n` values, `n` groups per row of the format's
-/// group size (1 for int8 per row). Groups past `n` (column padding) get scale 0.
-pub(super) struct GivenScales<'a> {
+/// A quantization grid given by the caller instead of fitted ([`super::PackedMatrix::pack_with_scales`]).
+/// Groups past `per_row` (column padding) get scale 0.
+pub struct GivenScales<'a> {
+    /// `rows × per_row` scales.
     pub scales: &'a [f32],
+    /// As many minimums (`ŵ = d·q + m`), for asymmetric int4 and only there.
+    pub mins: Option<&'a [f32]>,
+    /// Groups per row: 1 for int8 per row, else `ceil(cols / group)`.
     pub per_row: usize,
 }
 
@@ -189,8 +197,14 @@ pub(super) fn pack_impl(
     let sparse = format.is_sparse();
     let groups = m.groups();
     if let Some(g) = &given {
-        if !quantized || m.asym {
-            return Err(Error::invalid(OP, "given scales need a symmetric integer format"));
+        if !quantized || m.asym != g.mins.is_some() {
+            return Err(Error::invalid(
+                OP,
+                "given scales need an integer format, and minimums exactly when asymmetric",
+            ));
+        }
+        if g.mins.is_some_and(|v| v.len() != g.scales.len() || v.iter().any(|v| !v.is_finite())) {
+            return Err(Error::invalid(OP, "given minimums must be finite, one per scale"));
         }
         if g.per_row == 0 || g.per_row > groups || g.scales.len() != rows * g.per_row {
             return Err(Error::invalid(
@@ -221,7 +235,11 @@ pub(super) fn pack_impl(
                 let (c0, c1) = (g * group, ((g + 1) * group).min(cols));
                 let vals = row.get(c0..c1).unwrap_or(&[]);
                 let q = match &given {
-                    Some(gs) => Quant::given(if g < gs.per_row { gs.scales[r * gs.per_row + g] } else { 0.0 }, elem),
+                    Some(gs) if g < gs.per_row => {
+                        let i = r * gs.per_row + g;
+                        Quant::given(gs.scales[i], gs.mins.map(|v| v[i]), elem)
+                    }
+                    Some(gs) => Quant::given(0.0, gs.mins.map(|_| 0.0), elem),
                     None if sparse => Quant::fit(vals.iter().copied().filter(|v| *v != 0.0), elem, m.asym),
                     None => Quant::fit(vals.iter().copied(), elem, m.asym),
                 };

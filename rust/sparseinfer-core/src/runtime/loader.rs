@@ -5,7 +5,7 @@ use super::checkpoint::{self, out_of_memory, Dtype, Orientation, QuantScheme, We
 use super::ops::{Embedding, Linear, NormW};
 use super::plan::{StoredAs, WeightPlan};
 use crate::error::{Error, Result};
-use crate::formats::{Format, PackedMatrix};
+use crate::formats::{Format, GivenScales, PackedMatrix};
 
 /// Reads tensors by Hugging Face name and builds runtime weights according to a [`WeightPlan`].
 pub struct Loader<'a> {
@@ -96,6 +96,7 @@ impl Loader<'_> {
         let mut w: Vec<f32> = Vec::new();
         let mut b = Vec::new();
         let mut scales: Vec<f32> = Vec::new();
+        let mut mins: Vec<f32> = Vec::new();
         let mut per_row: Option<usize> = None;
         let mut all_quant = true;
         let (mut sparse, mut bf16) = (true, true);
@@ -114,6 +115,7 @@ impl Loader<'_> {
                 Some((sc, n)) if per_row.is_none_or(|p| p == n) => {
                     per_row = Some(n);
                     scales.extend(sc);
+                    mins.extend(s.mins.unwrap_or_default());
                 }
                 _ => all_quant = false,
             }
@@ -126,13 +128,18 @@ impl Loader<'_> {
         }
         let stored = StoredAs { quant: if all_quant { self.quant } else { None }, sparse, bf16 };
         let format = format.unwrap_or_else(|| self.plan.format_for(stored));
-        let opts = self.plan.pack_options(stored, cols);
+        let mut opts = self.plan.pack_options(stored, cols);
+        // An asymmetric 4-bit checkpoint keeps its zero points on the asymmetric int4 grid; other formats fit
+        // their own (the int8 kernels are symmetric).
+        opts.asymmetric |= format.elem() == crate::formats::Elem::I4 && stored.quant.is_some_and(|q| q.asymmetric);
         let ctx = |e: Error| match e {
             Error::InvalidInput { msg, .. } => Error::invalid("load", format!("packing {}: {msg}", parts[0].0)),
             e => e,
         };
         let packed = if stored.same_grid(format, &opts) {
-            PackedMatrix::pack_with_scales(&w, rows, cols, format, opts, &scales, per_row.unwrap_or(1)).map_err(ctx)?
+            let mins = opts.asymmetric.then_some(&mins[..]);
+            let grid = GivenScales { scales: &scales, mins, per_row: per_row.unwrap_or(1) };
+            PackedMatrix::pack_with_scales(&w, rows, cols, format, opts, grid).map_err(ctx)?
         } else {
             PackedMatrix::pack(&w, rows, cols, format, opts).map_err(ctx)?
         };

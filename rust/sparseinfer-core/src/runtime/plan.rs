@@ -93,7 +93,7 @@ pub struct StoredAs {
 
 impl StoredAs {
     /// Whether packing into `format` with `opts` puts the codes on the checkpoint's grid (same bits, group
-    /// size, symmetric), so its scales can be kept as they are.
+    /// size, symmetry), so its scales (and asymmetric int4 minimums) can be kept as they are.
     pub fn same_grid(&self, format: Format, opts: &PackOptions) -> bool {
         let elem_bits = match format.elem() {
             crate::formats::Elem::I8 => Some(8),
@@ -102,7 +102,7 @@ impl StoredAs {
         };
         self.quant.is_some_and(|q| {
             let target_group = if q.bits == 4 { Some(opts.group_size.unwrap_or(128)) } else { opts.group_size };
-            Some(q.bits) == elem_bits && !opts.asymmetric && target_group == q.group_size
+            Some(q.bits) == elem_bits && opts.asymmetric == q.asymmetric && target_group == q.group_size
         })
     }
 }

@@ -90,12 +90,14 @@ pub struct Encoding {
     pub format: &'static str,
     /// Where that name may stand.
     pub declared: &'static [Declared],
-    /// Recognises the encoding by its tensors (`Ok(None)`: not this one) and reads them.
-    pub decode: fn(&Target) -> Result<Option<Encoded>>,
+    /// Recognises the encoding by its tensors (`Ok(None)`: not this one) and reads them; the declared scheme
+    /// says how wide packed codes are.
+    pub decode: fn(&Target, Option<QuantScheme>) -> Result<Option<Encoded>>,
 }
 
 /// Every encoding the runtime reads, tried in this order ([`dense`] last: it takes whatever tensor is left).
 pub const ENCODINGS: &[Encoding] = &[
+    Encoding { format: "sparse-24-bitmask", declared: &[Declared::Sparsity], decode: sparse_24_bitmask },
     Encoding { format: "sparse-bitmask", declared: &[Declared::Sparsity], decode: sparse_bitmask },
     Encoding { format: "pack-quantized", declared: &[Declared::Quantization], decode: pack_quantized },
     Encoding { format: "int-quantized", declared: &[Declared::Quantization], decode: int_quantized },
@@ -119,6 +121,9 @@ pub struct Decoded {
     pub sparse: bool,
     /// Stored as bf16 floats.
     pub bf16: bool,
+    /// Asymmetric 4-bit codes only: `rows × per_row` minimums `m = −scale · (zero_point + 8)`, so that with
+    /// `scales` the codes `q + 8` (0..=15) are `ŵ = scale · (q + 8) + m`, the grid of the asymmetric int4 kernels.
+    pub mins: Option<Vec<f32>>,
 }
 
 /// Decodes `t` in whichever encoding of [`ENCODINGS`] its tensors are in; codes are dequantized with
@@ -126,26 +131,42 @@ pub struct Decoded {
 pub fn decode(t: &Target, quant: Option<QuantScheme>) -> Result<Decoded> {
     let mut found = None;
     for e in ENCODINGS {
-        found = (e.decode)(t)?;
+        found = (e.decode)(t, quant)?;
         if found.is_some() {
             break;
         }
     }
     let Encoded { values, sparse } = found.ok_or_else(|| t.bad("tensor is missing from the checkpoint"))?;
     match values {
-        Values::Float { w, bf16 } => Ok(Decoded { w, scales: None, sparse, bf16 }),
+        Values::Float { w, bf16 } => Ok(Decoded { w, scales: None, sparse, bf16, mins: None }),
         Values::Codes(codes) => dequantize(t, quant, &codes, sparse),
     }
 }
 
 /// `sparse-bitmask`: `<module>.bitmask` (a row-major bit per weight, `[rows, ceil(cols / 8)]` U8), the nonzeros
-/// in `<module>.compressed` (floats, or int8 codes), `<module>.shape`. compressed-tensors up to 0.8 (and
-/// sparseinfer before it) named them `<module>.weight.bitmask` etc.
-fn sparse_bitmask(t: &Target) -> Result<Option<Encoded>> {
+/// in `<module>.compressed` (floats, or int8 codes) as one `[nnz]` tensor, `<module>.shape`. compressed-tensors
+/// up to 0.8 (and sparseinfer before it) named them `<module>.weight.bitmask` etc.
+fn sparse_bitmask(t: &Target, _: Option<QuantScheme>) -> Result<Option<Encoded>> {
+    bitmask(t, false)
+}
+
+/// `sparse-24-bitmask` (2:4, compressed-tensors 0.9-0.14): the tensors of `sparse-bitmask`, but
+/// `<module>.compressed` is `[rows, cols / 2]`: two of every four weights of a row, in column order, as
+/// compressed-tensors keeps them (the two largest magnitudes of each group of four, which may include a zero).
+fn sparse_24_bitmask(t: &Target, _: Option<QuantScheme>) -> Result<Option<Encoded>> {
+    bitmask(t, true)
+}
+
+/// Reads a bitmask encoding: the 2:4 one (`two_four`, recognised by a 2-D `.compressed`) or the general one.
+fn bitmask(t: &Target, two_four: bool) -> Result<Option<Encoded>> {
     let (st, rows, cols) = (t.store, t.rows, t.cols);
     let Some(base) = [t.module(), t.name].into_iter().find(|b| st.contains(&format!("{b}.bitmask"))) else {
         return Ok(None);
     };
+    let cname = format!("{base}.compressed");
+    if st.meta(&cname).is_some_and(|(_, shape)| shape.len() == 2) != two_four {
+        return Ok(None);
+    }
     if t.orientation != Orientation::OutIn {
         return Err(t.bad("compressed Conv1D weights are not supported"));
     }
@@ -155,25 +176,39 @@ fn sparse_bitmask(t: &Target) -> Result<Option<Encoded>> {
     if mask.dtype != Dtype::U8 {
         return Err(t.bad(format!("{base}.bitmask has dtype {}, expected U8", mask.dtype.name())));
     }
-    let values = st
-        .get(&format!("{base}.compressed"))?
-        .ok_or_else(|| t.bad(format!("{base}.compressed (the stored values) is missing")))?;
+    let values = st.get(&cname)?.ok_or_else(|| t.bad(format!("{cname} (the stored values) is missing")))?;
+    let bit = |r: usize, c: usize| mask.bytes[r * row_bytes + c / 8] >> (c % 8) & 1 == 1;
     let nnz: usize = mask.bytes.iter().map(|b| b.count_ones() as usize).sum::<usize>();
     // Bits past `cols` in the last byte of a row must be clear, or the count lies.
     let tail_ok = cols.is_multiple_of(8) || (0..rows).all(|r| mask.bytes[r * row_bytes + cols / 8] >> (cols % 8) == 0);
-    if values.shape.len() != 1 || values.shape[0] != nnz || !tail_ok {
-        return Err(t.bad(format!("bitmask has {nnz} set bits but .compressed holds {:?} values", values.shape)));
+    if two_four {
+        if !cols.is_multiple_of(4) || values.shape != [rows, cols / 2] {
+            return Err(t.bad(format!(
+                "{cname} is {:?}, 2:4 of [{rows}, {cols}] is [{rows}, {}]",
+                values.shape,
+                cols / 2
+            )));
+        }
+        // Exactly two of every four: the count then matches the values too.
+        if let Some((r, c)) = (0..rows)
+            .flat_map(|r| (0..cols / 4).map(move |g| (r, 4 * g)))
+            .find(|&(r, c)| (c..c + 4).filter(|&c| bit(r, c)).count() != 2)
+        {
+            return Err(t.bad(format!("{base}.bitmask is not 2:4: columns {c}..{} of row {r}", c + 4)));
+        }
+    } else if values.shape.len() != 1 || values.shape[0] != nnz || !tail_ok {
+        return Err(t.bad(format!("bitmask has {nnz} set bits but {cname} holds {:?} values", values.shape)));
     }
     let flat: Vec<f32> = match values.dtype {
         Dtype::I8 => values.bytes.iter().map(|&b| b as i8 as f32).collect(),
         Dtype::F32 | Dtype::F16 | Dtype::BF16 => values.to_f32(t.name)?,
-        d => return Err(t.bad(format!(".compressed has dtype {}", d.name()))),
+        d => return Err(t.bad(format!("{cname} has dtype {}", d.name()))),
     };
     let mut dense = zeros(t.name, rows * cols)?;
     let mut k = 0;
     for r in 0..rows {
         for c in 0..cols {
-            if mask.bytes[r * row_bytes + c / 8] >> (c % 8) & 1 == 1 {
+            if bit(r, c) {
                 dense[r * cols + c] = flat[k];
                 k += 1;
             }
@@ -190,32 +225,39 @@ fn sparse_bitmask(t: &Target) -> Result<Option<Encoded>> {
     Ok(Some(Encoded { values, sparse: true }))
 }
 
-/// `pack-quantized`: int4 codes offset by 8, eight to a little-endian I32 word along each row
-/// (`<module>.weight_packed` `[rows, ceil(cols / 8)]`), and `<module>.weight_shape`.
-fn pack_quantized(t: &Target) -> Result<Option<Encoded>> {
+/// `pack-quantized`: `bits`-bit codes offset by `2^(bits-1)`, `32 / bits` to a little-endian I32 word along
+/// each row, code `j` at bit `bits · j` (`<module>.weight_packed` `[rows, ceil(cols · bits / 32)]`), and
+/// `<module>.weight_shape`. 4 and 8 bits (the widths that tile a word, so no code straddles two).
+fn pack_quantized(t: &Target, quant: Option<QuantScheme>) -> Result<Option<Encoded>> {
     let (st, rows, cols, prefix) = (t.store, t.rows, t.cols, t.module());
     if !st.contains(&format!("{prefix}.weight_packed")) {
         return Ok(None);
     }
+    let bits = quant.ok_or_else(|| t.bad("packed integer weights but no quantization_config in config.json"))?.bits;
     t.expect_shape(&format!("{prefix}.weight_shape"))?;
-    let words = cols.div_ceil(8);
+    let words = (cols * bits as usize).div_ceil(32);
     let packed = st.tensor(&format!("{prefix}.weight_packed"), &[rows, words])?;
     if packed.dtype != Dtype::I32 {
         return Err(t.bad("weight_packed must be I32"));
     }
     let mut c = zeros(t.name, rows * cols)?;
-    for r in 0..rows {
-        for j in 0..cols {
-            let o = (r * words + j / 8) * 4;
-            let word = u32::from_le_bytes(packed.bytes[o..o + 4].try_into().expect("4 bytes"));
-            c[r * cols + j] = ((word >> (4 * (j % 8))) & 0xF) as f32 - 8.0;
+    for (r, row) in c.chunks_exact_mut(cols).enumerate() {
+        for (j, code) in row.iter_mut().enumerate() {
+            *code = packed_code(&packed.bytes, bits, r * words * 32 + j * bits as usize);
         }
     }
     Ok(Some(Encoded { values: Values::Codes(c), sparse: false }))
 }
 
+/// The signed `bits`-bit code at bit `at` of little-endian I32 words (stored offset by `2^(bits-1)`).
+fn packed_code(bytes: &[u8], bits: u32, at: usize) -> f32 {
+    let o = at / 32 * 4;
+    let word = u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
+    ((word >> (at % 32)) & ((1 << bits) - 1)) as f32 - (1u32 << (bits - 1)) as f32
+}
+
 /// `int-quantized`: int8 codes in `<module>.weight` itself (I8 `[rows, cols]`).
-fn int_quantized(t: &Target) -> Result<Option<Encoded>> {
+fn int_quantized(t: &Target, _: Option<QuantScheme>) -> Result<Option<Encoded>> {
     if t.store.meta(t.name).is_none_or(|(dtype, _)| dtype != Dtype::I8) {
         return Ok(None);
     }
@@ -225,7 +267,7 @@ fn int_quantized(t: &Target) -> Result<Option<Encoded>> {
 
 /// Dense floats (F32, F16 or BF16) in `<module>.weight`, oriented as `t.orientation` says (a `Conv1D` weight
 /// is transposed once here).
-fn dense(t: &Target) -> Result<Option<Encoded>> {
+fn dense(t: &Target, _: Option<QuantScheme>) -> Result<Option<Encoded>> {
     let Some((dtype, _)) = t.store.meta(t.name) else { return Ok(None) };
     let bf16 = dtype == Dtype::BF16;
     let (rows, cols) = (t.rows, t.cols);
@@ -245,8 +287,9 @@ fn dense(t: &Target) -> Result<Option<Encoded>> {
     Ok(Some(Encoded { values: Values::Float { w, bf16 }, sparse: false }))
 }
 
-/// `W = scale[r, c / G] · q` for codes `q[rows × cols]` with `<module>.weight_scale` `[rows, per_row]`; the
-/// scales are kept beside the weights.
+/// `W = scale[r, c / G] · (q − zero_point[r, c / G])` for codes `q[rows × cols]` with `<module>.weight_scale`
+/// `[rows, per_row]` (and, asymmetric, `<module>.weight_zero_point`); the scales (and the minimums of the
+/// asymmetric int4 grid) are kept beside the weights.
 fn dequantize(t: &Target, quant: Option<QuantScheme>, codes: &[f32], sparse: bool) -> Result<Decoded> {
     let (st, rows, cols) = (t.store, t.rows, t.cols);
     let scheme = quant.ok_or_else(|| t.bad("integer weights but no quantization_config in config.json"))?;
@@ -274,6 +317,7 @@ fn dequantize(t: &Target, quant: Option<QuantScheme>, codes: &[f32], sparse: boo
             i % per_row
         )));
     }
+    let zero_points = if scheme.asymmetric { Some(zero_points(t, scheme, per_row)?) } else { None };
     let g = scheme.group_size.unwrap_or(cols);
     // compressed-tensors' symmetric range, whose rounding reaches -128 (-8): the kernels' symmetric grid stops
     // at -127 (-7), so packing with these scales stores such a code one step up (docs/FORMAT.md).
@@ -285,8 +329,53 @@ fn dequantize(t: &Target, quant: Option<QuantScheme>, codes: &[f32], sparse: boo
             if !(lo..=hi).contains(&q) {
                 return Err(t.bad(format!("code {q} at ({r}, {c}) is outside the {}-bit range", scheme.bits)));
             }
-            w[r * cols + c] = scales[r * per_row + c / g] * q;
+            let i = r * per_row + c / g;
+            w[r * cols + c] = scales[i] * (q - zero_points.as_ref().map_or(0.0, |z| z[i]));
         }
     }
-    Ok(Decoded { w, scales: Some((scales, per_row)), sparse, bf16: false })
+    let mins = match &zero_points {
+        Some(z) if scheme.bits == 4 => Some(z.iter().zip(&scales).map(|(z, s)| -s * (z + 8.0)).collect()),
+        _ => None,
+    };
+    Ok(Decoded { w, scales: Some((scales, per_row)), sparse, bf16: false, mins })
+}
+
+/// `<module>.weight_zero_point` `[rows, per_row]`: I8, or (`pack-quantized`) packed like the codes but along
+/// the rows, I32 `[ceil(rows · bits / 32), per_row]`; each within the codes' range.
+fn zero_points(t: &Target, scheme: QuantScheme, per_row: usize) -> Result<Vec<f32>> {
+    let name = format!("{}.weight_zero_point", t.module());
+    let (dtype, _) = t.store.meta(&name).ok_or_else(|| t.bad(format!("{name} is missing (asymmetric scheme)")))?;
+    let rows = t.rows;
+    let z: Vec<f32> = match dtype {
+        Dtype::I8 => t.store.tensor(&name, &[rows, per_row])?.bytes.iter().map(|&b| b as i8 as f32).collect(),
+        Dtype::I32 => {
+            let words = (rows * scheme.bits as usize).div_ceil(32);
+            let packed = t.store.tensor(&name, &[words, per_row])?;
+            // Transposed, the packed tensor is `[per_row, words]` with the rows' codes along each of its rows.
+            let mut by_group = vec![0u8; packed.bytes.len()];
+            for (w, word) in packed.bytes.chunks_exact(4).enumerate() {
+                let (i, g) = (w / per_row, w % per_row);
+                by_group[(g * words + i) * 4..(g * words + i) * 4 + 4].copy_from_slice(word);
+            }
+            let mut z = vec![0.0; rows * per_row];
+            for r in 0..rows {
+                for g in 0..per_row {
+                    z[r * per_row + g] = packed_code(&by_group, scheme.bits, g * words * 32 + r * scheme.bits as usize);
+                }
+            }
+            z
+        }
+        d => return Err(t.bad(format!("{name} has dtype {}: zero points are I8, or I32 packed", d.name()))),
+    };
+    let half = (1u32 << (scheme.bits - 1)) as f32;
+    if let Some(i) = z.iter().position(|v| !(-half..half).contains(v)) {
+        return Err(t.bad(format!(
+            "{name}: zero point {} at [{}, {}] is outside the {}-bit range",
+            z[i],
+            i / per_row,
+            i % per_row,
+            scheme.bits
+        )));
+    }
+    Ok(z)
 }

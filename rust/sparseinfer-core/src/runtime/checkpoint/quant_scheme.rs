@@ -4,7 +4,7 @@
 use super::encodings::Declared;
 use crate::error::{Error, Result};
 
-/// Symmetric integer weight quantization as a compressed checkpoint declares it.
+/// Integer weight quantization as a compressed checkpoint declares it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QuantScheme {
     /// 4 or 8.
@@ -16,6 +16,8 @@ pub struct QuantScheme {
     /// activation schemes (static per tensor, ...) run with the default per-64-column dynamic scales, which
     /// are at least as fine.
     pub token_acts: bool,
+    /// Zero points (`W = scale · (q − zero_point)`, `<module>.weight_zero_point`) instead of symmetric codes.
+    pub asymmetric: bool,
 }
 
 impl QuantScheme {
@@ -59,9 +61,7 @@ impl QuantScheme {
             if w.get("type").and_then(|t| t.as_str()).unwrap_or("int") != "int" {
                 return Err(Error::unsupported("load", "only integer weight quantization is supported"));
             }
-            if !w.get("symmetric").and_then(|t| t.as_bool()).unwrap_or(true) {
-                return Err(Error::unsupported("load", "asymmetric checkpoint quantization is not supported"));
-            }
+            let asymmetric = !w.get("symmetric").and_then(|t| t.as_bool()).unwrap_or(true);
             let group_size = w.get("group_size").and_then(|g| g.as_u64()).map(|g| g as usize);
             let token_acts = g.get("input_activations").is_some_and(|a| {
                 a.get("num_bits").and_then(|b| b.as_u64()) == Some(8)
@@ -69,7 +69,7 @@ impl QuantScheme {
                     && a.get("strategy").and_then(|s| s.as_str()) == Some("token")
                     && a.get("dynamic").and_then(|d| d.as_bool()) == Some(true)
             });
-            let s = QuantScheme { bits, group_size, token_acts };
+            let s = QuantScheme { bits, group_size, token_acts, asymmetric };
             if scheme.is_some_and(|x| x != s) {
                 return Err(Error::unsupported("load", "mixed quantization schemes are not supported"));
             }
