@@ -7,6 +7,8 @@
   checkpoints that compressed-tensors 0.14 writes itself load in sparseinfer. compressed-tensors 0.14 (the last
   release with the sparse-bitmask compressor) lives beside the venv (``make setup-interop``) and runs in a
   subprocess (tests/training/ct_legacy.py).
+- compressed-tensors 0.14 also writes the layouts sparseinfer only reads (2:4 sparse-24-bitmask, 8-bit
+  pack-quantized, zero points), which load with logits compared the same way.
 - Malformed scales and unknown formats are refused with what is wrong.
 """
 
@@ -28,7 +30,6 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 import sparseinfer  # noqa: E402
 from sparseinfer import training as T  # noqa: E402
-from sparseinfer.training import compressed as E  # noqa: E402
 
 PROMPT = [5, 17, 42, 99, 7, 250, 13, 3, 64, 128, 31, 8]
 # Relative logit error of a round trip that stores exactly the weights torch computes with (dequantized in f32 by
