@@ -151,11 +151,12 @@ def block_quantize_acts(x, token=False):
     return (q * s).reshape(*lead, -1)[..., :cols]
 
 
-def quantize_linear_inputs(model, skip=()):
-    """Adds forward pre-hooks that give every nn.Linear (but those named in `skip`) int8 block activations."""
+def quantize_linear_inputs(model, skip=(), token=False):
+    """Adds forward pre-hooks that give every nn.Linear (but those named in `skip`) int8 block activations (per
+    row with `token`)."""
     import torch
 
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and name not in skip:
-            mod.register_forward_pre_hook(lambda m, args: (block_quantize_acts(args[0]),))
+            mod.register_forward_pre_hook(lambda m, args: (block_quantize_acts(args[0], token),))
     return model

@@ -54,6 +54,8 @@ KINDS = {
     "pack8": (None, dict(num_bits=8, symmetric=True, strategy="channel"), "pack-quantized"),
     "pack4-asym": (None, dict(num_bits=4, symmetric=False, strategy="group", group_size=64), "pack-quantized"),
     "int8-asym": (None, dict(num_bits=8, symmetric=False, strategy="channel"), "int-quantized"),
+    # W8A8: int8 channel weights, int8 dynamic per-token activations (the scheme's input_activations).
+    "w8a8": (None, dict(num_bits=8, symmetric=True, strategy="channel", acts="token"), "int-quantized"),
 }
 
 
@@ -90,8 +92,11 @@ def write(src: Path, out: Path, kind: str) -> None:
     quant = None
     if qargs is not None:
         # compressed-tensors' own scheme, its own scales and zero points, and its own rounding.
+        qargs = dict(qargs)
+        acts = qargs.pop("acts", None)
         args = QuantizationArgs(type="int", **qargs)
-        scheme = QuantizationScheme(targets=["Linear"], weights=args)
+        inputs = QuantizationArgs(num_bits=8, type="int", strategy=acts, dynamic=True) if acts else None
+        scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=inputs)
         quant = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"], format=qformat)
         apply_quantization_config(model, quant)
         with torch.no_grad():

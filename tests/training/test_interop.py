@@ -156,6 +156,7 @@ CT014_KINDS = {
     "pack8": "dense-int8",
     "pack4-asym": "dense-int4",
     "int8-asym": "dense-int8",
+    "w8a8": "dense-int8",
 }
 
 
@@ -183,11 +184,13 @@ def test_sparseinfer_loads_compressed_tensors_014_checkpoints(tmp_path, pruned, 
                 weights[f"{name}.weight"] = w + (np.rint(w / scale) == -128) * scale
         head = ref.lm_head.weight.detach().numpy()
         ref.lm_head.weight.data = torch.from_numpy(sparseinfer.kernels.pack(head, "dense-int8").to_dense())
-        tiny_models.quantize_linear_inputs(ref)
+        tiny_models.quantize_linear_inputs(ref, token=kind == "w8a8")
     missing = ref.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False).missing_keys
     assert missing == []
     loaded = sparseinfer.load(fixture)
     assert {layer["format"] for layer in loaded.info()["linear"]} == {CT014_KINDS[kind]}
+    # A W8A8 scheme's dynamic per-token activations are what the model runs with.
+    assert loaded.info()["activations"] == ("int8-token" if kind == "w8a8" else "int8" if "f32" not in kind else "f32")
     err = rel(loaded.logits(PROMPT), hf_logits(ref))
     assert err < (DENSE_EXACT if kind.endswith("f32") else INT_ACT_FLIP), err
 
