@@ -18,6 +18,7 @@ import pytest
 
 import sparseinfer
 from sparseinfer import InvalidInputError, kernels
+from sparseinfer.modeldir import MAX_JSON_BYTES
 
 hostile_models = pytest.importorskip("hostile_models")
 from hostile_models import run_cases, run_child, tiny_llama  # noqa: E402
@@ -83,6 +84,20 @@ def test_config_cannot_be_a_link_outside(tmp_path, model):
     (model / "config.json").symlink_to(outside)
     with pytest.raises(InvalidInputError, match="outside the model directory"):
         sparseinfer.load(model)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_a_handle_opened_outside_after_the_checks_is_refused(tmp_path, model, monkeypatch):
+    # The race the post-open check closes: the path checked inside, then a directory on it swapped for a link
+    # before the open. Simulated by opening an outside file in place of the checked one.
+    from sparseinfer import modeldir
+
+    outside = tmp_path / "secret.json"
+    outside.write_text("{}")
+    real_open = os.open
+    monkeypatch.setattr(modeldir.os, "open", lambda path, flags: real_open(outside, flags))
+    with pytest.raises(InvalidInputError, match="outside the model directory"):
+        modeldir.read_json(model, "config.json")
 
 
 def _hub_snapshot(root, good, repo_name="models--org--tiny"):
@@ -165,10 +180,10 @@ def special_results(tmp_path_factory, good):
         elif kind == "dev-zero":
             target.symlink_to("/dev/zero")
         elif kind == "huge":
-            # Valid JSON, padded with spaces past the 64 MiB cap.
+            # Valid JSON, padded with spaces past the cap.
             body = (good / name).read_text() if (good / name).exists() else '{"chat_template": "x"}'
             with open(target, "w") as f:
-                f.write(body + " " * ((64 << 20) + 1 - len(body)))
+                f.write(body + " " * (MAX_JSON_BYTES + 1 - len(body)))
         else:
             target.mkdir()
         cases.append(str(d))

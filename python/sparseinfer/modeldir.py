@@ -18,7 +18,7 @@ from .errors import InvalidInputError
 __all__ = ["MAX_JSON_BYTES", "MAX_TOKENIZER_BYTES", "read_json", "read_model_file"]
 
 #: Largest JSON config read (config.json, generation_config.json, tokenizer_config.json).
-MAX_JSON_BYTES = 64 << 20
+MAX_JSON_BYTES = 16 << 20
 #: Largest tokenizer.json read (big vocabularies with merges reach tens of MB).
 MAX_TOKENIZER_BYTES = 256 << 20
 
@@ -45,11 +45,26 @@ def resolve_inside(model_dir: Path, name: str) -> Path:
     if rel.is_absolute() or ".." in rel.parts:
         raise InvalidInputError(f"{model_dir}: {name!r} is not a path inside the model directory")
     real = (model_dir / rel).resolve()
+    check_inside(model_dir, name, real)
+    return real
+
+
+def check_inside(model_dir: Path, name: str, real: Path) -> None:
+    """Raises if the real path ``real`` of ``name`` is outside ``model_dir`` (and its hub blobs folder)."""
     root = model_dir.resolve()
     blobs = hub_blobs(model_dir)
     if not (root in real.parents or (blobs is not None and real.parent == blobs)):
         raise InvalidInputError(f"{model_dir / name}: resolves to {real}, outside the model directory")
-    return real
+
+
+def check_opened(model_dir: Path, name: str, fd: int) -> None:
+    """Raises if the open ``fd`` (for ``name``) is not a file inside ``model_dir``: the path the kernel resolved
+    for the handle (Linux ``/proc/self/fd``), which catches a directory swapped for a link after the checks."""
+    try:
+        actual = Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:  # no /proc (not Linux, or a bare container): the checks before the open are what there is
+        return
+    check_inside(model_dir, name, actual)
 
 
 def read_model_file(model_dir: Path, name: str, limit: int) -> bytes | None:
@@ -74,6 +89,7 @@ def read_model_file(model_dir: Path, name: str, limit: int) -> bytes | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise InvalidInputError(f"{shown}: not a regular file")
+        check_opened(model_dir, name, fd)
         if st.st_size > limit:
             raise InvalidInputError(f"{shown}: {st.st_size} bytes is over the limit of {limit}")
         chunks, total = [], 0

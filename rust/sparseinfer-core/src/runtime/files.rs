@@ -6,8 +6,9 @@
 //! `.../blobs/`) may also resolve to a file directly in that `blobs` folder; a directory that merely sits in some
 //! folder called `snapshots` gains no second root. Only regular files are opened (a FIFO would block, a device would never
 //! end), with `O_NONBLOCK` so that a file swapped for a FIFO after the check cannot block the open either, and
-//! checked again on the open handle. JSON files are read up to a size cap. Errors name the file, never its
-//! contents.
+//! checked again on the open handle. On Linux the handle's own path (`/proc/self/fd`) must pass the same
+//! containment check, so a directory swapped for a link between the check and the open is caught too. JSON files
+//! are read up to a size cap. Errors name the file, never its contents.
 
 use crate::error::{Error, Result};
 use std::fs::File;
@@ -15,8 +16,9 @@ use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
 const OP: &str = "load";
-/// Largest JSON file read (config.json, model.safetensors.index.json).
-pub const MAX_JSON_BYTES: u64 = 64 << 20;
+/// Largest JSON file read (config.json, model.safetensors.index.json: the index of a 400B-parameter model is
+/// about 2 MB). A parsed `serde_json::Value` takes several times its text.
+pub const MAX_JSON_BYTES: u64 = 16 << 20;
 
 /// Folder prefixes of a Hugging Face hub cache repository (`<cache>/models--org--name/{blobs,snapshots}`).
 const HUB_REPO_PREFIXES: [&str; 3] = ["models--", "datasets--", "spaces--"];
@@ -75,6 +77,12 @@ impl ModelDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::invalid(OP, format!("{}: cannot be resolved: {e}", self.shown(name)))),
         };
+        self.check_inside(name, &real)?;
+        Ok(Some(real))
+    }
+
+    /// Refuses a canonical path `real` (of `name`) outside the directory and its hub blobs folder.
+    fn check_inside(&self, name: &str, real: &Path) -> Result<()> {
         let in_blobs = self.blobs.as_deref().is_some_and(|b| real.parent() == Some(b));
         if !(real.starts_with(&self.root) || in_blobs) {
             return Err(Error::invalid(
@@ -82,7 +90,22 @@ impl ModelDir {
                 format!("{}: resolves to {}, outside the model directory", self.shown(name), real.display()),
             ));
         }
-        Ok(Some(real))
+        Ok(())
+    }
+
+    /// Refuses an opened `file` (for `name`) that is not inside the directory: the path the kernel resolved
+    /// for the handle, which no later change to the directory's links can move.
+    fn check_opened(&self, name: &str, file: &File) -> Result<()> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // Without /proc (a bare container), the checks before the open are what there is.
+            if let Ok(actual) = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())) {
+                return self.check_inside(name, &actual);
+            }
+        }
+        let _ = (name, file);
+        Ok(())
     }
 
     /// Opens `name` for reading if it exists: inside the directory, a regular file.
@@ -100,6 +123,7 @@ impl ModelDir {
         if !meta.is_file() {
             return Err(not_regular());
         }
+        self.check_opened(name, &file)?;
         Ok(Some(file))
     }
 
@@ -177,4 +201,28 @@ pub fn open_regular(path: &Path) -> Result<File> {
         return Err(Error::invalid(OP, format!("{shown}: not a regular file")));
     }
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_handle_to_a_file_outside_the_directory_is_refused() {
+        let base = std::env::temp_dir().join(format!("sparseinfer-files-{}", std::process::id()));
+        let (inside, outside) = (base.join("model"), base.join("elsewhere"));
+        std::fs::create_dir_all(&inside).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(inside.join("config.json"), "{}").unwrap();
+        std::fs::write(outside.join("secret.json"), "{}").unwrap();
+        let dir = ModelDir::new(&inside).unwrap();
+        // What an open through a directory swapped for a link after the check would have returned.
+        let stray = File::open(outside.join("secret.json")).unwrap();
+        let e = dir.check_opened("config.json", &stray).unwrap_err().to_string();
+        assert!(e.contains("outside the model directory"), "{e}");
+        let own = File::open(inside.join("config.json")).unwrap();
+        dir.check_opened("config.json", &own).unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }
