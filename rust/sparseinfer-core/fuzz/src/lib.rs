@@ -442,6 +442,50 @@ pub const TINY: &[Tiny] = &[
             }
         },
     },
+    Tiny {
+        model_types: &["whisper"],
+        config: || {
+            json!({"model_type": "whisper", "d_model": D, "encoder_layers": 1, "decoder_layers": 1,
+                   "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": I,
+                   "decoder_ffn_dim": I, "num_mel_bins": 4, "max_source_positions": 4,
+                   "max_target_positions": P, "vocab_size": V, "decoder_start_token_id": 0, "eos_token_id": 1})
+        },
+        weights: |t| {
+            let p = "model.";
+            t.f32(&format!("{p}encoder.conv1.weight"), &[D, 4, 3], false);
+            t.f32(&format!("{p}encoder.conv1.bias"), &[D], false);
+            t.f32(&format!("{p}encoder.conv2.weight"), &[D, D, 3], false);
+            t.f32(&format!("{p}encoder.conv2.bias"), &[D], false);
+            t.f32(&format!("{p}encoder.embed_positions.weight"), &[4, D], false);
+            t.f32(&format!("{p}decoder.embed_tokens.weight"), &[V, D], false);
+            t.f32(&format!("{p}decoder.embed_positions.weight"), &[P, D], false);
+            for stack in ["encoder", "decoder"] {
+                let l = format!("{p}{stack}.layers.0.");
+                let mut attns = vec!["self_attn"];
+                if stack == "decoder" {
+                    attns.push("encoder_attn");
+                }
+                for a in attns {
+                    for m in ["q", "k", "v", "out"] {
+                        t.f32(&format!("{l}{a}.{m}_proj.weight"), &[D, D], false);
+                        if m != "k" {
+                            t.f32(&format!("{l}{a}.{m}_proj.bias"), &[D], false);
+                        }
+                    }
+                    t.f32(&format!("{l}{a}_layer_norm.weight"), &[D], true);
+                    t.f32(&format!("{l}{a}_layer_norm.bias"), &[D], false);
+                }
+                t.f32(&format!("{l}fc1.weight"), &[I, D], false);
+                t.f32(&format!("{l}fc1.bias"), &[I], false);
+                t.f32(&format!("{l}fc2.weight"), &[D, I], false);
+                t.f32(&format!("{l}fc2.bias"), &[D], false);
+                t.f32(&format!("{l}final_layer_norm.weight"), &[D], true);
+                t.f32(&format!("{l}final_layer_norm.bias"), &[D], false);
+                t.f32(&format!("{p}{stack}.layer_norm.weight"), &[D], true);
+                t.f32(&format!("{p}{stack}.layer_norm.bias"), &[D], false);
+            }
+        },
+    },
 ];
 
 // ---------------------------------------------------------------------------------------------------------
@@ -494,18 +538,20 @@ const CT_LAYERS: &[(&str, usize, usize)] = &[
 
 /// `config.json` and tensors of a tiny compressed Llama whose every choice comes from `g`.
 pub fn compressed_checkpoint(g: &mut Gen) -> (Value, Tensors) {
-    const FORMATS: [Option<&str>; 6] = [
+    const FORMATS: [Option<&str>; 7] = [
         Some("pack-quantized"),
         Some("int-quantized"),
         Some("sparse-bitmask"),
         Some("dense"),
         None,
         Some("float-quantized"),
+        Some("sparse-24-bitmask"),
     ];
     let bits = [8u64, 4, 8, 4, 2, 16][g.pick(6)];
     let group = [None, Some(32u64), Some(64), Some(16), Some(0), Some(3), Some(5), Some(1 << 40)][g.pick(8)];
     let format = FORMATS[g.pick(FORMATS.len())];
-    let sparsity = [None, Some("sparse-bitmask"), Some("dense"), Some("pack-quantized")][g.pick(4)];
+    let sparsity =
+        [None, Some("sparse-bitmask"), Some("dense"), Some("pack-quantized"), Some("sparse-24-bitmask")][g.pick(5)];
     let flags = g.u8();
     let mut weights = json!({"num_bits": bits, "type": if flags & 1 == 0 { "int" } else { "float" },
                              "symmetric": flags & 2 == 0, "strategy": if group.is_some() { "group" } else { "channel" }});
@@ -536,7 +582,8 @@ pub fn compressed_checkpoint(g: &mut Gen) -> (Value, Tensors) {
     t.f32("model.layers.0.input_layernorm.weight", &[CT_D], true);
     t.f32("model.layers.0.post_attention_layernorm.weight", &[CT_D], true);
     t.f32("model.norm.weight", &[CT_D], true);
-    let bits = if bits == 4 { 4 } else { 8 };
+    let bits: u32 = if bits == 4 { 4 } else { 8 };
+    let asymmetric = flags & 2 != 0;
     let per_row = |cols: usize| match group {
         Some(gs) if gs > 0 => cols.div_ceil(gs.min(cols as u64) as usize),
         _ => 1,
@@ -545,7 +592,7 @@ pub fn compressed_checkpoint(g: &mut Gen) -> (Value, Tensors) {
     let encodings = g.bytes(CT_LAYERS.len());
     for (&(module, rows, cols), enc) in CT_LAYERS.iter().zip(encodings) {
         let w = format!("{module}.weight");
-        match enc % 6 {
+        match enc % 7 {
             // Dense floats.
             0 => t.f32(&w, &[rows, cols], false),
             1 => {
@@ -557,14 +604,40 @@ pub fn compressed_checkpoint(g: &mut Gen) -> (Value, Tensors) {
                 let codes = g.bytes(rows * cols).into_iter().map(|b| clamp_code(b, bits)).collect();
                 lie(g, &mut t, &w, "I8", vec![rows, cols], codes);
                 scales(g, &mut t, module, rows, per_row(cols));
+                zero_points(g, &mut t, module, rows, per_row(cols), bits, asymmetric);
             }
-            // pack-quantized: eight int4 codes per I32 word, the shape, scales.
+            // pack-quantized: 32 / bits codes per I32 word, the shape, scales.
             3 => {
-                let words = cols.div_ceil(8);
+                let words = (cols * bits as usize).div_ceil(32);
                 let packed = g.bytes(rows * words * 4);
                 lie(g, &mut t, &format!("{module}.weight_packed"), "I32", vec![rows, words], packed);
                 shape_tensor(g, &mut t, &format!("{module}.weight_shape"), rows, cols);
                 scales(g, &mut t, module, rows, per_row(cols));
+                zero_points(g, &mut t, module, rows, per_row(cols), bits, asymmetric);
+            }
+            // sparse-24-bitmask: two of every four columns (mostly), the values `[rows, cols / 2]`, the shape.
+            6 => {
+                let row_bytes = cols.div_ceil(8);
+                let mut mask = g.bytes(rows * row_bytes);
+                if g.u8() < 200 {
+                    // Each nibble one of the six 2-of-4 patterns, as compressed-tensors writes them.
+                    const TWO_OF_FOUR: [u8; 6] = [0b0011, 0b0101, 0b0110, 0b1001, 0b1010, 0b1100];
+                    for b in mask.iter_mut() {
+                        *b = TWO_OF_FOUR[(*b & 0xF) as usize % 6] | TWO_OF_FOUR[(*b >> 4) as usize % 6] << 4;
+                    }
+                }
+                lie(g, &mut t, &format!("{module}.bitmask"), "U8", vec![rows, row_bytes], mask);
+                shape_tensor(g, &mut t, &format!("{module}.shape"), rows, cols);
+                let (compressed, n) = (format!("{module}.compressed"), rows * cols / 2);
+                if g.u8() & 1 == 0 {
+                    let v = g_vals(g, n);
+                    lie(g, &mut t, &compressed, "BF16", vec![rows, cols / 2], v);
+                } else {
+                    let codes = g.bytes(n).into_iter().map(|b| clamp_code(b, bits)).collect();
+                    lie(g, &mut t, &compressed, "I8", vec![rows, cols / 2], codes);
+                    scales(g, &mut t, module, rows, per_row(cols));
+                    zero_points(g, &mut t, module, rows, per_row(cols), bits, asymmetric);
+                }
             }
             // sparse-bitmask: the mask, the nonzeros (floats or int8 codes), the shape.
             4 | 5 => {
@@ -590,6 +663,7 @@ pub fn compressed_checkpoint(g: &mut Gen) -> (Value, Tensors) {
                     let codes = g.bytes(nnz).into_iter().map(|b| clamp_code(b, bits)).collect();
                     lie(g, &mut t, &compressed, "I8", vec![nnz], codes);
                     scales(g, &mut t, module, rows, per_row(cols));
+                    zero_points(g, &mut t, module, rows, per_row(cols), bits, asymmetric);
                 }
             }
             _ => unreachable!(),
@@ -634,6 +708,23 @@ fn scales(g: &mut Gen, t: &mut Tensors, module: &str, rows: usize, per_row: usiz
         })
         .collect();
     lie(g, t, &format!("{module}.weight_scale"), "F32", vec![rows, per_row], v);
+}
+
+/// `<module>.weight_zero_point` of an asymmetric scheme (and, rarely, of a symmetric one): I8 `[rows, per_row]`,
+/// or packed along the rows in I32 words as pack-quantized stores it.
+fn zero_points(g: &mut Gen, t: &mut Tensors, module: &str, rows: usize, per_row: usize, bits: u32, asym: bool) {
+    if !asym && g.u8() < 250 {
+        return;
+    }
+    let name = format!("{module}.weight_zero_point");
+    if g.u8() & 1 == 0 {
+        let z = g.bytes(rows * per_row).into_iter().map(|b| clamp_code(b, bits)).collect();
+        lie(g, t, &name, "I8", vec![rows, per_row], z);
+    } else {
+        let words = (rows * bits as usize).div_ceil(32);
+        let z = g.bytes(words * per_row * 4);
+        lie(g, t, &name, "I32", vec![words, per_row], z);
+    }
 }
 
 /// A shape stored as a tensor (I64 `[2]`), sometimes I32, sometimes wrong.

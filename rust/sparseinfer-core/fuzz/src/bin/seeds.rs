@@ -178,6 +178,11 @@ fn main() {
         ("bitmask-f16", [0, 0, 0, 4, 1, 0], 4),
         ("bitmask-int8", [0, 0, 0, 1, 1, 0], 5),
         ("bitmask-int4-g32", [0, 1, 1, 0, 1, 0], 5),
+        ("sparse24-bf16", [0, 0, 0, 3, 4, 0], 6),
+        ("sparse24-int8", [0, 0, 0, 1, 4, 0], 6),
+        ("int8-pack", [0, 0, 0, 0, 0, 0], 3),
+        ("int4-pack-asym-g32", [0, 1, 1, 0, 0, 2], 3),
+        ("int8-asym-channel", [0, 0, 0, 1, 0, 2], 2),
     ] {
         let mut s = head.to_vec();
         s.extend([enc; 8]);
