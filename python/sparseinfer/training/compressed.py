@@ -109,24 +109,36 @@ def encode_linear(w, codes: np.ndarray | None, scales: np.ndarray | None, bits: 
     return t
 
 
-def quantization_config(sparse: bool, global_sparsity: float, bits: int | None, group_size: int | None) -> dict:
+def quantization_config(
+    sparse: bool,
+    global_sparsity: float,
+    bits: int | None,
+    group_size: int | None,
+    ignore: list[str] | None = None,
+    float_linears: list[str] | None = None,
+) -> dict:
     """config.json's ``quantization_config`` as compressed-tensors' ``ModelCompressor.update_config`` writes it.
+    ``ignore``: the Linear modules stored as they are (the head: ``lm_head``, Whisper's ``proj_out``), which
+    compressed-tensors must not treat as compressed; ``float_linears``: further ones stored as floats in a
+    quantized model (no quantization of their own), ignored by the quantization scheme only.
     ``quantization_status: compressed`` and the group's ``format`` are what tell compressed-tensors (>= 0.15,
     through transformers) that the stored weights are codes to decompress; without them it loads the codes
     as if they were the weights."""
     fmt = quant_format(bits)
+    ignore = ["lm_head"] if ignore is None else ignore
     cfg: dict[str, Any] = {"quant_method": "compressed-tensors"}
     if bits is not None:
         # compressed-tensors 0.9-0.14 read every key beside quant_method and sparsity_config as a quantization
         # config (and then require config_groups): a sparse float export has none of them.
-        cfg.update(format=fmt, ignore=["lm_head"], sparseinfer_format_version=FORMAT_VERSION)
+        q_ignore = sorted(set(ignore) | set(float_linears or ()))
+        cfg.update(format=fmt, ignore=q_ignore, sparseinfer_format_version=FORMAT_VERSION)
     if sparse:
         cfg["sparsity_config"] = {
             "format": "sparse-bitmask",
             "global_sparsity": round(global_sparsity, 6),
             "sparsity_structure": "unstructured",
             "targets": ["Linear"],
-            "ignore": ["lm_head"],
+            "ignore": sorted(ignore),
         }
     if bits is not None:
         cfg["quantization_status"] = "compressed"
@@ -192,6 +204,7 @@ def export(
     zeros = total = 0
     bits_seen: set[tuple[int, int | None]] = set()
     any_sparse = False
+    float_linears: list[str] = []
     dtype = next(model.parameters()).dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"export: model dtype {dtype} is not a float dtype (float32, float16 or bfloat16)")
@@ -210,6 +223,8 @@ def export(
             scales = spec.scales.cpu().numpy().astype(np.float32)
             bits = spec.bits
             bits_seen.add((spec.bits, spec.group_size))
+        else:
+            float_linears.append(name)
         tensors.update(encode_linear(w.to(dtype), codes, scales, bits, is_sparse, name))
         state.pop(f"{name}.weight", None)
         any_sparse |= is_sparse
@@ -233,7 +248,11 @@ def export(
     bits, group = next(iter(bits_seen)) if bits_seen else (None, None)
     config = model.config.to_dict()
     if any_sparse or bits is not None:
-        config["quantization_config"] = quantization_config(any_sparse, zeros / max(total, 1), bits, group)
+        # Every other Linear (the head, whatever its name) is stored as it is.
+        heads = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in linears]
+        config["quantization_config"] = quantization_config(
+            any_sparse, zeros / max(total, 1), bits, group, ignore=heads, float_linears=float_linears
+        )
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
     info = {
