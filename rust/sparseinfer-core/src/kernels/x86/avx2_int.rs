@@ -17,7 +17,7 @@
 //! exact, as in the AVX-512 VNNI kernels; only the f32 sum over chunks differs from the scalar reference in
 //! order. Signed weights need no zero point, so the budget is `SUM_ORDER · Σ|ŵ·x̂|` with nothing added.
 
-use super::avx2::{dense_nibbles, hsum, nibbles_to_bytes};
+use super::avx2::{build_expand_idx, dense_nibbles, hsum, nibbles_to_bytes};
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
 use crate::kernels::simd::{scale_mode, RowScales, GRP, ROW};
 use crate::kernels::QuantActs;
@@ -179,14 +179,14 @@ struct Ranks([[u8; 8]; 256]);
 static RANKS: Ranks = Ranks(ranks());
 
 const fn ranks() -> [[u8; 8]; 256] {
+    let idx = build_expand_idx();
     let mut t = [[0x80u8; 8]; 256];
     let mut b = 0;
     while b < 256 {
-        let (mut lane, mut rank) = (0, 0);
+        let mut lane = 0;
         while lane < 8 {
             if b >> lane & 1 == 1 {
-                t[b][lane] = rank;
-                rank += 1;
+                t[b][lane] = idx[b][lane] as u8;
             }
             lane += 1;
         }
