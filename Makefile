@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: help setup setup-train setup-interop setup-audio develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-seq2seq bench-train bench-llamacpp study wheel clean fuzz-build fuzz fuzz-merge fuzz-seeds fuzz-regress
+.PHONY: help setup setup-train setup-interop setup-audio develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-seq2seq bench-train bench-llamacpp study wheel clean fuzz-build fuzz fuzz-merge fuzz-seeds fuzz-regress fuzz-convert
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -158,3 +158,11 @@ fuzz-seeds:  ## (re)write the seed inputs (tiny models of every architecture) in
 
 fuzz-regress:  ## replay the committed corpus through the targets, without instrumentation (also part of cargo test)
 	cargo test -p sparseinfer-core --release --quiet --test fuzz_corpus
+
+CONVERT_FUZZ_FLAGS ?= -timeout=30 -rss_limit_mb=3072 -max_len=200000 -print_final_stats=1
+
+fuzz-convert: develop setup-train  ## the GGUF conversion campaign (atheris, FUZZ_SECONDS at nice 19); new inputs in FUZZ_WORK/convert
+	$(PY) -m pip install -q "atheris==3.*"
+	mkdir -p $(FUZZ_WORK)/convert $(FUZZ_CACHE)/artifacts/convert
+	nice -n 19 $(PY) tests/fuzz/convert_target.py fuzz $(FUZZ_WORK)/convert tests/fuzz/corpus/convert \
+		-max_total_time=$(FUZZ_SECONDS) -artifact_prefix=$(FUZZ_CACHE)/artifacts/convert/ $(CONVERT_FUZZ_FLAGS)

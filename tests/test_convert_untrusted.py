@@ -256,3 +256,23 @@ def test_cli_prints_one_line_without_a_traceback(tmp_path, files, name):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("sparseinfer: error: ") and CASES[i][2] in last, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_fuzz_corpus_replays_without_findings():
+    # The committed corpus of the convert fuzz target (tests/fuzz/convert_target.py, `make fuzz-convert`):
+    # each input converts and runs, or is refused with a ValueError, in a child with a timeout.
+    corpus = Path(__file__).parent / "fuzz" / "corpus" / "convert"
+    inputs = sorted(str(p) for p in corpus.iterdir())
+    assert len(inputs) >= 5
+    body = f"""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, {str(corpus.parents[1])!r})
+    from convert_target import one_input
+
+    def attempt(path):
+        one_input(Path(path).read_bytes())
+    """
+    results = run_cases(body, inputs, timeout=300)
+    findings = {inputs[i]: r for i, r in results.items() if r.get("raised") is not None or "died" in r}
+    assert not findings, findings
