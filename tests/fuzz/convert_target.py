@@ -5,8 +5,10 @@ typed ``ValueError`` subclass, and a converted model must load and run, or refus
     python tests/fuzz/convert_target.py seeds DIR       # tiny GGUFs written by the gguf package's GGUFWriter
     python tests/fuzz/convert_target.py fuzz CORPUS... [libFuzzer flags]    # the campaign (needs atheris)
 
-``make fuzz-convert`` runs the campaign on the committed corpus (tests/fuzz/corpus/convert);
-tests/test_convert_untrusted.py replays that corpus through :func:`one_input` without atheris.
+``make fuzz-convert`` runs the campaign on the committed corpus (tests/fuzz/corpus/convert: the seeds and the
+inputs a campaign kept, copied from FUZZ_WORK/convert); tests/test_convert_untrusted.py replays that corpus
+through :func:`one_input` without atheris. The campaign is starved at nice 19 beside a training run (1 exec/s
+against ~70 alone).
 """
 
 from __future__ import annotations
