@@ -7,8 +7,8 @@ typed ``ValueError`` subclass, and a converted model must load and run, or refus
 
 ``make fuzz-convert`` runs the campaign on the committed corpus (tests/fuzz/corpus/convert: the seeds and the
 inputs a campaign kept, copied from FUZZ_WORK/convert); tests/test_convert_untrusted.py replays that corpus
-through :func:`one_input` without atheris. The campaign is starved at nice 19 beside a training run (1 exec/s
-against ~70 alone).
+through :func:`one_input` without atheris. At nice 19 the campaign gets almost no CPU beside a training run:
+pause the training while it runs.
 """
 
 from __future__ import annotations

@@ -114,8 +114,8 @@ def quantization_config(
     global_sparsity: float,
     bits: int | None,
     group_size: int | None,
-    ignore: list[str] | None = None,
-    float_linears: list[str] | None = None,
+    ignore: list[str],
+    float_linears: list[str],
 ) -> dict:
     """config.json's ``quantization_config`` as compressed-tensors' ``ModelCompressor.update_config`` writes it.
     ``ignore``: the Linear modules stored as they are (the head: ``lm_head``, Whisper's ``proj_out``), which
@@ -125,12 +125,11 @@ def quantization_config(
     through transformers) that the stored weights are codes to decompress; without them it loads the codes
     as if they were the weights."""
     fmt = quant_format(bits)
-    ignore = ["lm_head"] if ignore is None else ignore
     cfg: dict[str, Any] = {"quant_method": "compressed-tensors"}
     if bits is not None:
         # compressed-tensors 0.9-0.14 read every key beside quant_method and sparsity_config as a quantization
         # config (and then require config_groups): a sparse float export has none of them.
-        q_ignore = sorted(set(ignore) | set(float_linears or ()))
+        q_ignore = sorted(set(ignore) | set(float_linears))
         cfg.update(format=fmt, ignore=q_ignore, sparseinfer_format_version=FORMAT_VERSION)
     if sparse:
         cfg["sparsity_config"] = {

@@ -72,11 +72,17 @@ impl Loader<'_> {
         let b = self.f32(&format!("{prefix}.bias"), &[out])?;
         let cols = channels * width;
         let stored = StoredAs { quant: None, sparse: false, bf16: false };
-        let packed = PackedMatrix::pack(&w, out, cols, self.plan.lm_head, self.plan.pack_options(stored, cols))
-            .map_err(|e| match e {
-                Error::InvalidInput { msg, .. } => Error::invalid("load", format!("packing {name}: {msg}")),
-                e => e,
-            })?;
+        let packed = PackedMatrix::pack(
+            &w,
+            out,
+            cols,
+            self.plan.lm_head,
+            self.plan.pack_options(stored, self.plan.lm_head, cols),
+        )
+        .map_err(|e| match e {
+            Error::InvalidInput { msg, .. } => Error::invalid("load", format!("packing {name}: {msg}")),
+            e => e,
+        })?;
         Ok(Linear { w: packed, bias: Some(b), act: self.plan.act })
     }
 
@@ -128,10 +134,7 @@ impl Loader<'_> {
         }
         let stored = StoredAs { quant: if all_quant { self.quant } else { None }, sparse, bf16 };
         let format = format.unwrap_or_else(|| self.plan.format_for(stored));
-        let mut opts = self.plan.pack_options(stored, cols);
-        // An asymmetric 4-bit checkpoint keeps its zero points on the asymmetric int4 grid; other formats fit
-        // their own (the int8 kernels are symmetric).
-        opts.asymmetric |= format.elem() == crate::formats::Elem::I4 && stored.quant.is_some_and(|q| q.asymmetric);
+        let opts = self.plan.pack_options(stored, format, cols);
         let ctx = |e: Error| match e {
             Error::InvalidInput { msg, .. } => Error::invalid("load", format!("packing {}: {msg}", parts[0].0)),
             e => e,

@@ -66,7 +66,7 @@ impl WeightPlan {
     /// Pack options for a linear layer of `cols` inputs stored as `stored`: the plan's, with row layout when
     /// the activations stay f32 (only the int8-activation kernels read tiles, so no twin is built on first
     /// use), and, loading as stored, the checkpoint's scale groups.
-    pub fn pack_options(&self, stored: StoredAs, cols: usize) -> PackOptions {
+    pub fn pack_options(&self, stored: StoredAs, format: Format, cols: usize) -> PackOptions {
         let mut opts = self.pack;
         if self.act == Some(kernels::Activations::F32) {
             opts.layout = crate::formats::Layout::Rows;
@@ -76,6 +76,9 @@ impl WeightPlan {
                 opts.group_size = if q.bits == 4 { Some(q.group_size.unwrap_or(cols)) } else { q.group_size };
             }
         }
+        // An asymmetric 4-bit checkpoint keeps its zero points on the asymmetric int4 grid; other formats fit
+        // their own (the int8 kernels are symmetric).
+        opts.asymmetric |= format.elem() == crate::formats::Elem::I4 && stored.quant.is_some_and(|q| q.asymmetric);
         opts
     }
 }

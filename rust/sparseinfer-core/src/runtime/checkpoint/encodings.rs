@@ -182,7 +182,7 @@ fn bitmask(t: &Target, two_four: bool) -> Result<Option<Encoded>> {
     // Bits past `cols` in the last byte of a row must be clear, or the count lies.
     let tail_ok = cols.is_multiple_of(8) || (0..rows).all(|r| mask.bytes[r * row_bytes + cols / 8] >> (cols % 8) == 0);
     if two_four {
-        if !cols.is_multiple_of(4) || values.shape != [rows, cols / 2] {
+        if !cols.is_multiple_of(4) || values.shape != [rows, cols / 2] || !tail_ok {
             return Err(t.bad(format!(
                 "{cname} is {:?}, 2:4 of [{rows}, {cols}] is [{rows}, {}]",
                 values.shape,
@@ -243,17 +243,17 @@ fn pack_quantized(t: &Target, quant: Option<QuantScheme>) -> Result<Option<Encod
     let mut c = zeros(t.name, rows * cols)?;
     for (r, row) in c.chunks_exact_mut(cols).enumerate() {
         for (j, code) in row.iter_mut().enumerate() {
-            *code = packed_code(&packed.bytes, bits, r * words * 32 + j * bits as usize);
+            let bit = j * bits as usize;
+            *code = packed_code(&packed.bytes, bits, r * words + bit / 32, bit % 32);
         }
     }
     Ok(Some(Encoded { values: Values::Codes(c), sparse: false }))
 }
 
-/// The signed `bits`-bit code at bit `at` of little-endian I32 words (stored offset by `2^(bits-1)`).
-fn packed_code(bytes: &[u8], bits: u32, at: usize) -> f32 {
-    let o = at / 32 * 4;
-    let word = u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
-    ((word >> (at % 32)) & ((1 << bits) - 1)) as f32 - (1u32 << (bits - 1)) as f32
+/// The signed `bits`-bit code at bit `shift` of little-endian I32 word `word` (stored offset by `2^(bits-1)`).
+fn packed_code(bytes: &[u8], bits: u32, word: usize, shift: usize) -> f32 {
+    let w = u32::from_le_bytes(bytes[4 * word..4 * word + 4].try_into().expect("4 bytes"));
+    ((w >> shift) & ((1 << bits) - 1)) as f32 - (1u32 << (bits - 1)) as f32
 }
 
 /// `int-quantized`: int8 codes in `<module>.weight` itself (I8 `[rows, cols]`).
@@ -351,17 +351,11 @@ fn zero_points(t: &Target, scheme: QuantScheme, per_row: usize) -> Result<Vec<f3
         Dtype::I32 => {
             let words = (rows * scheme.bits as usize).div_ceil(32);
             let packed = t.store.tensor(&name, &[words, per_row])?;
-            // Transposed, the packed tensor is `[per_row, words]` with the rows' codes along each of its rows.
-            let mut by_group = vec![0u8; packed.bytes.len()];
-            for (w, word) in packed.bytes.chunks_exact(4).enumerate() {
-                let (i, g) = (w / per_row, w % per_row);
-                by_group[(g * words + i) * 4..(g * words + i) * 4 + 4].copy_from_slice(word);
-            }
+            // Row r's zero point of group g is in word (r · bits / 32, g).
             let mut z = vec![0.0; rows * per_row];
-            for r in 0..rows {
-                for g in 0..per_row {
-                    z[r * per_row + g] = packed_code(&by_group, scheme.bits, g * words * 32 + r * scheme.bits as usize);
-                }
+            for (i, z) in z.iter_mut().enumerate() {
+                let (bit, g) = ((i / per_row) * scheme.bits as usize, i % per_row);
+                *z = packed_code(&packed.bytes, scheme.bits, (bit / 32) * per_row + g, bit % 32);
             }
             z
         }
