@@ -94,6 +94,9 @@ bench-train: develop setup-train  ## fine-tuning step tokens/s, plain fp32 vs fa
 	$(PY) bench/report_train.py bench/results/train-run.json docs/benchmarks
 
 study: develop setup-train  ## the accuracy study (hours on 2 cores; resumable, state under the user cache): docs/results
+	@# jemalloc keeps the step's large buffers mapped (training/study.py re-runs itself with it); best effort
+	test -f /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 || apt-get install -y -q libjemalloc2 >/dev/null || \
+		(apt-get update -q >/dev/null && apt-get install -y -q libjemalloc2 >/dev/null) || echo "WARNING: no jemalloc"
 	$(PY) training/study.py
 
 # llama.cpp from PyPI's source release, built for this CPU in its own virtualenv (not needed by anything else).

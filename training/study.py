@@ -66,7 +66,9 @@ BUDGETS = {
         seq_len=512,
         micro_batch=2,
         grad_accum=4,
-        teacher_epochs=2,
+        # One epoch: the first (fp32) run's validation curve gained 0.8 % from the second epoch (16.77 -> 16.63,
+        # docs/results/study-full-fp32/), at the cost of another hour before any sparse cell can start.
+        teacher_epochs=1,
         teacher_lr=5e-5,
         teacher_patience=2,
         sparse_tokens=1_000_000,
@@ -80,6 +82,7 @@ BUDGETS = {
         new_tokens=128,
         # A checkpoint every 8 steps (minutes on 2 cores): a session that ends mid-cell loses little.
         save_every=8,
+        compile=True,
     ),
     # A pipeline check in minutes.
     "smoke": dict(
@@ -230,6 +233,7 @@ class Study:
             temperature=2.0,
             seed=SEED,
             bf16=self.bf16,
+            compile=self.b.get("compile", False),
             save_every=save_every,
             out_dir=str(self.work / "checkpoints" / name),
             **weights,
@@ -699,6 +703,22 @@ def plots(cells, curves, dense, out: Path):
     fig.savefig(out / "study.png", dpi=110)
 
 
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+
+
+def _with_jemalloc() -> None:
+    """Re-runs this process with jemalloc (Debian's ``libjemalloc2``) when it is installed: glibc's malloc hands
+    the step's large activation buffers back to the kernel and faults them in again every step, which costs
+    10-15 % of a CPU training step (docs/benchmarks/train.md). Only the study does this; the library leaves the
+    allocator to the user."""
+    if os.environ.get("SPARSEINFER_STUDY_MALLOC") == "system" or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    if not os.path.isfile(JEMALLOC):
+        return
+    env = {**os.environ, "LD_PRELOAD": JEMALLOC, "MALLOC_CONF": "background_thread:true,dirty_decay_ms:-1"}
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="full")
@@ -709,6 +729,7 @@ def main():
     args = ap.parse_args()
     work = Path(args.work) if args.work else sparseinfer.models.cache_dir() / f"study-{args.budget}"
     if not args.report:
+        _with_jemalloc()
         st = Study(work, args.budget, args.device)
         _write_json(work / "data.json", st.data_info)
         print("data:", st.data_info, flush=True)

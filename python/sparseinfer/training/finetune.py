@@ -60,6 +60,7 @@ class FinetuneConfig:
     fused_head: bool = True  # CE / KD of a causal LM's head in token chunks (``head_losses``) where it applies
     head_chunk: int = 1024  # tokens per chunk of the fused head losses
     fused_optimizer: bool = True  # torch's fused AdamW kernel (one pass over every parameter) where it applies
+    compile: bool = False  # torch.compile the student's and teacher's forward (fuses the casts and elementwise ops)
     log_every: int = 10
     save_every: int = 0
     out_dir: str | None = None
@@ -96,7 +97,7 @@ class FinetuneConfig:
 
 
 # Settings that may change between a run and its resumption without changing what is trained.
-_RESUMABLE_CHANGES = {"log_every", "save_every", "out_dir", "resume", "extra", "head_chunk"}
+_RESUMABLE_CHANGES = {"log_every", "save_every", "out_dir", "resume", "extra", "head_chunk", "compile"}
 
 
 def bf16_is_fast(device: str | torch.device = "cpu") -> bool:
@@ -481,13 +482,15 @@ def finetune(
     bar = _progress_bar(cfg.steps, step) if progress and par.rank == 0 else None
     state = _Step(par, teacher, cfg, seq2seq=s2s is not None)
     par.model.train()
+    # Compiled wrappers share the modules' parameters: masks, the optimizer and checkpoints see the same tensors.
+    model, teacher_fwd = (par.model, teacher) if not cfg.compile else _compiled(par.model, teacher)
     t0 = time.time()
     while step < cfg.steps and not stopped:
         terms = {"ce": 0.0, "kd": 0.0, "sq": 0.0, "loss": 0.0}
         for _ in range(cfg.grad_accum):
             batch = next(stream)
             state.check(par.model, teacher, batch)
-            for k, v in train_step(par.model, teacher, batch, state, 1.0 / cfg.grad_accum).items():
+            for k, v in train_step(model, teacher_fwd, batch, state, 1.0 / cfg.grad_accum).items():
                 terms[k] += v / cfg.grad_accum
         if not math.isfinite(terms["loss"]):
             raise FloatingPointError(f"loss became {terms['loss']} at step {step}; lower the learning rate")
@@ -526,6 +529,13 @@ def finetune(
         "world_size": par.world,
         "fused_head": state.head is not None,
     }
+
+
+def _compiled(model: nn.Module, teacher: nn.Module | None):
+    """``torch.compile`` of the student and teacher forwards. It fuses what bf16 autocast leaves between the
+    matrix products (casts, norms, activations, rotary embeddings); the first step pays the compilation
+    (about a minute on 2 CPU cores; see docs/benchmarks/train.md)."""
+    return torch.compile(model), (torch.compile(teacher) if teacher is not None else None)
 
 
 def _adamw(params, cfg: FinetuneConfig, fused: bool) -> torch.optim.AdamW:
