@@ -251,3 +251,37 @@ def test_a_loaded_model_renders_the_same(tmp_path, frozen_time):
     assert model.apply_chat_template([USER], tools=tools) == transformers_render(
         path, [USER], tools=tools, add_generation_prompt=True
     )
+
+
+PREFILL = {"role": "assistant", "content": "Quatre, car deux et deux  "}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize(
+    "conversation",
+    [
+        [USER, PREFILL],
+        [SYSTEM, USER, ASSISTANT, USER2, PREFILL],
+        [USER, {"role": "assistant", "content": [{"type": "text", "text": "Quatre"}]}],
+    ],
+    ids=["prefill", "multi-turn-prefill", "content-blocks"],
+)
+def test_continue_final_message_as_transformers(dirs, frozen_time, name, conversation):
+    """The rendering stops inside the last message (its trailing space kept or trimmed as transformers does)."""
+    out = assert_same(dirs[name], conversation, continue_final_message=True)
+    if not isinstance(out, Exception) and isinstance(conversation[-1]["content"], str):
+        assert out.rstrip().endswith(conversation[-1]["content"].rstrip())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(continue_final_message=True, add_generation_prompt=True),
+        dict(continue_final_message="reasoning_content"),  # smollm2's template never reads it
+        dict(continue_final_message="name"),  # the message has no such field
+    ],
+)
+def test_continue_final_message_refusals_as_transformers(dirs, kwargs):
+    want = transformers_render(dirs["smollm2"], [USER, PREFILL], **kwargs)
+    assert isinstance(want, ValueError)
+    assert isinstance(ours(dirs["smollm2"], [USER, PREFILL], **kwargs), InvalidInputError)

@@ -592,6 +592,7 @@ def apply_chat_template(
     tools: list[dict[str, Any]] | None = None,
     documents: list[dict[str, Any]] | None = None,
     chat_template: str | None = None,
+    continue_final_message: bool | str = False,
     **kwargs: Any,
 ) -> str:
     """Renders ``messages`` with the chat template of ``model_dir``, as transformers'
@@ -599,8 +600,10 @@ def apply_chat_template(
     :func:`render_chat_template`.
 
     ``tools`` and ``documents`` are JSON schemas and ``{"title": ..., "text": ...}`` dicts; ``chat_template``
-    names one of several templates (or is a template); ``kwargs`` are further template variables (e.g.
-    ``date_string``, ``enable_thinking``) and override the special tokens."""
+    names one of several templates (or is a template); ``continue_final_message`` ends the text inside the last
+    message (True: its ``content``; a string: that field, e.g. ``"reasoning_content"``) so generation continues
+    it, e.g. a prefilled assistant answer; ``kwargs`` are further template variables (e.g. ``date_string``,
+    ``enable_thinking``) and override the special tokens."""
     from .modeldir import read_json
 
     model_dir = Path(model_dir)
@@ -609,15 +612,73 @@ def apply_chat_template(
         raise InvalidInputError("tools must be JSON schema dicts")
     if documents is not None and not all(isinstance(d, Mapping) for d in documents):
         raise InvalidInputError("documents must be dicts with 'title' and 'text' keys")
+    if continue_final_message and add_generation_prompt:
+        raise InvalidInputError(
+            "continue_final_message and add_generation_prompt exclude each other: the first continues the last "
+            "message, the second opens a new assistant turn"
+        )
     cfg = read_json(model_dir, "tokenizer_config.json")
     legacy = read_json(model_dir, "special_tokens_map.json") if "added_tokens_decoder" not in cfg else None
     variables = {**special_tokens(cfg, legacy), **kwargs}
-    return render_chat_template(
+    chat = _chat_messages(messages)
+    continued = _mark_final_message(chat, template, continue_final_message) if continue_final_message else None
+    rendered = render_chat_template(
         template,
-        _chat_messages(messages),
+        chat,
         source=source,
         tools=tools,
         documents=documents,
         add_generation_prompt=add_generation_prompt,
         **variables,
     )
+    return rendered if continued is None else _cut_at_final_message(rendered, continued, source)
+
+
+# transformers' marker: appended to the message to continue, then the rendering is cut where it appears.
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _mark_final_message(chat: list[dict[str, Any]], template: str, field: bool | str) -> str:
+    """Appends the continuation marker to the last message's ``field`` (``content`` for ``True``; a reasoning
+    field marks every copy of it), or to the last text block of a list content, as transformers does. Returns
+    the text being continued."""
+    name = field if isinstance(field, str) else "content"
+    final = chat[-1].get(name)
+    if final is None:
+        raise InvalidInputError(f"continue_final_message: the final message has no {name!r} to continue")
+    fields = [name]
+    if name in REASONING_FIELDS:
+        fields = [f for f in REASONING_FIELDS if chat[-1].get(f) == final]
+    if not any(f in template for f in fields):
+        raise InvalidInputError(f"continue_final_message: the chat template never reads the message's {name!r}")
+    last = dict(chat[-1])
+    if isinstance(final, (list, tuple)):
+        blocks = [dict(b) if isinstance(b, Mapping) else b for b in final]
+        for block in reversed(blocks):
+            if isinstance(block, dict) and isinstance(block.get("text"), str):
+                final = block["text"]
+                block["text"] = final + _CONTINUE_TAG
+                break
+        else:
+            raise InvalidInputError("continue_final_message: the final message has no text block to continue")
+        last[name] = blocks
+    elif isinstance(final, str):
+        for f in fields:
+            last[f] = final + _CONTINUE_TAG
+    else:
+        raise InvalidInputError(f"continue_final_message: the final message's {name!r} must be text")
+    chat[-1] = last
+    return final
+
+
+def _cut_at_final_message(rendered: str, final: str, source: str) -> str:
+    """The rendering up to the continued message's end (before the marker; trailing space kept only where the
+    template kept the marker's own space)."""
+    tag = _CONTINUE_TAG.strip()
+    if final.strip() not in rendered or tag not in rendered:
+        raise InvalidInputError(
+            f"{source}: continue_final_message: the final message does not appear in the rendered chat (the "
+            "template changes or drops it)"
+        )
+    at = rendered.rindex(tag)
+    return rendered[:at] if rendered[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else rendered[:at].rstrip()

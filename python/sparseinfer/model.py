@@ -151,11 +151,13 @@ class Model:
         tools: list[dict[str, Any]] | None = None,
         documents: list[dict[str, Any]] | None = None,
         chat_template: str | None = None,
+        continue_final_message: bool | str = False,
         **kwargs: Any,
     ) -> str:
         """Renders ``messages`` with the model's Jinja chat template as transformers'
         ``apply_chat_template(..., tokenize=False)`` does (see :func:`sparseinfer.chat.apply_chat_template`),
-        in a sandbox with time and size budgets: the template is untrusted code from the model directory."""
+        in a sandbox with time and size budgets: the template is untrusted code from the model directory.
+        ``continue_final_message=True`` (with ``add_generation_prompt=False``) leaves the last message open."""
         return apply_chat_template(
             self.path,
             messages,
@@ -163,6 +165,7 @@ class Model:
             tools=tools,
             documents=documents,
             chat_template=chat_template,
+            continue_final_message=continue_final_message,
             **kwargs,
         )
 
