@@ -1,9 +1,10 @@
-"""T5 in the runtime: encoder outputs, decoder logits and greedy tokens against transformers on tiny random
-models of both FFN kinds (ReLU with a tied, scaled head; gated-GELU without scaling), sparse weights through the
-sparse kernels, the generation API and the CLI, and bad configs."""
+"""T5 and UMT5 in the runtime: encoder outputs, decoder logits and greedy tokens against transformers on tiny
+random models of both FFN kinds (ReLU with a tied, scaled head; gated-GELU without scaling), sparse weights through
+the sparse kernels, the generation API and the CLI, and bad configs."""
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -18,9 +19,16 @@ tiny_models = pytest.importorskip("tiny_models")
 VARIANTS = {
     # The original T5: ReLU MLP, head tied to the embedding and the decoder output scaled by d_model^-0.5;
     # a deeper decoder than encoder.
-    "t5-relu": dict(feed_forward_proj="relu"),
+    "t5-relu": ("t5", dict(feed_forward_proj="relu")),
     # T5 v1.1 / flan-t5: gated-GELU, no output scaling (transformers 5 writes scale_decoder_outputs: false).
-    "t5-gated-gelu": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_decoder_layers=2),
+    "t5-gated-gelu": ("t5", dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_decoder_layers=2)),
+    # mT5 as transformers 5 saves it: `tie_word_embeddings: true` and no `scale_decoder_outputs` (its MT5 never
+    # scales the decoder output).
+    "mt5": ("mt5", dict()),
+    # UMT5, a bias table in every block: gated-GELU without scaling (as google/umt5-* are), a deeper decoder.
+    "umt5-gated-gelu": ("umt5", dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    # UMT5 with a ReLU MLP and a scaled head, stacks of equal depth.
+    "umt5-relu": ("umt5", dict(feed_forward_proj="relu", num_decoder_layers=2)),
 }
 # fp32 in another summation order: errors within 1e-4 of the largest |value| (T5 scores are unscaled, so the
 # random weights scaled up to give non-trivial logits also amplify rounding).
@@ -34,7 +42,8 @@ DECODER = [0] + [(i * 53 + 11) % tiny_models.VOCAB for i in range(40)]
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def t5(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
-    ref = tiny_models.build("t5", path, scale=3.0, **VARIANTS[request.param])
+    kind, overrides = VARIANTS[request.param]
+    ref = tiny_models.build(kind, path, scale=3.0, **overrides)
     return path, ref
 
 
@@ -45,15 +54,16 @@ def torch_forward(ref, ids, dec):
 
 
 def torch_greedy(ref, ids, n):
-    """Greedy decoding by full forward passes (transformers' generate() fails on T5 configs whose decoder is
-    deeper than the encoder: its cache is sized by num_layers)."""
-    out = [ref.config.decoder_start_token_id]
+    """transformers' greedy generate(), given a cache that grows by layer: the one it makes itself is sized by
+    num_layers, which a decoder deeper than the encoder outgrows."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    # transformers 5 names the argument `cache`, 4 `past_key_values`.
+    arg = "cache" if "cache" in inspect.signature(ref.forward).parameters else "past_key_values"
     with torch.no_grad():
-        enc = ref.get_encoder()(input_ids=torch.tensor([ids]))
-        for _ in range(n):
-            logits = ref(encoder_outputs=enc, decoder_input_ids=torch.tensor([out])).logits
-            out.append(int(logits[0, -1].argmax()))
-    return out[1:]
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, **{arg: cache})
+    return out[0, 1:].tolist()
 
 
 def test_encoder_and_decoder_match_transformers(t5):
@@ -80,10 +90,11 @@ def test_greedy_tokens_identical(t5):
     assert model.last_stats.decode_tokens == 23
 
 
-def test_sparse_weights_run_on_the_sparse_kernels(tmp_path):
+@pytest.mark.parametrize("kind", ["t5", "umt5"])
+def test_sparse_weights_run_on_the_sparse_kernels(kind, tmp_path):
     # Unscaled weights: scaled up, this random model is chaotic enough that bf16 weights alone move its logits
     # by 15 %.
-    ref = tiny_models.build("t5", tmp_path, sparsity=0.7, feed_forward_proj="gated-gelu")
+    ref = tiny_models.build(kind, tmp_path, sparsity=0.7, feed_forward_proj="gated-gelu")
     _, want = torch_forward(ref, INPUT, DECODER)
     model = sparseinfer.load(tmp_path, weights="sparse-f32")
     info = model.info()
@@ -153,12 +164,37 @@ def test_bad_configs_are_refused_by_name(t5, tmp_path):
         sparseinfer.load(bad)
 
 
-def test_pruned_quantized_export_loads_and_matches(tmp_path):
+def _drop_tensor(src, dst, name):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    del tensors[name]
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_umt5_needs_every_blocks_bias_table(tmp_path):
+    path = tmp_path / "umt5"
+    tiny_models.build("umt5", path)
+    # Each block's own table is read: one missing is an error that names it.
+    table = "decoder.block.2.layer.0.SelfAttention.relative_attention_bias.weight"
+    with pytest.raises(InvalidInputError, match=table.replace(".", r"\.")):
+        sparseinfer.load(_drop_tensor(path, tmp_path / "missing", table))
+    # Read as mT5, block 0's table would serve every block: the tables of the others are refused, not ignored.
+    with pytest.raises(InvalidInputError, match="umt5"):
+        sparseinfer.load(_edit_config(path, tmp_path / "as-mt5", model_type="mt5"))
+
+
+@pytest.mark.parametrize("kind", ["t5", "umt5"])
+def test_pruned_quantized_export_loads_and_matches(kind, tmp_path):
     # The training side's path: prune, quantize, export (compressed-tensors sparse-bitmask + int8), then run.
     from sparseinfer import training as T
 
     src = tmp_path / "src"
-    ref = tiny_models.build("t5", src, feed_forward_proj="gated-gelu")
+    ref = tiny_models.build(kind, src, feed_forward_proj="gated-gelu")
     T.prune(ref, "magnitude", 0.6)
     T.quantize(ref, bits=8, method="rtn")
     out = T.export(ref, src, tmp_path / "out", sparse=True)

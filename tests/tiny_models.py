@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 VOCAB = 320
-SEQ2SEQ = ("t5", "whisper")  # encoder-decoders; the rest are causal LMs
+SEQ2SEQ = ("t5", "mt5", "umt5", "whisper")  # encoder-decoders; the rest are causal LMs
 CORPUS = (
     "Once upon a time there was a tiny model. It read every weight once per token, and the weights were sparse. "
     "To be, or not to be, that is the question: whether tis nobler in the mind to suffer the slings and arrows. "
@@ -69,8 +69,8 @@ def config(kind: str, **overrides):
     elif kind == "mpt":
         cls = tf.MptConfig
         kw = dict(d_model=64, n_layers=3, n_heads=4, max_seq_len=256, expansion_ratio=4)
-    elif kind == "t5":
-        cls = tf.T5Config
+    elif kind in ("t5", "mt5", "umt5"):
+        cls = {"t5": tf.T5Config, "mt5": tf.MT5Config, "umt5": tf.UMT5Config}[kind]
         kw = dict(
             d_model=64,
             d_kv=16,
@@ -113,7 +113,10 @@ def build(kind: str, path: Path, seed: int = 0, sparsity: float = 0.0, scale: fl
     import transformers as tf
 
     torch.manual_seed(seed)
-    auto = {"t5": tf.AutoModelForSeq2SeqLM, "whisper": tf.AutoModelForSpeechSeq2Seq}.get(kind, tf.AutoModelForCausalLM)
+    text = tf.AutoModelForSeq2SeqLM
+    auto = {"t5": text, "mt5": text, "umt5": text, "whisper": tf.AutoModelForSpeechSeq2Seq}.get(
+        kind, tf.AutoModelForCausalLM
+    )
     model = auto.from_config(config(kind, **overrides)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

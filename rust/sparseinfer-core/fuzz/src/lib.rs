@@ -278,7 +278,8 @@ fn small(i: u32) -> f32 {
     ((x & 0xffff) as f32 / 65536.0 - 0.5) * 0.5
 }
 
-/// One supported architecture at its smallest: hidden 8, two heads, one layer, vocabulary 16, 16 positions.
+/// One supported architecture at its smallest: hidden 8, two heads, one layer (two for UMT5, whose blocks each
+/// learn a bias table), vocabulary 16, 16 positions.
 pub struct Tiny {
     /// The `model_type`s it stands for.
     pub model_types: &'static [&'static str],
@@ -305,7 +306,7 @@ const I: usize = 16;
 const V: usize = 16;
 const P: usize = 16;
 
-/// Llama, OPT, GPT-2, MPT and T5.
+/// Llama, OPT, GPT-2, MPT, T5, UMT5 and Whisper.
 pub const TINY: &[Tiny] = &[
     Tiny {
         model_types: &["llama", "mistral", "qwen2"],
@@ -418,29 +419,18 @@ pub const TINY: &[Tiny] = &[
                    "relative_attention_max_distance": 16, "feed_forward_proj": "gated-gelu", "vocab_size": V,
                    "tie_word_embeddings": true, "decoder_start_token_id": 0, "eos_token_id": 1})
         },
-        weights: |t| {
-            t.f32("shared.weight", &[V, D], false);
-            for stack in ["encoder", "decoder"] {
-                let b = format!("{stack}.block.0.layer.");
-                t.f32(&format!("{b}0.SelfAttention.relative_attention_bias.weight"), &[8, 2], false);
-                let mut sub = vec![(0, "SelfAttention")];
-                if stack == "decoder" {
-                    sub.push((1, "EncDecAttention"));
-                }
-                for (i, name) in sub {
-                    t.f32(&format!("{b}{i}.layer_norm.weight"), &[D], true);
-                    for m in ["q", "k", "v", "o"] {
-                        t.f32(&format!("{b}{i}.{name}.{m}.weight"), &[D, D], false);
-                    }
-                }
-                let f = if stack == "decoder" { 2 } else { 1 };
-                t.f32(&format!("{b}{f}.layer_norm.weight"), &[D], true);
-                t.f32(&format!("{b}{f}.DenseReluDense.wi_0.weight"), &[I, D], false);
-                t.f32(&format!("{b}{f}.DenseReluDense.wi_1.weight"), &[I, D], false);
-                t.f32(&format!("{b}{f}.DenseReluDense.wo.weight"), &[D, I], false);
-                t.f32(&format!("{stack}.final_layer_norm.weight"), &[D], true);
-            }
+        weights: |t| t5_weights(t, 1, false),
+    },
+    Tiny {
+        model_types: &["umt5"],
+        config: || {
+            json!({"model_type": "umt5", "d_model": D, "d_kv": D / 2, "d_ff": I, "num_layers": 2,
+                   "num_decoder_layers": 2, "num_heads": 2, "relative_attention_num_buckets": 8,
+                   "relative_attention_max_distance": 16, "feed_forward_proj": "gated-gelu", "vocab_size": V,
+                   "tie_word_embeddings": true, "scale_decoder_outputs": true, "decoder_start_token_id": 0,
+                   "eos_token_id": 1})
         },
+        weights: |t| t5_weights(t, 2, true),
     },
     Tiny {
         model_types: &["whisper"],
@@ -487,6 +477,36 @@ pub const TINY: &[Tiny] = &[
         },
     },
 ];
+
+/// A gated-GELU T5 of `blocks` blocks per stack with a tied head; the relative position bias in the first block
+/// of each stack, or in every block (`every_block`, UMT5).
+fn t5_weights(t: &mut Tensors, blocks: usize, every_block: bool) {
+    t.f32("shared.weight", &[V, D], false);
+    for stack in ["encoder", "decoder"] {
+        for i in 0..blocks {
+            let b = format!("{stack}.block.{i}.layer.");
+            if i == 0 || every_block {
+                t.f32(&format!("{b}0.SelfAttention.relative_attention_bias.weight"), &[8, 2], false);
+            }
+            let mut sub = vec![(0, "SelfAttention")];
+            if stack == "decoder" {
+                sub.push((1, "EncDecAttention"));
+            }
+            for (j, name) in sub {
+                t.f32(&format!("{b}{j}.layer_norm.weight"), &[D], true);
+                for m in ["q", "k", "v", "o"] {
+                    t.f32(&format!("{b}{j}.{name}.{m}.weight"), &[D, D], false);
+                }
+            }
+            let f = if stack == "decoder" { 2 } else { 1 };
+            t.f32(&format!("{b}{f}.layer_norm.weight"), &[D], true);
+            t.f32(&format!("{b}{f}.DenseReluDense.wi_0.weight"), &[I, D], false);
+            t.f32(&format!("{b}{f}.DenseReluDense.wi_1.weight"), &[I, D], false);
+            t.f32(&format!("{b}{f}.DenseReluDense.wo.weight"), &[D, I], false);
+        }
+        t.f32(&format!("{stack}.final_layer_norm.weight"), &[D], true);
+    }
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // The compressed-tensors generator.

@@ -10,7 +10,7 @@ use super::config::{Mlp, Positions, Spec};
 use super::kv_cache::KvCache;
 use super::ops::activations::mlp_activation;
 use super::ops::attention::{self, Heads, Span};
-use super::ops::relative::BiasTable;
+use super::ops::relative::{BiasTable, RelativeBias};
 use super::ops::{rope, Linear, NormW};
 use crate::error::{Error, Result};
 
@@ -77,7 +77,8 @@ pub struct Step<'a> {
     pub rope: Option<(Vec<f32>, Vec<f32>)>,
     /// Self-attention sees every position of the step (an encoder), not only the earlier ones.
     pub bidirectional: bool,
-    /// The relative position bias of self-attention, for every distance of this step.
+    /// The relative position bias of self-attention, for every distance of this step (and every block, when
+    /// each has its own).
     pub rel: Option<BiasTable>,
 }
 
@@ -91,14 +92,14 @@ impl<'a> Step<'a> {
         Step { spec, pos0, k, rope, bidirectional: false, rel: None }
     }
 
-    /// A step whose self-attention adds the relative position bias of the learned `weights[buckets × H]`
+    /// A step whose self-attention adds the relative position bias of a stack's learned tables
     /// (bidirectional: an encoder over all `k` tokens at once, from position 0).
-    pub fn relative(spec: &'a Spec, pos0: usize, k: usize, weights: &[f32], bidirectional: bool) -> Step<'a> {
+    pub fn relative(spec: &'a Spec, pos0: usize, k: usize, bias: &RelativeBias, bidirectional: bool) -> Step<'a> {
         let max_distance = match spec.positions {
             Positions::Buckets { max_distance, .. } => max_distance,
             _ => 0,
         };
-        let rel = BiasTable::new(weights, spec.heads, bidirectional, max_distance, pos0, k, pos0 + k);
+        let rel = BiasTable::new(bias, spec.heads, bidirectional, max_distance, pos0, k, pos0 + k);
         Step { bidirectional, rel: Some(rel), ..Step::new(spec, pos0, k) }
     }
 }
@@ -202,7 +203,7 @@ impl SelfAttention {
             Positions::Alibi { slopes } => Some(slopes.as_slice()),
             _ => None,
         };
-        let rel = step.rel.as_ref().map(BiasTable::view);
+        let rel = step.rel.as_ref().map(|t| t.view(layer));
         let span = if step.bidirectional {
             Span::All { len: pos0 + k, rel }
         } else {

@@ -67,12 +67,14 @@ pub enum Positions {
         offset: usize,
     },
     /// T5's relative position bias: a learned per-head bias per bucket of distances
-    /// ([`super::ops::relative`]), stored in the first block of each stack.
+    /// ([`super::ops::relative`]), stored in the first block of each stack or in every block.
     Buckets {
         /// Buckets (each direction gets half in the encoder).
         buckets: usize,
         /// Distances beyond this share the last bucket.
         max_distance: usize,
+        /// Every block learns its own table (UMT5); otherwise the first block's serves the whole stack (T5).
+        per_layer: bool,
     },
     /// ALiBi: a per-head linear bias `slope_h · (j - i)` on attention scores.
     Alibi {
@@ -258,7 +260,7 @@ impl Spec {
                 return bad("ALiBi slopes are not finite (alibi_bias_max)".into());
             }
             // At least one bucket per direction beyond the exact ones, and a farthest distance past them.
-            Positions::Buckets { buckets, max_distance }
+            Positions::Buckets { buckets, max_distance, .. }
                 if *buckets < 4
                     || *buckets > 1 << 16
                     || *max_distance <= buckets / 4

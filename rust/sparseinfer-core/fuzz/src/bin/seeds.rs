@@ -162,6 +162,7 @@ fn main() {
             json!({"feed_forward_proj": "relu", "tie_word_embeddings": false, "scale_decoder_outputs": false,
             "layer_norm_epsilon": 1e-6, "num_decoder_layers": 1}),
         ),
+        ("umt5-unscaled", 5, json!({"scale_decoder_outputs": false, "feed_forward_proj": "gated-silu"})),
     ];
     for (name, arch, extra) in variants {
         put("config", name, &with(TINY[arch].config(), extra));

@@ -59,6 +59,7 @@ pub const ARCHS: &[Arch] = &[
     Arch { model_types: &["gpt2"], spec: gpt2::spec, load: Build::Decoder(gpt2::load) },
     Arch { model_types: &["mpt"], spec: mpt::spec, load: Build::Decoder(mpt::load) },
     Arch { model_types: &["t5", "mt5"], spec: t5::spec, load: Build::Seq2Seq(t5::load) },
+    Arch { model_types: &["umt5"], spec: t5::umt5_spec, load: Build::Seq2Seq(t5::load) },
     Arch { model_types: &["whisper"], spec: whisper::spec, load: Build::Seq2Seq(whisper::load) },
 ];
 

@@ -13,6 +13,7 @@ use crate::runtime::blocks::{CrossBlock, DecoderBlock, Scratch, Step};
 use crate::runtime::config::{EncoderInput, Spec};
 use crate::runtime::kv_cache::KvCache;
 use crate::runtime::ops::activations::Act;
+use crate::runtime::ops::relative::RelativeBias;
 use crate::runtime::ops::{conv, Embedding, Linear, NormW};
 
 const OP: &str = "forward";
@@ -27,14 +28,14 @@ pub struct Seq2SeqParts {
     pub encoder: Vec<DecoderBlock>,
     /// The norm after the encoder.
     pub encoder_norm: NormW,
-    /// The encoder's relative position bias `[buckets × H]`, when it has one (T5).
-    pub encoder_bias: Option<Vec<f32>>,
+    /// The encoder's relative position bias, when it has one (T5).
+    pub encoder_bias: Option<RelativeBias>,
     /// Decoder blocks (causal self-attention, cross-attention, MLP).
     pub decoder: Vec<CrossBlock>,
     /// The norm after the decoder.
     pub decoder_norm: NormW,
-    /// The decoder's relative position bias `[buckets × H]`, when it has one (T5).
-    pub decoder_bias: Option<Vec<f32>>,
+    /// The decoder's relative position bias, when it has one (T5).
+    pub decoder_bias: Option<RelativeBias>,
     /// The decoder's learned positions `[max_positions × D]`, added to its token embeddings (Whisper).
     pub decoder_positions: Option<Vec<f32>>,
     /// The output head.

@@ -29,18 +29,39 @@ pub fn bucket(rel: i64, bidirectional: bool, buckets: usize, max_distance: usize
     (base + large.min(n - 1)) as usize
 }
 
-/// The bias of every distance a step can see, from the learned `weights[buckets × H]`: queries at positions
-/// `q0..q0 + k` over keys `0..len`, so distances `-(q0 + k - 1)..=len - 1 - q0`.
+/// A stack's learned relative position bias: `[buckets × H]` tables, bucket-major.
+#[derive(Clone, Debug)]
+pub enum RelativeBias {
+    /// One table for every block of the stack (T5 and mT5 learn it in the first block).
+    Shared(Vec<f32>),
+    /// One table per block, in block order (UMT5).
+    PerLayer(Vec<Vec<f32>>),
+}
+
+impl RelativeBias {
+    fn tables(&self) -> &[Vec<f32>] {
+        match self {
+            RelativeBias::Shared(t) => std::slice::from_ref(t),
+            RelativeBias::PerLayer(ts) => ts,
+        }
+    }
+}
+
+/// The bias of every distance a step can see, for each table of a stack's [`RelativeBias`]: queries at
+/// positions `q0..q0 + k` over keys `0..len`, so distances `-(q0 + k - 1)..=len - 1 - q0`.
 pub struct BiasTable {
-    values: Vec<f32>,
+    /// Head-major biases of each table, `width` distances per head.
+    values: Vec<Vec<f32>>,
+    /// Block `l` reads table `l` (else table 0).
+    per_layer: bool,
     width: usize,
     zero: usize,
 }
 
 impl BiasTable {
-    /// The table of head-major biases for this step's distances.
+    /// The head-major biases of this step's distances, from every table of `bias` (`H` heads each).
     pub fn new(
-        weights: &[f32],
+        bias: &RelativeBias,
         heads: usize,
         bidirectional: bool,
         max_distance: usize,
@@ -48,23 +69,32 @@ impl BiasTable {
         k: usize,
         len: usize,
     ) -> BiasTable {
-        let buckets = weights.len() / heads;
+        let tables = bias.tables();
+        let buckets = tables.first().map_or(0, |w| w.len() / heads);
         let zero = q0 + k - 1;
         let width = len + k - 1;
-        let mut values = vec![0.0f32; heads * width];
-        for i in 0..width {
-            let rel = i as i64 - zero as i64;
-            let b = bucket(rel, bidirectional, buckets, max_distance);
-            for h in 0..heads {
-                values[h * width + i] = weights[b * heads + h];
-            }
-        }
-        BiasTable { values, width, zero }
+        // A distance falls in the same bucket in every table: bucket once, then gather per table.
+        let index: Vec<usize> =
+            (0..width).map(|i| bucket(i as i64 - zero as i64, bidirectional, buckets, max_distance)).collect();
+        let values = tables
+            .iter()
+            .map(|weights| {
+                let mut values = vec![0.0f32; heads * width];
+                for (i, &b) in index.iter().enumerate() {
+                    for h in 0..heads {
+                        values[h * width + i] = weights[b * heads + h];
+                    }
+                }
+                values
+            })
+            .collect();
+        BiasTable { values, per_layer: matches!(bias, RelativeBias::PerLayer(_)), width, zero }
     }
 
-    /// The view attention reads.
-    pub fn view(&self) -> RelBias<'_> {
-        RelBias { values: &self.values, width: self.width, zero: self.zero }
+    /// The view the attention of block `layer` reads.
+    pub fn view(&self, layer: usize) -> RelBias<'_> {
+        let values = &self.values[if self.per_layer { layer } else { 0 }];
+        RelBias { values, width: self.width, zero: self.zero }
     }
 }
 
@@ -83,5 +113,25 @@ mod tests {
         let uni: Vec<usize> =
             [-500i64, -128, -64, -20, -16, -15, -1, 0, 5].iter().map(|&r| bucket(r, false, 32, 128)).collect();
         assert_eq!(uni, [31, 31, 26, 17, 16, 15, 1, 0, 0]);
+    }
+
+    #[test]
+    fn each_block_reads_its_own_table_or_the_shared_one() {
+        // Two heads, 8 buckets; table t holds 100·t + 10·bucket + head.
+        let table = |t: usize| (0..16).map(|i| (100 * t + 10 * (i / 2) + i % 2) as f32).collect::<Vec<_>>();
+        // Decoding one token at position 5 over keys 0..6: distances -5..=0, buckets 4, 4, 3, 2, 1, 0.
+        let want =
+            |t: usize, h: usize| [4.0, 4.0, 3.0, 2.0, 1.0, 0.0].map(|b: f32| 100.0 * t as f32 + 10.0 * b + h as f32);
+        let per_layer =
+            BiasTable::new(&RelativeBias::PerLayer(vec![table(0), table(1), table(2)]), 2, false, 16, 5, 1, 6);
+        let shared = BiasTable::new(&RelativeBias::Shared(table(0)), 2, false, 16, 5, 1, 6);
+        for layer in 0..3 {
+            for (t, view) in [(layer, per_layer.view(layer)), (0, shared.view(layer))] {
+                assert_eq!((view.width, view.zero), (6, 5));
+                for h in 0..2 {
+                    assert_eq!(view.values[h * 6..(h + 1) * 6], want(t, h), "layer {layer}, head {h}");
+                }
+            }
+        }
     }
 }
