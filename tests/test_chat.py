@@ -202,6 +202,57 @@ def test_lazy_and_expanding_filters_are_stopped_by_the_size_budget(model_dir, te
 
 
 @pytest.mark.parametrize(
+    "template",
+    [
+        '{% set b = "a".encode() %}{{ (b * 3000000000) | length }}',
+        '{{ "a".encode().ljust(3000000000) | length }}',
+        '{{ ("a" * 2500).translate({97: "x" * 1000000}) | length }}',
+        '{% set sep = "x" * 1000000 %}{{ sep.join(range(2000) | map("string")) | length }}',
+    ],
+    ids=["bytes-repeat", "bytes-ljust", "str-translate", "str-join-generator"],
+)
+def test_methods_are_bounded_before_they_allocate(model_dir, template):
+    # Refused by the size budget before the result exists: the child's peak memory stays small (each of these
+    # took 2-3 GB before the check once ran only on results).
+    with_template(model_dir, template)
+    proc = hostile_models.run_child(
+        f"""
+        import resource
+        m = sparseinfer.load({str(model_dir)!r})
+        m.apply_chat_template([{{"role": "user", "content": "hi"}}], chat_template="{{{{ 1 }}}}")
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        r = outcome(lambda: m.apply_chat_template([{{"role": "user", "content": "hi"}}]))
+        r["grew_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+        print(json.dumps(r))
+        """,
+        timeout=90,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["raised"] == "InvalidInputError" and "limit of" in result["msg"], result
+    assert result["grew_mib"] < 256, result
+
+
+def test_c_level_work_inside_one_line_is_stopped_by_the_cpu_budget(model_dir):
+    # One `in` over a 65536-item list per loop step: few Python lines, much C work (430 s before the CPU budget).
+    with_template(
+        model_dir,
+        "{% set l = range(65536) | list %}{% for i in range(65536) %}{% for j in range(65536) %}"
+        '{% if "z" in l %}{% endif %}{% endfor %}{% endfor %}',
+    )
+    proc = hostile_models.run_child(
+        f"""
+        m = sparseinfer.load({str(model_dir)!r})
+        print(json.dumps(outcome(lambda: m.apply_chat_template([{{"role": "user", "content": "hi"}}]))))
+        """,
+        timeout=90,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["raised"] == "InvalidInputError" and "CPU time" in result["msg"], result
+
+
+@pytest.mark.parametrize(
     "template, match",
     [
         ("{% for m in messages %}{{ m.content }", "syntax"),

@@ -447,6 +447,61 @@ def test_corrupt_tokenizer_json(model, content):
         m.generate("hello", max_new_tokens=1)
 
 
+@pytest.mark.parametrize(
+    "padding",
+    [
+        {"strategy": {"Fixed": 10**12}, "pad_to_multiple_of": None},
+        {"strategy": "BatchLongest", "pad_to_multiple_of": 2**62},
+    ],
+    ids=["fixed-1e12", "multiple-2^62"],
+)
+def test_tokenizer_padding_settings_are_not_applied(model, padding):
+    # transformers encodes one text unpadded whatever tokenizer.json says; applied, these two aborted the
+    # process (a 4 TB allocation) or raised pyo3's PanicException (a BaseException).
+    tok = json.loads((model / "tokenizer.json").read_text())
+    tok["padding"] = {"direction": "Right", "pad_id": 0, "pad_type_id": 0, "pad_token": "<s>", **padding}
+    tok["truncation"] = {"direction": "Right", "max_length": 1, "strategy": "LongestFirst", "stride": 0}
+    (model / "tokenizer.json").write_text(json.dumps(tok))
+    proc = hostile_models.run_child(
+        f"""
+        m = sparseinfer.load({str(model)!r})
+        print(json.dumps(outcome(lambda: m.encode("hello there, hello"))))
+        print(json.dumps(m.encode("hello there")))
+        """,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result, ids = proc.stdout.strip().splitlines()[-2:]
+    assert json.loads(result)["raised"] is None, result
+    assert len(json.loads(ids)) > 1  # not truncated to max_length either
+
+
+@pytest.mark.parametrize("name", ["generation_config.json", "tokenizer.json", "tokenizer_config.json"])
+def test_a_link_loop_is_a_typed_error(model, name):
+    (model / name).unlink(missing_ok=True)
+    os.symlink(name, model / name)
+    with pytest.raises(InvalidInputError, match=name):
+        m = sparseinfer.load(model)
+        m.generate("hello", max_new_tokens=1, chat=name == "tokenizer_config.json")
+
+
+def test_a_json_integer_too_long_to_convert_is_a_typed_error(model):
+    (model / "generation_config.json").write_text('{"max_length": ' + "9" * 5000 + "}")
+    with pytest.raises(InvalidInputError, match="generation_config.json"):
+        sparseinfer.load(model)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("rope_scaling", "llama3"), ("rope_parameters", [1]), ("rope_theta", "500000"), ("quantization_config", [1])],
+)
+def test_config_values_of_the_wrong_type_are_refused_not_ignored(model, field, value):
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, field: value}))
+    with pytest.raises(InvalidInputError, match=field.split("_")[0]):
+        sparseinfer.load(model)
+
+
 def test_index_values_must_be_file_names(model):
     (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": 3}}))
     with pytest.raises(InvalidInputError, match="is not a file name"):

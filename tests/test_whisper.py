@@ -392,3 +392,26 @@ def test_misuse_and_bad_configs_are_clear_errors(whisper, tmp_path):
     (gen / "generation_config.json").write_text("{}")
     with pytest.raises(InvalidInputError, match="hop_length"):
         sparseinfer.load(gen).transcribe(np.zeros(100, np.float32))
+
+
+def test_huge_forced_prompts_are_refused_in_linear_time(whisper, tmp_path):
+    # 200,000 forced ids and as many no-timestamps ids (4 MB of JSON, under the 16 MiB cap): the prompt is
+    # built in one pass and refused for its length; a quadratic merge of the two lists took minutes.
+    hostile_models = pytest.importorskip("hostile_models")
+    path, _ = whisper
+    gen = tmp_path / "forced"
+    shutil.copytree(path, gen)
+    n = 200_000
+    cfg = {"forced_decoder_ids": [[i + 1, 2 + i % 50] for i in range(n)], "no_timestamps_token_id": [3] * n}
+    (gen / "generation_config.json").write_text(json.dumps(cfg))
+    proc = hostile_models.run_child(
+        f"""
+        import numpy as np
+        m = sparseinfer.load({str(gen)!r})
+        print(json.dumps(outcome(lambda: m.transcribe(np.zeros(1600, np.float32)))))
+        """,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["raised"] == "InvalidInputError", result

@@ -29,6 +29,7 @@ import os
 import re
 import string
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence, Sized
 from datetime import datetime
 from pathlib import Path
@@ -48,6 +49,11 @@ STEPS_PER_MESSAGE = 5_000
 #: Characters of any value or of the output, plus :data:`SIZE_PER_INPUT_CHAR` per character of the input.
 MAX_CHARS = 1 << 20
 SIZE_PER_INPUT_CHAR = 4
+#: Seconds of this thread's CPU time one render may take: the step budget counts Python lines, and one line can
+#: hide C work (``x in a_long_list`` in a nested loop); real templates render in milliseconds.
+MAX_CPU_SECONDS = 5.0
+#: Steps between two looks at the CPU clock.
+CLOCK_EVERY = 1024
 #: Bits of an integer a template may build (``2 ** 4096`` is far past any index or count).
 MAX_INT_BITS = 4096
 #: Oldest jinja2 without known sandbox escapes (CVE-2024-56201, CVE-2024-56326, CVE-2025-27516).
@@ -77,6 +83,8 @@ class _Limits:
         self.steps = steps
         self.chars = chars
         self.tripped: str | None = None
+        self.deadline = time.thread_time() + MAX_CPU_SECONDS
+        self.next_clock = steps - CLOCK_EVERY
 
     def fail(self, why: str):
         self.tripped = why
@@ -86,6 +94,10 @@ class _Limits:
         self.steps -= n
         if self.steps < 0:
             self.fail("the template ran too long (step budget exhausted; a loop that never ends?)")
+        if self.steps <= self.next_clock:
+            self.next_clock = self.steps - CLOCK_EVERY
+            if time.thread_time() > self.deadline:
+                self.fail(f"the template ran too long (over {MAX_CPU_SECONDS:g} s of CPU time)")
 
     def trace(self, frame, event, arg):
         # The global trace function: called on every Python call made while rendering.
@@ -311,11 +323,11 @@ def _environment(limits: _Limits):
                     limits.fail(f"{left} ** {right} is too large")
             elif operator == "*":
                 seq, n = (left, right) if isinstance(right, int) else (right, left)
-                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and n > 1:
+                if isinstance(seq, (str, bytes, list, tuple)) and isinstance(n, int) and n > 1:
                     limits.need(limits.size(seq) * n, "a repetition")
             elif operator == "%" and isinstance(left, str):
                 limits.need(_percent_bound(limits, left, right), "a % format")
-            elif operator == "+" and isinstance(left, (str, list, tuple)):
+            elif operator == "+" and isinstance(left, (str, bytes, list, tuple)):
                 limits.need(limits.size(left) + limits.size(right), "a sum")
             return limits.check(super().call_binop(context, operator, left, right), f"the result of {operator!r}")
 
@@ -335,16 +347,30 @@ def _environment(limits: _Limits):
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's signature
             target = getattr(__obj, "__self__", None)
             name = getattr(__obj, "__name__", "")
-            if isinstance(target, str):
+            # str and bytes methods whose result can outgrow their input are bounded before they run.
+            if isinstance(target, (str, bytes)):
+                kind = type(target).__name__
                 if name in ("center", "ljust", "rjust", "zfill", "expandtabs"):
-                    width = args[0] if args else 8
-                    if isinstance(width, int):
-                        limits.need(width * (target.count("\t") + 1 if name == "expandtabs" else 1), f"str.{name}")
+                    width = args[0] if args else kwargs.get("width", kwargs.get("tabsize", 8))
+                    if not isinstance(width, int):
+                        width = 0
+                    tabs = target.count("\t" if isinstance(target, str) else b"\t") + 1
+                    limits.need(width * (tabs if name == "expandtabs" else 1), f"{kind}.{name}")
                 elif name == "join" and args:
-                    n = len(args[0]) if isinstance(args[0], (list, tuple, str)) else 0
-                    limits.need(limits.size(args[0]) + len(target) * n, "str.join result")
-                elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
-                    limits.need(len(target) + (target.count(args[0]) + 1) * len(args[1]), "str.replace result")
+                    items = args[0]
+                    if not isinstance(items, Sized):  # a generator: materialized under the size budget
+                        items = list(charged(iter(items), f"the input of {kind}.join"))
+                        args = (items,) + args[1:]
+                    limits.need(limits.size(items) + len(target) * len(items), f"{kind}.join result")
+                elif name == "replace" and len(args) >= 2 and isinstance(args[0], type(target)):
+                    new = args[1] if isinstance(args[1], (str, bytes)) else ""
+                    limits.need(len(target) + (target.count(args[0]) + 1) * len(new), f"{kind}.replace result")
+                elif name == "translate" and args:
+                    table = args[0]
+                    widest = 1
+                    if isinstance(table, Mapping):
+                        widest = max([limits.size(v) for v in table.values()] + [1])
+                    limits.need(len(target) * widest, f"{kind}.translate result")
             return limits.check(super().call(__context, __obj, *args, **kwargs), f"the result of calling {name!r}")
 
         def checked_concat(self, joined):

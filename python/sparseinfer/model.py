@@ -124,10 +124,28 @@ class Model:
             except ImportError as e:  # pragma: no cover - a declared dependency
                 raise SparseInferError("the 'tokenizers' package is required for text prompts") from e
             try:
-                self._tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
+                tok = Tokenizer.from_str(raw.decode("utf-8"))
             except Exception as e:  # tokenizers raises a bare Exception for a malformed file
                 raise InvalidInputError(f"{self.path / 'tokenizer.json'}: not a valid tokenizer: {e}") from None
+            # transformers encodes one text without padding or truncation, whatever the file sets; a file's
+            # padding is also the one setting that makes encode() allocate by a number it names (a fixed length
+            # of 10**12 aborts the process).
+            tok.no_padding()
+            tok.no_truncation()
+            self._tokenizer = tok
         return self._tokenizer
+
+    def _tokenizer_call(self, what: str, f, *args, **kwargs):
+        """``f(*args, **kwargs)`` on the tokenizer, its failures (a Rust panic surfaces as a BaseException) as
+        typed errors naming tokenizer.json."""
+        try:
+            return f(*args, **kwargs)
+        except (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
+            raise
+        except BaseException as e:  # noqa: B036 - pyo3's PanicException derives from BaseException
+            raise InvalidInputError(
+                f"{self.path / 'tokenizer.json'}: the tokenizer failed to {what}: {type(e).__name__}: {e}"
+            ) from None
 
     def encode(self, text: str, chat: bool = False) -> list[int]:
         """Token ids of ``text`` (with the chat template of ``tokenizer_config.json`` when ``chat``)."""
@@ -137,11 +155,11 @@ class Model:
             if self.encoder_decoder:
                 raise InvalidInputError(f"{self._info['arch']} is an encoder-decoder model: it has no chat template")
             text = self.apply_chat_template([{"role": "user", "content": text}])
-            return self.tokenizer.encode(text, add_special_tokens=False).ids
-        return self.tokenizer.encode(text).ids
+            return self._tokenizer_call("encode", self.tokenizer.encode, text, add_special_tokens=False).ids
+        return self._tokenizer_call("encode", self.tokenizer.encode, text).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return self._tokenizer_call("decode", self.tokenizer.decode, list(ids), skip_special_tokens=True)
 
     def apply_chat_template(
         self,

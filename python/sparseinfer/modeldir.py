@@ -31,7 +31,7 @@ def hub_blobs(model_dir: Path) -> Path | None:
     """For a Hugging Face hub cache snapshot (``.../models--org--name/snapshots/<revision>``, whose files link
     into ``.../blobs``), that blobs folder; otherwise None. Only that exact layout qualifies, so a directory
     that merely sits in some folder called ``snapshots`` gains no second root."""
-    root = model_dir.resolve()
+    root = _resolve(model_dir, ".", model_dir)
     repo = root.parent.parent
     if root.parent.name == "snapshots" and repo.name.startswith(HUB_REPO_PREFIXES) and (repo / "blobs").is_dir():
         return (repo / "blobs").resolve()
@@ -44,14 +44,21 @@ def resolve_inside(model_dir: Path, name: str) -> Path:
     rel = Path(name)
     if rel.is_absolute() or ".." in rel.parts:
         raise InvalidInputError(f"{model_dir}: {name!r} is not a path inside the model directory")
-    real = (model_dir / rel).resolve()
+    real = _resolve(model_dir, name, model_dir / rel)
     check_inside(model_dir, name, real)
     return real
 
 
+def _resolve(model_dir: Path, name: str, path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:  # a link loop: RuntimeError before Python 3.13, OSError (ELOOP) after
+        raise InvalidInputError(f"{model_dir / name}: cannot be resolved ({type(e).__name__}: a link loop?)") from None
+
+
 def check_inside(model_dir: Path, name: str, real: Path) -> None:
     """Raises if the real path ``real`` of ``name`` is outside ``model_dir`` (and its hub blobs folder)."""
-    root = model_dir.resolve()
+    root = _resolve(model_dir, name, model_dir)
     blobs = hub_blobs(model_dir)
     if not (root in real.parents or (blobs is not None and real.parent == blobs)):
         raise InvalidInputError(f"{model_dir / name}: resolves to {real}, outside the model directory")
@@ -113,7 +120,7 @@ def read_json(model_dir: Path, name: str, limit: int = MAX_JSON_BYTES) -> dict[s
         return {}
     try:
         value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also an int of > 4300 digits
         raise InvalidInputError(f"{model_dir / name}: not valid JSON: {type(e).__name__} at {_where(e)}") from None
     if not isinstance(value, dict):
         raise InvalidInputError(f"{model_dir / name}: expected a JSON object, got {type(value).__name__}")
@@ -126,4 +133,6 @@ def _where(e: Exception) -> str:
         return f"line {e.lineno} column {e.colno}"
     if isinstance(e, UnicodeDecodeError):
         return f"byte {e.start}"
-    return "nesting depth"
+    if isinstance(e, RecursionError):
+        return "nesting depth"
+    return "a number too long to convert"

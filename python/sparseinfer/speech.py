@@ -114,7 +114,8 @@ def decoder_prompt(model: Model, task: str | None, language: str | None) -> Deco
                 raise InvalidInputError(f"{where}: 'forced_decoder_ids' must be [[position, token id], ...]")
             pairs = sorted((f for f in forced if f[1] is not None), key=lambda f: f[0])
             ids = [sot] + _ids(where, "forced_decoder_ids", [f[1] for f in pairs], vocab)
-            return DecoderPrompt(ids=ids + [t for t in tail if t not in ids], detect=[], after=[], **rules)
+            forced_set = set(ids)
+            return DecoderPrompt(ids=ids + [t for t in tail if t not in forced_set], detect=[], after=[], **rules)
         return DecoderPrompt(ids=[sot] + tail, detect=[], after=[], **rules)
     # The caller's choice, else the generation config's (fine-tuned checkpoints set one), else transformers'
     # defaults: transcribe, and detect the language.

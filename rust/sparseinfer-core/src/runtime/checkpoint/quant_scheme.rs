@@ -24,7 +24,11 @@ impl QuantScheme {
     /// Reads `quantization_config.config_groups.*.weights` of a config.json; `Ok(None)` when absent.
     pub fn from_config(config: &serde_json::Value) -> Result<Option<QuantScheme>> {
         let bad = |m: String| Error::invalid("load", format!("quantization_config: {m}"));
-        let Some(qc) = config.get("quantization_config").filter(|q| q.is_object()) else { return Ok(None) };
+        let qc = match config.get("quantization_config") {
+            None | Some(serde_json::Value::Null) => return Ok(None),
+            Some(q) if q.is_object() => q,
+            Some(_) => return Err(bad("must be an object".into())),
+        };
         let method = qc.get("quant_method").and_then(|m| m.as_str()).unwrap_or("");
         if method != "compressed-tensors" {
             return Err(Error::unsupported(

@@ -7,13 +7,22 @@ use serde_json::Value;
 /// The `head_dim / 2` inverse frequencies `theta^(-2i / head_dim)` with rope scaling applied, from a
 /// `config.json`: `rope_parameters` (transformers ≥ 5) or the older `rope_theta` + `rope_scaling`.
 pub fn inv_freq(v: &Value, model_type: &str, head_dim: usize) -> Result<Vec<f32>> {
-    let params = v.get("rope_parameters").filter(|p| p.is_object());
-    let scaling = params.or_else(|| v.get("rope_scaling").filter(|p| p.is_object()));
-    let theta = params
-        .and_then(|p| p.get("rope_theta"))
-        .or_else(|| v.get("rope_theta"))
-        .and_then(|t| t.as_f64())
-        .unwrap_or(10000.0);
+    // Present but of the wrong type is an error: read as absent, the model would run with other positions.
+    let wrong = |key: &str, what: &str| Error::invalid("config", format!("{model_type}: {key} must be {what}"));
+    let object = |key: &str| match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(p) if p.is_object() => Ok(Some(p)),
+        Some(_) => Err(wrong(key, "an object")),
+    };
+    let params = object("rope_parameters")?;
+    let scaling = match params {
+        Some(p) => Some(p),
+        None => object("rope_scaling")?,
+    };
+    let theta = match params.and_then(|p| p.get("rope_theta")).or_else(|| v.get("rope_theta")) {
+        None | Some(Value::Null) => 10000.0,
+        Some(t) => t.as_f64().ok_or_else(|| wrong("rope_theta", "a number"))?,
+    };
     let half = head_dim / 2;
     let mut inv: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64)).collect();
     let kind = scaling
