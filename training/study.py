@@ -715,7 +715,7 @@ def _with_jemalloc() -> None:
         return
     if not os.path.isfile(JEMALLOC):
         return
-    env = {**os.environ, "LD_PRELOAD": JEMALLOC, "MALLOC_CONF": "background_thread:true,dirty_decay_ms:-1"}
+    env = {**os.environ, "LD_PRELOAD": JEMALLOC, "MALLOC_CONF": "background_thread:true"}
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
