@@ -111,6 +111,26 @@ def test_templates_cannot_run_code(model_dir, tmp_path, template):
     assert "tokenizer_config.json" in result["msg"]
 
 
+def render_in_child(model_dir, template: str) -> dict:
+    """Renders ``template`` as ``model_dir``'s chat template in a child process (a hang or crash fails the
+    test, not the run): the outcome, with ``grew_mib``, how far the render raised the child's peak memory."""
+    with_template(model_dir, template)
+    proc = hostile_models.run_child(
+        f"""
+        import resource
+        m = sparseinfer.load({str(model_dir)!r})
+        m.apply_chat_template([{{"role": "user", "content": "hi"}}], chat_template="{{{{ 1 }}}}")
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        r = outcome(lambda: m.apply_chat_template([{{"role": "user", "content": "hi"}}]))
+        r["grew_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+        print(json.dumps(r))
+        """,
+        timeout=90,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize(
     "template",
     [
@@ -162,16 +182,7 @@ def test_templates_cannot_run_code(model_dir, tmp_path, template):
     ],
 )
 def test_templates_cannot_hang_or_exhaust_memory(model_dir, template):
-    with_template(model_dir, template)
-    proc = hostile_models.run_child(
-        f"""
-        m = sparseinfer.load({str(model_dir)!r})
-        print(json.dumps(outcome(lambda: m.apply_chat_template([{{"role": "user", "content": "hi"}}]))))
-        """,
-        timeout=90,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = render_in_child(model_dir, template)
     assert result["raised"] == "InvalidInputError", result
     assert "tokenizer_config.json" in result["msg"]
 
@@ -188,16 +199,7 @@ def test_templates_cannot_hang_or_exhaust_memory(model_dir, template):
 )
 def test_lazy_and_expanding_filters_are_stopped_by_the_size_budget(model_dir, template):
     # Stopped by the budget before the memory is taken, not by a MemoryError after (the child's 4 GiB cap).
-    with_template(model_dir, template)
-    proc = hostile_models.run_child(
-        f"""
-        m = sparseinfer.load({str(model_dir)!r})
-        print(json.dumps(outcome(lambda: m.apply_chat_template([{{"role": "user", "content": "hi"}}]))))
-        """,
-        timeout=90,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = render_in_child(model_dir, template)
     assert result["raised"] == "InvalidInputError" and "limit of" in result["msg"], result
 
 
@@ -214,41 +216,18 @@ def test_lazy_and_expanding_filters_are_stopped_by_the_size_budget(model_dir, te
 def test_methods_are_bounded_before_they_allocate(model_dir, template):
     # Refused by the size budget before the result exists: the child's peak memory stays small (each of these
     # took 2-3 GB before the check once ran only on results).
-    with_template(model_dir, template)
-    proc = hostile_models.run_child(
-        f"""
-        import resource
-        m = sparseinfer.load({str(model_dir)!r})
-        m.apply_chat_template([{{"role": "user", "content": "hi"}}], chat_template="{{{{ 1 }}}}")
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        r = outcome(lambda: m.apply_chat_template([{{"role": "user", "content": "hi"}}]))
-        r["grew_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
-        print(json.dumps(r))
-        """,
-        timeout=90,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = render_in_child(model_dir, template)
     assert result["raised"] == "InvalidInputError" and "limit of" in result["msg"], result
     assert result["grew_mib"] < 256, result
 
 
 def test_c_level_work_inside_one_line_is_stopped_by_the_cpu_budget(model_dir):
     # One `in` over a 65536-item list per loop step: few Python lines, much C work (430 s before the CPU budget).
-    with_template(
+    result = render_in_child(
         model_dir,
         "{% set l = range(65536) | list %}{% for i in range(65536) %}{% for j in range(65536) %}"
         '{% if "z" in l %}{% endif %}{% endfor %}{% endfor %}',
     )
-    proc = hostile_models.run_child(
-        f"""
-        m = sparseinfer.load({str(model_dir)!r})
-        print(json.dumps(outcome(lambda: m.apply_chat_template([{{"role": "user", "content": "hi"}}]))))
-        """,
-        timeout=90,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["raised"] == "InvalidInputError" and "CPU time" in result["msg"], result
 
 
