@@ -13,9 +13,10 @@ The GGUF is read back from that checkpoint: compressed-tensors 0.14 decompresses
 (`Sparse24BitMaskCompressor.decompress_weight`) and `llamacpp_compare.to_gguf` streams it to an f16 file
 (bf16 -> f16 is exact for these weights' range, apart from |w| < 6e-5 where f16 is subnormal).
 
-Both steps hold one block at a time: peak RSS is about 2.5 GB for the 8b size (a 1 GB shard being filled, one
-block dense, the compressor's temporaries). Both need compressed-tensors 0.14, installed apart from the venv
-(`make setup-interop`, as tests/training/ct_legacy.py), so they run in a subprocess with it first on PYTHONPATH:
+Both steps hold one block at a time: peak RSS is about 3.3 GB (write) and 3 GB (gguf) at the 8b width (a 1 GB
+shard being filled, one block dense, the compressor's temporaries). Both need compressed-tensors 0.14, installed
+apart from the venv (`make setup-interop`, as tests/training/ct_legacy.py), so they run in a subprocess with it
+first on PYTHONPATH:
 
     python bench/llama_24.py write SIZE OUT    # the checkpoint directory OUT
     python bench/llama_24.py gguf SRC OUT      # the f16 GGUF OUT of checkpoint SRC
