@@ -52,15 +52,7 @@ SIZES = {
     ),
     # Smoke shapes for the 8b path: two blocks at the 8b width, and a tiny one with the same config keys (its vocab
     # holds llamacpp_compare's prompt).
-    "8b-2l": dict(
-        hidden_size=4096,
-        num_hidden_layers=2,
-        intermediate_size=14336,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        **LLAMA31,
-    ),
+    "8b-2l": None,  # filled below: the 8b shape with two blocks
     "tiny31": dict(
         hidden_size=256,
         num_hidden_layers=2,
@@ -71,6 +63,8 @@ SIZES = {
         **LLAMA31,
     ),
 }
+
+SIZES["8b-2l"] = {**SIZES["8b"], "num_hidden_layers": 2}
 
 
 def config(size: str) -> dict:

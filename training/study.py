@@ -66,8 +66,8 @@ BUDGETS = {
         seq_len=512,
         micro_batch=2,
         grad_accum=4,
-        # One epoch: the first (fp32) run's validation curve gained 0.8 % from the second epoch (16.77 -> 16.63,
-        # docs/results/study-full-fp32/), at the cost of another hour before any sparse cell can start.
+        # One epoch: a second gained little on the validation plays (docs/results/study-full-fp32/) and delays
+        # every sparse cell by as long again.
         teacher_epochs=1,
         teacher_lr=5e-5,
         teacher_patience=2,
@@ -708,9 +708,8 @@ JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
 def _with_jemalloc() -> None:
     """Re-runs this process with jemalloc (Debian's ``libjemalloc2``) when it is installed: glibc's malloc hands
-    the step's large activation buffers back to the kernel and faults them in again every step, which costs
-    10-15 % of a CPU training step (docs/benchmarks/train.md). Only the study does this; the library leaves the
-    allocator to the user."""
+    the step's large activation buffers back to the kernel and faults them in again every step. Only the study
+    does this; the library leaves the allocator to the user."""
     if os.environ.get("SPARSEINFER_STUDY_MALLOC") == "system" or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
         return
     if not os.path.isfile(JEMALLOC):

@@ -533,8 +533,7 @@ def finetune(
 
 def _compiled(model: nn.Module, teacher: nn.Module | None):
     """``torch.compile`` of the student and teacher forwards. It fuses what bf16 autocast leaves between the
-    matrix products (casts, norms, activations, rotary embeddings); the first step pays the compilation
-    (about a minute on 2 CPU cores; see docs/benchmarks/train.md)."""
+    matrix products (casts, norms, activations, rotary embeddings); the first step pays the compilation."""
     return torch.compile(model), (torch.compile(teacher) if teacher is not None else None)
 
 
