@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: help setup setup-train setup-interop setup-audio develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-seq2seq bench-train bench-llamacpp study wheel clean fuzz-build fuzz fuzz-merge fuzz-seeds fuzz-regress fuzz-convert
+.PHONY: help setup setup-train setup-interop setup-audio develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-load bench-seq2seq bench-train bench-llamacpp study wheel clean fuzz-build fuzz fuzz-merge fuzz-seeds fuzz-regress fuzz-convert
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -107,6 +107,11 @@ $(LCPP_VENV)/.installed:
 	CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
 		$(LCPP_VENV)/bin/pip install -q --no-binary llama-cpp-python llama-cpp-python
 	touch $@
+
+bench-load: develop  ## load time, packing vs the load cache, 1B model (~3 min): docs/benchmarks/load.md
+	$(PY) -m pytest bench/test_load_bench.py --benchmark-enable --benchmark-only -q \
+		--benchmark-json=bench/results/load.json
+	$(PY) bench/report_load.py bench/results/load.json docs/benchmarks
 
 bench-llamacpp: develop setup-train $(LCPP_VENV)/.installed  ## llama.cpp vs sparseinfer decode on the 1B model: docs/benchmarks/llamacpp.md
 	$(PY) bench/llamacpp_compare.py --size 1b --rounds 3 --llamacpp-python $(LCPP_VENV)/bin/python

@@ -97,8 +97,15 @@ class Model:
             if threads < 1:
                 raise InvalidInputError(f"threads must be >= 1, got {threads}")
             _core.set_num_threads(threads)
+        cache, cache_bytes = _pack_cache(pack.get("pack_cache"))
         self._core = _core.load_model(
-            str(self.path), weights, pack.get("group_size"), pack.get("asymmetric", False), pack.get("activations")
+            str(self.path),
+            weights,
+            pack.get("group_size"),
+            pack.get("asymmetric", False),
+            pack.get("activations"),
+            cache,
+            cache_bytes,
         )
         self.encoder_decoder: bool = isinstance(self._core, _core.Seq2SeqModel)
         self._info = self._core.info()
@@ -445,6 +452,33 @@ def _check_ids(ids: Sequence[int], vocab: int) -> list[int]:
     return out
 
 
+PACK_CACHE_GB = 20.0
+
+
+def _pack_cache(pack_cache: str | os.PathLike[str] | bool | None) -> tuple[str | None, int]:
+    """The load cache's directory (None: off) and its size budget in bytes, for ``load(pack_cache=...)``."""
+    if pack_cache is False:
+        return None, 0
+    if pack_cache is None or pack_cache is True:
+        env = os.environ.get("SPARSEINFER_PACK_CACHE")
+        if env is not None and env.strip().lower() in ("", "0", "off", "false", "no"):
+            return None, 0
+        if env is not None:
+            pack_cache = env
+        else:
+            from .models import cache_dir
+
+            pack_cache = cache_dir() / "packed"
+    gb = os.environ.get("SPARSEINFER_PACK_CACHE_GB", str(PACK_CACHE_GB))
+    try:
+        budget = float(gb)
+    except ValueError:
+        raise InvalidInputError(f"SPARSEINFER_PACK_CACHE_GB must be a number of gigabytes, got {gb!r}") from None
+    if not budget >= 0:
+        raise InvalidInputError(f"SPARSEINFER_PACK_CACHE_GB must be >= 0, got {gb!r}")
+    return os.fspath(pack_cache), int(budget * 1e9)
+
+
 def load(
     model_dir: str | os.PathLike[str] | None = None,
     weights: str | None = None,
@@ -452,13 +486,22 @@ def load(
     group_size: int | None = None,
     asymmetric: bool = False,
     activations: str | None = None,
+    pack_cache: str | os.PathLike[str] | bool | None = None,
 ) -> Model:
     """Loads a model directory (``None`` or a preset name: the default model, see ``sparseinfer.models``).
 
     ``weights``: None keeps the stored precision, or a kernel format (``"sparse-int8"``, ``"dense-int4"``, ...)
     to pack every linear layer into (zeros become the sparsity pattern). ``activations``: how the linear
     layers meet their inputs, ``None`` for each format's default, or ``"f32"``, ``"int8"`` (int8 per
-    64-column block) or ``"int8-token"`` (int8 with one scale per token: fewer instructions per weight)."""
+    64-column block) or ``"int8-token"`` (int8 with one scale per token: fewer instructions per weight).
+
+    ``pack_cache``: where the packed layers are kept so the next load of the same directory with the same
+    options reads them instead of packing again (packing is nearly all of a load). ``None``: the
+    ``SPARSEINFER_PACK_CACHE`` directory (``0`` turns the cache off), else ``packed/`` under the user cache;
+    ``False``: no cache; a path: that directory. It keeps the most recently used models within
+    ``SPARSEINFER_PACK_CACHE_GB`` gigabytes (default 20). An entry is keyed by the build, the kernel ISA, the
+    options, the directory and its weight files' sizes and times; a stale or damaged one is rebuilt, never
+    trusted. ``info()["pack_cache"]`` says what this load did (``hit``, ``written``, ``rebuilt``, ``off``)."""
     if model_dir is None or not os.path.exists(model_dir):
         from .models import resolve
 
@@ -471,6 +514,7 @@ def load(
         group_size=group_size,
         asymmetric=asymmetric,
         activations=activations,
+        pack_cache=pack_cache,
     )
 
 

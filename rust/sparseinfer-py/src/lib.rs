@@ -380,7 +380,7 @@ impl PyModel {
         activations: Option<&str>,
     ) -> PyResult<Self> {
         guard(py, "load", || {
-            let opts = load_options(py, weights, group_size, asymmetric, activations)?;
+            let opts = load_options(py, weights, group_size, asymmetric, activations, None)?;
             let m = py.detach(|| runtime::load_dir(&path, opts)).map_err(|e| to_py(py, e))?;
             Ok(PyModel { inner: Arc::new(m) })
         })
@@ -467,6 +467,8 @@ impl PyModel {
         d.set_item("kernel", kernels::kernel_name(first, act).map_err(|e| to_py(py, e))?)?;
         d.set_item("isa", kernels::active_isa().map_err(|e| to_py(py, e))?.name())?;
         d.set_item("threads", core::parallel::num_threads())?;
+        d.set_item("load_seconds", m.load_report.seconds)?;
+        d.set_item("pack_cache", m.load_report.pack_cache.describe())?;
         d.set_item("eos_token_ids", s.eos.clone())?;
         d.set_item("bos_token_id", s.bos)?;
         Ok(d)
@@ -480,12 +482,13 @@ fn load_options(
     group_size: Option<&Bound<'_, PyAny>>,
     asymmetric: bool,
     activations: Option<&str>,
+    cache: Option<runtime::pack_cache::CacheOptions>,
 ) -> PyResult<LoadOptions> {
     let group_size = opt_int_arg::<usize>(py, "load", "group_size", group_size)?;
     let weights = weights.map(Format::from_name).transpose().map_err(|e| to_py(py, e))?;
     let activations = parse_act(py, activations)?;
     let pack = PackOptions { group_size, asymmetric, ..Default::default() };
-    Ok(LoadOptions { weights, pack, activations })
+    Ok(LoadOptions { weights, pack, activations, cache })
 }
 
 /// The sampling parameters of a generator's arguments.
@@ -728,6 +731,8 @@ impl PySeq2SeqModel {
             d.set_item("kernel", kernels::kernel_name(&first.w, act).map_err(|e| to_py(py, e))?)?;
             d.set_item("isa", kernels::active_isa().map_err(|e| to_py(py, e))?.name())?;
             d.set_item("threads", core::parallel::num_threads())?;
+            d.set_item("load_seconds", m.load_report.seconds)?;
+            d.set_item("pack_cache", m.load_report.pack_cache.describe())?;
             d.set_item("eos_token_ids", s.eos.clone())?;
             d.set_item("decoder_start_token_id", s.bos)?;
             d.set_item("max_positions", s.max_positions)?;
@@ -753,9 +758,14 @@ impl PySeq2SeqModel {
 }
 
 /// Loads a model directory of either kind: a `Model` (decoder-only) or a `Seq2SeqModel` (encoder-decoder).
-/// Arguments as for `Model.load`.
+/// Arguments as for `Model.load`, plus the load cache: `pack_cache` a directory (None: no cache) that keeps
+/// at most `pack_cache_max_bytes` of packed models.
 #[pyfunction]
-#[pyo3(signature = (path, weights = None, group_size = None, asymmetric = false, activations = None))]
+#[pyo3(signature = (
+    path, weights = None, group_size = None, asymmetric = false, activations = None, pack_cache = None,
+    pack_cache_max_bytes = 0
+))]
+#[allow(clippy::too_many_arguments)]
 fn load_model<'py>(
     py: Python<'py>,
     path: PathBuf,
@@ -763,9 +773,12 @@ fn load_model<'py>(
     group_size: Option<&Bound<'py, PyAny>>,
     asymmetric: bool,
     activations: Option<&str>,
+    pack_cache: Option<PathBuf>,
+    pack_cache_max_bytes: u64,
 ) -> PyResult<Bound<'py, PyAny>> {
     guard(py, "load", || {
-        let opts = load_options(py, weights, group_size, asymmetric, activations)?;
+        let cache = pack_cache.map(|dir| runtime::pack_cache::CacheOptions { dir, max_bytes: pack_cache_max_bytes });
+        let opts = load_options(py, weights, group_size, asymmetric, activations, cache)?;
         match py.detach(|| runtime::load_any(&path, opts)).map_err(|e| to_py(py, e))? {
             runtime::AnyModel::Decoder(m) => Ok(Bound::new(py, PyModel { inner: Arc::from(m) })?.into_any()),
             runtime::AnyModel::Seq2Seq(m) => Ok(Bound::new(py, PySeq2SeqModel { inner: Arc::from(m) })?.into_any()),

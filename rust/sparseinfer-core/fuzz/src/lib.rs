@@ -156,6 +156,7 @@ pub fn load_options(b: u8) -> LoadOptions {
         weights: Some(format),
         pack: PackOptions { group_size, asymmetric, ..Default::default() },
         activations: None,
+        cache: None,
     }
 }
 

@@ -34,9 +34,11 @@
 //! checkpoints `sparseinfer.training` exports, which drop such weights from the mask).
 
 mod pack;
+mod raw;
 pub mod tiles;
 
 pub use pack::{GivenScales, Layout, PackOptions};
+pub use raw::RawMatrix;
 
 use crate::error::{Error, Result};
 

@@ -131,7 +131,7 @@ pub(crate) fn tile(m: &PackedMatrix) -> PackedMatrix {
 
 /// Per tile and scale group, the 16 rows' scales (0 for padding rows); empty for one scale per row, which
 /// the kernels apply to the finished sums instead.
-fn tile_scales(m: &PackedMatrix) -> Vec<f32> {
+pub(super) fn tile_scales(m: &PackedMatrix) -> Vec<f32> {
     let groups = m.groups();
     if groups <= 1 {
         return Vec::new();

@@ -57,6 +57,11 @@ impl ModelDir {
         Ok(ModelDir { shown: dir.to_path_buf(), root: real, blobs })
     }
 
+    /// The canonical directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// `name` joined to the directory as the caller named it (for messages).
     pub fn shown(&self, name: &str) -> String {
         self.shown.join(name).display().to_string()

@@ -3,6 +3,7 @@
 
 use super::checkpoint::{self, out_of_memory, Dtype, Orientation, QuantScheme, WeightStore};
 use super::ops::{Embedding, Linear, NormW};
+use super::pack_cache::PackCache;
 use super::plan::{StoredAs, WeightPlan};
 use crate::error::{Error, Result};
 use crate::formats::{Format, GivenScales, PackedMatrix};
@@ -15,6 +16,8 @@ pub struct Loader<'a> {
     pub plan: WeightPlan,
     /// The checkpoint's weight quantization scheme, from `quantization_config` (docs/FORMAT.md).
     pub quant: Option<QuantScheme>,
+    /// The load cache, when one is used: packed layers come from it, or go into it.
+    pub cache: Option<&'a PackCache>,
 }
 
 impl Loader<'_> {
@@ -67,23 +70,41 @@ impl Loader<'_> {
     /// the linear layer of its im2col form (`channels · width` inputs, index `c · width + j`), packed in the
     /// head's format: convolutions are not pruned, so they take the dense format of the plan.
     pub fn conv1d(&self, prefix: &str, out: usize, channels: usize, width: usize) -> Result<Linear> {
-        let name = format!("{prefix}.weight");
-        let w = self.f32(&name, &[out, channels, width])?;
-        let b = self.f32(&format!("{prefix}.bias"), &[out])?;
-        let cols = channels * width;
-        let stored = StoredAs { quant: None, sparse: false, bf16: false };
-        let packed = PackedMatrix::pack(
-            &w,
-            out,
-            cols,
-            self.plan.lm_head,
-            self.plan.pack_options(stored, self.plan.lm_head, cols),
-        )
-        .map_err(|e| match e {
-            Error::InvalidInput { msg, .. } => Error::invalid("load", format!("packing {name}: {msg}")),
-            e => e,
+        let key = format!("conv1d {prefix} {out} {channels} {width}");
+        let (w, bias) = self.cached(&key, || {
+            let name = format!("{prefix}.weight");
+            let w = self.f32(&name, &[out, channels, width])?;
+            let b = self.f32(&format!("{prefix}.bias"), &[out])?;
+            let cols = channels * width;
+            let stored = StoredAs { quant: None, sparse: false, bf16: false };
+            let packed = PackedMatrix::pack(
+                &w,
+                out,
+                cols,
+                self.plan.lm_head,
+                self.plan.pack_options(stored, self.plan.lm_head, cols),
+            )
+            .map_err(|e| match e {
+                Error::InvalidInput { msg, .. } => Error::invalid("load", format!("packing {name}: {msg}")),
+                e => e,
+            })?;
+            Ok((packed, Some(b)))
         })?;
-        Ok(Linear { w: packed, bias: Some(b), act: self.plan.act })
+        Ok(Linear { w, bias, act: self.plan.act })
+    }
+
+    /// A packed layer from the load cache under `key` (the layer's names, shape and requested format; the
+    /// cache's own key covers the checkpoint and the options), or from `make`. Float dense layers are plain
+    /// conversions of the checkpoint, as fast to redo as to read, so they are not written.
+    fn cached(
+        &self,
+        key: &str,
+        make: impl FnOnce() -> Result<(PackedMatrix, Option<Vec<f32>>)>,
+    ) -> Result<(PackedMatrix, Option<Vec<f32>>)> {
+        match self.cache {
+            None => make(),
+            Some(c) => c.layer(key, make, |m| !matches!(m.format(), Format::DenseF32 | Format::DenseBf16)),
+        }
     }
 
     fn build(
@@ -94,6 +115,20 @@ impl Loader<'_> {
         biases: &[bool],
         format: Option<Format>,
     ) -> Result<Linear> {
+        let key = format!("linear {parts:?} {cols} {orientation:?} {biases:?} {format:?}");
+        let (w, bias) = self.cached(&key, || self.build_fresh(parts, cols, orientation, biases, format))?;
+        Ok(Linear { w, bias, act: self.plan.act })
+    }
+
+    /// [`Loader::build`] from the checkpoint: decode every part, pack.
+    fn build_fresh(
+        &self,
+        parts: &[(&str, usize)],
+        cols: usize,
+        orientation: Orientation,
+        biases: &[bool],
+        format: Option<Format>,
+    ) -> Result<(PackedMatrix, Option<Vec<f32>>)> {
         debug_assert_eq!(parts.len(), biases.len());
         let bias = biases.iter().any(|&b| b);
         let rows: usize = parts.iter().map(|p| p.1).sum();
@@ -146,7 +181,7 @@ impl Loader<'_> {
         } else {
             PackedMatrix::pack(&w, rows, cols, format, opts).map_err(ctx)?
         };
-        Ok(Linear { w: packed, bias: bias.then_some(b), act: self.plan.act })
+        Ok((packed, bias.then_some(b)))
     }
 
     /// An embedding table `[rows, cols]`, kept in its stored precision.

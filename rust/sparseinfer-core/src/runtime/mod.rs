@@ -23,6 +23,7 @@ pub mod kv_cache;
 pub mod loader;
 pub mod models;
 pub mod ops;
+pub mod pack_cache;
 pub mod plan;
 pub mod sampler;
 pub mod version;
@@ -37,7 +38,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// How to load a model directory.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
     /// Pack every linear layer into this format (zeros become the sparsity pattern); `None`: as stored.
     pub weights: Option<Format>,
@@ -45,6 +46,17 @@ pub struct LoadOptions {
     pub pack: PackOptions,
     /// Activation mode of every linear layer; `None`: each format's default.
     pub activations: Option<crate::kernels::Activations>,
+    /// The load cache of packed layers ([`pack_cache`]); `None`: pack from the checkpoint every time.
+    pub cache: Option<pack_cache::CacheOptions>,
+}
+
+/// How a load went.
+#[derive(Clone, Debug, Default)]
+pub struct LoadReport {
+    /// Wall-clock seconds from opening the directory to the finished model.
+    pub seconds: f64,
+    /// What the load cache did.
+    pub pack_cache: pack_cache::Outcome,
 }
 
 /// Reads `config.json` of a model directory (a regular file inside it, at most [`files::MAX_JSON_BYTES`]).
@@ -79,6 +91,7 @@ pub fn load_dir(dir: &Path, opts: LoadOptions) -> Result<Model> {
 
 /// Loads a model directory of either kind (see [`load_dir`]).
 pub fn load_any(dir: &Path, opts: LoadOptions) -> Result<AnyModel> {
+    let start = Instant::now();
     let dir = files::ModelDir::new(dir)?;
     let config = read_config_in(&dir)?;
     version::check(&dir, &config)?;
@@ -92,14 +105,49 @@ pub fn load_any(dir: &Path, opts: LoadOptions) -> Result<AnyModel> {
     // The caller's choice, else what the checkpoint was quantized for.
     let declared = quant.filter(|q| q.token_acts).map(|_| crate::kernels::Activations::Int8Token);
     plan.act = opts.activations.or(declared);
-    let loader = loader::Loader { store: &store, plan, quant };
-    Ok(match arch::build_of(&spec)? {
-        arch::Build::Decoder(_) => AnyModel::Decoder(Box::new(models::decoder::build(spec, &loader)?)),
-        arch::Build::Seq2Seq(_) => {
-            let parts = arch::load_seq2seq(&spec, &loader)?;
-            AnyModel::Seq2Seq(Box::new(Seq2Seq::from_parts(spec, parts)))
+    let build = |cache: Option<&pack_cache::PackCache>| -> Result<AnyModel> {
+        let loader = loader::Loader { store: &store, plan, quant, cache };
+        Ok(match arch::build_of(&spec)? {
+            arch::Build::Decoder(_) => AnyModel::Decoder(Box::new(models::decoder::build(spec.clone(), &loader)?)),
+            arch::Build::Seq2Seq(_) => {
+                let parts = arch::load_seq2seq(&spec, &loader)?;
+                AnyModel::Seq2Seq(Box::new(Seq2Seq::from_parts(spec.clone(), parts)))
+            }
+        })
+    };
+    let (mut model, outcome) = match &opts.cache {
+        None => (build(None)?, pack_cache::Outcome::Off),
+        Some(c) => {
+            let key = store
+                .identities()
+                .map(|files| pack_cache::key(&format!("{plan:?}"), dir.root(), &config, &files))
+                .map_err(|e| e.to_string());
+            match key.and_then(|key| pack_cache::PackCache::open(c, &key, false).map(|cache| (key, cache))) {
+                Err(why) => (build(None)?, pack_cache::Outcome::Failed(why)),
+                Ok((key, cache)) => match build(Some(&cache)) {
+                    Ok(m) => (m, cache.finish(false)),
+                    // A damaged entry: load again from the checkpoint, writing a new one.
+                    Err(_) if cache.damaged() => {
+                        drop(cache);
+                        match pack_cache::PackCache::open(c, &key, true) {
+                            Ok(fresh) => {
+                                let m = build(Some(&fresh))?;
+                                (m, fresh.finish(true))
+                            }
+                            Err(why) => (build(None)?, pack_cache::Outcome::Failed(why)),
+                        }
+                    }
+                    Err(e) => return Err(e),
+                },
+            }
         }
-    })
+    };
+    let report = LoadReport { seconds: start.elapsed().as_secs_f64(), pack_cache: outcome };
+    match &mut model {
+        AnyModel::Decoder(m) => m.load_report = report,
+        AnyModel::Seq2Seq(m) => m.load_report = report,
+    }
+    Ok(model)
 }
 
 /// Time and token counts of one generation.

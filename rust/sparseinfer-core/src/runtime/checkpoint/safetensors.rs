@@ -281,6 +281,14 @@ pub struct WeightStore {
 }
 
 impl WeightStore {
+    /// Each weight file's identity (size, times, inode, device) for the load cache's key.
+    pub fn identities(&self) -> std::io::Result<Vec<String>> {
+        self.files
+            .iter()
+            .map(|f| crate::runtime::pack_cache::file_identity(&f.path.display().to_string(), &f.file))
+            .collect()
+    }
+
     /// Opens every weight file of `dir`: the shards listed in `model.safetensors.index.json`, else every
     /// `*.safetensors` file. Each must resolve inside the directory and be a regular file.
     pub fn open_dir(dir: &ModelDir) -> Result<WeightStore> {

@@ -28,6 +28,8 @@ pub struct Model {
     final_norm: Option<NormW>,
     /// The output head.
     pub lm_head: Linear,
+    /// How the load went (set by the loader).
+    pub load_report: crate::runtime::LoadReport,
 }
 
 /// Loads a model from a spec and a loader (see [`crate::runtime::load_dir`]).
@@ -40,7 +42,7 @@ impl Model {
     /// Assembles a model from an architecture's parts.
     pub fn from_parts(spec: Spec, parts: Parts) -> Model {
         let Parts { embed, pos_embed, layers, final_norm, lm_head } = parts;
-        Model { spec, embed, pos_embed, layers, final_norm, lm_head }
+        Model { spec, embed, pos_embed, layers, final_norm, lm_head, load_report: Default::default() }
     }
 
     /// Bytes of every packed linear layer and the head (what one decode step reads), plus the embedding

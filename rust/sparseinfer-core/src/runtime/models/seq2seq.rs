@@ -58,6 +58,8 @@ pub struct Seq2Seq {
     /// The architecture description (`layers`: decoder blocks, `encoder_layers`: encoder blocks).
     pub spec: Spec,
     p: Seq2SeqParts,
+    /// How the load went (set by the loader).
+    pub load_report: crate::runtime::LoadReport,
 }
 
 /// One input being decoded: the decoder's self-attention cache and the encoder output's keys and values.
@@ -77,7 +79,7 @@ impl Seq2SeqState {
 impl Seq2Seq {
     /// Assembles a model from an architecture's parts.
     pub fn from_parts(spec: Spec, p: Seq2SeqParts) -> Seq2Seq {
-        Seq2Seq { spec, p }
+        Seq2Seq { spec, p, load_report: Default::default() }
     }
 
     /// Bytes of the encoder's packed linear layers and convolutions (read once per input), of the decoder's

@@ -1,0 +1,301 @@
+//! A packed matrix as its stored arrays, and the checks that make arrays read from outside the process (the
+//! load cache, `runtime::pack_cache`) safe for the kernels. Only what cannot be derived is kept: values,
+//! masks, scales and minimums. Row and tile offsets, the tiles' narrow flags and scales, and the stored count
+//! are recomputed from the masks, and every length is checked against the shape before the matrix is built,
+//! so a damaged or hostile file gives an error, never an out-of-bounds read in a kernel.
+
+use super::tiles::{self, QUAD, TILE};
+use super::{Elem, Format, PackedMatrix, CHUNK, VALUE_PAD};
+use crate::error::{Error, Result};
+
+/// The stored arrays and shape of a packed matrix ([`PackedMatrix::to_raw`], [`PackedMatrix::from_raw`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RawMatrix {
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// Columns after padding.
+    pub cols_pad: usize,
+    /// Index of the format in [`Format::ALL`].
+    pub format: usize,
+    /// Columns per scale group (integer formats), else 0.
+    pub group: usize,
+    /// Asymmetric int4.
+    pub asym: bool,
+    /// Tiled layout.
+    pub tiled: bool,
+    /// Weights that are nonzero (dense formats; sparse ones count their masks instead).
+    pub nnz: usize,
+    /// Packed values, ending with [`VALUE_PAD`] zero bytes.
+    pub data: Vec<u8>,
+    /// Mask words (sparse formats).
+    pub masks: Vec<u64>,
+    /// Scales (integer formats).
+    pub scales: Vec<f32>,
+    /// Minimums (asymmetric int4).
+    pub mins: Vec<f32>,
+}
+
+impl PackedMatrix {
+    /// The stored arrays (copies), with the shape needed to rebuild the matrix.
+    pub fn to_raw(&self) -> RawMatrix {
+        let (data, masks, scales, mins) = self.raw_arrays();
+        RawMatrix {
+            data: data.to_vec(),
+            masks: masks.to_vec(),
+            scales: scales.to_vec(),
+            mins: mins.to_vec(),
+            ..self.raw_header()
+        }
+    }
+
+    /// The shape and flags of [`PackedMatrix::to_raw`], with empty arrays.
+    pub fn raw_header(&self) -> RawMatrix {
+        RawMatrix {
+            rows: self.rows,
+            cols: self.cols,
+            cols_pad: self.cols_pad,
+            format: Format::ALL.iter().position(|f| *f == self.format).expect("every format is in ALL"),
+            group: self.group,
+            asym: self.asym,
+            tiled: self.tiled,
+            nnz: self.nnz,
+            ..RawMatrix::default()
+        }
+    }
+
+    /// The arrays [`PackedMatrix::to_raw`] copies, borrowed: values, masks, scales, minimums.
+    pub fn raw_arrays(&self) -> (&[u8], &[u64], &[f32], &[f32]) {
+        (&self.data, &self.masks, &self.scales, &self.mins)
+    }
+
+    /// Rebuilds a matrix from its stored arrays after checking every invariant a kernel relies on (see the
+    /// module docs). `InvalidInput` names the first one that fails.
+    pub fn from_raw(raw: RawMatrix) -> Result<PackedMatrix> {
+        let bad = |msg: String| Error::invalid("packed matrix", msg);
+        let format = *Format::ALL.get(raw.format).ok_or_else(|| bad(format!("format index {}", raw.format)))?;
+        let (rows, cols, cols_pad) = (raw.rows, raw.cols, raw.cols_pad);
+        let elem = format.elem();
+        let int = matches!(elem, Elem::I8 | Elem::I4);
+        if rows == 0 || cols == 0 || cols_pad % CHUNK != 0 || cols_pad < cols || cols_pad - cols >= 2 * CHUNK {
+            return Err(bad(format!("shape ({rows}, {cols}) padded to {cols_pad} columns")));
+        }
+        let cells = rows.checked_mul(cols_pad).ok_or_else(|| bad(format!("{rows} x {cols_pad} overflows")))?;
+        let group_ok = if int {
+            raw.group > 0 && cols_pad % raw.group == 0 && ([32, 64, 128].contains(&raw.group) || raw.group == cols_pad)
+        } else {
+            raw.group == 0
+        };
+        if !group_ok {
+            return Err(bad(format!("group {} for {} with {cols_pad} columns", raw.group, format.name())));
+        }
+        if raw.asym && elem != Elem::I4 || raw.tiled && !(format.is_sparse() && int && !raw.asym) {
+            return Err(bad(format!("asymmetric {} / tiled {} for {}", raw.asym, raw.tiled, format.name())));
+        }
+        let groups = if int { cols_pad / raw.group } else { 0 };
+        let expect = |what: &str, got: usize, want: usize| {
+            if got == want {
+                Ok(())
+            } else {
+                Err(bad(format!("{what}: {got} entries, expected {want}")))
+            }
+        };
+        expect("scales", raw.scales.len(), rows * groups)?;
+        expect("minimums", raw.mins.len(), if raw.asym { rows * groups } else { 0 })?;
+        if let Some(v) = raw.scales.iter().chain(&raw.mins).find(|v| !v.is_finite()) {
+            return Err(bad(format!("non-finite scale or minimum {v}")));
+        }
+        if raw.data.len() < VALUE_PAD || raw.data[raw.data.len() - VALUE_PAD..].iter().any(|b| *b != 0) {
+            return Err(bad("values do not end with the zero padding".into()));
+        }
+        let values = raw.data.len() - VALUE_PAD;
+        let mut m = PackedMatrix::unpacked(rows, cols, cols_pad, format, raw.group, raw.asym);
+        if !format.is_sparse() {
+            expect("masks", raw.masks.len(), 0)?;
+            let want = match elem {
+                Elem::F32 => cells.checked_mul(4),
+                Elem::Bf16 => cells.checked_mul(2),
+                Elem::I8 => Some(cells),
+                Elem::I4 => Some(cells / 2),
+            };
+            let want = want.unwrap_or(usize::MAX);
+            expect("value bytes", values, want)?;
+            if raw.nnz > rows * cols {
+                return Err(bad(format!("{} nonzeros in {rows} x {cols}", raw.nnz)));
+            }
+            m.nnz = raw.nnz;
+        } else if raw.tiled {
+            let (tiles_n, quads) = (rows.div_ceil(TILE), cols_pad / QUAD);
+            expect("masks", raw.masks.len(), tiles_n * quads)?;
+            let mut offsets = Vec::with_capacity(tiles_n + 1);
+            let (mut pos, mut nnz) = (0usize, 0usize);
+            for t in 0..tiles_n {
+                offsets.push(pos);
+                let live_rows = TILE.min(rows - t * TILE);
+                let row_bits = if live_rows == TILE { u64::MAX } else { (1u64 << (QUAD * live_rows)) - 1 };
+                let words = &raw.masks[t * quads..(t + 1) * quads];
+                for (q, w) in words.iter().enumerate() {
+                    let live_cols = QUAD.min(cols.saturating_sub(q * QUAD));
+                    let col_bits = (0..TILE).fold(0u64, |a, i| a | (((1u64 << live_cols) - 1) << (QUAD * i)));
+                    if w & !(row_bits & col_bits) != 0 {
+                        return Err(bad(format!("tile {t} quad {q}: mask bits outside the matrix")));
+                    }
+                }
+                let n = |q: usize| words[q].count_ones() as usize;
+                nnz += (0..quads).map(n).sum::<usize>();
+                if elem == Elem::I4 {
+                    pos += (0..quads).step_by(2).map(|q| n(q).max(n(q + 1))).sum::<usize>();
+                    m.tile_narrow.push((0..quads).all(|q| n(q) <= CHUNK / 2));
+                } else {
+                    pos += (0..quads).map(n).sum::<usize>();
+                }
+            }
+            offsets.push(pos);
+            expect("value bytes", values, pos)?;
+            m.row_offsets = offsets;
+            m.nnz = nnz;
+            m.tiled = true;
+        } else {
+            let chunks = cols_pad / CHUNK;
+            expect("masks", raw.masks.len(), rows * chunks)?;
+            let mut offsets = Vec::with_capacity(rows + 1);
+            let (mut pos, mut nnz) = (0usize, 0usize);
+            for r in 0..rows {
+                offsets.push(pos);
+                for (ch, w) in raw.masks[r * chunks..(r + 1) * chunks].iter().enumerate() {
+                    let live = CHUNK.min(cols.saturating_sub(ch * CHUNK));
+                    if live < CHUNK && w >> live != 0 {
+                        return Err(bad(format!("row {r} chunk {ch}: mask bits past column {cols}")));
+                    }
+                    let n = w.count_ones() as usize;
+                    nnz += n;
+                    pos += match elem {
+                        Elem::F32 => 4 * n,
+                        Elem::Bf16 => 2 * n,
+                        Elem::I8 => n,
+                        Elem::I4 => n.div_ceil(2),
+                    };
+                }
+            }
+            offsets.push(pos);
+            expect("value bytes", values, pos)?;
+            m.row_offsets = offsets;
+            m.nnz = nnz;
+        }
+        m.data = raw.data;
+        m.masks = raw.masks;
+        m.scales = raw.scales;
+        m.mins = raw.mins;
+        if m.tiled {
+            m.tile_scales = tiles::tile_scales(&m);
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::{Layout, PackOptions};
+
+    /// A 37 x 150 matrix with ~60 % zeros (odd shapes: a partial last tile, padded columns).
+    fn weights() -> Vec<f32> {
+        (0..37 * 150).map(|i| if i % 5 < 3 { 0.0 } else { ((i * 7919) % 211) as f32 / 50.0 - 2.1 }).collect()
+    }
+
+    fn every_packing() -> Vec<PackedMatrix> {
+        let w = weights();
+        let mut out = Vec::new();
+        for f in Format::ALL {
+            let int = matches!(f.elem(), Elem::I8 | Elem::I4);
+            for (group, asym, layout) in [
+                (None, false, Layout::Rows),
+                (Some(64), false, Layout::Rows),
+                (Some(32), true, Layout::Rows),
+                (None, false, Layout::Tiles),
+                (Some(64), false, Layout::Tiles),
+            ] {
+                let tiles_ok = f.is_sparse() && int && !asym;
+                if (!int && group.is_some()) || (asym && f.elem() != Elem::I4) || (layout == Layout::Tiles && !tiles_ok)
+                {
+                    continue;
+                }
+                let opts = PackOptions { group_size: group, asymmetric: asym, layout };
+                out.push(PackedMatrix::pack(&w, 37, 150, f, opts).unwrap());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_format_and_layout_survives_the_round_trip() {
+        for m in every_packing() {
+            let back = PackedMatrix::from_raw(m.to_raw()).unwrap();
+            assert_eq!(back.to_dense(), m.to_dense(), "{:?} tiled {}", m.format, m.tiled);
+            assert_eq!(
+                (back.row_offsets.clone(), back.tile_narrow.clone()),
+                (m.row_offsets.clone(), m.tile_narrow.clone())
+            );
+            assert_eq!((back.tile_scales.clone(), back.nnz), (m.tile_scales.clone(), m.nnz));
+        }
+    }
+
+    #[test]
+    fn damaged_arrays_are_refused_before_a_kernel_sees_them() {
+        for m in every_packing() {
+            let raw = m.to_raw();
+            let mut cases: Vec<(&str, RawMatrix)> = Vec::new();
+            let mut r = raw.clone();
+            r.data.pop();
+            cases.push(("short values", r));
+            let mut r = raw.clone();
+            r.data.insert(0, 1);
+            cases.push(("long values", r));
+            let mut r = raw.clone();
+            *r.data.last_mut().unwrap() = 1;
+            cases.push(("padding", r));
+            let mut r = raw.clone();
+            r.scales.push(1.0);
+            cases.push(("scales", r));
+            let mut r = raw.clone();
+            r.rows += 1;
+            cases.push(("rows", r));
+            let mut r = raw.clone();
+            r.cols_pad += 64;
+            cases.push(("cols_pad", r));
+            let mut r = raw.clone();
+            r.format = 8;
+            cases.push(("format", r));
+            if !raw.masks.is_empty() {
+                // More stored values than the values hold, inside the matrix (row 0's first chunk, or the
+                // first tile's first quads), where they need one more byte: an int4 row chunk stores ceil(n/2)
+                // bytes (two more bits when n is odd), a tiled int4 pair of quads the larger one's count.
+                let mut r = raw.clone();
+                let n = |i: usize| raw.masks[i].count_ones();
+                let (i, add) = match (m.format.elem(), raw.tiled) {
+                    (Elem::I4, true) => (usize::from(n(1) > n(0)), 1),
+                    (Elem::I4, false) => (0, 1 + n(0) % 2),
+                    _ => (0, 1),
+                };
+                for _ in 0..add {
+                    let free = (!r.masks[i]).trailing_zeros();
+                    r.masks[i] |= 1 << free;
+                }
+                cases.push(("extra mask bit", r));
+                // A bit past the last column (or row) of the matrix.
+                let mut r = raw.clone();
+                *r.masks.last_mut().unwrap() |= 1 << 63;
+                cases.push(("mask outside", r));
+            }
+            if !raw.scales.is_empty() {
+                let mut r = raw.clone();
+                r.scales[0] = f32::NAN;
+                cases.push(("nan scale", r));
+            }
+            for (what, r) in cases {
+                assert!(PackedMatrix::from_raw(r).is_err(), "{what}: {:?} tiled {}", m.format, m.tiled);
+            }
+        }
+    }
+}
