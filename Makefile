@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: help setup setup-train setup-interop setup-audio develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-load bench-seq2seq bench-train bench-llamacpp study wheel clean fuzz-build fuzz fuzz-merge fuzz-seeds fuzz-regress fuzz-convert
+.PHONY: help setup setup-train setup-interop setup-audio develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-load bench-seq2seq bench-train bench-llamacpp bench-llamacpp-8b study wheel clean fuzz-build fuzz fuzz-merge fuzz-seeds fuzz-regress fuzz-convert
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -100,11 +100,15 @@ study: develop setup-train  ## the accuracy study (hours on 2 cores; resumable, 
 	$(PY) training/study.py
 
 # llama.cpp from PyPI's source release, built for this CPU in its own virtualenv (not needed by anything else).
+# AMX off: in a VM that does not give threads the AMX tile state, ggml's AMX matmul faults at its first
+# ldtilecfg (bench/llamacpp_compare.py); sparseinfer does not use AMX either. The flags are no-ops elsewhere.
 LCPP_VENV ?= $(VENV)-llamacpp
+LCPP_NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 $(LCPP_VENV)/.installed:
 	$(PYTHON) -m venv $(LCPP_VENV)
 	$(LCPP_VENV)/bin/pip install -q cmake ninja scikit-build-core numpy
-	CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF \
+		'-DCMAKE_C_FLAGS=$(LCPP_NO_AMX)' '-DCMAKE_CXX_FLAGS=$(LCPP_NO_AMX)'" CMAKE_BUILD_PARALLEL_LEVEL=2 \
 		$(LCPP_VENV)/bin/pip install -q --no-binary llama-cpp-python llama-cpp-python
 	touch $@
 
@@ -115,6 +119,11 @@ bench-load: develop  ## load time, packing vs the load cache, 1B model (~3 min):
 
 bench-llamacpp: develop setup-train $(LCPP_VENV)/.installed  ## llama.cpp vs sparseinfer decode on the 1B model: docs/benchmarks/llamacpp.md
 	$(PY) bench/llamacpp_compare.py --size 1b --rounds 3 --llamacpp-python $(LCPP_VENV)/bin/python
+
+# The published 2:4 format at Llama-3.1-8B's shape: ~40 GB of files under ~/.cache/sparseinfer-bench and ~1 h.
+bench-llamacpp-8b: develop setup-train setup-interop $(LCPP_VENV)/.installed  ## llama.cpp vs sparseinfer, 8B 2:4 checkpoint: docs/benchmarks/llamacpp-8b-24.md
+	$(PY) bench/llamacpp_compare.py --ct24 --size 8b --rounds 3 --work $(HOME)/.cache/sparseinfer-bench \
+		--llamacpp-python $(LCPP_VENV)/bin/python
 
 # Linked by zig against glibc 2.17's symbols, so the wheel installs on manylinux2014 systems (CentOS 7 and
 # newer) whatever glibc built it; auditwheel checks the tag from the symbols the library really uses.
