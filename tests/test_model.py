@@ -111,10 +111,11 @@ def test_decode_matches_prefill(arch_model):
 # -- sparse and quantized formats ---------------------------------------------------------------------
 
 
-def emulate(ref, fmt, token=False):
+def emulate(ref, fmt, token=False, group_size=None, asymmetric=False):
     """`ref` with every linear weight replaced by its packed-and-dequantized value (the head as dense-int8 /
     bf16 / f32, as the runtime plans it) and, for integer formats, int8 block-quantized linear inputs (one
-    scale per token with `token`)."""
+    scale per token with `token`). `group_size` applies to every integer layer, `asymmetric` to the int4 ones
+    (the head is int8), as `load` does."""
     import copy
 
     emu = copy.deepcopy(ref)
@@ -125,7 +126,8 @@ def emulate(ref, fmt, token=False):
             continue
         f = head_fmt if name.endswith("lm_head") else fmt
         w = mod.weight.detach().numpy().astype(np.float32)
-        mod.weight.data = torch.from_numpy(kernels.pack(np.ascontiguousarray(w), f).to_dense())
+        opts = {"group_size": group_size, "asymmetric": asymmetric and "int4" in f} if "int" in f else {}
+        mod.weight.data = torch.from_numpy(kernels.pack(np.ascontiguousarray(w), f, **opts).to_dense())
         if "int" in f:
             hooks.append(
                 mod.register_forward_pre_hook(lambda m, args: (tiny_models.block_quantize_acts(args[0], token),))
@@ -187,6 +189,19 @@ def test_dense_quantized_formats_within_budget(sparse_llama, fmt):
     got = sparseinfer.load(path, weights=fmt).logits(PROMPT)
     want = torch_logits(emulate(ref, fmt), PROMPT)
     assert np.abs(got - want).max() / np.abs(want).max() <= FORMAT_BUDGET["sparse-int8"]
+
+
+@pytest.mark.parametrize("fmt", ["dense-int4", "sparse-int4"])
+def test_asymmetric_int4_at_load_within_budget(sparse_llama, fmt):
+    path, ref = sparse_llama
+    model = sparseinfer.load(path, weights=fmt, asymmetric=True, group_size=32)
+    assert model.info()["lm_head_format"] == "dense-int8"  # symmetric: asymmetry is an int4 grid
+    got = model.logits(PROMPT)
+    want = torch_logits(emulate(ref, fmt, group_size=32, asymmetric=True), PROMPT)
+    assert np.abs(got - want).max() / np.abs(want).max() <= FORMAT_BUDGET["sparse-int4"]
+    for weights in ("sparse-int8", "dense-bf16", None):
+        with pytest.raises(InvalidInputError, match="asymmetric"):
+            sparseinfer.load(path, weights=weights, asymmetric=True)
 
 
 def test_bytes_per_token_shrink_with_sparsity(sparse_llama):

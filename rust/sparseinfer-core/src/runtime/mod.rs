@@ -92,6 +92,13 @@ pub fn load_dir(dir: &Path, opts: LoadOptions) -> Result<Model> {
 /// Loads a model directory of either kind (see [`load_dir`]).
 pub fn load_any(dir: &Path, opts: LoadOptions) -> Result<AnyModel> {
     let start = Instant::now();
+    if opts.pack.asymmetric && opts.weights.is_none_or(|f| f.elem() != crate::formats::Elem::I4) {
+        let asked = opts.weights.map_or("the stored formats", |f| f.name());
+        return Err(Error::invalid(
+            "load",
+            format!("asymmetric applies to the int4 formats (dense-int4, sparse-int4), not {asked}"),
+        ));
+    }
     let dir = files::ModelDir::new(dir)?;
     let config = read_config_in(&dir)?;
     version::check(&dir, &config)?;

@@ -76,9 +76,11 @@ impl WeightPlan {
                 opts.group_size = if q.bits == 4 { Some(q.group_size.unwrap_or(cols)) } else { q.group_size };
             }
         }
-        // An asymmetric 4-bit checkpoint keeps its zero points on the asymmetric int4 grid; other formats fit
-        // their own (the int8 kernels are symmetric).
-        opts.asymmetric |= format.elem() == crate::formats::Elem::I4 && stored.quant.is_some_and(|q| q.asymmetric);
+        // Asymmetry is an int4 grid: the caller's choice applies to the int4 layers (not to the int8 head), and
+        // an asymmetric 4-bit checkpoint keeps its zero points on it; other formats fit their own (the int8
+        // kernels are symmetric).
+        let int4 = format.elem() == crate::formats::Elem::I4;
+        opts.asymmetric = int4 && (opts.asymmetric || stored.quant.is_some_and(|q| q.asymmetric));
         opts
     }
 }
