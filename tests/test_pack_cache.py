@@ -155,6 +155,36 @@ def test_environment_and_unusable_directories(llama, tmp_path, monkeypatch):
     blocker.write_text("")
     m = sparseinfer.load(llama, weights="sparse-int8", pack_cache=blocker / "cache")
     assert m.info()["pack_cache"].startswith("failed: creating")
-    monkeypatch.setenv("SPARSEINFER_PACK_CACHE_GB", "lots")
-    with pytest.raises(sparseinfer.InvalidInputError, match="SPARSEINFER_PACK_CACHE_GB"):
-        sparseinfer.load(llama, weights="sparse-int8")
+    # Other users' directories are not trusted with entries.
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    m = sparseinfer.load(llama, weights="sparse-int8", pack_cache=shared)
+    assert m.info()["pack_cache"].startswith("failed:") and "only this user" in m.info()["pack_cache"]
+    assert not list(shared.iterdir())
+    # An entry over the budget is not kept; a bad budget turns the cache off, with a warning.
+    monkeypatch.setenv("SPARSEINFER_PACK_CACHE_GB", "0")
+    m = sparseinfer.load(llama, weights="sparse-int4", pack_cache=tmp_path / "small")
+    assert "over the cache's budget" in m.info()["pack_cache"]
+    assert not list((tmp_path / "small").iterdir())
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv("SPARSEINFER_PACK_CACHE_GB", bad)
+        with pytest.warns(UserWarning, match="SPARSEINFER_PACK_CACHE_GB"):
+            assert sparseinfer.load(llama, weights="sparse-int8").info()["pack_cache"] == "off"
+    monkeypatch.setenv("SPARSEINFER_PACK_CACHE_GB", "inf")
+    assert sparseinfer.load(llama, weights="sparse-int8").info()["pack_cache"] == "hit"
+    with pytest.raises(sparseinfer.InvalidInputError, match="pack_cache"):
+        sparseinfer.load(llama, weights="sparse-int8", pack_cache=0)
+
+
+def test_one_model_is_one_entry_however_its_directory_is_named(llama, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    link = tmp_path / "link"
+    link.symlink_to(llama)
+    monkeypatch.chdir(llama.parent)
+    outcomes = [
+        sparseinfer.load(p, weights="sparse-int8", pack_cache=cache).info()["pack_cache"]
+        for p in (llama, llama.name, link)
+    ]
+    assert outcomes == ["written", "hit", "hit"]
+    assert len(entries(cache)) == 1

@@ -17,6 +17,7 @@ import numbers
 import operator
 import os
 import time
+import warnings
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -456,14 +457,18 @@ PACK_CACHE_GB = 20.0
 
 
 def _pack_cache(pack_cache: str | os.PathLike[str] | bool | None) -> tuple[str | None, int]:
-    """The load cache's directory (None: off) and its size budget in bytes, for ``load(pack_cache=...)``."""
+    """The load cache's directory (None: off) and its size budget in bytes, for ``load(pack_cache=...)``. A bad
+    setting in the environment turns the cache off with a warning: the cache never makes a load fail."""
+    if pack_cache is not None and not isinstance(pack_cache, (bool, str, os.PathLike)):
+        raise InvalidInputError(f"pack_cache must be None, True, False or a directory, got {pack_cache!r}")
     if pack_cache is False:
         return None, 0
     if pack_cache is None or pack_cache is True:
         env = os.environ.get("SPARSEINFER_PACK_CACHE")
-        if env is not None and env.strip().lower() in ("", "0", "off", "false", "no"):
+        switch = None if env is None else env.strip().lower()
+        if switch in ("", "0", "off", "false", "no"):
             return None, 0
-        if env is not None:
+        if switch is not None and switch not in ("1", "on", "true", "yes"):
             pack_cache = env
         else:
             from .models import cache_dir
@@ -473,10 +478,13 @@ def _pack_cache(pack_cache: str | os.PathLike[str] | bool | None) -> tuple[str |
     try:
         budget = float(gb)
     except ValueError:
-        raise InvalidInputError(f"SPARSEINFER_PACK_CACHE_GB must be a number of gigabytes, got {gb!r}") from None
+        budget = float("nan")
     if not budget >= 0:
-        raise InvalidInputError(f"SPARSEINFER_PACK_CACHE_GB must be >= 0, got {gb!r}")
-    return os.fspath(pack_cache), int(budget * 1e9)
+        warnings.warn(
+            f"SPARSEINFER_PACK_CACHE_GB={gb!r} is not a number of gigabytes: the load cache is off", stacklevel=3
+        )
+        return None, 0
+    return os.fspath(pack_cache), int(min(budget * 1e9, 2**64 - 1))
 
 
 def load(

@@ -78,18 +78,24 @@ impl PackedMatrix {
         let (rows, cols, cols_pad) = (raw.rows, raw.cols, raw.cols_pad);
         let elem = format.elem();
         let int = matches!(elem, Elem::I8 | Elem::I4);
-        if rows == 0 || cols == 0 || cols_pad % CHUNK != 0 || cols_pad < cols || cols_pad - cols >= 2 * CHUNK {
-            return Err(bad(format!("shape ({rows}, {cols}) padded to {cols_pad} columns")));
+        // Exactly the shapes `pack` produces: the kernels find a column's scale group by shifting with the
+        // group's trailing zeros, so any other group or padding would index past the scales.
+        let round_up = |n: usize, m: usize| n.div_ceil(m).checked_mul(m);
+        let explicit = [32, 64, 128].contains(&raw.group);
+        let pad_ok = |unit: usize| rows > 0 && cols > 0 && round_up(cols, unit) == Some(cols_pad);
+        let shape_ok = match elem {
+            Elem::F32 | Elem::Bf16 => raw.group == 0 && pad_ok(CHUNK),
+            Elem::I8 => (raw.group == cols_pad && pad_ok(CHUNK)) || (explicit && pad_ok(raw.group.max(CHUNK))),
+            Elem::I4 => explicit && pad_ok(raw.group.max(CHUNK)),
+        };
+        if !shape_ok {
+            return Err(bad(format!(
+                "shape ({rows}, {cols}) padded to {cols_pad} columns with group {} for {}",
+                raw.group,
+                format.name()
+            )));
         }
         let cells = rows.checked_mul(cols_pad).ok_or_else(|| bad(format!("{rows} x {cols_pad} overflows")))?;
-        let group_ok = if int {
-            raw.group > 0 && cols_pad % raw.group == 0 && ([32, 64, 128].contains(&raw.group) || raw.group == cols_pad)
-        } else {
-            raw.group == 0
-        };
-        if !group_ok {
-            return Err(bad(format!("group {} for {} with {cols_pad} columns", raw.group, format.name())));
-        }
         if raw.asym && elem != Elem::I4 || raw.tiled && !(format.is_sparse() && int && !raw.asym) {
             return Err(bad(format!("asymmetric {} / tiled {} for {}", raw.asym, raw.tiled, format.name())));
         }
@@ -110,6 +116,17 @@ impl PackedMatrix {
             return Err(bad("values do not end with the zero padding".into()));
         }
         let values = raw.data.len() - VALUE_PAD;
+        // Float values must be finite, as `pack` requires of its weights.
+        let finite = match elem {
+            Elem::F32 => {
+                raw.data[..values].chunks_exact(4).all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite())
+            }
+            Elem::Bf16 => raw.data[..values].chunks_exact(2).all(|b| b[1] & 0x7F != 0x7F || b[0] & 0x80 == 0),
+            Elem::I8 | Elem::I4 => true,
+        };
+        if !finite {
+            return Err(bad("non-finite value".into()));
+        }
         let mut m = PackedMatrix::unpacked(rows, cols, cols_pad, format, raw.group, raw.asym);
         if !format.is_sparse() {
             expect("masks", raw.masks.len(), 0)?;
@@ -292,6 +309,21 @@ mod tests {
                 let mut r = raw.clone();
                 r.scales[0] = f32::NAN;
                 cases.push(("nan scale", r));
+                // One group per row is int8's per-row mode only: the int4 kernels would take the column's
+                // chunk for its group and read the next rows' scales.
+                if m.format.elem() == Elem::I4 {
+                    let mut r = raw.clone();
+                    r.group = r.cols_pad;
+                    r.scales.truncate(r.rows);
+                    r.mins.truncate(if r.asym { r.rows } else { 0 });
+                    cases.push(("int4 group of a whole row", r));
+                }
+            }
+            if matches!(m.format.elem(), Elem::F32 | Elem::Bf16) {
+                let mut r = raw.clone();
+                let at = if m.format.is_sparse() { 0 } else { r.data.len() - VALUE_PAD - 4 };
+                r.data[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+                cases.push(("nan value", r));
             }
             for (what, r) in cases {
                 assert!(PackedMatrix::from_raw(r).is_err(), "{what}: {:?} tiled {}", m.format, m.tiled);

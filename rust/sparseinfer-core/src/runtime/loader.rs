@@ -3,7 +3,7 @@
 
 use super::checkpoint::{self, out_of_memory, Dtype, Orientation, QuantScheme, WeightStore};
 use super::ops::{Embedding, Linear, NormW};
-use super::pack_cache::PackCache;
+use super::pack_cache::{Expect, PackCache};
 use super::plan::{StoredAs, WeightPlan};
 use crate::error::{Error, Result};
 use crate::formats::{Format, GivenScales, PackedMatrix};
@@ -71,7 +71,8 @@ impl Loader<'_> {
     /// head's format: convolutions are not pruned, so they take the dense format of the plan.
     pub fn conv1d(&self, prefix: &str, out: usize, channels: usize, width: usize) -> Result<Linear> {
         let key = format!("conv1d {prefix} {out} {channels} {width}");
-        let (w, bias) = self.cached(&key, || {
+        let expect = Expect { rows: out, cols: channels * width, bias: true };
+        let (w, bias) = self.cached(&key, expect, || {
             let name = format!("{prefix}.weight");
             let w = self.f32(&name, &[out, channels, width])?;
             let b = self.f32(&format!("{prefix}.bias"), &[out])?;
@@ -99,11 +100,12 @@ impl Loader<'_> {
     fn cached(
         &self,
         key: &str,
+        expect: Expect,
         make: impl FnOnce() -> Result<(PackedMatrix, Option<Vec<f32>>)>,
     ) -> Result<(PackedMatrix, Option<Vec<f32>>)> {
         match self.cache {
             None => make(),
-            Some(c) => c.layer(key, make, |m| !matches!(m.format(), Format::DenseF32 | Format::DenseBf16)),
+            Some(c) => c.layer(key, expect, make, |m| !matches!(m.format(), Format::DenseF32 | Format::DenseBf16)),
         }
     }
 
@@ -116,7 +118,9 @@ impl Loader<'_> {
         format: Option<Format>,
     ) -> Result<Linear> {
         let key = format!("linear {parts:?} {cols} {orientation:?} {biases:?} {format:?}");
-        let (w, bias) = self.cached(&key, || self.build_fresh(parts, cols, orientation, biases, format))?;
+        let rows = parts.iter().map(|p| p.1).sum();
+        let expect = Expect { rows, cols, bias: biases.iter().any(|&b| b) };
+        let (w, bias) = self.cached(&key, expect, || self.build_fresh(parts, cols, orientation, biases, format))?;
         Ok(Linear { w, bias, act: self.plan.act })
     }
 

@@ -24,11 +24,11 @@
 //! the directory keeps the most recently used entries within a size budget.
 
 use crate::error::{Error, Result};
-use crate::formats::{PackedMatrix, RawMatrix};
+use crate::formats::{PackedMatrix, RawMatrix, VALUE_PAD};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -83,6 +83,17 @@ impl Outcome {
     }
 }
 
+/// The layer a caller asks for: a record of another shape, or without the bias it needs, is damage.
+#[derive(Clone, Copy, Debug)]
+pub struct Expect {
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// Whether it has a bias (`rows` values).
+    pub bias: bool,
+}
+
 /// An entry of the index: where a layer's record is and its digest.
 #[derive(Clone, Copy)]
 struct Slot {
@@ -126,7 +137,6 @@ pub fn key(options: &str, dir: &Path, config: &serde_json::Value, files: &[Strin
 
 /// A weight file's identity for the key: size, modification and change times, inode, device.
 pub fn file_identity(name: &str, file: &File) -> std::io::Result<String> {
-    use std::os::unix::fs::MetadataExt;
     let m = file.metadata()?;
     Ok(format!(
         "{name} {} {}.{} {}.{} {} {}",
@@ -153,6 +163,8 @@ impl PackCache {
             return Err("the cache is little-endian only".into());
         }
         let path = opts.dir.join(format!("{:016x}.pack", xxh3_64(key.as_bytes())));
+        create_private_dir(&opts.dir).map_err(io_err(&opts.dir, "creating"))?;
+        check_private(&opts.dir)?;
         if !rewrite {
             if let Some((file, index)) = read_entry(&path, key) {
                 // Recently used: eviction goes by modification time.
@@ -161,15 +173,18 @@ impl PackCache {
                 return Ok(PackCache { mode, path, max_bytes: opts.max_bytes, damaged: AtomicBool::new(false) });
             }
         }
-        create_private_dir(&opts.dir).map_err(io_err(&opts.dir, "creating"))?;
         let tmp = opts.dir.join(format!(
             "{:016x}.pack.tmp-{}-{}",
             xxh3_64(key.as_bytes()),
             std::process::id(),
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
         ));
-        let file =
-            std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io_err(&tmp, "creating"))?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err(&tmp, "creating"))?;
         let mut header = MAGIC.to_vec();
         header.extend((key.len() as u64).to_le_bytes());
         header.extend(key.as_bytes());
@@ -196,13 +211,14 @@ impl PackCache {
     pub fn layer(
         &self,
         key: &str,
+        expect: Expect,
         build: impl FnOnce() -> Result<(PackedMatrix, Option<Vec<f32>>)>,
         cacheable: impl Fn(&PackedMatrix) -> bool,
     ) -> Result<(PackedMatrix, Option<Vec<f32>>)> {
         match &self.mode {
             Mode::Read { file, index } => match index.get(key) {
                 Some(slot) if slot.len == 0 => build(),
-                Some(slot) => read_record(file, *slot).map_err(|why| {
+                Some(slot) => read_record(file, *slot, expect).map_err(|why| {
                     self.damaged.store(true, Ordering::Relaxed);
                     Error::invalid("load cache", format!("{}: layer {key}: {why}", self.path.display()))
                 }),
@@ -232,6 +248,10 @@ impl PackCache {
             Mode::Read { .. } => return Outcome::Hit,
             Mode::Write(w) => w.into_inner().unwrap_or_else(|e| e.into_inner()),
         };
+        if w.pos > self.max_bytes {
+            let why = format!("the entry ({} bytes) is over the cache's budget ({} bytes)", w.pos, self.max_bytes);
+            return Outcome::Failed(why); // dropping the writer removes its file
+        }
         let tmp = w.tmp.clone();
         match w.seal(&self.path) {
             Ok(()) => {
@@ -350,7 +370,8 @@ fn as_bytes_mut<T: Copy>(v: &mut [T]) -> &mut [u8] {
 fn read_entry(path: &Path, key: &str) -> Option<(File, HashMap<String, Slot>)> {
     let file = super::files::open_nonblocking(path, false).ok()?;
     let meta = file.metadata().ok()?;
-    if !meta.is_file() {
+    // SAFETY: geteuid has no preconditions.
+    if !meta.is_file() || meta.uid() != unsafe { libc::geteuid() } {
         return None;
     }
     let len = meta.len();
@@ -402,8 +423,10 @@ fn read_entry(path: &Path, key: &str) -> Option<(File, HashMap<String, Slot>)> {
     Some((file, index))
 }
 
-/// One record, checked against its digest and the packed-matrix invariants.
-fn read_record(file: &File, s: Slot) -> std::result::Result<(PackedMatrix, Option<Vec<f32>>), String> {
+/// One record, checked against its digest, the layer asked for and the packed-matrix invariants. Its header
+/// is checked against `expect` before anything is allocated, so no record can make the load allocate more
+/// than the largest packing of that shape.
+fn read_record(file: &File, s: Slot, expect: Expect) -> std::result::Result<(PackedMatrix, Option<Vec<f32>>), String> {
     let mut head = [0u8; 8 * FIELDS];
     if s.len < head.len() as u64 {
         return Err("record shorter than its header".into());
@@ -413,6 +436,24 @@ fn read_record(file: &File, s: Slot) -> std::result::Result<(PackedMatrix, Optio
     hasher.update(&head);
     let f: Vec<u64> = head.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
     let has_bias = f[12] != NO_BIAS;
+    let (rows, cols) = (expect.rows as u64, expect.cols as u64);
+    if (f[0], f[1], has_bias) != (rows, cols, expect.bias) {
+        return Err(format!(
+            "shape ({}, {}) with bias {has_bias}, expected ({rows}, {cols}) with bias {}",
+            f[0], f[1], expect.bias
+        ));
+    }
+    // The largest arrays any format packs a (rows, cols) matrix into: padding adds at most 127 columns.
+    let cells = rows.checked_mul(cols + 128).ok_or("shape overflows")?;
+    let limits = [
+        cells.saturating_mul(4).saturating_add(VALUE_PAD as u64),
+        cells / 4 + 16 * (cols + 128),
+        cells / 32 + rows,
+        cells / 32 + rows,
+    ];
+    if f[8..12].iter().zip(limits).any(|(n, most)| *n > most) || (has_bias && f[12] != rows) {
+        return Err("array lengths exceed the layer's shape".into());
+    }
     let counts = [f[8], f[9], f[10], f[11], if has_bias { f[12] } else { 0 }];
     let sizes = [1u64, 8, 4, 4, 4];
     let body = counts.iter().zip(sizes).try_fold(0u64, |a, (c, z)| a.checked_add(c.checked_mul(z)?));
@@ -465,10 +506,19 @@ fn read_record(file: &File, s: Slot) -> std::result::Result<(PackedMatrix, Optio
         mins,
     };
     let m = PackedMatrix::from_raw(raw).map_err(|e| e.to_string())?;
-    if has_bias && bias.len() != m.rows() {
-        return Err(format!("{} bias values for {} rows", bias.len(), m.rows()));
-    }
     Ok((m, has_bias.then_some(bias)))
+}
+
+/// Refuses a cache directory that another user owns or may write to: its entries are trusted to be what this
+/// user's loads wrote (their digests catch damage, not substitution).
+fn check_private(dir: &Path) -> std::result::Result<(), String> {
+    let meta = std::fs::metadata(dir).map_err(io_err(dir, "reading"))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return Err(format!("{} is not a directory only this user may write to", dir.display()));
+    }
+    Ok(())
 }
 
 /// Creates the cache directory readable by its owner only (it holds the weights of the models loaded).
@@ -507,5 +557,67 @@ fn trim(dir: &Path, max_bytes: u64, keep: &Path) {
         if path != keep && std::fs::remove_file(&path).is_ok() {
             total -= len;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::{Format, PackOptions};
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sparseinfer-pack-cache-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn matrix(rows: usize, cols: usize) -> PackedMatrix {
+        let w: Vec<f32> = (0..rows * cols).map(|i| if i % 3 == 0 { 0.0 } else { (i % 17) as f32 - 8.0 }).collect();
+        PackedMatrix::pack(&w, rows, cols, Format::SparseInt8, PackOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn a_record_of_another_shape_or_bias_is_damage() {
+        let dir = scratch("shape");
+        let opts = CacheOptions { dir: dir.clone(), max_bytes: u64::MAX };
+        let w = PackCache::open(&opts, "key", false).unwrap();
+        assert!(!w.reading());
+        let expect = Expect { rows: 40, cols: 100, bias: true };
+        w.layer("a", expect, || Ok((matrix(40, 100), Some(vec![0.5; 40]))), |_| true).unwrap();
+        assert_eq!(w.finish(false), Outcome::Written);
+        for (e, ok) in [
+            (expect, true),
+            (Expect { rows: 16, ..expect }, false),
+            (Expect { cols: 64, ..expect }, false),
+            (Expect { bias: false, ..expect }, false),
+        ] {
+            let r = PackCache::open(&opts, "key", false).unwrap();
+            assert!(r.reading());
+            let got = r.layer("a", e, || unreachable!("read, not built"), |_| true);
+            assert_eq!(got.is_ok(), ok, "{e:?}");
+            assert_eq!(r.damaged(), !ok);
+            if let Ok((m, b)) = got {
+                assert_eq!((m.to_dense(), b), (matrix(40, 100).to_dense(), Some(vec![0.5; 40])));
+            }
+        }
+        // Another key is another file.
+        assert!(!PackCache::open(&opts, "other key", false).unwrap().reading());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_header_claiming_more_than_the_shape_allows_is_refused_before_allocating() {
+        let dir = scratch("alloc");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("record");
+        let expect = Expect { rows: 40, cols: 100, bias: false };
+        // rows, cols, cols_pad, format, group, asym, tiled, nnz, then 2^40 value bytes.
+        let fields: [u64; FIELDS] = [40, 100, 128, 6, 128, 0, 0, 0, 1 << 40, 80, 40, 0, NO_BIAS];
+        std::fs::write(&path, fields.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        let file = File::open(&path).unwrap();
+        let slot = Slot { offset: 0, len: (8 * FIELDS) as u64 + (1 << 40) + 80 * 8 + 160, hash: 0 };
+        let err = read_record(&file, slot, expect).unwrap_err();
+        assert!(err.contains("exceed the layer's shape"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -283,10 +283,9 @@ pub struct WeightStore {
 impl WeightStore {
     /// Each weight file's identity (size, times, inode, device) for the load cache's key.
     pub fn identities(&self) -> std::io::Result<Vec<String>> {
-        self.files
-            .iter()
-            .map(|f| crate::runtime::pack_cache::file_identity(&f.path.display().to_string(), &f.file))
-            .collect()
+        // The file's name, not the path as the caller spelled the directory: one model, one entry.
+        let name = |f: &SafeTensors| f.path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        self.files.iter().map(|f| crate::runtime::pack_cache::file_identity(&name(f), &f.file)).collect()
     }
 
     /// Opens every weight file of `dir`: the shards listed in `model.safetensors.index.json`, else every
