@@ -143,7 +143,7 @@ clean:
 # one at a time. New inputs go to FUZZ_WORK; `make fuzz-merge` minimizes them into the committed corpus, which
 # `cargo test` replays (rust/sparseinfer-core/tests/fuzz_corpus.rs).
 FUZZ_DIR := rust/sparseinfer-core/fuzz
-FUZZ_TARGETS ?= load_dir safetensors config compressed
+FUZZ_TARGETS ?= load_dir safetensors config compressed pack_cache
 FUZZ_SECONDS ?= 600
 FUZZ_CACHE ?= $(HOME)/.cache/sparseinfer-fuzz
 FUZZ_WORK ?= $(FUZZ_CACHE)/work

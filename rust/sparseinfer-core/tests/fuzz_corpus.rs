@@ -45,3 +45,8 @@ fn config_corpus() {
 fn compressed_corpus() {
     replay("compressed", targets::compressed);
 }
+
+#[test]
+fn pack_cache_corpus() {
+    replay("pack_cache", targets::pack_cache);
+}

@@ -12,12 +12,14 @@
 //! - [`compressed`]: a structure-aware generator of compressed-tensors checkpoints (sparse-bitmask,
 //!   pack-quantized, int-quantized, dense; scales, shapes and `quantization_config`), told by the input where
 //!   to lie.
+//! - [`pack_cache`]: a load cache entry of the tiny Llama (`runtime::pack_cache`) edited as the input says, its
+//!   digests recomputed so the edits reach the record parser and `PackedMatrix::from_raw`.
 //!
 //! This file is also compiled into `rust/sparseinfer-core/tests/fuzz_corpus.rs`, which replays the committed
 //! corpus on stable Rust without instrumentation; it uses only `sparseinfer_core`, `serde_json` and std.
 
 use serde_json::{json, Value};
-use sparseinfer_core::formats::{Format, PackOptions};
+use sparseinfer_core::formats::{Format, Layout, PackOptions};
 use sparseinfer_core::runtime::{self, LoadOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -91,6 +93,79 @@ pub fn compressed(data: &[u8]) -> Outcome {
     let opts = load_options(g.u8());
     let (config, tensors) = compressed_checkpoint(&mut g);
     load_files(&[("config.json", config.to_string().into_bytes()), ("model.safetensors", tensors.build())], opts)
+}
+
+/// The formats and layouts [`pack_cache`]'s first byte picks from: every format the cache keeps.
+const CACHED: [(Format, Layout); 6] = [
+    (Format::SparseInt8, Layout::Rows),
+    (Format::SparseInt8, Layout::Tiles),
+    (Format::SparseInt4, Layout::Rows),
+    (Format::SparseInt4, Layout::Tiles),
+    (Format::DenseInt8, Layout::Rows),
+    (Format::DenseInt4, Layout::Rows),
+];
+
+/// The tiny Llama loaded twice with a load cache: the first load writes the entry; then the input edits it and
+/// the second load (and one token) must succeed, from the entry or rebuilding it. Byte 0 picks the format and
+/// layout ([`CACHED`]; bit 3: int4 asymmetric (tiles then fall back to rows), bit 4: group 32), the rest are edits of 5 bytes: a little-endian
+/// u32 position in the entry's records and index (modulo their length) and a byte XORed there. Every record's
+/// digest in the index, and the index's digest, are then recomputed from the edited bytes (the file format is in
+/// `runtime::pack_cache`'s docs), so an edit is caught by the checks behind the digests, not by them.
+pub fn pack_cache(data: &[u8]) -> Outcome {
+    let Some((&pick, edits)) = data.split_first() else { return Err("empty input".into()) };
+    let (format, layout) = CACHED[pick as usize % CACHED.len()];
+    let int4 = format == Format::DenseInt4 || format == Format::SparseInt4;
+    let asymmetric = int4 && pick & 8 != 0;
+    let group_size = (pick & 16 != 0).then_some(32);
+    let dir = TempDir::new();
+    write(&dir.0, "config.json", TINY[0].config().to_string().as_bytes());
+    write(&dir.0, "model.safetensors", &TINY[0].weights());
+    let cache = runtime::pack_cache::CacheOptions { dir: dir.0.join("cache"), max_bytes: u64::MAX };
+    let opts = LoadOptions {
+        weights: Some(format),
+        pack: PackOptions { group_size, asymmetric, layout },
+        activations: None,
+        cache: Some(cache.clone()),
+    };
+    load_in(&dir.0, opts.clone()).expect("the tiny Llama loads");
+    let entry = std::fs::read_dir(&cache.dir)
+        .expect("the cache directory")
+        .map(|e| e.expect("an entry").path())
+        .find(|p| p.extension().is_some_and(|x| x == "pack"))
+        .expect("the first load wrote an entry");
+    let mut file = std::fs::read(&entry).expect("the entry");
+    let word = |f: &[u8], at: usize| u64::from_le_bytes(f[at..at + 8].try_into().expect("8 bytes")) as usize;
+    let (start, end) = (16 + word(&file, 8), file.len() - 32);
+    for e in edits.chunks_exact(5) {
+        let at = start + u32::from_le_bytes(e[..4].try_into().expect("4 bytes")) as usize % (end - start);
+        file[at] ^= e[4];
+    }
+    // The index: u64 count, then per layer u64 n, key, u64 offset, u64 length, u64 digest. Edits may have broken
+    // it; recompute what can still be parsed.
+    let index_at = word(&file, end);
+    if index_at >= start && index_at + 8 <= end {
+        let mut p = index_at + 8;
+        for _ in 0..word(&file, index_at).min(10_000) {
+            let Some(n) = (p + 8 <= end).then(|| word(&file, p)) else { break };
+            p = match p.checked_add(8 + n) {
+                Some(q) if q + 24 <= end => q,
+                _ => break,
+            };
+            let (off, len) = (word(&file, p), word(&file, p + 8));
+            if len > 0 && off.checked_add(len).is_some_and(|e| e <= end) {
+                let digest = xxhash_rust::xxh3::xxh3_64(&file[off..off + len]);
+                file[p + 16..p + 24].copy_from_slice(&digest.to_le_bytes());
+            }
+            p += 24;
+        }
+        let index_len = word(&file, end + 8);
+        if index_at.checked_add(index_len).is_some_and(|e| e <= end) {
+            let digest = xxhash_rust::xxh3::xxh3_64(&file[index_at..index_at + index_len]);
+            file[end + 16..end + 24].copy_from_slice(&digest.to_le_bytes());
+        }
+    }
+    std::fs::write(&entry, &file).expect("writing the entry");
+    load_in(&dir.0, opts)
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ fn main() {
             "load_dir" => sparseinfer_fuzz::load_dir(bytes),
             "safetensors" => sparseinfer_fuzz::safetensors(bytes),
             "config" => sparseinfer_fuzz::config(bytes),
+            "pack_cache" => sparseinfer_fuzz::pack_cache(bytes),
             _ => sparseinfer_fuzz::compressed(bytes),
         };
         eprintln!("{target}/{name}: {}", outcome.err().unwrap_or_else(|| "loads and runs".into()));
@@ -188,6 +189,18 @@ fn main() {
         let mut s = head.to_vec();
         s.extend([enc; 8]);
         put("compressed", name, &s);
+    }
+
+    // pack_cache: each format and layout untouched, asymmetric / group 32, and a few edits (a mask word, a
+    // record header field, the index).
+    for pick in [0u8, 1, 2, 3, 4, 5, 2 | 8, 5 | 8 | 16, 1 | 16] {
+        put("pack_cache", &format!("pick-{pick}"), &[pick]);
+    }
+    for (name, pick, at, xor) in [("edit-head", 0u8, 8u32, 0x10u8), ("edit-early", 1, 150, 0x01), ("edit-late", 3, 3000, 0x80)] {
+        let mut s = vec![pick];
+        s.extend(at.to_le_bytes());
+        s.push(xor);
+        put("pack_cache", name, &s);
     }
     eprintln!("wrote {count} seeds under {}", root.display());
 }
