@@ -85,7 +85,7 @@ impl WeightPlan {
         let tileable = format.is_sparse()
             && format.elem() != crate::formats::Elem::F32
             && format.elem() != crate::formats::Elem::Bf16;
-        if opts.layout == crate::formats::Layout::Tiles && !(tileable && !opts.asymmetric) {
+        if (opts.asymmetric || !tileable) && opts.layout == crate::formats::Layout::Tiles {
             opts.layout = crate::formats::Layout::Rows;
         }
         opts

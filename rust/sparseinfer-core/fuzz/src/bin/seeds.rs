@@ -196,7 +196,9 @@ fn main() {
     for pick in [0u8, 1, 2, 3, 4, 5, 2 | 8, 5 | 8 | 16, 1 | 16] {
         put("pack_cache", &format!("pick-{pick}"), &[pick]);
     }
-    for (name, pick, at, xor) in [("edit-head", 0u8, 8u32, 0x10u8), ("edit-early", 1, 150, 0x01), ("edit-late", 3, 3000, 0x80)] {
+    for (name, pick, at, xor) in
+        [("edit-head", 0u8, 8u32, 0x10u8), ("edit-early", 1, 150, 0x01), ("edit-late", 3, 3000, 0x80)]
+    {
         let mut s = vec![pick];
         s.extend(at.to_le_bytes());
         s.push(xor);
