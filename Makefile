@@ -45,8 +45,8 @@ develop: setup  ## build the extension (release) into the virtualenv
 lint: setup  ## rustfmt, clippy -D warnings, ruff
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --quiet -- -D warnings
-	$(VENV)/bin/ruff check python tests bench
-	$(VENV)/bin/ruff format --check python tests bench
+	$(VENV)/bin/ruff check conftest.py python tests bench
+	$(VENV)/bin/ruff format --check conftest.py python tests bench
 
 test: develop setup-train setup-interop setup-audio lint  ## everything CI checks: lint, cargo test, pytest
 	cargo test -p sparseinfer-core --quiet

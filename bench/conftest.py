@@ -40,12 +40,3 @@ def bandwidth():
 def read_bandwidth(bandwidth):
     """The machine's sustained read bandwidth (GB/s) at the start of the run, with the kernels' thread count."""
     return bandwidth.at_start()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def pack_cache_of_the_run(tmp_path_factory):
-    """Loads keep their packed layers in a directory of this run, not in the user's cache."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SPARSEINFER_PACK_CACHE", str(tmp_path_factory.mktemp("packed")))
-    yield
-    mp.undo()
