@@ -18,6 +18,7 @@
 //! order. Signed weights need no zero point, so the budget is `SUM_ORDER · Σ|ŵ·x̂|` with nothing added.
 
 use super::avx2::{build_expand_idx, dense_nibbles, hsum, nibbles_to_bytes};
+use super::vnni::PREFETCH;
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
 use crate::kernels::simd::{scale_mode, RowScales, GRP, ROW};
 use crate::kernels::QuantActs;
@@ -152,12 +153,15 @@ unsafe fn chunk_codes<const FMT: u8>(
             [_mm256_sub_epi8(lo, eight), _mm256_sub_epi8(hi, eight)]
         }
         SI8 => {
+            // The sparse streams prefetch ahead as the VNNI kernels do (see `PREFETCH`).
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
             let mask = *masks.add(ch);
             let w = expand64(*p, mask);
             *p = p.add(mask.count_ones() as usize);
             w
         }
         _ => {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
             let mask = *masks.add(ch);
             let n = mask.count_ones() as usize;
             // Unpack only the bytes this chunk uses (one 16-byte load covers 32 codes), centred to q.
