@@ -128,6 +128,28 @@ def test_formats_against_numpy(isa, fmt, group, asym, shape):
         check(sparse_matrix(rng, *shape, density), fmt, group, asym, rng)
 
 
+def edge_masks(rng, rows, chunks):
+    """A sparse matrix whose 64-column chunks hold, in each 32-column half, 0, 1, 15, 16, 17, 31 or 32 stored
+    weights (every parity of where the second half's values start, full halves after odd ones, halves of
+    16-column pieces that are empty or full), so every index path of the sparse expansions is exercised."""
+    counts = (0, 1, 15, 16, 17, 31, 32)
+    w = np.zeros((rows, 64 * chunks), np.float32)
+    for r in range(rows):
+        for c in range(chunks):
+            for h in range(2):
+                # Rows 0-48 of chunk 0 take every pair of counts; later chunks shift them.
+                n = counts[(r + c) % 7] if h == 0 else counts[(r // 7 + 2 * c) % 7]
+                cols = 64 * c + 32 * h + rng.choice(32, n, replace=False)
+                w[r, cols] = rng.standard_normal(n) + np.sign(rng.standard_normal(n))
+    return w
+
+
+@pytest.mark.parametrize("fmt,group", [("sparse-int8", None), ("sparse-int4", None), ("sparse-int4", 32)])
+def test_sparse_chunks_at_their_edges(isa, fmt, group):
+    rng = np.random.default_rng(7)
+    check(edge_masks(rng, 49, 3), fmt, group, False, rng, k=5, layout="rows")
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     rows=st.integers(1, 40),

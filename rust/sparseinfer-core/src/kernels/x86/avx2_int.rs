@@ -163,20 +163,27 @@ unsafe fn chunk_codes<const FMT: u8>(
         _ => {
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
             let mask = *masks.add(ch);
-            let n = mask.count_ones() as usize;
-            // Unpack only the bytes this chunk uses (one 16-byte load covers 32 codes), centred to q.
-            for h in 0..n.div_ceil(32) {
-                let bytes = _mm256_sub_epi8(nibbles_to_bytes(p.add(16 * h)), _mm256_set1_epi8(8));
-                _mm256_storeu_si256(buf.as_mut_ptr().add(32 * h) as *mut __m256i, bytes);
-            }
-            *p = p.add(n.div_ceil(2));
-            expand64(buf.as_ptr(), mask)
+            let (lo, hi) = (mask as u32, (mask >> 32) as u32);
+            let c32 = lo.count_ones() as usize;
+            let w = if c32 & 1 == 1 && hi == u32::MAX {
+                // The second half's 32 values start at an odd nibble: one more than a 16-byte load unpacks.
+                for h in 0..2 {
+                    let bytes = _mm256_sub_epi8(nibbles_to_bytes(p.add(16 * h)), _mm256_set1_epi8(8));
+                    _mm256_storeu_si256(buf.as_mut_ptr().add(32 * h) as *mut __m256i, bytes);
+                }
+                expand64(buf.as_ptr(), mask)
+            } else {
+                [expand32_int4(*p, 0, lo), expand32_int4(*p, c32, hi)]
+            };
+            *p = p.add((mask.count_ones() as usize).div_ceil(2));
+            w
         }
     }
 }
 
-/// Per mask byte, the ranks of its set bits in their lanes and 0x80 in the clear ones (a `pshufb` control
-/// that stays a zeroing one after up to 8 is added to it).
+/// Per mask byte, the ranks of its set bits in their lanes and 0xC0 in the clear ones (a `pshufb` control
+/// that stays a zeroing one, top bit set, after up to 25 is added to it and 16 taken away: see
+/// [`expand32_int4`]).
 #[repr(align(8))]
 struct Ranks([[u8; 8]; 256]);
 
@@ -184,7 +191,7 @@ static RANKS: Ranks = Ranks(ranks());
 
 const fn ranks() -> [[u8; 8]; 256] {
     let idx = build_expand_idx();
-    let mut t = [[0x80u8; 8]; 256];
+    let mut t = [[0xC0u8; 8]; 256];
     let mut b = 0;
     while b < 256 {
         let mut lane = 0;
@@ -240,19 +247,69 @@ unsafe fn expand64(p: *const u8, mask: u64) -> [__m256i; 2] {
 /// kernels felt); the 16-byte loads stay within the row's values and `VALUE_PAD` (or the int4 unpack buffer).
 #[inline(always)]
 unsafe fn expand32(p: *const u8, m: u32) -> __m256i {
+    let src = _mm256_inserti128_si256::<1>(
+        _mm256_castsi128_si256(_mm_loadu_si128(p as *const __m128i)),
+        _mm_loadu_si128(p.add((m & 0xFFFF).count_ones() as usize) as *const __m128i),
+    );
+    _mm256_shuffle_epi8(src, half_ranks(m))
+}
+
+/// The `pshufb` control of 32 columns with mask `m`: in each 16-column half, the rank of every stored
+/// column among that half's stored columns, the clear marker (top bit set) in the pruned ones.
+#[inline(always)]
+unsafe fn half_ranks(m: u32) -> __m256i {
     let b = [m & 0xFF, (m >> 8) & 0xFF, (m >> 16) & 0xFF, m >> 24].map(|b| b as usize);
-    let (c0, c2, c01) = (b[0].count_ones() as usize, b[2].count_ones() as usize, (m & 0xFFFF).count_ones() as usize);
+    let (c0, c2) = (b[0].count_ones() as usize, b[2].count_ones() as usize);
     let pair = |i: usize| {
         let lo = _mm_loadl_epi64(RANKS.0[b[i]].as_ptr() as *const __m128i);
         _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(lo), RANKS.0[b[i + 1]].as_ptr() as *const f64))
     };
     let offsets = _mm256_load_si256(HALF_OFFSETS.0[9 * c0 + c2].as_ptr() as *const __m256i);
-    let ctl = _mm256_add_epi8(_mm256_set_m128i(pair(2), pair(0)), offsets);
-    let src = _mm256_inserti128_si256::<1>(
-        _mm256_castsi128_si256(_mm_loadu_si128(p as *const __m128i)),
-        _mm_loadu_si128(p.add(c01) as *const __m128i),
-    );
-    _mm256_shuffle_epi8(src, ctl)
+    _mm256_add_epi8(_mm256_set_m128i(pair(2), pair(0)), offsets)
+}
+
+/// Row `17·o + c`: `o` in bytes 0-15 and `o + c` in bytes 16-31 (where a sparse int4 group's two 16-column
+/// halves start among 32 unpacked nibbles: `o` is the group's first nibble's parity, `c` the first half's count).
+#[repr(align(32))]
+struct NibbleOffsets([[u8; 32]; 34]);
+
+static NIBBLE_OFFSETS: NibbleOffsets = NibbleOffsets(nibble_offsets());
+
+const fn nibble_offsets() -> [[u8; 32]; 34] {
+    let mut t = [[0u8; 32]; 34];
+    let mut o = 0;
+    while o < 2 {
+        let mut c = 0;
+        while c < 17 {
+            let mut i = 0;
+            while i < 16 {
+                t[17 * o + c][i] = o as u8;
+                t[17 * o + c][16 + i] = (o + c) as u8;
+                i += 1;
+            }
+            c += 1;
+        }
+        o += 1;
+    }
+    t
+}
+
+/// 32 columns with mask `m` of a sparse int4 chunk whose nibbles start at byte `p`, the columns' first value
+/// being the chunk's nibble `s`, as signed codes (pruned lanes 0). The 16 bytes from the one holding nibble
+/// `s` unpack to 32 codes in two lanes A and B; every column's source index among them (its rank, plus `s`'s
+/// parity, plus the first half's count in the second half) is below 32 when `s` is even or `m` has a clear
+/// bit. `pshufb` reads one lane, so each index is looked up in A (index + 0x70, saturating: 16 and up get
+/// the top bit and give 0) and in B (index - 16: below 16 gets the top bit), and the two are or-ed. This keeps
+/// the codes in registers: unpacking to memory and reloading at the half's offset waited on store forwarding.
+#[inline(always)]
+unsafe fn expand32_int4(p: *const u8, s: usize, m: u32) -> __m256i {
+    let u = _mm256_sub_epi8(nibbles_to_bytes(p.add(s >> 1)), _mm256_set1_epi8(8));
+    let (a, b) = (_mm256_permute4x64_epi64::<0x44>(u), _mm256_permute4x64_epi64::<0xEE>(u));
+    let row = 17 * (s & 1) + (m & 0xFFFF).count_ones() as usize;
+    let idx = _mm256_add_epi8(half_ranks(m), _mm256_load_si256(NIBBLE_OFFSETS.0[row].as_ptr() as *const __m256i));
+    let from_a = _mm256_shuffle_epi8(a, _mm256_adds_epu8(idx, _mm256_set1_epi8(0x70)));
+    let from_b = _mm256_shuffle_epi8(b, _mm256_sub_epi8(idx, _mm256_set1_epi8(16)));
+    _mm256_or_si256(from_a, from_b)
 }
 
 /// `Σ q·x` of 32 signed weight codes `w` against 32 activation codes at `x`, as eight exact i32 lanes.
