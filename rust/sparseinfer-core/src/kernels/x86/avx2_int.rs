@@ -4,7 +4,8 @@
 //!
 //! Per 64-column chunk the weight codes `q` (int8, or int4 nibbles minus 8) sit in two 32-byte vectors of
 //! signed bytes; a sparse chunk is expanded 32 columns at a time ([`expand32`]: one `vpshufb` whose control is
-//! built from four per-mask-byte table rows and one offset row), once per weight row for up to four activation
+//! built from four per-mask-byte table rows, the second of each 16-column half already offset by the first's
+//! count; int4 groups expand from registers, [`expand32_int4`]), once per weight row for up to four activation
 //! rows. The products `Σ q·x` are exact:
 //!
 //! ```text
@@ -206,32 +207,6 @@ const fn ranks() -> [[u8; 8]; 256] {
     t
 }
 
-/// Row `9·c0 + c2`: `c0` added to control bytes 8-15 and `c2` to bytes 24-31 (the second mask byte of each
-/// 16-column half counts from the end of the first one's values).
-#[repr(align(32))]
-struct HalfOffsets([[u8; 32]; 81]);
-
-static HALF_OFFSETS: HalfOffsets = HalfOffsets(half_offsets());
-
-const fn half_offsets() -> [[u8; 32]; 81] {
-    let mut t = [[0u8; 32]; 81];
-    let mut c0 = 0;
-    while c0 < 9 {
-        let mut c2 = 0;
-        while c2 < 9 {
-            let mut i = 0;
-            while i < 8 {
-                t[9 * c0 + c2][8 + i] = c0 as u8;
-                t[9 * c0 + c2][24 + i] = c2 as u8;
-                i += 1;
-            }
-            c2 += 1;
-        }
-        c0 += 1;
-    }
-    t
-}
-
 /// The 64 signed bytes of a sparse chunk with mask `mask` whose stored bytes start at `p`, pruned lanes 0.
 #[inline]
 #[target_feature(enable = "avx2,fma,popcnt,bmi2")]
@@ -242,7 +217,7 @@ unsafe fn expand64(p: *const u8, mask: u64) -> [__m256i; 2] {
 
 /// 32 columns with mask `m` from the values at `p`: columns 0-15 from the 16 bytes at `p`, columns 16-31 from
 /// the 16 bytes after the first 16 columns' values, each half's control the rank rows of its two mask bytes
-/// with the first byte's popcount added to the second's. This is fewer instructions per column than one
+/// ([`half_ranks`]). This is fewer instructions per column than one
 /// 8-byte shuffle per mask byte (which the f32 kernels use, and which the dispatch-bound sparse integer
 /// kernels felt); the 16-byte loads stay within the row's values and `VALUE_PAD` (or the int4 unpack buffer).
 #[inline(always)]
@@ -255,17 +230,43 @@ unsafe fn expand32(p: *const u8, m: u32) -> __m256i {
 }
 
 /// The `pshufb` control of 32 columns with mask `m`: in each 16-column half, the rank of every stored
-/// column among that half's stored columns, the clear marker (top bit set) in the pruned ones.
+/// column among that half's stored columns, the clear marker (top bit set) in the pruned ones. The second
+/// mask byte of each half takes its row from [`RANKS_AFTER`] at the first byte's popcount.
 #[inline(always)]
 unsafe fn half_ranks(m: u32) -> __m256i {
     let b = [m & 0xFF, (m >> 8) & 0xFF, (m >> 16) & 0xFF, m >> 24].map(|b| b as usize);
     let (c0, c2) = (b[0].count_ones() as usize, b[2].count_ones() as usize);
-    let pair = |i: usize| {
-        let lo = _mm_loadl_epi64(RANKS.0[b[i]].as_ptr() as *const __m128i);
-        _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(lo), RANKS.0[b[i + 1]].as_ptr() as *const f64))
+    let pair = |first: usize, second: &[u8; 8]| {
+        let lo = _mm_loadl_epi64(RANKS.0[first].as_ptr() as *const __m128i);
+        _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(lo), second.as_ptr() as *const f64))
     };
-    let offsets = _mm256_load_si256(HALF_OFFSETS.0[9 * c0 + c2].as_ptr() as *const __m256i);
-    _mm256_add_epi8(_mm256_set_m128i(pair(2), pair(0)), offsets)
+    _mm256_set_m128i(pair(b[2], &RANKS_AFTER.0[c2][b[3]]), pair(b[0], &RANKS_AFTER.0[c0][b[1]]))
+}
+
+/// [`RANKS`] with `c` (0-8) added to every row: the second mask byte of a 16-column half after a first one
+/// with `c` set bits.
+#[repr(align(8))]
+struct RanksAfter([[[u8; 8]; 256]; 9]);
+
+static RANKS_AFTER: RanksAfter = RanksAfter(ranks_after());
+
+const fn ranks_after() -> [[[u8; 8]; 256]; 9] {
+    let r = ranks();
+    let mut t = [[[0u8; 8]; 256]; 9];
+    let mut c = 0;
+    while c < 9 {
+        let mut b = 0;
+        while b < 256 {
+            let mut lane = 0;
+            while lane < 8 {
+                t[c][b][lane] = r[b][lane] + c as u8;
+                lane += 1;
+            }
+            b += 1;
+        }
+        c += 1;
+    }
+    t
 }
 
 /// Row `17·o + c`: `o` in bytes 0-15 and `o + c` in bytes 16-31 (where a sparse int4 group's two 16-column
