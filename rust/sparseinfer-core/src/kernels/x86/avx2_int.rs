@@ -156,9 +156,8 @@ unsafe fn chunk_codes<const FMT: u8>(
         SI8 => {
             // The sparse streams prefetch ahead as the VNNI kernels do (see `PREFETCH`).
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
-            let mask = *masks.add(ch);
-            let w = expand64(*p, mask);
-            *p = p.add(mask.count_ones() as usize);
+            let w = expand64(*p, masks.add(ch));
+            *p = p.add((*masks.add(ch)).count_ones() as usize);
             w
         }
         _ => {
@@ -172,9 +171,10 @@ unsafe fn chunk_codes<const FMT: u8>(
                     let bytes = _mm256_sub_epi8(nibbles_to_bytes(p.add(16 * h)), _mm256_set1_epi8(8));
                     _mm256_storeu_si256(buf.as_mut_ptr().add(32 * h) as *mut __m256i, bytes);
                 }
-                expand64(buf.as_ptr(), mask)
+                expand64(buf.as_ptr(), masks.add(ch))
             } else {
-                [expand32_int4(*p, 0, lo), expand32_int4(*p, c32, hi)]
+                let mb = masks.add(ch) as *const u8;
+                [expand32_int4(*p, 0, lo, mb), expand32_int4(*p, c32, hi, mb.add(4))]
             };
             *p = p.add((mask.count_ones() as usize).div_ceil(2));
             w
@@ -210,9 +210,10 @@ const fn ranks() -> [[u8; 8]; 256] {
 /// The 64 signed bytes of a sparse chunk with mask `mask` whose stored bytes start at `p`, pruned lanes 0.
 #[inline]
 #[target_feature(enable = "avx2,fma,popcnt,bmi2")]
-unsafe fn expand64(p: *const u8, mask: u64) -> [__m256i; 2] {
-    let lo = mask as u32;
-    [expand32(p, lo), expand32(p.add(lo.count_ones() as usize), (mask >> 32) as u32)]
+unsafe fn expand64(p: *const u8, mask: *const u64) -> [__m256i; 2] {
+    let mb = mask as *const u8;
+    let lo = (mask as *const u32).read().count_ones() as usize;
+    [expand32(p, mb), expand32(p.add(lo), mb.add(4))]
 }
 
 /// 32 columns with mask `m` from the values at `p`: columns 0-15 from the 16 bytes at `p`, columns 16-31 from
@@ -221,20 +222,23 @@ unsafe fn expand64(p: *const u8, mask: u64) -> [__m256i; 2] {
 /// 8-byte shuffle per mask byte (which the f32 kernels use, and which the dispatch-bound sparse integer
 /// kernels felt); the 16-byte loads stay within the row's values and `VALUE_PAD` (or the int4 unpack buffer).
 #[inline(always)]
-unsafe fn expand32(p: *const u8, m: u32) -> __m256i {
+unsafe fn expand32(p: *const u8, mb: *const u8) -> __m256i {
+    let c01 = (mb as *const u16).read_unaligned().count_ones() as usize;
     let src = _mm256_inserti128_si256::<1>(
         _mm256_castsi128_si256(_mm_loadu_si128(p as *const __m128i)),
-        _mm_loadu_si128(p.add((m & 0xFFFF).count_ones() as usize) as *const __m128i),
+        _mm_loadu_si128(p.add(c01) as *const __m128i),
     );
-    _mm256_shuffle_epi8(src, half_ranks(m))
+    _mm256_shuffle_epi8(src, half_ranks(mb))
 }
 
-/// The `pshufb` control of 32 columns with mask `m`: in each 16-column half, the rank of every stored
+/// The `pshufb` control of 32 columns whose four mask bytes are at `mb`: in each 16-column half, the rank of every stored
 /// column among that half's stored columns, the clear marker (top bit set) in the pruned ones. The second
 /// mask byte of each half takes its row from [`RANKS_AFTER`] at the first byte's popcount.
 #[inline(always)]
-unsafe fn half_ranks(m: u32) -> __m256i {
-    let b = [m & 0xFF, (m >> 8) & 0xFF, (m >> 16) & 0xFF, m >> 24].map(|b| b as usize);
+unsafe fn half_ranks(mb: *const u8) -> __m256i {
+    // One byte load each (volatile, so they are not merged into one load and shifts): the loads ports have
+    // room, the ALU ports that would shift and extract do not.
+    let b = [0, 1, 2, 3].map(|i| core::ptr::read_volatile(mb.add(i)) as usize);
     let (c0, c2) = (b[0].count_ones() as usize, b[2].count_ones() as usize);
     let pair = |first: usize, second: &[u8; 8]| {
         let lo = _mm_loadl_epi64(RANKS.0[first].as_ptr() as *const __m128i);
@@ -303,11 +307,11 @@ const fn nibble_offsets() -> [[u8; 32]; 34] {
 /// the top bit and give 0) and in B (index - 16: below 16 gets the top bit), and the two are or-ed. This keeps
 /// the codes in registers: unpacking to memory and reloading at the half's offset waited on store forwarding.
 #[inline(always)]
-unsafe fn expand32_int4(p: *const u8, s: usize, m: u32) -> __m256i {
+unsafe fn expand32_int4(p: *const u8, s: usize, m: u32, mb: *const u8) -> __m256i {
     let u = _mm256_sub_epi8(nibbles_to_bytes(p.add(s >> 1)), _mm256_set1_epi8(8));
     let (a, b) = (_mm256_permute4x64_epi64::<0x44>(u), _mm256_permute4x64_epi64::<0xEE>(u));
     let row = 17 * (s & 1) + (m & 0xFFFF).count_ones() as usize;
-    let idx = _mm256_add_epi8(half_ranks(m), _mm256_load_si256(NIBBLE_OFFSETS.0[row].as_ptr() as *const __m256i));
+    let idx = _mm256_add_epi8(half_ranks(mb), _mm256_load_si256(NIBBLE_OFFSETS.0[row].as_ptr() as *const __m256i));
     let from_a = _mm256_shuffle_epi8(a, _mm256_adds_epu8(idx, _mm256_set1_epi8(0x70)));
     let from_b = _mm256_shuffle_epi8(b, _mm256_sub_epi8(idx, _mm256_set1_epi8(16)));
     _mm256_or_si256(from_a, from_b)
