@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: help setup setup-train setup-interop setup-audio develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-load bench-seq2seq bench-train bench-llamacpp bench-llamacpp-8b study wheel clean fuzz-build fuzz fuzz-merge fuzz-seeds fuzz-regress fuzz-convert
+.PHONY: help setup setup-train setup-interop setup-audio develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-load bench-seq2seq bench-train bench-llamacpp bench-llamacpp-avx2 bench-llamacpp-8b study wheel clean fuzz-build fuzz fuzz-merge fuzz-seeds fuzz-regress fuzz-convert
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -112,6 +112,17 @@ $(LCPP_VENV)/.installed:
 		$(LCPP_VENV)/bin/pip install -q --no-binary llama-cpp-python llama-cpp-python
 	touch $@
 
+# The same, built for AVX2 only (no AVX-512, no AVX-VNNI): the llama.cpp a laptop or desktop without AVX-512 runs.
+LCPP_AVX2_VENV ?= $(VENV)-llamacpp-avx2
+$(LCPP_AVX2_VENV)/.installed:
+	$(PYTHON) -m venv $(LCPP_AVX2_VENV)
+	$(LCPP_AVX2_VENV)/bin/pip install -q cmake ninja scikit-build-core numpy
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+		-DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+		-DGGML_OPENMP=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(LCPP_AVX2_VENV)/bin/pip install -q --no-cache-dir --no-binary llama-cpp-python llama-cpp-python
+	touch $@
+
 bench-load: develop  ## load time, packing vs the load cache, 1B model (~3 min): docs/benchmarks/load.md
 	$(PY) -m pytest bench/test_load_bench.py --benchmark-enable --benchmark-only -q \
 		--benchmark-json=bench/results/load.json
@@ -121,6 +132,9 @@ bench-llamacpp: develop setup-train $(LCPP_VENV)/.installed  ## llama.cpp vs spa
 	$(PY) bench/llamacpp_compare.py --size 1b --rounds 3 --llamacpp-python $(LCPP_VENV)/bin/python
 
 # The published 2:4 format at Llama-3.1-8B's shape: ~40 GB of files under ~/.cache/sparseinfer-bench and ~1 h.
+bench-llamacpp-avx2: develop setup-train $(LCPP_AVX2_VENV)/.installed  ## the same on the AVX2 paths of both: docs/benchmarks/llamacpp-avx2.md
+	$(PY) bench/llamacpp_compare.py --size 1b --rounds 3 --isa avx2 --llamacpp-python $(LCPP_AVX2_VENV)/bin/python
+
 bench-llamacpp-8b: develop setup-train setup-interop $(LCPP_VENV)/.installed  ## llama.cpp vs sparseinfer, 8B 2:4 checkpoint: docs/benchmarks/llamacpp-8b-24.md
 	$(PY) bench/llamacpp_compare.py --ct24 --size 8b --rounds 3 --work $(HOME)/.cache/sparseinfer-bench \
 		--llamacpp-python $(LCPP_VENV)/bin/python

@@ -55,6 +55,8 @@ NEW_TOKENS = 128
 # activations to f16).
 SAME_WEIGHTS = 2e-2
 PROMPT = [int(t) for t in np.random.default_rng(0).integers(10, 32000, 16)]
+# The prefill case: one pass over a 512-token prompt.
+LONG_PROMPT = [int(t) for t in np.random.default_rng(1).integers(10, 32000, 512)]
 
 
 def permute_rotary(w: np.ndarray, heads: int) -> np.ndarray:
@@ -193,7 +195,8 @@ def llamacpp(path: Path):
     logits of the last id (valid until the next step). Keep `llm` alive while stepping."""
     import llama_cpp as L
 
-    llm = L.Llama(model_path=str(path), n_threads=2, n_threads_batch=2, n_ctx=256, n_batch=64, verbose=False)
+    n = len(LONG_PROMPT)
+    llm = L.Llama(model_path=str(path), n_threads=2, n_threads_batch=2, n_ctx=2 * n, n_batch=n, verbose=False)
     ctx, vocab = llm._ctx.ctx, llm.n_vocab()
     memory = L.llama_get_memory(ctx)
 
@@ -213,7 +216,8 @@ def peak_rss_gb() -> float:
 
 
 def time_llamacpp(path: Path) -> dict:
-    """Best of 2 decode rates (tokens/s) of llama.cpp on `path`, 2 threads, greedy, in this process."""
+    """Best of 2 decode rates (tokens/s) of llama.cpp on `path`, 2 threads, greedy, in this process, and the best
+    of 2 prefill rates over LONG_PROMPT."""
     t = time.perf_counter()
     llm, step, clear = llamacpp(path)
     load_s = time.perf_counter() - t
@@ -226,14 +230,22 @@ def time_llamacpp(path: Path) -> dict:
             tok = int(step([tok]).argmax())
         return (n - 1) / (time.perf_counter() - t)
 
+    def prefill():
+        clear()
+        t = time.perf_counter()
+        step(LONG_PROMPT)
+        return len(LONG_PROMPT) / (time.perf_counter() - t)
+
     run(8)  # page the weights in
     rate = max(run(NEW_TOKENS) for _ in range(2))
-    return {"tok_s": rate, "load_s": load_s, "peak_rss_gb": peak_rss_gb()}
+    prefill_rate = max(prefill() for _ in range(2))
+    return {"tok_s": rate, "prefill_tok_s": prefill_rate, "load_s": load_s, "peak_rss_gb": peak_rss_gb()}
 
 
 def time_ours(model_dir: Path, fmt: str | None) -> dict:
-    """Best of 2 decode rates of sparseinfer on `model_dir` packed as `fmt` (None: as stored); the two greedy
-    decodes must agree, and with `fmt` every linear must have been packed to it."""
+    """Best of 2 decode rates of sparseinfer on `model_dir` packed as `fmt` (None: as stored), and best of 2
+    prefill rates over LONG_PROMPT; the two greedy decodes must agree, and with `fmt` every linear must have been
+    packed to it."""
     import sparseinfer
 
     t = time.perf_counter()
@@ -250,7 +262,18 @@ def time_ours(model_dir: Path, fmt: str | None) -> dict:
         best = max(best, m.last_stats.decode_tokens_per_s)
     if outputs[0] != outputs[1]:
         raise SystemExit(f"{model_dir} as {fmt}: two greedy decodes of the same prompt differ")
-    return {"tok_s": best, "load_s": load_s, "pack_cache": pack_cache, "peak_rss_gb": peak_rss_gb()}
+    prefill = 0.0
+    for _ in range(2):
+        m.generate_ids(LONG_PROMPT, max_new_tokens=1)
+        prefill = max(prefill, m.last_stats.prefill_tokens_per_s)
+    return {
+        "tok_s": best,
+        "prefill_tok_s": prefill,
+        "load_s": load_s,
+        "pack_cache": pack_cache,
+        "peak_rss_gb": peak_rss_gb(),
+        "kernel_isa": m.info().get("isa", "-"),
+    }
 
 
 def logits_llamacpp(path: Path, out: Path) -> dict:
@@ -331,6 +354,13 @@ def main() -> None:
         action="store_true",
         help="compare on the 2:4 checkpoint in the published format (bench/llama_24.py) instead of the f16 copies",
     )
+    ap.add_argument(
+        "--isa",
+        choices=["native", "avx2"],
+        default="native",
+        help="avx2: sparseinfer with SPARSEINFER_ISA=avx2, against a llama.cpp built for AVX2 only "
+        "(--llamacpp-python names its interpreter); writes llamacpp-avx2.md",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "sparseinfer-llamacpp")
     ap.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks")
@@ -358,6 +388,8 @@ def main() -> None:
     from sparseinfer import kernels
 
     a.work.mkdir(parents=True, exist_ok=True)
+    if a.isa == "avx2":
+        os.environ["SPARSEINFER_ISA"] = "avx2"  # the cases' processes inherit it
     # sparseinfer's load cache for this comparison's models, beside them (the cases' processes inherit it).
     os.environ.setdefault("SPARSEINFER_PACK_CACHE", str(a.work / "packed"))
     os.environ.setdefault("SPARSEINFER_PACK_CACHE_GB", "64")
@@ -415,13 +447,21 @@ def main() -> None:
             ("sparseinfer dense-int4", ours(dense, "dense-int4")),
             (f"sparseinfer sparse-int4 {s}", ours(sparse, "sparse-int4")),
         ]
-        intro = (
-            f"llama-cpp-python {version} built from source with `-DGGML_NATIVE=ON` (its AVX-512 VNNI "
-            f"kernels), against sparseinfer on the same random Llama-shaped {a.size} weights "
-            f"(bench/llama_models.py; the sparse rows use the {s}-sparse copy, which llama.cpp would read as "
-            "dense). "
+        build = (
+            "`-DGGML_NATIVE=ON` (its AVX-512 VNNI kernels)"
+            if a.isa == "native"
+            else "`-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF` (its AVX2 "
+            "kernels, no AVX-512 or AVX-VNNI)"
         )
-        name = "llamacpp"
+        runtime = (
+            "sparseinfer" if a.isa == "native" else "sparseinfer forced to its AVX2 kernels (`SPARSEINFER_ISA=avx2`)"
+        )
+        intro = (
+            f"llama-cpp-python {version} built from source with {build}, against {runtime} on the same random "
+            f"Llama-shaped {a.size} weights (bench/llama_models.py; the sparse rows use the {s}-sparse copy, which "
+            "llama.cpp would read as dense). "
+        )
+        name = "llamacpp" if a.isa == "native" else "llamacpp-avx2"
     if a.prepare:
         return
     rounds = []
@@ -430,22 +470,36 @@ def main() -> None:
         results = {}
         for case_name, case in cases:
             results[case_name] = run_case(case, a.llamacpp_python)
-            print(f"round {r + 1}: {case_name}: {results[case_name]['tok_s']:.2f} tok/s", flush=True)
+            res = results[case_name]
+            if case["runtime"] == "ours" and a.isa != "native" and res["kernel_isa"] != a.isa:
+                raise SystemExit(f"{case_name} ran on {res['kernel_isa']}, not {a.isa}")
+            print(
+                f"round {r + 1}: {case_name}: {res['tok_s']:.2f} tok/s decode, {res['prefill_tok_s']:.1f} prefill",
+                flush=True,
+            )
         rounds.append(
             {
                 "read_bandwidth_gbs": bw,
                 "decode_tok_s": {n: v["tok_s"] for n, v in results.items()},
+                "prefill_tok_s": {n: v["prefill_tok_s"] for n, v in results.items()},
+                "kernel_isa": {n: v.get("kernel_isa", "-") for n, v in results.items()},
                 "load_s": {n: v["load_s"] for n, v in results.items()},
                 "pack_cache": {n: v.get("pack_cache", "-") for n, v in results.items()},
                 "peak_rss_gb": {n: v["peak_rss_gb"] for n, v in results.items()},
             }
         )
+    from report_train import cpu_name
+
     lines = [
         "# llama.cpp against sparseinfer (decode tokens/s)",
         "",
-        intro + "2 threads each, 16-token prompt, 128 new tokens, greedy; best of 2 per process. Every round runs "
-        "every case once, each in its own process, with its own bandwidth probe. Made by "
-        f"`bench/llamacpp_compare.py{' --ct24 --size ' + a.size if a.ct24 else ''}`.",
+        f"On {cpu_name()} ({os.cpu_count()} cores). "
+        + intro
+        + "2 threads each, 16-token prompt, 128 new tokens, greedy; best of 2 per process; prefill: one pass "
+        f"over a {len(LONG_PROMPT)}-token prompt, best of 2. Every round runs every case once, each in its own "
+        "process, with its own bandwidth probe. Made by "
+        f"`bench/llamacpp_compare.py{' --ct24 --size ' + a.size if a.ct24 else ''}"
+        f"{' --isa ' + a.isa if a.isa != 'native' else ''}`.",
         "",
         "| round | read bandwidth (GB/s) | " + " | ".join(n for n, _ in cases) + " |",
         "|---|---|" + "---|" * len(cases),
@@ -457,11 +511,13 @@ def main() -> None:
             + " |"
         )
     med = {n: float(np.median([r["decode_tok_s"][n] for r in rounds])) for n, _ in cases}
+    pre = {n: float(np.median([r["prefill_tok_s"][n] for r in rounds])) for n, _ in cases}
     # sparseinfer's first load packs and writes the load cache; later rounds read it (a round's entry says which).
     first_load = {n: rounds[0]["load_s"][n] for n, _ in cases}
     load = {n: float(np.median([r["load_s"][n] for r in rounds[1:] or rounds])) for n, _ in cases}
     rss = {n: max(r["peak_rss_gb"][n] for r in rounds) for n, _ in cases}
     q8, q4 = med["llama.cpp Q8_0"], med["llama.cpp Q4_0"]
+    pq8, pq4 = pre["llama.cpp Q8_0"], pre["llama.cpp Q4_0"]
     lines += [
         "",
         "Medians over the rounds, against llama.cpp at the same bit width; load time in the first round (for "
@@ -469,12 +525,13 @@ def main() -> None:
         "(sparseinfer: from the load cache), and the process's peak RSS (largest; mapped weight pages count once "
         "touched):",
         "",
-        "| case | decode tok/s | vs llama.cpp Q8_0 | vs llama.cpp Q4_0 | first load (s) | later loads (s) "
-        "| load cache | peak RSS (GB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | decode tok/s | vs llama.cpp Q8_0 | vs llama.cpp Q4_0 | prefill tok/s | vs Q8_0 | vs Q4_0 "
+        "| first load (s) | later loads (s) | load cache | peak RSS (GB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {n} | {med[n]:.2f} | {med[n] / q8:.2f}x | {med[n] / q4:.2f}x | {first_load[n]:.1f} | {load[n]:.1f} | "
+        f"| {n} | {med[n]:.2f} | {med[n] / q8:.2f}x | {med[n] / q4:.2f}x | {pre[n]:.1f} | {pre[n] / pq8:.2f}x | "
+        f"{pre[n] / pq4:.2f}x | {first_load[n]:.1f} | {load[n]:.1f} | "
         f"{' / '.join(r.get('pack_cache', {}).get(n, '-') for r in rounds)} | {rss[n]:.1f} |"
         for n, _ in cases
     ]
