@@ -38,10 +38,15 @@ const DI8: u8 = 0;
 const SI8: u8 = 1;
 const DI4: u8 = 2;
 const SI4: u8 = 3;
+/// Signed codes already expanded to one byte per column: a weight row's copy made once for many activation rows.
+const EXP: u8 = 4;
 
 /// Computes rows `r0..r1` (row layout) for the `k` quantized activation rows in `q`: four activation rows
-/// share each decoded weight row, then one at a time. Every activation row goes through the same operations
-/// in either blocking, so a matmul row equals the matvec bit for bit.
+/// share each decoded weight row, then one at a time. With more than four activation rows (prefill), a weight
+/// row that is not already one byte per column (sparse, or int4) is expanded to signed bytes once, and every
+/// group of activation rows reads that copy instead of expanding it again. Every activation row goes through
+/// the same operations (the same exact products, summed in the same order) in any blocking, so a matmul row
+/// equals the matvec bit for bit.
 ///
 /// # Safety
 /// The CPU must support the enabled features and [`supports`] must hold for `m` (row layout); `q` holds `k`
@@ -55,26 +60,41 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
         _ if m.group >= CHUNK => GRP,
         _ => GRP32,
     };
+    let once = k > 4 && m.format != Format::DenseInt8;
+    let mut copy = vec![0u8; if once { m.cols_pad } else { 0 }];
+    let codes = copy.as_ptr();
     macro_rules! by_format {
         ($nr:literal, $r:expr, $a:expr) => {
             match (m.format, scaling) {
-                (Format::DenseInt8, ROW) => row::<$nr, DI8, ROW>(m, $r, q, $a, y),
-                (Format::DenseInt8, GRP) => row::<$nr, DI8, GRP>(m, $r, q, $a, y),
-                (Format::DenseInt8, _) => row::<$nr, DI8, GRP32>(m, $r, q, $a, y),
-                (Format::SparseInt8, ROW) => row::<$nr, SI8, ROW>(m, $r, q, $a, y),
-                (Format::SparseInt8, GRP) => row::<$nr, SI8, GRP>(m, $r, q, $a, y),
-                (Format::SparseInt8, _) => row::<$nr, SI8, GRP32>(m, $r, q, $a, y),
-                (Format::DenseInt4, ROW) => row::<$nr, DI4, ROW>(m, $r, q, $a, y),
-                (Format::DenseInt4, GRP) => row::<$nr, DI4, GRP>(m, $r, q, $a, y),
-                (Format::DenseInt4, _) => row::<$nr, DI4, GRP32>(m, $r, q, $a, y),
-                (Format::SparseInt4, ROW) => row::<$nr, SI4, ROW>(m, $r, q, $a, y),
-                (Format::SparseInt4, GRP) => row::<$nr, SI4, GRP>(m, $r, q, $a, y),
-                (Format::SparseInt4, _) => row::<$nr, SI4, GRP32>(m, $r, q, $a, y),
+                _ if once => match scaling {
+                    ROW => row::<$nr, EXP, ROW>(m, $r, q, $a, y, codes),
+                    GRP => row::<$nr, EXP, GRP>(m, $r, q, $a, y, codes),
+                    _ => row::<$nr, EXP, GRP32>(m, $r, q, $a, y, codes),
+                },
+                (Format::DenseInt8, ROW) => row::<$nr, DI8, ROW>(m, $r, q, $a, y, core::ptr::null()),
+                (Format::DenseInt8, GRP) => row::<$nr, DI8, GRP>(m, $r, q, $a, y, core::ptr::null()),
+                (Format::DenseInt8, _) => row::<$nr, DI8, GRP32>(m, $r, q, $a, y, core::ptr::null()),
+                (Format::SparseInt8, ROW) => row::<$nr, SI8, ROW>(m, $r, q, $a, y, core::ptr::null()),
+                (Format::SparseInt8, GRP) => row::<$nr, SI8, GRP>(m, $r, q, $a, y, core::ptr::null()),
+                (Format::SparseInt8, _) => row::<$nr, SI8, GRP32>(m, $r, q, $a, y, core::ptr::null()),
+                (Format::DenseInt4, ROW) => row::<$nr, DI4, ROW>(m, $r, q, $a, y, core::ptr::null()),
+                (Format::DenseInt4, GRP) => row::<$nr, DI4, GRP>(m, $r, q, $a, y, core::ptr::null()),
+                (Format::DenseInt4, _) => row::<$nr, DI4, GRP32>(m, $r, q, $a, y, core::ptr::null()),
+                (Format::SparseInt4, ROW) => row::<$nr, SI4, ROW>(m, $r, q, $a, y, core::ptr::null()),
+                (Format::SparseInt4, GRP) => row::<$nr, SI4, GRP>(m, $r, q, $a, y, core::ptr::null()),
+                (Format::SparseInt4, _) => row::<$nr, SI4, GRP32>(m, $r, q, $a, y, core::ptr::null()),
                 _ => unreachable!("avx2_int::supports admits integer formats only"),
             }
         };
     }
     for r in r0..r1 {
+        if once {
+            match m.format {
+                Format::SparseInt8 => expand_row::<SI8>(m, r, copy.as_mut_ptr()),
+                Format::DenseInt4 => expand_row::<DI4>(m, r, copy.as_mut_ptr()),
+                _ => expand_row::<SI4>(m, r, copy.as_mut_ptr()),
+            }
+        }
         let mut a = 0;
         while a + 4 <= k {
             by_format!(4, r, a);
@@ -93,7 +113,22 @@ struct ActRow {
     sx: *const f32,
 }
 
-/// Weight row `r` against activation rows `a0..a0 + NR`: writes `y[a, r]`.
+/// Weight row `r`'s signed codes, one byte per column, written to `out` (`m.cols_pad` bytes).
+#[inline]
+#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+unsafe fn expand_row<const FMT: u8>(m: &PackedMatrix, r: usize, out: *mut u8) {
+    let mut p = m.data.as_ptr().add(m.row_start(r));
+    let masks = m.masks.as_ptr().wrapping_add(r * m.chunks());
+    let mut buf = [0u8; CHUNK];
+    for ch in 0..m.chunks() {
+        let [lo, hi] = chunk_codes::<FMT>(&mut p, masks, ch, &mut buf);
+        _mm256_storeu_si256(out.add(ch * CHUNK) as *mut __m256i, lo);
+        _mm256_storeu_si256(out.add(ch * CHUNK + 32) as *mut __m256i, hi);
+    }
+}
+
+/// Weight row `r` against activation rows `a0..a0 + NR`: writes `y[a, r]`. `codes`: the row expanded by
+/// [`expand_row`] when `FMT` is `EXP`, else unused.
 #[inline]
 #[target_feature(enable = "avx2,fma,popcnt,bmi2")]
 unsafe fn row<const NR: usize, const FMT: u8, const MODE: u8>(
@@ -102,13 +137,14 @@ unsafe fn row<const NR: usize, const FMT: u8, const MODE: u8>(
     q: &QuantActs,
     a0: usize,
     y: *mut f32,
+    codes: *const u8,
 ) {
     let (cp, chunks) = (m.cols_pad, m.chunks());
     let act: [ActRow; NR] = core::array::from_fn(|a| ActRow {
         xq: q.xq.as_ptr().add((a0 + a) * cp),
         sx: q.sx.as_ptr().add((a0 + a) * chunks),
     });
-    let mut p = m.data.as_ptr().add(m.row_start(r));
+    let mut p = if FMT == EXP { codes } else { m.data.as_ptr().add(m.row_start(r)) };
     let masks = m.masks.as_ptr().wrapping_add(r * chunks);
     let s = RowScales::of(m, r);
     // The int4 sparse chunk's codes unpacked to bytes (expand32 reads at most 64 of them).
@@ -144,7 +180,7 @@ unsafe fn chunk_codes<const FMT: u8>(
     buf: &mut [u8; CHUNK],
 ) -> [__m256i; 2] {
     match FMT {
-        DI8 => {
+        DI8 | EXP => {
             let w = p.add(ch * CHUNK);
             [_mm256_loadu_si256(w as *const __m256i), _mm256_loadu_si256(w.add(32) as *const __m256i)]
         }
