@@ -531,7 +531,71 @@ def _nll(cell: dict):
     return list(zip(cell["chunk_nll"], cell["chunk_tokens"]))
 
 
+def _ci(c: dict) -> str:
+    return f"{c['ppl']:.2f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"
+
+
+def publish_pieces(work: Path, dest: Path) -> None:
+    """Copies the finished cells' records (and the data split and the run's configuration) into `dest`, the
+    repository's copy of the raw results, and writes its README table; `dest/NOTES.md`, kept by hand, is
+    appended to the README."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cells = _cells(work)
+    for name, cell in cells.items():
+        _write_json(dest / f"{name}.json", cell)
+    for src, name in (("data.json", "data.json"), ("study.json", "study-config.json")):
+        if (work / src).is_file():
+            _write_json(dest / name, json.loads((work / src).read_text()))
+    rows = []
+    d = cells.get("dense-ft")
+    if d:
+        curve = d["validation_curve"]
+        rows.append(f"| SmolLM2-135M, before fine-tuning | - | {_ci(d['base'])} |")
+        rows.append(
+            f"| dense teacher ({d['best_step']} steps, lr {d['lr']:g}; validation {d['base_validation']['ppl']:.2f}"
+            f" -> {min(p['ppl'] for p in curve):.2f}) | {d['training_tokens'] / 1e6:.2f}M | {_ci(d)} |"
+        )
+    rows += [
+        f"| one-shot {m} {s} % | - | {_ci(cells[f'oneshot-{m}-{s}'])} |"
+        for m in ("sparsegpt", "wanda", "magnitude")
+        for s in (50, 70, 80)
+        if f"oneshot-{m}-{s}" in cells
+    ]
+    rows += [
+        f"| {c['recipe']} {round(c['sparsity'] * 100)} % (SparseGPT masks; {c['tokens_per_s_training']:.0f} training "
+        f"tokens/s) | {c['training_tokens'] / 1e6:.2f}M | {_ci(c)} |"
+        for c in cells.values()
+        if c.get("kind") == "sparse-ft"
+    ]
+    rows += [
+        f"| {c['recipe']} {round(c['sparsity'] * 100)} % + GPTQ INT{c['bits']} (sparseinfer's logits) | - | {_ci(c)} |"
+        for c in cells.values()
+        if c.get("kind") == "quantized" and "ppl" in c
+    ]
+    notes = dest / "NOTES.md"
+    text = "\n".join(
+        [
+            f"# The accuracy study (issue 15), budget `{dest.name.removeprefix('study-')}`: finished pieces",
+            "",
+            "Raw per-cell records of `training/study.py`, copied from its work directory as each piece finishes",
+            "(`python training/study.py --report` rewrites this directory and docs/results/study.md). `data.json`",
+            "and `study-config.json` record the data split and the run's precision. Perplexity is on the 6",
+            "held-out plays, with a bootstrap 95 % interval over chunks.",
+            "",
+            "| piece | training tokens | held-out perplexity [95 % CI] |",
+            "|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
+    if notes.is_file():
+        text += "\n" + notes.read_text()
+    with atomic_file(dest / "README.md") as tmp:
+        tmp.write_text(text)
+
+
 def report(work: Path, out: Path, budget: str):
+    publish_pieces(work, out / f"study-{budget}")
     cells = _cells(work)
     curves = _curves(work)
     out.mkdir(parents=True, exist_ok=True)
