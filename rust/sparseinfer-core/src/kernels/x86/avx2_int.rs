@@ -62,6 +62,7 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
     };
     let once = k > 4 && m.format != Format::DenseInt8;
     let mut copy = vec![0u8; if once { m.cols_pad } else { 0 }];
+    // Read only by the `EXP` instantiations.
     let codes = copy.as_ptr();
     macro_rules! by_format {
         ($nr:literal, $r:expr, $a:expr) => {
@@ -71,18 +72,18 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
                     GRP => row::<$nr, EXP, GRP>(m, $r, q, $a, y, codes),
                     _ => row::<$nr, EXP, GRP32>(m, $r, q, $a, y, codes),
                 },
-                (Format::DenseInt8, ROW) => row::<$nr, DI8, ROW>(m, $r, q, $a, y, core::ptr::null()),
-                (Format::DenseInt8, GRP) => row::<$nr, DI8, GRP>(m, $r, q, $a, y, core::ptr::null()),
-                (Format::DenseInt8, _) => row::<$nr, DI8, GRP32>(m, $r, q, $a, y, core::ptr::null()),
-                (Format::SparseInt8, ROW) => row::<$nr, SI8, ROW>(m, $r, q, $a, y, core::ptr::null()),
-                (Format::SparseInt8, GRP) => row::<$nr, SI8, GRP>(m, $r, q, $a, y, core::ptr::null()),
-                (Format::SparseInt8, _) => row::<$nr, SI8, GRP32>(m, $r, q, $a, y, core::ptr::null()),
-                (Format::DenseInt4, ROW) => row::<$nr, DI4, ROW>(m, $r, q, $a, y, core::ptr::null()),
-                (Format::DenseInt4, GRP) => row::<$nr, DI4, GRP>(m, $r, q, $a, y, core::ptr::null()),
-                (Format::DenseInt4, _) => row::<$nr, DI4, GRP32>(m, $r, q, $a, y, core::ptr::null()),
-                (Format::SparseInt4, ROW) => row::<$nr, SI4, ROW>(m, $r, q, $a, y, core::ptr::null()),
-                (Format::SparseInt4, GRP) => row::<$nr, SI4, GRP>(m, $r, q, $a, y, core::ptr::null()),
-                (Format::SparseInt4, _) => row::<$nr, SI4, GRP32>(m, $r, q, $a, y, core::ptr::null()),
+                (Format::DenseInt8, ROW) => row::<$nr, DI8, ROW>(m, $r, q, $a, y, codes),
+                (Format::DenseInt8, GRP) => row::<$nr, DI8, GRP>(m, $r, q, $a, y, codes),
+                (Format::DenseInt8, _) => row::<$nr, DI8, GRP32>(m, $r, q, $a, y, codes),
+                (Format::SparseInt8, ROW) => row::<$nr, SI8, ROW>(m, $r, q, $a, y, codes),
+                (Format::SparseInt8, GRP) => row::<$nr, SI8, GRP>(m, $r, q, $a, y, codes),
+                (Format::SparseInt8, _) => row::<$nr, SI8, GRP32>(m, $r, q, $a, y, codes),
+                (Format::DenseInt4, ROW) => row::<$nr, DI4, ROW>(m, $r, q, $a, y, codes),
+                (Format::DenseInt4, GRP) => row::<$nr, DI4, GRP>(m, $r, q, $a, y, codes),
+                (Format::DenseInt4, _) => row::<$nr, DI4, GRP32>(m, $r, q, $a, y, codes),
+                (Format::SparseInt4, ROW) => row::<$nr, SI4, ROW>(m, $r, q, $a, y, codes),
+                (Format::SparseInt4, GRP) => row::<$nr, SI4, GRP>(m, $r, q, $a, y, codes),
+                (Format::SparseInt4, _) => row::<$nr, SI4, GRP32>(m, $r, q, $a, y, codes),
                 _ => unreachable!("avx2_int::supports admits integer formats only"),
             }
         };
