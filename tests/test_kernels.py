@@ -46,11 +46,11 @@ def weight_bounds(w, fmt, group, asym):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no stored weight
                 d = (np.nanmax(considered, axis=1) - np.nanmin(considered, axis=1)) / 15.0
-            k = B["round"]
         else:
             qmax = 127.0 if fmt.endswith("int8") else 7.0
             d = np.max(np.abs(blk), axis=1) / qmax
-            k = B["sparse_round"] if sparse else B["round"]
+        # int4 grids are fitted by a search that may clip a group's extremes by up to int4_fit max-based steps.
+        k = B["int4_fit"] if fmt in INT4 else B["sparse_round"] if sparse else B["round"]
         d = np.nan_to_num(d)
         bound[:, c0 : c0 + g] = (k * d * (1 + 1e-5))[:, None] + 1e-6 * np.abs(blk)
     return bound

@@ -106,7 +106,14 @@ fn element_bounds(w: &[f32], rows: usize, cols: usize, f: Format, o: PackOptions
                     } else {
                         vals.fold(0.0f32, |a, v| a.max(v.abs())) / qmax
                     };
-                    let k = if f.is_sparse() && !o.asymmetric { budget::SPARSE_ROUND } else { budget::ROUND };
+                    // int4 grids are fitted by a search that may clip a group's extremes (INT4_FIT).
+                    let k = if matches!(f, Format::DenseInt4 | Format::SparseInt4) {
+                        budget::INT4_FIT
+                    } else if f.is_sparse() {
+                        budget::SPARSE_ROUND
+                    } else {
+                        budget::ROUND
+                    };
                     k * d * (1.0 + 1e-5) + 1e-6 * d.max(row[c].abs())
                 }
             };
@@ -417,6 +424,66 @@ fn pack_with_given_scales_keeps_codes() {
     assert!(PackedMatrix::pack_with_scales(&[1.0; 8], 2, 4, Format::DenseF32, opts, given(&[1.0, 1.0])).is_err());
     assert!(PackedMatrix::pack_with_scales(&[1.0; 8], 2, 4, Format::DenseInt8, opts, given(&[1.0])).is_err());
     assert!(PackedMatrix::pack_with_scales(&[1.0; 8], 2, 4, Format::DenseInt8, opts, given(&[f32::NAN, 1.0])).is_err());
+}
+
+/// Symmetric int4 uses all 16 nibbles, code -8 included: every ISA and activation mode computes Σ ŵ·x̂ on
+/// matrices whose codes run over -8..=7 (many -8s, next to 7s), dense and sparse, rows and tiles, every group.
+/// The fitted grid reaches -8 too: a group that already lies on the full grid packs back exactly.
+#[test]
+fn int4_code_minus_8_on_every_isa() {
+    let (rows, cols): (usize, usize) = (19, 320);
+    for (format, group, layout) in [
+        (Format::DenseInt4, 32, Layout::Rows),
+        (Format::DenseInt4, 128, Layout::Rows),
+        (Format::SparseInt4, 64, Layout::Rows),
+        (Format::SparseInt4, 32, Layout::Tiles),
+        (Format::SparseInt4, 128, Layout::Tiles),
+    ] {
+        let per_row = cols.div_ceil(group);
+        // Scales that are powers of two, so w = d·q is exact and the fit can find d again.
+        let scales: Vec<f32> = (0..rows * per_row).map(|i| [0.125f32, 0.25, 0.0625][i % 3]).collect();
+        let mut w = vec![0.0f32; rows * cols];
+        for r in 0..rows {
+            for c in 0..cols {
+                // Every third code is -8; the rest run over -8..=7. Sparse formats prune some weights.
+                let q = if c % 3 == 0 { -8 } else { ((r * 5 + c * 7) % 16) as i32 - 8 };
+                let pruned = format.is_sparse() && (r + c) % 5 == 0;
+                w[r * cols + c] = if pruned { 0.0 } else { scales[r * per_row + c / group] * q as f32 };
+            }
+        }
+        let opts = PackOptions { group_size: Some(group), layout, ..Default::default() };
+        let given = GivenScales { scales: &scales, mins: None, per_row };
+        let packed = PackedMatrix::pack_with_scales(&w, rows, cols, format, opts, given).unwrap();
+        let fitted = PackedMatrix::pack(&w, rows, cols, format, opts).unwrap();
+        assert_eq!(packed.layout(), layout);
+        for (what, m) in [("given", &packed), ("fitted", &fitted)] {
+            assert_eq!(m.to_dense(), w, "{format:?} g{group} {layout:?} {what}: codes -8..=7 must decode exactly");
+            for k in [1, 4] {
+                let x = activations(k * cols, 11);
+                for isa in kernels::available_isas() {
+                    for act in [Activations::F32, Activations::Int8, Activations::Int8Token] {
+                        let xhat = match act {
+                            Activations::F32 => x.clone(),
+                            _ => dequantized_activations(m, &x, k, act == Activations::Int8Token),
+                        };
+                        let mut y = vec![0.0f32; k * rows];
+                        kernels::matmul_on(isa, m, &x, k, &mut y, act).unwrap();
+                        for (a, r) in (0..k).flat_map(|a| (0..rows).map(move |r| (a, r))) {
+                            let xa = &xhat[a * cols..(a + 1) * cols];
+                            let row = &w[r * cols..(r + 1) * cols];
+                            let want: f64 = row.iter().zip(xa).map(|(w, x)| *w as f64 * *x as f64).sum();
+                            let mag: f64 = row.iter().zip(xa).map(|(w, x)| (*w as f64 * *x as f64).abs()).sum();
+                            let got = y[a * rows + r] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-4 * mag + 1e-6,
+                                "{format:?} g{group} {layout:?} {what} {isa:?} {act:?} k={k} ({a}, {r}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[test]

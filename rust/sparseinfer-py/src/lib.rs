@@ -898,6 +898,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     budgets.set_item("bf16_rel", budget::BF16_REL)?;
     budgets.set_item("round", budget::ROUND)?;
     budgets.set_item("sparse_round", budget::SPARSE_ROUND)?;
+    budgets.set_item("int4_fit", budget::INT4_FIT)?;
     budgets.set_item("act_round", budget::ACT_ROUND)?;
     m.add("ERROR_BUDGETS", budgets)?;
     Ok(())

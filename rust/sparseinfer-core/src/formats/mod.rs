@@ -9,7 +9,7 @@
 //! dense-int8  row r: cols_pad × i8,  scales[r, g] f32      (1 B/weight + 4/G)
 //! dense-int4  row r: cols_pad/2 bytes, 32 per 64-column chunk c:
 //!               byte 32c + j = col 64c + j (low nibble) | col 64c + 32 + j (high nibble), j < 32
-//!             nibble = q + 8 (symmetric, q in -7..=7) or q (asymmetric, q in 0..=15, w = d·q + m)
+//!             nibble = q + 8 (symmetric, q in -8..=7) or q (asymmetric, q in 0..=15, w = d·q + m)
 //!             (halves rather than neighbours: a chunk decodes with one broadcast and one GF2P8AFFINEQB on
 //!             AVX-512, and with an AND and a shift on AVX2 and NEON, without interleaving shuffles)
 //!
@@ -27,10 +27,14 @@
 //! bit order): byte `k` of mask word `c` is on-disk byte `8c + k`. `values` ends with [`VALUE_PAD`] zero bytes
 //! so kernels may load a full vector past a row's last value.
 //!
-//! Quantization is round-to-nearest. Symmetric: `d = absmax / qmax`, `q = round(w / d)`. Asymmetric int4:
-//! `d = (max - min) / 15`, `m = min`, `q = round((w - m) / d)`, `ŵ = d·q + m`. Statistics use the real
-//! columns only (and, for sparse formats, only the stored nonzeros). A stored weight that rounds to code 0 stays
-//! in the mask and decodes to 0, so a pruned weight always decodes to 0 but a stored one may too (as in the
+//! Quantization is round-to-nearest on a grid fitted per group. int8: `d = absmax / 127`, `q = round(w / d)`
+//! in -127..=127. int4 searches a few grids around the max-based one (symmetric: `|d| = absmax / 7 ... / 9`
+//! with either sign of `d`, so the group's extreme may take code -8; asymmetric: `d = (max - min) / 15`,
+//! `m = min` with either end pulled in by a fraction of a step), refits the best by least squares to its own
+//! codes, and keeps the grid with the least squared error whose worst weight stays within
+//! [`budget::INT4_FIT`] max-based steps; `ŵ = d·q` or `d·q + m`. Statistics use the real columns only (and,
+//! for sparse formats, only the stored nonzeros). A stored weight that rounds to code 0 stays in the mask and
+//! decodes to 0 (symmetric), so a pruned weight always decodes to 0 but a stored one may too (as in the
 //! checkpoints `sparseinfer.training` exports, which drop such weights from the mask).
 
 mod pack;
@@ -355,6 +359,11 @@ pub mod budget {
     pub const BF16_REL: f32 = 1.0 / 256.0;
     /// Integer round-to-nearest: `|ŵ - w| <= ROUND · d` (d the group's scale).
     pub const ROUND: f32 = 0.5;
+    /// Fitted int4 grids (the scale search of `PackedMatrix::pack`): `|ŵ - w| <= INT4_FIT · d₀`, with `d₀` the
+    /// max-based step, `absmax / 7` (symmetric) or `(max - min) / 15` (asymmetric) of the group's stored
+    /// values. The search may clip a group's extremes by up to one such step when that lowers its squared
+    /// error; in-range weights stay within half a step of the grid it picks.
+    pub const INT4_FIT: f32 = 1.0;
     /// Sparse integer formats round their stored values to nearest too (a stored value may round to code 0):
     /// `|ŵ - w| <= SPARSE_ROUND · d`, the same as [`ROUND`]. Kept as its own name for the budget tables.
     pub const SPARSE_ROUND: f32 = ROUND;

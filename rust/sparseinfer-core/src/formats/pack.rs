@@ -1,6 +1,6 @@
 //! Packing a dense f32 matrix into each format (the quantizers). Decoding lives in `kernels::reference`.
 
-use super::{f32_to_bf16, tiles, Elem, Format, PackedMatrix, CHUNK, VALUE_PAD};
+use super::{budget, f32_to_bf16, tiles, Elem, Format, PackedMatrix, CHUNK, VALUE_PAD};
 use crate::error::{Error, Result};
 
 /// The in-memory layout of a packed matrix.
@@ -60,62 +60,214 @@ fn round_up(n: usize, m: usize) -> usize {
 /// Per-group quantization parameters and the code of one weight.
 #[derive(Clone, Copy)]
 struct Quant {
-    /// Scale `d`.
+    /// Scale `d`. Fitted symmetric int4 scales may be negative: the sign picks which side of zero gets code
+    /// -8's extra step.
     d: f32,
     /// Minimum `m` (asymmetric) or 0.
     m: f32,
     /// `1/d`, or 0 when `d == 0`.
     inv: f32,
-    /// Largest code magnitude (symmetric) or 15 (asymmetric).
-    qmax: f32,
+    /// The code range: -127..=127 (int8), -8..=7 (symmetric int4) or 0..=15 (asymmetric int4).
+    lo: f32,
+    hi: f32,
     asym: bool,
 }
 
-impl Quant {
-    /// Parameters from the values that the group stores.
-    fn fit(values: impl Iterator<Item = f32> + Clone, elem: Elem, asym: bool) -> Quant {
-        let qmax = if elem == Elem::I8 {
-            127.0
-        } else if asym {
-            15.0
-        } else {
-            7.0
-        };
-        let (d, m) = if asym {
-            let lo = values.clone().fold(f32::INFINITY, f32::min);
-            let hi = values.fold(f32::NEG_INFINITY, f32::max);
-            if lo.is_finite() {
-                ((hi - lo) / qmax, lo)
+/// The symmetric int4 code range: the nibble `q + 8` holds all 16 codes.
+const I4_LO: f32 = -8.0;
+const I4_HI: f32 = 7.0;
+/// The asymmetric int4 code range.
+const I4_LEVELS: f32 = 15.0;
+/// int4 groups are 32, 64 or 128 columns.
+const I4_MAX_GROUP: usize = 128;
+
+/// Scale divisors the symmetric int4 search tries beside the max-based `absmax / 7`, `|d| = absmax / k`, with
+/// either sign of `d`: 8 puts the extreme on code -8, larger ones clip it a little.
+const SYM_DIVISORS: [f32; 4] = [7.5, 8.0, 8.5, 9.0];
+/// How far the asymmetric int4 search pulls each end of the range in, in max-based steps `(max - min)/15`.
+const ASYM_SHRINK: [f32; 3] = [0.0, 1.0 / 3.0, 2.0 / 3.0];
+
+/// The error of one candidate grid over a group: squared sum and worst weight, plus the sums a least-squares
+/// refit of the grid to its own codes needs.
+#[derive(Clone, Copy)]
+struct Trial {
+    q: Quant,
+    sse: f32,
+    worst: f32,
+    /// Σq, Σq², Σw·q over the group's codes.
+    sq: f32,
+    sqq: f32,
+    swq: f32,
+}
+
+impl Trial {
+    /// The trial of grid `q` over `v`. The codes round half to even (an add and a subtract of 1.5·2²³, exact
+    /// for the clamped range) where [`Quant::code`] rounds half away from zero: they differ only on exact
+    /// ties, whose two codes are equally far from the weight. Eight independent partial sums and no branches,
+    /// so the loop vectorizes; this search is most of the time int4 packing takes.
+    fn of(q: Quant, v: &[f32]) -> Trial {
+        const L: usize = 8;
+        const ROUND: f32 = 12_582_912.0;
+        let (d, inv, lo, hi) = (q.d, q.inv, q.lo, q.hi);
+        let m = if q.asym { q.m } else { 0.0 };
+        let (mut sse, mut worst, mut sq, mut sqq, mut swq) =
+            ([0.0f32; L], [0.0f32; L], [0.0f32; L], [0.0f32; L], [0.0f32; L]);
+        let mut add = |l: usize, w: f32| {
+            let x = (w - m) * inv;
+            let x = if x < lo {
+                lo
+            } else if x > hi {
+                hi
             } else {
-                (0.0, 0.0)
-            }
-        } else {
-            (values.fold(0.0f32, |a, v| a.max(v.abs())) / qmax, 0.0)
+                x
+            };
+            let c = (x + ROUND) - ROUND;
+            let e = w - (d * c + m);
+            let a = if e < 0.0 { -e } else { e };
+            sse[l] += e * e;
+            worst[l] = if a > worst[l] { a } else { worst[l] };
+            sq[l] += c;
+            sqq[l] += c * c;
+            swq[l] += w * c;
         };
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        Quant { d, m, inv, qmax, asym }
+        let mut chunks = v.chunks_exact(L);
+        for ch in &mut chunks {
+            for (l, &w) in ch.iter().enumerate() {
+                add(l, w);
+            }
+        }
+        for (l, &w) in chunks.remainder().iter().enumerate() {
+            add(l, w);
+        }
+        let sum = |a: [f32; L]| a.iter().sum::<f32>();
+        Trial {
+            q,
+            sse: sum(sse),
+            worst: worst.iter().fold(0.0f32, |a, b| a.max(*b)),
+            sq: sum(sq),
+            sqq: sum(sqq),
+            swq: sum(swq),
+        }
+    }
+
+    /// This trial if it keeps every weight within `limit`, its step within `step` (no coarser than the
+    /// max-based grid, which also bounds the zero points the int8-activation kernels add) and beats `best`,
+    /// else `best`.
+    fn keep_better(self, best: Trial, limit: f32, step: f32) -> Trial {
+        if self.worst <= limit && self.q.d.abs() <= step && self.sse < best.sse {
+            self
+        } else {
+            best
+        }
+    }
+}
+
+impl Quant {
+    /// A grid with scale `d` and minimum `m` over codes `lo..=hi`.
+    fn grid(d: f32, m: f32, lo: f32, hi: f32, asym: bool) -> Quant {
+        let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+        Quant { d, m, inv, lo, hi, asym }
+    }
+
+    /// Parameters from the values that the group stores. int8: `d = absmax / 127`. int4: the grid with the
+    /// least squared error over the group among a few candidates around the max-based one, then refitted by
+    /// least squares to its own codes, provided no weight ends up further than `budget::INT4_FIT` max-based
+    /// steps from its value (so a group's extremes may be clipped a little, never far).
+    fn fit(values: impl Iterator<Item = f32>, elem: Elem, asym: bool) -> Quant {
+        if elem == Elem::I8 {
+            let d = values.fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
+            return Quant::grid(d, 0.0, -127.0, 127.0, false);
+        }
+        let mut buf = [0.0f32; I4_MAX_GROUP];
+        let mut n = 0;
+        for v in values {
+            buf[n] = v; // int4 groups are at most I4_MAX_GROUP columns
+            n += 1;
+        }
+        if asym {
+            Quant::fit_int4_asym(&buf[..n])
+        } else {
+            Quant::fit_int4_sym(&buf[..n])
+        }
+    }
+
+    /// Symmetric int4 (codes -8..=7): [`SYM_DIVISORS`] with both signs of `d`, then a refit.
+    fn fit_int4_sym(v: &[f32]) -> Quant {
+        let amax = v.iter().fold(0.0f32, |a, w| a.max(w.abs()));
+        let at = |d: f32| Trial::of(Quant::grid(d, 0.0, I4_LO, I4_HI, false), v);
+        let mut best = at(amax / 7.0); // the max-based grid: every weight within half a step
+        if amax == 0.0 || !best.q.inv.is_finite() {
+            return best.q; // all zeros, or too small to invert: the max-based grid, as before the search
+        }
+        let step = amax / 7.0;
+        let limit = budget::INT4_FIT * step;
+        for k in SYM_DIVISORS {
+            for d in [amax / k, -amax / k] {
+                best = at(d).keep_better(best, limit, step);
+            }
+        }
+        // Least squares over the chosen codes: d = Σw·q / Σq², which re-rounding can only improve on.
+        if best.sqq > 0.0 {
+            best = at(best.swq / best.sqq).keep_better(best, limit, step);
+        }
+        best.q
+    }
+
+    /// Asymmetric int4 (`ŵ = d·q + m`, codes 0..=15): the range pulled in by [`ASYM_SHRINK`] at either end,
+    /// then a refit of `d` and `m`.
+    fn fit_int4_asym(v: &[f32]) -> Quant {
+        let lo = v.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if !lo.is_finite() {
+            return Quant::grid(0.0, 0.0, 0.0, I4_LEVELS, true);
+        }
+        let step = (hi - lo) / I4_LEVELS;
+        let at = |d: f32, m: f32| Trial::of(Quant::grid(d, m, 0.0, I4_LEVELS, true), v);
+        let mut best = at(step, lo); // the min/max grid
+        if hi == lo || !best.q.inv.is_finite() {
+            return best.q; // one value (`d = 0`, `ŵ = m`), or a range too small to invert
+        }
+        let limit = budget::INT4_FIT * step;
+        for a in ASYM_SHRINK {
+            for b in ASYM_SHRINK {
+                if a == 0.0 && b == 0.0 {
+                    continue;
+                }
+                let (l, h) = (lo + a * step, hi - b * step);
+                best = at((h - l) / I4_LEVELS, l).keep_better(best, limit, step);
+            }
+        }
+        // Least squares of w on the chosen codes: d = cov(q, w) / var(q), m = mean(w) - d·mean(q).
+        let n = v.len() as f32;
+        let sw: f32 = v.iter().sum();
+        let den = n * best.sqq - best.sq * best.sq;
+        if den > 0.0 {
+            let d = (n * best.swq - best.sq * sw) / den;
+            if d > 0.0 && d.is_finite() {
+                best = at(d, (sw - d * best.sq) / n).keep_better(best, limit, step);
+            }
+        }
+        best.q
     }
 
     /// Parameters with a given scale `d` (and, asymmetric int4, minimum `m`).
     fn given(d: f32, m: Option<f32>, elem: Elem) -> Quant {
-        let qmax = match (elem, m) {
-            (Elem::I8, _) => 127.0,
-            (_, Some(_)) => 15.0,
-            _ => 7.0,
-        };
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        Quant { d, m: m.unwrap_or(0.0), inv, qmax, asym: m.is_some() }
+        match (elem, m) {
+            (Elem::I8, _) => Quant::grid(d, 0.0, -127.0, 127.0, false),
+            (_, Some(m)) => Quant::grid(d, m, 0.0, I4_LEVELS, true),
+            _ => Quant::grid(d, 0.0, I4_LO, I4_HI, false),
+        }
     }
 
-    /// The integer code of `w`, rounded to nearest: signed for symmetric, 0..=15 for asymmetric. A stored
-    /// weight of a sparse format may round to code 0: it stays in the mask and decodes to 0. (Forcing it to
-    /// `|q| = 1` instead kept the zero pattern, but pushed every weight below `d/2` to `±d`: on an unpruned
-    /// model packed as sparse-int4, where `d = max/7`, that turned the output into nonsense.)
+    /// The integer code of `w`, rounded to nearest within the code range: signed for symmetric, 0..=15 for
+    /// asymmetric. A stored weight of a sparse format may round to code 0: it stays in the mask and decodes
+    /// to 0. (Forcing it to `|q| = 1` instead kept the zero pattern, but pushed every weight below `d/2` to
+    /// `±d`: on an unpruned model packed as sparse-int4 that turned the output into nonsense.)
     fn code(&self, w: f32) -> i32 {
         if self.asym {
-            round_clamped((w - self.m) * self.inv, 0.0, self.qmax)
+            round_clamped((w - self.m) * self.inv, self.lo, self.hi)
         } else {
-            round_clamped(w * self.inv, -self.qmax, self.qmax)
+            round_clamped(w * self.inv, self.lo, self.hi)
         }
     }
 

@@ -319,8 +319,8 @@ fn dequantize(t: &Target, quant: Option<QuantScheme>, codes: &[f32], sparse: boo
     }
     let zero_points = if scheme.asymmetric { Some(zero_points(t, scheme, per_row)?) } else { None };
     let g = scheme.group_size.unwrap_or(cols);
-    // compressed-tensors' symmetric range, whose rounding reaches -128 (-8): the kernels' symmetric grid stops
-    // at -127 (-7), so packing with these scales stores such a code one step up (docs/FORMAT.md).
+    // compressed-tensors' symmetric range, whose rounding reaches -128 (-8): the int8 kernels' grid stops at
+    // -127, so packing with these scales stores such an int8 code one step up; int4's -8 is kept (docs/FORMAT.md).
     let (lo, hi) = if scheme.bits == 8 { (-128.0, 127.0) } else { (-8.0, 7.0) };
     let mut w = zeros(t.name, rows * cols)?;
     for r in 0..rows {
