@@ -199,6 +199,7 @@ def main() -> None:
     default_llama = Path(sys.prefix + "-llamacpp") / "bin" / "python"
     ap.add_argument("--llamacpp-python", default=str(default_llama))
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--report", type=Path, default=None, help="also write int4-quality.md there (docs/benchmarks)")
     ap.add_argument("--llama-quantize", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--llama-eval", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -291,19 +292,43 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / f"int4_quality{'_' + a.label if a.label else ''}.json"
     path.write_text(json.dumps(results, indent=1))
+    from report_train import cpu_name
+
+    lines = [
+        "# int4 at load against llama.cpp: perplexity per bit",
+        "",
+        f"Made by `python bench/int4_quality.py` on {cpu_name()}: the default model ({model_dir.name}) packed by "
+        "sparseinfer at load, against llama.cpp's f16, Q8_0, Q4_0 and Q4_1 of the same weights, on the same token "
+        f"ids of {results['text']}. Perplexity from each runtime's own logits; top-1 agreement with sparseinfer "
+        "f32. Bits per weight over the transformer linears (in memory: with row padding). The default model ships "
+        "as a Q4_1 GGUF, so its weights already lie on a group-32 min/max grid: Q4_1 and asymmetric group-32 int4 "
+        "can be near lossless here, which says little about other models.",
+    ]
     for n, run in results["runs"].items():
         f32 = run["rows"]["ours f32"]["ppl"]
-        print(f"\n{n} tokens ({int(n) - 1} predictions), {results['text']}")
-        print(f"| {'case':<28} | bits/weight | in memory | perplexity | vs f32 | top-1 agree |")
-        print(f"|{'-' * 30}|-------------|-----------|------------|--------|-------------|")
+        lines += [
+            "",
+            f"{n} tokens ({int(n) - 1} predictions):",
+            "",
+            "| case | bits/weight | in memory | perplexity | vs f32 | top-1 agree |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, r in run["rows"].items():
             mem = f"{r['bpw_mem']:.3f}" if "bpw_mem" in r else ""
-            print(
-                f"| {name:<28} | {r['bpw']:>11.3f} | {mem:>9} | {r['ppl']:>10.2f} | {r['ppl'] / f32 - 1:>+6.1%} "
-                f"| {r['top1']:>11.1%} |"
+            lines.append(
+                f"| {name} | {r['bpw']:.3f} | {mem} | {r['ppl']:.2f} | {r['ppl'] / f32 - 1:+.1%} | {r['top1']:.1%} |"
             )
-    for name, s in results.get("pack_seconds", {}).items():
-        print(f"pack {name}: {s:.2f} s")
+    if results.get("pack_seconds"):
+        lines += [
+            "",
+            "Packing time of the model's linears (one thread; each matrix's fastest of the repeats, summed):",
+            "",
+        ]
+        lines += [f"- {name}: {s:.2f} s" for name, s in results["pack_seconds"].items()]
+    print("\n".join(lines))
+    if a.report:
+        a.report.mkdir(parents=True, exist_ok=True)
+        (a.report / "int4-quality.md").write_text("\n".join(lines) + "\n")
     print(f"\nwrote {path}")
 
 
