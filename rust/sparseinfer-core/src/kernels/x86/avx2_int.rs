@@ -19,9 +19,10 @@
 //! order. Signed weights need no zero point, so the budget is `SUM_ORDER · Σ|ŵ·x̂|` with nothing added.
 
 use super::avx2::{build_expand_idx, dense_nibbles, hsum, nibbles_to_bytes};
+use super::chunk_scaling;
 use super::vnni::PREFETCH;
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
-use crate::kernels::simd::{scale_mode, RowScales, GRP, ROW};
+use crate::kernels::simd::{RowScales, GRP, ROW};
 use crate::kernels::QuantActs;
 use core::arch::x86_64::*;
 
@@ -29,9 +30,6 @@ use core::arch::x86_64::*;
 pub(crate) fn supports(m: &PackedMatrix) -> bool {
     matches!(m.format.elem(), Elem::I8 | Elem::I4) && !m.asym && super::avx2_supported()
 }
-
-/// Chunk scales from two 32-column weight groups.
-const GRP32: u8 = 3;
 
 /// Weight formats of the kernels, as const parameters.
 const DI8: u8 = 0;
@@ -55,36 +53,30 @@ const EXP: u8 = 4;
 #[target_feature(enable = "avx2,fma,popcnt,bmi2")]
 pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
     debug_assert!(!m.tiled && q.k == k && q.xq.len() == k * m.cols_pad && q.sx.len() == k * m.chunks());
-    let scaling = match scale_mode(m) {
-        ROW => ROW,
-        _ if m.group >= CHUNK => GRP,
-        _ => GRP32,
-    };
+    let scaling = chunk_scaling(m);
     let once = k > 4 && m.format != Format::DenseInt8;
     let mut copy = vec![0u8; if once { m.cols_pad } else { 0 }];
     // Read only by the `EXP` instantiations.
     let codes = copy.as_ptr();
+    let fmt = if once {
+        EXP
+    } else {
+        match m.format {
+            Format::DenseInt8 => DI8,
+            Format::SparseInt8 => SI8,
+            Format::DenseInt4 => DI4,
+            Format::SparseInt4 => SI4,
+            _ => unreachable!("avx2_int::supports admits integer formats only"),
+        }
+    };
     macro_rules! by_format {
         ($nr:literal, $r:expr, $a:expr) => {
-            match (m.format, scaling) {
-                _ if once => match scaling {
-                    ROW => row::<$nr, EXP, ROW>(m, $r, q, $a, y, codes),
-                    GRP => row::<$nr, EXP, GRP>(m, $r, q, $a, y, codes),
-                    _ => row::<$nr, EXP, GRP32>(m, $r, q, $a, y, codes),
-                },
-                (Format::DenseInt8, ROW) => row::<$nr, DI8, ROW>(m, $r, q, $a, y, codes),
-                (Format::DenseInt8, GRP) => row::<$nr, DI8, GRP>(m, $r, q, $a, y, codes),
-                (Format::DenseInt8, _) => row::<$nr, DI8, GRP32>(m, $r, q, $a, y, codes),
-                (Format::SparseInt8, ROW) => row::<$nr, SI8, ROW>(m, $r, q, $a, y, codes),
-                (Format::SparseInt8, GRP) => row::<$nr, SI8, GRP>(m, $r, q, $a, y, codes),
-                (Format::SparseInt8, _) => row::<$nr, SI8, GRP32>(m, $r, q, $a, y, codes),
-                (Format::DenseInt4, ROW) => row::<$nr, DI4, ROW>(m, $r, q, $a, y, codes),
-                (Format::DenseInt4, GRP) => row::<$nr, DI4, GRP>(m, $r, q, $a, y, codes),
-                (Format::DenseInt4, _) => row::<$nr, DI4, GRP32>(m, $r, q, $a, y, codes),
-                (Format::SparseInt4, ROW) => row::<$nr, SI4, ROW>(m, $r, q, $a, y, codes),
-                (Format::SparseInt4, GRP) => row::<$nr, SI4, GRP>(m, $r, q, $a, y, codes),
-                (Format::SparseInt4, _) => row::<$nr, SI4, GRP32>(m, $r, q, $a, y, codes),
-                _ => unreachable!("avx2_int::supports admits integer formats only"),
+            match fmt {
+                DI8 => by_scaling!(scaling, row::<$nr, DI8>(m, $r, q, $a, y, codes)),
+                SI8 => by_scaling!(scaling, row::<$nr, SI8>(m, $r, q, $a, y, codes)),
+                DI4 => by_scaling!(scaling, row::<$nr, DI4>(m, $r, q, $a, y, codes)),
+                SI4 => by_scaling!(scaling, row::<$nr, SI4>(m, $r, q, $a, y, codes)),
+                _ => by_scaling!(scaling, row::<$nr, EXP>(m, $r, q, $a, y, codes)),
             }
         };
     }
@@ -211,7 +203,7 @@ unsafe fn chunk_codes<const FMT: u8>(
                 expand64(buf.as_ptr(), masks.add(ch))
             } else {
                 let mb = masks.add(ch) as *const u8;
-                [expand32_int4(*p, 0, lo, mb), expand32_int4(*p, c32, hi, mb.add(4))]
+                [expand32_int4(*p, 0, mb), expand32_int4(*p, c32, mb.add(4))]
             };
             *p = p.add((mask.count_ones() as usize).div_ceil(2));
             w
@@ -219,32 +211,8 @@ unsafe fn chunk_codes<const FMT: u8>(
     }
 }
 
-/// Per mask byte, the ranks of its set bits in their lanes and 0xC0 in the clear ones (a `pshufb` control
-/// that stays a zeroing one, top bit set, after up to 25 is added to it and 16 taken away: see
-/// [`expand32_int4`]).
-#[repr(align(8))]
-struct Ranks([[u8; 8]; 256]);
-
-static RANKS: Ranks = Ranks(ranks());
-
-const fn ranks() -> [[u8; 8]; 256] {
-    let idx = build_expand_idx();
-    let mut t = [[0xC0u8; 8]; 256];
-    let mut b = 0;
-    while b < 256 {
-        let mut lane = 0;
-        while lane < 8 {
-            if b >> lane & 1 == 1 {
-                t[b][lane] = idx[b][lane] as u8;
-            }
-            lane += 1;
-        }
-        b += 1;
-    }
-    t
-}
-
-/// The 64 signed bytes of a sparse chunk with mask `mask` whose stored bytes start at `p`, pruned lanes 0.
+/// The 64 signed bytes of a sparse chunk whose mask word is at `mask` and stored bytes start at `p`, pruned
+/// lanes 0.
 #[inline]
 #[target_feature(enable = "avx2,fma,popcnt,bmi2")]
 unsafe fn expand64(p: *const u8, mask: *const u64) -> [__m256i; 2] {
@@ -253,7 +221,7 @@ unsafe fn expand64(p: *const u8, mask: *const u64) -> [__m256i; 2] {
     [expand32(p, mb), expand32(p.add(lo), mb.add(4))]
 }
 
-/// 32 columns with mask `m` from the values at `p`: columns 0-15 from the 16 bytes at `p`, columns 16-31 from
+/// 32 columns whose four mask bytes are at `mb`, from the values at `p`: columns 0-15 from the 16 bytes at `p`, columns 16-31 from
 /// the 16 bytes after the first 16 columns' values, each half's control the rank rows of its two mask bytes
 /// ([`half_ranks`]). This is fewer instructions per column than one
 /// 8-byte shuffle per mask byte (which the f32 kernels use, and which the dispatch-bound sparse integer
@@ -270,7 +238,7 @@ unsafe fn expand32(p: *const u8, mb: *const u8) -> __m256i {
 
 /// The `pshufb` control of 32 columns whose four mask bytes are at `mb`: in each 16-column half, the rank of every stored
 /// column among that half's stored columns, the clear marker (top bit set) in the pruned ones. The second
-/// mask byte of each half takes its row from [`RANKS_AFTER`] at the first byte's popcount.
+/// mask byte of each half takes its row of [`RANKS_AFTER`] at the first byte's popcount, the first at 0.
 #[inline(always)]
 unsafe fn half_ranks(mb: *const u8) -> __m256i {
     // One byte load each (volatile, so they are not merged into one load and shifts): the loads ports have
@@ -278,29 +246,33 @@ unsafe fn half_ranks(mb: *const u8) -> __m256i {
     let b = [0, 1, 2, 3].map(|i| core::ptr::read_volatile(mb.add(i)) as usize);
     let (c0, c2) = (b[0].count_ones() as usize, b[2].count_ones() as usize);
     let pair = |first: usize, second: &[u8; 8]| {
-        let lo = _mm_loadl_epi64(RANKS.0[first].as_ptr() as *const __m128i);
+        let lo = _mm_loadl_epi64(RANKS_AFTER.0[0][first].as_ptr() as *const __m128i);
         _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(lo), second.as_ptr() as *const f64))
     };
     _mm256_set_m128i(pair(b[2], &RANKS_AFTER.0[c2][b[3]]), pair(b[0], &RANKS_AFTER.0[c0][b[1]]))
 }
 
-/// [`RANKS`] with `c` (0-8) added to every row: the second mask byte of a 16-column half after a first one
-/// with `c` set bits.
+/// Row `[c][b]`: per mask byte `b`, `c` plus the rank of each set bit among the byte's set bits, and 0xC0 in the
+/// clear lanes: the `pshufb` control of eight columns whose values start `c` (0-8) values into their 16-column
+/// half. The clear marker keeps its top bit (a zeroing control) after up to 17 is added to the row and 16
+/// taken away ([`expand32_int4`]).
 #[repr(align(8))]
 struct RanksAfter([[[u8; 8]; 256]; 9]);
 
 static RANKS_AFTER: RanksAfter = RanksAfter(ranks_after());
 
 const fn ranks_after() -> [[[u8; 8]; 256]; 9] {
-    let r = ranks();
-    let mut t = [[[0u8; 8]; 256]; 9];
+    let idx = build_expand_idx();
+    let mut t = [[[0xC0u8; 8]; 256]; 9];
     let mut c = 0;
     while c < 9 {
         let mut b = 0;
         while b < 256 {
             let mut lane = 0;
             while lane < 8 {
-                t[c][b][lane] = r[b][lane] + c as u8;
+                if b >> lane & 1 == 1 {
+                    t[c][b][lane] = idx[b][lane] as u8 + c as u8;
+                }
                 lane += 1;
             }
             b += 1;
@@ -336,18 +308,18 @@ const fn nibble_offsets() -> [[u8; 32]; 34] {
     t
 }
 
-/// 32 columns with mask `m` of a sparse int4 chunk whose nibbles start at byte `p`, the columns' first value
-/// being the chunk's nibble `s`, as signed codes (pruned lanes 0). The 16 bytes from the one holding nibble
+/// 32 columns of a sparse int4 chunk whose four mask bytes are at `mb` and whose nibbles start at byte `p`,
+/// the columns' first value being the chunk's nibble `s`, as signed codes (pruned lanes 0). The 16 bytes from the one holding nibble
 /// `s` unpack to 32 codes in two lanes A and B; every column's source index among them (its rank, plus `s`'s
-/// parity, plus the first half's count in the second half) is below 32 when `s` is even or `m` has a clear
-/// bit. `pshufb` reads one lane, so each index is looked up in A (index + 0x70, saturating: 16 and up get
+/// parity, plus the first half's count in the second half) is below 32 when `s` is even or a column is
+/// pruned. `pshufb` reads one lane, so each index is looked up in A (index + 0x70, saturating: 16 and up get
 /// the top bit and give 0) and in B (index - 16: below 16 gets the top bit), and the two are or-ed. This keeps
 /// the codes in registers: unpacking to memory and reloading at the half's offset waited on store forwarding.
 #[inline(always)]
-unsafe fn expand32_int4(p: *const u8, s: usize, m: u32, mb: *const u8) -> __m256i {
+unsafe fn expand32_int4(p: *const u8, s: usize, mb: *const u8) -> __m256i {
     let u = _mm256_sub_epi8(nibbles_to_bytes(p.add(s >> 1)), _mm256_set1_epi8(8));
     let (a, b) = (_mm256_permute4x64_epi64::<0x44>(u), _mm256_permute4x64_epi64::<0xEE>(u));
-    let row = 17 * (s & 1) + (m & 0xFFFF).count_ones() as usize;
+    let row = 17 * (s & 1) + (mb as *const u16).read_unaligned().count_ones() as usize;
     let idx = _mm256_add_epi8(half_ranks(mb), _mm256_load_si256(NIBBLE_OFFSETS.0[row].as_ptr() as *const __m256i));
     let from_a = _mm256_shuffle_epi8(a, _mm256_adds_epu8(idx, _mm256_set1_epi8(0x70)));
     let from_b = _mm256_shuffle_epi8(b, _mm256_sub_epi8(idx, _mm256_set1_epi8(16)));

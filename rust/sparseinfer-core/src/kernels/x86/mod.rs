@@ -18,10 +18,37 @@ macro_rules! load512_nofold {
     }};
 }
 
+/// Calls a kernel with the chunk-scale mode `$scaling` (`ROW`, `GRP` or [`GRP32`], see [`chunk_scaling`]) as its
+/// last const parameter.
+macro_rules! by_scaling {
+    ($scaling:expr, $f:ident::<$($g:tt),*>($($arg:expr),*)) => {
+        match $scaling {
+            crate::kernels::simd::ROW => $f::<$($g,)* { crate::kernels::simd::ROW }>($($arg),*),
+            crate::kernels::simd::GRP => $f::<$($g,)* { crate::kernels::simd::GRP }>($($arg),*),
+            _ => $f::<$($g,)* { crate::kernels::x86::GRP32 }>($($arg),*),
+        }
+    };
+}
+
 pub(crate) mod avx2;
 pub(crate) mod avx2_int;
 pub(crate) mod avx512;
 pub(crate) mod vnni;
+
+/// Chunk scales from two 32-column weight groups: the third chunk-scale mode of the integer-activation kernels.
+pub(crate) const GRP32: u8 = 3;
+
+/// How the integer-activation kernels form a chunk's scale, fixed per kernel instantiation (a run-time test in
+/// the loop cost ~5 %): per row (`ROW`), per group of >= 64 columns (`GRP`), or two 32-column groups per chunk
+/// ([`GRP32`]).
+pub(crate) fn chunk_scaling(m: &crate::formats::PackedMatrix) -> u8 {
+    use crate::kernels::simd::{scale_mode, GRP, ROW};
+    match scale_mode(m) {
+        ROW => ROW,
+        _ if m.group >= crate::formats::CHUNK => GRP,
+        _ => GRP32,
+    }
+}
 
 /// AVX2 path requirements.
 pub fn avx2_supported() -> bool {

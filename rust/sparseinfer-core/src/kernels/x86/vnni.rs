@@ -20,6 +20,7 @@
 //! activations; they run the f32 kernels on `x̂`.
 
 use super::avx512::{dense_nibbles, nibbles_to_bytes};
+use super::chunk_scaling;
 use crate::formats::tiles::{QUAD, TILE};
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
 use crate::kernels::simd::{scale_mode, RowScales, GRP, ROW};
@@ -72,9 +73,6 @@ pub(crate) fn supports(m: &PackedMatrix, token: bool) -> bool {
     let shape = if token { !m.asym && m.cols_pad <= max_cols } else { !(m.format.is_sparse() && m.asym) };
     matches!(m.format.elem(), Elem::I8 | Elem::I4) && shape && super::vnni_supported()
 }
-
-/// Chunk scales from two 32-column weight groups (see [`chunk_scale`]).
-const GRP32: u8 = 3;
 
 /// Rows per batched horizontal reduction.
 const BATCH: usize = 16;
@@ -210,17 +208,6 @@ struct ActRow {
     zc: *const i32,
 }
 
-/// Calls a kernel with the chunk-scale mode `$scaling` (ROW, GRP or GRP32) as its last const parameter.
-macro_rules! by_scaling {
-    ($scaling:expr, $f:ident::<$($g:ident),*>($($arg:expr),*)) => {
-        match $scaling {
-            ROW => $f::<$($g,)* ROW>($($arg),*),
-            GRP => $f::<$($g,)* GRP>($($arg),*),
-            _ => $f::<$($g,)* GRP32>($($arg),*),
-        }
-    };
-}
-
 /// Weight rows `g0..g1` (at most [`BATCH`]) against activation rows `a0..a0+NR`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,gfni,popcnt,bmi2,fma")]
@@ -233,13 +220,7 @@ unsafe fn batch<const NR: usize>(m: &PackedMatrix, g0: usize, g1: usize, q: &Qua
         zc: q.zcorr.as_ptr().wrapping_add((a0 + a) * zc_row),
     });
     let mode = scale_mode(m);
-    // How chunk scales are formed, fixed per kernel instantiation (a run-time test in the loop cost ~5 %):
-    // per row, per group of >= 64 columns, or two 32-column groups per chunk.
-    let scaling = match mode {
-        ROW => ROW,
-        _ if m.group >= CHUNK => GRP,
-        _ => GRP32,
-    };
+    let scaling = chunk_scaling(m);
     let mut sums = [[_mm512_setzero_ps(); BATCH]; NR];
     for r in g0..g1 {
         let acc: Acc<NR> = if q.token {
