@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -43,7 +42,6 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-LLAMA_KINDS = {"f16": None, "Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1"}
 LLAMA_BPW = {"f16": 16.0, "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0}
 OURS = [("f32", None, None, False), ("dense-int8", "dense-int8", None, False)] + [
     (f"dense-int4 g{g}{' asym' if a else ''}", "dense-int4", g, a) for a in (False, True) for g in (32, 64, 128)
@@ -133,18 +131,6 @@ def pack_seconds(model_dir: Path, repeats: int) -> dict:
 
 
 # -- llama.cpp (run under its own interpreter) ------------------------------------------------------------------
-def llama_quantize(src: str, out: str, kind: str) -> None:
-    import llama_cpp as L
-
-    params = L.llama_model_quantize_default_params()
-    params.ftype = getattr(L, "LLAMA_FTYPE_" + LLAMA_KINDS[kind])
-    params.nthread = 2
-    tmp = out + ".tmp"
-    if L.llama_model_quantize(src.encode(), tmp.encode(), params) != 0:
-        raise SystemExit(f"llama_model_quantize failed for {src} -> {kind}")
-    os.replace(tmp, out)
-
-
 def llama_eval(gguf: str, ids_path: str, out: str, threads: int) -> None:
     import llama_cpp as L
 
@@ -200,11 +186,8 @@ def main() -> None:
     ap.add_argument("--llamacpp-python", default=str(default_llama))
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--report", type=Path, default=None, help="also write int4-quality.md there (docs/benchmarks)")
-    ap.add_argument("--llama-quantize", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--llama-eval", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.llama_quantize:
-        return llama_quantize(*a.llama_quantize)
     if a.llama_eval:
         return llama_eval(*a.llama_eval, a.threads)
 
@@ -235,7 +218,8 @@ def main() -> None:
         for kind in ("Q8_0", "Q4_0", "Q4_1"):
             p = work / f"model-{kind}.gguf"
             if not p.is_file():
-                run_quiet([a.llamacpp_python, __file__, "--llama-quantize", str(f16), str(p), kind])
+                compare = str(HERE / "llamacpp_compare.py")  # its --quantize runs llama_model_quantize
+                run_quiet([a.llamacpp_python, compare, "--quantize", str(f16), str(p), kind.lower()])
             ggufs[kind] = p
         results["llamacpp_tensor_types"] = {k: tensor_types(str(p)) for k, p in ggufs.items()}
 

@@ -181,7 +181,11 @@ def quantize(src: Path, out: Path, kind: str) -> Path:
     import llama_cpp as L
 
     params = L.llama_model_quantize_default_params()
-    params.ftype = {"q8_0": L.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": L.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
+    params.ftype = {
+        "q8_0": L.LLAMA_FTYPE_MOSTLY_Q8_0,
+        "q4_0": L.LLAMA_FTYPE_MOSTLY_Q4_0,
+        "q4_1": L.LLAMA_FTYPE_MOSTLY_Q4_1,
+    }[kind]
     params.nthread = 2
     tmp = out.with_suffix(".tmp")
     if L.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:

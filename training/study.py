@@ -531,10 +531,6 @@ def _nll(cell: dict):
     return list(zip(cell["chunk_nll"], cell["chunk_tokens"]))
 
 
-def _ci(c: dict) -> str:
-    return f"{c['ppl']:.2f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"
-
-
 def publish_pieces(work: Path, dest: Path) -> None:
     """Copies the finished cells' records (and the data split and the run's configuration) into `dest`, the
     repository's copy of the raw results, and writes its README table; `dest/NOTES.md`, kept by hand, is
@@ -550,25 +546,25 @@ def publish_pieces(work: Path, dest: Path) -> None:
     d = cells.get("dense-ft")
     if d:
         curve = d["validation_curve"]
-        rows.append(f"| SmolLM2-135M, before fine-tuning | - | {_ci(d['base'])} |")
+        rows.append(f"| SmolLM2-135M, before fine-tuning | - | {_fmt(d['base'])} |")
         rows.append(
             f"| dense teacher ({d['best_step']} steps, lr {d['lr']:g}; validation {d['base_validation']['ppl']:.2f}"
-            f" -> {min(p['ppl'] for p in curve):.2f}) | {d['training_tokens'] / 1e6:.2f}M | {_ci(d)} |"
+            f" -> {min(p['ppl'] for p in curve):.2f}) | {d['training_tokens'] / 1e6:.2f}M | {_fmt(d)} |"
         )
     rows += [
-        f"| one-shot {m} {s} % | - | {_ci(cells[f'oneshot-{m}-{s}'])} |"
+        f"| one-shot {m} {s} % | - | {_fmt(cells[f'oneshot-{m}-{s}'])} |"
         for m in ("sparsegpt", "wanda", "magnitude")
         for s in (50, 70, 80)
         if f"oneshot-{m}-{s}" in cells
     ]
     rows += [
         f"| {c['recipe']} {round(c['sparsity'] * 100)} % (SparseGPT masks; {c['tokens_per_s_training']:.0f} training "
-        f"tokens/s) | {c['training_tokens'] / 1e6:.2f}M | {_ci(c)} |"
+        f"tokens/s) | {c['training_tokens'] / 1e6:.2f}M | {_fmt(c)} |"
         for c in cells.values()
         if c.get("kind") == "sparse-ft"
     ]
     rows += [
-        f"| {c['recipe']} {round(c['sparsity'] * 100)} % + GPTQ INT{c['bits']} (sparseinfer's logits) | - | {_ci(c)} |"
+        f"| {c['recipe']} {round(c['sparsity'] * 100)} % + GPTQ INT{c['bits']} (sparseinfer's logits) | - | {_fmt(c)} |"
         for c in cells.values()
         if c.get("kind") == "quantized" and "ppl" in c
     ]

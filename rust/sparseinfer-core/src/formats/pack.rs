@@ -264,11 +264,8 @@ impl Quant {
     /// to 0. (Forcing it to `|q| = 1` instead kept the zero pattern, but pushed every weight below `d/2` to
     /// `±d`: on an unpruned model packed as sparse-int4 that turned the output into nonsense.)
     fn code(&self, w: f32) -> i32 {
-        if self.asym {
-            round_clamped((w - self.m) * self.inv, self.lo, self.hi)
-        } else {
-            round_clamped(w * self.inv, self.lo, self.hi)
-        }
+        // `m` is 0 for symmetric grids, and `w - 0.0` is `w` exactly.
+        round_clamped((w - self.m) * self.inv, self.lo, self.hi)
     }
 
     /// The 4-bit storage of a code: `q + 8` symmetric, `q` asymmetric.

@@ -21,7 +21,7 @@
 //! activation is a broadcast memory operand of `vpdpbusd`, so a 64-weight vector costs a mask load, its
 //! popcount, the values load, one `vpexpandb` and one `vpdpbusd`.
 
-use super::{Elem, PackedMatrix, CHUNK, VALUE_PAD};
+use super::{Elem, Format, PackedMatrix, CHUNK, VALUE_PAD};
 
 /// Weight rows per tile: the i32 lanes of one 512-bit vector.
 pub const TILE: usize = 16;
@@ -65,9 +65,14 @@ impl Block {
     }
 }
 
-/// Whether `m` (row layout) can be tiled: the sparse integer formats, symmetric.
+/// Whether `m` (row layout) can be tiled: see [`tileable`].
 pub(crate) fn can_tile(m: &PackedMatrix) -> bool {
-    m.format.is_sparse() && matches!(m.format.elem(), Elem::I8 | Elem::I4) && !m.asym
+    tileable(m.format, m.asym)
+}
+
+/// Whether matrices of `format` (asymmetric or not) have a tiled layout: the sparse integer formats, symmetric.
+pub(crate) fn tileable(format: Format, asym: bool) -> bool {
+    format.is_sparse() && matches!(format.elem(), Elem::I8 | Elem::I4) && !asym
 }
 
 /// The tiled copy of a row-layout matrix (see [`can_tile`]). Each quad takes a 4-bit slice of 16 rows' mask

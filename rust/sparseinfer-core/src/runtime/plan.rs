@@ -82,10 +82,7 @@ impl WeightPlan {
         let int4 = format.elem() == crate::formats::Elem::I4;
         opts.asymmetric = int4 && (opts.asymmetric || stored.quant.is_some_and(|q| q.asymmetric));
         // Likewise the tiled layout is for the symmetric sparse integer formats; the head keeps rows.
-        let tileable = format.is_sparse()
-            && format.elem() != crate::formats::Elem::F32
-            && format.elem() != crate::formats::Elem::Bf16;
-        if (opts.asymmetric || !tileable) && opts.layout == crate::formats::Layout::Tiles {
+        if opts.layout == crate::formats::Layout::Tiles && !crate::formats::tiles::tileable(format, opts.asymmetric) {
             opts.layout = crate::formats::Layout::Rows;
         }
         opts
