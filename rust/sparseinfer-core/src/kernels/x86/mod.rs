@@ -38,8 +38,8 @@ pub(crate) mod vnni;
 /// Chunk scales from two 32-column weight groups: the third chunk-scale mode of the integer-activation kernels.
 pub(crate) const GRP32: u8 = 3;
 
-/// How the integer-activation kernels form a chunk's scale, fixed per kernel instantiation (a run-time test in
-/// the loop cost ~5 %): per row (`ROW`), per group of >= 64 columns (`GRP`), or two 32-column groups per chunk
+/// How the integer-activation kernels form a chunk's scale, fixed per kernel instantiation (so the chunk loop
+/// carries no run-time test): per row (`ROW`), per group of >= 64 columns (`GRP`), or two 32-column groups per chunk
 /// ([`GRP32`]).
 pub(crate) fn chunk_scaling(m: &crate::formats::PackedMatrix) -> u8 {
     use crate::kernels::simd::{scale_mode, GRP, ROW};
