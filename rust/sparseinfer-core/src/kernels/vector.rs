@@ -1,39 +1,87 @@
-//! Small f32 vector operations for the attention loops (`q·k` and `o += p·v`, one query at a time or four),
-//! with an AVX2+FMA variant picked by the active ISA. The scalar versions are the reference; results differ
-//! only by summation order and FMA rounding.
+//! Small f32 vector operations for the attention loops: `q·k` and `o += p·v` one position at a time, the
+//! scores (over keys packed in [`PANEL`]-position panels) and weighted value sums of up to [`MAX_QUERIES`]
+//! queries over many positions at once, and the softmax numerators `exp(s - max)`. AVX2+FMA variants serve every x86 SIMD path, AVX-512 ones the AVX-512 path. The
+//! scalar versions are the reference: the block kernels differ from them only by summation order and FMA
+//! rounding, the exponential by at most [`EXP_BUDGET`].
 
 #[cfg(target_arch = "x86_64")]
 use super::{active_isa, Isa};
+use std::ops::Range;
 
-/// `(q[4 × hd], kt[hd × n], n, positions, out[4 × L])`: see [`scores4_scalar`].
-pub type Scores4 = fn(&[f32], &[f32], usize, std::ops::Range<usize>, &mut [f32]);
+/// Queries the block kernels take at once (each key or value load feeds one FMA per query).
+pub const MAX_QUERIES: usize = 8;
 
-/// The dot and axpy functions of the active ISA, chosen once. Loops that call them per element (attention
-/// calls `dot` once per cached position) should pick them with this instead of dispatching on every call.
+/// Positions per key panel: [`key_panels`] stores each run of `PANEL` positions dimension-major and
+/// contiguous (`hd × PANEL` values), so the score kernels read keys sequentially, one vector of positions per
+/// dimension, with no horizontal sums.
+pub const PANEL: usize = 32;
+
+/// Position-major keys `[n × hd]` as `⌈n / PANEL⌉` panels of `hd × PANEL` values (`panels[(j / PANEL) · hd ·
+/// PANEL + d · PANEL + j % PANEL] = keys[j · hd + d]`), the last padded with zeros.
+pub fn key_panels(keys: &[f32], n: usize, hd: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; n.div_ceil(PANEL) * PANEL * hd];
+    for (j, row) in keys[..n * hd].chunks_exact(hd.max(1)).enumerate() {
+        let panel = &mut out[(j / PANEL) * hd * PANEL..];
+        for (d, &v) in row.iter().enumerate() {
+            panel[d * PANEL + j % PANEL] = v;
+        }
+    }
+    out
+}
+
+/// `(q[m × hd], m, panels, positions, out[m × L])`: see [`scores_scalar`].
+pub type Scores = fn(&[f32], usize, &[f32], Range<usize>, &mut [f32]);
+/// `(p[m × L], m, v, hd, start, out[m × hd])`: see [`weighted_scalar`].
+pub type Weighted = fn(&[f32], usize, &[f32], usize, usize, &mut [f32]);
+
+/// The vector functions of the active ISA, chosen once. Loops that call them per element (attention calls `dot`
+/// once per cached position) should pick them with this instead of dispatching on every call.
 #[derive(Clone, Copy)]
 pub struct VectorOps {
     /// `Σ a[i]·b[i]`.
     pub dot: fn(&[f32], &[f32]) -> f32,
     /// `y[i] += alpha·x[i]`.
     pub axpy: fn(f32, &[f32], &mut [f32]),
-    /// Scores of four queries: see [`scores4_scalar`].
-    pub scores4: Scores4,
-    /// Weighted value sums of four queries: see [`weighted4_scalar`].
-    pub weighted4: fn(&[f32], &[f32], usize, usize, &mut [f32]),
+    /// Scores of up to [`MAX_QUERIES`] queries over key panels: see [`scores_scalar`].
+    pub scores: Scores,
+    /// Weighted value sums of up to [`MAX_QUERIES`] queries: see [`weighted_scalar`].
+    pub weighted: Weighted,
+    /// Softmax numerators in place, returning their sum: see [`exp_shifted_scalar`].
+    pub exp_shifted: fn(&mut [f32]) -> f32,
 }
 
-/// The operations for the active ISA (AVX2+FMA on every SIMD path, else the scalar reference).
+/// The operations for the active ISA (AVX-512 block kernels on the AVX-512 path, AVX2+FMA for the rest of every
+/// x86 SIMD path, else the scalar reference).
 pub fn ops() -> VectorOps {
     #[cfg(target_arch = "x86_64")]
-    if active_isa().is_ok_and(|i| i != Isa::Scalar) {
-        return VectorOps {
-            dot: x86::dot_checked,
-            axpy: x86::axpy_checked,
-            scores4: x86::scores4_checked,
-            weighted4: x86::weighted4_checked,
-        };
+    match active_isa() {
+        Ok(Isa::Avx512) => {
+            return VectorOps {
+                dot: x86::dot_checked,
+                axpy: x86::axpy_checked,
+                scores: x86::scores_checked::<true>,
+                weighted: x86::weighted_checked::<true>,
+                exp_shifted: x86::exp_shifted_checked,
+            }
+        }
+        Ok(Isa::Avx2) => {
+            return VectorOps {
+                dot: x86::dot_checked,
+                axpy: x86::axpy_checked,
+                scores: x86::scores_checked::<false>,
+                weighted: x86::weighted_checked::<false>,
+                exp_shifted: x86::exp_shifted_checked,
+            }
+        }
+        _ => {}
     }
-    VectorOps { dot: dot_scalar, axpy: axpy_scalar, scores4: scores4_scalar, weighted4: weighted4_scalar }
+    VectorOps {
+        dot: dot_scalar,
+        axpy: axpy_scalar,
+        scores: scores_scalar,
+        weighted: weighted_scalar,
+        exp_shifted: exp_shifted_scalar,
+    }
 }
 
 /// `Σ a[i]·b[i]` on the active ISA.
@@ -64,38 +112,56 @@ pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// The reference for four queries' scores over transposed keys: `out[a · L + j - start] = Σ_d q[a · hd + d] ·
-/// kt[d · n + j]` for queries `a < 4`, positions `j` in `range` (`L` long), `hd = q.len() / 4` dimensions of `n`
-/// positions each in `kt`.
-pub fn scores4_scalar(q: &[f32], kt: &[f32], n: usize, range: std::ops::Range<usize>, out: &mut [f32]) {
-    let (hd, l) = (q.len() / 4, range.len());
-    out[..4 * l].fill(0.0);
-    for d in 0..hd {
-        let row = &kt[d * n + range.start..d * n + range.end];
-        for a in 0..4 {
-            let qa = q[a * hd + d];
-            out[a * l..(a + 1) * l].iter_mut().zip(row).for_each(|(o, k)| *o += qa * k);
+/// The reference for `m` (at most [`MAX_QUERIES`]) queries' scores over key panels ([`key_panels`]): `out[a ·
+/// L + j - start] = Σ_d q[a · hd + d] · key[j][d]` for queries `a < m` and positions `j` in `range` (`L` long;
+/// `start` a multiple of [`PANEL`], `end` within the panels), `hd = q.len() / m`.
+pub fn scores_scalar(q: &[f32], m: usize, panels: &[f32], range: Range<usize>, out: &mut [f32]) {
+    let (hd, l) = (q.len() / m, range.len());
+    out[..m * l].fill(0.0);
+    for (i, j) in range.enumerate() {
+        let panel = &panels[(j / PANEL) * hd * PANEL + j % PANEL..];
+        for a in 0..m {
+            out[a * l + i] = (0..hd).map(|d| q[a * hd + d] * panel[d * PANEL]).sum();
         }
     }
 }
 
-/// The reference for four queries' weighted sums of position-major values: `out[a · hd + d] = Σ_i p[a · L + i]
-/// · v[(start + i) · hd + d]` for `L = p.len() / 4` positions from `start`.
-pub fn weighted4_scalar(p: &[f32], v: &[f32], hd: usize, start: usize, out: &mut [f32]) {
-    let l = p.len() / 4;
-    out[..4 * hd].fill(0.0);
+/// The reference for `m` queries' weighted sums of position-major values: `out[a · hd + d] = Σ_i p[a · L + i]
+/// · v[(start + i) · hd + d]` for `L = p.len() / m` positions from `start`.
+pub fn weighted_scalar(p: &[f32], m: usize, v: &[f32], hd: usize, start: usize, out: &mut [f32]) {
+    let l = p.len() / m;
+    out[..m * hd].fill(0.0);
     for i in 0..l {
         let row = &v[(start + i) * hd..(start + i + 1) * hd];
-        for a in 0..4 {
+        for a in 0..m {
             let pa = p[a * l + i];
             out[a * hd..(a + 1) * hd].iter_mut().zip(row).for_each(|(o, x)| *o += pa * x);
         }
     }
 }
 
+/// The reference softmax numerators: `s[i] = exp(s[i] - max s)` in place; returns `Σ s[i]` (0 for no scores).
+pub fn exp_shifted_scalar(s: &mut [f32]) -> f32 {
+    let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0.0f32;
+    s.iter_mut().for_each(|v| {
+        *v = (*v - max).exp();
+        sum += *v;
+    });
+    sum
+}
+
+/// Largest relative error of the SIMD softmax numerators against the exact `exp(s - max)` where that is a normal
+/// f32 (arguments in `[-85, 0]`; below, results are within 2e-38 of it): the degree-7 Taylor polynomial's 7e-9
+/// on `|r| <= ln2/2` plus about one rounding of the result (6e-8), with room for the argument's reduction.
+/// Tests hold it to the f64 exponential.
+pub const EXP_BUDGET: f32 = 1.5e-7;
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
+    use super::{MAX_QUERIES, PANEL};
     use core::arch::x86_64::*;
+    use std::ops::Range;
 
     /// [`dot`] behind a safe signature; only installed by [`super::ops`] when a SIMD ISA (hence AVX2+FMA) is
     /// active.
@@ -110,96 +176,312 @@ pub(crate) mod x86 {
         unsafe { axpy(alpha, x, y) }
     }
 
-    /// [`scores4`] behind a safe signature, under the same condition.
-    pub fn scores4_checked(q: &[f32], kt: &[f32], n: usize, range: std::ops::Range<usize>, out: &mut [f32]) {
-        let hd = q.len() / 4;
-        assert!(hd == 0 || (range.end <= n && kt.len() >= (hd - 1) * n + range.end), "keys out of range");
-        assert!(out.len() >= 4 * range.len(), "output too short");
-        // SAFETY: as for `dot_checked`; the bounds are checked above.
-        unsafe { scores4(q, kt, n, range, out) }
+    /// Calls the kernel `$f::<M>` (or `$f::<M, C>`) for the query count `M = $m`, 1 to [`MAX_QUERIES`].
+    macro_rules! by_queries {
+        ($m:expr, $f:ident $(<$c:literal>)?, $($arg:expr),*) => {
+            match $m {
+                1 => $f::<1 $(, $c)?>($($arg),*),
+                2 => $f::<2 $(, $c)?>($($arg),*),
+                3 => $f::<3 $(, $c)?>($($arg),*),
+                4 => $f::<4 $(, $c)?>($($arg),*),
+                5 => $f::<5 $(, $c)?>($($arg),*),
+                6 => $f::<6 $(, $c)?>($($arg),*),
+                7 => $f::<7 $(, $c)?>($($arg),*),
+                _ => $f::<8 $(, $c)?>($($arg),*),
+            }
+        };
     }
 
-    /// [`weighted4`] behind a safe signature, under the same condition.
-    pub fn weighted4_checked(p: &[f32], v: &[f32], hd: usize, start: usize, out: &mut [f32]) {
-        assert!(v.len() >= (start + p.len() / 4) * hd && out.len() >= 4 * hd, "values out of range");
-        // SAFETY: as for `dot_checked`; the bounds are checked above.
-        unsafe { weighted4(p, v, hd, start, out) }
-    }
-
-    /// [`super::scores4_scalar`]: 16 positions × 4 queries in 8 accumulators, one key load shared by four
-    /// FMAs.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; `kt` must hold `hd` rows of `n` with `range` inside, `out` `4 · L`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scores4(q: &[f32], kt: &[f32], n: usize, range: std::ops::Range<usize>, out: &mut [f32]) {
-        let (hd, l) = (q.len() / 4, range.len());
-        let (kp, op) = (kt.as_ptr(), out.as_mut_ptr());
-        let mut j = 0;
-        while j + 16 <= l {
-            let mut acc = [_mm256_setzero_ps(); 8];
-            for d in 0..hd {
-                let row = kp.add(d * n + range.start + j);
-                let (k0, k1) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)));
-                for a in 0..4 {
-                    let b = _mm256_set1_ps(*q.get_unchecked(a * hd + d));
-                    acc[2 * a] = _mm256_fmadd_ps(b, k0, acc[2 * a]);
-                    acc[2 * a + 1] = _mm256_fmadd_ps(b, k1, acc[2 * a + 1]);
+    /// [`super::scores_scalar`] behind a safe signature, on zmm (`WIDE`) or ymm registers; only installed by
+    /// [`super::ops`] when the active ISA has them.
+    pub fn scores_checked<const WIDE: bool>(q: &[f32], m: usize, panels: &[f32], range: Range<usize>, out: &mut [f32]) {
+        assert!((1..=MAX_QUERIES).contains(&m) && q.len().is_multiple_of(m), "1 to {MAX_QUERIES} queries");
+        let (hd, l) = (q.len() / m, range.len());
+        assert!(range.start.is_multiple_of(PANEL) && range.start <= range.end, "positions start a panel");
+        assert!(panels.len() >= range.end.div_ceil(PANEL) * PANEL * hd, "keys out of range");
+        assert!(out.len() >= m * l, "output too short");
+        // SAFETY: `ops` installs the WIDE variant only on the AVX-512 path and the other only where AVX2 and
+        // FMA run; the bounds are checked above (whole panels, so padded lanes are readable).
+        unsafe {
+            if WIDE {
+                by_queries!(m, scores512, q, &panels[range.start * hd..], l, out)
+            } else {
+                // Four queries at a time: ymm registers hold no more accumulators.
+                for a0 in (0..m).step_by(4) {
+                    let mm = (m - a0).min(4);
+                    let (qa, oa) = (&q[a0 * hd..(a0 + mm) * hd], &mut out[a0 * l..(a0 + mm) * l]);
+                    by_queries!(mm, scores256, qa, &panels[range.start * hd..], l, oa)
                 }
             }
-            for a in 0..4 {
-                _mm256_storeu_ps(op.add(a * l + j), acc[2 * a]);
-                _mm256_storeu_ps(op.add(a * l + j + 8), acc[2 * a + 1]);
+        }
+    }
+
+    /// [`super::weighted_scalar`] behind a safe signature, under the same conditions.
+    pub fn weighted_checked<const WIDE: bool>(
+        p: &[f32],
+        m: usize,
+        v: &[f32],
+        hd: usize,
+        start: usize,
+        out: &mut [f32],
+    ) {
+        assert!((1..=MAX_QUERIES).contains(&m) && p.len().is_multiple_of(m), "1 to {MAX_QUERIES} queries");
+        let l = p.len() / m;
+        assert!(v.len() >= (start + l) * hd && out.len() >= m * hd, "values out of range");
+        let v = &v[start * hd..];
+        // SAFETY: as for `scores_checked`.
+        unsafe {
+            if WIDE && m > 4 {
+                by_queries!(m, weighted512<2>, p, v, hd, out)
+            } else if WIDE {
+                by_queries!(m, weighted512<4>, p, v, hd, out)
+            } else {
+                for a0 in (0..m).step_by(4) {
+                    let mm = (m - a0).min(4);
+                    let (pa, oa) = (&p[a0 * l..(a0 + mm) * l], &mut out[a0 * hd..(a0 + mm) * hd]);
+                    by_queries!(mm, weighted256, pa, v, hd, oa)
+                }
+            }
+        }
+    }
+
+    /// [`super::exp_shifted_scalar`] with the polynomial exponential, behind a safe signature, where AVX2 and FMA
+    /// run.
+    pub fn exp_shifted_checked(s: &mut [f32]) -> f32 {
+        // SAFETY: `ops` installs this only on x86 SIMD paths, all of which have AVX2 and FMA.
+        unsafe { exp_shifted(s) }
+    }
+
+    /// Per panel half, 16 positions × `M` (at most 4) queries in `2M` accumulators: each key load feeds `M` FMAs.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `panels` holds `⌈l / PANEL⌉` whole panels of `hd = q.len() / M`, `out` `M · l`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn scores256<const M: usize>(q: &[f32], panels: &[f32], l: usize, out: &mut [f32]) {
+        let hd = q.len() / M;
+        let (kp, op, qp) = (panels.as_ptr(), out.as_mut_ptr(), q.as_ptr());
+        let mut j = 0;
+        while j < l {
+            let base = kp.add((j / PANEL) * hd * PANEL + j % PANEL);
+            let mut acc = [[_mm256_setzero_ps(); 2]; M];
+            for d in 0..hd {
+                let (k0, k1) = (_mm256_loadu_ps(base.add(d * PANEL)), _mm256_loadu_ps(base.add(d * PANEL + 8)));
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    let b = _mm256_broadcast_ss(&*qp.add(a * hd + d));
+                    acc[0] = _mm256_fmadd_ps(b, k0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(b, k1, acc[1]);
+                }
+            }
+            let take = (l - j).min(16);
+            for (a, acc) in acc.iter().enumerate() {
+                if take == 16 {
+                    _mm256_storeu_ps(op.add(a * l + j), acc[0]);
+                    _mm256_storeu_ps(op.add(a * l + j + 8), acc[1]);
+                } else {
+                    // The panel's padded lanes are computed but not stored.
+                    let mut buf = [0.0f32; 16];
+                    _mm256_storeu_ps(buf.as_mut_ptr(), acc[0]);
+                    _mm256_storeu_ps(buf.as_mut_ptr().add(8), acc[1]);
+                    std::ptr::copy_nonoverlapping(buf.as_ptr(), op.add(a * l + j), take);
+                }
             }
             j += 16;
         }
-        // The last positions, scalar.
-        for jj in j..l {
-            for a in 0..4 {
-                let mut s = 0.0f32;
-                for d in 0..hd {
-                    s += q[a * hd + d] * kt[d * n + range.start + jj];
+    }
+
+    /// Per panel, its 32 positions × `M` queries in `2M` zmm accumulators; the last positions are stored under
+    /// a lane mask.
+    ///
+    /// # Safety
+    /// AVX-512F; as [`scores256`] otherwise.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scores512<const M: usize>(q: &[f32], panels: &[f32], l: usize, out: &mut [f32]) {
+        let hd = q.len() / M;
+        let (kp, op, qp) = (panels.as_ptr(), out.as_mut_ptr(), q.as_ptr());
+        let mut j = 0;
+        while j < l {
+            let base = kp.add(j * hd);
+            let mut acc = [[_mm512_setzero_ps(); 2]; M];
+            for d in 0..hd {
+                let (k0, k1) = (_mm512_loadu_ps(base.add(d * PANEL)), _mm512_loadu_ps(base.add(d * PANEL + 16)));
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    let b = _mm512_set1_ps(*qp.add(a * hd + d));
+                    acc[0] = _mm512_fmadd_ps(b, k0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(b, k1, acc[1]);
                 }
-                out[a * l + jj] = s;
             }
+            let lanes = |from: usize| -> __mmask16 {
+                let take = l.saturating_sub(j + from).min(16);
+                ((1u32 << take) - 1) as __mmask16
+            };
+            let (m0, m1) = (lanes(0), lanes(16));
+            for (a, acc) in acc.iter().enumerate() {
+                _mm512_mask_storeu_ps(op.add(a * l + j), m0, acc[0]);
+                _mm512_mask_storeu_ps(op.add(a * l + j + 16), m1, acc[1]);
+            }
+            j += PANEL;
         }
     }
 
-    /// [`super::weighted4_scalar`]: 16 dimensions × 4 queries in 8 accumulators over every position.
+    /// 16 dimensions × `M` (at most 4) queries in `2M` accumulators over every position.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA; `v` must hold rows `start..start + L` of `hd`, `out` `4 · hd`.
+    /// AVX2 and FMA; `v` holds `l = p.len() / M` rows of `hd`, `out` `M · hd`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted4(p: &[f32], v: &[f32], hd: usize, start: usize, out: &mut [f32]) {
-        let l = p.len() / 4;
-        let (vp, op) = (v.as_ptr(), out.as_mut_ptr());
+    unsafe fn weighted256<const M: usize>(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
+        let l = p.len() / M;
+        let (vp, op, pp) = (v.as_ptr(), out.as_mut_ptr(), p.as_ptr());
         let mut d0 = 0;
         while d0 + 16 <= hd {
-            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut acc = [[_mm256_setzero_ps(); 2]; M];
             for i in 0..l {
-                let row = vp.add((start + i) * hd + d0);
+                let row = vp.add(i * hd + d0);
                 let (v0, v1) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)));
-                for a in 0..4 {
-                    let b = _mm256_set1_ps(*p.get_unchecked(a * l + i));
-                    acc[2 * a] = _mm256_fmadd_ps(b, v0, acc[2 * a]);
-                    acc[2 * a + 1] = _mm256_fmadd_ps(b, v1, acc[2 * a + 1]);
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    let b = _mm256_broadcast_ss(&*pp.add(a * l + i));
+                    acc[0] = _mm256_fmadd_ps(b, v0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(b, v1, acc[1]);
                 }
             }
-            for a in 0..4 {
-                _mm256_storeu_ps(op.add(a * hd + d0), acc[2 * a]);
-                _mm256_storeu_ps(op.add(a * hd + d0 + 8), acc[2 * a + 1]);
+            for (a, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(op.add(a * hd + d0), acc[0]);
+                _mm256_storeu_ps(op.add(a * hd + d0 + 8), acc[1]);
             }
             d0 += 16;
         }
         for d in d0..hd {
-            for a in 0..4 {
+            for a in 0..M {
                 let mut s = 0.0f32;
                 for i in 0..l {
-                    s += p[a * l + i] * v[(start + i) * hd + d];
+                    s += p[a * l + i] * v[i * hd + d];
                 }
                 out[a * hd + d] = s;
             }
         }
+    }
+
+    /// `16 · D` dimensions × `M` queries in `D · M` zmm accumulators over every position (`D = 4`: one pass for
+    /// the common head width 64, for up to four queries; `D = 2` for more), then 16 at a time, the last under
+    /// a lane mask.
+    ///
+    /// # Safety
+    /// AVX-512F; as [`weighted256`] otherwise.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn weighted512<const M: usize, const D: usize>(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
+        let l = p.len() / M;
+        let (vp, op, pp) = (v.as_ptr(), out.as_mut_ptr(), p.as_ptr());
+        let mut d0 = 0;
+        while d0 + 16 * D <= hd {
+            let mut acc = [[_mm512_setzero_ps(); D]; M];
+            for i in 0..l {
+                let row = vp.add(i * hd + d0);
+                let vs: [__m512; D] = std::array::from_fn(|c| _mm512_loadu_ps(row.add(16 * c)));
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    let b = _mm512_set1_ps(*pp.add(a * l + i));
+                    for (x, v) in acc.iter_mut().zip(vs) {
+                        *x = _mm512_fmadd_ps(b, v, *x);
+                    }
+                }
+            }
+            for (a, acc) in acc.iter().enumerate() {
+                for (c, x) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(op.add(a * hd + d0 + 16 * c), *x);
+                }
+            }
+            d0 += 16 * D;
+        }
+        while d0 < hd {
+            let mask: __mmask16 = if hd - d0 >= 16 { 0xffff } else { (1u16 << (hd - d0)) - 1 };
+            let mut acc = [_mm512_setzero_ps(); M];
+            for i in 0..l {
+                let v0 = _mm512_maskz_loadu_ps(mask, vp.add(i * hd + d0));
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*pp.add(a * l + i)), v0, *acc);
+                }
+            }
+            for (a, acc) in acc.iter().enumerate() {
+                _mm512_mask_storeu_ps(op.add(a * hd + d0), mask, *acc);
+            }
+            d0 += 16;
+        }
+    }
+
+    /// `exp(x)` of eight lanes to within [`super::EXP_BUDGET`] on `[-87, 0]` (inputs are clamped to `[-87.3, 88]`):
+    /// `x = n·ln2 + r` with `|r| <= ln2/2` (ln2 split in two so `n·ln2_hi` is exact), the degree-7 Taylor
+    /// polynomial of `e^r` by Horner, times `2^n` built in the exponent field.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp256(x: __m256) -> __m256 {
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        // 1/k! for k = 7 down to 2.
+        const C: [f32; 6] = [1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5];
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.0));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let mut poly = _mm256_set1_ps(C[0]);
+        for c in &C[1..] {
+            poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(*c));
+        }
+        let poly = _mm256_fmadd_ps(_mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0)), r, _mm256_set1_ps(1.0));
+        let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+        _mm256_mul_ps(poly, _mm256_castsi256_ps(two_n))
+    }
+
+    /// The largest of eight lanes.
+    #[target_feature(enable = "avx2")]
+    unsafe fn max256(v: __m256) -> f32 {
+        let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    /// The sum of eight lanes.
+    #[target_feature(enable = "avx2")]
+    unsafe fn sum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_shifted(s: &mut [f32]) -> f32 {
+        let (n, sp) = (s.len(), s.as_mut_ptr());
+        if n == 0 {
+            return 0.0;
+        }
+        let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i + 8 <= n {
+            mv = _mm256_max_ps(mv, _mm256_loadu_ps(sp.add(i)));
+            i += 8;
+        }
+        let max = s[i..].iter().fold(max256(mv), |a, &b| a.max(b));
+        let mx = _mm256_set1_ps(max);
+        let mut sum = _mm256_setzero_ps();
+        i = 0;
+        while i + 8 <= n {
+            let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sp.add(i)), mx));
+            _mm256_storeu_ps(sp.add(i), e);
+            sum = _mm256_add_ps(sum, e);
+            i += 8;
+        }
+        let mut total = sum256(sum);
+        if i < n {
+            // The last lanes through a buffer, so every score takes the same exponential.
+            let mut buf = [max; 8];
+            buf[..n - i].copy_from_slice(&s[i..]);
+            let mut e = [0.0f32; 8];
+            _mm256_storeu_ps(e.as_mut_ptr(), exp256(_mm256_sub_ps(_mm256_loadu_ps(buf.as_ptr()), mx)));
+            s[i..].copy_from_slice(&e[..n - i]);
+            total += e[..n - i].iter().sum::<f32>();
+        }
+        total
     }
 
     /// # Safety
@@ -219,12 +501,7 @@ pub(crate) mod x86 {
             acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), acc0);
             i += 8;
         }
-        // Horizontal sum of the 8 lanes.
-        let v = _mm256_add_ps(acc0, acc1);
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-        let mut total = _mm_cvtss_f32(s);
+        let mut total = sum256(_mm256_add_ps(acc0, acc1));
         while i < n {
             total += a[i] * b[i];
             i += 1;
@@ -255,24 +532,79 @@ pub(crate) mod x86 {
 mod tests {
     use super::*;
 
+    /// Every query count and a spread of head widths and position ranges (whole panels, partial last panels,
+    /// scalar and masked dimension tails) against the references, on the active ISA (the test run sets each in
+    /// turn).
     #[test]
-    fn four_query_kernels_match_their_references() {
+    fn block_kernels_match_their_references() {
         let val = |i: usize, m: usize| ((i * m + 5) % 29) as f32 / 14.0 - 1.0;
-        for (hd, n, start, end) in [(64, 90, 0, 90), (16, 40, 3, 37), (24, 17, 0, 17), (8, 5, 1, 4)] {
-            let q: Vec<f32> = (0..4 * hd).map(|i| val(i, 3)).collect();
-            let kt: Vec<f32> = (0..hd * n).map(|i| val(i, 7)).collect();
-            let l = end - start;
-            let (mut a, mut b) = (vec![0.0f32; 4 * l], vec![0.0f32; 4 * l]);
-            scores4_scalar(&q, &kt, n, start..end, &mut a);
-            (ops().scores4)(&q, &kt, n, start..end, &mut b);
-            assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-5), "scores hd {hd} n {n}");
-            let p: Vec<f32> = (0..4 * l).map(|i| val(i, 11).abs()).collect();
-            let v: Vec<f32> = (0..n * hd).map(|i| val(i, 13)).collect();
-            let (mut a, mut b) = (vec![0.0f32; 4 * hd], vec![0.0f32; 4 * hd]);
-            weighted4_scalar(&p, &v, hd, start, &mut a);
-            (ops().weighted4)(&p, &v, hd, start, &mut b);
-            assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-4), "weighted hd {hd} n {n}");
+        let shapes =
+            [(64, 90, 0, 90), (16, 40, 32, 37), (24, 17, 0, 17), (8, 5, 0, 4), (80, 1500, 0, 1500), (72, 50, 32, 32)];
+        for (hd, n, start, end) in shapes {
+            let keys: Vec<f32> = (0..n * hd).map(|i| val(i, 7)).collect();
+            let panels = key_panels(&keys, n, hd);
+            for m in 1..=MAX_QUERIES {
+                let q: Vec<f32> = (0..m * hd).map(|i| val(i, 3)).collect();
+                let l = end - start;
+                // The definition, from position-major keys.
+                let want: Vec<f32> = (0..m * l)
+                    .map(|x| (0..hd).map(|d| q[(x / l) * hd + d] * keys[(start + x % l) * hd + d]).sum())
+                    .collect();
+                let (mut a, mut b) = (vec![0.0f32; m * l], vec![7.0f32; m * l + 3]);
+                scores_scalar(&q, m, &panels, start..end, &mut a);
+                (ops().scores)(&q, m, &panels, start..end, &mut b);
+                assert!(want.iter().zip(&a).all(|(x, y)| (x - y).abs() <= 1e-4), "reference scores hd {hd} m {m}");
+                assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-4), "scores hd {hd} n {n} m {m}");
+                assert_eq!(b[m * l..], [7.0; 3], "scores wrote past their output");
+                let p: Vec<f32> = (0..m * l).map(|i| val(i, 11).abs()).collect();
+                let v: Vec<f32> = (0..n * hd).map(|i| val(i, 13)).collect();
+                let (mut a, mut b) = (vec![0.0f32; m * hd], vec![7.0f32; m * hd + 3]);
+                weighted_scalar(&p, m, &v, hd, start, &mut a);
+                (ops().weighted)(&p, m, &v, hd, start, &mut b);
+                let tol = 1e-5 * (l as f32 + 1.0);
+                assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= tol), "weighted hd {hd} n {n} m {m}");
+                assert_eq!(b[m * hd..], [7.0; 3], "weighted sums wrote past their output");
+            }
         }
+    }
+
+    /// The softmax numerators of the active ISA within [`EXP_BUDGET`] of the f64 exponential, for every tail
+    /// length and over the whole clamped range, and their sum.
+    #[test]
+    fn exp_shifted_is_within_its_budget() {
+        let mut worst = 0.0f64;
+        for len in 0..40 {
+            // Scores from -87 below the maximum to the maximum itself, so exp spans [e^-87, 1].
+            let s: Vec<f32> = (0..len).map(|i| 3.0 - 90.0 * ((i * 7 % 40) as f32 / 39.0).powi(2)).collect();
+            let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut got = s.clone();
+            let sum = (ops().exp_shifted)(&mut got);
+            let mut want_sum = 0.0f64;
+            for (x, g) in s.iter().zip(&got) {
+                let want = ((*x - max) as f64).exp();
+                want_sum += want;
+                if want > 1e-37 {
+                    // Smaller results are subnormal in f32 (or clamped): absolute error below 2e-38.
+                    worst = worst.max((*g as f64 - want).abs() / want);
+                } else {
+                    assert!((*g as f64 - want).abs() < 2e-38, "exp({}) = {g}", x - max);
+                }
+            }
+            assert!((sum as f64 - want_sum).abs() <= 1e-6 * want_sum.max(1e-30), "sum of {len}");
+        }
+        // Dense sweep of the exponential itself, through one long row.
+        let mut row: Vec<f32> = (0..=175_000).map(|i| -87.0 + i as f32 * 1e-3).collect();
+        let orig = row.clone();
+        (ops().exp_shifted)(&mut row);
+        let top = orig[orig.len() - 1];
+        for (x, g) in orig.iter().zip(&row) {
+            let want = ((*x - top) as f64).exp();
+            if want > 1e-37 {
+                worst = worst.max((*g as f64 - want).abs() / want);
+            }
+        }
+        assert!(worst <= EXP_BUDGET as f64, "worst relative error {worst:e} over {EXP_BUDGET:e}");
+        assert_eq!((ops().exp_shifted)(&mut []), 0.0);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 use super::ops::attention::KvView;
 use crate::error::{Error, Result};
+use crate::kernels::vector::key_panels;
 
 /// Cached keys and values for up to `capacity` positions.
 pub struct KvCache {
@@ -19,6 +20,8 @@ pub struct KvCache {
     len: usize,
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
+    /// Keys are packed in panels ([`KvCache::freeze`]), no longer `[position][head_dim]`.
+    frozen: bool,
 }
 
 impl KvCache {
@@ -33,6 +36,23 @@ impl KvCache {
             len: 0,
             keys: (0..heads).map(|_| Vec::new()).collect(),
             values: (0..heads).map(|_| Vec::new()).collect(),
+            frozen: false,
+        }
+    }
+
+    /// Ends the cache's growth (cross-attention keys and values, written once per input) and packs each head's
+    /// keys in panels ([`key_panels`]), so every attention call over them takes the blocked kernels without a
+    /// copy.
+    pub fn freeze(&mut self) {
+        if !self.frozen {
+            let (n, hd) = (self.len, self.head_dim);
+            for k in &mut self.keys {
+                *k = key_panels(k, n, hd);
+            }
+            for v in &mut self.values {
+                v.truncate(n * hd);
+            }
+            self.frozen = true;
         }
     }
 
@@ -51,20 +71,26 @@ impl KvCache {
         self.capacity
     }
 
-    /// Forgets every position (keeps the memory).
+    /// Forgets every position (keeps the memory; a frozen cache grows again).
     pub fn clear(&mut self) {
         self.len = 0;
+        self.frozen = false;
     }
 
-    /// Drops positions from `len` on (for reusing a shared prefix).
+    /// Drops positions from `len` on (for reusing a shared prefix). A frozen cache keeps its length.
     pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+        if !self.frozen {
+            self.len = self.len.min(len);
+        }
     }
 
     /// Stores the keys and values (`kv_heads × head_dim` each) of position `pos` (at most `len()`) in `layer`.
     /// Fails, rather than aborting, when memory for a new position cannot be had.
     pub fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) -> Result<()> {
         let hd = self.head_dim;
+        if self.frozen {
+            return Err(Error::invalid("kv cache", "the cache is frozen"));
+        }
         if pos >= self.capacity {
             return Err(Error::invalid("kv cache", format!("position {pos} is past the capacity {}", self.capacity)));
         }
@@ -86,7 +112,8 @@ impl KvCache {
         Ok(())
     }
 
-    /// Keys and values of one head of one layer, `positions written × head_dim` each.
+    /// Keys and values of one head of one layer, `positions written × head_dim` each (keys in panels once
+    /// frozen).
     pub fn head(&self, layer: usize, head: usize) -> (&[f32], &[f32]) {
         self.layer(layer).head(head)
     }
@@ -94,11 +121,18 @@ impl KvCache {
     /// The keys and values of `layer`, as attention reads them.
     pub fn layer(&self, layer: usize) -> KvView<'_> {
         let heads = layer * self.kv_heads..(layer + 1) * self.kv_heads;
-        KvView::new(&self.keys[heads.clone()], &self.values[heads])
+        let (keys, values) = (&self.keys[heads.clone()], &self.values[heads]);
+        if self.frozen {
+            KvView::with_key_panels(keys, values)
+        } else {
+            KvView::new(keys, values)
+        }
     }
 
-    /// Marks `n` more positions as filled (after every layer wrote them).
+    /// Marks `n` more positions as filled (after every layer wrote them); a frozen cache stays as it is.
     pub fn advance(&mut self, n: usize) {
-        self.len = (self.len + n).min(self.capacity);
+        if !self.frozen {
+            self.len = (self.len + n).min(self.capacity);
+        }
     }
 }

@@ -206,6 +206,7 @@ impl Seq2Seq {
             block.cross.fill(s, li, enc, n, &mut cross)?;
         }
         cross.advance(n);
+        cross.freeze();
         let cache = KvCache::new(s.layers, s.kv_heads, s.head_dim, capacity.min(s.max_positions));
         Ok(Seq2SeqState { cache, cross })
     }

@@ -3,7 +3,7 @@
 //! query sees: causal self-attention over a KV cache (with an optional sliding window and ALiBi biases, Press et
 //! al., arXiv 2108.12409), or every position, as encoder self-attention and cross-attention need.
 
-use crate::kernels::vector;
+use crate::kernels::vector::{self, MAX_QUERIES, PANEL};
 use crate::parallel;
 
 /// The heads of one attention layer.
@@ -19,23 +19,36 @@ pub struct Heads {
     pub scale: f32,
 }
 
-/// Keys and values of one layer: per key/value head, positions back to back, `hd` values each.
+/// Keys and values of one layer: per key/value head, values position-major (positions back to back, `hd` values
+/// each), keys either the same way or in dimension-major panels ([`vector::key_panels`]: a cache that no longer
+/// grows, as cross-attention's, is packed once so no call has to).
 #[derive(Clone, Copy)]
 pub struct KvView<'a> {
     keys: &'a [Vec<f32>],
     values: &'a [Vec<f32>],
+    keys_in_panels: bool,
 }
 
 impl<'a> KvView<'a> {
     /// A view of per-head key and value buffers (`keys[g]`: positions × `hd`).
     pub fn new(keys: &'a [Vec<f32>], values: &'a [Vec<f32>]) -> KvView<'a> {
         debug_assert_eq!(keys.len(), values.len());
-        KvView { keys, values }
+        KvView { keys, values, keys_in_panels: false }
     }
 
-    /// Keys and values of key/value head `g`.
+    /// A view whose keys are packed in panels (`keys[g]`: [`vector::key_panels`] of the head's keys).
+    pub fn with_key_panels(keys: &'a [Vec<f32>], values: &'a [Vec<f32>]) -> KvView<'a> {
+        KvView { keys_in_panels: true, ..KvView::new(keys, values) }
+    }
+
+    /// Keys (laid out as the view says) and values of key/value head `g`.
     pub fn head(&self, g: usize) -> (&'a [f32], &'a [f32]) {
         (&self.keys[g], &self.values[g])
+    }
+
+    /// Whether the keys are packed in panels.
+    pub fn keys_in_panels(&self) -> bool {
+        self.keys_in_panels
     }
 }
 
@@ -87,16 +100,18 @@ pub enum Layout {
     /// axpy per value row. Cheapest for few queries (decoding), where a transposed copy would cost as much as
     /// the work.
     Positions,
-    /// Four queries at a time over a dimension-major copy of each key head (`kt[d][j]`, made once per call),
-    /// so each key or value load feeds four FMAs ([`crate::kernels::vector::VectorOps::scores4`]); leftover
-    /// queries take [`Layout::Positions`]. For many queries over many positions (an encoder, a prefill).
+    /// Up to [`MAX_QUERIES`] queries at a time over key panels (the view's own or packed once per call), so
+    /// each key or value load feeds one FMA per query and no score needs a horizontal sum
+    /// ([`crate::kernels::vector::VectorOps::scores`]). For many queries over many positions (an encoder, a
+    /// prefill), and for any query over packed keys.
     Blocked,
 }
 
 /// `out[k × H·hd]`: the attention of `k` queries, query `a` of head `h` at `q[a · q_stride + h · hd..]`, over
-/// `kv`. One task per (query, head) pair on the thread pool when the work is large enough.
+/// `kv`. One task per (query, head) pair, or per (block of up to four queries, head) in [`Layout::Blocked`], on
+/// the thread pool when the work is large enough.
 pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv: KvView, out: &mut [f32]) {
-    let layout = if k >= TRANSPOSE_QUERIES && seen(span, k) >= TRANSPOSE_POSITIONS {
+    let layout = if kv.keys_in_panels || (k >= TRANSPOSE_QUERIES && seen(span, k) >= TRANSPOSE_POSITIONS) {
         Layout::Blocked
     } else {
         Layout::Positions
@@ -112,7 +127,8 @@ fn seen(span: Span, k: usize) -> usize {
     }
 }
 
-/// [`attend`] with the key/value layout chosen by the caller (tests compare the two).
+/// [`attend`] with the key/value layout chosen by the caller (tests compare the two; keys in panels always
+/// take [`Layout::Blocked`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_with(
     layout: Layout,
@@ -125,6 +141,7 @@ pub fn attend_with(
     out: &mut [f32],
 ) {
     let Heads { heads: n_heads, kv_heads, head_dim: hd, scale } = heads;
+    let layout = if kv.keys_in_panels { Layout::Blocked } else { layout };
     let group = n_heads / kv_heads;
     let out_ptr = SendPtr(out.as_mut_ptr());
     let ops = vector::ops();
@@ -151,12 +168,7 @@ pub fn attend_with(
             let row = &values[h * width + zero + start - pos..];
             own.iter_mut().zip(row).for_each(|(v, b)| *v += b);
         }
-        let max = own.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut sum = 0.0f32;
-        own.iter_mut().for_each(|v| {
-            *v = (*v - max).exp();
-            sum += *v;
-        });
+        let sum = (ops.exp_shifted)(own);
         scores[..lo].fill(0.0);
         scores[hi..].fill(0.0);
         1.0 / sum
@@ -177,41 +189,55 @@ pub fn attend_with(
             (ops.axpy)(p * inv, &values[(start + i) * hd..(start + i + 1) * hd], o);
         }
     };
-    // kt[g][d · n + j]: key head g, dimension d, position j.
-    let kt: Vec<Vec<f32>> = match layout {
-        Layout::Positions => Vec::new(),
-        Layout::Blocked => (0..kv_heads).map(|g| transpose(&kv.head(g).0[..n * hd], n, hd)).collect(),
+    // The key panels of head g (`vector::key_panels`).
+    let copies: Vec<Vec<f32>> = match layout {
+        Layout::Blocked if !kv.keys_in_panels => {
+            (0..kv_heads).map(|g| vector::key_panels(kv.head(g).0, n, hd)).collect()
+        }
+        _ => Vec::new(),
+    };
+    let panels = |g: usize| -> &[f32] {
+        if kv.keys_in_panels {
+            kv.head(g).0
+        } else {
+            &copies[g]
+        }
     };
     let block = |a0: usize, h: usize| {
-        // The union of the four queries' key ranges (causal ranges grow with the query).
-        let (from, to) = (range(a0, h).0, range(a0 + 3, h).1);
-        let mut qs = vec![0.0f32; 4 * hd];
+        let m = MAX_QUERIES.min(k - a0);
+        // The union of the queries' key ranges (causal ranges grow with the query), from a panel's start.
+        let (first, to) = (range(a0, h).0, range(a0 + m - 1, h).1);
+        let from = first / PANEL * PANEL;
+        let mut qs = vec![0.0f32; m * hd];
         for (i, qa) in qs.chunks_exact_mut(hd).enumerate() {
             let src = &q[(a0 + i) * q_stride + h * hd..(a0 + i) * q_stride + (h + 1) * hd];
             qa.iter_mut().zip(src).for_each(|(d, s)| *d = s * scale);
         }
         let l = to - from;
-        let mut scores = vec![0.0f32; 4 * l];
-        (ops.scores4)(&qs, &kt[h / group], n, from..to, &mut scores);
-        let mut inv = [0.0f32; 4];
+        if l == 0 {
+            (a0..a0 + m).for_each(|a| out_of(a, h).fill(0.0));
+            return;
+        }
+        let mut scores = vec![0.0f32; m * l];
+        (ops.scores)(&qs, m, panels(h / group), from..to, &mut scores);
+        let mut inv = [0.0f32; MAX_QUERIES];
         for (i, s) in scores.chunks_exact_mut(l).enumerate() {
             inv[i] = softmax(a0 + i, h, from, s);
         }
-        let mut o4 = vec![0.0f32; 4 * hd];
-        (ops.weighted4)(&scores, kv.head(h / group).1, hd, from, &mut o4);
-        for (i, oa) in o4.chunks_exact(hd).enumerate() {
+        let mut o = vec![0.0f32; m * hd];
+        (ops.weighted)(&scores, m, kv.head(h / group).1, hd, from, &mut o);
+        for (i, oa) in o.chunks_exact(hd).enumerate() {
             out_of(a0 + i, h).iter_mut().zip(oa).for_each(|(o, v)| *o = v * inv[i]);
         }
     };
-    let per_block = if layout == Layout::Blocked { 4 } else { 1 };
+    let per_block = if layout == Layout::Blocked { MAX_QUERIES } else { 1 };
     let blocks = k.div_ceil(per_block);
     let task = |t: usize| {
         let (b, h) = (t / n_heads, t % n_heads);
-        let a0 = b * per_block;
-        if per_block == 4 && a0 + 4 <= k {
-            block(a0, h);
+        if layout == Layout::Blocked {
+            block(b * per_block, h);
         } else {
-            (a0..(a0 + per_block).min(k)).for_each(|a| one(a, h));
+            one(b, h);
         }
     };
     let n_tasks = blocks * n_heads;
@@ -222,17 +248,6 @@ pub fn attend_with(
     } else {
         (0..n_tasks).for_each(task);
     }
-}
-
-/// `[n × hd]` → `[hd × n]`.
-fn transpose(x: &[f32], n: usize, hd: usize) -> Vec<f32> {
-    let mut t = vec![0.0f32; n * hd];
-    for (j, row) in x.chunks_exact(hd).enumerate() {
-        for (d, &v) in row.iter().enumerate() {
-            t[d * n + j] = v;
-        }
-    }
-    t
 }
 
 #[derive(Clone, Copy)]
@@ -250,9 +265,10 @@ unsafe impl Send for SendPtr {}
 mod tests {
     use super::*;
 
-    /// Both layouts over every span kind: the same attention within f32 rounding of the summation order.
+    /// Both layouts, and keys packed in panels beforehand, over every span kind: the same attention within f32
+    /// rounding of the summation order.
     #[test]
-    fn transposed_layout_matches_the_position_layout() {
+    fn blocked_layout_matches_the_position_layout() {
         let (h, g, hd, n) = (4, 2, 16, 90);
         let val = |i: usize, m: usize| ((i * m + 11) % 37) as f32 / 18.0 - 1.0;
         let keys: Vec<Vec<f32>> = (0..g).map(|x| (0..n * hd).map(|i| val(i + x, 7)).collect()).collect();
@@ -275,6 +291,18 @@ mod tests {
                 attend_with(Layout::Blocked, heads, span, &q, h * hd, k, kv, &mut b);
                 for (x, y) in a.iter().zip(&b) {
                     assert!((x - y).abs() <= 1e-5, "{x} vs {y} in {span:?}");
+                }
+                if let Span::All { .. } = span {
+                    // One query, and all of them, over packed keys (cross-attention after `KvCache::freeze`).
+                    let panels: Vec<Vec<f32>> = keys.iter().map(|x| vector::key_panels(x, n, hd)).collect();
+                    let packed = KvView::with_key_panels(&panels, &values);
+                    let mut c = vec![0.0f32; k * h * hd];
+                    attend(heads, span, &q, h * hd, k, packed, &mut c);
+                    let mut one = vec![0.0f32; h * hd];
+                    attend(heads, span, &q, h * hd, 1, packed, &mut one);
+                    for (x, y) in a.iter().zip(&c).chain(a.iter().zip(&one)) {
+                        assert!((x - y).abs() <= 1e-5, "{x} vs {y} over packed keys");
+                    }
                 }
             }
         }
