@@ -18,8 +18,8 @@ pub const PANEL: usize = 32;
 
 /// Position-major keys `[n × hd]` as `⌈n / PANEL⌉` panels of `hd × PANEL` values (`panels[(j / PANEL) · hd ·
 /// PANEL + d · PANEL + j % PANEL] = keys[j · hd + d]`), the last padded with zeros.
-pub fn key_panels(keys: &[f32], n: usize, hd: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; n.div_ceil(PANEL) * PANEL * hd];
+pub fn key_panels<T: Copy + Default>(keys: &[T], n: usize, hd: usize) -> Vec<T> {
+    let mut out = vec![T::default(); n.div_ceil(PANEL) * PANEL * hd];
     for (j, row) in keys[..n * hd].chunks_exact(hd.max(1)).enumerate() {
         let panel = &mut out[(j / PANEL) * hd * PANEL..];
         for (d, &v) in row.iter().enumerate() {
@@ -29,10 +29,27 @@ pub fn key_panels(keys: &[f32], n: usize, hd: usize) -> Vec<f32> {
     out
 }
 
+/// The element types keys and values are stored in: f32, or int8 codes whose scales the caller applies.
+pub trait KvElem: Copy + Default + Into<f32> + sealed::Sealed {
+    /// Whether the type is `i8`.
+    const I8: bool;
+}
+impl KvElem for f32 {
+    const I8: bool = false;
+}
+impl KvElem for i8 {
+    const I8: bool = true;
+}
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for i8 {}
+}
+
 /// `(q[m × hd], m, panels, positions, out[m × L])`: see [`scores_scalar`].
-pub type Scores = fn(&[f32], usize, &[f32], Range<usize>, &mut [f32]);
+pub type Scores<T> = fn(&[f32], usize, &[T], Range<usize>, &mut [f32]);
 /// `(p[m × L], m, v, hd, start, out[m × hd])`: see [`weighted_scalar`].
-pub type Weighted = fn(&[f32], usize, &[f32], usize, usize, &mut [f32]);
+pub type Weighted<T> = fn(&[f32], usize, &[T], usize, usize, &mut [f32]);
 
 /// The vector functions of the active ISA, chosen once. Loops that call them per element (attention calls `dot`
 /// once per cached position) should pick them with this instead of dispatching on every call.
@@ -43,9 +60,13 @@ pub struct VectorOps {
     /// `y[i] += alpha·x[i]`.
     pub axpy: fn(f32, &[f32], &mut [f32]),
     /// Scores of up to [`MAX_QUERIES`] queries over key panels: see [`scores_scalar`].
-    pub scores: Scores,
+    pub scores: Scores<f32>,
+    /// The same over int8 key panels (unscaled sums of the codes).
+    pub scores_i8: Scores<i8>,
     /// Weighted value sums of up to [`MAX_QUERIES`] queries: see [`weighted_scalar`].
-    pub weighted: Weighted,
+    pub weighted: Weighted<f32>,
+    /// The same over int8 value codes (the caller folds their scales into the weights).
+    pub weighted_i8: Weighted<i8>,
     /// Softmax numerators in place, returning their sum: see [`exp_shifted_scalar`].
     pub exp_shifted: fn(&mut [f32]) -> f32,
 }
@@ -59,8 +80,10 @@ pub fn ops() -> VectorOps {
             return VectorOps {
                 dot: x86::dot_checked,
                 axpy: x86::axpy_checked,
-                scores: x86::scores_checked::<true>,
-                weighted: x86::weighted_checked::<true>,
+                scores: x86::scores_checked::<true, f32>,
+                scores_i8: x86::scores_checked::<true, i8>,
+                weighted: x86::weighted_checked::<true, f32>,
+                weighted_i8: x86::weighted_checked::<true, i8>,
                 exp_shifted: x86::exp_shifted_checked,
             }
         }
@@ -68,8 +91,10 @@ pub fn ops() -> VectorOps {
             return VectorOps {
                 dot: x86::dot_checked,
                 axpy: x86::axpy_checked,
-                scores: x86::scores_checked::<false>,
-                weighted: x86::weighted_checked::<false>,
+                scores: x86::scores_checked::<false, f32>,
+                scores_i8: x86::scores_checked::<false, i8>,
+                weighted: x86::weighted_checked::<false, f32>,
+                weighted_i8: x86::weighted_checked::<false, i8>,
                 exp_shifted: x86::exp_shifted_checked,
             }
         }
@@ -79,7 +104,9 @@ pub fn ops() -> VectorOps {
         dot: dot_scalar,
         axpy: axpy_scalar,
         scores: scores_scalar,
+        scores_i8: scores_scalar,
         weighted: weighted_scalar,
+        weighted_i8: weighted_scalar,
         exp_shifted: exp_shifted_scalar,
     }
 }
@@ -115,27 +142,27 @@ pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
 /// The reference for `m` (at most [`MAX_QUERIES`]) queries' scores over key panels ([`key_panels`]): `out[a ·
 /// L + j - start] = Σ_d q[a · hd + d] · key[j][d]` for queries `a < m` and positions `j` in `range` (`L` long;
 /// `start` a multiple of [`PANEL`], `end` within the panels), `hd = q.len() / m`.
-pub fn scores_scalar(q: &[f32], m: usize, panels: &[f32], range: Range<usize>, out: &mut [f32]) {
+pub fn scores_scalar<T: KvElem>(q: &[f32], m: usize, panels: &[T], range: Range<usize>, out: &mut [f32]) {
     let (hd, l) = (q.len() / m, range.len());
     out[..m * l].fill(0.0);
     for (i, j) in range.enumerate() {
         let panel = &panels[(j / PANEL) * hd * PANEL + j % PANEL..];
         for a in 0..m {
-            out[a * l + i] = (0..hd).map(|d| q[a * hd + d] * panel[d * PANEL]).sum();
+            out[a * l + i] = (0..hd).map(|d| q[a * hd + d] * panel[d * PANEL].into()).sum();
         }
     }
 }
 
 /// The reference for `m` queries' weighted sums of position-major values: `out[a · hd + d] = Σ_i p[a · L + i]
 /// · v[(start + i) · hd + d]` for `L = p.len() / m` positions from `start`.
-pub fn weighted_scalar(p: &[f32], m: usize, v: &[f32], hd: usize, start: usize, out: &mut [f32]) {
+pub fn weighted_scalar<T: KvElem>(p: &[f32], m: usize, v: &[T], hd: usize, start: usize, out: &mut [f32]) {
     let l = p.len() / m;
     out[..m * hd].fill(0.0);
     for i in 0..l {
         let row = &v[(start + i) * hd..(start + i + 1) * hd];
         for a in 0..m {
             let pa = p[a * l + i];
-            out[a * hd..(a + 1) * hd].iter_mut().zip(row).for_each(|(o, x)| *o += pa * x);
+            out[a * hd..(a + 1) * hd].iter_mut().zip(row).for_each(|(o, &x)| *o += pa * x.into());
         }
     }
 }
@@ -159,7 +186,7 @@ pub const EXP_BUDGET: f32 = 1.5e-7;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
-    use super::{MAX_QUERIES, PANEL};
+    use super::{KvElem, MAX_QUERIES, PANEL};
     use core::arch::x86_64::*;
     use std::ops::Range;
 
@@ -176,51 +203,64 @@ pub(crate) mod x86 {
         unsafe { axpy(alpha, x, y) }
     }
 
-    /// Calls the kernel `$f::<M>` (or `$f::<M, C>`) for the query count `M = $m`, 1 to [`MAX_QUERIES`].
+    /// Calls the kernel `$f::<M, ...>` for the query count `M = $m`, 1 to [`MAX_QUERIES`].
     macro_rules! by_queries {
-        ($m:expr, $f:ident $(<$c:literal>)?, $($arg:expr),*) => {
+        ($m:expr, $f:ident <$($c:tt),+>, $($arg:expr),*) => {
             match $m {
-                1 => $f::<1 $(, $c)?>($($arg),*),
-                2 => $f::<2 $(, $c)?>($($arg),*),
-                3 => $f::<3 $(, $c)?>($($arg),*),
-                4 => $f::<4 $(, $c)?>($($arg),*),
-                5 => $f::<5 $(, $c)?>($($arg),*),
-                6 => $f::<6 $(, $c)?>($($arg),*),
-                7 => $f::<7 $(, $c)?>($($arg),*),
-                _ => $f::<8 $(, $c)?>($($arg),*),
+                1 => $f::<1, $({ $c }),+>($($arg),*),
+                2 => $f::<2, $({ $c }),+>($($arg),*),
+                3 => $f::<3, $({ $c }),+>($($arg),*),
+                4 => $f::<4, $({ $c }),+>($($arg),*),
+                5 => $f::<5, $({ $c }),+>($($arg),*),
+                6 => $f::<6, $({ $c }),+>($($arg),*),
+                7 => $f::<7, $({ $c }),+>($($arg),*),
+                _ => $f::<8, $({ $c }),+>($($arg),*),
             }
         };
     }
 
     /// [`super::scores_scalar`] behind a safe signature, on zmm (`WIDE`) or ymm registers; only installed by
     /// [`super::ops`] when the active ISA has them.
-    pub fn scores_checked<const WIDE: bool>(q: &[f32], m: usize, panels: &[f32], range: Range<usize>, out: &mut [f32]) {
+    pub fn scores_checked<const WIDE: bool, T: KvElem>(
+        q: &[f32],
+        m: usize,
+        panels: &[T],
+        range: Range<usize>,
+        out: &mut [f32],
+    ) {
         assert!((1..=MAX_QUERIES).contains(&m) && q.len().is_multiple_of(m), "1 to {MAX_QUERIES} queries");
         let (hd, l) = (q.len() / m, range.len());
         assert!(range.start.is_multiple_of(PANEL) && range.start <= range.end, "positions start a panel");
         assert!(panels.len() >= range.end.div_ceil(PANEL) * PANEL * hd, "keys out of range");
         assert!(out.len() >= m * l, "output too short");
+        let base = panels[range.start * hd..].as_ptr() as *const u8;
         // SAFETY: `ops` installs the WIDE variant only on the AVX-512 path and the other only where AVX2 and
         // FMA run; the bounds are checked above (whole panels, so padded lanes are readable).
         unsafe {
-            if WIDE {
-                by_queries!(m, scores512, q, &panels[range.start * hd..], l, out)
-            } else {
+            match (WIDE, T::I8) {
+                (true, false) => by_queries!(m, scores512<false>, q, base, l, out),
+                (true, true) => by_queries!(m, scores512<true>, q, base, l, out),
                 // Four queries at a time: ymm registers hold no more accumulators.
-                for a0 in (0..m).step_by(4) {
-                    let mm = (m - a0).min(4);
-                    let (qa, oa) = (&q[a0 * hd..(a0 + mm) * hd], &mut out[a0 * l..(a0 + mm) * l]);
-                    by_queries!(mm, scores256, qa, &panels[range.start * hd..], l, oa)
+                (false, i8) => {
+                    for a0 in (0..m).step_by(4) {
+                        let mm = (m - a0).min(4);
+                        let (qa, oa) = (&q[a0 * hd..(a0 + mm) * hd], &mut out[a0 * l..(a0 + mm) * l]);
+                        if i8 {
+                            by_queries!(mm, scores256<true>, qa, base, l, oa)
+                        } else {
+                            by_queries!(mm, scores256<false>, qa, base, l, oa)
+                        }
+                    }
                 }
             }
         }
     }
 
     /// [`super::weighted_scalar`] behind a safe signature, under the same conditions.
-    pub fn weighted_checked<const WIDE: bool>(
+    pub fn weighted_checked<const WIDE: bool, T: KvElem>(
         p: &[f32],
         m: usize,
-        v: &[f32],
+        v: &[T],
         hd: usize,
         start: usize,
         out: &mut [f32],
@@ -228,18 +268,24 @@ pub(crate) mod x86 {
         assert!((1..=MAX_QUERIES).contains(&m) && p.len().is_multiple_of(m), "1 to {MAX_QUERIES} queries");
         let l = p.len() / m;
         assert!(v.len() >= (start + l) * hd && out.len() >= m * hd, "values out of range");
-        let v = &v[start * hd..];
+        let v = v[start * hd..].as_ptr() as *const u8;
         // SAFETY: as for `scores_checked`.
         unsafe {
-            if WIDE && m > 4 {
-                by_queries!(m, weighted512<2>, p, v, hd, out)
-            } else if WIDE {
-                by_queries!(m, weighted512<4>, p, v, hd, out)
-            } else {
-                for a0 in (0..m).step_by(4) {
-                    let mm = (m - a0).min(4);
-                    let (pa, oa) = (&p[a0 * l..(a0 + mm) * l], &mut out[a0 * hd..(a0 + mm) * hd]);
-                    by_queries!(mm, weighted256, pa, v, hd, oa)
+            match (WIDE, m > 4, T::I8) {
+                (true, true, false) => by_queries!(m, weighted512<2, false>, p, v, hd, out),
+                (true, true, true) => by_queries!(m, weighted512<2, true>, p, v, hd, out),
+                (true, false, false) => by_queries!(m, weighted512<4, false>, p, v, hd, out),
+                (true, false, true) => by_queries!(m, weighted512<4, true>, p, v, hd, out),
+                (false, _, i8) => {
+                    for a0 in (0..m).step_by(4) {
+                        let mm = (m - a0).min(4);
+                        let (pa, oa) = (&p[a0 * l..(a0 + mm) * l], &mut out[a0 * hd..(a0 + mm) * hd]);
+                        if i8 {
+                            by_queries!(mm, weighted256<true>, pa, v, hd, oa)
+                        } else {
+                            by_queries!(mm, weighted256<false>, pa, v, hd, oa)
+                        }
+                    }
                 }
             }
         }
@@ -252,20 +298,44 @@ pub(crate) mod x86 {
         unsafe { exp_shifted(s) }
     }
 
+    /// Eight f32 lanes from `i8` codes (`I8`) or f32 values at byte address `$p`.
+    macro_rules! load8 {
+        ($i8:expr, $p:expr) => {
+            if $i8 {
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64($p as *const __m128i)))
+            } else {
+                _mm256_loadu_ps($p as *const f32)
+            }
+        };
+    }
+
+    /// Sixteen f32 lanes likewise, the lanes outside `$mask` zero and unread.
+    macro_rules! load16 {
+        ($i8:expr, $p:expr, $mask:expr) => {
+            if $i8 {
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8($mask, $p as *const i8)))
+            } else {
+                _mm512_maskz_loadu_ps($mask, $p as *const f32)
+            }
+        };
+    }
+
     /// Per panel half, 16 positions × `M` (at most 4) queries in `2M` accumulators: each key load feeds `M` FMAs.
     ///
     /// # Safety
-    /// AVX2 and FMA; `panels` holds `⌈l / PANEL⌉` whole panels of `hd = q.len() / M`, `out` `M · l`.
+    /// AVX2 and FMA; `panels` holds `⌈l / PANEL⌉` whole panels of `hd = q.len() / M` values (f32, or i8 when
+    /// `I8`), `out` `M · l`.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn scores256<const M: usize>(q: &[f32], panels: &[f32], l: usize, out: &mut [f32]) {
-        let hd = q.len() / M;
-        let (kp, op, qp) = (panels.as_ptr(), out.as_mut_ptr(), q.as_ptr());
+    unsafe fn scores256<const M: usize, const I8: bool>(q: &[f32], panels: *const u8, l: usize, out: &mut [f32]) {
+        let (hd, size) = (q.len() / M, if I8 { 1 } else { 4 });
+        let (op, qp) = (out.as_mut_ptr(), q.as_ptr());
         let mut j = 0;
         while j < l {
-            let base = kp.add((j / PANEL) * hd * PANEL + j % PANEL);
+            let base = panels.add(((j / PANEL) * hd * PANEL + j % PANEL) * size);
             let mut acc = [[_mm256_setzero_ps(); 2]; M];
             for d in 0..hd {
-                let (k0, k1) = (_mm256_loadu_ps(base.add(d * PANEL)), _mm256_loadu_ps(base.add(d * PANEL + 8)));
+                let row = base.add(d * PANEL * size);
+                let (k0, k1) = (load8!(I8, row), load8!(I8, row.add(8 * size)));
                 for (a, acc) in acc.iter_mut().enumerate() {
                     let b = _mm256_broadcast_ss(&*qp.add(a * hd + d));
                     acc[0] = _mm256_fmadd_ps(b, k0, acc[0]);
@@ -293,17 +363,18 @@ pub(crate) mod x86 {
     /// a lane mask.
     ///
     /// # Safety
-    /// AVX-512F; as [`scores256`] otherwise.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn scores512<const M: usize>(q: &[f32], panels: &[f32], l: usize, out: &mut [f32]) {
-        let hd = q.len() / M;
-        let (kp, op, qp) = (panels.as_ptr(), out.as_mut_ptr(), q.as_ptr());
+    /// AVX-512 F/BW/VL; as [`scores256`] otherwise.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn scores512<const M: usize, const I8: bool>(q: &[f32], panels: *const u8, l: usize, out: &mut [f32]) {
+        let (hd, size) = (q.len() / M, if I8 { 1 } else { 4 });
+        let (op, qp) = (out.as_mut_ptr(), q.as_ptr());
         let mut j = 0;
         while j < l {
-            let base = kp.add(j * hd);
+            let base = panels.add(j * hd * size);
             let mut acc = [[_mm512_setzero_ps(); 2]; M];
             for d in 0..hd {
-                let (k0, k1) = (_mm512_loadu_ps(base.add(d * PANEL)), _mm512_loadu_ps(base.add(d * PANEL + 16)));
+                let row = base.add(d * PANEL * size);
+                let (k0, k1) = (load16!(I8, row, 0xffff), load16!(I8, row.add(16 * size), 0xffff));
                 for (a, acc) in acc.iter_mut().enumerate() {
                     let b = _mm512_set1_ps(*qp.add(a * hd + d));
                     acc[0] = _mm512_fmadd_ps(b, k0, acc[0]);
@@ -326,17 +397,17 @@ pub(crate) mod x86 {
     /// 16 dimensions × `M` (at most 4) queries in `2M` accumulators over every position.
     ///
     /// # Safety
-    /// AVX2 and FMA; `v` holds `l = p.len() / M` rows of `hd`, `out` `M · hd`.
+    /// AVX2 and FMA; `v` holds `l = p.len() / M` rows of `hd` values (f32, or i8 when `I8`), `out` `M · hd`.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn weighted256<const M: usize>(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
-        let l = p.len() / M;
-        let (vp, op, pp) = (v.as_ptr(), out.as_mut_ptr(), p.as_ptr());
+    unsafe fn weighted256<const M: usize, const I8: bool>(p: &[f32], v: *const u8, hd: usize, out: &mut [f32]) {
+        let (l, size) = (p.len() / M, if I8 { 1 } else { 4 });
+        let (op, pp) = (out.as_mut_ptr(), p.as_ptr());
         let mut d0 = 0;
         while d0 + 16 <= hd {
             let mut acc = [[_mm256_setzero_ps(); 2]; M];
             for i in 0..l {
-                let row = vp.add(i * hd + d0);
-                let (v0, v1) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)));
+                let row = v.add((i * hd + d0) * size);
+                let (v0, v1) = (load8!(I8, row), load8!(I8, row.add(8 * size)));
                 for (a, acc) in acc.iter_mut().enumerate() {
                     let b = _mm256_broadcast_ss(&*pp.add(a * l + i));
                     acc[0] = _mm256_fmadd_ps(b, v0, acc[0]);
@@ -353,7 +424,9 @@ pub(crate) mod x86 {
             for a in 0..M {
                 let mut s = 0.0f32;
                 for i in 0..l {
-                    s += p[a * l + i] * v[i * hd + d];
+                    let at = v.add((i * hd + d) * size);
+                    let x = if I8 { *(at as *const i8) as f32 } else { *(at as *const f32) };
+                    s += p[a * l + i] * x;
                 }
                 out[a * hd + d] = s;
             }
@@ -365,17 +438,22 @@ pub(crate) mod x86 {
     /// a lane mask.
     ///
     /// # Safety
-    /// AVX-512F; as [`weighted256`] otherwise.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn weighted512<const M: usize, const D: usize>(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
-        let l = p.len() / M;
-        let (vp, op, pp) = (v.as_ptr(), out.as_mut_ptr(), p.as_ptr());
+    /// AVX-512 F/BW/VL; as [`weighted256`] otherwise.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn weighted512<const M: usize, const D: usize, const I8: bool>(
+        p: &[f32],
+        v: *const u8,
+        hd: usize,
+        out: &mut [f32],
+    ) {
+        let (l, size) = (p.len() / M, if I8 { 1 } else { 4 });
+        let (op, pp) = (out.as_mut_ptr(), p.as_ptr());
         let mut d0 = 0;
         while d0 + 16 * D <= hd {
             let mut acc = [[_mm512_setzero_ps(); D]; M];
             for i in 0..l {
-                let row = vp.add(i * hd + d0);
-                let vs: [__m512; D] = std::array::from_fn(|c| _mm512_loadu_ps(row.add(16 * c)));
+                let row = v.add((i * hd + d0) * size);
+                let vs: [__m512; D] = std::array::from_fn(|c| load16!(I8, row.add(16 * c * size), 0xffff));
                 for (a, acc) in acc.iter_mut().enumerate() {
                     let b = _mm512_set1_ps(*pp.add(a * l + i));
                     for (x, v) in acc.iter_mut().zip(vs) {
@@ -394,7 +472,7 @@ pub(crate) mod x86 {
             let mask: __mmask16 = if hd - d0 >= 16 { 0xffff } else { (1u16 << (hd - d0)) - 1 };
             let mut acc = [_mm512_setzero_ps(); M];
             for i in 0..l {
-                let v0 = _mm512_maskz_loadu_ps(mask, vp.add(i * hd + d0));
+                let v0 = load16!(I8, v.add((i * hd + d0) * size), mask);
                 for (a, acc) in acc.iter_mut().enumerate() {
                     *acc = _mm512_fmadd_ps(_mm512_set1_ps(*pp.add(a * l + i)), v0, *acc);
                 }
@@ -564,6 +642,22 @@ mod tests {
                 let tol = 1e-5 * (l as f32 + 1.0);
                 assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= tol), "weighted hd {hd} n {n} m {m}");
                 assert_eq!(b[m * hd..], [7.0; 3], "weighted sums wrote past their output");
+                // Int8 codes, the full range included, exact in f32: the same sums.
+                let code = |x: f32| (x * 127.0).round().clamp(-127.0, 127.0) as i8;
+                let kc: Vec<i8> = keys.iter().map(|&x| code(x)).collect();
+                let vc: Vec<i8> = v.iter().map(|&x| code(x)).collect();
+                let (kf, vf): (Vec<f32>, Vec<f32>) =
+                    (kc.iter().map(|&c| c as f32).collect(), vc.iter().map(|&c| c as f32).collect());
+                let (mut a, mut b) = (vec![0.0f32; m * l], vec![7.0f32; m * l + 3]);
+                scores_scalar(&q, m, &key_panels(&kf, n, hd), start..end, &mut a);
+                (ops().scores_i8)(&q, m, &key_panels(&kc, n, hd), start..end, &mut b);
+                assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-4 * 127.0), "int8 scores hd {hd} m {m}");
+                assert_eq!(b[m * l..], [7.0; 3], "int8 scores wrote past their output");
+                let (mut a, mut b) = (vec![0.0f32; m * hd], vec![7.0f32; m * hd + 3]);
+                weighted_scalar(&p, m, &vf, hd, start, &mut a);
+                (ops().weighted_i8)(&p, m, &vc, hd, start, &mut b);
+                assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= tol * 127.0), "int8 weighted hd {hd} m {m}");
+                assert_eq!(b[m * hd..], [7.0; 3], "int8 weighted sums wrote past their output");
             }
         }
     }

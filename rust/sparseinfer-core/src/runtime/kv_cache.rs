@@ -8,7 +8,7 @@
 //! keys[layer · kv_heads + kv_head][position][head_dim]     values[...] likewise
 //! ```
 
-use super::ops::attention::KvView;
+use super::ops::attention::{KvView, Store};
 use crate::error::{Error, Result};
 use crate::kernels::vector::key_panels;
 
@@ -20,8 +20,32 @@ pub struct KvCache {
     len: usize,
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
-    /// Keys are packed in panels ([`KvCache::freeze`]), no longer `[position][head_dim]`.
+    /// Set by [`KvCache::freeze`]: keys packed in panels, no longer `[position][head_dim]`.
     frozen: bool,
+    /// Int8 codes and per-position scales of keys (in panels) and values, when frozen as int8 (the f32 buffers
+    /// are then empty).
+    int8: Option<Int8>,
+}
+
+struct Int8 {
+    keys: Vec<Vec<i8>>,
+    key_scales: Vec<Vec<f32>>,
+    values: Vec<Vec<i8>>,
+    value_scales: Vec<Vec<f32>>,
+}
+
+/// Symmetric int8 codes of `[n × hd]` rows, one scale per row (`max |x| / 127`): each value is within half a
+/// scale step of `scale · code`.
+fn quantize_rows(x: &[f32], n: usize, hd: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut codes = vec![0i8; n * hd];
+    let mut scales = Vec::with_capacity(n);
+    for (row, out) in x[..n * hd].chunks_exact(hd.max(1)).zip(codes.chunks_exact_mut(hd.max(1))) {
+        let s = row.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
+        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        row.iter().zip(out).for_each(|(v, c)| *c = (v * inv).round().clamp(-127.0, 127.0) as i8);
+        scales.push(s);
+    }
+    (codes, scales)
 }
 
 impl KvCache {
@@ -37,23 +61,39 @@ impl KvCache {
             keys: (0..heads).map(|_| Vec::new()).collect(),
             values: (0..heads).map(|_| Vec::new()).collect(),
             frozen: false,
+            int8: None,
         }
     }
 
     /// Ends the cache's growth (cross-attention keys and values, written once per input) and packs each head's
-    /// keys in panels ([`key_panels`]), so every attention call over them takes the blocked kernels without a
-    /// copy.
-    pub fn freeze(&mut self) {
-        if !self.frozen {
-            let (n, hd) = (self.len, self.head_dim);
+    /// keys in panels (`kernels::vector::key_panels`), so every attention call over them takes the blocked
+    /// kernels without a copy; with `int8`, keys and values are stored as int8 codes with one scale per
+    /// position and head (a quarter of the bytes every decoding step reads).
+    pub fn freeze(&mut self, int8: bool) {
+        if self.frozen {
+            return;
+        }
+        let (n, hd) = (self.len, self.head_dim);
+        if int8 {
+            let (keys, key_scales): (Vec<_>, Vec<_>) = std::mem::take(&mut self.keys)
+                .iter()
+                .map(|k| {
+                    let (codes, scales) = quantize_rows(k, n, hd);
+                    (key_panels(&codes, n, hd), scales)
+                })
+                .unzip();
+            let (values, value_scales) =
+                std::mem::take(&mut self.values).iter().map(|v| quantize_rows(v, n, hd)).unzip();
+            self.int8 = Some(Int8 { keys, key_scales, values, value_scales });
+        } else {
             for k in &mut self.keys {
                 *k = key_panels(k, n, hd);
             }
             for v in &mut self.values {
                 v.truncate(n * hd);
             }
-            self.frozen = true;
         }
+        self.frozen = true;
     }
 
     /// Positions filled.
@@ -71,10 +111,15 @@ impl KvCache {
         self.capacity
     }
 
-    /// Forgets every position (keeps the memory; a frozen cache grows again).
+    /// Forgets every position (keeps the f32 memory; a frozen cache grows again).
     pub fn clear(&mut self) {
         self.len = 0;
         self.frozen = false;
+        if let Some(q) = self.int8.take() {
+            let heads = q.keys.len();
+            self.keys = (0..heads).map(|_| Vec::new()).collect();
+            self.values = (0..heads).map(|_| Vec::new()).collect();
+        }
     }
 
     /// Drops positions from `len` on (for reusing a shared prefix). A frozen cache keeps its length.
@@ -112,20 +157,25 @@ impl KvCache {
         Ok(())
     }
 
-    /// Keys and values of one head of one layer, `positions written × head_dim` each (keys in panels once
-    /// frozen).
-    pub fn head(&self, layer: usize, head: usize) -> (&[f32], &[f32]) {
-        self.layer(layer).head(head)
+    /// Keys and values of one head of one layer, `positions written × head_dim` each, while the cache grows.
+    pub fn head(&self, layer: usize, head: usize) -> Option<(&[f32], &[f32])> {
+        self.layer(layer).rows(head)
     }
 
     /// The keys and values of `layer`, as attention reads them.
     pub fn layer(&self, layer: usize) -> KvView<'_> {
         let heads = layer * self.kv_heads..(layer + 1) * self.kv_heads;
-        let (keys, values) = (&self.keys[heads.clone()], &self.values[heads]);
-        if self.frozen {
-            KvView::with_key_panels(keys, values)
-        } else {
-            KvView::new(keys, values)
+        match &self.int8 {
+            Some(q) => KvView::packed(Store::PanelsI8 {
+                keys: &q.keys[heads.clone()],
+                key_scales: &q.key_scales[heads.clone()],
+                values: &q.values[heads.clone()],
+                value_scales: &q.value_scales[heads],
+            }),
+            None if self.frozen => {
+                KvView::packed(Store::Panels { keys: &self.keys[heads.clone()], values: &self.values[heads] })
+            }
+            None => KvView::new(&self.keys[heads.clone()], &self.values[heads]),
         }
     }
 

@@ -19,36 +19,68 @@ pub struct Heads {
     pub scale: f32,
 }
 
-/// Keys and values of one layer: per key/value head, values position-major (positions back to back, `hd` values
-/// each), keys either the same way or in dimension-major panels ([`vector::key_panels`]: a cache that no longer
-/// grows, as cross-attention's, is packed once so no call has to).
+/// Keys and values of one layer, per key/value head: as a growing cache writes them (position-major, `hd` values
+/// per position), or packed once a cache stops growing (cross-attention's): keys in panels
+/// ([`vector::key_panels`]) so no call has to transpose them, in f32 or as int8 codes with one scale per position.
 #[derive(Clone, Copy)]
 pub struct KvView<'a> {
-    keys: &'a [Vec<f32>],
-    values: &'a [Vec<f32>],
-    keys_in_panels: bool,
+    store: Store<'a>,
+}
+
+/// How a [`KvView`] holds its keys and values (`[g]`: key/value head `g`).
+#[derive(Clone, Copy)]
+pub enum Store<'a> {
+    /// Keys and values `[position][hd]`.
+    Rows {
+        /// Keys.
+        keys: &'a [Vec<f32>],
+        /// Values.
+        values: &'a [Vec<f32>],
+    },
+    /// Keys in panels, values `[position][hd]`.
+    Panels {
+        /// Key panels.
+        keys: &'a [Vec<f32>],
+        /// Values.
+        values: &'a [Vec<f32>],
+    },
+    /// Int8 codes of both, key codes in panels, value codes `[position][hd]`; position `j`'s key is
+    /// `key_scales[g][j] · code` and likewise its value.
+    PanelsI8 {
+        /// Key code panels.
+        keys: &'a [Vec<i8>],
+        /// One scale per position.
+        key_scales: &'a [Vec<f32>],
+        /// Value codes.
+        values: &'a [Vec<i8>],
+        /// One scale per position.
+        value_scales: &'a [Vec<f32>],
+    },
 }
 
 impl<'a> KvView<'a> {
     /// A view of per-head key and value buffers (`keys[g]`: positions × `hd`).
     pub fn new(keys: &'a [Vec<f32>], values: &'a [Vec<f32>]) -> KvView<'a> {
         debug_assert_eq!(keys.len(), values.len());
-        KvView { keys, values, keys_in_panels: false }
+        KvView { store: Store::Rows { keys, values } }
     }
 
-    /// A view whose keys are packed in panels (`keys[g]`: [`vector::key_panels`] of the head's keys).
-    pub fn with_key_panels(keys: &'a [Vec<f32>], values: &'a [Vec<f32>]) -> KvView<'a> {
-        KvView { keys_in_panels: true, ..KvView::new(keys, values) }
+    /// A view of packed keys and values.
+    pub fn packed(store: Store<'a>) -> KvView<'a> {
+        KvView { store }
     }
 
-    /// Keys (laid out as the view says) and values of key/value head `g`.
-    pub fn head(&self, g: usize) -> (&'a [f32], &'a [f32]) {
-        (&self.keys[g], &self.values[g])
+    /// Keys and values of key/value head `g` when the view holds them position-major.
+    pub fn rows(&self, g: usize) -> Option<(&'a [f32], &'a [f32])> {
+        match self.store {
+            Store::Rows { keys, values } => Some((&keys[g], &values[g])),
+            _ => None,
+        }
     }
 
-    /// Whether the keys are packed in panels.
-    pub fn keys_in_panels(&self) -> bool {
-        self.keys_in_panels
+    /// Whether the view is packed (keys in panels).
+    pub fn is_packed(&self) -> bool {
+        !matches!(self.store, Store::Rows { .. })
     }
 }
 
@@ -111,7 +143,7 @@ pub enum Layout {
 /// `kv`. One task per (query, head) pair, or per (block of up to four queries, head) in [`Layout::Blocked`], on
 /// the thread pool when the work is large enough.
 pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv: KvView, out: &mut [f32]) {
-    let layout = if kv.keys_in_panels || (k >= TRANSPOSE_QUERIES && seen(span, k) >= TRANSPOSE_POSITIONS) {
+    let layout = if kv.is_packed() || (k >= TRANSPOSE_QUERIES && seen(span, k) >= TRANSPOSE_POSITIONS) {
         Layout::Blocked
     } else {
         Layout::Positions
@@ -127,8 +159,8 @@ fn seen(span: Span, k: usize) -> usize {
     }
 }
 
-/// [`attend`] with the key/value layout chosen by the caller (tests compare the two; keys in panels always
-/// take [`Layout::Blocked`]).
+/// [`attend`] with the key/value layout chosen by the caller (tests compare the two; a packed view always takes
+/// [`Layout::Blocked`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_with(
     layout: Layout,
@@ -141,7 +173,7 @@ pub fn attend_with(
     out: &mut [f32],
 ) {
     let Heads { heads: n_heads, kv_heads, head_dim: hd, scale } = heads;
-    let layout = if kv.keys_in_panels { Layout::Blocked } else { layout };
+    let layout = if kv.is_packed() { Layout::Blocked } else { layout };
     let group = n_heads / kv_heads;
     let out_ptr = SendPtr(out.as_mut_ptr());
     let ops = vector::ops();
@@ -180,7 +212,7 @@ pub fn attend_with(
     let one = |a: usize, h: usize| {
         let (start, end, ..) = range(a, h);
         let qh = &q[a * q_stride + h * hd..a * q_stride + (h + 1) * hd];
-        let (keys, values) = kv.head(h / group);
+        let (keys, values) = kv.rows(h / group).expect("position-major keys and values");
         let mut scores: Vec<f32> = (start..end).map(|j| (ops.dot)(qh, &keys[j * hd..(j + 1) * hd]) * scale).collect();
         let inv = softmax(a, h, start, &mut scores);
         let o = out_of(a, h);
@@ -189,22 +221,15 @@ pub fn attend_with(
             (ops.axpy)(p * inv, &values[(start + i) * hd..(start + i + 1) * hd], o);
         }
     };
-    // The key panels of head g (`vector::key_panels`).
-    let copies: Vec<Vec<f32>> = match layout {
-        Layout::Blocked if !kv.keys_in_panels => {
-            (0..kv_heads).map(|g| vector::key_panels(kv.head(g).0, n, hd)).collect()
+    // Key panels (`vector::key_panels`) of a position-major view, per key/value head.
+    let copies: Vec<Vec<f32>> = match kv.store {
+        Store::Rows { keys, .. } if layout == Layout::Blocked => {
+            keys.iter().map(|k| vector::key_panels(k, n, hd)).collect()
         }
         _ => Vec::new(),
     };
-    let panels = |g: usize| -> &[f32] {
-        if kv.keys_in_panels {
-            kv.head(g).0
-        } else {
-            &copies[g]
-        }
-    };
     let block = |a0: usize, h: usize| {
-        let m = MAX_QUERIES.min(k - a0);
+        let (m, g) = (MAX_QUERIES.min(k - a0), h / group);
         // The union of the queries' key ranges (causal ranges grow with the query), from a panel's start.
         let (first, to) = (range(a0, h).0, range(a0 + m - 1, h).1);
         let from = first / PANEL * PANEL;
@@ -219,13 +244,34 @@ pub fn attend_with(
             return;
         }
         let mut scores = vec![0.0f32; m * l];
-        (ops.scores)(&qs, m, panels(h / group), from..to, &mut scores);
+        // Each of the `m` rows of `scores` times per-position scales.
+        let rescale = |scores: &mut [f32], scales: &[f32]| {
+            for row in scores.chunks_exact_mut(l) {
+                row.iter_mut().zip(&scales[from..to]).for_each(|(x, s)| *x *= s);
+            }
+        };
+        match kv.store {
+            Store::Rows { .. } => (ops.scores)(&qs, m, &copies[g], from..to, &mut scores),
+            Store::Panels { keys, .. } => (ops.scores)(&qs, m, &keys[g], from..to, &mut scores),
+            Store::PanelsI8 { keys, key_scales, .. } => {
+                (ops.scores_i8)(&qs, m, &keys[g], from..to, &mut scores);
+                rescale(&mut scores, &key_scales[g]);
+            }
+        }
         let mut inv = [0.0f32; MAX_QUERIES];
         for (i, s) in scores.chunks_exact_mut(l).enumerate() {
             inv[i] = softmax(a0 + i, h, from, s);
         }
         let mut o = vec![0.0f32; m * hd];
-        (ops.weighted)(&scores, m, kv.head(h / group).1, hd, from, &mut o);
+        match kv.store {
+            Store::Rows { values, .. } | Store::Panels { values, .. } => {
+                (ops.weighted)(&scores, m, &values[g], hd, from, &mut o)
+            }
+            Store::PanelsI8 { values, value_scales, .. } => {
+                rescale(&mut scores, &value_scales[g]);
+                (ops.weighted_i8)(&scores, m, &values[g], hd, from, &mut o);
+            }
+        }
         for (i, oa) in o.chunks_exact(hd).enumerate() {
             out_of(a0 + i, h).iter_mut().zip(oa).for_each(|(o, v)| *o = v * inv[i]);
         }
@@ -295,13 +341,42 @@ mod tests {
                 if let Span::All { .. } = span {
                     // One query, and all of them, over packed keys (cross-attention after `KvCache::freeze`).
                     let panels: Vec<Vec<f32>> = keys.iter().map(|x| vector::key_panels(x, n, hd)).collect();
-                    let packed = KvView::with_key_panels(&panels, &values);
+                    let packed = KvView::packed(Store::Panels { keys: &panels, values: &values });
                     let mut c = vec![0.0f32; k * h * hd];
                     attend(heads, span, &q, h * hd, k, packed, &mut c);
                     let mut one = vec![0.0f32; h * hd];
                     attend(heads, span, &q, h * hd, 1, packed, &mut one);
                     for (x, y) in a.iter().zip(&c).chain(a.iter().zip(&one)) {
                         assert!((x - y).abs() <= 1e-5, "{x} vs {y} over packed keys");
+                    }
+                    // Int8 codes of the same keys and values give the attention of the dequantized ones.
+                    let quant = |x: &Vec<f32>| -> (Vec<i8>, Vec<f32>) {
+                        let mut codes = vec![0i8; n * hd];
+                        let scales = (0..n)
+                            .map(|j| {
+                                let s = x[j * hd..(j + 1) * hd].iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
+                                for d in 0..hd {
+                                    codes[j * hd + d] = (x[j * hd + d] / s).round() as i8;
+                                }
+                                s
+                            })
+                            .collect();
+                        (codes, scales)
+                    };
+                    let (kc, ks): (Vec<_>, Vec<_>) = keys.iter().map(quant).unzip();
+                    let (vc, vs): (Vec<_>, Vec<_>) = values.iter().map(quant).unzip();
+                    let deq = |c: &[Vec<i8>], s: &[Vec<f32>]| -> Vec<Vec<f32>> {
+                        c.iter().zip(s).map(|(c, s)| (0..n * hd).map(|i| c[i] as f32 * s[i / hd]).collect()).collect()
+                    };
+                    let (dk, dv) = (deq(&kc, &ks), deq(&vc, &vs));
+                    let mut want = vec![0.0f32; k * h * hd];
+                    attend_with(Layout::Positions, heads, span, &q, h * hd, k, KvView::new(&dk, &dv), &mut want);
+                    let kp: Vec<Vec<i8>> = kc.iter().map(|x| vector::key_panels(x, n, hd)).collect();
+                    let store = Store::PanelsI8 { keys: &kp, key_scales: &ks, values: &vc, value_scales: &vs };
+                    let mut got = vec![0.0f32; k * h * hd];
+                    attend(heads, span, &q, h * hd, k, KvView::packed(store), &mut got);
+                    for (x, y) in want.iter().zip(&got) {
+                        assert!((x - y).abs() <= 1e-5, "{x} vs {y} over int8 keys and values");
                     }
                 }
             }

@@ -15,6 +15,11 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// The activation mode the layer runs with.
+    pub fn activations(&self) -> kernels::Activations {
+        self.act.unwrap_or(kernels::Activations::default_for(self.w.format))
+    }
+
     /// `y[k × rows] = x[k × cols] Wᵀ (+ b)`.
     pub fn forward(&self, x: &[f32], k: usize, y: &mut [f32]) -> Result<()> {
         kernels::matmul(&self.w, x, k, y, self.act)?;
