@@ -27,8 +27,10 @@ def table(data, rows):
         "variants zero a random fraction of every block linear. One example: a 64-token input (T5) or 30 s of "
         f"audio features (Whisper), then {rows[0]['new_tokens']} greedy decoder tokens, batch 1. Encoder: one "
         "encoder pass. Decode tok/s: tokens after the first. Example: encoder + every decoder token, end to end. "
-        "Bytes/token: decoder linear layers + head read per decoded token (transformers: the decoder's fp32 "
-        "parameters and head). Cases run one after another (best of 2 examples for sparseinfer, 1 for "
+        "MB/token: decoder linear layers + head read per decoded token (transformers: the decoder's fp32 "
+        "parameters and head); cross K/V: the cross-attention keys and values every decoding step also reads "
+        "(fp32 in transformers; int8 codes with a scale per position in sparseinfer where the decoder takes int8 "
+        "activations); GB/s counts both. Cases run one after another (best of 2 examples for sparseinfer, 1 for "
         "transformers), not interleaved.",
         "",
     ]
@@ -38,16 +40,17 @@ def table(data, rows):
         out += [
             f"## {shape}",
             "",
-            "| runtime / format | encoder s | decode tok/s | example s | MB/token | GB/s | % of bandwidth "
-            "| decode vs transformers | example vs transformers |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| runtime / format | encoder s | decode tok/s | example s | MB/token | cross K/V MB | GB/s "
+            "| % of bandwidth | decode vs transformers | example vs transformers |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rs:
             dv = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else "-"
             ev = f"{base['example_s'] / r['example_s']:.2f}x" if base else "-"
             out.append(
                 f"| {label(r)} | {r['encoder_s']:.3f} | {r['decode_tok_s']:.1f} | {r['example_s']:.2f} | "
-                f"{r['bytes_per_token'] / 1e6:.1f} | {r['gbs']:.1f} | {100 * r['fraction_of_bandwidth']:.0f} % | "
+                f"{r['bytes_per_token'] / 1e6:.1f} | {r.get('cross_kv_bytes', 0) / 1e6:.1f} | {r['gbs']:.1f} | "
+                f"{100 * r['fraction_of_bandwidth']:.0f} % | "
                 f"{dv} | {ev} |"
             )
         out.append("")

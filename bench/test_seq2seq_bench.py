@@ -6,9 +6,9 @@ with a random fraction of every linear weight inside the blocks zeroed (random m
 trained ones do). Batch 1, the kernels' thread count (2 here) on both sides, greedy, no EOS. One example is a
 64-token encoder input (T5) or 30 s of audio features (Whisper, 3000 frames), then 64 decoder tokens. Each case
 records the encoder time, decoder tokens/s after the first, the end-to-end time of the example, bytes read per
-decoded token (decoder linear layers and head) and the GB/s that implies against the read bandwidth measured
-in the same run. transformers decodes with its KV cache (encoder once, then one token per call), as its
-``generate`` does.
+decoded token (decoder linear layers and head, plus the cross-attention keys and values every step reads) and
+the GB/s that implies against the read bandwidth measured in the same run. transformers decodes with its KV
+cache (encoder once, then one token per call), as its ``generate`` does.
 
     make bench-seq2seq   # JSON in bench/results/, table and plot in docs/benchmarks/
 
@@ -115,6 +115,15 @@ def decoder_bytes(model) -> int:
     return 4 * (dec + model.get_output_embeddings().weight.numel())
 
 
+def cross_kv_bytes(model) -> int:
+    """Bytes of fp32 cross-attention keys and values transformers reads per decoded token: every decoder layer's
+    keys and values at every encoder position."""
+    c = model.config
+    if c.model_type == "t5":
+        return 4 * 2 * c.num_decoder_layers * ENCODER_TOKENS * c.num_heads * c.d_kv
+    return 4 * 2 * c.decoder_layers * c.max_source_positions * c.d_model
+
+
 def run_transformers(shape: str, path: Path, new_tokens: int) -> dict:
     torch.set_num_threads(kernels.num_threads())
     auto = tf.AutoModelForSeq2SeqLM if shape.startswith("t5") else tf.AutoModelForSpeechSeq2Seq
@@ -144,6 +153,7 @@ def run_transformers(shape: str, path: Path, new_tokens: int) -> dict:
         "decode_tok_s": (len(steps) - 1) / sum(steps[1:]),
         "example_s": total,
         "bytes_per_token": decoder_bytes(model),
+        "cross_kv_bytes": cross_kv_bytes(model),
     }
 
 
@@ -172,6 +182,7 @@ def run_ours(shape: str, path: Path, fmt: str, new_tokens: int) -> dict:
         "decode_tok_s": st["decode_tokens"] / st["decode_s"],
         "example_s": total,
         "bytes_per_token": info["bytes_per_token"],
+        "cross_kv_bytes": st["cross_kv_bytes"],
         "encoder_bytes": info["encoder_bytes"],
         "kernel": info["kernel"],
         "activations": info["activations"],
@@ -199,7 +210,7 @@ def test_seq2seq(benchmark, read_bandwidth, shape, runtime, fmt, sparsity):
         result = run_transformers(size, path, new_tokens)
     else:
         result = run_ours(size, path, fmt, new_tokens)
-    gbs = result["bytes_per_token"] * result["decode_tok_s"] / 1e9
+    gbs = (result["bytes_per_token"] + result["cross_kv_bytes"]) * result["decode_tok_s"] / 1e9
     benchmark.group = f"seq2seq {size}"
     benchmark.extra_info.update(
         shape=size,

@@ -523,6 +523,7 @@ fn stats_dict(py: Python<'_>, s: runtime::GenStats) -> PyResult<Bound<'_, PyDict
     d.set_item("prefill_s", s.prefill_s)?;
     d.set_item("decode_tokens", s.decode_tokens)?;
     d.set_item("decode_s", s.decode_s)?;
+    d.set_item("cross_kv_bytes", s.cross_kv_bytes)?;
     Ok(d)
 }
 

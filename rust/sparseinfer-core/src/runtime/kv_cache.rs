@@ -157,6 +157,19 @@ impl KvCache {
         Ok(())
     }
 
+    /// Bytes the cache's keys and values occupy (what attention over every position reads).
+    pub fn bytes(&self) -> usize {
+        let total = |v: &[Vec<f32>]| v.iter().map(|x| x.len() * 4).sum::<usize>();
+        match &self.int8 {
+            Some(q) => {
+                let codes = |v: &[Vec<i8>]| v.iter().map(Vec::len).sum::<usize>();
+                codes(&q.keys) + codes(&q.values) + total(&q.key_scales) + total(&q.value_scales)
+            }
+            None if self.frozen => total(&self.keys) + total(&self.values),
+            None => 2 * self.keys.len() * self.len * self.head_dim * 4,
+        }
+    }
+
     /// Keys and values of one head of one layer, `positions written × head_dim` each, while the cache grows.
     pub fn head(&self, layer: usize, head: usize) -> Option<(&[f32], &[f32])> {
         self.layer(layer).rows(head)

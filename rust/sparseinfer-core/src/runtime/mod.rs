@@ -168,6 +168,8 @@ pub struct GenStats {
     pub decode_tokens: usize,
     /// Seconds spent producing them.
     pub decode_s: f64,
+    /// Bytes of the cross-attention keys and values each decoding step reads (encoder-decoders; 0 otherwise).
+    pub cross_kv_bytes: usize,
 }
 
 impl GenStats {
@@ -349,7 +351,9 @@ impl Seq2SeqGenerator {
             None => {
                 let enc = self.input.encode(&self.model)?;
                 self.stats.prompt_tokens = enc.len() / self.model.spec.hidden;
-                self.state.insert(self.model.start(&enc, usize::MAX)?)
+                let st = self.state.insert(self.model.start(&enc, usize::MAX)?);
+                self.stats.cross_kv_bytes = st.cross_bytes();
+                st
             }
         };
         if st.cache.len() + self.pending.len() > st.cache.capacity() {

@@ -74,6 +74,11 @@ impl Seq2SeqState {
     pub fn encoder_len(&self) -> usize {
         self.cross.len()
     }
+
+    /// Bytes of the cross-attention keys and values (read by every decoding step).
+    pub fn cross_bytes(&self) -> usize {
+        self.cross.bytes()
+    }
 }
 
 impl Seq2Seq {
