@@ -24,7 +24,7 @@ pub struct KvCache {
     frozen: bool,
     /// Int8 codes and per-position scales of keys (in panels) and values, when frozen as int8 (the f32 buffers
     /// are then empty).
-    int8: Option<Int8>,
+    int8: Option<Box<Int8>>,
 }
 
 struct Int8 {
@@ -84,7 +84,7 @@ impl KvCache {
                 .unzip();
             let (values, value_scales) =
                 std::mem::take(&mut self.values).iter().map(|v| quantize_rows(v, n, hd)).unzip();
-            self.int8 = Some(Int8 { keys, key_scales, values, value_scales });
+            self.int8 = Some(Box::new(Int8 { keys, key_scales, values, value_scales }));
         } else {
             for k in &mut self.keys {
                 *k = key_panels(k, n, hd);
