@@ -19,34 +19,21 @@ pub struct Heads {
     pub scale: f32,
 }
 
-/// Keys and values of one layer, per key/value head: as a growing cache writes them (position-major, `hd` values
-/// per position), or packed once a cache stops growing (cross-attention's): keys in panels
-/// ([`vector::key_panels`]) so no call has to transpose them, in f32 or as int8 codes with one scale per position.
+/// Keys and values of one layer, per key/value head (`[g]`): keys in panels ([`vector::key_panels`]: each run of
+/// [`PANEL`] positions dimension-major, as the cache writes them), so the score kernels read them sequentially
+/// with no horizontal sums; values position-major (`hd` per position). In f32 while a cache grows; a cache that
+/// has stopped growing (cross-attention's) may hold int8 codes with one scale per position.
 #[derive(Clone, Copy)]
-pub struct KvView<'a> {
-    store: Store<'a>,
-}
-
-/// How a [`KvView`] holds its keys and values (`[g]`: key/value head `g`).
-#[derive(Clone, Copy)]
-pub enum Store<'a> {
-    /// Keys and values `[position][hd]`.
-    Rows {
-        /// Keys.
-        keys: &'a [Vec<f32>],
-        /// Values.
-        values: &'a [Vec<f32>],
-    },
-    /// Keys in panels, values `[position][hd]`.
-    Panels {
+pub enum KvView<'a> {
+    /// f32 keys and values.
+    F32 {
         /// Key panels.
         keys: &'a [Vec<f32>],
         /// Values.
         values: &'a [Vec<f32>],
     },
-    /// Int8 codes of both, key codes in panels, value codes `[position][hd]`; position `j`'s key is
-    /// `key_scales[g][j] · code` and likewise its value.
-    PanelsI8 {
+    /// Int8 codes: position `j`'s key is `key_scales[g][j] · code`, its value likewise.
+    I8 {
         /// Key code panels.
         keys: &'a [Vec<i8>],
         /// One scale per position.
@@ -56,32 +43,6 @@ pub enum Store<'a> {
         /// One scale per position.
         value_scales: &'a [Vec<f32>],
     },
-}
-
-impl<'a> KvView<'a> {
-    /// A view of per-head key and value buffers (`keys[g]`: positions × `hd`).
-    pub fn new(keys: &'a [Vec<f32>], values: &'a [Vec<f32>]) -> KvView<'a> {
-        debug_assert_eq!(keys.len(), values.len());
-        KvView { store: Store::Rows { keys, values } }
-    }
-
-    /// A view of packed keys and values.
-    pub fn packed(store: Store<'a>) -> KvView<'a> {
-        KvView { store }
-    }
-
-    /// Keys and values of key/value head `g` when the view holds them position-major.
-    pub fn rows(&self, g: usize) -> Option<(&'a [f32], &'a [f32])> {
-        match self.store {
-            Store::Rows { keys, values } => Some((&keys[g], &values[g])),
-            _ => None,
-        }
-    }
-
-    /// Whether the view is packed (keys in panels).
-    pub fn is_packed(&self) -> bool {
-        !matches!(self.store, Store::Rows { .. })
-    }
 }
 
 /// An additive score bias that depends on the head and the distance `key position - query position` (T5's
@@ -121,63 +82,27 @@ pub enum Span<'a> {
     },
 }
 
-/// Queries and positions from which [`attend`] works on transposed keys and values (see [`Layout`]).
-const TRANSPOSE_QUERIES: usize = 8;
-const TRANSPOSE_POSITIONS: usize = 64;
-
-/// How [`attend_with`] reads keys and values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Layout {
-    /// As stored, position-major, one query at a time: an `hd`-long dot product per score and an `hd`-long
-    /// axpy per value row. Cheapest for few queries (decoding), where a transposed copy would cost as much as
-    /// the work.
-    Positions,
-    /// Up to [`MAX_QUERIES`] queries at a time over key panels (the view's own or packed once per call), so
-    /// each key or value load feeds one FMA per query and no score needs a horizontal sum
-    /// ([`crate::kernels::vector::VectorOps::scores`]). For many queries over many positions (an encoder, a
-    /// prefill), and for any query over packed keys.
-    Blocked,
+/// Query heads that share a key/value head and go through the block kernels together: the largest divisor of
+/// the group size up to [`MAX_QUERIES`], so each key or value load of a decoding step feeds every query head
+/// that reads it.
+fn heads_per_block(group: usize) -> usize {
+    (1..=group.min(MAX_QUERIES)).rev().find(|d| group.is_multiple_of(*d)).unwrap_or(1)
 }
 
 /// `out[k × H·hd]`: the attention of `k` queries, query `a` of head `h` at `q[a · q_stride + h · hd..]`, over
-/// `kv`. One task per (query, head) pair, or per (block of up to four queries, head) in [`Layout::Blocked`], on
-/// the thread pool when the work is large enough.
+/// `kv`. Each task takes up to [`MAX_QUERIES`] (query, head) pairs that read one key/value head: the query heads
+/// of a group ([`heads_per_block`]) times as many queries as fit. Scores come from the block kernels
+/// ([`crate::kernels::vector::VectorOps::scores`]) over the union of the pairs' key ranges, from a panel's start;
+/// each pair's softmax covers its own range only. Tasks run on the thread pool when the work is large enough.
 pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv: KvView, out: &mut [f32]) {
-    let layout = if kv.is_packed() || (k >= TRANSPOSE_QUERIES && seen(span, k) >= TRANSPOSE_POSITIONS) {
-        Layout::Blocked
-    } else {
-        Layout::Positions
-    };
-    attend_with(layout, heads, span, q, q_stride, k, kv, out)
-}
-
-/// Positions of the view the queries of `span` reach.
-fn seen(span: Span, k: usize) -> usize {
-    match span {
-        Span::Causal { pos0, .. } => pos0 + k,
-        Span::All { len, .. } => len,
-    }
-}
-
-/// [`attend`] with the key/value layout chosen by the caller (tests compare the two; a packed view always takes
-/// [`Layout::Blocked`]).
-#[allow(clippy::too_many_arguments)]
-pub fn attend_with(
-    layout: Layout,
-    heads: Heads,
-    span: Span,
-    q: &[f32],
-    q_stride: usize,
-    k: usize,
-    kv: KvView,
-    out: &mut [f32],
-) {
     let Heads { heads: n_heads, kv_heads, head_dim: hd, scale } = heads;
-    let layout = if kv.is_packed() { Layout::Blocked } else { layout };
     let group = n_heads / kv_heads;
     let out_ptr = SendPtr(out.as_mut_ptr());
     let ops = vector::ops();
-    let n = seen(span, k);
+    let n = match span {
+        Span::Causal { pos0, .. } => pos0 + k,
+        Span::All { len, .. } => len,
+    };
     // Query `a`'s keys `start..end`, ALiBi slope (for head `h`), relative bias and position.
     let range = |a: usize, h: usize| match span {
         Span::Causal { pos0, window, alibi, rel } => {
@@ -209,39 +134,29 @@ pub fn attend_with(
     let out_of = |a: usize, h: usize| unsafe {
         std::slice::from_raw_parts_mut(out_ptr.get().add(a * n_heads * hd + h * hd), hd)
     };
-    let one = |a: usize, h: usize| {
-        let (start, end, ..) = range(a, h);
-        let qh = &q[a * q_stride + h * hd..a * q_stride + (h + 1) * hd];
-        let (keys, values) = kv.rows(h / group).expect("position-major keys and values");
-        let mut scores: Vec<f32> = (start..end).map(|j| (ops.dot)(qh, &keys[j * hd..(j + 1) * hd]) * scale).collect();
-        let inv = softmax(a, h, start, &mut scores);
-        let o = out_of(a, h);
-        o.fill(0.0);
-        for (i, p) in scores.iter().enumerate() {
-            (ops.axpy)(p * inv, &values[(start + i) * hd..(start + i + 1) * hd], o);
-        }
-    };
-    // Key panels (`vector::key_panels`) of a position-major view, per key/value head.
-    let copies: Vec<Vec<f32>> = match kv.store {
-        Store::Rows { keys, .. } if layout == Layout::Blocked => {
-            keys.iter().map(|k| vector::key_panels(k, n, hd)).collect()
-        }
-        _ => Vec::new(),
-    };
-    let block = |a0: usize, h: usize| {
-        let (m, g) = (MAX_QUERIES.min(k - a0), h / group);
-        // The union of the queries' key ranges (causal ranges grow with the query), from a panel's start.
-        let (first, to) = (range(a0, h).0, range(a0 + m - 1, h).1);
+    let hb = heads_per_block(group);
+    let qb = (MAX_QUERIES / hb).max(1);
+    let head_blocks = n_heads / hb;
+    let task = |t: usize| {
+        let (a0, h0) = ((t / head_blocks) * qb, (t % head_blocks) * hb);
+        let a1 = (a0 + qb).min(k);
+        // Row r of the block is the pair (a0 + r / hb, h0 + r % hb).
+        let m = (a1 - a0) * hb;
+        let pair = |r: usize| (a0 + r / hb, h0 + r % hb);
+        let g = h0 / group;
+        // The union of the pairs' key ranges (causal ranges grow with the query), from a panel's start.
+        let (first, to) = (range(a0, h0).0, range(a1 - 1, h0).1);
         let from = first / PANEL * PANEL;
-        let mut qs = vec![0.0f32; m * hd];
-        for (i, qa) in qs.chunks_exact_mut(hd).enumerate() {
-            let src = &q[(a0 + i) * q_stride + h * hd..(a0 + i) * q_stride + (h + 1) * hd];
-            qa.iter_mut().zip(src).for_each(|(d, s)| *d = s * scale);
-        }
         let l = to - from;
         if l == 0 {
-            (a0..a0 + m).for_each(|a| out_of(a, h).fill(0.0));
+            (0..m).for_each(|r| out_of(pair(r).0, pair(r).1).fill(0.0));
             return;
+        }
+        let mut qs = vec![0.0f32; m * hd];
+        for (r, qa) in qs.chunks_exact_mut(hd).enumerate() {
+            let (a, h) = pair(r);
+            let src = &q[a * q_stride + h * hd..a * q_stride + (h + 1) * hd];
+            qa.iter_mut().zip(src).for_each(|(d, s)| *d = s * scale);
         }
         let mut scores = vec![0.0f32; m * l];
         // Each of the `m` rows of `scores` times per-position scales.
@@ -250,43 +165,32 @@ pub fn attend_with(
                 row.iter_mut().zip(&scales[from..to]).for_each(|(x, s)| *x *= s);
             }
         };
-        match kv.store {
-            Store::Rows { .. } => (ops.scores)(&qs, m, &copies[g], from..to, &mut scores),
-            Store::Panels { keys, .. } => (ops.scores)(&qs, m, &keys[g], from..to, &mut scores),
-            Store::PanelsI8 { keys, key_scales, .. } => {
+        match kv {
+            KvView::F32 { keys, .. } => (ops.scores)(&qs, m, &keys[g], from..to, &mut scores),
+            KvView::I8 { keys, key_scales, .. } => {
                 (ops.scores_i8)(&qs, m, &keys[g], from..to, &mut scores);
                 rescale(&mut scores, &key_scales[g]);
             }
         }
         let mut inv = [0.0f32; MAX_QUERIES];
-        for (i, s) in scores.chunks_exact_mut(l).enumerate() {
-            inv[i] = softmax(a0 + i, h, from, s);
+        for (r, s) in scores.chunks_exact_mut(l).enumerate() {
+            let (a, h) = pair(r);
+            inv[r] = softmax(a, h, from, s);
         }
         let mut o = vec![0.0f32; m * hd];
-        match kv.store {
-            Store::Rows { values, .. } | Store::Panels { values, .. } => {
-                (ops.weighted)(&scores, m, &values[g], hd, from, &mut o)
-            }
-            Store::PanelsI8 { values, value_scales, .. } => {
+        match kv {
+            KvView::F32 { values, .. } => (ops.weighted)(&scores, m, &values[g], hd, from, &mut o),
+            KvView::I8 { values, value_scales, .. } => {
                 rescale(&mut scores, &value_scales[g]);
                 (ops.weighted_i8)(&scores, m, &values[g], hd, from, &mut o);
             }
         }
-        for (i, oa) in o.chunks_exact(hd).enumerate() {
-            out_of(a0 + i, h).iter_mut().zip(oa).for_each(|(o, v)| *o = v * inv[i]);
+        for (r, oa) in o.chunks_exact(hd).enumerate() {
+            let (a, h) = pair(r);
+            out_of(a, h).iter_mut().zip(oa).for_each(|(o, v)| *o = v * inv[r]);
         }
     };
-    let per_block = if layout == Layout::Blocked { MAX_QUERIES } else { 1 };
-    let blocks = k.div_ceil(per_block);
-    let task = |t: usize| {
-        let (b, h) = (t / n_heads, t % n_heads);
-        if layout == Layout::Blocked {
-            block(b * per_block, h);
-        } else {
-            one(b, h);
-        }
-    };
-    let n_tasks = blocks * n_heads;
+    let n_tasks = k.div_ceil(qb) * head_blocks;
     let work = k * n_heads * n * hd;
     let threads = parallel::num_threads();
     if threads > 1 && work >= 1 << 16 {
@@ -311,75 +215,114 @@ unsafe impl Send for SendPtr {}
 mod tests {
     use super::*;
 
-    /// Both layouts, and keys packed in panels beforehand, over every span kind: the same attention within f32
-    /// rounding of the summation order.
-    #[test]
-    fn blocked_layout_matches_the_position_layout() {
-        let (h, g, hd, n) = (4, 2, 16, 90);
-        let val = |i: usize, m: usize| ((i * m + 11) % 37) as f32 / 18.0 - 1.0;
-        let keys: Vec<Vec<f32>> = (0..g).map(|x| (0..n * hd).map(|i| val(i + x, 7)).collect()).collect();
-        let values: Vec<Vec<f32>> = (0..g).map(|x| (0..n * hd).map(|i| val(i + x, 5)).collect()).collect();
-        let kv = KvView::new(&keys, &values);
-        let heads = Heads { heads: h, kv_heads: g, head_dim: hd, scale: 0.25 };
-        let slopes = [0.5, 0.25, 0.125, 0.0625];
-        // 23 queries: five blocks of four and three left over.
-        for k in [20, 23] {
-            let q: Vec<f32> = (0..k * h * hd).map(|i| val(i, 3)).collect();
-            let spans = [
-                Span::All { len: n, rel: None },
-                Span::Causal { pos0: n - k, window: None, alibi: None, rel: None },
-                Span::Causal { pos0: n - k, window: Some(33), alibi: Some(&slopes), rel: None },
-            ];
-            for span in spans {
-                let mut a = vec![0.0f32; k * h * hd];
-                let mut b = vec![0.0f32; k * h * hd];
-                attend_with(Layout::Positions, heads, span, &q, h * hd, k, kv, &mut a);
-                attend_with(Layout::Blocked, heads, span, &q, h * hd, k, kv, &mut b);
-                for (x, y) in a.iter().zip(&b) {
-                    assert!((x - y).abs() <= 1e-5, "{x} vs {y} in {span:?}");
-                }
-                if let Span::All { .. } = span {
-                    // One query, and all of them, over packed keys (cross-attention after `KvCache::freeze`).
-                    let panels: Vec<Vec<f32>> = keys.iter().map(|x| vector::key_panels(x, n, hd)).collect();
-                    let packed = KvView::packed(Store::Panels { keys: &panels, values: &values });
-                    let mut c = vec![0.0f32; k * h * hd];
-                    attend(heads, span, &q, h * hd, k, packed, &mut c);
-                    let mut one = vec![0.0f32; h * hd];
-                    attend(heads, span, &q, h * hd, 1, packed, &mut one);
-                    for (x, y) in a.iter().zip(&c).chain(a.iter().zip(&one)) {
-                        assert!((x - y).abs() <= 1e-5, "{x} vs {y} over packed keys");
+    /// Attention by its definition, in f64, from position-major keys and values `[g][position][hd]`.
+    fn reference(heads: Heads, span: Span, q: &[f32], k: usize, keys: &[Vec<f32>], values: &[Vec<f32>]) -> Vec<f32> {
+        let Heads { heads: nh, kv_heads, head_dim: hd, scale } = heads;
+        let mut out = vec![0.0f32; k * nh * hd];
+        for a in 0..k {
+            for h in 0..nh {
+                let g = h / (nh / kv_heads);
+                let (start, end, slope, rel, pos) = match span {
+                    Span::Causal { pos0, window, alibi, rel } => {
+                        let pos = pos0 + a;
+                        (window.map_or(0, |w| (pos + 1).saturating_sub(w)), pos + 1, alibi.map(|s| s[h]), rel, pos)
                     }
-                    // Int8 codes of the same keys and values give the attention of the dequantized ones.
-                    let quant = |x: &Vec<f32>| -> (Vec<i8>, Vec<f32>) {
-                        let mut codes = vec![0i8; n * hd];
-                        let scales = (0..n)
-                            .map(|j| {
-                                let s = x[j * hd..(j + 1) * hd].iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
-                                for d in 0..hd {
-                                    codes[j * hd + d] = (x[j * hd + d] / s).round() as i8;
-                                }
-                                s
-                            })
-                            .collect();
-                        (codes, scales)
-                    };
-                    let (kc, ks): (Vec<_>, Vec<_>) = keys.iter().map(quant).unzip();
-                    let (vc, vs): (Vec<_>, Vec<_>) = values.iter().map(quant).unzip();
-                    let deq = |c: &[Vec<i8>], s: &[Vec<f32>]| -> Vec<Vec<f32>> {
-                        c.iter().zip(s).map(|(c, s)| (0..n * hd).map(|i| c[i] as f32 * s[i / hd]).collect()).collect()
-                    };
-                    let (dk, dv) = (deq(&kc, &ks), deq(&vc, &vs));
-                    let mut want = vec![0.0f32; k * h * hd];
-                    attend_with(Layout::Positions, heads, span, &q, h * hd, k, KvView::new(&dk, &dv), &mut want);
-                    let kp: Vec<Vec<i8>> = kc.iter().map(|x| vector::key_panels(x, n, hd)).collect();
-                    let store = Store::PanelsI8 { keys: &kp, key_scales: &ks, values: &vc, value_scales: &vs };
+                    Span::All { len, rel } => (0, len, None, rel, a),
+                };
+                let scores: Vec<f64> = (start..end)
+                    .map(|j| {
+                        let dot: f64 =
+                            (0..hd).map(|d| q[(a * nh + h) * hd + d] as f64 * keys[g][j * hd + d] as f64).sum();
+                        let mut s = dot * scale as f64;
+                        if let Some(m) = slope {
+                            s += m as f64 * (j as f64 - pos as f64);
+                        }
+                        if let Some(RelBias { values, width, zero }) = rel {
+                            s += values[h * width + zero + j - pos] as f64;
+                        }
+                        s
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for d in 0..hd {
+                    let v: f64 = e.iter().enumerate().map(|(i, p)| p * values[g][(start + i) * hd + d] as f64).sum();
+                    out[(a * nh + h) * hd + d] = (v / sum) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    /// Every span kind, plain, grouped-query and multi-query heads, one query to many: the attention over key
+    /// panels matches the definition; over int8 codes it matches the definition on the dequantized keys and
+    /// values.
+    #[test]
+    fn attention_matches_its_definition() {
+        let (hd, n) = (16, 90);
+        let val = |i: usize, m: usize| ((i * m + 11) % 37) as f32 / 18.0 - 1.0;
+        let slopes = [0.5, 0.25, 0.125, 0.0625, 0.03, 0.02, 0.01, 0.005];
+        // T5-style relative biases: distances -n..n per head.
+        let rel_table: Vec<f32> = (0..8 * (2 * n + 1)).map(|i| val(i, 5) * 0.5).collect();
+        let rel = RelBias { values: &rel_table, width: 2 * n + 1, zero: n };
+        for (h, g) in [(4, 4), (4, 2), (8, 1), (6, 2)] {
+            let keys: Vec<Vec<f32>> = (0..g).map(|x| (0..n * hd).map(|i| val(i + x, 7)).collect()).collect();
+            let values: Vec<Vec<f32>> = (0..g).map(|x| (0..n * hd).map(|i| val(i + x, 5)).collect()).collect();
+            let panels: Vec<Vec<f32>> = keys.iter().map(|x| vector::key_panels(x, n, hd)).collect();
+            let heads = Heads { heads: h, kv_heads: g, head_dim: hd, scale: 0.25 };
+            // Int8 codes with one scale per position.
+            let quant = |x: &Vec<f32>| -> (Vec<i8>, Vec<f32>) {
+                let mut codes = vec![0i8; n * hd];
+                let scales = (0..n)
+                    .map(|j| {
+                        let s = x[j * hd..(j + 1) * hd].iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
+                        for d in 0..hd {
+                            codes[j * hd + d] = (x[j * hd + d] / s).round() as i8;
+                        }
+                        s
+                    })
+                    .collect();
+                (codes, scales)
+            };
+            let (kc, ks): (Vec<_>, Vec<_>) = keys.iter().map(quant).unzip();
+            let (vc, vs): (Vec<_>, Vec<_>) = values.iter().map(quant).unzip();
+            let deq = |c: &[Vec<i8>], s: &[Vec<f32>]| -> Vec<Vec<f32>> {
+                c.iter().zip(s).map(|(c, s)| (0..n * hd).map(|i| c[i] as f32 * s[i / hd]).collect()).collect()
+            };
+            let (dk, dv) = (deq(&kc, &ks), deq(&vc, &vs));
+            let kp: Vec<Vec<i8>> = kc.iter().map(|x| vector::key_panels(x, n, hd)).collect();
+            for k in [1, 3, 20, 23] {
+                let q: Vec<f32> = (0..k * h * hd).map(|i| val(i, 3)).collect();
+                let spans = [
+                    Span::All { len: n, rel: None },
+                    Span::All { len: k.min(n), rel: Some(rel) },
+                    Span::Causal { pos0: n - k, window: None, alibi: None, rel: None },
+                    Span::Causal { pos0: n - k, window: Some(33), alibi: Some(&slopes[..h]), rel: None },
+                    Span::Causal { pos0: n - k, window: None, alibi: None, rel: Some(rel) },
+                ];
+                for span in spans {
+                    let want = reference(heads, span, &q, k, &keys, &values);
                     let mut got = vec![0.0f32; k * h * hd];
-                    attend(heads, span, &q, h * hd, k, KvView::packed(store), &mut got);
+                    attend(heads, span, &q, h * hd, k, KvView::F32 { keys: &panels, values: &values }, &mut got);
                     for (x, y) in want.iter().zip(&got) {
-                        assert!((x - y).abs() <= 1e-5, "{x} vs {y} over int8 keys and values");
+                        assert!((x - y).abs() <= 1e-5, "{x} vs {y}: {h} heads / {g}, {k} queries, {span:?}");
+                    }
+                    let want = reference(heads, span, &q, k, &dk, &dv);
+                    let view = KvView::I8 { keys: &kp, key_scales: &ks, values: &vc, value_scales: &vs };
+                    attend(heads, span, &q, h * hd, k, view, &mut got);
+                    for (x, y) in want.iter().zip(&got) {
+                        assert!((x - y).abs() <= 1e-5, "{x} vs {y} over int8: {h} heads / {g}, {k} queries");
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn heads_per_block_divides_the_group() {
+        for (group, want) in [(1, 1), (4, 4), (7, 7), (8, 8), (12, 6), (16, 8), (32, 8), (11, 1)] {
+            assert_eq!(heads_per_block(group), want, "group {group}");
         }
     }
 }
