@@ -51,14 +51,12 @@ pub type Scores<T> = fn(&[f32], usize, &[T], Range<usize>, &mut [f32]);
 /// `(p[m × L], m, v, hd, start, out[m × hd])`: see [`weighted_scalar`].
 pub type Weighted<T> = fn(&[f32], usize, &[T], usize, usize, &mut [f32]);
 
-/// The vector functions of the active ISA, chosen once. Loops that call them per element (attention calls `dot`
-/// once per cached position) should pick them with this instead of dispatching on every call.
+/// The vector functions of the active ISA, chosen once: loops that call them many times (attention, per block of
+/// queries) pick them with this instead of dispatching on every call.
 #[derive(Clone, Copy)]
 pub struct VectorOps {
     /// `Σ a[i]·b[i]`.
     pub dot: fn(&[f32], &[f32]) -> f32,
-    /// `y[i] += alpha·x[i]`.
-    pub axpy: fn(f32, &[f32], &mut [f32]),
     /// Scores of up to [`MAX_QUERIES`] queries over key panels: see [`scores_scalar`].
     pub scores: Scores<f32>,
     /// The same over int8 key panels (unscaled sums of the codes).
@@ -79,7 +77,6 @@ pub fn ops() -> VectorOps {
         Ok(Isa::Avx512) => {
             return VectorOps {
                 dot: x86::dot_checked,
-                axpy: x86::axpy_checked,
                 scores: x86::scores_checked::<true, f32>,
                 scores_i8: x86::scores_checked::<true, i8>,
                 weighted: x86::weighted_checked::<true, f32>,
@@ -90,7 +87,6 @@ pub fn ops() -> VectorOps {
         Ok(Isa::Avx2) => {
             return VectorOps {
                 dot: x86::dot_checked,
-                axpy: x86::axpy_checked,
                 scores: x86::scores_checked::<false, f32>,
                 scores_i8: x86::scores_checked::<false, i8>,
                 weighted: x86::weighted_checked::<false, f32>,
@@ -102,7 +98,6 @@ pub fn ops() -> VectorOps {
     }
     VectorOps {
         dot: dot_scalar,
-        axpy: axpy_scalar,
         scores: scores_scalar,
         scores_i8: scores_scalar,
         weighted: weighted_scalar,
@@ -114,16 +109,6 @@ pub fn ops() -> VectorOps {
 /// `Σ a[i]·b[i]` on the active ISA.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     (ops().dot)(a, b)
-}
-
-/// `y[i] += alpha·x[i]` on the active ISA.
-pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    (ops().axpy)(alpha, x, y)
-}
-
-/// The reference axpy.
-pub fn axpy_scalar(alpha: f32, x: &[f32], y: &mut [f32]) {
-    y.iter_mut().zip(x).for_each(|(y, x)| *y += alpha * x);
 }
 
 /// The reference dot product, eight partial sums.
@@ -195,12 +180,6 @@ pub(crate) mod x86 {
     pub fn dot_checked(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: `ops` returns this only when the active ISA implies AVX2 and FMA.
         unsafe { dot(a, b) }
-    }
-
-    /// [`axpy`] behind a safe signature, under the same condition.
-    pub fn axpy_checked(alpha: f32, x: &[f32], y: &mut [f32]) {
-        // SAFETY: as for `dot_checked`.
-        unsafe { axpy(alpha, x, y) }
     }
 
     /// Calls the kernel `$f::<M, ...>` for the query count `M = $m`, 1 to [`MAX_QUERIES`].
@@ -586,24 +565,6 @@ pub(crate) mod x86 {
         }
         total
     }
-
-    /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-        let n = x.len().min(y.len());
-        let a = _mm256_set1_ps(alpha);
-        let mut i = 0;
-        while i + 8 <= n {
-            let yp = y.as_mut_ptr().add(i);
-            _mm256_storeu_ps(yp, _mm256_fmadd_ps(a, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(yp)));
-            i += 8;
-        }
-        while i < n {
-            y[i] += alpha * x[i];
-            i += 1;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -709,11 +670,6 @@ mod tests {
             let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
             assert!((dot(&a, &b) as f64 - exact).abs() < 1e-5, "n={n}");
             assert!((dot_scalar(&a, &b) as f64 - exact).abs() < 1e-5, "n={n}");
-            let mut y = b.clone();
-            axpy(0.5, &a, &mut y);
-            for i in 0..n {
-                assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6);
-            }
         }
     }
 }
