@@ -1,8 +1,8 @@
-//! Small f32 vector operations for the attention loops: `q·k` and `o += p·v` one position at a time, the
-//! scores (over keys packed in [`PANEL`]-position panels) and weighted value sums of up to [`MAX_QUERIES`]
-//! queries over many positions at once, and the softmax numerators `exp(s - max)`. AVX2+FMA variants serve every x86 SIMD path, AVX-512 ones the AVX-512 path. The
-//! scalar versions are the reference: the block kernels differ from them only by summation order and FMA
-//! rounding, the exponential by at most [`EXP_BUDGET`].
+//! f32 vector operations for attention: the scores of up to [`MAX_QUERIES`] queries over keys packed in
+//! [`PANEL`]-position panels, their weighted sums of position-major values (keys and values in f32 or as int8
+//! codes), and the softmax numerators `exp(s - max)`; plus the dot product the VNNI kernels use. AVX2+FMA variants
+//! serve every x86 SIMD path, AVX-512 ones the AVX-512 path. The scalar versions are the reference: the block
+//! kernels differ from them only by summation order and FMA rounding, the exponential by at most [`EXP_BUDGET`].
 
 #[cfg(target_arch = "x86_64")]
 use super::{active_isa, Isa};
@@ -55,8 +55,6 @@ pub type Weighted<T> = fn(&[f32], usize, &[T], usize, usize, &mut [f32]);
 /// queries) pick them with this instead of dispatching on every call.
 #[derive(Clone, Copy)]
 pub struct VectorOps {
-    /// `Σ a[i]·b[i]`.
-    pub dot: fn(&[f32], &[f32]) -> f32,
     /// Scores of up to [`MAX_QUERIES`] queries over key panels: see [`scores_scalar`].
     pub scores: Scores<f32>,
     /// The same over int8 key panels (unscaled sums of the codes).
@@ -76,7 +74,6 @@ pub fn ops() -> VectorOps {
     match active_isa() {
         Ok(Isa::Avx512) => {
             return VectorOps {
-                dot: x86::dot_checked,
                 scores: x86::scores_checked::<true, f32>,
                 scores_i8: x86::scores_checked::<true, i8>,
                 weighted: x86::weighted_checked::<true, f32>,
@@ -86,7 +83,6 @@ pub fn ops() -> VectorOps {
         }
         Ok(Isa::Avx2) => {
             return VectorOps {
-                dot: x86::dot_checked,
                 scores: x86::scores_checked::<false, f32>,
                 scores_i8: x86::scores_checked::<false, i8>,
                 weighted: x86::weighted_checked::<false, f32>,
@@ -97,7 +93,6 @@ pub fn ops() -> VectorOps {
         _ => {}
     }
     VectorOps {
-        dot: dot_scalar,
         scores: scores_scalar,
         scores_i8: scores_scalar,
         weighted: weighted_scalar,
@@ -108,7 +103,11 @@ pub fn ops() -> VectorOps {
 
 /// `Σ a[i]·b[i]` on the active ISA.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    (ops().dot)(a, b)
+    #[cfg(target_arch = "x86_64")]
+    if active_isa().is_ok_and(|i| i != Isa::Scalar) {
+        return x86::dot_checked(a, b);
+    }
+    dot_scalar(a, b)
 }
 
 /// The reference dot product, eight partial sums.
@@ -175,21 +174,27 @@ pub(crate) mod x86 {
     use core::arch::x86_64::*;
     use std::ops::Range;
 
-    /// [`dot`] behind a safe signature; only installed by [`super::ops`] when a SIMD ISA (hence AVX2+FMA) is
+    /// [`dot`] behind a safe signature; only called by [`super::dot`] when a SIMD ISA (hence AVX2+FMA) is
     /// active.
     pub fn dot_checked(a: &[f32], b: &[f32]) -> f32 {
-        // SAFETY: `ops` returns this only when the active ISA implies AVX2 and FMA.
+        // SAFETY: `super::dot` calls this only when the active ISA implies AVX2 and FMA.
         unsafe { dot(a, b) }
     }
 
-    /// Calls the kernel `$f::<M, ...>` for the query count `M = $m`, 1 to [`MAX_QUERIES`].
+    /// Calls the kernel `$f::<M, ...>` for the query count `M = $m`: 1 to 4 (`@4`, the ymm kernels' limit, and
+    /// the zmm kernels with four accumulators per query), or 5 to 8 as well (`@8`).
     macro_rules! by_queries {
-        ($m:expr, $f:ident <$($c:tt),+>, $($arg:expr),*) => {
+        (@4 $m:expr, $f:ident <$($c:tt),+>, $($arg:expr),*) => {
             match $m {
                 1 => $f::<1, $({ $c }),+>($($arg),*),
                 2 => $f::<2, $({ $c }),+>($($arg),*),
                 3 => $f::<3, $({ $c }),+>($($arg),*),
-                4 => $f::<4, $({ $c }),+>($($arg),*),
+                _ => $f::<4, $({ $c }),+>($($arg),*),
+            }
+        };
+        (@8 $m:expr, $f:ident <$($c:tt),+>, $($arg:expr),*) => {
+            match $m {
+                1..=4 => by_queries!(@4 $m, $f<$($c),+>, $($arg),*),
                 5 => $f::<5, $({ $c }),+>($($arg),*),
                 6 => $f::<6, $({ $c }),+>($($arg),*),
                 7 => $f::<7, $({ $c }),+>($($arg),*),
@@ -210,24 +215,25 @@ pub(crate) mod x86 {
         assert!((1..=MAX_QUERIES).contains(&m) && q.len().is_multiple_of(m), "1 to {MAX_QUERIES} queries");
         let (hd, l) = (q.len() / m, range.len());
         assert!(range.start.is_multiple_of(PANEL) && range.start <= range.end, "positions start a panel");
-        assert!(panels.len() >= range.end.div_ceil(PANEL) * PANEL * hd, "keys out of range");
-        assert!(out.len() >= m * l, "output too short");
+        let needed = (range.end.div_ceil(PANEL) * PANEL).checked_mul(hd);
+        assert!(needed.is_some_and(|n| panels.len() >= n), "keys out of range");
+        assert!(m.checked_mul(l).is_some_and(|n| out.len() >= n), "output too short");
         let base = panels[range.start * hd..].as_ptr() as *const u8;
         // SAFETY: `ops` installs the WIDE variant only on the AVX-512 path and the other only where AVX2 and
         // FMA run; the bounds are checked above (whole panels, so padded lanes are readable).
         unsafe {
             match (WIDE, T::I8) {
-                (true, false) => by_queries!(m, scores512<false>, q, base, l, out),
-                (true, true) => by_queries!(m, scores512<true>, q, base, l, out),
+                (true, false) => by_queries!(@8 m, scores512<false>, q, base, l, out),
+                (true, true) => by_queries!(@8 m, scores512<true>, q, base, l, out),
                 // Four queries at a time: ymm registers hold no more accumulators.
-                (false, i8) => {
+                (false, int8) => {
                     for a0 in (0..m).step_by(4) {
                         let mm = (m - a0).min(4);
                         let (qa, oa) = (&q[a0 * hd..(a0 + mm) * hd], &mut out[a0 * l..(a0 + mm) * l]);
-                        if i8 {
-                            by_queries!(mm, scores256<true>, qa, base, l, oa)
+                        if int8 {
+                            by_queries!(@4 mm, scores256<true>, qa, base, l, oa)
                         } else {
-                            by_queries!(mm, scores256<false>, qa, base, l, oa)
+                            by_queries!(@4 mm, scores256<false>, qa, base, l, oa)
                         }
                     }
                 }
@@ -246,23 +252,25 @@ pub(crate) mod x86 {
     ) {
         assert!((1..=MAX_QUERIES).contains(&m) && p.len().is_multiple_of(m), "1 to {MAX_QUERIES} queries");
         let l = p.len() / m;
-        assert!(v.len() >= (start + l) * hd && out.len() >= m * hd, "values out of range");
+        let needed = start.checked_add(l).and_then(|n| n.checked_mul(hd));
+        assert!(needed.is_some_and(|n| v.len() >= n), "values out of range");
+        assert!(m.checked_mul(hd).is_some_and(|n| out.len() >= n), "output too short");
         let v = v[start * hd..].as_ptr() as *const u8;
         // SAFETY: as for `scores_checked`.
         unsafe {
             match (WIDE, m > 4, T::I8) {
-                (true, true, false) => by_queries!(m, weighted512<2, false>, p, v, hd, out),
-                (true, true, true) => by_queries!(m, weighted512<2, true>, p, v, hd, out),
-                (true, false, false) => by_queries!(m, weighted512<4, false>, p, v, hd, out),
-                (true, false, true) => by_queries!(m, weighted512<4, true>, p, v, hd, out),
-                (false, _, i8) => {
+                (true, true, false) => by_queries!(@8 m, weighted512<2, false>, p, v, hd, out),
+                (true, true, true) => by_queries!(@8 m, weighted512<2, true>, p, v, hd, out),
+                (true, false, false) => by_queries!(@4 m, weighted512<4, false>, p, v, hd, out),
+                (true, false, true) => by_queries!(@4 m, weighted512<4, true>, p, v, hd, out),
+                (false, _, int8) => {
                     for a0 in (0..m).step_by(4) {
                         let mm = (m - a0).min(4);
                         let (pa, oa) = (&p[a0 * l..(a0 + mm) * l], &mut out[a0 * hd..(a0 + mm) * hd]);
-                        if i8 {
-                            by_queries!(mm, weighted256<true>, pa, v, hd, oa)
+                        if int8 {
+                            by_queries!(@4 mm, weighted256<true>, pa, v, hd, oa)
                         } else {
-                            by_queries!(mm, weighted256<false>, pa, v, hd, oa)
+                            by_queries!(@4 mm, weighted256<false>, pa, v, hd, oa)
                         }
                     }
                 }
@@ -367,7 +375,10 @@ pub(crate) mod x86 {
             let (m0, m1) = (lanes(0), lanes(16));
             for (a, acc) in acc.iter().enumerate() {
                 _mm512_mask_storeu_ps(op.add(a * l + j), m0, acc[0]);
-                _mm512_mask_storeu_ps(op.add(a * l + j + 16), m1, acc[1]);
+                if m1 != 0 {
+                    // (Only then is the second half's address inside `out`.)
+                    _mm512_mask_storeu_ps(op.add(a * l + j + 16), m1, acc[1]);
+                }
             }
             j += PANEL;
         }
@@ -466,13 +477,17 @@ pub(crate) mod x86 {
     /// `exp(x)` of eight lanes to within [`super::EXP_BUDGET`] on `[-87, 0]` (inputs are clamped to `[-87.3, 88]`):
     /// `x = n·ln2 + r` with `|r| <= ln2/2` (ln2 split in two so `n·ln2_hi` is exact), the degree-7 Taylor
     /// polynomial of `e^r` by Horner, times `2^n` built in the exponent field.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn exp256(x: __m256) -> __m256 {
         const LN2_HI: f32 = 0.693_359_4;
         const LN2_LO: f32 = -2.121_944_4e-4;
         // 1/k! for k = 7 down to 2.
         const C: [f32; 6] = [1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5];
-        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.0));
+        // The bound first: `max`/`min` return their second operand when either is NaN, so a NaN stays NaN.
+        let x = _mm256_min_ps(_mm256_set1_ps(88.0), _mm256_max_ps(_mm256_set1_ps(-87.3), x));
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
             x,
             _mm256_set1_ps(std::f32::consts::LOG2_E),
@@ -489,6 +504,9 @@ pub(crate) mod x86 {
     }
 
     /// The largest of eight lanes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
     unsafe fn max256(v: __m256) -> f32 {
         let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
@@ -497,6 +515,9 @@ pub(crate) mod x86 {
     }
 
     /// The sum of eight lanes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
     unsafe fn sum256(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));

@@ -10,12 +10,13 @@
 //! values[layer · kv_heads + kv_head][position][head_dim]
 //! ```
 //!
-//! A cache that stops growing (cross-attention's, written once per input) can be frozen to int8 codes with one
-//! scale per position and head.
+//! An int8 cache stores codes instead, one scale per position and head, quantized as each position is written.
 
 use super::ops::attention::KvView;
 use crate::error::{Error, Result};
-use crate::kernels::vector::{key_panels, PANEL};
+#[cfg(test)]
+use crate::kernels::vector::key_panels;
+use crate::kernels::vector::PANEL;
 
 /// Cached keys and values for up to `capacity` positions.
 pub struct KvCache {
@@ -23,15 +24,16 @@ pub struct KvCache {
     head_dim: usize,
     capacity: usize,
     len: usize,
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
-    /// Set by [`KvCache::freeze`]: no more positions are written.
-    frozen: bool,
-    /// Int8 codes and per-position scales of keys (in panels) and values, when frozen as int8 (the f32 buffers
-    /// are then empty).
-    int8: Option<Box<Int8>>,
+    store: Store,
 }
 
+/// Per layer and key/value head: key panels and position-major values.
+enum Store {
+    F32 { keys: Vec<Vec<f32>>, values: Vec<Vec<f32>> },
+    I8(Box<Int8>),
+}
+
+/// Int8 codes, one scale per position (`max |x| / 127` of the head's row).
 struct Int8 {
     keys: Vec<Vec<i8>>,
     key_scales: Vec<Vec<f32>>,
@@ -39,70 +41,41 @@ struct Int8 {
     value_scales: Vec<Vec<f32>>,
 }
 
-/// Symmetric int8 codes of `n` rows of `hd` values (row `j`'s value `d` at `at(j, d)`), one scale per row
-/// (`max |x| / 127`): each value is within half a scale step of `scale · code`. Codes come back position-major.
-fn quantize_rows(n: usize, hd: usize, at: impl Fn(usize, usize) -> f32) -> (Vec<i8>, Vec<f32>) {
-    let mut codes = vec![0i8; n * hd];
-    let mut scales = Vec::with_capacity(n);
-    for j in 0..n {
-        let s = (0..hd).fold(0.0f32, |a, d| a.max(at(j, d).abs())) / 127.0;
-        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-        for d in 0..hd {
-            codes[j * hd + d] = (at(j, d) * inv).round().clamp(-127.0, 127.0) as i8;
-        }
-        scales.push(s);
-    }
-    (codes, scales)
-}
-
 /// Grows `buf` with zeros to `len` values, failing (rather than aborting) when memory cannot be had.
-fn grow(buf: &mut Vec<f32>, len: usize, pos: usize) -> Result<()> {
+fn grow<T: Copy + Default>(buf: &mut Vec<T>, len: usize, pos: usize) -> Result<()> {
     if buf.len() < len {
         buf.try_reserve(len - buf.len())
             .map_err(|_| Error::invalid("kv cache", format!("not enough memory for position {pos}")))?;
-        buf.resize(len, 0.0);
+        buf.resize(len, T::default());
     }
     Ok(())
 }
 
+/// Symmetric int8 codes of `x` and their scale (`max |x| / 127`): each value is within half a scale step of
+/// `scale · code`.
+fn quantize(x: &[f32], codes: &mut [i8]) -> f32 {
+    let s = x.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
+    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+    x.iter().zip(codes).for_each(|(v, c)| *c = (v * inv).round().clamp(-127.0, 127.0) as i8);
+    s
+}
+
 impl KvCache {
-    /// An empty cache with room for `capacity` positions (memory: `2 · layers · kv_heads · head_dim` floats
+    /// An empty f32 cache with room for `capacity` positions (memory: `2 · layers · kv_heads · head_dim` floats
     /// per position written, keys rounded up to whole panels).
     pub fn new(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> KvCache {
         let heads = layers * kv_heads;
-        KvCache {
-            kv_heads,
-            head_dim,
-            capacity,
-            len: 0,
-            keys: (0..heads).map(|_| Vec::new()).collect(),
-            values: (0..heads).map(|_| Vec::new()).collect(),
-            frozen: false,
-            int8: None,
-        }
+        let empty = || (0..heads).map(|_| Vec::new()).collect();
+        KvCache { kv_heads, head_dim, capacity, len: 0, store: Store::F32 { keys: empty(), values: empty() } }
     }
 
-    /// Ends the cache's growth; with `int8`, stores keys and values as int8 codes with one scale per position
-    /// and head (a quarter of the bytes each attention call reads).
-    pub fn freeze(&mut self, int8: bool) {
-        if self.frozen {
-            return;
-        }
-        self.frozen = true;
-        if !int8 {
-            return;
-        }
-        let (n, hd) = (self.len, self.head_dim);
-        let (keys, key_scales): (Vec<_>, Vec<_>) = std::mem::take(&mut self.keys)
-            .iter()
-            .map(|k| {
-                let (codes, scales) = quantize_rows(n, hd, |j, d| k[(j / PANEL) * hd * PANEL + d * PANEL + j % PANEL]);
-                (key_panels(&codes, n, hd), scales)
-            })
-            .unzip();
-        let (values, value_scales) =
-            std::mem::take(&mut self.values).iter().map(|v| quantize_rows(n, hd, |j, d| v[j * hd + d])).unzip();
-        self.int8 = Some(Box::new(Int8 { keys, key_scales, values, value_scales }));
+    /// An empty cache that stores each position's keys and values as int8 codes with one scale per head (a
+    /// quarter of the bytes attention reads): the cross-attention of models whose linears take int8 activations.
+    pub fn new_int8(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> KvCache {
+        let heads = layers * kv_heads;
+        let (e8, e32) = (|| (0..heads).map(|_| Vec::new()).collect(), || (0..heads).map(|_| Vec::new()).collect());
+        let store = Store::I8(Box::new(Int8 { keys: e8(), key_scales: e32(), values: e8(), value_scales: e32() }));
+        KvCache { kv_heads, head_dim, capacity, len: 0, store }
     }
 
     /// Positions filled.
@@ -120,80 +93,76 @@ impl KvCache {
         self.capacity
     }
 
-    /// Forgets every position (keeps the f32 memory; a frozen cache grows again).
+    /// Forgets every position (keeps the memory).
     pub fn clear(&mut self) {
         self.len = 0;
-        self.frozen = false;
-        if let Some(q) = self.int8.take() {
-            let heads = q.keys.len();
-            self.keys = (0..heads).map(|_| Vec::new()).collect();
-            self.values = (0..heads).map(|_| Vec::new()).collect();
-        }
     }
 
-    /// Drops positions from `len` on (for reusing a shared prefix). A frozen cache keeps its length.
+    /// Drops positions from `len` on (for reusing a shared prefix).
     pub fn truncate(&mut self, len: usize) {
-        if !self.frozen {
-            self.len = self.len.min(len);
-        }
+        self.len = self.len.min(len);
     }
 
     /// Stores the keys and values (`kv_heads × head_dim` each) of position `pos` (at most `len()`) in `layer`.
     /// Fails, rather than aborting, when memory for a new position cannot be had.
     pub fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) -> Result<()> {
         let hd = self.head_dim;
-        if self.frozen {
-            return Err(Error::invalid("kv cache", "the cache is frozen"));
-        }
         if pos >= self.capacity {
             return Err(Error::invalid("kv cache", format!("position {pos} is past the capacity {}", self.capacity)));
         }
         let panel = (pos / PANEL) * hd * PANEL;
+        let mut codes = vec![0i8; hd];
         for h in 0..self.kv_heads {
             let i = layer * self.kv_heads + h;
-            let keys = &mut self.keys[i];
-            grow(keys, panel + hd * PANEL, pos)?;
-            for (d, &x) in k[h * hd..(h + 1) * hd].iter().enumerate() {
-                keys[panel + d * PANEL + pos % PANEL] = x;
+            let (kh, vh) = (&k[h * hd..(h + 1) * hd], &v[h * hd..(h + 1) * hd]);
+            match &mut self.store {
+                Store::F32 { keys, values } => {
+                    grow(&mut keys[i], panel + hd * PANEL, pos)?;
+                    kh.iter().enumerate().for_each(|(d, &x)| keys[i][panel + d * PANEL + pos % PANEL] = x);
+                    grow(&mut values[i], (pos + 1) * hd, pos)?;
+                    values[i][pos * hd..(pos + 1) * hd].copy_from_slice(vh);
+                }
+                Store::I8(q) => {
+                    let Int8 { keys, key_scales, values, value_scales } = &mut **q;
+                    grow(&mut keys[i], panel + hd * PANEL, pos)?;
+                    grow(&mut key_scales[i], pos + 1, pos)?;
+                    key_scales[i][pos] = quantize(kh, &mut codes);
+                    codes.iter().enumerate().for_each(|(d, &c)| keys[i][panel + d * PANEL + pos % PANEL] = c);
+                    grow(&mut values[i], (pos + 1) * hd, pos)?;
+                    grow(&mut value_scales[i], pos + 1, pos)?;
+                    value_scales[i][pos] = quantize(vh, &mut values[i][pos * hd..(pos + 1) * hd]);
+                }
             }
-            let values = &mut self.values[i];
-            grow(values, (pos + 1) * hd, pos)?;
-            values[pos * hd..(pos + 1) * hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
         }
         Ok(())
     }
 
-    /// Bytes the cache's keys and values occupy (what attention over every position reads).
+    /// Bytes of the keys and values of the positions filled (what attention over all of them reads).
     pub fn bytes(&self) -> usize {
-        let total = |v: &[Vec<f32>]| v.iter().map(|x| x.len() * 4).sum::<usize>();
-        match &self.int8 {
-            Some(q) => {
-                let codes = |v: &[Vec<i8>]| v.iter().map(Vec::len).sum::<usize>();
-                codes(&q.keys) + codes(&q.values) + total(&q.key_scales) + total(&q.value_scales)
-            }
-            None => total(&self.keys) + total(&self.values),
-        }
+        let (heads, per_position) = match &self.store {
+            Store::F32 { keys, .. } => (keys.len(), 2 * self.head_dim * 4),
+            Store::I8(q) => (q.keys.len(), 2 * (self.head_dim + 4)),
+        };
+        heads * self.len * per_position
     }
 
     /// The keys and values of `layer`, as attention reads them.
     pub fn layer(&self, layer: usize) -> KvView<'_> {
-        let heads = layer * self.kv_heads..(layer + 1) * self.kv_heads;
-        match &self.int8 {
-            Some(q) => KvView::I8 {
-                keys: &q.keys[heads.clone()],
-                key_scales: &q.key_scales[heads.clone()],
-                values: &q.values[heads.clone()],
-                value_scales: &q.value_scales[heads],
+        let h = layer * self.kv_heads..(layer + 1) * self.kv_heads;
+        match &self.store {
+            Store::F32 { keys, values } => KvView::F32 { keys: &keys[h.clone()], values: &values[h] },
+            Store::I8(q) => KvView::I8 {
+                keys: &q.keys[h.clone()],
+                key_scales: &q.key_scales[h.clone()],
+                values: &q.values[h.clone()],
+                value_scales: &q.value_scales[h],
             },
-            None => KvView::F32 { keys: &self.keys[heads.clone()], values: &self.values[heads] },
         }
     }
 
-    /// Marks `n` more positions as filled (after every layer wrote them); a frozen cache stays as it is.
+    /// Marks `n` more positions as filled (after every layer wrote them).
     pub fn advance(&mut self, n: usize) {
-        if !self.frozen {
-            self.len = (self.len + n).min(self.capacity);
-        }
+        self.len = (self.len + n).min(self.capacity);
     }
 }
 
@@ -202,27 +171,27 @@ mod tests {
     use super::*;
 
     /// Positions written one by one land where the key panels of the whole sequence put them, across a panel
-    /// boundary, and freezing to int8 keeps every value within half a step of its scale.
+    /// boundary; an int8 cache keeps every value within half a step of its scale.
     #[test]
     fn writes_fill_key_panels_and_int8_codes_stay_close() {
         let (heads, hd, n) = (2, 8, PANEL + 5);
         let val = |i: usize| ((i * 7 + 3) % 23) as f32 / 11.0 - 1.0;
-        let mut cache = KvCache::new(1, heads, hd, 100);
         let rows: Vec<Vec<f32>> = (0..n).map(|p| (0..2 * heads * hd).map(|i| val(p * 97 + i)).collect()).collect();
-        for (p, r) in rows.iter().enumerate() {
-            cache.write(0, p, &r[..heads * hd], &r[heads * hd..]).unwrap();
-            cache.advance(1);
+        let (mut cache, mut int8) = (KvCache::new(1, heads, hd, 100), KvCache::new_int8(1, heads, hd, 100));
+        for c in [&mut cache, &mut int8] {
+            for (p, r) in rows.iter().enumerate() {
+                c.write(0, p, &r[..heads * hd], &r[heads * hd..]).unwrap();
+                c.advance(1);
+            }
         }
-        let KvView::F32 { keys, values } = cache.layer(0) else { panic!("f32 while growing") };
+        let KvView::F32 { keys, values } = cache.layer(0) else { panic!("f32") };
         for h in 0..heads {
             let k: Vec<f32> = rows.iter().flat_map(|r| r[h * hd..(h + 1) * hd].to_vec()).collect();
             assert_eq!(keys[h][..key_panels(&k, n, hd).len()], key_panels(&k, n, hd)[..]);
             let v: Vec<f32> = rows.iter().flat_map(|r| r[(heads + h) * hd..(heads + h + 1) * hd].to_vec()).collect();
             assert_eq!(values[h][..n * hd], v[..]);
         }
-        cache.freeze(true);
-        assert!(cache.write(0, n, &rows[0][..heads * hd], &rows[0][heads * hd..]).is_err());
-        let KvView::I8 { keys, key_scales, values, value_scales } = cache.layer(0) else { panic!("int8") };
+        let KvView::I8 { keys, key_scales, values, value_scales } = int8.layer(0) else { panic!("int8") };
         for h in 0..heads {
             for (p, r) in rows.iter().enumerate() {
                 for d in 0..hd {
@@ -234,9 +203,7 @@ mod tests {
                 }
             }
         }
-        // Key code panels (padded), value codes, two scales per position and head.
-        assert_eq!(cache.bytes(), heads * (n.div_ceil(PANEL) * PANEL * hd + n * hd + 8 * n));
-        cache.clear();
-        assert!(cache.write(0, 0, &rows[0][..heads * hd], &rows[0][heads * hd..]).is_ok());
+        assert_eq!((cache.bytes(), int8.bytes()), (heads * n * 2 * hd * 4, heads * n * 2 * (hd + 4)));
+        assert!(cache.write(0, 100, &rows[0][..heads * hd], &rows[0][heads * hd..]).is_err());
     }
 }

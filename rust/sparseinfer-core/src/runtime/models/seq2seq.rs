@@ -206,15 +206,18 @@ impl Seq2Seq {
             ));
         }
         let n = enc.len() / d;
-        let mut cross = KvCache::new(s.layers, s.kv_heads, s.head_dim, n);
+        // Where the decoder's linears take int8 activations, the cross-attention keys and values are kept as int8
+        // too: every decoding step reads all of them, the largest read after the weights.
+        let int8 = self.p.decoder.first().is_some_and(|b| b.cross.kv.activations().is_int8());
+        let mut cross = if int8 {
+            KvCache::new_int8(s.layers, s.kv_heads, s.head_dim, n)
+        } else {
+            KvCache::new(s.layers, s.kv_heads, s.head_dim, n)
+        };
         for (li, block) in self.p.decoder.iter().enumerate() {
             block.cross.fill(s, li, enc, n, &mut cross)?;
         }
         cross.advance(n);
-        // Where the decoder's linears take int8 activations, the cross-attention keys and values are kept as int8
-        // too: every decoding step reads all of them, the largest read after the weights.
-        let int8 = self.p.decoder.first().is_some_and(|b| b.cross.kv.activations().is_int8());
-        cross.freeze(int8);
         let cache = KvCache::new(s.layers, s.kv_heads, s.head_dim, capacity.min(s.max_positions));
         Ok(Seq2SeqState { cache, cross })
     }

@@ -96,6 +96,8 @@ fn heads_per_block(group: usize) -> usize {
 /// each pair's softmax covers its own range only. Tasks run on the thread pool when the work is large enough.
 pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv: KvView, out: &mut [f32]) {
     let Heads { heads: n_heads, kv_heads, head_dim: hd, scale } = heads;
+    assert!(kv_heads > 0 && n_heads.is_multiple_of(kv_heads), "{n_heads} heads over {kv_heads} key/value heads");
+    assert!(k.checked_mul(n_heads * hd).is_some_and(|n| out.len() >= n), "attention output too short");
     let group = n_heads / kv_heads;
     let out_ptr = SendPtr(out.as_mut_ptr());
     let ops = vector::ops();
@@ -128,7 +130,12 @@ pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv
         let sum = (ops.exp_shifted)(own);
         scores[..lo].fill(0.0);
         scores[hi..].fill(0.0);
-        1.0 / sum
+        // No keys at all (an empty window) attends to nothing.
+        if sum > 0.0 {
+            1.0 / sum
+        } else {
+            0.0
+        }
     };
     // SAFETY: each task writes the hd-wide slices of its own (query, head) pairs of `out`.
     let out_of = |a: usize, h: usize| unsafe {
@@ -248,7 +255,7 @@ mod tests {
                 let sum: f64 = e.iter().sum();
                 for d in 0..hd {
                     let v: f64 = e.iter().enumerate().map(|(i, p)| p * values[g][(start + i) * hd + d] as f64).sum();
-                    out[(a * nh + h) * hd + d] = (v / sum) as f32;
+                    out[(a * nh + h) * hd + d] = if sum > 0.0 { (v / sum) as f32 } else { 0.0 };
                 }
             }
         }
@@ -260,13 +267,13 @@ mod tests {
     /// values.
     #[test]
     fn attention_matches_its_definition() {
-        let (hd, n) = (16, 90);
+        let n = 90;
         let val = |i: usize, m: usize| ((i * m + 11) % 37) as f32 / 18.0 - 1.0;
-        let slopes = [0.5, 0.25, 0.125, 0.0625, 0.03, 0.02, 0.01, 0.005];
+        let slopes: Vec<f32> = (0..16).map(|i| 0.5 / (1 << i) as f32).collect();
         // T5-style relative biases: distances -n..n per head.
-        let rel_table: Vec<f32> = (0..8 * (2 * n + 1)).map(|i| val(i, 5) * 0.5).collect();
+        let rel_table: Vec<f32> = (0..16 * (2 * n + 1)).map(|i| val(i, 5) * 0.5).collect();
         let rel = RelBias { values: &rel_table, width: 2 * n + 1, zero: n };
-        for (h, g) in [(4, 4), (4, 2), (8, 1), (6, 2)] {
+        for (h, g, hd) in [(4, 4, 16), (4, 2, 24), (8, 1, 8), (6, 2, 72), (12, 1, 16), (10, 1, 16), (16, 1, 16)] {
             let keys: Vec<Vec<f32>> = (0..g).map(|x| (0..n * hd).map(|i| val(i + x, 7)).collect()).collect();
             let values: Vec<Vec<f32>> = (0..g).map(|x| (0..n * hd).map(|i| val(i + x, 5)).collect()).collect();
             let panels: Vec<Vec<f32>> = keys.iter().map(|x| vector::key_panels(x, n, hd)).collect();
@@ -296,6 +303,7 @@ mod tests {
                 let q: Vec<f32> = (0..k * h * hd).map(|i| val(i, 3)).collect();
                 let spans = [
                     Span::All { len: n, rel: None },
+                    Span::All { len: 0, rel: None },
                     Span::All { len: k.min(n), rel: Some(rel) },
                     Span::Causal { pos0: n - k, window: None, alibi: None, rel: None },
                     Span::Causal { pos0: n - k, window: Some(33), alibi: Some(&slopes[..h]), rel: None },
