@@ -72,24 +72,8 @@ pub struct VectorOps {
 pub fn ops() -> VectorOps {
     #[cfg(target_arch = "x86_64")]
     match active_isa() {
-        Ok(Isa::Avx512) => {
-            return VectorOps {
-                scores: x86::scores_checked::<true, f32>,
-                scores_i8: x86::scores_checked::<true, i8>,
-                weighted: x86::weighted_checked::<true, f32>,
-                weighted_i8: x86::weighted_checked::<true, i8>,
-                exp_shifted: x86::exp_shifted_checked,
-            }
-        }
-        Ok(Isa::Avx2) => {
-            return VectorOps {
-                scores: x86::scores_checked::<false, f32>,
-                scores_i8: x86::scores_checked::<false, i8>,
-                weighted: x86::weighted_checked::<false, f32>,
-                weighted_i8: x86::weighted_checked::<false, i8>,
-                exp_shifted: x86::exp_shifted_checked,
-            }
-        }
+        Ok(Isa::Avx512) => return x86::ops::<true>(),
+        Ok(Isa::Avx2) => return x86::ops::<false>(),
         _ => {}
     }
     VectorOps {
@@ -201,6 +185,17 @@ pub(crate) mod x86 {
                 _ => $f::<8, $({ $c }),+>($($arg),*),
             }
         };
+    }
+
+    /// The block kernels on zmm (`WIDE`, the AVX-512 path) or ymm registers (AVX2+FMA).
+    pub fn ops<const WIDE: bool>() -> super::VectorOps {
+        super::VectorOps {
+            scores: scores_checked::<WIDE, f32>,
+            scores_i8: scores_checked::<WIDE, i8>,
+            weighted: weighted_checked::<WIDE, f32>,
+            weighted_i8: weighted_checked::<WIDE, i8>,
+            exp_shifted: exp_shifted_checked,
+        }
     }
 
     /// [`super::scores_scalar`] behind a safe signature, on zmm (`WIDE`) or ymm registers; only installed by

@@ -53,7 +53,7 @@ fn grow<T: Copy + Default>(buf: &mut Vec<T>, len: usize, pos: usize) -> Result<(
 
 /// Symmetric int8 codes of `x` and their scale (`max |x| / 127`): each value is within half a scale step of
 /// `scale · code`.
-fn quantize(x: &[f32], codes: &mut [i8]) -> f32 {
+pub(crate) fn quantize(x: &[f32], codes: &mut [i8]) -> f32 {
     let s = x.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
     let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
     x.iter().zip(codes).for_each(|(v, c)| *c = (v * inv).round().clamp(-127.0, 127.0) as i8);
@@ -111,7 +111,8 @@ impl KvCache {
             return Err(Error::invalid("kv cache", format!("position {pos} is past the capacity {}", self.capacity)));
         }
         let panel = (pos / PANEL) * hd * PANEL;
-        let mut codes = vec![0i8; hd];
+        // One head's key codes on their way into the panel (allocated by int8 caches only).
+        let mut codes = Vec::new();
         for h in 0..self.kv_heads {
             let i = layer * self.kv_heads + h;
             let (kh, vh) = (&k[h * hd..(h + 1) * hd], &v[h * hd..(h + 1) * hd]);
@@ -126,6 +127,7 @@ impl KvCache {
                     let Int8 { keys, key_scales, values, value_scales } = &mut **q;
                     grow(&mut keys[i], panel + hd * PANEL, pos)?;
                     grow(&mut key_scales[i], pos + 1, pos)?;
+                    codes.resize(hd, 0);
                     key_scales[i][pos] = quantize(kh, &mut codes);
                     codes.iter().enumerate().for_each(|(d, &c)| keys[i][panel + d * PANEL + pos % PANEL] = c);
                     grow(&mut values[i], (pos + 1) * hd, pos)?;

@@ -221,6 +221,7 @@ unsafe impl Send for SendPtr {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::kv_cache::quantize;
 
     /// Attention by its definition, in f64, from position-major keys and values `[g][position][hd]`.
     fn reference(heads: Heads, span: Span, q: &[f32], k: usize, keys: &[Vec<f32>], values: &[Vec<f32>]) -> Vec<f32> {
@@ -278,18 +279,10 @@ mod tests {
             let values: Vec<Vec<f32>> = (0..g).map(|x| (0..n * hd).map(|i| val(i + x, 5)).collect()).collect();
             let panels: Vec<Vec<f32>> = keys.iter().map(|x| vector::key_panels(x, n, hd)).collect();
             let heads = Heads { heads: h, kv_heads: g, head_dim: hd, scale: 0.25 };
-            // Int8 codes with one scale per position.
+            // Int8 codes with one scale per position, as an int8 cache writes them.
             let quant = |x: &Vec<f32>| -> (Vec<i8>, Vec<f32>) {
                 let mut codes = vec![0i8; n * hd];
-                let scales = (0..n)
-                    .map(|j| {
-                        let s = x[j * hd..(j + 1) * hd].iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
-                        for d in 0..hd {
-                            codes[j * hd + d] = (x[j * hd + d] / s).round() as i8;
-                        }
-                        s
-                    })
-                    .collect();
+                let scales = x.chunks_exact(hd).zip(codes.chunks_exact_mut(hd)).map(|(x, c)| quantize(x, c)).collect();
                 (codes, scales)
             };
             let (kc, ks): (Vec<_>, Vec<_>) = keys.iter().map(quant).unzip();
