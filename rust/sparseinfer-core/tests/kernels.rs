@@ -284,6 +284,19 @@ fn threaded_large_matrix_matches_reference() {
     }
 }
 
+/// Blocks of many activation rows (prefill, encoders), where AVX-512 CPUs with AMX take `tdpbssd` on tiled
+/// matrices: full blocks of 16 rows and a tail, every format, against the reference and the matvec.
+#[test]
+fn many_activation_rows() {
+    let shapes: &[(usize, usize, usize)] =
+        if cfg!(target_arch = "aarch64") { &[(40, 200, 9)] } else { &[(40, 200, 9), (33, 1000, 16), (130, 512, 37)] };
+    for (f, o) in all_variants() {
+        for &(rows, cols, k) in shapes {
+            check_matrix(rows, cols, 0.3, (rows + k) as u64, f, o, k);
+        }
+    }
+}
+
 #[test]
 fn bad_input_is_an_error_not_a_crash() {
     let opts = PackOptions::default();

@@ -253,12 +253,13 @@ pub struct QuantActs {
     pub xq: Aligned<i8>,
     /// `k × chunks` block scales.
     pub sx: Vec<f32>,
-    /// VNNI per-row-scale kernels only: per activation row and weight scale block, per i32 lane `j`, the
-    /// zero point times the sum of the codes the lane meets (`z · Σ x` over columns `64c + 4j..64c + 4j + 4`
-    /// of every chunk `c` in the block), subtracted from the exact integer sums; empty otherwise.
+    /// VNNI per-row-scale kernels, and every VNNI kernel on tiled matrices: per activation row and weight scale
+    /// block, per i32 lane `j`, the zero point times the sum of the codes the lane meets (`z · Σ x` over columns
+    /// `64c + 4j..64c + 4j + 4` of every chunk `c` in the block; tiled: one `z · Σ x` per segment), subtracted
+    /// from the exact integer sums; empty otherwise.
     pub zcorr: Aligned<i32>,
-    /// `k × groups` sums of `x̂` per weight scale group (the VNNI per-block kernels' zero points: `Σ m·x̂`);
-    /// empty otherwise.
+    /// `k × groups` sums of `x̂` per weight scale group (the VNNI per-block row-layout kernels' zero points:
+    /// `Σ m·x̂`); empty otherwise.
     pub gsum: Vec<f32>,
     /// `k × cols_pad` dequantized activations `x̂`, for the f32 kernels (empty on the VNNI path).
     pub xhat: Aligned<f32>,
@@ -293,14 +294,14 @@ fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, to: Consumer
     // The VNNI per-row-scale kernels read the codes and corrections; the per-block ones the group sums.
     let (xhat, vnni) = (to == Consumer::F32, to == Consumer::Vnni);
     #[cfg(target_arch = "x86_64")]
-    let vnni_token = vnni && token;
+    let vnni_zcorr = vnni && (token || m.tiled);
     let mut q = QuantActs {
         k,
         token,
         xq: Aligned::zeroed(k * cp),
         sx: vec![0.0; k * chunks],
         zcorr: Aligned::empty(),
-        gsum: if !vnni || token || !matches!(m.format.elem(), Elem::I4 | Elem::I8) {
+        gsum: if !vnni || token || m.tiled || !matches!(m.format.elem(), Elem::I4 | Elem::I8) {
             Vec::new()
         } else {
             vec![0.0; k * groups]
@@ -325,7 +326,7 @@ fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, to: Consumer
         group_sums(&mut q, m.group);
     }
     #[cfg(target_arch = "x86_64")]
-    if vnni_token && x86::vnni_supported() {
+    if vnni_zcorr && x86::vnni_supported() {
         // SAFETY: the features were detected.
         unsafe { x86::vnni::zero_point_corrections(m, &mut q) };
     }
@@ -484,6 +485,12 @@ pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32],
         Activations::F32 => run_rows(m.row_major(), k, y, rows_fn(isa), &f32_operand(isa, m, xs)),
         Activations::Int8 | Activations::Int8Token => {
             let token = act == Activations::Int8Token;
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx512 && k >= x86::amx::MIN_ROWS && x86::amx::supports(m, token) {
+                let q = quantize_activations_for(m, xs, k, Consumer::Codes, token);
+                run_rows(m, k, y, x86::amx::rows, &q);
+                return Ok(());
+            }
             #[cfg(target_arch = "x86_64")]
             if isa == Isa::Avx512 && x86::vnni::supports(m, token) {
                 let q = quantize_activations_for(m, xs, k, Consumer::Vnni, token);
@@ -678,6 +685,59 @@ mod tests {
         ] {
             let m = pack(rows, cols, density, f);
             assert_eq!(x86::avx512::shares_x(&m), shares, "{} {rows}x{cols} density {}", f.name(), m.density());
+        }
+    }
+
+    /// The AMX kernels against the VNNI ones on the same tiled matrices, called directly (so this runs the AMX
+    /// path wherever the CPU has it, whatever the dispatch threshold): the same exact integer sums and the same
+    /// scaling, so every output is the same bit for bit. Full 16-row blocks, tails, both activation modes.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn amx_rows_equal_vnni_rows_bit_for_bit() {
+        use crate::formats::{Format, Layout, PackOptions};
+        if !x86::amx::supported() {
+            eprintln!("no AMX here: skipped");
+            return;
+        }
+        let (rows, cols) = (70, 700);
+        let mut s = 0x1234_5678u32;
+        let mut rnd = move || {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            s as f32 / u32::MAX as f32 - 0.5
+        };
+        let w: Vec<f32> = (0..rows * cols).map(|_| if rnd() > 0.2 { 0.0 } else { rnd() }).collect();
+        for (format, group) in [
+            (Format::SparseInt8, None),
+            (Format::SparseInt8, Some(64)),
+            (Format::SparseInt4, None),
+            (Format::SparseInt4, Some(64)),
+        ] {
+            let opts = PackOptions { group_size: group, layout: Layout::Tiles, ..Default::default() };
+            let m = PackedMatrix::pack(&w, rows, cols, format, opts).unwrap();
+            assert!(m.tiled);
+            for token in [false, true] {
+                assert!(x86::amx::supports(&m, token), "{format:?} {group:?}");
+                for k in [1, 8, 16, 21, 40] {
+                    let xs: Vec<f32> =
+                        (0..k * m.cols_pad).map(|i| if i % m.cols_pad < cols { rnd() } else { 0.0 }).collect();
+                    let mut amx = vec![f32::NAN; k * rows];
+                    let mut vnni = vec![f32::NAN; k * rows];
+                    let q = quantize_activations_for(&m, &xs, k, Consumer::Codes, token);
+                    run_rows(&m, k, &mut amx, x86::amx::rows, &q);
+                    let q = quantize_activations_for(&m, &xs, k, Consumer::Vnni, token);
+                    run_rows(&m, k, &mut vnni, x86::vnni::rows, &q);
+                    for (i, (a, v)) in amx.iter().zip(&vnni).enumerate() {
+                        assert!(a.is_finite(), "{format:?} {group:?} token {token} k {k}: y[{i}] not written");
+                        assert_eq!(
+                            a.to_bits(),
+                            v.to_bits(),
+                            "{format:?} {group:?} token {token} k {k}: y[{i}] {a} vs {v}"
+                        );
+                    }
+                }
+            }
         }
     }
 }

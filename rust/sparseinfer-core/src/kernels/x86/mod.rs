@@ -30,6 +30,7 @@ macro_rules! by_scaling {
     };
 }
 
+pub(crate) mod amx;
 pub(crate) mod avx2;
 pub(crate) mod avx2_int;
 pub(crate) mod avx512;

@@ -1,0 +1,311 @@
+//! Intel AMX (`tdpbssd`, Sapphire Rapids and later) for many activation rows at once (prefill, encoders) on
+//! the tiled sparse integer formats.
+//!
+//! A tiled quad ([`crate::formats::tiles`]) expands to 64 bytes that are 16 weight rows × 4 columns, which is
+//! one row of an AMX `B` operand (K/4 rows of N = 16 columns × 4 bytes). So each weight tile (16 rows) is
+//! expanded once per call into signed int8 `B` tiles, one per 64-column chunk (16 quads, 1 KiB), kept in L1/L2,
+//! and every block of 16 activation rows meets them with one `tdpbssd` per chunk: 16 × 16 × 64 exact integer
+//! products into a 16 × 16 i32 tile. The expansion is the same `vpexpandb` work the VNNI kernel does per quad,
+//! but done once per call instead of once per four activation rows.
+//!
+//! The scaling is the VNNI tiled kernel's: per-block activations (`Activations::Int8`) convert each chunk's exact
+//! sums and multiply-add them with the chunk's activation scale (times the 16 rows' group scale); per-row
+//! activations add whole scale groups in the tile before converting. The weights are made signed while
+//! expanding (the stored codes are unsigned, `q + z`), so no zero-point correction is needed: the sums are
+//! `Σ q·x` exactly, which the VNNI kernels reach only after subtracting a rounded f32 correction.
+//!
+//! Stable Rust has no AMX intrinsics, so the tile instructions are `asm!` blocks. Linux hands out the tile
+//! state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, once per process, see [`supported`]); each thread
+//! loads the tile configuration at the start of a call and releases the tiles at its end.
+
+use super::vnni::{int4_pair_codes, int8_quad_codes, SI4_NARROW, SI4_WIDE};
+use crate::formats::tiles::{QUAD, TILE};
+use crate::formats::{Format, PackedMatrix, CHUNK};
+use crate::kernels::aligned::Aligned;
+use crate::kernels::simd::{scale_mode, ROW};
+use crate::kernels::QuantActs;
+use core::arch::asm;
+use core::arch::x86_64::*;
+use std::sync::OnceLock;
+
+/// The fewest activation rows a call sends here; fewer run the VNNI kernels, which read each tile once per
+/// four rows without expanding it to memory.
+pub(crate) const MIN_ROWS: usize = 8;
+
+/// Bytes of one expanded chunk: 16 quads of 64 bytes, an AMX `B` tile.
+const B_TILE: usize = 16 * 64;
+
+/// Whether this CPU has AMX-TILE and AMX-INT8 and the kernel granted this process the tile state. Asked once;
+/// `SPARSEINFER_AMX=0` turns it off (to compare with the VNNI kernels).
+pub(crate) fn supported() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        if std::env::var("SPARSEINFER_AMX").is_ok_and(|v| v.trim() == "0") || !super::vnni_supported() {
+            return false;
+        }
+        // Leaf 7 exists on every CPU with AVX-512.
+        let edx = __cpuid_count(7, 0).edx;
+        let (tile, int8) = (edx & (1 << 24) != 0, edx & (1 << 25) != 0);
+        tile && int8 && request_tile_state()
+    })
+}
+
+/// Asks Linux for the AMX tile data state (XFEATURE 18). Without it the first tile instruction faults.
+#[cfg(target_os = "linux")]
+fn request_tile_state() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain syscall with integer arguments; failure (old kernel, refused) is a return value.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_tile_state() -> bool {
+    false
+}
+
+/// Whether these kernels serve `m`: the tiled sparse formats, with scale groups of whole chunks (or one scale
+/// per row), under the same integer bounds as the VNNI kernels.
+pub(crate) fn supports(m: &PackedMatrix, token: bool) -> bool {
+    m.tiled
+        && matches!(m.format, Format::SparseInt8 | Format::SparseInt4)
+        && (scale_mode(m) == ROW || m.group.is_multiple_of(CHUNK))
+        && super::vnni::supports(m, token)
+        && supported()
+}
+
+/// The tile configuration: `tmm0` activations (16 rows × 64 bytes), `tmm1` weights (16 quads × 64 bytes),
+/// `tmm2` and `tmm3` two sets of 16 × 16 i32 sums (one segment's products run while the other's are scaled).
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    fn new() -> TileConfig {
+        let mut c = [0u8; 64];
+        c[0] = 1; // palette 1
+        for t in 0..4 {
+            c[16 + 2 * t] = 64; // bytes per row (u16, little-endian)
+            c[48 + t] = 16; // rows
+        }
+        TileConfig(c)
+    }
+}
+
+/// Loads the configuration on entry and releases the tiles on every exit, so no thread keeps tile state
+/// (8 KiB more in every context switch and signal frame) outside a call.
+struct Tiles;
+
+impl Tiles {
+    /// # Safety
+    /// [`supported`] must hold.
+    unsafe fn acquire() -> Tiles {
+        let cfg = TileConfig::new();
+        asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly, preserves_flags));
+        Tiles
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: only built by `acquire`, after the configuration was loaded.
+        unsafe { asm!("tilerelease", options(nostack, nomem, preserves_flags)) };
+    }
+}
+
+/// `tmm2 + S = Σ A·B` over chunks `c0..c1`: 16 activation rows of codes at `a` (rows `stride` bytes apart)
+/// against the expanded chunks at `b`, stored as 16 rows of 16 i32 at `out` (`S` picks `tmm2` or `tmm3`).
+#[inline(always)]
+unsafe fn segment_sums<const S: u8>(a: *const i8, stride: usize, b: *const i8, c0: usize, c1: usize, out: *mut i32) {
+    macro_rules! run {
+        ($c:literal) => {{
+            asm!(concat!("tilezero ", $c), options(nostack, nomem, preserves_flags));
+            for c in c0..c1 {
+                asm!(
+                    "tileloadd tmm0, [{a} + {s}*1]",
+                    "tileloadd tmm1, [{b} + {q}*1]",
+                    concat!("tdpbssd ", $c, ", tmm0, tmm1"),
+                    a = in(reg) a.add(c * CHUNK),
+                    s = in(reg) stride,
+                    b = in(reg) b.add(c * B_TILE),
+                    q = in(reg) 64usize,
+                    options(nostack, readonly, preserves_flags)
+                );
+            }
+            asm!(
+                concat!("tilestored [{o} + {s}*1], ", $c),
+                o = in(reg) out,
+                s = in(reg) 64usize,
+                options(nostack, preserves_flags)
+            );
+        }};
+    }
+    if S == 0 {
+        run!("tmm2")
+    } else {
+        run!("tmm3")
+    }
+}
+
+/// Expanded weights a thread keeps at once (L2-sized): every block of 16 activation rows meets all of them
+/// before the next ones are expanded, so the activations stream from memory once per group, not once per tile.
+const GROUP_BYTES: usize = 1 << 20;
+
+thread_local! {
+    /// Each thread's expanded weight group, kept between calls (a fresh megabyte per call would be mapped and
+    /// faulted in every time).
+    static EXPANDED: core::cell::RefCell<Aligned<i8>> = core::cell::RefCell::new(Aligned::empty());
+}
+
+/// 16 × 16 i32 sums as `tilestored` writes them.
+#[repr(C, align(64))]
+struct Sums([i32; TILE * TILE]);
+
+/// Computes rows `r0..r1` (`r0` a multiple of 16) for the `k` activation rows in `q`.
+///
+/// # Safety
+/// [`supports`] must hold for `m`; `q` holds the codes and block scales of `k` rows built for `m`; `y` is valid
+/// for writes at `a·rows + r` for every `a < k` and `r0 <= r < r1`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt,fma")]
+pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
+    let (cp, chunks) = (m.cols_pad, m.chunks());
+    assert!(r0.is_multiple_of(TILE) && r1 <= m.rows && q.xq.len() >= k * cp && q.sx.len() >= k * chunks);
+    // The last block of fewer than 16 activation rows reads a zero-padded copy.
+    let full = k / TILE * TILE;
+    let mut tail = Aligned::<i8>::zeroed(if full < k { TILE * cp } else { 0 });
+    let mut tail_sx = vec![0.0f32; if full < k { TILE * chunks } else { 0 }];
+    if full < k {
+        tail[..(k - full) * cp].copy_from_slice(&q.xq[full * cp..k * cp]);
+        tail_sx[..(k - full) * chunks].copy_from_slice(&q.sx[full * chunks..k * chunks]);
+    }
+    let (t0, t1) = (r0 / TILE, r1.div_ceil(TILE));
+    let per_group = (GROUP_BYTES / (chunks * B_TILE)).clamp(1, t1 - t0);
+    EXPANDED.with_borrow_mut(|b| {
+        if b.len() < per_group * chunks * B_TILE {
+            *b = Aligned::zeroed(per_group * chunks * B_TILE);
+        }
+        let _tiles = Tiles::acquire();
+        for g0 in (t0..t1).step_by(per_group) {
+            let g1 = (g0 + per_group).min(t1);
+            for t in g0..g1 {
+                expand_tile(m, t, b.as_mut_ptr().add((t - g0) * chunks * B_TILE));
+            }
+            for a0 in (0..k).step_by(TILE) {
+                let (xq, sx) = if a0 < full {
+                    (q.xq.as_ptr().add(a0 * cp), q.sx.as_ptr().add(a0 * chunks))
+                } else {
+                    (tail.as_ptr(), tail_sx.as_ptr())
+                };
+                let n = (k - a0).min(TILE);
+                for t in g0..g1 {
+                    let bt = b.as_ptr().add((t - g0) * chunks * B_TILE);
+                    if q.token {
+                        block::<true>(m, t, r1, xq, sx, bt, y.add(a0 * m.rows), n);
+                    } else {
+                        block::<false>(m, t, r1, xq, sx, bt, y.add(a0 * m.rows), n);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Expands weight tile `t` into signed int8 `B` tiles, one per chunk, at `b` (`chunks × 1 KiB`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,popcnt")]
+unsafe fn expand_tile(m: &PackedMatrix, t: usize, b: *mut i8) {
+    let quads = m.cols_pad / QUAD;
+    let masks = m.masks.as_ptr().add(t * quads);
+    let mut p = m.data.as_ptr().add(m.row_offsets[t]);
+    let out = |quad: usize| b.add(quad * 64) as *mut __m512i;
+    match m.format {
+        Format::SparseInt8 => {
+            // Stored codes are `q ^ 0x80`, pruned lanes expand to 0x80: flipping the top bit gives `q` and 0.
+            let flip = _mm512_set1_epi8(-128);
+            for quad in 0..quads {
+                _mm512_store_si512(out(quad), _mm512_xor_si512(int8_quad_codes(&mut p, *masks.add(quad)), flip));
+            }
+        }
+        _ => {
+            // Nibbles are `q + 8`, pruned lanes expand to 8.
+            let eight = _mm512_set1_epi8(8);
+            let narrow = m.tile_narrow[t];
+            for quad in (0..quads).step_by(2) {
+                let (m0, m1) = (*masks.add(quad), *masks.add(quad + 1));
+                let (c0, c1) = if narrow {
+                    int4_pair_codes::<SI4_NARROW>(&mut p, m0, m1)
+                } else {
+                    int4_pair_codes::<SI4_WIDE>(&mut p, m0, m1)
+                };
+                _mm512_store_si512(out(quad), _mm512_sub_epi8(c0, eight));
+                _mm512_store_si512(out(quad + 1), _mm512_sub_epi8(c1, eight));
+            }
+        }
+    }
+}
+
+/// Tile `t` (its rows below `r1`) against 16 activation rows of codes at `xq` (`cols_pad` apart) and block
+/// scales at `sx` (`chunks` apart), of which the first `n` are real; writes `n` rows of `y` (`rows` apart).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block<const TOKEN: bool>(
+    m: &PackedMatrix,
+    t: usize,
+    r1: usize,
+    xq: *const i8,
+    sx: *const f32,
+    b: *const i8,
+    y: *mut f32,
+    n: usize,
+) {
+    let (cp, chunks) = (m.cols_pad, m.chunks());
+    let grouped = scale_mode(m) != ROW;
+    // Chunks per scale segment: per-block activations convert every chunk; per-row ones a whole group (or row).
+    let seg = match (TOKEN, grouped) {
+        (false, _) => 1,
+        (true, true) => m.group / CHUNK,
+        (true, false) => chunks,
+    };
+    let d16 = m.tile_scales.as_ptr().wrapping_add(t * m.groups() * TILE);
+    let group_scale = |c: usize| _mm512_loadu_ps(d16.add((c * CHUNK / m.group) * TILE));
+    let mut sums = [Sums([0; TILE * TILE]), Sums([0; TILE * TILE])];
+    let sp = [sums[0].0.as_mut_ptr(), sums[1].0.as_mut_ptr()];
+    let mut acc = [_mm512_setzero_ps(); TILE];
+    // Scales segment `c0`'s sums (from `sums[buf]`) into the accumulators.
+    let mut scale = |buf: usize, c0: usize| {
+        let d = if grouped { group_scale(c0) } else { _mm512_set1_ps(1.0) };
+        for (i, a) in acc.iter_mut().enumerate() {
+            let v = _mm512_cvtepi32_ps(_mm512_load_si512(sp[buf].add(i * TILE) as *const __m512i));
+            let s = if TOKEN { d } else { _mm512_mul_ps(_mm512_set1_ps(*sx.add(i * chunks + c0)), d) };
+            *a = _mm512_fmadd_ps(v, s, *a);
+        }
+    };
+    // Segment i's products run (into tmm2 or tmm3 by parity) while segment i - 1's sums are scaled.
+    let segments = chunks / seg;
+    for i in 0..segments {
+        let (c0, out) = (i * seg, sp[i % 2]);
+        if i % 2 == 0 {
+            segment_sums::<0>(xq, cp, b, c0, c0 + seg, out);
+        } else {
+            segment_sums::<1>(xq, cp, b, c0, c0 + seg, out);
+        }
+        if i > 0 {
+            scale((i - 1) % 2, c0 - seg);
+        }
+    }
+    scale((segments - 1) % 2, (segments - 1) * seg);
+    let rows_here = (r1 - t * TILE).min(TILE);
+    let lanes: __mmask16 = if rows_here == TILE { !0 } else { (1u16 << rows_here) - 1 };
+    let row_scale =
+        if grouped { _mm512_set1_ps(1.0) } else { _mm512_maskz_loadu_ps(lanes, m.scales.as_ptr().add(t * TILE)) };
+    for (i, &a) in acc.iter().enumerate().take(n) {
+        let mut v = a;
+        if !grouped {
+            v = _mm512_mul_ps(v, row_scale);
+        }
+        if TOKEN {
+            v = _mm512_mul_ps(v, _mm512_set1_ps(*sx.add(i * chunks)));
+        }
+        _mm512_mask_storeu_ps(y.add(i * m.rows + t * TILE), lanes, v);
+    }
+}
