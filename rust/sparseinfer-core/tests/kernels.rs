@@ -194,6 +194,10 @@ fn check_matrix(rows: usize, cols: usize, density: f32, seed: u64, f: Format, o:
         for isa in kernels::available_isas() {
             let mut got = vec![0.0f32; k * rows];
             kernels::matmul_on(isa, &m, &x, k, &mut got, act).unwrap();
+            // A matmul row is the matvec bit for bit where one kernel family serves both; the AMX kernels
+            // (many rows) match the VNNI ones exactly on tiled matrices only (see `x86::amx`).
+            let (many, one) = (kernels::kernel_name_on(isa, &m, act, k), kernels::kernel_name_on(isa, &m, act, 1));
+            let exact = many == one || m.layout() == Layout::Tiles;
             for a in 0..k {
                 let mut single = vec![0.0f32; rows];
                 kernels::matmul_on(isa, &m, &x[a * cols..(a + 1) * cols], 1, &mut single, act).unwrap();
@@ -201,11 +205,16 @@ fn check_matrix(rows: usize, cols: usize, density: f32, seed: u64, f: Format, o:
                     let (i, tol) = (a * rows + r, tols[a * rows + r]);
                     let (g, w) = (got[i], want[i]);
                     assert!((g - w).abs() <= tol, "{ctx} {isa:?} {act:?}: y[{a},{r}]={g} ref {w} tol {tol}");
-                    assert_eq!(
-                        g.to_bits(),
-                        single[r].to_bits(),
-                        "{ctx} {isa:?} {act:?}: y[{a},{r}]: matmul row != matvec"
-                    );
+                    if exact {
+                        assert_eq!(
+                            g.to_bits(),
+                            single[r].to_bits(),
+                            "{ctx} {isa:?} {act:?}: y[{a},{r}]: matmul row != matvec"
+                        );
+                    } else {
+                        let s = single[r];
+                        assert!((s - w).abs() <= tol, "{ctx} {isa:?} {act:?}: matvec y[{a},{r}]={s} ref {w} tol {tol}");
+                    }
                 }
             }
         }
@@ -288,8 +297,11 @@ fn threaded_large_matrix_matches_reference() {
 /// matrices: full blocks of 16 rows and a tail, every format, against the reference and the matvec.
 #[test]
 fn many_activation_rows() {
-    let shapes: &[(usize, usize, usize)] =
-        if cfg!(target_arch = "aarch64") { &[(40, 200, 9)] } else { &[(40, 200, 9), (33, 1000, 16), (130, 512, 37)] };
+    let shapes: &[(usize, usize, usize)] = if cfg!(target_arch = "aarch64") {
+        &[(40, 200, 9)]
+    } else {
+        &[(40, 200, 9), (33, 1000, 16), (130, 512, 37), (20, 300, 70)]
+    };
     for (f, o) in all_variants() {
         for &(rows, cols, k) in shapes {
             check_matrix(rows, cols, 0.3, (rows + k) as u64, f, o, k);

@@ -16,6 +16,9 @@ use sparseinfer_core::runtime::{
 };
 use sparseinfer_core::{self as core, kernels, Error, Format, Layout, PackOptions, PackedMatrix};
 
+/// The activation rows `info()["prefill_kernel"]` names the kernel for: a prompt or encoder input.
+const PREFILL_ROWS: usize = 64;
+
 /// Maps a core error to `sparseinfer.errors.InvalidInputError` / `UnsupportedError` / `SparseInferError`.
 fn to_py(py: Python<'_>, e: Error) -> PyErr {
     let class = match e {
@@ -465,7 +468,9 @@ impl PyModel {
             .unwrap_or(kernels::Activations::default_for(first.format()));
         d.set_item("activations", act.name())?;
         d.set_item("kernel", kernels::kernel_name(first, act).map_err(|e| to_py(py, e))?)?;
-        d.set_item("isa", kernels::active_isa().map_err(|e| to_py(py, e))?.name())?;
+        let isa = kernels::active_isa().map_err(|e| to_py(py, e))?;
+        d.set_item("prefill_kernel", kernels::kernel_name_on(isa, first, act, PREFILL_ROWS))?;
+        d.set_item("isa", isa.name())?;
         d.set_item("threads", core::parallel::num_threads())?;
         d.set_item("load_seconds", m.load_report.seconds)?;
         d.set_item("pack_cache", m.load_report.pack_cache.describe())?;
@@ -730,7 +735,9 @@ impl PySeq2SeqModel {
             let act = first.act.unwrap_or(kernels::Activations::default_for(first.w.format()));
             d.set_item("activations", act.name())?;
             d.set_item("kernel", kernels::kernel_name(&first.w, act).map_err(|e| to_py(py, e))?)?;
-            d.set_item("isa", kernels::active_isa().map_err(|e| to_py(py, e))?.name())?;
+            let isa = kernels::active_isa().map_err(|e| to_py(py, e))?;
+            d.set_item("prefill_kernel", kernels::kernel_name_on(isa, &first.w, act, PREFILL_ROWS))?;
+            d.set_item("isa", isa.name())?;
             d.set_item("threads", core::parallel::num_threads())?;
             d.set_item("load_seconds", m.load_report.seconds)?;
             d.set_item("pack_cache", m.load_report.pack_cache.describe())?;

@@ -1,12 +1,13 @@
 //! Intel AMX (`tdpbssd`, Sapphire Rapids and later) for many activation rows at once (prefill, encoders) on
-//! the tiled sparse integer formats.
+//! the tiled sparse integer formats and the symmetric dense ones.
 //!
 //! A tiled quad ([`crate::formats::tiles`]) expands to 64 bytes that are 16 weight rows × 4 columns, which is
 //! one row of an AMX `B` operand (K/4 rows of N = 16 columns × 4 bytes). So each weight tile (16 rows) is
 //! expanded once per call into signed int8 `B` tiles, one per 64-column chunk (16 quads, 1 KiB), kept in L1/L2,
 //! and every block of 16 activation rows meets them with one `tdpbssd` per chunk: 16 × 16 × 64 exact integer
 //! products into a 16 × 16 i32 tile. The expansion is the same `vpexpandb` work the VNNI kernel does per quad,
-//! but done once per call instead of once per four activation rows.
+//! but done once per call instead of once per four activation rows. Dense rows are decoded to bytes and
+//! transposed into the same operand (a gather per quad).
 //!
 //! The scaling is the VNNI tiled kernel's: per-block activations (`Activations::Int8`) convert each chunk's exact
 //! sums and multiply-add them with the chunk's activation scale (times the 16 rows' group scale); per-row
@@ -18,7 +19,7 @@
 //! state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, once per process, see [`supported`]); each thread
 //! loads the tile configuration at the start of a call and releases the tiles at its end.
 
-use super::vnni::{int4_pair_codes, int8_quad_codes, SI4_NARROW, SI4_WIDE};
+use super::vnni::{int4_pair_codes, int8_quad_codes, SI4_NARROW, SI4_WIDE, TILE_TOKEN_MAX_COLS};
 use crate::formats::tiles::{QUAD, TILE};
 use crate::formats::{Format, PackedMatrix, CHUNK};
 use crate::kernels::aligned::Aligned;
@@ -28,9 +29,15 @@ use core::arch::asm;
 use core::arch::x86_64::*;
 use std::sync::OnceLock;
 
-/// The fewest activation rows a call sends here; fewer run the VNNI kernels, which read each tile once per
-/// four rows without expanding it to memory.
-pub(crate) const MIN_ROWS: usize = 8;
+/// The fewest activation rows a call on `m` sends here; fewer run the VNNI kernels, which read the weights once
+/// per four rows without expanding them to memory. Dense rows cost more to expand (a gather per quad).
+pub(crate) fn min_rows(m: &PackedMatrix) -> usize {
+    if m.tiled {
+        16
+    } else {
+        64
+    }
+}
 
 /// Bytes of one expanded chunk: 16 quads of 64 bytes, an AMX `B` tile.
 const B_TILE: usize = 16 * 64;
@@ -64,12 +71,18 @@ fn request_tile_state() -> bool {
     false
 }
 
-/// Whether these kernels serve `m`: the tiled sparse formats, with scale groups of whole chunks (or one scale
-/// per row), under the same integer bounds as the VNNI kernels.
+/// Whether these kernels serve `m`: the tiled sparse formats and the symmetric dense ones, with scale groups
+/// of whole chunks (or one scale per row). Per-row activations add a whole group (or row) in each i32, which
+/// holds `127 · 127 · cols` up to [`TILE_TOKEN_MAX_COLS`] columns.
 pub(crate) fn supports(m: &PackedMatrix, token: bool) -> bool {
-    m.tiled
-        && matches!(m.format, Format::SparseInt8 | Format::SparseInt4)
+    let layout = if m.tiled {
+        matches!(m.format, Format::SparseInt8 | Format::SparseInt4)
+    } else {
+        matches!(m.format, Format::DenseInt8 | Format::DenseInt4) && !m.asym
+    };
+    layout
         && (scale_mode(m) == ROW || m.group.is_multiple_of(CHUNK))
+        && (!token || m.cols_pad <= TILE_TOKEN_MAX_COLS)
         && super::vnni::supports(m, token)
         && supported()
 }
@@ -150,10 +163,17 @@ unsafe fn segment_sums<const S: u8>(a: *const i8, stride: usize, b: *const i8, c
 /// before the next ones are expanded, so the activations stream from memory once per group, not once per tile.
 const GROUP_BYTES: usize = 1 << 20;
 
+/// A thread's expanded weight group: the `B` tiles, and (dense matrices with scale groups) each tile's group
+/// scales as the tiled layout keeps them (`tiles × groups × 16`).
+struct Expanded {
+    b: Aligned<i8>,
+    d: Vec<f32>,
+}
+
 thread_local! {
-    /// Each thread's expanded weight group, kept between calls (a fresh megabyte per call would be mapped and
-    /// faulted in every time).
-    static EXPANDED: core::cell::RefCell<Aligned<i8>> = core::cell::RefCell::new(Aligned::empty());
+    /// Kept between calls: a fresh megabyte per call would be mapped and faulted in every time.
+    static EXPANDED: core::cell::RefCell<Expanded> =
+        core::cell::RefCell::new(Expanded { b: Aligned::empty(), d: Vec::new() });
 }
 
 /// 16 × 16 i32 sums as `tilestored` writes them.
@@ -179,15 +199,30 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
     }
     let (t0, t1) = (r0 / TILE, r1.div_ceil(TILE));
     let per_group = (GROUP_BYTES / (chunks * B_TILE)).clamp(1, t1 - t0);
-    EXPANDED.with_borrow_mut(|b| {
-        if b.len() < per_group * chunks * B_TILE {
-            *b = Aligned::zeroed(per_group * chunks * B_TILE);
+    let (groups, grouped) = (m.groups(), scale_mode(m) != ROW);
+    EXPANDED.with_borrow_mut(|e| {
+        if e.b.len() < per_group * chunks * B_TILE {
+            e.b = Aligned::zeroed(per_group * chunks * B_TILE);
+        }
+        if !m.tiled && grouped {
+            e.d.resize(per_group * groups * TILE, 0.0);
         }
         let _tiles = Tiles::acquire();
         for g0 in (t0..t1).step_by(per_group) {
             let g1 = (g0 + per_group).min(t1);
             for t in g0..g1 {
-                expand_tile(m, t, b.as_mut_ptr().add((t - g0) * chunks * B_TILE));
+                let i = t - g0;
+                if m.tiled {
+                    expand_tile(m, t, e.b.as_mut_ptr().add(i * chunks * B_TILE));
+                } else {
+                    expand_dense_tile(m, t, e.b.as_mut_ptr().add(i * chunks * B_TILE));
+                    if grouped {
+                        for (j, d) in e.d[i * groups * TILE..(i + 1) * groups * TILE].iter_mut().enumerate() {
+                            let (g, r) = (j / TILE, t * TILE + j % TILE);
+                            *d = if r < m.rows { m.scales[r * groups + g] } else { 0.0 };
+                        }
+                    }
+                }
             }
             for a0 in (0..k).step_by(TILE) {
                 let (xq, sx) = if a0 < full {
@@ -197,11 +232,16 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
                 };
                 let n = (k - a0).min(TILE);
                 for t in g0..g1 {
-                    let bt = b.as_ptr().add((t - g0) * chunks * B_TILE);
-                    if q.token {
-                        block::<true>(m, t, r1, xq, sx, bt, y.add(a0 * m.rows), n);
+                    let bt = e.b.as_ptr().add((t - g0) * chunks * B_TILE);
+                    let d16 = if m.tiled {
+                        m.tile_scales.as_ptr().wrapping_add(t * groups * TILE)
                     } else {
-                        block::<false>(m, t, r1, xq, sx, bt, y.add(a0 * m.rows), n);
+                        e.d.as_ptr().wrapping_add((t - g0) * groups * TILE)
+                    };
+                    if q.token {
+                        block::<true>(m, t, r1, xq, sx, bt, d16, y.add(a0 * m.rows), n);
+                    } else {
+                        block::<false>(m, t, r1, xq, sx, bt, d16, y.add(a0 * m.rows), n);
                     }
                 }
             }
@@ -243,8 +283,45 @@ unsafe fn expand_tile(m: &PackedMatrix, t: usize, b: *mut i8) {
     }
 }
 
-/// Tile `t` (its rows below `r1`) against 16 activation rows of codes at `xq` (`cols_pad` apart) and block
-/// scales at `sx` (`chunks` apart), of which the first `n` are real; writes `n` rows of `y` (`rows` apart).
+/// Dense weight rows `16t..16t + 16` (rows past the matrix as zeros) as signed int8 `B` tiles at `b`: each
+/// chunk's 16 rows are decoded to bytes, then every quad gathers its 4 bytes from each row.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn expand_dense_tile(m: &PackedMatrix, t: usize, b: *mut i8) {
+    let mut rows = Sums([0; TILE * TILE]);
+    let scratch = rows.0.as_mut_ptr() as *mut __m512i;
+    let int8 = m.format == Format::DenseInt8;
+    let (low, eight) = (_mm256_set1_epi8(0x0F), _mm512_set1_epi8(8));
+    let across = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(64),
+    );
+    for c in 0..m.chunks() {
+        for i in 0..TILE {
+            let r = t * TILE + i;
+            let v = if r >= m.rows {
+                _mm512_setzero_si512()
+            } else if int8 {
+                _mm512_loadu_si512(m.data.as_ptr().add(m.row_start(r) + c * CHUNK) as *const __m512i)
+            } else {
+                // Byte j of the chunk's 32: column j in the low nibble, column 32 + j in the high one, `q + 8`.
+                let h = _mm256_loadu_si256(m.data.as_ptr().add(m.row_start(r) + c * CHUNK / 2) as *const __m256i);
+                let (lo, hi) = (_mm256_and_si256(h, low), _mm256_and_si256(_mm256_srli_epi16::<4>(h), low));
+                _mm512_sub_epi8(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi), eight)
+            };
+            _mm512_store_si512(scratch.add(i), v);
+        }
+        for quad in 0..TILE {
+            let idx = _mm512_add_epi32(across, _mm512_set1_epi32((quad * QUAD) as i32));
+            let v = _mm512_i32gather_epi32::<1>(idx, rows.0.as_ptr() as *const _);
+            _mm512_store_si512(b.add(c * B_TILE + quad * 64) as *mut __m512i, v);
+        }
+    }
+}
+
+/// Tile `t` (its rows below `r1`), expanded at `b` with group scales at `d16` (`groups × 16`), against 16
+/// activation rows of codes at `xq` (`cols_pad` apart) and block scales at `sx` (`chunks` apart), of which the
+/// first `n` are real; writes `n` rows of `y` (`rows` apart).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -255,6 +332,7 @@ unsafe fn block<const TOKEN: bool>(
     xq: *const i8,
     sx: *const f32,
     b: *const i8,
+    d16: *const f32,
     y: *mut f32,
     n: usize,
 ) {
@@ -266,7 +344,6 @@ unsafe fn block<const TOKEN: bool>(
         (true, true) => m.group / CHUNK,
         (true, false) => chunks,
     };
-    let d16 = m.tile_scales.as_ptr().wrapping_add(t * m.groups() * TILE);
     let group_scale = |c: usize| _mm512_loadu_ps(d16.add((c * CHUNK / m.group) * TILE));
     let mut sums = [Sums([0; TILE * TILE]), Sums([0; TILE * TILE])];
     let sp = [sums[0].0.as_mut_ptr(), sums[1].0.as_mut_ptr()];
