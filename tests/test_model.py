@@ -89,9 +89,11 @@ def test_greedy_32_tokens_identical(arch_model):
 
 
 def test_long_prompt_prefills_in_chunks(arch_model):
-    # 100 tokens: several prefill chunks, and past Mistral's 16-position window.
+    # Several prefill chunks (32 tokens each, 128 with AMX), and past Mistral's 16-position window.
     path, ref = arch_model
-    ids = [(i * 37) % tiny_models.VOCAB for i in range(100)]
+    n = 200
+    assert n > sparseinfer.build_info()["prefill_rows"]
+    ids = [(i * 37) % tiny_models.VOCAB for i in range(n)]
     got = sparseinfer.load(path).logits(ids)
     np.testing.assert_allclose(got, torch_logits(ref, ids), atol=LOGITS_ATOL, rtol=0)
 

@@ -815,6 +815,7 @@ fn build_info_impl(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("available_isas", kernels::available_isas().iter().map(|i| i.name()).collect::<Vec<_>>())?;
     d.set_item("isa", kernels::active_isa().map_err(|e| to_py(py, e))?.name())?;
     d.set_item("threads", core::parallel::num_threads())?;
+    d.set_item("prefill_rows", kernels::prefill_rows())?;
     d.set_item("cpu_count", core::parallel::cpu_count())?;
     Ok(d)
 }

@@ -179,6 +179,17 @@ fn rows_fn(isa: Isa) -> RowsFn {
     }
 }
 
+/// Activation rows per prefill step of a model: enough to amortise reading the weights. The VNNI, AVX2 and NEON
+/// kernels read each weight once per four rows whatever the call, so a short step keeps its activations in
+/// cache; AMX expands each weight tile once per call, so longer steps spread that over more rows.
+pub fn prefill_rows() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if active_isa().is_ok_and(|i| i == Isa::Avx512) && x86::amx::supported() {
+        return 128;
+    }
+    32
+}
+
 /// Below this many multiply-adds a call stays on one thread.
 const PARALLEL_MIN_WORK: usize = 1 << 15;
 

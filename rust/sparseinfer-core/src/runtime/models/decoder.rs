@@ -1,19 +1,17 @@
 //! The decoder-only model: token (and learned position) embeddings, the blocks, the final norm and the head.
-//! Prefill ([`Model::prefill`]) runs a prompt in chunks of [`PREFILL_CHUNK`] tokens through the kernels'
+//! Prefill ([`Model::prefill`]) runs a prompt in chunks of [`kernels::prefill_rows`] tokens through the kernels'
 //! `matmul`; decoding ([`Model::decode_one`]) runs one token, where the kernels serve as a `matvec`.
 //!
 //! Shapes: `k` tokens in flight, `D` hidden, `V` vocabulary.
 
 use crate::error::{Error, Result};
+use crate::kernels;
 use crate::runtime::arch::{self, Parts};
 use crate::runtime::blocks::{DecoderBlock, Scratch, Step};
 use crate::runtime::config::{Positions, Spec};
 use crate::runtime::kv_cache::KvCache;
 use crate::runtime::loader::Loader;
 use crate::runtime::ops::{Embedding, Linear, NormW};
-
-/// Tokens per prefill step: large enough to amortise reading the weights, small enough for the caches.
-pub const PREFILL_CHUNK: usize = 32;
 
 const OP: &str = "forward";
 
@@ -63,7 +61,7 @@ impl Model {
         KvCache::new(s.layers, s.kv_heads, s.head_dim, capacity.min(s.max_positions))
     }
 
-    /// Runs a prompt of `tokens` at the cache's next positions, [`PREFILL_CHUNK`] at a time, and appends them to
+    /// Runs a prompt of `tokens` at the cache's next positions, [`kernels::prefill_rows`] at a time, and appends them to
     /// the cache. Returns logits `[n × V]` for every token when `all_logits`, else `[V]` for the last one.
     pub fn prefill(&self, cache: &mut KvCache, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         self.check(cache, tokens)?;
@@ -73,8 +71,9 @@ impl Model {
         logits
             .try_reserve_exact(want)
             .map_err(|_| Error::invalid(OP, format!("not enough memory for {} x {v} logits", tokens.len())))?;
-        let n_chunks = tokens.len().div_ceil(PREFILL_CHUNK);
-        for (c, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+        let step = kernels::prefill_rows();
+        let n_chunks = tokens.len().div_ceil(step);
+        for (c, chunk) in tokens.chunks(step).enumerate() {
             let x = self.step(cache, chunk)?;
             if all_logits {
                 logits.extend(self.head(&x, chunk.len())?);

@@ -2,13 +2,13 @@
 //! ([`Seq2Seq::encode`]) or a log-mel spectrogram through the audio front end ([`Seq2Seq::encode_features`]); each
 //! decoder layer's cross-attention keys and values of that output are computed once ([`Seq2Seq::start`]); the
 //! decoder then runs like a decoder-only model over its own KV cache ([`Seq2Seq::decode`]), prompt tokens in
-//! chunks of [`PREFILL_CHUNK`], generated tokens one at a time.
+//! chunks of [`kernels::prefill_rows`], generated tokens one at a time.
 //!
 //! Shapes: `n` encoder positions, `k` decoder tokens in flight, `D` hidden, `V` vocabulary, `M` mel bins,
 //! `T` spectrogram frames.
 
-use super::decoder::PREFILL_CHUNK;
 use crate::error::{Error, Result};
+use crate::kernels;
 use crate::runtime::blocks::{CrossBlock, DecoderBlock, Scratch, Step};
 use crate::runtime::config::{EncoderInput, Spec};
 use crate::runtime::kv_cache::KvCache;
@@ -222,7 +222,7 @@ impl Seq2Seq {
         Ok(Seq2SeqState { cache, cross })
     }
 
-    /// Runs decoder `tokens` at the state's next positions ([`PREFILL_CHUNK`] at a time) and appends them to
+    /// Runs decoder `tokens` at the state's next positions ([`kernels::prefill_rows`] at a time) and appends them to
     /// its cache. Returns logits `[k × V]` for every token when `all_logits`, else `[V]` for the last one.
     pub fn decode(&self, st: &mut Seq2SeqState, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         let s = &self.spec;
@@ -244,8 +244,9 @@ impl Seq2Seq {
         logits
             .try_reserve_exact(want)
             .map_err(|_| Error::invalid(OP, format!("not enough memory for {} x {v} logits", tokens.len())))?;
-        let n_chunks = tokens.len().div_ceil(PREFILL_CHUNK);
-        for (c, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+        let step = kernels::prefill_rows();
+        let n_chunks = tokens.len().div_ceil(step);
+        for (c, chunk) in tokens.chunks(step).enumerate() {
             let k = chunk.len();
             let pos0 = st.cache.len();
             let mut x = self.embed(chunk)?;
