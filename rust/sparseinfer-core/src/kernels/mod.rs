@@ -16,6 +16,9 @@ mod simd;
 pub mod vector;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+/// AMX for the runtime's attention (bf16 scores and weighted sums).
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::amx;
 
 use crate::error::{Error, Result};
 use crate::formats::{Elem, PackedMatrix, CHUNK};

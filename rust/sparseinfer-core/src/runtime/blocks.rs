@@ -198,7 +198,8 @@ impl SelfAttention {
             }
             cache.write(layer, pos0 + a, &row[q_w..q_w + kv_w], &row[q_w + kv_w..])?;
         }
-        let heads = Heads { heads: s.heads, kv_heads: s.kv_heads, head_dim: hd, scale: s.attn_scale() };
+        let bf16 = self.qkv.activations().is_int8();
+        let heads = Heads { heads: s.heads, kv_heads: s.kv_heads, head_dim: hd, scale: s.attn_scale(), bf16 };
         let alibi = match &s.positions {
             Positions::Alibi { slopes } => Some(slopes.as_slice()),
             _ => None,
@@ -236,7 +237,8 @@ impl CrossAttention {
         self.norm.forward(s.norm, s.norm_eps, x, &mut buf.h);
         let q = &mut buf.qkv[..k * q_w];
         self.q.forward(&buf.h, k, q)?;
-        let heads = Heads { heads: s.heads, kv_heads: s.kv_heads, head_dim: s.head_dim, scale: s.attn_scale() };
+        let heads =
+            Heads { heads: s.heads, kv_heads: s.kv_heads, head_dim: s.head_dim, scale: s.attn_scale(), bf16: false };
         attention::attend(
             heads,
             Span::All { len: cross.len(), rel: None },

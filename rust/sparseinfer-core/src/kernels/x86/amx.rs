@@ -71,6 +71,11 @@ fn request_tile_state() -> bool {
     false
 }
 
+/// Whether AMX-BF16 (`tdpbf16ps`) is usable too.
+pub(crate) fn bf16_supported() -> bool {
+    supported() && __cpuid_count(7, 0).edx & (1 << 22) != 0
+}
+
 /// Whether these kernels serve `m`: the tiled sparse formats and the symmetric dense ones, with scale groups
 /// of whole chunks (or one scale per row). Per-row activations add a whole group (or row) in each i32, which
 /// holds `127 · 127 · cols` up to [`TILE_TOKEN_MAX_COLS`] columns.
@@ -87,8 +92,11 @@ pub(crate) fn supports(m: &PackedMatrix, token: bool) -> bool {
         && supported()
 }
 
-/// The tile configuration: `tmm0` activations (16 rows × 64 bytes), `tmm1` weights (16 quads × 64 bytes),
-/// `tmm2` and `tmm3` two sets of 16 × 16 i32 sums (one segment's products run while the other's are scaled).
+/// The tile configuration: all eight tiles 16 rows × 64 bytes. The matmul uses `tmm0` for activations
+/// (16 rows × 64 bytes), `tmm1` for weights (16 quads × 64 bytes), `tmm2` and `tmm3` for two sets of 16 × 16
+/// i32 sums (one segment's products run while the other's are scaled); attention ([`bf16_scores`],
+/// [`bf16_weighted`]) `tmm0` for queries or probabilities, `tmm2` for keys or values, `tmm3` for scores and
+/// `tmm4..tmm7` for outputs.
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
@@ -96,7 +104,7 @@ impl TileConfig {
     fn new() -> TileConfig {
         let mut c = [0u8; 64];
         c[0] = 1; // palette 1
-        for t in 0..4 {
+        for t in 0..8 {
             c[16 + 2 * t] = 64; // bytes per row (u16, little-endian)
             c[48 + t] = 16; // rows
         }
@@ -384,5 +392,181 @@ unsafe fn block<const TOKEN: bool>(
             v = _mm512_mul_ps(v, _mm512_set1_ps(*sx.add(i * chunks)));
         }
         _mm512_mask_storeu_ps(y.add(i * m.rows + t * TILE), lanes, v);
+    }
+}
+
+// -- attention in bf16 ---------------------------------------------------------------------------------------
+
+/// Rounds `src` to bf16 (to nearest even) into `dst`. Written so LLVM vectorizes it; the values are finite
+/// (activations are checked, probabilities lie in [0, 1]), so no NaN or overflow case is needed.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        let b = s.to_bits();
+        *d = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+    }
+}
+
+/// bf16 of one f32 (to nearest even), for the tile layouts below.
+fn bf16(v: f32) -> u16 {
+    crate::formats::f32_to_bf16(v)
+}
+
+/// Keys of positions `0..n` (in the panels of [`crate::kernels::vector::key_panels`]) as `tdpbf16ps` `B` tiles
+/// for scores: per 16-position block and 32-dimension step, 16 rows (dimension pairs) of 16 positions × 2.
+/// Positions past `n` are zero, up to a multiple of 32.
+pub(crate) fn key_tiles(panels: &[f32], n: usize, hd: usize) -> Vec<u16> {
+    use crate::kernels::vector::PANEL;
+    let (blocks, steps) = (n.div_ceil(32) * 2, hd / 32);
+    let mut out = vec![0u16; blocks * steps * 512];
+    for (i, v) in out.iter_mut().enumerate() {
+        let (e, pos_in, p, s, b) = (i % 2, i / 2 % 16, i / 32 % 16, i / 512 % steps, i / (512 * steps));
+        let (pos, d) = (b * 16 + pos_in, s * 32 + 2 * p + e);
+        if pos < n {
+            *v = bf16(panels[(pos / PANEL) * hd * PANEL + d * PANEL + pos % PANEL]);
+        }
+    }
+    out
+}
+
+/// Values of positions `0..n` (position-major, `hd` each) as `tdpbf16ps` `B` tiles for the weighted sum: per
+/// 32-position step and 16 dimensions, 16 rows (position pairs) of 16 dimensions × 2. Positions past `n` are zero.
+pub(crate) fn value_tiles(values: &[f32], n: usize, hd: usize) -> Vec<u16> {
+    let (steps, parts) = (n.div_ceil(32), hd / 16);
+    let mut out = vec![0u16; steps * parts * 512];
+    for (i, v) in out.iter_mut().enumerate() {
+        let (e, d_in, p, c, t) = (i % 2, i / 2 % 16, i / 32 % 16, i / 512 % parts, i / (512 * parts));
+        let (pos, d) = (t * 32 + 2 * p + e, c * 16 + d_in);
+        if pos < n {
+            *v = bf16(values[pos * hd + d]);
+        }
+    }
+    out
+}
+
+/// Holds the tile state for one attention task (see [`Tiles`]).
+pub(crate) struct AttentionTiles(#[allow(dead_code)] Tiles);
+
+impl AttentionTiles {
+    /// # Safety
+    /// [`bf16_supported`] must hold.
+    pub(crate) unsafe fn acquire() -> AttentionTiles {
+        AttentionTiles(Tiles::acquire())
+    }
+}
+
+/// `out[16 × 16·blocks]` (rows `stride` floats apart) = `Q·Kᵀ` for 16 query rows of `hd` bf16 at `q` and key
+/// blocks `0..blocks` of `kt` ([`key_tiles`]).
+///
+/// # Safety
+/// The tiles are held ([`AttentionTiles`]); `hd` is a multiple of 32; `q` holds 16 × hd values, `kt` at least
+/// `blocks` blocks, `out` 16 rows of `stride >= 16·blocks` floats.
+pub(crate) unsafe fn bf16_scores(
+    q: *const u16,
+    hd: usize,
+    kt: *const u16,
+    blocks: usize,
+    out: *mut f32,
+    stride: usize,
+) {
+    let steps = hd / 32;
+    for b in 0..blocks {
+        asm!("tilezero tmm3", options(nostack, nomem, preserves_flags));
+        for s in 0..steps {
+            asm!(
+                "tileloadd tmm0, [{q} + {qs}*1]",
+                "tileloadd tmm2, [{k} + {ks}*1]",
+                "tdpbf16ps tmm3, tmm0, tmm2",
+                q = in(reg) q.add(s * 32),
+                qs = in(reg) hd * 2,
+                k = in(reg) kt.add((b * steps + s) * 512),
+                ks = in(reg) 64usize,
+                options(nostack, readonly, preserves_flags)
+            );
+        }
+        asm!(
+            "tilestored [{o} + {s}*1], tmm3",
+            o = in(reg) out.add(b * 16),
+            s = in(reg) stride * 4,
+            options(nostack, preserves_flags)
+        );
+    }
+}
+
+/// `out[16 × hd]` (rows `hd` floats apart) = `P·V` for 16 rows of bf16 probabilities at `p` (rows `p_stride`
+/// values apart) over 32-position steps `0..steps` of `vt` ([`value_tiles`]).
+///
+/// # Safety
+/// The tiles are held ([`AttentionTiles`]); `hd` is a multiple of 16; `p` holds 16 rows of `32·steps` values,
+/// `vt` at least `steps` steps, `out` 16 × hd floats.
+pub(crate) unsafe fn bf16_weighted(
+    p: *const u16,
+    p_stride: usize,
+    vt: *const u16,
+    hd: usize,
+    steps: usize,
+    out: *mut f32,
+) {
+    let parts = hd / 16;
+    // Up to four 16-dimension parts at once, in tmm4..tmm7.
+    macro_rules! part {
+        ($t:literal, $v:expr) => {
+            asm!(
+                "tileloadd tmm2, [{v} + {s}*1]",
+                concat!("tdpbf16ps ", $t, ", tmm0, tmm2"),
+                v = in(reg) $v,
+                s = in(reg) 64usize,
+                options(nostack, readonly, preserves_flags)
+            )
+        };
+    }
+    for c0 in (0..parts).step_by(4) {
+        let nc = (parts - c0).min(4);
+        asm!(
+            "tilezero tmm4",
+            "tilezero tmm5",
+            "tilezero tmm6",
+            "tilezero tmm7",
+            options(nostack, nomem, preserves_flags)
+        );
+        for t in 0..steps {
+            asm!(
+                "tileloadd tmm0, [{p} + {s}*1]",
+                p = in(reg) p.add(t * 32),
+                s = in(reg) p_stride * 2,
+                options(nostack, readonly, preserves_flags)
+            );
+            let v = |c: usize| vt.add((t * parts + c0 + c) * 512);
+            part!("tmm4", v(0));
+            if nc > 1 {
+                part!("tmm5", v(1));
+            }
+            if nc > 2 {
+                part!("tmm6", v(2));
+            }
+            if nc > 3 {
+                part!("tmm7", v(3));
+            }
+        }
+        macro_rules! store {
+            ($t:literal, $c:expr) => {
+                asm!(
+                    concat!("tilestored [{o} + {s}*1], ", $t),
+                    o = in(reg) out.add((c0 + $c) * 16),
+                    s = in(reg) hd * 4,
+                    options(nostack, preserves_flags)
+                )
+            };
+        }
+        store!("tmm4", 0);
+        if nc > 1 {
+            store!("tmm5", 1);
+        }
+        if nc > 2 {
+            store!("tmm6", 2);
+        }
+        if nc > 3 {
+            store!("tmm7", 3);
+        }
     }
 }

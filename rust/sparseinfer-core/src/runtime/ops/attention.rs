@@ -17,6 +17,10 @@ pub struct Heads {
     pub head_dim: usize,
     /// Score scale.
     pub scale: f32,
+    /// Whether bidirectional attention over f32 keys and values may run in bf16 where the CPU has AMX-BF16
+    /// (queries, keys, probabilities and values rounded to bf16, products and sums in f32): set for layers whose
+    /// linears take int8 activations, whose own rounding is of the same order.
+    pub bf16: bool,
 }
 
 /// Keys and values of one layer, per key/value head (`[g]`): keys in panels ([`vector::key_panels`]: each run of
@@ -95,7 +99,7 @@ fn heads_per_block(group: usize) -> usize {
 /// ([`crate::kernels::vector::VectorOps::scores`]) over the union of the pairs' key ranges, from a panel's start;
 /// each pair's softmax covers its own range only. Tasks run on the thread pool when the work is large enough.
 pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv: KvView, out: &mut [f32]) {
-    let Heads { heads: n_heads, kv_heads, head_dim: hd, scale } = heads;
+    let Heads { heads: n_heads, kv_heads, head_dim: hd, scale, bf16 } = heads;
     assert!(kv_heads > 0 && n_heads.is_multiple_of(kv_heads), "{n_heads} heads over {kv_heads} key/value heads");
     assert!(k.checked_mul(n_heads * hd).is_some_and(|n| out.len() >= n), "attention output too short");
     let group = n_heads / kv_heads;
@@ -141,6 +145,13 @@ pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv
     let out_of = |a: usize, h: usize| unsafe {
         std::slice::from_raw_parts_mut(out_ptr.get().add(a * n_heads * hd + h * hd), hd)
     };
+    #[cfg(target_arch = "x86_64")]
+    if let (true, KvView::F32 { keys, values }, Span::All { .. }) = (bf16, kv, span) {
+        if k >= AMX_QUERIES && hd.is_multiple_of(32) && amx_bf16() {
+            let ctx = Bf16Attention { n_heads, group, hd, scale, n, q, q_stride, k };
+            return ctx.run(keys, values, &softmax, out_ptr);
+        }
+    }
     let hb = heads_per_block(group);
     let qb = (MAX_QUERIES / hb).max(1);
     let head_blocks = n_heads / hb;
@@ -207,6 +218,100 @@ pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv
     }
 }
 
+/// Queries per AMX attention task: the rows of a tile.
+#[cfg(target_arch = "x86_64")]
+const AMX_QUERIES: usize = 16;
+
+/// Whether the bf16 AMX attention can run here (the AVX-512 path and AMX-BF16).
+#[cfg(target_arch = "x86_64")]
+fn amx_bf16() -> bool {
+    use crate::kernels::{active_isa, amx, Isa};
+    active_isa().is_ok_and(|i| i == Isa::Avx512) && amx::bf16_supported()
+}
+
+/// Bidirectional attention on AMX-BF16 (see [`Heads::bf16`]): each key/value head's keys and values become bf16
+/// tiles once per call; a task takes 16 queries of one head: scores by `tdpbf16ps` against every key, the
+/// softmax in f32 as on the other path, probabilities rounded to bf16 and multiplied by the value tiles.
+#[cfg(target_arch = "x86_64")]
+struct Bf16Attention<'a> {
+    n_heads: usize,
+    group: usize,
+    hd: usize,
+    scale: f32,
+    n: usize,
+    q: &'a [f32],
+    q_stride: usize,
+    k: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Bf16Attention<'_> {
+    fn run<S>(&self, keys: &[Vec<f32>], values: &[Vec<f32>], softmax: &S, out: SendPtr)
+    where
+        S: Fn(usize, usize, usize, &mut [f32]) -> f32 + Sync,
+    {
+        use crate::kernels::amx;
+        use std::sync::OnceLock;
+        let Bf16Attention { n_heads, group, hd, scale, n, q, q_stride, k } = *self;
+        if n == 0 {
+            // No keys at all attends to nothing.
+            // SAFETY: `attend` checked that out holds k × n_heads × hd values.
+            unsafe { std::slice::from_raw_parts_mut(out.get(), k * n_heads * hd) }.fill(0.0);
+            return;
+        }
+        let threads = parallel::num_threads();
+        let tiles: Vec<OnceLock<(Vec<u16>, Vec<u16>)>> = (0..n_heads / group).map(|_| OnceLock::new()).collect();
+        let convert = |g: usize| {
+            tiles[g].get_or_init(|| (amx::key_tiles(&keys[g], n, hd), amx::value_tiles(&values[g], n, hd)));
+        };
+        parallel::global().run(tiles.len(), threads, &convert);
+        let lpad = n.div_ceil(32) * 32;
+        let task = |t: usize| {
+            let (h, a0) = (t % n_heads, t / n_heads * AMX_QUERIES);
+            let m = (k - a0).min(AMX_QUERIES);
+            let (kt, vt) = tiles[h / group].get().expect("converted above");
+            let mut qf = vec![0.0f32; AMX_QUERIES * hd];
+            for (r, row) in qf.chunks_exact_mut(hd).take(m).enumerate() {
+                let src = &q[(a0 + r) * q_stride + h * hd..][..hd];
+                row.iter_mut().zip(src).for_each(|(d, s)| *d = s * scale);
+            }
+            let (mut qb, mut pb) = (vec![0u16; AMX_QUERIES * hd], vec![0u16; AMX_QUERIES * lpad]);
+            let mut scores = vec![0.0f32; AMX_QUERIES * lpad];
+            let mut o = vec![0.0f32; AMX_QUERIES * hd];
+            let mut inv = [0.0f32; AMX_QUERIES];
+            // SAFETY: AMX-BF16 was detected; the buffers have the sizes the kernels read and write (16 rows of
+            // hd or lpad, the tiles cover lpad positions).
+            unsafe {
+                amx::to_bf16(&qf, &mut qb);
+                let _tiles = amx::AttentionTiles::acquire();
+                amx::bf16_scores(qb.as_ptr(), hd, kt.as_ptr(), lpad / 16, scores.as_mut_ptr(), lpad);
+                for (r, row) in scores.chunks_exact_mut(lpad).enumerate() {
+                    if r < m {
+                        inv[r] = softmax(a0 + r, h, 0, &mut row[..n]);
+                    } else {
+                        row[..n].fill(0.0);
+                    }
+                    row[n..].fill(0.0);
+                }
+                amx::to_bf16(&scores, &mut pb);
+                amx::bf16_weighted(pb.as_ptr(), lpad, vt.as_ptr(), hd, lpad / 32, o.as_mut_ptr());
+            }
+            for (r, row) in o.chunks_exact(hd).take(m).enumerate() {
+                // SAFETY: each task writes the hd-wide slices of its own queries of head h.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(out.get().add((a0 + r) * n_heads * hd + h * hd), hd) };
+                dst.iter_mut().zip(row).for_each(|(d, v)| *d = v * inv[r]);
+            }
+        };
+        let n_tasks = k.div_ceil(AMX_QUERIES) * n_heads;
+        if threads > 1 {
+            parallel::global().run(n_tasks, threads, &task);
+        } else {
+            (0..n_tasks).for_each(task);
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 impl SendPtr {
@@ -225,7 +330,7 @@ mod tests {
 
     /// Attention by its definition, in f64, from position-major keys and values `[g][position][hd]`.
     fn reference(heads: Heads, span: Span, q: &[f32], k: usize, keys: &[Vec<f32>], values: &[Vec<f32>]) -> Vec<f32> {
-        let Heads { heads: nh, kv_heads, head_dim: hd, scale } = heads;
+        let Heads { heads: nh, kv_heads, head_dim: hd, scale, .. } = heads;
         let mut out = vec![0.0f32; k * nh * hd];
         for a in 0..k {
             for h in 0..nh {
@@ -278,7 +383,7 @@ mod tests {
             let keys: Vec<Vec<f32>> = (0..g).map(|x| (0..n * hd).map(|i| val(i + x, 7)).collect()).collect();
             let values: Vec<Vec<f32>> = (0..g).map(|x| (0..n * hd).map(|i| val(i + x, 5)).collect()).collect();
             let panels: Vec<Vec<f32>> = keys.iter().map(|x| vector::key_panels(x, n, hd)).collect();
-            let heads = Heads { heads: h, kv_heads: g, head_dim: hd, scale: 0.25 };
+            let heads = Heads { heads: h, kv_heads: g, head_dim: hd, scale: 0.25, bf16: false };
             // Int8 codes with one scale per position, as an int8 cache writes them.
             let quant = |x: &Vec<f32>| -> (Vec<i8>, Vec<f32>) {
                 let mut codes = vec![0i8; n * hd];
@@ -314,6 +419,56 @@ mod tests {
                     attend(heads, span, &q, h * hd, k, view, &mut got);
                     for (x, y) in want.iter().zip(&got) {
                         assert!((x - y).abs() <= 1e-5, "{x} vs {y} over int8: {h} heads / {g}, {k} queries");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The bf16 path (AMX) against the f64 definition. Rounding q and k to bf16 moves each score by at most
+    /// `2·BF16_REL·Σ|q·k|·scale`, which moves each probability by about that factor (twice, with the max
+    /// shift); the probabilities and values are rounded once more each: so
+    /// `|Δout| <= max|v| · (4·BF16_REL·max Σ|q·k|·scale + 3·BF16_REL)`.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn bf16_attention_within_its_rounding() {
+        use crate::formats::budget::BF16_REL;
+        if !amx_bf16() {
+            eprintln!("no AMX-BF16 here: skipped");
+            return;
+        }
+        let n = 70;
+        let val = |i: usize, m: usize| ((i * m + 11) % 37) as f32 / 18.0 - 1.0;
+        let rel_table: Vec<f32> = (0..8 * (2 * n + 1)).map(|i| val(i, 5) * 0.5).collect();
+        let rel = RelBias { values: &rel_table, width: 2 * n + 1, zero: n };
+        for (h, g, hd) in [(4, 4, 64), (8, 2, 32), (6, 1, 64), (2, 2, 96)] {
+            let keys: Vec<Vec<f32>> = (0..g).map(|x| (0..n * hd).map(|i| val(i + x, 7)).collect()).collect();
+            let values: Vec<Vec<f32>> = (0..g).map(|x| (0..n * hd).map(|i| val(i + x, 5)).collect()).collect();
+            let panels: Vec<Vec<f32>> = keys.iter().map(|x| vector::key_panels(x, n, hd)).collect();
+            let heads = Heads { heads: h, kv_heads: g, head_dim: hd, scale: 0.25, bf16: true };
+            for k in [16, 21, 40] {
+                let q: Vec<f32> = (0..k * h * hd).map(|i| val(i, 3)).collect();
+                for span in [
+                    Span::All { len: n, rel: None },
+                    Span::All { len: 0, rel: None },
+                    Span::All { len: n, rel: Some(rel) },
+                ] {
+                    let len = if let Span::All { len, .. } = span { len } else { unreachable!() };
+                    let want = reference(heads, span, &q, k, &keys, &values);
+                    let mut got = vec![f32::NAN; k * h * hd];
+                    attend(heads, span, &q, h * hd, k, KvView::F32 { keys: &panels, values: &values }, &mut got);
+                    for (i, (x, y)) in want.iter().zip(&got).enumerate() {
+                        let (a, head) = (i / (h * hd), i / hd % h);
+                        let (qa, kv) = (&q[a * h * hd + head * hd..][..hd], head / (h / g));
+                        let s_abs = (0..len)
+                            .map(|j| (0..hd).map(|d| (qa[d] * keys[kv][j * hd + d]).abs()).sum::<f32>() * 0.25)
+                            .fold(0.0f32, f32::max);
+                        let v_max = values[kv][..len * hd].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                        let tol = v_max * (4.0 * BF16_REL * s_abs + 3.0 * BF16_REL) + 1e-6;
+                        assert!(
+                            (x - y).abs() <= tol,
+                            "{x} vs {y} (tol {tol}): {h} heads / {g}, hd {hd}, {k} queries, {span:?}"
+                        );
                     }
                 }
             }
