@@ -270,38 +270,50 @@ impl Bf16Attention<'_> {
             let (h, a0) = (t % n_heads, t / n_heads * AMX_QUERIES);
             let m = (k - a0).min(AMX_QUERIES);
             let (kt, vt) = tiles[h / group].get().expect("converted above");
-            let mut qf = vec![0.0f32; AMX_QUERIES * hd];
-            for (r, row) in qf.chunks_exact_mut(hd).take(m).enumerate() {
-                let src = &q[(a0 + r) * q_stride + h * hd..][..hd];
-                row.iter_mut().zip(src).for_each(|(d, s)| *d = s * scale);
-            }
-            let (mut qb, mut pb) = (vec![0u16; AMX_QUERIES * hd], vec![0u16; AMX_QUERIES * lpad]);
-            let mut scores = vec![0.0f32; AMX_QUERIES * lpad];
-            let mut o = vec![0.0f32; AMX_QUERIES * hd];
-            let mut inv = [0.0f32; AMX_QUERIES];
-            // SAFETY: AMX-BF16 was detected; the buffers have the sizes the kernels read and write (16 rows of
-            // hd or lpad, the tiles cover lpad positions).
-            unsafe {
-                amx::to_bf16(&qf, &mut qb);
-                let _tiles = amx::AttentionTiles::acquire();
-                amx::bf16_scores(qb.as_ptr(), hd, kt.as_ptr(), lpad / 16, scores.as_mut_ptr(), lpad);
-                for (r, row) in scores.chunks_exact_mut(lpad).enumerate() {
-                    if r < m {
-                        inv[r] = softmax(a0 + r, h, 0, &mut row[..n]);
-                    } else {
-                        row[..n].fill(0.0);
-                    }
-                    row[n..].fill(0.0);
+            SCRATCH.with_borrow_mut(|b| {
+                let Bf16Scratch { qf, qb, scores, pb, o } = b;
+                qf.clear();
+                qf.resize(AMX_QUERIES * hd, 0.0);
+                for (r, row) in qf.chunks_exact_mut(hd).take(m).enumerate() {
+                    let src = &q[(a0 + r) * q_stride + h * hd..][..hd];
+                    row.iter_mut().zip(src).for_each(|(d, s)| *d = s * scale);
                 }
-                amx::to_bf16(&scores, &mut pb);
-                amx::bf16_weighted(pb.as_ptr(), lpad, vt.as_ptr(), hd, lpad / 32, o.as_mut_ptr());
-            }
-            for (r, row) in o.chunks_exact(hd).take(m).enumerate() {
-                // SAFETY: each task writes the hd-wide slices of its own queries of head h.
-                let dst =
-                    unsafe { std::slice::from_raw_parts_mut(out.get().add((a0 + r) * n_heads * hd + h * hd), hd) };
-                dst.iter_mut().zip(row).for_each(|(d, v)| *d = v * inv[r]);
-            }
+                // Written in full below before they are read: only their sizes matter.
+                qb.resize(AMX_QUERIES * hd, 0);
+                pb.resize(AMX_QUERIES * lpad, 0);
+                scores.resize(AMX_QUERIES * lpad, 0.0);
+                o.resize(AMX_QUERIES * hd, 0.0);
+                let (qb, pb, scores, o) = (
+                    &mut qb[..AMX_QUERIES * hd],
+                    &mut pb[..AMX_QUERIES * lpad],
+                    &mut scores[..AMX_QUERIES * lpad],
+                    &mut o[..AMX_QUERIES * hd],
+                );
+                let mut inv = [0.0f32; AMX_QUERIES];
+                // SAFETY: AMX-BF16 was detected; the buffers have the sizes the kernels read and write (16 rows of
+                // hd or lpad, the tiles cover lpad positions).
+                unsafe {
+                    amx::to_bf16(qf, qb);
+                    let _tiles = amx::AttentionTiles::acquire();
+                    amx::bf16_scores(qb.as_ptr(), hd, kt.as_ptr(), lpad / 16, scores.as_mut_ptr(), lpad);
+                    for (r, row) in scores.chunks_exact_mut(lpad).enumerate() {
+                        if r < m {
+                            inv[r] = softmax(a0 + r, h, 0, &mut row[..n]);
+                        } else {
+                            row[..n].fill(0.0);
+                        }
+                        row[n..].fill(0.0);
+                    }
+                    amx::to_bf16(scores, pb);
+                    amx::bf16_weighted(pb.as_ptr(), lpad, vt.as_ptr(), hd, lpad / 32, o.as_mut_ptr());
+                }
+                for (r, row) in o.chunks_exact(hd).take(m).enumerate() {
+                    // SAFETY: each task writes the hd-wide slices of its own queries of head h.
+                    let dst =
+                        unsafe { std::slice::from_raw_parts_mut(out.get().add((a0 + r) * n_heads * hd + h * hd), hd) };
+                    dst.iter_mut().zip(row).for_each(|(d, v)| *d = v * inv[r]);
+                }
+            });
         };
         let n_tasks = k.div_ceil(AMX_QUERIES) * n_heads;
         if threads > 1 {
@@ -310,6 +322,23 @@ impl Bf16Attention<'_> {
             (0..n_tasks).for_each(task);
         }
     }
+}
+
+/// One thread's buffers for [`Bf16Attention`] tasks, kept between calls: fresh ones per task were zeroed and
+/// faulted in every time.
+#[cfg(target_arch = "x86_64")]
+#[derive(Default)]
+struct Bf16Scratch {
+    qf: Vec<f32>,
+    qb: Vec<u16>,
+    scores: Vec<f32>,
+    pb: Vec<u16>,
+    o: Vec<f32>,
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Bf16Scratch> = std::cell::RefCell::new(Bf16Scratch::default());
 }
 
 #[derive(Clone, Copy)]
