@@ -419,11 +419,16 @@ pub(crate) fn key_tiles(panels: &[f32], n: usize, hd: usize) -> Vec<u16> {
     use crate::kernels::vector::PANEL;
     let (blocks, steps) = (n.div_ceil(32) * 2, hd / 32);
     let mut out = vec![0u16; blocks * steps * 512];
-    for (i, v) in out.iter_mut().enumerate() {
-        let (e, pos_in, p, s, b) = (i % 2, i / 2 % 16, i / 32 % 16, i / 512 % steps, i / (512 * steps));
-        let (pos, d) = (b * 16 + pos_in, s * 32 + 2 * p + e);
-        if pos < n {
-            *v = bf16(panels[(pos / PANEL) * hd * PANEL + d * PANEL + pos % PANEL]);
+    for (b, block) in out.chunks_exact_mut(steps * 512).enumerate() {
+        // A block's 16 positions sit in one panel, dimension-major.
+        let (panel, first) = (&panels[(b * 16 / PANEL) * hd * PANEL..], b * 16 % PANEL);
+        let live = n.saturating_sub(b * 16).min(16);
+        for (d, dim) in panel[..hd * PANEL].chunks_exact(PANEL).enumerate() {
+            // Dimension d is row (d % 32) / 2 of step d / 32, element 2·position + d % 2.
+            let row = &mut block[(d / 32) * 512 + (d % 32) / 2 * 32 + d % 2..];
+            for (i, &v) in dim[first..first + live].iter().enumerate() {
+                row[2 * i] = bf16(v);
+            }
         }
     }
     out
@@ -434,11 +439,13 @@ pub(crate) fn key_tiles(panels: &[f32], n: usize, hd: usize) -> Vec<u16> {
 pub(crate) fn value_tiles(values: &[f32], n: usize, hd: usize) -> Vec<u16> {
     let (steps, parts) = (n.div_ceil(32), hd / 16);
     let mut out = vec![0u16; steps * parts * 512];
-    for (i, v) in out.iter_mut().enumerate() {
-        let (e, d_in, p, c, t) = (i % 2, i / 2 % 16, i / 32 % 16, i / 512 % parts, i / (512 * parts));
-        let (pos, d) = (t * 32 + 2 * p + e, c * 16 + d_in);
-        if pos < n {
-            *v = bf16(values[pos * hd + d]);
+    for (pos, v) in values[..n * hd].chunks_exact(hd).enumerate() {
+        // Position pos is row (pos % 32) / 2 of its step, element 2·dimension + pos % 2.
+        let step = &mut out[(pos / 32) * parts * 512 + (pos % 32) / 2 * 32 + pos % 2..];
+        for (c, part) in v.chunks_exact(16).enumerate() {
+            for (i, &x) in part.iter().enumerate() {
+                step[c * 512 + 2 * i] = bf16(x);
+            }
         }
     }
     out
