@@ -42,6 +42,38 @@ const NO_BIAS: u64 = u64::MAX;
 const MAX_INDEX: u64 = 64 << 20;
 /// Largest key header read.
 const MAX_KEY: u64 = 16 << 20;
+/// Bytes a cache write leaves free on its filesystem: the larger of 2 GiB and 5 % of it, so that filling the
+/// cache never makes another program's writes (a training checkpoint, a log) fail.
+fn reserve(total: u64) -> u64 {
+    (2u64 << 30).max(total / 20)
+}
+
+/// Whether writing `more` bytes keeps [`reserve`] free, given `avail` of `total` bytes available.
+fn leaves_room(avail: u64, total: u64, more: u64) -> bool {
+    avail.saturating_sub(more) >= reserve(total)
+}
+
+/// Bytes available to this user and the size of the filesystem holding `path`.
+#[cfg(unix)]
+fn disk_space(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = path.parent()?;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is plain integers, for which all zeros is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let frag = st.f_frsize as u64;
+    Some((st.f_bavail as u64 * frag, st.f_blocks as u64 * frag))
+}
+
+#[cfg(not(unix))]
+fn disk_space(_: &Path) -> Option<(u64, u64)> {
+    None
+}
+
 /// Temporary files older than this are from a process that died while writing.
 const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(3600);
 
@@ -310,6 +342,18 @@ impl Writer {
         let head: Vec<u8> = fields.iter().flat_map(|f| f.to_le_bytes()).collect();
         let parts: [&[u8]; 6] =
             [&head, data, as_bytes(masks), as_bytes(scales), as_bytes(mins), as_bytes(bias.unwrap_or(&[]))];
+        let size: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        if self.error.is_none() {
+            if let Some((avail, total)) = disk_space(&self.tmp) {
+                if !leaves_room(avail, total, size) {
+                    self.error = Some(format!(
+                        "not written: {} more bytes would leave less than {} of the disk free",
+                        size,
+                        reserve(total)
+                    ));
+                }
+            }
+        }
         let (offset, mut hasher) = (self.pos, Xxh3::new());
         for p in parts {
             hasher.update(p);
@@ -564,6 +608,17 @@ fn trim(dir: &Path, max_bytes: u64, keep: &Path) {
 mod tests {
     use super::*;
     use crate::formats::{Format, PackOptions};
+
+    #[test]
+    fn writes_leave_the_disk_its_reserve() {
+        const GB: u64 = 1 << 30;
+        // Small disks keep 2 GiB, large ones 5 %.
+        assert!(leaves_room(10 * GB, 20 * GB, 8 * GB) && !leaves_room(10 * GB, 20 * GB, 8 * GB + 1));
+        assert!(leaves_room(30 * GB, 400 * GB, 10 * GB) && !leaves_room(30 * GB, 400 * GB, 11 * GB));
+        assert!(!leaves_room(GB, 20 * GB, 0));
+        let (avail, total) = disk_space(&std::env::temp_dir().join("x")).expect("statvfs of the temp dir");
+        assert!(total > 0 && avail <= total);
+    }
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("sparseinfer-pack-cache-{name}-{}", std::process::id()));
