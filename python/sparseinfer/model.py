@@ -508,7 +508,7 @@ def load(
     ``SPARSEINFER_PACK_CACHE`` directory (``0`` turns the cache off), else ``packed/`` under the user cache;
     ``False``: no cache; a path: that directory. It keeps the most recently used models within
     ``SPARSEINFER_PACK_CACHE_GB`` gigabytes (default 20), and never writes an entry that would leave less than
-    2 GiB (or 5 % of the disk) free. An entry is keyed by the build, the kernel ISA, the
+    2 % of the disk (1-4 GiB) free. An entry is keyed by the build, the kernel ISA, the
     options, the directory and its weight files' sizes and times; a stale or damaged one is rebuilt, never
     trusted. ``info()["pack_cache"]`` says what this load did (``hit``, ``written``, ``rebuilt``, ``off``)."""
     if model_dir is None or not os.path.exists(model_dir):

@@ -42,10 +42,11 @@ const NO_BIAS: u64 = u64::MAX;
 const MAX_INDEX: u64 = 64 << 20;
 /// Largest key header read.
 const MAX_KEY: u64 = 16 << 20;
-/// Bytes a cache write leaves free on its filesystem: the larger of 2 GiB and 5 % of it, so that filling the
-/// cache never makes another program's writes (a training checkpoint, a log) fail.
+/// Bytes a cache write leaves free on its filesystem: 2 % of it, at least 1 GiB and at most 4 GiB (a large
+/// shared disk need not sit on tens of idle gigabytes), so that filling the cache never makes another program's
+/// writes (a training checkpoint, a log) fail.
 fn reserve(total: u64) -> u64 {
-    (2u64 << 30).max(total / 20)
+    (total / 50).clamp(1 << 30, 4 << 30)
 }
 
 /// Whether writing `more` bytes keeps [`reserve`] free, given `avail` of `total` bytes available.
@@ -612,10 +613,11 @@ mod tests {
     #[test]
     fn writes_leave_the_disk_its_reserve() {
         const GB: u64 = 1 << 30;
-        // Small disks keep 2 GiB, large ones 5 %.
-        assert!(leaves_room(10 * GB, 20 * GB, 8 * GB) && !leaves_room(10 * GB, 20 * GB, 8 * GB + 1));
-        assert!(leaves_room(30 * GB, 400 * GB, 10 * GB) && !leaves_room(30 * GB, 400 * GB, 11 * GB));
-        assert!(!leaves_room(GB, 20 * GB, 0));
+        // Small disks keep 1 GiB, medium ones 2 %, large ones 4 GiB.
+        assert!(leaves_room(10 * GB, 20 * GB, 9 * GB) && !leaves_room(10 * GB, 20 * GB, 9 * GB + 1));
+        assert!(leaves_room(10 * GB, 100 * GB, 8 * GB) && !leaves_room(10 * GB, 100 * GB, 9 * GB));
+        assert!(leaves_room(30 * GB, 1000 * GB, 26 * GB) && !leaves_room(30 * GB, 1000 * GB, 27 * GB));
+        assert!(!leaves_room(GB - 1, 20 * GB, 0));
         let (avail, total) = disk_space(&std::env::temp_dir().join("x")).expect("statvfs of the temp dir");
         assert!(total > 0 && avail <= total);
     }
