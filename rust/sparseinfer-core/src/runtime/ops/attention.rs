@@ -100,6 +100,8 @@ fn heads_per_block(group: usize) -> usize {
 /// each pair's softmax covers its own range only. Tasks run on the thread pool when the work is large enough.
 pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv: KvView, out: &mut [f32]) {
     let Heads { heads: n_heads, kv_heads, head_dim: hd, scale, bf16 } = heads;
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bf16; // only the x86 AMX path rounds to bf16
     assert!(kv_heads > 0 && n_heads.is_multiple_of(kv_heads), "{n_heads} heads over {kv_heads} key/value heads");
     assert!(k.checked_mul(n_heads * hd).is_some_and(|n| out.len() >= n), "attention output too short");
     let group = n_heads / kv_heads;
