@@ -332,6 +332,7 @@ impl PackedMatrix {
 }
 
 /// f32 -> bf16 with round-to-nearest-even (inputs are finite; overflow saturates to the largest bf16).
+#[inline]
 pub(crate) fn f32_to_bf16(v: f32) -> u16 {
     let bits = v.to_bits();
     let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16;

@@ -21,7 +21,7 @@
 
 use super::vnni::{int4_pair_codes, int8_quad_codes, SI4_NARROW, SI4_WIDE, TILE_TOKEN_MAX_COLS};
 use crate::formats::tiles::{QUAD, TILE};
-use crate::formats::{Format, PackedMatrix, CHUNK};
+use crate::formats::{f32_to_bf16, Format, PackedMatrix, CHUNK};
 use crate::kernels::aligned::Aligned;
 use crate::kernels::simd::{scale_mode, ROW};
 use crate::kernels::QuantActs;
@@ -114,12 +114,12 @@ impl TileConfig {
 
 /// Loads the configuration on entry and releases the tiles on every exit, so no thread keeps tile state
 /// (8 KiB more in every context switch and signal frame) outside a call.
-struct Tiles;
+pub(crate) struct Tiles;
 
 impl Tiles {
     /// # Safety
-    /// [`supported`] must hold.
-    unsafe fn acquire() -> Tiles {
+    /// [`supported`] or [`bf16_supported`] must hold.
+    pub(crate) unsafe fn acquire() -> Tiles {
         let cfg = TileConfig::new();
         asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly, preserves_flags));
         Tiles
@@ -397,19 +397,12 @@ unsafe fn block<const TOKEN: bool>(
 
 // -- attention in bf16 ---------------------------------------------------------------------------------------
 
-/// Rounds `src` to bf16 (to nearest even) into `dst`. Written so LLVM vectorizes it; the values are finite
-/// (activations are checked, probabilities lie in [0, 1]), so no NaN or overflow case is needed.
+/// [`f32_to_bf16`] over `src` into `dst`, compiled for AVX-512 so the loop vectorizes.
 #[target_feature(enable = "avx512f,avx512bw")]
 pub(crate) unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        let b = s.to_bits();
-        *d = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f32_to_bf16(s);
     }
-}
-
-/// bf16 of one f32 (to nearest even), for the tile layouts below.
-fn bf16(v: f32) -> u16 {
-    crate::formats::f32_to_bf16(v)
 }
 
 /// Keys of positions `0..n` (in the panels of [`crate::kernels::vector::key_panels`]) as `tdpbf16ps` `B` tiles
@@ -427,7 +420,7 @@ pub(crate) fn key_tiles(panels: &[f32], n: usize, hd: usize) -> Vec<u16> {
             // Dimension d is row (d % 32) / 2 of step d / 32, element 2·position + d % 2.
             let row = &mut block[(d / 32) * 512 + (d % 32) / 2 * 32 + d % 2..];
             for (i, &v) in dim[first..first + live].iter().enumerate() {
-                row[2 * i] = bf16(v);
+                row[2 * i] = f32_to_bf16(v);
             }
         }
     }
@@ -444,29 +437,18 @@ pub(crate) fn value_tiles(values: &[f32], n: usize, hd: usize) -> Vec<u16> {
         let step = &mut out[(pos / 32) * parts * 512 + (pos % 32) / 2 * 32 + pos % 2..];
         for (c, part) in v.chunks_exact(16).enumerate() {
             for (i, &x) in part.iter().enumerate() {
-                step[c * 512 + 2 * i] = bf16(x);
+                step[c * 512 + 2 * i] = f32_to_bf16(x);
             }
         }
     }
     out
 }
 
-/// Holds the tile state for one attention task (see [`Tiles`]).
-pub(crate) struct AttentionTiles(#[allow(dead_code)] Tiles);
-
-impl AttentionTiles {
-    /// # Safety
-    /// [`bf16_supported`] must hold.
-    pub(crate) unsafe fn acquire() -> AttentionTiles {
-        AttentionTiles(Tiles::acquire())
-    }
-}
-
 /// `out[16 × 16·blocks]` (rows `stride` floats apart) = `Q·Kᵀ` for 16 query rows of `hd` bf16 at `q` and key
 /// blocks `0..blocks` of `kt` ([`key_tiles`]).
 ///
 /// # Safety
-/// The tiles are held ([`AttentionTiles`]); `hd` is a multiple of 32; `q` holds 16 × hd values, `kt` at least
+/// The tiles are held ([`Tiles`]); `hd` is a multiple of 32; `q` holds 16 × hd values, `kt` at least
 /// `blocks` blocks, `out` 16 rows of `stride >= 16·blocks` floats.
 pub(crate) unsafe fn bf16_scores(
     q: *const u16,
@@ -504,7 +486,7 @@ pub(crate) unsafe fn bf16_scores(
 /// values apart) over 32-position steps `0..steps` of `vt` ([`value_tiles`]).
 ///
 /// # Safety
-/// The tiles are held ([`AttentionTiles`]); `hd` is a multiple of 16; `p` holds 16 rows of `32·steps` values,
+/// The tiles are held ([`Tiles`]); `hd` is a multiple of 16; `p` holds 16 rows of `32·steps` values,
 /// `vt` at least `steps` steps, `out` 16 × hd floats.
 pub(crate) unsafe fn bf16_weighted(
     p: *const u16,

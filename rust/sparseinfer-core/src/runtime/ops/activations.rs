@@ -147,7 +147,7 @@ fn erf(x: f32) -> f32 {
 }
 
 /// Largest |error| of [`erf`] against the exact function: the approximation's 1.5e-7 plus the f32 roundings of
-/// `1 - poly·e^{-x²}`, where the product is near 1 and each rounding costs up to 6e-8 (measured: 5.0e-7).
+/// `t`, the polynomial and [`exp`] (up to [`EXP_BUDGET`] relative), which all carry into `poly·e^{-x²}` near 1.
 pub const ERF_BUDGET: f32 = 6e-7;
 
 #[cfg(test)]

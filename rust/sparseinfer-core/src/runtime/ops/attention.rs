@@ -172,43 +172,44 @@ pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv
             (0..m).for_each(|r| out_of(pair(r).0, pair(r).1).fill(0.0));
             return;
         }
-        let mut qs = vec![0.0f32; m * hd];
-        for (r, qa) in qs.chunks_exact_mut(hd).enumerate() {
-            let (a, h) = pair(r);
-            let src = &q[a * q_stride + h * hd..a * q_stride + (h + 1) * hd];
-            qa.iter_mut().zip(src).for_each(|(d, s)| *d = s * scale);
-        }
-        let mut scores = vec![0.0f32; m * l];
-        // Each of the `m` rows of `scores` times per-position scales.
-        let rescale = |scores: &mut [f32], scales: &[f32]| {
-            for row in scores.chunks_exact_mut(l) {
-                row.iter_mut().zip(&scales[from..to]).for_each(|(x, s)| *x *= s);
+        SCRATCH.with_borrow_mut(|b| {
+            let Scratch { qf, scores, o, .. } = b;
+            let (qs, scores, o) = (sized(qf, m * hd), sized(scores, m * l), sized(o, m * hd));
+            for (r, qa) in qs.chunks_exact_mut(hd).enumerate() {
+                let (a, h) = pair(r);
+                let src = &q[a * q_stride + h * hd..a * q_stride + (h + 1) * hd];
+                qa.iter_mut().zip(src).for_each(|(d, s)| *d = s * scale);
             }
-        };
-        match kv {
-            KvView::F32 { keys, .. } => (ops.scores)(&qs, m, &keys[g], from..to, &mut scores),
-            KvView::I8 { keys, key_scales, .. } => {
-                (ops.scores_i8)(&qs, m, &keys[g], from..to, &mut scores);
-                rescale(&mut scores, &key_scales[g]);
+            // Each of the `m` rows of `scores` times per-position scales.
+            let rescale = |scores: &mut [f32], scales: &[f32]| {
+                for row in scores.chunks_exact_mut(l) {
+                    row.iter_mut().zip(&scales[from..to]).for_each(|(x, s)| *x *= s);
+                }
+            };
+            match kv {
+                KvView::F32 { keys, .. } => (ops.scores)(qs, m, &keys[g], from..to, scores),
+                KvView::I8 { keys, key_scales, .. } => {
+                    (ops.scores_i8)(qs, m, &keys[g], from..to, scores);
+                    rescale(scores, &key_scales[g]);
+                }
             }
-        }
-        let mut inv = [0.0f32; MAX_QUERIES];
-        for (r, s) in scores.chunks_exact_mut(l).enumerate() {
-            let (a, h) = pair(r);
-            inv[r] = softmax(a, h, from, s);
-        }
-        let mut o = vec![0.0f32; m * hd];
-        match kv {
-            KvView::F32 { values, .. } => (ops.weighted)(&scores, m, &values[g], hd, from, &mut o),
-            KvView::I8 { values, value_scales, .. } => {
-                rescale(&mut scores, &value_scales[g]);
-                (ops.weighted_i8)(&scores, m, &values[g], hd, from, &mut o);
+            let mut inv = [0.0f32; MAX_QUERIES];
+            for (r, s) in scores.chunks_exact_mut(l).enumerate() {
+                let (a, h) = pair(r);
+                inv[r] = softmax(a, h, from, s);
             }
-        }
-        for (r, oa) in o.chunks_exact(hd).enumerate() {
-            let (a, h) = pair(r);
-            out_of(a, h).iter_mut().zip(oa).for_each(|(o, v)| *o = v * inv[r]);
-        }
+            match kv {
+                KvView::F32 { values, .. } => (ops.weighted)(scores, m, &values[g], hd, from, o),
+                KvView::I8 { values, value_scales, .. } => {
+                    rescale(scores, &value_scales[g]);
+                    (ops.weighted_i8)(scores, m, &values[g], hd, from, o);
+                }
+            }
+            for (r, oa) in o.chunks_exact(hd).enumerate() {
+                let (a, h) = pair(r);
+                out_of(a, h).iter_mut().zip(oa.iter()).for_each(|(o, v)| *o = v * inv[r]);
+            }
+        });
     };
     let n_tasks = k.div_ceil(qb) * head_blocks;
     let work = k * n_heads * n * hd;
@@ -273,30 +274,22 @@ impl Bf16Attention<'_> {
             let m = (k - a0).min(AMX_QUERIES);
             let (kt, vt) = tiles[h / group].get().expect("converted above");
             SCRATCH.with_borrow_mut(|b| {
-                let Bf16Scratch { qf, qb, scores, pb, o } = b;
-                qf.clear();
-                qf.resize(AMX_QUERIES * hd, 0.0);
+                let Scratch { qf, qb, scores, pb, o } = b;
+                let qf = sized(qf, AMX_QUERIES * hd);
+                qf.fill(0.0);
                 for (r, row) in qf.chunks_exact_mut(hd).take(m).enumerate() {
                     let src = &q[(a0 + r) * q_stride + h * hd..][..hd];
                     row.iter_mut().zip(src).for_each(|(d, s)| *d = s * scale);
                 }
-                // Written in full below before they are read: only their sizes matter.
-                qb.resize(AMX_QUERIES * hd, 0);
-                pb.resize(AMX_QUERIES * lpad, 0);
-                scores.resize(AMX_QUERIES * lpad, 0.0);
-                o.resize(AMX_QUERIES * hd, 0.0);
-                let (qb, pb, scores, o) = (
-                    &mut qb[..AMX_QUERIES * hd],
-                    &mut pb[..AMX_QUERIES * lpad],
-                    &mut scores[..AMX_QUERIES * lpad],
-                    &mut o[..AMX_QUERIES * hd],
-                );
+                // Written in full below before they are read.
+                let (qb, pb) = (sized(qb, AMX_QUERIES * hd), sized(pb, AMX_QUERIES * lpad));
+                let (scores, o) = (sized(scores, AMX_QUERIES * lpad), sized(o, AMX_QUERIES * hd));
                 let mut inv = [0.0f32; AMX_QUERIES];
                 // SAFETY: AMX-BF16 was detected; the buffers have the sizes the kernels read and write (16 rows of
                 // hd or lpad, the tiles cover lpad positions).
                 unsafe {
                     amx::to_bf16(qf, qb);
-                    let _tiles = amx::AttentionTiles::acquire();
+                    let _tiles = amx::Tiles::acquire();
                     amx::bf16_scores(qb.as_ptr(), hd, kt.as_ptr(), lpad / 16, scores.as_mut_ptr(), lpad);
                     for (r, row) in scores.chunks_exact_mut(lpad).enumerate() {
                         if r < m {
@@ -326,21 +319,29 @@ impl Bf16Attention<'_> {
     }
 }
 
-/// One thread's buffers for [`Bf16Attention`] tasks, kept between calls: fresh ones per task were zeroed and
-/// faulted in every time.
-#[cfg(target_arch = "x86_64")]
+/// One thread's buffers for attention tasks, kept between calls: fresh ones per task were zeroed and faulted in
+/// every time (long encoder spans make them hundreds of KiB). The u16 ones hold bf16 for [`Bf16Attention`].
 #[derive(Default)]
-struct Bf16Scratch {
+struct Scratch {
     qf: Vec<f32>,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     qb: Vec<u16>,
     scores: Vec<f32>,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pb: Vec<u16>,
     o: Vec<f32>,
 }
 
-#[cfg(target_arch = "x86_64")]
 thread_local! {
-    static SCRATCH: std::cell::RefCell<Bf16Scratch> = std::cell::RefCell::new(Bf16Scratch::default());
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// The first `n` elements of `v`, grown if needed; what they hold is left from earlier use.
+fn sized<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+    &mut v[..n]
 }
 
 #[derive(Clone, Copy)]
