@@ -1,6 +1,6 @@
 //! AVX-512 VNNI kernels for integer weights with int8 activations: per 64-column block (`Activations::Int8`,
 //! kernel names `<weight format>_i8`) or per row (`Activations::Int8Token`, `<weight format>_i8_token`, see
-//! [`token_row`]; they make the weights the unsigned operand, with one correction per scale block instead
+//! [`token_rows`]; they make the weights the unsigned operand, with one correction per scale block instead
 //! of per chunk).
 //!
 //! Per-block activations: per 64-column chunk, `vpdpbusd` multiplies 64 unsigned bytes by 64 signed bytes and adds each group of
@@ -78,6 +78,13 @@ pub(crate) fn supports(m: &PackedMatrix, token: bool) -> bool {
 
 /// Rows per batched horizontal reduction.
 const BATCH: usize = 16;
+
+/// Weight streams each thread reads side by side in a decode step (one activation row). A thread that reads
+/// one sequential stream gets less of the memory bandwidth than one that reads two (the hardware prefetchers
+/// keep a few lines in flight per stream; see `crate::bandwidth`), so the decode kernels step through rows
+/// (or tiles) from different parts of their range in lockstep, each with its own accumulators: every row's
+/// sum is the same bits as when it is computed alone.
+const STREAMS: usize = 2;
 
 /// Computes rows `r0..r1` for the `k` quantized activation rows in `q`.
 ///
@@ -235,26 +242,41 @@ unsafe fn batch<const NR: usize>(m: &PackedMatrix, g0: usize, g1: usize, q: &Qua
     let mode = scale_mode(m);
     let scaling = chunk_scaling(m);
     let mut sums = [[_mm512_setzero_ps(); BATCH]; NR];
-    for r in g0..g1 {
-        let acc: Acc<NR> = if q.token {
-            match m.format {
-                Format::DenseInt8 => by_scaling!(scaling, token_row::<NR, DI8>(m, r, &act)),
-                Format::SparseInt8 => by_scaling!(scaling, token_row::<NR, SI8>(m, r, &act)),
-                Format::DenseInt4 => by_scaling!(scaling, token_row::<NR, DI4>(m, r, &act)),
-                Format::SparseInt4 => by_scaling!(scaling, token_row::<NR, SI4>(m, r, &act)),
-                _ => unreachable!("vnni::supports admits integer formats only"),
+    macro_rules! rows {
+        ($r:expr, $rows:expr) => {{
+            let rows: [usize; $r] = $rows;
+            let accs: [Acc<NR>; $r] = if q.token {
+                match m.format {
+                    Format::DenseInt8 => by_scaling!(scaling, token_rows::<NR, $r, DI8>(m, rows, &act)),
+                    Format::SparseInt8 => by_scaling!(scaling, token_rows::<NR, $r, SI8>(m, rows, &act)),
+                    Format::DenseInt4 => by_scaling!(scaling, token_rows::<NR, $r, DI4>(m, rows, &act)),
+                    Format::SparseInt4 => by_scaling!(scaling, token_rows::<NR, $r, SI4>(m, rows, &act)),
+                    _ => unreachable!("vnni::supports admits integer formats only"),
+                }
+            } else {
+                match m.format {
+                    Format::DenseInt8 => by_scaling!(scaling, block_rows::<NR, $r, DI8>(m, rows, &act)),
+                    Format::SparseInt8 => by_scaling!(scaling, block_rows::<NR, $r, SI8>(m, rows, &act)),
+                    Format::DenseInt4 => by_scaling!(scaling, block_rows::<NR, $r, DI4>(m, rows, &act)),
+                    Format::SparseInt4 => by_scaling!(scaling, block_rows::<NR, $r, SI4>(m, rows, &act)),
+                    _ => unreachable!("vnni::supports admits integer formats only"),
+                }
+            };
+            for (r, acc) in rows.into_iter().zip(accs) {
+                for a in 0..NR {
+                    sums[a][r - g0] = _mm512_add_ps(acc[0][a], acc[1][a]);
+                }
             }
-        } else {
-            match m.format {
-                Format::DenseInt8 => by_scaling!(scaling, block_row::<NR, DI8>(m, r, &act)),
-                Format::SparseInt8 => by_scaling!(scaling, block_row::<NR, SI8>(m, r, &act)),
-                Format::DenseInt4 => by_scaling!(scaling, block_row::<NR, DI4>(m, r, &act)),
-                Format::SparseInt4 => by_scaling!(scaling, block_row::<NR, SI4>(m, r, &act)),
-                _ => unreachable!("vnni::supports admits integer formats only"),
-            }
-        };
-        for a in 0..NR {
-            sums[a][r - g0] = _mm512_add_ps(acc[0][a], acc[1][a]);
+        }};
+    }
+    if NR == 1 && g1 - g0 == BATCH {
+        // One activation row (decode): rows a part of the batch apart in lockstep ([`STREAMS`]).
+        for r in g0..g0 + BATCH / STREAMS {
+            rows!(STREAMS, core::array::from_fn(|i| r + i * BATCH / STREAMS));
+        }
+    } else {
+        for r in g0..g1 {
+            rows!(1, [r]);
         }
     }
     let n = g1 - g0;
@@ -411,20 +433,22 @@ unsafe fn chunk_codes<const FMT: u8>(p: &mut *const u8, masks: *const u64, ch: u
 /// multiply-added with the chunk scale (zero points are added per row, in `batch`).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,avx512vnni,gfni,popcnt,fma")]
-unsafe fn block_row<const NR: usize, const FMT: u8, const MODE: u8>(
+unsafe fn block_rows<const NR: usize, const R: usize, const FMT: u8, const MODE: u8>(
     m: &PackedMatrix,
-    r: usize,
+    rows: [usize; R],
     act: &[ActRow; NR],
-) -> Acc<NR> {
-    let mut p = m.data.as_ptr().add(m.row_start(r));
-    let masks = m.masks.as_ptr().wrapping_add(r * m.chunks());
-    let s = RowScales::of(m, r);
-    let (mut acc0, mut acc1) = ([_mm512_setzero_ps(); NR], [_mm512_setzero_ps(); NR]);
+) -> [Acc<NR>; R] {
+    let mut p: [*const u8; R] = core::array::from_fn(|i| m.data.as_ptr().add(m.row_start(rows[i])));
+    let masks: [*const u64; R] = core::array::from_fn(|i| m.masks.as_ptr().wrapping_add(rows[i] * m.chunks()));
+    let s: [RowScales; R] = core::array::from_fn(|i| RowScales::of(m, rows[i]));
+    let (mut acc0, mut acc1) = ([[_mm512_setzero_ps(); NR]; R], [[_mm512_setzero_ps(); NR]; R]);
     for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
-        let c = chunk_codes::<FMT>(&mut p, masks, ch);
-        unsigned_chunk::<NR, MODE>(acc, c, act, &s, ch);
+        for i in 0..R {
+            let c = chunk_codes::<FMT>(&mut p[i], masks[i], ch);
+            unsigned_chunk::<NR, MODE>(&mut acc[i], c, act, &s[i], ch);
+        }
     });
-    [acc0, acc1]
+    core::array::from_fn(|i| [acc0[i], acc1[i]])
 }
 
 /// One weight row against per-row-scaled activations: `Σ c·x` in exact i32 lanes over each scale block
@@ -434,46 +458,51 @@ unsafe fn block_row<const NR: usize, const FMT: u8, const MODE: u8>(
 /// The caller multiplies the row's sum by the activation scale (and the row scale).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,avx512vnni,gfni,popcnt,fma")]
-unsafe fn token_row<const NR: usize, const FMT: u8, const MODE: u8>(
+unsafe fn token_rows<const NR: usize, const R: usize, const FMT: u8, const MODE: u8>(
     m: &PackedMatrix,
-    r: usize,
+    rows: [usize; R],
     act: &[ActRow; NR],
-) -> Acc<NR> {
-    let mut p = m.data.as_ptr().add(m.row_start(r));
-    let masks = m.masks.as_ptr().wrapping_add(r * m.chunks());
-    let s = RowScales::of(m, r);
+) -> [Acc<NR>; R] {
+    let mut p: [*const u8; R] = core::array::from_fn(|i| m.data.as_ptr().add(m.row_start(rows[i])));
+    let masks: [*const u64; R] = core::array::from_fn(|i| m.masks.as_ptr().wrapping_add(rows[i] * m.chunks()));
+    let s: [RowScales; R] = core::array::from_fn(|i| RowScales::of(m, rows[i]));
     let sbc = token_block_chunks(m);
-    let (mut f0, mut f1) = ([_mm512_setzero_ps(); NR], [_mm512_setzero_ps(); NR]);
+    let (mut f0, mut f1) = ([[_mm512_setzero_ps(); NR]; R], [[_mm512_setzero_ps(); NR]; R]);
     // Alternating f32 accumulators by block: with 64- or 128-column groups, one accumulator would put an
     // FMA latency on every block.
     for_chunks!(m.chunks() / sbc, f0, f1, |b, accf| {
-        let (mut i0, mut i1) = ([_mm512_setzero_si512(); NR], [_mm512_setzero_si512(); NR]);
+        let (mut i0, mut i1) = ([[_mm512_setzero_si512(); NR]; R], [[_mm512_setzero_si512(); NR]; R]);
         for_chunks!(sbc, i0, i1, |j, acci| {
             let ch = b * sbc + j;
-            let c = chunk_codes::<FMT>(&mut p, masks, ch);
-            for (a, x) in act.iter().enumerate() {
-                let xa = _mm512_load_si512(x.xq.add(ch * CHUNK) as *const _);
-                acci[a] = _mm512_dpbusd_epi32(acci[a], c, xa);
+            for i in 0..R {
+                let c = chunk_codes::<FMT>(&mut p[i], masks[i], ch);
+                for (a, x) in act.iter().enumerate() {
+                    let xa = _mm512_load_si512(x.xq.add(ch * CHUNK) as *const _);
+                    acci[i][a] = _mm512_dpbusd_epi32(acci[i][a], c, xa);
+                }
             }
         });
-        for (a, x) in act.iter().enumerate() {
-            let zc = _mm512_load_si512(x.zc.add(16 * b) as *const _);
-            let exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(i0[a], i1[a]), zc));
-            accf[a] = match MODE {
-                ROW => _mm512_add_ps(accf[a], exact),
-                GRP => _mm512_fmadd_ps(exact, _mm512_set1_ps(*s.d.add(b)), accf[a]),
-                _ => {
-                    let d = _mm512_mask_blend_ps(
-                        0xFF00,
-                        _mm512_set1_ps(*s.d.add(2 * b)),
-                        _mm512_set1_ps(*s.d.add(2 * b + 1)),
-                    );
-                    _mm512_fmadd_ps(exact, d, accf[a])
-                }
-            };
+        for i in 0..R {
+            for (a, x) in act.iter().enumerate() {
+                let zc = _mm512_load_si512(x.zc.add(16 * b) as *const _);
+                let exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(i0[i][a], i1[i][a]), zc));
+                let s = &s[i];
+                accf[i][a] = match MODE {
+                    ROW => _mm512_add_ps(accf[i][a], exact),
+                    GRP => _mm512_fmadd_ps(exact, _mm512_set1_ps(*s.d.add(b)), accf[i][a]),
+                    _ => {
+                        let d = _mm512_mask_blend_ps(
+                            0xFF00,
+                            _mm512_set1_ps(*s.d.add(2 * b)),
+                            _mm512_set1_ps(*s.d.add(2 * b + 1)),
+                        );
+                        _mm512_fmadd_ps(exact, d, accf[i][a])
+                    }
+                };
+            }
         }
     });
-    [f0, f1]
+    core::array::from_fn(|i| [f0[i], f1[i]])
 }
 
 /// Tiled matrices ([`crate::formats::tiles`]): weight rows `r0..r1` (`r0` a multiple of 16) against the `k`
@@ -482,23 +511,42 @@ unsafe fn token_row<const NR: usize, const FMT: u8, const MODE: u8>(
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,gfni,popcnt,bmi2,fma")]
 unsafe fn tile_rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
     debug_assert!(r0.is_multiple_of(TILE) && r1 <= m.rows);
-    for t in r0 / TILE..r1.div_ceil(TILE) {
+    let (t0, t1) = (r0 / TILE, r1.div_ceil(TILE));
+    if k == 1 {
+        // Decode: the range's tiles in [`STREAMS`] parts, read in lockstep (an odd last tile alone).
+        let part = (t1 - t0) / STREAMS;
+        for t in t0..t0 + part {
+            tile::<1, STREAMS>(m, core::array::from_fn(|i| t + i * part), r1, q, 0, y);
+        }
+        for t in t0 + STREAMS * part..t1 {
+            tile::<1, 1>(m, [t], r1, q, 0, y);
+        }
+        return;
+    }
+    for t in t0..t1 {
         let mut a = 0;
         while a + 4 <= k {
-            tile::<4>(m, t, r1, q, a, y);
+            tile::<4, 1>(m, [t], r1, q, a, y);
             a += 4;
         }
         while a < k {
-            tile::<1>(m, t, r1, q, a, y);
+            tile::<1, 1>(m, [t], r1, q, a, y);
             a += 1;
         }
     }
 }
 
-/// Tile `t` (its rows below `r1`) against activation rows `a0..a0 + NR`.
+/// Tiles `ts` (their rows below `r1`) against activation rows `a0..a0 + NR`, in lockstep ([`STREAMS`]).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,gfni,popcnt,bmi2,fma")]
-unsafe fn tile<const NR: usize>(m: &PackedMatrix, t: usize, r1: usize, q: &QuantActs, a0: usize, y: *mut f32) {
+unsafe fn tile<const NR: usize, const T: usize>(
+    m: &PackedMatrix,
+    ts: [usize; T],
+    r1: usize,
+    q: &QuantActs,
+    a0: usize,
+    y: *mut f32,
+) {
     let (cp, chunks) = (m.cols_pad, m.chunks());
     let zc_row = zcorr_per_row(m, q.token);
     let act: [ActRow; NR] = core::array::from_fn(|a| ActRow {
@@ -507,39 +555,42 @@ unsafe fn tile<const NR: usize>(m: &PackedMatrix, t: usize, r1: usize, q: &Quant
         zc: q.zcorr.as_ptr().wrapping_add((a0 + a) * zc_row),
     });
     let grouped = scale_mode(m) != ROW;
-    // Int4 tiles whose quads all fit 32 bytes load 32 per pair, the others 64: one branch per tile.
+    // Int4 tiles whose quads all fit 32 bytes load 32 per pair, the others 64 (which serves narrow tiles
+    // too: the same codes): one branch per call.
     let fmt = match m.format {
         Format::SparseInt8 => SI8,
-        _ if m.tile_narrow[t] => SI4_NARROW,
+        _ if ts.iter().all(|&t| m.tile_narrow[t]) => SI4_NARROW,
         _ => SI4_WIDE,
     };
     macro_rules! by_fmt {
         ($token:literal, $grouped:literal) => {
             match fmt {
-                SI8 => tile_acc::<NR, SI8, $token, $grouped>(m, t, &act),
-                SI4_WIDE => tile_acc::<NR, SI4_WIDE, $token, $grouped>(m, t, &act),
-                _ => tile_acc::<NR, SI4_NARROW, $token, $grouped>(m, t, &act),
+                SI8 => tile_acc::<NR, T, SI8, $token, $grouped>(m, ts, &act),
+                SI4_WIDE => tile_acc::<NR, T, SI4_WIDE, $token, $grouped>(m, ts, &act),
+                _ => tile_acc::<NR, T, SI4_NARROW, $token, $grouped>(m, ts, &act),
             }
         };
     }
-    let acc = match (q.token, grouped) {
+    let accs = match (q.token, grouped) {
         (false, false) => by_fmt!(false, false),
         (false, true) => by_fmt!(false, true),
         (true, false) => by_fmt!(true, false),
         (true, true) => by_fmt!(true, true),
     };
-    let n = (r1 - t * TILE).min(TILE);
-    let lanes: __mmask16 = if n == TILE { !0 } else { (1u16 << n) - 1 };
-    // The zero points were subtracted from the exact sums (`q.zcorr`), so only the scales remain.
-    for (a, v) in acc.into_iter().enumerate() {
-        let mut v = v;
-        if !grouped {
-            v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(lanes, m.scales.as_ptr().add(t * TILE)));
+    for (t, acc) in ts.into_iter().zip(accs) {
+        let n = (r1 - t * TILE).min(TILE);
+        let lanes: __mmask16 = if n == TILE { !0 } else { (1u16 << n) - 1 };
+        // The zero points were subtracted from the exact sums (`q.zcorr`), so only the scales remain.
+        for (a, v) in acc.into_iter().enumerate() {
+            let mut v = v;
+            if !grouped {
+                v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(lanes, m.scales.as_ptr().add(t * TILE)));
+            }
+            if q.token {
+                v = _mm512_mul_ps(v, _mm512_set1_ps(*act[a].sx));
+            }
+            _mm512_mask_storeu_ps(y.add((a0 + a) * m.rows + t * TILE), lanes, v);
         }
-        if q.token {
-            v = _mm512_mul_ps(v, _mm512_set1_ps(*act[a].sx));
-        }
-        _mm512_mask_storeu_ps(y.add((a0 + a) * m.rows + t * TILE), lanes, v);
     }
 }
 
@@ -590,50 +641,57 @@ unsafe fn quad_dot<const NR: usize>(acc: &mut [__m512i; NR], c: __m512i, act: &[
 /// whole row) and subtract the segment's zero-point correction before the conversion.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,avx512vnni,gfni,popcnt,fma")]
-unsafe fn tile_acc<const NR: usize, const FMT: u8, const TOKEN: bool, const GROUPED: bool>(
+unsafe fn tile_acc<const NR: usize, const T: usize, const FMT: u8, const TOKEN: bool, const GROUPED: bool>(
     m: &PackedMatrix,
-    t: usize,
+    ts: [usize; T],
     act: &[ActRow; NR],
-) -> [__m512; NR] {
+) -> [[__m512; NR]; T] {
     let quads = m.cols_pad / QUAD;
-    let masks = m.masks.as_ptr().add(t * quads);
-    let mut p = m.data.as_ptr().add(m.row_offsets[t]);
-    let d16 = m.tile_scales.as_ptr().wrapping_add(t * m.groups() * TILE);
+    let masks: [*const u64; T] = core::array::from_fn(|i| m.masks.as_ptr().add(ts[i] * quads));
+    let mut p: [*const u8; T] = core::array::from_fn(|i| m.data.as_ptr().add(m.row_offsets[ts[i]]));
+    let d16: [*const f32; T] = core::array::from_fn(|i| m.tile_scales.as_ptr().wrapping_add(ts[i] * m.groups() * TILE));
     let shift = m.group.trailing_zeros();
     let seg = tile_segment(m, TOKEN);
-    let mut f = [_mm512_setzero_ps(); NR];
+    let mut f = [[_mm512_setzero_ps(); NR]; T];
     for s in 0..m.cols_pad / seg {
-        // Four i32 accumulators per activation row: `vpdpbusd` latency would bind one.
-        let mut ia = [[_mm512_setzero_si512(); NR]; 4];
+        // Four i32 accumulators per tile and activation row: `vpdpbusd` latency would bind one.
+        let mut ia = [[[_mm512_setzero_si512(); NR]; 4]; T];
         let mut quad = s * seg / QUAD;
         while quad < (s + 1) * seg / QUAD {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
-            if FMT == SI8 {
-                for acc in ia.iter_mut() {
-                    quad_dot(acc, int8_quad_codes(&mut p, *masks.add(quad)), act, quad);
-                    quad += 1;
-                }
-            } else {
-                for pair in ia.chunks_exact_mut(2) {
-                    let (c0, c1) = int4_pair_codes::<FMT>(&mut p, *masks.add(quad), *masks.add(quad + 1));
-                    quad_dot(&mut pair[0], c0, act, quad);
-                    quad_dot(&mut pair[1], c1, act, quad + 1);
-                    quad += 2;
+            for i in 0..T {
+                let (p, masks, ia) = (&mut p[i], masks[i], &mut ia[i]);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+                if FMT == SI8 {
+                    for (j, acc) in ia.iter_mut().enumerate() {
+                        quad_dot(acc, int8_quad_codes(p, *masks.add(quad + j)), act, quad + j);
+                    }
+                } else {
+                    for (j, pair) in ia.chunks_exact_mut(2).enumerate() {
+                        let q = quad + 2 * j;
+                        let (c0, c1) = int4_pair_codes::<FMT>(p, *masks.add(q), *masks.add(q + 1));
+                        quad_dot(&mut pair[0], c0, act, q);
+                        quad_dot(&mut pair[1], c1, act, q + 1);
+                    }
                 }
             }
+            quad += 4;
         }
         let col = s * seg;
-        for (a, x) in act.iter().enumerate() {
-            let mut sum = _mm512_add_epi32(_mm512_add_epi32(ia[0][a], ia[1][a]), _mm512_add_epi32(ia[2][a], ia[3][a]));
-            sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(*x.zc.add(s)));
-            let v = _mm512_cvtepi32_ps(sum);
-            let d = || _mm512_loadu_ps(d16.add((col >> shift) * TILE));
-            f[a] = match (TOKEN, GROUPED) {
-                (true, false) => _mm512_add_ps(f[a], v),
-                (true, true) => _mm512_fmadd_ps(v, d(), f[a]),
-                (false, false) => _mm512_fmadd_ps(v, broadcast(x.sx.add(col / CHUNK)), f[a]),
-                (false, true) => _mm512_fmadd_ps(v, _mm512_mul_ps(broadcast(x.sx.add(col / CHUNK)), d()), f[a]),
-            };
+        for i in 0..T {
+            let ia = &ia[i];
+            for (a, x) in act.iter().enumerate() {
+                let mut sum =
+                    _mm512_add_epi32(_mm512_add_epi32(ia[0][a], ia[1][a]), _mm512_add_epi32(ia[2][a], ia[3][a]));
+                sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(*x.zc.add(s)));
+                let v = _mm512_cvtepi32_ps(sum);
+                let d = || _mm512_loadu_ps(d16[i].add((col >> shift) * TILE));
+                f[i][a] = match (TOKEN, GROUPED) {
+                    (true, false) => _mm512_add_ps(f[i][a], v),
+                    (true, true) => _mm512_fmadd_ps(v, d(), f[i][a]),
+                    (false, false) => _mm512_fmadd_ps(v, broadcast(x.sx.add(col / CHUNK)), f[i][a]),
+                    (false, true) => _mm512_fmadd_ps(v, _mm512_mul_ps(broadcast(x.sx.add(col / CHUNK)), d()), f[i][a]),
+                };
+            }
         }
     }
     f
