@@ -70,15 +70,28 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
         }
     };
     macro_rules! by_format {
-        ($nr:literal, $r:expr, $a:expr) => {
+        ($nr:literal, $nrows:literal, $r:expr, $a:expr) => {{
+            let rows: [usize; $nrows] = $r;
             match fmt {
-                DI8 => by_scaling!(scaling, row::<$nr, DI8>(m, $r, q, $a, y, codes)),
-                SI8 => by_scaling!(scaling, row::<$nr, SI8>(m, $r, q, $a, y, codes)),
-                DI4 => by_scaling!(scaling, row::<$nr, DI4>(m, $r, q, $a, y, codes)),
-                SI4 => by_scaling!(scaling, row::<$nr, SI4>(m, $r, q, $a, y, codes)),
-                _ => by_scaling!(scaling, row::<$nr, EXP>(m, $r, q, $a, y, codes)),
+                DI8 => by_scaling!(scaling, row::<$nr, $nrows, DI8>(m, rows, q, $a, y, codes)),
+                SI8 => by_scaling!(scaling, row::<$nr, $nrows, SI8>(m, rows, q, $a, y, codes)),
+                DI4 => by_scaling!(scaling, row::<$nr, $nrows, DI4>(m, rows, q, $a, y, codes)),
+                SI4 => by_scaling!(scaling, row::<$nr, $nrows, SI4>(m, rows, q, $a, y, codes)),
+                _ => by_scaling!(scaling, row::<$nr, $nrows, EXP>(m, rows, q, $a, y, codes)),
             }
-        };
+        }};
+    }
+    if k == 1 && !m.format.is_sparse() {
+        // Decode of dense rows: the range's two halves in lockstep (`super::vnni::STREAMS`), an odd last row
+        // alone. The sparse kernels here are bound by their expansion, not by memory: pairs were no faster.
+        let half = (r1 - r0) / 2;
+        for r in r0..r0 + half {
+            by_format!(1, 2, [r, r + half], 0);
+        }
+        if (r1 - r0) % 2 == 1 {
+            by_format!(1, 1, [r1 - 1], 0);
+        }
+        return;
     }
     for r in r0..r1 {
         if once {
@@ -90,11 +103,11 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
         }
         let mut a = 0;
         while a + 4 <= k {
-            by_format!(4, r, a);
+            by_format!(4, 1, [r], a);
             a += 4;
         }
         while a < k {
-            by_format!(1, r, a);
+            by_format!(1, 1, [r], a);
             a += 1;
         }
     }
@@ -120,13 +133,13 @@ unsafe fn expand_row<const FMT: u8>(m: &PackedMatrix, r: usize, out: *mut u8) {
     }
 }
 
-/// Weight row `r` against activation rows `a0..a0 + NR`: writes `y[a, r]`. `codes`: the row expanded by
-/// [`expand_row`] when `FMT` is `EXP`, else unused.
+/// Weight rows `rows` (in lockstep, see `super::vnni::STREAMS`) against activation rows `a0..a0 + NR`: writes
+/// `y[a, r]`. `codes`: the row expanded by [`expand_row`] when `FMT` is `EXP` (then `R` is 1), else unused.
 #[inline]
 #[target_feature(enable = "avx2,fma,popcnt,bmi2")]
-unsafe fn row<const NR: usize, const FMT: u8, const MODE: u8>(
+unsafe fn row<const NR: usize, const R: usize, const FMT: u8, const MODE: u8>(
     m: &PackedMatrix,
-    r: usize,
+    rows: [usize; R],
     q: &QuantActs,
     a0: usize,
     y: *mut f32,
@@ -137,28 +150,37 @@ unsafe fn row<const NR: usize, const FMT: u8, const MODE: u8>(
         xq: q.xq.as_ptr().add((a0 + a) * cp),
         sx: q.sx.as_ptr().add((a0 + a) * chunks),
     });
-    let mut p = if FMT == EXP { codes } else { m.data.as_ptr().add(m.row_start(r)) };
-    let masks = m.masks.as_ptr().wrapping_add(r * chunks);
-    let s = RowScales::of(m, r);
+    let mut p: [*const u8; R] =
+        core::array::from_fn(|i| if FMT == EXP { codes } else { m.data.as_ptr().add(m.row_start(rows[i])) });
+    let masks: [*const u64; R] = core::array::from_fn(|i| m.masks.as_ptr().wrapping_add(rows[i] * chunks));
+    let s: [RowScales; R] = core::array::from_fn(|i| RowScales::of(m, rows[i]));
     // The int4 sparse chunk's codes unpacked to bytes (expand32 reads at most 64 of them).
-    let mut buf = [0u8; CHUNK];
+    let mut buf = [[0u8; CHUNK]; R];
     // Two f32 accumulators per activation row, alternating by chunk, so FMA latency does not bind.
-    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); NR], [_mm256_setzero_ps(); NR]);
+    let (mut acc0, mut acc1) = ([[_mm256_setzero_ps(); NR]; R], [[_mm256_setzero_ps(); NR]; R]);
     let mut ch = 0;
     while ch + 2 <= chunks {
-        let w = chunk_codes::<FMT>(&mut p, masks, ch, &mut buf);
-        chunk_dot::<NR, MODE>(&mut acc0, w, &act, &s, ch);
-        let w = chunk_codes::<FMT>(&mut p, masks, ch + 1, &mut buf);
-        chunk_dot::<NR, MODE>(&mut acc1, w, &act, &s, ch + 1);
+        for i in 0..R {
+            let w = chunk_codes::<FMT>(&mut p[i], masks[i], ch, &mut buf[i]);
+            chunk_dot::<NR, MODE>(&mut acc0[i], w, &act, &s[i], ch);
+        }
+        for i in 0..R {
+            let w = chunk_codes::<FMT>(&mut p[i], masks[i], ch + 1, &mut buf[i]);
+            chunk_dot::<NR, MODE>(&mut acc1[i], w, &act, &s[i], ch + 1);
+        }
         ch += 2;
     }
     if ch < chunks {
-        let w = chunk_codes::<FMT>(&mut p, masks, ch, &mut buf);
-        chunk_dot::<NR, MODE>(&mut acc0, w, &act, &s, ch);
+        for i in 0..R {
+            let w = chunk_codes::<FMT>(&mut p[i], masks[i], ch, &mut buf[i]);
+            chunk_dot::<NR, MODE>(&mut acc0[i], w, &act, &s[i], ch);
+        }
     }
-    let scale = if MODE == ROW { *s.d } else { 1.0 };
-    for a in 0..NR {
-        *y.add((a0 + a) * m.rows + r) = hsum(_mm256_add_ps(acc0[a], acc1[a])) * scale;
+    for (i, &r) in rows.iter().enumerate() {
+        let scale = if MODE == ROW { *s[i].d } else { 1.0 };
+        for a in 0..NR {
+            *y.add((a0 + a) * m.rows + r) = hsum(_mm256_add_ps(acc0[i][a], acc1[i][a])) * scale;
+        }
     }
 }
 
