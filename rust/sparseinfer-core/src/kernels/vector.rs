@@ -194,7 +194,7 @@ pub(crate) mod x86 {
             scores_i8: scores_checked::<WIDE, i8>,
             weighted: weighted_checked::<WIDE, f32>,
             weighted_i8: weighted_checked::<WIDE, i8>,
-            exp_shifted: exp_shifted_checked,
+            exp_shifted: if WIDE { exp_shifted512_checked } else { exp_shifted_checked },
         }
     }
 
@@ -278,6 +278,12 @@ pub(crate) mod x86 {
     pub fn exp_shifted_checked(s: &mut [f32]) -> f32 {
         // SAFETY: `ops` installs this only on x86 SIMD paths, all of which have AVX2 and FMA.
         unsafe { exp_shifted(s) }
+    }
+
+    /// The same on zmm registers; only installed by [`super::ops`] on the AVX-512 path.
+    pub fn exp_shifted512_checked(s: &mut [f32]) -> f32 {
+        // SAFETY: installed only where the AVX-512 path runs.
+        unsafe { exp_shifted512(s) }
     }
 
     /// Eight f32 lanes from `i8` codes (`I8`) or f32 values at byte address `$p`.
@@ -557,6 +563,66 @@ pub(crate) mod x86 {
         total
     }
 
+    /// [`exp256`] on sixteen lanes (the same operations lane by lane, so the same values).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp512(x: __m512) -> __m512 {
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        const C: [f32; 6] = [1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5];
+        let x = _mm512_min_ps(_mm512_set1_ps(88.0), _mm512_max_ps(_mm512_set1_ps(-87.3), x));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        let mut poly = _mm512_set1_ps(C[0]);
+        for c in &C[1..] {
+            poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(*c));
+        }
+        let poly = _mm512_fmadd_ps(_mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0)), r, _mm512_set1_ps(1.0));
+        let two_n = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)));
+        _mm512_mul_ps(poly, _mm512_castsi512_ps(two_n))
+    }
+
+    /// [`exp_shifted`] on zmm registers, the last lanes under a mask.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp_shifted512(s: &mut [f32]) -> f32 {
+        let (n, sp) = (s.len(), s.as_mut_ptr());
+        if n == 0 {
+            return 0.0;
+        }
+        let tail: __mmask16 = ((1u32 << (n % 16)) - 1) as __mmask16;
+        let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i + 16 <= n {
+            mv = _mm512_max_ps(mv, _mm512_loadu_ps(sp.add(i)));
+            i += 16;
+        }
+        mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(mv, tail, sp.add(i)));
+        let mx = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+        let mut sum = _mm512_setzero_ps();
+        i = 0;
+        while i + 16 <= n {
+            let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sp.add(i)), mx));
+            _mm512_storeu_ps(sp.add(i), e);
+            sum = _mm512_add_ps(sum, e);
+            i += 16;
+        }
+        if tail != 0 {
+            let e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sp.add(i)), mx));
+            _mm512_mask_storeu_ps(sp.add(i), tail, e);
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+        }
+        _mm512_reduce_add_ps(sum)
+    }
+
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
@@ -676,6 +742,15 @@ mod tests {
         }
         assert!(worst <= EXP_BUDGET as f64, "worst relative error {worst:e} over {EXP_BUDGET:e}");
         assert_eq!((ops().exp_shifted)(&mut []), 0.0);
+        // A NaN score is not hidden: its numerator and the sum are NaN, wherever it sits.
+        for len in [1, 7, 16, 23, 40] {
+            for at in [0, len / 2, len - 1] {
+                let mut row: Vec<f32> = (0..len).map(|i| i as f32 * 0.1).collect();
+                row[at] = f32::NAN;
+                let sum = (ops().exp_shifted)(&mut row);
+                assert!(sum.is_nan() && row[at].is_nan(), "NaN at {at} of {len}");
+            }
+        }
     }
 
     #[test]
