@@ -166,6 +166,14 @@ def test_generate_with_weights_and_sampling(tiny_dir):
     assert a.stdout == b.stdout and "sparse-int8" in a.stderr
 
 
+def test_generate_with_an_int8_kv_cache(tiny_dir):
+    import sparseinfer
+
+    r = run("generate", "-m", str(tiny_dir), "To be", "--max-new-tokens", "8", "--kv-cache", "int8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == sparseinfer.load(tiny_dir, kv_cache="int8").generate("To be", max_new_tokens=8) + "\n"
+
+
 def test_info_of_a_model(tiny_dir):
     r = run("info", str(tiny_dir), "--weights", "dense-int4")
     assert r.returncode == 0, r.stderr

@@ -110,6 +110,37 @@ def test_decode_matches_prefill(arch_model):
     assert int(np.argmax(model.logits(PROMPT[:5])[-1])) == int(np.argmax(full[4]))
 
 
+# int8 keys and values (one scale per position and head) move each by up to half a code step, 0.4 % of the
+# head's largest; scores and value sums add up such errors. The budget is the int8 weight formats' (relative to
+# the largest logit): an int8 cache costs about what int8 weights cost.
+KV_INT8_BUDGET = 2e-2
+
+
+def test_int8_kv_cache_within_budget(arch_model):
+    # Against transformers' f32 attention, over a prompt long enough for several prefill chunks and Mistral's
+    # window, then decoding token by token from the same cache.
+    path, ref = arch_model
+    model = sparseinfer.load(path, kv_cache="int8")
+    assert model.info()["kv_cache"] == "int8" and sparseinfer.load(path).info()["kv_cache"] == "f32"
+    ids = [(i * 37) % tiny_models.VOCAB for i in range(200)]
+    want = torch_logits(ref, ids)
+    err = np.abs(model.logits(ids) - want).max() / np.abs(want).max()
+    assert err <= KV_INT8_BUDGET, f"relative logit error {err:.2e}"
+    gen = sparseinfer._core.Generator(model._core, ids[:150], 8)
+    steps = [gen.next_token() for _ in range(8)]
+    assert all(t is not None for t in steps)
+    # The first decoded token's logits came from the cache of the 150-token prefill: greedy equals the argmax
+    # wherever transformers' top two logits are not within the budget of each other.
+    top2 = np.sort(want[149])[-2:]
+    if top2[1] - top2[0] > 2 * KV_INT8_BUDGET * np.abs(want).max():
+        assert steps[0] == int(np.argmax(want[149]))
+
+
+def test_kv_cache_rejects_unknown_formats(llama_dir):
+    with pytest.raises(InvalidInputError, match="kv_cache"):
+        sparseinfer.load(llama_dir, kv_cache="int4")
+
+
 # -- sparse and quantized formats ---------------------------------------------------------------------
 
 

@@ -82,6 +82,9 @@ def load_model(
     group_size: int | None = None,
     asymmetric: bool = False,
     activations: str | None = None,
+    pack_cache: str | None = None,
+    pack_cache_max_bytes: int = 0,
+    kv_cache: str | None = None,
 ) -> Model | Seq2SeqModel: ...
 def supported_architectures() -> list[str]: ...
 def build_info() -> dict[str, Any]: ...

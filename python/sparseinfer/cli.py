@@ -125,7 +125,13 @@ def _generate(args: argparse.Namespace) -> int:
     from . import load
 
     _check_model(args.model)
-    model = load(args.model, weights=args.weights, threads=args.threads or None, activations=args.activations)
+    model = load(
+        args.model,
+        weights=args.weights,
+        threads=args.threads or None,
+        activations=args.activations,
+        kv_cache=args.kv_cache,
+    )
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     stream = model.stream(
         prompt,
@@ -372,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-m", "--model", default=None, help=MODEL_HELP)
     g.add_argument("--weights", default=None, choices=FORMATS, metavar="FORMAT", help=weights_help)
     g.add_argument("--activations", default=None, choices=ACTIVATIONS, help=ACT_HELP)
+    g.add_argument(
+        "--kv-cache",
+        default=None,
+        choices=("f32", "int8"),
+        help="how the attention cache keeps keys and values: int8 reads a quarter of the bytes (long prompts)",
+    )
     g.add_argument("--max-new-tokens", type=_non_negative_int, default=128, help="tokens to generate at most")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
     g.add_argument(

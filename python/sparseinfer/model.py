@@ -107,6 +107,7 @@ class Model:
             pack.get("activations"),
             cache,
             cache_bytes,
+            pack.get("kv_cache"),
         )
         self.encoder_decoder: bool = isinstance(self._core, _core.Seq2SeqModel)
         self._info = self._core.info()
@@ -495,6 +496,7 @@ def load(
     asymmetric: bool = False,
     activations: str | None = None,
     pack_cache: str | os.PathLike[str] | bool | None = None,
+    kv_cache: str | None = None,
 ) -> Model:
     """Loads a model directory (``None`` or a preset name: the default model, see ``sparseinfer.models``).
 
@@ -510,7 +512,12 @@ def load(
     ``SPARSEINFER_PACK_CACHE_GB`` gigabytes (default 20), and never writes an entry that would leave less than
     2 % of the disk (1-4 GiB) free. An entry is keyed by the build, the kernel ISA, the
     options, the directory and its weight files' sizes and times; a stale or damaged one is rebuilt, never
-    trusted. ``info()["pack_cache"]`` says what this load did (``hit``, ``written``, ``rebuilt``, ``off``)."""
+    trusted. ``info()["pack_cache"]`` says what this load did (``hit``, ``written``, ``rebuilt``, ``off``).
+
+    ``kv_cache``: how the self-attention caches keep keys and values, ``"f32"`` (``None``, the default) or
+    ``"int8"`` (codes with one scale per position and head: a quarter of the bytes every decoded token reads,
+    which dominate long contexts, at a small cost in accuracy that grows with the size of the attention
+    scores: check a model's outputs before relying on it). ``info()["kv_cache"]`` says which."""
     if model_dir is None or not os.path.exists(model_dir):
         from .models import resolve
 
@@ -524,6 +531,7 @@ def load(
         asymmetric=asymmetric,
         activations=activations,
         pack_cache=pack_cache,
+        kv_cache=kv_cache,
     )
 
 

@@ -383,7 +383,7 @@ impl PyModel {
         activations: Option<&str>,
     ) -> PyResult<Self> {
         guard(py, "load", || {
-            let opts = load_options(py, weights, group_size, asymmetric, activations, None)?;
+            let opts = load_options(py, weights, group_size, asymmetric, activations, None, None)?;
             let m = py.detach(|| runtime::load_dir(&path, opts)).map_err(|e| to_py(py, e))?;
             Ok(PyModel { inner: Arc::new(m) })
         })
@@ -474,6 +474,7 @@ impl PyModel {
         d.set_item("threads", core::parallel::num_threads())?;
         d.set_item("load_seconds", m.load_report.seconds)?;
         d.set_item("pack_cache", m.load_report.pack_cache.describe())?;
+        d.set_item("kv_cache", m.kv_format.name())?;
         d.set_item("eos_token_ids", s.eos.clone())?;
         d.set_item("bos_token_id", s.bos)?;
         Ok(d)
@@ -488,12 +489,14 @@ fn load_options(
     asymmetric: bool,
     activations: Option<&str>,
     cache: Option<runtime::pack_cache::CacheOptions>,
+    kv_cache: Option<&str>,
 ) -> PyResult<LoadOptions> {
     let group_size = opt_int_arg::<usize>(py, "load", "group_size", group_size)?;
     let weights = weights.map(Format::from_name).transpose().map_err(|e| to_py(py, e))?;
     let activations = parse_act(py, activations)?;
     let pack = PackOptions { group_size, asymmetric, ..Default::default() };
-    Ok(LoadOptions { weights, pack, activations, cache })
+    let kv_cache = kv_cache.map(runtime::KvFormat::from_name).transpose().map_err(|e| to_py(py, e))?;
+    Ok(LoadOptions { weights, pack, activations, cache, kv_cache: kv_cache.unwrap_or_default() })
 }
 
 /// The sampling parameters of a generator's arguments.
@@ -741,6 +744,7 @@ impl PySeq2SeqModel {
             d.set_item("threads", core::parallel::num_threads())?;
             d.set_item("load_seconds", m.load_report.seconds)?;
             d.set_item("pack_cache", m.load_report.pack_cache.describe())?;
+            d.set_item("kv_cache", m.kv_format.name())?;
             d.set_item("eos_token_ids", s.eos.clone())?;
             d.set_item("decoder_start_token_id", s.bos)?;
             d.set_item("max_positions", s.max_positions)?;
@@ -767,11 +771,11 @@ impl PySeq2SeqModel {
 
 /// Loads a model directory of either kind: a `Model` (decoder-only) or a `Seq2SeqModel` (encoder-decoder).
 /// Arguments as for `Model.load`, plus the load cache: `pack_cache` a directory (None: no cache) that keeps
-/// at most `pack_cache_max_bytes` of packed models.
+/// at most `pack_cache_max_bytes` of packed models; `kv_cache`: "f32" (None) or "int8" self-attention caches.
 #[pyfunction]
 #[pyo3(signature = (
     path, weights = None, group_size = None, asymmetric = false, activations = None, pack_cache = None,
-    pack_cache_max_bytes = 0
+    pack_cache_max_bytes = 0, kv_cache = None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn load_model<'py>(
@@ -783,10 +787,11 @@ fn load_model<'py>(
     activations: Option<&str>,
     pack_cache: Option<PathBuf>,
     pack_cache_max_bytes: u64,
+    kv_cache: Option<&str>,
 ) -> PyResult<Bound<'py, PyAny>> {
     guard(py, "load", || {
         let cache = pack_cache.map(|dir| runtime::pack_cache::CacheOptions { dir, max_bytes: pack_cache_max_bytes });
-        let opts = load_options(py, weights, group_size, asymmetric, activations, cache)?;
+        let opts = load_options(py, weights, group_size, asymmetric, activations, cache, kv_cache)?;
         match py.detach(|| runtime::load_any(&path, opts)).map_err(|e| to_py(py, e))? {
             runtime::AnyModel::Decoder(m) => Ok(Bound::new(py, PyModel { inner: Arc::from(m) })?.into_any()),
             runtime::AnyModel::Seq2Seq(m) => Ok(Bound::new(py, PySeq2SeqModel { inner: Arc::from(m) })?.into_any()),

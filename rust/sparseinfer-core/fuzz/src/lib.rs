@@ -126,6 +126,7 @@ pub fn pack_cache(data: &[u8]) -> Outcome {
         pack: PackOptions { group_size, asymmetric, layout },
         activations: None,
         cache: Some(cache.clone()),
+        kv_cache: Default::default(),
     };
     load_in(&dir.0, opts.clone()).expect("the tiny Llama loads");
     let entry = std::fs::read_dir(&cache.dir)
@@ -209,7 +210,8 @@ fn load_in(dir: &Path, opts: LoadOptions) -> Outcome {
     }
 }
 
-/// The [`LoadOptions`] byte: mostly "as stored", else a kernel format with a group size and symmetry.
+/// The [`LoadOptions`] byte: mostly "as stored", else a kernel format with a group size and symmetry, and
+/// f32 or int8 self-attention caches.
 pub fn load_options(b: u8) -> LoadOptions {
     const FORMATS: [Format; 8] = [
         Format::DenseF32,
@@ -232,6 +234,7 @@ pub fn load_options(b: u8) -> LoadOptions {
         pack: PackOptions { group_size, asymmetric, ..Default::default() },
         activations: None,
         cache: None,
+        kv_cache: if b & 0x40 != 0 { runtime::KvFormat::Int8 } else { runtime::KvFormat::F32 },
     }
 }
 

@@ -60,7 +60,46 @@ pub(crate) fn quantize(x: &[f32], codes: &mut [i8]) -> f32 {
     s
 }
 
+/// How self-attention caches store keys and values: f32, or int8 codes with one scale per position and head
+/// (a quarter of the bytes every decoding step reads, which dominate long contexts; values move by up to half a
+/// code step).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvFormat {
+    /// f32 keys and values.
+    #[default]
+    F32,
+    /// int8 codes, one scale per position and head.
+    Int8,
+}
+
+impl KvFormat {
+    /// The format called `name` (`"f32"` or `"int8"`).
+    pub fn from_name(name: &str) -> Result<KvFormat> {
+        match name {
+            "f32" => Ok(KvFormat::F32),
+            "int8" => Ok(KvFormat::Int8),
+            _ => Err(Error::invalid("load", format!("kv_cache: unknown format {name:?}; expected f32 or int8"))),
+        }
+    }
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvFormat::F32 => "f32",
+            KvFormat::Int8 => "int8",
+        }
+    }
+}
+
 impl KvCache {
+    /// An empty cache in `format` (see [`KvCache::new`] and [`KvCache::new_int8`]).
+    pub fn with_format(format: KvFormat, layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> KvCache {
+        match format {
+            KvFormat::F32 => KvCache::new(layers, kv_heads, head_dim, capacity),
+            KvFormat::Int8 => KvCache::new_int8(layers, kv_heads, head_dim, capacity),
+        }
+    }
+
     /// An empty f32 cache with room for `capacity` positions (memory: `2 · layers · kv_heads · head_dim` floats
     /// per position written, keys rounded up to whole panels).
     pub fn new(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> KvCache {
@@ -70,7 +109,8 @@ impl KvCache {
     }
 
     /// An empty cache that stores each position's keys and values as int8 codes with one scale per head (a
-    /// quarter of the bytes attention reads): the cross-attention of models whose linears take int8 activations.
+    /// quarter of the bytes attention reads): the cross-attention of models whose linears take int8 activations,
+    /// and self-attention where the load asks for it ([`KvFormat::Int8`]).
     pub fn new_int8(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> KvCache {
         let heads = layers * kv_heads;
         let (e8, e32) = (|| (0..heads).map(|_| Vec::new()).collect(), || (0..heads).map(|_| Vec::new()).collect());

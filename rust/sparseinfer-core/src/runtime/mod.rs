@@ -30,7 +30,7 @@ pub mod version;
 
 use crate::error::{Error, Result};
 use crate::formats::{Format, PackOptions};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvFormat};
 pub use models::{Model, Seq2Seq};
 pub use sampler::{Sampler, SamplingParams};
 use std::path::Path;
@@ -48,6 +48,8 @@ pub struct LoadOptions {
     pub activations: Option<crate::kernels::Activations>,
     /// The load cache of packed layers ([`pack_cache`]); `None`: pack from the checkpoint every time.
     pub cache: Option<pack_cache::CacheOptions>,
+    /// How self-attention caches store keys and values.
+    pub kv_cache: kv_cache::KvFormat,
 }
 
 /// How a load went.
@@ -151,8 +153,8 @@ pub fn load_any(dir: &Path, opts: LoadOptions) -> Result<AnyModel> {
     };
     let report = LoadReport { seconds: start.elapsed().as_secs_f64(), pack_cache: outcome };
     match &mut model {
-        AnyModel::Decoder(m) => m.load_report = report,
-        AnyModel::Seq2Seq(m) => m.load_report = report,
+        AnyModel::Decoder(m) => (m.load_report, m.kv_format) = (report, opts.kv_cache),
+        AnyModel::Seq2Seq(m) => (m.load_report, m.kv_format) = (report, opts.kv_cache),
     }
     Ok(model)
 }

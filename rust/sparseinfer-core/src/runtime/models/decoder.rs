@@ -28,6 +28,8 @@ pub struct Model {
     pub lm_head: Linear,
     /// How the load went (set by the loader).
     pub load_report: crate::runtime::LoadReport,
+    /// How [`Model::new_cache`] stores keys and values (set by the loader).
+    pub kv_format: crate::runtime::KvFormat,
 }
 
 /// Loads a model from a spec and a loader (see [`crate::runtime::load_dir`]).
@@ -40,7 +42,16 @@ impl Model {
     /// Assembles a model from an architecture's parts.
     pub fn from_parts(spec: Spec, parts: Parts) -> Model {
         let Parts { embed, pos_embed, layers, final_norm, lm_head } = parts;
-        Model { spec, embed, pos_embed, layers, final_norm, lm_head, load_report: Default::default() }
+        Model {
+            spec,
+            embed,
+            pos_embed,
+            layers,
+            final_norm,
+            lm_head,
+            load_report: Default::default(),
+            kv_format: Default::default(),
+        }
     }
 
     /// Bytes of every packed linear layer and the head (what one decode step reads), plus the embedding
@@ -58,7 +69,7 @@ impl Model {
     /// A fresh cache for up to `capacity` positions (capped at the model's context).
     pub fn new_cache(&self, capacity: usize) -> KvCache {
         let s = &self.spec;
-        KvCache::new(s.layers, s.kv_heads, s.head_dim, capacity.min(s.max_positions))
+        KvCache::with_format(self.kv_format, s.layers, s.kv_heads, s.head_dim, capacity.min(s.max_positions))
     }
 
     /// Runs a prompt of `tokens` at the cache's next positions, [`kernels::prefill_rows`] at a time, and appends them to

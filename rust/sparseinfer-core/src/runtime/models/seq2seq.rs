@@ -60,6 +60,8 @@ pub struct Seq2Seq {
     p: Seq2SeqParts,
     /// How the load went (set by the loader).
     pub load_report: crate::runtime::LoadReport,
+    /// How the decoder's self-attention caches store keys and values (set by the loader).
+    pub kv_format: crate::runtime::KvFormat,
 }
 
 /// One input being decoded: the decoder's self-attention cache and the encoder output's keys and values.
@@ -84,7 +86,7 @@ impl Seq2SeqState {
 impl Seq2Seq {
     /// Assembles a model from an architecture's parts.
     pub fn from_parts(spec: Spec, p: Seq2SeqParts) -> Seq2Seq {
-        Seq2Seq { spec, p, load_report: Default::default() }
+        Seq2Seq { spec, p, load_report: Default::default(), kv_format: Default::default() }
     }
 
     /// Bytes of the encoder's packed linear layers and convolutions (read once per input), of the decoder's
@@ -218,7 +220,8 @@ impl Seq2Seq {
             block.cross.fill(s, li, enc, n, &mut cross)?;
         }
         cross.advance(n);
-        let cache = KvCache::new(s.layers, s.kv_heads, s.head_dim, capacity.min(s.max_positions));
+        let cache =
+            KvCache::with_format(self.kv_format, s.layers, s.kv_heads, s.head_dim, capacity.min(s.max_positions));
         Ok(Seq2SeqState { cache, cross })
     }
 
