@@ -108,6 +108,10 @@ BUDGETS = {
     ),
 }
 SEED = 0
+# A cell re-run because its model was lost (ensure_model) must land this close to its published perplexity
+# (relative) for the cells built on it to stand: a tenth of the tightest goal measured against the teacher (5 %),
+# a fourteenth of a held-out interval's half-width. Same-sparsity recipes always share one teacher and one mask.
+REPRODUCE_TOL = 5e-3
 
 
 def plays() -> dict[str, Path]:
@@ -148,6 +152,7 @@ class Study:
         if meta.get("model", "default") != model:
             raise SystemExit(f"{work} holds a study of model {meta.get('model', 'default')!r}, not {model!r}")
         self.bf16 = bool(meta["bf16"])
+        self.invalidated = False  # set when a re-run cell did not reproduce (ensure_model)
         torch.manual_seed(SEED)
         if device == "cpu":
             torch.set_num_threads(os.cpu_count() or 2)
@@ -188,6 +193,73 @@ class Study:
         self.calib = D.calibration_batches(_evenly(self.train, self.b["calibration"]), self.b["calibration"])
 
     # -- caching ---------------------------------------------------------------------------------------------
+    def restore(self, published: Path) -> list[str]:
+        """Seeds the work directory with the repository's copy of the finished cells (``publish_pieces``) that it
+        lacks, so a study whose cache was lost (a new machine) does not train its finished cells again. Their
+        models and exports are not in the repository: a later cell that needs one re-runs the cell that made it
+        (``ensure_model``, ``rerun``), and the re-run must reproduce the published figure or every cell built on
+        it runs again."""
+        config = published / "study-config.json"
+        if not config.is_file():
+            return []
+        theirs, ours = json.loads(config.read_text()), json.loads((self.work / "study.json").read_text())
+        if any(theirs.get(k, "default") != ours.get(k, "default") for k in ("bf16", "model")):
+            return []  # another model or precision: those records do not belong to this study
+        restored = []
+        for src in sorted(published.glob("*.json")):
+            dst = self.work / "cells" / src.name
+            if src.stem in ("data", "study-config") or dst.is_file():
+                continue
+            _write_json(dst, json.loads(src.read_text()))
+            restored.append(src.stem)
+        return restored
+
+    def _producer(self, name: str):
+        """The cell that saves model ``name``."""
+        if name == "dense-ft":
+            return self.dense
+        kind, rest = name.split("-", 1)
+        body, pct = rest.rsplit("-", 1)
+        if kind == "oneshot":
+            return lambda: self.oneshot(body, int(pct) / 100)
+        if kind == "ft":
+            return lambda: self.sparse_ft(body, int(pct) / 100)
+        raise KeyError(name)
+
+    def ensure_model(self, name: str) -> Path:
+        """The path of model ``name``, re-running the cell that made it when its cell is finished but the model is
+        gone (a restored cell, or a cache cleaned by hand)."""
+        path = self.model_path(name)
+        if not path.is_dir():
+            if not (self.work / "cells" / f"{name}.json").is_file():
+                raise FileNotFoundError(f"{path}: model of an unfinished cell")
+            self.rerun(name, self._producer(name))
+        return path
+
+    def rerun(self, name: str, producer) -> dict:
+        """Runs finished cell ``name`` again (its record set aside) and checks the new figure against the old: when
+        they differ by more than REPRODUCE_TOL, every cell built on this one is set aside too and runs again."""
+        cell_path = self.work / "cells" / f"{name}.json"
+        earlier = json.loads(cell_path.read_text())
+        aside = self.work / "rerun"
+        aside.mkdir(exist_ok=True)
+        cell_path.replace(aside / f"{name}.json")
+        progress = self.work / "progress" / f"{name}.json"
+        if progress.is_file():  # its curve and clock start again with the training
+            progress.replace(aside / f"{name}.progress.json")
+        print(f"== {name}: finished, but what it made is gone; re-running it", flush=True)
+        result = producer()
+        rel = result["ppl"] / earlier["ppl"] - 1
+        result["rerun_of"] = {"ppl": earlier["ppl"], "rel_diff": rel}
+        _write_json(cell_path, result)
+        if abs(rel) > REPRODUCE_TOL:
+            stale = [p for p in sorted((self.work / "cells").glob("*.json")) if _built_on(p.stem, name)]
+            print(f"   {name} did not reproduce ({rel:+.2%}): re-running {[p.stem for p in stale]}", flush=True)
+            for p in stale:
+                p.replace(aside / p.name)
+            self.invalidated = True
+        return result
+
     def cell(self, name: str, fn):
         path = self.work / "cells" / f"{name}.json"
         if path.is_file():
@@ -209,7 +281,7 @@ class Study:
 
     def load(self, name: str | None, cpu: bool = False):
         """A model of the study on the training device (pruning and GPTQ run on the CPU: ``cpu=True``)."""
-        model = self.runner.load(None if name is None else self.model_path(name))
+        model = self.runner.load(None if name is None else self.ensure_model(name))
         return model.cpu() if cpu else model
 
     def save(self, model, name: str) -> None:
@@ -296,7 +368,7 @@ class Study:
                 r = T.finetune(model, None, self.train, cfg, on_step=on_step)
             _, prog = self._progress(name)
             best = min(prog["curve"], key=lambda p: p["ppl"])
-            teacher = self.load("dense-ft-best")
+            teacher = self.runner.load(self.model_path("dense-ft-best"))
             self.save(teacher, "dense-ft")
             return {
                 "kind": "dense",
@@ -405,6 +477,9 @@ class Study:
 
     def quantized(self, recipe: str, sparsity: float, bits: int):
         name = f"quant-{recipe}-{round(sparsity * 100)}-int{bits}"
+        done = self.cell_result(name)
+        if done and not Path(done["export"], "config.json").is_file():  # a restored cell: its export is not here
+            return self.rerun(name, lambda: self.quantized(recipe, sparsity, bits))
 
         def run():
             model = self.load(f"ft-{recipe}-{round(sparsity * 100)}", cpu=True)
@@ -438,7 +513,7 @@ class Study:
             rows = []
             prompt = self.tok("To be, or not to be, that is the question:")["input_ids"][:16]
             n = self.b["new_tokens"]
-            ref = self.runner.load(self.model_path("dense-ft")).cpu()
+            ref = self.load("dense-ft", cpu=True)
             torch.set_num_threads(sparseinfer.kernels.num_threads())
             with torch.no_grad():
                 ids = torch.tensor([prompt])
@@ -451,7 +526,7 @@ class Study:
                 tn = time.perf_counter() - t
             rows.append({"model": "dense-ft", "runtime": "transformers fp32", "decode_tok_s": (n - 1) / (tn - t1)})
             del ref
-            for path in [str(self.model_path("dense-ft"))] + exports:
+            for path in [str(self.ensure_model("dense-ft"))] + exports:
                 m = sparseinfer.load(path)
                 m.eos_token_ids = frozenset()  # decode exactly n tokens
                 m.generate_ids(prompt, max_new_tokens=4)
@@ -479,7 +554,14 @@ class Study:
 
         return self.cell("speed", run)
 
-    def run_all(self, upto: str | None = None):
+    def run_all(self):
+        """Every cell in order; again from the top when a re-run cell did not reproduce (``ensure_model``)."""
+        self.invalidated = True
+        while self.invalidated:
+            self.invalidated = False
+            self._run_all_once()
+
+    def _run_all_once(self):
         self.dense()
         for method in PRUNERS:
             for s in SPARSITIES:
@@ -493,6 +575,20 @@ class Study:
             for bits in (8, 4):
                 exports.append(self.quantized(best, s, bits)["export"])
         self.speed(exports)
+
+
+def _built_on(cell: str, model: str) -> bool:
+    """Whether cell ``cell`` started from model ``model`` (directly or through another cell)."""
+    if cell == model:
+        return False
+    if model == "dense-ft" or cell == "speed":
+        return True
+    pct = model.rsplit("-", 1)[1]
+    if model.startswith("oneshot-sparsegpt-"):
+        return (
+            (cell.startswith("ft-") and cell.endswith(f"-{pct}")) or cell.startswith("quant-") and f"-{pct}-int" in cell
+        )
+    return cell.startswith(f"quant-{model.removeprefix('ft-')}-int")
 
 
 def _short(ev: dict) -> dict:
@@ -528,10 +624,14 @@ def _cells(work: Path) -> dict:
 
 
 def _curves(work: Path) -> dict:
-    """Learning curves of finished and running cells (a running cell's progress file holds its points so far)."""
+    """Learning curves of finished and running cells (a running cell's progress file holds its points so far; a
+    finished cell's record holds its whole curve, also when it was restored without its progress file)."""
     out = {}
     for p in sorted((work / "progress").glob("*.json")):
         out[p.stem] = json.loads(p.read_text())["curve"]
+    for name, cell in _cells(work).items():
+        if "curve" in cell:
+            out[name] = cell["curve"]
     return out
 
 
@@ -806,6 +906,9 @@ def main():
     if not args.report:
         _with_jemalloc()
         st = Study(work, args.budget, args.device, args.model)
+        restored = st.restore(Path(args.out) / f"study-{args.budget}")
+        if restored:
+            print(f"restored from {args.out}/study-{args.budget}: {restored}", flush=True)
         _write_json(work / "data.json", st.data_info)
         print("data:", st.data_info, flush=True)
         st.run_all()

@@ -3,6 +3,8 @@ fine-tuning recipes at both sparsities, GPTQ INT8/INT4 exports read back by the 
 resume from finished cells, and the guard against resuming a study of another model."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +82,45 @@ def test_resume_reads_finished_cells_and_refuses_another_model(study, tmp_path):
     assert before == {p.name: p.stat().st_mtime_ns for p in (work / "cells").glob("*.json")}
     r = run_study("--model", tmp_path / "other", "--work", work, "--out", tmp_path / "x", check=False)
     assert r.returncode != 0 and "holds a study of model" in r.stderr
+
+
+def test_a_lost_cache_is_restored_from_the_published_records(study, tmp_path):
+    """A new machine: the work directory is empty and only the repository's copy of the records is there. Finished
+    cells are not trained again; the cells whose models a missing cell needs are re-run and must reproduce their
+    records, or every cell built on them runs again."""
+    root, work, out, _ = study
+    first = {p.stem: json.loads(p.read_text()) for p in (work / "cells").glob("*.json")}
+    published = tmp_path / "out" / "study-smoke"
+    shutil.copytree(out / "study-smoke", published)
+    quant = {s: next(n for n in first if n.startswith("quant-") and n.endswith(f"-{s}-int8")) for s in (50, 70)}
+    for s in (50, 70):
+        (published / f"{quant[s]}.json").unlink()  # an unfinished cell that needs the best recipe's model
+    # The INT4 export is not on the new machine: that cell is made again from the same model.
+    int4 = next(n for n in first if n.startswith("quant-") and n.endswith("-50-int4"))
+    rec = json.loads((published / f"{int4}.json").read_text())
+    rec["export"] = str(tmp_path / "gone")
+    (published / f"{int4}.json").write_text(json.dumps(rec))
+    # A record the re-run will not reproduce: the cells built on the 70 % SparseGPT model must all run again.
+    rec = json.loads((published / "oneshot-sparsegpt-70.json").read_text())
+    rec["ppl"] *= 1.5
+    (published / "oneshot-sparsegpt-70.json").write_text(json.dumps(rec))
+
+    new_work = tmp_path / "work"
+    r = run_study("--model", root / "model", "--work", new_work, "--out", tmp_path / "out")
+    cells = {p.stem: json.loads(p.read_text()) for p in (new_work / "cells").glob("*.json")}
+    assert cells.keys() == first.keys(), r.stdout[-2000:]
+    ran = set(re.findall(r"^== (\S+)$", r.stdout, re.M))
+    best50 = quant[50].removeprefix("quant-").removesuffix("-50-int8")
+    rebuilt = {"dense-ft", "oneshot-sparsegpt-50", f"ft-{best50}-50", "oneshot-sparsegpt-70", "speed"}
+    rebuilt |= {n for n in first if n.endswith("-70") and n.startswith("ft-")} | {quant[50]}
+    rebuilt |= {n for n in first if n.startswith("quant-") and "-70-" in n}
+    rebuilt.add(int4)
+    assert ran == rebuilt, r.stdout[-3000:]
+    assert "oneshot-sparsegpt-70 did not reproduce" in r.stdout
+    for name in rebuilt - {"speed"}:
+        assert cells[name]["ppl"] == pytest.approx(first[name]["ppl"], rel=1e-6), name
+        if name in ("dense-ft", "oneshot-sparsegpt-50", f"ft-{best50}-50", int4):
+            assert cells[name]["rerun_of"]["rel_diff"] == pytest.approx(0, abs=1e-6), name
+    # Cells that needed nothing lost were taken from the records as they are.
+    for name in set(first) - rebuilt:
+        assert cells[name] == first[name], name
