@@ -188,10 +188,47 @@ pub fn global() -> &'static ThreadPool {
     POOL.get_or_init(|| ThreadPool::new(cpu_count().max(default_threads()).saturating_sub(1)))
 }
 
+/// Rows below which [`for_rows`] stays on the calling thread: a pool wake-up costs microseconds, a row of a
+/// few thousand values about as much.
+pub const MIN_ROWS_PER_TASK: usize = 16;
+
+/// Calls `f(first_row, rows)` over `out` cut into contiguous runs of whole rows of `width` values, one run per
+/// thread on the pool, or once over everything when there are too few rows ([`MIN_ROWS_PER_TASK`] per
+/// thread) to pay for the hand-off. For row-wise work (norms, activations, residual adds, quantizers) that is
+/// serial otherwise: each row's result is the same whichever thread computes it.
+pub fn for_rows<T: Send>(out: &mut [T], width: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let rows = out.len().checked_div(width).unwrap_or(0);
+    let threads = num_threads().min(rows / MIN_ROWS_PER_TASK);
+    if threads <= 1 {
+        f(0, out);
+        return;
+    }
+    let per = rows.div_ceil(threads);
+    let parts: Vec<std::sync::Mutex<&mut [T]>> = out.chunks_mut(per * width).map(std::sync::Mutex::new).collect();
+    global().run(parts.len(), threads, &|t| {
+        let mut part = parts[t].lock().unwrap_or_else(|e| e.into_inner());
+        f(t * per, &mut part);
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn for_rows_covers_every_row_once() {
+        for (rows, width) in [(0, 3), (1, 3), (15, 2), (33, 5), (64, 1), (1000, 7)] {
+            let mut out = vec![0usize; rows * width];
+            for_rows(&mut out, width, |r0, part| {
+                assert_eq!(part.len() % width, 0);
+                for (i, v) in part.iter_mut().enumerate() {
+                    *v += r0 * width + i + 1;
+                }
+            });
+            assert!(out.iter().enumerate().all(|(i, &v)| v == i + 1), "{rows} rows of {width}");
+        }
+    }
 
     #[test]
     fn every_task_runs_once() {

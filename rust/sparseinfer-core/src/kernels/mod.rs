@@ -322,20 +322,7 @@ fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, to: Consumer
         },
         xhat: if xhat { Aligned::zeroed(k * cp) } else { Aligned::empty() },
     };
-    #[cfg(target_arch = "x86_64")]
-    {
-        if Isa::Avx512.is_supported() {
-            // SAFETY: the features were detected.
-            unsafe { x86::avx512::quantize_blocks(xs, &mut q) };
-        } else if Isa::Avx2.is_supported() {
-            // SAFETY: the features were detected.
-            unsafe { x86::avx2::quantize_blocks(xs, &mut q) };
-        } else {
-            quantize_blocks(xs, &mut q);
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    quantize_blocks(xs, &mut q);
+    quantize_rows(xs, q.rows(), cp);
     if !q.gsum.is_empty() {
         group_sums(&mut q, m.group);
     }
@@ -345,6 +332,74 @@ fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, to: Consumer
         unsafe { x86::vnni::zero_point_corrections(m, &mut q) };
     }
     q
+}
+
+/// The rows of a [`QuantActs`] that the block quantizers write: all of them, or a run of them.
+pub(crate) struct QuantRows<'a> {
+    /// Rows.
+    pub k: usize,
+    /// As [`QuantActs::token`].
+    pub token: bool,
+    /// `k × cols_pad` codes.
+    pub xq: &'a mut [i8],
+    /// `k × chunks` block scales.
+    pub sx: &'a mut [f32],
+    /// `k × cols_pad` dequantized activations, or empty.
+    pub xhat: &'a mut [f32],
+}
+
+impl QuantActs {
+    pub(crate) fn rows(&mut self) -> QuantRows<'_> {
+        QuantRows { k: self.k, token: self.token, xq: &mut self.xq, sx: &mut self.sx, xhat: &mut self.xhat }
+    }
+}
+
+/// Quantizes the `q.k` rows of `cp` values in `xs` into `q` with the active ISA's copy of [`quantize_blocks`],
+/// runs of rows on the thread pool when there are many (every row's codes are the same on any thread).
+fn quantize_rows(xs: &[f32], q: QuantRows, cp: usize) {
+    let threads = parallel::num_threads().min(q.k / parallel::MIN_ROWS_PER_TASK);
+    if threads <= 1 {
+        return quantize_blocks_here(xs, q);
+    }
+    let per = q.k.div_ceil(threads);
+    let chunks = q.sx.len() / q.k;
+    let QuantRows { k, token, mut xq, mut sx, mut xhat } = q;
+    let xhat_width = if xhat.is_empty() { 0 } else { cp };
+    let mut parts = Vec::with_capacity(threads);
+    for r0 in (0..k).step_by(per) {
+        let rows = per.min(k - r0);
+        let (a, rest) = std::mem::take(&mut xq).split_at_mut(rows * cp);
+        xq = rest;
+        let (b, rest) = std::mem::take(&mut sx).split_at_mut(rows * chunks);
+        sx = rest;
+        let (c, rest) = std::mem::take(&mut xhat).split_at_mut(rows * xhat_width);
+        xhat = rest;
+        let part = QuantRows { k: rows, token, xq: a, sx: b, xhat: c };
+        parts.push(std::sync::Mutex::new((&xs[r0 * cp..(r0 + rows) * cp], Some(part))));
+    }
+    parallel::global().run(parts.len(), threads, &|t| {
+        let mut part = parts[t].lock().unwrap_or_else(|e| e.into_inner());
+        let xs = part.0;
+        quantize_blocks_here(xs, part.1.take().expect("each part runs once"));
+    });
+}
+
+/// [`quantize_blocks`] compiled for the active ISA.
+fn quantize_blocks_here(xs: &[f32], q: QuantRows) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if Isa::Avx512.is_supported() {
+            // SAFETY: the features were detected.
+            unsafe { x86::avx512::quantize_blocks(xs, q) };
+        } else if Isa::Avx2.is_supported() {
+            // SAFETY: the features were detected.
+            unsafe { x86::avx2::quantize_blocks(xs, q) };
+        } else {
+            quantize_blocks(xs, q);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    quantize_blocks(xs, q);
 }
 
 /// The largest magnitude of a 64-value block, as every quantizer copy forms it: lane maxima over the four
@@ -362,7 +417,7 @@ fn block_amax(block: &[f32; CHUNK]) -> f32 {
 }
 
 /// Per-row quantization: replaces the block maxima in `q.sx` (row-major, `q.k` rows) by their row's maximum.
-pub(crate) fn spread_row_maxima(q: &mut QuantActs) {
+pub(crate) fn spread_row_maxima(q: &mut QuantRows) {
     let per_row = q.sx.len() / q.k.max(1);
     for row in q.sx.chunks_exact_mut(per_row.max(1)) {
         let amax = row.iter().fold(0.0f32, |a, &v| if v > a { v } else { a });
@@ -405,13 +460,13 @@ pub(crate) fn block_scale(amax: f32) -> (f32, f32) {
 /// Written so LLVM vectorizes it: fixed-size blocks (no bounds checks in the loops), branch-free selects, a
 /// 16-lane max, an exact round half away from zero.
 #[inline(always)]
-pub(crate) fn quantize_blocks(xs: &[f32], q: &mut QuantActs) {
+pub(crate) fn quantize_blocks(xs: &[f32], mut q: QuantRows) {
     let with_xhat = !q.xhat.is_empty();
     for (block, amax) in xs.chunks_exact(CHUNK).zip(q.sx.iter_mut()) {
         *amax = block_amax(block.try_into().expect("64 values"));
     }
     if q.token {
-        spread_row_maxima(q);
+        spread_row_maxima(&mut q);
     }
     for (b, (block, codes)) in xs.chunks_exact(CHUNK).zip(q.xq.chunks_exact_mut(CHUNK)).enumerate() {
         let block: &[f32; CHUNK] = block.try_into().expect("64 values");
@@ -647,10 +702,10 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: only called when AVX-512 is supported.
             unsafe {
-                x86::avx512::quantize_blocks(xs, &mut q)
+                x86::avx512::quantize_blocks(xs, q.rows())
             };
         } else {
-            quantize_blocks(xs, &mut q);
+            quantize_blocks(xs, q.rows());
         }
         q
     }
@@ -672,6 +727,31 @@ mod tests {
             assert!(a.xhat.iter().all(|v| v.is_finite()));
             // Per row: one scale repeated over the row's blocks.
             assert_eq!(token, a.sx.chunks(37).all(|row| row.iter().all(|&s| s == row[0])));
+        }
+    }
+
+    /// Rows quantized in runs on the thread pool give the bits of one pass over every row.
+    #[test]
+    fn quantizing_rows_in_parallel_gives_the_same_bits() {
+        let (cp, k) = (CHUNK * 5, 4 * parallel::MIN_ROWS_PER_TASK + 3);
+        let xs = edge_rows(cp, k);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (token, xhat) in [(false, true), (true, true), (false, false), (true, false)] {
+            let fresh = || QuantActs {
+                k,
+                token,
+                zcorr: Aligned::empty(),
+                xq: Aligned::zeroed(k * cp),
+                sx: vec![0.0; k * 5],
+                gsum: Vec::new(),
+                xhat: if xhat { Aligned::zeroed(k * cp) } else { Aligned::empty() },
+            };
+            let (mut a, mut b) = (fresh(), fresh());
+            quantize_blocks_here(&xs, a.rows());
+            quantize_rows(&xs, b.rows(), cp);
+            assert_eq!(&a.xq[..], &b.xq[..], "token {token}");
+            assert_eq!(bits(&a.sx), bits(&b.sx));
+            assert_eq!(bits(&a.xhat), bits(&b.xhat));
         }
     }
 

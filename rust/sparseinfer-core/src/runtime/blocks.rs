@@ -75,7 +75,8 @@ pub struct Step<'a> {
     pub k: usize,
     /// Rotary cos/sin tables `[k × hd/2]` of these positions, for rotary models.
     pub rope: Option<(Vec<f32>, Vec<f32>)>,
-    /// Self-attention sees every position of the step (an encoder), not only the earlier ones.
+    /// Self-attention sees every position of the step (an encoder), not only the earlier ones. Such a step's
+    /// keys and values are read by their own block only, so every block writes layer 0 of a one-layer cache.
     pub bidirectional: bool,
     /// The relative position bias of self-attention, for every distance of this step (and every block, when
     /// each has its own).
@@ -182,6 +183,7 @@ impl SelfAttention {
         let (s, k, pos0) = (step.spec, step.k, step.pos0);
         let hd = s.head_dim;
         let (q_w, kv_w, rows) = (s.heads * hd, s.kv_heads * hd, s.qkv_rows());
+        let slot = if step.bidirectional { 0 } else { layer };
         self.norm.forward(s.norm, s.norm_eps, x, &mut buf.h);
         self.qkv.forward(&buf.h, k, &mut buf.qkv)?;
         for a in 0..k {
@@ -196,7 +198,7 @@ impl SelfAttention {
                     rope::rotate(head, cs, sn);
                 }
             }
-            cache.write(layer, pos0 + a, &row[q_w..q_w + kv_w], &row[q_w + kv_w..])?;
+            cache.write(slot, pos0 + a, &row[q_w..q_w + kv_w], &row[q_w + kv_w..])?;
         }
         let bf16 = self.qkv.activations().is_int8();
         let heads = Heads { heads: s.heads, kv_heads: s.kv_heads, head_dim: hd, scale: s.attn_scale(), bf16 };
@@ -210,9 +212,9 @@ impl SelfAttention {
         } else {
             Span::Causal { pos0, window: s.sliding_window, alibi, rel }
         };
-        attention::attend(heads, span, &buf.qkv, rows, k, cache.layer(layer), &mut buf.att);
+        attention::attend(heads, span, &buf.qkv, rows, k, cache.layer(slot), &mut buf.att);
         self.o.forward(&buf.att, k, &mut buf.proj)?;
-        x.iter_mut().zip(&buf.proj).for_each(|(x, p)| *x += p);
+        add_rows(x, &buf.proj, s.hidden);
         Ok(())
     }
 }
@@ -249,7 +251,7 @@ impl CrossAttention {
             &mut buf.att,
         );
         self.o.forward(&buf.att, k, &mut buf.proj)?;
-        x.iter_mut().zip(&buf.proj).for_each(|(x, p)| *x += p);
+        add_rows(x, &buf.proj, s.hidden);
         Ok(())
     }
 }
@@ -292,7 +294,14 @@ impl FeedForward {
         self.up.forward(&buf.h, k, &mut buf.up)?;
         mlp_activation(s.mlp, s.intermediate, &buf.up, &mut buf.act);
         self.down.forward(&buf.act, k, &mut buf.proj)?;
-        x.iter_mut().zip(&buf.proj).for_each(|(x, p)| *x += p);
+        add_rows(x, &buf.proj, s.hidden);
         Ok(())
     }
+}
+
+/// `x += p` over `[k × d]`, rows split over the thread pool when there are many.
+fn add_rows(x: &mut [f32], p: &[f32], d: usize) {
+    crate::parallel::for_rows(x, d, |r0, x| {
+        x.iter_mut().zip(&p[r0 * d..]).for_each(|(x, p)| *x += p);
+    });
 }

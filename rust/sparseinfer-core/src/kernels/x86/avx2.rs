@@ -328,6 +328,6 @@ unsafe fn sparse_int4_f32<const NR: usize, const MODE: u8>(
 /// # Safety
 /// The CPU must support the enabled features.
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn quantize_blocks(xs: &[f32], q: &mut crate::kernels::QuantActs) {
+pub(crate) unsafe fn quantize_blocks(xs: &[f32], q: crate::kernels::QuantRows) {
     crate::kernels::quantize_blocks(xs, q)
 }

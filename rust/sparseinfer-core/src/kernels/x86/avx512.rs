@@ -464,7 +464,7 @@ unsafe fn sparse_int4_f32<const NR: usize, const MODE: u8>(
 /// # Safety
 /// The CPU must support the enabled features.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-pub(crate) unsafe fn quantize_blocks(xs: &[f32], q: &mut crate::kernels::QuantActs) {
+pub(crate) unsafe fn quantize_blocks(xs: &[f32], mut q: crate::kernels::QuantRows) {
     let with_xhat = !q.xhat.is_empty();
     // The stores below go through raw pointers: every buffer must hold what `xs` quantizes to.
     assert!(xs.len().is_multiple_of(CHUNK) && q.xq.len() == xs.len() && q.sx.len() == xs.len() / CHUNK);
@@ -485,7 +485,7 @@ pub(crate) unsafe fn quantize_blocks(xs: &[f32], q: &mut crate::kernels::QuantAc
         q.sx[b] = _mm512_reduce_max_ps(l);
     }
     if q.token {
-        crate::kernels::spread_row_maxima(q);
+        crate::kernels::spread_row_maxima(&mut q);
     }
     for (b, block) in xs.chunks_exact(CHUNK).enumerate() {
         let x: [__m512; 4] = core::array::from_fn(|i| _mm512_loadu_ps(block.as_ptr().add(16 * i)));

@@ -12,7 +12,7 @@ use crate::kernels;
 use crate::runtime::blocks::{CrossBlock, DecoderBlock, Scratch, Step};
 use crate::runtime::config::{EncoderInput, Spec};
 use crate::runtime::kv_cache::KvCache;
-use crate::runtime::ops::activations::Act;
+use crate::runtime::ops::activations::{activate_in_place, Act};
 use crate::runtime::ops::relative::RelativeBias;
 use crate::runtime::ops::{conv, Embedding, Linear, NormW};
 
@@ -170,12 +170,13 @@ impl Seq2Seq {
         }
         let d = s.hidden;
         let mut h = conv::conv1d_channel_major(&a.conv1, mel, bins, frames, 1)?;
-        h.iter_mut().for_each(|v| *v = Act::Gelu.apply(*v));
+        activate_in_place(Act::Gelu, &mut h, d);
         let mut x = conv::conv1d_time_major(&a.conv2, &h, d, frames, 2)?;
         drop(h);
         let n = conv::out_len(frames, 2);
+        activate_in_place(Act::Gelu, &mut x, d);
         for (row, pos) in x.chunks_exact_mut(d).zip(a.positions.chunks_exact(d)) {
-            row.iter_mut().zip(pos).for_each(|(v, p)| *v = Act::Gelu.apply(*v) + p);
+            row.iter_mut().zip(pos).for_each(|(v, p)| *v += p);
         }
         self.run_encoder(x, n)
     }
@@ -183,7 +184,8 @@ impl Seq2Seq {
     /// The encoder blocks and final norm over the embedded input `x[n × D]`.
     fn run_encoder(&self, mut x: Vec<f32>, n: usize) -> Result<Vec<f32>> {
         let s = &self.spec;
-        let mut cache = KvCache::new(s.encoder_layers, s.kv_heads, s.head_dim, n);
+        // One layer, overwritten by every block ([`Step::bidirectional`]).
+        let mut cache = KvCache::new(1, s.kv_heads, s.head_dim, n);
         let step = match &self.p.encoder_bias {
             Some(bias) => Step::relative(s, 0, n, bias, true),
             None => Step { bidirectional: true, ..Step::new(s, 0, n) },

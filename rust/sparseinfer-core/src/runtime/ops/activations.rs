@@ -55,13 +55,29 @@ impl Act {
             Act::Gelu => dst.iter_mut().zip(src).for_each(|(d, &x)| *d = Act::Gelu.apply(x)),
         }
     }
+
+    /// `x[i] = f(x[i])`, one loop per activation so each vectorizes.
+    #[inline(always)]
+    fn apply_in_place(self, x: &mut [f32]) {
+        match self {
+            Act::Silu => x.iter_mut().for_each(|v| *v = Act::Silu.apply(*v)),
+            Act::Relu => x.iter_mut().for_each(|v| *v = Act::Relu.apply(*v)),
+            Act::GeluTanh => x.iter_mut().for_each(|v| *v = Act::GeluTanh.apply(*v)),
+            Act::Gelu => x.iter_mut().for_each(|v| *v = Act::Gelu.apply(*v)),
+        }
+    }
 }
 
 /// The MLP's activation of `k` rows: `act[k × I] = f(up)`, or for a gated MLP `f(gate) · up` from
 /// `up[k × 2I]` (gate columns first in each row). The same operations compiled for the active SIMD path (the
 /// functions are branch-free, so the loops vectorize), which gives the same bits as the portable build: there
-/// is no fused multiply-add to contract.
+/// is no fused multiply-add to contract. Rows are split over the thread pool when there are many.
 pub fn mlp_activation(mlp: Mlp, i: usize, up: &[f32], act: &mut [f32]) {
+    let up_w = if let Mlp::Gated(_) = mlp { 2 * i } else { i };
+    crate::parallel::for_rows(act, i, |r0, act| mlp_rows(mlp, i, &up[r0 * up_w..], act));
+}
+
+fn mlp_rows(mlp: Mlp, i: usize, up: &[f32], act: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         use crate::kernels::{active_isa, Isa};
@@ -85,6 +101,35 @@ unsafe fn mlp_avx512(mlp: Mlp, i: usize, up: &[f32], act: &mut [f32]) {
 #[target_feature(enable = "avx2")]
 unsafe fn mlp_avx2(mlp: Mlp, i: usize, up: &[f32], act: &mut [f32]) {
     mlp_body(mlp, i, up, act)
+}
+
+/// `x = f(x)` in place over rows of `width` (the audio front end's GELUs), as [`mlp_activation`] computes it.
+pub fn activate_in_place(f: Act, x: &mut [f32], width: usize) {
+    crate::parallel::for_rows(x, width, |_, x| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::kernels::{active_isa, Isa};
+            match active_isa() {
+                // SAFETY: the active path's features were detected.
+                Ok(Isa::Avx512) => return unsafe { in_place_avx512(f, x) },
+                Ok(Isa::Avx2) => return unsafe { in_place_avx2(f, x) },
+                _ => {}
+            }
+        }
+        f.apply_in_place(x)
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+unsafe fn in_place_avx512(f: Act, x: &mut [f32]) {
+    f.apply_in_place(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn in_place_avx2(f: Act, x: &mut [f32]) {
+    f.apply_in_place(x)
 }
 
 #[inline(always)]
@@ -113,13 +158,17 @@ fn exp(x: f32) -> f32 {
     // Adding and subtracting 1.5·2^23 rounds to the nearest integer (|x·log2e| < 2^22).
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.0 / 5040.0;
     for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
         p = p * r + c;
     }
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // n as an integer from the low mantissa bits of `shifted` (1.5·2^23 + n): integer lanes, where `n as i32`
+    // (saturating, NaN-checked) made the compiler convert one lane at a time.
+    let n_int = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    p * f32::from_bits(((n_int + 127) as u32) << 23)
 }
 
 /// Largest relative error of [`exp`] against the exact function over `[-87, 88]`: the polynomial's 5e-9 and a

@@ -24,9 +24,11 @@ impl Linear {
     pub fn forward(&self, x: &[f32], k: usize, y: &mut [f32]) -> Result<()> {
         kernels::matmul(&self.w, x, k, y, self.act)?;
         if let Some(b) = &self.bias {
-            for row in y.chunks_exact_mut(self.w.rows()) {
-                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
-            }
+            crate::parallel::for_rows(y, self.w.rows(), |_, y| {
+                for row in y.chunks_exact_mut(b.len()) {
+                    row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                }
+            });
         }
         Ok(())
     }

@@ -22,19 +22,24 @@ pub enum NormKind {
 }
 
 impl NormW {
-    /// Normalises `x[k × D]` row by row into `out[k × D]`.
+    /// Normalises `x[k × D]` row by row into `out[k × D]` (rows split over the thread pool when there are many).
     pub fn forward(&self, kind: NormKind, eps: f32, x: &[f32], out: &mut [f32]) {
+        let d = self.w.len();
+        crate::parallel::for_rows(out, d, |r0, out| self.rows(kind, eps, &x[r0 * d..r0 * d + out.len()], out));
+    }
+
+    fn rows(&self, kind: NormKind, eps: f32, x: &[f32], out: &mut [f32]) {
         let d = self.w.len();
         for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
             match kind {
                 NormKind::Rms => {
-                    let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                    let ms = lane_sum(xr, |v| v * v) / d as f32;
                     let r = 1.0 / (ms + eps).sqrt();
                     or.iter_mut().zip(xr).zip(&self.w).for_each(|((o, x), w)| *o = x * r * w);
                 }
                 NormKind::LayerNorm { .. } => {
-                    let mean = xr.iter().sum::<f32>() / d as f32;
-                    let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                    let mean = lane_sum(xr, |v| v) / d as f32;
+                    let var = lane_sum(xr, |v| (v - mean) * (v - mean)) / d as f32;
                     let r = 1.0 / (var + eps).sqrt();
                     or.iter_mut().zip(xr).zip(&self.w).for_each(|((o, x), w)| *o = (x - mean) * r * w);
                     if let Some(b) = &self.b {
@@ -44,4 +49,18 @@ impl NormW {
             }
         }
     }
+}
+
+/// `Σ f(x)` in 16 running sums (a sequential f32 sum is one chain of dependent adds, which no compiler may
+/// reorder into vector lanes).
+#[inline(always)]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let chunks = xs.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        lanes.iter_mut().zip(c).for_each(|(l, &v)| *l += f(v));
+    }
+    lanes.iter_mut().zip(rest).for_each(|(l, &v)| *l += f(v));
+    lanes.iter().sum()
 }
