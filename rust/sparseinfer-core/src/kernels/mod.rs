@@ -518,8 +518,23 @@ pub fn matmul(m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32], act: Option<
 /// An error naming the first non-finite activation, if any (`cols` per activation row).
 fn check_finite(op: &'static str, x: &[f32], cols: usize) -> Result<()> {
     // Branch-free and vectorizable (SSE2 has no unsigned max): an all-ones exponent carries into bit 31.
-    // The position is only looked up on failure.
-    if x.iter().fold(0u32, |a, v| a | ((v.to_bits() & 0x7F80_0000) + 0x0080_0000) >> 31) != 0 {
+    // The position is only looked up on failure. Many rows (an encoder's) are checked in runs on the pool.
+    let flags = |x: &[f32]| x.iter().fold(0u32, |a, v| a | ((v.to_bits() & 0x7F80_0000) + 0x0080_0000) >> 31);
+    let rows = x.len() / cols.max(1);
+    let threads = parallel::num_threads().min(rows / parallel::MIN_ROWS_PER_TASK);
+    let bad = if threads > 1 {
+        let per = rows.div_ceil(threads) * cols;
+        let found = AtomicU8::new(0);
+        parallel::global().run(x.len().div_ceil(per), threads, &|t| {
+            if flags(&x[t * per..((t + 1) * per).min(x.len())]) != 0 {
+                found.store(1, Ordering::Relaxed);
+            }
+        });
+        found.load(Ordering::Relaxed) != 0
+    } else {
+        flags(x) != 0
+    };
+    if bad {
         let i = x.iter().position(|v| !v.is_finite()).expect("a non-finite value");
         return Err(Error::invalid(op, format!("non-finite activation {} at ({}, {})", x[i], i / cols, i % cols)));
     }
@@ -727,6 +742,20 @@ mod tests {
             assert!(a.xhat.iter().all(|v| v.is_finite()));
             // Per row: one scale repeated over the row's blocks.
             assert_eq!(token, a.sx.chunks(37).all(|row| row.iter().all(|&s| s == row[0])));
+        }
+    }
+
+    /// A non-finite value in any run of rows is found, and named by its row and column.
+    #[test]
+    fn check_finite_finds_a_value_in_any_run_of_rows() {
+        let (rows, cols) = (5 * parallel::MIN_ROWS_PER_TASK + 1, 37);
+        let mut x = vec![1.0f32; rows * cols];
+        assert!(check_finite("t", &x, cols).is_ok());
+        for (at, bad) in [(0, f32::NAN), (rows * cols - 1, f32::INFINITY), (3 * cols * 16 + 5, f32::NEG_INFINITY)] {
+            x[at] = bad;
+            let e = check_finite("t", &x, cols).expect_err("found").to_string();
+            assert!(e.contains(&format!("({}, {})", at / cols, at % cols)), "{e}");
+            x[at] = 1.0;
         }
     }
 
