@@ -204,11 +204,16 @@ class Study:
             return []
         theirs, ours = json.loads(config.read_text()), json.loads((self.work / "study.json").read_text())
         if any(theirs.get(k, "default") != ours.get(k, "default") for k in ("bf16", "model")):
-            return []  # another model or precision: those records do not belong to this study
+            # Another model or precision: those records do not belong to this study.
+            print(f"not restoring {published}: it records {theirs}, this study is {ours}", flush=True)
+            return []
         restored = []
+        aside = self.work / "rerun"
         for src in sorted(published.glob("*.json")):
             dst = self.work / "cells" / src.name
-            if src.stem in ("data", "study-config") or dst.is_file():
+            # A cell being re-run, or set aside as built on a model that did not reproduce, is not restored.
+            held = [aside / src.name, aside / "stale" / src.name]
+            if src.stem in ("data", "study-config") or dst.is_file() or any(h.is_file() for h in held):
                 continue
             _write_json(dst, json.loads(src.read_text()))
             restored.append(src.stem)
@@ -228,37 +233,53 @@ class Study:
 
     def ensure_model(self, name: str) -> Path:
         """The path of model ``name``, re-running the cell that made it when its cell is finished but the model is
-        gone (a restored cell, or a cache cleaned by hand)."""
+        gone (a restored cell, or a cache cleaned by hand), or when a re-run of it was interrupted."""
         path = self.model_path(name)
-        if not path.is_dir():
-            if not (self.work / "cells" / f"{name}.json").is_file():
+        if self._pending(name).is_file() or not path.is_dir():
+            if not self._pending(name).is_file() and not (self.work / "cells" / f"{name}.json").is_file():
                 raise FileNotFoundError(f"{path}: model of an unfinished cell")
             self.rerun(name, self._producer(name))
         return path
 
+    def _pending(self, name: str) -> Path:
+        """Where a finished cell's record waits while the cell runs again (``rerun``); ``cell`` checks the new
+        figure against it when the re-run finishes, also after an interruption."""
+        return self.work / "rerun" / f"{name}.json"
+
     def rerun(self, name: str, producer) -> dict:
-        """Runs finished cell ``name`` again (its record set aside) and checks the new figure against the old: when
-        they differ by more than REPRODUCE_TOL, every cell built on this one is set aside too and runs again."""
-        cell_path = self.work / "cells" / f"{name}.json"
-        earlier = json.loads(cell_path.read_text())
-        aside = self.work / "rerun"
-        aside.mkdir(exist_ok=True)
-        cell_path.replace(aside / f"{name}.json")
-        progress = self.work / "progress" / f"{name}.json"
-        if progress.is_file():  # its curve and clock start again with the training
-            progress.replace(aside / f"{name}.progress.json")
+        """Runs finished cell ``name`` again: its record is set aside (``_pending``), its progress and training
+        state cleared, and ``cell`` compares the new figure with the old when it finishes."""
+        pending = self._pending(name)
+        if not pending.is_file():  # else an interrupted re-run, which resumes from its own checkpoints
+            pending.parent.mkdir(exist_ok=True)
+            (self.work / "cells" / f"{name}.json").replace(pending)
+            (self.work / "progress" / f"{name}.json").unlink(missing_ok=True)
+            shutil.rmtree(self.work / "checkpoints" / name, ignore_errors=True)
         print(f"== {name}: finished, but what it made is gone; re-running it", flush=True)
-        result = producer()
+        return producer()
+
+    def _check_rerun(self, name: str, result: dict) -> None:
+        """After a re-run of ``name`` (``rerun``): records the earlier figure in ``result`` and, when the two differ
+        by more than REPRODUCE_TOL, sets aside every cell built on this one, so they run again."""
+        pending = self._pending(name)
+        earlier = json.loads(pending.read_text())
         rel = result["ppl"] / earlier["ppl"] - 1
         result["rerun_of"] = {"ppl": earlier["ppl"], "rel_diff": rel}
-        _write_json(cell_path, result)
         if abs(rel) > REPRODUCE_TOL:
-            stale = [p for p in sorted((self.work / "cells").glob("*.json")) if _built_on(p.stem, name)]
-            print(f"   {name} did not reproduce ({rel:+.2%}): re-running {[p.stem for p in stale]}", flush=True)
-            for p in stale:
-                p.replace(aside / p.name)
+            stale = [p.stem for p in sorted((self.work / "cells").glob("*.json")) if _built_on(p.stem, name)]
+            print(f"   {name} did not reproduce ({rel:+.2%}): re-running {stale}", flush=True)
+            for c in stale:
+                self._set_aside(c)
             self.invalidated = True
-        return result
+
+    def _set_aside(self, name: str) -> None:
+        """Moves finished cell ``name`` (record and progress) out of the study, so it runs again."""
+        stale = self.work / "rerun" / "stale"
+        stale.mkdir(parents=True, exist_ok=True)
+        (self.work / "cells" / f"{name}.json").replace(stale / f"{name}.json")
+        progress = self.work / "progress" / f"{name}.json"
+        if progress.is_file():
+            progress.replace(stale / f"{name}.progress.json")
 
     def cell(self, name: str, fn):
         path = self.work / "cells" / f"{name}.json"
@@ -269,7 +290,13 @@ class Study:
         result = fn()
         result["seconds"] = time.time() - t0  # of the last (resumed) session of this cell
         result["name"] = name
+        if self._pending(name).is_file():
+            self._check_rerun(name, result)
         _write_json(path, result)
+        if self._pending(name).is_file():
+            done = self.work / "rerun" / "done"
+            done.mkdir(exist_ok=True)
+            self._pending(name).replace(done / f"{name}.json")
         # The cell's training state (optimizer moments: several times the model) is not needed once it is done.
         shutil.rmtree(self.work / "checkpoints" / name, ignore_errors=True)
         ppl = result.get("ppl")
@@ -546,6 +573,7 @@ class Study:
             bw = sparseinfer.kernels.measure_read_bandwidth(nbytes=512 << 20, repeats=3)
             return {
                 "kind": "speed",
+                "exports": [Path(e).name for e in exports],
                 "rows": rows,
                 "read_bandwidth_gbs": bw,
                 "threads": sparseinfer.kernels.num_threads(),
@@ -562,18 +590,29 @@ class Study:
             self._run_all_once()
 
     def _run_all_once(self):
-        self.dense()
-        for method in PRUNERS:
-            for s in SPARSITIES:
-                self.oneshot(method, s)
-        for s, recipe in CELL_ORDER:
-            if s in SPARSITIES:
-                self.sparse_ft(recipe, s)
+        """One pass over every cell; it stops where a re-run did not reproduce (``invalidated``), since the cells
+        after it may rest on what was set aside (the best recipe, for one)."""
+        steps = [self.dense]
+        steps += [lambda m=m, s=s: self.oneshot(m, s) for m in PRUNERS for s in SPARSITIES]
+        steps += [lambda s=s, r=r: self.sparse_ft(r, s) for s, r in CELL_ORDER if s in SPARSITIES]
+        for step in steps:
+            step()
+            if self.invalidated:
+                return
         exports = []
         for s in SPARSITIES:
             best = self.best_recipe(s)
+            # Quantized cells of a recipe that is no longer the best (its cells re-ran) are not part of the study.
+            for p in sorted((self.work / "cells").glob(f"quant-*-{round(s * 100)}-int*.json")):
+                if json.loads(p.read_text())["recipe"] != best:
+                    self._set_aside(p.stem)
             for bits in (8, 4):
                 exports.append(self.quantized(best, s, bits)["export"])
+                if self.invalidated:
+                    return
+        done = self.cell_result("speed")
+        if done and done.get("exports") != [Path(e).name for e in exports]:
+            self._set_aside("speed")
         self.speed(exports)
 
 

@@ -105,7 +105,13 @@ def test_a_lost_cache_is_restored_from_the_published_records(study, tmp_path):
     rec["ppl"] *= 1.5
     (published / "oneshot-sparsegpt-70.json").write_text(json.dumps(rec))
 
+    # A re-run interrupted before it finished (its earlier record set aside): it runs to its end, is checked
+    # against that record (which it does not reproduce here) and is not restored from the published one.
     new_work = tmp_path / "work"
+    (new_work / "rerun").mkdir(parents=True)
+    rec = json.loads((published / "oneshot-wanda-50.json").read_text())
+    rec["ppl"] *= 1.5
+    (new_work / "rerun" / "oneshot-wanda-50.json").write_text(json.dumps(rec))
     r = run_study("--model", root / "model", "--work", new_work, "--out", tmp_path / "out")
     cells = {p.stem: json.loads(p.read_text()) for p in (new_work / "cells").glob("*.json")}
     assert cells.keys() == first.keys(), r.stdout[-2000:]
@@ -114,13 +120,17 @@ def test_a_lost_cache_is_restored_from_the_published_records(study, tmp_path):
     rebuilt = {"dense-ft", "oneshot-sparsegpt-50", f"ft-{best50}-50", "oneshot-sparsegpt-70", "speed"}
     rebuilt |= {n for n in first if n.endswith("-70") and n.startswith("ft-")} | {quant[50]}
     rebuilt |= {n for n in first if n.startswith("quant-") and "-70-" in n}
-    rebuilt.add(int4)
+    rebuilt |= {int4, "oneshot-wanda-50"}
     assert ran == rebuilt, r.stdout[-3000:]
     assert "oneshot-sparsegpt-70 did not reproduce" in r.stdout
+    assert "oneshot-wanda-50 did not reproduce" in r.stdout
+    assert cells["oneshot-wanda-50"]["rerun_of"]["rel_diff"] == pytest.approx(1 / 1.5 - 1, abs=1e-3)
+    assert (new_work / "rerun" / "done" / "oneshot-wanda-50.json").is_file()
+    # Training on the same machine with the same threads repeats itself; the study's own bar is REPRODUCE_TOL.
     for name in rebuilt - {"speed"}:
-        assert cells[name]["ppl"] == pytest.approx(first[name]["ppl"], rel=1e-6), name
+        assert cells[name]["ppl"] == pytest.approx(first[name]["ppl"], rel=1e-4), name
         if name in ("dense-ft", "oneshot-sparsegpt-50", f"ft-{best50}-50", int4):
-            assert cells[name]["rerun_of"]["rel_diff"] == pytest.approx(0, abs=1e-6), name
+            assert abs(cells[name]["rerun_of"]["rel_diff"]) < 1e-4, name
     # Cells that needed nothing lost were taken from the records as they are.
     for name in set(first) - rebuilt:
         assert cells[name] == first[name], name

@@ -197,8 +197,13 @@ pub const MIN_ROWS_PER_TASK: usize = 16;
 /// thread) to pay for the hand-off. For row-wise work (norms, activations, residual adds, quantizers) that is
 /// serial otherwise: each row's result is the same whichever thread computes it.
 pub fn for_rows<T: Send>(out: &mut [T], width: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    for_rows_on(num_threads(), out, width, f)
+}
+
+/// [`for_rows`] on up to `threads` threads.
+pub(crate) fn for_rows_on<T: Send>(threads: usize, out: &mut [T], width: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let rows = out.len().checked_div(width).unwrap_or(0);
-    let threads = num_threads().min(rows / MIN_ROWS_PER_TASK);
+    let threads = threads.min(rows / MIN_ROWS_PER_TASK);
     if threads <= 1 {
         f(0, out);
         return;
@@ -220,7 +225,7 @@ mod tests {
     fn for_rows_covers_every_row_once() {
         for (rows, width) in [(0, 3), (1, 3), (15, 2), (33, 5), (64, 1), (1000, 7)] {
             let mut out = vec![0usize; rows * width];
-            for_rows(&mut out, width, |r0, part| {
+            for_rows_on(4, &mut out, width, |r0, part| {
                 assert_eq!(part.len() % width, 0);
                 for (i, v) in part.iter_mut().enumerate() {
                     *v += r0 * width + i + 1;

@@ -322,7 +322,7 @@ fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, to: Consumer
         },
         xhat: if xhat { Aligned::zeroed(k * cp) } else { Aligned::empty() },
     };
-    quantize_rows(xs, q.rows(), cp);
+    quantize_rows(parallel::num_threads(), xs, q.rows(), cp);
     if !q.gsum.is_empty() {
         group_sums(&mut q, m.group);
     }
@@ -356,8 +356,8 @@ impl QuantActs {
 
 /// Quantizes the `q.k` rows of `cp` values in `xs` into `q` with the active ISA's copy of [`quantize_blocks`],
 /// runs of rows on the thread pool when there are many (every row's codes are the same on any thread).
-fn quantize_rows(xs: &[f32], q: QuantRows, cp: usize) {
-    let threads = parallel::num_threads().min(q.k / parallel::MIN_ROWS_PER_TASK);
+fn quantize_rows(threads: usize, xs: &[f32], q: QuantRows, cp: usize) {
+    let threads = threads.min(q.k / parallel::MIN_ROWS_PER_TASK);
     if threads <= 1 {
         return quantize_blocks_here(xs, q);
     }
@@ -517,11 +517,16 @@ pub fn matmul(m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32], act: Option<
 
 /// An error naming the first non-finite activation, if any (`cols` per activation row).
 fn check_finite(op: &'static str, x: &[f32], cols: usize) -> Result<()> {
+    check_finite_on(parallel::num_threads(), op, x, cols)
+}
+
+/// [`check_finite`] on up to `threads` threads.
+fn check_finite_on(threads: usize, op: &'static str, x: &[f32], cols: usize) -> Result<()> {
     // Branch-free and vectorizable (SSE2 has no unsigned max): an all-ones exponent carries into bit 31.
     // The position is only looked up on failure. Many rows (an encoder's) are checked in runs on the pool.
     let flags = |x: &[f32]| x.iter().fold(0u32, |a, v| a | ((v.to_bits() & 0x7F80_0000) + 0x0080_0000) >> 31);
     let rows = x.len() / cols.max(1);
-    let threads = parallel::num_threads().min(rows / parallel::MIN_ROWS_PER_TASK);
+    let threads = threads.min(rows / parallel::MIN_ROWS_PER_TASK);
     let bad = if threads > 1 {
         let per = rows.div_ceil(threads) * cols;
         let found = AtomicU8::new(0);
@@ -750,10 +755,10 @@ mod tests {
     fn check_finite_finds_a_value_in_any_run_of_rows() {
         let (rows, cols) = (5 * parallel::MIN_ROWS_PER_TASK + 1, 37);
         let mut x = vec![1.0f32; rows * cols];
-        assert!(check_finite("t", &x, cols).is_ok());
+        assert!(check_finite_on(4, "t", &x, cols).is_ok());
         for (at, bad) in [(0, f32::NAN), (rows * cols - 1, f32::INFINITY), (3 * cols * 16 + 5, f32::NEG_INFINITY)] {
             x[at] = bad;
-            let e = check_finite("t", &x, cols).expect_err("found").to_string();
+            let e = check_finite_on(4, "t", &x, cols).expect_err("found").to_string();
             assert!(e.contains(&format!("({}, {})", at / cols, at % cols)), "{e}");
             x[at] = 1.0;
         }
@@ -777,7 +782,7 @@ mod tests {
             };
             let (mut a, mut b) = (fresh(), fresh());
             quantize_blocks_here(&xs, a.rows());
-            quantize_rows(&xs, b.rows(), cp);
+            quantize_rows(4, &xs, b.rows(), cp);
             assert_eq!(&a.xq[..], &b.xq[..], "token {token}");
             assert_eq!(bits(&a.sx), bits(&b.sx));
             assert_eq!(bits(&a.xhat), bits(&b.xhat));
