@@ -86,6 +86,12 @@ const BATCH: usize = 16;
 /// sum is the same bits as when it is computed alone.
 const STREAMS: usize = 2;
 
+/// Batches of rows the row-layout decode reads in lockstep, from as many parts of its range: more than the
+/// tiles' [`STREAMS`] because a row-layout row is short (a 768-column vocabulary head's is 12 lines), so one
+/// batch's rows are a single stream. Four read faster than two for dense int8 and int4 from DRAM; the tiles
+/// did not.
+const BATCH_STREAMS: usize = 4;
+
 /// Computes rows `r0..r1` for the `k` quantized activation rows in `q`.
 ///
 /// Blocks of four activation rows share each weight load (prefill). Each row's accumulator vector is kept
@@ -109,19 +115,35 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
     if m.tiled {
         return tile_rows(m, r0, r1, q, k, y);
     }
+    if k == 1 {
+        // Decode: the range's full batches in [`BATCH_STREAMS`] parts, read in lockstep; then what is left
+        // one batch at a time (its rows a part of the batch apart in lockstep when it is full).
+        let part = (r1 - r0) / BATCH / BATCH_STREAMS;
+        for b in 0..part {
+            let g0 = r0 + b * BATCH;
+            batch::<1, BATCH_STREAMS>(m, core::array::from_fn(|i| g0 + i * part * BATCH), BATCH, q, 0, y);
+        }
+        let mut g0 = r0 + BATCH_STREAMS * part * BATCH;
+        while g0 < r1 {
+            let n = BATCH.min(r1 - g0);
+            batch::<1, 1>(m, [g0], n, q, 0, y);
+            g0 += n;
+        }
+        return;
+    }
     let mut g0 = r0;
     while g0 < r1 {
-        let g1 = (g0 + BATCH).min(r1);
+        let n = BATCH.min(r1 - g0);
         let mut a = 0;
         while a + 4 <= k {
-            batch::<4>(m, g0, g1, q, a, y);
+            batch::<4, 1>(m, [g0], n, q, a, y);
             a += 4;
         }
         while a < k {
-            batch::<1>(m, g0, g1, q, a, y);
+            batch::<1, 1>(m, [g0], n, q, a, y);
             a += 1;
         }
-        g0 = g1;
+        g0 += n;
     }
 }
 
@@ -228,10 +250,18 @@ struct ActRow {
     zc: *const i32,
 }
 
-/// Weight rows `g0..g1` (at most [`BATCH`]) against activation rows `a0..a0+NR`.
+/// Weight rows `g0[s]..g0[s] + n` (`n` at most [`BATCH`]) of each of the `S` batches (read in lockstep)
+/// against activation rows `a0..a0+NR`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,avx512vnni,gfni,popcnt,bmi2,fma")]
-unsafe fn batch<const NR: usize>(m: &PackedMatrix, g0: usize, g1: usize, q: &QuantActs, a0: usize, y: *mut f32) {
+unsafe fn batch<const NR: usize, const S: usize>(
+    m: &PackedMatrix,
+    g0: [usize; S],
+    n: usize,
+    q: &QuantActs,
+    a0: usize,
+    y: *mut f32,
+) {
     let (cp, chunks) = (m.cols_pad, m.chunks());
     let zc_row = if q.token { 16 * chunks / token_block_chunks(m) } else { 0 };
     let act: [ActRow; NR] = core::array::from_fn(|a| ActRow {
@@ -239,11 +269,11 @@ unsafe fn batch<const NR: usize>(m: &PackedMatrix, g0: usize, g1: usize, q: &Qua
         sx: q.sx.as_ptr().add((a0 + a) * chunks),
         zc: q.zcorr.as_ptr().wrapping_add((a0 + a) * zc_row),
     });
-    let mode = scale_mode(m);
     let scaling = chunk_scaling(m);
-    let mut sums = [[_mm512_setzero_ps(); BATCH]; NR];
+    // sums[s][a][i]: row g0[s] + i against activation row a0 + a.
+    let mut sums = [[[_mm512_setzero_ps(); BATCH]; NR]; S];
     macro_rules! rows {
-        ($r:expr, $rows:expr) => {{
+        ($r:expr, $rows:expr, $slot:expr) => {{
             let rows: [usize; $r] = $rows;
             let accs: [Acc<NR>; $r] = if q.token {
                 match m.format {
@@ -262,34 +292,72 @@ unsafe fn batch<const NR: usize>(m: &PackedMatrix, g0: usize, g1: usize, q: &Qua
                     _ => unreachable!("vnni::supports admits integer formats only"),
                 }
             };
-            for (r, acc) in rows.into_iter().zip(accs) {
+            for (j, acc) in accs.into_iter().enumerate() {
+                let (s, i) = $slot(j);
                 for a in 0..NR {
-                    sums[a][r - g0] = _mm512_add_ps(acc[0][a], acc[1][a]);
+                    sums[s][a][i] = _mm512_add_ps(acc[0][a], acc[1][a]);
                 }
             }
         }};
     }
-    if NR == 1 && g1 - g0 == BATCH {
-        // One activation row (decode): rows a part of the batch apart in lockstep ([`STREAMS`]).
-        for r in g0..g0 + BATCH / STREAMS {
-            rows!(STREAMS, core::array::from_fn(|i| r + i * BATCH / STREAMS));
+    if S > 1 {
+        // One row of every batch at a time.
+        for i in 0..n {
+            rows!(S, core::array::from_fn(|s| g0[s] + i), |s| (s, i));
+        }
+    } else if NR == 1 && n == BATCH {
+        // One activation row (decode) and one batch: rows a part of the batch apart in lockstep ([`STREAMS`]).
+        for i in 0..BATCH / STREAMS {
+            rows!(STREAMS, core::array::from_fn(|j| g0[0] + i + j * BATCH / STREAMS), |j| (0, i + j * BATCH / STREAMS));
         }
     } else {
-        for r in g0..g1 {
-            rows!(1, [r]);
+        for i in 0..n {
+            rows!(1, [g0[0] + i], |_| (0, i));
         }
     }
-    let n = g1 - g0;
+    for (s, sums) in sums.iter().enumerate() {
+        finish(m, g0[s], n, q, &act, a0, sums, y);
+    }
+}
+
+/// Writes rows `g0..g0 + n` of the output for activation rows `a0..a0 + NR` from their accumulator vectors
+/// `sums[a][i]`: the horizontal sums, the row scale, the zero points.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn finish<const NR: usize>(
+    m: &PackedMatrix,
+    g0: usize,
+    n: usize,
+    q: &QuantActs,
+    act: &[ActRow; NR],
+    a0: usize,
+    sums: &[[__m512; BATCH]; NR],
+    y: *mut f32,
+) {
+    let mode = scale_mode(m);
     let lanes: __mmask16 = if n == BATCH { !0 } else { (1u16 << n) - 1 };
     let scale = if mode == ROW { _mm512_maskz_loadu_ps(lanes, m.scales.as_ptr().add(g0)) } else { _mm512_set1_ps(1.0) };
     for (a, rows) in sums.iter().enumerate() {
+        let dst = y.add((a0 + a) * m.rows + g0);
+        if q.token {
+            // Per-row activation scales multiply the exact sums once, here.
+            let scale = _mm512_mul_ps(scale, _mm512_set1_ps(*act[a].sx));
+            _mm512_mask_storeu_ps(dst, lanes, _mm512_mul_ps(hsum16(rows), scale));
+            continue;
+        }
+        if mode == ROW {
+            // One group per row: the zero points `-z·d_r·Σx̂` of all the batch's rows in one multiply-add, and
+            // one masked store. Short rows (a vocabulary head's) felt the per-row scalar epilogue below.
+            debug_assert_eq!(m.groups(), 1);
+            let zsum = _mm512_set1_ps(-(zero_point(m) as f32) * q.gsum[a0 + a]);
+            _mm512_mask_storeu_ps(dst, lanes, _mm512_fmadd_ps(scale, zsum, _mm512_mul_ps(hsum16(rows), scale)));
+            continue;
+        }
         let mut out = [0.0f32; BATCH];
-        // Per-row activation scales multiply the exact sums once, here.
-        let scale = if q.token { _mm512_mul_ps(scale, _mm512_set1_ps(*act[a].sx)) } else { scale };
         _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(hsum16(rows), scale));
         for (i, o) in out[..n].iter_mut().enumerate() {
-            let r = g0 + i;
-            *y.add((a0 + a) * m.rows + r) = *o + if q.token { 0.0 } else { zero_point_term(m, q, a0 + a, r) };
+            *dst.add(i) = *o + zero_point_term(m, q, a0 + a, g0 + i);
         }
     }
 }
