@@ -198,8 +198,8 @@ impl SelfAttention {
                     rope::rotate(head, cs, sn);
                 }
             }
-            cache.write(slot, pos0 + a, &row[q_w..q_w + kv_w], &row[q_w + kv_w..])?;
         }
+        cache.write_rows(slot, pos0, &buf.qkv[..k * rows], k, rows, q_w)?;
         let bf16 = self.qkv.activations().is_int8();
         let heads = Heads { heads: s.heads, kv_heads: s.kv_heads, head_dim: hd, scale: s.attn_scale(), bf16 };
         let alibi = match &s.positions {
@@ -226,10 +226,7 @@ impl CrossAttention {
         let kv_w = s.kv_heads * s.head_dim;
         let mut kv = vec![0.0f32; n * 2 * kv_w];
         self.kv.forward(enc, n, &mut kv)?;
-        for (a, row) in kv.chunks_exact(2 * kv_w).enumerate() {
-            cross.write(layer, a, &row[..kv_w], &row[kv_w..])?;
-        }
-        Ok(())
+        cross.write_rows(layer, 0, &kv, n, 2 * kv_w, 0)
     }
 
     /// `x += o(attend(q(norm(x)), cross[layer]))` over every encoder position.

@@ -42,6 +42,12 @@ struct Int8 {
 }
 
 /// Grows `buf` with zeros to `len` values, failing (rather than aborting) when memory cannot be had.
+/// Runs `f(h)` for every head `h < heads`: on the pool when the `n` positions make it worth a hand-off.
+fn for_heads(heads: usize, n: usize, f: impl Fn(usize) + Sync) {
+    let threads = if n >= crate::parallel::MIN_ROWS_PER_TASK { crate::parallel::num_threads() } else { 1 };
+    crate::parallel::global().run(heads, threads, &f);
+}
+
 fn grow<T: Copy + Default>(buf: &mut Vec<T>, len: usize, pos: usize) -> Result<()> {
     if buf.len() < len {
         buf.try_reserve(len - buf.len())
@@ -56,8 +62,17 @@ fn grow<T: Copy + Default>(buf: &mut Vec<T>, len: usize, pos: usize) -> Result<(
 pub(crate) fn quantize(x: &[f32], codes: &mut [i8]) -> f32 {
     let s = x.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
     let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-    x.iter().zip(codes).for_each(|(v, c)| *c = (v * inv).round().clamp(-127.0, 127.0) as i8);
+    x.iter().zip(codes).for_each(|(v, c)| *c = round_code(v * inv));
     s
+}
+
+/// `y` rounded half away from zero (as `f32::round`) and clamped to ±127, for `|y|` at most a little over
+/// 127. Truncation and a compare, which vectorize; `round` is a libm call on baseline x86-64.
+#[inline(always)]
+fn round_code(y: f32) -> i8 {
+    let t = y as i32;
+    let step = if (y - t as f32).abs() >= 0.5 { y.signum() as i32 } else { 0 };
+    (t + step).clamp(-127, 127) as i8
 }
 
 /// How self-attention caches store keys and values: f32, or int8 codes with one scale per position and head
@@ -143,37 +158,78 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
-    /// Stores the keys and values (`kv_heads × head_dim` each) of position `pos` (at most `len()`) in `layer`.
-    /// Fails, rather than aborting, when memory for a new position cannot be had.
-    pub fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) -> Result<()> {
-        let hd = self.head_dim;
-        if pos >= self.capacity {
-            return Err(Error::invalid("kv cache", format!("position {pos} is past the capacity {}", self.capacity)));
+    /// Stores `n` positions from `pos` (at most `len()`) in `layer`: position `pos + a`'s keys start at
+    /// `rows[a · stride + offset]`, its values right after them (`kv_heads × head_dim` each). Heads run on
+    /// the pool (an encoder layer, or a cross-attention cache, takes a whole input at once). Fails, rather
+    /// than aborting, when memory cannot be had.
+    pub fn write_rows(
+        &mut self,
+        layer: usize,
+        pos: usize,
+        rows: &[f32],
+        n: usize,
+        stride: usize,
+        offset: usize,
+    ) -> Result<()> {
+        let (hd, w) = (self.head_dim, self.kv_heads * self.head_dim);
+        assert!(n > 0 && offset + 2 * w <= stride && rows.len() >= (n - 1) * stride + offset + 2 * w);
+        let end = pos + n;
+        if end > self.capacity {
+            return Err(Error::invalid(
+                "kv cache",
+                format!("position {} is past the capacity {}", end - 1, self.capacity),
+            ));
         }
-        let panel = (pos / PANEL) * hd * PANEL;
-        // One head's key codes on their way into the panel (allocated by int8 caches only).
-        let mut codes = Vec::new();
-        for h in 0..self.kv_heads {
-            let i = layer * self.kv_heads + h;
-            let (kh, vh) = (&k[h * hd..(h + 1) * hd], &v[h * hd..(h + 1) * hd]);
-            match &mut self.store {
-                Store::F32 { keys, values } => {
-                    grow(&mut keys[i], panel + hd * PANEL, pos)?;
-                    kh.iter().enumerate().for_each(|(d, &x)| keys[i][panel + d * PANEL + pos % PANEL] = x);
-                    grow(&mut values[i], (pos + 1) * hd, pos)?;
-                    values[i][pos * hd..(pos + 1) * hd].copy_from_slice(vh);
+        let panels = end.div_ceil(PANEL) * hd * PANEL;
+        let heads = layer * self.kv_heads..(layer + 1) * self.kv_heads;
+        // Head h's keys and values at position p.
+        let key = |p: usize, h: usize| &rows[(p - pos) * stride + offset + h * hd..][..hd];
+        let value = |p: usize, h: usize| &rows[(p - pos) * stride + offset + w + h * hd..][..hd];
+        // Every head's buffers grow first (serially, so a failure is reported before anything is written); then
+        // each pool task fills one head's, which no other task touches.
+        match &mut self.store {
+            Store::F32 { keys, values } => {
+                for i in heads.clone() {
+                    grow(&mut keys[i], panels, end - 1)?;
+                    grow(&mut values[i], end * hd, end - 1)?;
                 }
-                Store::I8(q) => {
-                    let Int8 { keys, key_scales, values, value_scales } = &mut **q;
-                    grow(&mut keys[i], panel + hd * PANEL, pos)?;
-                    grow(&mut key_scales[i], pos + 1, pos)?;
-                    codes.resize(hd, 0);
-                    key_scales[i][pos] = quantize(kh, &mut codes);
-                    codes.iter().enumerate().for_each(|(d, &c)| keys[i][panel + d * PANEL + pos % PANEL] = c);
-                    grow(&mut values[i], (pos + 1) * hd, pos)?;
-                    grow(&mut value_scales[i], pos + 1, pos)?;
-                    value_scales[i][pos] = quantize(vh, &mut values[i][pos * hd..(pos + 1) * hd]);
+                let bufs: Vec<_> =
+                    keys[heads.clone()].iter_mut().zip(&mut values[heads]).map(std::sync::Mutex::new).collect();
+                for_heads(bufs.len(), n, |h| {
+                    let mut guard = bufs[h].lock().unwrap_or_else(|e| e.into_inner());
+                    let (keys, values) = &mut *guard;
+                    for p in pos..end {
+                        let at = (p / PANEL) * hd * PANEL + p % PANEL;
+                        key(p, h).iter().enumerate().for_each(|(d, &x)| keys[at + d * PANEL] = x);
+                        values[p * hd..(p + 1) * hd].copy_from_slice(value(p, h));
+                    }
+                });
+            }
+            Store::I8(q) => {
+                let Int8 { keys, key_scales, values, value_scales } = &mut **q;
+                for i in heads.clone() {
+                    grow(&mut keys[i], panels, end - 1)?;
+                    grow(&mut key_scales[i], end, end - 1)?;
+                    grow(&mut values[i], end * hd, end - 1)?;
+                    grow(&mut value_scales[i], end, end - 1)?;
                 }
+                let bufs: Vec<_> = keys[heads.clone()]
+                    .iter_mut()
+                    .zip(&mut key_scales[heads.clone()])
+                    .zip(values[heads.clone()].iter_mut().zip(&mut value_scales[heads]))
+                    .map(std::sync::Mutex::new)
+                    .collect();
+                for_heads(bufs.len(), n, |h| {
+                    let mut guard = bufs[h].lock().unwrap_or_else(|e| e.into_inner());
+                    let ((keys, key_scales), (values, value_scales)) = &mut *guard;
+                    let mut codes = vec![0i8; hd];
+                    for p in pos..end {
+                        key_scales[p] = quantize(key(p, h), &mut codes);
+                        let at = (p / PANEL) * hd * PANEL + p % PANEL;
+                        codes.iter().enumerate().for_each(|(d, &c)| keys[at + d * PANEL] = c);
+                        value_scales[p] = quantize(value(p, h), &mut values[p * hd..(p + 1) * hd]);
+                    }
+                });
             }
         }
         Ok(())
@@ -213,18 +269,37 @@ mod tests {
     use super::*;
 
     /// Positions written one by one land where the key panels of the whole sequence put them, across a panel
-    /// boundary; an int8 cache keeps every value within half a step of its scale.
+    /// boundary; an int8 cache keeps every value within half a step of its scale. Writing them all at once
+    /// (from rows with a query part before the keys, on the pool) stores the same bits.
     #[test]
     fn writes_fill_key_panels_and_int8_codes_stay_close() {
         let (heads, hd, n) = (2, 8, PANEL + 5);
         let val = |i: usize| ((i * 7 + 3) % 23) as f32 / 11.0 - 1.0;
         let rows: Vec<Vec<f32>> = (0..n).map(|p| (0..2 * heads * hd).map(|i| val(p * 97 + i)).collect()).collect();
-        let (mut cache, mut int8) = (KvCache::new(1, heads, hd, 100), KvCache::new_int8(1, heads, hd, 100));
+        let (mut cache, mut int8) = (KvCache::new(2, heads, hd, 100), KvCache::new_int8(2, heads, hd, 100));
         for c in [&mut cache, &mut int8] {
             for (p, r) in rows.iter().enumerate() {
-                c.write(0, p, &r[..heads * hd], &r[heads * hd..]).unwrap();
+                c.write_rows(0, p, r, 1, r.len(), 0).unwrap();
                 c.advance(1);
             }
+        }
+        // Layer 1: all positions in one call, each row `[3 query values | keys | values]`.
+        let qkv: Vec<f32> = rows.iter().flat_map(|r| [7.0, 8.0, 9.0].into_iter().chain(r.iter().copied())).collect();
+        for c in [&mut cache, &mut int8] {
+            c.write_rows(1, 0, &qkv, n, 3 + 2 * heads * hd, 3).unwrap();
+        }
+        match (cache.layer(0), cache.layer(1)) {
+            (KvView::F32 { keys: k0, values: v0 }, KvView::F32 { keys: k1, values: v1 }) => {
+                assert!(k0 == k1 && v0 == v1);
+            }
+            _ => panic!("f32"),
+        }
+        match (int8.layer(0), int8.layer(1)) {
+            (
+                KvView::I8 { keys: k0, key_scales: ks0, values: v0, value_scales: vs0 },
+                KvView::I8 { keys: k1, key_scales: ks1, values: v1, value_scales: vs1 },
+            ) => assert!(k0 == k1 && ks0 == ks1 && v0 == v1 && vs0 == vs1),
+            _ => panic!("int8"),
         }
         let KvView::F32 { keys, values } = cache.layer(0) else { panic!("f32") };
         for h in 0..heads {
@@ -245,7 +320,19 @@ mod tests {
                 }
             }
         }
-        assert_eq!((cache.bytes(), int8.bytes()), (heads * n * 2 * hd * 4, heads * n * 2 * (hd + 4)));
-        assert!(cache.write(0, 100, &rows[0][..heads * hd], &rows[0][heads * hd..]).is_err());
+        assert_eq!((cache.bytes(), int8.bytes()), (2 * heads * n * 2 * hd * 4, 2 * heads * n * 2 * (hd + 4)));
+        assert!(cache.write_rows(0, 100, &rows[0], 1, rows[0].len(), 0).is_err());
+        assert!(cache.write_rows(0, 99, &qkv, 2, 3 + 2 * heads * hd, 3).is_err());
+    }
+
+    /// The int8 codes round as `f32::round` does (half away from zero), on every half step and its neighbours.
+    #[test]
+    fn codes_round_half_away_from_zero() {
+        for i in -256..=256 {
+            let half = i as f32 / 2.0;
+            for y in [half, half.next_up(), half.next_down(), half * 1.0001, half + 0.3, 127.00001, -127.00002] {
+                assert_eq!(round_code(y), y.round().clamp(-127.0, 127.0) as i8, "{y}");
+            }
+        }
     }
 }
