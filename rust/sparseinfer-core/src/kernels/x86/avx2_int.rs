@@ -38,6 +38,13 @@ const DI4: u8 = 2;
 const SI4: u8 = 3;
 /// Signed codes already expanded to one byte per column: a weight row's copy made once for many activation rows.
 const EXP: u8 = 4;
+/// A sparse int4 row's stored nibbles unpacked to signed bytes, chunk padding included ([`unpack_row_int4`]):
+/// its chunks then expand as sparse int8 ones do.
+const U4: u8 = 5;
+
+/// Dense weight rows a decode step reads in lockstep, from as many parts of its range: four rows in flight
+/// hide the latency of each row's chain of dependent steps (int4 most).
+const DECODE_STREAMS: usize = 4;
 
 /// Computes rows `r0..r1` (row layout) for the `k` quantized activation rows in `q`: four activation rows
 /// share each decoded weight row, then one at a time. With more than four activation rows (prefill), a weight
@@ -55,11 +62,26 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
     debug_assert!(!m.tiled && q.k == k && q.xq.len() == k * m.cols_pad && q.sx.len() == k * m.chunks());
     let scaling = chunk_scaling(m);
     let once = k > 4 && m.format != Format::DenseInt8;
-    let mut copy = vec![0u8; if once { m.cols_pad } else { 0 }];
-    // Read only by the `EXP` instantiations.
-    let codes = copy.as_ptr();
+    let unpack = !once && m.format == Format::SparseInt4;
+    // Room for every column, and for `expand32`'s 16-byte reads past a row's last value; unpacked int4 rows
+    // alternate between two such buffers (below).
+    let room = m.cols_pad + 64;
+    let mut copy = vec![
+        0u8;
+        if unpack {
+            2 * room
+        } else if once {
+            room
+        } else {
+            0
+        }
+    ];
+    // The row the `EXP` and `U4` instantiations read (only they do).
+    let mut codes = copy.as_ptr();
     let fmt = if once {
         EXP
+    } else if unpack {
+        U4
     } else {
         match m.format {
             Format::DenseInt8 => DI8,
@@ -70,30 +92,45 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
         }
     };
     macro_rules! by_format {
-        ($nr:literal, $nrows:literal, $r:expr, $a:expr) => {{
+        ($nr:literal, $nrows:tt, $r:expr, $a:expr) => {{
             let rows: [usize; $nrows] = $r;
             match fmt {
                 DI8 => by_scaling!(scaling, row::<$nr, $nrows, DI8>(m, rows, q, $a, y, codes)),
                 SI8 => by_scaling!(scaling, row::<$nr, $nrows, SI8>(m, rows, q, $a, y, codes)),
                 DI4 => by_scaling!(scaling, row::<$nr, $nrows, DI4>(m, rows, q, $a, y, codes)),
                 SI4 => by_scaling!(scaling, row::<$nr, $nrows, SI4>(m, rows, q, $a, y, codes)),
+                U4 => by_scaling!(scaling, row::<$nr, $nrows, U4>(m, rows, q, $a, y, codes)),
                 _ => by_scaling!(scaling, row::<$nr, $nrows, EXP>(m, rows, q, $a, y, codes)),
             }
         }};
     }
     if k == 1 && !m.format.is_sparse() {
-        // Decode of dense rows: the range's two halves in lockstep (`super::vnni::STREAMS`), an odd last row
-        // alone. The sparse kernels here are bound by their expansion, not by memory: pairs were no faster.
-        let half = (r1 - r0) / 2;
-        for r in r0..r0 + half {
-            by_format!(1, 2, [r, r + half], 0);
+        // Decode of dense rows: the range's [`DECODE_STREAMS`] parts in lockstep (`super::vnni::STREAMS`), the
+        // rows left over alone. The sparse kernels here are bound by their expansion, not by memory: pairs were
+        // no faster.
+        let part = (r1 - r0) / DECODE_STREAMS;
+        for r in r0..r0 + part {
+            by_format!(1, DECODE_STREAMS, core::array::from_fn(|i| r + i * part), 0);
         }
-        if (r1 - r0) % 2 == 1 {
-            by_format!(1, 1, [r1 - 1], 0);
+        for r in r0 + DECODE_STREAMS * part..r1 {
+            by_format!(1, 1, [r], 0);
         }
         return;
     }
+    if unpack && r0 < r1 {
+        unpack_row_int4(m, r0, copy.as_mut_ptr());
+    }
     for r in r0..r1 {
+        if unpack {
+            // Row r + 1 is unpacked before row r is read, so row r's stores have left the store buffer by then:
+            // the expansion's unaligned loads, straddling them, would otherwise wait for each one.
+            let (this, next) =
+                (copy.as_mut_ptr().add((r - r0) % 2 * room), copy.as_mut_ptr().add((r - r0 + 1) % 2 * room));
+            if r + 1 < r1 {
+                unpack_row_int4(m, r + 1, next);
+            }
+            codes = this;
+        }
         if once {
             match m.format {
                 Format::SparseInt8 => expand_row::<SI8>(m, r, copy.as_mut_ptr()),
@@ -133,8 +170,37 @@ unsafe fn expand_row<const FMT: u8>(m: &PackedMatrix, r: usize, out: *mut u8) {
     }
 }
 
+/// Sparse int4 row `r`'s stored nibbles as signed bytes (nibble − 8) in order, written to `out`, two per
+/// stored byte (a chunk with an odd count keeps its pad nibble, so every chunk starts at an even index). One
+/// sequential pass per row, read back from L1 by the sparse int8 expansion, costs less per chunk than
+/// expanding nibbles in registers ([`expand32_int4`]).
+#[inline]
+#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+unsafe fn unpack_row_int4(m: &PackedMatrix, r: usize, out: *mut u8) {
+    let p = m.data.as_ptr().add(m.row_start(r));
+    // Row layouts end with the offset past the last row.
+    let bytes = m.row_offsets[r + 1] - m.row_offsets[r];
+    debug_assert_eq!(
+        bytes,
+        m.masks[r * m.chunks()..(r + 1) * m.chunks()]
+            .iter()
+            .map(|w| (w.count_ones() as usize).div_ceil(2))
+            .sum::<usize>()
+    );
+    let eight = _mm256_set1_epi8(8);
+    // 16 bytes at a time: the last group reads up to 15 bytes past the row, within the next row or `VALUE_PAD`.
+    let mut i = 0;
+    while i < bytes {
+        if i % 64 == 0 {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i + PREFETCH) as *const i8);
+        }
+        _mm256_storeu_si256(out.add(2 * i) as *mut __m256i, _mm256_sub_epi8(nibbles_to_bytes(p.add(i)), eight));
+        i += 16;
+    }
+}
+
 /// Weight rows `rows` (in lockstep, see `super::vnni::STREAMS`) against activation rows `a0..a0 + NR`: writes
-/// `y[a, r]`. `codes`: the row expanded by [`expand_row`] when `FMT` is `EXP` (then `R` is 1), else unused.
+/// `y[a, r]`. `codes`: the row expanded by [`expand_row`] (`FMT` `EXP`) or unpacked by [`unpack_row_int4`] (`U4`); then `R` is 1. Else unused.
 #[inline]
 #[target_feature(enable = "avx2,fma,popcnt,bmi2")]
 unsafe fn row<const NR: usize, const R: usize, const FMT: u8, const MODE: u8>(
@@ -151,7 +217,9 @@ unsafe fn row<const NR: usize, const R: usize, const FMT: u8, const MODE: u8>(
         sx: q.sx.as_ptr().add((a0 + a) * chunks),
     });
     let mut p: [*const u8; R] =
-        core::array::from_fn(|i| if FMT == EXP { codes } else { m.data.as_ptr().add(m.row_start(rows[i])) });
+        core::array::from_fn(
+            |i| if FMT == EXP || FMT == U4 { codes } else { m.data.as_ptr().add(m.row_start(rows[i])) },
+        );
     let masks: [*const u64; R] = core::array::from_fn(|i| m.masks.as_ptr().wrapping_add(rows[i] * chunks));
     let s: [RowScales; R] = core::array::from_fn(|i| RowScales::of(m, rows[i]));
     // The int4 sparse chunk's codes unpacked to bytes (expand32 reads at most 64 of them).
@@ -203,6 +271,11 @@ unsafe fn chunk_codes<const FMT: u8>(
             let eight = _mm256_set1_epi8(8);
             let [lo, hi] = dense_nibbles(p.add(ch * CHUNK / 2));
             [_mm256_sub_epi8(lo, eight), _mm256_sub_epi8(hi, eight)]
+        }
+        U4 => {
+            let w = expand64(*p, masks.add(ch));
+            *p = p.add(((*masks.add(ch)).count_ones() as usize + 1) & !1);
+            w
         }
         SI8 => {
             // The sparse streams prefetch ahead as the VNNI kernels do (see `PREFETCH`).
