@@ -41,13 +41,13 @@ struct Int8 {
     value_scales: Vec<Vec<f32>>,
 }
 
-/// Grows `buf` with zeros to `len` values, failing (rather than aborting) when memory cannot be had.
 /// Runs `f(h)` for every head `h < heads`: on the pool when the `n` positions make it worth a hand-off.
 fn for_heads(heads: usize, n: usize, f: impl Fn(usize) + Sync) {
     let threads = if n >= crate::parallel::MIN_ROWS_PER_TASK { crate::parallel::num_threads() } else { 1 };
     crate::parallel::global().run(heads, threads, &f);
 }
 
+/// Grows `buf` with zeros to `len` values, failing (rather than aborting) when memory cannot be had.
 fn grow<T: Copy + Default>(buf: &mut Vec<T>, len: usize, pos: usize) -> Result<()> {
     if buf.len() < len {
         buf.try_reserve(len - buf.len())
@@ -66,13 +66,15 @@ pub(crate) fn quantize(x: &[f32], codes: &mut [i8]) -> f32 {
     s
 }
 
-/// `y` rounded half away from zero (as `f32::round`) and clamped to ±127, for `|y|` at most a little over
-/// 127. Truncation and a compare, which vectorize; `round` is a libm call on baseline x86-64.
+/// `y` clamped to ±127 and rounded half away from zero: `f32::round(y).clamp(-127, 127)` for every `y`
+/// (NaN gives 0; `y` is infinite when a row's largest magnitude is subnormal). Truncation and a compare,
+/// which vectorize; `round` is a libm call on baseline x86-64.
 #[inline(always)]
 fn round_code(y: f32) -> i8 {
+    let y = y.clamp(-127.0, 127.0);
     let t = y as i32;
     let step = if (y - t as f32).abs() >= 0.5 { y.signum() as i32 } else { 0 };
-    (t + step).clamp(-127, 127) as i8
+    (t + step) as i8
 }
 
 /// How self-attention caches store keys and values: f32, or int8 codes with one scale per position and head
@@ -172,7 +174,10 @@ impl KvCache {
         offset: usize,
     ) -> Result<()> {
         let (hd, w) = (self.head_dim, self.kv_heads * self.head_dim);
-        assert!(n > 0 && offset + 2 * w <= stride && rows.len() >= (n - 1) * stride + offset + 2 * w);
+        if n == 0 {
+            return Ok(());
+        }
+        assert!(offset + 2 * w <= stride && rows.len() >= (n - 1) * stride + offset + 2 * w);
         let end = pos + n;
         if end > self.capacity {
             return Err(Error::invalid(
@@ -334,5 +339,13 @@ mod tests {
                 assert_eq!(round_code(y), y.round().clamp(-127.0, 127.0) as i8, "{y}");
             }
         }
+        for y in [f32::INFINITY, f32::NEG_INFINITY, 1e30, -1e30, f32::MAX, f32::MIN] {
+            assert_eq!(round_code(y), y.round().clamp(-127.0, 127.0) as i8, "{y}");
+        }
+        assert_eq!(round_code(f32::NAN), 0);
+        // A row whose largest value is subnormal: its scale is too, and 1 / scale infinite.
+        let mut codes = [0i8; 3];
+        quantize(&[1e-39, -1e-39, 0.0], &mut codes);
+        assert_eq!(codes, [127, -127, 0]);
     }
 }

@@ -5,8 +5,10 @@
 //! Per 64-column chunk the weight codes `q` (int8, or int4 nibbles minus 8) sit in two 32-byte vectors of
 //! signed bytes; a sparse chunk is expanded 32 columns at a time ([`expand32`]: one `vpshufb` whose control is
 //! built from four per-mask-byte table rows, the second of each 16-column half already offset by the first's
-//! count; int4 groups expand from registers, [`expand32_int4`]), once per weight row for up to four activation
-//! rows. The products `Σ q·x` are exact:
+//! count), once per weight row for up to four activation rows. Sparse int4 rows are first unpacked to signed
+//! bytes, one row ahead ([`unpack_row_int4`]), and their chunks then expand as int8 ones do; a row expanded once
+//! for many activation rows (prefill) expands its int4 groups from registers ([`expand32_int4`]). The products
+//! `Σ q·x` are exact:
 //!
 //! ```text
 //! vpsignb   x' = x · sign(q)                     (0 where q = 0)
@@ -87,7 +89,7 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
             Format::DenseInt8 => DI8,
             Format::SparseInt8 => SI8,
             Format::DenseInt4 => DI4,
-            Format::SparseInt4 => SI4,
+            // Sparse int4 rows are unpacked (`U4`) or expanded (`EXP`) first.
             _ => unreachable!("avx2_int::supports admits integer formats only"),
         }
     };
@@ -98,16 +100,14 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
                 DI8 => by_scaling!(scaling, row::<$nr, $nrows, DI8>(m, rows, q, $a, y, codes)),
                 SI8 => by_scaling!(scaling, row::<$nr, $nrows, SI8>(m, rows, q, $a, y, codes)),
                 DI4 => by_scaling!(scaling, row::<$nr, $nrows, DI4>(m, rows, q, $a, y, codes)),
-                SI4 => by_scaling!(scaling, row::<$nr, $nrows, SI4>(m, rows, q, $a, y, codes)),
                 U4 => by_scaling!(scaling, row::<$nr, $nrows, U4>(m, rows, q, $a, y, codes)),
                 _ => by_scaling!(scaling, row::<$nr, $nrows, EXP>(m, rows, q, $a, y, codes)),
             }
         }};
     }
     if k == 1 && !m.format.is_sparse() {
-        // Decode of dense rows: the range's [`DECODE_STREAMS`] parts in lockstep (`super::vnni::STREAMS`), the
-        // rows left over alone. The sparse kernels here are bound by their expansion, not by memory: pairs were
-        // no faster.
+        // Decode of dense rows: the range's [`DECODE_STREAMS`] parts in lockstep, the rows left over alone. The
+        // sparse kernels here are bound by their expansion, not by memory: pairs or fours were no faster.
         let part = (r1 - r0) / DECODE_STREAMS;
         for r in r0..r0 + part {
             by_format!(1, DECODE_STREAMS, core::array::from_fn(|i| r + i * part), 0);
@@ -199,7 +199,7 @@ unsafe fn unpack_row_int4(m: &PackedMatrix, r: usize, out: *mut u8) {
     }
 }
 
-/// Weight rows `rows` (in lockstep, see `super::vnni::STREAMS`) against activation rows `a0..a0 + NR`: writes
+/// Weight rows `rows` (in lockstep, [`DECODE_STREAMS`]) against activation rows `a0..a0 + NR`: writes
 /// `y[a, r]`. `codes`: the row expanded by [`expand_row`] (`FMT` `EXP`) or unpacked by [`unpack_row_int4`] (`U4`); then `R` is 1. Else unused.
 #[inline]
 #[target_feature(enable = "avx2,fma,popcnt,bmi2")]
@@ -409,7 +409,8 @@ const fn nibble_offsets() -> [[u8; 32]; 34] {
 /// parity, plus the first half's count in the second half) is below 32 when `s` is even or a column is
 /// pruned. `pshufb` reads one lane, so each index is looked up in A (index + 0x70, saturating: 16 and up get
 /// the top bit and give 0) and in B (index - 16: below 16 gets the top bit), and the two are or-ed. This keeps
-/// the codes in registers: unpacking to memory and reloading at the half's offset waited on store forwarding.
+/// the codes in registers: unpacking a chunk to memory and reloading at once at the half's offset waited on
+/// store forwarding (a whole row unpacked one row ahead does not, [`unpack_row_int4`]).
 #[inline(always)]
 unsafe fn expand32_int4(p: *const u8, s: usize, mb: *const u8) -> __m256i {
     let u = _mm256_sub_epi8(nibbles_to_bytes(p.add(s >> 1)), _mm256_set1_epi8(8));
