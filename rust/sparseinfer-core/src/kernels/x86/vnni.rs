@@ -272,26 +272,23 @@ unsafe fn batch<const NR: usize, const S: usize>(
     let scaling = chunk_scaling(m);
     // sums[s][a][i]: row g0[s] + i against activation row a0 + a.
     let mut sums = [[[_mm512_setzero_ps(); BATCH]; NR]; S];
+    // `$f::<NR, $r, format>` for the matrix's format (the per-block and per-row kernels share the signature).
+    macro_rules! per_format {
+        ($f:ident, $r:tt, $rows:expr) => {
+            match m.format {
+                Format::DenseInt8 => by_scaling!(scaling, $f::<NR, $r, DI8>(m, $rows, &act)),
+                Format::SparseInt8 => by_scaling!(scaling, $f::<NR, $r, SI8>(m, $rows, &act)),
+                Format::DenseInt4 => by_scaling!(scaling, $f::<NR, $r, DI4>(m, $rows, &act)),
+                Format::SparseInt4 => by_scaling!(scaling, $f::<NR, $r, SI4>(m, $rows, &act)),
+                _ => unreachable!("vnni::supports admits integer formats only"),
+            }
+        };
+    }
     macro_rules! rows {
-        ($r:expr, $rows:expr, $slot:expr) => {{
+        ($r:tt, $rows:expr, $slot:expr) => {{
             let rows: [usize; $r] = $rows;
-            let accs: [Acc<NR>; $r] = if q.token {
-                match m.format {
-                    Format::DenseInt8 => by_scaling!(scaling, token_rows::<NR, $r, DI8>(m, rows, &act)),
-                    Format::SparseInt8 => by_scaling!(scaling, token_rows::<NR, $r, SI8>(m, rows, &act)),
-                    Format::DenseInt4 => by_scaling!(scaling, token_rows::<NR, $r, DI4>(m, rows, &act)),
-                    Format::SparseInt4 => by_scaling!(scaling, token_rows::<NR, $r, SI4>(m, rows, &act)),
-                    _ => unreachable!("vnni::supports admits integer formats only"),
-                }
-            } else {
-                match m.format {
-                    Format::DenseInt8 => by_scaling!(scaling, block_rows::<NR, $r, DI8>(m, rows, &act)),
-                    Format::SparseInt8 => by_scaling!(scaling, block_rows::<NR, $r, SI8>(m, rows, &act)),
-                    Format::DenseInt4 => by_scaling!(scaling, block_rows::<NR, $r, DI4>(m, rows, &act)),
-                    Format::SparseInt4 => by_scaling!(scaling, block_rows::<NR, $r, SI4>(m, rows, &act)),
-                    _ => unreachable!("vnni::supports admits integer formats only"),
-                }
-            };
+            let accs: [Acc<NR>; $r] =
+                if q.token { per_format!(token_rows, $r, rows) } else { per_format!(block_rows, $r, rows) };
             for (j, acc) in accs.into_iter().enumerate() {
                 let (s, i) = $slot(j);
                 for a in 0..NR {
