@@ -832,6 +832,7 @@ def report(work: Path, out: Path, budget: str):
             lo, hi = D.bootstrap_interval(_nll(c), _nll(ce))
             verdict = "better" if hi < 1 else ("worse" if lo > 1 else "not resolved")
             L.append(f"- {s:.0%}: {LABELS[r]} / CE = {c['ppl'] / ce['ppl']:.3f} [{lo:.3f}, {hi:.3f}]: {verdict}")
+    L += ["", *curve_lines(cells, curves, d)]
     timing = [c for c in cells.values() if c.get("kind") == "sparse-ft"]
     if timing:
         L += [
@@ -874,9 +875,145 @@ def report(work: Path, out: Path, budget: str):
             L.append(
                 f"| {r['model']} | {r['runtime']} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / base:.2f}x | {mb} |"
             )
+    L += ["", *goal_lines(cells, curves, d)]
     (out / "study.md").write_text("\n".join(L) + "\n")
     plots(cells, curves, d, out, model_label(work))
     print("\n".join(L))
+
+
+# The issue's goals (held-out perplexity against the dense teacher): sparsity -> largest relative gap allowed
+# after INT8, and the relative margin by which the best distillation recipe must beat CE at 70 %.
+GOAL_INT8_GAP = {0.5: 0.05, 0.7: 0.15}
+GOAL_DISTILL_MARGIN = 0.10
+
+
+def fit_floor(tokens, ppl) -> tuple[float, float, float]:
+    """Least-squares fit of ``ppl(t) = a + b·t^(-c)`` (a power law with a floor, the shape loss curves follow) to
+    a learning curve's points after step 0 (``t`` in millions of tokens): ``(a, b, c)``, ``a`` being where the
+    curve's shape levels off. ``c`` on a grid, ``a`` and ``b`` in closed form for each."""
+    t = np.asarray(tokens, float) / 1e6
+    y = np.asarray(ppl, float)
+    keep = t > 0
+    t, y = t[keep], y[keep]
+    if len(t) < 3:
+        raise ValueError(f"a floor needs 3 points after step 0, got {len(t)}")
+    best = None
+    for c in np.linspace(0.05, 4.0, 396):
+        A = np.stack([np.ones_like(t), t**-c], 1)
+        coef = np.linalg.lstsq(A, y, rcond=None)[0]
+        sse = float(((A @ coef - y) ** 2).sum())
+        if best is None or sse < best[0]:
+            best = (sse, float(coef[0]), float(coef[1]), float(c))
+    return best[1:]
+
+
+def tokens_to_reach(fit: tuple[float, float, float], target: float) -> float | None:
+    """Training tokens at which a fitted curve (``fit_floor``) reaches ``target``; None where it never does."""
+    a, b, c = fit
+    if target <= a or b <= 0:
+        return None
+    return 1e6 * (b / (target - a)) ** (1 / c)
+
+
+def curve_lines(cells: dict, curves: dict, dense: float) -> list[str]:
+    """The learning-curve section: per finished fine-tuning cell, the drop over its last evaluation interval
+    and the floor its curve levels off at (``fit_floor``); per sparsity, each recipe's ratio to CE along the
+    curve, so a reader sees whether a gap between recipes still moves."""
+    L = [
+        "## Learning curves: still falling, or flat?",
+        "",
+        "Each cell's learning rate decays linearly to 0 over its 1M tokens, which flattens its last points; the "
+        "floor is where the curve's shape (`a + b·t^-c`, least squares over its evaluations) levels off, i.e. "
+        "what more tokens of the same shape would give, not a forecast for a longer schedule.",
+        "",
+        "| cell | held-out ppl along the curve (per 0.2M tokens) | last interval | fitted floor | floor vs teacher |",
+        "|---|---|---|---|---|",
+    ]
+    for s in SPARSITIES:
+        for r in RECIPES:
+            name = f"ft-{r}-{round(s * 100)}"
+            pts = [p for p in curves.get(name) or [] if name in cells]
+            if len(pts) < 4:
+                continue
+            ys = [p["ppl"] for p in pts]
+            a, _, _ = fit_floor([p["tokens"] for p in pts], ys)
+            # The last two evaluations a full interval apart (the final point may follow the last scheduled one
+            # by a few steps).
+            last = next(i for i in range(len(pts) - 2, -1, -1) if pts[-1]["tokens"] - pts[i]["tokens"] > 1e5)
+            drop = ys[-1] / ys[last] - 1
+            L.append(
+                f"| {name} | {' → '.join(f'{y:.2f}' for y in ys)} | {drop:+.2%} | {a:.2f} | {a / dense - 1:+.1%} |"
+            )
+    L.append("")
+    for s in SPARSITIES:
+        ce = curves.get(f"ft-ce-{round(s * 100)}") if f"ft-ce-{round(s * 100)}" in cells else None
+        for r in RECIPES:
+            name = f"ft-{r}-{round(s * 100)}"
+            if r == "ce" or ce is None or name not in cells:
+                continue
+            theirs = {p["tokens"]: p["ppl"] for p in curves.get(name) or []}
+            ratios = [
+                (p["tokens"], theirs[p["tokens"]] / p["ppl"]) for p in ce if p["tokens"] > 0 and p["tokens"] in theirs
+            ]
+            if len(ratios) < 3:
+                continue
+            # How much the ratio moved over the last ~400K tokens.
+            back = next((q for t, q in reversed(ratios) if ratios[-1][0] - t >= 3.9e5), ratios[0][1])
+            moved = ratios[-1][1] - back
+            trend = "flat" if abs(moved) < 0.005 else ("widening" if moved < 0 else "narrowing")
+            L.append(
+                f"- {s:.0%}: {LABELS[r]} / CE along the curve: {', '.join(f'{q:.3f}' for _, q in ratios)}; over the "
+                f"last 0.4M tokens it moved {moved:+.3f} ({trend})"
+            )
+    return L
+
+
+def goal_lines(cells: dict, curves: dict, dense: float) -> list[str]:
+    """The issue's goals, each with the figure that answers it: met, or not and whether the learning curves say
+    more budget would close it."""
+    L = ["## Goals (held-out perplexity against the dense teacher)", ""]
+    for s, gap in GOAL_INT8_GAP.items():
+        if s not in SPARSITIES:
+            continue
+        pct, target = round(s * 100), dense * (1 + gap)
+        head = f"- {s:.0%} + INT8 within {gap:.0%} of the teacher (<= {target:.2f}): "
+        quant = [c for c in cells.values() if c.get("kind") == "quantized" and c["sparsity"] == s and c["bits"] == 8]
+        tuned = {r: cells[f"ft-{r}-{pct}"] for r in RECIPES if f"ft-{r}-{pct}" in cells}
+        if quant:
+            q = quant[0]
+            verdict = "met" if q["ppl"] <= target else "not met"
+            L.append(head + f"{verdict}: {LABELS[q['recipe']]} + INT8 {q['ppl']:.2f} ({q['ppl'] / dense - 1:+.1%}).")
+            continue
+        if not tuned:
+            L.append(head + "no fine-tuned cell yet.")
+            continue
+        r, best = min(tuned.items(), key=lambda kv: kv[1]["ppl"])
+        line = head + f"not measured yet (INT8 cell pending); the best fine-tuned cell so far, {LABELS[r]}, is at "
+        line += f"{best['ppl']:.2f} ({best['ppl'] / dense - 1:+.1%}) before quantization"
+        pts = curves.get(f"ft-{r}-{pct}") or []
+        if best["ppl"] > target and len(pts) >= 4:
+            fit = fit_floor([p["tokens"] for p in pts], [p["ppl"] for p in pts])
+            need = tokens_to_reach(fit, target)
+            line += f"; its curve levels off at {fit[0]:.2f} ({fit[0] / dense - 1:+.1%}): " + (
+                "more tokens of this shape would not close the gap"
+                if need is None
+                else f"it would reach the target after ~{need / 1e6:.1f}M tokens of this shape"
+            )
+        L.append(line + ".")
+    ce = cells.get("ft-ce-70")
+    distilled = {r: cells[f"ft-{r}-70"] for r in RECIPES if r != "ce" and f"ft-{r}-70" in cells}
+    head = f"- 70%: the best distillation recipe beats CE alone by >= {GOAL_DISTILL_MARGIN:.0%}: "
+    if ce and distilled:
+        r, best = min(distilled.items(), key=lambda kv: kv[1]["ppl"])
+        margin = 1 - best["ppl"] / ce["ppl"]
+        verdict = "met" if margin >= GOAL_DISTILL_MARGIN else "not met"
+        L.append(
+            head + f"{verdict}: {LABELS[r]} {best['ppl']:.2f} against CE {ce['ppl']:.2f}, {margin:.1%} better "
+            "(the section above says whether that gap still moves)."
+        )
+    else:
+        L.append(head + "cells pending.")
+    return L
 
 
 def _fmt(cell, dense=None) -> str:

@@ -134,3 +134,54 @@ def test_a_lost_cache_is_restored_from_the_published_records(study, tmp_path):
     # Cells that needed nothing lost were taken from the records as they are.
     for name in set(first) - rebuilt:
         assert cells[name] == first[name], name
+
+
+def _study_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study", STUDY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_curve_floor_is_recovered_and_answers_whether_budget_closes_a_gap():
+    S = _study_module()
+    tokens = [0, 2e5, 4e5, 6e5, 8e5, 1e6]
+    curve = [40.0] + [20.0 + 3.0 * (t / 1e6) ** -0.7 for t in tokens[1:]]
+    a, b, c = S.fit_floor(tokens, curve)
+    assert (
+        a == pytest.approx(20.0, abs=0.05) and b == pytest.approx(3.0, rel=0.05) and c == pytest.approx(0.7, abs=0.02)
+    )
+    # 21 lies above the floor: reached where 3·t^-0.7 = 1, i.e. t = 3^(1/0.7) million tokens; 19.9 never.
+    assert S.tokens_to_reach((a, b, c), 21.0) == pytest.approx(1e6 * 3 ** (1 / 0.7), rel=0.05)
+    assert S.tokens_to_reach((a, b, c), 19.9) is None
+    with pytest.raises(ValueError):
+        S.fit_floor([0, 1e5, 2e5], [30.0, 25.0, 24.0])
+
+
+def test_goal_lines_say_met_or_why_not():
+    S = _study_module()
+    tokens = [0, 2e5, 4e5, 6e5, 8e5, 1e6]
+
+    def cell(name, floor, scale):
+        pts = [{"tokens": t, "ppl": floor + scale * (max(t, 1e4) / 1e6) ** -0.5} for t in tokens]
+        return {"name": name, "kind": "sparse-ft", "ppl": pts[-1]["ppl"]}, pts
+
+    dense = 10.0
+    cells, curves = {}, {}
+    # 50 %: CE levels off at 10.3 (within 5 % of 10.0) but ends above it; 70 %: KD 12 % better than CE, flat.
+    for name, floor, scale in [("ft-ce-50", 10.3, 0.5), ("ft-ce-70", 20.0, 1.0), ("ft-kd-70", 17.6, 0.88)]:
+        cells[name], curves[name] = cell(name, floor, scale)
+    text = "\n".join(S.goal_lines(cells, curves, dense))
+    assert "50% + INT8 within 5% of the teacher (<= 10.50): not measured yet" in text
+    assert re.search(r"levels off at 10\.3\d \(\+3\.\d%\): it would reach the target after ~\d+\.\dM tokens", text)
+    assert "70% + INT8 within 15% of the teacher (<= 11.50)" in text and "would not close the gap" in text
+    assert re.search(r"beats CE alone by >= 10%: met: CE \+ KD 18\.\d\d against CE 21\.\d\d, 12\.\d% better", text)
+    lines = "\n".join(S.curve_lines(cells, curves, dense))
+    assert re.search(r"70%: CE \+ KD / CE along the curve: (0\.880, ){4}0\.880; .* moved \+0\.000 \(flat\)", lines)
+    # A quantized cell answers its goal directly.
+    cells["quant-ce-50-int8"] = {"kind": "quantized", "sparsity": 0.5, "bits": 8, "recipe": "ce", "ppl": 10.4}
+    assert "50% + INT8 within 5% of the teacher (<= 10.50): met: CE + INT8 10.40 (+4.0%)" in "\n".join(
+        S.goal_lines(cells, curves, dense)
+    )
