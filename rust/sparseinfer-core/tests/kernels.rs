@@ -274,6 +274,28 @@ fn the_architecture_simd_path_is_available() {
     assert_eq!(isas[0], Isa::Scalar);
 }
 
+/// Every SIMD path runs symmetric integer weights on integer-activation kernels, so the comparisons above
+/// cover them; `SPARSEINFER_EXPECT_KERNEL` (e.g. `neon smull` under an emulated CPU without dot products)
+/// names the variant a run must take.
+#[test]
+fn integer_weights_take_the_integer_activation_kernels() {
+    let w = matrix(8, 256, 0.3, 3);
+    let want = std::env::var("SPARSEINFER_EXPECT_KERNEL").ok();
+    for format in [Format::DenseInt8, Format::SparseInt8, Format::DenseInt4, Format::SparseInt4] {
+        let o = PackOptions { layout: Layout::Rows, ..Default::default() };
+        let m = PackedMatrix::pack(&w, 8, 256, format, o).unwrap();
+        for isa in kernels::available_isas().into_iter().filter(|&i| i != Isa::Scalar) {
+            for act in [Activations::Int8, Activations::Int8Token] {
+                let name = kernels::kernel_name_on(isa, &m, act, 1);
+                assert!(name.starts_with(&format!("{}_i8", format.name().replace('-', "_"))), "{isa:?}: {name}");
+                if let Some(want) = &want {
+                    assert!(name.contains(want.as_str()), "{isa:?}: {name}, expected {want}");
+                }
+            }
+        }
+    }
+}
+
 /// The densities a shape is checked at. The aarch64 tests run under emulation (about 40 times slower), where
 /// the largest shapes, which add row length rather than new code paths, run at one density.
 fn densities(elements: usize) -> &'static [f32] {
@@ -514,15 +536,16 @@ fn int4_code_minus_8_on_every_isa() {
 #[test]
 fn rows_too_wide_for_exact_lanes_take_the_f32_kernels() {
     // The VNNI per-row-scale kernels add whole rows in i32 lanes up to 2^20 columns; a wider row must fall
-    // back to the f32 kernels on x̂ (same result up to summation order), never overflow. (The AVX2 integer
-    // kernels convert every 64-column block, so they take any width.)
+    // back to the f32 kernels on x̂ (same result up to summation order), never overflow. (The AVX2, AVX-VNNI and
+    // NEON integer kernels convert every 64-column block, so they take any width.)
     let cols = (1 << 20) + 64;
     let w: Vec<f32> = (0..cols).map(|c| if c % 3 == 0 { 0.0 } else { ((c % 11) as f32 - 5.0) * 0.1 }).collect();
     let x: Vec<f32> = (0..cols).map(|c| ((c % 7) as f32 - 3.0) * 0.5).collect();
     for format in [Format::DenseInt8, Format::SparseInt8] {
         let m = PackedMatrix::pack(&w, 1, cols, format, PackOptions::default()).unwrap();
         let name = kernels::kernel_name(&m, Activations::Int8Token).unwrap();
-        assert!(name.contains("_f32") || name.ends_with("(avx2)"), "{format:?}: {name}");
+        let any_width = name.ends_with("(avx2)") || name.ends_with("(avxvnni)") || name.contains("(neon");
+        assert!(name.contains("_f32") || any_width, "{format:?}: {name}");
         let (xhat, dense) = (dequantized_activations(&m, &x, 1, true), m.to_dense());
         let want: f64 = dense.iter().zip(&xhat).map(|(a, b)| *a as f64 * *b as f64).sum();
         let mut y = [0.0f32];

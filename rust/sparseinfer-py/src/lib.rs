@@ -825,7 +825,7 @@ fn build_info_impl(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(d)
 }
 
-/// Forces a kernel ISA ("scalar", "avx2", "avx512"); None or "auto" restores the default choice.
+/// Forces a kernel ISA ("scalar", "avx2", "avxvnni", "avx512", "neon"); None or "auto" restores the default choice.
 #[pyfunction]
 #[pyo3(signature = (name = None))]
 fn set_isa(py: Python<'_>, name: Option<&str>) -> PyResult<()> {

@@ -5,7 +5,7 @@
 //! variants live in `#[target_feature]` functions and are only called after runtime detection, so the
 //! crate builds for baseline x86-64.
 //!
-//! `SPARSEINFER_ISA=scalar|avx2|avx512|neon` (or [`set_isa`]) forces a path, so tests can run all of them.
+//! `SPARSEINFER_ISA=scalar|avx2|avxvnni|avx512|neon` (or [`set_isa`]) forces a path, so tests can run all of them.
 
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
@@ -33,6 +33,9 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C + BMI2 + POPCNT.
     Avx2,
+    /// The AVX2 path whose integer-activation kernels add their products with AVX-VNNI's `vpdpbusd` on ymm
+    /// (Intel since Alder Lake without AVX-512, and CPUs with both); the same results bit for bit.
+    AvxVnni,
     /// x86-64 AVX-512 F/BW/DQ/VL + VBMI2 (`vpexpandb`/`vpexpandw`).
     Avx512,
     /// aarch64 NEON (Advanced SIMD).
@@ -41,13 +44,14 @@ pub enum Isa {
 
 impl Isa {
     /// Every path, slowest first.
-    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon];
+    pub const ALL: [Isa; 5] = [Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512, Isa::Neon];
 
     /// The stable name used by `SPARSEINFER_ISA` and `build_info()`.
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
+            Isa::AvxVnni => "avxvnni",
             Isa::Avx512 => "avx512",
             Isa::Neon => "neon",
         }
@@ -56,8 +60,17 @@ impl Isa {
     /// Parses a name from [`Isa::name`].
     pub fn from_name(name: &str) -> Result<Isa> {
         Isa::ALL.into_iter().find(|i| i.name() == name.trim().to_ascii_lowercase()).ok_or_else(|| {
-            Error::invalid("isa", format!("unknown ISA {name:?}; expected one of scalar, avx2, avx512, neon, auto"))
+            Error::invalid(
+                "isa",
+                format!("unknown ISA {name:?}; expected one of {}, auto", names(&Isa::ALL).join(", ")),
+            )
         })
+    }
+
+    /// Whether the path is AVX2's (plain, or with AVX-VNNI for the integer dot products): everything but those
+    /// dot products runs the same AVX2 code.
+    pub fn avx2_level(self) -> bool {
+        matches!(self, Isa::Avx2 | Isa::AvxVnni)
     }
 
     /// Whether this CPU (and this build) can run the path.
@@ -66,6 +79,8 @@ impl Isa {
             Isa::Scalar => true,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => x86::avx2_supported(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::AvxVnni => x86::avxvnni_supported(),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => x86::avx512_supported(),
             #[cfg(target_arch = "aarch64")]
@@ -172,7 +187,7 @@ fn rows_fn(isa: Isa) -> RowsFn {
     match isa {
         Isa::Scalar => reference::rows,
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => x86::avx2::rows,
+        Isa::Avx2 | Isa::AvxVnni => x86::avx2::rows,
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => x86::avx512::rows_shared_x,
         #[cfg(target_arch = "aarch64")]
@@ -292,8 +307,8 @@ enum Consumer {
     F32,
     /// The AVX-512 VNNI kernels: group sums, or per-row-scale corrections.
     Vnni,
-    /// The AVX2 integer kernels: nothing more.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    /// The AVX2 and NEON integer kernels: nothing more.
+    #[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
     Codes,
 }
 
@@ -587,10 +602,18 @@ pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32],
                 return Ok(());
             }
             #[cfg(target_arch = "x86_64")]
-            if isa == Isa::Avx2 && x86::avx2_int::supports(m) {
+            if isa.avx2_level() && x86::avx2_int::supports(m) {
                 let m = m.row_major();
                 let q = quantize_activations_for(m, xs, k, Consumer::Codes, token);
-                run_rows(m, k, y, x86::avx2_int::rows, &q);
+                let rows = if isa == Isa::AvxVnni { x86::avx2_int::rows_avxvnni } else { x86::avx2_int::rows };
+                run_rows(m, k, y, rows, &q);
+                return Ok(());
+            }
+            #[cfg(target_arch = "aarch64")]
+            if isa == Isa::Neon && aarch64::neon_int::supports(m) {
+                let m = m.row_major();
+                let q = quantize_activations_for(m, xs, k, Consumer::Codes, token);
+                run_rows(m, k, y, aarch64::neon_int::rows, &q);
                 return Ok(());
             }
             let m = m.row_major();
@@ -613,7 +636,7 @@ fn f32_operand<'a>(isa: Isa, m: &PackedMatrix, xs: &'a [f32]) -> std::borrow::Co
 }
 
 /// The ISA a one-row call (a matvec) would run on and whether it takes the integer-activation kernels
-/// (AVX-512 VNNI or AVX2), for reports.
+/// (AVX-512 VNNI, AVX2 or NEON), for reports.
 pub fn kernel_name(m: &PackedMatrix, act: Activations) -> Result<String> {
     Ok(kernel_name_on(active_isa()?, m, act, 1))
 }
@@ -637,9 +660,15 @@ pub fn kernel_name_on(isa: Isa, m: &PackedMatrix, act: Activations, k: usize) ->
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if act.is_int8() && isa == Isa::Avx2 && x86::avx2_int::supports(m) {
+    if act.is_int8() && isa.avx2_level() && x86::avx2_int::supports(m) {
         let per = if act == Activations::Int8Token { "_token" } else { "" };
-        return format!("{}_i8{per} (avx2)", m.format.name().replace('-', "_"));
+        return format!("{}_i8{per} ({})", m.format.name().replace('-', "_"), isa.name());
+    }
+    #[cfg(target_arch = "aarch64")]
+    if act.is_int8() && isa == Isa::Neon && aarch64::neon_int::supports(m) {
+        let per = if act == Activations::Int8Token { "_token" } else { "" };
+        let how = if aarch64::neon_int::has_dotprod() { "neon sdot" } else { "neon smull" };
+        return format!("{}_i8{per} ({how})", m.format.name().replace('-', "_"));
     }
     format!("{}_f32 ({})", m.format.name().replace('-', "_"), isa.name())
 }

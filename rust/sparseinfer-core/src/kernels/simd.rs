@@ -1,5 +1,6 @@
 //! Pieces every SIMD path shares (x86 and aarch64): the scale mode a kernel is compiled for, a row's scale
-//! pointers, and the per-mask-byte lookup tables of the paths without an expand instruction.
+//! pointers, the chunk-scale mode of the integer-activation kernels, and the per-mask-byte lookup tables of
+//! the paths without an expand instruction.
 
 use crate::formats::PackedMatrix;
 
@@ -38,6 +39,64 @@ impl RowScales {
             shift: m.group.trailing_zeros(),
         }
     }
+}
+
+/// Chunk scales from two 32-column weight groups: the third chunk-scale mode of the integer-activation kernels.
+pub(crate) const GRP32: u8 = 3;
+
+/// How the integer-activation kernels form a chunk's scale, fixed per kernel instantiation (so the chunk loop
+/// carries no run-time test): per row (`ROW`), per group of >= 64 columns (`GRP`), or two 32-column groups per chunk
+/// ([`GRP32`]).
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+pub(crate) fn chunk_scaling(m: &PackedMatrix) -> u8 {
+    match scale_mode(m) {
+        ROW => ROW,
+        _ if m.group >= crate::formats::CHUNK => GRP,
+        _ => GRP32,
+    }
+}
+
+/// Calls a kernel with the chunk-scale mode `$scaling` (`ROW`, `GRP` or [`GRP32`], see [`chunk_scaling`]) as its
+/// last const parameter.
+macro_rules! by_scaling {
+    ($scaling:expr, $f:ident::<$($g:tt),*>($($arg:expr),*)) => {
+        match $scaling {
+            crate::kernels::simd::ROW => $f::<$($g,)* { crate::kernels::simd::ROW }>($($arg),*),
+            crate::kernels::simd::GRP => $f::<$($g,)* { crate::kernels::simd::GRP }>($($arg),*),
+            _ => $f::<$($g,)* { crate::kernels::simd::GRP32 }>($($arg),*),
+        }
+    };
+}
+pub(crate) use by_scaling;
+
+/// Row `[c][b]`: per mask byte `b`, `c` plus the rank of each set bit among the byte's set bits, and 0xC0 in the
+/// clear lanes: the byte-shuffle control (`pshufb` / `tbl`) of eight columns whose values start `c` (0-8) values
+/// into their 16-column half. Both instructions give 0 for the clear marker; it keeps its top bit after up to 17
+/// is added to the row and 16 taken away (`x86::avx2_int::expand32_int4`).
+#[repr(align(8))]
+pub(crate) struct RanksAfter(pub(crate) [[[u8; 8]; 256]; 9]);
+
+pub(crate) static RANKS_AFTER: RanksAfter = RanksAfter(ranks_after());
+
+const fn ranks_after() -> [[[u8; 8]; 256]; 9] {
+    let mut t = [[[0xC0u8; 8]; 256]; 9];
+    let mut c = 0;
+    while c < 9 {
+        let mut b = 0;
+        while b < 256 {
+            let (mut lane, mut rank) = (0, 0);
+            while lane < 8 {
+                if b >> lane & 1 == 1 {
+                    t[c][b][lane] = (c + rank) as u8;
+                    rank += 1;
+                }
+                lane += 1;
+            }
+            b += 1;
+        }
+        c += 1;
+    }
+    t
 }
 
 /// For each mask byte, a byte-shuffle control (`pshufb` / `tbl`) that moves packed value `rank` (of `width`

@@ -73,7 +73,7 @@ pub fn ops() -> VectorOps {
     #[cfg(target_arch = "x86_64")]
     match active_isa() {
         Ok(Isa::Avx512) => return x86::ops::<true>(),
-        Ok(Isa::Avx2) => return x86::ops::<false>(),
+        Ok(Isa::Avx2 | Isa::AvxVnni) => return x86::ops::<false>(),
         _ => {}
     }
     VectorOps {

@@ -2,6 +2,7 @@
 //! `#[target_feature]` and still detected at run time like the x86 paths.
 
 pub(crate) mod neon;
+pub(crate) mod neon_int;
 
 /// NEON path requirements.
 pub fn neon_supported() -> bool {

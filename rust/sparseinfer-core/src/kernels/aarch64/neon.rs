@@ -1,5 +1,5 @@
-//! NEON kernels (aarch64). Kernel names: `<weight format>_f32` (f32 activations; int8 activations run these
-//! kernels on `x̂`, like AVX2).
+//! NEON kernels (aarch64). Kernel names: `<weight format>_f32` (f32 activations, and int8 activations on `x̂`
+//! for the formats [`super::neon_int`] does not serve: asymmetric int4).
 //!
 //! Same walk as the x86 kernels: 64-column chunks, up to `NR` activation rows, and here 8 columns (one mask
 //! byte) per step as two 4-lane f32 vectors. NEON has no expand instruction, so sparse decode looks up, per

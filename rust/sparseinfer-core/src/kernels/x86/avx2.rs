@@ -35,7 +35,7 @@ static SHUF_I8: Lut16 = Lut16(expand_table(1));
 static SHUF_I16: Lut16 = Lut16(expand_table(2));
 
 /// For each mask byte, the rank of each set lane among the set lanes (0 in clear lanes).
-pub(super) const fn build_expand_idx() -> [[u32; 8]; 256] {
+const fn build_expand_idx() -> [[u32; 8]; 256] {
     let mut t = [[0u32; 8]; 256];
     let mut b = 0;
     while b < 256 {

@@ -1,6 +1,6 @@
 //! AVX2 kernels for symmetric integer weights with int8 activations: per 64-column block
 //! (`Activations::Int8`, kernel names `<weight format>_i8 (avx2)`) or per row (`Activations::Int8Token`,
-//! `<weight format>_i8_token (avx2)`, whose block scales are the row's scale repeated).
+//! `<weight format>_i8_token (avx2)`, whose block scales are the row's scale repeated; `(avxvnni)` on AVX-VNNI).
 //!
 //! Per 64-column chunk the weight codes `q` (int8, or int4 nibbles minus 8) sit in two 32-byte vectors of
 //! signed bytes; a sparse chunk is expanded 32 columns at a time ([`expand32`]: one `vpshufb` whose control is
@@ -15,16 +15,17 @@
 //! vpmaddubsw   |q| (unsigned) · x' (signed), adjacent pairs added into i16: |sum| <= 2·128·127 < 2^15
 //! vpmaddwd  with ones: adjacent i16 pairs into i32
 //! ```
+//! or, where the CPU has AVX-VNNI (`rows_avxvnni`, ISA `avxvnni`), one `vpdpbusd` in place of the last two,
+//! adding the same four products per i32 lane;
 //! and each chunk's eight i32 lanes are converted once and multiply-added with the chunk scale `s_x · d` (two
 //! 32-column halves with their own weight scale for 32-column groups). So every product and every block sum is
 //! exact, as in the AVX-512 VNNI kernels; only the f32 sum over chunks differs from the scalar reference in
 //! order. Signed weights need no zero point, so the budget is `SUM_ORDER · Σ|ŵ·x̂|` with nothing added.
 
-use super::avx2::{build_expand_idx, dense_nibbles, hsum, nibbles_to_bytes};
-use super::chunk_scaling;
+use super::avx2::{dense_nibbles, hsum, nibbles_to_bytes};
 use super::vnni::PREFETCH;
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
-use crate::kernels::simd::{RowScales, GRP, ROW};
+use crate::kernels::simd::{by_scaling, chunk_scaling, RowScales, GRP, RANKS_AFTER, ROW};
 use crate::kernels::QuantActs;
 use core::arch::x86_64::*;
 
@@ -61,6 +62,22 @@ const DECODE_STREAMS: usize = 4;
 /// `a < k` and `r0 <= r < r1`.
 #[target_feature(enable = "avx2,fma,popcnt,bmi2")]
 pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
+    rows_with::<false>(m, r0, r1, q, k, y)
+}
+
+/// [`rows`] with the products added by AVX-VNNI's `vpdpbusd` ([`dot32`]): the same integer sums, so the same
+/// results bit for bit.
+///
+/// # Safety
+/// As [`rows`], and the CPU must support AVX-VNNI.
+#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+pub(crate) unsafe fn rows_avxvnni(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
+    rows_with::<true>(m, r0, r1, q, k, y)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+unsafe fn rows_with<const VNNI: bool>(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
     debug_assert!(!m.tiled && q.k == k && q.xq.len() == k * m.cols_pad && q.sx.len() == k * m.chunks());
     let scaling = chunk_scaling(m);
     let once = k > 4 && m.format != Format::DenseInt8;
@@ -97,11 +114,11 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
         ($nr:literal, $nrows:tt, $r:expr, $a:expr) => {{
             let rows: [usize; $nrows] = $r;
             match fmt {
-                DI8 => by_scaling!(scaling, row::<$nr, $nrows, DI8>(m, rows, q, $a, y, codes)),
-                SI8 => by_scaling!(scaling, row::<$nr, $nrows, SI8>(m, rows, q, $a, y, codes)),
-                DI4 => by_scaling!(scaling, row::<$nr, $nrows, DI4>(m, rows, q, $a, y, codes)),
-                U4 => by_scaling!(scaling, row::<$nr, $nrows, U4>(m, rows, q, $a, y, codes)),
-                _ => by_scaling!(scaling, row::<$nr, $nrows, EXP>(m, rows, q, $a, y, codes)),
+                DI8 => by_scaling!(scaling, row::<VNNI, $nr, $nrows, DI8>(m, rows, q, $a, y, codes)),
+                SI8 => by_scaling!(scaling, row::<VNNI, $nr, $nrows, SI8>(m, rows, q, $a, y, codes)),
+                DI4 => by_scaling!(scaling, row::<VNNI, $nr, $nrows, DI4>(m, rows, q, $a, y, codes)),
+                U4 => by_scaling!(scaling, row::<VNNI, $nr, $nrows, U4>(m, rows, q, $a, y, codes)),
+                _ => by_scaling!(scaling, row::<VNNI, $nr, $nrows, EXP>(m, rows, q, $a, y, codes)),
             }
         }};
     }
@@ -203,7 +220,7 @@ unsafe fn unpack_row_int4(m: &PackedMatrix, r: usize, out: *mut u8) {
 /// `y[a, r]`. `codes`: the row expanded by [`expand_row`] (`FMT` `EXP`) or unpacked by [`unpack_row_int4`] (`U4`); then `R` is 1. Else unused.
 #[inline]
 #[target_feature(enable = "avx2,fma,popcnt,bmi2")]
-unsafe fn row<const NR: usize, const R: usize, const FMT: u8, const MODE: u8>(
+unsafe fn row<const VNNI: bool, const NR: usize, const R: usize, const FMT: u8, const MODE: u8>(
     m: &PackedMatrix,
     rows: [usize; R],
     q: &QuantActs,
@@ -230,18 +247,18 @@ unsafe fn row<const NR: usize, const R: usize, const FMT: u8, const MODE: u8>(
     while ch + 2 <= chunks {
         for i in 0..R {
             let w = chunk_codes::<FMT>(&mut p[i], masks[i], ch, &mut buf[i]);
-            chunk_dot::<NR, MODE>(&mut acc0[i], w, &act, &s[i], ch);
+            chunk_dot::<VNNI, NR, MODE>(&mut acc0[i], w, &act, &s[i], ch);
         }
         for i in 0..R {
             let w = chunk_codes::<FMT>(&mut p[i], masks[i], ch + 1, &mut buf[i]);
-            chunk_dot::<NR, MODE>(&mut acc1[i], w, &act, &s[i], ch + 1);
+            chunk_dot::<VNNI, NR, MODE>(&mut acc1[i], w, &act, &s[i], ch + 1);
         }
         ch += 2;
     }
     if ch < chunks {
         for i in 0..R {
             let w = chunk_codes::<FMT>(&mut p[i], masks[i], ch, &mut buf[i]);
-            chunk_dot::<NR, MODE>(&mut acc0[i], w, &act, &s[i], ch);
+            chunk_dot::<VNNI, NR, MODE>(&mut acc0[i], w, &act, &s[i], ch);
         }
     }
     for (i, &r) in rows.iter().enumerate() {
@@ -347,36 +364,6 @@ unsafe fn half_ranks(mb: *const u8) -> __m256i {
     _mm256_set_m128i(pair(b[2], &RANKS_AFTER.0[c2][b[3]]), pair(b[0], &RANKS_AFTER.0[c0][b[1]]))
 }
 
-/// Row `[c][b]`: per mask byte `b`, `c` plus the rank of each set bit among the byte's set bits, and 0xC0 in the
-/// clear lanes: the `pshufb` control of eight columns whose values start `c` (0-8) values into their 16-column
-/// half. The clear marker keeps its top bit (a zeroing control) after up to 17 is added to the row and 16
-/// taken away ([`expand32_int4`]).
-#[repr(align(8))]
-struct RanksAfter([[[u8; 8]; 256]; 9]);
-
-static RANKS_AFTER: RanksAfter = RanksAfter(ranks_after());
-
-const fn ranks_after() -> [[[u8; 8]; 256]; 9] {
-    let idx = build_expand_idx();
-    let mut t = [[[0xC0u8; 8]; 256]; 9];
-    let mut c = 0;
-    while c < 9 {
-        let mut b = 0;
-        while b < 256 {
-            let mut lane = 0;
-            while lane < 8 {
-                if b >> lane & 1 == 1 {
-                    t[c][b][lane] = idx[b][lane] as u8 + c as u8;
-                }
-                lane += 1;
-            }
-            b += 1;
-        }
-        c += 1;
-    }
-    t
-}
-
 /// Row `17·o + c`: `o` in bytes 0-15 and `o + c` in bytes 16-31 (where a sparse int4 group's two 16-column
 /// halves start among 32 unpacked nibbles: `o` is the group's first nibble's parity, `c` the first half's count).
 #[repr(align(32))]
@@ -422,19 +409,35 @@ unsafe fn expand32_int4(p: *const u8, s: usize, mb: *const u8) -> __m256i {
     _mm256_or_si256(from_a, from_b)
 }
 
-/// `Σ q·x` of 32 signed weight codes `w` against 32 activation codes at `x`, as eight exact i32 lanes.
+/// `acc + Σ q·x` of 32 signed weight codes `w` (and their magnitudes `w_abs`) against 32 activation codes at
+/// `x`, as eight exact i32 lanes: `vpmaddubsw` and `vpmaddwd`, or AVX-VNNI's `vpdpbusd` (`VNNI`), which adds
+/// the same four products per lane without the i16 step. Neither saturates (see the module docs), so both
+/// give the same sums.
 #[inline]
 #[target_feature(enable = "avx2,fma,popcnt,bmi2")]
-unsafe fn dot32(w: __m256i, w_abs: __m256i, x: *const i8) -> __m256i {
-    let x = _mm256_loadu_si256(x as *const __m256i);
-    let pairs = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(x, w));
-    _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+unsafe fn dot32<const VNNI: bool>(acc: __m256i, w: __m256i, w_abs: __m256i, x: *const i8) -> __m256i {
+    let x = _mm256_sign_epi8(_mm256_loadu_si256(x as *const __m256i), w);
+    if VNNI {
+        // The VEX form by its encoding prefix: the intrinsic would need `avxvnni` enabled on every function of
+        // the walk, which a const parameter cannot switch. Reached only where AVX-VNNI was detected.
+        let mut acc = acc;
+        core::arch::asm!(
+            "{{vex}} vpdpbusd {acc}, {w}, {x}",
+            acc = inout(ymm_reg) acc,
+            w = in(ymm_reg) w_abs,
+            x = in(ymm_reg) x,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+        acc
+    } else {
+        _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, x), _mm256_set1_epi16(1)))
+    }
 }
 
 /// `acc[a] += cvt(Σ q·x) · s_x · d` over chunk `ch` for every activation row.
 #[inline]
 #[target_feature(enable = "avx2,fma,popcnt,bmi2")]
-unsafe fn chunk_dot<const NR: usize, const MODE: u8>(
+unsafe fn chunk_dot<const VNNI: bool, const NR: usize, const MODE: u8>(
     acc: &mut [__m256; NR],
     w: [__m256i; 2],
     act: &[ActRow; NR],
@@ -442,17 +445,19 @@ unsafe fn chunk_dot<const NR: usize, const MODE: u8>(
     ch: usize,
 ) {
     let abs = [_mm256_abs_epi8(w[0]), _mm256_abs_epi8(w[1])];
+    let zero = _mm256_setzero_si256();
     for (acc, x) in acc.iter_mut().zip(act) {
         let xq = x.xq.add(ch * CHUNK);
-        let (d0, d1) = (dot32(w[0], abs[0], xq), dot32(w[1], abs[1], xq.add(32)));
         let sx = *x.sx.add(ch);
         match MODE {
-            ROW => *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)), _mm256_set1_ps(sx), *acc),
-            GRP => {
-                let d = *s.d.add((ch * CHUNK) >> s.shift);
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)), _mm256_set1_ps(sx * d), *acc);
+            ROW | GRP => {
+                // Both halves into one set of lanes: i32 adds are exact, so the sum is the same in any order.
+                let d = dot32::<VNNI>(dot32::<VNNI>(zero, w[0], abs[0], xq), w[1], abs[1], xq.add(32));
+                let scale = if MODE == ROW { sx } else { sx * *s.d.add((ch * CHUNK) >> s.shift) };
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(scale), *acc);
             }
             _ => {
+                let (d0, d1) = (dot32::<VNNI>(zero, w[0], abs[0], xq), dot32::<VNNI>(zero, w[1], abs[1], xq.add(32)));
                 let g = (ch * CHUNK) >> s.shift;
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(sx * *s.d.add(g)), *acc);
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(sx * *s.d.add(g + 1)), *acc);

@@ -18,38 +18,11 @@ macro_rules! load512_nofold {
     }};
 }
 
-/// Calls a kernel with the chunk-scale mode `$scaling` (`ROW`, `GRP` or [`GRP32`], see [`chunk_scaling`]) as its
-/// last const parameter.
-macro_rules! by_scaling {
-    ($scaling:expr, $f:ident::<$($g:tt),*>($($arg:expr),*)) => {
-        match $scaling {
-            crate::kernels::simd::ROW => $f::<$($g,)* { crate::kernels::simd::ROW }>($($arg),*),
-            crate::kernels::simd::GRP => $f::<$($g,)* { crate::kernels::simd::GRP }>($($arg),*),
-            _ => $f::<$($g,)* { crate::kernels::x86::GRP32 }>($($arg),*),
-        }
-    };
-}
-
 pub(crate) mod amx;
 pub(crate) mod avx2;
 pub(crate) mod avx2_int;
 pub(crate) mod avx512;
 pub(crate) mod vnni;
-
-/// Chunk scales from two 32-column weight groups: the third chunk-scale mode of the integer-activation kernels.
-pub(crate) const GRP32: u8 = 3;
-
-/// How the integer-activation kernels form a chunk's scale, fixed per kernel instantiation (so the chunk loop
-/// carries no run-time test): per row (`ROW`), per group of >= 64 columns (`GRP`), or two 32-column groups per chunk
-/// ([`GRP32`]).
-pub(crate) fn chunk_scaling(m: &crate::formats::PackedMatrix) -> u8 {
-    use crate::kernels::simd::{scale_mode, GRP, ROW};
-    match scale_mode(m) {
-        ROW => ROW,
-        _ if m.group >= crate::formats::CHUNK => GRP,
-        _ => GRP32,
-    }
-}
 
 /// AVX2 path requirements.
 pub fn avx2_supported() -> bool {
@@ -58,6 +31,11 @@ pub fn avx2_supported() -> bool {
         && is_x86_feature_detected!("f16c")
         && is_x86_feature_detected!("bmi2")
         && is_x86_feature_detected!("popcnt")
+}
+
+/// AVX-VNNI path requirements: the AVX2 path and the VEX-encoded `vpdpbusd`.
+pub fn avxvnni_supported() -> bool {
+    avx2_supported() && is_x86_feature_detected!("avxvnni")
 }
 
 /// AVX-512 path requirements (VBMI2 provides the byte/word expand that decodes the sparse formats, GFNI the

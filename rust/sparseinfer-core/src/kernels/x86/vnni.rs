@@ -22,10 +22,9 @@
 //! activations; they run the f32 kernels on `x̂`.
 
 use super::avx512::{dense_nibbles, nibbles_to_bytes};
-use super::chunk_scaling;
 use crate::formats::tiles::{QUAD, TILE};
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
-use crate::kernels::simd::{scale_mode, RowScales, GRP, ROW};
+use crate::kernels::simd::{by_scaling, chunk_scaling, scale_mode, RowScales, GRP, ROW};
 use crate::kernels::vector::x86::dot;
 use crate::kernels::QuantActs;
 use core::arch::x86_64::*;

@@ -84,7 +84,7 @@ fn mlp_rows(mlp: Mlp, i: usize, up: &[f32], act: &mut [f32]) {
         match active_isa() {
             // SAFETY: the active path's features were detected.
             Ok(Isa::Avx512) => return unsafe { mlp_avx512(mlp, i, up, act) },
-            Ok(Isa::Avx2) => return unsafe { mlp_avx2(mlp, i, up, act) },
+            Ok(Isa::Avx2 | Isa::AvxVnni) => return unsafe { mlp_avx2(mlp, i, up, act) },
             _ => {}
         }
     }
@@ -112,7 +112,7 @@ pub fn activate_in_place(f: Act, x: &mut [f32], width: usize) {
             match active_isa() {
                 // SAFETY: the active path's features were detected.
                 Ok(Isa::Avx512) => return unsafe { in_place_avx512(f, x) },
-                Ok(Isa::Avx2) => return unsafe { in_place_avx2(f, x) },
+                Ok(Isa::Avx2 | Isa::AvxVnni) => return unsafe { in_place_avx2(f, x) },
                 _ => {}
             }
         }
