@@ -2,30 +2,33 @@
 //! (`Activations::Int8`, kernel names `<weight format>_i8 (avx2)`) or per row (`Activations::Int8Token`,
 //! `<weight format>_i8_token (avx2)`, whose block scales are the row's scale repeated; `(avxvnni)` on AVX-VNNI).
 //!
-//! Per 64-column chunk the weight codes `q` (int8, or int4 nibbles minus 8) sit in two 32-byte vectors of
-//! signed bytes; a sparse chunk is expanded 32 columns at a time ([`expand32`]: one `vpshufb` whose control is
-//! built from four per-mask-byte table rows, the second of each 16-column half already offset by the first's
-//! count), once per weight row for up to four activation rows. Sparse int4 rows are first unpacked to signed
-//! bytes, one row ahead ([`unpack_row_int4`]), and their chunks then expand as int8 ones do; a row expanded once
-//! for many activation rows (prefill) expands its int4 groups from registers ([`expand32_int4`]). The products
-//! `Σ q·x` are exact:
+//! Per 64-column chunk the weight codes sit in two 32-byte vectors: int8 codes `q` as signed bytes, int4 ones
+//! as their nibbles `n = q + 8` (unsigned; pruned lanes 8). A sparse chunk is expanded 32 columns at a time
+//! ([`expand32`]: one `vpshufb` whose control is built from four per-mask-byte table rows, the second of each
+//! 16-column half already offset by the first's count), once per weight row for up to four activation rows.
+//! Sparse int4 rows are first unpacked to bytes, one row ahead ([`unpack_row_int4`]), and their chunks then
+//! expand as int8 ones do; a row expanded once for many activation rows (prefill) expands its int4 groups from
+//! registers ([`expand32_int4`]). The products `Σ q·x` are exact:
 //!
 //! ```text
-//! vpsignb   x' = x · sign(q)                     (0 where q = 0)
-//! vpmaddubsw   |q| (unsigned) · x' (signed), adjacent pairs added into i16: |sum| <= 2·128·127 < 2^15
-//! vpmaddwd  with ones: adjacent i16 pairs into i32
+//! int8:  vpsignb     x' = x · sign(q)                     (0 where q = 0)
+//!        vpmaddubsw  |q| (unsigned) · x' (signed), adjacent pairs added into i16: |sum| <= 2·128·127 < 2^15
+//!        vpmaddwd    with ones: adjacent i16 pairs into i32
+//! int4:  vpmaddubsw  n (unsigned) · x (signed), |sum| <= 2·15·127; vpmaddwd with ones
+//!        vpaddd      + the activations' zero-point lane -8·Σx over the lane's columns (`zero_point_lanes`)
 //! ```
-//! or, where the CPU has AVX-VNNI (`rows_avxvnni`, ISA `avxvnni`), one `vpdpbusd` in place of the last two,
-//! adding the same four products per i32 lane;
-//! and each chunk's eight i32 lanes are converted once and multiply-added with the chunk scale `s_x · d` (two
-//! 32-column halves with their own weight scale for 32-column groups). So every product and every block sum is
-//! exact, as in the AVX-512 VNNI kernels; only the f32 sum over chunks differs from the scalar reference in
-//! order. Signed weights need no zero point, so the budget is `SUM_ORDER · Σ|ŵ·x̂|` with nothing added.
+//! or, where the CPU has AVX-VNNI (`rows_avxvnni`, ISA `avxvnni`), one `vpdpbusd` in place of `vpmaddubsw` and
+//! `vpmaddwd` (adding the same four products per i32 lane; int4 lanes start from the zero-point lane). An int4
+//! lane so holds `Σ (n - 8)·x`, the same integer the signed codes give. Each chunk's eight i32 lanes are
+//! converted once and multiply-added with the chunk scale `s_x · d` (two 32-column halves with their own weight
+//! scale for 32-column groups). So every product and every block sum is exact, as in the AVX-512 VNNI kernels;
+//! only the f32 sum over chunks differs from the scalar reference in order, and the budget is
+//! `SUM_ORDER · Σ|ŵ·x̂|` with nothing added for zero points.
 
 use super::avx2::{dense_nibbles, hsum, nibbles_to_bytes};
 use super::vnni::PREFETCH;
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
-use crate::kernels::simd::{by_scaling, chunk_scaling, RowScales, GRP, RANKS_AFTER, ROW};
+use crate::kernels::simd::{by_scaling, chunk_scaling, RowScales, GRP, GRP32, RANKS_AFTER, ROW};
 use crate::kernels::QuantActs;
 use core::arch::x86_64::*;
 
@@ -41,9 +44,17 @@ const DI4: u8 = 2;
 const SI4: u8 = 3;
 /// Signed codes already expanded to one byte per column: a weight row's copy made once for many activation rows.
 const EXP: u8 = 4;
+/// The same for int4 rows: their unsigned codes ([`chunk_codes`]).
+const EXP4: u8 = 6;
 /// A sparse int4 row's stored nibbles unpacked to signed bytes, chunk padding included ([`unpack_row_int4`]):
 /// its chunks then expand as sparse int8 ones do.
 const U4: u8 = 5;
+
+/// Whether a format's chunks come as unsigned int4 codes `n = q + 8` (pruned lanes 8), whose products need
+/// the activations' zero-point lanes ([`zero_point_lanes`]).
+const fn unsigned(fmt: u8) -> bool {
+    matches!(fmt, DI4 | SI4 | U4 | EXP4)
+}
 
 /// Dense weight rows a decode step reads in lockstep, from as many parts of its range: four rows in flight
 /// hide the latency of each row's chain of dependent steps (int4 most).
@@ -95,10 +106,17 @@ unsafe fn rows_with<const VNNI: bool>(m: &PackedMatrix, r0: usize, r1: usize, q:
             0
         }
     ];
-    // The row the `EXP` and `U4` instantiations read (only they do).
+    // The row the `EXP`, `EXP4` and `U4` instantiations read (only they do).
     let mut codes = copy.as_ptr();
+    let int4 = m.format.elem() == Elem::I4;
+    let zc = if int4 { zero_point_lanes(q, m.cols_pad, scaling) } else { Vec::new() };
+    let zc = zc.as_ptr();
     let fmt = if once {
-        EXP
+        if int4 {
+            EXP4
+        } else {
+            EXP
+        }
     } else if unpack {
         U4
     } else {
@@ -114,11 +132,12 @@ unsafe fn rows_with<const VNNI: bool>(m: &PackedMatrix, r0: usize, r1: usize, q:
         ($nr:literal, $nrows:tt, $r:expr, $a:expr) => {{
             let rows: [usize; $nrows] = $r;
             match fmt {
-                DI8 => by_scaling!(scaling, row::<VNNI, $nr, $nrows, DI8>(m, rows, q, $a, y, codes)),
-                SI8 => by_scaling!(scaling, row::<VNNI, $nr, $nrows, SI8>(m, rows, q, $a, y, codes)),
-                DI4 => by_scaling!(scaling, row::<VNNI, $nr, $nrows, DI4>(m, rows, q, $a, y, codes)),
-                U4 => by_scaling!(scaling, row::<VNNI, $nr, $nrows, U4>(m, rows, q, $a, y, codes)),
-                _ => by_scaling!(scaling, row::<VNNI, $nr, $nrows, EXP>(m, rows, q, $a, y, codes)),
+                DI8 => by_scaling!(scaling, row::<VNNI, $nr, $nrows, DI8>(m, rows, q, zc, $a, y, codes)),
+                SI8 => by_scaling!(scaling, row::<VNNI, $nr, $nrows, SI8>(m, rows, q, zc, $a, y, codes)),
+                DI4 => by_scaling!(scaling, row::<VNNI, $nr, $nrows, DI4>(m, rows, q, zc, $a, y, codes)),
+                U4 => by_scaling!(scaling, row::<VNNI, $nr, $nrows, U4>(m, rows, q, zc, $a, y, codes)),
+                EXP4 => by_scaling!(scaling, row::<VNNI, $nr, $nrows, EXP4>(m, rows, q, zc, $a, y, codes)),
+                _ => by_scaling!(scaling, row::<VNNI, $nr, $nrows, EXP>(m, rows, q, zc, $a, y, codes)),
             }
         }};
     }
@@ -167,10 +186,37 @@ unsafe fn rows_with<const VNNI: bool>(m: &PackedMatrix, r0: usize, r1: usize, q:
     }
 }
 
-/// One activation row's codes and block scales.
+/// One activation row's codes, block scales and (int4 weights) zero-point lanes.
 struct ActRow {
     xq: *const i8,
     sx: *const f32,
+    zc: *const __m256i,
+}
+
+/// Per activation row and chunk, the int4 kernels' zero-point lanes `-8 · Σ x` over the columns whose products
+/// each i32 lane of [`dot32u`] adds (four per 32-column half), for the two halves (`GRP32`) or both halves in
+/// one (else). Added to the lanes of `Σ n·x` they give `Σ (n - 8)·x = Σ q·x` lane for lane, the same integers
+/// as signed codes would, so the unsigned form changes no bit of a result. Once per task and activation row,
+/// for all of the task's weight rows.
+#[inline]
+#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+unsafe fn zero_point_lanes(q: &QuantActs, cp: usize, scaling: u8) -> Vec<__m256i> {
+    let (eight, ones) = (_mm256_set1_epi8(8), _mm256_set1_epi16(1));
+    let lanes = |x: *const i8| {
+        let x = _mm256_loadu_si256(x as *const __m256i);
+        // |8·(x_a + x_b)| <= 2032: no i16 saturation.
+        _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(_mm256_maddubs_epi16(eight, x), ones))
+    };
+    let mut out = Vec::with_capacity(q.k * (cp / CHUNK) * if scaling == GRP32 { 2 } else { 1 });
+    for x in q.xq.chunks_exact(CHUNK) {
+        let (lo, hi) = (lanes(x.as_ptr()), lanes(x.as_ptr().add(32)));
+        if scaling == GRP32 {
+            out.extend([lo, hi]);
+        } else {
+            out.push(_mm256_add_epi32(lo, hi));
+        }
+    }
+    out
 }
 
 /// Weight row `r`'s signed codes, one byte per column, written to `out` (`m.cols_pad` bytes).
@@ -224,19 +270,25 @@ unsafe fn row<const VNNI: bool, const NR: usize, const R: usize, const FMT: u8, 
     m: &PackedMatrix,
     rows: [usize; R],
     q: &QuantActs,
+    zc: *const __m256i,
     a0: usize,
     y: *mut f32,
     codes: *const u8,
 ) {
     let (cp, chunks) = (m.cols_pad, m.chunks());
+    let halves = if MODE == GRP32 { 2 } else { 1 };
     let act: [ActRow; NR] = core::array::from_fn(|a| ActRow {
         xq: q.xq.as_ptr().add((a0 + a) * cp),
         sx: q.sx.as_ptr().add((a0 + a) * chunks),
+        zc: zc.wrapping_add((a0 + a) * chunks * halves),
     });
-    let mut p: [*const u8; R] =
-        core::array::from_fn(
-            |i| if FMT == EXP || FMT == U4 { codes } else { m.data.as_ptr().add(m.row_start(rows[i])) },
-        );
+    let mut p: [*const u8; R] = core::array::from_fn(|i| {
+        if matches!(FMT, EXP | EXP4 | U4) {
+            codes
+        } else {
+            m.data.as_ptr().add(m.row_start(rows[i]))
+        }
+    });
     let masks: [*const u64; R] = core::array::from_fn(|i| m.masks.as_ptr().wrapping_add(rows[i] * chunks));
     let s: [RowScales; R] = core::array::from_fn(|i| RowScales::of(m, rows[i]));
     // The int4 sparse chunk's codes unpacked to bytes (expand32 reads at most 64 of them).
@@ -247,18 +299,18 @@ unsafe fn row<const VNNI: bool, const NR: usize, const R: usize, const FMT: u8, 
     while ch + 2 <= chunks {
         for i in 0..R {
             let w = chunk_codes::<FMT>(&mut p[i], masks[i], ch, &mut buf[i]);
-            chunk_dot::<VNNI, NR, MODE>(&mut acc0[i], w, &act, &s[i], ch);
+            chunk_dot::<VNNI, NR, MODE, FMT>(&mut acc0[i], w, &act, &s[i], ch);
         }
         for i in 0..R {
             let w = chunk_codes::<FMT>(&mut p[i], masks[i], ch + 1, &mut buf[i]);
-            chunk_dot::<VNNI, NR, MODE>(&mut acc1[i], w, &act, &s[i], ch + 1);
+            chunk_dot::<VNNI, NR, MODE, FMT>(&mut acc1[i], w, &act, &s[i], ch + 1);
         }
         ch += 2;
     }
     if ch < chunks {
         for i in 0..R {
             let w = chunk_codes::<FMT>(&mut p[i], masks[i], ch, &mut buf[i]);
-            chunk_dot::<VNNI, NR, MODE>(&mut acc0[i], w, &act, &s[i], ch);
+            chunk_dot::<VNNI, NR, MODE, FMT>(&mut acc0[i], w, &act, &s[i], ch);
         }
     }
     for (i, &r) in rows.iter().enumerate() {
@@ -269,8 +321,9 @@ unsafe fn row<const VNNI: bool, const NR: usize, const R: usize, const FMT: u8, 
     }
 }
 
-/// Chunk `ch`'s signed weight codes, columns 0-31 and 32-63. Dense chunks are read at their offset from the
-/// row start `*p`; sparse ones at `*p`, which then advances past the chunk's values (chunks come in order).
+/// Chunk `ch`'s weight codes, columns 0-31 and 32-63: signed for int8 formats, unsigned `n = q + 8` for int4
+/// ones ([`unsigned`]; pruned lanes 8). Dense chunks are read at their offset from the row start `*p`; sparse
+/// ones at `*p`, which then advances past the chunk's values (chunks come in order).
 #[inline]
 #[target_feature(enable = "avx2,fma,popcnt,bmi2")]
 unsafe fn chunk_codes<const FMT: u8>(
@@ -280,19 +333,17 @@ unsafe fn chunk_codes<const FMT: u8>(
     buf: &mut [u8; CHUNK],
 ) -> [__m256i; 2] {
     match FMT {
-        DI8 | EXP => {
+        DI8 | EXP | EXP4 => {
             let w = p.add(ch * CHUNK);
             [_mm256_loadu_si256(w as *const __m256i), _mm256_loadu_si256(w.add(32) as *const __m256i)]
         }
-        DI4 => {
-            let eight = _mm256_set1_epi8(8);
-            let [lo, hi] = dense_nibbles(p.add(ch * CHUNK / 2));
-            [_mm256_sub_epi8(lo, eight), _mm256_sub_epi8(hi, eight)]
-        }
+        DI4 => dense_nibbles(p.add(ch * CHUNK / 2)),
         U4 => {
-            let w = expand64(*p, masks.add(ch));
+            // Expanded as signed bytes (pruned lanes 0), then moved to the unsigned form.
+            let eight = _mm256_set1_epi8(8);
+            let [lo, hi] = expand64(*p, masks.add(ch));
             *p = p.add(((*masks.add(ch)).count_ones() as usize + 1) & !1);
-            w
+            [_mm256_add_epi8(lo, eight), _mm256_add_epi8(hi, eight)]
         }
         SI8 => {
             // The sparse streams prefetch ahead as the VNNI kernels do (see `PREFETCH`).
@@ -318,7 +369,8 @@ unsafe fn chunk_codes<const FMT: u8>(
                 [expand32_int4(*p, 0, mb), expand32_int4(*p, c32, mb.add(4))]
             };
             *p = p.add((mask.count_ones() as usize).div_ceil(2));
-            w
+            let eight = _mm256_set1_epi8(8);
+            [_mm256_add_epi8(w[0], eight), _mm256_add_epi8(w[1], eight)]
         }
     }
 }
@@ -418,33 +470,55 @@ unsafe fn expand32_int4(p: *const u8, s: usize, mb: *const u8) -> __m256i {
 unsafe fn dot32<const VNNI: bool>(acc: __m256i, w: __m256i, w_abs: __m256i, x: *const i8) -> __m256i {
     let x = _mm256_sign_epi8(_mm256_loadu_si256(x as *const __m256i), w);
     if VNNI {
-        // The VEX form by its encoding prefix: the intrinsic would need `avxvnni` enabled on every function of
-        // the walk, which a const parameter cannot switch. Reached only where AVX-VNNI was detected.
-        let mut acc = acc;
-        core::arch::asm!(
-            "{{vex}} vpdpbusd {acc}, {w}, {x}",
-            acc = inout(ymm_reg) acc,
-            w = in(ymm_reg) w_abs,
-            x = in(ymm_reg) x,
-            options(pure, nomem, nostack, preserves_flags)
-        );
-        acc
+        vpdpbusd(acc, w_abs, x)
     } else {
         _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, x), _mm256_set1_epi16(1)))
     }
 }
 
-/// `acc[a] += cvt(Σ q·x) · s_x · d` over chunk `ch` for every activation row.
+/// `acc + Σ n·x` of 32 unsigned int4 codes `n` (0-15) against 32 activation codes at `x`, as eight exact i32
+/// lanes: `vpmaddubsw` takes `n` as its unsigned operand as it is (|pair| <= 2·15·127, no saturation), so no
+/// sign or magnitude is needed; or AVX-VNNI's `vpdpbusd`.
 #[inline]
 #[target_feature(enable = "avx2,fma,popcnt,bmi2")]
-unsafe fn chunk_dot<const VNNI: bool, const NR: usize, const MODE: u8>(
+unsafe fn dot32u<const VNNI: bool>(acc: __m256i, n: __m256i, x: *const i8) -> __m256i {
+    let x = _mm256_loadu_si256(x as *const __m256i);
+    if VNNI {
+        vpdpbusd(acc, n, x)
+    } else {
+        _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(n, x), _mm256_set1_epi16(1)))
+    }
+}
+
+/// AVX-VNNI's `acc + Σ u·s` per i32 lane over four unsigned bytes `u` and signed bytes `s`, in its VEX form by
+/// the encoding prefix: the intrinsic would need `avxvnni` enabled on every function of the walk, which a const
+/// parameter cannot switch. Reached only where AVX-VNNI was detected.
+#[inline]
+#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+unsafe fn vpdpbusd(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    let mut acc = acc;
+    core::arch::asm!(
+        "{{vex}} vpdpbusd {acc}, {u}, {s}",
+        acc = inout(ymm_reg) acc,
+        u = in(ymm_reg) u,
+        s = in(ymm_reg) s,
+        options(pure, nomem, nostack, preserves_flags)
+    );
+    acc
+}
+
+/// `acc[a] += cvt(Σ q·x) · s_x · d` over chunk `ch` for every activation row; `FMT` says whether the codes
+/// `w` are signed or unsigned int4 ([`unsigned`]).
+#[inline]
+#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+unsafe fn chunk_dot<const VNNI: bool, const NR: usize, const MODE: u8, const FMT: u8>(
     acc: &mut [__m256; NR],
     w: [__m256i; 2],
     act: &[ActRow; NR],
     s: &RowScales,
     ch: usize,
 ) {
-    let abs = [_mm256_abs_epi8(w[0]), _mm256_abs_epi8(w[1])];
+    let abs = if unsigned(FMT) { w } else { [_mm256_abs_epi8(w[0]), _mm256_abs_epi8(w[1])] };
     let zero = _mm256_setzero_si256();
     for (acc, x) in acc.iter_mut().zip(act) {
         let xq = x.xq.add(ch * CHUNK);
@@ -452,12 +526,31 @@ unsafe fn chunk_dot<const VNNI: bool, const NR: usize, const MODE: u8>(
         match MODE {
             ROW | GRP => {
                 // Both halves into one set of lanes: i32 adds are exact, so the sum is the same in any order.
-                let d = dot32::<VNNI>(dot32::<VNNI>(zero, w[0], abs[0], xq), w[1], abs[1], xq.add(32));
+                let d = if !unsigned(FMT) {
+                    dot32::<VNNI>(dot32::<VNNI>(zero, w[0], abs[0], xq), w[1], abs[1], xq.add(32))
+                } else if VNNI {
+                    dot32u::<true>(dot32u::<true>(*x.zc.add(ch), w[0], xq), w[1], xq.add(32))
+                } else {
+                    // The halves' pairs add in i16 (|sum| <= 4·15·127) before one `vpmaddwd`.
+                    let (x0, x1) = (xq as *const __m256i, xq.add(32) as *const __m256i);
+                    let pairs = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(w[0], _mm256_loadu_si256(x0)),
+                        _mm256_maddubs_epi16(w[1], _mm256_loadu_si256(x1)),
+                    );
+                    _mm256_add_epi32(*x.zc.add(ch), _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+                };
                 let scale = if MODE == ROW { sx } else { sx * *s.d.add((ch * CHUNK) >> s.shift) };
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(scale), *acc);
             }
             _ => {
-                let (d0, d1) = (dot32::<VNNI>(zero, w[0], abs[0], xq), dot32::<VNNI>(zero, w[1], abs[1], xq.add(32)));
+                let (d0, d1) = if unsigned(FMT) {
+                    (
+                        dot32u::<VNNI>(*x.zc.add(2 * ch), w[0], xq),
+                        dot32u::<VNNI>(*x.zc.add(2 * ch + 1), w[1], xq.add(32)),
+                    )
+                } else {
+                    (dot32::<VNNI>(zero, w[0], abs[0], xq), dot32::<VNNI>(zero, w[1], abs[1], xq.add(32)))
+                };
                 let g = (ch * CHUNK) >> s.shift;
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(sx * *s.d.add(g)), *acc);
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(sx * *s.d.add(g + 1)), *acc);
