@@ -1,14 +1,15 @@
-"""A/B of kernel builds and ISAs on the 1B Llama-shaped model (bench/llama_models.py): decode (16-token prompt,
-64 new tokens, best of 2) and prefill (512-token prompt, best of 2) per format, each case in its own process.
-Within a round every variant runs back to back, their order rotated round by round, so ratios compare runs
-minutes apart on a machine whose bandwidth drifts. Pause anything else that runs (the study) first.
+"""A/B of kernel builds and ISAs on the 1B Llama-shaped model (bench/llama_models.py): decode and prefill per
+format, timed by the llama.cpp comparison's own per-case runner (`llamacpp_compare.py --one`: 16-token prompt,
+128 new tokens, best of 2; one pass over a 512-token prompt, best of 2), each case in its own process. Within a
+round every variant runs back to back, their order rotated round by round, so ratios compare runs minutes apart
+on a machine whose bandwidth drifts. Pause anything else that runs (the study) first.
 
     python bench/ab_builds.py --variant A=/tmp/old:avx2 --variant B=/tmp/new:avx2 --variant V=/tmp/new:avxvnni \\
         --formats sparse-int4,dense-int4 --rounds 2
 
 A variant is NAME=PKGDIR:ISA: PKGDIR holds a `sparseinfer` package with its built extension (a copy of
-python/sparseinfer after `make develop`, or the installed one's parent), ISA goes to SPARSEINFER_ISA. The first
-variant is the baseline of the ratios; the markdown tables go to stdout.
+python/sparseinfer after `make develop`), ISA goes to SPARSEINFER_ISA. The first variant is the baseline of the
+ratios; the markdown tables go to stdout.
 """
 
 import argparse
@@ -21,17 +22,7 @@ from pathlib import Path
 
 import llama_models
 
-CHILD = r"""
-import json, sys, numpy as np, sparseinfer
-path, fmt = sys.argv[1], sys.argv[2]
-m = sparseinfer.load(path, weights=fmt, threads=2)
-rng = np.random.default_rng(0)
-prompt, long = rng.integers(100, 30000, 16).tolist(), rng.integers(100, 30000, 512).tolist()
-m.generate_ids(prompt, max_new_tokens=8)
-dec = max((m.generate_ids(prompt, max_new_tokens=64), m.last_stats.decode_tokens_per_s)[1] for _ in range(2))
-pre = max((m.generate_ids(long, max_new_tokens=1), m.last_stats.prefill_tokens_per_s)[1] for _ in range(2))
-print(json.dumps({"decode": dec, "prefill": pre, "isa": sparseinfer.build_info()["isa"], "file": sparseinfer.__file__}))
-"""
+HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
@@ -55,14 +46,19 @@ def main() -> None:
             k = rnd % len(variants)
             for name, pkg, isa in variants[k:] + variants[:k]:
                 env = dict(os.environ, SPARSEINFER_ISA=isa, PYTHONPATH=pkg, SPARSEINFER_PACK_CACHE=a.pack_cache)
+                case = {"runtime": "ours", "model_dir": str(path), "fmt": fmt}
                 out = subprocess.run(
-                    [sys.executable, "-c", CHILD, str(path), fmt], env=env, capture_output=True, text=True
+                    [sys.executable, str(HERE / "llamacpp_compare.py"), "--one", json.dumps(case)],
+                    env=env,
+                    capture_output=True,
+                    text=True,
                 )
                 if out.returncode:
                     raise SystemExit(f"{name} {fmt}: {out.stderr[-2000:]}")
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-                if r["isa"] != isa or not r["file"].startswith(pkg):
-                    raise SystemExit(f"{name} {fmt}: ran {r}, not {pkg} on {isa}")
+                t = json.loads(out.stdout.strip().splitlines()[-1])
+                if t["kernel_isa"] != isa:
+                    raise SystemExit(f"{name} {fmt}: ran on {t['kernel_isa']}, not {isa}")
+                r = {"decode": t["tok_s"], "prefill": t["prefill_tok_s"]}
                 res.setdefault((fmt, name), []).append(r)
                 print(
                     f"round {rnd + 1} {fmt} {name}: decode {r['decode']:.1f} prefill {r['prefill']:.1f}",
