@@ -69,6 +69,21 @@ macro_rules! by_scaling {
 }
 pub(crate) use by_scaling;
 
+/// The stored bytes of sparse int4 row `r` (row layout): `⌈count / 2⌉` per chunk, the nibble unpackers' length.
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+pub(crate) fn sparse_int4_row_bytes(m: &PackedMatrix, r: usize) -> usize {
+    // Row layouts end with the offset past the last row.
+    let bytes = m.row_offsets[r + 1] - m.row_offsets[r];
+    debug_assert_eq!(
+        bytes,
+        m.masks[r * m.chunks()..(r + 1) * m.chunks()]
+            .iter()
+            .map(|w| (w.count_ones() as usize).div_ceil(2))
+            .sum::<usize>()
+    );
+    bytes
+}
+
 /// Row `[c][b]`: per mask byte `b`, `c` plus the rank of each set bit among the byte's set bits, and 0xC0 in the
 /// clear lanes: the byte-shuffle control (`pshufb` / `tbl`) of eight columns whose values start `c` (0-8) values
 /// into their 16-column half. Both instructions give 0 for the clear marker; it keeps its top bit after up to 17

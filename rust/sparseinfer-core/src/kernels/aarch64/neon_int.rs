@@ -25,7 +25,7 @@
 //! `SUM_ORDER · Σ|ŵ·x̂|`.
 
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
-use crate::kernels::simd::{by_scaling, chunk_scaling, RowScales, GRP, RANKS_AFTER, ROW};
+use crate::kernels::simd::{by_scaling, chunk_scaling, sparse_int4_row_bytes, RowScales, GRP, RANKS_AFTER, ROW};
 use crate::kernels::QuantActs;
 use core::arch::aarch64::*;
 
@@ -161,15 +161,7 @@ unsafe fn expand_row<const FMT: u8>(m: &PackedMatrix, r: usize, out: *mut u8, un
 #[inline(always)]
 unsafe fn unpack_row_int4(m: &PackedMatrix, r: usize, out: *mut u8) {
     let p = m.data.as_ptr().add(m.row_start(r));
-    // Row layouts end with the offset past the last row.
-    let bytes = m.row_offsets[r + 1] - m.row_offsets[r];
-    debug_assert_eq!(
-        bytes,
-        m.masks[r * m.chunks()..(r + 1) * m.chunks()]
-            .iter()
-            .map(|w| (w.count_ones() as usize).div_ceil(2))
-            .sum::<usize>()
-    );
+    let bytes = sparse_int4_row_bytes(m, r);
     let eight = vdupq_n_u8(8);
     // 16 bytes at a time: the last group reads up to 15 bytes past the row, within the next row or `VALUE_PAD`.
     let mut i = 0;

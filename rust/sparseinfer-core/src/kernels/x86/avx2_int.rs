@@ -28,7 +28,7 @@
 use super::avx2::{dense_nibbles, hsum, nibbles_to_bytes};
 use super::vnni::PREFETCH;
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
-use crate::kernels::simd::{by_scaling, chunk_scaling, RowScales, GRP, GRP32, RANKS_AFTER, ROW};
+use crate::kernels::simd::{by_scaling, chunk_scaling, sparse_int4_row_bytes, RowScales, GRP, GRP32, RANKS_AFTER, ROW};
 use crate::kernels::QuantActs;
 use core::arch::x86_64::*;
 
@@ -241,15 +241,7 @@ unsafe fn expand_row<const FMT: u8>(m: &PackedMatrix, r: usize, out: *mut u8) {
 #[target_feature(enable = "avx2,fma,popcnt,bmi2")]
 unsafe fn unpack_row_int4(m: &PackedMatrix, r: usize, out: *mut u8) {
     let p = m.data.as_ptr().add(m.row_start(r));
-    // Row layouts end with the offset past the last row.
-    let bytes = m.row_offsets[r + 1] - m.row_offsets[r];
-    debug_assert_eq!(
-        bytes,
-        m.masks[r * m.chunks()..(r + 1) * m.chunks()]
-            .iter()
-            .map(|w| (w.count_ones() as usize).div_ceil(2))
-            .sum::<usize>()
-    );
+    let bytes = sparse_int4_row_bytes(m, r);
     let eight = _mm256_set1_epi8(8);
     // 16 bytes at a time: the last group reads up to 15 bytes past the row, within the next row or `VALUE_PAD`.
     let mut i = 0;
