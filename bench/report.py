@@ -107,6 +107,20 @@ def table(data, rows):
         "16 rows) ~3.5-4.1 and ~3.8 (int4 quads in pairs that share bytes), `vpexpandb` + `vpdpbusd` being most of "
         "it. That is ~26 GB/s per core of 70 %-sparse int8 and ~17 of int4: two cores read more than this VM "
         "usually gives, so what is left below 100 % is memory stalls and, on the 2048x2048 shape, per-call costs.",
+        "- Intel Xeon (Sapphire Rapids class, ~3.2 GHz; `cargo run --release -p sparseinfer-core --example "
+        "chunk_cost`: one thread, the matrix in L2, cycles per 64-column chunk), the paths a CPU without AVX-512 "
+        "runs: dense int8 ~6.2 (AVX2) and ~5 (AVX-VNNI), sparse int8 13.6-15.4 at 50, 70 and 90 % alike (AVX-VNNI "
+        "the same: the products are not what binds), sparse int4 ~18; the AVX-512 tiles take 3.1-3.7 for the same "
+        "chunks. An AVX2 sparse chunk is ~80 instructions (143 per two chunks in the decode loop), most of them "
+        "building the two 16-column shuffle controls from four mask bytes (byte loads, popcounts, four table rows, "
+        "the inserts that join them): ~5.5 per cycle, near the core's issue width. So two cores stream 70 %-sparse "
+        "int8 at ~13-14 GB/s whatever the bandwidth, while dense int8 at ~6 cycles per chunk is bound by memory "
+        "(~25 GB/s here): on this VM's 2 cores, which have ~12 GB/s of bandwidth each, AVX2 sparse int8 decodes at "
+        "about dense int8's rate; 1.8x would need <= ~8.5 cycles per chunk. Where cores have less bandwidth each "
+        "(a desktop's 8 cores on ~60 GB/s: ~7.5), the same kernel is memory-bound and reads 2.3x fewer bytes than "
+        "dense. Tried without gain: the control from broadcast loads and blends instead of inserts (6-10 % slower), "
+        "a 1 MiB table of 16-column controls (one load per half; faster at 90 %, slower at 50 %: the lookups miss "
+        "L1).",
         "",
         "Sparse f32 and bf16 (f32 activations, row layout) are compute-bound from ~70 % sparsity on this Zen 4: "
         "a `vexpandps` and an FMA take 3.0 cycles together (`isa_probe`: they share ports), so a 64-column chunk "

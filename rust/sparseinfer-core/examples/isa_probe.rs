@@ -14,6 +14,10 @@
 //! `imul`s (3 cycles each on every current x86 core), so the figures are in core cycles whatever the clock. Needs AVX-512 (F, BW, VBMI, VBMI2, VNNI); prints a note and exits otherwise.
 
 #[cfg(target_arch = "x86_64")]
+#[path = "common/clock.rs"]
+mod clock;
+
+#[cfg(target_arch = "x86_64")]
 mod probe {
     use core::arch::asm;
     use std::time::Instant;
@@ -23,32 +27,6 @@ mod probe {
     /// The probe's table (masks, and the source of the load probes), on a cache-line boundary.
     #[repr(C, align(64))]
     struct Table([u64; 512]);
-
-    /// Nanoseconds per core cycle, from a chain of dependent `imul`s (3-cycle latency on every current x86
-    /// core; a chain of small adds can be folded at rename on recent Intel cores).
-    fn ns_per_cycle() -> f64 {
-        let mut best = f64::MAX;
-        for _ in 0..5 {
-            let t = Instant::now();
-            let mut x = 3u64;
-            // SAFETY: register arithmetic only.
-            unsafe {
-                asm!(
-                    "2:",
-                    "imul {x}, {x}", "imul {x}, {x}", "imul {x}, {x}", "imul {x}, {x}",
-                    "imul {x}, {x}", "imul {x}, {x}", "imul {x}, {x}", "imul {x}, {x}",
-                    "sub {n}, 8",
-                    "jnz 2b",
-                    x = inout(reg) x,
-                    n = inout(reg) ITERS * 8 => _,
-                    options(nostack, nomem),
-                );
-            }
-            std::hint::black_box(x);
-            best = best.min(t.elapsed().as_secs_f64() * 1e9 / (ITERS * 8 * 3) as f64);
-        }
-        best
-    }
 
     /// Runs `$body` (eight independent instructions) `ITERS` times and prints cycles per instruction.
     macro_rules! probe {
@@ -179,7 +157,7 @@ mod probe {
             })
         }));
         let ones = Table([u64::MAX; 512]);
-        let cyc = ns_per_cycle();
+        let cyc = super::clock::ns_per_cycle();
         println!("core clock ~{:.2} GHz (from a dependent imul chain)", 1.0 / cyc);
         println!("throughput per instruction (eight per loop iteration):");
         probe!("vpdpbusd zmm (int8 dot, 64 bytes)", cyc, &masks.0, reg8!("vpdpbusd"));

@@ -399,19 +399,16 @@ fn quantize_rows(threads: usize, xs: &[f32], q: QuantRows, cp: usize) {
     });
 }
 
-/// [`quantize_blocks`] compiled for the active ISA.
+/// [`quantize_blocks`] compiled for the active ISA (not the best the CPU has: a run forced to AVX2 measures
+/// what an AVX2-only CPU runs; every copy gives the same codes).
 fn quantize_blocks_here(xs: &[f32], q: QuantRows) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if Isa::Avx512.is_supported() {
-            // SAFETY: the features were detected.
-            unsafe { x86::avx512::quantize_blocks(xs, q) };
-        } else if Isa::Avx2.is_supported() {
-            // SAFETY: the features were detected.
-            unsafe { x86::avx2::quantize_blocks(xs, q) };
-        } else {
-            quantize_blocks(xs, q);
-        }
+    match active_isa().unwrap_or(Isa::Scalar) {
+        // SAFETY: the active ISA is one this CPU supports (`isa_from_env`, `set_isa`).
+        Isa::Avx512 => unsafe { x86::avx512::quantize_blocks(xs, q) },
+        // SAFETY: as above; the AVX2 paths need AVX2.
+        isa if isa.avx2_level() => unsafe { x86::avx2::quantize_blocks(xs, q) },
+        _ => quantize_blocks(xs, q),
     }
     #[cfg(not(target_arch = "x86_64"))]
     quantize_blocks(xs, q);

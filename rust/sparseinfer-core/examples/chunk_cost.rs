@@ -1,0 +1,85 @@
+//! What one 64-column chunk of each integer format costs a core, in core cycles, on every x86 path this CPU has.
+//!
+//!     cargo run --release -p sparseinfer-core --example chunk_cost
+//!
+//! One thread computes `W x` over and over for a matrix that stays in L2, so memory does not bound it: the
+//! figure is the kernel's own cost per chunk (mask, expansion, products, scaling), the ceiling on what one
+//! core can stream. A decode step is memory-bound only where the cores' combined rate exceeds the bandwidth:
+//! `cores · 64 · bytes per weight · clock / cycles per chunk` against the read bandwidth. A dense format
+//! costs the same per chunk at any sparsity; a sparse one pays per chunk however few values it holds, so its
+//! figure hardly moves with sparsity.
+
+#[cfg(target_arch = "x86_64")]
+#[path = "common/clock.rs"]
+mod clock;
+
+#[cfg(target_arch = "x86_64")]
+fn run() {
+    use sparseinfer_core::kernels::{self, Isa};
+    use sparseinfer_core::{parallel, Format, PackOptions, PackedMatrix};
+    use std::time::Instant;
+
+    // 1024 x 2048: ~0.9 MB of sparse int8 at 70 %, within every current x86 core's L2 (or its share of L3).
+    let (rows, cols) = (1024, 2048);
+    let chunks = (rows * cols / 64) as f64;
+    let ns = clock::ns_per_cycle();
+    println!("clock {:.2} GHz, one thread, {rows}x{cols}, cycles per 64-column chunk", 1.0 / ns);
+    parallel::set_num_threads(1);
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    let mut rnd = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let x: Vec<f32> = (0..cols).map(|_| (rnd() * 2.0 - 1.0) as f32).collect();
+    let cases = [
+        (Format::DenseInt8, 0.0),
+        (Format::DenseInt4, 0.0),
+        (Format::SparseInt8, 0.5),
+        (Format::SparseInt8, 0.7),
+        (Format::SparseInt8, 0.9),
+        (Format::SparseInt4, 0.7),
+    ];
+    let weights: Vec<Vec<f32>> = cases
+        .iter()
+        .map(|&(_, p)| (0..rows * cols).map(|_| if rnd() < p { 0.0 } else { (rnd() * 2.0 - 1.0) as f32 }).collect())
+        .collect();
+    for isa in kernels::available_isas().into_iter().filter(|&i| i != Isa::Scalar) {
+        kernels::set_isa(Some(isa)).expect("an available ISA");
+        for (&(format, p), w) in cases.iter().zip(&weights) {
+            // Packed under the ISA, so the layout is the one its kernels read (tiles on AVX-512 VNNI).
+            let m = PackedMatrix::pack(w, rows, cols, format, PackOptions::default()).expect("finite weights");
+            let mut y = vec![0.0; rows];
+            let calls = 400;
+            let mut best = f64::MAX;
+            for round in 0..6 {
+                let t = Instant::now();
+                for _ in 0..calls {
+                    kernels::matvec(&m, &x, &mut y).expect("shapes match");
+                }
+                // The first round warms the caches.
+                if round > 0 {
+                    best = best.min(t.elapsed().as_secs_f64() * 1e9 / calls as f64);
+                }
+            }
+            let cycles = best / ns / chunks;
+            let name = kernels::kernel_name(&m, kernels::Activations::Int8).expect("an active ISA");
+            println!(
+                "{:>9} {:>12} {:>4.0} % {:>6.2} cycles  {:>5.2} bytes/weight  {name}",
+                isa.name(),
+                format.name(),
+                p * 100.0,
+                cycles,
+                m.nbytes() as f64 / (rows * cols) as f64
+            );
+        }
+    }
+}
+
+fn main() {
+    #[cfg(target_arch = "x86_64")]
+    run();
+    #[cfg(not(target_arch = "x86_64"))]
+    println!("chunk_cost times the x86 paths; nothing to do on this architecture");
+}
