@@ -46,7 +46,7 @@ const SI4: u8 = 3;
 const EXP: u8 = 4;
 /// The same for int4 rows: their unsigned codes ([`chunk_codes`]).
 const EXP4: u8 = 6;
-/// A sparse int4 row's stored nibbles unpacked to signed bytes, chunk padding included ([`unpack_row_int4`]):
+/// A sparse int4 row's stored nibbles unpacked to bytes `n ^ 8`, chunk padding included ([`unpack_row_int4`]):
 /// its chunks then expand as sparse int8 ones do.
 const U4: u8 = 5;
 
@@ -233,24 +233,31 @@ unsafe fn expand_row<const FMT: u8>(m: &PackedMatrix, r: usize, out: *mut u8) {
     }
 }
 
-/// Sparse int4 row `r`'s stored nibbles as signed bytes (nibble − 8) in order, written to `out`, two per
-/// stored byte (a chunk with an odd count keeps its pad nibble, so every chunk starts at an even index). One
-/// sequential pass per row, read back from L1 by the sparse int8 expansion, costs less per chunk than
-/// expanding nibbles in registers ([`expand32_int4`]).
+/// Sparse int4 row `r`'s stored nibbles `n` as bytes `n ^ 8` in order, written to `out`, two per stored byte
+/// (a chunk with an odd count keeps its pad nibble, so every chunk starts at an even index). After the
+/// expansion (pruned lanes 0) one `^ 8` gives `n` in the stored lanes and 8, the zero code, in the pruned ones
+/// ([`chunk_codes`]). One sequential pass per row, read back from L1 by the sparse int8 expansion, costs less
+/// per chunk than expanding nibbles in registers ([`expand32_int4`]).
 #[inline]
 #[target_feature(enable = "avx2,fma,popcnt,bmi2")]
 unsafe fn unpack_row_int4(m: &PackedMatrix, r: usize, out: *mut u8) {
     let p = m.data.as_ptr().add(m.row_start(r));
     let bytes = sparse_int4_row_bytes(m, r);
-    let eight = _mm256_set1_epi8(8);
-    // 16 bytes at a time: the last group reads up to 15 bytes past the row, within the next row or `VALUE_PAD`.
+    let (flip, low) = (_mm256_set1_epi8(0x88u8 as i8), _mm256_set1_epi8(0x0F));
+    // 32 bytes at a time: the last step reads up to 31 bytes past the row, within the next row or `VALUE_PAD`,
+    // and writes up to 62 bytes past its codes, within the buffer's room.
     let mut i = 0;
     while i < bytes {
         if i % 64 == 0 {
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i + PREFETCH) as *const i8);
         }
-        _mm256_storeu_si256(out.add(2 * i) as *mut __m256i, _mm256_sub_epi8(nibbles_to_bytes(p.add(i)), eight));
-        i += 16;
+        let v = _mm256_xor_si256(_mm256_loadu_si256(p.add(i) as *const __m256i), flip);
+        let (lo, hi) = (_mm256_and_si256(v, low), _mm256_and_si256(_mm256_srli_epi16::<4>(v), low));
+        // Per 128-bit lane: the low then the high nibble of each byte, bytes 0-7 then 8-15 of the lane.
+        let (a, b) = (_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi));
+        _mm256_storeu_si256(out.add(2 * i) as *mut __m256i, _mm256_permute2x128_si256::<0x20>(a, b));
+        _mm256_storeu_si256(out.add(2 * i + 32) as *mut __m256i, _mm256_permute2x128_si256::<0x31>(a, b));
+        i += 32;
     }
 }
 
@@ -331,11 +338,11 @@ unsafe fn chunk_codes<const FMT: u8>(
         }
         DI4 => dense_nibbles(p.add(ch * CHUNK / 2)),
         U4 => {
-            // Expanded as signed bytes (pruned lanes 0), then moved to the unsigned form.
+            // Expanded as `n ^ 8` (pruned lanes 0), then flipped back: `n`, and 8 in the pruned lanes.
             let eight = _mm256_set1_epi8(8);
             let [lo, hi] = expand64(*p, masks.add(ch));
             *p = p.add(((*masks.add(ch)).count_ones() as usize + 1) & !1);
-            [_mm256_add_epi8(lo, eight), _mm256_add_epi8(hi, eight)]
+            [_mm256_xor_si256(lo, eight), _mm256_xor_si256(hi, eight)]
         }
         SI8 => {
             // The sparse streams prefetch ahead as the VNNI kernels do (see `PREFETCH`).
