@@ -221,12 +221,20 @@ impl SelfAttention {
 
 impl CrossAttention {
     /// The keys and values of the encoder output `enc[n × D]` for decoder layer `layer`, written to positions
-    /// `0..n` of `cross` (once per input).
-    pub fn fill(&self, s: &Spec, layer: usize, enc: &[f32], n: usize, cross: &mut KvCache) -> Result<()> {
+    /// `0..n` of `cross` (once per input). `kv` holds `n × 2G·hd` values of scratch, shared by the layers.
+    pub fn fill(
+        &self,
+        s: &Spec,
+        layer: usize,
+        enc: &[f32],
+        n: usize,
+        cross: &mut KvCache,
+        kv: &mut [f32],
+    ) -> Result<()> {
         let kv_w = s.kv_heads * s.head_dim;
-        let mut kv = vec![0.0f32; n * 2 * kv_w];
-        self.kv.forward(enc, n, &mut kv)?;
-        cross.write_rows(layer, 0, &kv, n, 2 * kv_w, 0)
+        let kv = &mut kv[..n * 2 * kv_w];
+        self.kv.forward(enc, n, kv)?;
+        cross.write_rows(layer, 0, kv, n, 2 * kv_w, 0)
     }
 
     /// `x += o(attend(q(norm(x)), cross[layer]))` over every encoder position.

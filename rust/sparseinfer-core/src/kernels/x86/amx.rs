@@ -93,10 +93,10 @@ pub(crate) fn supports(m: &PackedMatrix, token: bool) -> bool {
 }
 
 /// The tile configuration: all eight tiles 16 rows × 64 bytes. The matmul uses `tmm0` for activations
-/// (16 rows × 64 bytes), `tmm1` for weights (16 quads × 64 bytes), `tmm2` and `tmm3` for two sets of 16 × 16
-/// i32 sums (one segment's products run while the other's are scaled); attention ([`bf16_scores`],
-/// [`bf16_weighted`]) `tmm0` for queries or probabilities, `tmm2` for keys or values, `tmm3` for scores and
-/// `tmm4..tmm7` for outputs.
+/// (16 rows × 64 bytes, alternating with `tmm1`), `tmm2` and `tmm3` for two weight tiles (16 quads × 64 bytes),
+/// `tmm4..tmm7` for two sets of their 16 × 16 i32 sums ([`tile_sums`]); attention ([`bf16_scores`],
+/// [`bf16_weighted`]) `tmm0` for queries or probabilities, `tmm2` and `tmm3` for keys or values, `tmm4..tmm7`
+/// for scores or outputs.
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
@@ -133,37 +133,82 @@ impl Drop for Tiles {
     }
 }
 
-/// `tmm2 + S = Σ A·B` over chunks `c0..c1`: 16 activation rows of codes at `a` (rows `stride` bytes apart)
-/// against the expanded chunks at `b`, stored as 16 rows of 16 i32 at `out` (`S` picks `tmm2` or `tmm3`).
+/// Weight tiles handled together by [`Block`]: two, each with its own accumulator, and two sets of
+/// accumulators taken by turns from one segment to the next (`tmm4`/`tmm5`, `tmm6`/`tmm7`), so a segment's
+/// products need not wait for the one before to be stored. With one accumulator every product waited for the
+/// one before and for its store.
+const TILES_AT_ONCE: usize = 2;
+
+/// `S[j] = Σ A·B[j]` over chunks `c0..c1` for the `nt` (one or two) weight tiles `j` whose expanded chunks start
+/// at `b[j]`: 16 activation rows of codes at `a` (rows `stride` bytes apart), each tile's 16 × 16 i32 sums
+/// stored at `out[j]`, accumulated in set `SET` (0: `tmm4`/`tmm5`, 1: `tmm6`/`tmm7`). The activation tile is
+/// loaded once per chunk for both, into `tmm0` and `tmm1` by turns; weight tile `j` goes to `tmm2 + j`.
 #[inline(always)]
-unsafe fn segment_sums<const S: u8>(a: *const i8, stride: usize, b: *const i8, c0: usize, c1: usize, out: *mut i32) {
-    macro_rules! run {
-        ($c:literal) => {{
-            asm!(concat!("tilezero ", $c), options(nostack, nomem, preserves_flags));
-            for c in c0..c1 {
-                asm!(
-                    "tileloadd tmm0, [{a} + {s}*1]",
-                    "tileloadd tmm1, [{b} + {q}*1]",
-                    concat!("tdpbssd ", $c, ", tmm0, tmm1"),
-                    a = in(reg) a.add(c * CHUNK),
-                    s = in(reg) stride,
-                    b = in(reg) b.add(c * B_TILE),
-                    q = in(reg) 64usize,
-                    options(nostack, readonly, preserves_flags)
-                );
+unsafe fn tile_sums<const SET: u8>(
+    a: *const i8,
+    stride: usize,
+    b: &[*const i8; TILES_AT_ONCE],
+    nt: usize,
+    c0: usize,
+    c1: usize,
+    out: &[*mut i32; TILES_AT_ONCE],
+) {
+    macro_rules! sums {
+        ($t0:literal, $t1:literal) => {{
+            macro_rules! chunk {
+                ($a:literal, $c:expr) => {{
+                    let c = $c;
+                    asm!(
+                        concat!("tileloadd ", $a, ", [{a} + {s}*1]"),
+                        "tileloadd tmm2, [{b0} + {q}*1]",
+                        concat!("tdpbssd ", $t0, ", ", $a, ", tmm2"),
+                        a = in(reg) a.add(c * CHUNK),
+                        s = in(reg) stride,
+                        b0 = in(reg) b[0].add(c * B_TILE),
+                        q = in(reg) 64usize,
+                        options(nostack, readonly, preserves_flags)
+                    );
+                    if nt > 1 {
+                        asm!(
+                            "tileloadd tmm3, [{b1} + {q}*1]",
+                            concat!("tdpbssd ", $t1, ", ", $a, ", tmm3"),
+                            b1 = in(reg) b[1].add(c * B_TILE),
+                            q = in(reg) 64usize,
+                            options(nostack, readonly, preserves_flags)
+                        );
+                    }
+                }};
+            }
+            asm!(concat!("tilezero ", $t0), concat!("tilezero ", $t1), options(nostack, nomem, preserves_flags));
+            let mut c = c0;
+            while c + 1 < c1 {
+                chunk!("tmm0", c);
+                chunk!("tmm1", c + 1);
+                c += 2;
+            }
+            if c < c1 {
+                chunk!("tmm0", c);
             }
             asm!(
-                concat!("tilestored [{o} + {s}*1], ", $c),
-                o = in(reg) out,
+                concat!("tilestored [{o} + {s}*1], ", $t0),
+                o = in(reg) out[0],
                 s = in(reg) 64usize,
                 options(nostack, preserves_flags)
             );
+            if nt > 1 {
+                asm!(
+                    concat!("tilestored [{o} + {s}*1], ", $t1),
+                    o = in(reg) out[1],
+                    s = in(reg) 64usize,
+                    options(nostack, preserves_flags)
+                );
+            }
         }};
     }
-    if S == 0 {
-        run!("tmm2")
+    if SET == 0 {
+        sums!("tmm4", "tmm5")
     } else {
-        run!("tmm3")
+        sums!("tmm6", "tmm7")
     }
 }
 
@@ -215,6 +260,11 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
         if !m.tiled && grouped {
             e.d.resize(per_group * groups * TILE, 0.0);
         }
+        // Written by the tile stores before they are read: zeroed once per call, not once per block.
+        let mut sums: [[Sums; TILES_AT_ONCE]; 2] =
+            core::array::from_fn(|_| core::array::from_fn(|_| Sums([0; TILE * TILE])));
+        let [s0, s1] = &mut sums;
+        let sums_at = [s0.each_mut().map(|s| s.0.as_mut_ptr()), s1.each_mut().map(|s| s.0.as_mut_ptr())];
         let _tiles = Tiles::acquire();
         for g0 in (t0..t1).step_by(per_group) {
             let g1 = (g0 + per_group).min(t1);
@@ -239,17 +289,23 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
                     (tail.as_ptr(), tail_sx.as_ptr())
                 };
                 let n = (k - a0).min(TILE);
-                for t in g0..g1 {
-                    let bt = e.b.as_ptr().add((t - g0) * chunks * B_TILE);
-                    let d16 = if m.tiled {
-                        m.tile_scales.as_ptr().wrapping_add(t * groups * TILE)
-                    } else {
-                        e.d.as_ptr().wrapping_add((t - g0) * groups * TILE)
-                    };
+                for t in (g0..g1).step_by(TILES_AT_ONCE) {
+                    let nt = (g1 - t).min(TILES_AT_ONCE);
+                    let mut bt = [core::ptr::null(); TILES_AT_ONCE];
+                    let mut d16 = [core::ptr::null(); TILES_AT_ONCE];
+                    for j in 0..nt {
+                        bt[j] = e.b.as_ptr().add((t + j - g0) * chunks * B_TILE);
+                        d16[j] = if m.tiled {
+                            m.tile_scales.as_ptr().wrapping_add((t + j) * groups * TILE)
+                        } else {
+                            e.d.as_ptr().wrapping_add((t + j - g0) * groups * TILE)
+                        };
+                    }
+                    let tiles = Block { m, t, nt, r1, b: &bt, d16: &d16, sums: sums_at };
                     if q.token {
-                        block::<true>(m, t, r1, xq, sx, bt, d16, y.add(a0 * m.rows), n);
+                        tiles.run::<true>(xq, sx, y.add(a0 * m.rows), n);
                     } else {
-                        block::<false>(m, t, r1, xq, sx, bt, d16, y.add(a0 * m.rows), n);
+                        tiles.run::<false>(xq, sx, y.add(a0 * m.rows), n);
                     }
                 }
             }
@@ -327,71 +383,95 @@ unsafe fn expand_dense_tile(m: &PackedMatrix, t: usize, b: *mut i8) {
     }
 }
 
-/// Tile `t` (its rows below `r1`), expanded at `b` with group scales at `d16` (`groups × 16`), against 16
-/// activation rows of codes at `xq` (`cols_pad` apart) and block scales at `sx` (`chunks` apart), of which the
-/// first `n` are real; writes `n` rows of `y` (`rows` apart).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block<const TOKEN: bool>(
-    m: &PackedMatrix,
+/// Weight tiles `t..t + nt` (their rows below `r1`), expanded at `b[j]` with group scales at `d16[j]`
+/// (`groups × 16` each).
+struct Block<'a> {
+    m: &'a PackedMatrix,
     t: usize,
+    nt: usize,
     r1: usize,
-    xq: *const i8,
-    sx: *const f32,
-    b: *const i8,
-    d16: *const f32,
-    y: *mut f32,
-    n: usize,
-) {
-    let (cp, chunks) = (m.cols_pad, m.chunks());
-    let grouped = scale_mode(m) != ROW;
-    // Chunks per scale segment: per-block activations convert every chunk; per-row ones a whole group (or row).
-    let seg = match (TOKEN, grouped) {
-        (false, _) => 1,
-        (true, true) => m.group / CHUNK,
-        (true, false) => chunks,
-    };
-    let group_scale = |c: usize| _mm512_loadu_ps(d16.add((c * CHUNK / m.group) * TILE));
-    let mut sums = [Sums([0; TILE * TILE]), Sums([0; TILE * TILE])];
-    let sp = [sums[0].0.as_mut_ptr(), sums[1].0.as_mut_ptr()];
-    let mut acc = [_mm512_setzero_ps(); TILE];
-    // Scales segment `c0`'s sums (from `sums[buf]`) into the accumulators.
-    let mut scale = |buf: usize, c0: usize| {
-        let d = if grouped { group_scale(c0) } else { _mm512_set1_ps(1.0) };
-        for (i, a) in acc.iter_mut().enumerate() {
-            let v = _mm512_cvtepi32_ps(_mm512_load_si512(sp[buf].add(i * TILE) as *const __m512i));
-            let s = if TOKEN { d } else { _mm512_mul_ps(_mm512_set1_ps(*sx.add(i * chunks + c0)), d) };
-            *a = _mm512_fmadd_ps(v, s, *a);
+    b: &'a [*const i8; TILES_AT_ONCE],
+    d16: &'a [*const f32; TILES_AT_ONCE],
+    /// Two sets of sums of the tiles (16 × 16 i32 each), one being written while the other is scaled.
+    sums: [[*mut i32; TILES_AT_ONCE]; 2],
+}
+
+impl Block<'_> {
+    /// These tiles against 16 activation rows of codes at `xq` (`cols_pad` apart) and block scales at `sx`
+    /// (`chunks` apart), of which the first `n` are real; writes `n` rows of `y` (`rows` apart).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma")]
+    unsafe fn run<const TOKEN: bool>(&self, xq: *const i8, sx: *const f32, y: *mut f32, n: usize) {
+        let Block { m, t, nt, r1, b, d16, .. } = *self;
+        let (cp, chunks) = (m.cols_pad, m.chunks());
+        let grouped = scale_mode(m) != ROW;
+        // Chunks per scale segment: per-block activations convert every chunk; per-row ones a whole group (or
+        // row).
+        let seg = match (TOKEN, grouped) {
+            (false, _) => 1,
+            (true, true) => m.group / CHUNK,
+            (true, false) => chunks,
+        };
+        let sp = self.sums;
+        let mut acc = [[_mm512_setzero_ps(); TILE]; TILES_AT_ONCE];
+        // Scales segment `c0`'s sums (from `sums[buf]`) into the accumulators. Per-row weight scales multiply
+        // once at the end, so the sums need only the activation scale (none per segment for per-row ones).
+        let scale = |acc: &mut [[__m512; TILE]; TILES_AT_ONCE], buf: usize, c0: usize| {
+            for (j, acc) in acc.iter_mut().enumerate().take(nt) {
+                let sums = sp[buf][j];
+                if grouped {
+                    let d = _mm512_loadu_ps(d16[j].add((c0 * CHUNK / m.group) * TILE));
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let v = _mm512_cvtepi32_ps(_mm512_load_si512(sums.add(i * TILE) as *const __m512i));
+                        let s = if TOKEN { d } else { _mm512_mul_ps(_mm512_set1_ps(*sx.add(i * chunks + c0)), d) };
+                        *a = _mm512_fmadd_ps(v, s, *a);
+                    }
+                } else {
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let v = _mm512_cvtepi32_ps(_mm512_load_si512(sums.add(i * TILE) as *const __m512i));
+                        *a = if TOKEN {
+                            _mm512_add_ps(v, *a)
+                        } else {
+                            _mm512_fmadd_ps(v, _mm512_set1_ps(*sx.add(i * chunks + c0)), *a)
+                        };
+                    }
+                }
+            }
+        };
+        // Segment i's products run (into sums[i % 2]) while segment i - 1's sums are scaled.
+        let segments = chunks / seg;
+        for i in 0..segments {
+            let c0 = i * seg;
+            if i % 2 == 0 {
+                tile_sums::<0>(xq, cp, b, nt, c0, c0 + seg, &sp[0]);
+            } else {
+                tile_sums::<1>(xq, cp, b, nt, c0, c0 + seg, &sp[1]);
+            }
+            if i > 0 {
+                scale(&mut acc, (i - 1) % 2, c0 - seg);
+            }
         }
-    };
-    // Segment i's products run (into tmm2 or tmm3 by parity) while segment i - 1's sums are scaled.
-    let segments = chunks / seg;
-    for i in 0..segments {
-        let (c0, out) = (i * seg, sp[i % 2]);
-        if i % 2 == 0 {
-            segment_sums::<0>(xq, cp, b, c0, c0 + seg, out);
-        } else {
-            segment_sums::<1>(xq, cp, b, c0, c0 + seg, out);
+        scale(&mut acc, (segments - 1) % 2, (segments - 1) * seg);
+        for (j, acc) in acc.iter().enumerate().take(nt) {
+            let tile = t + j;
+            let rows_here = (r1 - tile * TILE).min(TILE);
+            let lanes: __mmask16 = if rows_here == TILE { !0 } else { (1u16 << rows_here) - 1 };
+            let row_scale = if grouped {
+                _mm512_set1_ps(1.0)
+            } else {
+                _mm512_maskz_loadu_ps(lanes, m.scales.as_ptr().add(tile * TILE))
+            };
+            for (i, &a) in acc.iter().enumerate().take(n) {
+                let mut v = a;
+                if !grouped {
+                    v = _mm512_mul_ps(v, row_scale);
+                }
+                if TOKEN {
+                    v = _mm512_mul_ps(v, _mm512_set1_ps(*sx.add(i * chunks)));
+                }
+                _mm512_mask_storeu_ps(y.add(i * m.rows + tile * TILE), lanes, v);
+            }
         }
-        if i > 0 {
-            scale((i - 1) % 2, c0 - seg);
-        }
-    }
-    scale((segments - 1) % 2, (segments - 1) * seg);
-    let rows_here = (r1 - t * TILE).min(TILE);
-    let lanes: __mmask16 = if rows_here == TILE { !0 } else { (1u16 << rows_here) - 1 };
-    let row_scale =
-        if grouped { _mm512_set1_ps(1.0) } else { _mm512_maskz_loadu_ps(lanes, m.scales.as_ptr().add(t * TILE)) };
-    for (i, &a) in acc.iter().enumerate().take(n) {
-        let mut v = a;
-        if !grouped {
-            v = _mm512_mul_ps(v, row_scale);
-        }
-        if TOKEN {
-            v = _mm512_mul_ps(v, _mm512_set1_ps(*sx.add(i * chunks)));
-        }
-        _mm512_mask_storeu_ps(y.add(i * m.rows + t * TILE), lanes, v);
     }
 }
 
@@ -445,7 +525,8 @@ pub(crate) fn value_tiles(values: &[f32], n: usize, hd: usize) -> Vec<u16> {
 }
 
 /// `out[16 × 16·blocks]` (rows `stride` floats apart) = `Q·Kᵀ` for 16 query rows of `hd` bf16 at `q` and key
-/// blocks `0..blocks` of `kt` ([`key_tiles`]).
+/// blocks `0..blocks` of `kt` ([`key_tiles`]). Four key blocks at a time go to four accumulators (`tmm4..tmm7`),
+/// so their products overlap instead of each waiting for the one before through a single tile.
 ///
 /// # Safety
 /// The tiles are held ([`Tiles`]); `hd` is a multiple of 32; `q` holds 16 × hd values, `kt` at least
@@ -459,26 +540,66 @@ pub(crate) unsafe fn bf16_scores(
     stride: usize,
 ) {
     let steps = hd / 32;
-    for b in 0..blocks {
-        asm!("tilezero tmm3", options(nostack, nomem, preserves_flags));
+    // Key tiles alternate between tmm2 and tmm3, so a load need not wait for the product reading the last one.
+    macro_rules! block {
+        ($t:literal, $b:literal, $k:expr) => {
+            asm!(
+                concat!("tileloadd ", $b, ", [{k} + {s}*1]"),
+                concat!("tdpbf16ps ", $t, ", tmm0, ", $b),
+                k = in(reg) $k,
+                s = in(reg) 64usize,
+                options(nostack, readonly, preserves_flags)
+            )
+        };
+    }
+    macro_rules! store {
+        ($t:literal, $b:expr) => {
+            asm!(
+                concat!("tilestored [{o} + {s}*1], ", $t),
+                o = in(reg) out.add($b * 16),
+                s = in(reg) stride * 4,
+                options(nostack, preserves_flags)
+            )
+        };
+    }
+    for b0 in (0..blocks).step_by(4) {
+        let nb = (blocks - b0).min(4);
+        asm!(
+            "tilezero tmm4",
+            "tilezero tmm5",
+            "tilezero tmm6",
+            "tilezero tmm7",
+            options(nostack, nomem, preserves_flags)
+        );
         for s in 0..steps {
             asm!(
                 "tileloadd tmm0, [{q} + {qs}*1]",
-                "tileloadd tmm2, [{k} + {ks}*1]",
-                "tdpbf16ps tmm3, tmm0, tmm2",
                 q = in(reg) q.add(s * 32),
                 qs = in(reg) hd * 2,
-                k = in(reg) kt.add((b * steps + s) * 512),
-                ks = in(reg) 64usize,
                 options(nostack, readonly, preserves_flags)
             );
+            let k = |j: usize| kt.add(((b0 + j) * steps + s) * 512);
+            block!("tmm4", "tmm2", k(0));
+            if nb > 1 {
+                block!("tmm5", "tmm3", k(1));
+            }
+            if nb > 2 {
+                block!("tmm6", "tmm2", k(2));
+            }
+            if nb > 3 {
+                block!("tmm7", "tmm3", k(3));
+            }
         }
-        asm!(
-            "tilestored [{o} + {s}*1], tmm3",
-            o = in(reg) out.add(b * 16),
-            s = in(reg) stride * 4,
-            options(nostack, preserves_flags)
-        );
+        store!("tmm4", b0);
+        if nb > 1 {
+            store!("tmm5", b0 + 1);
+        }
+        if nb > 2 {
+            store!("tmm6", b0 + 2);
+        }
+        if nb > 3 {
+            store!("tmm7", b0 + 3);
+        }
     }
 }
 
@@ -498,11 +619,12 @@ pub(crate) unsafe fn bf16_weighted(
 ) {
     let parts = hd / 16;
     // Up to four 16-dimension parts at once, in tmm4..tmm7.
+    // Value tiles alternate between tmm2 and tmm3 as in [`bf16_scores`].
     macro_rules! part {
-        ($t:literal, $v:expr) => {
+        ($t:literal, $b:literal, $v:expr) => {
             asm!(
-                "tileloadd tmm2, [{v} + {s}*1]",
-                concat!("tdpbf16ps ", $t, ", tmm0, tmm2"),
+                concat!("tileloadd ", $b, ", [{v} + {s}*1]"),
+                concat!("tdpbf16ps ", $t, ", tmm0, ", $b),
                 v = in(reg) $v,
                 s = in(reg) 64usize,
                 options(nostack, readonly, preserves_flags)
@@ -526,15 +648,15 @@ pub(crate) unsafe fn bf16_weighted(
                 options(nostack, readonly, preserves_flags)
             );
             let v = |c: usize| vt.add((t * parts + c0 + c) * 512);
-            part!("tmm4", v(0));
+            part!("tmm4", "tmm2", v(0));
             if nc > 1 {
-                part!("tmm5", v(1));
+                part!("tmm5", "tmm3", v(1));
             }
             if nc > 2 {
-                part!("tmm6", v(2));
+                part!("tmm6", "tmm2", v(2));
             }
             if nc > 3 {
-                part!("tmm7", v(3));
+                part!("tmm7", "tmm3", v(3));
             }
         }
         macro_rules! store {

@@ -218,8 +218,17 @@ impl Seq2Seq {
         } else {
             KvCache::new(s.layers, s.kv_heads, s.head_dim, n)
         };
+        // One buffer for every layer's keys and values before they are stored: a fresh one per layer was mapped
+        // and faulted in each time (megabytes for 30 s of audio).
+        let kv_len = n
+            .checked_mul(2 * s.kv_heads * s.head_dim)
+            .ok_or_else(|| Error::invalid(OP, "the cross-attention keys and values overflow"))?;
+        let mut kv = Vec::new();
+        kv.try_reserve_exact(kv_len)
+            .map_err(|_| Error::invalid(OP, format!("not enough memory for {n} encoder positions' keys and values")))?;
+        kv.resize(kv_len, 0.0);
         for (li, block) in self.p.decoder.iter().enumerate() {
-            block.cross.fill(s, li, enc, n, &mut cross)?;
+            block.cross.fill(s, li, enc, n, &mut cross, &mut kv)?;
         }
         cross.advance(n);
         let cache =
