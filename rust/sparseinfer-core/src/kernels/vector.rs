@@ -152,6 +152,9 @@ pub fn exp_shifted_scalar(s: &mut [f32]) -> f32 {
 /// Tests hold it to the f64 exponential.
 pub const EXP_BUDGET: f32 = 1.5e-7;
 
+/// Relative error of the exponentials that [`x86::exp_shifted_bf16_512`] rounds to bf16 (before rounding).
+pub const EXP_BF16_BUDGET: f32 = 3e-6;
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use super::{KvElem, MAX_QUERIES, PANEL};
@@ -623,6 +626,79 @@ pub(crate) mod x86 {
         _mm512_reduce_add_ps(sum)
     }
 
+    /// Softmax numerators of one row of scores as bf16: `out[i] = bf16(exp(s[i] - max s))` (rounded to nearest
+    /// even, below the smallest normal f32 flushed to zero; zero in `out[s.len()..]`); returns the f32 sum of the exponentials before rounding. The exponential
+    /// is `2^t` as a degree-4 polynomial in the fraction of `t` (relative error below 3e-6, a thousandth of a
+    /// bf16 rounding; [`EXP_BF16_BUDGET`]) scaled by `vscalefps`: half the work of [`exp512`], whose full f32
+    /// accuracy the rounding to bf16 would throw away.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F, BW, DQ and BF16; `s` is not empty and `out` holds at least `s.len()`
+    /// values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")]
+    pub unsafe fn exp_shifted_bf16_512(s: &[f32], out: &mut [u16]) -> f32 {
+        // Least-squares fit of 2^f on [-1/2, 1/2] for relative error.
+        const C: [f32; 5] = [0.999_999_17, 0.693_121_97, 0.240_249_81, 0.055_917_12, 0.009_560_52];
+        let n = s.len();
+        assert!(n > 0 && out.len() >= n);
+        let (sp, op) = (s.as_ptr(), out.as_mut_ptr());
+        // The maximum, and whether any score is NaN or +inf (whose softmax is undefined).
+        const NAN_OR_INF: i32 = 0x01 | 0x08 | 0x80;
+        let (mut mv, mut bad) = (_mm512_set1_ps(f32::NEG_INFINITY), 0);
+        let mut i = 0;
+        while i + 16 <= n {
+            let v = _mm512_loadu_ps(sp.add(i));
+            bad |= _mm512_fpclass_ps_mask::<NAN_OR_INF>(v);
+            mv = _mm512_max_ps(mv, v);
+            i += 16;
+        }
+        let tail: __mmask16 = ((1u32 << (n % 16)) - 1) as __mmask16;
+        let v = _mm512_mask_loadu_ps(mv, tail, sp.add(i));
+        bad |= _mm512_fpclass_ps_mask::<NAN_OR_INF>(v);
+        if bad != 0 {
+            // Not hidden: every numerator and the sum are NaN.
+            out[..n].fill(0x7fc0);
+            out[n..].fill(0);
+            return f32::NAN;
+        }
+        let mx = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(mv, v)));
+        let exp = |x: __m512| {
+            // t <= 0; below -150 every result is 0 (and -inf must not reach the subtraction below).
+            let t = _mm512_max_ps(
+                _mm512_mul_ps(_mm512_sub_ps(x, mx), _mm512_set1_ps(std::f32::consts::LOG2_E)),
+                _mm512_set1_ps(-150.0),
+            );
+            let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+            let f = _mm512_sub_ps(t, k);
+            let mut p = _mm512_set1_ps(C[4]);
+            for c in C[..4].iter().rev() {
+                p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(*c));
+            }
+            _mm512_scalef_ps(p, k)
+        };
+        let mut sum = _mm512_setzero_ps();
+        i = 0;
+        while i + 32 <= n {
+            let (lo, hi) = (exp(_mm512_loadu_ps(sp.add(i))), exp(_mm512_loadu_ps(sp.add(i + 16))));
+            sum = _mm512_add_ps(sum, _mm512_add_ps(lo, hi));
+            _mm512_storeu_si512(
+                op.add(i) as *mut __m512i,
+                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)),
+            );
+            i += 32;
+        }
+        while i < n {
+            let live: __mmask16 = if n - i >= 16 { !0 } else { tail };
+            let e = _mm512_maskz_mov_ps(live, exp(_mm512_maskz_loadu_ps(live, sp.add(i))));
+            sum = _mm512_add_ps(sum, e);
+            let b = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(e));
+            _mm256_mask_storeu_epi16(op.add(i) as *mut i16, live, b);
+            i += 16;
+        }
+        out[n..].fill(0);
+        _mm512_reduce_add_ps(sum)
+    }
+
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
@@ -749,6 +825,54 @@ mod tests {
                 row[at] = f32::NAN;
                 let sum = (ops().exp_shifted)(&mut row);
                 assert!(sum.is_nan() && row[at].is_nan(), "NaN at {at} of {len}");
+            }
+        }
+    }
+
+    /// The bf16 softmax numerators of the AVX-512 attention: each within [`EXP_BF16_BUDGET`] of the f64
+    /// exponential plus a bf16 rounding, zeros past the row, the f32 sum within the budget; a NaN or +inf score
+    /// makes the row NaN.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp_shifted_bf16_is_within_its_budget() {
+        use crate::formats::{bf16_to_f32, budget::BF16_REL};
+        if !(is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512bf16"))
+        {
+            eprintln!("no AVX512-BF16 here: skipped");
+            return;
+        }
+        let mut rows: Vec<Vec<f32>> =
+            (1..80).map(|len| (0..len).map(|i| 3.0 - 120.0 * ((i * 7 % 40) as f32 / 39.0).powi(2)).collect()).collect();
+        rows.push((0..=175_000).map(|i| -100.0 + i as f32 * 6e-4).collect());
+        rows.push(vec![f32::NEG_INFINITY, 0.5, -3.0]);
+        for s in &rows {
+            let mut out = vec![u16::MAX; s.len() + 40];
+            // SAFETY: the features were detected; `out` is longer than the row.
+            let sum = unsafe { x86::exp_shifted_bf16_512(s, &mut out) };
+            let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut want_sum = 0.0f64;
+            for (x, &b) in s.iter().zip(&out) {
+                let want = ((*x - max) as f64).exp();
+                want_sum += want;
+                // The conversion flushes results below the smallest normal f32 to zero.
+                let tol = want * (EXP_BF16_BUDGET as f64 + BF16_REL as f64) + f32::MIN_POSITIVE as f64;
+                assert!((bf16_to_f32(b) as f64 - want).abs() <= tol, "exp({}) = {}", x - max, bf16_to_f32(b));
+            }
+            assert!(out[s.len()..].iter().all(|&b| b == 0), "zeros past {}", s.len());
+            assert!((sum as f64 - want_sum).abs() <= EXP_BF16_BUDGET as f64 * want_sum, "sum of {}", s.len());
+        }
+        for len in [1, 7, 16, 23, 40] {
+            for at in [0, len / 2, len - 1] {
+                for bad in [f32::NAN, f32::INFINITY] {
+                    let mut row: Vec<f32> = (0..len).map(|i| i as f32 * 0.1).collect();
+                    row[at] = bad;
+                    let mut out = vec![0u16; len];
+                    // SAFETY: as above.
+                    let sum = unsafe { x86::exp_shifted_bf16_512(&row, &mut out) };
+                    assert!(sum.is_nan() && bf16_to_f32(out[at]).is_nan(), "{bad} at {at} of {len}");
+                }
             }
         }
     }

@@ -524,15 +524,17 @@ pub(crate) fn value_tiles(values: &[f32], n: usize, hd: usize) -> Vec<u16> {
     out
 }
 
-/// `out[16 × 16·blocks]` (rows `stride` floats apart) = `Q·Kᵀ` for 16 query rows of `hd` bf16 at `q` and key
-/// blocks `0..blocks` of `kt` ([`key_tiles`]). Four key blocks at a time go to four accumulators (`tmm4..tmm7`),
-/// so their products overlap instead of each waiting for the one before through a single tile.
+/// `out[16·tiles × 16·blocks]` (rows `stride` floats apart) = `Q·Kᵀ` for `tiles` (one to four) tiles of 16
+/// query rows of `hd` bf16 at `q` (rows `hd` apart, tiles one after another) and key blocks `0..blocks` of `kt`
+/// ([`key_tiles`]). Each key tile, read from L2 when the keys are long, is loaded once for every query tile (into
+/// `tmm4..tmm7`); the query tiles, small enough for L1, are loaded again for each key block.
 ///
 /// # Safety
-/// The tiles are held ([`Tiles`]); `hd` is a multiple of 32; `q` holds 16 × hd values, `kt` at least
-/// `blocks` blocks, `out` 16 rows of `stride >= 16·blocks` floats.
+/// The tiles are held ([`Tiles`]); `hd` is a multiple of 32; `q` holds `16·tiles × hd` values, `kt` at least
+/// `blocks` blocks, `out` `16·tiles` rows of `stride >= 16·blocks` floats.
 pub(crate) unsafe fn bf16_scores(
     q: *const u16,
+    tiles: usize,
     hd: usize,
     kt: *const u16,
     blocks: usize,
@@ -540,30 +542,51 @@ pub(crate) unsafe fn bf16_scores(
     stride: usize,
 ) {
     let steps = hd / 32;
-    // Key tiles alternate between tmm2 and tmm3, so a load need not wait for the product reading the last one.
-    macro_rules! block {
-        ($t:literal, $b:literal, $k:expr) => {
+    // Query tile `i` of step `s` into `$a`, times the key tile in `$k`, into `$t`.
+    macro_rules! product {
+        ($t:literal, $a:literal, $k:literal, $i:expr, $s:expr) => {
             asm!(
-                concat!("tileloadd ", $b, ", [{k} + {s}*1]"),
-                concat!("tdpbf16ps ", $t, ", tmm0, ", $b),
-                k = in(reg) $k,
-                s = in(reg) 64usize,
+                concat!("tileloadd ", $a, ", [{q} + {qs}*1]"),
+                concat!("tdpbf16ps ", $t, ", ", $a, ", ", $k),
+                q = in(reg) q.add($i * 16 * hd + $s * 32),
+                qs = in(reg) hd * 2,
                 options(nostack, readonly, preserves_flags)
             )
         };
     }
     macro_rules! store {
-        ($t:literal, $b:expr) => {
+        ($t:literal, $i:expr, $b:expr) => {
             asm!(
                 concat!("tilestored [{o} + {s}*1], ", $t),
-                o = in(reg) out.add($b * 16),
+                o = in(reg) out.add($i * 16 * stride + $b * 16),
                 s = in(reg) stride * 4,
                 options(nostack, preserves_flags)
             )
         };
     }
-    for b0 in (0..blocks).step_by(4) {
-        let nb = (blocks - b0).min(4);
+    // The key tile of step `s` of block `b` into `$k`, then every query tile's product with it.
+    macro_rules! step {
+        ($k:literal, $b:expr, $s:expr) => {{
+            let (b, s) = ($b, $s);
+            asm!(
+                concat!("tileloadd ", $k, ", [{k} + {ks}*1]"),
+                k = in(reg) kt.add((b * steps + s) * 512),
+                ks = in(reg) 64usize,
+                options(nostack, readonly, preserves_flags)
+            );
+            product!("tmm4", "tmm0", $k, 0, s);
+            if tiles > 1 {
+                product!("tmm5", "tmm1", $k, 1, s);
+            }
+            if tiles > 2 {
+                product!("tmm6", "tmm0", $k, 2, s);
+            }
+            if tiles > 3 {
+                product!("tmm7", "tmm1", $k, 3, s);
+            }
+        }};
+    }
+    for b in 0..blocks {
         asm!(
             "tilezero tmm4",
             "tilezero tmm5",
@@ -571,34 +594,26 @@ pub(crate) unsafe fn bf16_scores(
             "tilezero tmm7",
             options(nostack, nomem, preserves_flags)
         );
-        for s in 0..steps {
-            asm!(
-                "tileloadd tmm0, [{q} + {qs}*1]",
-                q = in(reg) q.add(s * 32),
-                qs = in(reg) hd * 2,
-                options(nostack, readonly, preserves_flags)
-            );
-            let k = |j: usize| kt.add(((b0 + j) * steps + s) * 512);
-            block!("tmm4", "tmm2", k(0));
-            if nb > 1 {
-                block!("tmm5", "tmm3", k(1));
-            }
-            if nb > 2 {
-                block!("tmm6", "tmm2", k(2));
-            }
-            if nb > 3 {
-                block!("tmm7", "tmm3", k(3));
-            }
+        // Key tiles alternate between tmm2 and tmm3 by step, query tiles between tmm0 and tmm1, so a load need
+        // not wait for the product reading the one before.
+        let mut s = 0;
+        while s + 1 < steps {
+            step!("tmm2", b, s);
+            step!("tmm3", b, s + 1);
+            s += 2;
         }
-        store!("tmm4", b0);
-        if nb > 1 {
-            store!("tmm5", b0 + 1);
+        if s < steps {
+            step!("tmm2", b, s);
         }
-        if nb > 2 {
-            store!("tmm6", b0 + 2);
+        store!("tmm4", 0, b);
+        if tiles > 1 {
+            store!("tmm5", 1, b);
         }
-        if nb > 3 {
-            store!("tmm7", b0 + 3);
+        if tiles > 2 {
+            store!("tmm6", 2, b);
+        }
+        if tiles > 3 {
+            store!("tmm7", 3, b);
         }
     }
 }

@@ -119,12 +119,9 @@ pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv
         }
         Span::All { len, rel } => (0, len, None, rel, a),
     };
-    // Scores (already scaled) of query `a`, head `h`, over `from..from + scores.len()` → probabilities in
-    // place, 0 outside the query's own keys; returns 1 / their sum.
-    let softmax = |a: usize, h: usize, from: usize, scores: &mut [f32]| -> f32 {
-        let (start, end, alibi, rel, pos) = range(a, h);
-        let (lo, hi) = (start - from, end - from);
-        let own = &mut scores[lo..hi];
+    // Adds the position biases of query `a`, head `h` to its scores over its own keys `own` (from its first).
+    let bias = |a: usize, h: usize, own: &mut [f32]| {
+        let (start, _, alibi, rel, pos) = range(a, h);
         if let Some(m) = alibi {
             own.iter_mut().enumerate().for_each(|(i, v)| *v += m * ((start + i) as f32 - pos as f32));
         }
@@ -133,6 +130,14 @@ pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv
             let row = &values[h * width + zero + start - pos..];
             own.iter_mut().zip(row).for_each(|(v, b)| *v += b);
         }
+    };
+    // Scores (already scaled) of query `a`, head `h`, over `from..from + scores.len()` → probabilities in
+    // place, 0 outside the query's own keys; returns 1 / their sum.
+    let softmax = |a: usize, h: usize, from: usize, scores: &mut [f32]| -> f32 {
+        let (start, end, ..) = range(a, h);
+        let (lo, hi) = (start - from, end - from);
+        let own = &mut scores[lo..hi];
+        bias(a, h, own);
         let sum = (ops.exp_shifted)(own);
         scores[..lo].fill(0.0);
         scores[hi..].fill(0.0);
@@ -149,9 +154,9 @@ pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv
     };
     #[cfg(target_arch = "x86_64")]
     if let (true, KvView::F32 { keys, values }, Span::All { .. }) = (bf16, kv, span) {
-        if k >= AMX_QUERIES && hd.is_multiple_of(32) && amx_bf16() {
+        if k >= AMX_TILE_ROWS && hd.is_multiple_of(32) && amx_bf16() {
             let ctx = Bf16Attention { n_heads, group, hd, scale, n, q, q_stride, k };
-            return ctx.run(keys, values, &softmax, out_ptr);
+            return ctx.run(keys, values, &bias, out_ptr);
         }
     }
     let hb = heads_per_block(group);
@@ -221,20 +226,29 @@ pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv
     }
 }
 
-/// Queries per AMX attention task: the rows of a tile.
+/// Rows of an AMX tile: the fewest queries the AMX attention takes.
 #[cfg(target_arch = "x86_64")]
-const AMX_QUERIES: usize = 16;
+const AMX_TILE_ROWS: usize = 16;
 
-/// Whether the bf16 AMX attention can run here (the AVX-512 path and AMX-BF16).
+/// Queries per AMX attention task: four tiles, which share each key tile ([`amx::bf16_scores`]).
+#[cfg(target_arch = "x86_64")]
+const AMX_QUERIES: usize = 4 * AMX_TILE_ROWS;
+
+/// Whether the bf16 AMX attention can run here (the AVX-512 path, AMX-BF16 and AVX512-BF16, which every CPU
+/// with AMX-BF16 has so far).
 #[cfg(target_arch = "x86_64")]
 fn amx_bf16() -> bool {
     use crate::kernels::{active_isa, amx, Isa};
-    active_isa().is_ok_and(|i| i == Isa::Avx512) && amx::bf16_supported()
+    active_isa().is_ok_and(|i| i == Isa::Avx512)
+        && amx::bf16_supported()
+        && is_x86_feature_detected!("avx512dq")
+        && is_x86_feature_detected!("avx512bf16")
 }
 
 /// Bidirectional attention on AMX-BF16 (see [`Heads::bf16`]): each key/value head's keys and values become bf16
-/// tiles once per call; a task takes 16 queries of one head: scores by `tdpbf16ps` against every key, the
-/// softmax in f32 as on the other path, probabilities rounded to bf16 and multiplied by the value tiles.
+/// tiles once per call; a task takes up to 64 queries of one head: scores by `tdpbf16ps` against every key, the
+/// softmax's exponentials at bf16 accuracy ([`vector::x86::exp_shifted_bf16_512`]) rounded to bf16 and multiplied
+/// by the value tiles, the sums in f32.
 #[cfg(target_arch = "x86_64")]
 struct Bf16Attention<'a> {
     n_heads: usize,
@@ -249,9 +263,10 @@ struct Bf16Attention<'a> {
 
 #[cfg(target_arch = "x86_64")]
 impl Bf16Attention<'_> {
-    fn run<S>(&self, keys: &[Vec<f32>], values: &[Vec<f32>], softmax: &S, out: SendPtr)
+    /// `bias(a, h, scores)` adds the position biases of query `a`, head `h` to its scores over every key.
+    fn run<B>(&self, keys: &[Vec<f32>], values: &[Vec<f32>], bias: &B, out: SendPtr)
     where
-        S: Fn(usize, usize, usize, &mut [f32]) -> f32 + Sync,
+        B: Fn(usize, usize, &mut [f32]) + Sync,
     {
         use crate::kernels::amx;
         use std::sync::OnceLock;
@@ -273,34 +288,42 @@ impl Bf16Attention<'_> {
             let (h, a0) = (t % n_heads, t / n_heads * AMX_QUERIES);
             let m = (k - a0).min(AMX_QUERIES);
             let (kt, vt) = tiles[h / group].get().expect("converted above");
+            // The task's queries fill `nq` tiles of 16 rows; rows past `m` are zero.
+            let nq = m.div_ceil(AMX_TILE_ROWS);
+            let rows = nq * AMX_TILE_ROWS;
             SCRATCH.with_borrow_mut(|b| {
                 let Scratch { qf, qb, scores, pb, o } = b;
-                let qf = sized(qf, AMX_QUERIES * hd);
+                let qf = sized(qf, rows * hd);
                 qf.fill(0.0);
                 for (r, row) in qf.chunks_exact_mut(hd).take(m).enumerate() {
                     let src = &q[(a0 + r) * q_stride + h * hd..][..hd];
                     row.iter_mut().zip(src).for_each(|(d, s)| *d = s * scale);
                 }
                 // Written in full below before they are read.
-                let (qb, pb) = (sized(qb, AMX_QUERIES * hd), sized(pb, AMX_QUERIES * lpad));
-                let (scores, o) = (sized(scores, AMX_QUERIES * lpad), sized(o, AMX_QUERIES * hd));
+                let (qb, pb) = (sized(qb, rows * hd), sized(pb, rows * lpad));
+                let (scores, o) = (sized(scores, rows * lpad), sized(o, rows * hd));
                 let mut inv = [0.0f32; AMX_QUERIES];
-                // SAFETY: AMX-BF16 was detected; the buffers have the sizes the kernels read and write (16 rows of
-                // hd or lpad, the tiles cover lpad positions).
+                // SAFETY: AMX-BF16 was detected; the buffers have the sizes the kernels read and write (`rows`
+                // rows of hd or lpad, the tiles cover lpad positions).
                 unsafe {
                     amx::to_bf16(qf, qb);
                     let _tiles = amx::Tiles::acquire();
-                    amx::bf16_scores(qb.as_ptr(), hd, kt.as_ptr(), lpad / 16, scores.as_mut_ptr(), lpad);
-                    for (r, row) in scores.chunks_exact_mut(lpad).enumerate() {
+                    amx::bf16_scores(qb.as_ptr(), nq, hd, kt.as_ptr(), lpad / 16, scores.as_mut_ptr(), lpad);
+                    // Each row's probabilities go straight to bf16 (rows past the queries are zero).
+                    for (r, (row, p)) in scores.chunks_exact_mut(lpad).zip(pb.chunks_exact_mut(lpad)).enumerate() {
                         if r < m {
-                            inv[r] = softmax(a0 + r, h, 0, &mut row[..n]);
+                            bias(a0 + r, h, &mut row[..n]);
+                            let sum = vector::x86::exp_shifted_bf16_512(&row[..n], p);
+                            inv[r] = if sum > 0.0 { 1.0 / sum } else { 0.0 };
                         } else {
-                            row[..n].fill(0.0);
+                            p.fill(0);
                         }
-                        row[n..].fill(0.0);
                     }
-                    amx::to_bf16(scores, pb);
-                    amx::bf16_weighted(pb.as_ptr(), lpad, vt.as_ptr(), hd, lpad / 32, o.as_mut_ptr());
+                    for i in 0..nq {
+                        let (p, o) =
+                            (pb.as_ptr().add(i * AMX_TILE_ROWS * lpad), o.as_mut_ptr().add(i * AMX_TILE_ROWS * hd));
+                        amx::bf16_weighted(p, lpad, vt.as_ptr(), hd, lpad / 32, o);
+                    }
                 }
                 for (r, row) in o.chunks_exact(hd).take(m).enumerate() {
                     // SAFETY: each task writes the hd-wide slices of its own queries of head h.
@@ -471,14 +494,17 @@ mod tests {
         }
         let n = 70;
         let val = |i: usize, m: usize| ((i * m + 11) % 37) as f32 / 18.0 - 1.0;
-        let rel_table: Vec<f32> = (0..8 * (2 * n + 1)).map(|i| val(i, 5) * 0.5).collect();
-        let rel = RelBias { values: &rel_table, width: 2 * n + 1, zero: n };
+        // Distances up to the most queries below.
+        let w = 100;
+        let rel_table: Vec<f32> = (0..8 * (2 * w + 1)).map(|i| val(i, 5) * 0.5).collect();
+        let rel = RelBias { values: &rel_table, width: 2 * w + 1, zero: w };
         for (h, g, hd) in [(4, 4, 64), (8, 2, 32), (6, 1, 64), (2, 2, 96)] {
             let keys: Vec<Vec<f32>> = (0..g).map(|x| (0..n * hd).map(|i| val(i + x, 7)).collect()).collect();
             let values: Vec<Vec<f32>> = (0..g).map(|x| (0..n * hd).map(|i| val(i + x, 5)).collect()).collect();
             let panels: Vec<Vec<f32>> = keys.iter().map(|x| vector::key_panels(x, n, hd)).collect();
             let heads = Heads { heads: h, kv_heads: g, head_dim: hd, scale: 0.25, bf16: true };
-            for k in [16, 21, 40] {
+            // One tile, a partial one, several, a whole task of four and one more task.
+            for k in [16, 21, 40, 64, 100] {
                 let q: Vec<f32> = (0..k * h * hd).map(|i| val(i, 3)).collect();
                 for span in [
                     Span::All { len: n, rel: None },
