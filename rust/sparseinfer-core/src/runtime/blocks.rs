@@ -199,14 +199,21 @@ impl SelfAttention {
                 }
             }
         }
-        cache.write_rows(slot, pos0, &buf.qkv[..k * rows], k, rows, q_w)?;
         let bf16 = self.qkv.activations().is_int8();
         let heads = Heads { heads: s.heads, kv_heads: s.kv_heads, head_dim: hd, scale: s.attn_scale(), bf16 };
+        let rel = step.rel.as_ref().map(|t| t.view(layer));
+        // An encoder's keys and values serve only this call: where the AMX path runs they go from the rows to its
+        // tiles without a cache.
+        if step.bidirectional && pos0 == 0 && attention::attend_rows(heads, rel, &buf.qkv, rows, k, &mut buf.att) {
+            self.o.forward(&buf.att, k, &mut buf.proj)?;
+            add_rows(x, &buf.proj, s.hidden);
+            return Ok(());
+        }
+        cache.write_rows(slot, pos0, &buf.qkv[..k * rows], k, rows, q_w)?;
         let alibi = match &s.positions {
             Positions::Alibi { slopes } => Some(slopes.as_slice()),
             _ => None,
         };
-        let rel = step.rel.as_ref().map(|t| t.view(layer));
         let span = if step.bidirectional {
             Span::All { len: pos0 + k, rel }
         } else {

@@ -485,37 +485,32 @@ pub(crate) unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) {
     }
 }
 
-/// Keys of positions `0..n` (in the panels of [`crate::kernels::vector::key_panels`]) as `tdpbf16ps` `B` tiles
-/// for scores: per 16-position block and 32-dimension step, 16 rows (dimension pairs) of 16 positions × 2.
+/// Keys of positions `0..n` (position `p`'s `hd` values at `keys[p · stride..]`) as `tdpbf16ps` `B` tiles for
+/// scores: per 16-position block and 32-dimension step, 16 rows (dimension pairs) of 16 positions × 2.
 /// Positions past `n` are zero, up to a multiple of 32.
-pub(crate) fn key_tiles(panels: &[f32], n: usize, hd: usize) -> Vec<u16> {
-    use crate::kernels::vector::PANEL;
+pub(crate) fn key_tiles(keys: &[f32], stride: usize, n: usize, hd: usize) -> Vec<u16> {
     let (blocks, steps) = (n.div_ceil(32) * 2, hd / 32);
     let mut out = vec![0u16; blocks * steps * 512];
-    for (b, block) in out.chunks_exact_mut(steps * 512).enumerate() {
-        // A block's 16 positions sit in one panel, dimension-major.
-        let (panel, first) = (&panels[(b * 16 / PANEL) * hd * PANEL..], b * 16 % PANEL);
-        let live = n.saturating_sub(b * 16).min(16);
-        for (d, dim) in panel[..hd * PANEL].chunks_exact(PANEL).enumerate() {
-            // Dimension d is row (d % 32) / 2 of step d / 32, element 2·position + d % 2.
-            let row = &mut block[(d / 32) * 512 + (d % 32) / 2 * 32 + d % 2..];
-            for (i, &v) in dim[first..first + live].iter().enumerate() {
-                row[2 * i] = f32_to_bf16(v);
-            }
+    for p in 0..n {
+        let block = &mut out[(p / 16) * steps * 512 + 2 * (p % 16)..];
+        for (d, &v) in keys[p * stride..][..hd].iter().enumerate() {
+            // Dimension d is row (d % 32) / 2 of step d / 32, element 2·(p % 16) + d % 2.
+            block[(d / 32) * 512 + (d % 32) / 2 * 32 + d % 2] = f32_to_bf16(v);
         }
     }
     out
 }
 
-/// Values of positions `0..n` (position-major, `hd` each) as `tdpbf16ps` `B` tiles for the weighted sum: per
-/// 32-position step and 16 dimensions, 16 rows (position pairs) of 16 dimensions × 2. Positions past `n` are zero.
-pub(crate) fn value_tiles(values: &[f32], n: usize, hd: usize) -> Vec<u16> {
+/// Values of positions `0..n` (position `p`'s `hd` values at `values[p · stride..]`) as `tdpbf16ps` `B` tiles
+/// for the weighted sum: per 32-position step and 16 dimensions, 16 rows (position pairs) of 16 dimensions × 2.
+/// Positions past `n` are zero.
+pub(crate) fn value_tiles(values: &[f32], stride: usize, n: usize, hd: usize) -> Vec<u16> {
     let (steps, parts) = (n.div_ceil(32), hd / 16);
     let mut out = vec![0u16; steps * parts * 512];
-    for (pos, v) in values[..n * hd].chunks_exact(hd).enumerate() {
+    for pos in 0..n {
         // Position pos is row (pos % 32) / 2 of its step, element 2·dimension + pos % 2.
         let step = &mut out[(pos / 32) * parts * 512 + (pos % 32) / 2 * 32 + pos % 2..];
-        for (c, part) in v.chunks_exact(16).enumerate() {
+        for (c, part) in values[pos * stride..][..hd].chunks_exact(16).enumerate() {
             for (i, &x) in part.iter().enumerate() {
                 step[c * 512 + 2 * i] = f32_to_bf16(x);
             }

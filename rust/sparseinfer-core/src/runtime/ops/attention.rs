@@ -93,15 +93,37 @@ fn heads_per_block(group: usize) -> usize {
     (1..=group.min(MAX_QUERIES)).rev().find(|d| group.is_multiple_of(*d)).unwrap_or(1)
 }
 
+/// Query `a`'s keys `start..end` under `span`, its ALiBi slope (for head `h`), relative bias and position.
+fn key_range(span: Span, a: usize, h: usize) -> (usize, usize, Option<f32>, Option<RelBias>, usize) {
+    match span {
+        Span::Causal { pos0, window, alibi, rel } => {
+            let pos = pos0 + a;
+            (window.map_or(0, |w| (pos + 1).saturating_sub(w)), pos + 1, alibi.map(|s| s[h]), rel, pos)
+        }
+        Span::All { len, rel } => (0, len, None, rel, a),
+    }
+}
+
+/// Adds the position biases of query `a`, head `h` to its scores over its own keys `own` (from its first).
+fn add_bias(span: Span, a: usize, h: usize, own: &mut [f32]) {
+    let (start, _, alibi, rel, pos) = key_range(span, a, h);
+    if let Some(m) = alibi {
+        own.iter_mut().enumerate().for_each(|(i, v)| *v += m * ((start + i) as f32 - pos as f32));
+    }
+    if let Some(RelBias { values, width, zero }) = rel {
+        // Distance `start - pos` sits at `zero + start - pos` (>= 0 by the table's construction).
+        let row = &values[h * width + zero + start - pos..];
+        own.iter_mut().zip(row).for_each(|(v, b)| *v += b);
+    }
+}
+
 /// `out[k × H·hd]`: the attention of `k` queries, query `a` of head `h` at `q[a · q_stride + h · hd..]`, over
 /// `kv`. Each task takes up to [`MAX_QUERIES`] (query, head) pairs that read one key/value head: the query heads
 /// of a group ([`heads_per_block`]) times as many queries as fit. Scores come from the block kernels
 /// ([`crate::kernels::vector::VectorOps::scores`]) over the union of the pairs' key ranges, from a panel's start;
 /// each pair's softmax covers its own range only. Tasks run on the thread pool when the work is large enough.
 pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv: KvView, out: &mut [f32]) {
-    let Heads { heads: n_heads, kv_heads, head_dim: hd, scale, bf16 } = heads;
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = bf16; // only the x86 AMX path rounds to bf16
+    let Heads { heads: n_heads, kv_heads, head_dim: hd, scale, .. } = heads;
     assert!(kv_heads > 0 && n_heads.is_multiple_of(kv_heads), "{n_heads} heads over {kv_heads} key/value heads");
     assert!(k.checked_mul(n_heads * hd).is_some_and(|n| out.len() >= n), "attention output too short");
     let group = n_heads / kv_heads;
@@ -111,26 +133,8 @@ pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv
         Span::Causal { pos0, .. } => pos0 + k,
         Span::All { len, .. } => len,
     };
-    // Query `a`'s keys `start..end`, ALiBi slope (for head `h`), relative bias and position.
-    let range = |a: usize, h: usize| match span {
-        Span::Causal { pos0, window, alibi, rel } => {
-            let pos = pos0 + a;
-            (window.map_or(0, |w| (pos + 1).saturating_sub(w)), pos + 1, alibi.map(|s| s[h]), rel, pos)
-        }
-        Span::All { len, rel } => (0, len, None, rel, a),
-    };
-    // Adds the position biases of query `a`, head `h` to its scores over its own keys `own` (from its first).
-    let bias = |a: usize, h: usize, own: &mut [f32]| {
-        let (start, _, alibi, rel, pos) = range(a, h);
-        if let Some(m) = alibi {
-            own.iter_mut().enumerate().for_each(|(i, v)| *v += m * ((start + i) as f32 - pos as f32));
-        }
-        if let Some(RelBias { values, width, zero }) = rel {
-            // Distance `start - pos` sits at `zero + start - pos` (>= 0 by the table's construction).
-            let row = &values[h * width + zero + start - pos..];
-            own.iter_mut().zip(row).for_each(|(v, b)| *v += b);
-        }
-    };
+    let range = |a: usize, h: usize| key_range(span, a, h);
+    let bias = |a: usize, h: usize, own: &mut [f32]| add_bias(span, a, h, own);
     // Scores (already scaled) of query `a`, head `h`, over `from..from + scores.len()` → probabilities in
     // place, 0 outside the query's own keys; returns 1 / their sum.
     let softmax = |a: usize, h: usize, from: usize, scores: &mut [f32]| -> f32 {
@@ -152,13 +156,6 @@ pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv
     let out_of = |a: usize, h: usize| unsafe {
         std::slice::from_raw_parts_mut(out_ptr.get().add(a * n_heads * hd + h * hd), hd)
     };
-    #[cfg(target_arch = "x86_64")]
-    if let (true, KvView::F32 { keys, values }, Span::All { .. }) = (bf16, kv, span) {
-        if k >= AMX_TILE_ROWS && hd.is_multiple_of(32) && amx_bf16() {
-            let ctx = Bf16Attention { n_heads, group, hd, scale, n, q, q_stride, k };
-            return ctx.run(keys, values, &bias, out_ptr);
-        }
-    }
     let hb = heads_per_block(group);
     let qb = (MAX_QUERIES / hb).max(1);
     let head_blocks = n_heads / hb;
@@ -226,6 +223,34 @@ pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv
     }
 }
 
+/// Bidirectional attention (an encoder's) of `k` positions over themselves, read from the rows that hold their
+/// queries, keys and values (`qkv[p · stride..]`: `H·hd` query values, `G·hd` keys, `G·hd` values), without a
+/// cache: where the bf16 AMX path runs ([`Heads::bf16`]), its tiles are built from these rows directly. Returns
+/// whether it ran; where it did not, nothing was written, and the caller caches the keys and values and calls
+/// [`attend`].
+pub fn attend_rows(heads: Heads, rel: Option<RelBias>, qkv: &[f32], stride: usize, k: usize, out: &mut [f32]) -> bool {
+    let Heads { heads: n_heads, kv_heads, head_dim: hd, scale, bf16 } = heads;
+    assert!(kv_heads > 0 && n_heads.is_multiple_of(kv_heads), "{n_heads} heads over {kv_heads} key/value heads");
+    assert!(k.checked_mul(n_heads * hd).is_some_and(|n| out.len() >= n), "attention output too short");
+    let (q_w, kv_w) = (n_heads * hd, kv_heads * hd);
+    assert!(q_w + 2 * kv_w <= stride && (k == 0 || qkv.len() >= (k - 1) * stride + q_w + 2 * kv_w));
+    #[cfg(target_arch = "x86_64")]
+    if bf16 && k >= AMX_TILE_ROWS && hd.is_multiple_of(32) && amx_bf16() {
+        use crate::kernels::amx;
+        let span = Span::All { len: k, rel };
+        let ctx = Bf16Attention { n_heads, group: n_heads / kv_heads, hd, scale, n: k, q: qkv, q_stride: stride, k };
+        let tiles = |g: usize| {
+            let keys = &qkv[q_w + g * hd..];
+            let values = &qkv[q_w + kv_w + g * hd..];
+            (amx::key_tiles(keys, stride, k, hd), amx::value_tiles(values, stride, k, hd))
+        };
+        ctx.run(&tiles, &|a, h, own: &mut [f32]| add_bias(span, a, h, own), SendPtr(out.as_mut_ptr()));
+        return true;
+    }
+    let _ = (rel, scale, bf16);
+    false
+}
+
 /// Rows of an AMX tile: the fewest queries the AMX attention takes.
 #[cfg(target_arch = "x86_64")]
 const AMX_TILE_ROWS: usize = 16;
@@ -245,8 +270,8 @@ fn amx_bf16() -> bool {
         && is_x86_feature_detected!("avx512bf16")
 }
 
-/// Bidirectional attention on AMX-BF16 (see [`Heads::bf16`]): each key/value head's keys and values become bf16
-/// tiles once per call; a task takes up to 64 queries of one head: scores by `tdpbf16ps` against every key, the
+/// Bidirectional attention on AMX-BF16 (see [`Heads::bf16`], [`attend_rows`]): each key/value head's keys and
+/// values become bf16 tiles once per call; a task takes up to 64 queries of one head: scores by `tdpbf16ps` against every key, the
 /// softmax's exponentials at bf16 accuracy ([`vector::x86::exp_shifted_bf16_512`]) rounded to bf16 and multiplied
 /// by the value tiles, the sums in f32.
 #[cfg(target_arch = "x86_64")]
@@ -263,24 +288,21 @@ struct Bf16Attention<'a> {
 
 #[cfg(target_arch = "x86_64")]
 impl Bf16Attention<'_> {
-    /// `bias(a, h, scores)` adds the position biases of query `a`, head `h` to its scores over every key.
-    fn run<B>(&self, keys: &[Vec<f32>], values: &[Vec<f32>], bias: &B, out: SendPtr)
+    /// `tiles(g)` builds the key and value tiles of key/value head `g` ([`amx::key_tiles`],
+    /// [`amx::value_tiles`]); `bias(a, h, scores)` adds the position biases of query `a`, head `h` to its scores
+    /// over every key.
+    fn run<T, B>(&self, tiles_of: &T, bias: &B, out: SendPtr)
     where
+        T: Fn(usize) -> (Vec<u16>, Vec<u16>) + Sync,
         B: Fn(usize, usize, &mut [f32]) + Sync,
     {
         use crate::kernels::amx;
         use std::sync::OnceLock;
         let Bf16Attention { n_heads, group, hd, scale, n, q, q_stride, k } = *self;
-        if n == 0 {
-            // No keys at all attends to nothing.
-            // SAFETY: `attend` checked that out holds k × n_heads × hd values.
-            unsafe { std::slice::from_raw_parts_mut(out.get(), k * n_heads * hd) }.fill(0.0);
-            return;
-        }
         let threads = parallel::num_threads();
         let tiles: Vec<OnceLock<(Vec<u16>, Vec<u16>)>> = (0..n_heads / group).map(|_| OnceLock::new()).collect();
         let convert = |g: usize| {
-            tiles[g].get_or_init(|| (amx::key_tiles(&keys[g], n, hd), amx::value_tiles(&values[g], n, hd)));
+            tiles[g].get_or_init(|| tiles_of(g));
         };
         parallel::global().run(tiles.len(), threads, &convert);
         let lpad = n.div_ceil(32) * 32;
@@ -488,49 +510,59 @@ mod tests {
     #[test]
     fn bf16_attention_within_its_rounding() {
         use crate::formats::budget::BF16_REL;
-        if !amx_bf16() {
-            eprintln!("no AMX-BF16 here: skipped");
-            return;
-        }
-        let n = 70;
         let val = |i: usize, m: usize| ((i * m + 11) % 37) as f32 / 18.0 - 1.0;
-        // Distances up to the most queries below.
+        // Distances up to the most positions below.
         let w = 100;
         let rel_table: Vec<f32> = (0..8 * (2 * w + 1)).map(|i| val(i, 5) * 0.5).collect();
         let rel = RelBias { values: &rel_table, width: 2 * w + 1, zero: w };
         for (h, g, hd) in [(4, 4, 64), (8, 2, 32), (6, 1, 64), (2, 2, 96)] {
-            let keys: Vec<Vec<f32>> = (0..g).map(|x| (0..n * hd).map(|i| val(i + x, 7)).collect()).collect();
-            let values: Vec<Vec<f32>> = (0..g).map(|x| (0..n * hd).map(|i| val(i + x, 5)).collect()).collect();
-            let panels: Vec<Vec<f32>> = keys.iter().map(|x| vector::key_panels(x, n, hd)).collect();
             let heads = Heads { heads: h, kv_heads: g, head_dim: hd, scale: 0.25, bf16: true };
             // One tile, a partial one, several, a whole task of four and one more task.
             for k in [16, 21, 40, 64, 100] {
                 let q: Vec<f32> = (0..k * h * hd).map(|i| val(i, 3)).collect();
-                for span in [
-                    Span::All { len: n, rel: None },
-                    Span::All { len: 0, rel: None },
-                    Span::All { len: n, rel: Some(rel) },
-                ] {
-                    let len = if let Span::All { len, .. } = span { len } else { unreachable!() };
+                let keys: Vec<Vec<f32>> = (0..g).map(|x| (0..k * hd).map(|i| val(i + x, 7)).collect()).collect();
+                let values: Vec<Vec<f32>> = (0..g).map(|x| (0..k * hd).map(|i| val(i + x, 5)).collect()).collect();
+                // Rows as a fused projection writes them, with room to spare: queries, keys, values.
+                let stride = (h + 2 * g) * hd + 3;
+                let mut qkv = vec![f32::NAN; k * stride];
+                for p in 0..k {
+                    let row = &mut qkv[p * stride..];
+                    row[..h * hd].copy_from_slice(&q[p * h * hd..(p + 1) * h * hd]);
+                    for x in 0..g {
+                        row[(h + x) * hd..][..hd].copy_from_slice(&keys[x][p * hd..(p + 1) * hd]);
+                        row[(h + g + x) * hd..][..hd].copy_from_slice(&values[x][p * hd..(p + 1) * hd]);
+                    }
+                }
+                for rel in [None, Some(rel)] {
+                    let span = Span::All { len: k, rel };
                     let want = reference(heads, span, &q, k, &keys, &values);
                     let mut got = vec![f32::NAN; k * h * hd];
-                    attend(heads, span, &q, h * hd, k, KvView::F32 { keys: &panels, values: &values }, &mut got);
+                    if !attend_rows(heads, rel, &qkv, stride, k, &mut got) {
+                        eprintln!("no AMX-BF16 here: skipped");
+                        assert!(got.iter().all(|v| v.is_nan()), "nothing written");
+                        return;
+                    }
                     for (i, (x, y)) in want.iter().zip(&got).enumerate() {
                         let (a, head) = (i / (h * hd), i / hd % h);
                         let (qa, kv) = (&q[a * h * hd + head * hd..][..hd], head / (h / g));
-                        let s_abs = (0..len)
+                        let s_abs = (0..k)
                             .map(|j| (0..hd).map(|d| (qa[d] * keys[kv][j * hd + d]).abs()).sum::<f32>() * 0.25)
                             .fold(0.0f32, f32::max);
-                        let v_max = values[kv][..len * hd].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                        let v_max = values[kv].iter().fold(0.0f32, |m, v| m.max(v.abs()));
                         let tol = v_max * (4.0 * BF16_REL * s_abs + 3.0 * BF16_REL) + 1e-6;
                         assert!(
                             (x - y).abs() <= tol,
-                            "{x} vs {y} (tol {tol}): {h} heads / {g}, hd {hd}, {k} queries, {span:?}"
+                            "{x} vs {y} (tol {tol}): {h} heads / {g}, hd {hd}, {k} positions, {span:?}"
                         );
                     }
                 }
+                // Without bf16 (or below a tile) the caller's cache path runs instead.
+                let f32_heads = Heads { bf16: false, ..heads };
+                assert!(!attend_rows(f32_heads, None, &qkv, stride, k, &mut vec![0.0; k * h * hd]));
             }
         }
+        let heads = Heads { heads: 2, kv_heads: 1, head_dim: 32, scale: 1.0, bf16: true };
+        assert!(!attend_rows(heads, None, &vec![0.0; 15 * 128], 128, 15, &mut vec![0.0; 15 * 64]));
     }
 
     #[test]
