@@ -83,7 +83,7 @@ bench: develop  ## the kernel benchmark (minutes): JSON, table and plot into doc
 		--benchmark-json=bench/results/kernels.json
 	$(PY) bench/report.py bench/results/kernels.json docs/benchmarks
 
-bench-seq2seq: develop setup-train  ## T5 and Whisper shapes vs transformers (~30 min): docs/benchmarks/seq2seq.*
+bench-seq2seq: develop setup-train  ## T5 and Whisper shapes vs transformers (~5 min once the models are built): docs/benchmarks/seq2seq.*
 	$(PY) -m pytest bench/test_seq2seq_bench.py --benchmark-enable --benchmark-only -q $(BENCH_ARGS) \
 		--benchmark-json=bench/results/seq2seq.json
 	$(PY) bench/report_seq2seq.py bench/results/seq2seq.json docs/benchmarks

@@ -1,4 +1,5 @@
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,22 @@ def bandwidth():
 def read_bandwidth(bandwidth):
     """The machine's sustained read bandwidth (GB/s) at the start of the run, with the kernels' thread count."""
     return bandwidth.at_start()
+
+
+def cpu_details() -> dict:
+    """What the CPU's brand string leaves out (a VM's is often just "Intel(R) Xeon(R) Processor"): family and
+    model numbers, and the last-level cache, which decides whether a decoding step's bytes come from DRAM."""
+    out = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("cpu family", "model") and key.replace(" ", "_") not in out:
+                out[key.replace(" ", "_")] = int(value)
+        for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+            if (index / "level").read_text().strip() == "3":
+                size = (index / "size").read_text().strip()
+                out["l3_mib"] = int(size.rstrip("K")) / 1024 if size.endswith("K") else size
+    except (OSError, ValueError):
+        pass
+    return out

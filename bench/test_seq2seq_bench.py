@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import sparseinfer
+from conftest import cpu_details
 from sparseinfer import _core, kernels
 
 torch = pytest.importorskip("torch")
@@ -147,7 +148,8 @@ def run_transformers(shape: str, path: Path, new_tokens: int) -> dict:
         return t_enc, steps, time.perf_counter() - t0
 
     example(2)  # warm up
-    t_enc, steps, total = example(new_tokens)
+    # The best of two examples, as for sparseinfer.
+    t_enc, steps, total = min((example(new_tokens) for _ in range(2)), key=lambda r: r[2])
     return {
         "encoder_s": t_enc,
         "decode_tok_s": (len(steps) - 1) / sum(steps[1:]),
@@ -224,6 +226,7 @@ def test_seq2seq(benchmark, read_bandwidth, shape, runtime, fmt, sparsity):
         read_bandwidth_gbs=read_bandwidth,
         threads=kernels.num_threads(),
         isa=sparseinfer.build_info()["isa"],
+        cpu=cpu_details(),
         **result,
     )
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)

@@ -627,10 +627,10 @@ pub(crate) mod x86 {
     }
 
     /// Softmax numerators of one row of scores as bf16: `out[i] = bf16(exp(s[i] - max s))` (rounded to nearest
-    /// even, below the smallest normal f32 flushed to zero; zero in `out[s.len()..]`); returns the f32 sum of the exponentials before rounding. The exponential
-    /// is `2^t` as a degree-4 polynomial in the fraction of `t` (relative error below 3e-6, a thousandth of a
-    /// bf16 rounding; [`EXP_BF16_BUDGET`]) scaled by `vscalefps`: half the work of [`exp512`], whose full f32
-    /// accuracy the rounding to bf16 would throw away.
+    /// even, below the smallest normal f32 flushed to zero; zero in `out[s.len()..]`); returns the f32 sum of the
+    /// exponentials before rounding. The exponential is `2^t` as a degree-4 polynomial in the fraction of `t`
+    /// (relative error below 3e-6, a thousandth of a bf16 rounding; [`EXP_BF16_BUDGET`]) scaled by `vscalefps`:
+    /// half the work of [`exp512`], whose full f32 accuracy the rounding to bf16 would throw away.
     ///
     /// # Safety
     /// The CPU must support AVX-512 F, BW, DQ and BF16; `s` is not empty and `out` holds at least `s.len()`

@@ -17,9 +17,9 @@ pub struct Heads {
     pub head_dim: usize,
     /// Score scale.
     pub scale: f32,
-    /// Whether bidirectional attention over f32 keys and values may run in bf16 where the CPU has AMX-BF16
-    /// (queries, keys, probabilities and values rounded to bf16, products and sums in f32): set for layers whose
-    /// linears take int8 activations, whose own rounding is of the same order.
+    /// Whether an encoder's attention ([`attend_rows`]) may run in bf16 where the CPU has AMX-BF16 (queries,
+    /// keys, probabilities and values rounded to bf16, products and sums in f32): set for layers whose linears
+    /// take int8 activations, whose own rounding is of the same order. [`attend`] ignores it.
     pub bf16: bool,
 }
 
@@ -271,9 +271,9 @@ fn amx_bf16() -> bool {
 }
 
 /// Bidirectional attention on AMX-BF16 (see [`Heads::bf16`], [`attend_rows`]): each key/value head's keys and
-/// values become bf16 tiles once per call; a task takes up to 64 queries of one head: scores by `tdpbf16ps` against every key, the
-/// softmax's exponentials at bf16 accuracy ([`vector::x86::exp_shifted_bf16_512`]) rounded to bf16 and multiplied
-/// by the value tiles, the sums in f32.
+/// values become bf16 tiles once per call; a task takes up to 64 queries of one head: scores by `tdpbf16ps`
+/// against every key, the softmax's exponentials at bf16 accuracy ([`vector::x86::exp_shifted_bf16_512`])
+/// rounded to bf16 and multiplied by the value tiles, the sums in f32.
 #[cfg(target_arch = "x86_64")]
 struct Bf16Attention<'a> {
     n_heads: usize,
