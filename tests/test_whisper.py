@@ -277,6 +277,22 @@ def test_sparse_and_quantized_weights(tmp_path):
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
 
 
+def test_int8_encoder_with_64_wide_heads_matches(tmp_path):
+    """Heads 64 wide over 40 encoder positions (two whole tiles and a partial one): where the CPU has AMX-BF16
+    the int8 encoder's attention runs on bf16 tiles built from the q/k/v rows; the logits stay within the int8
+    budget of transformers' either way."""
+    heads = dict(encoder_attention_heads=1, decoder_attention_heads=1, max_source_positions=40)
+    ref = tiny_models.build("whisper", tmp_path, sparsity=0.7, scale=2.0, **heads)
+    feats = np.random.default_rng(3).standard_normal((MEL, 80)).astype(np.float32)
+    dec = [0, 5, 9, 17, 33, 65]
+    with torch.no_grad():
+        want = ref(input_features=torch.from_numpy(feats)[None], decoder_input_ids=torch.tensor([dec])).logits[0]
+    want = want.numpy()
+    got = sparseinfer.load(tmp_path, weights="sparse-int8").logits(feats, dec)
+    assert np.abs(got - want).max() < 0.03 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
+
+
 def test_pruned_quantized_export_loads_and_matches(tmp_path):
     from sparseinfer import training as T
 
