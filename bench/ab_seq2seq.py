@@ -3,24 +3,22 @@ are loaded and their calls alternate (A B, B A, ...), so the machine's drift ove
 percent on the VMs we run on) falls on both alike. Separate processes run one after the other compare the
 machine's phases as much as the builds.
 
-    python bench/ab_seq2seq.py A.so B.so MODEL_DIR --what encoder|example [--rounds 12] [--weights sparse-int8]
+    python bench/ab_seq2seq.py A.so B.so --shape whisper-small --what encoder|example [--rounds 12]
 
 A.so / B.so: copies of `python/sparseinfer/_core.abi3.so` (e.g. `cp python/sparseinfer/_core.abi3.so /tmp/A.so`
-before a change, rebuild, then compare with the new one). MODEL_DIR: an encoder-decoder checkpoint (the benchmark's
-`~/.cache/sparseinfer/bench-models/whisper-small-s70`). `encoder`: one encoder pass over the benchmark's input;
-`example`: the encoder and 64 greedy tokens. Prints the lower quartile and the minimum of each build's times and
-their ratios.
+before a change, rebuild, then compare with the new one). The model and its input are the seq2seq benchmark's
+(bench/test_seq2seq_bench.py: `--shape` at `--sparsity`, built on first use). `encoder`: one encoder pass;
+`example`: the encoder and the benchmark's greedy tokens. Prints the lower quartile and the minimum of each
+build's times and their ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import time
-from pathlib import Path
 
-import numpy as np
+import test_seq2seq_bench as bench
 
 
 def load_build(path: str):
@@ -30,38 +28,28 @@ def load_build(path: str):
     return module
 
 
-def encoder_input(model_dir: Path, vocab: int):
-    """The seq2seq benchmark's input: 64 token ids (T5) or 30 s of Whisper features."""
-    config = json.loads((model_dir / "config.json").read_text())
-    rng = np.random.default_rng(0)
-    if config.get("model_type") == "whisper":
-        return rng.uniform(-1.0, 1.5, (config["num_mel_bins"], 2 * config["max_source_positions"])).astype(np.float32)
-    return [int(t) for t in rng.integers(2, vocab, 64)]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("a")
     ap.add_argument("b")
-    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("--shape", default="whisper-small", choices=sorted(bench.SHAPES))
+    ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--what", choices=["encoder", "example"], default="encoder")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--weights", default="sparse-int8")
-    ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args()
+    path = bench.model_dir(args.shape, args.sparsity)
     builds = {"A": load_build(args.a), "B": load_build(args.b)}
-    models = {
-        k: core.load_model(str(args.model_dir), args.weights, None, False, None, None, 0, None)
-        for k, core in builds.items()
-    }
-    x = encoder_input(args.model_dir, models["A"].info()["vocab_size"])
+    # No pack cache (0 bytes): each build packs its own copy.
+    models = {k: c.load_model(str(path), args.weights, None, False, None, None, 0, None) for k, c in builds.items()}
+    x = bench.encoder_input(args.shape, models["A"].info()["vocab_size"])
 
     def run(k: str) -> None:
         if args.what == "encoder":
             models[k].encode(x)
         else:
-            gen = builds[k].Generator(models[k], x, args.new_tokens)
-            for _ in range(args.new_tokens):
+            gen = builds[k].Generator(models[k], x, bench.NEW_TOKENS)
+            for _ in range(bench.NEW_TOKENS):
                 gen.next_token()
 
     run("A")
@@ -75,7 +63,7 @@ def main() -> None:
     q1 = {k: sorted(v)[len(v) // 4] for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
     print(
-        f"{args.model_dir.name} {args.what} ({args.rounds} rounds): A q1 {q1['A']:.3f} s, min {low['A']:.3f} | "
+        f"{args.shape} {args.what} ({args.rounds} rounds): A q1 {q1['A']:.3f} s, min {low['A']:.3f} | "
         f"B q1 {q1['B']:.3f} s, min {low['B']:.3f} | B/A q1 {q1['B'] / q1['A']:.3f}, min {low['B'] / low['A']:.3f}"
     )
 
