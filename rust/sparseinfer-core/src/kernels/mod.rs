@@ -7,6 +7,40 @@
 //!
 //! `SPARSEINFER_ISA=scalar|avx2|avxvnni|avx512|neon` (or [`set_isa`]) forces a path, so tests can run all of them.
 
+/// `fn $name(args) $body`, with the body compiled for the active x86 SIMD path (AVX-512 or AVX2, as
+/// [`active_isa`] says; elsewhere the portable build): plain Rust whose loops then vectorize for the CPU the kernels
+/// run on. The same operations on every path (Rust never fuses a multiply and an add on its own), so the same
+/// bits. For row-wise work beside the kernels: activations, the KV cache's quantizer.
+macro_rules! on_active_isa {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                use $crate::kernels::{active_isa, Isa};
+                match active_isa() {
+                    // SAFETY: the active path's features were detected.
+                    Ok(Isa::Avx512) => return unsafe { avx512($($arg),*) },
+                    Ok(Isa::Avx2 | Isa::AvxVnni) => return unsafe { avx2($($arg),*) },
+                    _ => {}
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use on_active_isa;
+
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
 pub mod aligned;

@@ -102,45 +102,19 @@ struct HeadCodes<'a> {
     value_scales: &'a mut [f32],
 }
 
-/// Quantizes one head's new positions into its buffers, compiled for the active SIMD path: an encoder's
-/// output gives a cross-attention cache thousands of positions per layer at once. The same operations on every
-/// path (no fused multiply-add to contract), so the same codes.
-fn quantize_head(src: &HeadRows, hd: usize, dst: HeadCodes) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use crate::kernels::{active_isa, Isa};
-        match active_isa() {
-            // SAFETY: the active path's features were detected.
-            Ok(Isa::Avx512) => return unsafe { quantize_head_avx512(src, hd, dst) },
-            Ok(Isa::Avx2 | Isa::AvxVnni) => return unsafe { quantize_head_avx2(src, hd, dst) },
-            _ => {}
+crate::kernels::on_active_isa! {
+    /// Quantizes one head's new positions into its buffers, compiled for the active SIMD path: an encoder's
+    /// output gives a cross-attention cache thousands of positions per layer at once.
+    fn quantize_head(src: &HeadRows, hd: usize, dst: HeadCodes) {
+        let HeadCodes { keys, key_scales, values, value_scales } = dst;
+        let mut codes = vec![0i8; hd];
+        for p in src.pos..src.end {
+            let row = &src.rows[(p - src.pos) * src.stride..];
+            key_scales[p] = quantize(&row[src.keys_at..src.keys_at + hd], &mut codes);
+            let at = (p / PANEL) * hd * PANEL + p % PANEL;
+            codes.iter().enumerate().for_each(|(d, &c)| keys[at + d * PANEL] = c);
+            value_scales[p] = quantize(&row[src.values_at..src.values_at + hd], &mut values[p * hd..(p + 1) * hd]);
         }
-    }
-    quantize_head_body(src, hd, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
-unsafe fn quantize_head_avx512(src: &HeadRows, hd: usize, dst: HeadCodes) {
-    quantize_head_body(src, hd, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn quantize_head_avx2(src: &HeadRows, hd: usize, dst: HeadCodes) {
-    quantize_head_body(src, hd, dst)
-}
-
-#[inline(always)]
-fn quantize_head_body(src: &HeadRows, hd: usize, dst: HeadCodes) {
-    let HeadCodes { keys, key_scales, values, value_scales } = dst;
-    let mut codes = vec![0i8; hd];
-    for p in src.pos..src.end {
-        let row = &src.rows[(p - src.pos) * src.stride..];
-        key_scales[p] = quantize(&row[src.keys_at..src.keys_at + hd], &mut codes);
-        let at = (p / PANEL) * hd * PANEL + p % PANEL;
-        codes.iter().enumerate().for_each(|(d, &c)| keys[at + d * PANEL] = c);
-        value_scales[p] = quantize(&row[src.values_at..src.values_at + hd], &mut values[p * hd..(p + 1) * hd]);
     }
 }
 

@@ -77,59 +77,21 @@ pub fn mlp_activation(mlp: Mlp, i: usize, up: &[f32], act: &mut [f32]) {
     crate::parallel::for_rows(act, i, |r0, act| mlp_rows(mlp, i, &up[r0 * up_w..], act));
 }
 
-fn mlp_rows(mlp: Mlp, i: usize, up: &[f32], act: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use crate::kernels::{active_isa, Isa};
-        match active_isa() {
-            // SAFETY: the active path's features were detected.
-            Ok(Isa::Avx512) => return unsafe { mlp_avx512(mlp, i, up, act) },
-            Ok(Isa::Avx2 | Isa::AvxVnni) => return unsafe { mlp_avx2(mlp, i, up, act) },
-            _ => {}
-        }
+crate::kernels::on_active_isa! {
+    fn mlp_rows(mlp: Mlp, i: usize, up: &[f32], act: &mut [f32]) {
+        mlp_body(mlp, i, up, act)
     }
-    mlp_body(mlp, i, up, act)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
-unsafe fn mlp_avx512(mlp: Mlp, i: usize, up: &[f32], act: &mut [f32]) {
-    mlp_body(mlp, i, up, act)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn mlp_avx2(mlp: Mlp, i: usize, up: &[f32], act: &mut [f32]) {
-    mlp_body(mlp, i, up, act)
 }
 
 /// `x = f(x)` in place over rows of `width` (the audio front end's GELUs), as [`mlp_activation`] computes it.
 pub fn activate_in_place(f: Act, x: &mut [f32], width: usize) {
-    crate::parallel::for_rows(x, width, |_, x| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use crate::kernels::{active_isa, Isa};
-            match active_isa() {
-                // SAFETY: the active path's features were detected.
-                Ok(Isa::Avx512) => return unsafe { in_place_avx512(f, x) },
-                Ok(Isa::Avx2 | Isa::AvxVnni) => return unsafe { in_place_avx2(f, x) },
-                _ => {}
-            }
-        }
+    crate::parallel::for_rows(x, width, |_, x| in_place(f, x));
+}
+
+crate::kernels::on_active_isa! {
+    fn in_place(f: Act, x: &mut [f32]) {
         f.apply_in_place(x)
-    });
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
-unsafe fn in_place_avx512(f: Act, x: &mut [f32]) {
-    f.apply_in_place(x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn in_place_avx2(f: Act, x: &mut [f32]) {
-    f.apply_in_place(x)
+    }
 }
 
 #[inline(always)]
