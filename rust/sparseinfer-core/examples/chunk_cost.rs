@@ -1,7 +1,8 @@
 //! What one 64-column chunk of each integer format costs a core, in core cycles, on every x86 path this CPU has.
 //!
-//!     cargo run --release -p sparseinfer-core --example chunk_cost
+//!     cargo run --release -p sparseinfer-core --example chunk_cost [ISA ...]
 //!
+//! With ISA names (`avx2`, `avxvnni`, `avx512`), only those paths are timed.
 //! One thread computes `W x` over and over for a matrix that stays in L2, so memory does not bound it: the
 //! figure is the kernel's own cost per chunk (mask, expansion, products, scaling), the ceiling on what one
 //! core can stream. A decode step is memory-bound only where the cores' combined rate exceeds the bandwidth:
@@ -45,7 +46,9 @@ fn run() {
         .iter()
         .map(|&(_, p)| (0..rows * cols).map(|_| if rnd() < p { 0.0 } else { (rnd() * 2.0 - 1.0) as f32 }).collect())
         .collect();
-    for isa in kernels::available_isas().into_iter().filter(|&i| i != Isa::Scalar) {
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let chosen = |i: Isa| i != Isa::Scalar && (only.is_empty() || only.iter().any(|n| n == i.name()));
+    for isa in kernels::available_isas().into_iter().filter(|&i| chosen(i)) {
         kernels::set_isa(Some(isa)).expect("an available ISA");
         for (&(format, p), w) in cases.iter().zip(&weights) {
             // Packed under the ISA, so the layout is the one its kernels read (tiles on AVX-512 VNNI).

@@ -332,6 +332,36 @@ fn many_activation_rows() {
 }
 
 #[test]
+fn the_format_table_is_consistent() {
+    use sparseinfer_core::formats::Elem;
+    let mut names: Vec<_> = Format::ALL.iter().map(|f| f.name()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), Format::ALL.len());
+    for f in Format::ALL {
+        let t = f.traits();
+        assert_eq!(Format::from_name(t.name).unwrap(), f);
+        assert_eq!(Format::of(t.elem, t.sparse), f);
+        let (kind, elem) = t.name.split_once('-').unwrap();
+        assert_eq!(kind == "sparse", t.sparse, "{}", t.name);
+        let bits = match elem {
+            "f32" => 32,
+            "bf16" => 16,
+            "int8" => 8,
+            "int4" => 4,
+            other => panic!("unknown element {other}"),
+        };
+        assert_eq!(t.elem.bits(), bits);
+        assert_eq!(t.elem.bytes(3), (3 * bits as usize).div_ceil(8));
+        // The head is dense, float beside float layers and int8 beside integer ones.
+        assert!(!t.head.is_sparse());
+        let want = if t.elem.is_int() { Elem::I8 } else { t.elem };
+        assert_eq!(t.head.elem(), want, "{}", t.name);
+        assert_eq!(Activations::default_for(f).is_int8(), t.elem.is_int());
+    }
+}
+
+#[test]
 fn bad_input_is_an_error_not_a_crash() {
     let opts = PackOptions::default();
     assert!(PackedMatrix::pack(&[], 0, 4, Format::DenseF32, opts).is_err());

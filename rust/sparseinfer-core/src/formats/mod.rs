@@ -86,6 +86,24 @@ pub enum Elem {
     I4,
 }
 
+/// What the crate needs to know of one format: its name, element, sparsity, and what the runtime pairs with
+/// it. The table of formats is [`Format::traits`]: a new format is a variant and one entry there (the match
+/// fails to compile without it), and the `match`es on [`Format`] and [`Elem`] elsewhere (kernel dispatch,
+/// value decoding) are exhaustive too, so no case is left to a catch-all.
+#[derive(Debug)]
+pub struct FormatTraits {
+    /// The stable name used by Python and the CLI, e.g. `"sparse-int8"`.
+    pub name: &'static str,
+    /// The element encoding of its values.
+    pub elem: Elem,
+    /// Whether it stores a mask and only the nonzeros.
+    pub sparse: bool,
+    /// The format of the head (lm_head) beside linear layers in this one: dense, as the paper keeps it; f32/bf16
+    /// for float formats, int8 per row for integer ones (an int4 head costs more accuracy than it saves time on
+    /// small models).
+    pub head: Format,
+}
+
 impl Format {
     /// Every format, in a fixed order.
     pub const ALL: [Format; 8] = [
@@ -99,18 +117,37 @@ impl Format {
         Format::SparseInt4,
     ];
 
+    /// The format's entry in the table of formats.
+    pub fn traits(self) -> &'static FormatTraits {
+        use Elem::*;
+        match self {
+            Format::DenseF32 => &FormatTraits { name: "dense-f32", elem: F32, sparse: false, head: Format::DenseF32 },
+            Format::DenseBf16 => {
+                &FormatTraits { name: "dense-bf16", elem: Bf16, sparse: false, head: Format::DenseBf16 }
+            }
+            Format::DenseInt8 => &FormatTraits { name: "dense-int8", elem: I8, sparse: false, head: Format::DenseInt8 },
+            Format::DenseInt4 => &FormatTraits { name: "dense-int4", elem: I4, sparse: false, head: Format::DenseInt8 },
+            Format::SparseF32 => &FormatTraits { name: "sparse-f32", elem: F32, sparse: true, head: Format::DenseF32 },
+            Format::SparseBf16 => {
+                &FormatTraits { name: "sparse-bf16", elem: Bf16, sparse: true, head: Format::DenseBf16 }
+            }
+            Format::SparseInt8 => {
+                &FormatTraits { name: "sparse-int8", elem: I8, sparse: true, head: Format::DenseInt8 }
+            }
+            Format::SparseInt4 => {
+                &FormatTraits { name: "sparse-int4", elem: I4, sparse: true, head: Format::DenseInt8 }
+            }
+        }
+    }
+
+    /// The format with this element and sparsity.
+    pub fn of(elem: Elem, sparse: bool) -> Format {
+        Format::ALL.into_iter().find(|f| f.elem() == elem && f.is_sparse() == sparse).expect("one format per pair")
+    }
+
     /// The stable name, e.g. `"sparse-int8"`.
     pub fn name(self) -> &'static str {
-        match self {
-            Format::DenseF32 => "dense-f32",
-            Format::DenseBf16 => "dense-bf16",
-            Format::DenseInt8 => "dense-int8",
-            Format::DenseInt4 => "dense-int4",
-            Format::SparseF32 => "sparse-f32",
-            Format::SparseBf16 => "sparse-bf16",
-            Format::SparseInt8 => "sparse-int8",
-            Format::SparseInt4 => "sparse-int4",
-        }
+        self.traits().name
     }
 
     /// Parses a stable name; the error lists every valid name.
@@ -123,17 +160,34 @@ impl Format {
 
     /// Whether the format stores a mask and only the nonzeros.
     pub fn is_sparse(self) -> bool {
-        matches!(self, Format::SparseF32 | Format::SparseBf16 | Format::SparseInt8 | Format::SparseInt4)
+        self.traits().sparse
     }
 
     /// The element encoding.
     pub fn elem(self) -> Elem {
+        self.traits().elem
+    }
+}
+
+impl Elem {
+    /// Bits of one stored value.
+    pub fn bits(self) -> u32 {
         match self {
-            Format::DenseF32 | Format::SparseF32 => Elem::F32,
-            Format::DenseBf16 | Format::SparseBf16 => Elem::Bf16,
-            Format::DenseInt8 | Format::SparseInt8 => Elem::I8,
-            Format::DenseInt4 | Format::SparseInt4 => Elem::I4,
+            Elem::F32 => 32,
+            Elem::Bf16 => 16,
+            Elem::I8 => 8,
+            Elem::I4 => 4,
         }
+    }
+
+    /// Whether values are integer codes with scales (int8, int4), which the int8-activation kernels read.
+    pub fn is_int(self) -> bool {
+        matches!(self, Elem::I8 | Elem::I4)
+    }
+
+    /// Bytes of `n` values stored back to back (int4: two per byte, the last byte padded).
+    pub fn bytes(self, n: usize) -> usize {
+        (n * self.bits() as usize).div_ceil(8)
     }
 }
 
@@ -301,12 +355,7 @@ impl PackedMatrix {
 
     /// Bytes of one dense row.
     pub(crate) fn dense_row_bytes(&self) -> usize {
-        match self.format.elem() {
-            Elem::F32 => 4 * self.cols_pad,
-            Elem::Bf16 => 2 * self.cols_pad,
-            Elem::I8 => self.cols_pad,
-            Elem::I4 => self.cols_pad / 2,
-        }
+        self.format.elem().bytes(self.cols_pad)
     }
 
     /// Byte offset of row `r`'s values in `data` (row layout only).

@@ -319,7 +319,7 @@ pub(super) fn pack_impl(
         return Err(Error::invalid(OP, format!("non-finite weight {} at ({}, {})", w[i], i / cols, i % cols)));
     }
     let elem = format.elem();
-    let quantized = matches!(elem, Elem::I8 | Elem::I4);
+    let quantized = elem.is_int();
     if let Some(g) = opts.group_size {
         if !quantized {
             return Err(Error::invalid(OP, format!("group_size applies to integer formats, not {}", format.name())));

@@ -77,7 +77,7 @@ impl PackedMatrix {
         let format = *Format::ALL.get(raw.format).ok_or_else(|| bad(format!("format index {}", raw.format)))?;
         let (rows, cols, cols_pad) = (raw.rows, raw.cols, raw.cols_pad);
         let elem = format.elem();
-        let int = matches!(elem, Elem::I8 | Elem::I4);
+        let int = elem.is_int();
         // Exactly the shapes `pack` produces: the kernels find a column's scale group by shifting with the
         // group's trailing zeros, so any other group or padding would index past the scales.
         let round_up = |n: usize, m: usize| n.div_ceil(m).checked_mul(m);
@@ -130,13 +130,8 @@ impl PackedMatrix {
         let mut m = PackedMatrix::unpacked(rows, cols, cols_pad, format, raw.group, raw.asym);
         if !format.is_sparse() {
             expect("masks", raw.masks.len(), 0)?;
-            let want = match elem {
-                Elem::F32 => cells.checked_mul(4),
-                Elem::Bf16 => cells.checked_mul(2),
-                Elem::I8 => Some(cells),
-                Elem::I4 => Some(cells / 2),
-            };
-            let want = want.unwrap_or(usize::MAX);
+            // `cells · bits` may overflow for a hostile shape; the value bytes then cannot match.
+            let want = cells.checked_mul(elem.bits() as usize).map_or(usize::MAX, |b| b.div_ceil(8));
             expect("value bytes", values, want)?;
             if raw.nnz > rows * cols {
                 return Err(bad(format!("{} nonzeros in {rows} x {cols}", raw.nnz)));
@@ -187,12 +182,7 @@ impl PackedMatrix {
                     }
                     let n = w.count_ones() as usize;
                     nnz += n;
-                    pos += match elem {
-                        Elem::F32 => 4 * n,
-                        Elem::Bf16 => 2 * n,
-                        Elem::I8 => n,
-                        Elem::I4 => n.div_ceil(2),
-                    };
+                    pos += elem.bytes(n);
                 }
             }
             offsets.push(pos);
@@ -225,7 +215,7 @@ mod tests {
         let w = weights();
         let mut out = Vec::new();
         for f in Format::ALL {
-            let int = matches!(f.elem(), Elem::I8 | Elem::I4);
+            let int = f.elem().is_int();
             for (group, asym, layout) in [
                 (None, false, Layout::Rows),
                 (Some(64), false, Layout::Rows),

@@ -72,7 +72,7 @@ pub(crate) fn can_tile(m: &PackedMatrix) -> bool {
 
 /// Whether matrices of `format` (asymmetric or not) have a tiled layout: the sparse integer formats, symmetric.
 pub(crate) fn tileable(format: Format, asym: bool) -> bool {
-    format.is_sparse() && matches!(format.elem(), Elem::I8 | Elem::I4) && !asym
+    format.is_sparse() && format.elem().is_int() && !asym
 }
 
 /// The tiled copy of a row-layout matrix (see [`can_tile`]). Each quad takes a 4-bit slice of 16 rows' mask

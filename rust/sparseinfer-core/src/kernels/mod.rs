@@ -55,7 +55,7 @@ mod x86;
 pub(crate) use x86::amx;
 
 use crate::error::{Error, Result};
-use crate::formats::{Elem, PackedMatrix, CHUNK};
+use crate::formats::{PackedMatrix, CHUNK};
 use crate::parallel;
 use aligned::Aligned;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -298,9 +298,10 @@ impl Activations {
 
     /// `Int8` for integer weight formats, `F32` for float ones.
     pub fn default_for(format: crate::Format) -> Activations {
-        match format.elem() {
-            Elem::I8 | Elem::I4 => Activations::Int8,
-            _ => Activations::F32,
+        if format.elem().is_int() {
+            Activations::Int8
+        } else {
+            Activations::F32
         }
     }
 }
@@ -364,11 +365,7 @@ fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, to: Consumer
         xq: Aligned::zeroed(k * cp),
         sx: vec![0.0; k * chunks],
         zcorr: Aligned::empty(),
-        gsum: if !vnni || token || m.tiled || !matches!(m.format.elem(), Elem::I4 | Elem::I8) {
-            Vec::new()
-        } else {
-            vec![0.0; k * groups]
-        },
+        gsum: if !vnni || token || m.tiled || !m.format.elem().is_int() { Vec::new() } else { vec![0.0; k * groups] },
         xhat: if xhat { Aligned::zeroed(k * cp) } else { Aligned::empty() },
     };
     quantize_rows(parallel::num_threads(), xs, q.rows(), cp);

@@ -60,12 +60,7 @@ pub fn decode_row(m: &PackedMatrix, r: usize, out: &mut [f32]) {
             };
             k += 1;
         }
-        pos += match m.format.elem() {
-            Elem::F32 => 4 * k,
-            Elem::Bf16 => 2 * k,
-            Elem::I8 => k,
-            Elem::I4 => k.div_ceil(2),
-        };
+        pos += m.format.elem().bytes(k);
     }
 }
 

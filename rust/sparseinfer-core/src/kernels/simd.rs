@@ -41,6 +41,19 @@ impl RowScales {
     }
 }
 
+/// The integer weight formats as the integer-activation kernels' const parameters (stable Rust takes no enum
+/// there), one code per integer [`crate::Format`], chosen by an exhaustive `match` on the format where a kernel
+/// dispatches; a kernel's own row sources (expanded or unpacked copies of a row) take codes from
+/// [`KERNEL_CODES`] up.
+pub(crate) const DI8: u8 = 0;
+pub(crate) const SI8: u8 = 1;
+pub(crate) const DI4: u8 = 2;
+// The NEON kernels unpack sparse int4 rows before reading them, so only the x86 ones read this code.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) const SI4: u8 = 3;
+/// The first code a kernel may give its own row sources.
+pub(crate) const KERNEL_CODES: u8 = 4;
+
 /// Chunk scales from two 32-column weight groups: the third chunk-scale mode of the integer-activation kernels.
 pub(crate) const GRP32: u8 = 3;
 

@@ -3,7 +3,7 @@
 //! makes of it"). The head stays dense either way.
 
 use super::checkpoint::{Dtype, QuantScheme};
-use crate::formats::{Format, PackOptions};
+use crate::formats::{Elem, Format, PackOptions};
 use crate::kernels;
 
 /// Which formats the linear layers and the output head are packed into.
@@ -23,16 +23,10 @@ pub struct WeightPlan {
 }
 
 impl WeightPlan {
-    /// The plan for a requested linear format. The head stays dense, as the paper keeps it: f32/bf16 heads for
-    /// float formats, int8 per row for integer ones (an int4 head costs more accuracy than it saves time on
-    /// small models).
+    /// The plan for a requested linear format, with the head its table entry pairs with it
+    /// ([`crate::formats::FormatTraits::head`]).
     pub fn for_format(linear: Format, pack: PackOptions) -> WeightPlan {
-        let lm_head = match linear {
-            Format::DenseF32 | Format::SparseF32 => Format::DenseF32,
-            Format::DenseBf16 | Format::SparseBf16 => Format::DenseBf16,
-            Format::DenseInt8 | Format::SparseInt8 | Format::DenseInt4 | Format::SparseInt4 => Format::DenseInt8,
-        };
-        WeightPlan { linear, stored: false, lm_head, pack, act: None }
+        WeightPlan { linear, stored: false, lm_head: linear.traits().head, pack, act: None }
     }
 
     /// The plan that keeps a dense checkpoint's precision: bf16 stays bf16, f32 and f16 become f32.
@@ -52,15 +46,14 @@ impl WeightPlan {
         if !self.stored {
             return self.linear;
         }
-        match (stored.quant.map(|q| q.bits), stored.sparse) {
-            (Some(8), true) => Format::SparseInt8,
-            (Some(8), false) => Format::DenseInt8,
-            (Some(_), true) => Format::SparseInt4,
-            (Some(_), false) => Format::DenseInt4,
-            (None, true) if stored.bf16 => Format::SparseBf16,
-            (None, true) => Format::SparseF32,
-            (None, false) => self.linear,
-        }
+        let elem = match stored.quant.map(|q| q.bits) {
+            Some(8) => Elem::I8,
+            Some(_) => Elem::I4,
+            None if !stored.sparse => return self.linear,
+            None if stored.bf16 => Elem::Bf16,
+            None => Elem::F32,
+        };
+        Format::of(elem, stored.sparse)
     }
 
     /// Pack options for a linear layer of `cols` inputs stored as `stored`: the plan's, with row layout when
@@ -79,7 +72,7 @@ impl WeightPlan {
         // Asymmetry is an int4 grid: the caller's choice applies to the int4 layers (not to the int8 head), and
         // an asymmetric 4-bit checkpoint keeps its zero points on it; other formats fit their own (the int8
         // kernels are symmetric).
-        let int4 = format.elem() == crate::formats::Elem::I4;
+        let int4 = format.elem() == Elem::I4;
         opts.asymmetric = int4 && (opts.asymmetric || stored.quant.is_some_and(|q| q.asymmetric));
         // Likewise the tiled layout is for the symmetric sparse integer formats; the head keeps rows.
         if opts.layout == crate::formats::Layout::Tiles && !crate::formats::tiles::tileable(format, opts.asymmetric) {
@@ -104,11 +97,8 @@ impl StoredAs {
     /// Whether packing into `format` with `opts` puts the codes on the checkpoint's grid (same bits, group
     /// size, symmetry), so its scales (and asymmetric int4 minimums) can be kept as they are.
     pub fn same_grid(&self, format: Format, opts: &PackOptions) -> bool {
-        let elem_bits = match format.elem() {
-            crate::formats::Elem::I8 => Some(8),
-            crate::formats::Elem::I4 => Some(4),
-            _ => None,
-        };
+        let elem = format.elem();
+        let elem_bits = elem.is_int().then(|| elem.bits());
         self.quant.is_some_and(|q| {
             let target_group = if q.bits == 4 { Some(opts.group_size.unwrap_or(128)) } else { opts.group_size };
             Some(q.bits) == elem_bits && opts.asymmetric == q.asymmetric && target_group == q.group_size

@@ -24,15 +24,17 @@
 //! only the f32 sum over chunks differs from the scalar reference in order, so the budget is
 //! `SUM_ORDER · Σ|ŵ·x̂|`.
 
-use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
-use crate::kernels::simd::{by_scaling, chunk_scaling, sparse_int4_row_bytes, RowScales, GRP, RANKS_AFTER, ROW};
+use crate::formats::{Format, PackedMatrix, CHUNK};
+use crate::kernels::simd::{
+    by_scaling, chunk_scaling, sparse_int4_row_bytes, RowScales, DI4, DI8, GRP, KERNEL_CODES, RANKS_AFTER, ROW, SI8,
+};
 use crate::kernels::QuantActs;
 use core::arch::aarch64::*;
 
 /// Whether these kernels serve `m` (symmetric int8 and int4, dense or sparse; tiled matrices run on their
 /// row-layout twin) on this CPU.
 pub(crate) fn supports(m: &PackedMatrix) -> bool {
-    matches!(m.format.elem(), Elem::I8 | Elem::I4) && !m.asym && super::neon_supported()
+    m.format.elem().is_int() && !m.asym && super::neon_supported()
 }
 
 /// Whether the CPU has the dot-product instructions (`sdot`), which the kernels then use.
@@ -40,15 +42,11 @@ pub(crate) fn has_dotprod() -> bool {
     std::arch::is_aarch64_feature_detected!("dotprod")
 }
 
-/// Weight formats of the kernels, as const parameters.
-const DI8: u8 = 0;
-const SI8: u8 = 1;
-const DI4: u8 = 2;
 /// Signed codes already expanded to one byte per column: a weight row's copy made once for many activation rows.
-const EXP: u8 = 4;
+const EXP: u8 = KERNEL_CODES;
 /// A sparse int4 row's stored nibbles unpacked to signed bytes, chunk padding included ([`unpack_row_int4`]):
 /// its chunks then expand as sparse int8 ones do.
-const U4: u8 = 5;
+const U4: u8 = KERNEL_CODES + 1;
 
 /// Computes rows `r0..r1` (row layout) for the `k` quantized activation rows in `q`: four activation rows
 /// share each decoded weight row, then one at a time. Every activation row goes through the same operations in
@@ -96,7 +94,9 @@ unsafe fn rows_with<const DOT: bool>(m: &PackedMatrix, r0: usize, r1: usize, q: 
             Format::DenseInt8 => DI8,
             Format::SparseInt8 => SI8,
             Format::DenseInt4 => DI4,
-            _ => unreachable!("neon_int::supports admits integer formats only"),
+            Format::SparseInt4 | Format::DenseF32 | Format::DenseBf16 | Format::SparseF32 | Format::SparseBf16 => {
+                unreachable!("neon_int::supports admits integer formats only")
+            }
         }
     };
     // The row the `EXP` and `U4` instantiations read (only they do).
@@ -120,7 +120,10 @@ unsafe fn rows_with<const DOT: bool>(m: &PackedMatrix, r0: usize, r1: usize, q: 
             match m.format {
                 Format::SparseInt8 => expand_row::<SI8>(m, r, expanded, unpacked),
                 Format::DenseInt4 => expand_row::<DI4>(m, r, expanded, unpacked),
-                _ => expand_row::<U4>(m, r, expanded, unpacked),
+                Format::SparseInt4 => expand_row::<U4>(m, r, expanded, unpacked),
+                Format::DenseInt8 | Format::DenseF32 | Format::DenseBf16 | Format::SparseF32 | Format::SparseBf16 => {
+                    unreachable!("dense int8 rows are read as they are")
+                }
             }
         }
         let mut a = 0;

@@ -28,27 +28,25 @@
 use super::avx2::{dense_nibbles, hsum, nibbles_to_bytes};
 use super::vnni::PREFETCH;
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
-use crate::kernels::simd::{by_scaling, chunk_scaling, sparse_int4_row_bytes, RowScales, GRP, GRP32, RANKS_AFTER, ROW};
+use crate::kernels::simd::{
+    by_scaling, chunk_scaling, sparse_int4_row_bytes, RowScales, DI4, DI8, GRP, GRP32, KERNEL_CODES, RANKS_AFTER, ROW,
+    SI4, SI8,
+};
 use crate::kernels::QuantActs;
 use core::arch::x86_64::*;
 
 /// Whether these kernels serve `m` (symmetric int8 and int4, dense or sparse) on this CPU.
 pub(crate) fn supports(m: &PackedMatrix) -> bool {
-    matches!(m.format.elem(), Elem::I8 | Elem::I4) && !m.asym && super::avx2_supported()
+    m.format.elem().is_int() && !m.asym && super::avx2_supported()
 }
 
-/// Weight formats of the kernels, as const parameters.
-const DI8: u8 = 0;
-const SI8: u8 = 1;
-const DI4: u8 = 2;
-const SI4: u8 = 3;
 /// Signed codes already expanded to one byte per column: a weight row's copy made once for many activation rows.
-const EXP: u8 = 4;
+const EXP: u8 = KERNEL_CODES;
 /// The same for int4 rows: their unsigned codes ([`chunk_codes`]).
-const EXP4: u8 = 6;
+const EXP4: u8 = KERNEL_CODES + 2;
 /// A sparse int4 row's stored nibbles unpacked to bytes `n ^ 8`, chunk padding included ([`unpack_row_int4`]):
 /// its chunks then expand as sparse int8 ones do.
-const U4: u8 = 5;
+const U4: u8 = KERNEL_CODES + 1;
 
 /// Whether a format's chunks come as unsigned int4 codes `n = q + 8` (pruned lanes 8), whose products need
 /// the activations' zero-point lanes ([`zero_point_lanes`]).
@@ -125,7 +123,9 @@ unsafe fn rows_with<const VNNI: bool>(m: &PackedMatrix, r0: usize, r1: usize, q:
             Format::SparseInt8 => SI8,
             Format::DenseInt4 => DI4,
             // Sparse int4 rows are unpacked (`U4`) or expanded (`EXP`) first.
-            _ => unreachable!("avx2_int::supports admits integer formats only"),
+            Format::SparseInt4 | Format::DenseF32 | Format::DenseBf16 | Format::SparseF32 | Format::SparseBf16 => {
+                unreachable!("avx2_int::supports admits integer formats only")
+            }
         }
     };
     macro_rules! by_format {
@@ -171,7 +171,10 @@ unsafe fn rows_with<const VNNI: bool>(m: &PackedMatrix, r0: usize, r1: usize, q:
             match m.format {
                 Format::SparseInt8 => expand_row::<SI8>(m, r, copy.as_mut_ptr()),
                 Format::DenseInt4 => expand_row::<DI4>(m, r, copy.as_mut_ptr()),
-                _ => expand_row::<SI4>(m, r, copy.as_mut_ptr()),
+                Format::SparseInt4 => expand_row::<SI4>(m, r, copy.as_mut_ptr()),
+                Format::DenseInt8 | Format::DenseF32 | Format::DenseBf16 | Format::SparseF32 | Format::SparseBf16 => {
+                    unreachable!("dense int8 rows are read as they are")
+                }
             }
         }
         let mut a = 0;

@@ -24,7 +24,9 @@
 use super::avx512::{dense_nibbles, nibbles_to_bytes};
 use crate::formats::tiles::{QUAD, TILE};
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
-use crate::kernels::simd::{by_scaling, chunk_scaling, scale_mode, RowScales, GRP, ROW};
+use crate::kernels::simd::{
+    by_scaling, chunk_scaling, scale_mode, RowScales, DI4, DI8, GRP, KERNEL_CODES, ROW, SI4, SI8,
+};
 use crate::kernels::vector::x86::dot;
 use crate::kernels::QuantActs;
 use core::arch::x86_64::*;
@@ -72,7 +74,7 @@ pub(super) const PREFETCH: usize = 4096;
 pub(crate) fn supports(m: &PackedMatrix, token: bool) -> bool {
     let max_cols = if m.tiled { TILE_TOKEN_MAX_COLS } else { TOKEN_MAX_COLS };
     let shape = if token { !m.asym && m.cols_pad <= max_cols } else { !(m.format.is_sparse() && m.asym) };
-    matches!(m.format.elem(), Elem::I8 | Elem::I4) && shape && super::vnni_supported()
+    m.format.elem().is_int() && shape && super::vnni_supported()
 }
 
 /// Rows per batched horizontal reduction.
@@ -279,7 +281,9 @@ unsafe fn batch<const NR: usize, const S: usize>(
                 Format::SparseInt8 => by_scaling!(scaling, $f::<NR, $r, SI8>(m, $rows, &act)),
                 Format::DenseInt4 => by_scaling!(scaling, $f::<NR, $r, DI4>(m, $rows, &act)),
                 Format::SparseInt4 => by_scaling!(scaling, $f::<NR, $r, SI4>(m, $rows, &act)),
-                _ => unreachable!("vnni::supports admits integer formats only"),
+                Format::DenseF32 | Format::DenseBf16 | Format::SparseF32 | Format::SparseBf16 => {
+                    unreachable!("vnni::supports admits integer formats only")
+                }
             }
         };
     }
@@ -457,14 +461,9 @@ unsafe fn unsigned_chunk<const NR: usize, const MODE: u8>(
     }
 }
 
-/// Weight formats of the kernels, as const parameters.
-const DI8: u8 = 0;
-const SI8: u8 = 1;
-const DI4: u8 = 2;
-const SI4: u8 = 3;
 /// Tiled sparse int4 (`formats::tiles`): a tile with a quad of more than 32 values, and one without.
-pub(super) const SI4_WIDE: u8 = 4;
-pub(super) const SI4_NARROW: u8 = 5;
+pub(super) const SI4_WIDE: u8 = KERNEL_CODES;
+pub(super) const SI4_NARROW: u8 = KERNEL_CODES + 1;
 
 /// Chunk `ch`'s unsigned weight codes `c = q + z` (see the module docs) in format `FMT`. Dense chunks are
 /// read at their offset from the row start `*p`; sparse ones at `*p`, which then advances past the chunk's
