@@ -45,6 +45,12 @@ def label(r):
     return r["format"] + (f" {r['sparsity']:.0%}" if r["sparsity"] else "")
 
 
+def probes(r):
+    """The bandwidth probes around a case (runs before they were taken: the run's start figure)."""
+    p = r.get("case_probes_gbs")
+    return " / ".join(f"{v:.1f}" for v in p) if p else f"{r['read_bandwidth_gbs']:.1f}"
+
+
 def table(data, rows):
     if not rows:
         return "# End-to-end decode benchmark\n"
@@ -54,7 +60,9 @@ def table(data, rows):
         "# End-to-end decode benchmark",
         "",
         f"Machine: {cpu}, {rows[0]['threads']} threads on both sides, ISA {rows[0]['isa']}. Read bandwidth "
-        f"measured in the same run: **{bw:.1f} GB/s**. Random Llama-shaped models; prompt {rows[0]['prompt_tokens']} "
+        f"at the start of the run: **{bw:.1f} GB/s**; each case's `% of bandwidth` is against the mean of two "
+        "probes taken just before and just after it (`probes`), since the bandwidth drifts during the run. "
+        f"Random Llama-shaped models; prompt {rows[0]['prompt_tokens']} "
         f"tokens, {rows[0]['new_tokens']} new tokens, batch 1, greedy. Decode tok/s excludes the prompt. "
         "Bytes/token: packed linear layers + head read once per decoded token (for transformers, every parameter "
         "at its dtype). Best of 2 runs for sparseinfer, 1 for transformers. Integer formats take int8 "
@@ -72,9 +80,9 @@ def table(data, rows):
         out += [
             f"## {size} ({rs[0]['parameters'] / 1e6:.0f}M parameters)",
             "",
-            "| runtime / format | MB/token | prefill tok/s | decode tok/s | GB/s | % of bandwidth "
+            "| runtime / format | MB/token | prefill tok/s | decode tok/s | GB/s | probes (GB/s) | % of bandwidth "
             "| vs transformers fp32 | vs our dense-int8 |",
-            "|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rs:
             vs = f"{r['decode_tok_s'] / base:.2f}x" if base else "-"
@@ -82,7 +90,8 @@ def table(data, rows):
             vs8 = f"{r['decode_tok_s'] / d8:.2f}x" if d8 and r["runtime"] == "sparseinfer" else "-"
             out.append(
                 f"| {label(r)} | {r['bytes_per_token'] / 1e6:.0f} | {r['prefill_tok_s']:.1f} | "
-                f"{r['decode_tok_s']:.1f} | {r['gbs']:.1f} | {r['fraction_of_bandwidth']:.0%} | {vs} | {vs8} |"
+                f"{r['decode_tok_s']:.1f} | {r['gbs']:.1f} | {probes(r)} | {r['fraction_of_bandwidth']:.0%} | "
+                f"{vs} | {vs8} |"
             )
         out.append("")
     return "\n".join(out)

@@ -3,7 +3,8 @@
 A 16-token prompt, 128 new tokens, batch 1, the kernels' thread count (2 here) on both sides, on random
 Llama-shaped models of ~134M and ~1B parameters (`llama_models.py`). Each case records prefill and decode
 tokens/s, bytes read per decoded token (the packed linear layers and head) and the GB/s that implies, as a
-fraction of the read bandwidth measured in the same run.
+fraction of the read bandwidth probed just before and just after the case (this VM's bandwidth drifts by tens of
+percent over minutes, so a probe at the start of the run says little about a case timed ten minutes later).
 
     make bench-e2e   # JSON in bench/results/, table and plot in docs/benchmarks/
 
@@ -94,18 +95,23 @@ def run_ours(path, fmt, new_tokens):
 
 @pytest.mark.parametrize("runtime,fmt,sparsity", CASES, ids=[f"{r}-{f}-{s:.0%}" for r, f, s in CASES])
 @pytest.mark.parametrize("model_size", ["134m", "1b"])
-def test_decode(benchmark, read_bandwidth, model_size, runtime, fmt, sparsity):
+def test_decode(benchmark, bandwidth, model_size, runtime, fmt, sparsity):
     disabled = benchmark.disabled
     if disabled and model_size != "134m":
         pytest.skip("the 1B model runs only with benchmarks enabled (make bench-e2e)")
     size = "tiny" if disabled else model_size
     new_tokens = 8 if disabled else NEW_TOKENS
     path = llama_models.model_dir(size, sparsity)
+    # Probes bracket the case (not with timing disabled: `make test` wants no probe).
+    before = None if disabled else bandwidth.probe()
     if runtime == "transformers":
         result = run_transformers(path, fmt, new_tokens)
         result["bytes_per_token"] = llama_models.parameters(size) * (4 if fmt == "fp32" else 2)
     else:
         result = run_ours(path, fmt, new_tokens)
+    after = None if disabled else bandwidth.probe()
+    case_bw = 1.0 if disabled else (before + after) / 2
+    read_bandwidth = 1.0 if disabled else bandwidth.at_start()
     gbs = result["bytes_per_token"] * result["decode_tok_s"] / 1e9
     benchmark.group = f"e2e {size}"
     benchmark.extra_info.update(
@@ -116,7 +122,9 @@ def test_decode(benchmark, read_bandwidth, model_size, runtime, fmt, sparsity):
         prompt_tokens=PROMPT_TOKENS,
         new_tokens=new_tokens,
         gbs=gbs,
-        fraction_of_bandwidth=gbs / read_bandwidth,
+        fraction_of_bandwidth=gbs / case_bw,
+        case_bandwidth_gbs=case_bw,
+        case_probes_gbs=[before, after],
         read_bandwidth_gbs=read_bandwidth,
         threads=kernels.num_threads(),
         isa=sparseinfer.build_info()["isa"],
