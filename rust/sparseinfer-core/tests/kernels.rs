@@ -2,7 +2,7 @@
 //! format against the f32 weights it was packed from, each with a named budget (`formats::budget`).
 
 use proptest::prelude::*;
-use sparseinfer_core::formats::{budget, GivenScales};
+use sparseinfer_core::formats::{budget, GivenScales, INT4_DEFAULT_GROUP};
 use sparseinfer_core::kernels::{self, Activations, Isa};
 use sparseinfer_core::{Format, Layout, PackOptions, PackedMatrix};
 
@@ -78,7 +78,7 @@ fn all_variants() -> Vec<(Format, PackOptions)> {
 /// Per-element bound on |ŵ - w| from the named budgets, computed from `w` itself (not from the packing).
 fn element_bounds(w: &[f32], rows: usize, cols: usize, f: Format, o: PackOptions) -> Vec<f32> {
     let group = match f {
-        Format::DenseInt4 | Format::SparseInt4 => o.group_size.unwrap_or(128),
+        Format::DenseInt4 | Format::SparseInt4 => o.group_size.unwrap_or(INT4_DEFAULT_GROUP),
         Format::DenseInt8 | Format::SparseInt8 => o.group_size.unwrap_or(usize::MAX),
         _ => 0,
     };
@@ -149,7 +149,7 @@ fn check_matrix(rows: usize, cols: usize, density: f32, seed: u64, f: Format, o:
     let int = int4 || matches!(f, Format::DenseInt8 | Format::SparseInt8);
     // max|w| of each weight's scale group (asymmetric: max of |min|, |max|), the size of its zero point.
     // One maximum per (row, group), looked up per weight: a fold per weight would cost rows × cols × group.
-    let group = o.group_size.unwrap_or(if int4 { 128 } else { cols });
+    let group = o.group_size.unwrap_or(if int4 { INT4_DEFAULT_GROUP } else { cols });
     let groups = cols.div_ceil(group);
     let group_max: Vec<f32> = (0..rows * groups)
         .map(|i| {
@@ -398,10 +398,11 @@ fn sizes_follow_the_format_table() {
     assert!((per(Format::DenseF32) - 4.0).abs() < 0.01);
     assert!((per(Format::DenseBf16) - 2.0).abs() < 0.01);
     assert!((per(Format::DenseInt8) - 1.0).abs() < 0.01);
-    assert!((per(Format::DenseInt4) - (0.5 + 4.0 / 128.0)).abs() < 0.01);
+    let g = INT4_DEFAULT_GROUP as f64;
+    assert!((per(Format::DenseInt4) - (0.5 + 4.0 / g)).abs() < 0.01);
     assert!((per(Format::SparseF32) - (d * 4.0 + 0.125)).abs() < 0.02);
     assert!((per(Format::SparseInt8) - (d + 0.125)).abs() < 0.02);
-    assert!((per(Format::SparseInt4) - (d * 0.5 + 0.125 + 4.0 / 128.0)).abs() < 0.02);
+    assert!((per(Format::SparseInt4) - (d * 0.5 + 0.125 + 4.0 / g)).abs() < 0.02);
 }
 
 proptest! {

@@ -909,12 +909,16 @@ mod tests {
         for (format, group) in [
             (Format::SparseInt8, None),
             (Format::SparseInt8, Some(64)),
+            (Format::SparseInt8, Some(32)),
             (Format::SparseInt4, None),
             (Format::SparseInt4, Some(64)),
+            (Format::SparseInt4, Some(128)),
             (Format::DenseInt8, None),
             (Format::DenseInt8, Some(128)),
+            (Format::DenseInt8, Some(32)),
             (Format::DenseInt4, None),
             (Format::DenseInt4, Some(64)),
+            (Format::DenseInt4, Some(32)),
         ] {
             let layout = if format.is_sparse() { Layout::Tiles } else { Layout::Rows };
             let opts = PackOptions { group_size: group, layout, ..Default::default() };

@@ -100,7 +100,11 @@ impl StoredAs {
         let elem = format.elem();
         let elem_bits = elem.is_int().then(|| elem.bits());
         self.quant.is_some_and(|q| {
-            let target_group = if q.bits == 4 { Some(opts.group_size.unwrap_or(128)) } else { opts.group_size };
+            let target_group = if q.bits == 4 {
+                Some(opts.group_size.unwrap_or(crate::formats::INT4_DEFAULT_GROUP))
+            } else {
+                opts.group_size
+            };
             Some(q.bits) == elem_bits && opts.asymmetric == q.asymmetric && target_group == q.group_size
         })
     }

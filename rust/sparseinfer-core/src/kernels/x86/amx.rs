@@ -11,7 +11,10 @@
 //!
 //! The scaling is the VNNI tiled kernel's: per-block activations (`Activations::Int8`) convert each chunk's exact
 //! sums and multiply-add them with the chunk's activation scale (times the 16 rows' group scale); per-row
-//! activations add whole scale groups in the tile before converting. The weights are made signed while
+//! activations add whole scale groups in the tile before converting. Groups of 32 columns split each chunk's
+//! sums in two: the activations are copied with every chunk as two "half chunks", the first with columns 32-63
+//! zeroed and the second with columns 0-31 zeroed, and both meet the chunk's `B` tile, so each `tdpbssd` sums
+//! one scale group. The weights are made signed while
 //! expanding (the stored codes are unsigned, `q + z`), so no zero-point correction is needed: the sums are
 //! `Σ q·x` exactly, which the VNNI kernels reach only after subtracting a rounded f32 correction.
 //!
@@ -77,7 +80,7 @@ pub(crate) fn bf16_supported() -> bool {
 }
 
 /// Whether these kernels serve `m`: the tiled sparse formats and the symmetric dense ones, with scale groups
-/// of whole chunks (or one scale per row). Per-row activations add a whole group (or row) in each i32, which
+/// of whole chunks or half chunks (or one scale per row). Per-row activations add a whole group (or row) in each i32, which
 /// holds `127 · 127 · cols` up to [`TILE_TOKEN_MAX_COLS`] columns.
 pub(crate) fn supports(m: &PackedMatrix, token: bool) -> bool {
     let layout = if m.tiled {
@@ -86,7 +89,7 @@ pub(crate) fn supports(m: &PackedMatrix, token: bool) -> bool {
         matches!(m.format, Format::DenseInt8 | Format::DenseInt4) && !m.asym
     };
     layout
-        && (scale_mode(m) == ROW || m.group.is_multiple_of(CHUNK))
+        && (scale_mode(m) == ROW || m.group.is_multiple_of(CHUNK) || m.group == CHUNK / 2)
         && (!token || m.cols_pad <= TILE_TOKEN_MAX_COLS)
         && super::vnni::supports(m, token)
         && supported()
@@ -139,12 +142,14 @@ impl Drop for Tiles {
 /// one before and for its store.
 const TILES_AT_ONCE: usize = 2;
 
-/// `S[j] = Σ A·B[j]` over chunks `c0..c1` for the `nt` (one or two) weight tiles `j` whose expanded chunks start
-/// at `b[j]`: 16 activation rows of codes at `a` (rows `stride` bytes apart), each tile's 16 × 16 i32 sums
-/// stored at `out[j]`, accumulated in set `SET` (0: `tmm4`/`tmm5`, 1: `tmm6`/`tmm7`). The activation tile is
-/// loaded once per chunk for both, into `tmm0` and `tmm1` by turns; weight tile `j` goes to `tmm2 + j`.
+/// `S[j] = Σ A·B[j]` over activation chunks `c0..c1` for the `nt` (one or two) weight tiles `j` whose expanded
+/// chunks start at `b[j]`: 16 activation rows of codes at `a` (rows `stride` bytes apart), each tile's 16 × 16
+/// i32 sums stored at `out[j]`, accumulated in set `SET` (0: `tmm4`/`tmm5`, 1: `tmm6`/`tmm7`). Activation chunk
+/// `c` meets weight chunk `c / H` (`H` = 2: the half-chunk copies of 32-column groups, see the module docs). The
+/// activation tile is loaded once per chunk for both, into `tmm0` and `tmm1` by turns; weight tile `j` goes to
+/// `tmm2 + j`.
 #[inline(always)]
-unsafe fn tile_sums<const SET: u8>(
+unsafe fn tile_sums<const SET: u8, const H: usize>(
     a: *const i8,
     stride: usize,
     b: &[*const i8; TILES_AT_ONCE],
@@ -164,7 +169,7 @@ unsafe fn tile_sums<const SET: u8>(
                         concat!("tdpbssd ", $t0, ", ", $a, ", tmm2"),
                         a = in(reg) a.add(c * CHUNK),
                         s = in(reg) stride,
-                        b0 = in(reg) b[0].add(c * B_TILE),
+                        b0 = in(reg) b[0].add(c / H * B_TILE),
                         q = in(reg) 64usize,
                         options(nostack, readonly, preserves_flags)
                     );
@@ -172,7 +177,7 @@ unsafe fn tile_sums<const SET: u8>(
                         asm!(
                             "tileloadd tmm3, [{b1} + {q}*1]",
                             concat!("tdpbssd ", $t1, ", ", $a, ", tmm3"),
-                            b1 = in(reg) b[1].add(c * B_TILE),
+                            b1 = in(reg) b[1].add(c / H * B_TILE),
                             q = in(reg) 64usize,
                             options(nostack, readonly, preserves_flags)
                         );
@@ -240,14 +245,38 @@ struct Sums([i32; TILE * TILE]);
 /// for writes at `a·rows + r` for every `a < k` and `r0 <= r < r1`.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt,fma")]
 pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
+    if scale_mode(m) != ROW && m.group < CHUNK {
+        rows_with::<2>(m, r0, r1, q, k, y)
+    } else {
+        rows_with::<1>(m, r0, r1, q, k, y)
+    }
+}
+
+/// [`rows`] with `H` activation chunks per weight chunk: 2 for 32-column groups (half chunks, see the module
+/// docs), else 1.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt,fma")]
+unsafe fn rows_with<const H: usize>(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
     let (cp, chunks) = (m.cols_pad, m.chunks());
     assert!(r0.is_multiple_of(TILE) && r1 <= m.rows && q.xq.len() >= k * cp && q.sx.len() >= k * chunks);
+    // Half chunks: chunk c's columns 0-31 as chunk 2c (32-63 zero), its columns 32-63 as chunk 2c + 1.
+    let halves = if H == 2 {
+        let mut h = Aligned::<i8>::zeroed(k * 2 * cp);
+        for (src, dst) in q.xq[..k * cp].chunks_exact(CHUNK).zip(h.chunks_exact_mut(2 * CHUNK)) {
+            dst[..CHUNK / 2].copy_from_slice(&src[..CHUNK / 2]);
+            dst[CHUNK + CHUNK / 2..].copy_from_slice(&src[CHUNK / 2..]);
+        }
+        h
+    } else {
+        Aligned::empty()
+    };
+    let (codes, stride): (&[i8], usize) = if H == 2 { (&halves, 2 * cp) } else { (&q.xq, cp) };
     // The last block of fewer than 16 activation rows reads a zero-padded copy.
     let full = k / TILE * TILE;
-    let mut tail = Aligned::<i8>::zeroed(if full < k { TILE * cp } else { 0 });
+    let mut tail = Aligned::<i8>::zeroed(if full < k { TILE * stride } else { 0 });
     let mut tail_sx = vec![0.0f32; if full < k { TILE * chunks } else { 0 }];
     if full < k {
-        tail[..(k - full) * cp].copy_from_slice(&q.xq[full * cp..k * cp]);
+        tail[..(k - full) * stride].copy_from_slice(&codes[full * stride..k * stride]);
         tail_sx[..(k - full) * chunks].copy_from_slice(&q.sx[full * chunks..k * chunks]);
     }
     let (t0, t1) = (r0 / TILE, r1.div_ceil(TILE));
@@ -284,7 +313,7 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
             }
             for a0 in (0..k).step_by(TILE) {
                 let (xq, sx) = if a0 < full {
-                    (q.xq.as_ptr().add(a0 * cp), q.sx.as_ptr().add(a0 * chunks))
+                    (codes.as_ptr().add(a0 * stride), q.sx.as_ptr().add(a0 * chunks))
                 } else {
                     (tail.as_ptr(), tail_sx.as_ptr())
                 };
@@ -303,9 +332,9 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
                     }
                     let tiles = Block { m, t, nt, r1, b: &bt, d16: &d16, sums: sums_at };
                     if q.token {
-                        tiles.run::<true>(xq, sx, y.add(a0 * m.rows), n);
+                        tiles.run::<true, H>(xq, sx, y.add(a0 * m.rows), n);
                     } else {
-                        tiles.run::<false>(xq, sx, y.add(a0 * m.rows), n);
+                        tiles.run::<false, H>(xq, sx, y.add(a0 * m.rows), n);
                     }
                 }
             }
@@ -397,20 +426,23 @@ struct Block<'a> {
 }
 
 impl Block<'_> {
-    /// These tiles against 16 activation rows of codes at `xq` (`cols_pad` apart) and block scales at `sx`
-    /// (`chunks` apart), of which the first `n` are real; writes `n` rows of `y` (`rows` apart).
+    /// These tiles against 16 activation rows of codes at `xq` (`H · cols_pad` apart: `H` activation chunks
+    /// per weight chunk, see [`tile_sums`]) and block scales at `sx` (`chunks` apart), of which the first `n`
+    /// are real; writes `n` rows of `y` (`rows` apart).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma")]
-    unsafe fn run<const TOKEN: bool>(&self, xq: *const i8, sx: *const f32, y: *mut f32, n: usize) {
+    unsafe fn run<const TOKEN: bool, const H: usize>(&self, xq: *const i8, sx: *const f32, y: *mut f32, n: usize) {
         let Block { m, t, nt, r1, b, d16, .. } = *self;
-        let (cp, chunks) = (m.cols_pad, m.chunks());
+        let (cp, chunks) = (H * m.cols_pad, m.chunks());
+        // Columns per activation chunk.
+        let width = CHUNK / H;
         let grouped = scale_mode(m) != ROW;
-        // Chunks per scale segment: per-block activations convert every chunk; per-row ones a whole group (or
-        // row).
+        // Activation chunks per scale segment: per-block activations convert every chunk; per-row ones a whole
+        // group (or row).
         let seg = match (TOKEN, grouped) {
             (false, _) => 1,
-            (true, true) => m.group / CHUNK,
-            (true, false) => chunks,
+            (true, true) => m.group / width,
+            (true, false) => H * chunks,
         };
         let sp = self.sums;
         let mut acc = [[_mm512_setzero_ps(); TILE]; TILES_AT_ONCE];
@@ -420,10 +452,10 @@ impl Block<'_> {
             for (j, acc) in acc.iter_mut().enumerate().take(nt) {
                 let sums = sp[buf][j];
                 if grouped {
-                    let d = _mm512_loadu_ps(d16[j].add((c0 * CHUNK / m.group) * TILE));
+                    let d = _mm512_loadu_ps(d16[j].add((c0 * width / m.group) * TILE));
                     for (i, a) in acc.iter_mut().enumerate() {
                         let v = _mm512_cvtepi32_ps(_mm512_load_si512(sums.add(i * TILE) as *const __m512i));
-                        let s = if TOKEN { d } else { _mm512_mul_ps(_mm512_set1_ps(*sx.add(i * chunks + c0)), d) };
+                        let s = if TOKEN { d } else { _mm512_mul_ps(_mm512_set1_ps(*sx.add(i * chunks + c0 / H)), d) };
                         *a = _mm512_fmadd_ps(v, s, *a);
                     }
                 } else {
@@ -432,20 +464,20 @@ impl Block<'_> {
                         *a = if TOKEN {
                             _mm512_add_ps(v, *a)
                         } else {
-                            _mm512_fmadd_ps(v, _mm512_set1_ps(*sx.add(i * chunks + c0)), *a)
+                            _mm512_fmadd_ps(v, _mm512_set1_ps(*sx.add(i * chunks + c0 / H)), *a)
                         };
                     }
                 }
             }
         };
         // Segment i's products run (into sums[i % 2]) while segment i - 1's sums are scaled.
-        let segments = chunks / seg;
+        let segments = H * chunks / seg;
         for i in 0..segments {
             let c0 = i * seg;
             if i % 2 == 0 {
-                tile_sums::<0>(xq, cp, b, nt, c0, c0 + seg, &sp[0]);
+                tile_sums::<0, H>(xq, cp, b, nt, c0, c0 + seg, &sp[0]);
             } else {
-                tile_sums::<1>(xq, cp, b, nt, c0, c0 + seg, &sp[1]);
+                tile_sums::<1, H>(xq, cp, b, nt, c0, c0 + seg, &sp[1]);
             }
             if i > 0 {
                 scale(&mut acc, (i - 1) % 2, c0 - seg);
