@@ -36,7 +36,7 @@ def weight_bounds(w, fmt, group, asym):
     if fmt.endswith("bf16"):
         return B["bf16_rel"] * np.abs(w)
     rows, cols = w.shape
-    g = group or (128 if fmt in INT4 else cols)
+    g = group or (kernels.INT4_DEFAULT_GROUP if fmt in INT4 else cols)
     bound = np.zeros_like(w)
     sparse = fmt.startswith("sparse")
     for c0 in range(0, cols, g):
@@ -82,7 +82,7 @@ def check(w, fmt, group, asym, rng, k=3, layout="auto"):
         want = xa.astype(np.float64) @ dense.astype(np.float64).T
         mag = np.abs(dense)
         if fmt in INT and act == "int8":  # zero points are added separately: rounding scales with them too
-            mag = mag + 1.2 * group_absmax(w, group or (128 if fmt in INT4 else w.shape[1]))
+            mag = mag + 1.2 * group_absmax(w, group or (kernels.INT4_DEFAULT_GROUP if fmt in INT4 else w.shape[1]))
         tol = B["sum_order"] * (np.abs(xa) @ mag.T) + 1e-6
         got = m.matmul(x, activations=act)
         assert got.shape == (k, w.shape[0]) and got.dtype == np.float32
@@ -179,7 +179,9 @@ def test_every_isa_agrees_with_scalar_on_a_model_shape():
             kernels.set_isa("scalar")
             want = m.matvec(x, activations=act)
             xa = x if act == "f32" else quantize_activations(x[None], token=act == "int8-token")[0]
-            mag = np.abs(m.to_dense()) + (1.2 * group_absmax(w, 128) if fmt in INT4 and act == "int8" else 0)
+            mag = np.abs(m.to_dense()) + (
+                1.2 * group_absmax(w, kernels.INT4_DEFAULT_GROUP) if fmt in INT4 and act == "int8" else 0
+            )
             tol = B["sum_order"] * (mag @ np.abs(xa)) + 1e-6
             for isa in kernels.available_isas():
                 kernels.set_isa(isa)
@@ -228,7 +230,7 @@ def test_sizes_and_copy():
     assert sizes["dense-f32"] == pytest.approx(4.0, abs=0.01)
     assert sizes["dense-int8"] == pytest.approx(1.0, abs=0.01)
     assert sizes["sparse-int8"] == pytest.approx(d + 1 / 8, abs=0.02)
-    assert sizes["sparse-int4"] == pytest.approx(d / 2 + 1 / 8 + 4 / 32, abs=0.02)  # an f32 scale per 32 columns
+    assert sizes["sparse-int4"] == pytest.approx(d / 2 + 1 / 8 + 4 / kernels.INT4_DEFAULT_GROUP, abs=0.02)
     m = kernels.pack(w, "sparse-int4")
     c = m.copy()
     assert c.nbytes == m.nbytes and np.array_equal(c.to_dense(), m.to_dense())

@@ -9,7 +9,7 @@
 
 Formats (``FORMATS``): dense-f32, dense-bf16, dense-int8, dense-int4, sparse-f32, sparse-bf16, sparse-int8,
 sparse-int4. Zeros in ``w`` are the pruned weights of the sparse formats. Integer formats take
-``group_size`` (32, 64 or 128; int8 defaults to one scale per row, int4 to 32) and int4 takes
+``group_size`` (32, 64 or 128; int8 defaults to one scale per row, int4 to ``INT4_DEFAULT_GROUP``, 32) and int4 takes
 ``asymmetric``. The memory layouts are documented in ``rust/sparseinfer-core/src/formats/mod.rs``.
 
 The ISA path is picked once from the CPU (``build_info()["isa"]``); ``SPARSEINFER_ISA`` or
@@ -21,6 +21,7 @@ from __future__ import annotations
 from ._core import (
     ERROR_BUDGETS,
     FORMATS,
+    INT4_DEFAULT_GROUP,
     PackedMatrix,
     active_isa,
     available_isas,
@@ -34,6 +35,7 @@ from ._core import pack as _pack
 __all__ = [
     "ERROR_BUDGETS",
     "FORMATS",
+    "INT4_DEFAULT_GROUP",
     "PackedMatrix",
     "active_isa",
     "available_isas",

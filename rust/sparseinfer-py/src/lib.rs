@@ -10,7 +10,7 @@ use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict};
-use sparseinfer_core::formats::{budget, GivenScales};
+use sparseinfer_core::formats::{budget, GivenScales, INT4_DEFAULT_GROUP};
 use sparseinfer_core::runtime::{
     self, EncoderSource, Generator, LoadOptions, Model, SamplingParams, Seq2Seq, Seq2SeqGenerator, TokenRules,
 };
@@ -906,6 +906,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(measure_read_bandwidth, m)?)?;
     m.add("FORMATS", Format::ALL.iter().map(|f| f.name()).collect::<Vec<_>>())?;
+    m.add("INT4_DEFAULT_GROUP", INT4_DEFAULT_GROUP)?;
     m.add("__version__", core::VERSION)?;
     let budgets = PyDict::new(m.py());
     budgets.set_item("sum_order", budget::SUM_ORDER)?;

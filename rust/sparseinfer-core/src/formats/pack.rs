@@ -41,7 +41,8 @@ impl Layout {
 /// Options for [`PackedMatrix::pack`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PackOptions {
-    /// Columns per scale group: 32, 64 or 128. `None`: one scale per row for int8, 128 for int4.
+    /// Columns per scale group: 32, 64 or 128. `None`: one scale per row for int8, [`INT4_DEFAULT_GROUP`] for
+    /// int4.
     /// Must be `None` for float formats.
     pub group_size: Option<usize>,
     /// Asymmetric int4 (`ŵ = d·q + m`, q in 0..=15). Only valid for int4 formats.

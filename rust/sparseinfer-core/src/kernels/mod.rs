@@ -919,6 +919,7 @@ mod tests {
             (Format::DenseInt4, None),
             (Format::DenseInt4, Some(64)),
             (Format::DenseInt4, Some(32)),
+            (Format::DenseInt4, Some(128)),
         ] {
             let layout = if format.is_sparse() { Layout::Tiles } else { Layout::Rows };
             let opts = PackOptions { group_size: group, layout, ..Default::default() };

@@ -68,6 +68,13 @@ impl WeightPlan {
             if let Some(q) = stored.quant {
                 opts.group_size = if q.bits == 4 { Some(q.group_size.unwrap_or(cols)) } else { q.group_size };
             }
+        } else if opts.group_size.is_none() && format.elem() == Elem::I4 {
+            // An int4 checkpoint packed to an int4 format with no group named keeps its own groups, so its codes
+            // and scales are used as they are (`same_grid`) instead of refitted at the default group.
+            let group = stored.quant.filter(|q| q.bits == 4).and_then(|q| q.group_size);
+            if let Some(g) = group.filter(|g| [32, 64, 128].contains(g)) {
+                opts.group_size = Some(g);
+            }
         }
         // Asymmetry is an int4 grid: the caller's choice applies to the int4 layers (not to the int8 head), and
         // an asymmetric 4-bit checkpoint keeps its zero points on it; other formats fit their own (the int8
@@ -107,5 +114,31 @@ impl StoredAs {
             };
             Some(q.bits) == elem_bits && opts.asymmetric == q.asymmetric && target_group == q.group_size
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_int4_checkpoint_keeps_its_groups_unless_the_caller_names_one() {
+        let q = |group| QuantScheme { bits: 4, group_size: Some(group), token_acts: false, asymmetric: false };
+        let stored = |group| StoredAs { quant: Some(q(group)), sparse: true, bf16: false };
+        let plan = WeightPlan::for_format(Format::SparseInt4, PackOptions::default());
+        for group in [32, 64, 128] {
+            let opts = plan.pack_options(stored(group), Format::SparseInt4, 4096);
+            assert_eq!(opts.group_size, Some(group));
+            assert!(stored(group).same_grid(Format::SparseInt4, &opts));
+        }
+        // A group the kernels lack is refitted at the default, as is any int4 checkpoint the caller regroups.
+        assert_eq!(plan.pack_options(stored(256), Format::SparseInt4, 4096).group_size, None);
+        let regroup =
+            WeightPlan::for_format(Format::DenseInt4, PackOptions { group_size: Some(64), ..Default::default() });
+        let opts = regroup.pack_options(stored(128), Format::DenseInt4, 4096);
+        assert_eq!(opts.group_size, Some(64));
+        assert!(!stored(128).same_grid(Format::DenseInt4, &opts));
+        // An int8 target fits its own grid.
+        assert_eq!(plan.pack_options(stored(128), Format::DenseInt8, 4096).group_size, None);
     }
 }

@@ -11,10 +11,9 @@
 //!
 //! The scaling is the VNNI tiled kernel's: per-block activations (`Activations::Int8`) convert each chunk's exact
 //! sums and multiply-add them with the chunk's activation scale (times the 16 rows' group scale); per-row
-//! activations add whole scale groups in the tile before converting. Groups of 32 columns split each chunk's
-//! sums in two: the activations are copied with every chunk as two "half chunks", the first with columns 32-63
-//! zeroed and the second with columns 0-31 zeroed, and both meet the chunk's `B` tile, so each `tdpbssd` sums
-//! one scale group. The weights are made signed while
+//! activations add whole scale groups in the tile before converting. Groups of 32 columns take a second tile
+//! configuration whose `tdpbssd` spans 32 columns (activation tiles 16 rows × 32 bytes, weight tiles the 8 quads
+//! of a chunk's half), so each product sums one scale group. The weights are made signed while
 //! expanding (the stored codes are unsigned, `q + z`), so no zero-point correction is needed: the sums are
 //! `Σ q·x` exactly, which the VNNI kernels reach only after subtracting a rounded f32 correction.
 //!
@@ -113,6 +112,17 @@ impl TileConfig {
         }
         TileConfig(c)
     }
+
+    /// The matmul's configuration for 32-column scale groups: `tmm0`/`tmm1` 16 activation rows × 32 bytes,
+    /// `tmm2`/`tmm3` 8 quads × 64 bytes (half a chunk's `B` tile), sums as in [`TileConfig::new`].
+    fn half() -> TileConfig {
+        let mut c = TileConfig::new();
+        for t in 0..2 {
+            c.0[16 + 2 * t] = 32;
+            c.0[48 + 2 + t] = 8;
+        }
+        c
+    }
 }
 
 /// Loads the configuration on entry and releases the tiles on every exit, so no thread keeps tile state
@@ -123,7 +133,12 @@ impl Tiles {
     /// # Safety
     /// [`supported`] or [`bf16_supported`] must hold.
     pub(crate) unsafe fn acquire() -> Tiles {
-        let cfg = TileConfig::new();
+        Tiles::acquire_with(TileConfig::new())
+    }
+
+    /// # Safety
+    /// As [`Tiles::acquire`].
+    unsafe fn acquire_with(cfg: TileConfig) -> Tiles {
         asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly, preserves_flags));
         Tiles
     }
@@ -144,8 +159,9 @@ const TILES_AT_ONCE: usize = 2;
 
 /// `S[j] = Σ A·B[j]` over activation chunks `c0..c1` for the `nt` (one or two) weight tiles `j` whose expanded
 /// chunks start at `b[j]`: 16 activation rows of codes at `a` (rows `stride` bytes apart), each tile's 16 × 16
-/// i32 sums stored at `out[j]`, accumulated in set `SET` (0: `tmm4`/`tmm5`, 1: `tmm6`/`tmm7`). Activation chunk
-/// `c` meets weight chunk `c / H` (`H` = 2: the half-chunk copies of 32-column groups, see the module docs). The
+/// i32 sums stored at `out[j]`, accumulated in set `SET` (0: `tmm4`/`tmm5`, 1: `tmm6`/`tmm7`). A chunk here is
+/// `64 / H` columns: `H` = 2 under [`TileConfig::half`] (32-column groups), whose chunk `c` is the half `c % 2`
+/// of 64-column chunk `c / 2`, as 32 activation bytes per row and 8 of the weight chunk's 16 quads. The
 /// activation tile is loaded once per chunk for both, into `tmm0` and `tmm1` by turns; weight tile `j` goes to
 /// `tmm2 + j`.
 #[inline(always)]
@@ -167,9 +183,9 @@ unsafe fn tile_sums<const SET: u8, const H: usize>(
                         concat!("tileloadd ", $a, ", [{a} + {s}*1]"),
                         "tileloadd tmm2, [{b0} + {q}*1]",
                         concat!("tdpbssd ", $t0, ", ", $a, ", tmm2"),
-                        a = in(reg) a.add(c * CHUNK),
+                        a = in(reg) a.add(c * CHUNK / H),
                         s = in(reg) stride,
-                        b0 = in(reg) b[0].add(c / H * B_TILE),
+                        b0 = in(reg) b[0].add(c * B_TILE / H),
                         q = in(reg) 64usize,
                         options(nostack, readonly, preserves_flags)
                     );
@@ -177,7 +193,7 @@ unsafe fn tile_sums<const SET: u8, const H: usize>(
                         asm!(
                             "tileloadd tmm3, [{b1} + {q}*1]",
                             concat!("tdpbssd ", $t1, ", ", $a, ", tmm3"),
-                            b1 = in(reg) b[1].add(c / H * B_TILE),
+                            b1 = in(reg) b[1].add(c * B_TILE / H),
                             q = in(reg) 64usize,
                             options(nostack, readonly, preserves_flags)
                         );
@@ -252,31 +268,18 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
     }
 }
 
-/// [`rows`] with `H` activation chunks per weight chunk: 2 for 32-column groups (half chunks, see the module
-/// docs), else 1.
+/// [`rows`] with `H` products per 64-column chunk: 2 for 32-column groups ([`TileConfig::half`]), else 1.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vbmi2,popcnt,fma")]
 unsafe fn rows_with<const H: usize>(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
     let (cp, chunks) = (m.cols_pad, m.chunks());
     assert!(r0.is_multiple_of(TILE) && r1 <= m.rows && q.xq.len() >= k * cp && q.sx.len() >= k * chunks);
-    // Half chunks: chunk c's columns 0-31 as chunk 2c (32-63 zero), its columns 32-63 as chunk 2c + 1.
-    let halves = if H == 2 {
-        let mut h = Aligned::<i8>::zeroed(k * 2 * cp);
-        for (src, dst) in q.xq[..k * cp].chunks_exact(CHUNK).zip(h.chunks_exact_mut(2 * CHUNK)) {
-            dst[..CHUNK / 2].copy_from_slice(&src[..CHUNK / 2]);
-            dst[CHUNK + CHUNK / 2..].copy_from_slice(&src[CHUNK / 2..]);
-        }
-        h
-    } else {
-        Aligned::empty()
-    };
-    let (codes, stride): (&[i8], usize) = if H == 2 { (&halves, 2 * cp) } else { (&q.xq, cp) };
     // The last block of fewer than 16 activation rows reads a zero-padded copy.
     let full = k / TILE * TILE;
-    let mut tail = Aligned::<i8>::zeroed(if full < k { TILE * stride } else { 0 });
+    let mut tail = Aligned::<i8>::zeroed(if full < k { TILE * cp } else { 0 });
     let mut tail_sx = vec![0.0f32; if full < k { TILE * chunks } else { 0 }];
     if full < k {
-        tail[..(k - full) * stride].copy_from_slice(&codes[full * stride..k * stride]);
+        tail[..(k - full) * cp].copy_from_slice(&q.xq[full * cp..k * cp]);
         tail_sx[..(k - full) * chunks].copy_from_slice(&q.sx[full * chunks..k * chunks]);
     }
     let (t0, t1) = (r0 / TILE, r1.div_ceil(TILE));
@@ -294,7 +297,7 @@ unsafe fn rows_with<const H: usize>(m: &PackedMatrix, r0: usize, r1: usize, q: &
             core::array::from_fn(|_| core::array::from_fn(|_| Sums([0; TILE * TILE])));
         let [s0, s1] = &mut sums;
         let sums_at = [s0.each_mut().map(|s| s.0.as_mut_ptr()), s1.each_mut().map(|s| s.0.as_mut_ptr())];
-        let _tiles = Tiles::acquire();
+        let _tiles = Tiles::acquire_with(if H == 2 { TileConfig::half() } else { TileConfig::new() });
         for g0 in (t0..t1).step_by(per_group) {
             let g1 = (g0 + per_group).min(t1);
             for t in g0..g1 {
@@ -313,7 +316,7 @@ unsafe fn rows_with<const H: usize>(m: &PackedMatrix, r0: usize, r1: usize, q: &
             }
             for a0 in (0..k).step_by(TILE) {
                 let (xq, sx) = if a0 < full {
-                    (codes.as_ptr().add(a0 * stride), q.sx.as_ptr().add(a0 * chunks))
+                    (q.xq.as_ptr().add(a0 * cp), q.sx.as_ptr().add(a0 * chunks))
                 } else {
                     (tail.as_ptr(), tail_sx.as_ptr())
                 };
@@ -426,19 +429,19 @@ struct Block<'a> {
 }
 
 impl Block<'_> {
-    /// These tiles against 16 activation rows of codes at `xq` (`H · cols_pad` apart: `H` activation chunks
-    /// per weight chunk, see [`tile_sums`]) and block scales at `sx` (`chunks` apart), of which the first `n`
-    /// are real; writes `n` rows of `y` (`rows` apart).
+    /// These tiles against 16 activation rows of codes at `xq` (`cols_pad` apart) and block scales at `sx`
+    /// (`chunks` apart), of which the first `n` are real; writes `n` rows of `y` (`rows` apart). `H`: products
+    /// per 64-column chunk ([`tile_sums`]).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma")]
     unsafe fn run<const TOKEN: bool, const H: usize>(&self, xq: *const i8, sx: *const f32, y: *mut f32, n: usize) {
         let Block { m, t, nt, r1, b, d16, .. } = *self;
-        let (cp, chunks) = (H * m.cols_pad, m.chunks());
-        // Columns per activation chunk.
+        let (cp, chunks) = (m.cols_pad, m.chunks());
+        // Columns per product.
         let width = CHUNK / H;
         let grouped = scale_mode(m) != ROW;
-        // Activation chunks per scale segment: per-block activations convert every chunk; per-row ones a whole
-        // group (or row).
+        // Products per scale segment: per-block activations convert every product; per-row ones a whole group
+        // (or row).
         let seg = match (TOKEN, grouped) {
             (false, _) => 1,
             (true, true) => m.group / width,
