@@ -79,8 +79,8 @@ pub(crate) fn bf16_supported() -> bool {
 }
 
 /// Whether these kernels serve `m`: the tiled sparse formats and the symmetric dense ones, with scale groups
-/// of whole chunks or half chunks (or one scale per row). Per-row activations add a whole group (or row) in each i32, which
-/// holds `127 · 127 · cols` up to [`TILE_TOKEN_MAX_COLS`] columns.
+/// of whole or half chunks (or one scale per row). Per-row activations add a whole group (or row) in each i32,
+/// which holds `127 · 127 · cols` up to [`TILE_TOKEN_MAX_COLS`] columns.
 pub(crate) fn supports(m: &PackedMatrix, token: bool) -> bool {
     let layout = if m.tiled {
         matches!(m.format, Format::SparseInt8 | Format::SparseInt4)
