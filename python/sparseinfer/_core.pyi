@@ -7,6 +7,7 @@ import numpy.typing as npt
 
 __version__: str
 FORMATS: list[str]
+INT4_DEFAULT_GROUP: int
 ERROR_BUDGETS: dict[str, float]
 
 class PackedMatrix:
