@@ -41,7 +41,7 @@ mod pack;
 mod raw;
 pub mod tiles;
 
-pub use pack::{GivenScales, Layout, PackOptions, INT4_DEFAULT_GROUP};
+pub use pack::{GivenScales, Layout, PackOptions, GROUP_SIZES, INT4_DEFAULT_GROUP};
 pub use raw::RawMatrix;
 
 use crate::error::{Error, Result};

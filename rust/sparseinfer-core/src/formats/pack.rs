@@ -51,9 +51,12 @@ pub struct PackOptions {
     pub layout: Layout,
 }
 
-/// Default columns per group for int4 formats: 32, chosen by perplexity against llama.cpp's int4 on the same
-/// weights (docs/benchmarks/int4-quality.md). Coarser groups read fewer scale bytes but lose more than they save:
-/// on the default model group 128 is 45 % above f32 and group 64 32 %, against Q4_0's 16 %; group 32 is 14 %.
+/// The scale groups (columns per scale) the integer kernels serve.
+pub const GROUP_SIZES: [usize; 3] = [32, 64, 128];
+
+/// Default columns per group for int4 formats: the group chosen by perplexity against llama.cpp's int4 on the
+/// same weights (docs/benchmarks/int4-quality.md). The coarser groups read fewer scale bytes but lose more
+/// accuracy than llama.cpp's Q4_0 does.
 pub const INT4_DEFAULT_GROUP: usize = 32;
 
 fn round_up(n: usize, m: usize) -> usize {
@@ -327,7 +330,7 @@ pub(super) fn pack_impl(
         if !quantized {
             return Err(Error::invalid(OP, format!("group_size applies to integer formats, not {}", format.name())));
         }
-        if ![32, 64, 128].contains(&g) {
+        if !GROUP_SIZES.contains(&g) {
             return Err(Error::invalid(OP, format!("group_size must be 32, 64 or 128, got {g}")));
         }
     }

@@ -81,7 +81,7 @@ impl PackedMatrix {
         // Exactly the shapes `pack` produces: the kernels find a column's scale group by shifting with the
         // group's trailing zeros, so any other group or padding would index past the scales.
         let round_up = |n: usize, m: usize| n.div_ceil(m).checked_mul(m);
-        let explicit = [32, 64, 128].contains(&raw.group);
+        let explicit = super::GROUP_SIZES.contains(&raw.group);
         let pad_ok = |unit: usize| rows > 0 && cols > 0 && round_up(cols, unit) == Some(cols_pad);
         let shape_ok = match elem {
             Elem::F32 | Elem::Bf16 => raw.group == 0 && pad_ok(CHUNK),

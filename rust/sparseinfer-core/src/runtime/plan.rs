@@ -72,7 +72,7 @@ impl WeightPlan {
             // An int4 checkpoint packed to an int4 format with no group named keeps its own groups, so its codes
             // and scales are used as they are (`same_grid`) instead of refitted at the default group.
             let group = stored.quant.filter(|q| q.bits == 4).and_then(|q| q.group_size);
-            if let Some(g) = group.filter(|g| [32, 64, 128].contains(g)) {
+            if let Some(g) = group.filter(|g| crate::formats::GROUP_SIZES.contains(g)) {
                 opts.group_size = Some(g);
             }
         }
@@ -126,7 +126,7 @@ mod tests {
         let q = |group| QuantScheme { bits: 4, group_size: Some(group), token_acts: false, asymmetric: false };
         let stored = |group| StoredAs { quant: Some(q(group)), sparse: true, bf16: false };
         let plan = WeightPlan::for_format(Format::SparseInt4, PackOptions::default());
-        for group in [32, 64, 128] {
+        for group in crate::formats::GROUP_SIZES {
             let opts = plan.pack_options(stored(group), Format::SparseInt4, 4096);
             assert_eq!(opts.group_size, Some(group));
             assert!(stored(group).same_grid(Format::SparseInt4, &opts));

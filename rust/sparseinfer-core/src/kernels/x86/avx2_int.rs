@@ -554,8 +554,8 @@ unsafe fn chunk_dot<const VNNI: bool, const NR: usize, const MODE: u8, const FMT
                     (dot32::<VNNI>(zero, w[0], abs[0], xq), dot32::<VNNI>(zero, w[1], abs[1], xq.add(32)))
                 };
                 // (d0·D0 + d1·D1)·sx: the two group scales are the same for every activation row (the compiler
-                // broadcasts them once per chunk), and the activation scale goes straight to a vector, where
-                // scaling each half by sx·D on its own took two scalar products and two broadcasts per row.
+                // broadcasts them once per chunk), and the activation scale goes straight to a vector, rather than
+                // a scalar product sx·D and its broadcast per half and row.
                 let g = (ch * CHUNK) >> s.shift;
                 let (e0, e1) = (_mm256_set1_ps(*s.d.add(g)), _mm256_set1_ps(*s.d.add(g + 1)));
                 let t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), e1, _mm256_mul_ps(_mm256_cvtepi32_ps(d0), e0));
