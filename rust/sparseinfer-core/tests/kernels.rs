@@ -398,11 +398,18 @@ fn sizes_follow_the_format_table() {
     assert!((per(Format::DenseF32) - 4.0).abs() < 0.01);
     assert!((per(Format::DenseBf16) - 2.0).abs() < 0.01);
     assert!((per(Format::DenseInt8) - 1.0).abs() < 0.01);
+    // int4 grids are fitted with f16 scales, two bytes per group, as Q4_0 keeps them.
     let g = INT4_DEFAULT_GROUP as f64;
-    assert!((per(Format::DenseInt4) - (0.5 + 4.0 / g)).abs() < 0.01);
+    assert!((per(Format::DenseInt4) - (0.5 + 2.0 / g)).abs() < 0.01);
     assert!((per(Format::SparseF32) - (d * 4.0 + 0.125)).abs() < 0.02);
     assert!((per(Format::SparseInt8) - (d + 0.125)).abs() < 0.02);
-    assert!((per(Format::SparseInt4) - (d * 0.5 + 0.125 + 4.0 / g)).abs() < 0.02);
+    assert!((per(Format::SparseInt4) - (d * 0.5 + 0.125 + 2.0 / g)).abs() < 0.02);
+    for (f, asym) in [(Format::DenseInt4, false), (Format::DenseInt4, true), (Format::SparseInt4, false)] {
+        let o = PackOptions { asymmetric: asym, ..Default::default() };
+        assert!(PackedMatrix::pack(&w, rows, cols, f, o).unwrap().half_scales(), "{f:?} asymmetric {asym}");
+    }
+    // int8 grids stay f32 (one per row by default).
+    assert!(!PackedMatrix::pack(&w, rows, cols, Format::DenseInt8, PackOptions::default()).unwrap().half_scales());
 }
 
 proptest! {
@@ -459,6 +466,9 @@ fn pack_with_given_scales_keeps_codes() {
         )
         .unwrap();
         assert_eq!(m.to_dense(), w, "{format:?} group {group:?}");
+        // These scales are not f16 values, so the kernels read them as f32 (every layout below).
+        assert!(!m.half_scales(), "{format:?} group {group:?}");
+        let mut matrices = vec![m];
         if format.is_sparse() {
             let t = PackOptions { layout: Layout::Tiles, ..opts };
             let tiled = PackedMatrix::pack_with_scales(
@@ -471,17 +481,18 @@ fn pack_with_given_scales_keeps_codes() {
             )
             .unwrap();
             assert_eq!(tiled.to_dense(), w, "{format:?} group {group:?} tiled");
+            matrices.push(tiled);
         }
         // Every ISA computes Σ ŵ·x̂ on these matrices too.
-        for k in [1, 3] {
+        for (m, k) in matrices.iter().flat_map(|m| [(m, 1), (m, 3)]) {
             let x = activations(k * cols, 9);
             for (isa, act) in kernels::available_isas()
                 .into_iter()
                 .flat_map(|isa| [(isa, Activations::Int8), (isa, Activations::Int8Token)])
             {
-                let xhat = dequantized_activations(&m, &x, k, act == Activations::Int8Token);
+                let xhat = dequantized_activations(m, &x, k, act == Activations::Int8Token);
                 let mut y = vec![0.0f32; k * rows];
-                kernels::matmul_on(isa, &m, &x, k, &mut y, act).unwrap();
+                kernels::matmul_on(isa, m, &x, k, &mut y, act).unwrap();
                 for (a, r) in (0..k).flat_map(|a| (0..rows).map(move |r| (a, r))) {
                     let xa = &xhat[a * cols..(a + 1) * cols];
                     let want: f32 = (0..cols).map(|c| w[r * cols + c] * xa[c]).sum();
@@ -496,6 +507,14 @@ fn pack_with_given_scales_keeps_codes() {
         }
         let refit = PackedMatrix::pack(&w, rows, cols, format, opts).unwrap();
         assert_ne!(refit.to_dense(), w, "the test must exercise codes a refit would change");
+        // The same codes under scales that are f16 values (multiples of 2⁻¹² below 2⁻¹), which grouped matrices
+        // keep as half, still pack back exactly.
+        let s16: Vec<f32> = (0..rows * per_row).map(|i| (40 + 3 * i) as f32 / 4096.0).collect();
+        let at = |i: usize| i / cols * per_row + i % cols / g;
+        let w16: Vec<f32> = w.iter().enumerate().map(|(i, &v)| (v / scales[at(i)]).round() * s16[at(i)]).collect();
+        let grid = GivenScales { scales: &s16, mins: None, per_row };
+        let h = PackedMatrix::pack_with_scales(&w16, rows, cols, format, opts, grid).unwrap();
+        assert_eq!((h.half_scales(), h.to_dense() == w16), (group.is_some(), true), "{format:?} {group:?} f16 scales");
     }
     let opts = PackOptions::default();
     let given = |scales: &'static [f32]| GivenScales { scales, mins: None, per_row: 1 };

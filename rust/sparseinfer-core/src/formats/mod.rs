@@ -209,8 +209,11 @@ pub struct PackedMatrix {
     pub(crate) row_offsets: Vec<usize>,
     /// Whether `data`, `masks` and `row_offsets` hold the tiled layout ([`tiles`]) instead of rows.
     pub(crate) tiled: bool,
-    /// Tiled with scale groups: each tile's scales, group by group, 16 rows each ([`tiles`]).
+    /// Tiled with scale groups: each tile's scales, group by group, 16 rows each ([`tiles`]); empty when the
+    /// scales are half ([`PackedMatrix::half`]), which keeps them in `tile_scales16` instead.
     pub(crate) tile_scales: Vec<f32>,
+    /// Tiled with half scales: `tile_scales` as f16.
+    pub(crate) tile_scales16: Vec<u16>,
     /// Tiled int4: per tile, whether every quad holds <= 32 values (its pairs load 32 bytes; [`tiles`]).
     pub(crate) tile_narrow: Vec<bool>,
     /// Tiled only: the row-layout copy, built on first use by a kernel that reads rows.
@@ -219,6 +222,14 @@ pub struct PackedMatrix {
     pub(crate) scales: Vec<f32>,
     /// Asymmetric only: `rows × groups` minimums (`ŵ = d·q + m`).
     pub(crate) mins: Vec<f32>,
+    /// Whether the scales (and minimums) are half: the matrix has scale groups and every scale and minimum is
+    /// an f16 value (as packing fits int4 grids). The integer-activation kernels then read them as f16 (from
+    /// `scales16`/`mins16`, or `tile_scales16` when tiled), half the bytes of f32; `scales` and `mins` stay the
+    /// grid every other reader takes. A checkpoint's scales that f16 cannot hold exactly stay f32 throughout.
+    pub(crate) half: bool,
+    /// Half scales, row layout: `scales` and `mins` as f16 (empty otherwise).
+    pub(crate) scales16: Vec<u16>,
+    pub(crate) mins16: Vec<u16>,
     pub(crate) nnz: usize,
 }
 
@@ -310,10 +321,14 @@ impl PackedMatrix {
             row_offsets: Vec::new(),
             tiled: false,
             tile_scales: Vec::new(),
+            tile_scales16: Vec::new(),
             tile_narrow: Vec::new(),
             row_twin: Default::default(),
             scales: Vec::new(),
             mins: Vec::new(),
+            half: false,
+            scales16: Vec::new(),
+            mins16: Vec::new(),
             nnz: 0,
         }
     }
@@ -333,14 +348,41 @@ impl PackedMatrix {
         self.nnz as f64 / (self.rows as f64 * self.cols as f64)
     }
 
-    /// Bytes a matvec reads: values, masks, row (or tile) offsets (as u32, as on disk), scales and mins
-    /// (a tiled matrix with scale groups reads its tile scales instead). Excludes the trailing pad, which is
-    /// never multiplied, and a tiled matrix's row-layout twin.
+    /// Bytes a matvec with integer activations reads: values, masks, row (or tile) offsets (as u32, as on
+    /// disk), scales and mins (a tiled matrix with scale groups reads its tile scales instead; half scales
+    /// take two bytes each). Excludes the trailing pad, which is never multiplied, and a tiled matrix's
+    /// row-layout twin.
     pub fn nbytes(&self) -> usize {
         let offsets = if self.format.is_sparse() { 4 * self.row_offsets.len() } else { 0 };
-        let scales = if self.tile_scales.is_empty() { self.scales.len() } else { self.tile_scales.len() };
-        let scales = scales + self.mins.len();
-        (self.data.len() - VALUE_PAD) + 8 * self.masks.len() + offsets + 4 * scales
+        let scales = if self.tiled && self.groups() > 1 {
+            4 * self.tile_scales.len() + 2 * self.tile_scales16.len()
+        } else if self.half {
+            2 * (self.scales16.len() + self.mins16.len())
+        } else {
+            4 * (self.scales.len() + self.mins.len())
+        };
+        (self.data.len() - VALUE_PAD) + 8 * self.masks.len() + offsets + scales
+    }
+
+    /// Whether the scales are half ([`PackedMatrix::half`]'s field docs).
+    pub fn half_scales(&self) -> bool {
+        self.half
+    }
+
+    /// Derives what the kernels read from `scales` and `mins`: whether they are half, their f16 copies, and
+    /// (tiled) the tile scales. Every constructor ends with it.
+    pub(crate) fn derive_scales(&mut self) {
+        let halves = |v: &[f32]| v.iter().map(|&x| f16_of(x)).collect::<Option<Vec<u16>>>();
+        let grouped = self.format.elem().is_int() && self.groups() > 1;
+        let half = if grouped { halves(&self.scales).zip(halves(&self.mins)) } else { None };
+        self.half = half.is_some();
+        (self.scales16, self.mins16, self.tile_scales, self.tile_scales16) = Default::default();
+        match (half, self.tiled) {
+            (Some(_), true) => self.tile_scales16 = tiles::tile_scales(self).iter().map(|&x| f16_round(x)).collect(),
+            (None, true) => self.tile_scales = tiles::tile_scales(self),
+            (Some((d, m)), false) => (self.scales16, self.mins16) = (d, m),
+            (None, false) => {}
+        }
     }
 
     /// Scale groups per row.
@@ -393,6 +435,46 @@ pub(crate) fn f32_to_bf16(v: f32) -> u16 {
     }
 }
 
+/// f32 -> the nearest f16 (round to nearest even; beyond the largest f16 gives infinity). NaN is not expected.
+pub(crate) fn f16_round(v: f32) -> u16 {
+    let b = v.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    let a = f32::from_bits(b & 0x7FFF_FFFF);
+    if a < F16_MIN_NORMAL {
+        // Subnormal range: a multiple of 2⁻²⁴, rounded to nearest even by adding and taking away 2²³ (exact:
+        // a·2²⁴ < 2¹⁰ is exact, and the sum rounds once).
+        const ROUND: f32 = 8_388_608.0;
+        return sign | ((a * 16_777_216.0 + ROUND) - ROUND) as u16;
+    }
+    // Normal: drop 13 mantissa bits rounding to nearest even (a carry into the exponent is right), rebias.
+    let bits = a.to_bits();
+    let r = (bits + 0x0FFF + ((bits >> 13) & 1)) >> 13;
+    sign | (r - ((127 - 15) << 10)).min(0x7C00) as u16
+}
+
+/// f16 -> f32 (exact, subnormals included; the f16 holds no infinity or NaN here).
+#[inline]
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
+    let (sign, mag) = (((h & 0x8000) as u32) << 16, (h & 0x7FFF) as u32);
+    let v = if mag < 0x0400 {
+        mag as f32 * (1.0 / 16_777_216.0) // subnormal or zero: mantissa · 2⁻²⁴
+    } else {
+        f32::from_bits((mag << 13) + ((127 - 15) << 23))
+    };
+    f32::from_bits(v.to_bits() | sign)
+}
+
+/// The f16 that holds exactly `v`, if one does (finite `v` only).
+pub(crate) fn f16_of(v: f32) -> Option<u16> {
+    let h = f16_round(v);
+    (h & 0x7FFF <= 0x7BFF && f16_to_f32(h).to_bits() == v.to_bits()).then_some(h)
+}
+
+/// The smallest normal f16, 2⁻¹⁴.
+pub(crate) const F16_MIN_NORMAL: f32 = 6.103_515_6e-5;
+/// The largest finite f16.
+pub(crate) const F16_MAX: f32 = 65504.0;
+
 /// bf16 -> f32 (exact).
 #[inline]
 pub(crate) fn bf16_to_f32(h: u16) -> f32 {
@@ -420,4 +502,33 @@ pub mod budget {
     /// int8 activations: `|x̂ - x| <= ACT_ROUND · s`, s the 64-column block scale (`Activations::Int8`) or the
     /// row's (`Activations::Int8Token`), plus the f32 rounding of `x / s`, at most 127·2⁻²³·s.
     pub const ACT_ROUND: f32 = 0.5;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_conversions_are_exact_and_round_to_nearest_even() {
+        // Every finite f16 goes to f32 and back unchanged, and is the f16 of its own value.
+        let finite = (0u16..=u16::MAX).filter(|h| h & 0x7C00 != 0x7C00);
+        for h in finite.clone() {
+            let v = f16_to_f32(h);
+            assert_eq!(f16_round(v), h, "{h:#06x}");
+            assert_eq!(f16_of(v), Some(h), "{h:#06x}");
+        }
+        // Between two neighbouring positive f16s: below the midpoint rounds down, above rounds up, the midpoint
+        // goes to the even one, and none of them is an f16 value.
+        for h in finite.filter(|h| *h < 0x7BFF) {
+            let (a, b) = (f16_to_f32(h) as f64, f16_to_f32(h + 1) as f64);
+            let mid = (a + b) / 2.0;
+            let even = if h % 2 == 0 { h } else { h + 1 };
+            for (v, want) in [(mid - (b - a) / 8.0, h), (mid, even), (mid + (b - a) / 8.0, h + 1)] {
+                assert_eq!(f16_round(v as f32), want, "{v} between {a} and {b}");
+                assert_eq!(f16_of(v as f32), None, "{v}");
+            }
+        }
+        assert_eq!(f16_round(65520.0), 0x7C00, "past the largest f16: infinity");
+        assert_eq!((f16_of(65520.0), f16_of(1e9), f16_of(-0.0)), (None, None, Some(0x8000)));
+    }
 }

@@ -1,6 +1,9 @@
 //! Packing a dense f32 matrix into each format (the quantizers). Decoding lives in `kernels::reference`.
 
-use super::{budget, f32_to_bf16, tiles, Elem, Format, PackedMatrix, CHUNK, VALUE_PAD};
+use super::{
+    budget, f16_round, f16_to_f32, f32_to_bf16, tiles, Elem, Format, PackedMatrix, CHUNK, F16_MAX, F16_MIN_NORMAL,
+    VALUE_PAD,
+};
 use crate::error::{Error, Result};
 
 /// The in-memory layout of a packed matrix.
@@ -191,16 +194,18 @@ impl Quant {
             n += 1;
         }
         if asym {
-            Quant::fit_int4_asym(&buf[..n])
+            Quant::fit_int4_asym(&buf[..n], true)
         } else {
-            Quant::fit_int4_sym(&buf[..n])
+            Quant::fit_int4_sym(&buf[..n], true)
         }
     }
 
-    /// Symmetric int4 (codes -8..=7): [`SYM_DIVISORS`] with both signs of `d`, then a refit.
-    fn fit_int4_sym(v: &[f32]) -> Quant {
+    /// Symmetric int4 (codes -8..=7): [`SYM_DIVISORS`] with both signs of `d`, then a refit. With `half`, every
+    /// candidate's `d` is the nearest f16 (see [`half`]); should that rounding put a weight outside the budget,
+    /// the group is fitted again in f32.
+    fn fit_int4_sym(v: &[f32], half: bool) -> Quant {
         let amax = v.iter().fold(0.0f32, |a, w| a.max(w.abs()));
-        let at = |d: f32| Trial::of(Quant::grid(d, 0.0, I4_LO, I4_HI, false), v);
+        let at = |d: f32| Trial::of(Quant::grid(if half { half_scale(d) } else { d }, 0.0, I4_LO, I4_HI, false), v);
         let mut best = at(amax / 7.0); // the max-based grid: every weight within half a step
         if amax == 0.0 || !best.q.inv.is_finite() {
             return best.q; // all zeros, or too small to invert: the max-based grid, as before the search
@@ -216,24 +221,35 @@ impl Quant {
         if best.sqq > 0.0 {
             best = at(best.swq / best.sqq).keep_better(best, limit, step);
         }
+        if half && best.worst > limit {
+            return Quant::fit_int4_sym(v, false);
+        }
         best.q
     }
 
     /// Asymmetric int4 (`ŵ = d·q + m`, codes 0..=15): the range pulled in by [`ASYM_SHRINK`] at either end,
-    /// then a refit of `d` and `m`.
-    fn fit_int4_asym(v: &[f32]) -> Quant {
+    /// then a refit of `d` and `m`. `half` as in [`Quant::fit_int4_sym`], for `d` and `m`.
+    fn fit_int4_asym(v: &[f32], half: bool) -> Quant {
         let lo = v.iter().copied().fold(f32::INFINITY, f32::min);
         let hi = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if !lo.is_finite() {
             return Quant::grid(0.0, 0.0, 0.0, I4_LEVELS, true);
         }
         let step = (hi - lo) / I4_LEVELS;
-        let at = |d: f32, m: f32| Trial::of(Quant::grid(d, m, 0.0, I4_LEVELS, true), v);
+        let r = |x: f32| if half { half_min(x) } else { x };
+        let at = |d: f32, m: f32| {
+            Trial::of(Quant::grid(if half { half_scale(d) } else { d }, r(m), 0.0, I4_LEVELS, true), v)
+        };
         let mut best = at(step, lo); // the min/max grid
-        if hi == lo || !best.q.inv.is_finite() {
-            return best.q; // one value (`d = 0`, `ŵ = m`), or a range too small to invert
-        }
         let limit = budget::INT4_FIT * step;
+        if hi == lo || !best.q.inv.is_finite() {
+            // One value (`d = 0`, `ŵ = m`), or a range too small to invert: the min/max grid, which must hold
+            // the value exactly (or within the budget) to keep a rounded minimum.
+            if half && best.worst > limit {
+                return Quant::fit_int4_asym(v, false);
+            }
+            return best.q;
+        }
         for a in ASYM_SHRINK {
             for b in ASYM_SHRINK {
                 if a == 0.0 && b == 0.0 {
@@ -252,6 +268,9 @@ impl Quant {
             if d > 0.0 && d.is_finite() {
                 best = at(d, (sw - d * best.sq) / n).keep_better(best, limit, step);
             }
+        }
+        if half && best.worst > limit {
+            return Quant::fit_int4_asym(v, false);
         }
         best.q
     }
@@ -277,6 +296,29 @@ impl Quant {
     /// The 4-bit storage of a code: `q + 8` symmetric, `q` asymmetric.
     fn nibble(&self, q: i32) -> u8 {
         (if self.asym { q } else { q + 8 }) as u8
+    }
+}
+
+/// A fitted int4 scale as the nearest f16 when that is a normal f16, so the matrix's scales are half (two bytes
+/// each for the kernels, like llama.cpp's Q4_0 and Q4_1; [`super::PackedMatrix::half`]); else `d` itself. The
+/// rounding moves `d` by at most 2⁻¹¹ of itself, far inside the half step every weight already rounds by.
+fn half_scale(d: f32) -> f32 {
+    let h = f16_to_f32(f16_round(d));
+    if h.abs() >= F16_MIN_NORMAL && h.abs() <= F16_MAX {
+        h
+    } else {
+        d
+    }
+}
+
+/// A fitted asymmetric minimum as the nearest f16 (subnormal ones too: they move `m` by at most 2⁻²⁵), else
+/// `m` itself.
+fn half_min(m: f32) -> f32 {
+    let h = f16_to_f32(f16_round(m));
+    if h.abs() <= F16_MAX {
+        h
+    } else {
+        m
     }
 }
 
@@ -483,5 +525,9 @@ pub(super) fn pack_impl(
             ))
         }
     };
-    Ok(if tile { tiles::tile(&m) } else { m })
+    if tile {
+        return Ok(tiles::tile(&m));
+    }
+    m.derive_scales();
+    Ok(m)
 }

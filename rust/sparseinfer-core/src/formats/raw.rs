@@ -4,7 +4,7 @@
 //! are recomputed from the masks, and every length is checked against the shape before the matrix is built,
 //! so a damaged or hostile file gives an error, never an out-of-bounds read in a kernel.
 
-use super::tiles::{self, QUAD, TILE};
+use super::tiles::{QUAD, TILE};
 use super::{Elem, Format, PackedMatrix, CHUNK, VALUE_PAD};
 use crate::error::{Error, Result};
 
@@ -194,9 +194,7 @@ impl PackedMatrix {
         m.masks = raw.masks;
         m.scales = raw.scales;
         m.mins = raw.mins;
-        if m.tiled {
-            m.tile_scales = tiles::tile_scales(&m);
-        }
+        m.derive_scales();
         Ok(m)
     }
 }

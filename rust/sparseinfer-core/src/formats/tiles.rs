@@ -130,7 +130,7 @@ pub(crate) fn tile(m: &PackedMatrix) -> PackedMatrix {
     }
     out.row_offsets.push(out.data.len());
     out.data.extend_from_slice(&[0u8; VALUE_PAD]);
-    out.tile_scales = tile_scales(m);
+    out.derive_scales();
     out
 }
 
@@ -190,6 +190,7 @@ pub(crate) fn untile(m: &PackedMatrix) -> PackedMatrix {
     }
     out.row_offsets.push(out.data.len());
     out.data.extend_from_slice(&[0u8; VALUE_PAD]);
+    out.derive_scales();
     out
 }
 

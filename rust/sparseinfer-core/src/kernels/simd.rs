@@ -22,10 +22,15 @@ pub(crate) fn scale_mode(m: &PackedMatrix) -> u8 {
     }
 }
 
-/// Scale parameters of one row: its scales and mins, and log2 of the group size.
+/// Scale parameters of one row: its scales and mins (f32, or f16 when the matrix's scales are half, see
+/// [`PackedMatrix::half_scales`]), and log2 of the group size. The SIMD paths read them through [`RowScales::d`]
+/// and [`RowScales::m`], or (x86) `x86::scale`, which converts with F16C.
 pub(crate) struct RowScales {
     pub(crate) d: *const f32,
     pub(crate) m: *const f32,
+    pub(crate) d16: *const u16,
+    pub(crate) m16: *const u16,
+    pub(crate) half: bool,
     pub(crate) shift: u32,
 }
 
@@ -36,7 +41,32 @@ impl RowScales {
         RowScales {
             d: m.scales.as_ptr().wrapping_add(r * g),
             m: m.mins.as_ptr().wrapping_add(r * g),
+            d16: m.scales16.as_ptr().wrapping_add(r * g),
+            m16: m.mins16.as_ptr().wrapping_add(r * g),
+            half: m.half,
             shift: m.group.trailing_zeros(),
+        }
+    }
+
+    /// Scale `g` of the row (the caller keeps `g` inside the row's groups).
+    #[inline(always)]
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    pub(crate) unsafe fn d(&self, g: usize) -> f32 {
+        if self.half {
+            crate::formats::f16_to_f32(*self.d16.add(g))
+        } else {
+            *self.d.add(g)
+        }
+    }
+
+    /// Minimum `g` of the row (asymmetric matrices).
+    #[inline(always)]
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    pub(crate) unsafe fn m(&self, g: usize) -> f32 {
+        if self.half {
+            crate::formats::f16_to_f32(*self.m16.add(g))
+        } else {
+            *self.m.add(g)
         }
     }
 }

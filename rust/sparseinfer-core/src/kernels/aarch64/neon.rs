@@ -57,12 +57,12 @@ unsafe fn dequant<const MODE: u8>(q: [float32x4_t; 2], keep: u8, s: &RowScales, 
     match MODE {
         ROW => q,
         GRP => {
-            let d = *s.d.add(col >> s.shift);
+            let d = s.d(col >> s.shift);
             [vmulq_n_f32(q[0], d), vmulq_n_f32(q[1], d)]
         }
         _ => {
             let g = col >> s.shift;
-            let (d, mn) = (vdupq_n_f32(*s.d.add(g)), vdupq_n_f32(*s.m.add(g)));
+            let (d, mn) = (vdupq_n_f32(s.d(g)), vdupq_n_f32(s.m(g)));
             let lanes = lane_masks(keep);
             [
                 vreinterpretq_f32_u32(vandq_u32(lanes[0], vreinterpretq_u32_f32(vfmaq_f32(mn, q[0], d)))),

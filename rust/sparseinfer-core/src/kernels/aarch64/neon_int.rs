@@ -296,13 +296,13 @@ unsafe fn chunk_dot<const DOT: bool, const NR: usize, const MODE: u8>(
         match MODE {
             ROW => *acc = vfmaq_n_f32(*acc, vcvtq_f32_s32(vaddq_s32(lo, hi)), sx),
             GRP => {
-                let d = *s.d.add((ch * CHUNK) >> s.shift);
+                let d = s.d((ch * CHUNK) >> s.shift);
                 *acc = vfmaq_n_f32(*acc, vcvtq_f32_s32(vaddq_s32(lo, hi)), sx * d);
             }
             _ => {
                 let g = (ch * CHUNK) >> s.shift;
-                *acc = vfmaq_n_f32(*acc, vcvtq_f32_s32(lo), sx * *s.d.add(g));
-                *acc = vfmaq_n_f32(*acc, vcvtq_f32_s32(hi), sx * *s.d.add(g + 1));
+                *acc = vfmaq_n_f32(*acc, vcvtq_f32_s32(lo), sx * s.d(g));
+                *acc = vfmaq_n_f32(*acc, vcvtq_f32_s32(hi), sx * s.d(g + 1));
             }
         }
     }

@@ -285,11 +285,14 @@ unsafe fn rows_with<const H: usize>(m: &PackedMatrix, r0: usize, r1: usize, q: &
     let (t0, t1) = (r0 / TILE, r1.div_ceil(TILE));
     let per_group = (GROUP_BYTES / (chunks * B_TILE)).clamp(1, t1 - t0);
     let (groups, grouped) = (m.groups(), scale_mode(m) != ROW);
+    // Tile scales as f32 when the tiled layout keeps them so; else (row layout, or half scales) each tile's
+    // scales are gathered from the f32 grid into `e.d`.
+    let own_scales = m.tiled && !m.tile_scales.is_empty();
     EXPANDED.with_borrow_mut(|e| {
         if e.b.len() < per_group * chunks * B_TILE {
             e.b = Aligned::zeroed(per_group * chunks * B_TILE);
         }
-        if !m.tiled && grouped {
+        if grouped && !own_scales {
             e.d.resize(per_group * groups * TILE, 0.0);
         }
         // Written by the tile stores before they are read: zeroed once per call, not once per block.
@@ -306,11 +309,11 @@ unsafe fn rows_with<const H: usize>(m: &PackedMatrix, r0: usize, r1: usize, q: &
                     expand_tile(m, t, e.b.as_mut_ptr().add(i * chunks * B_TILE));
                 } else {
                     expand_dense_tile(m, t, e.b.as_mut_ptr().add(i * chunks * B_TILE));
-                    if grouped {
-                        for (j, d) in e.d[i * groups * TILE..(i + 1) * groups * TILE].iter_mut().enumerate() {
-                            let (g, r) = (j / TILE, t * TILE + j % TILE);
-                            *d = if r < m.rows { m.scales[r * groups + g] } else { 0.0 };
-                        }
+                }
+                if grouped && !own_scales {
+                    for (j, d) in e.d[i * groups * TILE..(i + 1) * groups * TILE].iter_mut().enumerate() {
+                        let (g, r) = (j / TILE, t * TILE + j % TILE);
+                        *d = if r < m.rows { m.scales[r * groups + g] } else { 0.0 };
                     }
                 }
             }
@@ -327,7 +330,7 @@ unsafe fn rows_with<const H: usize>(m: &PackedMatrix, r0: usize, r1: usize, q: &
                     let mut d16 = [core::ptr::null(); TILES_AT_ONCE];
                     for j in 0..nt {
                         bt[j] = e.b.as_ptr().add((t + j - g0) * chunks * B_TILE);
-                        d16[j] = if m.tiled {
+                        d16[j] = if own_scales {
                             m.tile_scales.as_ptr().wrapping_add((t + j) * groups * TILE)
                         } else {
                             e.d.as_ptr().wrapping_add((t + j - g0) * groups * TILE)

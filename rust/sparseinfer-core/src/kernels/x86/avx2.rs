@@ -14,6 +14,7 @@
 //! ```
 //! then the pointer advances by popcount(b) values.
 
+use super::{min, scale};
 use crate::formats::{Format, PackedMatrix, CHUNK};
 use crate::kernels::simd::{expand_table, f32_row_kernels, scale_mode, RowScales, ASYM, GRP, ROW};
 use core::arch::x86_64::*;
@@ -81,7 +82,7 @@ pub(super) unsafe fn hsum(v: __m256) -> f32 {
 
 /// `acc[a][i % 2] += w · x[a][col..col+8]` for every activation row.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn fma_rows<const NR: usize>(acc: &mut Acc<NR>, i: usize, w: __m256, xp: &[*const f32; NR], col: usize) {
     for a in 0..NR {
         acc[a][i & 1] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp[a].add(col)), acc[a][i & 1]);
@@ -91,14 +92,14 @@ unsafe fn fma_rows<const NR: usize>(acc: &mut Acc<NR>, i: usize, w: __m256, xp: 
 /// Dequantizes 8 codes (as f32) at column `col`; `keep` (all-ones lanes) zeroes pruned lanes for the
 /// asymmetric form.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dequant<const MODE: u8>(q: __m256, keep: __m256, s: &RowScales, col: usize) -> __m256 {
     match MODE {
         ROW => q,
-        GRP => _mm256_mul_ps(q, _mm256_set1_ps(*s.d.add(col >> s.shift))),
+        GRP => _mm256_mul_ps(q, _mm256_set1_ps(scale(s, col >> s.shift))),
         _ => {
             let g = col >> s.shift;
-            _mm256_and_ps(keep, _mm256_fmadd_ps(q, _mm256_set1_ps(*s.d.add(g)), _mm256_set1_ps(*s.m.add(g))))
+            _mm256_and_ps(keep, _mm256_fmadd_ps(q, _mm256_set1_ps(scale(s, g)), _mm256_set1_ps(min(s, g))))
         }
     }
 }
@@ -149,7 +150,7 @@ fn zero_acc<const NR: usize>() -> Acc<NR> {
 const ALL_LANES: __m256 = unsafe { core::mem::transmute::<[u32; 8], __m256>([u32::MAX; 8]) };
 
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dense_f32_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*const f32; NR]) -> Acc<NR> {
     let w = m.data.as_ptr().add(m.row_start(r)) as *const f32;
     let mut acc = zero_acc::<NR>();
@@ -160,7 +161,7 @@ unsafe fn dense_f32_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*cons
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dense_bf16_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*const f32; NR]) -> Acc<NR> {
     let w = m.data.as_ptr().add(m.row_start(r)) as *const u16;
     let mut acc = zero_acc::<NR>();
@@ -173,7 +174,7 @@ unsafe fn dense_bf16_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*con
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dense_int8_f32<const NR: usize, const MODE: u8>(
     m: &PackedMatrix,
     r: usize,
@@ -190,7 +191,7 @@ unsafe fn dense_int8_f32<const NR: usize, const MODE: u8>(
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dense_int4_f32<const NR: usize, const MODE: u8>(
     m: &PackedMatrix,
     r: usize,
@@ -215,7 +216,7 @@ unsafe fn dense_int4_f32<const NR: usize, const MODE: u8>(
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma,popcnt")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
 unsafe fn sparse_f32_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*const f32; NR]) -> Acc<NR> {
     let mut p = m.data.as_ptr().add(m.row_start(r)) as *const f32;
     let masks = m.masks.as_ptr().add(r * m.chunks());
@@ -235,7 +236,7 @@ unsafe fn sparse_f32_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*con
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma,popcnt")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
 unsafe fn sparse_bf16_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*const f32; NR]) -> Acc<NR> {
     let mut p = m.data.as_ptr().add(m.row_start(r)) as *const u16;
     let masks = m.masks.as_ptr().add(r * m.chunks());
@@ -257,7 +258,7 @@ unsafe fn sparse_bf16_f32<const NR: usize>(m: &PackedMatrix, r: usize, xp: &[*co
 /// Expands and accumulates the 64 columns of one chunk from signed byte codes at `p` (int8 codes, or int4
 /// codes already unpacked to bytes). Returns the number of codes consumed.
 #[inline]
-#[target_feature(enable = "avx2,fma,popcnt")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
 unsafe fn chunk_codes<const NR: usize, const MODE: u8>(
     acc: &mut Acc<NR>,
     mut p: *const u8,
@@ -278,7 +279,7 @@ unsafe fn chunk_codes<const NR: usize, const MODE: u8>(
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma,popcnt")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
 unsafe fn sparse_int8_f32<const NR: usize, const MODE: u8>(
     m: &PackedMatrix,
     r: usize,
@@ -297,7 +298,7 @@ unsafe fn sparse_int8_f32<const NR: usize, const MODE: u8>(
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma,popcnt")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
 unsafe fn sparse_int4_f32<const NR: usize, const MODE: u8>(
     m: &PackedMatrix,
     r: usize,
@@ -327,7 +328,7 @@ unsafe fn sparse_int4_f32<const NR: usize, const MODE: u8>(
 ///
 /// # Safety
 /// The CPU must support the enabled features.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn quantize_blocks(xs: &[f32], q: crate::kernels::QuantRows) {
     crate::kernels::quantize_blocks(xs, q)
 }

@@ -26,6 +26,7 @@
 //! `SUM_ORDER · Σ|ŵ·x̂|` with nothing added for zero points.
 
 use super::avx2::{dense_nibbles, hsum, nibbles_to_bytes};
+use super::scale;
 use super::vnni::PREFETCH;
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
 use crate::kernels::simd::{
@@ -69,7 +70,7 @@ const DECODE_STREAMS: usize = 4;
 /// The CPU must support the enabled features and [`supports`] must hold for `m` (row layout); `q` holds `k`
 /// rows of `m.cols_pad` codes and their block scales; `y` is valid for writes at `a·rows + r` for every
 /// `a < k` and `r0 <= r < r1`.
-#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
     rows_with::<false>(m, r0, r1, q, k, y)
 }
@@ -79,13 +80,13 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
 ///
 /// # Safety
 /// As [`rows`], and the CPU must support AVX-VNNI.
-#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 pub(crate) unsafe fn rows_avxvnni(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
     rows_with::<true>(m, r0, r1, q, k, y)
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 unsafe fn rows_with<const VNNI: bool>(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
     debug_assert!(!m.tiled && q.k == k && q.xq.len() == k * m.cols_pad && q.sx.len() == k * m.chunks());
     let scaling = chunk_scaling(m);
@@ -202,7 +203,7 @@ struct ActRow {
 /// as signed codes would, so the unsigned form changes no bit of a result. Once per task and activation row,
 /// for all of the task's weight rows.
 #[inline]
-#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 unsafe fn zero_point_lanes(q: &QuantActs, cp: usize, scaling: u8) -> Vec<__m256i> {
     let (eight, ones) = (_mm256_set1_epi8(8), _mm256_set1_epi16(1));
     let lanes = |x: *const i8| {
@@ -224,7 +225,7 @@ unsafe fn zero_point_lanes(q: &QuantActs, cp: usize, scaling: u8) -> Vec<__m256i
 
 /// Weight row `r`'s signed codes, one byte per column, written to `out` (`m.cols_pad` bytes).
 #[inline]
-#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 unsafe fn expand_row<const FMT: u8>(m: &PackedMatrix, r: usize, out: *mut u8) {
     let mut p = m.data.as_ptr().add(m.row_start(r));
     let masks = m.masks.as_ptr().wrapping_add(r * m.chunks());
@@ -242,7 +243,7 @@ unsafe fn expand_row<const FMT: u8>(m: &PackedMatrix, r: usize, out: *mut u8) {
 /// ([`chunk_codes`]). One sequential pass per row, read back from L1 by the sparse int8 expansion, costs less
 /// per chunk than expanding nibbles in registers ([`expand32_int4`]).
 #[inline]
-#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 unsafe fn unpack_row_int4(m: &PackedMatrix, r: usize, out: *mut u8) {
     let p = m.data.as_ptr().add(m.row_start(r));
     let bytes = sparse_int4_row_bytes(m, r);
@@ -267,7 +268,7 @@ unsafe fn unpack_row_int4(m: &PackedMatrix, r: usize, out: *mut u8) {
 /// Weight rows `rows` (in lockstep, [`DECODE_STREAMS`]) against activation rows `a0..a0 + NR`: writes
 /// `y[a, r]`. `codes`: the row expanded by [`expand_row`] (`FMT` `EXP`) or unpacked by [`unpack_row_int4`] (`U4`); then `R` is 1. Else unused.
 #[inline]
-#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 unsafe fn row<const VNNI: bool, const NR: usize, const R: usize, const FMT: u8, const MODE: u8>(
     m: &PackedMatrix,
     rows: [usize; R],
@@ -327,7 +328,7 @@ unsafe fn row<const VNNI: bool, const NR: usize, const R: usize, const FMT: u8, 
 /// ones ([`unsigned`]; pruned lanes 8). Dense chunks are read at their offset from the row start `*p`; sparse
 /// ones at `*p`, which then advances past the chunk's values (chunks come in order).
 #[inline]
-#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 unsafe fn chunk_codes<const FMT: u8>(
     p: &mut *const u8,
     masks: *const u64,
@@ -380,7 +381,7 @@ unsafe fn chunk_codes<const FMT: u8>(
 /// The 64 signed bytes of a sparse chunk whose mask word is at `mask` and stored bytes start at `p`, pruned
 /// lanes 0.
 #[inline]
-#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 unsafe fn expand64(p: *const u8, mask: *const u64) -> [__m256i; 2] {
     let mb = mask as *const u8;
     let lo = (mask as *const u32).read().count_ones() as usize;
@@ -468,7 +469,7 @@ unsafe fn expand32_int4(p: *const u8, s: usize, mb: *const u8) -> __m256i {
 /// the same four products per lane without the i16 step. Neither saturates (see the module docs), so both
 /// give the same sums.
 #[inline]
-#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 unsafe fn dot32<const VNNI: bool>(acc: __m256i, w: __m256i, w_abs: __m256i, x: *const i8) -> __m256i {
     let x = _mm256_sign_epi8(_mm256_loadu_si256(x as *const __m256i), w);
     if VNNI {
@@ -482,7 +483,7 @@ unsafe fn dot32<const VNNI: bool>(acc: __m256i, w: __m256i, w_abs: __m256i, x: *
 /// lanes: `vpmaddubsw` takes `n` as its unsigned operand as it is (|pair| <= 2·15·127, no saturation), so no
 /// sign or magnitude is needed; or AVX-VNNI's `vpdpbusd`.
 #[inline]
-#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 unsafe fn dot32u<const VNNI: bool>(acc: __m256i, n: __m256i, x: *const i8) -> __m256i {
     let x = _mm256_loadu_si256(x as *const __m256i);
     if VNNI {
@@ -496,7 +497,7 @@ unsafe fn dot32u<const VNNI: bool>(acc: __m256i, n: __m256i, x: *const i8) -> __
 /// the encoding prefix: the intrinsic would need `avxvnni` enabled on every function of the walk, which a const
 /// parameter cannot switch. Reached only where AVX-VNNI was detected.
 #[inline]
-#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 unsafe fn vpdpbusd(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
     let mut acc = acc;
     core::arch::asm!(
@@ -512,7 +513,7 @@ unsafe fn vpdpbusd(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
 /// `acc[a] += cvt(Σ q·x) · s_x · d` over chunk `ch` for every activation row; `FMT` says whether the codes
 /// `w` are signed or unsigned int4 ([`unsigned`]).
 #[inline]
-#[target_feature(enable = "avx2,fma,popcnt,bmi2")]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 unsafe fn chunk_dot<const VNNI: bool, const NR: usize, const MODE: u8, const FMT: u8>(
     acc: &mut [__m256; NR],
     w: [__m256i; 2],
@@ -541,7 +542,7 @@ unsafe fn chunk_dot<const VNNI: bool, const NR: usize, const MODE: u8, const FMT
                     );
                     _mm256_add_epi32(*x.zc.add(ch), _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
                 };
-                let scale = if MODE == ROW { sx } else { sx * *s.d.add((ch * CHUNK) >> s.shift) };
+                let scale = if MODE == ROW { sx } else { sx * scale(s, (ch * CHUNK) >> s.shift) };
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(scale), *acc);
             }
             _ => {
@@ -557,7 +558,7 @@ unsafe fn chunk_dot<const VNNI: bool, const NR: usize, const MODE: u8, const FMT
                 // broadcasts them once per chunk), and the activation scale goes straight to a vector, rather than
                 // a scalar product sx·D and its broadcast per half and row.
                 let g = (ch * CHUNK) >> s.shift;
-                let (e0, e1) = (_mm256_set1_ps(*s.d.add(g)), _mm256_set1_ps(*s.d.add(g + 1)));
+                let (e0, e1) = (_mm256_set1_ps(scale(s, g)), _mm256_set1_ps(scale(s, g + 1)));
                 let t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), e1, _mm256_mul_ps(_mm256_cvtepi32_ps(d0), e0));
                 *acc = _mm256_fmadd_ps(t, _mm256_set1_ps(sx), *acc);
             }

@@ -8,6 +8,7 @@
 //! `vexpandps`) scatter the packed nonzeros into the lanes whose mask bit is set and zero the rest.
 
 use super::vnni::PREFETCH;
+use super::{min, scale};
 use crate::formats::{Format, PackedMatrix, CHUNK};
 use crate::kernels::simd::{f32_row_kernels, scale_mode, RowScales, ASYM, GRP, ROW};
 use core::arch::x86_64::*;
@@ -205,10 +206,10 @@ unsafe fn fma_rows<const NR: usize>(acc: &mut Acc<NR>, i: usize, w: __m512, xp: 
 unsafe fn dequant<const MODE: u8>(q: __m512, keep: __mmask16, s: &RowScales, col: usize) -> __m512 {
     match MODE {
         ROW => q,
-        GRP => _mm512_mul_ps(q, _mm512_set1_ps(*s.d.add(col >> s.shift))),
+        GRP => _mm512_mul_ps(q, _mm512_set1_ps(scale(s, col >> s.shift))),
         _ => {
             let g = col >> s.shift;
-            _mm512_maskz_fmadd_ps(keep, q, _mm512_set1_ps(*s.d.add(g)), _mm512_set1_ps(*s.m.add(g)))
+            _mm512_maskz_fmadd_ps(keep, q, _mm512_set1_ps(scale(s, g)), _mm512_set1_ps(min(s, g)))
         }
     }
 }

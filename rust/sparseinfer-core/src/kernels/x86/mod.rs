@@ -18,11 +18,42 @@ macro_rules! load512_nofold {
     }};
 }
 
+use crate::kernels::simd::RowScales;
+
 pub(crate) mod amx;
 pub(crate) mod avx2;
 pub(crate) mod avx2_int;
 pub(crate) mod avx512;
 pub(crate) mod vnni;
+
+/// Scale `g` of a row, converted with F16C when the matrix's scales are half.
+#[inline]
+#[target_feature(enable = "f16c")]
+pub(crate) unsafe fn scale(s: &RowScales, g: usize) -> f32 {
+    if s.half {
+        f16c(*s.d16.add(g))
+    } else {
+        *s.d.add(g)
+    }
+}
+
+/// Minimum `g` of a row (asymmetric matrices), as [`scale`].
+#[inline]
+#[target_feature(enable = "f16c")]
+pub(crate) unsafe fn min(s: &RowScales, g: usize) -> f32 {
+    if s.half {
+        f16c(*s.m16.add(g))
+    } else {
+        *s.m.add(g)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "f16c")]
+unsafe fn f16c(h: u16) -> f32 {
+    use core::arch::x86_64::*;
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+}
 
 /// AVX2 path requirements.
 pub fn avx2_supported() -> bool {

@@ -22,6 +22,7 @@
 //! activations; they run the f32 kernels on `x̂`.
 
 use super::avx512::{dense_nibbles, nibbles_to_bytes};
+use super::scale;
 use crate::formats::tiles::{QUAD, TILE};
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
 use crate::kernels::simd::{
@@ -371,11 +372,26 @@ unsafe fn zero_point_term(m: &PackedMatrix, q: &QuantActs, a: usize, r: usize) -
     let gs = &q.gsum[a * groups..(a + 1) * groups];
     let row = r * groups..(r + 1) * groups;
     // A vector dot: a scalar loop is one long chain of dependent adds.
-    if m.asym {
-        dot(&m.mins[row], gs)
-    } else {
-        -(zero_point(m) as f32) * dot(&m.scales[row], gs)
+    match (m.asym, m.half) {
+        (true, false) => dot(&m.mins[row], gs),
+        (true, true) => dot_f16(&m.mins16[row], gs),
+        (false, false) => -(zero_point(m) as f32) * dot(&m.scales[row], gs),
+        (false, true) => -(zero_point(m) as f32) * dot_f16(&m.scales16[row], gs),
     }
+}
+
+/// `Σ f16(a[i]) · b[i]` (the half-scale twin of `vector::dot`).
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn dot_f16(a: &[u16], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = _mm512_setzero_ps();
+    for i in (0..a.len()).step_by(16) {
+        let lanes: __mmask16 = if a.len() - i >= 16 { !0 } else { (1u16 << (a.len() - i)) - 1 };
+        let h = _mm256_maskz_loadu_epi16(lanes, a.as_ptr().add(i) as *const i16);
+        acc = _mm512_fmadd_ps(_mm512_cvtph_ps(h), _mm512_maskz_loadu_ps(lanes, b.as_ptr().add(i)), acc);
+    }
+    _mm512_reduce_add_ps(acc)
 }
 
 /// Lane `i` of the result is the sum of the 16 lanes of `v[i]`: a transposing tree of 45 shuffles and adds
@@ -437,9 +453,9 @@ unsafe fn chunk_scale<const MODE: u8>(s: &RowScales, sx: *const f32, ch: usize) 
     let g = (ch * CHUNK) >> s.shift;
     let x = _mm512_set1_ps(*sx.add(ch));
     if MODE == GRP {
-        _mm512_mul_ps(x, _mm512_set1_ps(*s.d.add(g)))
+        _mm512_mul_ps(x, _mm512_set1_ps(scale(s, g)))
     } else {
-        _mm512_mul_ps(x, _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(*s.d.add(g)), _mm512_set1_ps(*s.d.add(g + 1))))
+        _mm512_mul_ps(x, _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(scale(s, g)), _mm512_set1_ps(scale(s, g + 1))))
     }
 }
 
@@ -552,12 +568,12 @@ unsafe fn token_rows<const NR: usize, const R: usize, const FMT: u8, const MODE:
                 let s = &s[i];
                 accf[i][a] = match MODE {
                     ROW => _mm512_add_ps(accf[i][a], exact),
-                    GRP => _mm512_fmadd_ps(exact, _mm512_set1_ps(*s.d.add(b)), accf[i][a]),
+                    GRP => _mm512_fmadd_ps(exact, _mm512_set1_ps(scale(s, b)), accf[i][a]),
                     _ => {
                         let d = _mm512_mask_blend_ps(
                             0xFF00,
-                            _mm512_set1_ps(*s.d.add(2 * b)),
-                            _mm512_set1_ps(*s.d.add(2 * b + 1)),
+                            _mm512_set1_ps(scale(s, 2 * b)),
+                            _mm512_set1_ps(scale(s, 2 * b + 1)),
                         );
                         _mm512_fmadd_ps(exact, d, accf[i][a])
                     }
@@ -713,6 +729,8 @@ unsafe fn tile_acc<const NR: usize, const T: usize, const FMT: u8, const TOKEN: 
     let masks: [*const u64; T] = core::array::from_fn(|i| m.masks.as_ptr().add(ts[i] * quads));
     let mut p: [*const u8; T] = core::array::from_fn(|i| m.data.as_ptr().add(m.row_offsets[ts[i]]));
     let d16: [*const f32; T] = core::array::from_fn(|i| m.tile_scales.as_ptr().wrapping_add(ts[i] * m.groups() * TILE));
+    let h16: [*const u16; T] =
+        core::array::from_fn(|i| m.tile_scales16.as_ptr().wrapping_add(ts[i] * m.groups() * TILE));
     let shift = m.group.trailing_zeros();
     let seg = tile_segment(m, TOKEN);
     let mut f = [[_mm512_setzero_ps(); NR]; T];
@@ -747,7 +765,14 @@ unsafe fn tile_acc<const NR: usize, const T: usize, const FMT: u8, const TOKEN: 
                     _mm512_add_epi32(_mm512_add_epi32(ia[0][a], ia[1][a]), _mm512_add_epi32(ia[2][a], ia[3][a]));
                 sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(*x.zc.add(s)));
                 let v = _mm512_cvtepi32_ps(sum);
-                let d = || _mm512_loadu_ps(d16[i].add((col >> shift) * TILE));
+                let d = || {
+                    let at = (col >> shift) * TILE;
+                    if m.half {
+                        _mm512_cvtph_ps(_mm256_loadu_si256(h16[i].add(at) as *const __m256i))
+                    } else {
+                        _mm512_loadu_ps(d16[i].add(at))
+                    }
+                };
                 f[i][a] = match (TOKEN, GROUPED) {
                     (true, false) => _mm512_add_ps(f[i][a], v),
                     (true, true) => _mm512_fmadd_ps(v, d(), f[i][a]),
