@@ -1,9 +1,6 @@
 //! Packing a dense f32 matrix into each format (the quantizers). Decoding lives in `kernels::reference`.
 
-use super::{
-    budget, f16_round, f16_to_f32, f32_to_bf16, tiles, Elem, Format, PackedMatrix, CHUNK, F16_MAX, F16_MIN_NORMAL,
-    VALUE_PAD,
-};
+use super::{budget, f16_round, f16_to_f32, f32_to_bf16, tiles, Elem, Format, PackedMatrix, CHUNK, F16_MAX, VALUE_PAD};
 use crate::error::{Error, Result};
 
 /// The in-memory layout of a packed matrix.
@@ -201,11 +198,11 @@ impl Quant {
     }
 
     /// Symmetric int4 (codes -8..=7): [`SYM_DIVISORS`] with both signs of `d`, then a refit. With `half`, every
-    /// candidate's `d` is the nearest f16 (see [`half`]); should that rounding put a weight outside the budget,
+    /// candidate's `d` is the nearest f16 (see [`to_half`]); should that rounding put a weight outside the budget,
     /// the group is fitted again in f32.
     fn fit_int4_sym(v: &[f32], half: bool) -> Quant {
         let amax = v.iter().fold(0.0f32, |a, w| a.max(w.abs()));
-        let at = |d: f32| Trial::of(Quant::grid(if half { half_scale(d) } else { d }, 0.0, I4_LO, I4_HI, false), v);
+        let at = |d: f32| Trial::of(Quant::grid(if half { to_half(d) } else { d }, 0.0, I4_LO, I4_HI, false), v);
         let mut best = at(amax / 7.0); // the max-based grid: every weight within half a step
         if amax == 0.0 || !best.q.inv.is_finite() {
             return best.q; // all zeros, or too small to invert: the max-based grid, as before the search
@@ -236,10 +233,9 @@ impl Quant {
             return Quant::grid(0.0, 0.0, 0.0, I4_LEVELS, true);
         }
         let step = (hi - lo) / I4_LEVELS;
-        let r = |x: f32| if half { half_min(x) } else { x };
-        let at = |d: f32, m: f32| {
-            Trial::of(Quant::grid(if half { half_scale(d) } else { d }, r(m), 0.0, I4_LEVELS, true), v)
-        };
+        let r = |x: f32| if half { to_half(x) } else { x };
+        let at =
+            |d: f32, m: f32| Trial::of(Quant::grid(if half { to_half(d) } else { d }, r(m), 0.0, I4_LEVELS, true), v);
         let mut best = at(step, lo); // the min/max grid
         let limit = budget::INT4_FIT * step;
         if hi == lo || !best.q.inv.is_finite() {
@@ -299,26 +295,17 @@ impl Quant {
     }
 }
 
-/// A fitted int4 scale as the nearest f16 when that is a normal f16, so the matrix's scales are half (two bytes
-/// each for the kernels, like llama.cpp's Q4_0 and Q4_1; [`super::PackedMatrix::half`]); else `d` itself. The
-/// rounding moves `d` by at most 2⁻¹¹ of itself, far inside the half step every weight already rounds by.
-fn half_scale(d: f32) -> f32 {
-    let h = f16_to_f32(f16_round(d));
-    if h.abs() >= F16_MIN_NORMAL && h.abs() <= F16_MAX {
-        h
-    } else {
-        d
-    }
-}
-
-/// A fitted asymmetric minimum as the nearest f16 (subnormal ones too: they move `m` by at most 2⁻²⁵), else
-/// `m` itself.
-fn half_min(m: f32) -> f32 {
-    let h = f16_to_f32(f16_round(m));
+/// A fitted int4 scale or minimum as the nearest f16, so the matrix's scales are half (two bytes each for the
+/// kernels, like llama.cpp's Q4_0 and Q4_1; [`super::PackedMatrix::half`]); one past the largest f16 stays f32.
+/// The rounding moves a normal value by at most 2⁻¹¹ of itself, far inside the half step every weight rounds by;
+/// a subnormal one by up to 2⁻²⁵, which the fits check against the budget (a group of a few tiny weights, as
+/// a sparse row may hold, then keeps f32 and so does its matrix).
+fn to_half(v: f32) -> f32 {
+    let h = f16_to_f32(f16_round(v));
     if h.abs() <= F16_MAX {
         h
     } else {
-        m
+        v
     }
 }
 

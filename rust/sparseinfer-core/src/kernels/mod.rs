@@ -317,13 +317,14 @@ pub struct QuantActs {
     pub xq: Aligned<i8>,
     /// `k × chunks` block scales.
     pub sx: Vec<f32>,
-    /// VNNI per-row-scale kernels, and every VNNI kernel on tiled matrices: per activation row and weight scale
-    /// block, per i32 lane `j`, the zero point times the sum of the codes the lane meets (`z · Σ x` over columns
-    /// `64c + 4j..64c + 4j + 4` of every chunk `c` in the block; tiled: one `z · Σ x` per segment), subtracted
-    /// from the exact integer sums; empty otherwise.
+    /// The VNNI per-row-scale kernels, every VNNI kernel on tiled matrices, and the per-block ones on symmetric
+    /// weights with scale groups: per activation row and zero-point block (a chunk with per-block activations,
+    /// stored negated; the weight scale block with per-row ones), per i32 lane `j`, the zero point times the sum of
+    /// the codes the lane meets (`z · Σ x` over columns `64c + 4j..64c + 4j + 4` of every chunk `c` in the block;
+    /// tiled: one `z · Σ x` per segment), taken from the exact integer sums; empty otherwise.
     pub zcorr: Aligned<i32>,
-    /// `k × groups` sums of `x̂` per weight scale group (the VNNI per-block row-layout kernels' zero points:
-    /// `Σ m·x̂`); empty otherwise.
+    /// `k × groups` sums of `x̂` per weight scale group (the VNNI per-block row-layout kernels' zero points on
+    /// per-row scales, and asymmetric minimums: `Σ m·x̂`); empty otherwise.
     pub gsum: Vec<f32>,
     /// `k × cols_pad` dequantized activations `x̂`, for the f32 kernels (empty on the VNNI path).
     pub xhat: Aligned<f32>,
@@ -358,14 +359,14 @@ fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, to: Consumer
     // The VNNI per-row-scale kernels read the codes and corrections; the per-block ones the group sums.
     let (xhat, vnni) = (to == Consumer::F32, to == Consumer::Vnni);
     #[cfg(target_arch = "x86_64")]
-    let vnni_zcorr = vnni && (token || m.tiled);
+    let vnni_zcorr = vnni && (token || m.tiled || vnni_block_zcorr(m));
     let mut q = QuantActs {
         k,
         token,
         xq: Aligned::zeroed(k * cp),
         sx: vec![0.0; k * chunks],
         zcorr: Aligned::empty(),
-        gsum: if !vnni || token || m.tiled || !m.format.elem().is_int() { Vec::new() } else { vec![0.0; k * groups] },
+        gsum: if vnni && !token && !m.tiled && !vnni_block_zcorr(m) { vec![0.0; k * groups] } else { Vec::new() },
         xhat: if xhat { Aligned::zeroed(k * cp) } else { Aligned::empty() },
     };
     quantize_rows(parallel::num_threads(), xs, q.rows(), cp);
@@ -378,6 +379,17 @@ fn quantize_activations_for(m: &PackedMatrix, xs: &[f32], k: usize, to: Consumer
         unsafe { x86::vnni::zero_point_corrections(m, &mut q) };
     }
     q
+}
+
+/// Whether the VNNI per-block row-layout kernels take their zero points from `zcorr` rather than `gsum`.
+fn vnni_block_zcorr(m: &PackedMatrix) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return x86::vnni::block_zcorr(m);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = m; // no VNNI kernels here
+        false
+    }
 }
 
 /// The rows of a [`QuantActs`] that the block quantizers write: all of them, or a run of them.

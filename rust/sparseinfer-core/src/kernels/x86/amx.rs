@@ -285,8 +285,8 @@ unsafe fn rows_with<const H: usize>(m: &PackedMatrix, r0: usize, r1: usize, q: &
     let (t0, t1) = (r0 / TILE, r1.div_ceil(TILE));
     let per_group = (GROUP_BYTES / (chunks * B_TILE)).clamp(1, t1 - t0);
     let (groups, grouped) = (m.groups(), scale_mode(m) != ROW);
-    // Tile scales as f32 when the tiled layout keeps them so; else (row layout, or half scales) each tile's
-    // scales are gathered from the f32 grid into `e.d`.
+    // Tile scales as f32 when the tiled layout keeps them so; else each tile's scales go to `e.d`, converted from
+    // the half tile scales or gathered from the row layout's f32 grid.
     let own_scales = m.tiled && !m.tile_scales.is_empty();
     EXPANDED.with_borrow_mut(|e| {
         if e.b.len() < per_group * chunks * B_TILE {
@@ -311,9 +311,19 @@ unsafe fn rows_with<const H: usize>(m: &PackedMatrix, r0: usize, r1: usize, q: &
                     expand_dense_tile(m, t, e.b.as_mut_ptr().add(i * chunks * B_TILE));
                 }
                 if grouped && !own_scales {
-                    for (j, d) in e.d[i * groups * TILE..(i + 1) * groups * TILE].iter_mut().enumerate() {
-                        let (g, r) = (j / TILE, t * TILE + j % TILE);
-                        *d = if r < m.rows { m.scales[r * groups + g] } else { 0.0 };
+                    let d = &mut e.d[i * groups * TILE..(i + 1) * groups * TILE];
+                    if m.tiled {
+                        // Half tile scales, laid out as `e.d` is: sixteen conversions at a time.
+                        let h = m.tile_scales16.as_ptr().add(t * groups * TILE);
+                        for (j, d) in d.chunks_exact_mut(TILE).enumerate() {
+                            let v = _mm512_cvtph_ps(_mm256_loadu_si256(h.add(j * TILE) as *const __m256i));
+                            _mm512_storeu_ps(d.as_mut_ptr(), v);
+                        }
+                    } else {
+                        for (j, d) in d.iter_mut().enumerate() {
+                            let (g, r) = (j / TILE, t * TILE + j % TILE);
+                            *d = if r < m.rows { m.scales[r * groups + g] } else { 0.0 };
+                        }
                     }
                 }
             }

@@ -26,8 +26,8 @@
 //! `SUM_ORDER · Σ|ŵ·x̂|` with nothing added for zero points.
 
 use super::avx2::{dense_nibbles, hsum, nibbles_to_bytes};
-use super::scale;
 use super::vnni::PREFETCH;
+use super::{scale, staged_row_scales, STAGED_GROUPS};
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
 use crate::kernels::simd::{
     by_scaling, chunk_scaling, sparse_int4_row_bytes, RowScales, DI4, DI8, GRP, GRP32, KERNEL_CODES, RANKS_AFTER, ROW,
@@ -293,7 +293,8 @@ unsafe fn row<const VNNI: bool, const NR: usize, const R: usize, const FMT: u8, 
         }
     });
     let masks: [*const u64; R] = core::array::from_fn(|i| m.masks.as_ptr().wrapping_add(rows[i] * chunks));
-    let s: [RowScales; R] = core::array::from_fn(|i| RowScales::of(m, rows[i]));
+    let mut staged = [[core::mem::MaybeUninit::uninit(); STAGED_GROUPS]; R];
+    let s: [RowScales; R] = core::array::from_fn(|i| staged_row_scales(m, rows[i], &mut staged[i]));
     // The int4 sparse chunk's codes unpacked to bytes (expand32 reads at most 64 of them).
     let mut buf = [[0u8; CHUNK]; R];
     // Two f32 accumulators per activation row, alternating by chunk, so FMA latency does not bind.
@@ -510,6 +511,17 @@ unsafe fn vpdpbusd(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
     acc
 }
 
+/// Scale `g` of a row in every lane (half scales: a word broadcast and one conversion).
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn group_scale(s: &RowScales, g: usize) -> __m256 {
+    if s.half {
+        _mm256_cvtph_ps(_mm_set1_epi16(*s.d16.add(g) as i16))
+    } else {
+        _mm256_set1_ps(*s.d.add(g))
+    }
+}
+
 /// `acc[a] += cvt(Σ q·x) · s_x · d` over chunk `ch` for every activation row; `FMT` says whether the codes
 /// `w` are signed or unsigned int4 ([`unsigned`]).
 #[inline]
@@ -558,7 +570,7 @@ unsafe fn chunk_dot<const VNNI: bool, const NR: usize, const MODE: u8, const FMT
                 // broadcasts them once per chunk), and the activation scale goes straight to a vector, rather than
                 // a scalar product sx·D and its broadcast per half and row.
                 let g = (ch * CHUNK) >> s.shift;
-                let (e0, e1) = (_mm256_set1_ps(scale(s, g)), _mm256_set1_ps(scale(s, g + 1)));
+                let (e0, e1) = (group_scale(s, g), group_scale(s, g + 1));
                 let t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), e1, _mm256_mul_ps(_mm256_cvtepi32_ps(d0), e0));
                 *acc = _mm256_fmadd_ps(t, _mm256_set1_ps(sx), *acc);
             }

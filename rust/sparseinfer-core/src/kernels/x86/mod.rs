@@ -18,6 +18,7 @@ macro_rules! load512_nofold {
     }};
 }
 
+use crate::formats::PackedMatrix;
 use crate::kernels::simd::RowScales;
 
 pub(crate) mod amx;
@@ -46,6 +47,41 @@ pub(crate) unsafe fn min(s: &RowScales, g: usize) -> f32 {
     } else {
         *s.m.add(g)
     }
+}
+
+/// Groups per row up to which the integer-activation kernels convert a row's half scales to f32 once, before
+/// its chunk loop ([`staged_row_scales`]); longer rows convert each scale where a chunk reads it.
+pub(crate) const STAGED_GROUPS: usize = 256;
+
+/// A row's scales for a chunk loop: [`RowScales::of`], with half scales of a row of at most [`STAGED_GROUPS`]
+/// groups converted to f32 into `buf` (eight per conversion), so each chunk broadcasts its scale from L1 as it
+/// would an f32 one instead of converting it (a word broadcast and a conversion per chunk cost the dense int4
+/// loop, which port 5 binds, more than the bytes they save).
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) unsafe fn staged_row_scales(
+    m: &PackedMatrix,
+    r: usize,
+    buf: &mut [core::mem::MaybeUninit<f32>; STAGED_GROUPS],
+) -> RowScales {
+    use core::arch::x86_64::*;
+    let mut s = RowScales::of(m, r);
+    let groups = m.groups();
+    if s.half && groups <= STAGED_GROUPS {
+        let dst = buf.as_mut_ptr() as *mut f32;
+        let mut g = 0;
+        while g + 8 <= groups {
+            _mm256_storeu_ps(dst.add(g), _mm256_cvtph_ps(_mm_loadu_si128(s.d16.add(g) as *const __m128i)));
+            g += 8;
+        }
+        while g < groups {
+            *dst.add(g) = f16c(*s.d16.add(g));
+            g += 1;
+        }
+        // The minimums, if any, are read from `mins` (the f32 grid, always kept).
+        (s.d, s.half) = (dst, false);
+    }
+    s
 }
 
 #[inline]

@@ -9,11 +9,13 @@
 //!
 //! `vpdpbusd` needs one unsigned operand: the weights, as codes `c = q + z` (int8: the stored byte with its
 //! top bit flipped, `z = 128`; int4: the stored nibble `q + 8`). Sparse rows expand zeros into the pruned
-//! lanes, which become `z`, a zero weight. The zero point `Σ_g z·d_g·Σx̂_g` is then subtracted once per row from
-//! precomputed group sums (`QuantActs::gsum`), in f32; asymmetric int4 adds `Σ_g m_g·Σx̂_g` the same way.
-//! Tiled matrices instead subtract `z·Σx` from each segment's exact i32 sums (`QuantActs::zcorr`), so their sums
-//! are exactly `Σ q·x`, the same as the AMX kernels' (`super::amx`).
-//! That rounding scales with `|ŵ| + |zero point|` rather than `|ŵ|` (see the test budgets).
+//! lanes, which become `z`, a zero weight. With scale groups, each chunk's `vpdpbusd` starts from the
+//! activations' zero-point lanes `-z·Σx` over the lane's four columns (`QuantActs::zcorr`, one vector per chunk,
+//! shared by every weight row), so its i32 lanes are exactly `Σ q·x` at the cost of a load ([`block_zcorr`]);
+//! tiled matrices subtract `z·Σx` from each segment's exact sums, and equal the AMX kernels' (`super::amx`).
+//! One scale per row takes the zero point `-z·d_r·Σx̂` from precomputed sums (`QuantActs::gsum`) for 16 rows
+//! at once, and asymmetric int4 (`ŵ = d·c + m`, no integer zero point) adds `Σ_g m_g·Σx̂_g` per row the same
+//! way; both round in f32 with `|ŵ| + |zero point|` (see the test budgets).
 //! On AMD Zen 4 this is 25 % faster for dense int8 from L2 than the signed form it replaced (activations
 //! offset to `x + 128`, and a second `vpdpbusd` per chunk to subtract `Σ 128·w` exactly in i32); sparse int8,
 //! which does more per chunk, gained ~2 %.
@@ -22,7 +24,7 @@
 //! activations; they run the f32 kernels on `x̂`.
 
 use super::avx512::{dense_nibbles, nibbles_to_bytes};
-use super::scale;
+use super::STAGED_GROUPS;
 use crate::formats::tiles::{QUAD, TILE};
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
 use crate::kernels::simd::{
@@ -109,10 +111,10 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
     debug_assert!(q.k == k && q.xq.len() == k * m.cols_pad && m.cols_pad.is_multiple_of(CHUNK));
     // The aligned loads of `xq` and `zcorr` need every row and chunk on a 64-byte boundary.
     debug_assert!((q.xq.as_ptr() as usize).is_multiple_of(64));
-    debug_assert!(if q.token || m.tiled {
-        q.zcorr.len() == k * zcorr_per_row(m, q.token) && (q.zcorr.as_ptr() as usize).is_multiple_of(64)
-    } else {
+    debug_assert!(if !q.token && !m.tiled && !block_zcorr(m) {
         q.gsum.len() == k * m.groups()
+    } else {
+        q.zcorr.len() == k * zcorr_per_row(m, q.token) && (q.zcorr.as_ptr() as usize).is_multiple_of(64)
     });
     if m.tiled {
         return tile_rows(m, r0, r1, q, k, y);
@@ -199,17 +201,37 @@ fn tile_segment(m: &PackedMatrix, token: bool) -> usize {
     }
 }
 
+/// Whether the per-block row-layout kernels start each chunk's sums from the activations' zero-point lanes
+/// (`QuantActs::zcorr`): symmetric weights with scale groups, whose zero points would otherwise cost a dot
+/// product of the row's scales per row. One scale per row adds its zero point for 16 rows in one multiply-add,
+/// cheaper than a load per chunk; asymmetric minimums are no integer zero point.
+pub(crate) fn block_zcorr(m: &PackedMatrix) -> bool {
+    !m.asym && scale_mode(m) != ROW
+}
+
+/// Chunks per zero-point block of the row-layout kernels: the per-row-scale kernels' scale block, or each
+/// chunk with per-block activations.
+fn zcorr_block_chunks(m: &PackedMatrix, token: bool) -> usize {
+    if token {
+        token_block_chunks(m)
+    } else {
+        1
+    }
+}
+
 /// Entries of `q.zcorr` per activation row.
 fn zcorr_per_row(m: &PackedMatrix, token: bool) -> usize {
     if m.tiled {
         m.cols_pad / tile_segment(m, token)
     } else {
-        16 * m.chunks() / token_block_chunks(m)
+        16 * m.chunks() / zcorr_block_chunks(m, token)
     }
 }
 
-/// Fills `q.zcorr`: per activation row and scale block, the 16 lane sums `z · Σ x` (one `vpdpbusd` of the
-/// broadcast zero point with each chunk's codes), which turn `Σ c·x` into `Σ q·x` lane by lane, exactly.
+/// Fills `q.zcorr`: per activation row and zero-point block, the 16 lane sums `z · Σ x` (one `vpdpbusd` of the
+/// broadcast zero point with each chunk's codes), which turn `Σ c·x` into `Σ q·x` lane by lane, exactly: the
+/// per-row-scale kernels subtract them from a block's sums; with per-block activations they are stored negated,
+/// `-z · Σ x`, and each chunk's sums start from them.
 /// Tiled matrices, whose lanes are rows that each meet every column, take one `z · Σ x` per segment
 /// ([`tile_segment`]), with per-block activations too: their chunk sums are then exact `Σ q·x` before any
 /// rounding, and equal the AMX kernels' (`super::amx`), so a tiled matmul row is the same with either.
@@ -228,7 +250,7 @@ pub(crate) unsafe fn zero_point_corrections(m: &PackedMatrix, q: &mut QuantActs)
         }
         return;
     }
-    let (cp, sbc) = (m.cols_pad, token_block_chunks(m));
+    let (cp, sbc) = (m.cols_pad, zcorr_block_chunks(m, q.token));
     let blocks = m.chunks() / sbc;
     assert!(q.xq.len() == q.k * cp && blocks * sbc == m.chunks());
     q.zcorr = crate::kernels::aligned::Aligned::zeroed(q.k * blocks * 16);
@@ -238,6 +260,9 @@ pub(crate) unsafe fn zero_point_corrections(m: &PackedMatrix, q: &mut QuantActs)
             let mut v = _mm512_setzero_si512();
             for ch in b * sbc..(b + 1) * sbc {
                 v = _mm512_dpbusd_epi32(v, z, _mm512_load_si512(q.xq.as_ptr().add(a * cp + ch * CHUNK) as *const _));
+            }
+            if !q.token {
+                v = _mm512_sub_epi32(_mm512_setzero_si512(), v);
             }
             _mm512_store_si512(q.zcorr.as_mut_ptr().add((a * blocks + b) * 16) as *mut _, v);
         }
@@ -265,7 +290,7 @@ unsafe fn batch<const NR: usize, const S: usize>(
     y: *mut f32,
 ) {
     let (cp, chunks) = (m.cols_pad, m.chunks());
-    let zc_row = if q.token { 16 * chunks / token_block_chunks(m) } else { 0 };
+    let zc_row = if q.zcorr.is_empty() { 0 } else { zcorr_per_row(m, q.token) };
     let act: [ActRow; NR] = core::array::from_fn(|a| ActRow {
         xq: q.xq.as_ptr().add((a0 + a) * cp),
         sx: q.sx.as_ptr().add((a0 + a) * chunks),
@@ -355,6 +380,11 @@ unsafe fn finish<const NR: usize>(
             _mm512_mask_storeu_ps(dst, lanes, _mm512_fmadd_ps(scale, zsum, _mm512_mul_ps(hsum16(rows), scale)));
             continue;
         }
+        if !m.asym {
+            // The zero points are in the sums already (`q.zcorr`).
+            _mm512_mask_storeu_ps(dst, lanes, _mm512_mul_ps(hsum16(rows), scale));
+            continue;
+        }
         let mut out = [0.0f32; BATCH];
         _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(hsum16(rows), scale));
         for (i, o) in out[..n].iter_mut().enumerate() {
@@ -363,8 +393,8 @@ unsafe fn finish<const NR: usize>(
     }
 }
 
-/// The per-block kernels' zero points of weight row `r` against activation row `a`: `ŵ = d·c + m'` per group,
-/// with `m' = m` (asymmetric int4) or `-z·d` (symmetric), so the row adds `Σ_g m'_g · Σx̂_g`.
+/// The per-block kernels' minimums of asymmetric weight row `r` against activation row `a`: `ŵ = d·c + m` per
+/// group, so the row adds `Σ_g m_g · Σx̂_g`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
 unsafe fn zero_point_term(m: &PackedMatrix, q: &QuantActs, a: usize, r: usize) -> f32 {
@@ -372,11 +402,10 @@ unsafe fn zero_point_term(m: &PackedMatrix, q: &QuantActs, a: usize, r: usize) -
     let gs = &q.gsum[a * groups..(a + 1) * groups];
     let row = r * groups..(r + 1) * groups;
     // A vector dot: a scalar loop is one long chain of dependent adds.
-    match (m.asym, m.half) {
-        (true, false) => dot(&m.mins[row], gs),
-        (true, true) => dot_f16(&m.mins16[row], gs),
-        (false, false) => -(zero_point(m) as f32) * dot(&m.scales[row], gs),
-        (false, true) => -(zero_point(m) as f32) * dot_f16(&m.scales16[row], gs),
+    if m.half {
+        dot_f16(&m.mins16[row], gs)
+    } else {
+        dot(&m.mins[row], gs)
     }
 }
 
@@ -453,14 +482,63 @@ unsafe fn chunk_scale<const MODE: u8>(s: &RowScales, sx: *const f32, ch: usize) 
     let g = (ch * CHUNK) >> s.shift;
     let x = _mm512_set1_ps(*sx.add(ch));
     if MODE == GRP {
-        _mm512_mul_ps(x, _mm512_set1_ps(scale(s, g)))
+        _mm512_mul_ps(x, group_scale(s, g))
     } else {
-        _mm512_mul_ps(x, _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(scale(s, g)), _mm512_set1_ps(scale(s, g + 1))))
+        _mm512_mul_ps(x, group_pair(s, g))
     }
 }
 
-/// `acc[a] += cvt(Σ c·x) · scale` for the unsigned weight codes `c` of chunk `ch` (zero points are added per
-/// row, in `batch`).
+/// `x86::staged_row_scales` with sixteen conversions at a time.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn staged_row_scales16(
+    m: &PackedMatrix,
+    r: usize,
+    buf: &mut [core::mem::MaybeUninit<f32>; STAGED_GROUPS],
+) -> RowScales {
+    let mut s = RowScales::of(m, r);
+    let groups = m.groups();
+    if s.half && groups <= STAGED_GROUPS {
+        let dst = buf.as_mut_ptr() as *mut f32;
+        for g in (0..groups).step_by(16) {
+            let lanes: __mmask16 = if groups - g >= 16 { !0 } else { (1u16 << (groups - g)) - 1 };
+            let h = _mm256_maskz_loadu_epi16(lanes, s.d16.add(g) as *const i16);
+            _mm512_mask_storeu_ps(dst.add(g), lanes, _mm512_cvtph_ps(h));
+        }
+        // The minimums, if any, are read from `mins` (the f32 grid, always kept).
+        (s.d, s.half) = (dst, false);
+    }
+    s
+}
+
+/// Scale `g` of a row in every lane. Half scales: a word broadcast and one conversion, where the scalar route
+/// (load, move to a vector, convert, broadcast) takes a port-5 uop more.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn group_scale(s: &RowScales, g: usize) -> __m512 {
+    if s.half {
+        _mm512_cvtph_ps(_mm256_set1_epi16(*s.d16.add(g) as i16))
+    } else {
+        _mm512_set1_ps(*s.d.add(g))
+    }
+}
+
+/// Scales `g` (lanes 0-7) and `g + 1` (lanes 8-15) of a row: a chunk's two 32-column groups. Half scales: the
+/// pair's four bytes broadcast, one in-lane byte shuffle to eight copies of each, one conversion.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn group_pair(s: &RowScales, g: usize) -> __m512 {
+    if s.half {
+        let pair = _mm256_set1_epi32((s.d16.add(g) as *const i32).read_unaligned());
+        let (lo, hi) = (0x0100_0100_0100_0100i64, 0x0302_0302_0302_0302i64);
+        _mm512_cvtph_ps(_mm256_shuffle_epi8(pair, _mm256_setr_epi64x(lo, lo, hi, hi)))
+    } else {
+        _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(*s.d.add(g)), _mm512_set1_ps(*s.d.add(g + 1)))
+    }
+}
+
+/// `acc[a] += cvt(Σ c·x + zc) · scale` for the unsigned weight codes `c` of chunk `ch`, the sums starting from
+/// the chunk's zero-point lanes when `zc` is set ([`block_zcorr`]; otherwise `finish` adds the zero points).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
 unsafe fn unsigned_chunk<const NR: usize, const MODE: u8>(
@@ -469,10 +547,12 @@ unsafe fn unsigned_chunk<const NR: usize, const MODE: u8>(
     act: &[ActRow; NR],
     s: &RowScales,
     ch: usize,
+    zc: bool,
 ) {
     for (a, x) in act.iter().enumerate() {
         let xa = _mm512_loadu_si512(x.xq.add(ch * CHUNK) as *const _);
-        let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, xa);
+        let z = if zc { _mm512_load_si512(x.zc.add(16 * ch) as *const _) } else { _mm512_setzero_si512() };
+        let dot = _mm512_dpbusd_epi32(z, c, xa);
         acc[a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), chunk_scale::<MODE>(s, x.sx, ch), acc[a]);
     }
 }
@@ -508,8 +588,9 @@ unsafe fn chunk_codes<const FMT: u8>(p: &mut *const u8, masks: *const u64, ch: u
     }
 }
 
-/// One weight row against per-block-scaled activations: per chunk, `Σ c·x` in i32 lanes, converted and
-/// multiply-added with the chunk scale (zero points are added per row, in `batch`).
+/// One weight row against per-block-scaled activations: per chunk, `Σ c·x` in i32 lanes (`Σ q·x` from the
+/// zero-point lanes, [`block_zcorr`]), converted and multiply-added with the chunk scale (other zero points and
+/// minimums are added per row, in `finish`).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2,avx512vnni,gfni,popcnt,fma")]
 unsafe fn block_rows<const NR: usize, const R: usize, const FMT: u8, const MODE: u8>(
@@ -519,12 +600,14 @@ unsafe fn block_rows<const NR: usize, const R: usize, const FMT: u8, const MODE:
 ) -> [Acc<NR>; R] {
     let mut p: [*const u8; R] = core::array::from_fn(|i| m.data.as_ptr().add(m.row_start(rows[i])));
     let masks: [*const u64; R] = core::array::from_fn(|i| m.masks.as_ptr().wrapping_add(rows[i] * m.chunks()));
-    let s: [RowScales; R] = core::array::from_fn(|i| RowScales::of(m, rows[i]));
+    let mut staged = [[core::mem::MaybeUninit::uninit(); STAGED_GROUPS]; R];
+    let s: [RowScales; R] = core::array::from_fn(|i| staged_row_scales16(m, rows[i], &mut staged[i]));
+    let zc = block_zcorr(m);
     let (mut acc0, mut acc1) = ([[_mm512_setzero_ps(); NR]; R], [[_mm512_setzero_ps(); NR]; R]);
     for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
         for i in 0..R {
             let c = chunk_codes::<FMT>(&mut p[i], masks[i], ch);
-            unsigned_chunk::<NR, MODE>(&mut acc[i], c, act, &s[i], ch);
+            unsigned_chunk::<NR, MODE>(&mut acc[i], c, act, &s[i], ch, zc);
         }
     });
     core::array::from_fn(|i| [acc0[i], acc1[i]])
@@ -544,7 +627,8 @@ unsafe fn token_rows<const NR: usize, const R: usize, const FMT: u8, const MODE:
 ) -> [Acc<NR>; R] {
     let mut p: [*const u8; R] = core::array::from_fn(|i| m.data.as_ptr().add(m.row_start(rows[i])));
     let masks: [*const u64; R] = core::array::from_fn(|i| m.masks.as_ptr().wrapping_add(rows[i] * m.chunks()));
-    let s: [RowScales; R] = core::array::from_fn(|i| RowScales::of(m, rows[i]));
+    let mut staged = [[core::mem::MaybeUninit::uninit(); STAGED_GROUPS]; R];
+    let s: [RowScales; R] = core::array::from_fn(|i| staged_row_scales16(m, rows[i], &mut staged[i]));
     let sbc = token_block_chunks(m);
     let (mut f0, mut f1) = ([[_mm512_setzero_ps(); NR]; R], [[_mm512_setzero_ps(); NR]; R]);
     // Alternating f32 accumulators by block: with 64- or 128-column groups, one accumulator would put an
@@ -568,15 +652,8 @@ unsafe fn token_rows<const NR: usize, const R: usize, const FMT: u8, const MODE:
                 let s = &s[i];
                 accf[i][a] = match MODE {
                     ROW => _mm512_add_ps(accf[i][a], exact),
-                    GRP => _mm512_fmadd_ps(exact, _mm512_set1_ps(scale(s, b)), accf[i][a]),
-                    _ => {
-                        let d = _mm512_mask_blend_ps(
-                            0xFF00,
-                            _mm512_set1_ps(scale(s, 2 * b)),
-                            _mm512_set1_ps(scale(s, 2 * b + 1)),
-                        );
-                        _mm512_fmadd_ps(exact, d, accf[i][a])
-                    }
+                    GRP => _mm512_fmadd_ps(exact, group_scale(s, b), accf[i][a]),
+                    _ => _mm512_fmadd_ps(exact, group_pair(s, 2 * b), accf[i][a]),
                 };
             }
         }
