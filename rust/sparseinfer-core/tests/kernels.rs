@@ -430,6 +430,33 @@ proptest! {
     }
 }
 
+/// Every ISA and int8 activation mode computes `Σ w·x̂` on `m`, the packed `rows × cols` matrix `w` (exactly on its
+/// grid), within the summation-order budget.
+fn check_given(m: &PackedMatrix, w: &[f32], format: Format) {
+    let (rows, cols) = (m.rows(), m.cols());
+    for k in [1, 3] {
+        let x = activations(k * cols, 9);
+        for (isa, act) in kernels::available_isas()
+            .into_iter()
+            .flat_map(|isa| [(isa, Activations::Int8), (isa, Activations::Int8Token)])
+        {
+            let xhat = dequantized_activations(m, &x, k, act == Activations::Int8Token);
+            let mut y = vec![0.0f32; k * rows];
+            kernels::matmul_on(isa, m, &x, k, &mut y, act).unwrap();
+            for (a, r) in (0..k).flat_map(|a| (0..rows).map(move |r| (a, r))) {
+                let xa = &xhat[a * cols..(a + 1) * cols];
+                let want: f32 = (0..cols).map(|c| w[r * cols + c] * xa[c]).sum();
+                let mag: f32 = (0..cols).map(|c| (w[r * cols + c] * xa[c]).abs()).sum();
+                let got = y[a * rows + r];
+                assert!(
+                    (got - want).abs() <= 1e-4 * mag + 1e-6,
+                    "{isa:?} {act:?} {format:?} k={k} ({a}, {r}): {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
 /// Packing with given scales keeps the stored codes exactly: `to_dense` returns `scale · q` even when no group's
 /// largest code reaches the grid's end (GPTQ output), where refitting the scales would change every code.
 #[test]
@@ -484,37 +511,27 @@ fn pack_with_given_scales_keeps_codes() {
             matrices.push(tiled);
         }
         // Every ISA computes Σ ŵ·x̂ on these matrices too.
-        for (m, k) in matrices.iter().flat_map(|m| [(m, 1), (m, 3)]) {
-            let x = activations(k * cols, 9);
-            for (isa, act) in kernels::available_isas()
-                .into_iter()
-                .flat_map(|isa| [(isa, Activations::Int8), (isa, Activations::Int8Token)])
-            {
-                let xhat = dequantized_activations(m, &x, k, act == Activations::Int8Token);
-                let mut y = vec![0.0f32; k * rows];
-                kernels::matmul_on(isa, m, &x, k, &mut y, act).unwrap();
-                for (a, r) in (0..k).flat_map(|a| (0..rows).map(move |r| (a, r))) {
-                    let xa = &xhat[a * cols..(a + 1) * cols];
-                    let want: f32 = (0..cols).map(|c| w[r * cols + c] * xa[c]).sum();
-                    let mag: f32 = (0..cols).map(|c| (w[r * cols + c] * xa[c]).abs()).sum();
-                    let got = y[a * rows + r];
-                    assert!(
-                        (got - want).abs() <= 1e-4 * mag + 1e-6,
-                        "{isa:?} {act:?} {format:?} k={k} ({a}, {r}): {got} vs {want}"
-                    );
-                }
-            }
+        for m in &matrices {
+            check_given(m, &w, format);
         }
         let refit = PackedMatrix::pack(&w, rows, cols, format, opts).unwrap();
         assert_ne!(refit.to_dense(), w, "the test must exercise codes a refit would change");
         // The same codes under scales that are f16 values (multiples of 2⁻¹² below 2⁻¹), which grouped matrices
-        // keep as half, still pack back exactly.
+        // keep as half, still pack back exactly, and every kernel reads them (int8 ones too).
         let s16: Vec<f32> = (0..rows * per_row).map(|i| (40 + 3 * i) as f32 / 4096.0).collect();
         let at = |i: usize| i / cols * per_row + i % cols / g;
         let w16: Vec<f32> = w.iter().enumerate().map(|(i, &v)| (v / scales[at(i)]).round() * s16[at(i)]).collect();
         let grid = GivenScales { scales: &s16, mins: None, per_row };
         let h = PackedMatrix::pack_with_scales(&w16, rows, cols, format, opts, grid).unwrap();
         assert_eq!((h.half_scales(), h.to_dense() == w16), (group.is_some(), true), "{format:?} {group:?} f16 scales");
+        check_given(&h, &w16, format);
+        if format.is_sparse() {
+            let t = PackOptions { layout: Layout::Tiles, ..opts };
+            let grid = GivenScales { scales: &s16, mins: None, per_row };
+            let tiled = PackedMatrix::pack_with_scales(&w16, rows, cols, format, t, grid).unwrap();
+            assert!(tiled.half_scales() == group.is_some() && tiled.layout() == Layout::Tiles);
+            check_given(&tiled, &w16, format);
+        }
     }
     let opts = PackOptions::default();
     let given = |scales: &'static [f32]| GivenScales { scales, mins: None, per_row: 1 };

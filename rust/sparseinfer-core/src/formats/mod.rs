@@ -212,7 +212,7 @@ pub struct PackedMatrix {
     /// Whether `data`, `masks` and `row_offsets` hold the tiled layout ([`tiles`]) instead of rows.
     pub(crate) tiled: bool,
     /// Tiled with scale groups: each tile's scales, group by group, 16 rows each ([`tiles`]); empty when the
-    /// scales are half ([`PackedMatrix::half`]), which keeps them in `tile_scales16` instead.
+    /// scales are half ([`PackedMatrix::half_scales`]), which keeps them in `tile_scales16` instead.
     pub(crate) tile_scales: Vec<f32>,
     /// Tiled with half scales: `tile_scales` as f16.
     pub(crate) tile_scales16: Vec<u16>,
@@ -366,7 +366,8 @@ impl PackedMatrix {
         (self.data.len() - VALUE_PAD) + 8 * self.masks.len() + offsets + scales
     }
 
-    /// Whether the scales are half ([`PackedMatrix::half`]'s field docs).
+    /// Whether the scales are half: the matrix has scale groups and every scale and minimum is an f16 value, so
+    /// the kernels read them in two bytes each (the `half` field says more).
     pub fn half_scales(&self) -> bool {
         self.half
     }

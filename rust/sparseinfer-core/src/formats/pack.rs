@@ -296,7 +296,7 @@ impl Quant {
 }
 
 /// A fitted int4 scale or minimum as the nearest f16, so the matrix's scales are half (two bytes each for the
-/// kernels, like llama.cpp's Q4_0 and Q4_1; [`super::PackedMatrix::half`]); one past the largest f16 stays f32.
+/// kernels, like llama.cpp's Q4_0 and Q4_1; [`super::PackedMatrix::half_scales`]); one past the largest f16 stays f32.
 /// The rounding moves a normal value by at most 2⁻¹¹ of itself, far inside the half step every weight rounds by;
 /// a subnormal one by up to 2⁻²⁵, which the fits check against the budget (a group of a few tiny weights, as
 /// a sparse row may hold, then keeps f32 and so does its matrix).

@@ -51,12 +51,13 @@ pub(crate) unsafe fn min(s: &RowScales, g: usize) -> f32 {
 
 /// Groups per row up to which the integer-activation kernels convert a row's half scales to f32 once, before
 /// its chunk loop ([`staged_row_scales`]); longer rows convert each scale where a chunk reads it.
-pub(crate) const STAGED_GROUPS: usize = 256;
+/// 512 covers rows of 16384 columns at 32-column groups (an 8B model's widest) in 2 KiB of stack per row.
+pub(crate) const STAGED_GROUPS: usize = 512;
 
 /// A row's scales for a chunk loop: [`RowScales::of`], with half scales of a row of at most [`STAGED_GROUPS`]
-/// groups converted to f32 into `buf` (eight per conversion), so each chunk broadcasts its scale from L1 as it
-/// would an f32 one instead of converting it (a word broadcast and a conversion per chunk cost the dense int4
-/// loop, which port 5 binds, more than the bytes they save).
+/// groups converted to f32 into `buf` (eight per conversion, for the AVX2 and AVX-512 kernels alike), so each
+/// chunk broadcasts its scale from L1 as it would an f32 one instead of converting it (a word broadcast and a
+/// conversion per chunk cost the dense int4 loop, which port 5 binds, more than the bytes they save).
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
 pub(crate) unsafe fn staged_row_scales(

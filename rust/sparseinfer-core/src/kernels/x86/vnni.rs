@@ -24,7 +24,7 @@
 //! activations; they run the f32 kernels on `x̂`.
 
 use super::avx512::{dense_nibbles, nibbles_to_bytes};
-use super::STAGED_GROUPS;
+use super::{staged_row_scales, STAGED_GROUPS};
 use crate::formats::tiles::{QUAD, TILE};
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
 use crate::kernels::simd::{
@@ -488,29 +488,6 @@ unsafe fn chunk_scale<const MODE: u8>(s: &RowScales, sx: *const f32, ch: usize) 
     }
 }
 
-/// `x86::staged_row_scales` with sixteen conversions at a time.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn staged_row_scales16(
-    m: &PackedMatrix,
-    r: usize,
-    buf: &mut [core::mem::MaybeUninit<f32>; STAGED_GROUPS],
-) -> RowScales {
-    let mut s = RowScales::of(m, r);
-    let groups = m.groups();
-    if s.half && groups <= STAGED_GROUPS {
-        let dst = buf.as_mut_ptr() as *mut f32;
-        for g in (0..groups).step_by(16) {
-            let lanes: __mmask16 = if groups - g >= 16 { !0 } else { (1u16 << (groups - g)) - 1 };
-            let h = _mm256_maskz_loadu_epi16(lanes, s.d16.add(g) as *const i16);
-            _mm512_mask_storeu_ps(dst.add(g), lanes, _mm512_cvtph_ps(h));
-        }
-        // The minimums, if any, are read from `mins` (the f32 grid, always kept).
-        (s.d, s.half) = (dst, false);
-    }
-    s
-}
-
 /// Scale `g` of a row in every lane. Half scales: a word broadcast and one conversion, where the scalar route
 /// (load, move to a vector, convert, broadcast) takes a port-5 uop more.
 #[inline]
@@ -601,7 +578,7 @@ unsafe fn block_rows<const NR: usize, const R: usize, const FMT: u8, const MODE:
     let mut p: [*const u8; R] = core::array::from_fn(|i| m.data.as_ptr().add(m.row_start(rows[i])));
     let masks: [*const u64; R] = core::array::from_fn(|i| m.masks.as_ptr().wrapping_add(rows[i] * m.chunks()));
     let mut staged = [[core::mem::MaybeUninit::uninit(); STAGED_GROUPS]; R];
-    let s: [RowScales; R] = core::array::from_fn(|i| staged_row_scales16(m, rows[i], &mut staged[i]));
+    let s: [RowScales; R] = core::array::from_fn(|i| staged_row_scales(m, rows[i], &mut staged[i]));
     let zc = block_zcorr(m);
     let (mut acc0, mut acc1) = ([[_mm512_setzero_ps(); NR]; R], [[_mm512_setzero_ps(); NR]; R]);
     for_chunks!(m.chunks(), acc0, acc1, |ch, acc| {
@@ -628,7 +605,7 @@ unsafe fn token_rows<const NR: usize, const R: usize, const FMT: u8, const MODE:
     let mut p: [*const u8; R] = core::array::from_fn(|i| m.data.as_ptr().add(m.row_start(rows[i])));
     let masks: [*const u64; R] = core::array::from_fn(|i| m.masks.as_ptr().wrapping_add(rows[i] * m.chunks()));
     let mut staged = [[core::mem::MaybeUninit::uninit(); STAGED_GROUPS]; R];
-    let s: [RowScales; R] = core::array::from_fn(|i| staged_row_scales16(m, rows[i], &mut staged[i]));
+    let s: [RowScales; R] = core::array::from_fn(|i| staged_row_scales(m, rows[i], &mut staged[i]));
     let sbc = token_block_chunks(m);
     let (mut f0, mut f1) = ([[_mm512_setzero_ps(); NR]; R], [[_mm512_setzero_ps(); NR]; R]);
     // Alternating f32 accumulators by block: with 64- or 128-column groups, one accumulator would put an
