@@ -68,18 +68,6 @@ def test_export_round_trip(tmp_path, pruned, case):
     # 2. The runtime picks the matching kernel format and computes what the fake-quantized model computes.
     loaded = sparseinfer.load(out)
     assert {layer["format"] for layer in loaded.info()["linear"]} == {c["fmt"]}
-    if c["fmt"] == "dense-int4":
-        # The exported int4 scales are f16 values, which the runtime keeps in two bytes each where a row has
-        # several groups: half a byte per weight plus two per group (one group per row keeps an f32 row scale).
-        group = q["config_groups"]["group_0"]["weights"]["group_size"]
-        several = 0
-        for layer in loaded.info()["linear"]:
-            rows, cols = layer["shape"]
-            cols_pad = -(-cols // max(64, group)) * max(64, group)
-            groups = cols_pad // group
-            several += groups > 1
-            assert layer["nbytes"] == rows * (cols_pad // 2 + (2 * groups if groups > 1 else 4)), layer
-        assert several, "the test needs a layer of several groups per row"
     ref = copy.deepcopy(model)
     if c["bits"]:
         # The runtime's integer kernels use int8 activations, and the head becomes dense-int8.

@@ -25,9 +25,6 @@ def test_grid_and_zeros(bits, group):
         assert scales.shape == (w.shape[0], -(-w.shape[1] // g))
         rebuilt = codes.float() * scales.repeat_interleave(g, 1)[:, : w.shape[1]]
         assert torch.allclose(rebuilt, deq.float(), atol=1e-6)
-        # int4 scales are f16 values (the runtime then keeps them in two bytes); int8 ones are not rounded.
-        as_f16 = scales.half().float()
-        assert torch.equal(as_f16, scales) if bits == 4 else not torch.equal(as_f16, scales)
 
 
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 128)])

@@ -26,24 +26,13 @@ def _group(cols: int, group_size: int | None) -> int:
     return g
 
 
-def half_scales(s: torch.Tensor, bits: int) -> torch.Tensor:
-    """int4 scales rounded to the nearest f16 value (int8 ones as they are): the runtime keeps a matrix's scales
-    in two bytes each when every one is an f16 value, as llama.cpp's Q4_0 does, so an exported int4 model reads
-    4.5 bits per weight at group 32 rather than 5. A scale f16 would turn to zero or infinity stays as it is."""
-    if bits != 4:
-        return s
-    h = s.to(torch.float16).to(s.dtype)
-    return torch.where(torch.isfinite(h) & ((h != 0) | (s == 0)), h, s)
-
-
 def group_scales(w: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
-    """``absmax / qmax`` per (row, group), int4 ones as f16 values (:func:`half_scales`); zero groups get scale 0.
-    w: [out, in] → [out, ceil(in / G)]."""
+    """``absmax / qmax`` per (row, group); zero groups get scale 0. w: [out, in] → [out, ceil(in / G)]."""
     rows, cols = w.shape
     g = _group(cols, group_size)
     pad = (-cols) % g
     a = torch.nn.functional.pad(w.abs().float(), (0, pad)).reshape(rows, -1, g).amax(-1)
-    return half_scales(a / qmax(bits), bits)
+    return a / qmax(bits)
 
 
 def _quant(w: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
@@ -98,7 +87,7 @@ def gptq(
                 # Scale of the group starting here, from its current (error-compensated) kept weights.
                 cols_g = slice(c, min(c + g, cols))
                 cur = torch.cat([Wb[:, j:], W[:, b1:]], dim=1)[:, : cols_g.stop - c]
-                scales[:, c // g] = half_scales((cur * keep[:, cols_g]).abs().amax(1) / qmax(bits), bits)
+                scales[:, c // g] = (cur * keep[:, cols_g]).abs().amax(1) / qmax(bits)
             s = scales[:, c // g]
             col = Wb[:, j]
             q = _quant(col.reshape(-1, 1), s.reshape(-1, 1), bits).reshape(-1) * keep[:, c]
