@@ -85,6 +85,10 @@ BUDGETS = {
         # A checkpoint every 8 steps (minutes on 2 cores): a session that ends mid-cell loses little.
         save_every=8,
         compile=True,
+        # The learning-rate sweep (``--sweep``): CE-only runs of `sweep_tokens` from the same SparseGPT models,
+        # scored on the validation plays, the study's rates and two larger ones per sparsity.
+        sweep_tokens=200_000,
+        sweep_lr={0.7: [1e-4, 3e-4, 1e-3], 0.5: [3e-5, 1e-4, 3e-4]},
     ),
     # A pipeline check in minutes.
     "smoke": dict(
@@ -105,6 +109,8 @@ BUDGETS = {
         new_tokens=8,
         max_teacher_steps=4,
         save_every=2,
+        sweep_tokens=256,
+        sweep_lr={0.7: [1e-4, 1e-3]},
     ),
 }
 SEED = 0
@@ -331,20 +337,22 @@ class Study:
         return path, (json.loads(path.read_text()) if path.is_file() else {"curve": []})
 
     def _finetune_config(self, steps: int, lr: float, weights: dict, name: str, save_every: int, **extra) -> dict:
-        return dict(
-            steps=steps,
-            lr=lr,
-            warmup_steps=self.b["warmup_steps"],
-            batch_size=self.b["micro_batch"],
-            grad_accum=self.b["grad_accum"],
-            temperature=2.0,
-            seed=SEED,
-            bf16=self.bf16,
-            compile=self.b.get("compile", False),
-            save_every=save_every,
-            out_dir=str(self.work / "checkpoints" / name),
-            **weights,
-            **extra,
+        return (
+            dict(
+                steps=steps,
+                lr=lr,
+                warmup_steps=self.b["warmup_steps"],
+                batch_size=self.b["micro_batch"],
+                grad_accum=self.b["grad_accum"],
+                temperature=2.0,
+                seed=SEED,
+                bf16=self.bf16,
+                compile=self.b.get("compile", False),
+                save_every=save_every,
+                out_dir=str(self.work / "checkpoints" / name),
+                **weights,
+            )
+            | extra
         )
 
     def _record_point(self, name: str, step: int, result: dict) -> None:
@@ -493,6 +501,52 @@ class Study:
 
         return self.cell(name, run)
 
+    def lr_sweep(self, sparsity: float, lr: float):
+        """A short CE run of the SparseGPT model at learning rate ``lr``, scored on the validation plays (half way
+        and at the end): whether the study's rates, taken from the paper's 7B recipe, suit this model. The
+        held-out plays are not looked at."""
+        name = sweep_name(sparsity, lr)
+
+        def run():
+            student = self.load(f"oneshot-sparsegpt-{round(sparsity * 100)}")
+            steps = max(2, self.b["sweep_tokens"] // self.tokens_per_step)
+            warmup = min(self.b["warmup_steps"], steps // 5)
+            t0 = time.time()
+
+            def on_step(step, terms):
+                if step not in (steps // 2, steps):
+                    return False
+                val = _short(self.evaluate(student, self.val))
+                point = {"step": step, "tokens": step * self.tokens_per_step, **val}
+                point["loss"] = {k: v for k, v in terms.items() if v}
+                self._record_point(name, step, point)
+                student.train()
+                return False
+
+            save = min(steps // 2, self.b["save_every"])
+            cfg = self._finetune_config(steps, lr, RECIPES["ce"], name, save, warmup_steps=warmup)
+            r = T.finetune(student, None, self.train, cfg, on_step=on_step)
+            _, prog = self._progress(name)
+            return {
+                "kind": "lr-sweep",
+                "recipe": "ce",
+                "sparsity": sparsity,
+                "lr": lr,
+                "warmup_steps": warmup,
+                "steps": r["steps"],
+                "training_tokens": r["steps"] * self.tokens_per_step,
+                "curve": prog["curve"],
+                "validation": _short(prog["curve"][-1]),
+                "seconds_this_session": time.time() - t0,
+            }
+
+        return self.cell(name, run)
+
+    def run_sweep(self):
+        for s, lrs in self.b["sweep_lr"].items():
+            for lr in lrs:
+                self.lr_sweep(s, lr)
+
     def best_recipe(self, sparsity: float) -> str:
         done = {r: self.cell_result(f"ft-{r}-{round(sparsity * 100)}") for r in RECIPES}
         done = {r: c for r, c in done.items() if c}
@@ -616,6 +670,10 @@ class Study:
         self.speed(exports)
 
 
+def sweep_name(sparsity: float, lr: float) -> str:
+    return f"sweep-ce-{round(sparsity * 100)}-lr{lr:g}"
+
+
 def _built_on(cell: str, model: str) -> bool:
     """Whether cell ``cell`` started from model ``model`` (directly or through another cell)."""
     if cell == model:
@@ -625,7 +683,9 @@ def _built_on(cell: str, model: str) -> bool:
     pct = model.rsplit("-", 1)[1]
     if model.startswith("oneshot-sparsegpt-"):
         return (
-            (cell.startswith("ft-") and cell.endswith(f"-{pct}")) or cell.startswith("quant-") and f"-{pct}-int" in cell
+            (cell.startswith("ft-") and cell.endswith(f"-{pct}"))
+            or (cell.startswith("quant-") and f"-{pct}-int" in cell)
+            or cell.startswith(f"sweep-ce-{pct}-lr")
         )
     return cell.startswith(f"quant-{model.removeprefix('ft-')}-int")
 
@@ -845,6 +905,7 @@ def report(work: Path, out: Path, budget: str):
                 f"| {c['name']} | {c['training_tokens']} | {c['steps']} | {c['tokens_per_s_training']:.0f} | "
                 f"{c['train_seconds'] / 60:.0f} min |"
             )
+    L += sweep_lines(cells, BUDGETS[budget])
     q = [c for c in cells.values() if c.get("kind") == "quantized"]
     if q:
         L += [
@@ -968,6 +1029,42 @@ def curve_lines(cells: dict, curves: dict, dense: float) -> list[str]:
     return L
 
 
+def sweep_lines(cells: dict, budget: dict) -> list[str]:
+    """The learning-rate sweep's table (validation perplexity per sparsity and rate, half way and at the end),
+    with each sparsity's best rate against the one its study cells used."""
+    sweep = sorted((c for c in cells.values() if c.get("kind") == "lr-sweep"), key=lambda c: (-c["sparsity"], c["lr"]))
+    if not sweep:
+        return []
+    tokens = sweep[0]["training_tokens"]
+    L = [
+        "",
+        f"## Learning-rate sweep (CE, {tokens / 1e3:.0f}K training tokens per run, validation plays)",
+        "",
+        "`python training/study.py --sweep`: the same SparseGPT model and data order per sparsity, linear decay to 0 "
+        "over the run; scored on the validation plays (never the held-out ones). Half way / at the end:",
+        "",
+        "| sparsity | learning rate | validation ppl half way | validation ppl at the end [95 % CI] |",
+        "|---|---|---|---|",
+    ]
+    for c in sweep:
+        half = c["curve"][0]["ppl"] if len(c["curve"]) > 1 else float("nan")
+        study_lr = " (the study's)" if budget["lr"].get(c["sparsity"]) == c["lr"] else ""
+        L.append(f"| {c['sparsity']:.0%} | {c['lr']:g}{study_lr} | {half:.2f} | {_fmt(c['validation'])} |")
+    L.append("")
+    for s in sorted({c["sparsity"] for c in sweep}):
+        runs = [c for c in sweep if c["sparsity"] == s]
+        best = min(runs, key=lambda c: c["validation"]["ppl"])
+        used = next((c for c in runs if c["lr"] == budget["lr"].get(s)), None)
+        line = f"- {s:.0%}: best rate {best['lr']:g} ({best['validation']['ppl']:.2f})"
+        if used and used is not best:
+            gain = 1 - best["validation"]["ppl"] / used["validation"]["ppl"]
+            line += f", {gain:.1%} below the study's {used['lr']:g}"
+        elif used:
+            line += ": the study's rate"
+        L.append(line)
+    return L
+
+
 def goal_lines(cells: dict, curves: dict, dense: float) -> list[str]:
     """The issue's goals, each with the figure that answers it: met, or not and whether the learning curves say
     more budget would close it."""
@@ -1077,6 +1174,7 @@ def main():
     ap.add_argument("--report", action="store_true", help="only rebuild the report from cached cells")
     ap.add_argument("--device", default="cpu", help="where to train: cpu (the reference) or cuda")
     ap.add_argument("--model", default="default", help="a local causal LM directory (default: the default model)")
+    ap.add_argument("--sweep", action="store_true", help="only the learning-rate sweep (needs the one-shot cells)")
     args = ap.parse_args()
     work = Path(args.work) if args.work else sparseinfer.models.cache_dir() / f"study-{args.budget}"
     if not args.report:
@@ -1087,7 +1185,10 @@ def main():
             print(f"restored from {args.out}/study-{args.budget}: {restored}", flush=True)
         _write_json(work / "data.json", st.data_info)
         print("data:", st.data_info, flush=True)
-        st.run_all()
+        if args.sweep:
+            st.run_sweep()
+        else:
+            st.run_all()
     report(work, Path(args.out), args.budget)
 
 

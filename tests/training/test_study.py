@@ -84,6 +84,31 @@ def test_resume_reads_finished_cells_and_refuses_another_model(study, tmp_path):
     assert r.returncode != 0 and "holds a study of model" in r.stderr
 
 
+def test_the_learning_rate_sweep_scores_each_rate_on_the_validation_plays(study, tmp_path):
+    root, work, _, _ = study
+    mine = tmp_path / "work"
+    shutil.copytree(work, mine)
+    r = run_study("--model", root / "model", "--work", mine, "--out", tmp_path / "out", "--sweep")
+    cells = {p.stem: json.loads(p.read_text()) for p in (mine / "cells").glob("sweep-*.json")}
+    assert set(cells) == {"sweep-ce-70-lr0.0001", "sweep-ce-70-lr0.001"}, r.stdout[-2000:]
+    for c in cells.values():
+        assert c["kind"] == "lr-sweep" and c["steps"] >= 2
+        assert [p["step"] for p in c["curve"]] == [c["steps"] // 2, c["steps"]]
+        assert c["validation"]["ppl"] == c["curve"][-1]["ppl"] > 1
+        assert "chunk_nll" not in c  # held-out figures are never part of the sweep
+    # Same model, data and seed: only the rate differs, and it moves the result.
+    a, b = (cells[n]["validation"]["ppl"] for n in sorted(cells))
+    assert a != b
+    # The full study's cells were not touched, and the sweep left no training state behind.
+    assert {p.name for p in (work / "cells").glob("*.json")} | {f"{n}.json" for n in cells} == {
+        p.name for p in (mine / "cells").glob("*.json")
+    }
+    assert not any((mine / "checkpoints").iterdir())
+    text = (tmp_path / "out" / "study.md").read_text()
+    assert "## Learning-rate sweep" in text and "| 70% | 0.0001 (the study's) |" in text
+    assert re.search(r"- 70%: best rate 0\.00?1 ", text)
+
+
 def test_a_lost_cache_is_restored_from_the_published_records(study, tmp_path):
     """A new machine: the work directory is empty and only the repository's copy of the records is there. Finished
     cells are not trained again; the cells whose models a missing cell needs are re-run and must reproduce their
