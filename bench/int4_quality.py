@@ -226,20 +226,32 @@ def main() -> None:
 
     if a.pack_repeats:
         results["pack_seconds"] = pack_seconds(model_dir, a.pack_repeats)
+    # The default model's own GGUF grid (Q4_1), kept by `convert --keep-grid` and run as stored.
+    kept = None
+    if a.model is None:
+        from sparseinfer.convert import convert_gguf
+        from sparseinfer.models import gguf_path
+
+        kept = convert_gguf(gguf_path(), work / "kept-grid", overwrite=True, keep_grid=True)
+        results["kept_grid_bytes"] = (kept / "model.safetensors").stat().st_size
+        results["f32_bytes"] = (model_dir / "model.safetensors").stat().st_size
     for n in a.tokens:
         ids = all_ids[:n]
         if len(ids) < n:
             raise SystemExit(f"the text has only {len(all_ids)} tokens")
         rows = {}
         base_top = None
-        for name, fmt, group, asym in OURS:
-            r = eval_ours(model_dir, ids, fmt, group, asym, a.threads)
+        cases = [(name, model_dir, fmt, group, asym) for name, fmt, group, asym in OURS]
+        if kept:
+            cases.append(("GGUF Q4_1 grid kept (convert --keep-grid)", kept, None, None, False))
+        for name, src, fmt, group, asym in cases:
+            r = eval_ours(src, ids, fmt, group, asym, a.threads)
             if base_top is None:
                 base_top = r["top"]
             rows[f"ours {name}"] = dict(
                 ppl=float(np.exp(r["nll"].mean())),
                 top1=float((r["top"] == base_top).mean()),
-                bpw=nominal_bpw(fmt, group, asym),
+                bpw=nominal_bpw(fmt, group, asym) if src == model_dir else nominal_bpw("dense-int4", 32, True),
                 bpw_mem=r["bpw_mem"],
                 kernel=r["kernel"],
                 load_s=r["load_s"],
@@ -303,6 +315,17 @@ def main() -> None:
             lines.append(
                 f"| {name} | {r['bpw']:.3f} | {mem} | {r['ppl']:.2f} | {r['ppl'] / f32 - 1:+.1%} | {r['top1']:.1%} |"
             )
+    if results.get("kept_grid_bytes"):
+        key = "ours GGUF Q4_1 grid kept (convert --keep-grid)"
+        load = {n: run["rows"][key]["load_s"] for n, run in results["runs"].items()}
+        f32_load = {n: run["rows"]["ours dense-int4 g32 asym"]["load_s"] for n, run in results["runs"].items()}
+        lines += [
+            "",
+            f"The GGUF's grid kept: model.safetensors {results['kept_grid_bytes'] / 1e6:.0f} MB against "
+            f"{results['f32_bytes'] / 1e6:.0f} MB for the float32 conversion; loading it as stored (no pack cache) "
+            f"took {', '.join(f'{v:.2f}' for v in load.values())} s, packing the float32 conversion to asymmetric "
+            f"group-32 int4 {', '.join(f'{v:.2f}' for v in f32_load.values())} s (one load per token count).",
+        ]
     if results.get("pack_seconds"):
         lines += [
             "",

@@ -28,7 +28,7 @@ def test_unpermute_inverts_llama_cpp_permutation():
     assert np.array_equal(unpermute_rope_rows(permute(w, 6), 6), w)
 
 
-def write_gguf(ref, path, quantize_mlp: bool):
+def write_gguf(ref, path, quantize_mlp: bool, linear_type: str | None = None):
     cfg = ref.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(cfg.num_hidden_layers)
@@ -77,7 +77,12 @@ def write_gguf(ref, path, quantize_mlp: bool):
             a = permute(a, cfg.num_attention_heads)
         elif "k_proj" in name:
             a = permute(a, cfg.num_key_value_heads)
-        if quantize_mlp and "mlp" in name:
+        if linear_type and ("mlp" in name or "self_attn" in name):
+            qt = gguf.GGMLQuantizationType[linear_type]
+            q = gguf.quants.quantize(a, qt)
+            w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=qt)
+            a = gguf.quants.dequantize(q, qt)
+        elif quantize_mlp and "mlp" in name:
             q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
             w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
             a = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)
@@ -106,6 +111,92 @@ def test_gguf_round_trip_matches_transformers(tmp_path, quantize_mlp):
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0].numpy()
     np.testing.assert_allclose(model.logits(ids), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_keep_grid_stores_the_gguf_grid_and_runs_on_it(tmp_path, qtype):
+    """Linear layers quantized by the gguf package (llama.cpp's reference quantizers) keep their codes, scales and
+    minimums: the stored tensors dequantize, as docs/FORMAT.md defines them, to exactly what gguf dequantizes;
+    the runtime packs them as stored on that grid; transformers reads the compressed-tensors ones."""
+    from safetensors.numpy import load_file
+
+    from sparseinfer.training.compressed import unpack_int4
+
+    ref = tiny_models.build("llama", tmp_path / "hf", scale=3.0, hidden_size=64, intermediate_size=128)
+    want = write_gguf(ref, tmp_path / "m.gguf", quantize_mlp=False, linear_type=qtype)
+    f32 = convert_gguf(tmp_path / "m.gguf", tmp_path / "f32")
+    kept = convert_gguf(tmp_path / "m.gguf", tmp_path / "kept", keep_grid=True)
+
+    t = load_file(kept / "model.safetensors")
+    linears = [n.removesuffix(".weight") for n in want if "mlp" in n or "self_attn" in n]
+    for m in linears:
+        s = t[f"{m}.weight_scale"]
+        assert s.dtype == np.float16 and s.shape[1] * 32 == want[f"{m}.weight"].shape[1]
+        if qtype == "Q8_0":
+            w = t[f"{m}.weight"].astype(np.float32) * np.repeat(s.astype(np.float32), 32, axis=1)
+        else:
+            codes = unpack_int4(t[f"{m}.weight_packed"], want[f"{m}.weight"].shape[1]).astype(np.float32)
+            s32 = np.repeat(s.astype(np.float32), 32, axis=1)
+            if qtype == "Q4_1":
+                w = s32 * (codes + 8) + np.repeat(t[f"{m}.weight_min"].astype(np.float32), 32, axis=1)
+            else:
+                w = s32 * codes
+        heads = {"q_proj": ref.config.num_attention_heads, "k_proj": ref.config.num_key_value_heads}
+        mine = want[f"{m}.weight"]  # as written to the GGUF: q/k rows in llama.cpp's order
+        mine = unpermute_rope_rows(mine, heads[m[-6:]]) if m[-6:] in heads else mine
+        np.testing.assert_array_equal(w, mine, err_msg=m)
+    assert (kept / "model.safetensors").stat().st_size < (f32 / "model.safetensors").stat().st_size / 2
+
+    cfg = json.loads((kept / "config.json").read_text())["quantization_config"]
+    weights = cfg["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (
+        8 if qtype == "Q8_0" else 4,
+        32,
+        qtype != "Q4_1",
+    )
+    # The runtime decodes the stored grid to the very values of the float32 conversion...
+    dense = sparseinfer.load(f32, weights="dense-f32", pack_cache=False)
+    ids = dense.encode("Once upon a time there was a tiny model")
+    want_logits = dense.logits(ids)
+    decoded = sparseinfer.load(kept, weights="dense-f32", pack_cache=False).logits(ids)
+    np.testing.assert_array_equal(decoded, want_logits)
+    # ...and, as stored, runs the linear layers on that grid (only the head, int8 as for every quantized
+    # checkpoint, and the order of the sums differ).
+    model = sparseinfer.load(kept, activations="f32", pack_cache=False)
+    layer_formats = {layer["format"] for layer in model.info()["linear"]}
+    assert layer_formats == {"dense-int8" if qtype == "Q8_0" else "dense-int4"}, layer_formats
+    got = model.logits(ids)
+    np.testing.assert_allclose(got, want_logits, atol=2e-2 * np.abs(want_logits).max(), rtol=0)
+    # And compressed-tensors' own decompression (through transformers) reads Q4_0 and Q8_0 as the same model;
+    # Q4_1's extension is refused by name rather than loaded without its minimums.
+    import transformers as tf
+
+    if qtype == "Q4_1":
+        assert cfg["format"] == "sparseinfer-pack-quantized-min"
+        with pytest.raises(Exception, match="sparseinfer-pack-quantized-min"):
+            tf.AutoModelForCausalLM.from_pretrained(kept)
+        # The minimums are untrusted input like every tensor: a NaN or a wrong shape is refused by name.
+        from safetensors.numpy import save_file
+
+        name = next(k for k in t if k.endswith(".weight_min"))
+        for bad in (np.full_like(t[name], np.nan), t[name][:, :1]):
+            save_file({**t, name: np.ascontiguousarray(bad)}, kept / "model.safetensors")
+            with pytest.raises(InvalidInputError, match=name.replace(".", r"\.")):
+                sparseinfer.load(kept, pack_cache=False)
+        return
+    pytest.importorskip("compressed_tensors")
+    theirs = tf.AutoModelForCausalLM.from_pretrained(kept, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = theirs(torch.tensor([ids])).logits[0].float().numpy()
+    np.testing.assert_allclose(got, want_logits, atol=2e-4, rtol=0)
+
+
+def test_keep_grid_refuses_mixed_or_other_linear_types(tmp_path):
+    ref = tiny_models.build("llama", tmp_path / "hf", scale=3.0, hidden_size=64, intermediate_size=128)
+    write_gguf(ref, tmp_path / "mixed.gguf", quantize_mlp=True)  # Q8_0 MLP, f32 attention
+    with pytest.raises(sparseinfer.UnsupportedError, match="F32, Q8_0"):
+        convert_gguf(tmp_path / "mixed.gguf", tmp_path / "out", keep_grid=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_convert_refuses_bad_input(tmp_path):

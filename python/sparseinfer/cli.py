@@ -199,7 +199,7 @@ def _info(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_gguf
 
-    out = convert_gguf(args.gguf, args.out_dir, overwrite=args.overwrite)
+    out = convert_gguf(args.gguf, args.out_dir, overwrite=args.overwrite, keep_grid=args.keep_grid)
     print(f"wrote {out}")
     return 0
 
@@ -422,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("gguf", help="the .gguf file (llama architecture)")
     c.add_argument("out_dir", help="the Hugging Face directory to write")
     c.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    c.add_argument(
+        "--keep-grid",
+        action="store_true",
+        help="keep the linear layers' Q4_0/Q4_1/Q8_0 codes and scales exactly (a compressed checkpoint that "
+        "loads on the same grid) instead of dequantizing to float32",
+    )
 
     b = sub.add_parser("bench", help="decode tokens/s of a model in each weight format", formatter_class=fmt)
     b.add_argument("model", nargs="?", default=None, help=MODEL_HELP)

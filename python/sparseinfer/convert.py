@@ -5,6 +5,11 @@ llama.cpp's rotary row permutation of q/k, and writes ``config.json``, ``model.s
 ``tokenizer_config.json`` and ``generation_config.json``. Llama-architecture GGUFs with a BPE (``gpt2``)
 tokenizer are supported, which covers Llama 3, SmolLM, Qwen2-style vocabularies.
 
+``keep_grid=True`` keeps the linear layers' own integer grid instead (Q4_0, Q4_1 or Q8_0: codes, f16 scales and
+Q4_1's f16 minimums bit for bit) in a compressed checkpoint (docs/FORMAT.md), which ``sparseinfer.load`` runs as
+stored on the same grid. Q4_0 and Q8_0 are compressed-tensors' own ``pack-quantized`` / ``int-quantized`` (group
+32, symmetric), so transformers reads them too; Q4_1's float minimums need sparseinfer's extension.
+
 The file is untrusted input: every metadata key is read with its expected type and range, every tensor's type,
 shape and extent are checked against the file and the metadata before it is read, and anything else is an
 ``InvalidInputError`` naming the file and the key or tensor.
@@ -22,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import atomic_dir, write_safetensors
+from .ctformat import PACK_QUANTIZED_MIN, pack_int4, quantization_config
 from .errors import InvalidInputError, UnsupportedError
 
 # GGUF tensor names → Hugging Face Llama names (`{i}`: block index).
@@ -335,8 +341,63 @@ def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Converts a Llama-architecture GGUF file into a float32 Hugging Face directory at ``out_dir`` (atomic).
+# The ggml block types whose grid a compressed checkpoint holds exactly: bytes per block of 32 weights, bits, and
+# whether the block stores a minimum (w = d·u + m, u = 0..15) after its scale. Every block starts with its f16
+# scale d; the codes follow: Q4_0 and Q4_1 as 16 bytes whose low nibbles are weights 0..15 and high nibbles
+# 16..31 (u, stored offset by 8 for Q4_0's symmetric w = d·(u − 8)), Q8_0 as 32 signed bytes (w = d·q).
+_GRID_BLOCK = 32
+_GRIDS = {"Q4_0": (18, 4, False), "Q4_1": (20, 4, True), "Q8_0": (34, 8, False)}
+_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _is_linear(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) == 4 and parts[0] == "blk" and parts[2] in _LINEARS and parts[3] == "weight"
+
+
+def _grid_of(t, shape: tuple[int, ...], where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A Q4_0 / Q4_1 / Q8_0 tensor's codes (int8 ``[rows, cols]``: -8..7 as ``u − 8`` for the 4-bit types),
+    f16 scales and (Q4_1) f16 minimums ``[rows, cols / 32]``, read from its blocks without rounding."""
+    block, bits, has_min = _GRIDS[t.tensor_type.name]
+    rows, cols = shape
+    raw = np.asarray(t.data).reshape(-1).view(np.uint8)
+    nb = cols // _GRID_BLOCK
+    if cols % _GRID_BLOCK or raw.size != rows * nb * block:
+        raise InvalidInputError(
+            f"{where}: {raw.size} bytes, {t.tensor_type.name} {list(shape)} needs {rows * nb * block}"
+        )
+    b = raw.reshape(rows, nb, block)
+    scales = b[..., 0:2].copy().view(np.float16)[..., 0]
+    mins = b[..., 2:4].copy().view(np.float16)[..., 0] if has_min else None
+    qs = b[..., 4 if has_min else 2 :]
+    for what, v in (("scale", scales), ("minimum", mins)):
+        if v is not None and not np.isfinite(v).all():
+            r, g = np.argwhere(~np.isfinite(v))[0]
+            raise InvalidInputError(f"{where}: non-finite {what} {v[r, g]} in block {g} of row {r}")
+    if bits == 8:
+        codes = qs.view(np.int8).reshape(rows, cols)
+    else:
+        u = np.concatenate([qs & 0xF, qs >> 4], axis=-1)  # [rows, nb, 32] in column order
+        codes = (u.astype(np.int8) - 8).reshape(rows, cols)
+    return codes, scales, mins
+
+
+def _grid_type(reader, path: Path) -> str:
+    """The one grid type of every linear layer, for ``keep_grid``; anything else is refused by name."""
+    kinds = sorted({t.tensor_type.name for t in reader.tensors if _is_linear(t.name)})
+    if len(kinds) != 1 or kinds[0] not in _GRIDS:
+        raise UnsupportedError(
+            f"{path}: keeping the grid needs every linear layer in one of {', '.join(_GRIDS)}; this file's are "
+            f"{', '.join(kinds) or 'none'} (convert without keep_grid to dequantize to float32)"
+        )
+    return kinds[0]
+
+
+def convert_gguf(
+    gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], overwrite: bool = False, keep_grid: bool = False
+) -> Path:
+    """Converts a Llama-architecture GGUF file into a float32 Hugging Face directory at ``out_dir`` (atomic); with
+    ``keep_grid``, the linear layers keep their Q4_0 / Q4_1 / Q8_0 codes and scales (the module docstring).
     A file whose metadata or tensors are malformed raises ``InvalidInputError`` naming the key or tensor."""
     try:
         import gguf
@@ -386,6 +447,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
         "eos_token_id": token_id("tokenizer.ggml.eos_token_id"),
     }
     expected = _expected_shapes(config)
+    grid = _grid_type(reader, gguf_path) if keep_grid else None
     q = gguf.GGMLQuantizationType
     integer_types = {q.I8, q.I16, q.I32, q.I64}  # ggml's integer tensors hold indices, not weights
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -404,6 +466,9 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
                 raise InvalidInputError(f"{where}: shape {list(shape)}, the metadata implies {list(expected[t.name])}")
             if t.tensor_type in integer_types:
                 raise InvalidInputError(f"{where}: tensor type {t.tensor_type.name} is not a weight type")
+            if grid and _is_linear(t.name):
+                tensors.update(_grid_tensors(t, shape, where, hf, n_head, n_kv))
+                continue
             try:
                 w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
             except Exception as e:  # a type the gguf package cannot dequantize (F64, Q8_K, ...), or bad data
@@ -413,12 +478,50 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
             elif hf.endswith("k_proj.weight"):
                 w = unpermute_rope_rows(w, n_kv)
             tensors[hf] = np.ascontiguousarray(w)
-        missing = [n for n in expected if _hf_name(n) not in tensors]
+        missing = [
+            n for n in expected if _hf_name(n) not in tensors and _stem(_hf_name(n)) + ".weight_scale" not in tensors
+        ]
         if missing:
             raise InvalidInputError(f"{gguf_path}: tensor {missing[0]!r} is missing ({len(missing)} in all)")
+        if grid:
+            _, bits, has_min = _GRIDS[grid]
+            config["quantization_config"] = quantization_config(
+                sparse=False,
+                global_sparsity=0.0,
+                bits=bits,
+                group_size=_GRID_BLOCK,
+                ignore=["lm_head"],
+                float_linears=[],
+                symmetric=not has_min,
+                fmt=PACK_QUANTIZED_MIN if has_min else None,
+            )
         write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt", "source": gguf_path.name})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         _tokenizer_files(meta, tmp, vocab, context)
         gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return Path(out_dir)
+
+
+def _stem(hf: str | None) -> str:
+    return (hf or "").removesuffix(".weight")
+
+
+def _grid_tensors(t, shape, where: str, hf: str, n_head: int, n_kv: int) -> dict[str, np.ndarray]:
+    """The compressed tensors of one linear layer on its GGUF grid (docs/FORMAT.md): q/k rows un-permuted like
+    the float path (a row permutation moves each row's blocks whole)."""
+    codes, scales, mins = _grid_of(t, shape, where)
+    heads = n_head if hf.endswith("q_proj.weight") else n_kv if hf.endswith("k_proj.weight") else None
+    if heads:
+        codes, scales = unpermute_rope_rows(codes, heads), unpermute_rope_rows(scales, heads)
+        mins = None if mins is None else unpermute_rope_rows(mins, heads)
+    m = _stem(hf)
+    out = {f"{m}.weight_scale": np.ascontiguousarray(scales)}
+    if _GRIDS[t.tensor_type.name][1] == 8:
+        out[f"{m}.weight"] = np.ascontiguousarray(codes)
+    else:
+        out[f"{m}.weight_packed"] = pack_int4(codes)
+        out[f"{m}.weight_shape"] = np.array(codes.shape, dtype=np.int64)
+    if mins is not None:
+        out[f"{m}.weight_min"] = np.ascontiguousarray(mins)
+    return out

@@ -472,7 +472,9 @@ fn pack_with_given_scales_keeps_codes() {
     ] {
         let g = group.unwrap_or(cols);
         let per_row = cols.div_ceil(g);
-        let scales: Vec<f32> = (0..rows * per_row).map(|i| 0.01 + 0.003 * i as f32).collect();
+        // Every third scale negative (llama.cpp's Q4_0 blocks have such scales): the kernels multiply by the sign.
+        let sign = |i: usize| if i % 3 == 1 { -1.0 } else { 1.0 };
+        let scales: Vec<f32> = (0..rows * per_row).map(|i| sign(i) * (0.01 + 0.003 * i as f32)).collect();
         let mut w = vec![0.0f32; rows * cols];
         for r in 0..rows {
             for c in 0..cols {
@@ -518,7 +520,7 @@ fn pack_with_given_scales_keeps_codes() {
         assert_ne!(refit.to_dense(), w, "the test must exercise codes a refit would change");
         // The same codes under scales that are f16 values (multiples of 2⁻¹² below 2⁻¹), which grouped matrices
         // keep as half, still pack back exactly, and every kernel reads them (int8 ones too).
-        let s16: Vec<f32> = (0..rows * per_row).map(|i| (40 + 3 * i) as f32 / 4096.0).collect();
+        let s16: Vec<f32> = (0..rows * per_row).map(|i| sign(i) * (40 + 3 * i) as f32 / 4096.0).collect();
         let at = |i: usize| i / cols * per_row + i % cols / g;
         let w16: Vec<f32> = w.iter().enumerate().map(|(i, &v)| (v / scales[at(i)]).round() * s16[at(i)]).collect();
         let grid = GivenScales { scales: &s16, mins: None, per_row };

@@ -396,8 +396,10 @@ pub(super) fn pack_impl(
                 format!("{} scales for {rows} rows of {} groups (format has {groups})", g.scales.len(), g.per_row),
             ));
         }
-        if let Some(v) = g.scales.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
-            return Err(Error::invalid(OP, format!("scale {v} is not a finite non-negative number")));
+        // A negative scale is a grid like any other (llama.cpp's Q4_0 blocks have them: d = max / −8 keeps code
+        // −8 for the largest magnitude whatever its sign, which no positive scale can hold on −8..=7).
+        if let Some(v) = g.scales.iter().find(|v| !v.is_finite()) {
+            return Err(Error::invalid(OP, format!("scale {v} is not a finite number")));
         }
     }
     if quantized {

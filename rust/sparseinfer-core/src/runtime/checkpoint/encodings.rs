@@ -100,9 +100,16 @@ pub const ENCODINGS: &[Encoding] = &[
     Encoding { format: "sparse-24-bitmask", declared: &[Declared::Sparsity], decode: sparse_24_bitmask },
     Encoding { format: "sparse-bitmask", declared: &[Declared::Sparsity], decode: sparse_bitmask },
     Encoding { format: "pack-quantized", declared: &[Declared::Quantization], decode: pack_quantized },
+    Encoding { format: PACK_QUANTIZED_MIN, declared: &[Declared::Quantization], decode: pack_quantized },
     Encoding { format: "int-quantized", declared: &[Declared::Quantization], decode: int_quantized },
     Encoding { format: "dense", declared: &[Declared::Quantization, Declared::Sparsity], decode: dense },
 ];
+
+/// sparseinfer's extension of `pack-quantized` for asymmetric 4-bit grids whose minimums are floats (llama.cpp's
+/// Q4_1: `W = d · u + m`, `u` in 0..=15), which compressed-tensors' integer zero points cannot hold: the codes and
+/// `weight_scale` of `pack-quantized`, and `<module>.weight_min` in place of `weight_zero_point`. A name of its own,
+/// so that compressed-tensors refuses the checkpoint instead of loading it without its minimums.
+pub const PACK_QUANTIZED_MIN: &str = "sparseinfer-pack-quantized-min";
 
 /// The format names that may be declared at `kind`, sorted.
 pub fn format_names(kind: Declared) -> Vec<&'static str> {
@@ -317,7 +324,11 @@ fn dequantize(t: &Target, quant: Option<QuantScheme>, codes: &[f32], sparse: boo
             i % per_row
         )));
     }
-    let zero_points = if scheme.asymmetric { Some(zero_points(t, scheme, per_row)?) } else { None };
+    let given_mins = if scheme.asymmetric { float_mins(t, scheme, per_row)? } else { None };
+    let zero_points = match (&given_mins, scheme.asymmetric) {
+        (None, true) => Some(zero_points(t, scheme, per_row)?),
+        _ => None,
+    };
     let g = scheme.group_size.unwrap_or(cols);
     // compressed-tensors' symmetric range, whose rounding reaches -128 (-8): the int8 kernels' grid stops at
     // -127, so packing with these scales stores such an int8 code one step up; int4's -8 is kept (docs/FORMAT.md).
@@ -330,14 +341,40 @@ fn dequantize(t: &Target, quant: Option<QuantScheme>, codes: &[f32], sparse: boo
                 return Err(t.bad(format!("code {q} at ({r}, {c}) is outside the {}-bit range", scheme.bits)));
             }
             let i = r * per_row + c / g;
-            w[r * cols + c] = scales[i] * (q - zero_points.as_ref().map_or(0.0, |z| z[i]));
+            w[r * cols + c] = match &given_mins {
+                // As llama.cpp dequantizes Q4_1 (`d · u + m` in f32), so both read the same values.
+                Some(m) => scales[i] * (q + 8.0) + m[i],
+                None => scales[i] * (q - zero_points.as_ref().map_or(0.0, |z| z[i])),
+            };
         }
     }
-    let mins = match &zero_points {
-        Some(z) if scheme.bits == 4 => Some(z.iter().zip(&scales).map(|(z, s)| -s * (z + 8.0)).collect()),
+    let mins = match (given_mins, &zero_points) {
+        (Some(m), _) => Some(m),
+        (None, Some(z)) if scheme.bits == 4 => Some(z.iter().zip(&scales).map(|(z, s)| -s * (z + 8.0)).collect()),
         _ => None,
     };
     Ok(Decoded { w, scales: Some((scales, per_row)), sparse, bf16: false, mins })
+}
+
+/// `<module>.weight_min` `[rows, per_row]` ([`PACK_QUANTIZED_MIN`]): float minimums of an asymmetric 4-bit grid,
+/// finite; `Ok(None)` when the module has none (its zero points are read instead).
+fn float_mins(t: &Target, scheme: QuantScheme, per_row: usize) -> Result<Option<Vec<f32>>> {
+    let name = format!("{}.weight_min", t.module());
+    let Some(m) = t.store.get(&name)? else { return Ok(None) };
+    if scheme.bits != 4 {
+        return Err(t.bad(format!("{name}: float minimums are for 4-bit codes, not {}-bit", scheme.bits)));
+    }
+    if !matches!(m.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+        return Err(t.bad(format!("{name} has dtype {}: minimums must be floats (F32, F16 or BF16)", m.dtype.name())));
+    }
+    if m.shape != [t.rows, per_row] {
+        return Err(t.bad(format!("{name} has shape {:?}, expected [{}, {per_row}]", m.shape, t.rows)));
+    }
+    let v = m.to_f32(&name)?;
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(t.bad(format!("{name} holds a non-finite minimum {} at [{}, {}]", v[i], i / per_row, i % per_row)));
+    }
+    Ok(Some(v))
 }
 
 /// `<module>.weight_zero_point` `[rows, per_row]`: I8, or (`pack-quantized`) packed like the codes but along
