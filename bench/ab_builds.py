@@ -16,10 +16,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import harness
 import llama_models
 
 HERE = Path(__file__).resolve().parent
@@ -31,8 +32,11 @@ def main() -> None:
     ap.add_argument("--formats", default="sparse-int4,dense-int4,sparse-int8,dense-int8")
     ap.add_argument("--sparsity", type=float, default=0.7, help="of the sparse formats' model")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--pack-cache", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "sparseinfer-ab-packed"))
+    ap.add_argument("--pack-cache", default=None, help="packed-layer cache (default: a temporary one per run)")
     a = ap.parse_args()
+    # Each build's entries are keyed by the build, so a shared cache only grows: one per run, removed after it.
+    tmp = None if a.pack_cache else tempfile.TemporaryDirectory(prefix="sparseinfer-ab-packed-")
+    pack_cache = a.pack_cache or tmp.name
     variants = []
     for v in a.variant:
         name, spec = v.split("=", 1)
@@ -43,19 +47,12 @@ def main() -> None:
     for rnd in range(a.rounds):
         for fmt in formats:
             path = llama_models.model_dir("1b", a.sparsity if fmt.startswith("sparse") else 0.0)
-            k = rnd % len(variants)
-            for name, pkg, isa in variants[k:] + variants[:k]:
-                env = dict(os.environ, SPARSEINFER_ISA=isa, PYTHONPATH=pkg, SPARSEINFER_PACK_CACHE=a.pack_cache)
+            # The variants of one format back to back, so each ratio compares runs seconds apart.
+            for name, pkg, isa in harness.rotated(variants, rnd):
+                env = dict(os.environ, SPARSEINFER_ISA=isa, PYTHONPATH=pkg, SPARSEINFER_PACK_CACHE=pack_cache)
                 case = {"runtime": "ours", "model_dir": str(path), "fmt": fmt}
-                out = subprocess.run(
-                    [sys.executable, str(HERE / "llamacpp_compare.py"), "--one", json.dumps(case)],
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                )
-                if out.returncode:
-                    raise SystemExit(f"{name} {fmt}: {out.stderr[-2000:]}")
-                t = json.loads(out.stdout.strip().splitlines()[-1])
+                argv = [sys.executable, str(HERE / "llamacpp_compare.py"), "--one", json.dumps(case)]
+                t = harness.run_json(argv, env=env, what=f"{name} {fmt}")
                 if t["kernel_isa"] != isa:
                     raise SystemExit(f"{name} {fmt}: ran on {t['kernel_isa']}, not {isa}")
                 r = {"decode": t["tok_s"], "prefill": t["prefill_tok_s"]}

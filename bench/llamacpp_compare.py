@@ -31,7 +31,8 @@ Before timing, llama.cpp on the f16 GGUF and sparseinfer on the checkpoint as st
 logits (SAME_WEIGHTS), and every sparseinfer case must load in the format asked and decode the same tokens twice.
 Each runtime runs in its own process, 2 threads, a 16-token prompt and 128 new tokens (the first comes from the
 prompt pass; the other 127 single-token steps are timed), best of 2 per process. The rounds interleave every
-runtime and format, each with its own bandwidth probe, because this VM's bandwidth moves from minute to minute.
+runtime and format in an order rotated round by round (bench/harness.py), each with its own bandwidth probe,
+because this VM's bandwidth moves from minute to minute.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+import harness  # noqa: E402
 
 NEW_TOKENS = 128
 # Largest |difference| over the largest |logit| after the prompt, llama.cpp on the f16 GGUF against sparseinfer on
@@ -313,7 +316,8 @@ def run_in(python: str, *args: str) -> str:
 
 def run_case(case: dict, python: str) -> dict:
     """One case in its own process (the runtimes never share memory or threads): `python` for llama.cpp."""
-    return json.loads(run_in(python if case["runtime"] == "llama.cpp" else sys.executable, "--one", json.dumps(case)))
+    py = python if case["runtime"] == "llama.cpp" else sys.executable
+    return harness.run_json([py, __file__, "--one", json.dumps(case)], what=f"{case['runtime']} {case.get('fmt', '')}")
 
 
 def one(case: dict) -> dict:
@@ -468,30 +472,33 @@ def main() -> None:
         name = "llamacpp" if a.isa == "native" else "llamacpp-avx2"
     if a.prepare:
         return
-    rounds = []
-    for r in range(a.rounds):
-        bw = kernels.measure_read_bandwidth(nbytes=1 << 28, repeats=3)
-        results = {}
-        for case_name, case in cases:
-            results[case_name] = run_case(case, a.llamacpp_python)
-            res = results[case_name]
-            if case["runtime"] == "ours" and a.isa != "native" and res["kernel_isa"] != a.isa:
-                raise SystemExit(f"{case_name} ran on {res['kernel_isa']}, not {a.isa}")
-            print(
-                f"round {r + 1}: {case_name}: {res['tok_s']:.2f} tok/s decode, {res['prefill_tok_s']:.1f} prefill",
-                flush=True,
-            )
-        rounds.append(
-            {
-                "read_bandwidth_gbs": bw,
-                "decode_tok_s": {n: v["tok_s"] for n, v in results.items()},
-                "prefill_tok_s": {n: v["prefill_tok_s"] for n, v in results.items()},
-                "kernel_isa": {n: v.get("kernel_isa", "-") for n, v in results.items()},
-                "load_s": {n: v["load_s"] for n, v in results.items()},
-                "pack_cache": {n: v.get("pack_cache", "-") for n, v in results.items()},
-                "peak_rss_gb": {n: v["peak_rss_gb"] for n, v in results.items()},
-            }
-        )
+
+    def run(case_name, case):
+        res = run_case(case, a.llamacpp_python)
+        if case["runtime"] == "ours" and a.isa != "native" and res["kernel_isa"] != a.isa:
+            raise SystemExit(f"{case_name} ran on {res['kernel_isa']}, not {a.isa}")
+        return res
+
+    records = harness.interleave(
+        cases,
+        a.rounds,
+        run,
+        probe=lambda: kernels.measure_read_bandwidth(nbytes=1 << 28, repeats=3),
+        log=lambda line: print(line, flush=True),
+    )
+    rounds = [
+        {
+            "read_bandwidth_gbs": rec["read_bandwidth_gbs"],
+            "order": rec["order"],
+            "decode_tok_s": {n: v["tok_s"] for n, v in rec["results"].items()},
+            "prefill_tok_s": {n: v["prefill_tok_s"] for n, v in rec["results"].items()},
+            "kernel_isa": {n: v.get("kernel_isa", "-") for n, v in rec["results"].items()},
+            "load_s": {n: v["load_s"] for n, v in rec["results"].items()},
+            "pack_cache": {n: v.get("pack_cache", "-") for n, v in rec["results"].items()},
+            "peak_rss_gb": {n: v["peak_rss_gb"] for n, v in rec["results"].items()},
+        }
+        for rec in records
+    ]
     from report_train import cpu_name
 
     lines = [
@@ -501,7 +508,7 @@ def main() -> None:
         + intro
         + "2 threads each, 16-token prompt, 128 new tokens, greedy; best of 2 per process; prefill: one pass "
         f"over a {len(LONG_PROMPT)}-token prompt, best of 2. Every round runs every case once, each in its own "
-        "process, with its own bandwidth probe. Made by "
+        "process, in an order rotated round by round (bench/harness.py), with its own bandwidth probe. Made by "
         f"`bench/llamacpp_compare.py{' --ct24 --size ' + a.size if a.ct24 else ''}"
         f"{' --isa ' + a.isa if a.isa != 'native' else ''}`.",
         "",

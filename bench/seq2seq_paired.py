@@ -11,13 +11,13 @@ figures to judge a goal by. Pause anything else that runs (the study) first.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import harness  # noqa: E402
 
 ONE = """
 import json, sys
@@ -35,8 +35,7 @@ print("RESULT " + json.dumps(r))
 
 def one(shape: str, runtime: str, fmt: str, sparsity: float) -> dict:
     code = ONE.format(here=str(HERE), shape=shape, runtime=runtime, fmt=fmt, sparsity=sparsity)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    return harness.run_json([sys.executable, "-c", code], prefix="RESULT ", what=f"{shape} {runtime}")
 
 
 def main() -> None:
@@ -47,7 +46,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     shapes = a.shapes.split(",")
-    sys.path.insert(0, str(HERE))
     from conftest import cpu_details
 
     cpu = cpu_details()
@@ -67,24 +65,20 @@ def main() -> None:
     ]
     summary = []
     for shape in shapes:
-        dec, ex = [], []
-        for r in range(a.rounds):
-            cases = [("transformers", "fp32"), ("sparseinfer", a.format)]
-            got = {}
-            for runtime, fmt in cases if r % 2 == 0 else cases[::-1]:
-                got[runtime] = one(shape, runtime, fmt, a.sparsity)
-            t, o = got["transformers"], got["sparseinfer"]
-            dec.append(o["decode_tok_s"] / t["decode_tok_s"])
-            ex.append(t["example_s"] / o["example_s"])
+        cases = [("transformers", "fp32"), ("sparseinfer", a.format)]
+        run = lambda runtime, fmt, shape=shape: one(shape, runtime, fmt, a.sparsity)  # noqa: E731
+        rounds = harness.interleave(cases, a.rounds, run)
+        dec = harness.ratios(rounds, "sparseinfer", "transformers", "decode_tok_s")
+        # Example time: lower is better, so transformers' over ours.
+        ex = harness.ratios(rounds, "transformers", "sparseinfer", "example_s")
+        for r, d, e in zip(rounds, dec, ex):
+            t, o = r["results"]["transformers"], r["results"]["sparseinfer"]
             lines.append(
-                f"| {shape} | {r + 1} | {t['decode_tok_s']:.1f} | {o['decode_tok_s']:.1f} | {dec[-1]:.2f}x | "
-                f"{t['example_s']:.3f} | {o['example_s']:.3f} | {ex[-1]:.2f}x |"
+                f"| {shape} | {r['round']} | {t['decode_tok_s']:.1f} | {o['decode_tok_s']:.1f} | {d:.2f}x | "
+                f"{t['example_s']:.3f} | {o['example_s']:.3f} | {e:.2f}x |"
             )
             print(lines[-1], file=sys.stderr, flush=True)
-        summary.append(
-            f"| {shape} | {statistics.median(dec):.2f}x ({min(dec):.2f}-{max(dec):.2f}) | "
-            f"{statistics.median(ex):.2f}x ({min(ex):.2f}-{max(ex):.2f}) |"
-        )
+        summary.append(f"| {shape} | {harness.fmt_spread(dec)} | {harness.fmt_spread(ex)} |")
     lines += [
         "",
         f"Median (range) over the rounds, sparseinfer {ours} against transformers fp32:",

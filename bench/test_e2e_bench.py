@@ -23,6 +23,7 @@ import sparseinfer
 from sparseinfer import kernels
 
 llama_models = pytest.importorskip("llama_models")
+harness = pytest.importorskip("harness")
 
 PROMPT_TOKENS = 16
 NEW_TOKENS = 128
@@ -164,15 +165,21 @@ def test_paired_sparse_vs_dense(benchmark, token):
         assert m.last_stats.new_tokens == new_tokens
         return m.last_stats.decode_tokens_per_s
 
-    results = []
-    for r in range(rounds):
-        bw = kernels.measure_read_bandwidth(nbytes=1 << 28, repeats=3)
-        order = (0, 1) if r % 2 == 0 else (1, 0)
-        tok_s = [0.0, 0.0]
-        for i in order:
-            tok_s[i] = decode(models[i])
-        results.append({"read_bandwidth_gbs": bw, "dense_tok_s": tok_s[0], "sparse_tok_s": tok_s[1]})
-    ratios = [r["sparse_tok_s"] / r["dense_tok_s"] for r in results]
+    records = harness.interleave(
+        [("dense", models[0]), ("sparse", models[1])],
+        rounds,
+        lambda _, m: {"tok_s": decode(m)},
+        probe=lambda: kernels.measure_read_bandwidth(nbytes=1 << 28, repeats=3),
+    )
+    results = [
+        {
+            "read_bandwidth_gbs": rec["read_bandwidth_gbs"],
+            "dense_tok_s": rec["results"]["dense"]["tok_s"],
+            "sparse_tok_s": rec["results"]["sparse"]["tok_s"],
+        }
+        for rec in records
+    ]
+    ratios = harness.ratios(records, "sparse", "dense", "tok_s")
     benchmark.group = "e2e paired"
     benchmark.extra_info.update(
         kind="paired",
