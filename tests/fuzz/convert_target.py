@@ -23,21 +23,24 @@ CORPUS = HERE / "corpus" / "convert"
 
 def one_input(data: bytes) -> None:
     """Converts ``data`` as a GGUF file and runs the result. Raises only for a finding: anything that is not
-    a ``ValueError`` (the base of every typed sparseinfer input error)."""
+    a ``ValueError`` (the base of every typed sparseinfer input error) or an ``UnsupportedError`` (a valid file
+    asking for what is not supported, e.g. keeping the grid of F16 linears)."""
     import sparseinfer
     from sparseinfer.convert import convert_gguf
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "model.gguf"
         path.write_bytes(data)
-        try:
-            out = convert_gguf(path, Path(d) / "out")
-        except ValueError:
-            return
-        try:
-            sparseinfer.load(out).logits([0, 1])
-        except ValueError:
-            return
+        # Dequantized to float32, and (keep_grid) with the linears' own integer grid.
+        for keep_grid in (False, True):
+            try:
+                out = convert_gguf(path, Path(d) / f"out-{keep_grid}", keep_grid=keep_grid)
+            except (ValueError, sparseinfer.UnsupportedError):
+                continue
+            try:
+                sparseinfer.load(out, pack_cache=False).logits([0, 1])
+            except (ValueError, sparseinfer.UnsupportedError):
+                continue
 
 
 def write_seeds(directory: Path) -> list[Path]:
