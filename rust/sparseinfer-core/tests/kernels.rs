@@ -434,7 +434,8 @@ proptest! {
 /// grid), within the summation-order budget.
 fn check_given(m: &PackedMatrix, w: &[f32], format: Format) {
     let (rows, cols) = (m.rows(), m.cols());
-    for k in [1, 3] {
+    // 70 rows reach the prefill kernels (AMX where the CPU has it) as well as the decode ones.
+    for k in [1, 3, 70] {
         let x = activations(k * cols, 9);
         for (isa, act) in kernels::available_isas()
             .into_iter()
