@@ -116,6 +116,9 @@ BUDGETS = {
         sweep_lr={0.7: [1e-4, 1e-3]},
     ),
 }
+# The sparse cells again at the learning rates the sweep (`--sweep`, docs/results/study.md, "Learning-rate sweep")
+# found best on the validation plays, from the `full` study's teacher and one-shot models (`--seed-from`).
+BUDGETS["full-tuned"] = dict(BUDGETS["full"], lr={0.5: 1e-4, 0.7: 1e-3}, report="study-tuned")
 SEED = 0
 # A cell re-run because its model was lost (ensure_model) must land this close to its published perplexity
 # (relative) for the cells built on it to stand: a tenth of the tightest goal measured against the teacher (5 %),
@@ -1075,7 +1078,8 @@ def sweep_lines(cells: dict, budget: dict) -> list[str]:
         f"## Learning-rate sweep (CE, {tokens / 1e3:.0f}K training tokens per run, validation plays)",
         "",
         "`python training/study.py --sweep`: the same SparseGPT model and data order per sparsity, linear decay to 0 "
-        "over the run; scored on the validation plays (never the held-out ones). Half way / at the end:",
+        "over the run; scored on the validation plays (never the held-out ones; every run on the same chunks, so "
+        "differences between rates are tighter than each run's own interval). Half way / at the end:",
         "",
         "| sparsity | learning rate | validation ppl half way | validation ppl at the end [95 % CI] |",
         "|---|---|---|---|",
