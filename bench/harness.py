@@ -1,8 +1,8 @@
 """The timing harness the comparison benchmarks share: cases in rounds, each case in its own process, the order
 rotated round by round, an optional read-bandwidth probe per round, and ratios judged per round.
 
-This machine's DRAM bandwidth drifts by tens of percent over minutes, so a ratio of two cases timed minutes apart
-says more about the minute than about the code. Every comparison here runs each case once per round, back to
+A shared machine's DRAM bandwidth drifts from minute to minute, so a ratio of two cases timed minutes apart can
+say more about the minute than about the code. Every comparison here runs each case once per round, back to
 back, in an order that rotates every round (so no case always runs first, or always after the same one), and
 reports each round's ratio and their median next to the bandwidth measured in that round.
 
@@ -68,7 +68,7 @@ def run_json(argv: Sequence[str], env: dict | None = None, prefix: str = "", wha
     out = subprocess.run(list(argv), env=env, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{what or argv[0]}: exit {out.returncode}\n{out.stderr[-2000:]}")
-    lines = [line for line in out.stdout.splitlines() if line.startswith(prefix)]
+    lines = [line for line in out.stdout.splitlines() if line.strip() and line.startswith(prefix)]
     if not lines:
         raise SystemExit(f"{what or argv[0]}: printed no result line\n{out.stdout[-1000:]}{out.stderr[-1000:]}")
     return json.loads(lines[-1][len(prefix) :])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -146,6 +147,8 @@ def test_keep_grid_stores_the_gguf_grid_and_runs_on_it(tmp_path, qtype):
         mine = unpermute_rope_rows(mine, heads[m[-6:]]) if m[-6:] in heads else mine
         np.testing.assert_array_equal(w, mine, err_msg=m)
     assert (kept / "model.safetensors").stat().st_size < (f32 / "model.safetensors").stat().st_size / 2
+    if qtype == "Q4_0":  # llama.cpp's d = max / -8 is negative wherever a block's largest magnitude is positive
+        assert any((t[f"{m}.weight_scale"] < 0).any() for m in linears)
 
     cfg = json.loads((kept / "config.json").read_text())["quantization_config"]
     weights = cfg["config_groups"]["group_0"]["weights"]
@@ -175,20 +178,62 @@ def test_keep_grid_stores_the_gguf_grid_and_runs_on_it(tmp_path, qtype):
         assert cfg["format"] == "sparseinfer-pack-quantized-min"
         with pytest.raises(Exception, match="sparseinfer-pack-quantized-min"):
             tf.AutoModelForCausalLM.from_pretrained(kept)
-        # The minimums are untrusted input like every tensor: a NaN or a wrong shape is refused by name.
+        # The minimums are untrusted input like every tensor: a NaN or a wrong shape is refused by name, and so
+        # are minimums the declared format does not have (another reader would run the codes without them) or
+        # the format without its minimums.
         from safetensors.numpy import save_file
 
         name = next(k for k in t if k.endswith(".weight_min"))
-        for bad in (np.full_like(t[name], np.nan), t[name][:, :1]):
-            save_file({**t, name: np.ascontiguousarray(bad)}, kept / "model.safetensors")
-            with pytest.raises(InvalidInputError, match=name.replace(".", r"\.")):
+        stem = name.removesuffix(".weight_min")
+        config = json.loads((kept / "config.json").read_text())
+
+        def write(tensors, **qc):
+            save_file(tensors, kept / "model.safetensors")
+            c = json.loads(json.dumps(config))
+            for k, v in qc.items():
+                c["quantization_config"][k] = v
+                if k == "format":
+                    c["quantization_config"]["config_groups"]["group_0"]["format"] = v
+            (kept / "config.json").write_text(json.dumps(c))
+
+        zp = np.zeros(t[name].shape, dtype=np.int8)
+        for tensors, qc, match in [
+            ({**t, name: np.full_like(t[name], np.nan)}, {}, name),
+            ({**t, name: np.ascontiguousarray(t[name][:, :1])}, {}, name),
+            (t, {"format": "pack-quantized"}, "needs quantization format"),
+            ({k: v for k, v in t.items() if k != name}, {}, f"{name} is missing"),
+            ({**t, f"{stem}.weight_zero_point": zp}, {}, "weight_zero_point beside float minimums"),
+        ]:
+            write(tensors, **qc)
+            with pytest.raises(InvalidInputError, match=re.escape(match)):
                 sparseinfer.load(kept, pack_cache=False)
+        write(t)
+        group = config["quantization_config"]["config_groups"]["group_0"]
+        group["weights"]["symmetric"] = True
+        (kept / "config.json").write_text(json.dumps(config))
+        with pytest.raises(InvalidInputError, match="asymmetric 4-bit codes"):
+            sparseinfer.load(kept, pack_cache=False)
         return
     pytest.importorskip("compressed_tensors")
     theirs = tf.AutoModelForCausalLM.from_pretrained(kept, dtype=torch.float32).eval()
     with torch.no_grad():
         got = theirs(torch.tensor([ids])).logits[0].float().numpy()
     np.testing.assert_allclose(got, want_logits, atol=2e-4, rtol=0)
+
+
+def test_keep_grid_refuses_a_non_finite_block_scale_by_tensor(tmp_path):
+    """A Q4_0 block whose f16 scale is NaN: the float conversion would carry it into the weights and the load
+    would refuse them; keeping the grid refuses it at the source, naming the tensor, block and row."""
+    ref = tiny_models.build("llama", tmp_path / "hf", scale=3.0, hidden_size=64, intermediate_size=128)
+    write_gguf(ref, tmp_path / "m.gguf", quantize_mlp=False, linear_type="Q4_0")
+    raw = bytearray((tmp_path / "m.gguf").read_bytes())
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    t = next(t for t in r.tensors if t.name == "blk.1.ffn_up.weight")
+    raw[t.data_offset : t.data_offset + 2] = np.array([np.nan], dtype=np.float16).tobytes()
+    (tmp_path / "bad.gguf").write_bytes(bytes(raw))
+    with pytest.raises(InvalidInputError, match=r"'blk\.1\.ffn_up\.weight': non-finite scale nan in block 0 of row 0"):
+        convert_gguf(tmp_path / "bad.gguf", tmp_path / "out", keep_grid=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_keep_grid_refuses_mixed_or_other_linear_types(tmp_path):

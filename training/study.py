@@ -89,7 +89,7 @@ BUDGETS = {
         save_every=8,
         compile=True,
         # The learning-rate sweep (``--sweep``): CE-only runs of `sweep_tokens` from the same SparseGPT models,
-        # scored on the validation plays, the study's rates and two larger ones per sparsity.
+        # scored on the validation plays, the study's rates and larger ones per sparsity.
         sweep_tokens=200_000,
         sweep_lr={0.7: [1e-4, 3e-4, 1e-3, 3e-3], 0.5: [3e-5, 1e-4, 3e-4]},
     ),
@@ -246,6 +246,10 @@ class Study:
         ours = json.loads((self.work / "study.json").read_text())
         if any(theirs.get(k, "default") != ours.get(k, "default") for k in ("bf16", "model")):
             raise SystemExit(f"cannot seed from {other}: it records {theirs}, this study is {ours}")
+        # The same data split and sequence length, so its teacher saw what this study's cells will see.
+        data = json.loads((other / "data.json").read_text()) if (other / "data.json").is_file() else None
+        if data != self.data_info:
+            raise SystemExit(f"cannot seed from {other}: its data {data} is not this study's {self.data_info}")
         seeded = []
         for src in sorted((other / "cells").glob("*.json")):
             if not (src.stem == "dense-ft" or src.stem.startswith("oneshot-")):
@@ -256,7 +260,11 @@ class Study:
                 shutil.copyfile(other / "progress" / src.name, self.work / "progress" / src.name)
             for m in [src.stem] + (["dense-ft-best"] if src.stem == "dense-ft" else []):
                 if (other / "models" / m).is_dir() and not self.model_path(m).exists():
-                    shutil.copytree(other / "models" / m, self.model_path(m), copy_function=_link_or_copy)
+                    # Into a temporary sibling first: an interrupted copy must not pass for a model.
+                    tmp = self.model_path(f".{m}.seeding")
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    shutil.copytree(other / "models" / m, tmp, copy_function=_link_or_copy)
+                    tmp.rename(self.model_path(m))
             shutil.copyfile(src, self.work / "cells" / src.name)  # last: the record says the cell is done
             seeded.append(src.stem)
         return seeded
@@ -824,7 +832,7 @@ def publish_pieces(work: Path, dest: Path) -> None:
             f"# The accuracy study (issue 15), budget `{dest.name.removeprefix('study-')}`: finished pieces",
             "",
             "Raw per-cell records of `training/study.py`, copied from its work directory as each piece finishes",
-            "(`python training/study.py --report` rewrites this directory and docs/results/study.md). `data.json`",
+            "(`python training/study.py --report [--budget B]` rewrites this directory and its report). `data.json`",
             "and `study-config.json` record the data split and the run's precision. Perplexity is on the 6",
             "held-out plays, with a bootstrap 95 % interval over chunks.",
             "",
@@ -862,7 +870,7 @@ def report(work: Path, out: Path, budget: str):
         f"Produced by `python training/study.py` (budget `{budget}`). Held-out perplexity on {len(HELD_OUT)} whole "
         f"plays never trained on ({', '.join(HELD_OUT)}): {meta.get('eval_tokens_used', '?')} tokens in "
         f"{meta.get('eval_chunks', '?')} chunks of {meta.get('seq_len', '?')}, with 95 % bootstrap intervals over "
-        "the chunks. Lower is better. Every figure can be recomputed from study.json (per-chunk NLL per cell).",
+        f"the chunks. Lower is better. Every figure can be recomputed from {stem}.json (per-chunk NLL per cell).",
         "",
     ]
     dense = cells.get("dense-ft")

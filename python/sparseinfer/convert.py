@@ -7,7 +7,8 @@ tokenizer are supported, which covers Llama 3, SmolLM, Qwen2-style vocabularies.
 
 ``keep_grid=True`` keeps the linear layers' own integer grid instead (Q4_0, Q4_1 or Q8_0: codes, f16 scales and
 Q4_1's f16 minimums bit for bit) in a compressed checkpoint (docs/FORMAT.md), which ``sparseinfer.load`` runs as
-stored on the same grid. Q4_0 and Q8_0 are compressed-tensors' own ``pack-quantized`` / ``int-quantized`` (group
+stored on the same grid (but for an int8 code of -128, which llama.cpp's quantizer does not write: the int8
+kernels hold -127..127). Q4_0 and Q8_0 are compressed-tensors' own ``pack-quantized`` / ``int-quantized`` (group
 32, symmetric), so transformers reads them too; Q4_1's float minimums need sparseinfer's extension.
 
 The file is untrusted input: every metadata key is read with its expected type and range, every tensor's type,
@@ -347,12 +348,12 @@ def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 # 16..31 (u, stored offset by 8 for Q4_0's symmetric w = d·(u − 8)), Q8_0 as 32 signed bytes (w = d·q).
 _GRID_BLOCK = 32
 _GRIDS = {"Q4_0": (18, 4, False), "Q4_1": (20, 4, True), "Q8_0": (34, 8, False)}
-_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 def _is_linear(name: str) -> bool:
-    parts = name.split(".")
-    return len(parts) == 4 and parts[0] == "blk" and parts[2] in _LINEARS and parts[3] == "weight"
+    """A transformer block's projection (the ``_NAMES`` entries of a block that map to a ``*_proj``)."""
+    hf = _hf_name(name)
+    return hf is not None and name.startswith("blk.") and hf.endswith("_proj.weight")
 
 
 def _grid_of(t, shape: tuple[int, ...], where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -382,9 +383,16 @@ def _grid_of(t, shape: tuple[int, ...], where: str) -> tuple[np.ndarray, np.ndar
     return codes, scales, mins
 
 
-def _grid_type(reader, path: Path) -> str:
-    """The one grid type of every linear layer, for ``keep_grid``; anything else is refused by name."""
-    kinds = sorted({t.tensor_type.name for t in reader.tensors if _is_linear(t.name)})
+def _grid_type(reader, path: Path) -> str | None:
+    """The one grid type of every linear layer, for ``keep_grid`` (``None`` when there is none: the tensor checks
+    then name what is missing); an integer tensor type is bad input, other types are refused by name."""
+    linears = [t for t in reader.tensors if _is_linear(t.name)]
+    for t in linears:
+        if t.tensor_type.name in ("I8", "I16", "I32", "I64"):
+            raise InvalidInputError(f"{path}: tensor {t.name!r}: tensor type {t.tensor_type.name} is not a weight type")
+    kinds = sorted({t.tensor_type.name for t in linears})
+    if not kinds:
+        return None
     if len(kinds) != 1 or kinds[0] not in _GRIDS:
         raise UnsupportedError(
             f"{path}: keeping the grid needs every linear layer in one of {', '.join(_GRIDS)}; this file's are "

@@ -123,7 +123,13 @@ mod tests {
 
     #[test]
     fn an_int4_checkpoint_keeps_its_groups_unless_the_caller_names_one() {
-        let q = |group| QuantScheme { bits: 4, group_size: Some(group), token_acts: false, asymmetric: false };
+        let q = |group| QuantScheme {
+            bits: 4,
+            group_size: Some(group),
+            token_acts: false,
+            asymmetric: false,
+            float_mins: false,
+        };
         let stored = |group| StoredAs { quant: Some(q(group)), sparse: true, bf16: false };
         let plan = WeightPlan::for_format(Format::SparseInt4, PackOptions::default());
         for group in crate::formats::GROUP_SIZES {

@@ -128,8 +128,9 @@ pub struct Decoded {
     pub sparse: bool,
     /// Stored as bf16 floats.
     pub bf16: bool,
-    /// Asymmetric 4-bit codes only: `rows × per_row` minimums `m = −scale · (zero_point + 8)`, so that with
-    /// `scales` the codes `q + 8` (0..=15) are `ŵ = scale · (q + 8) + m`, the grid of the asymmetric int4 kernels.
+    /// Asymmetric 4-bit codes only: `rows × per_row` minimums, so that with `scales` the codes `q + 8` (0..=15)
+    /// are `ŵ = scale · (q + 8) + m`, the grid of the asymmetric int4 kernels: `m = −scale · (zero_point + 8)`
+    /// from zero points, or `<module>.weight_min` as stored ([`PACK_QUANTIZED_MIN`]).
     pub mins: Option<Vec<f32>>,
 }
 
@@ -295,8 +296,9 @@ fn dense(t: &Target, _: Option<QuantScheme>) -> Result<Option<Encoded>> {
 }
 
 /// `W = scale[r, c / G] · (q − zero_point[r, c / G])` for codes `q[rows × cols]` with `<module>.weight_scale`
-/// `[rows, per_row]` (and, asymmetric, `<module>.weight_zero_point`); the scales (and the minimums of the
-/// asymmetric int4 grid) are kept beside the weights.
+/// `[rows, per_row]` (and, asymmetric, `<module>.weight_zero_point`), or `W = scale · (q + 8) + min` with
+/// `<module>.weight_min` ([`PACK_QUANTIZED_MIN`]); the scales (and the minimums of the asymmetric int4 grid)
+/// are kept beside the weights.
 fn dequantize(t: &Target, quant: Option<QuantScheme>, codes: &[f32], sparse: bool) -> Result<Decoded> {
     let (st, rows, cols) = (t.store, t.rows, t.cols);
     let scheme = quant.ok_or_else(|| t.bad("integer weights but no quantization_config in config.json"))?;
@@ -324,7 +326,7 @@ fn dequantize(t: &Target, quant: Option<QuantScheme>, codes: &[f32], sparse: boo
             i % per_row
         )));
     }
-    let given_mins = if scheme.asymmetric { float_mins(t, scheme, per_row)? } else { None };
+    let given_mins = float_mins(t, scheme, per_row)?;
     let zero_points = match (&given_mins, scheme.asymmetric) {
         (None, true) => Some(zero_points(t, scheme, per_row)?),
         _ => None,
@@ -356,14 +358,23 @@ fn dequantize(t: &Target, quant: Option<QuantScheme>, codes: &[f32], sparse: boo
     Ok(Decoded { w, scales: Some((scales, per_row)), sparse, bf16: false, mins })
 }
 
-/// `<module>.weight_min` `[rows, per_row]` ([`PACK_QUANTIZED_MIN`]): float minimums of an asymmetric 4-bit grid,
-/// finite; `Ok(None)` when the module has none (its zero points are read instead).
+/// `<module>.weight_min` `[rows, per_row]`: the float minimums of a [`PACK_QUANTIZED_MIN`] checkpoint, finite,
+/// required there and refused anywhere else (another reader would run the codes without them); `Ok(None)` for
+/// the other asymmetric formats, whose zero points are read instead.
 fn float_mins(t: &Target, scheme: QuantScheme, per_row: usize) -> Result<Option<Vec<f32>>> {
     let name = format!("{}.weight_min", t.module());
-    let Some(m) = t.store.get(&name)? else { return Ok(None) };
-    if scheme.bits != 4 {
-        return Err(t.bad(format!("{name}: float minimums are for 4-bit codes, not {}-bit", scheme.bits)));
+    let zp = format!("{}.weight_zero_point", t.module());
+    let got = t.store.get(&name)?;
+    if !scheme.float_mins {
+        return match got {
+            Some(_) => Err(t.bad(format!("{name} needs quantization format {PACK_QUANTIZED_MIN:?}"))),
+            None => Ok(None),
+        };
     }
+    if t.store.contains(&zp) {
+        return Err(t.bad(format!("{zp} beside float minimums ({PACK_QUANTIZED_MIN:?} has none)")));
+    }
+    let m = got.ok_or_else(|| t.bad(format!("{name} is missing (format {PACK_QUANTIZED_MIN:?})")))?;
     if !matches!(m.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
         return Err(t.bad(format!("{name} has dtype {}: minimums must be floats (F32, F16 or BF16)", m.dtype.name())));
     }

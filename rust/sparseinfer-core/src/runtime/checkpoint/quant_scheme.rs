@@ -1,7 +1,7 @@
 //! The weight quantization scheme a compressed-tensors `config.json` declares (`quantization_config`,
 //! docs/FORMAT.md), and the check that every encoding it names is one [`super::encodings`] decodes.
 
-use super::encodings::Declared;
+use super::encodings::{Declared, PACK_QUANTIZED_MIN};
 use crate::error::{Error, Result};
 
 /// Integer weight quantization as a compressed checkpoint declares it.
@@ -18,6 +18,9 @@ pub struct QuantScheme {
     pub token_acts: bool,
     /// Zero points (`W = scale · (q − zero_point)`, `<module>.weight_zero_point`) instead of symmetric codes.
     pub asymmetric: bool,
+    /// Declared [`super::encodings::PACK_QUANTIZED_MIN`]: asymmetric 4-bit codes with float minimums
+    /// (`<module>.weight_min`) in place of zero points.
+    pub float_mins: bool,
 }
 
 impl QuantScheme {
@@ -45,6 +48,8 @@ impl QuantScheme {
             }
         }
         check_format(qc.get("format"), "quantization_config.format", Declared::Quantization)?;
+        let is_min = |v: Option<&serde_json::Value>| v.and_then(|f| f.as_str()) == Some(PACK_QUANTIZED_MIN);
+        let mut float_mins = is_min(qc.get("format"));
         if let Some(sc) = qc.get("sparsity_config").filter(|s| s.as_object().is_some_and(|o| !o.is_empty())) {
             check_format(sc.get("format"), "quantization_config.sparsity_config.format", Declared::Sparsity)?;
         }
@@ -53,6 +58,7 @@ impl QuantScheme {
         for (gname, g) in groups {
             let field = format!("quantization_config.config_groups.{gname}.format");
             check_format(g.get("format"), &field, Declared::Quantization)?;
+            float_mins |= is_min(g.get("format"));
             let w = g.get("weights").ok_or_else(|| bad("a config group has no \"weights\"".into()))?;
             let bits = w
                 .get("num_bits")
@@ -73,7 +79,14 @@ impl QuantScheme {
                     && a.get("strategy").and_then(|s| s.as_str()) == Some("token")
                     && a.get("dynamic").and_then(|d| d.as_bool()) == Some(true)
             });
-            let s = QuantScheme { bits, group_size, token_acts, asymmetric };
+            let s = QuantScheme { bits, group_size, token_acts, asymmetric, float_mins };
+            if float_mins && (bits != 4 || !asymmetric) {
+                return Err(bad(format!(
+                    "format {PACK_QUANTIZED_MIN:?} is asymmetric 4-bit codes; config group {gname:?} declares \
+                     {bits}-bit {}",
+                    if asymmetric { "asymmetric" } else { "symmetric" }
+                )));
+            }
             if scheme.is_some_and(|x| x != s) {
                 return Err(Error::unsupported("load", "mixed quantization schemes are not supported"));
             }
