@@ -993,10 +993,16 @@ GOAL_INT8_GAP = {0.5: 0.05, 0.7: 0.15}
 GOAL_DISTILL_MARGIN = 0.10
 
 
+# Perplexity is at least 1: a fitted floor is held there rather than let run below it.
+FLOOR_MIN = 1.0
+
+
 def fit_floor(tokens, ppl) -> tuple[float, float, float]:
     """Least-squares fit of ``ppl(t) = a + b·t^(-c)`` (a power law with a floor, the shape loss curves follow) to
     a learning curve's points after step 0 (``t`` in millions of tokens): ``(a, b, c)``, ``a`` being where the
-    curve's shape levels off. ``c`` on a grid, ``a`` and ``b`` in closed form for each."""
+    curve's shape levels off. ``c`` on a grid, ``a`` and ``b`` in closed form for each, with ``a >= FLOOR_MIN``:
+    a curve that bends too little for its floor to show would otherwise fit a floor below any perplexity. A fit
+    at that bound says no floor is visible yet (``floor_label``)."""
     t = np.asarray(tokens, float) / 1e6
     y = np.asarray(ppl, float)
     keep = t > 0
@@ -1005,12 +1011,27 @@ def fit_floor(tokens, ppl) -> tuple[float, float, float]:
         raise ValueError(f"a floor needs 3 points after step 0, got {len(t)}")
     best = None
     for c in np.linspace(0.05, 4.0, 396):
-        A = np.stack([np.ones_like(t), t**-c], 1)
-        coef = np.linalg.lstsq(A, y, rcond=None)[0]
-        sse = float(((A @ coef - y) ** 2).sum())
+        u = t**-c
+        A = np.stack([np.ones_like(t), u], 1)
+        a, b = np.linalg.lstsq(A, y, rcond=None)[0]
+        if a < FLOOR_MIN:
+            # The constrained optimum lies on the bound: b alone by least squares on y - FLOOR_MIN.
+            a, b = FLOOR_MIN, float(u @ (y - FLOOR_MIN) / (u @ u))
+        sse = float(((a + b * u - y) ** 2).sum())
         if best is None or sse < best[0]:
-            best = (sse, float(coef[0]), float(coef[1]), float(c))
+            best = (sse, float(a), float(b), float(c))
     return best[1:]
+
+
+# A fitted floor under this (a model nearly sure of every token of Shakespeare) is the fit finding none.
+FLOOR_SEEN = 2.0
+
+
+def floor_label(a: float, dense: float) -> tuple[str, str]:
+    """A fitted floor and its gap to the teacher as table cells; one under ``FLOOR_SEEN`` is no floor seen."""
+    if a < FLOOR_SEEN:
+        return "none visible (power law)", "-"
+    return f"{a:.2f}", f"{a / dense - 1:+.1%}"
 
 
 def tokens_to_reach(fit: tuple[float, float, float], target: float) -> float | None:
@@ -1047,9 +1068,8 @@ def curve_lines(cells: dict, curves: dict, dense: float) -> list[str]:
             # by a few steps).
             last = next(i for i in range(len(pts) - 2, -1, -1) if pts[-1]["tokens"] - pts[i]["tokens"] > 1e5)
             drop = ys[-1] / ys[last] - 1
-            L.append(
-                f"| {name} | {' → '.join(f'{y:.2f}' for y in ys)} | {drop:+.2%} | {a:.2f} | {a / dense - 1:+.1%} |"
-            )
+            floor, gap = floor_label(a, dense)
+            L.append(f"| {name} | {' → '.join(f'{y:.2f}' for y in ys)} | {drop:+.2%} | {floor} | {gap} |")
     L.append("")
     for s in SPARSITIES:
         ce = curves.get(f"ft-ce-{round(s * 100)}") if f"ft-ce-{round(s * 100)}" in cells else None
@@ -1137,7 +1157,9 @@ def goal_lines(cells: dict, curves: dict, dense: float) -> list[str]:
         if best["ppl"] > target and len(pts) >= 4:
             fit = fit_floor([p["tokens"] for p in pts], [p["ppl"] for p in pts])
             need = tokens_to_reach(fit, target)
-            line += f"; its curve levels off at {fit[0]:.2f} ({fit[0] / dense - 1:+.1%}): " + (
+            floor, gap = floor_label(fit[0], dense)
+            shape = f"levels off at {floor} ({gap})" if gap != "-" else "shows no floor yet (a power law)"
+            line += f"; its curve {shape}: " + (
                 "more tokens of this shape would not close the gap"
                 if need is None
                 else f"it would reach the target after ~{need / 1e6:.1f}M tokens of this shape"

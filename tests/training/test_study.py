@@ -203,6 +203,21 @@ def test_the_curve_floor_is_recovered_and_answers_whether_budget_closes_a_gap():
         S.fit_floor([0, 1e5, 2e5], [30.0, 25.0, 24.0])
 
 
+def test_a_curve_without_a_visible_floor_fits_at_the_bound_not_below_any_perplexity():
+    S = _study_module()
+    # A power law falling toward a negative "floor": unconstrained least squares would return it.
+    tokens = [0, 2e5, 4e5, 6e5, 8e5, 1e6]
+    curve = [45.0] + [30.0 * (t / 1e6) ** -0.3 - 10.0 for t in tokens[1:]]
+    a, b, c = S.fit_floor(tokens, curve)
+    assert S.FLOOR_MIN <= a < S.FLOOR_SEEN and b > 0
+    fitted = [a + b * (t / 1e6) ** -c for t in tokens[1:]]
+    assert max(abs(f / y - 1) for f, y in zip(fitted, curve[1:])) < 0.02
+    assert S.floor_label(a, 17.0) == ("none visible (power law)", "-")
+    assert S.floor_label(20.0, 16.0) == ("20.00", "+25.0%")
+    # Reaching a target is still answered on the bounded fit.
+    assert S.tokens_to_reach((a, b, c), fitted[-1] - 1.0) > 1e6
+
+
 def test_goal_lines_say_met_or_why_not():
     S = _study_module()
     tokens = [0, 2e5, 4e5, 6e5, 8e5, 1e6]
