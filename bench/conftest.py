@@ -5,9 +5,6 @@ import pytest
 
 from sparseinfer import kernels
 
-# Bytes each bandwidth probe reads: 8x the L3 of the machines we run on, ~10 ms.
-PROBE_BYTES = 256 << 20
-
 
 class Bandwidth:
     """Read-bandwidth probes over a run. This VM's bandwidth jumps between ~32 and ~55 GB/s for seconds to
@@ -16,9 +13,14 @@ class Bandwidth:
     def __init__(self, warmup: int = 15):
         self.probes: list[float] = []
         self.warmup = warmup
+        self._probe = None
 
     def _measure(self) -> float:
-        self.probes.append(kernels.measure_read_bandwidth(nbytes=PROBE_BYTES, repeats=1))
+        # One buffer for the run (several times the last-level cache): allocating and touching it per probe
+        # would cost more than the probe.
+        if self._probe is None:
+            self._probe = kernels.BandwidthProbe()
+        self.probes.append(self._probe.measure(repeats=1))
         return self.probes[-1]
 
     def at_start(self) -> float:

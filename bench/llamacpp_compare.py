@@ -483,7 +483,7 @@ def main() -> None:
         cases,
         a.rounds,
         run,
-        probe=lambda: kernels.measure_read_bandwidth(nbytes=1 << 28, repeats=3),
+        probe=lambda: kernels.measure_read_bandwidth(repeats=3),
         log=lambda line: print(line, flush=True),
     )
     rounds = [

@@ -170,7 +170,7 @@ def test_paired_sparse_vs_dense(benchmark, token):
         [("dense", models[0]), ("sparse", models[1])],
         rounds,
         lambda _, m: {"tok_s": decode(m)},
-        probe=lambda: kernels.measure_read_bandwidth(nbytes=1 << 28, repeats=3),
+        probe=lambda: kernels.measure_read_bandwidth(repeats=3),
     )
     results = [
         {

@@ -1,11 +1,12 @@
 """Kernel benchmark: every format against numpy's dense f32 ``W @ x`` (and torch, if installed), in one run.
 
 Decoding is memory-bound, so each case rotates over enough copies of the matrix that the working set is
-``SPARSEINFER_BENCH_BYTES`` (default 1.2 GB, over 4x the L3 of the machines we run on, 32 MB on the current AMD
-EPYC), and each timed round reads the next 256 MB of that rotation: the reads come from DRAM, as in a real decode
-step. Each case records its time per matvec, effective GB/s (packed bytes / time) and that as a fraction of the
-read bandwidth probed before and after each round. Correctness is asserted before timing. The rounds are timed
-by the test itself: pytest-benchmark's own statistics (its terminal table) time an empty call and mean nothing.
+``SPARSEINFER_BENCH_BYTES`` (default 1.2 GB: 4x a 300 MB L3, the largest of the machines we run on; set it higher
+on a CPU with more), and each timed round reads the next 256 MB of that rotation: the reads come from DRAM, as in a
+real decode step. Each case records its time per matvec, effective GB/s (packed bytes / time) and that as a
+fraction of the read bandwidth probed before and after each round. Correctness is asserted before timing. The
+rounds are timed by the test itself: pytest-benchmark's own statistics (its terminal table) time an empty call and
+mean nothing.
 
     make bench      # timings on: JSON in bench/results/, table and plot in docs/benchmarks/
 
@@ -190,7 +191,7 @@ def test_paired_vs_numpy(benchmark, shape):
         per_matvec(name)  # warm up: page everything in
     rounds = []
     for _ in range(1 if benchmark.disabled else PAIRED_ROUNDS):
-        bw = kernels.measure_read_bandwidth(nbytes=1 << 28, repeats=3)
+        bw = kernels.measure_read_bandwidth(repeats=3)
         rounds.append({"read_bandwidth_gbs": bw, "time_us": {n: per_matvec(n) * 1e6 for n in rotations}})
     speedups = {n: statistics.median(r["time_us"]["numpy-f32"] / r["time_us"][n] for r in rounds) for n in rotations}
     benchmark.group = f"paired {shape}"

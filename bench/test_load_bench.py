@@ -47,7 +47,7 @@ def test_load(benchmark, tmp_path, fmt, sparsity):
     (entry,) = cache.glob("*.pack")
     results = []
     for r in range(rounds):
-        bw = kernels.measure_read_bandwidth(nbytes=1 << 28, repeats=3)
+        bw = kernels.measure_read_bandwidth(repeats=3)
         times = {}
         for cached in (False, True) if r % 2 == 0 else (True, False):
             dt, outcome = timed_load(path, fmt, cache if cached else False)

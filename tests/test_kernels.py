@@ -327,3 +327,7 @@ def test_build_info():
 
 def test_bandwidth_probe():
     assert kernels.measure_read_bandwidth(nbytes=1 << 22, repeats=2) > 0
+    probe = kernels.BandwidthProbe(1 << 22)
+    assert probe.nbytes == 1 << 22
+    assert all(probe.measure(repeats=1) > 0 for _ in range(2))
+    assert probe.measure(threads=1, repeats=2) > 0

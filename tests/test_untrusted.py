@@ -349,6 +349,23 @@ def test_bandwidth_probe_sizes_are_validated():
     )
     for r in results.values():
         assert "died" not in r and r["raised"] == "InvalidInputError", r
+    results = run_cases(
+        """
+        def attempt(kw):
+            probe = sparseinfer.kernels.BandwidthProbe(kw.pop("nbytes", 1 << 20))
+            probe.measure(**kw)
+        """,
+        [
+            {"nbytes": 10**15},
+            {"nbytes": -1},
+            {"nbytes": 1.5},
+            {"repeats": 10**12},
+            {"threads": 10**9},
+            {"threads": -3},
+        ],
+    )
+    for r in results.values():
+        assert "died" not in r and r["raised"] == "InvalidInputError", r
 
 
 # -- token ids and panics --------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def _demo(args: argparse.Namespace) -> int:
     w[rng.random((rows, cols)) < args.sparsity] = 0.0
     x = rng.standard_normal(cols, dtype=np.float32)
     print(f"sparseinfer {info['version']} ({info['profile']}), isa={info['isa']}, threads={info['threads']}")
-    bw = kernels.measure_read_bandwidth(nbytes=512 << 20, repeats=3)
+    bw = kernels.measure_read_bandwidth(repeats=3)
     print(f"measured read bandwidth: {bw:.1f} GB/s")
     print(f"W: {rows}x{cols}, sparsity {args.sparsity:.0%}; {args.copies} copies rotated so reads come from DRAM")
 
@@ -210,7 +210,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     _check_model(args.model)
     as_json = args.output == "json"
-    bw = measure_read_bandwidth(nbytes=512 << 20, repeats=3)
+    bw = measure_read_bandwidth(repeats=3)
     prompt = list(range(10, 10 + args.prompt_tokens))
     if not as_json:
         print(f"measured read bandwidth {bw:.1f} GB/s; prompt {len(prompt)} tokens, {args.new_tokens} new tokens")

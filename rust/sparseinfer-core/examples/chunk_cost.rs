@@ -1,8 +1,9 @@
 //! What one 64-column chunk of each integer format costs a core, in core cycles, on every x86 path this CPU has.
 //!
-//!     cargo run --release -p sparseinfer-core --example chunk_cost [ISA ...]
+//!     cargo run --release -p sparseinfer-core --example chunk_cost [--rows K] [ISA ...]
 //!
-//! With ISA names (`avx2`, `avxvnni`, `avx512`), only those paths are timed.
+//! With ISA names (`avx2`, `avxvnni`, `avx512`), only those paths are timed. `--rows K` times a prefill step
+//! instead of a matvec: `K` activation rows against the matrix, the figure then per chunk and activation row.
 //! One thread computes `W x` over and over for a matrix that stays in L2, so memory does not bound it: the
 //! figure is the kernel's own cost per chunk (mask, expansion, products, scaling), the ceiling on what one
 //! core can stream. A decode step is memory-bound only where the cores' combined rate exceeds the bandwidth:
@@ -24,7 +25,6 @@ fn run() {
     let (rows, cols) = (1024, 2048);
     let chunks = (rows * cols / 64) as f64;
     let ns = clock::ns_per_cycle();
-    println!("clock {:.2} GHz, one thread, {rows}x{cols}, cycles per 64-column chunk", 1.0 / ns);
     parallel::set_num_threads(1);
     let mut s = 0x2545_F491_4F6C_DD1Du64;
     let mut rnd = move || {
@@ -33,7 +33,21 @@ fn run() {
         s ^= s << 17;
         (s >> 11) as f64 / (1u64 << 53) as f64
     };
-    let x: Vec<f32> = (0..cols).map(|_| (rnd() * 2.0 - 1.0) as f32).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let k = match args.iter().position(|a| a == "--rows") {
+        Some(i) => {
+            let k = args.get(i + 1).and_then(|v| v.parse::<usize>().ok()).filter(|&k| k > 0).expect("--rows K");
+            args.drain(i..i + 2);
+            k
+        }
+        None => 1,
+    };
+    let x: Vec<f32> = (0..k * cols).map(|_| (rnd() * 2.0 - 1.0) as f32).collect();
+    let per = if k > 1 { " and activation row" } else { "" };
+    println!(
+        "clock {:.2} GHz, one thread, {rows}x{cols}, {k} activation row(s), cycles per 64-column chunk{per}",
+        1.0 / ns
+    );
     let cases = [
         (Format::DenseInt8, 0.0),
         (Format::DenseInt4, 0.0),
@@ -46,28 +60,33 @@ fn run() {
         .iter()
         .map(|&(_, p)| (0..rows * cols).map(|_| if rnd() < p { 0.0 } else { (rnd() * 2.0 - 1.0) as f32 }).collect())
         .collect();
-    let only: Vec<String> = std::env::args().skip(1).collect();
+    let only = args;
     let chosen = |i: Isa| i != Isa::Scalar && (only.is_empty() || only.iter().any(|n| n == i.name()));
     for isa in kernels::available_isas().into_iter().filter(|&i| chosen(i)) {
         kernels::set_isa(Some(isa)).expect("an available ISA");
         for (&(format, p), w) in cases.iter().zip(&weights) {
             // Packed under the ISA, so the layout is the one its kernels read (tiles on AVX-512 VNNI).
             let m = PackedMatrix::pack(w, rows, cols, format, PackOptions::default()).expect("finite weights");
-            let mut y = vec![0.0; rows];
-            let calls = 400;
+            let mut y = vec![0.0; k * rows];
+            let calls = (400 / k).max(8);
             let mut best = f64::MAX;
             for round in 0..6 {
                 let t = Instant::now();
                 for _ in 0..calls {
-                    kernels::matvec(&m, &x, &mut y).expect("shapes match");
+                    if k == 1 {
+                        kernels::matvec(&m, &x, &mut y).expect("shapes match");
+                    } else {
+                        kernels::matmul(&m, &x, k, &mut y, None).expect("shapes match");
+                    }
                 }
                 // The first round warms the caches.
                 if round > 0 {
                     best = best.min(t.elapsed().as_secs_f64() * 1e9 / calls as f64);
                 }
             }
-            let cycles = best / ns / chunks;
-            let name = kernels::kernel_name(&m, kernels::Activations::Int8).expect("an active ISA");
+            let cycles = best / ns / chunks / k as f64;
+            let isa_now = kernels::active_isa().expect("an active ISA");
+            let name = kernels::kernel_name_on(isa_now, &m, kernels::Activations::Int8, k);
             println!(
                 "{:>9} {:>12} {:>4.0} % {:>6.2} cycles  {:>5.2} bytes/weight  {name}",
                 isa.name(),

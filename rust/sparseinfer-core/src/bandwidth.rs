@@ -1,5 +1,5 @@
 //! Memory read bandwidth: the ceiling for memory-bound decoding. Every thread streams its share of a buffer
-//! much larger than the last-level cache, in each of a few access patterns, and the best pattern is the
+//! much larger than the last-level cache ([`default_probe_bytes`]), in each of a few access patterns, and the best pattern is the
 //! figure: a probe slower than some reader of the same memory would not be the machine's limit. (On an AMD
 //! Zen 4 VM the earlier probe, 16 short prefetched streams per thread, read 22-30 GB/s while our dense
 //! kernels read up to 46; this one read 31-34 next to 33 for the dense f32 kernel.)
@@ -15,44 +15,102 @@ pub const MAX_REPEATS: usize = 1000;
 /// Most threads.
 pub const MAX_THREADS: usize = 4096;
 
+/// Smallest default probe buffer, and the last-level cache assumed where the system does not say.
+const MIN_DEFAULT_BYTES: usize = 1 << 30;
+const ASSUMED_LLC_BYTES: usize = 32 << 20;
+
+/// The largest cache of this machine in bytes, as Linux reports it for CPU 0
+/// (`/sys/devices/system/cpu/cpu0/cache/index*/size`), or `None` where it does not.
+pub fn last_level_cache_bytes() -> Option<usize> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("size")).ok())
+        .filter_map(|s| parse_cache_size(s.trim()))
+        .max()
+}
+
+/// `"307200K"`, `"32M"` or a plain byte count as bytes.
+fn parse_cache_size(s: &str) -> Option<usize> {
+    let (digits, unit) = match s.as_bytes().last()? {
+        b'K' => (&s[..s.len() - 1], 1 << 10),
+        b'M' => (&s[..s.len() - 1], 1 << 20),
+        b'G' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    digits.parse::<usize>().ok()?.checked_mul(unit)
+}
+
+/// The buffer a probe of DRAM reads by default: four times the last-level cache and at least 1 GiB. A buffer
+/// a large cache holds in good part (a 256 MiB probe under a 300 MiB L3) reads faster than memory and makes
+/// every fraction of bandwidth measured against it look worse than it is.
+pub fn default_probe_bytes() -> usize {
+    let llc = last_level_cache_bytes().unwrap_or(ASSUMED_LLC_BYTES);
+    llc.saturating_mul(4).clamp(MIN_DEFAULT_BYTES, MAX_BYTES)
+}
+
 /// How many parts of its share each thread reads side by side, one pattern per entry.
 const STREAMS: [usize; 3] = [1, 2, 4];
 
 /// Best-of-`repeats` read bandwidth in GB/s (1e9 bytes/s) over a `bytes`-sized buffer with `threads` threads,
 /// the best over [`STREAMS`]: each thread reads one contiguous share (as the kernels' row tasks do), split
-/// into that many equal parts read side by side.
+/// into that many equal parts read side by side. A new buffer each call; [`Probe`] keeps one for many.
 /// Sizes past [`MAX_BYTES`], [`MAX_REPEATS`] or [`MAX_THREADS`], and a buffer the allocator refuses, are errors.
 pub fn measure_read_bandwidth(bytes: usize, threads: usize, repeats: usize) -> Result<f64> {
-    const OP: &str = "measure_read_bandwidth";
-    if bytes > MAX_BYTES {
-        return Err(Error::invalid(OP, format!("nbytes {bytes} is over the limit of {MAX_BYTES}")));
-    }
-    if repeats > MAX_REPEATS || threads > MAX_THREADS {
-        return Err(Error::invalid(
-            OP,
-            format!("repeats {repeats} / threads {threads} are over the limits {MAX_REPEATS} / {MAX_THREADS}"),
-        ));
-    }
-    let words = (bytes / 8).max(1 << 12);
-    let mut buf: Vec<u64> = Vec::new();
-    buf.try_reserve_exact(words).map_err(|_| Error::invalid(OP, format!("cannot allocate {bytes} bytes")))?;
-    // Touch every page so the timed passes read memory, not the zero page.
-    buf.extend(0..words as u64);
-    let threads = threads.max(1);
-    let per_task = words.div_ceil(threads);
-    let mut best = f64::INFINITY;
-    for _ in 0..repeats.max(1) {
-        for streams in STREAMS {
-            let t = Instant::now();
-            parallel::global().run(threads, threads, &|i| {
-                let lo = (i * per_task).min(words);
-                let hi = (lo + per_task).min(words);
-                std::hint::black_box(read_streams(&buf[lo..hi], streams));
-            });
-            best = best.min(t.elapsed().as_secs_f64());
+    Probe::new(bytes)?.measure(threads, repeats)
+}
+
+/// A probe buffer, allocated and touched once, for measuring bandwidth many times over a run: touching a
+/// buffer several times the last-level cache costs more than reading it.
+pub struct Probe {
+    buf: Vec<u64>,
+}
+
+impl Probe {
+    /// A probe over `bytes` (at least 32 KiB); sizes past [`MAX_BYTES`] and a buffer the allocator refuses
+    /// are errors.
+    pub fn new(bytes: usize) -> Result<Probe> {
+        const OP: &str = "measure_read_bandwidth";
+        if bytes > MAX_BYTES {
+            return Err(Error::invalid(OP, format!("nbytes {bytes} is over the limit of {MAX_BYTES}")));
         }
+        let words = (bytes / 8).max(1 << 12);
+        let mut buf: Vec<u64> = Vec::new();
+        buf.try_reserve_exact(words).map_err(|_| Error::invalid(OP, format!("cannot allocate {bytes} bytes")))?;
+        // Touch every page so the timed passes read memory, not the zero page.
+        buf.extend(0..words as u64);
+        Ok(Probe { buf })
     }
-    Ok((words * 8) as f64 / best / 1e9)
+
+    /// The buffer's size in bytes.
+    pub fn nbytes(&self) -> usize {
+        self.buf.len() * 8
+    }
+
+    /// Best-of-`repeats` read bandwidth in GB/s over the buffer with `threads` threads (see
+    /// [`measure_read_bandwidth`]); more than [`MAX_REPEATS`] or [`MAX_THREADS`] is an error.
+    pub fn measure(&self, threads: usize, repeats: usize) -> Result<f64> {
+        if repeats > MAX_REPEATS || threads > MAX_THREADS {
+            return Err(Error::invalid(
+                "measure_read_bandwidth",
+                format!("repeats {repeats} / threads {threads} are over the limits {MAX_REPEATS} / {MAX_THREADS}"),
+            ));
+        }
+        let (buf, words) = (&self.buf, self.buf.len());
+        let threads = threads.max(1);
+        let per_task = words.div_ceil(threads);
+        let mut best = f64::INFINITY;
+        for _ in 0..repeats.max(1) {
+            for streams in STREAMS {
+                let t = Instant::now();
+                parallel::global().run(threads, threads, &|i| {
+                    let lo = (i * per_task).min(words);
+                    let hi = (lo + per_task).min(words);
+                    std::hint::black_box(read_streams(&buf[lo..hi], streams));
+                });
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+        }
+        Ok((words * 8) as f64 / best / 1e9)
+    }
 }
 
 /// Reads `s` as `streams` equal parts side by side, two cache lines of each in turn (a tail alone).
@@ -122,6 +180,31 @@ mod tests {
     fn measures_a_positive_finite_bandwidth() {
         let gbs = super::measure_read_bandwidth(1 << 20, 2, 2).unwrap();
         assert!(gbs.is_finite() && gbs > 0.0);
+        let probe = super::Probe::new(1 << 20).unwrap();
+        assert_eq!(probe.nbytes(), 1 << 20);
+        for _ in 0..2 {
+            let gbs = probe.measure(2, 1).unwrap();
+            assert!(gbs.is_finite() && gbs > 0.0);
+        }
+        assert!(probe.measure(1, usize::MAX).is_err() && probe.measure(usize::MAX, 1).is_err());
+    }
+
+    #[test]
+    fn cache_sizes_parse_as_linux_writes_them() {
+        assert_eq!(super::parse_cache_size("307200K"), Some(300 << 20));
+        assert_eq!(super::parse_cache_size("32M"), Some(32 << 20));
+        assert_eq!(super::parse_cache_size("4096"), Some(4096));
+        assert_eq!(super::parse_cache_size("K"), None);
+        assert_eq!(super::parse_cache_size("12Q"), None);
+    }
+
+    #[test]
+    fn the_default_probe_outsizes_the_last_level_cache() {
+        let bytes = super::default_probe_bytes();
+        assert!(((1 << 30)..=super::MAX_BYTES).contains(&bytes));
+        if let Some(llc) = super::last_level_cache_bytes() {
+            assert!(bytes >= (4 * llc).min(super::MAX_BYTES), "{bytes} against an LLC of {llc}");
+        }
     }
 
     #[test]

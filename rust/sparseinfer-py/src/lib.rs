@@ -870,7 +870,8 @@ fn num_threads(py: Python<'_>) -> PyResult<usize> {
     guard(py, "num_threads", || Ok(core::parallel::num_threads()))
 }
 
-/// Best-of-`repeats` memory read bandwidth in GB/s over `nbytes` (default 1 GiB) with `threads` threads
+/// Best-of-`repeats` memory read bandwidth in GB/s over `nbytes` (default: four times the last-level cache, at
+/// least 1 GiB; `bandwidth::default_probe_bytes`) with `threads` threads
 /// (default: the kernel thread count), `repeats` (default 5) times.
 #[pyfunction]
 #[pyo3(signature = (nbytes = None, threads = None, repeats = None))]
@@ -882,11 +883,58 @@ fn measure_read_bandwidth<'py>(
 ) -> PyResult<f64> {
     const OP: &str = "measure_read_bandwidth";
     guard(py, OP, || {
-        let nbytes = opt_int_arg::<usize>(py, OP, "nbytes", nbytes)?.unwrap_or(1 << 30);
+        let nbytes =
+            opt_int_arg::<usize>(py, OP, "nbytes", nbytes)?.unwrap_or_else(core::bandwidth::default_probe_bytes);
         let threads = opt_int_arg::<usize>(py, OP, "threads", threads)?.unwrap_or_else(core::parallel::num_threads);
         let repeats = opt_int_arg::<usize>(py, OP, "repeats", repeats)?.unwrap_or(5);
         py.detach(move || core::bandwidth::measure_read_bandwidth(nbytes, threads, repeats)).map_err(|e| to_py(py, e))
     })
+}
+
+/// A bandwidth probe whose buffer (`nbytes`, default as [`measure_read_bandwidth`]'s) is allocated and touched
+/// once, for benchmarks that probe between many timed rounds.
+#[pyclass(name = "BandwidthProbe", module = "sparseinfer._core", frozen)]
+struct PyBandwidthProbe {
+    inner: core::bandwidth::Probe,
+}
+
+#[pymethods]
+impl PyBandwidthProbe {
+    #[new]
+    #[pyo3(signature = (nbytes = None))]
+    fn new<'py>(py: Python<'py>, nbytes: Option<&Bound<'py, PyAny>>) -> PyResult<Self> {
+        const OP: &str = "BandwidthProbe";
+        guard(py, OP, || {
+            let nbytes =
+                opt_int_arg::<usize>(py, OP, "nbytes", nbytes)?.unwrap_or_else(core::bandwidth::default_probe_bytes);
+            let inner = py.detach(move || core::bandwidth::Probe::new(nbytes)).map_err(|e| to_py(py, e))?;
+            Ok(PyBandwidthProbe { inner })
+        })
+    }
+
+    /// The buffer's size in bytes.
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.inner.nbytes()
+    }
+
+    /// Best-of-`repeats` (default 5) read bandwidth in GB/s over the buffer with `threads` threads (default:
+    /// the kernel thread count).
+    #[pyo3(signature = (threads = None, repeats = None))]
+    fn measure<'py>(
+        &self,
+        py: Python<'py>,
+        threads: Option<&Bound<'py, PyAny>>,
+        repeats: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<f64> {
+        const OP: &str = "BandwidthProbe.measure";
+        guard(py, OP, || {
+            let threads = opt_int_arg::<usize>(py, OP, "threads", threads)?.unwrap_or_else(core::parallel::num_threads);
+            let repeats = opt_int_arg::<usize>(py, OP, "repeats", repeats)?.unwrap_or(5);
+            let probe = &self.inner;
+            py.detach(move || probe.measure(threads, repeats)).map_err(|e| to_py(py, e))
+        })
+    }
 }
 
 #[pymodule]
@@ -895,6 +943,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyModel>()?;
     m.add_class::<PyGenerator>()?;
     m.add_class::<PySeq2SeqModel>()?;
+    m.add_class::<PyBandwidthProbe>()?;
     m.add_function(wrap_pyfunction!(load_model, m)?)?;
     m.add_function(wrap_pyfunction!(supported_architectures, m)?)?;
     m.add_function(wrap_pyfunction!(pack, m)?)?;
