@@ -15,7 +15,6 @@ ratios; the markdown tables go to stdout.
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -71,8 +70,10 @@ def main() -> None:
             row += [f"{min(d):.1f}-{max(d):.1f}", f"{min(p):.1f}-{max(p):.1f}"]
         print(f"| {fmt} | " + " | ".join(row) + " |")
     print()
-    print("| format | ratio | decode, per round | prefill, per round | prefill, median |")
-    print("|---|---|---|---|---|")
+    print(
+        "| format | ratio | decode, per round | decode, median (range) | prefill, per round | prefill, median (range) |"
+    )
+    print("|---|---|---|---|---|---|")
     base = names[0]
     for fmt in formats:
         for n in names[1:]:
@@ -80,8 +81,8 @@ def main() -> None:
             rd = [b["decode"] / a["decode"] for a, b in pairs]
             rp = [b["prefill"] / a["prefill"] for a, b in pairs]
             print(
-                f"| {fmt} | {n} / {base} | {', '.join(f'{x:.2f}' for x in rd)} | "
-                f"{', '.join(f'{x:.2f}' for x in rp)} | {statistics.median(rp):.2f} |"
+                f"| {fmt} | {n} / {base} | {', '.join(f'{x:.2f}' for x in rd)} | {harness.fmt_spread(rd)} | "
+                f"{', '.join(f'{x:.2f}' for x in rp)} | {harness.fmt_spread(rp)} |"
             )
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -308,12 +307,6 @@ def logits_ours(model_dir: Path, out: Path) -> dict:
     }
 
 
-def run_in(python: str, *args: str) -> str:
-    """Runs this file with `args` under `python` and returns its last output line."""
-    out = subprocess.run([python, __file__, *args], capture_output=True, text=True, check=True).stdout
-    return out.strip().splitlines()[-1]
-
-
 def run_case(case: dict, python: str) -> dict:
     """One case in its own process (the runtimes never share memory or threads): `python` for llama.cpp."""
     py = python if case["runtime"] == "llama.cpp" else sys.executable
@@ -383,12 +376,12 @@ def main() -> None:
         return
     if a.quantize:
         src, out, kind = a.quantize
-        print(quantize(Path(src), Path(out), kind))
+        print(json.dumps({"path": str(quantize(Path(src), Path(out), kind))}))
         return
     if a.version:
         import llama_cpp
 
-        print(llama_cpp.__version__)
+        print(json.dumps({"version": llama_cpp.__version__}))
         return
 
     import llama_models
@@ -417,8 +410,8 @@ def main() -> None:
     ggufs = {k: a.work / f"{stem}-{k}.gguf" for k in ("q8_0", "q4_0")}
     for kind, path in ggufs.items():
         if not path.exists():
-            run_in(a.llamacpp_python, "--quantize", str(f16), str(path), kind)
-    version = run_in(a.llamacpp_python, "--version")
+            harness.run_json([a.llamacpp_python, __file__, "--quantize", str(f16), str(path), kind], what=kind)
+    version = harness.run_json([a.llamacpp_python, __file__, "--version"], what="llama.cpp version")["version"]
     check = check_same_function(f16, dense, a.work, a.llamacpp_python, "2:4" if a.ct24 else "dense")
 
     def ours(model_dir, fmt):

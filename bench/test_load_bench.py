@@ -1,10 +1,10 @@
 """Load time: packing from the checkpoint against reading the load cache (`sparseinfer.load(pack_cache=...)`).
 
-The random Llama-shaped 1B model (`llama_models.py`, f16 safetensors), loaded as sparse-int8 and sparse-int4
-(70 % sparse copy) and dense-int4; each round loads once without the cache and once from it, in alternating
-order, and records both times, the cache entry's size and the read rate it implies against the read bandwidth
-measured in the same round. The entry sits in the page cache after the first load (as on a second load in
-practice); a cold disk adds its own read time.
+The random Llama-shaped 1B model (`llama_models.py`, f16 safetensors), loaded as sparse-int8 and sparse-int4 (70 %
+sparse copy) and dense-int4; each round loads once without the cache and once from it, in an order rotated round by
+round (bench/harness.py), and records both times, the cache entry's size and the read rate it implies against the
+read bandwidth measured in the same round. The entry sits in the page cache after the first load (as on a second
+load in practice); a cold disk adds its own read time.
 
     make bench-load   # JSON in bench/results/, table in docs/benchmarks/load.md
 
@@ -22,6 +22,8 @@ import sparseinfer
 from sparseinfer import kernels
 
 llama_models = pytest.importorskip("llama_models")
+
+import harness  # noqa: E402  (bench/harness.py, beside this file)
 
 CASES = [("sparse-int8", 0.7), ("sparse-int4", 0.7), ("dense-int4", 0.0)]
 ROUNDS = 3
@@ -45,15 +47,27 @@ def test_load(benchmark, tmp_path, fmt, sparsity):
     write_s, outcome = timed_load(path, fmt, cache)
     assert outcome == "written"
     (entry,) = cache.glob("*.pack")
-    results = []
-    for r in range(rounds):
-        bw = kernels.measure_read_bandwidth(repeats=3)
-        times = {}
-        for cached in (False, True) if r % 2 == 0 else (True, False):
-            dt, outcome = timed_load(path, fmt, cache if cached else False)
-            assert outcome == ("hit" if cached else "off")
-            times[cached] = dt
-        results.append({"read_bandwidth_gbs": bw, "packing_s": times[False], "cached_s": times[True]})
+
+    def run(name, cached):
+        dt, outcome = timed_load(path, fmt, cache if cached else False)
+        assert outcome == ("hit" if cached else "off")
+        return {"s": dt}
+
+    records = harness.interleave(
+        [("packing", False), ("cached", True)],
+        rounds,
+        run,
+        probe=lambda: kernels.measure_read_bandwidth(repeats=3),
+    )
+    results = [
+        {
+            "read_bandwidth_gbs": rec["read_bandwidth_gbs"],
+            "order": rec["order"],
+            "packing_s": rec["results"]["packing"]["s"],
+            "cached_s": rec["results"]["cached"]["s"],
+        }
+        for rec in records
+    ]
     packing = statistics.median(r["packing_s"] for r in results)
     cached = statistics.median(r["cached_s"] for r in results)
     benchmark.group = f"load {size}"
