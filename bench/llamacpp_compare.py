@@ -313,6 +313,34 @@ def run_case(case: dict, python: str) -> dict:
     return harness.run_json([py, __file__, "--one", json.dumps(case)], what=f"{case['runtime']} {case.get('fmt', '')}")
 
 
+def paired_lines(rounds: list[dict], names: list[str]) -> list[str]:
+    """Ratios paired within each round, median (range) over the rounds: every sparseinfer case against
+    llama.cpp at its bit width and, for a sparse case, against our dense case at that width."""
+
+    def ratio_row(n: str, b: str) -> str:
+        dec = [r["decode_tok_s"][n] / r["decode_tok_s"][b] for r in rounds]
+        pre = [r["prefill_tok_s"][n] / r["prefill_tok_s"][b] for r in rounds]
+        return f"| {n} / {b} | {harness.fmt_spread(dec)} | {harness.fmt_spread(pre)} |"
+
+    rows = []
+    for n in names:
+        if not n.startswith("sparseinfer"):
+            continue
+        width = "int4" if "int4" in n else "int8"
+        bases = ["llama.cpp Q4_0" if width == "int4" else "llama.cpp Q8_0"]
+        if " sparse-" in n:
+            bases.append(f"sparseinfer dense-{width}")
+        rows += [ratio_row(n, b) for b in bases if b in names]
+    return [
+        "",
+        "Paired within each round (both cases minutes apart on the same machine), median and range over the rounds:",
+        "",
+        "| ratio | decode | prefill |",
+        "|---|---|---|",
+        *rows,
+    ]
+
+
 def one(case: dict) -> dict:
     if case.get("logits"):
         if case["runtime"] == "llama.cpp":
@@ -539,6 +567,7 @@ def main() -> None:
         f"{' / '.join(r.get('pack_cache', {}).get(n, '-') for r in rounds)} | {rss[n]:.1f} |"
         for n, _ in cases
     ]
+    lines += paired_lines(rounds, [n for n, _ in cases])
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{name}.md").write_text("\n".join(lines) + "\n")
     result = {"cases": [n for n, _ in cases], "check": check, "rounds": rounds}
