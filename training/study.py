@@ -556,11 +556,15 @@ class Study:
             steps = max(2, self.b["sweep_tokens"] // self.tokens_per_step)
             warmup = min(self.b["warmup_steps"], steps // 5)
             t0 = time.time()
+            final = {}
 
             def on_step(step, terms):
                 if step not in (steps // 2, steps):
                     return False
-                val = _short(self.evaluate(student, self.val))
+                full = self.evaluate(student, self.val)
+                if step == steps:
+                    final.update(full)
+                val = _short(full)
                 point = {"step": step, "tokens": step * self.tokens_per_step, **val}
                 point["loss"] = {k: v for k, v in terms.items() if v}
                 self._record_point(name, step, point)
@@ -580,7 +584,9 @@ class Study:
                 "steps": r["steps"],
                 "training_tokens": r["steps"] * self.tokens_per_step,
                 "curve": prog["curve"],
-                "validation": _short(prog["curve"][-1]),
+                # With its per-chunk NLL (a run resumed past its last evaluation has only the curve's point):
+                # every rate is scored on the same chunks, so rates compare by a paired interval.
+                "validation": final or _short(prog["curve"][-1]),
                 "seconds_this_session": time.time() - t0,
             }
 
@@ -1107,7 +1113,8 @@ def sweep_lines(cells: dict, budget: dict) -> list[str]:
         "",
         "`python training/study.py --sweep`: the same SparseGPT model and data order per sparsity, linear decay to 0 "
         "over the run; scored on the validation plays (never the held-out ones; every run on the same chunks, so "
-        "differences between rates are tighter than each run's own interval). Half way / at the end:",
+        "differences between rates are tighter than each run's own interval: runs that kept their per-chunk NLL "
+        "compare by a paired interval below). Half way / at the end:",
         "",
         "| sparsity | learning rate | validation ppl half way | validation ppl at the end [95 % CI] |",
         "|---|---|---|---|",
@@ -1125,6 +1132,11 @@ def sweep_lines(cells: dict, budget: dict) -> list[str]:
         if used and used is not best:
             gain = 1 - best["validation"]["ppl"] / used["validation"]["ppl"]
             line += f", {gain:.1%} below the study's {used['lr']:g}"
+            if "chunk_nll" in best["validation"] and "chunk_nll" in used["validation"]:
+                lo, hi = D.bootstrap_interval(_nll(best["validation"]), _nll(used["validation"]))
+                ratio = best["validation"]["ppl"] / used["validation"]["ppl"]
+                verdict = "resolved" if hi < 1 else "not resolved"
+                line += f" (paired ratio {ratio:.3f} [{lo:.3f}, {hi:.3f}]: {verdict})"
         elif used:
             line += ": the study's rate"
         L.append(line)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -96,6 +97,9 @@ def test_the_learning_rate_sweep_scores_each_rate_on_the_validation_plays(study,
         assert [p["step"] for p in c["curve"]] == [c["steps"] // 2, c["steps"]]
         assert c["validation"]["ppl"] == c["curve"][-1]["ppl"] > 1
         assert "chunk_nll" not in c  # held-out figures are never part of the sweep
+        # The validation chunks' NLL is kept, so rates compare by a paired interval.
+        v = c["validation"]
+        assert len(v["chunk_nll"]) == len(v["chunk_tokens"]) > 1
     # Same model, data and seed: only the rate differs, and it moves the result.
     a, b = (cells[n]["validation"]["ppl"] for n in sorted(cells))
     assert a != b
@@ -107,6 +111,39 @@ def test_the_learning_rate_sweep_scores_each_rate_on_the_validation_plays(study,
     text = (tmp_path / "out" / "study.md").read_text()
     assert "## Learning-rate sweep" in text and "| 70% | 0.0001 (the study's) |" in text
     assert re.search(r"- 70%: best rate 0\.00?1 ", text)
+
+
+def test_sweep_rates_compare_by_a_paired_interval_over_the_same_chunks():
+    S = _study_module()
+    rng = np.random.default_rng(0)
+    base = rng.uniform(300.0, 400.0, 64)  # per-chunk NLL, 128 tokens each: the chunks differ a lot
+    tokens = [128] * 64
+
+    def cell(lr, nll):
+        ppl = float(np.exp(nll.sum() / (128 * 64)))
+        v = {"ppl": ppl, "ci95": [ppl * 0.9, ppl * 1.1], "chunk_nll": list(nll), "chunk_tokens": tokens}
+        return {
+            "kind": "lr-sweep",
+            "sparsity": 0.7,
+            "lr": lr,
+            "training_tokens": 1000,
+            "curve": [v, v],
+            "validation": v,
+        }
+
+    cells = {
+        "a": cell(1e-4, base),
+        # 1 % less NLL on every chunk: far inside each run's own interval, resolved by pairing.
+        "b": cell(1e-3, base * 0.99),
+    }
+    text = "\n".join(S.sweep_lines(cells, {"lr": {0.7: 1e-4}}))
+    m = re.search(r"best rate 0\.001 .*study's 0\.0001 \(paired ratio (0\.\d+) \[(\S+), (\S+)\]: resolved\)", text)
+    assert m, text
+    assert float(m[3]) < 1
+    # Without per-chunk NLL (runs from before it was kept) the line has no paired interval.
+    for c in cells.values():
+        del c["validation"]["chunk_nll"]
+    assert "paired ratio" not in "\n".join(S.sweep_lines(cells, {"lr": {0.7: 1e-4}}))
 
 
 def test_a_study_seeded_from_another_reuses_its_teacher_and_one_shot_models(study, tmp_path):
