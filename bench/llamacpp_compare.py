@@ -324,7 +324,7 @@ def paired_lines(rounds: list[dict], names: list[str]) -> list[str]:
 
     rows = []
     for n in names:
-        if not n.startswith("sparseinfer"):
+        if not n.startswith("sparseinfer") or not ("int4" in n or "int8" in n):
             continue
         width = "int4" if "int4" in n else "int8"
         bases = ["llama.cpp Q4_0" if width == "int4" else "llama.cpp Q8_0"]
@@ -500,11 +500,12 @@ def main() -> None:
             raise SystemExit(f"{case_name} ran on {res['kernel_isa']}, not {a.isa}")
         return res
 
+    probe = kernels.BandwidthProbe()
     records = harness.interleave(
         cases,
         a.rounds,
         run,
-        probe=lambda: kernels.measure_read_bandwidth(repeats=3),
+        probe=lambda: probe.measure(repeats=3),
         log=lambda line: print(line, flush=True),
     )
     rounds = [

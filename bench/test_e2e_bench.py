@@ -166,11 +166,13 @@ def test_paired_sparse_vs_dense(benchmark, token):
         assert m.last_stats.new_tokens == new_tokens
         return m.last_stats.decode_tokens_per_s
 
+    # One probe buffer for the rounds (a small one with timing disabled: `make test` wants no real probe).
+    probe = kernels.BandwidthProbe(1 << 22 if disabled else None)
     records = harness.interleave(
         [("dense", models[0]), ("sparse", models[1])],
         rounds,
         lambda _, m: {"tok_s": decode(m)},
-        probe=lambda: kernels.measure_read_bandwidth(repeats=3),
+        probe=lambda: probe.measure(repeats=3),
     )
     results = [
         {

@@ -101,8 +101,8 @@ def test_matvec(benchmark, bandwidth, shape, fmt, sparsity):
         benchmark.pedantic(lambda: None, rounds=1, iterations=1)
         return
     # A round runs the next SEGMENT_BYTES of the rotation (every matrix still comes from DRAM) between two
-    # bandwidth probes of as many bytes. This VM's read bandwidth jumps between ~32 and ~55 GB/s, for
-    # seconds to minutes at a time: a round counts only if its two probes agree within STABLE (the bandwidth
+    # bandwidth probes (each over four times the last-level caches). A VM's read bandwidth can jump by tens of
+    # percent for seconds to minutes at a time: a round counts only if its two probes agree within STABLE (the bandwidth
     # did not jump during it), and the case is judged on its GB/s over the mean of its two probes, the median
     # over KEEP_ROUNDS rounds.
     per_round = min(n, -(-SEGMENT_BYTES // nbytes))
@@ -190,8 +190,9 @@ def test_paired_vs_numpy(benchmark, shape):
     for name in rotations:
         per_matvec(name)  # warm up: page everything in
     rounds = []
+    probe = kernels.BandwidthProbe(1 << 22 if benchmark.disabled else None)
     for _ in range(1 if benchmark.disabled else PAIRED_ROUNDS):
-        bw = kernels.measure_read_bandwidth(repeats=3)
+        bw = probe.measure(repeats=3)
         rounds.append({"read_bandwidth_gbs": bw, "time_us": {n: per_matvec(n) * 1e6 for n in rotations}})
     speedups = {n: statistics.median(r["time_us"]["numpy-f32"] / r["time_us"][n] for r in rounds) for n in rotations}
     benchmark.group = f"paired {shape}"

@@ -53,11 +53,12 @@ def test_load(benchmark, tmp_path, fmt, sparsity):
         assert outcome == ("hit" if cached else "off")
         return {"s": dt}
 
+    probe = kernels.BandwidthProbe(1 << 22 if disabled else None)
     records = harness.interleave(
         [("packing", False), ("cached", True)],
         rounds,
         run,
-        probe=lambda: kernels.measure_read_bandwidth(repeats=3),
+        probe=lambda: probe.measure(repeats=3),
     )
     results = [
         {

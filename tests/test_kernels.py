@@ -329,5 +329,7 @@ def test_bandwidth_probe():
     assert kernels.measure_read_bandwidth(nbytes=1 << 22, repeats=2) > 0
     probe = kernels.BandwidthProbe(1 << 22)
     assert probe.nbytes == 1 << 22
+    # Whole 8-byte words, at least 32 KiB.
+    assert kernels.BandwidthProbe(0).nbytes == 32768 and kernels.BandwidthProbe((1 << 20) + 7).nbytes == 1 << 20
     assert all(probe.measure(repeats=1) > 0 for _ in range(2))
     assert probe.measure(threads=1, repeats=2) > 0

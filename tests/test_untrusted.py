@@ -357,9 +357,12 @@ def test_bandwidth_probe_sizes_are_validated():
         """,
         [
             {"nbytes": 10**15},
+            {"nbytes": 2**63 - 1},
             {"nbytes": -1},
             {"nbytes": 1.5},
+            {"nbytes": True},
             {"repeats": 10**12},
+            {"repeats": -1},
             {"threads": 10**9},
             {"threads": -3},
         ],

@@ -584,9 +584,9 @@ class Study:
                 "steps": r["steps"],
                 "training_tokens": r["steps"] * self.tokens_per_step,
                 "curve": prog["curve"],
-                # With its per-chunk NLL (a run resumed past its last evaluation has only the curve's point):
-                # every rate is scored on the same chunks, so rates compare by a paired interval.
-                "validation": final or _short(prog["curve"][-1]),
+                # With its per-chunk NLL (scored again if a resumed run had passed its last evaluation): every
+                # rate is scored on the same chunks, so rates compare by a paired interval.
+                "validation": final or self.evaluate(student, self.val),
                 "seconds_this_session": time.time() - t0,
             }
 
@@ -674,7 +674,7 @@ class Study:
                         "bytes_per_token": info["bytes_per_token"],
                     }
                 )
-            bw = sparseinfer.kernels.measure_read_bandwidth(nbytes=512 << 20, repeats=3)
+            bw = sparseinfer.kernels.measure_read_bandwidth(repeats=3)
             return {
                 "kind": "speed",
                 "exports": [Path(e).name for e in exports],
@@ -1008,7 +1008,7 @@ def fit_floor(tokens, ppl) -> tuple[float, float, float]:
     a learning curve's points after step 0 (``t`` in millions of tokens): ``(a, b, c)``, ``a`` being where the
     curve's shape levels off. ``c`` on a grid, ``a`` and ``b`` in closed form for each, with ``a >= FLOOR_MIN``:
     a curve that bends too little for its floor to show would otherwise fit a floor below any perplexity. A fit
-    at that bound says no floor is visible yet (``floor_label``)."""
+    at or near that bound finds no floor yet (``floor_label``)."""
     t = np.asarray(tokens, float) / 1e6
     y = np.asarray(ppl, float)
     keep = t > 0
@@ -1029,13 +1029,15 @@ def fit_floor(tokens, ppl) -> tuple[float, float, float]:
     return best[1:]
 
 
-# A fitted floor under this (a model nearly sure of every token of Shakespeare) is the fit finding none.
-FLOOR_SEEN = 2.0
+# A fitted floor under this fraction of the dense teacher's perplexity (a sparse student far better than its
+# teacher) is the fit finding none: the curve still falls as a power law.
+FLOOR_SEEN = 0.5
 
 
 def floor_label(a: float, dense: float) -> tuple[str, str]:
-    """A fitted floor and its gap to the teacher as table cells; one under ``FLOOR_SEEN`` is no floor seen."""
-    if a < FLOOR_SEEN:
+    """A fitted floor and its gap to the teacher as table cells; one under ``FLOOR_SEEN · dense`` is no floor
+    seen."""
+    if a < FLOOR_SEEN * dense:
         return "none visible (power law)", "-"
     return f"{a:.2f}", f"{a / dense - 1:+.1%}"
 
@@ -1132,7 +1134,10 @@ def sweep_lines(cells: dict, budget: dict) -> list[str]:
         if used and used is not best:
             gain = 1 - best["validation"]["ppl"] / used["validation"]["ppl"]
             line += f", {gain:.1%} below the study's {used['lr']:g}"
-            if "chunk_nll" in best["validation"] and "chunk_nll" in used["validation"]:
+            same_chunks = all("chunk_nll" in c["validation"] for c in (best, used)) and (
+                best["validation"]["chunk_tokens"] == used["validation"]["chunk_tokens"]
+            )
+            if same_chunks:
                 lo, hi = D.bootstrap_interval(_nll(best["validation"]), _nll(used["validation"]))
                 ratio = best["validation"]["ppl"] / used["validation"]["ppl"]
                 verdict = "resolved" if hi < 1 else "not resolved"
@@ -1175,6 +1180,7 @@ def goal_lines(cells: dict, curves: dict, dense: float) -> list[str]:
                 "more tokens of this shape would not close the gap"
                 if need is None
                 else f"it would reach the target after ~{need / 1e6:.1f}M tokens of this shape"
+                + (" at the earliest (no floor fitted)" if gap == "-" else "")
             )
         L.append(line + ".")
     ce = cells.get("ft-ce-70")

@@ -1,8 +1,7 @@
 //! Memory read bandwidth: the ceiling for memory-bound decoding. Every thread streams its share of a buffer
-//! much larger than the last-level cache ([`default_probe_bytes`]), in each of a few access patterns, and the best pattern is the
-//! figure: a probe slower than some reader of the same memory would not be the machine's limit. (On an AMD
-//! Zen 4 VM the earlier probe, 16 short prefetched streams per thread, read 22-30 GB/s while our dense
-//! kernels read up to 46; this one read 31-34 next to 33 for the dense f32 kernel.)
+//! much larger than the last-level caches ([`default_probe_bytes`]), in each of a few access patterns, and the
+//! best pattern is the figure: a probe slower than some reader of the same memory would not be the machine's
+//! limit.
 
 use crate::error::{Error, Result};
 use crate::parallel;
@@ -19,13 +18,34 @@ pub const MAX_THREADS: usize = 4096;
 const MIN_DEFAULT_BYTES: usize = 1 << 30;
 const ASSUMED_LLC_BYTES: usize = 32 << 20;
 
-/// The largest cache of this machine in bytes, as Linux reports it for CPU 0
-/// (`/sys/devices/system/cpu/cpu0/cache/index*/size`), or `None` where it does not.
+/// The last-level cache of this machine in bytes, every instance of it counted once (one per socket, or per
+/// core complex on AMD): the sizes Linux reports for each CPU's highest cache level
+/// (`/sys/devices/system/cpu/cpu*/cache/index*/`), summed over distinct `shared_cpu_list`s; `None` where
+/// the system does not say.
 pub fn last_level_cache_bytes() -> Option<usize> {
-    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
-    dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("size")).ok())
-        .filter_map(|s| parse_cache_size(s.trim()))
-        .max()
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string());
+    let mut seen = std::collections::BTreeMap::new();
+    for cpu in std::fs::read_dir("/sys/devices/system/cpu").ok()?.flatten() {
+        let name = cpu.file_name();
+        let name = name.to_string_lossy();
+        if !name.strip_prefix("cpu").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
+            continue;
+        }
+        let Ok(caches) = std::fs::read_dir(cpu.path().join("cache")) else { continue };
+        // This CPU's highest-level cache: (level, size, who shares it).
+        let top = caches
+            .flatten()
+            .filter_map(|e| {
+                let level = read(e.path().join("level"))?.parse::<u32>().ok()?;
+                let size = parse_cache_size(&read(e.path().join("size"))?)?;
+                Some((level, size, read(e.path().join("shared_cpu_list")).unwrap_or_default()))
+            })
+            .max_by_key(|&(level, size, _)| (level, size));
+        if let Some((_, size, shared)) = top {
+            seen.insert(if shared.is_empty() { name.into_owned() } else { shared }, size);
+        }
+    }
+    seen.values().try_fold(0usize, |a, &b| a.checked_add(b)).filter(|&n| n > 0)
 }
 
 /// `"307200K"`, `"32M"` or a plain byte count as bytes.
@@ -39,9 +59,9 @@ fn parse_cache_size(s: &str) -> Option<usize> {
     digits.parse::<usize>().ok()?.checked_mul(unit)
 }
 
-/// The buffer a probe of DRAM reads by default: four times the last-level cache and at least 1 GiB. A buffer
-/// a large cache holds in good part (a 256 MiB probe under a 300 MiB L3) reads faster than memory and makes
-/// every fraction of bandwidth measured against it look worse than it is.
+/// The buffer a probe of DRAM reads by default: four times the last-level caches and at least 1 GiB, so that
+/// the caches serve a negligible part of it and the fractions of bandwidth measured against it are fractions of
+/// what memory delivers.
 pub fn default_probe_bytes() -> usize {
     let llc = last_level_cache_bytes().unwrap_or(ASSUMED_LLC_BYTES);
     llc.saturating_mul(4).clamp(MIN_DEFAULT_BYTES, MAX_BYTES)
@@ -55,7 +75,8 @@ const STREAMS: [usize; 3] = [1, 2, 4];
 /// into that many equal parts read side by side. A new buffer each call; [`Probe`] keeps one for many.
 /// Sizes past [`MAX_BYTES`], [`MAX_REPEATS`] or [`MAX_THREADS`], and a buffer the allocator refuses, are errors.
 pub fn measure_read_bandwidth(bytes: usize, threads: usize, repeats: usize) -> Result<f64> {
-    Probe::new(bytes)?.measure(threads, repeats)
+    const OP: &str = "measure_read_bandwidth";
+    Probe::allocate(OP, bytes)?.measure_as(OP, threads, repeats)
 }
 
 /// A probe buffer, allocated and touched once, for measuring bandwidth many times over a run: touching a
@@ -65,16 +86,20 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// A probe over `bytes` (at least 32 KiB); sizes past [`MAX_BYTES`] and a buffer the allocator refuses
-    /// are errors.
+    /// A probe over `bytes` (rounded down to whole 8-byte words, at least 32 KiB); sizes past [`MAX_BYTES`]
+    /// and a buffer the allocator refuses are errors.
     pub fn new(bytes: usize) -> Result<Probe> {
-        const OP: &str = "measure_read_bandwidth";
+        Probe::allocate("BandwidthProbe", bytes)
+    }
+
+    /// [`Probe::new`], its errors under `op`.
+    fn allocate(op: &'static str, bytes: usize) -> Result<Probe> {
         if bytes > MAX_BYTES {
-            return Err(Error::invalid(OP, format!("nbytes {bytes} is over the limit of {MAX_BYTES}")));
+            return Err(Error::invalid(op, format!("nbytes {bytes} is over the limit of {MAX_BYTES}")));
         }
         let words = (bytes / 8).max(1 << 12);
         let mut buf: Vec<u64> = Vec::new();
-        buf.try_reserve_exact(words).map_err(|_| Error::invalid(OP, format!("cannot allocate {bytes} bytes")))?;
+        buf.try_reserve_exact(words).map_err(|_| Error::invalid(op, format!("cannot allocate {bytes} bytes")))?;
         // Touch every page so the timed passes read memory, not the zero page.
         buf.extend(0..words as u64);
         Ok(Probe { buf })
@@ -88,9 +113,14 @@ impl Probe {
     /// Best-of-`repeats` read bandwidth in GB/s over the buffer with `threads` threads (see
     /// [`measure_read_bandwidth`]); more than [`MAX_REPEATS`] or [`MAX_THREADS`] is an error.
     pub fn measure(&self, threads: usize, repeats: usize) -> Result<f64> {
+        self.measure_as("BandwidthProbe.measure", threads, repeats)
+    }
+
+    /// [`Probe::measure`], its errors under `op`.
+    fn measure_as(&self, op: &'static str, threads: usize, repeats: usize) -> Result<f64> {
         if repeats > MAX_REPEATS || threads > MAX_THREADS {
             return Err(Error::invalid(
-                "measure_read_bandwidth",
+                op,
                 format!("repeats {repeats} / threads {threads} are over the limits {MAX_REPEATS} / {MAX_THREADS}"),
             ));
         }
@@ -196,6 +226,7 @@ mod tests {
         assert_eq!(super::parse_cache_size("4096"), Some(4096));
         assert_eq!(super::parse_cache_size("K"), None);
         assert_eq!(super::parse_cache_size("12Q"), None);
+        assert_eq!(super::parse_cache_size(&format!("{}K", usize::MAX / 512)), None);
     }
 
     #[test]
@@ -203,7 +234,7 @@ mod tests {
         let bytes = super::default_probe_bytes();
         assert!(((1 << 30)..=super::MAX_BYTES).contains(&bytes));
         if let Some(llc) = super::last_level_cache_bytes() {
-            assert!(bytes >= (4 * llc).min(super::MAX_BYTES), "{bytes} against an LLC of {llc}");
+            assert!(bytes >= llc.saturating_mul(4).min(super::MAX_BYTES), "{bytes} against an LLC of {llc}");
         }
     }
 

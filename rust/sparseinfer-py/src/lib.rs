@@ -891,8 +891,9 @@ fn measure_read_bandwidth<'py>(
     })
 }
 
-/// A bandwidth probe whose buffer (`nbytes`, default as [`measure_read_bandwidth`]'s) is allocated and touched
-/// once, for benchmarks that probe between many timed rounds.
+/// A bandwidth probe whose buffer (nbytes, by default as measure_read_bandwidth's: four times the last-level
+/// caches, at least 1 GiB; rounded down to whole 8-byte words, at least 32 KiB) is allocated and touched once,
+/// for benchmarks that probe between many timed rounds.
 #[pyclass(name = "BandwidthProbe", module = "sparseinfer._core", frozen)]
 struct PyBandwidthProbe {
     inner: core::bandwidth::Probe,
