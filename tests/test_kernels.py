@@ -257,7 +257,10 @@ def test_bad_weights_raise_clear_errors(w, msg):
         kernels.pack(w, "sparse-int8")
 
 
-@pytest.mark.parametrize("fmt,group", [("sparse-int8", None), ("sparse-int8", 32), ("sparse-int4", 128)])
+@pytest.mark.parametrize(
+    "fmt,group",
+    [("sparse-int8", None), ("sparse-int8", 32), ("sparse-int4", 128), ("dense-int8", None), ("dense-int4", 32)],
+)
 @pytest.mark.parametrize("layout", ["rows", "tiles"])
 def test_both_layouts_on_every_isa(isa, fmt, group, layout):
     """Tiles (16 rows interleaved per 4 columns) and rows decode to the same weights and pass the same
@@ -275,7 +278,9 @@ def test_bad_options_and_activations_raise_clear_errors():
     with pytest.raises(InvalidInputError, match="layout"):
         kernels.pack(w, "sparse-int8", layout="columns")
     with pytest.raises(InvalidInputError, match="tiled layout"):
-        kernels.pack(w, "dense-int8", layout="tiles")
+        kernels.pack(w, "dense-f32", layout="tiles")
+    with pytest.raises(InvalidInputError, match="tiled layout"):
+        kernels.pack(w, "dense-int4", asymmetric=True, layout="tiles")
     with pytest.raises(InvalidInputError, match="unknown format"):
         kernels.pack(w, "sparse-int3")
     with pytest.raises(InvalidInputError, match="group_size"):

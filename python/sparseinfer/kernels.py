@@ -62,9 +62,9 @@ def pack(
     ``scales``: a float32 ``(out, groups)`` array that fixes a symmetric integer grid instead of fitting one
     (``w`` should then hold ``scale · code`` values, as a quantized checkpoint does).
 
-    ``layout``: ``"auto"`` (the default) tiles sparse-int8 and symmetric sparse-int4 where the AVX-512 VNNI
-    kernels will read them (16 rows interleaved per 4 columns), else keeps rows; ``"rows"`` or ``"tiles"``
-    force one. A tiled matrix builds a row-layout copy the first time another kernel (f32 activations, or a
+    ``layout``: ``"auto"`` (the default) tiles the symmetric integer formats (dense and sparse) where the
+    AVX-512 VNNI kernels will read them (16 rows interleaved per 4 columns), else keeps rows; ``"rows"`` or
+    ``"tiles"`` force one. A tiled matrix builds a row-layout copy the first time another kernel (f32 activations, or a
     forced ISA) needs it. ``m.layout`` says which one a matrix has.
 
     Raises :class:`sparseinfer.InvalidInputError` (a ``ValueError``) for a wrong dtype, shape or layout,

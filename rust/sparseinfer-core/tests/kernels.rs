@@ -127,7 +127,7 @@ fn check_matrix(rows: usize, cols: usize, density: f32, seed: u64, f: Format, o:
     let m = PackedMatrix::pack(&w, rows, cols, f, o).unwrap();
     let ctx = format!("{} {:?} {rows}x{cols} density {density} seed {seed}", f.name(), o);
     let tiled = match o.layout {
-        Layout::Auto => matches!(f, Format::SparseInt8 | Format::SparseInt4) && !o.asymmetric && kernels::reads_tiles(),
+        Layout::Auto => f.elem().is_int() && !o.asymmetric && kernels::reads_tiles(),
         l => l == Layout::Tiles,
     };
     assert_eq!(m.layout(), if tiled { Layout::Tiles } else { Layout::Rows }, "{ctx}");
@@ -376,7 +376,8 @@ fn bad_input_is_an_error_not_a_crash() {
     assert!(PackedMatrix::pack(&[1.0; 4], 2, 2, Format::SparseInt8, a).is_err());
     assert!(Format::from_name("sparse-int3").unwrap_err().to_string().contains("sparse-int8"));
     let t = PackOptions { layout: Layout::Tiles, ..Default::default() };
-    assert!(PackedMatrix::pack(&[1.0; 4], 2, 2, Format::DenseInt8, t).is_err());
+    assert!(PackedMatrix::pack(&[1.0; 4], 2, 2, Format::DenseF32, t).is_err());
+    assert!(PackedMatrix::pack(&[1.0; 4], 2, 2, Format::DenseInt4, PackOptions { asymmetric: true, ..t }).is_err());
     assert!(PackedMatrix::pack(&[1.0; 4], 2, 2, Format::SparseInt4, PackOptions { asymmetric: true, ..t }).is_err());
     assert!(Layout::from_name("columns").unwrap_err().to_string().contains("tiles"));
 

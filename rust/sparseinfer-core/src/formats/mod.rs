@@ -20,8 +20,8 @@
 //!               int4: per 64-column chunk, ceil(n/2) bytes (n = popcount of that chunk's mask), low nibble
 //!                     first, so every chunk starts on a byte boundary
 //! ```
-//! Sparse int8 and symmetric int4 may instead be tiled: 16 rows interleaved per 4 columns, for the AVX-512 VNNI
-//! kernels ([`tiles`] has the diagram). [`Layout`] picks one at pack time; a tiled matrix builds its row-layout
+//! The symmetric integer formats, dense and sparse, may instead be tiled: 16 rows interleaved per 4 columns,
+//! for the AVX-512 VNNI and AMX kernels ([`tiles`] has the diagram). [`Layout`] picks one at pack time; a tiled matrix builds its row-layout
 //! twin ([`PackedMatrix::row_major`]) the first time a kernel that reads rows needs it.
 //!
 //! The sparse mask is bit-compatible with the on-disk `bitmask` (uint8 `[rows, ceil(cols/8)]`, little-endian
@@ -205,9 +205,10 @@ pub struct PackedMatrix {
     pub(crate) asym: bool,
     /// Packed values (dense: `rows × row_bytes`; sparse: see module docs), then [`VALUE_PAD`] zero bytes.
     pub(crate) data: Vec<u8>,
-    /// Sparse only: `rows × cols_pad/64` mask words.
+    /// Sparse: `rows × cols_pad/64` mask words (tiled: `tiles × cols_pad/4`, [`PackedMatrix::tile_masks`]). A
+    /// tiled dense matrix keeps one tile's, every bit set; a dense row-layout one none.
     pub(crate) masks: Vec<u64>,
-    /// Sparse only: `rows + 1` byte offsets into `data` (tiled: one per tile, plus one).
+    /// Sparse: `rows + 1` byte offsets into `data`; tiled (sparse or dense): one per tile, plus one.
     pub(crate) row_offsets: Vec<usize>,
     /// Whether `data`, `masks` and `row_offsets` hold the tiled layout ([`tiles`]) instead of rows.
     pub(crate) tiled: bool,
@@ -293,6 +294,14 @@ impl PackedMatrix {
         }
     }
 
+    /// Tile `t`'s mask words, one per quad (tiled only): a sparse matrix's own, a dense one's every bit set.
+    pub(crate) fn tile_masks(&self, t: usize) -> &[u64] {
+        debug_assert!(self.tiled);
+        let quads = self.cols_pad / tiles::QUAD;
+        let at = if self.format.is_sparse() { t * quads } else { 0 };
+        &self.masks[at..at + quads]
+    }
+
     /// This matrix in the row layout: itself, or (tiled) its row-layout twin, built once on first use.
     pub fn row_major(&self) -> &PackedMatrix {
         if self.tiled {
@@ -355,7 +364,9 @@ impl PackedMatrix {
     /// take two bytes each). Excludes the trailing pad, which is never multiplied, and a tiled matrix's
     /// row-layout twin.
     pub fn nbytes(&self) -> usize {
-        let offsets = if self.format.is_sparse() { 4 * self.row_offsets.len() } else { 0 };
+        // A tiled dense matrix's offsets and full masks follow from its shape; its kernels read neither.
+        let (offsets, masks) =
+            if self.format.is_sparse() { (4 * self.row_offsets.len(), 8 * self.masks.len()) } else { (0, 0) };
         let scales = if self.tiled && self.groups() > 1 {
             4 * self.tile_scales.len() + 2 * self.tile_scales16.len()
         } else if self.half {
@@ -363,7 +374,7 @@ impl PackedMatrix {
         } else {
             4 * (self.scales.len() + self.mins.len())
         };
-        (self.data.len() - VALUE_PAD) + 8 * self.masks.len() + offsets + scales
+        (self.data.len() - VALUE_PAD) + masks + offsets + scales
     }
 
     /// Whether the scales are half: the matrix has scale groups and every scale and minimum is an f16 value, so

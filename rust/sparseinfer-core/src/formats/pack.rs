@@ -6,13 +6,13 @@ use crate::error::{Error, Result};
 /// The in-memory layout of a packed matrix.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Layout {
-    /// Tiles where the kernels that would run read them (sparse int8 and symmetric int4 with AVX-512 VNNI
-    /// the active path), else rows.
+    /// Tiles where the kernels that would run read them (the symmetric integer formats with AVX-512 VNNI the
+    /// active path), else rows.
     #[default]
     Auto,
     /// One row after another (every format, every kernel).
     Rows,
-    /// 16 rows interleaved per 4 columns (sparse int8 and symmetric sparse int4 only; see `formats::tiles`).
+    /// 16 rows interleaved per 4 columns (the symmetric integer formats only; see `formats::tiles`).
     /// Kernels other than AVX-512 VNNI with int8 activations run on a row-layout twin built on first use.
     Tiles,
 }
@@ -510,7 +510,7 @@ pub(super) fn pack_impl(
         Layout::Tiles => {
             return Err(Error::invalid(
                 OP,
-                format!("the tiled layout takes sparse-int8 and symmetric sparse-int4, not {}", format.name()),
+                format!("the tiled layout takes the symmetric integer formats, not {}", format.name()),
             ))
         }
     };

@@ -65,9 +65,11 @@ impl PackedMatrix {
         }
     }
 
-    /// The arrays [`PackedMatrix::to_raw`] copies, borrowed: values, masks, scales, minimums.
+    /// The arrays [`PackedMatrix::to_raw`] copies, borrowed: values, masks (none for a dense format: a tiled
+    /// one's full words follow from its shape), scales, minimums.
     pub fn raw_arrays(&self) -> (&[u8], &[u64], &[f32], &[f32]) {
-        (&self.data, &self.masks, &self.scales, &self.mins)
+        let masks: &[u64] = if self.format.is_sparse() { &self.masks } else { &[] };
+        (&self.data, masks, &self.scales, &self.mins)
     }
 
     /// Rebuilds a matrix from its stored arrays after checking every invariant a kernel relies on (see the
@@ -95,8 +97,8 @@ impl PackedMatrix {
                 format.name()
             )));
         }
-        let cells = rows.checked_mul(cols_pad).ok_or_else(|| bad(format!("{rows} x {cols_pad} overflows")))?;
-        if raw.asym && elem != Elem::I4 || raw.tiled && !(format.is_sparse() && int && !raw.asym) {
+        rows.checked_mul(cols_pad).ok_or_else(|| bad(format!("{rows} x {cols_pad} overflows")))?;
+        if raw.asym && elem != Elem::I4 || raw.tiled && !super::tiles::tileable(format, raw.asym) {
             return Err(bad(format!("asymmetric {} / tiled {} for {}", raw.asym, raw.tiled, format.name())));
         }
         let groups = if int { cols_pad / raw.group } else { 0 };
@@ -130,13 +132,25 @@ impl PackedMatrix {
         let mut m = PackedMatrix::unpacked(rows, cols, cols_pad, format, raw.group, raw.asym);
         if !format.is_sparse() {
             expect("masks", raw.masks.len(), 0)?;
+            // A tiled dense matrix holds whole tiles (rows past the matrix as code 0).
+            let stored = if raw.tiled { rows.div_ceil(TILE).checked_mul(TILE) } else { Some(rows) };
             // `cells · bits` may overflow for a hostile shape; the value bytes then cannot match.
-            let want = cells.checked_mul(elem.bits() as usize).map_or(usize::MAX, |b| b.div_ceil(8));
+            let want = stored
+                .and_then(|r| r.checked_mul(cols_pad))
+                .and_then(|c| c.checked_mul(elem.bits() as usize))
+                .map_or(usize::MAX, |b| b.div_ceil(8));
             expect("value bytes", values, want)?;
             if raw.nnz > rows * cols {
                 return Err(bad(format!("{} nonzeros in {rows} x {cols}", raw.nnz)));
             }
             m.nnz = raw.nnz;
+            if raw.tiled {
+                let (tiles_n, tile) = (rows.div_ceil(TILE), super::tiles::dense_tile_bytes(format, cols_pad));
+                m.row_offsets = (0..=tiles_n).map(|t| t * tile).collect();
+                m.masks = vec![u64::MAX; cols_pad / QUAD];
+                m.tile_narrow = if elem == Elem::I4 { vec![false; tiles_n] } else { Vec::new() };
+                m.tiled = true;
+            }
         } else if raw.tiled {
             let (tiles_n, quads) = (rows.div_ceil(TILE), cols_pad / QUAD);
             expect("masks", raw.masks.len(), tiles_n * quads)?;
@@ -191,7 +205,9 @@ impl PackedMatrix {
             m.nnz = nnz;
         }
         m.data = raw.data;
-        m.masks = raw.masks;
+        if format.is_sparse() {
+            m.masks = raw.masks;
+        }
         m.scales = raw.scales;
         m.mins = raw.mins;
         m.derive_scales();
@@ -221,7 +237,7 @@ mod tests {
                 (None, false, Layout::Tiles),
                 (Some(64), false, Layout::Tiles),
             ] {
-                let tiles_ok = f.is_sparse() && int && !asym;
+                let tiles_ok = int && !asym;
                 if (!int && group.is_some()) || (asym && f.elem() != Elem::I4) || (layout == Layout::Tiles && !tiles_ok)
                 {
                     continue;

@@ -1,5 +1,5 @@
-//! The tiled layout of the sparse integer formats, read by the AVX-512 VNNI kernels, and its conversions
-//! from and to the row layout every other kernel reads.
+//! The tiled layout of the symmetric integer formats, read by the AVX-512 VNNI and AMX kernels, and its
+//! conversions from and to the row layout every other kernel reads.
 //!
 //! ```text
 //! tile t = weight rows 16t..16t+16 (the last tile padded with empty rows), quad q = columns 4q..4q+4
@@ -13,13 +13,17 @@
 //!     (a kernel loads 64 bytes and takes both quads' values with one AND and one shift + AND; a tile whose
 //!     quads all hold <= 32 values, tile_narrow[t], loads 32: the usual case from ~70 % sparsity on)
 //! tile_scales (groups of >= 64 or 32 columns): tiles × groups × 16 f32, the 16 rows' scales of each group
+//! dense-int8 / dense-int4: the same encoding with every bit of every mask set (rows past the matrix hold
+//!   code 0), so the masks are not stored: one tile's worth of full words stands for all ([`PackedMatrix::
+//!   tile_masks`]), and tile t starts at byte t · 16 · cols_pad (int8) or t · 8 · cols_pad (int4)
 //! ```
 //! In the row layout a 64-column chunk of one row is one vector, and every chunk's i32 lanes have to be
 //! converted and scaled on their own (per-block activation scales), nine instructions for ~19 stored values
 //! at 70 % sparsity. In the tiled layout one vector holds 16 rows: a chunk of 64 columns takes 16 vectors
 //! that add into the same i32 lanes, and the conversion and scaling happen once per 16 × 64 weights. The
 //! activation is a broadcast memory operand of `vpdpbusd`, so a 64-weight vector costs a mask load, its
-//! popcount, the values load, one `vpexpandb` and one `vpdpbusd`.
+//! popcount, the values load, one `vpexpandb` and one `vpdpbusd` (dense: the load and the `vpdpbusd`, and for
+//! int4 an AND or a shift).
 
 use super::{Elem, Format, PackedMatrix, CHUNK, VALUE_PAD};
 
@@ -70,15 +74,72 @@ pub(crate) fn can_tile(m: &PackedMatrix) -> bool {
     tileable(m.format, m.asym)
 }
 
-/// Whether matrices of `format` (asymmetric or not) have a tiled layout: the sparse integer formats, symmetric.
+/// Whether matrices of `format` (asymmetric or not) have a tiled layout: the integer formats, symmetric.
 pub(crate) fn tileable(format: Format, asym: bool) -> bool {
-    format.is_sparse() && format.elem().is_int() && !asym
+    format.elem().is_int() && !asym
+}
+
+/// Bytes of one tile of a dense format (`cols_pad` columns): 16 rows of codes.
+pub(crate) fn dense_tile_bytes(format: Format, cols_pad: usize) -> usize {
+    TILE * format.elem().bytes(cols_pad)
+}
+
+/// The tiled copy of a dense row-layout matrix: every quad's 64 codes in bit order, as a sparse tile with
+/// every bit set would hold them.
+fn tile_dense(m: &PackedMatrix) -> PackedMatrix {
+    let (cp, tiles, int4) = (m.cols_pad, m.rows.div_ceil(TILE), m.format.elem() == Elem::I4);
+    let quads = cp / QUAD;
+    let mut out = PackedMatrix {
+        data: Vec::with_capacity(tiles * dense_tile_bytes(m.format, cp) + VALUE_PAD),
+        masks: vec![u64::MAX; quads],
+        row_offsets: Vec::with_capacity(tiles + 1),
+        tiled: true,
+        ..m.clone_meta()
+    };
+    // Row r's stored unit at column c (int8: the code's byte; int4: the nibble `q + 8`); code 0 past the rows.
+    let unit = |r: usize, c: usize| -> u8 {
+        match (r < m.rows, int4) {
+            (false, true) => 8,
+            (false, false) => 0,
+            (true, false) => m.data[r * cp + c],
+            (true, true) => {
+                let b = m.data[r * cp / 2 + c / CHUNK * (CHUNK / 2) + c % (CHUNK / 2)];
+                if c % CHUNK < CHUNK / 2 {
+                    b & 0xF
+                } else {
+                    b >> 4
+                }
+            }
+        }
+    };
+    let quad_units = |t: usize, q: usize| (0..TILE * QUAD).map(move |j| unit(t * TILE + j / QUAD, q * QUAD + j % QUAD));
+    for t in 0..tiles {
+        out.row_offsets.push(out.data.len());
+        if int4 {
+            for q in (0..quads).step_by(2) {
+                let (a, b): (Vec<u8>, Vec<u8>) = (quad_units(t, q).collect(), quad_units(t, q + 1).collect());
+                push_int4_pair(&mut out.data, &a, &b);
+            }
+            out.tile_narrow.push(false);
+        } else {
+            for q in 0..quads {
+                out.data.extend(quad_units(t, q).map(|u| u ^ 0x80));
+            }
+        }
+    }
+    out.row_offsets.push(out.data.len());
+    out.data.extend_from_slice(&[0u8; VALUE_PAD]);
+    out.derive_scales();
+    out
 }
 
 /// The tiled copy of a row-layout matrix (see [`can_tile`]). Each quad takes a 4-bit slice of 16 rows' mask
 /// words and the next values of each row in turn, so the stored values are copied, never spread out.
 pub(crate) fn tile(m: &PackedMatrix) -> PackedMatrix {
     debug_assert!(can_tile(m) && !m.tiled);
+    if !m.format.is_sparse() {
+        return tile_dense(m);
+    }
     let (chunks, tiles, int4) = (m.chunks(), m.rows.div_ceil(TILE), m.format.elem() == Elem::I4);
     let mut out = PackedMatrix {
         data: Vec::with_capacity(m.data.len()),
@@ -164,10 +225,28 @@ pub(crate) fn untile(m: &PackedMatrix) -> PackedMatrix {
     };
     let mut b = Block::new(cp);
     let mut nibbles = Vec::with_capacity(CHUNK);
+    let dense = !m.format.is_sparse();
+    if dense {
+        out.masks = Vec::new();
+        out.row_offsets = Vec::new();
+    }
     for t in 0..m.rows.div_ceil(TILE) {
         b.clear();
         read_tile(m, t, &mut b);
         for i in 0..TILE.min(m.rows - t * TILE) {
+            if dense {
+                // The row layout: int8 codes in column order; int4 per chunk, column j low and j + 32 high.
+                let row = &b.units[i * cp..(i + 1) * cp];
+                if int4 {
+                    out.data.extend(row.chunks_exact(CHUNK).flat_map(|ch| {
+                        let (lo, hi) = ch.split_at(CHUNK / 2);
+                        lo.iter().zip(hi).map(|(&l, &h)| l | (h << 4))
+                    }));
+                } else {
+                    out.data.extend_from_slice(row);
+                }
+                continue;
+            }
             out.row_offsets.push(out.data.len());
             for ch in 0..chunks {
                 let mut mask = 0u64;
@@ -188,7 +267,9 @@ pub(crate) fn untile(m: &PackedMatrix) -> PackedMatrix {
             }
         }
     }
-    out.row_offsets.push(out.data.len());
+    if !dense {
+        out.row_offsets.push(out.data.len());
+    }
     out.data.extend_from_slice(&[0u8; VALUE_PAD]);
     out.derive_scales();
     out
@@ -198,7 +279,7 @@ pub(crate) fn untile(m: &PackedMatrix) -> PackedMatrix {
 fn read_tile(m: &PackedMatrix, t: usize, b: &mut Block) {
     let (cp, int4) = (m.cols_pad, m.format.elem() == Elem::I4);
     let quads = cp / QUAD;
-    let masks = &m.masks[t * quads..(t + 1) * quads];
+    let masks = m.tile_masks(t);
     let mut spread = |q: usize, units: &mut dyn Iterator<Item = u8>| {
         for bit in (0..CHUNK).filter(|bit| masks[q] >> bit & 1 == 1) {
             let at = bit / QUAD * cp + q * QUAD + bit % QUAD;

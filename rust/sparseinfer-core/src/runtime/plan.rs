@@ -81,7 +81,7 @@ impl WeightPlan {
         // kernels are symmetric).
         let int4 = format.elem() == Elem::I4;
         opts.asymmetric = int4 && (opts.asymmetric || stored.quant.is_some_and(|q| q.asymmetric));
-        // Likewise the tiled layout is for the symmetric sparse integer formats; the head keeps rows.
+        // Likewise the tiled layout is for the symmetric integer formats.
         if opts.layout == crate::formats::Layout::Tiles && !crate::formats::tiles::tileable(format, opts.asymmetric) {
             opts.layout = crate::formats::Layout::Rows;
         }

@@ -83,7 +83,7 @@ pub(crate) fn bf16_supported() -> bool {
 /// which holds `127 · 127 · cols` up to [`TILE_TOKEN_MAX_COLS`] columns.
 pub(crate) fn supports(m: &PackedMatrix, token: bool) -> bool {
     let layout = if m.tiled {
-        matches!(m.format, Format::SparseInt8 | Format::SparseInt4)
+        matches!(m.format, Format::SparseInt8 | Format::SparseInt4 | Format::DenseInt8 | Format::DenseInt4)
     } else {
         matches!(m.format, Format::DenseInt8 | Format::DenseInt4) && !m.asym
     };
@@ -363,11 +363,12 @@ unsafe fn rows_with<const H: usize>(m: &PackedMatrix, r0: usize, r1: usize, q: &
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,popcnt")]
 unsafe fn expand_tile(m: &PackedMatrix, t: usize, b: *mut i8) {
     let quads = m.cols_pad / QUAD;
-    let masks = m.masks.as_ptr().add(t * quads);
+    let masks = m.tile_masks(t).as_ptr();
     let mut p = m.data.as_ptr().add(m.row_offsets[t]);
     let out = |quad: usize| b.add(quad * 64) as *mut __m512i;
+    // A tiled dense matrix's masks are full: the expansion copies its codes.
     match m.format {
-        Format::SparseInt8 => {
+        Format::SparseInt8 | Format::DenseInt8 => {
             // Stored codes are `q ^ 0x80`, pruned lanes expand to 0x80: flipping the top bit gives `q` and 0.
             let flip = _mm512_set1_epi8(-128);
             for quad in 0..quads {

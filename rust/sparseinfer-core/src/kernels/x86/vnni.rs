@@ -692,6 +692,8 @@ unsafe fn tile<const NR: usize, const T: usize>(
     // too: the same codes): one branch per call.
     let fmt = match m.format {
         Format::SparseInt8 => SI8,
+        Format::DenseInt8 => DI8,
+        Format::DenseInt4 => DI4,
         _ if ts.iter().all(|&t| m.tile_narrow[t]) => SI4_NARROW,
         _ => SI4_WIDE,
     };
@@ -699,6 +701,8 @@ unsafe fn tile<const NR: usize, const T: usize>(
         ($token:literal, $grouped:literal) => {
             match fmt {
                 SI8 => tile_acc::<NR, T, SI8, $token, $grouped>(m, ts, &act),
+                DI8 => tile_acc::<NR, T, DI8, $token, $grouped>(m, ts, &act),
+                DI4 => tile_acc::<NR, T, DI4, $token, $grouped>(m, ts, &act),
                 SI4_WIDE => tile_acc::<NR, T, SI4_WIDE, $token, $grouped>(m, ts, &act),
                 _ => tile_acc::<NR, T, SI4_NARROW, $token, $grouped>(m, ts, &act),
             }
@@ -779,8 +783,7 @@ unsafe fn tile_acc<const NR: usize, const T: usize, const FMT: u8, const TOKEN: 
     ts: [usize; T],
     act: &[ActRow; NR],
 ) -> [[__m512; NR]; T] {
-    let quads = m.cols_pad / QUAD;
-    let masks: [*const u64; T] = core::array::from_fn(|i| m.masks.as_ptr().add(ts[i] * quads));
+    let masks: [*const u64; T] = core::array::from_fn(|i| m.tile_masks(ts[i]).as_ptr());
     let mut p: [*const u8; T] = core::array::from_fn(|i| m.data.as_ptr().add(m.row_offsets[ts[i]]));
     let d16: [*const f32; T] = core::array::from_fn(|i| m.tile_scales.as_ptr().wrapping_add(ts[i] * m.groups() * TILE));
     let h16: [*const u16; T] =
@@ -800,6 +803,22 @@ unsafe fn tile_acc<const NR: usize, const T: usize, const FMT: u8, const TOKEN: 
                     for (j, acc) in ia.iter_mut().enumerate() {
                         quad_dot(acc, int8_quad_codes(p, *masks.add(quad + j)), act, quad + j);
                     }
+                } else if FMT == DI8 {
+                    // Dense: every quad's 64 codes as stored (flipped), no mask.
+                    for (j, acc) in ia.iter_mut().enumerate() {
+                        quad_dot(acc, load512_nofold!(p.add(64 * j)), act, quad + j);
+                    }
+                    *p = p.add(4 * 64);
+                } else if FMT == DI4 {
+                    // Dense: each pair of quads in 64 bytes, the first's nibbles low, the second's high.
+                    let low = _mm512_set1_epi8(0x0F);
+                    for (j, pair) in ia.chunks_exact_mut(2).enumerate() {
+                        let v = load512_nofold!(p.add(64 * j));
+                        let (c0, c1) = (_mm512_and_si512(v, low), _mm512_and_si512(_mm512_srli_epi16::<4>(v), low));
+                        quad_dot(&mut pair[0], c0, act, quad + 2 * j);
+                        quad_dot(&mut pair[1], c1, act, quad + 2 * j + 1);
+                    }
+                    *p = p.add(2 * 64);
                 } else {
                     for (j, pair) in ia.chunks_exact_mut(2).enumerate() {
                         let q = quad + 2 * j;
