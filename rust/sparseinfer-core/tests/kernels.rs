@@ -54,8 +54,8 @@ fn options(format: Format, group: Option<usize>, asym: bool) -> Option<PackOptio
     Some(PackOptions { group_size: group, asymmetric: asym, ..Default::default() })
 }
 
-/// Every format × group × symmetry combination that is valid, in the default layout; the sparse integer
-/// formats that can be tiled also in the layout the default does not pick here, so both are checked on every
+/// Every format × group × symmetry combination that is valid, in the default layout; the integer formats that
+/// can be tiled (symmetric) also in the layout the default does not pick here, so both are checked on every
 /// machine (tiles without VNNI run on the row-layout twin).
 fn all_variants() -> Vec<(Format, PackOptions)> {
     let mut v = Vec::new();
@@ -64,7 +64,7 @@ fn all_variants() -> Vec<(Format, PackOptions)> {
             for asym in [false, true] {
                 if let Some(o) = options(f, g, asym) {
                     v.push((f, o));
-                    if matches!(f, Format::SparseInt8 | Format::SparseInt4) && !asym {
+                    if f.elem().is_int() && !asym {
                         let other = if kernels::reads_tiles() { Layout::Rows } else { Layout::Tiles };
                         v.push((f, PackOptions { layout: other, ..o }));
                     }

@@ -96,13 +96,15 @@ pub fn compressed(data: &[u8]) -> Outcome {
 }
 
 /// The formats and layouts [`pack_cache`]'s first byte picks from: every format the cache keeps.
-const CACHED: [(Format, Layout); 6] = [
+const CACHED: [(Format, Layout); 8] = [
     (Format::SparseInt8, Layout::Rows),
     (Format::SparseInt8, Layout::Tiles),
     (Format::SparseInt4, Layout::Rows),
     (Format::SparseInt4, Layout::Tiles),
     (Format::DenseInt8, Layout::Rows),
+    (Format::DenseInt8, Layout::Tiles),
     (Format::DenseInt4, Layout::Rows),
+    (Format::DenseInt4, Layout::Tiles),
 ];
 
 /// The tiny Llama loaded twice with a load cache: the first load writes the entry; then the input edits it and

@@ -203,7 +203,8 @@ pub struct PackedMatrix {
     /// Columns per scale group for integer formats (`cols_pad` means one scale per row); 0 for float formats.
     pub(crate) group: usize,
     pub(crate) asym: bool,
-    /// Packed values (dense: `rows × row_bytes`; sparse: see module docs), then [`VALUE_PAD`] zero bytes.
+    /// Packed values (dense: `rows × row_bytes`, tiled: whole tiles of 16 rows; sparse: see module docs), then
+    /// [`VALUE_PAD`] zero bytes.
     pub(crate) data: Vec<u8>,
     /// Sparse: `rows × cols_pad/64` mask words (tiled: `tiles × cols_pad/4`, [`PackedMatrix::tile_masks`]). A
     /// tiled dense matrix keeps one tile's, every bit set; a dense row-layout one none.

@@ -113,11 +113,15 @@ fn tile_dense(m: &PackedMatrix) -> PackedMatrix {
         }
     };
     let quad_units = |t: usize, q: usize| (0..TILE * QUAD).map(move |j| unit(t * TILE + j / QUAD, q * QUAD + j % QUAD));
+    let (mut a, mut b) = (Vec::with_capacity(TILE * QUAD), Vec::with_capacity(TILE * QUAD));
     for t in 0..tiles {
         out.row_offsets.push(out.data.len());
         if int4 {
             for q in (0..quads).step_by(2) {
-                let (a, b): (Vec<u8>, Vec<u8>) = (quad_units(t, q).collect(), quad_units(t, q + 1).collect());
+                a.clear();
+                a.extend(quad_units(t, q));
+                b.clear();
+                b.extend(quad_units(t, q + 1));
                 push_int4_pair(&mut out.data, &a, &b);
             }
             out.tile_narrow.push(false);

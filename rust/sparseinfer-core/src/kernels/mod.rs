@@ -681,7 +681,7 @@ pub fn kernel_name(m: &PackedMatrix, act: Activations) -> Result<String> {
     Ok(kernel_name_on(active_isa()?, m, act, 1))
 }
 
-/// [`kernel_name`] for a call on `isa` with `k` activation rows: from 16 rows on (tiled) or 64 (dense), AVX-512
+/// [`kernel_name`] for a call on `isa` with `k` activation rows: from 16 rows on (tiled) or 64 (dense rows), AVX-512
 /// CPUs with AMX take the formats it serves (`x86::amx`).
 pub fn kernel_name_on(isa: Isa, m: &PackedMatrix, act: Activations, k: usize) -> String {
     #[cfg(not(target_arch = "x86_64"))]
@@ -933,31 +933,34 @@ mod tests {
             (Format::DenseInt4, Some(32)),
             (Format::DenseInt4, Some(128)),
         ] {
-            let layout = if format.is_sparse() { Layout::Tiles } else { Layout::Rows };
-            let opts = PackOptions { group_size: group, layout, ..Default::default() };
-            let m = PackedMatrix::pack(&w, rows, cols, format, opts).unwrap();
-            let dense = m.to_dense();
-            for token in [false, true] {
-                assert!(x86::amx::supports(&m, token), "{format:?} {group:?}");
-                for k in [1, 8, 16, 21, 40] {
-                    let xs: Vec<f32> =
-                        (0..k * m.cols_pad).map(|i| if i % m.cols_pad < cols { rnd() } else { 0.0 }).collect();
-                    let mut amx = vec![f32::NAN; k * rows];
-                    let mut vnni = vec![f32::NAN; k * rows];
-                    let q = quantize_activations_for(&m, &xs, k, Consumer::Codes, token);
-                    run_rows(&m, k, &mut amx, x86::amx::rows, &q);
-                    let q = quantize_activations_for(&m, &xs, k, Consumer::Vnni, token);
-                    run_rows(&m, k, &mut vnni, x86::vnni::rows, &q);
-                    let xhat = quantize_activations(&m, &xs, k, token).xhat;
-                    for (i, (a, v)) in amx.iter().zip(&vnni).enumerate() {
-                        let ctx = format!("{format:?} {group:?} token {token} k {k}: y[{i}]");
-                        let (x, r) = (&xhat[i / rows * m.cols_pad..], i % rows);
-                        let exact: f64 = (0..cols).map(|c| dense[r * cols + c] as f64 * x[c] as f64).sum();
-                        let scale: f32 = (0..cols).map(|c| (dense[r * cols + c] * x[c]).abs()).sum();
-                        let tol = crate::formats::budget::SUM_ORDER * scale + 1e-6;
-                        assert!((*a as f64 - exact).abs() <= tol as f64, "{ctx}: {a} vs exact {exact} (tol {tol})");
-                        if m.tiled {
-                            assert_eq!(a.to_bits(), v.to_bits(), "{ctx}: {a} vs VNNI {v}");
+            // Dense formats in both layouts: AMX gathers row-layout quads and expands tiled ones.
+            let layouts: &[Layout] = if format.is_sparse() { &[Layout::Tiles] } else { &[Layout::Rows, Layout::Tiles] };
+            for &layout in layouts {
+                let opts = PackOptions { group_size: group, layout, ..Default::default() };
+                let m = PackedMatrix::pack(&w, rows, cols, format, opts).unwrap();
+                let dense = m.to_dense();
+                for token in [false, true] {
+                    assert!(x86::amx::supports(&m, token), "{format:?} {group:?}");
+                    for k in [1, 8, 16, 21, 40] {
+                        let xs: Vec<f32> =
+                            (0..k * m.cols_pad).map(|i| if i % m.cols_pad < cols { rnd() } else { 0.0 }).collect();
+                        let mut amx = vec![f32::NAN; k * rows];
+                        let mut vnni = vec![f32::NAN; k * rows];
+                        let q = quantize_activations_for(&m, &xs, k, Consumer::Codes, token);
+                        run_rows(&m, k, &mut amx, x86::amx::rows, &q);
+                        let q = quantize_activations_for(&m, &xs, k, Consumer::Vnni, token);
+                        run_rows(&m, k, &mut vnni, x86::vnni::rows, &q);
+                        let xhat = quantize_activations(&m, &xs, k, token).xhat;
+                        for (i, (a, v)) in amx.iter().zip(&vnni).enumerate() {
+                            let ctx = format!("{format:?} {group:?} {layout:?} token {token} k {k}: y[{i}]");
+                            let (x, r) = (&xhat[i / rows * m.cols_pad..], i % rows);
+                            let exact: f64 = (0..cols).map(|c| dense[r * cols + c] as f64 * x[c] as f64).sum();
+                            let scale: f32 = (0..cols).map(|c| (dense[r * cols + c] * x[c]).abs()).sum();
+                            let tol = crate::formats::budget::SUM_ORDER * scale + 1e-6;
+                            assert!((*a as f64 - exact).abs() <= tol as f64, "{ctx}: {a} vs exact {exact} (tol {tol})");
+                            if m.tiled {
+                                assert_eq!(a.to_bits(), v.to_bits(), "{ctx}: {a} vs VNNI {v}");
+                            }
                         }
                     }
                 }

@@ -488,8 +488,9 @@ fn read_record(file: &File, s: Slot, expect: Expect) -> std::result::Result<(Pac
             f[0], f[1], expect.bias
         ));
     }
-    // The largest arrays any format packs a (rows, cols) matrix into: padding adds at most 127 columns.
-    let cells = rows.checked_mul(cols + 128).ok_or("shape overflows")?;
+    // The largest arrays any format packs a (rows, cols) matrix into: padding adds at most 127 columns, and a
+    // tiled dense matrix stores whole tiles of 16 rows.
+    let cells = rows.div_ceil(16).checked_mul(16 * (cols + 128)).ok_or("shape overflows")?;
     let limits = [
         cells.saturating_mul(4).saturating_add(VALUE_PAD as u64),
         cells / 4 + 16 * (cols + 128),
