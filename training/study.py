@@ -1050,6 +1050,16 @@ def tokens_to_reach(fit: tuple[float, float, float], target: float) -> float | N
     return 1e6 * (b / (target - a)) ** (1 / c)
 
 
+def gap_trend(then: float, now: float) -> str:
+    """How a recipe's perplexity ratio to CE moved: flat (under 0.005), the gap to 1 widening or narrowing
+    (whichever side of 1 it is on), or crossing 1."""
+    if abs(now - then) < 0.005:
+        return "flat"
+    if (then - 1) * (now - 1) < 0:
+        return "crossed 1"
+    return "widening" if abs(now - 1) > abs(then - 1) else "narrowing"
+
+
 def curve_lines(cells: dict, curves: dict, dense: float) -> list[str]:
     """The learning-curve section: per finished fine-tuning cell, the drop over its last evaluation interval
     and the floor its curve levels off at (``fit_floor``); per sparsity, each recipe's ratio to CE along the
@@ -1094,7 +1104,7 @@ def curve_lines(cells: dict, curves: dict, dense: float) -> list[str]:
             # How much the ratio moved over the last ~400K tokens.
             back = next((q for t, q in reversed(ratios) if ratios[-1][0] - t >= 3.9e5), ratios[0][1])
             moved = ratios[-1][1] - back
-            trend = "flat" if abs(moved) < 0.005 else ("widening" if moved < 0 else "narrowing")
+            trend = gap_trend(back, ratios[-1][1])
             L.append(
                 f"- {s:.0%}: {LABELS[r]} / CE along the curve: {', '.join(f'{q:.3f}' for _, q in ratios)}; over the "
                 f"last 0.4M tokens it moved {moved:+.3f} ({trend})"

@@ -280,3 +280,13 @@ def test_goal_lines_say_met_or_why_not():
     assert "50% + INT8 within 5% of the teacher (<= 10.50): met: CE + INT8 10.40 (+4.0%)" in "\n".join(
         S.goal_lines(cells, curves, dense)
     )
+
+
+def test_a_ratio_to_ce_moving_toward_1_is_a_narrowing_gap_on_either_side():
+    S = _study_module()
+    assert S.gap_trend(0.97, 0.95) == "widening"  # better than CE, more so
+    assert S.gap_trend(0.95, 0.97) == "narrowing"
+    assert S.gap_trend(1.039, 1.005) == "narrowing"  # worse than CE, less so
+    assert S.gap_trend(1.01, 1.03) == "widening"
+    assert S.gap_trend(1.02, 0.98) == "crossed 1"
+    assert S.gap_trend(0.960, 0.958) == "flat"
