@@ -193,6 +193,25 @@ impl Elem {
     }
 }
 
+/// A dense int4 row's bytes from its `cols_pad` nibbles in column order: per 64-column chunk, byte j holds
+/// column j (low nibble) and column j + 32 (high nibble).
+pub(crate) fn dense_int4_bytes(nibbles: &[u8]) -> impl Iterator<Item = u8> + '_ {
+    nibbles.chunks_exact(CHUNK).flat_map(|ch| {
+        let (lo, hi) = ch.split_at(CHUNK / 2);
+        lo.iter().zip(hi).map(|(&l, &h)| l | (h << 4))
+    })
+}
+
+/// Column `c`'s nibble of a dense int4 row's bytes `row` ([`dense_int4_bytes`]).
+pub(crate) fn dense_int4_nibble(row: &[u8], c: usize) -> u8 {
+    let b = row[c / CHUNK * (CHUNK / 2) + c % (CHUNK / 2)];
+    if c % CHUNK < CHUNK / 2 {
+        b & 0xF
+    } else {
+        b >> 4
+    }
+}
+
 /// A packed weight matrix, ready for the kernels. Immutable once built; cheap to share behind an `Arc`.
 #[derive(Clone, Debug)]
 pub struct PackedMatrix {

@@ -491,11 +491,10 @@ pub(super) fn pack_impl(
                 Elem::F32 => m.data.extend((0..cols_pad).flat_map(|c| val(c).to_le_bytes())),
                 Elem::Bf16 => m.data.extend((0..cols_pad).flat_map(|c| f32_to_bf16(val(c)).to_le_bytes())),
                 Elem::I8 => m.data.extend(codes.iter().map(|&q| q as i8 as u8)),
-                // Per 64-column chunk, byte j holds column j (low nibble) and column j + 32 (high nibble).
-                Elem::I4 => m.data.extend(codes.chunks_exact(CHUNK).flat_map(|ch| {
-                    let (lo, hi) = ch.split_at(CHUNK / 2);
-                    lo.iter().zip(hi).map(|(&l, &h)| l as u8 | ((h as u8) << 4))
-                })),
+                Elem::I4 => {
+                    let nibbles: Vec<u8> = codes.iter().map(|&q| q as u8).collect();
+                    m.data.extend(super::dense_int4_bytes(&nibbles));
+                }
             }
         }
     }

@@ -25,7 +25,7 @@
 //! popcount, the values load, one `vpexpandb` and one `vpdpbusd` (dense: the load and the `vpdpbusd`, and for
 //! int4 an AND or a shift).
 
-use super::{Elem, Format, PackedMatrix, CHUNK, VALUE_PAD};
+use super::{dense_int4_bytes, dense_int4_nibble, Elem, Format, PackedMatrix, CHUNK, VALUE_PAD};
 
 /// Weight rows per tile: the i32 lanes of one 512-bit vector.
 pub const TILE: usize = 16;
@@ -102,14 +102,7 @@ fn tile_dense(m: &PackedMatrix) -> PackedMatrix {
             (false, true) => 8,
             (false, false) => 0,
             (true, false) => m.data[r * cp + c],
-            (true, true) => {
-                let b = m.data[r * cp / 2 + c / CHUNK * (CHUNK / 2) + c % (CHUNK / 2)];
-                if c % CHUNK < CHUNK / 2 {
-                    b & 0xF
-                } else {
-                    b >> 4
-                }
-            }
+            (true, true) => dense_int4_nibble(&m.data[r * cp / 2..], c),
         }
     };
     let quad_units = |t: usize, q: usize| (0..TILE * QUAD).map(move |j| unit(t * TILE + j / QUAD, q * QUAD + j % QUAD));
@@ -221,31 +214,24 @@ pub(super) fn tile_scales(m: &PackedMatrix) -> Vec<f32> {
 pub(crate) fn untile(m: &PackedMatrix) -> PackedMatrix {
     debug_assert!(m.tiled);
     let (cp, chunks, int4) = (m.cols_pad, m.chunks(), m.format.elem() == Elem::I4);
+    // A dense matrix's row layout has neither masks nor row offsets.
+    let dense = !m.format.is_sparse();
     let mut out = PackedMatrix {
         data: Vec::with_capacity(m.data.len()),
-        masks: Vec::with_capacity(m.rows * chunks),
-        row_offsets: Vec::with_capacity(m.rows + 1),
+        masks: Vec::with_capacity(if dense { 0 } else { m.rows * chunks }),
+        row_offsets: Vec::with_capacity(if dense { 0 } else { m.rows + 1 }),
         ..m.clone_meta()
     };
     let mut b = Block::new(cp);
     let mut nibbles = Vec::with_capacity(CHUNK);
-    let dense = !m.format.is_sparse();
-    if dense {
-        out.masks = Vec::new();
-        out.row_offsets = Vec::new();
-    }
     for t in 0..m.rows.div_ceil(TILE) {
         b.clear();
         read_tile(m, t, &mut b);
         for i in 0..TILE.min(m.rows - t * TILE) {
             if dense {
-                // The row layout: int8 codes in column order; int4 per chunk, column j low and j + 32 high.
                 let row = &b.units[i * cp..(i + 1) * cp];
                 if int4 {
-                    out.data.extend(row.chunks_exact(CHUNK).flat_map(|ch| {
-                        let (lo, hi) = ch.split_at(CHUNK / 2);
-                        lo.iter().zip(hi).map(|(&l, &h)| l | (h << 4))
-                    }));
+                    out.data.extend(dense_int4_bytes(row));
                 } else {
                     out.data.extend_from_slice(row);
                 }
