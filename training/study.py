@@ -854,9 +854,24 @@ def publish_pieces(work: Path, dest: Path) -> None:
         tmp.write_text(text)
 
 
+def published_dir(out: Path, budget: str, work: Path) -> Path:
+    """Where the repository keeps the finished records of study ``work``: ``study-<budget>``, unless that
+    directory holds a study of another precision (records from a bf16 CPU, this one trains in fp32); then
+    ``study-<budget>-<precision>``, so a machine of the other kind runs its own study beside them, neither
+    restoring nor overwriting theirs."""
+    base = out / f"study-{budget}"
+    ours = json.loads((work / "study.json").read_text()).get("bf16", False) if (work / "study.json").is_file() else None
+    config = base / "study-config.json"
+    if ours is None or not config.is_file() or json.loads(config.read_text()).get("bf16", False) == ours:
+        return base
+    return out / f"study-{budget}-{'bf16' if ours else 'fp32'}"
+
+
 def report(work: Path, out: Path, budget: str):
-    publish_pieces(work, out / f"study-{budget}")
-    stem = BUDGETS[budget].get("report", "study")  # study.md, .json and .png
+    dest = published_dir(out, budget, work)
+    publish_pieces(work, dest)
+    # study.md, .json and .png, with the published directory's precision suffix where it has one
+    stem = BUDGETS[budget].get("report", "study") + dest.name.removeprefix(f"study-{budget}")
     cells = _cells(work)
     curves = _curves(work)
     out.mkdir(parents=True, exist_ok=True)
@@ -1277,9 +1292,10 @@ def main():
     if not args.report:
         _with_jemalloc()
         st = Study(work, args.budget, args.device, args.model)
-        restored = st.restore(Path(args.out) / f"study-{args.budget}")
+        published = published_dir(Path(args.out), args.budget, work)
+        restored = st.restore(published)
         if restored:
-            print(f"restored from {args.out}/study-{args.budget}: {restored}", flush=True)
+            print(f"restored from {published}: {restored}", flush=True)
         if args.seed_from:
             print(f"seeded from {args.seed_from}: {st.seed_from(args.seed_from)}", flush=True)
         _write_json(work / "data.json", st.data_info)

@@ -216,6 +216,24 @@ def test_a_lost_cache_is_restored_from_the_published_records(study, tmp_path):
         assert cells[name] == first[name], name
 
 
+def test_records_of_another_precision_are_neither_restored_nor_overwritten(study, tmp_path):
+    """The repository holds a study trained in the other precision (bf16 autocast against fp32): this machine's
+    study publishes beside it, under the precision's name, and leaves those records as they are."""
+    root, work, out, _ = study
+    ours = json.loads((work / "study.json").read_text())["bf16"]
+    theirs = tmp_path / "out" / "study-smoke"
+    shutil.copytree(out / "study-smoke", theirs)
+    (theirs / "study-config.json").write_text(json.dumps({"bf16": not ours, "model": "default"}))
+    before = {p.name: p.read_bytes() for p in theirs.iterdir()}
+    run_study("--model", root / "model", "--work", work, "--out", tmp_path / "out", "--report")
+    assert {p.name: p.read_bytes() for p in theirs.iterdir()} == before
+    mine = tmp_path / "out" / f"study-smoke-{'bf16' if ours else 'fp32'}"
+    assert {p.stem for p in mine.glob("*.json")} >= {p.stem for p in (work / "cells").glob("*.json")}
+    assert json.loads((mine / "study-config.json").read_text())["bf16"] == ours
+    assert (tmp_path / "out" / f"study-{'bf16' if ours else 'fp32'}.md").is_file()
+    assert not (tmp_path / "out" / "study.md").exists()
+
+
 def _study_module():
     import importlib.util
 
