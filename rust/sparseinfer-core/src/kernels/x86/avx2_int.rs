@@ -59,10 +59,15 @@ const fn unsigned(fmt: u8) -> bool {
 /// hide the latency of each row's chain of dependent steps (int4 most).
 const DECODE_STREAMS: usize = 4;
 
+/// Weight rows a prefill step keeps expanded at a time and passes every group of activation rows over
+/// ([`rows_with`]).
+const PREFILL_ROWS: usize = 8;
+
 /// Computes rows `r0..r1` (row layout) for the `k` quantized activation rows in `q`: four activation rows
 /// share each decoded weight row, then one at a time. With more than four activation rows (prefill), a weight
 /// row that is not already one byte per column (sparse, or int4) is expanded to signed bytes once, and every
-/// group of activation rows reads that copy instead of expanding it again. Every activation row goes through
+/// group of activation rows reads that copy instead of expanding it again; the rows go in blocks of
+/// [`PREFILL_ROWS`], every group of activation rows over a whole block before the next. Every activation row goes through
 /// the same operations (the same exact products, summed in the same order) in any blocking, so a matmul row
 /// equals the matvec bit for bit.
 ///
@@ -100,7 +105,7 @@ unsafe fn rows_with<const VNNI: bool>(m: &PackedMatrix, r0: usize, r1: usize, q:
         if unpack {
             2 * room
         } else if once {
-            room
+            PREFILL_ROWS * room
         } else {
             0
         }
@@ -130,7 +135,7 @@ unsafe fn rows_with<const VNNI: bool>(m: &PackedMatrix, r0: usize, r1: usize, q:
         }
     };
     macro_rules! by_format {
-        ($nr:literal, $nrows:tt, $r:expr, $a:expr) => {{
+        ($nr:tt, $nrows:tt, $r:expr, $a:expr) => {{
             let rows: [usize; $nrows] = $r;
             match fmt {
                 DI8 => by_scaling!(scaling, row::<VNNI, $nr, $nrows, DI8>(m, rows, q, zc, $a, y, codes)),
@@ -154,6 +159,46 @@ unsafe fn rows_with<const VNNI: bool>(m: &PackedMatrix, r0: usize, r1: usize, q:
         }
         return;
     }
+    if k > 4 {
+        // Prefill: weight rows in blocks of PREFILL_ROWS (expanded once each where they are not bytes already),
+        // each group of four activation rows meeting the whole block before the next group: the group's codes
+        // stay in L1 across the block, where a pass of every activation row per weight row would stream all
+        // of them (k rows) from L2 or L3 again for each weight row.
+        let mut b0 = r0;
+        while b0 < r1 {
+            let b1 = (b0 + PREFILL_ROWS).min(r1);
+            if once {
+                for r in b0..b1 {
+                    let out = copy.as_mut_ptr().add((r - b0) * room);
+                    match m.format {
+                        Format::SparseInt8 => expand_row::<SI8>(m, r, out),
+                        Format::DenseInt4 => expand_row::<DI4>(m, r, out),
+                        Format::SparseInt4 => expand_row::<SI4>(m, r, out),
+                        Format::DenseInt8
+                        | Format::DenseF32
+                        | Format::DenseBf16
+                        | Format::SparseF32
+                        | Format::SparseBf16 => unreachable!("dense int8 rows are read as they are"),
+                    }
+                }
+            }
+            let mut a = 0;
+            while a < k {
+                let four = k - a >= 4;
+                for r in b0..b1 {
+                    codes = copy.as_ptr().wrapping_add((r - b0) * room);
+                    if four {
+                        by_format!(4, 1, [r], a);
+                    } else {
+                        by_format!(1, 1, [r], a);
+                    }
+                }
+                a += if four { 4 } else { 1 };
+            }
+            b0 = b1;
+        }
+        return;
+    }
     if unpack && r0 < r1 {
         unpack_row_int4(m, r0, copy.as_mut_ptr());
     }
@@ -168,24 +213,12 @@ unsafe fn rows_with<const VNNI: bool>(m: &PackedMatrix, r0: usize, r1: usize, q:
             }
             codes = this;
         }
-        if once {
-            match m.format {
-                Format::SparseInt8 => expand_row::<SI8>(m, r, copy.as_mut_ptr()),
-                Format::DenseInt4 => expand_row::<DI4>(m, r, copy.as_mut_ptr()),
-                Format::SparseInt4 => expand_row::<SI4>(m, r, copy.as_mut_ptr()),
-                Format::DenseInt8 | Format::DenseF32 | Format::DenseBf16 | Format::SparseF32 | Format::SparseBf16 => {
-                    unreachable!("dense int8 rows are read as they are")
-                }
+        if k == 4 {
+            by_format!(4, 1, [r], 0);
+        } else {
+            for a in 0..k {
+                by_format!(1, 1, [r], a);
             }
-        }
-        let mut a = 0;
-        while a + 4 <= k {
-            by_format!(4, 1, [r], a);
-            a += 4;
-        }
-        while a < k {
-            by_format!(1, 1, [r], a);
-            a += 1;
         }
     }
 }
