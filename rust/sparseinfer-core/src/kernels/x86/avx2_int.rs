@@ -35,6 +35,7 @@ use crate::kernels::simd::{
 };
 use crate::kernels::QuantActs;
 use core::arch::x86_64::*;
+use core::sync::atomic::{AtomicU8, Ordering};
 
 /// Whether these kernels serve `m` (symmetric int8 and int4, dense or sparse) on this CPU.
 pub(crate) fn supports(m: &PackedMatrix) -> bool {
@@ -63,6 +64,32 @@ const DECODE_STREAMS: usize = 4;
 /// ([`rows_with`]).
 const PREFILL_ROWS: usize = 8;
 
+/// Whether the sparse expansion takes a chunk's four mask bytes from one load and shifts ([`half_ranks`]) rather
+/// than one load each: on AMD cores (separate integer and vector schedulers, the loop bound by its loads) the
+/// shifts are cheaper; on Intel ones (ALU ports shared with the vector work) the loads are. Both give the same
+/// bytes, so results do not depend on it.
+pub(crate) fn mask_bytes_in_register() -> bool {
+    match MASK_BYTES.load(Ordering::Relaxed) {
+        UNSET => {
+            let id = __cpuid(0);
+            let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+            // Hygon's cores are AMD's Zen.
+            let amd = vendor == b"AuthenticAMD" || vendor == b"HygonGenuine";
+            MASK_BYTES.store(amd as u8, Ordering::Relaxed);
+            amd
+        }
+        v => v == 1,
+    }
+}
+
+const UNSET: u8 = 2;
+static MASK_BYTES: AtomicU8 = AtomicU8::new(UNSET);
+
+/// Overrides [`mask_bytes_in_register`]'s choice (tests and benchmarks run both on one machine).
+pub fn force_mask_bytes_in_register(register: bool) {
+    MASK_BYTES.store(register as u8, Ordering::Relaxed);
+}
+
 /// Computes rows `r0..r1` (row layout) for the `k` quantized activation rows in `q`: four activation rows
 /// share each decoded weight row, then one at a time. With more than four activation rows (prefill), a weight
 /// row that is not already one byte per column (sparse, or int4) is expanded to signed bytes once, and every
@@ -77,7 +104,11 @@ const PREFILL_ROWS: usize = 8;
 /// `a < k` and `r0 <= r < r1`.
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
-    rows_with::<false>(m, r0, r1, q, k, y)
+    if mask_bytes_in_register() {
+        rows_with::<false, true>(m, r0, r1, q, k, y)
+    } else {
+        rows_with::<false, false>(m, r0, r1, q, k, y)
+    }
 }
 
 /// [`rows`] with the products added by AVX-VNNI's `vpdpbusd` ([`dot32`]): the same integer sums, so the same
@@ -87,12 +118,19 @@ pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs,
 /// As [`rows`], and the CPU must support AVX-VNNI.
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 pub(crate) unsafe fn rows_avxvnni(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
-    rows_with::<true>(m, r0, r1, q, k, y)
+    rows_with::<true, false>(m, r0, r1, q, k, y)
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
-unsafe fn rows_with<const VNNI: bool>(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
+unsafe fn rows_with<const VNNI: bool, const REG: bool>(
+    m: &PackedMatrix,
+    r0: usize,
+    r1: usize,
+    q: &QuantActs,
+    k: usize,
+    y: *mut f32,
+) {
     debug_assert!(!m.tiled && q.k == k && q.xq.len() == k * m.cols_pad && q.sx.len() == k * m.chunks());
     let scaling = chunk_scaling(m);
     let once = k > 4 && m.format != Format::DenseInt8;
@@ -138,12 +176,12 @@ unsafe fn rows_with<const VNNI: bool>(m: &PackedMatrix, r0: usize, r1: usize, q:
         ($nr:tt, $nrows:tt, $r:expr, $a:expr) => {{
             let rows: [usize; $nrows] = $r;
             match fmt {
-                DI8 => by_scaling!(scaling, row::<VNNI, $nr, $nrows, DI8>(m, rows, q, zc, $a, y, codes)),
-                SI8 => by_scaling!(scaling, row::<VNNI, $nr, $nrows, SI8>(m, rows, q, zc, $a, y, codes)),
-                DI4 => by_scaling!(scaling, row::<VNNI, $nr, $nrows, DI4>(m, rows, q, zc, $a, y, codes)),
-                U4 => by_scaling!(scaling, row::<VNNI, $nr, $nrows, U4>(m, rows, q, zc, $a, y, codes)),
-                EXP4 => by_scaling!(scaling, row::<VNNI, $nr, $nrows, EXP4>(m, rows, q, zc, $a, y, codes)),
-                _ => by_scaling!(scaling, row::<VNNI, $nr, $nrows, EXP>(m, rows, q, zc, $a, y, codes)),
+                DI8 => by_scaling!(scaling, row::<VNNI, REG, $nr, $nrows, DI8>(m, rows, q, zc, $a, y, codes)),
+                SI8 => by_scaling!(scaling, row::<VNNI, REG, $nr, $nrows, SI8>(m, rows, q, zc, $a, y, codes)),
+                DI4 => by_scaling!(scaling, row::<VNNI, REG, $nr, $nrows, DI4>(m, rows, q, zc, $a, y, codes)),
+                U4 => by_scaling!(scaling, row::<VNNI, REG, $nr, $nrows, U4>(m, rows, q, zc, $a, y, codes)),
+                EXP4 => by_scaling!(scaling, row::<VNNI, REG, $nr, $nrows, EXP4>(m, rows, q, zc, $a, y, codes)),
+                _ => by_scaling!(scaling, row::<VNNI, REG, $nr, $nrows, EXP>(m, rows, q, zc, $a, y, codes)),
             }
         }};
     }
@@ -171,9 +209,9 @@ unsafe fn rows_with<const VNNI: bool>(m: &PackedMatrix, r0: usize, r1: usize, q:
                 for r in b0..b1 {
                     let out = copy.as_mut_ptr().add((r - b0) * room);
                     match m.format {
-                        Format::SparseInt8 => expand_row::<SI8>(m, r, out),
-                        Format::DenseInt4 => expand_row::<DI4>(m, r, out),
-                        Format::SparseInt4 => expand_row::<SI4>(m, r, out),
+                        Format::SparseInt8 => expand_row::<REG, SI8>(m, r, out),
+                        Format::DenseInt4 => expand_row::<REG, DI4>(m, r, out),
+                        Format::SparseInt4 => expand_row::<REG, SI4>(m, r, out),
                         Format::DenseInt8
                         | Format::DenseF32
                         | Format::DenseBf16
@@ -259,12 +297,12 @@ unsafe fn zero_point_lanes(q: &QuantActs, cp: usize, scaling: u8) -> Vec<__m256i
 /// Weight row `r`'s signed codes, one byte per column, written to `out` (`m.cols_pad` bytes).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
-unsafe fn expand_row<const FMT: u8>(m: &PackedMatrix, r: usize, out: *mut u8) {
+unsafe fn expand_row<const REG: bool, const FMT: u8>(m: &PackedMatrix, r: usize, out: *mut u8) {
     let mut p = m.data.as_ptr().add(m.row_start(r));
     let masks = m.masks.as_ptr().wrapping_add(r * m.chunks());
     let mut buf = [0u8; CHUNK];
     for ch in 0..m.chunks() {
-        let [lo, hi] = chunk_codes::<FMT>(&mut p, masks, ch, &mut buf);
+        let [lo, hi] = chunk_codes::<REG, FMT>(&mut p, masks, ch, &mut buf);
         _mm256_storeu_si256(out.add(ch * CHUNK) as *mut __m256i, lo);
         _mm256_storeu_si256(out.add(ch * CHUNK + 32) as *mut __m256i, hi);
     }
@@ -302,7 +340,7 @@ unsafe fn unpack_row_int4(m: &PackedMatrix, r: usize, out: *mut u8) {
 /// `y[a, r]`. `codes`: the row expanded by [`expand_row`] (`FMT` `EXP`) or unpacked by [`unpack_row_int4`] (`U4`); then `R` is 1. Else unused.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
-unsafe fn row<const VNNI: bool, const NR: usize, const R: usize, const FMT: u8, const MODE: u8>(
+unsafe fn row<const VNNI: bool, const REG: bool, const NR: usize, const R: usize, const FMT: u8, const MODE: u8>(
     m: &PackedMatrix,
     rows: [usize; R],
     q: &QuantActs,
@@ -335,18 +373,18 @@ unsafe fn row<const VNNI: bool, const NR: usize, const R: usize, const FMT: u8, 
     let mut ch = 0;
     while ch + 2 <= chunks {
         for i in 0..R {
-            let w = chunk_codes::<FMT>(&mut p[i], masks[i], ch, &mut buf[i]);
+            let w = chunk_codes::<REG, FMT>(&mut p[i], masks[i], ch, &mut buf[i]);
             chunk_dot::<VNNI, NR, MODE, FMT>(&mut acc0[i], w, &act, &s[i], ch);
         }
         for i in 0..R {
-            let w = chunk_codes::<FMT>(&mut p[i], masks[i], ch + 1, &mut buf[i]);
+            let w = chunk_codes::<REG, FMT>(&mut p[i], masks[i], ch + 1, &mut buf[i]);
             chunk_dot::<VNNI, NR, MODE, FMT>(&mut acc1[i], w, &act, &s[i], ch + 1);
         }
         ch += 2;
     }
     if ch < chunks {
         for i in 0..R {
-            let w = chunk_codes::<FMT>(&mut p[i], masks[i], ch, &mut buf[i]);
+            let w = chunk_codes::<REG, FMT>(&mut p[i], masks[i], ch, &mut buf[i]);
             chunk_dot::<VNNI, NR, MODE, FMT>(&mut acc0[i], w, &act, &s[i], ch);
         }
     }
@@ -363,7 +401,7 @@ unsafe fn row<const VNNI: bool, const NR: usize, const R: usize, const FMT: u8, 
 /// ones at `*p`, which then advances past the chunk's values (chunks come in order).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
-unsafe fn chunk_codes<const FMT: u8>(
+unsafe fn chunk_codes<const REG: bool, const FMT: u8>(
     p: &mut *const u8,
     masks: *const u64,
     ch: usize,
@@ -378,14 +416,14 @@ unsafe fn chunk_codes<const FMT: u8>(
         U4 => {
             // Expanded as `n ^ 8` (pruned lanes 0), then flipped back: `n`, and 8 in the pruned lanes.
             let eight = _mm256_set1_epi8(8);
-            let [lo, hi] = expand64(*p, masks.add(ch));
+            let [lo, hi] = expand64::<REG>(*p, masks.add(ch));
             *p = p.add(((*masks.add(ch)).count_ones() as usize + 1) & !1);
             [_mm256_xor_si256(lo, eight), _mm256_xor_si256(hi, eight)]
         }
         SI8 => {
             // The sparse streams prefetch ahead as the VNNI kernels do (see `PREFETCH`).
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
-            let w = expand64(*p, masks.add(ch));
+            let w = expand64::<REG>(*p, masks.add(ch));
             *p = p.add((*masks.add(ch)).count_ones() as usize);
             w
         }
@@ -400,10 +438,10 @@ unsafe fn chunk_codes<const FMT: u8>(
                     let bytes = _mm256_sub_epi8(nibbles_to_bytes(p.add(16 * h)), _mm256_set1_epi8(8));
                     _mm256_storeu_si256(buf.as_mut_ptr().add(32 * h) as *mut __m256i, bytes);
                 }
-                expand64(buf.as_ptr(), masks.add(ch))
+                expand64::<REG>(buf.as_ptr(), masks.add(ch))
             } else {
                 let mb = masks.add(ch) as *const u8;
-                [expand32_int4(*p, 0, mb), expand32_int4(*p, c32, mb.add(4))]
+                [expand32_int4::<REG>(*p, 0, mb), expand32_int4::<REG>(*p, c32, mb.add(4))]
             };
             *p = p.add((mask.count_ones() as usize).div_ceil(2));
             let eight = _mm256_set1_epi8(8);
@@ -416,10 +454,10 @@ unsafe fn chunk_codes<const FMT: u8>(
 /// lanes 0.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
-unsafe fn expand64(p: *const u8, mask: *const u64) -> [__m256i; 2] {
+unsafe fn expand64<const REG: bool>(p: *const u8, mask: *const u64) -> [__m256i; 2] {
     let mb = mask as *const u8;
     let lo = (mask as *const u32).read().count_ones() as usize;
-    [expand32(p, mb), expand32(p.add(lo), mb.add(4))]
+    [expand32::<REG>(p, mb), expand32::<REG>(p.add(lo), mb.add(4))]
 }
 
 /// 32 columns whose four mask bytes are at `mb`, from the values at `p`: columns 0-15 from the 16 bytes at `p`, columns 16-31 from
@@ -428,23 +466,29 @@ unsafe fn expand64(p: *const u8, mask: *const u64) -> [__m256i; 2] {
 /// 8-byte shuffle per mask byte (which the f32 kernels use, and which the dispatch-bound sparse integer
 /// kernels felt); the 16-byte loads stay within the row's values and `VALUE_PAD` (or the int4 unpack buffer).
 #[inline(always)]
-unsafe fn expand32(p: *const u8, mb: *const u8) -> __m256i {
+unsafe fn expand32<const REG: bool>(p: *const u8, mb: *const u8) -> __m256i {
     let c01 = (mb as *const u16).read_unaligned().count_ones() as usize;
     let src = _mm256_inserti128_si256::<1>(
         _mm256_castsi128_si256(_mm_loadu_si128(p as *const __m128i)),
         _mm_loadu_si128(p.add(c01) as *const __m128i),
     );
-    _mm256_shuffle_epi8(src, half_ranks(mb))
+    _mm256_shuffle_epi8(src, half_ranks::<REG>(mb))
 }
 
 /// The `pshufb` control of 32 columns whose four mask bytes are at `mb`: in each 16-column half, the rank of every stored
 /// column among that half's stored columns, the clear marker (top bit set) in the pruned ones. The second
 /// mask byte of each half takes its row of [`RANKS_AFTER`] at the first byte's popcount, the first at 0.
 #[inline(always)]
-unsafe fn half_ranks(mb: *const u8) -> __m256i {
-    // One byte load each (volatile, so they are not merged into one load and shifts): the loads ports have
-    // room, the ALU ports that would shift and extract do not.
-    let b = [0, 1, 2, 3].map(|i| core::ptr::read_volatile(mb.add(i)) as usize);
+unsafe fn half_ranks<const REG: bool>(mb: *const u8) -> __m256i {
+    // `REG` ([`mask_bytes_in_register`]): the four bytes shifted out of one load; else one byte load each
+    // (volatile, so they are not merged into one load and shifts), for cores whose load ports have room and
+    // whose ALU ports, shared with the vector work, do not.
+    let b = if REG {
+        let w = (mb as *const u32).read_unaligned();
+        [0, 1, 2, 3].map(|i| (w >> (8 * i) & 0xFF) as usize)
+    } else {
+        [0, 1, 2, 3].map(|i| core::ptr::read_volatile(mb.add(i)) as usize)
+    };
     let (c0, c2) = (b[0].count_ones() as usize, b[2].count_ones() as usize);
     let pair = |first: usize, second: &[u8; 8]| {
         let lo = _mm_loadl_epi64(RANKS_AFTER.0[0][first].as_ptr() as *const __m128i);
@@ -488,11 +532,12 @@ const fn nibble_offsets() -> [[u8; 32]; 34] {
 /// the codes in registers: unpacking a chunk to memory and reloading at once at the half's offset waited on
 /// store forwarding (a whole row unpacked one row ahead does not, [`unpack_row_int4`]).
 #[inline(always)]
-unsafe fn expand32_int4(p: *const u8, s: usize, mb: *const u8) -> __m256i {
+unsafe fn expand32_int4<const REG: bool>(p: *const u8, s: usize, mb: *const u8) -> __m256i {
     let u = _mm256_sub_epi8(nibbles_to_bytes(p.add(s >> 1)), _mm256_set1_epi8(8));
     let (a, b) = (_mm256_permute4x64_epi64::<0x44>(u), _mm256_permute4x64_epi64::<0xEE>(u));
     let row = 17 * (s & 1) + (mb as *const u16).read_unaligned().count_ones() as usize;
-    let idx = _mm256_add_epi8(half_ranks(mb), _mm256_load_si256(NIBBLE_OFFSETS.0[row].as_ptr() as *const __m256i));
+    let idx =
+        _mm256_add_epi8(half_ranks::<REG>(mb), _mm256_load_si256(NIBBLE_OFFSETS.0[row].as_ptr() as *const __m256i));
     let from_a = _mm256_shuffle_epi8(a, _mm256_adds_epu8(idx, _mm256_set1_epi8(0x70)));
     let from_b = _mm256_shuffle_epi8(b, _mm256_sub_epi8(idx, _mm256_set1_epi8(16)));
     _mm256_or_si256(from_a, from_b)
