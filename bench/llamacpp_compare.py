@@ -476,8 +476,11 @@ def main() -> None:
             ("sparseinfer dense-int4", ours(dense, "dense-int4")),
             (f"sparseinfer sparse-int4 {s}", ours(sparse, "sparse-int4")),
         ]
+        import sparseinfer
+
+        native = sparseinfer.build_info()["isa"]  # the kernels this CPU runs: avx512, avxvnni, avx2, neon
         build = (
-            "`-DGGML_NATIVE=ON` (its AVX-512 VNNI kernels)"
+            f"`-DGGML_NATIVE=ON` (its kernels for this CPU, on which sparseinfer runs its {native} ones)"
             if a.isa == "native"
             else "`-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF` (its AVX2 "
             "kernels, no AVX-512 or AVX-VNNI)"
@@ -490,7 +493,12 @@ def main() -> None:
             f"Llama-shaped {a.size} weights (bench/llama_models.py; the sparse rows use the {s}-sparse copy, which "
             "llama.cpp would read as dense). "
         )
-        name = "llamacpp" if a.isa == "native" else "llamacpp-avx2"
+        # llamacpp.md is the AVX-512 machine's; a CPU without AVX-512 writes its own native report beside it.
+        name = (
+            ("llamacpp" if native == "avx512" else f"llamacpp-native-{native}")
+            if a.isa == "native"
+            else "llamacpp-avx2"
+        )
     if a.prepare:
         return
 
