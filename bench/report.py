@@ -122,6 +122,15 @@ def table(data, rows):
         "dense. Tried without gain: the control from broadcast loads and blends instead of inserts (6-10 % slower), "
         "a 1 MiB table of 16-column controls (one load per half; faster at 90 %, slower at 50 %: the lookups miss "
         "L1).",
+        "- AMD Zen 3 (EPYC, ~3.2 GHz, AVX2 only, 512 KiB L2 per core; `chunk_cost avx2`, its 1024x2048 matrices from "
+        "L3): dense int8 ~5.2 and dense int4 ~8.5-9 cycles per chunk, sparse int8 ~15.2 at 50-90 % and sparse int4 "
+        "~19.7. This core's integer ALUs are apart from its vector pipes, and the sparse loop is bound by its loads "
+        "(`llvm-mca -mcpu=znver3` on the decode loop: the load/store units are its busiest resource), so taking the "
+        "four mask bytes from one load and shifts instead of a load each is ~9 % faster here (and ~6 % slower on the "
+        "Xeon): the AVX2 kernels choose by vendor. A table of row pointers that saves a popcount, shift and add per "
+        "control row but adds a dependent load was ~9 % slower. Two cores stream 70 %-sparse int8 at ~11 GB/s against"
+        " probes of 30-37 GB/s, so on this 2-vCPU VM sparse int8 decodes at ~0.75x dense int8 "
+        "(docs/benchmarks/llamacpp-native-avx2.md).",
         "",
         "Sparse f32 and bf16 (f32 activations, row layout) are compute-bound from ~70 % sparsity on this Zen 4: "
         "a `vexpandps` and an FMA take 3.0 cycles together (`isa_probe`: they share ports), so a 64-column chunk "
