@@ -222,7 +222,7 @@ class Study:
         if not config.is_file():
             return []
         theirs, ours = json.loads(config.read_text()), json.loads((self.work / "study.json").read_text())
-        if any(theirs.get(k, "default") != ours.get(k, "default") for k in ("bf16", "model")):
+        if not _same_study(theirs, ours):
             # Another model or precision: those records do not belong to this study.
             print(f"not restoring {published}: it records {theirs}, this study is {ours}", flush=True)
             return []
@@ -244,7 +244,7 @@ class Study:
         cells' learning rates) does not train the teacher again. Both must be of one model and precision."""
         theirs = json.loads((other / "study.json").read_text())
         ours = json.loads((self.work / "study.json").read_text())
-        if any(theirs.get(k, "default") != ours.get(k, "default") for k in ("bf16", "model")):
+        if not _same_study(theirs, ours):
             raise SystemExit(f"cannot seed from {other}: it records {theirs}, this study is {ours}")
         # The same data split and sequence length, so its teacher saw what this study's cells will see.
         data = json.loads((other / "data.json").read_text()) if (other / "data.json").is_file() else None
@@ -795,7 +795,7 @@ def model_label(work: Path) -> str:
     return "SmolLM2-135M-Instruct" if model == "default" else Path(model).name
 
 
-def publish_pieces(work: Path, dest: Path) -> None:
+def publish_pieces(work: Path, dest: Path, budget: str) -> None:
     """Copies the finished cells' records (and the data split and the run's configuration) into `dest`, the
     repository's copy of the raw results, and writes its README table; `dest/NOTES.md`, kept by hand, is
     appended to the README."""
@@ -835,7 +835,9 @@ def publish_pieces(work: Path, dest: Path) -> None:
     notes = dest / "NOTES.md"
     text = "\n".join(
         [
-            f"# The accuracy study (issue 15), budget `{dest.name.removeprefix('study-')}`: finished pieces",
+            f"# The accuracy study (issue 15), budget `{budget}`"
+            + (f" ({precision})" if (precision := dest.name.removeprefix(f"study-{budget}").lstrip("-")) else "")
+            + ": finished pieces",
             "",
             "Raw per-cell records of `training/study.py`, copied from its work directory as each piece finishes",
             "(`python training/study.py --report [--budget B]` rewrites this directory and its report). `data.json`",
@@ -854,22 +856,34 @@ def publish_pieces(work: Path, dest: Path) -> None:
         tmp.write_text(text)
 
 
+def _same_study(theirs: dict, ours: dict, keys=("bf16", "model")) -> bool:
+    """Whether two studies' configurations (``study.json``) agree on ``keys``: their cells then compare."""
+    return all(theirs.get(k, "default") == ours.get(k, "default") for k in keys)
+
+
 def published_dir(out: Path, budget: str, work: Path) -> Path:
     """Where the repository keeps the finished records of study ``work``: ``study-<budget>``, unless that
-    directory holds a study of another precision (records from a bf16 CPU, this one trains in fp32); then
-    ``study-<budget>-<precision>``, so a machine of the other kind runs its own study beside them, neither
-    restoring nor overwriting theirs."""
+    directory holds a study of the same model in the other precision (records from a bf16 CPU, this one trains
+    in fp32); then ``study-<budget>-<precision>``, so a machine of the other kind runs its own study beside
+    them, neither restoring nor overwriting theirs. A directory of another model is refused."""
+    if not (work / "study.json").is_file():
+        raise SystemExit(f"{work} holds no study (no study.json)")
+    ours = json.loads((work / "study.json").read_text())
     base = out / f"study-{budget}"
-    ours = json.loads((work / "study.json").read_text()).get("bf16", False) if (work / "study.json").is_file() else None
     config = base / "study-config.json"
-    if ours is None or not config.is_file() or json.loads(config.read_text()).get("bf16", False) == ours:
+    if not config.is_file():
         return base
-    return out / f"study-{budget}-{'bf16' if ours else 'fp32'}"
+    theirs = json.loads(config.read_text())
+    if _same_study(theirs, ours):
+        return base
+    if not _same_study(theirs, ours, ("model",)):
+        raise SystemExit(f"{base} holds a study of model {theirs.get('model', 'default')!r}: choose another --out")
+    return out / f"study-{budget}-{'bf16' if ours.get('bf16') else 'fp32'}"
 
 
 def report(work: Path, out: Path, budget: str):
     dest = published_dir(out, budget, work)
-    publish_pieces(work, dest)
+    publish_pieces(work, dest, budget)
     # study.md, .json and .png, with the published directory's precision suffix where it has one
     stem = BUDGETS[budget].get("report", "study") + dest.name.removeprefix(f"study-{budget}")
     cells = _cells(work)

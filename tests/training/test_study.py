@@ -220,10 +220,11 @@ def test_records_of_another_precision_are_neither_restored_nor_overwritten(study
     """The repository holds a study trained in the other precision (bf16 autocast against fp32): this machine's
     study publishes beside it, under the precision's name, and leaves those records as they are."""
     root, work, out, _ = study
-    ours = json.loads((work / "study.json").read_text())["bf16"]
+    meta = json.loads((work / "study.json").read_text())
+    ours = meta["bf16"]
     theirs = tmp_path / "out" / "study-smoke"
     shutil.copytree(out / "study-smoke", theirs)
-    (theirs / "study-config.json").write_text(json.dumps({"bf16": not ours, "model": "default"}))
+    (theirs / "study-config.json").write_text(json.dumps({**meta, "bf16": not ours}))
     before = {p.name: p.read_bytes() for p in theirs.iterdir()}
     run_study("--model", root / "model", "--work", work, "--out", tmp_path / "out", "--report")
     assert {p.name: p.read_bytes() for p in theirs.iterdir()} == before
@@ -241,6 +242,27 @@ def _study_module():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def test_the_published_directory_follows_model_and_precision(tmp_path):
+    S = _study_module()
+    work, out = tmp_path / "work", tmp_path / "out"
+    with pytest.raises(SystemExit, match="no study"):
+        S.published_dir(out, "full", work)
+    work.mkdir()
+    (work / "study.json").write_text(json.dumps({"bf16": False, "model": "default"}))
+    assert S.published_dir(out, "full", work) == out / "study-full"  # nothing published yet
+    (out / "study-full").mkdir(parents=True)
+    config = out / "study-full" / "study-config.json"
+    config.write_text(json.dumps({"bf16": False, "model": "default"}))
+    assert S.published_dir(out, "full", work) == out / "study-full"
+    config.write_text(json.dumps({"bf16": True, "model": "default"}))
+    assert S.published_dir(out, "full", work) == out / "study-full-fp32"
+    (work / "study.json").write_text(json.dumps({"bf16": True, "model": "default"}))
+    assert S.published_dir(out, "full", work) == out / "study-full"
+    config.write_text(json.dumps({"bf16": False, "model": "/some/other/model"}))
+    with pytest.raises(SystemExit, match="another --out"):
+        S.published_dir(out, "full", work)
 
 
 def test_the_curve_floor_is_recovered_and_answers_whether_budget_closes_a_gap():

@@ -64,10 +64,10 @@ const DECODE_STREAMS: usize = 4;
 /// ([`rows_with`]).
 const PREFILL_ROWS: usize = 8;
 
-/// Whether the sparse expansion takes a chunk's four mask bytes from one load and shifts ([`half_ranks`]) rather
-/// than one load each: on AMD cores (separate integer and vector schedulers, the loop bound by its loads) the
-/// shifts are cheaper; on Intel ones (ALU ports shared with the vector work) the loads are. Both give the same
-/// bytes, so results do not depend on it.
+/// Whether the sparse expansion of [`rows`] takes a chunk's four mask bytes from one load and shifts
+/// ([`half_ranks`]) rather than one load each: on AMD cores (separate integer and vector schedulers, the loop
+/// bound by its loads) the shifts are cheaper; on Intel ones (ALU ports shared with the vector work) the loads
+/// are. Both give the same bytes, so results do not depend on it. [`rows_avxvnni`] (Intel only) keeps the loads.
 pub(crate) fn mask_bytes_in_register() -> bool {
     match MASK_BYTES.load(Ordering::Relaxed) {
         UNSET => {
@@ -75,8 +75,11 @@ pub(crate) fn mask_bytes_in_register() -> bool {
             let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
             // Hygon's cores are AMD's Zen.
             let amd = vendor == b"AuthenticAMD" || vendor == b"HygonGenuine";
-            MASK_BYTES.store(amd as u8, Ordering::Relaxed);
-            amd
+            // A value forced meanwhile stays.
+            match MASK_BYTES.compare_exchange(UNSET, amd as u8, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => amd,
+                Err(v) => v == 1,
+            }
         }
         v => v == 1,
     }
@@ -85,18 +88,19 @@ pub(crate) fn mask_bytes_in_register() -> bool {
 const UNSET: u8 = 2;
 static MASK_BYTES: AtomicU8 = AtomicU8::new(UNSET);
 
-/// Overrides [`mask_bytes_in_register`]'s choice (tests and benchmarks run both on one machine).
-pub fn force_mask_bytes_in_register(register: bool) {
-    MASK_BYTES.store(register as u8, Ordering::Relaxed);
+/// Overrides [`mask_bytes_in_register`]'s choice (`None`: back to the vendor's), so tests and benchmarks run
+/// both on one machine.
+pub fn force_mask_bytes_in_register(register: Option<bool>) {
+    MASK_BYTES.store(register.map_or(UNSET, u8::from), Ordering::Relaxed);
 }
 
 /// Computes rows `r0..r1` (row layout) for the `k` quantized activation rows in `q`: four activation rows
 /// share each decoded weight row, then one at a time. With more than four activation rows (prefill), a weight
 /// row that is not already one byte per column (sparse, or int4) is expanded to signed bytes once, and every
 /// group of activation rows reads that copy instead of expanding it again; the rows go in blocks of
-/// [`PREFILL_ROWS`], every group of activation rows over a whole block before the next. Every activation row goes through
-/// the same operations (the same exact products, summed in the same order) in any blocking, so a matmul row
-/// equals the matvec bit for bit.
+/// [`PREFILL_ROWS`], every group of activation rows over a whole block before the next. Every activation row
+/// goes through the same operations (the same exact products, summed in the same order) in any blocking, so a
+/// matmul row equals the matvec bit for bit.
 ///
 /// # Safety
 /// The CPU must support the enabled features and [`supports`] must hold for `m` (row layout); `q` holds `k`
@@ -200,8 +204,8 @@ unsafe fn rows_with<const VNNI: bool, const REG: bool>(
     if k > 4 {
         // Prefill: weight rows in blocks of PREFILL_ROWS (expanded once each where they are not bytes already),
         // each group of four activation rows meeting the whole block before the next group: the group's codes
-        // stay in L1 across the block, where a pass of every activation row per weight row would stream all
-        // of them (k rows) from L2 or L3 again for each weight row.
+        // are read from L1 (L2 for the widest rows) across the block, where a pass of every activation row per
+        // weight row would stream all k of them from L2 or L3 again for each weight row.
         let mut b0 = r0;
         while b0 < r1 {
             let b1 = (b0 + PREFILL_ROWS).min(r1);
@@ -337,7 +341,8 @@ unsafe fn unpack_row_int4(m: &PackedMatrix, r: usize, out: *mut u8) {
 }
 
 /// Weight rows `rows` (in lockstep, [`DECODE_STREAMS`]) against activation rows `a0..a0 + NR`: writes
-/// `y[a, r]`. `codes`: the row expanded by [`expand_row`] (`FMT` `EXP`) or unpacked by [`unpack_row_int4`] (`U4`); then `R` is 1. Else unused.
+/// `y[a, r]`. `codes`: the row expanded by [`expand_row`] (`FMT` `EXP` or `EXP4`) or unpacked by
+/// [`unpack_row_int4`] (`U4`); then `R` is 1. Else unused.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 unsafe fn row<const VNNI: bool, const REG: bool, const NR: usize, const R: usize, const FMT: u8, const MODE: u8>(
