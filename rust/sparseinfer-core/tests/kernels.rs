@@ -645,28 +645,29 @@ fn tiled_rows_at_the_exact_lane_limit() {
     }
 }
 
-/// The AVX2 sparse expansion reads mask bytes with one load each (Intel) or shifts them out of one load (AMD);
-/// this CPU runs one of them by default, so both are run here, and must agree bit for bit (decode and prefill).
+/// The AVX2 kernels take some choices per CPU vendor (the sparse expansion's mask-byte reads, dense int4
+/// decode's rows in lockstep); this CPU runs one set by default, so both are run here, and must agree bit for
+/// bit (decode and prefill).
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn avx2_mask_byte_reads_agree() {
+fn avx2_vendor_tunings_agree() {
     if !kernels::available_isas().contains(&Isa::Avx2) {
         return;
     }
-    for (f, o) in all_variants().into_iter().filter(|(f, o)| f.is_sparse() && f.elem().is_int() && !o.asymmetric) {
+    for (f, o) in all_variants().into_iter().filter(|(f, o)| f.elem().is_int() && !o.asymmetric) {
         for &(rows, cols, k) in &[(17, 200, 1), (33, 1000, 3), (40, 513, 9), (37, 513, 9)] {
             let w = matrix(rows, cols, 0.3, (rows + cols + k) as u64);
             let m = PackedMatrix::pack(&w, rows, cols, f, o).unwrap();
             let x = activations(k * cols, k as u64);
-            let run = |register: bool| {
-                kernels::force_mask_bytes_in_register(Some(register));
+            let run = |amd: bool| {
+                kernels::force_amd_tuning(Some(amd));
                 let mut y = vec![0.0f32; k * rows];
                 kernels::matmul_on(Isa::Avx2, &m, &x, k, &mut y, Activations::Int8).unwrap();
                 y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
             };
-            let (loads, shifts) = (run(false), run(true));
-            kernels::force_mask_bytes_in_register(None);
-            assert_eq!(loads, shifts, "{f:?} {o:?} {rows}x{cols} k={k}");
+            let (intel, amd) = (run(false), run(true));
+            kernels::force_amd_tuning(None);
+            assert_eq!(intel, amd, "{f:?} {o:?} {rows}x{cols} k={k}");
         }
     }
 }

@@ -53,10 +53,10 @@ mod x86;
 /// AMX for the runtime's attention (bf16 scores and weighted sums).
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::amx;
-/// The AVX2 sparse expansion's two ways of reading mask bytes, chosen per CPU vendor; tests run both.
+/// The AVX2 kernels' choices per CPU vendor (see `x86::avx2_int::amd_tuning`); tests run both.
 #[cfg(target_arch = "x86_64")]
 #[doc(hidden)]
-pub use x86::avx2_int::force_mask_bytes_in_register;
+pub use x86::avx2_int::force_amd_tuning;
 
 use crate::error::{Error, Result};
 use crate::formats::{PackedMatrix, CHUNK};

@@ -57,26 +57,29 @@ const fn unsigned(fmt: u8) -> bool {
 }
 
 /// Dense weight rows a decode step reads in lockstep, from as many parts of its range: four rows in flight
-/// hide the latency of each row's chain of dependent steps (int4 most).
+/// hide the latency of each row's chain of dependent steps (int4 most), except dense int4 on AMD cores
+/// ([`amd_tuning`]), whose four streams spill registers: there two.
 const DECODE_STREAMS: usize = 4;
 
 /// Weight rows a prefill step keeps expanded at a time and passes every group of activation rows over
 /// ([`rows_with`]).
 const PREFILL_ROWS: usize = 8;
 
-/// Whether the sparse expansion of [`rows`] takes a chunk's four mask bytes from one load and shifts
-/// ([`half_ranks`]) rather than one load each: on AMD cores (separate integer and vector schedulers, the loop
-/// bound by its loads) the shifts are cheaper; on Intel ones (ALU ports shared with the vector work) the loads
-/// are. Both give the same bytes, so results do not depend on it. [`rows_avxvnni`] (Intel only) keeps the loads.
-pub(crate) fn mask_bytes_in_register() -> bool {
-    match MASK_BYTES.load(Ordering::Relaxed) {
+/// Whether [`rows`] takes the choices that measure faster on AMD cores than on Intel ones: the sparse expansion
+/// shifts a chunk's four mask bytes out of one load ([`half_ranks`]) rather than loading each (AMD's integer
+/// ALUs are apart from its vector pipes and the loop is bound by its loads; Intel's ALU ports are shared with
+/// the vector work), and dense int4 decode reads two rows in lockstep rather than [`DECODE_STREAMS`]. Neither
+/// changes a result: the bytes and each row's operations are the same. [`rows_avxvnni`] (Intel only) keeps
+/// Intel's.
+pub(crate) fn amd_tuning() -> bool {
+    match TUNING.load(Ordering::Relaxed) {
         UNSET => {
             let id = __cpuid(0);
             let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
             // Hygon's cores are AMD's Zen.
             let amd = vendor == b"AuthenticAMD" || vendor == b"HygonGenuine";
             // A value forced meanwhile stays.
-            match MASK_BYTES.compare_exchange(UNSET, amd as u8, Ordering::Relaxed, Ordering::Relaxed) {
+            match TUNING.compare_exchange(UNSET, amd as u8, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => amd,
                 Err(v) => v == 1,
             }
@@ -86,12 +89,12 @@ pub(crate) fn mask_bytes_in_register() -> bool {
 }
 
 const UNSET: u8 = 2;
-static MASK_BYTES: AtomicU8 = AtomicU8::new(UNSET);
+static TUNING: AtomicU8 = AtomicU8::new(UNSET);
 
-/// Overrides [`mask_bytes_in_register`]'s choice (`None`: back to the vendor's), so tests and benchmarks run
-/// both on one machine.
-pub fn force_mask_bytes_in_register(register: Option<bool>) {
-    MASK_BYTES.store(register.map_or(UNSET, u8::from), Ordering::Relaxed);
+/// Overrides [`amd_tuning`]'s choice (`None`: back to the vendor's), so tests and benchmarks run both on one
+/// machine.
+pub fn force_amd_tuning(amd: Option<bool>) {
+    TUNING.store(amd.map_or(UNSET, u8::from), Ordering::Relaxed);
 }
 
 /// Computes rows `r0..r1` (row layout) for the `k` quantized activation rows in `q`: four activation rows
@@ -108,7 +111,7 @@ pub fn force_mask_bytes_in_register(register: Option<bool>) {
 /// `a < k` and `r0 <= r < r1`.
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 pub(crate) unsafe fn rows(m: &PackedMatrix, r0: usize, r1: usize, q: &QuantActs, k: usize, y: *mut f32) {
-    if mask_bytes_in_register() {
+    if amd_tuning() {
         rows_with::<false, true>(m, r0, r1, q, k, y)
     } else {
         rows_with::<false, false>(m, r0, r1, q, k, y)
@@ -127,7 +130,7 @@ pub(crate) unsafe fn rows_avxvnni(m: &PackedMatrix, r0: usize, r1: usize, q: &Qu
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
-unsafe fn rows_with<const VNNI: bool, const REG: bool>(
+unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
     m: &PackedMatrix,
     r0: usize,
     r1: usize,
@@ -180,24 +183,33 @@ unsafe fn rows_with<const VNNI: bool, const REG: bool>(
         ($nr:tt, $nrows:tt, $r:expr, $a:expr) => {{
             let rows: [usize; $nrows] = $r;
             match fmt {
-                DI8 => by_scaling!(scaling, row::<VNNI, REG, $nr, $nrows, DI8>(m, rows, q, zc, $a, y, codes)),
-                SI8 => by_scaling!(scaling, row::<VNNI, REG, $nr, $nrows, SI8>(m, rows, q, zc, $a, y, codes)),
-                DI4 => by_scaling!(scaling, row::<VNNI, REG, $nr, $nrows, DI4>(m, rows, q, zc, $a, y, codes)),
-                U4 => by_scaling!(scaling, row::<VNNI, REG, $nr, $nrows, U4>(m, rows, q, zc, $a, y, codes)),
-                EXP4 => by_scaling!(scaling, row::<VNNI, REG, $nr, $nrows, EXP4>(m, rows, q, zc, $a, y, codes)),
-                _ => by_scaling!(scaling, row::<VNNI, REG, $nr, $nrows, EXP>(m, rows, q, zc, $a, y, codes)),
+                DI8 => by_scaling!(scaling, row::<VNNI, AMD, $nr, $nrows, DI8>(m, rows, q, zc, $a, y, codes)),
+                SI8 => by_scaling!(scaling, row::<VNNI, AMD, $nr, $nrows, SI8>(m, rows, q, zc, $a, y, codes)),
+                DI4 => by_scaling!(scaling, row::<VNNI, AMD, $nr, $nrows, DI4>(m, rows, q, zc, $a, y, codes)),
+                U4 => by_scaling!(scaling, row::<VNNI, AMD, $nr, $nrows, U4>(m, rows, q, zc, $a, y, codes)),
+                EXP4 => by_scaling!(scaling, row::<VNNI, AMD, $nr, $nrows, EXP4>(m, rows, q, zc, $a, y, codes)),
+                _ => by_scaling!(scaling, row::<VNNI, AMD, $nr, $nrows, EXP>(m, rows, q, zc, $a, y, codes)),
             }
         }};
     }
     if k == 1 && !m.format.is_sparse() {
         // Decode of dense rows: the range's [`DECODE_STREAMS`] parts in lockstep, the rows left over alone. The
         // sparse kernels here are bound by their expansion, not by memory: pairs or fours were no faster.
-        let part = (r1 - r0) / DECODE_STREAMS;
-        for r in r0..r0 + part {
-            by_format!(1, DECODE_STREAMS, core::array::from_fn(|i| r + i * part), 0);
+        macro_rules! streams {
+            ($n:tt) => {{
+                let part = (r1 - r0) / $n;
+                for r in r0..r0 + part {
+                    by_format!(1, $n, core::array::from_fn(|i| r + i * part), 0);
+                }
+                for r in r0 + $n * part..r1 {
+                    by_format!(1, 1, [r], 0);
+                }
+            }};
         }
-        for r in r0 + DECODE_STREAMS * part..r1 {
-            by_format!(1, 1, [r], 0);
+        if AMD && m.format == Format::DenseInt4 {
+            streams!(2);
+        } else {
+            streams!(DECODE_STREAMS);
         }
         return;
     }
@@ -213,9 +225,9 @@ unsafe fn rows_with<const VNNI: bool, const REG: bool>(
                 for r in b0..b1 {
                     let out = copy.as_mut_ptr().add((r - b0) * room);
                     match m.format {
-                        Format::SparseInt8 => expand_row::<REG, SI8>(m, r, out),
-                        Format::DenseInt4 => expand_row::<REG, DI4>(m, r, out),
-                        Format::SparseInt4 => expand_row::<REG, SI4>(m, r, out),
+                        Format::SparseInt8 => expand_row::<AMD, SI8>(m, r, out),
+                        Format::DenseInt4 => expand_row::<AMD, DI4>(m, r, out),
+                        Format::SparseInt4 => expand_row::<AMD, SI4>(m, r, out),
                         Format::DenseInt8
                         | Format::DenseF32
                         | Format::DenseBf16
@@ -301,12 +313,12 @@ unsafe fn zero_point_lanes(q: &QuantActs, cp: usize, scaling: u8) -> Vec<__m256i
 /// Weight row `r`'s signed codes, one byte per column, written to `out` (`m.cols_pad` bytes).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
-unsafe fn expand_row<const REG: bool, const FMT: u8>(m: &PackedMatrix, r: usize, out: *mut u8) {
+unsafe fn expand_row<const AMD: bool, const FMT: u8>(m: &PackedMatrix, r: usize, out: *mut u8) {
     let mut p = m.data.as_ptr().add(m.row_start(r));
     let masks = m.masks.as_ptr().wrapping_add(r * m.chunks());
     let mut buf = [0u8; CHUNK];
     for ch in 0..m.chunks() {
-        let [lo, hi] = chunk_codes::<REG, FMT>(&mut p, masks, ch, &mut buf);
+        let [lo, hi] = chunk_codes::<AMD, FMT>(&mut p, masks, ch, &mut buf);
         _mm256_storeu_si256(out.add(ch * CHUNK) as *mut __m256i, lo);
         _mm256_storeu_si256(out.add(ch * CHUNK + 32) as *mut __m256i, hi);
     }
@@ -345,7 +357,7 @@ unsafe fn unpack_row_int4(m: &PackedMatrix, r: usize, out: *mut u8) {
 /// [`unpack_row_int4`] (`U4`); then `R` is 1. Else unused.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
-unsafe fn row<const VNNI: bool, const REG: bool, const NR: usize, const R: usize, const FMT: u8, const MODE: u8>(
+unsafe fn row<const VNNI: bool, const AMD: bool, const NR: usize, const R: usize, const FMT: u8, const MODE: u8>(
     m: &PackedMatrix,
     rows: [usize; R],
     q: &QuantActs,
@@ -378,18 +390,18 @@ unsafe fn row<const VNNI: bool, const REG: bool, const NR: usize, const R: usize
     let mut ch = 0;
     while ch + 2 <= chunks {
         for i in 0..R {
-            let w = chunk_codes::<REG, FMT>(&mut p[i], masks[i], ch, &mut buf[i]);
+            let w = chunk_codes::<AMD, FMT>(&mut p[i], masks[i], ch, &mut buf[i]);
             chunk_dot::<VNNI, NR, MODE, FMT>(&mut acc0[i], w, &act, &s[i], ch);
         }
         for i in 0..R {
-            let w = chunk_codes::<REG, FMT>(&mut p[i], masks[i], ch + 1, &mut buf[i]);
+            let w = chunk_codes::<AMD, FMT>(&mut p[i], masks[i], ch + 1, &mut buf[i]);
             chunk_dot::<VNNI, NR, MODE, FMT>(&mut acc1[i], w, &act, &s[i], ch + 1);
         }
         ch += 2;
     }
     if ch < chunks {
         for i in 0..R {
-            let w = chunk_codes::<REG, FMT>(&mut p[i], masks[i], ch, &mut buf[i]);
+            let w = chunk_codes::<AMD, FMT>(&mut p[i], masks[i], ch, &mut buf[i]);
             chunk_dot::<VNNI, NR, MODE, FMT>(&mut acc0[i], w, &act, &s[i], ch);
         }
     }
@@ -406,7 +418,7 @@ unsafe fn row<const VNNI: bool, const REG: bool, const NR: usize, const R: usize
 /// ones at `*p`, which then advances past the chunk's values (chunks come in order).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
-unsafe fn chunk_codes<const REG: bool, const FMT: u8>(
+unsafe fn chunk_codes<const AMD: bool, const FMT: u8>(
     p: &mut *const u8,
     masks: *const u64,
     ch: usize,
@@ -421,14 +433,14 @@ unsafe fn chunk_codes<const REG: bool, const FMT: u8>(
         U4 => {
             // Expanded as `n ^ 8` (pruned lanes 0), then flipped back: `n`, and 8 in the pruned lanes.
             let eight = _mm256_set1_epi8(8);
-            let [lo, hi] = expand64::<REG>(*p, masks.add(ch));
+            let [lo, hi] = expand64::<AMD>(*p, masks.add(ch));
             *p = p.add(((*masks.add(ch)).count_ones() as usize + 1) & !1);
             [_mm256_xor_si256(lo, eight), _mm256_xor_si256(hi, eight)]
         }
         SI8 => {
             // The sparse streams prefetch ahead as the VNNI kernels do (see `PREFETCH`).
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
-            let w = expand64::<REG>(*p, masks.add(ch));
+            let w = expand64::<AMD>(*p, masks.add(ch));
             *p = p.add((*masks.add(ch)).count_ones() as usize);
             w
         }
@@ -443,10 +455,10 @@ unsafe fn chunk_codes<const REG: bool, const FMT: u8>(
                     let bytes = _mm256_sub_epi8(nibbles_to_bytes(p.add(16 * h)), _mm256_set1_epi8(8));
                     _mm256_storeu_si256(buf.as_mut_ptr().add(32 * h) as *mut __m256i, bytes);
                 }
-                expand64::<REG>(buf.as_ptr(), masks.add(ch))
+                expand64::<AMD>(buf.as_ptr(), masks.add(ch))
             } else {
                 let mb = masks.add(ch) as *const u8;
-                [expand32_int4::<REG>(*p, 0, mb), expand32_int4::<REG>(*p, c32, mb.add(4))]
+                [expand32_int4::<AMD>(*p, 0, mb), expand32_int4::<AMD>(*p, c32, mb.add(4))]
             };
             *p = p.add((mask.count_ones() as usize).div_ceil(2));
             let eight = _mm256_set1_epi8(8);
@@ -459,10 +471,10 @@ unsafe fn chunk_codes<const REG: bool, const FMT: u8>(
 /// lanes 0.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
-unsafe fn expand64<const REG: bool>(p: *const u8, mask: *const u64) -> [__m256i; 2] {
+unsafe fn expand64<const AMD: bool>(p: *const u8, mask: *const u64) -> [__m256i; 2] {
     let mb = mask as *const u8;
     let lo = (mask as *const u32).read().count_ones() as usize;
-    [expand32::<REG>(p, mb), expand32::<REG>(p.add(lo), mb.add(4))]
+    [expand32::<AMD>(p, mb), expand32::<AMD>(p.add(lo), mb.add(4))]
 }
 
 /// 32 columns whose four mask bytes are at `mb`, from the values at `p`: columns 0-15 from the 16 bytes at `p`, columns 16-31 from
@@ -471,24 +483,24 @@ unsafe fn expand64<const REG: bool>(p: *const u8, mask: *const u64) -> [__m256i;
 /// 8-byte shuffle per mask byte (which the f32 kernels use, and which the dispatch-bound sparse integer
 /// kernels felt); the 16-byte loads stay within the row's values and `VALUE_PAD` (or the int4 unpack buffer).
 #[inline(always)]
-unsafe fn expand32<const REG: bool>(p: *const u8, mb: *const u8) -> __m256i {
+unsafe fn expand32<const AMD: bool>(p: *const u8, mb: *const u8) -> __m256i {
     let c01 = (mb as *const u16).read_unaligned().count_ones() as usize;
     let src = _mm256_inserti128_si256::<1>(
         _mm256_castsi128_si256(_mm_loadu_si128(p as *const __m128i)),
         _mm_loadu_si128(p.add(c01) as *const __m128i),
     );
-    _mm256_shuffle_epi8(src, half_ranks::<REG>(mb))
+    _mm256_shuffle_epi8(src, half_ranks::<AMD>(mb))
 }
 
 /// The `pshufb` control of 32 columns whose four mask bytes are at `mb`: in each 16-column half, the rank of every stored
 /// column among that half's stored columns, the clear marker (top bit set) in the pruned ones. The second
 /// mask byte of each half takes its row of [`RANKS_AFTER`] at the first byte's popcount, the first at 0.
 #[inline(always)]
-unsafe fn half_ranks<const REG: bool>(mb: *const u8) -> __m256i {
-    // `REG` ([`mask_bytes_in_register`]): the four bytes shifted out of one load; else one byte load each
+unsafe fn half_ranks<const AMD: bool>(mb: *const u8) -> __m256i {
+    // `AMD` ([`amd_tuning`]): the four bytes shifted out of one load; else one byte load each
     // (volatile, so they are not merged into one load and shifts), for cores whose load ports have room and
     // whose ALU ports, shared with the vector work, do not.
-    let b = if REG {
+    let b = if AMD {
         let w = (mb as *const u32).read_unaligned();
         [0, 1, 2, 3].map(|i| (w >> (8 * i) & 0xFF) as usize)
     } else {
@@ -537,12 +549,12 @@ const fn nibble_offsets() -> [[u8; 32]; 34] {
 /// the codes in registers: unpacking a chunk to memory and reloading at once at the half's offset waited on
 /// store forwarding (a whole row unpacked one row ahead does not, [`unpack_row_int4`]).
 #[inline(always)]
-unsafe fn expand32_int4<const REG: bool>(p: *const u8, s: usize, mb: *const u8) -> __m256i {
+unsafe fn expand32_int4<const AMD: bool>(p: *const u8, s: usize, mb: *const u8) -> __m256i {
     let u = _mm256_sub_epi8(nibbles_to_bytes(p.add(s >> 1)), _mm256_set1_epi8(8));
     let (a, b) = (_mm256_permute4x64_epi64::<0x44>(u), _mm256_permute4x64_epi64::<0xEE>(u));
     let row = 17 * (s & 1) + (mb as *const u16).read_unaligned().count_ones() as usize;
     let idx =
-        _mm256_add_epi8(half_ranks::<REG>(mb), _mm256_load_si256(NIBBLE_OFFSETS.0[row].as_ptr() as *const __m256i));
+        _mm256_add_epi8(half_ranks::<AMD>(mb), _mm256_load_si256(NIBBLE_OFFSETS.0[row].as_ptr() as *const __m256i));
     let from_a = _mm256_shuffle_epi8(a, _mm256_adds_epu8(idx, _mm256_set1_epi8(0x70)));
     let from_b = _mm256_shuffle_epi8(b, _mm256_sub_epi8(idx, _mm256_set1_epi8(16)));
     _mm256_or_si256(from_a, from_b)
