@@ -20,8 +20,10 @@
 //! or, where the CPU has AVX-VNNI (`rows_avxvnni`, ISA `avxvnni`), one `vpdpbusd` in place of `vpmaddubsw` and
 //! `vpmaddwd` (adding the same four products per i32 lane; int4 lanes start from the zero-point lane). An int4
 //! lane so holds `Σ (n - 8)·x`, the same integer the signed codes give. Each chunk's eight i32 lanes are
-//! converted once and multiply-added with the chunk scale `s_x · d` (two 32-column halves with their own weight
-//! scale for 32-column groups). So every product and every block sum is exact, as in the AVX-512 VNNI kernels;
+//! converted once and multiply-added with the chunk scale `s_x · d`. Over 32-column weight groups a chunk's
+//! codes and activations are read in paired order (`paired`: each 128-bit lane one group's columns), so the
+//! low four lanes hold one group's sums and the high four the other's, and one multiply by both group scales
+//! replaces a conversion and scaling per group. So every product and every block sum is exact, as in the AVX-512 VNNI kernels;
 //! only the f32 sum over chunks differs from the scalar reference in order, and the budget is
 //! `SUM_ORDER · Σ|ŵ·x̂|` with nothing added for zero points.
 
@@ -30,8 +32,8 @@ use super::vnni::PREFETCH;
 use super::{scale, staged_row_scales, STAGED_GROUPS};
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
 use crate::kernels::simd::{
-    by_scaling, chunk_scaling, sparse_int4_row_bytes, RowScales, DI4, DI8, GRP, GRP32, KERNEL_CODES, RANKS_AFTER, ROW,
-    SI4, SI8,
+    by_scaling, chunk_scaling, sparse_int4_row_bytes, RowScales, DI4, DI8, GRP32, KERNEL_CODES, RANKS_AFTER, ROW, SI4,
+    SI8,
 };
 use crate::kernels::QuantActs;
 use core::arch::x86_64::*;
@@ -66,7 +68,7 @@ const DECODE_STREAMS: usize = 4;
 const PREFILL_ROWS: usize = 8;
 
 /// Whether [`rows`] takes the choices that measure faster on AMD cores than on Intel ones: the sparse expansion
-/// shifts a chunk's four mask bytes out of one load ([`half_ranks`]) rather than loading each (AMD's integer
+/// shifts a chunk's four mask bytes out of one load ([`mask_bytes`]) rather than loading each (AMD's integer
 /// ALUs are apart from its vector pipes and the loop is bound by its loads; Intel's ALU ports are shared with
 /// the vector work), and dense int4 decode reads two rows in lockstep rather than [`DECODE_STREAMS`]. Neither
 /// changes a result: the bytes and each row's operations are the same. [`rows_avxvnni`] (Intel only) keeps
@@ -141,6 +143,9 @@ unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
     debug_assert!(!m.tiled && q.k == k && q.xq.len() == k * m.cols_pad && q.sx.len() == k * m.chunks());
     let scaling = chunk_scaling(m);
     let once = k > 4 && m.format != Format::DenseInt8;
+    // Over 32-column groups every chunk's weight codes and activation codes come in paired order
+    // ([`paired`]): its products then sum into i32 lanes of one group each.
+    let paired = scaling == GRP32;
     let unpack = !once && m.format == Format::SparseInt4;
     // Room for every column, and for `expand32`'s 16-byte reads past a row's last value; unpacked int4 rows
     // alternate between two such buffers (below).
@@ -158,8 +163,11 @@ unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
     // The row the `EXP`, `EXP4` and `U4` instantiations read (only they do).
     let mut codes = copy.as_ptr();
     let int4 = m.format.elem() == Elem::I4;
-    let zc = if int4 { zero_point_lanes(q, m.cols_pad, scaling) } else { Vec::new() };
-    let zc = zc.as_ptr();
+    let xp = if paired { paired_order(&q.xq) } else { Vec::new() };
+    let xq: &[i8] = if paired { &xp } else { &q.xq };
+    let zc = if int4 { zero_point_lanes(xq) } else { Vec::new() };
+    // The first activation row's codes, scales and zero-point lanes; row `a`'s follow at `a` times a row's.
+    let acts = ActRow { xq: xq.as_ptr(), sx: q.sx.as_ptr(), zc: zc.as_ptr() };
     let fmt = if once {
         if int4 {
             EXP4
@@ -183,12 +191,24 @@ unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
         ($nr:tt, $nrows:tt, $r:expr, $a:expr) => {{
             let rows: [usize; $nrows] = $r;
             match fmt {
-                DI8 => by_scaling!(scaling, row::<VNNI, AMD, $nr, $nrows, DI8>(m, rows, q, zc, $a, y, codes)),
-                SI8 => by_scaling!(scaling, row::<VNNI, AMD, $nr, $nrows, SI8>(m, rows, q, zc, $a, y, codes)),
-                DI4 => by_scaling!(scaling, row::<VNNI, AMD, $nr, $nrows, DI4>(m, rows, q, zc, $a, y, codes)),
-                U4 => by_scaling!(scaling, row::<VNNI, AMD, $nr, $nrows, U4>(m, rows, q, zc, $a, y, codes)),
-                EXP4 => by_scaling!(scaling, row::<VNNI, AMD, $nr, $nrows, EXP4>(m, rows, q, zc, $a, y, codes)),
-                _ => by_scaling!(scaling, row::<VNNI, AMD, $nr, $nrows, EXP>(m, rows, q, zc, $a, y, codes)),
+                DI8 => {
+                    by_scaling!(scaling, row::<VNNI, AMD, $nr, $nrows, DI8>(m, rows, &acts, $a, y, codes))
+                }
+                SI8 => {
+                    by_scaling!(scaling, row::<VNNI, AMD, $nr, $nrows, SI8>(m, rows, &acts, $a, y, codes))
+                }
+                DI4 => {
+                    by_scaling!(scaling, row::<VNNI, AMD, $nr, $nrows, DI4>(m, rows, &acts, $a, y, codes))
+                }
+                U4 => {
+                    by_scaling!(scaling, row::<VNNI, AMD, $nr, $nrows, U4>(m, rows, &acts, $a, y, codes))
+                }
+                EXP4 => {
+                    by_scaling!(scaling, row::<VNNI, AMD, $nr, $nrows, EXP4>(m, rows, &acts, $a, y, codes))
+                }
+                _ => {
+                    by_scaling!(scaling, row::<VNNI, AMD, $nr, $nrows, EXP>(m, rows, &acts, $a, y, codes))
+                }
             }
         }};
     }
@@ -225,9 +245,15 @@ unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
                 for r in b0..b1 {
                     let out = copy.as_mut_ptr().add((r - b0) * room);
                     match m.format {
-                        Format::SparseInt8 => expand_row::<AMD, SI8>(m, r, out),
-                        Format::DenseInt4 => expand_row::<AMD, DI4>(m, r, out),
-                        Format::SparseInt4 => expand_row::<AMD, SI4>(m, r, out),
+                        Format::SparseInt8 => {
+                            by_scaling!(scaling, expand_row::<AMD, SI8>(m, r, out))
+                        }
+                        Format::DenseInt4 => {
+                            by_scaling!(scaling, expand_row::<AMD, DI4>(m, r, out))
+                        }
+                        Format::SparseInt4 => {
+                            by_scaling!(scaling, expand_row::<AMD, SI4>(m, r, out))
+                        }
                         Format::DenseInt8
                         | Format::DenseF32
                         | Format::DenseBf16
@@ -284,41 +310,56 @@ struct ActRow {
     zc: *const __m256i,
 }
 
-/// Per activation row and chunk, the int4 kernels' zero-point lanes `-8 · Σ x` over the columns whose products
-/// each i32 lane of [`dot32u`] adds (four per 32-column half), for the two halves (`GRP32`) or both halves in
-/// one (else). Added to the lanes of `Σ n·x` they give `Σ (n - 8)·x = Σ q·x` lane for lane, the same integers
-/// as signed codes would, so the unsigned form changes no bit of a result. Once per task and activation row,
-/// for all of the task's weight rows.
+/// Per activation row and chunk of the codes `xq`, the int4 kernels' zero-point lanes `-8 · Σ x` over the
+/// columns whose products each i32 lane of [`chunk_dot`] adds (four of each 32-byte half). Added to the lanes
+/// of `Σ n·x` they give `Σ (n - 8)·x = Σ q·x` lane for lane, the same integers as signed codes would, so the
+/// unsigned form changes no bit of a result. Once per task and activation row, for all of the task's weight
+/// rows.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
-unsafe fn zero_point_lanes(q: &QuantActs, cp: usize, scaling: u8) -> Vec<__m256i> {
+unsafe fn zero_point_lanes(xq: &[i8]) -> Vec<__m256i> {
     let (eight, ones) = (_mm256_set1_epi8(8), _mm256_set1_epi16(1));
     let lanes = |x: *const i8| {
         let x = _mm256_loadu_si256(x as *const __m256i);
         // |8·(x_a + x_b)| <= 2032: no i16 saturation.
         _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(_mm256_maddubs_epi16(eight, x), ones))
     };
-    let mut out = Vec::with_capacity(q.k * (cp / CHUNK) * if scaling == GRP32 { 2 } else { 1 });
-    for x in q.xq.chunks_exact(CHUNK) {
-        let (lo, hi) = (lanes(x.as_ptr()), lanes(x.as_ptr().add(32)));
-        if scaling == GRP32 {
-            out.extend([lo, hi]);
-        } else {
-            out.push(_mm256_add_epi32(lo, hi));
-        }
+    xq.chunks_exact(CHUNK).map(|x| _mm256_add_epi32(lanes(x.as_ptr()), lanes(x.as_ptr().add(32)))).collect()
+}
+
+/// A chunk's two 32-column halves `[lo, hi]` in paired order: columns 0-15 and 32-47, then 16-31 and 48-63,
+/// so that the low 128-bit lane of both vectors holds the first 32-column group and the high lane the second.
+/// The products of two such chunks (weights and activations), added, so give i32 lanes of one group each
+/// ([`chunk_dot`]).
+#[inline(always)]
+unsafe fn paired(lo: __m256i, hi: __m256i) -> [__m256i; 2] {
+    [_mm256_permute2x128_si256::<0x20>(lo, hi), _mm256_permute2x128_si256::<0x31>(lo, hi)]
+}
+
+/// The activation codes `xq` with every chunk in [`paired`] order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
+unsafe fn paired_order(xq: &[i8]) -> Vec<i8> {
+    let mut out = vec![0i8; xq.len()];
+    for (x, o) in xq.chunks_exact(CHUNK).zip(out.chunks_exact_mut(CHUNK)) {
+        let p = x.as_ptr() as *const __m256i;
+        let [a, b] = paired(_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)));
+        _mm256_storeu_si256(o.as_mut_ptr() as *mut __m256i, a);
+        _mm256_storeu_si256(o.as_mut_ptr().add(32) as *mut __m256i, b);
     }
     out
 }
 
-/// Weight row `r`'s signed codes, one byte per column, written to `out` (`m.cols_pad` bytes).
+/// Weight row `r`'s codes ([`chunk_codes`], in its order for `MODE`), one byte per column, written to `out`
+/// (`m.cols_pad` bytes).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
-unsafe fn expand_row<const AMD: bool, const FMT: u8>(m: &PackedMatrix, r: usize, out: *mut u8) {
+unsafe fn expand_row<const AMD: bool, const FMT: u8, const MODE: u8>(m: &PackedMatrix, r: usize, out: *mut u8) {
     let mut p = m.data.as_ptr().add(m.row_start(r));
     let masks = m.masks.as_ptr().wrapping_add(r * m.chunks());
     let mut buf = [0u8; CHUNK];
     for ch in 0..m.chunks() {
-        let [lo, hi] = chunk_codes::<AMD, FMT>(&mut p, masks, ch, &mut buf);
+        let [lo, hi] = chunk_codes::<AMD, FMT, MODE>(&mut p, masks, ch, &mut buf);
         _mm256_storeu_si256(out.add(ch * CHUNK) as *mut __m256i, lo);
         _mm256_storeu_si256(out.add(ch * CHUNK + 32) as *mut __m256i, hi);
     }
@@ -353,25 +394,24 @@ unsafe fn unpack_row_int4(m: &PackedMatrix, r: usize, out: *mut u8) {
 }
 
 /// Weight rows `rows` (in lockstep, [`DECODE_STREAMS`]) against activation rows `a0..a0 + NR`: writes
-/// `y[a, r]`. `codes`: the row expanded by [`expand_row`] (`FMT` `EXP` or `EXP4`) or unpacked by
+/// `y[a, r]`. `acts`: activation row 0's codes (in [`paired`] order over 32-column groups), scales and
+/// zero-point lanes. `codes`: the row expanded by [`expand_row`] (`FMT` `EXP` or `EXP4`) or unpacked by
 /// [`unpack_row_int4`] (`U4`); then `R` is 1. Else unused.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 unsafe fn row<const VNNI: bool, const AMD: bool, const NR: usize, const R: usize, const FMT: u8, const MODE: u8>(
     m: &PackedMatrix,
     rows: [usize; R],
-    q: &QuantActs,
-    zc: *const __m256i,
+    acts: &ActRow,
     a0: usize,
     y: *mut f32,
     codes: *const u8,
 ) {
     let (cp, chunks) = (m.cols_pad, m.chunks());
-    let halves = if MODE == GRP32 { 2 } else { 1 };
     let act: [ActRow; NR] = core::array::from_fn(|a| ActRow {
-        xq: q.xq.as_ptr().add((a0 + a) * cp),
-        sx: q.sx.as_ptr().add((a0 + a) * chunks),
-        zc: zc.wrapping_add((a0 + a) * chunks * halves),
+        xq: acts.xq.add((a0 + a) * cp),
+        sx: acts.sx.add((a0 + a) * chunks),
+        zc: acts.zc.wrapping_add((a0 + a) * chunks),
     });
     let mut p: [*const u8; R] = core::array::from_fn(|i| {
         if matches!(FMT, EXP | EXP4 | U4) {
@@ -390,18 +430,18 @@ unsafe fn row<const VNNI: bool, const AMD: bool, const NR: usize, const R: usize
     let mut ch = 0;
     while ch + 2 <= chunks {
         for i in 0..R {
-            let w = chunk_codes::<AMD, FMT>(&mut p[i], masks[i], ch, &mut buf[i]);
+            let w = chunk_codes::<AMD, FMT, MODE>(&mut p[i], masks[i], ch, &mut buf[i]);
             chunk_dot::<VNNI, NR, MODE, FMT>(&mut acc0[i], w, &act, &s[i], ch);
         }
         for i in 0..R {
-            let w = chunk_codes::<AMD, FMT>(&mut p[i], masks[i], ch + 1, &mut buf[i]);
+            let w = chunk_codes::<AMD, FMT, MODE>(&mut p[i], masks[i], ch + 1, &mut buf[i]);
             chunk_dot::<VNNI, NR, MODE, FMT>(&mut acc1[i], w, &act, &s[i], ch + 1);
         }
         ch += 2;
     }
     if ch < chunks {
         for i in 0..R {
-            let w = chunk_codes::<AMD, FMT>(&mut p[i], masks[i], ch, &mut buf[i]);
+            let w = chunk_codes::<AMD, FMT, MODE>(&mut p[i], masks[i], ch, &mut buf[i]);
             chunk_dot::<VNNI, NR, MODE, FMT>(&mut acc0[i], w, &act, &s[i], ch);
         }
     }
@@ -413,38 +453,57 @@ unsafe fn row<const VNNI: bool, const AMD: bool, const NR: usize, const R: usize
     }
 }
 
-/// Chunk `ch`'s weight codes, columns 0-31 and 32-63: signed for int8 formats, unsigned `n = q + 8` for int4
-/// ones ([`unsigned`]; pruned lanes 8). Dense chunks are read at their offset from the row start `*p`; sparse
-/// ones at `*p`, which then advances past the chunk's values (chunks come in order).
+/// Chunk `ch`'s weight codes, columns 0-31 and 32-63, or (`MODE` `GRP32`) the same in [`paired`] order: signed
+/// for int8 formats, unsigned `n = q + 8` for int4 ones ([`unsigned`]; pruned lanes 8). Dense chunks are read
+/// at their offset from the row start `*p`; sparse ones at `*p`, which then advances past the chunk's values
+/// (chunks come in order). Expanded rows (`EXP`, `EXP4`) are read as [`expand_row`] stored them.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
-unsafe fn chunk_codes<const AMD: bool, const FMT: u8>(
+unsafe fn chunk_codes<const AMD: bool, const FMT: u8, const MODE: u8>(
     p: &mut *const u8,
     masks: *const u64,
     ch: usize,
     buf: &mut [u8; CHUNK],
 ) -> [__m256i; 2] {
+    let pair = MODE == GRP32;
     match FMT {
-        DI8 | EXP | EXP4 => {
+        EXP | EXP4 => {
             let w = p.add(ch * CHUNK);
             [_mm256_loadu_si256(w as *const __m256i), _mm256_loadu_si256(w.add(32) as *const __m256i)]
         }
+        DI8 => {
+            let w = p.add(ch * CHUNK);
+            let halves = |a: usize, b: usize| {
+                _mm256_inserti128_si256::<1>(
+                    _mm256_castsi128_si256(_mm_loadu_si128(w.add(a) as *const __m128i)),
+                    _mm_loadu_si128(w.add(b) as *const __m128i),
+                )
+            };
+            if pair {
+                [halves(0, 32), halves(16, 48)]
+            } else {
+                [_mm256_loadu_si256(w as *const __m256i), _mm256_loadu_si256(w.add(32) as *const __m256i)]
+            }
+        }
+        DI4 if pair => paired_nibbles(p.add(ch * CHUNK / 2)),
         DI4 => dense_nibbles(p.add(ch * CHUNK / 2)),
         U4 => {
             // Expanded as `n ^ 8` (pruned lanes 0), then flipped back: `n`, and 8 in the pruned lanes.
             let eight = _mm256_set1_epi8(8);
-            let [lo, hi] = expand64::<AMD>(*p, masks.add(ch));
+            let [lo, hi] = expand64::<AMD, MODE>(*p, masks.add(ch));
             *p = p.add(((*masks.add(ch)).count_ones() as usize + 1) & !1);
             [_mm256_xor_si256(lo, eight), _mm256_xor_si256(hi, eight)]
         }
         SI8 => {
             // The sparse streams prefetch ahead as the VNNI kernels do (see `PREFETCH`).
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
-            let w = expand64::<AMD>(*p, masks.add(ch));
+            let w = expand64::<AMD, MODE>(*p, masks.add(ch));
             *p = p.add((*masks.add(ch)).count_ones() as usize);
             w
         }
         _ => {
+            // Sparse int4 rows read so are expanded once for many activation rows ([`expand_row`]): the
+            // natural order, then paired.
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
             let mask = *masks.add(ch);
             let (lo, hi) = (mask as u32, (mask >> 32) as u32);
@@ -455,57 +514,98 @@ unsafe fn chunk_codes<const AMD: bool, const FMT: u8>(
                     let bytes = _mm256_sub_epi8(nibbles_to_bytes(p.add(16 * h)), _mm256_set1_epi8(8));
                     _mm256_storeu_si256(buf.as_mut_ptr().add(32 * h) as *mut __m256i, bytes);
                 }
-                expand64::<AMD>(buf.as_ptr(), masks.add(ch))
+                expand64::<AMD, ROW>(buf.as_ptr(), masks.add(ch))
             } else {
                 let mb = masks.add(ch) as *const u8;
                 [expand32_int4::<AMD>(*p, 0, mb), expand32_int4::<AMD>(*p, c32, mb.add(4))]
             };
             *p = p.add((mask.count_ones() as usize).div_ceil(2));
             let eight = _mm256_set1_epi8(8);
-            [_mm256_add_epi8(w[0], eight), _mm256_add_epi8(w[1], eight)]
+            let w = [_mm256_add_epi8(w[0], eight), _mm256_add_epi8(w[1], eight)];
+            if pair {
+                paired(w[0], w[1])
+            } else {
+                w
+            }
         }
     }
 }
 
+/// A dense int4 chunk's codes (as [`dense_nibbles`]) in [`paired`] order, without a lane crossing: each 16-byte
+/// half of the chunk in both 128-bit lanes, the high lane's bytes shifted down a nibble, then masked.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn paired_nibbles(p: *const u8) -> [__m256i; 2] {
+    let (shift, low) = (_mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), _mm256_set1_epi8(0x0F));
+    let half = |q: *const u8| {
+        let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(q as *const __m128i));
+        _mm256_and_si256(_mm256_srlv_epi32(both, shift), low)
+    };
+    [half(p), half(p.add(16))]
+}
+
 /// The 64 signed bytes of a sparse chunk whose mask word is at `mask` and stored bytes start at `p`, pruned
-/// lanes 0.
+/// lanes 0: columns 0-31 and 32-63, or (`MODE` `GRP32`) in [`paired`] order, which takes the same loads and
+/// shuffles with the halves' sources and mask bytes swapped.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
-unsafe fn expand64<const AMD: bool>(p: *const u8, mask: *const u64) -> [__m256i; 2] {
+unsafe fn expand64<const AMD: bool, const MODE: u8>(p: *const u8, mask: *const u64) -> [__m256i; 2] {
     let mb = mask as *const u8;
+    if MODE == GRP32 {
+        let b: [usize; 8] = if AMD {
+            let w = mask.read_unaligned();
+            core::array::from_fn(|i| (w >> (8 * i) & 0xFF) as usize)
+        } else {
+            core::array::from_fn(|i| core::ptr::read_volatile(mb.add(i)) as usize)
+        };
+        let w = mask.read_unaligned();
+        let (c16, c32) = ((w as u16).count_ones() as usize, (w as u32).count_ones() as usize);
+        let c48 = c32 + ((w >> 32) as u16).count_ones() as usize;
+        return [
+            expand32([p, p.add(c32)], [b[0], b[1], b[4], b[5]]),
+            expand32([p.add(c16), p.add(c48)], [b[2], b[3], b[6], b[7]]),
+        ];
+    }
     let lo = (mask as *const u32).read().count_ones() as usize;
-    [expand32::<AMD>(p, mb), expand32::<AMD>(p.add(lo), mb.add(4))]
+    let half = |p: *const u8, mb: *const u8| {
+        let c01 = (mb as *const u16).read_unaligned().count_ones() as usize;
+        expand32([p, p.add(c01)], mask_bytes::<AMD>(mb))
+    };
+    [half(p, mb), half(p.add(lo), mb.add(4))]
 }
 
-/// 32 columns whose four mask bytes are at `mb`, from the values at `p`: columns 0-15 from the 16 bytes at `p`, columns 16-31 from
-/// the 16 bytes after the first 16 columns' values, each half's control the rank rows of its two mask bytes
-/// ([`half_ranks`]). This is fewer instructions per column than one
-/// 8-byte shuffle per mask byte (which the f32 kernels use, and which the dispatch-bound sparse integer
-/// kernels felt); the 16-byte loads stay within the row's values and `VALUE_PAD` (or the int4 unpack buffer).
+/// 32 columns from two 16-column halves, half `i` from the 16 bytes at `v[i]` (its stored values) under its two
+/// mask bytes `b[2i]`, `b[2i + 1]`: one `vpshufb` whose control holds, in each half, the rank of every stored
+/// column among that half's stored columns and the clear marker (top bit set) in the pruned ones ([`ranks`]).
+/// This is fewer instructions per column than one 8-byte shuffle per mask byte (which the f32 kernels use, and
+/// which the dispatch-bound sparse integer kernels felt); the 16-byte loads stay within the row's values and
+/// `VALUE_PAD` (or the int4 unpack buffer).
 #[inline(always)]
-unsafe fn expand32<const AMD: bool>(p: *const u8, mb: *const u8) -> __m256i {
-    let c01 = (mb as *const u16).read_unaligned().count_ones() as usize;
+unsafe fn expand32(v: [*const u8; 2], b: [usize; 4]) -> __m256i {
     let src = _mm256_inserti128_si256::<1>(
-        _mm256_castsi128_si256(_mm_loadu_si128(p as *const __m128i)),
-        _mm_loadu_si128(p.add(c01) as *const __m128i),
+        _mm256_castsi128_si256(_mm_loadu_si128(v[0] as *const __m128i)),
+        _mm_loadu_si128(v[1] as *const __m128i),
     );
-    _mm256_shuffle_epi8(src, half_ranks::<AMD>(mb))
+    _mm256_shuffle_epi8(src, ranks(b))
 }
 
-/// The `pshufb` control of 32 columns whose four mask bytes are at `mb`: in each 16-column half, the rank of every stored
-/// column among that half's stored columns, the clear marker (top bit set) in the pruned ones. The second
-/// mask byte of each half takes its row of [`RANKS_AFTER`] at the first byte's popcount, the first at 0.
+/// The four mask bytes at `mb`. `AMD` ([`amd_tuning`]): shifted out of one load; else one byte load each
+/// (volatile, so they are not merged into one load and shifts), for cores whose load ports have room and
+/// whose ALU ports, shared with the vector work, do not.
 #[inline(always)]
-unsafe fn half_ranks<const AMD: bool>(mb: *const u8) -> __m256i {
-    // `AMD` ([`amd_tuning`]): the four bytes shifted out of one load; else one byte load each
-    // (volatile, so they are not merged into one load and shifts), for cores whose load ports have room and
-    // whose ALU ports, shared with the vector work, do not.
-    let b = if AMD {
+unsafe fn mask_bytes<const AMD: bool>(mb: *const u8) -> [usize; 4] {
+    if AMD {
         let w = (mb as *const u32).read_unaligned();
         [0, 1, 2, 3].map(|i| (w >> (8 * i) & 0xFF) as usize)
     } else {
         [0, 1, 2, 3].map(|i| core::ptr::read_volatile(mb.add(i)) as usize)
-    };
+    }
+}
+
+/// The `pshufb` control of two 16-column halves under mask bytes `b` (two per half, as [`expand32`]): the
+/// second mask byte of each half takes its row of [`RANKS_AFTER`] at the first byte's popcount, the first at 0.
+#[inline(always)]
+unsafe fn ranks(b: [usize; 4]) -> __m256i {
     let (c0, c2) = (b[0].count_ones() as usize, b[2].count_ones() as usize);
     let pair = |first: usize, second: &[u8; 8]| {
         let lo = _mm_loadl_epi64(RANKS_AFTER.0[0][first].as_ptr() as *const __m128i);
@@ -553,8 +653,10 @@ unsafe fn expand32_int4<const AMD: bool>(p: *const u8, s: usize, mb: *const u8) 
     let u = _mm256_sub_epi8(nibbles_to_bytes(p.add(s >> 1)), _mm256_set1_epi8(8));
     let (a, b) = (_mm256_permute4x64_epi64::<0x44>(u), _mm256_permute4x64_epi64::<0xEE>(u));
     let row = 17 * (s & 1) + (mb as *const u16).read_unaligned().count_ones() as usize;
-    let idx =
-        _mm256_add_epi8(half_ranks::<AMD>(mb), _mm256_load_si256(NIBBLE_OFFSETS.0[row].as_ptr() as *const __m256i));
+    let idx = _mm256_add_epi8(
+        ranks(mask_bytes::<AMD>(mb)),
+        _mm256_load_si256(NIBBLE_OFFSETS.0[row].as_ptr() as *const __m256i),
+    );
     let from_a = _mm256_shuffle_epi8(a, _mm256_adds_epu8(idx, _mm256_set1_epi8(0x70)));
     let from_b = _mm256_shuffle_epi8(b, _mm256_sub_epi8(idx, _mm256_set1_epi8(16)));
     _mm256_or_si256(from_a, from_b)
@@ -606,19 +708,24 @@ unsafe fn vpdpbusd(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
     acc
 }
 
-/// Scale `g` of a row in every lane (half scales: a word broadcast and one conversion).
+/// Scales `g` and `g + 1` of a row, the first in the low four lanes and the second in the high four (the
+/// groups of [`pair_lanes`]).
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn group_scale(s: &RowScales, g: usize) -> __m256 {
+unsafe fn pair_scales(s: &RowScales, g: usize) -> __m256 {
     if s.half {
-        _mm256_cvtph_ps(_mm_set1_epi16(*s.d16.add(g) as i16))
+        // The two half words, each repeated four times, then converted.
+        let both = _mm_cvtsi32_si128((s.d16.add(g) as *const i32).read_unaligned());
+        _mm256_cvtph_ps(_mm_shuffle_epi8(both, _mm_set_epi8(3, 2, 3, 2, 3, 2, 3, 2, 1, 0, 1, 0, 1, 0, 1, 0)))
     } else {
-        _mm256_set1_ps(*s.d.add(g))
+        _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(_mm_set1_ps(*s.d.add(g))), _mm_set1_ps(*s.d.add(g + 1)))
     }
 }
 
 /// `acc[a] += cvt(Σ q·x) · s_x · d` over chunk `ch` for every activation row; `FMT` says whether the codes
-/// `w` are signed or unsigned int4 ([`unsigned`]).
+/// `w` are signed or unsigned int4 ([`unsigned`]). Over 32-column groups the codes and activations come in
+/// [`paired`] order, so the low four i32 lanes hold the first group's sums and the high four the second's,
+/// each scaled by its group's scale ([`pair_scales`]).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 unsafe fn chunk_dot<const VNNI: bool, const NR: usize, const MODE: u8, const FMT: u8>(
@@ -630,45 +737,30 @@ unsafe fn chunk_dot<const VNNI: bool, const NR: usize, const MODE: u8, const FMT
 ) {
     let abs = if unsigned(FMT) { w } else { [_mm256_abs_epi8(w[0]), _mm256_abs_epi8(w[1])] };
     let zero = _mm256_setzero_si256();
+    // The group scales are the same for every activation row: one vector per chunk.
+    let e = if MODE == GRP32 { pair_scales(s, (ch * CHUNK) >> s.shift) } else { _mm256_setzero_ps() };
     for (acc, x) in acc.iter_mut().zip(act) {
         let xq = x.xq.add(ch * CHUNK);
         let sx = *x.sx.add(ch);
-        match MODE {
-            ROW | GRP => {
-                // Both halves into one set of lanes: i32 adds are exact, so the sum is the same in any order.
-                let d = if !unsigned(FMT) {
-                    dot32::<VNNI>(dot32::<VNNI>(zero, w[0], abs[0], xq), w[1], abs[1], xq.add(32))
-                } else if VNNI {
-                    dot32u::<true>(dot32u::<true>(*x.zc.add(ch), w[0], xq), w[1], xq.add(32))
-                } else {
-                    // The halves' pairs add in i16 (|sum| <= 4·15·127) before one `vpmaddwd`.
-                    let (x0, x1) = (xq as *const __m256i, xq.add(32) as *const __m256i);
-                    let pairs = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(w[0], _mm256_loadu_si256(x0)),
-                        _mm256_maddubs_epi16(w[1], _mm256_loadu_si256(x1)),
-                    );
-                    _mm256_add_epi32(*x.zc.add(ch), _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-                };
-                let scale = if MODE == ROW { sx } else { sx * scale(s, (ch * CHUNK) >> s.shift) };
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(scale), *acc);
-            }
-            _ => {
-                let (d0, d1) = if unsigned(FMT) {
-                    (
-                        dot32u::<VNNI>(*x.zc.add(2 * ch), w[0], xq),
-                        dot32u::<VNNI>(*x.zc.add(2 * ch + 1), w[1], xq.add(32)),
-                    )
-                } else {
-                    (dot32::<VNNI>(zero, w[0], abs[0], xq), dot32::<VNNI>(zero, w[1], abs[1], xq.add(32)))
-                };
-                // (d0·D0 + d1·D1)·sx: the two group scales are the same for every activation row (the compiler
-                // broadcasts them once per chunk), and the activation scale goes straight to a vector, rather than
-                // a scalar product sx·D and its broadcast per half and row.
-                let g = (ch * CHUNK) >> s.shift;
-                let (e0, e1) = (group_scale(s, g), group_scale(s, g + 1));
-                let t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), e1, _mm256_mul_ps(_mm256_cvtepi32_ps(d0), e0));
-                *acc = _mm256_fmadd_ps(t, _mm256_set1_ps(sx), *acc);
-            }
+        // Both halves into one set of lanes: i32 adds are exact, so the sum is the same in any order.
+        let d = if !unsigned(FMT) {
+            dot32::<VNNI>(dot32::<VNNI>(zero, w[0], abs[0], xq), w[1], abs[1], xq.add(32))
+        } else if VNNI {
+            dot32u::<true>(dot32u::<true>(*x.zc.add(ch), w[0], xq), w[1], xq.add(32))
+        } else {
+            // The halves' pairs add in i16 (|sum| <= 4·15·127) before one `vpmaddwd`.
+            let (x0, x1) = (xq as *const __m256i, xq.add(32) as *const __m256i);
+            let pairs = _mm256_add_epi16(
+                _mm256_maddubs_epi16(w[0], _mm256_loadu_si256(x0)),
+                _mm256_maddubs_epi16(w[1], _mm256_loadu_si256(x1)),
+            );
+            _mm256_add_epi32(*x.zc.add(ch), _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+        };
+        if MODE == GRP32 {
+            *acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d), e), _mm256_set1_ps(sx), *acc);
+        } else {
+            let scale = if MODE == ROW { sx } else { sx * scale(s, (ch * CHUNK) >> s.shift) };
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(scale), *acc);
         }
     }
 }
