@@ -129,8 +129,7 @@ pub(crate) fn sparse_int4_row_bytes(m: &PackedMatrix, r: usize) -> usize {
 
 /// Row `[c][b]`: per mask byte `b`, `c` plus the rank of each set bit among the byte's set bits, and 0xC0 in the
 /// clear lanes: the byte-shuffle control (`pshufb` / `tbl`) of eight columns whose values start `c` (0-8) values
-/// into their 16-column half. Both instructions give 0 for the clear marker; it keeps its top bit after up to 17
-/// is added to the row and 16 taken away (`x86::avx2_int::expand32_int4`).
+/// into their 16-column half. Both instructions give 0 for the clear marker.
 #[repr(align(8))]
 pub(crate) struct RanksAfter(pub(crate) [[[u8; 8]; 256]; 9]);
 

@@ -6,9 +6,8 @@
 //! as their nibbles `n = q + 8` (unsigned; pruned lanes 8). A sparse chunk is expanded 32 columns at a time
 //! ([`expand32`]: one `vpshufb` whose control is built from four per-mask-byte table rows, the second of each
 //! 16-column half already offset by the first's count), once per weight row for up to four activation rows.
-//! Sparse int4 rows are first unpacked to bytes, one row ahead ([`unpack_row_int4`]), and their chunks then
-//! expand as int8 ones do; a row expanded once for many activation rows (prefill) expands its int4 groups from
-//! registers ([`expand32_int4`]). The products `Σ q·x` are exact:
+//! Sparse int4 rows are first unpacked to bytes ([`unpack_row_int4`]; one row ahead in decode), and their
+//! chunks then expand as int8 ones do. The products `Σ q·x` are exact:
 //!
 //! ```text
 //! int8:  vpsignb     x' = x · sign(q)                     (0 where q = 0)
@@ -23,17 +22,16 @@
 //! converted once and multiply-added with the chunk scale `s_x · d`. Over 32-column weight groups a chunk's
 //! codes and activations are read in paired order (`paired`: each 128-bit lane one group's columns), so the
 //! low four lanes hold one group's sums and the high four the other's, and one multiply by both group scales
-//! replaces a conversion and scaling per group. So every product and every block sum is exact, as in the AVX-512 VNNI kernels;
-//! only the f32 sum over chunks differs from the scalar reference in order, and the budget is
-//! `SUM_ORDER · Σ|ŵ·x̂|` with nothing added for zero points.
+//! replaces a conversion and scaling per group. So every product and every block sum is exact, as in the
+//! AVX-512 VNNI kernels; only the f32 sum over chunks differs from the scalar reference in order, and the
+//! budget is `SUM_ORDER · Σ|ŵ·x̂|` with nothing added for zero points.
 
-use super::avx2::{dense_nibbles, hsum, nibbles_to_bytes};
+use super::avx2::{dense_nibbles, hsum};
 use super::vnni::PREFETCH;
 use super::{scale, staged_row_scales, STAGED_GROUPS};
 use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
 use crate::kernels::simd::{
-    by_scaling, chunk_scaling, sparse_int4_row_bytes, RowScales, DI4, DI8, GRP32, KERNEL_CODES, RANKS_AFTER, ROW, SI4,
-    SI8,
+    by_scaling, chunk_scaling, sparse_int4_row_bytes, RowScales, DI4, DI8, GRP32, KERNEL_CODES, RANKS_AFTER, ROW, SI8,
 };
 use crate::kernels::QuantActs;
 use core::arch::x86_64::*;
@@ -55,7 +53,7 @@ const U4: u8 = KERNEL_CODES + 1;
 /// Whether a format's chunks come as unsigned int4 codes `n = q + 8` (pruned lanes 8), whose products need
 /// the activations' zero-point lanes ([`zero_point_lanes`]).
 const fn unsigned(fmt: u8) -> bool {
-    matches!(fmt, DI4 | SI4 | U4 | EXP4)
+    matches!(fmt, DI4 | U4 | EXP4)
 }
 
 /// Dense weight rows a decode step reads in lockstep, from as many parts of its range: four rows in flight
@@ -155,7 +153,8 @@ unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
         if unpack {
             2 * room
         } else if once {
-            PREFILL_ROWS * room
+            // A sparse int4 row is unpacked to the last `room` before its expansion.
+            (PREFILL_ROWS + 1) * room
         } else {
             0
         }
@@ -246,13 +245,16 @@ unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
                     let out = copy.as_mut_ptr().add((r - b0) * room);
                     match m.format {
                         Format::SparseInt8 => {
-                            by_scaling!(scaling, expand_row::<AMD, SI8>(m, r, out))
+                            by_scaling!(scaling, expand_row::<AMD, SI8>(m, r, m.data.as_ptr().add(m.row_start(r)), out))
                         }
                         Format::DenseInt4 => {
-                            by_scaling!(scaling, expand_row::<AMD, DI4>(m, r, out))
+                            by_scaling!(scaling, expand_row::<AMD, DI4>(m, r, m.data.as_ptr().add(m.row_start(r)), out))
                         }
                         Format::SparseInt4 => {
-                            by_scaling!(scaling, expand_row::<AMD, SI4>(m, r, out))
+                            // Unpacked first, as in decode ([`unpack_row_int4`]).
+                            let bytes = copy.as_mut_ptr().add(PREFILL_ROWS * room);
+                            unpack_row_int4(m, r, bytes);
+                            by_scaling!(scaling, expand_row::<AMD, U4>(m, r, bytes, out))
                         }
                         Format::DenseInt8
                         | Format::DenseF32
@@ -350,16 +352,20 @@ unsafe fn paired_order(xq: &[i8]) -> Vec<i8> {
     out
 }
 
-/// Weight row `r`'s codes ([`chunk_codes`], in its order for `MODE`), one byte per column, written to `out`
-/// (`m.cols_pad` bytes).
+/// Weight row `r`'s codes ([`chunk_codes`] of `FMT`, in its order for `MODE`), read from `src` (the row's
+/// stored bytes, or for `U4` its unpacked ones), one byte per column, written to `out` (`m.cols_pad` bytes).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
-unsafe fn expand_row<const AMD: bool, const FMT: u8, const MODE: u8>(m: &PackedMatrix, r: usize, out: *mut u8) {
-    let mut p = m.data.as_ptr().add(m.row_start(r));
+unsafe fn expand_row<const AMD: bool, const FMT: u8, const MODE: u8>(
+    m: &PackedMatrix,
+    r: usize,
+    src: *const u8,
+    out: *mut u8,
+) {
+    let mut p = src;
     let masks = m.masks.as_ptr().wrapping_add(r * m.chunks());
-    let mut buf = [0u8; CHUNK];
     for ch in 0..m.chunks() {
-        let [lo, hi] = chunk_codes::<AMD, FMT, MODE>(&mut p, masks, ch, &mut buf);
+        let [lo, hi] = chunk_codes::<AMD, FMT, MODE>(&mut p, masks, ch);
         _mm256_storeu_si256(out.add(ch * CHUNK) as *mut __m256i, lo);
         _mm256_storeu_si256(out.add(ch * CHUNK + 32) as *mut __m256i, hi);
     }
@@ -369,7 +375,7 @@ unsafe fn expand_row<const AMD: bool, const FMT: u8, const MODE: u8>(m: &PackedM
 /// (a chunk with an odd count keeps its pad nibble, so every chunk starts at an even index). After the
 /// expansion (pruned lanes 0) one `^ 8` gives `n` in the stored lanes and 8, the zero code, in the pruned ones
 /// ([`chunk_codes`]). One sequential pass per row, read back from L1 by the sparse int8 expansion, costs less
-/// per chunk than expanding nibbles in registers ([`expand32_int4`]).
+/// per chunk than expanding each chunk's nibbles in registers, whose halves start at odd nibbles.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 unsafe fn unpack_row_int4(m: &PackedMatrix, r: usize, out: *mut u8) {
@@ -423,25 +429,23 @@ unsafe fn row<const VNNI: bool, const AMD: bool, const NR: usize, const R: usize
     let masks: [*const u64; R] = core::array::from_fn(|i| m.masks.as_ptr().wrapping_add(rows[i] * chunks));
     let mut staged = [[core::mem::MaybeUninit::uninit(); STAGED_GROUPS]; R];
     let s: [RowScales; R] = core::array::from_fn(|i| staged_row_scales(m, rows[i], &mut staged[i]));
-    // The int4 sparse chunk's codes unpacked to bytes (expand32 reads at most 64 of them).
-    let mut buf = [[0u8; CHUNK]; R];
     // Two f32 accumulators per activation row, alternating by chunk, so FMA latency does not bind.
     let (mut acc0, mut acc1) = ([[_mm256_setzero_ps(); NR]; R], [[_mm256_setzero_ps(); NR]; R]);
     let mut ch = 0;
     while ch + 2 <= chunks {
         for i in 0..R {
-            let w = chunk_codes::<AMD, FMT, MODE>(&mut p[i], masks[i], ch, &mut buf[i]);
+            let w = chunk_codes::<AMD, FMT, MODE>(&mut p[i], masks[i], ch);
             chunk_dot::<VNNI, NR, MODE, FMT>(&mut acc0[i], w, &act, &s[i], ch);
         }
         for i in 0..R {
-            let w = chunk_codes::<AMD, FMT, MODE>(&mut p[i], masks[i], ch + 1, &mut buf[i]);
+            let w = chunk_codes::<AMD, FMT, MODE>(&mut p[i], masks[i], ch + 1);
             chunk_dot::<VNNI, NR, MODE, FMT>(&mut acc1[i], w, &act, &s[i], ch + 1);
         }
         ch += 2;
     }
     if ch < chunks {
         for i in 0..R {
-            let w = chunk_codes::<AMD, FMT, MODE>(&mut p[i], masks[i], ch, &mut buf[i]);
+            let w = chunk_codes::<AMD, FMT, MODE>(&mut p[i], masks[i], ch);
             chunk_dot::<VNNI, NR, MODE, FMT>(&mut acc0[i], w, &act, &s[i], ch);
         }
     }
@@ -463,7 +467,6 @@ unsafe fn chunk_codes<const AMD: bool, const FMT: u8, const MODE: u8>(
     p: &mut *const u8,
     masks: *const u64,
     ch: usize,
-    buf: &mut [u8; CHUNK],
 ) -> [__m256i; 2] {
     let pair = MODE == GRP32;
     match FMT {
@@ -501,33 +504,7 @@ unsafe fn chunk_codes<const AMD: bool, const FMT: u8, const MODE: u8>(
             *p = p.add((*masks.add(ch)).count_ones() as usize);
             w
         }
-        _ => {
-            // Sparse int4 rows read so are expanded once for many activation rows ([`expand_row`]): the
-            // natural order, then paired.
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
-            let mask = *masks.add(ch);
-            let (lo, hi) = (mask as u32, (mask >> 32) as u32);
-            let c32 = lo.count_ones() as usize;
-            let w = if c32 & 1 == 1 && hi == u32::MAX {
-                // The second half's 32 values start at an odd nibble: one more than a 16-byte load unpacks.
-                for h in 0..2 {
-                    let bytes = _mm256_sub_epi8(nibbles_to_bytes(p.add(16 * h)), _mm256_set1_epi8(8));
-                    _mm256_storeu_si256(buf.as_mut_ptr().add(32 * h) as *mut __m256i, bytes);
-                }
-                expand64::<AMD, ROW>(buf.as_ptr(), masks.add(ch))
-            } else {
-                let mb = masks.add(ch) as *const u8;
-                [expand32_int4::<AMD>(*p, 0, mb), expand32_int4::<AMD>(*p, c32, mb.add(4))]
-            };
-            *p = p.add((mask.count_ones() as usize).div_ceil(2));
-            let eight = _mm256_set1_epi8(8);
-            let w = [_mm256_add_epi8(w[0], eight), _mm256_add_epi8(w[1], eight)];
-            if pair {
-                paired(w[0], w[1])
-            } else {
-                w
-            }
-        }
+        _ => unreachable!("sparse int4 rows are unpacked (`U4`) first"),
     }
 }
 
@@ -612,54 +589,6 @@ unsafe fn ranks(b: [usize; 4]) -> __m256i {
         _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(lo), second.as_ptr() as *const f64))
     };
     _mm256_set_m128i(pair(b[2], &RANKS_AFTER.0[c2][b[3]]), pair(b[0], &RANKS_AFTER.0[c0][b[1]]))
-}
-
-/// Row `17·o + c`: `o` in bytes 0-15 and `o + c` in bytes 16-31 (where a sparse int4 group's two 16-column
-/// halves start among 32 unpacked nibbles: `o` is the group's first nibble's parity, `c` the first half's count).
-#[repr(align(32))]
-struct NibbleOffsets([[u8; 32]; 34]);
-
-static NIBBLE_OFFSETS: NibbleOffsets = NibbleOffsets(nibble_offsets());
-
-const fn nibble_offsets() -> [[u8; 32]; 34] {
-    let mut t = [[0u8; 32]; 34];
-    let mut o = 0;
-    while o < 2 {
-        let mut c = 0;
-        while c < 17 {
-            let mut i = 0;
-            while i < 16 {
-                t[17 * o + c][i] = o as u8;
-                t[17 * o + c][16 + i] = (o + c) as u8;
-                i += 1;
-            }
-            c += 1;
-        }
-        o += 1;
-    }
-    t
-}
-
-/// 32 columns of a sparse int4 chunk whose four mask bytes are at `mb` and whose nibbles start at byte `p`,
-/// the columns' first value being the chunk's nibble `s`, as signed codes (pruned lanes 0). The 16 bytes from the one holding nibble
-/// `s` unpack to 32 codes in two lanes A and B; every column's source index among them (its rank, plus `s`'s
-/// parity, plus the first half's count in the second half) is below 32 when `s` is even or a column is
-/// pruned. `pshufb` reads one lane, so each index is looked up in A (index + 0x70, saturating: 16 and up get
-/// the top bit and give 0) and in B (index - 16: below 16 gets the top bit), and the two are or-ed. This keeps
-/// the codes in registers: unpacking a chunk to memory and reloading at once at the half's offset waited on
-/// store forwarding (a whole row unpacked one row ahead does not, [`unpack_row_int4`]).
-#[inline(always)]
-unsafe fn expand32_int4<const AMD: bool>(p: *const u8, s: usize, mb: *const u8) -> __m256i {
-    let u = _mm256_sub_epi8(nibbles_to_bytes(p.add(s >> 1)), _mm256_set1_epi8(8));
-    let (a, b) = (_mm256_permute4x64_epi64::<0x44>(u), _mm256_permute4x64_epi64::<0xEE>(u));
-    let row = 17 * (s & 1) + (mb as *const u16).read_unaligned().count_ones() as usize;
-    let idx = _mm256_add_epi8(
-        ranks(mask_bytes::<AMD>(mb)),
-        _mm256_load_si256(NIBBLE_OFFSETS.0[row].as_ptr() as *const __m256i),
-    );
-    let from_a = _mm256_shuffle_epi8(a, _mm256_adds_epu8(idx, _mm256_set1_epi8(0x70)));
-    let from_b = _mm256_shuffle_epi8(b, _mm256_sub_epi8(idx, _mm256_set1_epi8(16)));
-    _mm256_or_si256(from_a, from_b)
 }
 
 /// `acc + Σ q·x` of 32 signed weight codes `w` (and their magnitudes `w_abs`) against 32 activation codes at
