@@ -331,6 +331,23 @@ fn many_activation_rows() {
     }
 }
 
+/// Rows of more scale groups than the kernels stage as f32 per row, so they read the half scales (int4's) in
+/// place: at group 32 and 64, one and many activation rows.
+#[test]
+fn wide_rows_read_half_scales_in_place() {
+    let cols = 513 * 32 + 64;
+    for f in [Format::DenseInt4, Format::SparseInt4] {
+        for g in [32, 64] {
+            let o = options(f, Some(g), false).unwrap();
+            let m = PackedMatrix::pack(&matrix(3, cols, 0.3, 5), 3, cols, f, o).unwrap();
+            assert!(m.half_scales(), "{f:?} group {g}");
+            for k in [1, 6] {
+                check_matrix(3, cols, 0.3, 5, f, o, k);
+            }
+        }
+    }
+}
+
 #[test]
 fn the_format_table_is_consistent() {
     use sparseinfer_core::formats::Elem;

@@ -20,9 +20,9 @@
 //! `vpmaddwd` (adding the same four products per i32 lane; int4 lanes start from the zero-point lane). An int4
 //! lane so holds `Σ (n - 8)·x`, the same integer the signed codes give. Each chunk's eight i32 lanes are
 //! converted once and multiply-added with the chunk scale `s_x · d`. Over 32-column weight groups a chunk's
-//! codes and activations are read in paired order (`paired`: each 128-bit lane one group's columns), so the
-//! low four lanes hold one group's sums and the high four the other's, and one multiply by both group scales
-//! replaces a conversion and scaling per group. So every product and every block sum is exact, as in the
+//! codes and activations are read in paired order ([`paired`]: each 128-bit lane one group's columns), so the
+//! low four lanes hold one group's sums and the high four the other's, and one conversion and one multiply by
+//! both group scales ([`pair_scales`]) serve both groups. So every product and every block sum is exact, as in the
 //! AVX-512 VNNI kernels; only the f32 sum over chunks differs from the scalar reference in order, and the
 //! budget is `SUM_ORDER · Σ|ŵ·x̂|` with nothing added for zero points.
 
@@ -42,9 +42,10 @@ pub(crate) fn supports(m: &PackedMatrix) -> bool {
     m.format.elem().is_int() && !m.asym && super::avx2_supported()
 }
 
-/// Signed codes already expanded to one byte per column: a weight row's copy made once for many activation rows.
+/// Signed codes already expanded to one byte per column (in [`chunk_codes`]'s order for the chunk-scale mode):
+/// a weight row's copy made once for many activation rows.
 const EXP: u8 = KERNEL_CODES;
-/// The same for int4 rows: their unsigned codes ([`chunk_codes`]).
+/// The same for int4 rows: their unsigned codes.
 const EXP4: u8 = KERNEL_CODES + 2;
 /// A sparse int4 row's stored nibbles unpacked to bytes `n ^ 8`, chunk padding included ([`unpack_row_int4`]):
 /// its chunks then expand as sparse int8 ones do.
@@ -99,7 +100,8 @@ pub fn force_amd_tuning(amd: Option<bool>) {
 
 /// Computes rows `r0..r1` (row layout) for the `k` quantized activation rows in `q`: four activation rows
 /// share each decoded weight row, then one at a time. With more than four activation rows (prefill), a weight
-/// row that is not already one byte per column (sparse, or int4) is expanded to signed bytes once, and every
+/// row that is not already one byte per column (sparse, or int4) is expanded to one byte per column once (as
+/// [`chunk_codes`] gives them), and every
 /// group of activation rows reads that copy instead of expanding it again; the rows go in blocks of
 /// [`PREFILL_ROWS`], every group of activation rows over a whole block before the next. Every activation row
 /// goes through the same operations (the same exact products, summed in the same order) in any blocking, so a
@@ -143,7 +145,7 @@ unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
     let once = k > 4 && m.format != Format::DenseInt8;
     // Over 32-column groups every chunk's weight codes and activation codes come in paired order
     // ([`paired`]): its products then sum into i32 lanes of one group each.
-    let paired = scaling == GRP32;
+    let grp32 = scaling == GRP32;
     let unpack = !once && m.format == Format::SparseInt4;
     // Room for every column, and for `expand32`'s 16-byte reads past a row's last value; unpacked int4 rows
     // alternate between two such buffers (below).
@@ -162,8 +164,8 @@ unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
     // The row the `EXP`, `EXP4` and `U4` instantiations read (only they do).
     let mut codes = copy.as_ptr();
     let int4 = m.format.elem() == Elem::I4;
-    let xp = if paired { paired_order(&q.xq) } else { Vec::new() };
-    let xq: &[i8] = if paired { &xp } else { &q.xq };
+    let xp = if grp32 { paired_order(&q.xq) } else { Vec::new() };
+    let xq: &[i8] = if grp32 { &xp } else { &q.xq };
     let zc = if int4 { zero_point_lanes(xq) } else { Vec::new() };
     // The first activation row's codes, scales and zero-point lanes; row `a`'s follow at `a` times a row's.
     let acts = ActRow { xq: xq.as_ptr(), sx: q.sx.as_ptr(), zc: zc.as_ptr() };
@@ -180,7 +182,7 @@ unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
             Format::DenseInt8 => DI8,
             Format::SparseInt8 => SI8,
             Format::DenseInt4 => DI4,
-            // Sparse int4 rows are unpacked (`U4`) or expanded (`EXP`) first.
+            // Sparse int4 rows are unpacked (`U4`) first, and in prefill then expanded (`EXP4`).
             Format::SparseInt4 | Format::DenseF32 | Format::DenseBf16 | Format::SparseF32 | Format::SparseBf16 => {
                 unreachable!("avx2_int::supports admits integer formats only")
             }
@@ -241,8 +243,9 @@ unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
         while b0 < r1 {
             let b1 = (b0 + PREFILL_ROWS).min(r1);
             if once {
+                let base = copy.as_mut_ptr();
                 for r in b0..b1 {
-                    let out = copy.as_mut_ptr().add((r - b0) * room);
+                    let out = base.add((r - b0) * room);
                     match m.format {
                         Format::SparseInt8 => {
                             by_scaling!(scaling, expand_row::<AMD, SI8>(m, r, m.data.as_ptr().add(m.row_start(r)), out))
@@ -251,8 +254,8 @@ unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
                             by_scaling!(scaling, expand_row::<AMD, DI4>(m, r, m.data.as_ptr().add(m.row_start(r)), out))
                         }
                         Format::SparseInt4 => {
-                            // Unpacked first, as in decode ([`unpack_row_int4`]).
-                            let bytes = copy.as_mut_ptr().add(PREFILL_ROWS * room);
+                            // Unpacked first, as in decode: the expansion then reads its chunks as bytes.
+                            let bytes = base.add(PREFILL_ROWS * room);
                             unpack_row_int4(m, r, bytes);
                             by_scaling!(scaling, expand_row::<AMD, U4>(m, r, bytes, out))
                         }
@@ -374,8 +377,8 @@ unsafe fn expand_row<const AMD: bool, const FMT: u8, const MODE: u8>(
 /// Sparse int4 row `r`'s stored nibbles `n` as bytes `n ^ 8` in order, written to `out`, two per stored byte
 /// (a chunk with an odd count keeps its pad nibble, so every chunk starts at an even index). After the
 /// expansion (pruned lanes 0) one `^ 8` gives `n` in the stored lanes and 8, the zero code, in the pruned ones
-/// ([`chunk_codes`]). One sequential pass per row, read back from L1 by the sparse int8 expansion, costs less
-/// per chunk than expanding each chunk's nibbles in registers, whose halves start at odd nibbles.
+/// ([`chunk_codes`]). One sequential pass per row, read back from L1 by the sparse int8 expansion
+/// ([`expand64`]), so no chunk's nibbles need aligning in registers where its halves start at odd nibbles.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 unsafe fn unpack_row_int4(m: &PackedMatrix, r: usize, out: *mut u8) {
@@ -529,13 +532,13 @@ unsafe fn paired_nibbles(p: *const u8) -> [__m256i; 2] {
 unsafe fn expand64<const AMD: bool, const MODE: u8>(p: *const u8, mask: *const u64) -> [__m256i; 2] {
     let mb = mask as *const u8;
     if MODE == GRP32 {
+        // The mask word once for the counts (and on AMD cores its bytes, as [`mask_bytes`]).
+        let w = mask.read_unaligned();
         let b: [usize; 8] = if AMD {
-            let w = mask.read_unaligned();
             core::array::from_fn(|i| (w >> (8 * i) & 0xFF) as usize)
         } else {
             core::array::from_fn(|i| core::ptr::read_volatile(mb.add(i)) as usize)
         };
-        let w = mask.read_unaligned();
         let (c16, c32) = ((w as u16).count_ones() as usize, (w as u32).count_ones() as usize);
         let c48 = c32 + ((w >> 32) as u16).count_ones() as usize;
         return [
@@ -638,7 +641,7 @@ unsafe fn vpdpbusd(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
 }
 
 /// Scales `g` and `g + 1` of a row, the first in the low four lanes and the second in the high four (the
-/// groups of [`pair_lanes`]).
+/// two groups of a chunk in [`paired`] order).
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn pair_scales(s: &RowScales, g: usize) -> __m256 {
