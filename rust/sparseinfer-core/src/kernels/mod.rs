@@ -235,9 +235,10 @@ fn rows_fn(isa: Isa) -> RowsFn {
     }
 }
 
-/// Activation rows per prefill step of a model: enough to amortise reading the weights. The VNNI, AVX2 and NEON
+/// Activation rows per prefill step of a model: enough to amortise reading the weights. The VNNI and NEON
 /// kernels read each weight once per four rows whatever the call, so a short step keeps its activations in
-/// cache; AMX expands each weight tile once per call, so longer steps spread that over more rows.
+/// cache; the AVX2 ones expand a weight row once per call, which at this step already costs little beside its
+/// products; AMX expands each weight tile once per call, so longer steps spread that over more rows.
 pub fn prefill_rows() -> usize {
     #[cfg(target_arch = "x86_64")]
     if active_isa().is_ok_and(|i| i == Isa::Avx512) && x86::amx::supported() {
