@@ -89,8 +89,15 @@ def check(w, fmt, group, asym, rng, k=3, layout="auto"):
         assert np.all(np.abs(got - want) <= tol), f"{fmt} activations={act}"
         if act == default:
             np.testing.assert_array_equal(m.matmul(x), got)
+        # A matvec is a matmul row bit for bit, but where it gathers (AVX2 sparse int8): the same integer
+        # sums, added in other f32 lanes than the expansion's.
+        gathers = k > 1 and act != "f32" and "gather" in m.kernel(activations=act)
         for a in range(k):
-            np.testing.assert_array_equal(m.matvec(x[a], activations=act), got[a])  # bit for bit
+            row = m.matvec(x[a], activations=act)
+            if gathers:
+                assert np.all(np.abs(row - want[a]) <= tol[a]), f"{fmt} activations={act}: matvec"
+            else:
+                np.testing.assert_array_equal(row, got[a])  # bit for bit
 
 
 def group_absmax(w, g):
@@ -225,11 +232,14 @@ def test_concurrent_python_threads():
 def test_sizes_and_copy():
     rng = np.random.default_rng(4)
     w = sparse_matrix(rng, 256, 2048, 0.3)
-    sizes = {f: kernels.pack(w, f).nbytes / w.size for f in kernels.FORMATS}
+    packed = {f: kernels.pack(w, f) for f in kernels.FORMATS}
+    sizes = {f: m.nbytes / w.size for f, m in packed.items()}
     d = np.count_nonzero(w) / w.size
     assert sizes["dense-f32"] == pytest.approx(4.0, abs=0.01)
     assert sizes["dense-int8"] == pytest.approx(1.0, abs=0.01)
-    assert sizes["sparse-int8"] == pytest.approx(d + 1 / 8, abs=0.02)
+    # Where the matvec gathers (AVX2), it reads a position byte per value and a count per chunk, not masks.
+    gathers = "gather" in packed["sparse-int8"].kernel()
+    assert sizes["sparse-int8"] == pytest.approx(2 * d + 1 / 64 if gathers else d + 1 / 8, abs=0.02)
     # int4 scales are f16 (two bytes per group), as Q4_0 keeps them.
     assert sizes["sparse-int4"] == pytest.approx(d / 2 + 1 / 8 + 2 / kernels.INT4_DEFAULT_GROUP, abs=0.02)
     m = kernels.pack(w, "sparse-int4")

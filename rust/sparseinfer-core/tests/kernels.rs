@@ -124,8 +124,14 @@ fn element_bounds(w: &[f32], rows: usize, cols: usize, f: Format, o: PackOptions
 
 fn check_matrix(rows: usize, cols: usize, density: f32, seed: u64, f: Format, o: PackOptions, k: usize) {
     let w = matrix(rows, cols, density, seed);
-    let m = PackedMatrix::pack(&w, rows, cols, f, o).unwrap();
-    let ctx = format!("{} {:?} {rows}x{cols} density {density} seed {seed}", f.name(), o);
+    check_weights(&w, rows, cols, &format!("density {density}"), seed, f, o, k);
+}
+
+/// [`check_matrix`] of the weights `w`, described by `what` in failures.
+#[allow(clippy::too_many_arguments)]
+fn check_weights(w: &[f32], rows: usize, cols: usize, what: &str, seed: u64, f: Format, o: PackOptions, k: usize) {
+    let m = PackedMatrix::pack(w, rows, cols, f, o).unwrap();
+    let ctx = format!("{} {:?} {rows}x{cols} {what} seed {seed}", f.name(), o);
     let tiled = match o.layout {
         Layout::Auto => f.elem().is_int() && !o.asymmetric && kernels::reads_tiles(),
         l => l == Layout::Tiles,
@@ -134,7 +140,7 @@ fn check_matrix(rows: usize, cols: usize, density: f32, seed: u64, f: Format, o:
 
     // Format vs f32: every dequantized weight within its budget; sparse formats keep the zero pattern.
     let dense = m.to_dense();
-    let bounds = element_bounds(&w, rows, cols, f, o);
+    let bounds = element_bounds(w, rows, cols, f, o);
     for i in 0..w.len() {
         assert!((dense[i] - w[i]).abs() <= bounds[i], "{ctx}: w[{i}]={} ŵ={} bound {}", w[i], dense[i], bounds[i]);
         if matches!(f, Format::SparseF32 | Format::SparseBf16) {
@@ -195,9 +201,10 @@ fn check_matrix(rows: usize, cols: usize, density: f32, seed: u64, f: Format, o:
             let mut got = vec![0.0f32; k * rows];
             kernels::matmul_on(isa, &m, &x, k, &mut got, act).unwrap();
             // A matmul row is the matvec bit for bit where one kernel family serves both; the AMX kernels
-            // (many rows) match the VNNI ones exactly on tiled matrices only (see `x86::amx`).
+            // (many rows) match the VNNI ones exactly on tiled matrices only (see `x86::amx`). The AVX2 gather
+            // (a sparse int8 matvec) adds the same integer sums as the expansion in other f32 lanes.
             let (many, one) = (kernels::kernel_name_on(isa, &m, act, k), kernels::kernel_name_on(isa, &m, act, 1));
-            let exact = many == one || m.layout() == Layout::Tiles;
+            let exact = many == one || (m.layout() == Layout::Tiles && isa == Isa::Avx512);
             for a in 0..k {
                 let mut single = vec![0.0f32; rows];
                 kernels::matmul_on(isa, &m, &x[a * cols..(a + 1) * cols], 1, &mut single, act).unwrap();
@@ -260,6 +267,40 @@ fn every_variant_on_odd_and_model_shapes() {
         // Long rows (cols_pad >= 4096) at density ~0.3 (`matrix` makes rows empty, full or at the density): the
         // AVX-512 sparse float matvec takes its four-row groups here (`avx512::shares_x`), two groups and a tail.
         check_matrix(9, 4100, 0.3, 5, f, o, 2);
+    }
+}
+
+/// The AVX2 sparse int8 matvec gathers activations where chunks hold few values (`x86::avx2_int::gathers`):
+/// chunks of 0, 1, 31, 32, 33 and 64 values (one gather step or two, and the bytes past a chunk's count) among
+/// chunks of 12, with per-row scales and groups of 64 and 128, checked against the reference in both
+/// activation modes and against the expansion (four activation rows) by `check_weights`.
+#[test]
+fn sparse_int8_gather_chunk_counts() {
+    let (rows, cols) = (37, 64 * 9 + 13);
+    let edge = [0, 1, 31, 32, 33, 64];
+    let mut rng = Rng(17);
+    let mut w = vec![0.0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols.div_ceil(64) {
+            let width = (cols - 64 * c).min(64);
+            let n = if (r + c) % 4 == 0 { edge[(r + c) / 4 % edge.len()] } else { 12 }.min(width);
+            // n distinct columns of the chunk: a random rotation of the first n.
+            let shift = (rng.uniform() * width as f32) as usize;
+            for j in 0..n {
+                w[r * cols + 64 * c + (j + shift) % width] = rng.normal() + 0.5f32.copysign(rng.normal());
+            }
+        }
+    }
+    for group in [None, Some(64), Some(128)] {
+        let o = PackOptions { group_size: group, layout: Layout::Rows, ..Default::default() };
+        let m = PackedMatrix::pack(&w, rows, cols, Format::SparseInt8, o).unwrap();
+        #[cfg(target_arch = "x86_64")]
+        for isa in [Isa::Avx2, Isa::AvxVnni].into_iter().filter(|i| i.is_supported()) {
+            let name = kernels::kernel_name_on(isa, &m, Activations::Int8, 1);
+            assert!(name.ends_with(&format!("({}, gather)", isa.name())), "{group:?}: {name}");
+        }
+        check_weights(&w, rows, cols, "chunk counts 0-64", 17, Format::SparseInt8, o, 1);
+        check_weights(&w, rows, cols, "chunk counts 0-64", 17, Format::SparseInt8, o, 4);
     }
 }
 

@@ -358,6 +358,9 @@ fn pack_impl<'py>(
         }
     }
     .map_err(|e| to_py(py, e))?;
+    py.detach(|| {
+        sparseinfer_core::kernels::prepare(&m, sparseinfer_core::kernels::Activations::default_for(m.format()))
+    });
     Ok(PyPackedMatrix { inner: Arc::new(m) })
 }
 

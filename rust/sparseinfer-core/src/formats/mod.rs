@@ -241,6 +241,9 @@ pub struct PackedMatrix {
     pub(crate) tile_narrow: Vec<bool>,
     /// Tiled only: the row-layout copy, built on first use by a kernel that reads rows.
     pub(crate) row_twin: std::sync::OnceLock<Box<PackedMatrix>>,
+    /// Sparse int8, row layout: where each stored value sits in its chunk ([`Positions`]), built on first use
+    /// by a kernel that gathers activations instead of expanding masks.
+    pub(crate) positions: std::sync::OnceLock<Positions>,
     /// Integer formats: `rows × groups` scales.
     pub(crate) scales: Vec<f32>,
     /// Asymmetric only: `rows × groups` minimums (`ŵ = d·q + m`).
@@ -331,6 +334,18 @@ impl PackedMatrix {
         }
     }
 
+    /// Each stored value's position in its chunk and each chunk's count ([`Positions`]; sparse int8, row
+    /// layout), built once on first use.
+    pub(crate) fn positions(&self) -> &Positions {
+        debug_assert!(!self.tiled && self.format == Format::SparseInt8);
+        self.positions.get_or_init(|| Positions::of(self))
+    }
+
+    /// Mean stored values per 64-column chunk (sparse formats).
+    pub(crate) fn mean_chunk_count(&self) -> f64 {
+        self.nnz as f64 / (self.rows * self.chunks()).max(1) as f64
+    }
+
     /// A matrix of this shape, format and scale grouping with nothing packed yet.
     pub(crate) fn unpacked(
         rows: usize,
@@ -355,6 +370,7 @@ impl PackedMatrix {
             tile_scales16: Vec::new(),
             tile_narrow: Vec::new(),
             row_twin: Default::default(),
+            positions: Default::default(),
             scales: Vec::new(),
             mins: Vec::new(),
             half: false,
@@ -381,12 +397,16 @@ impl PackedMatrix {
 
     /// Bytes a matvec with integer activations reads: values, masks, row (or tile) offsets (as u32, as on
     /// disk), scales and mins (a tiled matrix with scale groups reads its tile scales instead; half scales
-    /// take two bytes each). Excludes the trailing pad, which is never multiplied, and a tiled matrix's
-    /// row-layout twin.
+    /// take two bytes each). Where the matrix's [`Positions`] have been built, a matvec reads them and the
+    /// chunk counts instead of the masks. Excludes the trailing pad, which is never multiplied, and a tiled
+    /// matrix's row-layout twin.
     pub fn nbytes(&self) -> usize {
         // A tiled dense matrix's offsets and full masks follow from its shape; its kernels read neither.
-        let (offsets, masks) =
-            if self.format.is_sparse() { (4 * self.row_offsets.len(), 8 * self.masks.len()) } else { (0, 0) };
+        let (offsets, masks) = match self.positions.get() {
+            Some(p) => (4 * self.row_offsets.len(), p.at.len() - VALUE_PAD + p.counts.len()),
+            None if self.format.is_sparse() => (4 * self.row_offsets.len(), 8 * self.masks.len()),
+            None => (0, 0),
+        };
         let scales = if self.tiled && self.groups() > 1 {
             4 * self.tile_scales.len() + 2 * self.tile_scales16.len()
         } else if self.half {
@@ -453,6 +473,37 @@ impl PackedMatrix {
             out[r * self.cols..(r + 1) * self.cols].copy_from_slice(&row[..self.cols]);
         }
         out
+    }
+}
+
+/// A sparse int8 matrix's masks restated for kernels that gather activations by position (decode on AVX2):
+/// `at[o]` is the column within its chunk (0-63) of the value at `data[o]`, so both are read at one offset,
+/// and `counts[r · chunks + c]` is chunk `c`'s popcount. It costs a byte per stored value and one per chunk
+/// beside the masks (which the other kernels keep reading). `at` ends with [`VALUE_PAD`] zeros, as `data`.
+#[derive(Clone, Debug)]
+pub(crate) struct Positions {
+    pub(crate) at: Vec<u8>,
+    pub(crate) counts: Vec<u8>,
+}
+
+impl Positions {
+    fn of(m: &PackedMatrix) -> Positions {
+        let chunks = m.chunks();
+        let mut at = vec![0u8; m.data.len()];
+        let mut counts = vec![0u8; m.masks.len()];
+        for (r, (masks, counts)) in m.masks.chunks_exact(chunks).zip(counts.chunks_exact_mut(chunks)).enumerate() {
+            let mut o = m.row_start(r);
+            for (&mask, count) in masks.iter().zip(counts) {
+                let mut w = mask;
+                *count = w.count_ones() as u8;
+                while w != 0 {
+                    at[o] = w.trailing_zeros() as u8;
+                    o += 1;
+                    w &= w - 1;
+                }
+            }
+        }
+        Positions { at, counts }
     }
 }
 

@@ -206,6 +206,20 @@ pub fn set_isa(isa: Option<Isa>) -> Result<()> {
     Ok(())
 }
 
+/// Builds ahead what the active path's one-row calls on `m` with activations `act` will read besides the
+/// packed matrix (the AVX2 gather's positions), so a model's first decode step does not pay for it.
+pub fn prepare(m: &PackedMatrix, act: Activations) {
+    #[cfg(target_arch = "x86_64")]
+    if act.is_int8() && active_isa().is_ok_and(|i| i.avx2_level()) && x86::avx2_int::supports(m) {
+        let m = m.row_major();
+        if x86::avx2_int::gathers(m) {
+            m.positions();
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (m, act);
+}
+
 /// Whether the active path reads tiles (AVX-512 VNNI), so that `Layout::Auto` tiles the formats that can be
 /// tiled (`formats::tiles`).
 pub fn reads_tiles() -> bool {
@@ -649,6 +663,10 @@ pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32],
             #[cfg(target_arch = "x86_64")]
             if isa.avx2_level() && x86::avx2_int::supports(m) {
                 let m = m.row_major();
+                if k == 1 && x86::avx2_int::gathers(m) {
+                    // Built here once, before the tasks share it.
+                    m.positions();
+                }
                 let q = quantize_activations_for(m, xs, k, Consumer::Codes, token);
                 let rows = if isa == Isa::AvxVnni { x86::avx2_int::rows_avxvnni } else { x86::avx2_int::rows };
                 run_rows(m, k, y, rows, &q);
@@ -707,7 +725,8 @@ pub fn kernel_name_on(isa: Isa, m: &PackedMatrix, act: Activations, k: usize) ->
     #[cfg(target_arch = "x86_64")]
     if act.is_int8() && isa.avx2_level() && x86::avx2_int::supports(m) {
         let per = if act == Activations::Int8Token { "_token" } else { "" };
-        return format!("{}_i8{per} ({})", m.format.name().replace('-', "_"), isa.name());
+        let gather = if k == 1 && x86::avx2_int::gathers(m) { ", gather" } else { "" };
+        return format!("{}_i8{per} ({}{gather})", m.format.name().replace('-', "_"), isa.name());
     }
     #[cfg(target_arch = "aarch64")]
     if act.is_int8() && isa == Isa::Neon && aarch64::neon_int::supports(m) {

@@ -121,7 +121,9 @@ impl Loader<'_> {
         let rows = parts.iter().map(|p| p.1).sum();
         let expect = Expect { rows, cols, bias: biases.iter().any(|&b| b) };
         let (w, bias) = self.cached(&key, expect, || self.build_fresh(parts, cols, orientation, biases, format))?;
-        Ok(Linear { w, bias, act: self.plan.act })
+        let layer = Linear { w, bias, act: self.plan.act };
+        crate::kernels::prepare(&layer.w, layer.activations());
+        Ok(layer)
     }
 
     /// [`Loader::build`] from the checkpoint: decode every part, pack.

@@ -29,7 +29,7 @@
 use super::avx2::{dense_nibbles, hsum};
 use super::vnni::PREFETCH;
 use super::{scale, staged_row_scales, STAGED_GROUPS};
-use crate::formats::{Elem, Format, PackedMatrix, CHUNK};
+use crate::formats::{Elem, Format, PackedMatrix, Positions, CHUNK};
 use crate::kernels::simd::{
     by_scaling, chunk_scaling, sparse_int4_row_bytes, RowScales, DI4, DI8, GRP32, KERNEL_CODES, RANKS_AFTER, ROW, SI8,
 };
@@ -65,6 +65,17 @@ const DECODE_STREAMS: usize = 4;
 /// Weight rows a prefill step keeps expanded at a time and passes every group of activation rows over
 /// ([`rows_with`]).
 const PREFILL_ROWS: usize = 8;
+
+/// Mean stored values per chunk up to which a sparse int8 matvec gathers activations ([`gather_rows`]) instead
+/// of expanding masks: a gather step takes 32 values, so denser chunks often need two, and the positions it
+/// reads (a byte per value) outweigh the mask bits they replace.
+const GATHER_MAX_MEAN: f64 = 24.0;
+
+/// Whether a one-row call on `m` runs [`gather_rows`]: sparse int8 at [`GATHER_MAX_MEAN`] or below, with scales
+/// per row or per group of 64 columns or more (two 32-column groups in a chunk would need their sums apart).
+pub(crate) fn gathers(m: &PackedMatrix) -> bool {
+    m.format == Format::SparseInt8 && chunk_scaling(m) != GRP32 && m.mean_chunk_count() <= GATHER_MAX_MEAN
+}
 
 /// Whether [`rows`] takes the choices that measure faster on AMD cores than on Intel ones: the sparse expansion
 /// shifts a chunk's four mask bytes out of one load ([`mask_bytes`]) rather than loading each (AMD's integer
@@ -142,6 +153,18 @@ unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
 ) {
     debug_assert!(!m.tiled && q.k == k && q.xq.len() == k * m.cols_pad && q.sx.len() == k * m.chunks());
     let scaling = chunk_scaling(m);
+    if k == 1 && gathers(m) {
+        let (pos, tabs) = (m.positions(), gather_tables(&q.xq));
+        // Two rows in lockstep, from the two halves of the range, then the row left over.
+        let half = (r1 - r0) / 2;
+        for r in r0..r0 + half {
+            by_scaling!(scaling, gather_rows::<VNNI, 2>(m, pos, [r, r + half], &tabs, q.sx.as_ptr(), y));
+        }
+        for r in r0 + 2 * half..r1 {
+            by_scaling!(scaling, gather_rows::<VNNI, 1>(m, pos, [r], &tabs, q.sx.as_ptr(), y));
+        }
+        return;
+    }
     let once = k > 4 && m.format != Format::DenseInt8;
     // Over 32-column groups every chunk's weight codes and activation codes come in paired order
     // ([`paired`]): its products then sum into i32 lanes of one group each.
@@ -307,6 +330,147 @@ unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
         }
     }
 }
+
+/// One activation row's codes as [`lookup64`] reads them: per chunk its four 16-column blocks `a0..a3` as
+/// `a0, a0 ^ a1, a1 ^ a2, a2 ^ a3`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
+unsafe fn gather_tables(xq: &[i8]) -> Vec<u8> {
+    let mut out = vec![0u8; xq.len()];
+    for (x, o) in xq.chunks_exact(CHUNK).zip(out.chunks_exact_mut(CHUNK)) {
+        let a: [__m128i; 4] = core::array::from_fn(|j| _mm_loadu_si128(x.as_ptr().add(16 * j) as *const __m128i));
+        let t = [a[0], _mm_xor_si128(a[0], a[1]), _mm_xor_si128(a[1], a[2]), _mm_xor_si128(a[2], a[3])];
+        for (j, t) in t.iter().enumerate() {
+            _mm_storeu_si128(o.as_mut_ptr().add(16 * j) as *mut __m128i, *t);
+        }
+    }
+    out
+}
+
+/// Rows `rows` (in lockstep) of a sparse int8 matrix against one activation row, by gathering: each chunk's
+/// stored values are multiplied as they are stored, 32 at a time, with the activations at their positions
+/// ([`Positions`]), looked up from the chunk's tables `tabs` ([`gather_tables`], [`lookup64`]). A chunk of
+/// 70 % sparsity holds ~19 values: one 32-byte step with no mask decoding, where the expansion builds and
+/// multiplies two vectors of 32 columns. The sums of a chunk are the same exact integers as the expansion's,
+/// in other lanes, so a result differs from [`row`]'s only in the order of its f32 additions.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
+unsafe fn gather_rows<const VNNI: bool, const R: usize, const MODE: u8>(
+    m: &PackedMatrix,
+    pos: &Positions,
+    rows: [usize; R],
+    tabs: &[u8],
+    sx: *const f32,
+    y: *mut f32,
+) {
+    let chunks = m.chunks();
+    let mut o: [usize; R] = rows.map(|r| m.row_start(r));
+    let counts: [*const u8; R] = rows.map(|r| pos.counts.as_ptr().add(r * chunks));
+    let (vals, at) = (m.data.as_ptr(), pos.at.as_ptr());
+    let mut staged = [[core::mem::MaybeUninit::uninit(); STAGED_GROUPS]; R];
+    let s: [RowScales; R] = core::array::from_fn(|i| staged_row_scales(m, rows[i], &mut staged[i]));
+    // Chunk `ch` of every row into `acc` (its rows' f32 lanes); `fetch`: prefetch both streams of each row
+    // (as the other sparse kernels do, see `PREFETCH`), every other chunk, as ~19-byte chunks of 70 %
+    // sparsity need no more.
+    let step = |acc: &mut [__m256; R], o: &mut [usize; R], ch: usize, fetch: bool| {
+        let t = tabs.as_ptr().add(ch * CHUNK);
+        let d: [__m256i; 4] =
+            core::array::from_fn(|j| _mm256_broadcastsi128_si256(_mm_loadu_si128(t.add(16 * j) as *const __m128i)));
+        let x = *sx.add(ch);
+        for i in 0..R {
+            if fetch {
+                _mm_prefetch::<_MM_HINT_T0>(vals.wrapping_add(o[i] + PREFETCH) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(o[i] + PREFETCH) as *const i8);
+            }
+            let c = *counts[i].add(ch) as usize;
+            let sum = gather_dot::<VNNI>(vals.add(o[i]), at.add(o[i]), c, &d);
+            o[i] += c;
+            let scale = if MODE == ROW { x } else { x * scale(&s[i], (ch * CHUNK) >> s[i].shift) };
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(scale), acc[i]);
+        }
+    };
+    // Two f32 accumulators per row, alternating by chunk, so FMA latency does not bind.
+    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+    let mut ch = 0;
+    while ch + 2 <= chunks {
+        step(&mut acc0, &mut o, ch, true);
+        step(&mut acc1, &mut o, ch + 1, false);
+        ch += 2;
+    }
+    if ch < chunks {
+        step(&mut acc0, &mut o, ch, true);
+    }
+    for (i, &r) in rows.iter().enumerate() {
+        let scale = if MODE == ROW { *s[i].d } else { 1.0 };
+        *y.add(r) = hsum(_mm256_add_ps(acc0[i], acc1[i])) * scale;
+    }
+}
+
+/// `Σ q·x` over one chunk's `c` (<= 64) stored values at `v` (positions at `at`) as eight exact i32 lanes, 32
+/// values a step: the bytes past `c` (the next chunk's) get the position marker 0xF0 ([`TAIL`]), which looks
+/// up 0.
+#[inline(always)]
+unsafe fn gather_dot<const VNNI: bool>(v: *const u8, at: *const u8, c: usize, d: &[__m256i; 4]) -> __m256i {
+    let sum = gather_step::<VNNI>(_mm256_setzero_si256(), v, at, c.min(32), d);
+    if c > 32 {
+        gather_step::<VNNI>(sum, v.add(32), at.add(32), c - 32, d)
+    } else {
+        sum
+    }
+}
+
+/// `sum +` the products of the first `n` (<= 32) values at `v` with the activations at their positions `at`.
+#[inline(always)]
+unsafe fn gather_step<const VNNI: bool>(
+    sum: __m256i,
+    v: *const u8,
+    at: *const u8,
+    n: usize,
+    d: &[__m256i; 4],
+) -> __m256i {
+    let tail = _mm256_load_si256(TAIL.0[n].as_ptr() as *const __m256i);
+    let w = _mm256_loadu_si256(v as *const __m256i);
+    let x = lookup64(d, _mm256_or_si256(_mm256_loadu_si256(at as *const __m256i), tail));
+    let (w_abs, x) = (_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+    if VNNI {
+        vpdpbusd(sum, w_abs, x)
+    } else {
+        _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, x), _mm256_set1_epi16(1)))
+    }
+}
+
+/// The activation codes at 32 positions `p` (0-63) of one chunk, from its tables `d` ([`gather_tables`]):
+/// `vpshufb` looks up within 16 bytes and gives 0 where a control byte's top bit is set, so table `j` is
+/// looked up at `p - 16j`, which is negative (0) for positions before block `j`; each block's table is the XOR
+/// of its codes with the block before's, so the lookups XOR-ed together leave the codes of the position's own
+/// block. A position with the marker 0xF0 stays negative in every lookup and gives 0.
+#[inline(always)]
+unsafe fn lookup64(d: &[__m256i; 4], p: __m256i) -> __m256i {
+    let (mut x, mut p) = (_mm256_shuffle_epi8(d[0], p), p);
+    for d in &d[1..] {
+        p = _mm256_sub_epi8(p, _mm256_set1_epi8(16));
+        x = _mm256_xor_si256(x, _mm256_shuffle_epi8(*d, p));
+    }
+    x
+}
+
+/// Row `n` of [`TAIL`]: 0 in its first `n` bytes and the marker 0xF0 after, OR-ed into a gather step's positions.
+#[repr(C, align(64))]
+struct Tail([[u8; 32]; 33]);
+
+static TAIL: Tail = Tail({
+    let mut t = [[0u8; 32]; 33];
+    let mut n = 0;
+    while n < 33 {
+        let mut j = n;
+        while j < 32 {
+            t[n][j] = 0xF0;
+            j += 1;
+        }
+        n += 1;
+    }
+    t
+});
 
 /// One activation row's codes, block scales and (int4 weights) zero-point lanes.
 struct ActRow {
