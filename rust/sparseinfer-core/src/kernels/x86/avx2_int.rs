@@ -7,7 +7,9 @@
 //! ([`expand32`]: one `vpshufb` whose control is built from four per-mask-byte table rows, the second of each
 //! 16-column half already offset by the first's count), once per weight row for up to four activation rows.
 //! Sparse int4 rows are first unpacked to bytes ([`unpack_row_int4`]; one row ahead in decode), and their
-//! chunks then expand as int8 ones do. The products `Σ q·x` are exact:
+//! chunks then expand as int8 ones do. A sparse int8 matvec with few values per chunk ([`gathers`]) expands
+//! nothing: it reads each value's position in its chunk ([`crate::formats::Positions`]) and looks the
+//! activations up at those positions, 32 values a step ([`gather_rows`]). The products `Σ q·x` are exact:
 //!
 //! ```text
 //! int8:  vpsignb     x' = x · sign(q)                     (0 where q = 0)
