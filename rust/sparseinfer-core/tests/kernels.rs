@@ -704,7 +704,7 @@ fn tiled_rows_at_the_exact_lane_limit() {
 }
 
 /// The AVX2 kernels take some choices per CPU vendor (the sparse expansion's mask-byte reads, dense int4
-/// decode's rows in lockstep); this CPU runs one set by default, so both are run here, and must agree bit for
+/// decode's rows in lockstep, the sparse int8 gather's lookups); this CPU runs one set by default, so both are run here, and must agree bit for
 /// bit (decode and prefill).
 #[cfg(target_arch = "x86_64")]
 #[test]

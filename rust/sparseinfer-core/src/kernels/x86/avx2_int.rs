@@ -82,8 +82,9 @@ pub(crate) fn gathers(m: &PackedMatrix) -> bool {
 /// Whether [`rows`] takes the choices that measure faster on AMD cores than on Intel ones: the sparse expansion
 /// shifts a chunk's four mask bytes out of one load ([`mask_bytes`]) rather than loading each (AMD's integer
 /// ALUs are apart from its vector pipes and the loop is bound by its loads; Intel's ALU ports are shared with
-/// the vector work), and dense int4 decode reads two rows in lockstep rather than [`DECODE_STREAMS`]. Neither
-/// changes a result: the bytes and each row's operations are the same. [`rows_avxvnni`] (Intel only) keeps
+/// the vector work), dense int4 decode reads two rows in lockstep rather than [`DECODE_STREAMS`], and the
+/// sparse int8 gather picks its lookups' blocks with blends ([`lookup64`]). None changes a result: the bytes
+/// and each row's integer sums are the same. [`rows_avxvnni`] (Intel only) keeps
 /// Intel's.
 pub(crate) fn amd_tuning() -> bool {
     match TUNING.load(Ordering::Relaxed) {
@@ -156,14 +157,14 @@ unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
     debug_assert!(!m.tiled && q.k == k && q.xq.len() == k * m.cols_pad && q.sx.len() == k * m.chunks());
     let scaling = chunk_scaling(m);
     if k == 1 && gathers(m) {
-        let (pos, tabs) = (m.positions(), gather_tables(&q.xq));
+        let (pos, tabs) = (m.positions(), gather_tables::<AMD>(&q.xq));
         // Two rows in lockstep, from the two halves of the range, then the row left over.
         let half = (r1 - r0) / 2;
         for r in r0..r0 + half {
-            by_scaling!(scaling, gather_rows::<VNNI, 2>(m, pos, [r, r + half], &tabs, q.sx.as_ptr(), y));
+            by_scaling!(scaling, gather_rows::<VNNI, AMD, 2>(m, pos, [r, r + half], &tabs, q.sx.as_ptr(), y));
         }
         for r in r0 + 2 * half..r1 {
-            by_scaling!(scaling, gather_rows::<VNNI, 1>(m, pos, [r], &tabs, q.sx.as_ptr(), y));
+            by_scaling!(scaling, gather_rows::<VNNI, AMD, 1>(m, pos, [r], &tabs, q.sx.as_ptr(), y));
         }
         return;
     }
@@ -333,15 +334,19 @@ unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
     }
 }
 
-/// One activation row's codes as [`lookup64`] reads them: per chunk its four 16-column blocks `a0..a3` as
-/// `a0, a0 ^ a1, a1 ^ a2, a2 ^ a3`.
+/// One activation row's codes as [`lookup64`] reads them: per chunk its four 16-column blocks `a0..a3`, as they
+/// are (`AMD`) or as `a0, a0 ^ a1, a1 ^ a2, a2 ^ a3`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
-unsafe fn gather_tables(xq: &[i8]) -> Vec<u8> {
+unsafe fn gather_tables<const AMD: bool>(xq: &[i8]) -> Vec<u8> {
     let mut out = vec![0u8; xq.len()];
     for (x, o) in xq.chunks_exact(CHUNK).zip(out.chunks_exact_mut(CHUNK)) {
         let a: [__m128i; 4] = core::array::from_fn(|j| _mm_loadu_si128(x.as_ptr().add(16 * j) as *const __m128i));
-        let t = [a[0], _mm_xor_si128(a[0], a[1]), _mm_xor_si128(a[1], a[2]), _mm_xor_si128(a[2], a[3])];
+        let t = if AMD {
+            a
+        } else {
+            [a[0], _mm_xor_si128(a[0], a[1]), _mm_xor_si128(a[1], a[2]), _mm_xor_si128(a[2], a[3])]
+        };
         for (j, t) in t.iter().enumerate() {
             _mm_storeu_si128(o.as_mut_ptr().add(16 * j) as *mut __m128i, *t);
         }
@@ -357,7 +362,7 @@ unsafe fn gather_tables(xq: &[i8]) -> Vec<u8> {
 /// in other lanes, so a result differs from [`row`]'s only in the order of its f32 additions.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
-unsafe fn gather_rows<const VNNI: bool, const R: usize, const MODE: u8>(
+unsafe fn gather_rows<const VNNI: bool, const AMD: bool, const R: usize, const MODE: u8>(
     m: &PackedMatrix,
     pos: &Positions,
     rows: [usize; R],
@@ -385,7 +390,7 @@ unsafe fn gather_rows<const VNNI: bool, const R: usize, const MODE: u8>(
                 _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(o[i] + PREFETCH) as *const i8);
             }
             let c = *counts[i].add(ch) as usize;
-            let sum = gather_dot::<VNNI>(vals.add(o[i]), at.add(o[i]), c, &d);
+            let sum = gather_dot::<VNNI, AMD>(vals.add(o[i]), at.add(o[i]), c, &d);
             o[i] += c;
             let scale = if MODE == ROW { x } else { x * scale(&s[i], (ch * CHUNK) >> s[i].shift) };
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(scale), acc[i]);
@@ -412,10 +417,15 @@ unsafe fn gather_rows<const VNNI: bool, const R: usize, const MODE: u8>(
 /// values a step: the bytes past `c` (the next chunk's) get the position marker 0xF0 ([`TAIL`]), which looks
 /// up 0.
 #[inline(always)]
-unsafe fn gather_dot<const VNNI: bool>(v: *const u8, at: *const u8, c: usize, d: &[__m256i; 4]) -> __m256i {
-    let sum = gather_step::<VNNI>(_mm256_setzero_si256(), v, at, c.min(32), d);
+unsafe fn gather_dot<const VNNI: bool, const AMD: bool>(
+    v: *const u8,
+    at: *const u8,
+    c: usize,
+    d: &[__m256i; 4],
+) -> __m256i {
+    let sum = gather_step::<VNNI, AMD>(_mm256_setzero_si256(), v, at, c.min(32), d);
     if c > 32 {
-        gather_step::<VNNI>(sum, v.add(32), at.add(32), c - 32, d)
+        gather_step::<VNNI, AMD>(sum, v.add(32), at.add(32), c - 32, d)
     } else {
         sum
     }
@@ -423,7 +433,7 @@ unsafe fn gather_dot<const VNNI: bool>(v: *const u8, at: *const u8, c: usize, d:
 
 /// `sum +` the products of the first `n` (<= 32) values at `v` with the activations at their positions `at`.
 #[inline(always)]
-unsafe fn gather_step<const VNNI: bool>(
+unsafe fn gather_step<const VNNI: bool, const AMD: bool>(
     sum: __m256i,
     v: *const u8,
     at: *const u8,
@@ -432,7 +442,7 @@ unsafe fn gather_step<const VNNI: bool>(
 ) -> __m256i {
     let tail = _mm256_load_si256(TAIL.0[n].as_ptr() as *const __m256i);
     let w = _mm256_loadu_si256(v as *const __m256i);
-    let x = lookup64(d, _mm256_or_si256(_mm256_loadu_si256(at as *const __m256i), tail));
+    let x = lookup64::<AMD>(d, _mm256_or_si256(_mm256_loadu_si256(at as *const __m256i), tail));
     let (w_abs, x) = (_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
     if VNNI {
         vpdpbusd(sum, w_abs, x)
@@ -441,13 +451,22 @@ unsafe fn gather_step<const VNNI: bool>(
     }
 }
 
-/// The activation codes at 32 positions `p` (0-63) of one chunk, from its tables `d` ([`gather_tables`]):
-/// `vpshufb` looks up within 16 bytes and gives 0 where a control byte's top bit is set, so table `j` is
-/// looked up at `p - 16j`, which is negative (0) for positions before block `j`; each block's table is the XOR
-/// of its codes with the block before's, so the lookups XOR-ed together leave the codes of the position's own
-/// block. A position with the marker 0xF0 stays negative in every lookup and gives 0.
+/// The activation codes at 32 positions `p` (0-63) of one chunk, from its tables `d` ([`gather_tables`]).
+/// `vpshufb` looks up within 16 bytes by a control byte's low four bits, and gives 0 where its top bit is set.
+/// `AMD`: the four blocks looked up at `p` and the right one chosen by `p`'s bits 4 and 5 with three
+/// `vpblendvb` (one operation each on AMD's cores, two on Intel's). Else table `j` is looked up at `p - 16j`,
+/// which is negative (0) for positions before block `j`; each block's table is the XOR of its codes with the
+/// block before's, so the lookups XOR-ed together leave the codes of the position's own block. A position with
+/// the marker 0xF0 gives 0 either way.
 #[inline(always)]
-unsafe fn lookup64(d: &[__m256i; 4], p: __m256i) -> __m256i {
+unsafe fn lookup64<const AMD: bool>(d: &[__m256i; 4], p: __m256i) -> __m256i {
+    if AMD {
+        // Bits 4 and 5 of each byte moved to its top bit, which `vpblendvb` reads.
+        let (b4, b5) = (_mm256_slli_epi16::<3>(p), _mm256_slli_epi16::<2>(p));
+        let lo = _mm256_blendv_epi8(_mm256_shuffle_epi8(d[0], p), _mm256_shuffle_epi8(d[1], p), b4);
+        let hi = _mm256_blendv_epi8(_mm256_shuffle_epi8(d[2], p), _mm256_shuffle_epi8(d[3], p), b4);
+        return _mm256_blendv_epi8(lo, hi, b5);
+    }
     let (mut x, mut p) = (_mm256_shuffle_epi8(d[0], p), p);
     for d in &d[1..] {
         p = _mm256_sub_epi8(p, _mm256_set1_epi8(16));
