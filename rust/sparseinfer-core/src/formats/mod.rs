@@ -24,6 +24,9 @@
 //! for the AVX-512 VNNI and AMX kernels ([`tiles`] has the diagram). [`Layout`] picks one at pack time; a tiled matrix builds its row-layout
 //! twin ([`PackedMatrix::row_major`]) the first time a kernel that reads rows needs it.
 //!
+//! A sparse int8 matrix that the AVX2 matvec reads by gathering also keeps, beside its masks, each value's
+//! position in its chunk and each chunk's count ([`Positions`], built at load).
+//!
 //! The sparse mask is bit-compatible with the on-disk `bitmask` (uint8 `[rows, ceil(cols/8)]`, little-endian
 //! bit order): byte `k` of mask word `c` is on-disk byte `8c + k`. `values` ends with [`VALUE_PAD`] zero bytes
 //! so kernels may load a full vector past a row's last value.
