@@ -25,7 +25,7 @@
 //! twin ([`PackedMatrix::row_major`]) the first time a kernel that reads rows needs it.
 //!
 //! A sparse int8 matrix that the AVX2 matvec reads by gathering also keeps, beside its masks, each value's
-//! position in its chunk and each chunk's count ([`Positions`], built at load).
+//! position in its chunk and each chunk's count (`Positions`, built at load).
 //!
 //! The sparse mask is bit-compatible with the on-disk `bitmask` (uint8 `[rows, ceil(cols/8)]`, little-endian
 //! bit order): byte `k` of mask word `c` is on-disk byte `8c + k`. `values` ends with [`VALUE_PAD`] zero bytes
@@ -400,7 +400,7 @@ impl PackedMatrix {
 
     /// Bytes a matvec with integer activations reads: values, masks, row (or tile) offsets (as u32, as on
     /// disk), scales and mins (a tiled matrix with scale groups reads its tile scales instead; half scales
-    /// take two bytes each). Where the matrix's [`Positions`] have been built, a matvec reads them and the
+    /// take two bytes each). Where the matrix's `Positions` have been built, a matvec reads them and the
     /// chunk counts instead of the masks. Excludes the trailing pad, which is never multiplied, and a tiled
     /// matrix's row-layout twin.
     pub fn nbytes(&self) -> usize {
