@@ -293,11 +293,13 @@ fn sparse_int8_gather_chunk_counts() {
     }
     for group in [None, Some(64), Some(128)] {
         let o = PackOptions { group_size: group, layout: Layout::Rows, ..Default::default() };
-        let m = PackedMatrix::pack(&w, rows, cols, Format::SparseInt8, o).unwrap();
         #[cfg(target_arch = "x86_64")]
-        for isa in [Isa::Avx2, Isa::AvxVnni].into_iter().filter(|i| i.is_supported()) {
-            let name = kernels::kernel_name_on(isa, &m, Activations::Int8, 1);
-            assert!(name.ends_with(&format!("({}, gather)", isa.name())), "{group:?}: {name}");
+        {
+            let m = PackedMatrix::pack(&w, rows, cols, Format::SparseInt8, o).unwrap();
+            for isa in [Isa::Avx2, Isa::AvxVnni].into_iter().filter(|i| i.is_supported()) {
+                let name = kernels::kernel_name_on(isa, &m, Activations::Int8, 1);
+                assert!(name.ends_with(&format!("({}, gather)", isa.name())), "{group:?}: {name}");
+            }
         }
         check_weights(&w, rows, cols, "chunk counts 0-64", 17, Format::SparseInt8, o, 1);
         check_weights(&w, rows, cols, "chunk counts 0-64", 17, Format::SparseInt8, o, 4);

@@ -25,7 +25,8 @@
 //! twin ([`PackedMatrix::row_major`]) the first time a kernel that reads rows needs it.
 //!
 //! A sparse int8 matrix that the AVX2 matvec reads by gathering also keeps, beside its masks, each value's
-//! position in its chunk and each chunk's count (`Positions`, built at load).
+//! position in its chunk and each chunk's count (`Positions`, built on first use, or ahead by `kernels::prepare`,
+//! which loading calls).
 //!
 //! The sparse mask is bit-compatible with the on-disk `bitmask` (uint8 `[rows, ceil(cols/8)]`, little-endian
 //! bit order): byte `k` of mask word `c` is on-disk byte `8c + k`. `values` ends with [`VALUE_PAD`] zero bytes
@@ -339,12 +340,14 @@ impl PackedMatrix {
 
     /// Each stored value's position in its chunk and each chunk's count ([`Positions`]; sparse int8, row
     /// layout), built once on first use.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn positions(&self) -> &Positions {
         debug_assert!(!self.tiled && self.format == Format::SparseInt8);
         self.positions.get_or_init(|| Positions::of(self))
     }
 
     /// Mean stored values per 64-column chunk (sparse formats).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn mean_chunk_count(&self) -> f64 {
         self.nnz as f64 / (self.rows * self.chunks()).max(1) as f64
     }
@@ -490,6 +493,7 @@ pub(crate) struct Positions {
 }
 
 impl Positions {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn of(m: &PackedMatrix) -> Positions {
         let chunks = m.chunks();
         let mut at = vec![0u8; m.data.len()];

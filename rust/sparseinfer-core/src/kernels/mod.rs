@@ -210,10 +210,11 @@ pub fn set_isa(isa: Option<Isa>) -> Result<()> {
 /// packed matrix (the AVX2 gather's positions), so a model's first decode step does not pay for it.
 pub fn prepare(m: &PackedMatrix, act: Activations) {
     #[cfg(target_arch = "x86_64")]
-    if act.is_int8() && active_isa().is_ok_and(|i| i.avx2_level()) && x86::avx2_int::supports(m) {
-        let m = m.row_major();
-        if x86::avx2_int::gathers(m) {
-            m.positions();
+    {
+        let gathered = m.format() == crate::Format::SparseInt8 && x86::avx2_int::supports(m);
+        if gathered && act.is_int8() && active_isa().is_ok_and(|i| i.avx2_level()) && x86::avx2_int::gathers(m) {
+            // The positions live on the row layout (a tiled matrix's twin, built here then).
+            m.row_major().positions();
         }
     }
     #[cfg(not(target_arch = "x86_64"))]

@@ -119,7 +119,8 @@ pub fn force_amd_tuning(amd: Option<bool>) {
 /// group of activation rows reads that copy instead of expanding it again; the rows go in blocks of
 /// [`PREFILL_ROWS`], every group of activation rows over a whole block before the next. Every activation row
 /// goes through the same operations (the same exact products, summed in the same order) in any blocking, so a
-/// matmul row equals the matvec bit for bit.
+/// matmul row equals the matvec bit for bit, except where the matvec gathers ([`gathers`]): the same integer
+/// sums per chunk, in other i32 lanes, so scaled and added in f32 in another order.
 ///
 /// # Safety
 /// The CPU must support the enabled features and [`supports`] must hold for `m` (row layout); `q` holds `k`
@@ -359,7 +360,7 @@ unsafe fn gather_tables<const AMD: bool>(xq: &[i8]) -> Vec<u8> {
 /// ([`Positions`]), looked up from the chunk's tables `tabs` ([`gather_tables`], [`lookup64`]). A chunk of
 /// 70 % sparsity holds ~19 values: one 32-byte step with no mask decoding, where the expansion builds and
 /// multiplies two vectors of 32 columns. The sums of a chunk are the same exact integers as the expansion's,
-/// in other lanes, so a result differs from [`row`]'s only in the order of its f32 additions.
+/// in other i32 lanes, so a result differs from [`row`]'s by the rounding of its f32 scaling and additions.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
 unsafe fn gather_rows<const VNNI: bool, const AMD: bool, const R: usize, const MODE: u8>(
@@ -370,6 +371,8 @@ unsafe fn gather_rows<const VNNI: bool, const AMD: bool, const R: usize, const M
     sx: *const f32,
     y: *mut f32,
 ) {
+    // Two 32-column groups in a chunk would need their sums apart ([`gathers`] leaves them out).
+    debug_assert!(MODE != GRP32);
     let chunks = m.chunks();
     let mut o: [usize; R] = rows.map(|r| m.row_start(r));
     let counts: [*const u8; R] = rows.map(|r| pos.counts.as_ptr().add(r * chunks));
@@ -414,7 +417,7 @@ unsafe fn gather_rows<const VNNI: bool, const AMD: bool, const R: usize, const M
 }
 
 /// `Σ q·x` over one chunk's `c` (<= 64) stored values at `v` (positions at `at`) as eight exact i32 lanes, 32
-/// values a step: the bytes past `c` (the next chunk's) get the position marker 0xF0 ([`TAIL`]), which looks
+/// values a step: the position marker 0xF0 is OR-ed into the bytes past `c` (the next chunk's; [`TAIL`]), which looks
 /// up 0.
 #[inline(always)]
 unsafe fn gather_dot<const VNNI: bool, const AMD: bool>(
