@@ -209,13 +209,11 @@ pub fn set_isa(isa: Option<Isa>) -> Result<()> {
 /// Builds ahead what the active path's one-row calls on `m` with activations `act` will read besides the
 /// packed matrix (the AVX2 gather's positions), so a model's first decode step does not pay for it.
 pub fn prepare(m: &PackedMatrix, act: Activations) {
+    // `gathers` reads only the format, the grouping and the density, the same on a tiled matrix's twin, on
+    // which the positions live (built here then).
     #[cfg(target_arch = "x86_64")]
-    {
-        let gathered = m.format() == crate::Format::SparseInt8 && x86::avx2_int::supports(m);
-        if gathered && act.is_int8() && active_isa().is_ok_and(|i| i.avx2_level()) && x86::avx2_int::gathers(m) {
-            // The positions live on the row layout (a tiled matrix's twin, built here then).
-            m.row_major().positions();
-        }
+    if act.is_int8() && x86::avx2_int::gathers(m) && active_isa().is_ok_and(|i| i.avx2_level()) {
+        m.row_major().positions();
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (m, act);
