@@ -7,7 +7,9 @@
 //! One thread computes `W x` over and over for a matrix that stays in L2, so memory does not bound it: the
 //! figure is the kernel's own cost per chunk (mask, expansion, products, scaling), the ceiling on what one
 //! core can stream. A decode step is memory-bound only where the cores' combined rate exceeds the bandwidth:
-//! `cores · 64 · bytes per weight · clock / cycles per chunk` against the read bandwidth. A dense format
+//! `cores · 64 · bytes per weight · clock / cycles per chunk` against the read bandwidth; a matvec line gives
+//! the per-core part (`GB/s per core`): on a CPU whose bandwidth per core is below it the format decodes at the
+//! memory's rate, so of two formats the one with fewer bytes wins there, and the faster kernel above. A dense format
 //! costs the same per chunk at any sparsity; a sparse one pays per chunk however few values it holds, so its
 //! figure hardly moves with sparsity.
 
@@ -87,13 +89,16 @@ fn run() {
             let cycles = best / ns / chunks / k as f64;
             let isa_now = kernels::active_isa().expect("an active ISA");
             let name = kernels::kernel_name_on(isa_now, &m, kernels::Activations::Int8, k);
+            let bytes = m.nbytes() as f64 / (rows * cols) as f64;
+            // The most one core streams from memory with this kernel (a matvec reads every byte once).
+            let stream =
+                if k == 1 { format!("{:>5.1} GB/s per core", 64.0 * bytes / cycles / ns) } else { String::new() };
             println!(
-                "{:>9} {:>12} {:>4.0} % {:>6.2} cycles  {:>5.2} bytes/weight  {name}",
+                "{:>9} {:>12} {:>4.0} % {:>6.2} cycles  {bytes:>5.2} bytes/weight  {stream:>17}  {name}",
                 isa.name(),
                 format.name(),
                 p * 100.0,
                 cycles,
-                m.nbytes() as f64 / (rows * cols) as f64
             );
         }
     }
