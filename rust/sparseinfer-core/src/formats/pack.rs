@@ -128,6 +128,7 @@ impl Trial {
         Trial::of_any(q, v)
     }
 
+    /// The body of [`Trial::of`], inlined into each CPU path.
     #[inline(always)]
     fn of_any(q: Quant, v: &[f32]) -> Trial {
         const L: usize = 8;
@@ -538,6 +539,7 @@ impl RowPacker<'_> {
         self.row_any(r, part, codes)
     }
 
+    /// The body of [`RowPacker::row`], inlined into each CPU path.
     #[inline(always)]
     fn row_any(&self, r: usize, part: &mut Rows, codes: &mut [i32]) {
         let (w, cols, cols_pad, group, elem) = (self.w, self.cols, self.cols_pad, self.group, self.elem);
