@@ -46,6 +46,7 @@ mod pack;
 mod raw;
 pub mod tiles;
 
+pub(crate) use pack::packing_alone;
 pub use pack::{GivenScales, Layout, PackOptions, GROUP_SIZES, INT4_DEFAULT_GROUP};
 pub use raw::RawMatrix;
 

@@ -122,6 +122,9 @@ impl Trial {
 
     /// [`Trial::of`] compiled for AVX2: eight lanes a step instead of the baseline's four. The same operations
     /// in the same order on each lane (no contraction into FMAs), so the same trial to the bit.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn of_avx2(q: Quant, v: &[f32]) -> Trial {
@@ -250,8 +253,10 @@ impl Quant {
     /// Asymmetric int4 (`ŵ = d·q + m`, codes 0..=15): the range pulled in by [`ASYM_SHRINK`] at either end,
     /// then a refit of `d` and `m`. `half` as in [`Quant::fit_int4_sym`], for `d` and `m`.
     fn fit_int4_asym(v: &[f32], half: bool) -> Quant {
-        let lo = v.iter().copied().fold(f32::INFINITY, f32::min);
-        let hi = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // `+ 0.0` makes a zero end of the range +0 whichever zero the fold kept (the stored minimum's bits then
+        // do not depend on how a build orders the fold).
+        let lo = v.iter().copied().fold(f32::INFINITY, f32::min) + 0.0;
+        let hi = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) + 0.0;
         if !lo.is_finite() {
             return Quant::grid(0.0, 0.0, 0.0, I4_LEVELS, true);
         }
@@ -366,7 +371,27 @@ pub(super) fn pack_impl(
     opts: PackOptions,
     given: Option<GivenScales>,
 ) -> Result<PackedMatrix> {
-    pack_on(crate::parallel::global(), crate::parallel::num_threads(), w, rows, cols, format, opts, given)
+    let threads = if ALONE.with(|a| a.get()) { 1 } else { crate::parallel::num_threads() };
+    pack_on(crate::parallel::global(), threads, w, rows, cols, format, opts, given)
+}
+
+thread_local! {
+    /// Set while this thread packs on its own ([`packing_alone`]).
+    static ALONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every matrix this thread packs packed on this thread alone, for callers that already pack
+/// several matrices at once on their own threads (the loader's layers): the pool's workers would only add
+/// threads to busy cores, and keep it from the kernels.
+pub(crate) fn packing_alone<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ALONE.with(|a| a.set(self.0));
+        }
+    }
+    let _restore = Restore(ALONE.with(|a| a.replace(true)));
+    f()
 }
 
 /// [`pack_impl`] on up to `threads` threads of `pool`.
@@ -442,6 +467,7 @@ fn pack_on(
     }
     // Rows are independent: they are packed in runs on the thread pool (the quantizers' fits dominate a model's
     // first load) and joined in order, so the result is the same on any number of threads.
+    let row_bytes = m.dense_row_bytes();
     let packer = RowPacker { w, cols, cols_pad, group, groups, chunks: m.chunks(), elem, sparse, asym: m.asym, given };
     let threads = threads.min(rows / crate::parallel::MIN_ROWS_PER_TASK).max(1);
     // A few runs per thread, so uneven rows (sparse ones) balance.
@@ -449,29 +475,38 @@ fn pack_on(
     let per = rows.div_ceil(runs);
     let parts: Vec<std::sync::Mutex<Rows>> = (0..rows.div_ceil(per)).map(|_| Default::default()).collect();
     pool.run(parts.len(), threads, &|t| {
-        let mut part = Rows::default();
+        let (r0, r1) = (t * per, ((t + 1) * per).min(rows));
+        let mut part = packer.with_room(r0, r1, row_bytes);
         let mut codes = vec![0i32; cols_pad];
-        for r in t * per..((t + 1) * per).min(rows) {
+        for r in r0..r1 {
             packer.row(r, &mut part, &mut codes);
         }
         *parts[t].lock().unwrap_or_else(|e| e.into_inner()) = part;
     });
-    let parts: Vec<Rows> = parts.into_iter().map(|p| p.into_inner().unwrap_or_else(|e| e.into_inner())).collect();
-    let total = |f: fn(&Rows) -> usize| parts.iter().map(f).sum::<usize>();
-    m.scales.reserve_exact(total(|p| p.scales.len()));
-    m.mins.reserve_exact(total(|p| p.mins.len()));
-    m.masks.reserve_exact(total(|p| p.masks.len()));
-    m.data.reserve_exact(total(|p| p.data.len()) + VALUE_PAD);
-    if sparse {
-        m.row_offsets.reserve_exact(rows + 1);
-    }
-    for part in parts {
-        let base = m.data.len();
-        m.row_offsets.extend(part.starts.iter().map(|s| base + s));
-        m.scales.extend_from_slice(&part.scales);
-        m.mins.extend_from_slice(&part.mins);
-        m.masks.extend_from_slice(&part.masks);
-        m.data.extend_from_slice(&part.data);
+    let mut parts = parts.into_iter().map(|p| p.into_inner().unwrap_or_else(|e| e.into_inner()));
+    if runs == 1 {
+        // One run: its buffers become the matrix's as they are.
+        let part = parts.next().unwrap_or_default();
+        (m.scales, m.mins, m.masks, m.data, m.row_offsets) =
+            (part.scales, part.mins, part.masks, part.data, part.starts);
+    } else {
+        let parts: Vec<Rows> = parts.collect();
+        let total = |f: fn(&Rows) -> usize| parts.iter().map(f).sum::<usize>();
+        m.scales.reserve_exact(total(|p| p.scales.len()));
+        m.mins.reserve_exact(total(|p| p.mins.len()));
+        m.masks.reserve_exact(total(|p| p.masks.len()));
+        m.data.reserve_exact(total(|p| p.data.len()) + VALUE_PAD);
+        if sparse {
+            m.row_offsets.reserve_exact(rows + 1);
+        }
+        for part in parts {
+            let base = m.data.len();
+            m.row_offsets.extend(part.starts.iter().map(|s| base + s));
+            m.scales.extend_from_slice(&part.scales);
+            m.mins.extend_from_slice(&part.mins);
+            m.masks.extend_from_slice(&part.masks);
+            m.data.extend_from_slice(&part.data);
+        }
     }
     if sparse {
         m.row_offsets.push(m.data.len());
@@ -521,6 +556,27 @@ struct Rows {
 }
 
 impl RowPacker<'_> {
+    /// Empty buffers with room for rows `r0..r1` (and the matrix's padding and final row offset, should they
+    /// become its own), so they grow without reallocating: dense rows take `row_bytes` each, a sparse row at
+    /// most its stored values' bytes and an int4 chunk's odd nibble.
+    fn with_room(&self, r0: usize, r1: usize, row_bytes: usize) -> Rows {
+        let n = r1 - r0;
+        let scales = if self.elem.is_int() { n * self.groups } else { 0 };
+        let data = if self.sparse {
+            let stored = self.w[r0 * self.cols..r1 * self.cols].iter().filter(|v| **v != 0.0).count();
+            self.elem.bytes(stored) + n * self.chunks
+        } else {
+            n * row_bytes
+        };
+        Rows {
+            scales: Vec::with_capacity(scales),
+            mins: Vec::with_capacity(if self.asym { scales } else { 0 }),
+            masks: Vec::with_capacity(if self.sparse { n * self.chunks } else { 0 }),
+            data: Vec::with_capacity(data + VALUE_PAD),
+            starts: Vec::with_capacity(if self.sparse { n + 1 } else { 0 }),
+        }
+    }
+
     /// Packs row `r` onto `part`; `codes` is scratch of `cols_pad` values.
     fn row(&self, r: usize, part: &mut Rows, codes: &mut [i32]) {
         #[cfg(target_arch = "x86_64")]
@@ -531,8 +587,12 @@ impl RowPacker<'_> {
         self.row_any(r, part, codes)
     }
 
-    /// [`RowPacker::row`] compiled for AVX2, the int4 fits ([`Trial::of`]) inlined: the same operations in the
-    /// same order (no contraction into FMAs), so the same bytes as the baseline build.
+    /// [`RowPacker::row`] compiled for AVX2 (the codes, masks and nibbles; the int4 fits' trials take their own
+    /// AVX2 path, [`Trial::of`]): the same operations in the same order (no contraction into FMAs), so the same
+    /// bytes as the baseline build.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn row_avx2(&self, r: usize, part: &mut Rows, codes: &mut [i32]) {
@@ -635,12 +695,15 @@ mod tests {
             s ^= s << 17;
             (s >> 11) as f32 / (1u64 << 53) as f32
         };
-        for n in [1, 7, 8, 31, 32, 64, 128] {
-            let v: Vec<f32> = (0..n).map(|_| rnd() * 3.0 - 1.2).collect();
+        for n in [1, 7, 8, 9, 31, 32, 33, 64, 127, 128] {
+            // A third zeros, as a pruned group holds.
+            let v: Vec<f32> = (0..n).map(|_| if rnd() < 0.33 { 0.0 } else { rnd() * 3.0 - 1.2 }).collect();
             for q in [
                 Quant::grid(0.11, 0.0, I4_LO, I4_HI, false),
-                Quant::grid(-0.09, 0.0, I4_LO, I4_HI, false),
-                Quant::grid(0.2, -1.2, 0.0, I4_LEVELS, true),
+                Quant::grid(to_half(-0.0937), 0.0, I4_LO, I4_HI, false),
+                Quant::grid(to_half(0.2), to_half(-1.2), 0.0, I4_LEVELS, true),
+                Quant::grid(0.0, 0.0, I4_LO, I4_HI, false),
+                Quant::grid(1e-30, 0.0, I4_LO, I4_HI, false),
             ] {
                 let (a, b) = (Trial::of(q, &v), Trial::of_any(q, &v));
                 let bits = |t: Trial| [t.sse, t.worst, t.sq, t.sqq, t.swq].map(f32::to_bits);
@@ -693,7 +756,8 @@ mod tests {
     #[test]
     fn packing_on_many_threads_gives_the_same_matrix_as_on_one() {
         let pool = crate::parallel::ThreadPool::new(3);
-        let (rows, cols) = (203, 300);
+        // 280 columns: the last 32-column group lies wholly in the padding, and given grids cover 9 of 10 groups.
+        let (rows, cols) = (203, 280);
         let mut s = 0x9E37_79B9_7F4A_7C15u64;
         let w: Vec<f32> = (0..rows * cols)
             .map(|_| {
@@ -708,17 +772,25 @@ mod tests {
                 }
             })
             .collect();
-        let scales: Vec<f32> = (0..rows * 10).map(|i| 0.01 + (i % 7) as f32 * 0.003).collect();
+        let scales: Vec<f32> = (0..rows * 9).map(|i| 0.01 + (i % 7) as f32 * 0.003).collect();
+        let mins: Vec<f32> = (0..rows * 9).map(|i| -0.05 - (i % 5) as f32 * 0.01).collect();
         for format in Format::ALL {
             let int4 = format.elem() == Elem::I4;
-            for (asymmetric, group_size, given) in
-                [(false, None, false), (int4, Some(32), false), (false, Some(32), true)]
-            {
+            let cases = [
+                (false, None, false),
+                (int4, Some(32), false),
+                (false, Some(32), true),
+                (int4, Some(32), true),
+                (false, Some(64), false),
+            ];
+            for (asymmetric, group_size, given) in cases {
                 if given && !format.elem().is_int() || (asymmetric || group_size.is_some()) && !format.elem().is_int() {
                     continue;
                 }
                 let opts = PackOptions { asymmetric, group_size, layout: Layout::Rows };
-                let grid = || given.then(|| GivenScales { scales: &scales, mins: None, per_row: 10 });
+                let grid = || {
+                    given.then(|| GivenScales { scales: &scales, mins: asymmetric.then_some(&mins[..]), per_row: 9 })
+                };
                 let one = pack_on(&pool, 1, &w, rows, cols, format, opts, grid()).expect("packs");
                 let four = pack_on(&pool, 4, &w, rows, cols, format, opts, grid()).expect("packs");
                 let what = format!("{} asymmetric {asymmetric} group {group_size:?} given {given}", format.name());

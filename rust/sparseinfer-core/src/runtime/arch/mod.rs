@@ -131,7 +131,8 @@ pub(crate) fn par_layers<T: Send>(n: usize, f: impl Fn(usize) -> Result<T> + Syn
         if i >= n {
             break;
         }
-        let r = f(i);
+        // Each layer thread packs its matrices alone (several are packed at once already).
+        let r = if threads > 1 { crate::formats::packing_alone(|| f(i)) } else { f(i) };
         let failed = r.is_err();
         *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
         if failed {
