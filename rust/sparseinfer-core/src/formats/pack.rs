@@ -686,15 +686,25 @@ impl RowPacker<'_> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_cpu_path_of_a_trial_gives_the_same_sums() {
-        let mut s = 0x2545_F491_4F6C_DD1Du64;
-        let mut rnd = move || {
+    /// Uniform values in [0, 1) from a xorshift stream seeded with `s`.
+    fn uniform(mut s: u64) -> impl FnMut() -> f32 {
+        move || {
             s ^= s << 13;
             s ^= s >> 7;
             s ^= s << 17;
             (s >> 11) as f32 / (1u64 << 53) as f32
-        };
+        }
+    }
+
+    /// `n` weights, a fraction `zeros` of them pruned, the rest `u · 4 - shift` for the draw `u`.
+    fn pruned(n: usize, zeros: f32, shift: f32) -> Vec<f32> {
+        let mut u = uniform(0x9E37_79B9_7F4A_7C15);
+        (0..n).map(|_| u()).map(|u| if u < zeros { 0.0 } else { u * 4.0 - shift }).collect()
+    }
+
+    #[test]
+    fn every_cpu_path_of_a_trial_gives_the_same_sums() {
+        let mut rnd = uniform(0x2545_F491_4F6C_DD1D);
         for n in [1, 7, 8, 9, 31, 32, 33, 64, 127, 128] {
             // A third zeros, as a pruned group holds.
             let v: Vec<f32> = (0..n).map(|_| if rnd() < 0.33 { 0.0 } else { rnd() * 3.0 - 1.2 }).collect();
@@ -715,20 +725,7 @@ mod tests {
     #[test]
     fn every_cpu_path_of_a_row_packs_the_same_bytes() {
         let (rows, cols) = (8, 300);
-        let mut s = 0x9E37_79B9_7F4A_7C15u64;
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                let u = (s >> 11) as f32 / (1u64 << 53) as f32;
-                if u < 0.5 {
-                    0.0
-                } else {
-                    u * 4.0 - 2.9
-                }
-            })
-            .collect();
+        let w = pruned(rows * cols, 0.5, 2.9);
         for elem in [Elem::F32, Elem::Bf16, Elem::I8, Elem::I4] {
             for (sparse, asym, group) in [(false, false, 32), (true, false, 32), (true, true, 64), (false, false, 128)]
             {
@@ -758,20 +755,7 @@ mod tests {
         let pool = crate::parallel::ThreadPool::new(3);
         // 280 columns: the last 32-column group lies wholly in the padding, and given grids cover 9 of 10 groups.
         let (rows, cols) = (203, 280);
-        let mut s = 0x9E37_79B9_7F4A_7C15u64;
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                let u = (s >> 11) as f32 / (1u64 << 53) as f32;
-                if u < 0.6 {
-                    0.0
-                } else {
-                    u * 4.0 - 2.5
-                }
-            })
-            .collect();
+        let w = pruned(rows * cols, 0.6, 2.5);
         let scales: Vec<f32> = (0..rows * 9).map(|i| 0.01 + (i % 7) as f32 * 0.003).collect();
         let mins: Vec<f32> = (0..rows * 9).map(|i| -0.05 - (i % 5) as f32 * 0.01).collect();
         for format in Format::ALL {
