@@ -246,9 +246,9 @@ pub struct PackedMatrix {
     pub(crate) tile_narrow: Vec<bool>,
     /// Tiled only: the row-layout copy, built on first use by a kernel that reads rows.
     pub(crate) row_twin: std::sync::OnceLock<Box<PackedMatrix>>,
-    /// Sparse int8, row layout: where each stored value sits in its chunk ([`Positions`]), built on first use
-    /// by a kernel that gathers activations instead of expanding masks.
-    pub(crate) positions: std::sync::OnceLock<Positions>,
+    /// Sparse int8, row layout: where each stored value sits in its chunk ([`Positions`]), in each encoding
+    /// (plain, blend), built on first use by a kernel that gathers activations instead of expanding masks.
+    pub(crate) positions: [std::sync::OnceLock<Positions>; 2],
     /// Integer formats: `rows × groups` scales.
     pub(crate) scales: Vec<f32>,
     /// Asymmetric only: `rows × groups` minimums (`ŵ = d·q + m`).
@@ -340,11 +340,11 @@ impl PackedMatrix {
     }
 
     /// Each stored value's position in its chunk and each chunk's count ([`Positions`]; sparse int8, row
-    /// layout), built once on first use.
+    /// layout), in the plain or the `blend` encoding, built once on first use.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    pub(crate) fn positions(&self) -> &Positions {
+    pub(crate) fn positions(&self, blend: bool) -> &Positions {
         debug_assert!(!self.tiled && self.format == Format::SparseInt8);
-        self.positions.get_or_init(|| Positions::of(self))
+        self.positions[blend as usize].get_or_init(|| Positions::of(self, blend))
     }
 
     /// Mean stored values per 64-column chunk (sparse formats).
@@ -409,7 +409,8 @@ impl PackedMatrix {
     /// matrix's row-layout twin.
     pub fn nbytes(&self) -> usize {
         // A tiled dense matrix's offsets and full masks follow from its shape; its kernels read neither.
-        let (offsets, masks) = match self.positions.get() {
+        // A gathering kernel reads one encoding of the positions in place of the masks.
+        let (offsets, masks) = match self.positions.iter().find_map(|p| p.get()) {
             Some(p) => (4 * self.row_offsets.len(), p.at.len() - VALUE_PAD + p.counts.len()),
             None if self.format.is_sparse() => (4 * self.row_offsets.len(), 8 * self.masks.len()),
             None => (0, 0),
@@ -484,8 +485,10 @@ impl PackedMatrix {
 }
 
 /// A sparse int8 matrix's masks restated for kernels that gather activations by position (decode on AVX2):
-/// `at[o]` is the column within its chunk (0-63) of the value at `data[o]`, so both are read at one offset,
-/// and `counts[r · chunks + c]` is chunk `c`'s popcount. It costs a byte per stored value and one per chunk
+/// `at[o]` is the column `p` within its chunk (0-63) of the value at `data[o]`, so both are read at one
+/// offset, and `counts[r · chunks + c]` is chunk `c`'s popcount. `at` holds `p` as it is, or (`blend`) with
+/// bits 4 and 5 moved to 6 and 7: `(p & 15) | (p & 0x30) << 2`, the form the blend lookups read
+/// (`x86::avx2_int::lookup64`). It costs a byte per stored value and one per chunk
 /// beside the masks (which the other kernels keep reading). `at` ends with [`VALUE_PAD`] zeros, as `data`.
 #[derive(Clone, Debug)]
 pub(crate) struct Positions {
@@ -495,7 +498,7 @@ pub(crate) struct Positions {
 
 impl Positions {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    fn of(m: &PackedMatrix) -> Positions {
+    fn of(m: &PackedMatrix, blend: bool) -> Positions {
         let chunks = m.chunks();
         let mut at = vec![0u8; m.data.len()];
         let mut counts = vec![0u8; m.masks.len()];
@@ -505,7 +508,8 @@ impl Positions {
                 let mut w = mask;
                 *count = w.count_ones() as u8;
                 while w != 0 {
-                    at[o] = w.trailing_zeros() as u8;
+                    let p = w.trailing_zeros() as u8;
+                    at[o] = if blend { (p & 15) | (p & 0x30) << 2 } else { p };
                     o += 1;
                     w &= w - 1;
                 }

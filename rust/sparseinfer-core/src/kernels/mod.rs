@@ -213,7 +213,7 @@ pub fn prepare(m: &PackedMatrix, act: Activations) {
     // which the positions live (built here then).
     #[cfg(target_arch = "x86_64")]
     if act.is_int8() && x86::avx2_int::gathers(m) && active_isa().is_ok_and(|i| i.avx2_level()) {
-        m.row_major().positions();
+        m.row_major().positions(x86::avx2_int::amd_tuning());
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (m, act);
@@ -664,7 +664,7 @@ pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32],
                 let m = m.row_major();
                 if k == 1 && x86::avx2_int::gathers(m) {
                     // Built here once, before the tasks share it.
-                    m.positions();
+                    m.positions(x86::avx2_int::amd_tuning());
                 }
                 let q = quantize_activations_for(m, xs, k, Consumer::Codes, token);
                 let rows = if isa == Isa::AvxVnni { x86::avx2_int::rows_avxvnni } else { x86::avx2_int::rows };

@@ -158,7 +158,7 @@ unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
     debug_assert!(!m.tiled && q.k == k && q.xq.len() == k * m.cols_pad && q.sx.len() == k * m.chunks());
     let scaling = chunk_scaling(m);
     if k == 1 && gathers(m) {
-        let (pos, tabs) = (m.positions(), gather_tables::<AMD>(&q.xq));
+        let (pos, tabs) = (m.positions(AMD), gather_tables::<AMD>(&q.xq));
         // Two rows in lockstep, from the two halves of the range, then the row left over.
         let half = (r1 - r0) / 2;
         for r in r0..r0 + half {
@@ -417,8 +417,7 @@ unsafe fn gather_rows<const VNNI: bool, const AMD: bool, const R: usize, const M
 }
 
 /// `Σ q·x` over one chunk's `c` (<= 64) stored values at `v` (positions at `at`) as eight exact i32 lanes, 32
-/// values a step: the position marker 0xF0 is OR-ed into the bytes past `c` (the next chunk's; [`TAIL`]), which looks
-/// up 0.
+/// values a step: the values past `c` (the next chunk's) are multiplied by 0 ([`TAIL`]).
 #[inline(always)]
 unsafe fn gather_dot<const VNNI: bool, const AMD: bool>(
     v: *const u8,
@@ -443,9 +442,10 @@ unsafe fn gather_step<const VNNI: bool, const AMD: bool>(
     n: usize,
     d: &[__m256i; 4],
 ) -> __m256i {
-    let tail = _mm256_load_si256(TAIL.0[n].as_ptr() as *const __m256i);
-    let w = _mm256_loadu_si256(v as *const __m256i);
-    let x = lookup64::<AMD>(d, _mm256_or_si256(_mm256_loadu_si256(at as *const __m256i), tail));
+    let keep = _mm256_load_si256(TAIL.0[n].as_ptr() as *const __m256i);
+    // The values past `n` are zeroed, and `vpsignb` zeroes their activations.
+    let w = _mm256_and_si256(_mm256_loadu_si256(v as *const __m256i), keep);
+    let x = lookup64::<AMD>(d, _mm256_loadu_si256(at as *const __m256i));
     let (w_abs, x) = (_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
     if VNNI {
         vpdpbusd(sum, w_abs, x)
@@ -454,21 +454,22 @@ unsafe fn gather_step<const VNNI: bool, const AMD: bool>(
     }
 }
 
-/// The activation codes at 32 positions `p` (0-63) of one chunk, from its tables `d` ([`gather_tables`]).
-/// `vpshufb` looks up within 16 bytes by a control byte's low four bits, and gives 0 where its top bit is set.
-/// `AMD`: the four blocks looked up at `p` and the right one chosen by `p`'s bits 4 and 5 with three
-/// `vpblendvb` (one operation each on AMD's cores, two on Intel's). Else table `j` is looked up at `p - 16j`,
-/// which is negative (0) for positions before block `j`; each block's table is the XOR of its codes with the
-/// block before's, so the lookups XOR-ed together leave the codes of the position's own block. A position with
-/// the marker 0xF0 gives 0 either way.
+/// The activation codes at 32 positions `p` of one chunk, from its tables `d` ([`gather_tables`]). `vpshufb`
+/// looks up within 16 bytes by a control byte's low four bits, and gives 0 where its top bit is set. `AMD`:
+/// the positions in the blend encoding ([`Positions`]: bit 4 of the column at bit 6, bit 5 at bit 7), so the
+/// first two blocks are looked up at `p` (0 where bit 7 says the column is in the last two) and the last two
+/// at `p ^ 0x80`, a `vpblendvb` on bit 6 (shifted to 7) chooses within each pair, and an OR joins the pairs
+/// (`vpblendvb` is one operation on AMD's cores, two on Intel's). Else `p` is the column as it is, and table
+/// `j` is looked up at `p - 16j`, which is negative (0) for positions before block `j`; each block's table is
+/// the XOR of its codes with the block before's, so the lookups XOR-ed together leave the codes of the
+/// position's own block. Lanes past a chunk's count look up whatever their bytes say; their values are 0.
 #[inline(always)]
 unsafe fn lookup64<const AMD: bool>(d: &[__m256i; 4], p: __m256i) -> __m256i {
     if AMD {
-        // Bits 4 and 5 of each byte moved to its top bit, which `vpblendvb` reads.
-        let (b4, b5) = (_mm256_slli_epi16::<3>(p), _mm256_slli_epi16::<2>(p));
-        let lo = _mm256_blendv_epi8(_mm256_shuffle_epi8(d[0], p), _mm256_shuffle_epi8(d[1], p), b4);
-        let hi = _mm256_blendv_epi8(_mm256_shuffle_epi8(d[2], p), _mm256_shuffle_epi8(d[3], p), b4);
-        return _mm256_blendv_epi8(lo, hi, b5);
+        let (sel, q) = (_mm256_slli_epi16::<1>(p), _mm256_xor_si256(p, _mm256_set1_epi8(0x80u8 as i8)));
+        let lo = _mm256_blendv_epi8(_mm256_shuffle_epi8(d[0], p), _mm256_shuffle_epi8(d[1], p), sel);
+        let hi = _mm256_blendv_epi8(_mm256_shuffle_epi8(d[2], q), _mm256_shuffle_epi8(d[3], q), sel);
+        return _mm256_or_si256(lo, hi);
     }
     let (mut x, mut p) = (_mm256_shuffle_epi8(d[0], p), p);
     for d in &d[1..] {
@@ -478,7 +479,7 @@ unsafe fn lookup64<const AMD: bool>(d: &[__m256i; 4], p: __m256i) -> __m256i {
     x
 }
 
-/// Row `n` of [`TAIL`]: 0 in its first `n` bytes and the marker 0xF0 after, OR-ed into a gather step's positions.
+/// Row `n` of [`TAIL`]: 0xFF in its first `n` bytes and 0 after, AND-ed into a gather step's values.
 #[repr(C, align(64))]
 struct Tail([[u8; 32]; 33]);
 
@@ -486,9 +487,9 @@ static TAIL: Tail = Tail({
     let mut t = [[0u8; 32]; 33];
     let mut n = 0;
     while n < 33 {
-        let mut j = n;
-        while j < 32 {
-            t[n][j] = 0xF0;
+        let mut j = 0;
+        while j < n {
+            t[n][j] = 0xFF;
             j += 1;
         }
         n += 1;
