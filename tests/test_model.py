@@ -89,7 +89,7 @@ def test_greedy_32_tokens_identical(arch_model):
 
 
 def test_long_prompt_prefills_in_chunks(arch_model):
-    # Several prefill chunks (32 tokens each, 128 with AMX), and past Mistral's 16-position window.
+    # Several prefill chunks (32 tokens each, 64 on AVX2, 128 with AMX), and past Mistral's 16-position window.
     path, ref = arch_model
     n = 200
     assert n > sparseinfer.build_info()["prefill_rows"]

@@ -250,12 +250,16 @@ fn rows_fn(isa: Isa) -> RowsFn {
 
 /// Activation rows per prefill step of a model: enough to amortise reading the weights. The VNNI and NEON
 /// kernels read each weight once per four rows whatever the call, so a short step keeps its activations in
-/// cache; the AVX2 ones expand a weight row once per call, which at this step already costs little beside its
-/// products; AMX expands each weight tile once per call, so longer steps spread that over more rows.
+/// cache. The AVX2 ones expand a sparse or int4 weight row to a byte per column once per call, so a step of 64
+/// spreads that over twice the rows of 32 while its activation codes (64 bytes per column) stay within a
+/// 512 KiB L2 for rows of up to ~7K columns. AMX expands each weight tile once per call, so longer steps
+/// spread that over more rows.
 pub fn prefill_rows() -> usize {
     #[cfg(target_arch = "x86_64")]
-    if active_isa().is_ok_and(|i| i == Isa::Avx512) && x86::amx::supported() {
-        return 128;
+    match active_isa() {
+        Ok(Isa::Avx512) if x86::amx::supported() => return 128,
+        Ok(i) if i.avx2_level() => return 64,
+        _ => {}
     }
     32
 }
