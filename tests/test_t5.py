@@ -35,8 +35,11 @@ VARIANTS = {
 REL = 1e-4
 # 37 encoder tokens: past the exact buckets, into the logarithmic ones in both directions.
 INPUT = [(i * 37 + 5) % tiny_models.VOCAB for i in range(37)]
-# 40 decoder tokens after the start token: more than one prefill chunk.
+# 40 decoder tokens after the start token.
 DECODER = [0] + [(i * 53 + 11) % tiny_models.VOCAB for i in range(40)]
+# 140: more than one prefill step on every path (32, 64 or 128 tokens; checked where the model runs them). Its
+# sums run over up to 3.5x the positions, so their rounding may grow by sqrt(3.5): the budget is twice REL.
+LONG_DECODER = [0] + [(i * 53 + 11) % tiny_models.VOCAB for i in range(140)]
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -78,6 +81,15 @@ def test_encoder_and_decoder_match_transformers(t5):
     assert got.shape == want_logits.shape == (len(DECODER), tiny_models.VOCAB)
     assert np.abs(want_logits).max() > 0.5, "logits too small to make the comparison meaningful"
     np.testing.assert_allclose(got, want_logits, atol=REL * np.abs(want_logits).max(), rtol=0)
+
+
+def test_long_decoder_prompt_prefills_in_steps(t5):
+    path, ref = t5
+    assert len(LONG_DECODER) > sparseinfer.build_info()["prefill_rows"]
+    _, want = torch_forward(ref, INPUT, LONG_DECODER)
+    got = sparseinfer.load(path).logits(INPUT, LONG_DECODER)
+    assert got.shape == want.shape == (len(LONG_DECODER), tiny_models.VOCAB)
+    np.testing.assert_allclose(got, want, atol=2 * REL * np.abs(want).max(), rtol=0)
 
 
 def test_int8_self_attention_cache_within_budget(tmp_path):

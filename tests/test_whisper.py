@@ -155,7 +155,9 @@ def test_encoder_and_decoder_match_transformers(whisper):
     model = sparseinfer.load(path)
     assert model.encoder_decoder and model.reads_audio
     feats = features()
-    dec = [0] + [(i * 53 + 11) % tiny_models.VOCAB for i in range(40)]  # more than one prefill chunk
+    # More than one prefill step on every path (32, 64 or 128 tokens).
+    dec = [0] + [(i * 53 + 11) % tiny_models.VOCAB for i in range(140)]
+    assert len(dec) > sparseinfer.build_info()["prefill_rows"]
     with torch.no_grad():
         out = ref(input_features=torch.from_numpy(feats)[None], decoder_input_ids=torch.tensor([dec]))
     want_enc, want = out.encoder_last_hidden_state[0].numpy(), out.logits[0].numpy()

@@ -94,7 +94,7 @@ def config(kind: str, **overrides):
             encoder_ffn_dim=128,
             decoder_ffn_dim=128,
             max_source_positions=16,
-            max_target_positions=64,
+            max_target_positions=160,
             pad_token_id=0,
             decoder_start_token_id=0,
         )

@@ -272,8 +272,8 @@ fn every_variant_on_odd_and_model_shapes() {
 
 /// The AVX2 sparse int8 matvec gathers activations where chunks hold few values (`x86::avx2_int::gathers`):
 /// chunks of 0, 1, 31, 32, 33 and 64 values (one gather step or two, and the bytes past a chunk's count) among
-/// chunks of 12, with per-row scales and groups of 64 and 128, checked against the reference in both
-/// activation modes and against the expansion (four activation rows) by `check_weights`.
+/// chunks of 12, with per-row scales and groups of 64 and 128, under both vendor tunings, checked against the
+/// reference in both activation modes and against the expansion (four activation rows) by `check_weights`.
 #[test]
 fn sparse_int8_gather_chunk_counts() {
     let (rows, cols) = (37, 64 * 9 + 13);
@@ -301,8 +301,15 @@ fn sparse_int8_gather_chunk_counts() {
                 assert!(name.ends_with(&format!("({}, gather)", isa.name())), "{group:?}: {name}");
             }
         }
-        check_weights(&w, rows, cols, "chunk counts 0-64", 17, Format::SparseInt8, o, 1);
-        check_weights(&w, rows, cols, "chunk counts 0-64", 17, Format::SparseInt8, o, 4);
+        // Under both vendor tunings: their gathers read the positions in different encodings.
+        for amd in [false, true] {
+            #[cfg(target_arch = "x86_64")]
+            kernels::force_amd_tuning(Some(amd));
+            check_weights(&w, rows, cols, &format!("chunk counts 0-64, amd {amd}"), 17, Format::SparseInt8, o, 1);
+            check_weights(&w, rows, cols, "chunk counts 0-64", 17, Format::SparseInt8, o, 4);
+        }
+        #[cfg(target_arch = "x86_64")]
+        kernels::force_amd_tuning(None);
     }
 }
 

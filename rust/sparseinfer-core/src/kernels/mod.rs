@@ -212,8 +212,10 @@ pub fn prepare(m: &PackedMatrix, act: Activations) {
     // `gathers` reads only the format, the grouping and the density, the same on a tiled matrix's twin, on
     // which the positions live (built here then).
     #[cfg(target_arch = "x86_64")]
-    if act.is_int8() && x86::avx2_int::gathers(m) && active_isa().is_ok_and(|i| i.avx2_level()) {
-        m.row_major().positions(x86::avx2_int::amd_tuning());
+    if let Some(isa) = active_isa().ok().filter(|i| i.avx2_level()) {
+        if act.is_int8() && x86::avx2_int::gathers(m) {
+            m.row_major().positions(x86::avx2_int::gather_blend(isa));
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (m, act);
@@ -248,11 +250,11 @@ fn rows_fn(isa: Isa) -> RowsFn {
     }
 }
 
-/// Activation rows per prefill step of a model: enough to amortise reading the weights. The VNNI and NEON
-/// kernels read each weight once per four rows whatever the call, so a short step keeps its activations in
-/// cache. The AVX2 ones expand a sparse or int4 weight row to a byte per column once per call, so a step of 64
-/// spreads that over twice the rows of 32 while its activation codes (64 bytes per column) stay within a
-/// 512 KiB L2 for rows of up to ~7K columns. AMX expands each weight tile once per call, so longer steps
+/// Activation rows per prefill step of a model: enough to amortise reading the weights. The AVX-512 VNNI and
+/// NEON kernels read each weight once per four rows whatever the call, so a short step keeps its activations in
+/// cache. The AVX2 and AVX-VNNI ones expand a sparse or int4 weight row to a byte per column once per call, so a
+/// step of 64 spreads that over twice the rows of 32, at 64 bytes of activation codes per column (256 KiB for
+/// 4K columns) read from L2 by every weight row. AMX expands each weight tile once per call, so longer steps
 /// spread that over more rows.
 pub fn prefill_rows() -> usize {
     #[cfg(target_arch = "x86_64")]
@@ -668,7 +670,7 @@ pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32],
                 let m = m.row_major();
                 if k == 1 && x86::avx2_int::gathers(m) {
                     // Built here once, before the tasks share it.
-                    m.positions(x86::avx2_int::amd_tuning());
+                    m.positions(x86::avx2_int::gather_blend(isa));
                 }
                 let q = quantize_activations_for(m, xs, k, Consumer::Codes, token);
                 let rows = if isa == Isa::AvxVnni { x86::avx2_int::rows_avxvnni } else { x86::avx2_int::rows };

@@ -79,11 +79,18 @@ pub(crate) fn gathers(m: &PackedMatrix) -> bool {
     m.format == Format::SparseInt8 && chunk_scaling(m) != GRP32 && m.mean_chunk_count() <= GATHER_MAX_MEAN
 }
 
+/// Whether the gather on `isa` reads its positions in the blend encoding ([`Positions`], [`lookup64`]): on
+/// `avx2` with [`amd_tuning`]; [`rows_avxvnni`] keeps Intel's lookups, which read them plain.
+pub(crate) fn gather_blend(isa: crate::kernels::Isa) -> bool {
+    isa == crate::kernels::Isa::Avx2 && amd_tuning()
+}
+
 /// Whether [`rows`] takes the choices that measure faster on AMD cores than on Intel ones: the sparse expansion
 /// shifts a chunk's four mask bytes out of one load ([`mask_bytes`]) rather than loading each (AMD's integer
 /// ALUs are apart from its vector pipes and the loop is bound by its loads; Intel's ALU ports are shared with
 /// the vector work), dense int4 decode reads two rows in lockstep rather than [`DECODE_STREAMS`], and the
-/// sparse int8 gather picks its lookups' blocks with blends ([`lookup64`]). None changes a result: the bytes
+/// sparse int8 gather picks its lookups' blocks with blends ([`lookup64`]) on positions stored for them
+/// ([`gather_blend`]). None changes a result: the bytes
 /// and each row's integer sums are the same. [`rows_avxvnni`] (Intel only) keeps
 /// Intel's.
 pub(crate) fn amd_tuning() -> bool {
@@ -417,7 +424,7 @@ unsafe fn gather_rows<const VNNI: bool, const AMD: bool, const R: usize, const M
 }
 
 /// `Σ q·x` over one chunk's `c` (<= 64) stored values at `v` (positions at `at`) as eight exact i32 lanes, 32
-/// values a step: the values past `c` (the next chunk's) are multiplied by 0 ([`TAIL`]).
+/// values a step: the bytes past `c` (the next chunk's or row's values, or the padding) are zeroed ([`TAIL`]).
 #[inline(always)]
 unsafe fn gather_dot<const VNNI: bool, const AMD: bool>(
     v: *const u8,
