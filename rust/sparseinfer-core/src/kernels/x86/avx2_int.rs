@@ -449,7 +449,9 @@ unsafe fn gather_step<const VNNI: bool, const AMD: bool>(
     n: usize,
     d: &[__m256i; 4],
 ) -> __m256i {
-    let keep = _mm256_load_si256(TAIL.0[n].as_ptr() as *const __m256i);
+    debug_assert!(n <= 32);
+    // SAFETY: n <= 32 (a chunk holds at most 64 values, 32 a step), so row n exists.
+    let keep = _mm256_load_si256(TAIL.0.get_unchecked(n).as_ptr() as *const __m256i);
     // The values past `n` are zeroed, and `vpsignb` zeroes their activations.
     let w = _mm256_and_si256(_mm256_loadu_si256(v as *const __m256i), keep);
     let x = lookup64::<AMD>(d, _mm256_loadu_si256(at as *const __m256i));
