@@ -313,6 +313,42 @@ fn sparse_int8_gather_chunk_counts() {
     }
 }
 
+/// The AVX2 sparse int4 matvec gathers activations by the column stored beside each code
+/// (`x86::avx2_int::gathers`, `ColumnCodes`): 16-column groups of 0, 1, 15 and 16 values (the lookups' 16-byte
+/// reads, and the lanes past a group's count) among groups of 4, in a row whose last chunk is cut short, with
+/// scale groups of 32 (two per chunk, the default), 64 and 128, checked against the
+/// reference in both activation modes and against the expansion (four activation rows) by `check_weights`.
+#[test]
+fn sparse_int4_gather_group_counts() {
+    let (rows, cols) = (37, 64 * 9 + 13);
+    let edge = [0, 1, 15, 16];
+    let mut rng = Rng(19);
+    let mut w = vec![0.0f32; rows * cols];
+    for r in 0..rows {
+        for g in 0..cols.div_ceil(16) {
+            let width = (cols - 16 * g).min(16);
+            let n = if (r + g) % 5 == 0 { edge[(r + g) / 5 % edge.len()] } else { 4 }.min(width);
+            let shift = (rng.uniform() * width as f32) as usize;
+            for j in 0..n {
+                w[r * cols + 16 * g + (j + shift) % width] = rng.normal() + 0.5f32.copysign(rng.normal());
+            }
+        }
+    }
+    for group in [Some(32), Some(64), Some(128)] {
+        let o = PackOptions { group_size: group, layout: Layout::Rows, ..Default::default() };
+        #[cfg(target_arch = "x86_64")]
+        {
+            let m = PackedMatrix::pack(&w, rows, cols, Format::SparseInt4, o).unwrap();
+            for isa in [Isa::Avx2, Isa::AvxVnni].into_iter().filter(|i| i.is_supported()) {
+                let name = kernels::kernel_name_on(isa, &m, Activations::Int8, 1);
+                assert!(name.ends_with(&format!("({}, gather)", isa.name())), "{group:?}: {name}");
+            }
+        }
+        check_weights(&w, rows, cols, "group counts 0-16", 19, Format::SparseInt4, o, 1);
+        check_weights(&w, rows, cols, "group counts 0-16", 19, Format::SparseInt4, o, 4);
+    }
+}
+
 /// The SIMD path of the architecture is detected, so the comparisons above really ran it.
 #[test]
 fn the_architecture_simd_path_is_available() {

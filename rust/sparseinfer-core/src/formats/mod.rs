@@ -26,7 +26,8 @@
 //!
 //! A sparse int8 matrix that the AVX2 matvec reads by gathering also keeps, beside its masks, each value's
 //! position in its chunk and each chunk's count (`Positions`, built on first use, or ahead by `kernels::prepare`,
-//! which loading calls).
+//! which loading calls). A sparse int4 one keeps each value's code beside its column in its 16-column group
+//! instead (`ColumnCodes`, built the same way).
 //!
 //! The sparse mask is bit-compatible with the on-disk `bitmask` (uint8 `[rows, ceil(cols/8)]`, little-endian
 //! bit order): byte `k` of mask word `c` is on-disk byte `8c + k`. `values` ends with [`VALUE_PAD`] zero bytes
@@ -249,6 +250,9 @@ pub struct PackedMatrix {
     /// Sparse int8, row layout: where each stored value sits in its chunk ([`Positions`]), in each encoding
     /// (plain, blend), built on first use by a kernel that gathers activations instead of expanding masks.
     pub(crate) positions: [std::sync::OnceLock<Positions>; 2],
+    /// Sparse int4, row layout: each stored value's code beside its column ([`ColumnCodes`]), built on first use
+    /// by a kernel that gathers activations instead of expanding masks.
+    pub(crate) column_codes: std::sync::OnceLock<ColumnCodes>,
     /// Integer formats: `rows × groups` scales.
     pub(crate) scales: Vec<f32>,
     /// Asymmetric only: `rows × groups` minimums (`ŵ = d·q + m`).
@@ -347,6 +351,14 @@ impl PackedMatrix {
         self.positions[blend as usize].get_or_init(|| Positions::of(self, blend))
     }
 
+    /// Each stored value's code beside its column in its 16-column group ([`ColumnCodes`]; sparse int4, row
+    /// layout), built once on first use.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn column_codes(&self) -> &ColumnCodes {
+        debug_assert!(!self.tiled && self.format == Format::SparseInt4 && !self.asym);
+        self.column_codes.get_or_init(|| ColumnCodes::of(self))
+    }
+
     /// Mean stored values per 64-column chunk (sparse formats).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn mean_chunk_count(&self) -> f64 {
@@ -378,6 +390,7 @@ impl PackedMatrix {
             tile_narrow: Vec::new(),
             row_twin: Default::default(),
             positions: Default::default(),
+            column_codes: Default::default(),
             scales: Vec::new(),
             mins: Vec::new(),
             half: false,
@@ -410,10 +423,15 @@ impl PackedMatrix {
     pub fn nbytes(&self) -> usize {
         // A tiled dense matrix's offsets and full masks follow from its shape; its kernels read neither.
         // A gathering kernel reads one encoding of the positions in place of the masks.
+        // One restating its values with their columns reads them in place of the values and the masks.
         let (offsets, masks) = match self.positions.iter().find_map(|p| p.get()) {
             Some(p) => (4 * self.row_offsets.len(), p.at.len() - VALUE_PAD + p.counts.len()),
             None if self.format.is_sparse() => (4 * self.row_offsets.len(), 8 * self.masks.len()),
             None => (0, 0),
+        };
+        let (values, offsets, masks) = match self.column_codes.get() {
+            Some(c) => (c.at.len() - VALUE_PAD, 4 * c.starts.len(), c.counts.len()),
+            None => (self.data.len() - VALUE_PAD, offsets, masks),
         };
         let scales = if self.tiled && self.groups() > 1 {
             4 * self.tile_scales.len() + 2 * self.tile_scales16.len()
@@ -422,7 +440,7 @@ impl PackedMatrix {
         } else {
             4 * (self.scales.len() + self.mins.len())
         };
-        (self.data.len() - VALUE_PAD) + masks + offsets + scales
+        values + masks + offsets + scales
     }
 
     /// Whether the scales are half: the matrix has scale groups and every scale and minimum is an f16 value, so
@@ -516,6 +534,53 @@ impl Positions {
             }
         }
         Positions { at, counts }
+    }
+}
+
+/// Columns per group of [`ColumnCodes`]: the activations one 128-bit `vpshufb` (or NEON `tbl`) looks up from.
+pub(crate) const CODE_GROUP: usize = 16;
+
+/// A symmetric sparse int4 matrix restated for kernels that gather activations (decode on AVX2): one byte per
+/// stored value, its column within its [`CODE_GROUP`]-column group in the high nibble and its code `n = q + 8`
+/// in the low, each group's values in column order and the groups in order; `counts[r · cols_pad / 16 + g]`
+/// is group `g`'s count (0-16) and `starts[r]` row `r`'s first byte. A lookup of a group's 16 activations by
+/// the high nibbles finds every value's activation with no mask decoded and nothing unpacked, for a byte per
+/// value and one per 16 columns in place of the half byte per value and the bit per column that the
+/// expanding kernels (which keep reading those) take. `at` ends with [`VALUE_PAD`] zeros.
+#[derive(Clone, Debug)]
+pub(crate) struct ColumnCodes {
+    pub(crate) at: Vec<u8>,
+    pub(crate) counts: Vec<u8>,
+    pub(crate) starts: Vec<usize>,
+}
+
+impl ColumnCodes {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn of(m: &PackedMatrix) -> ColumnCodes {
+        let (chunks, per_chunk) = (m.chunks(), CHUNK / CODE_GROUP);
+        let mut at = Vec::with_capacity(m.nnz + VALUE_PAD);
+        let mut counts = vec![0u8; m.rows * chunks * per_chunk];
+        let mut starts = Vec::with_capacity(m.rows + 1);
+        for r in 0..m.rows {
+            starts.push(at.len());
+            let mut pos = m.row_start(r);
+            for ch in 0..chunks {
+                let (mut w, mut k) = (m.masks[r * chunks + ch], 0);
+                while w != 0 {
+                    let j = w.trailing_zeros() as usize;
+                    // The k-th stored nibble of the chunk, low nibble first.
+                    let n = m.data[pos + k / 2] >> (4 * (k % 2)) & 0xF;
+                    at.push(((j % CODE_GROUP) as u8) << 4 | n);
+                    counts[(r * chunks + ch) * per_chunk + j / CODE_GROUP] += 1;
+                    k += 1;
+                    w &= w - 1;
+                }
+                pos += Elem::I4.bytes(k);
+            }
+        }
+        starts.push(at.len());
+        at.resize(at.len() + VALUE_PAD, 0);
+        ColumnCodes { at, counts, starts }
     }
 }
 

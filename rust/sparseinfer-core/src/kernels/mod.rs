@@ -207,14 +207,14 @@ pub fn set_isa(isa: Option<Isa>) -> Result<()> {
 }
 
 /// Builds ahead what the active path's one-row calls on `m` with activations `act` will read besides the
-/// packed matrix (the AVX2 gather's positions), so a model's first decode step does not pay for it.
+/// packed matrix (the AVX2 gathers' positions or column codes), so a model's first decode step does not pay for it.
 pub fn prepare(m: &PackedMatrix, act: Activations) {
     // `gathers` reads only the format, the grouping and the density, the same on a tiled matrix's twin, on
     // which the positions live (built here then).
     #[cfg(target_arch = "x86_64")]
     if let Some(isa) = active_isa().ok().filter(|i| i.avx2_level()) {
         if act.is_int8() && x86::avx2_int::gathers(m) {
-            m.row_major().positions(x86::avx2_int::gather_blend(isa));
+            x86::avx2_int::prepare_gather(m.row_major(), isa);
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -670,7 +670,7 @@ pub fn matmul_on(isa: Isa, m: &PackedMatrix, x: &[f32], k: usize, y: &mut [f32],
                 let m = m.row_major();
                 if k == 1 && x86::avx2_int::gathers(m) {
                     // Built here once, before the tasks share it.
-                    m.positions(x86::avx2_int::gather_blend(isa));
+                    x86::avx2_int::prepare_gather(m, isa);
                 }
                 let q = quantize_activations_for(m, xs, k, Consumer::Codes, token);
                 let rows = if isa == Isa::AvxVnni { x86::avx2_int::rows_avxvnni } else { x86::avx2_int::rows };

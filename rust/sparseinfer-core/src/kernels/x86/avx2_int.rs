@@ -31,7 +31,7 @@
 use super::avx2::{dense_nibbles, hsum};
 use super::vnni::PREFETCH;
 use super::{scale, staged_row_scales, STAGED_GROUPS};
-use crate::formats::{Elem, Format, PackedMatrix, Positions, CHUNK};
+use crate::formats::{ColumnCodes, Elem, Format, PackedMatrix, Positions, CHUNK, CODE_GROUP};
 use crate::kernels::simd::{
     by_scaling, chunk_scaling, sparse_int4_row_bytes, RowScales, DI4, DI8, GRP32, KERNEL_CODES, RANKS_AFTER, ROW, SI8,
 };
@@ -73,10 +73,29 @@ const PREFILL_ROWS: usize = 8;
 /// reads (a byte per value) outweigh the mask bits they replace.
 const GATHER_MAX_MEAN: f64 = 24.0;
 
-/// Whether a one-row call on `m` runs [`gather_rows`]: sparse int8 at [`GATHER_MAX_MEAN`] or below, with scales
-/// per row or per group of 64 columns or more (two 32-column groups in a chunk would need their sums apart).
+/// Whether a one-row call on `m` gathers activations: sparse int8 ([`gather_rows`]) at [`GATHER_MAX_MEAN`] or
+/// below, with scales per row or per group of 64 columns or more (two 32-column groups in a chunk would need
+/// their sums apart), or symmetric sparse int4 ([`gather4_rows`]) at [`GATHER_MAX_MEAN`] or below: its values
+/// then take a byte each with their columns ([`ColumnCodes`]), and denser rows would read over half as many
+/// bytes again as their masks and nibbles.
 pub(crate) fn gathers(m: &PackedMatrix) -> bool {
-    m.format == Format::SparseInt8 && chunk_scaling(m) != GRP32 && m.mean_chunk_count() <= GATHER_MAX_MEAN
+    let sparse_enough = m.mean_chunk_count() <= GATHER_MAX_MEAN;
+    match m.format {
+        Format::SparseInt8 => chunk_scaling(m) != GRP32 && sparse_enough,
+        Format::SparseInt4 => !m.asym && sparse_enough,
+        _ => false,
+    }
+}
+
+/// Builds what a gathering one-row call on `m` (row layout) reads besides its values, so the tasks that share
+/// it find it built: the positions of sparse int8 ([`Positions`], in `isa`'s encoding), the column codes of
+/// sparse int4 ([`ColumnCodes`]).
+pub(crate) fn prepare_gather(m: &PackedMatrix, isa: crate::kernels::Isa) {
+    if m.format == Format::SparseInt4 {
+        m.column_codes();
+    } else {
+        m.positions(gather_blend(isa));
+    }
 }
 
 /// Whether the gather on `isa` reads its positions in the blend encoding ([`Positions`], [`lookup64`]): on
@@ -164,6 +183,18 @@ unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
 ) {
     debug_assert!(!m.tiled && q.k == k && q.xq.len() == k * m.cols_pad && q.sx.len() == k * m.chunks());
     let scaling = chunk_scaling(m);
+    if k == 1 && gathers(m) && m.format == Format::SparseInt4 {
+        let codes = m.column_codes();
+        // Two rows in lockstep, from the two halves of the range, then the row left over.
+        let half = (r1 - r0) / 2;
+        for r in r0..r0 + half {
+            by_scaling!(scaling, gather4_rows::<VNNI, 2>(m, codes, [r, r + half], q.xq.as_ptr(), q.sx.as_ptr(), y));
+        }
+        for r in r0 + 2 * half..r1 {
+            by_scaling!(scaling, gather4_rows::<VNNI, 1>(m, codes, [r], q.xq.as_ptr(), q.sx.as_ptr(), y));
+        }
+        return;
+    }
     if k == 1 && gathers(m) {
         let (pos, tabs) = (m.positions(AMD), gather_tables::<AMD>(&q.xq));
         // Two rows in lockstep, from the two halves of the range, then the row left over.
@@ -487,6 +518,137 @@ unsafe fn lookup64<const AMD: bool>(d: &[__m256i; 4], p: __m256i) -> __m256i {
     }
     x
 }
+
+/// Rows `rows` (in lockstep) of a symmetric sparse int4 matrix against one activation row `xq` (block scales
+/// `sx`), from its column codes ([`ColumnCodes`]): per chunk two steps of two 16-column groups, one per 128-bit
+/// lane ([`gather4_step`]). The sums per 32 columns are the same exact integers as the expansion's, so a result
+/// differs from [`row`]'s by the rounding of its f32 scaling and additions.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
+unsafe fn gather4_rows<const VNNI: bool, const R: usize, const MODE: u8>(
+    m: &PackedMatrix,
+    codes: &ColumnCodes,
+    rows: [usize; R],
+    xq: *const i8,
+    sx: *const f32,
+    y: *mut f32,
+) {
+    const GROUPS: usize = CHUNK / CODE_GROUP;
+    let chunks = m.chunks();
+    let mut o: [usize; R] = rows.map(|r| codes.starts[r]);
+    let counts: [*const u8; R] = rows.map(|r| codes.counts.as_ptr().add(r * chunks * GROUPS));
+    let at = codes.at.as_ptr();
+    let mut staged = [[core::mem::MaybeUninit::uninit(); STAGED_GROUPS]; R];
+    let s: [RowScales; R] = core::array::from_fn(|i| staged_row_scales(m, rows[i], &mut staged[i]));
+    // Two f32 accumulators per row, alternating by chunk, so FMA latency does not bind.
+    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+    let mut ch = 0;
+    while ch + 2 <= chunks {
+        gather4_chunk::<VNNI, R, MODE>(&mut acc0, &mut o, &counts, at, &s, xq, sx, ch, true);
+        gather4_chunk::<VNNI, R, MODE>(&mut acc1, &mut o, &counts, at, &s, xq, sx, ch + 1, false);
+        ch += 2;
+    }
+    if ch < chunks {
+        gather4_chunk::<VNNI, R, MODE>(&mut acc0, &mut o, &counts, at, &s, xq, sx, ch, true);
+    }
+    for (i, &r) in rows.iter().enumerate() {
+        let scale = if MODE == ROW { *s[i].d } else { 1.0 };
+        *y.add(r) = hsum(_mm256_add_ps(acc0[i], acc1[i])) * scale;
+    }
+}
+
+/// Chunk `ch` of [`gather4_rows`]'s rows into their f32 lanes `acc`, their codes read from `o` on (moved past
+/// the chunk); `fetch`: prefetch each row's codes (see `PREFETCH`), every other chunk, as ~23-byte chunks of
+/// 70 % sparsity need no more. A function rather than a closure, so that it is always inlined: called, it would
+/// keep `acc` and `o` in memory.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn gather4_chunk<const VNNI: bool, const R: usize, const MODE: u8>(
+    acc: &mut [__m256; R],
+    o: &mut [usize; R],
+    counts: &[*const u8; R],
+    at: *const u8,
+    s: &[RowScales; R],
+    xq: *const i8,
+    sx: *const f32,
+    ch: usize,
+    fetch: bool,
+) {
+    const GROUPS: usize = CHUNK / CODE_GROUP;
+    let xc = xq.add(ch * CHUNK);
+    let (x0, x1) = (_mm256_loadu_si256(xc as *const __m256i), _mm256_loadu_si256(xc.add(32) as *const __m256i));
+    let x = *sx.add(ch);
+    for i in 0..R {
+        if fetch {
+            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(o[i] + PREFETCH) as *const i8);
+        }
+        let c = counts[i].add(ch * GROUPS);
+        let (c0, c1, c2, c3) = (*c as usize, *c.add(1) as usize, *c.add(2) as usize, *c.add(3) as usize);
+        let lo = gather4_step::<VNNI>(at.add(o[i]), c0, c1, x0);
+        let hi = gather4_step::<VNNI>(at.add(o[i] + c0 + c1), c2, c3, x1);
+        o[i] += c0 + c1 + c2 + c3;
+        if MODE == GRP32 {
+            // Each half is one scale group: their lanes interleaved and added in pairs, the first group's sums
+            // fall in the even lanes and the second's in the odd, one conversion and one scaling for both.
+            let both = _mm256_add_epi32(_mm256_unpacklo_epi32(lo, hi), _mm256_unpackhi_epi32(lo, hi));
+            let d = _mm256_mul_ps(alternate_scales(&s[i], (ch * CHUNK) >> s[i].shift), _mm256_set1_ps(x));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(both), d, acc[i]);
+        } else {
+            let scale = if MODE == ROW { x } else { x * scale(&s[i], (ch * CHUNK) >> s[i].shift) };
+            let sum = _mm256_add_epi32(lo, hi);
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(scale), acc[i]);
+        }
+    }
+}
+
+/// `Σ q·x` over two 16-column groups as eight exact i32 lanes (four per group): the `c0` column codes at `v`
+/// in the low 128-bit lane against the activations in `x`'s low lane, the `c1` after them in the high lane
+/// against its high lane. `vpshufb` looks each value's activation up by its column (the high nibble); the
+/// lanes past a group's count (the next group's codes, or padding) are zeroed ([`KEEP2`]), and with them
+/// their products. `Σ (n - 8)·x` is `Σ n·x - Σ 8·x` of two unsigned-by-signed products (each pair's i16 sum
+/// at most 2·15·127 in size, so neither saturates).
+#[inline(always)]
+unsafe fn gather4_step<const VNNI: bool>(v: *const u8, c0: usize, c1: usize, x: __m256i) -> __m256i {
+    debug_assert!(c0 <= CODE_GROUP && c1 <= CODE_GROUP);
+    let low = _mm256_set1_epi8(0x0F);
+    let w = _mm256_loadu2_m128i(v.add(c0) as *const __m128i, v as *const __m128i);
+    // SAFETY: c0, c1 <= 16 (a group's count), so the row exists.
+    let keep = _mm256_load_si256(KEEP2.0.get_unchecked(c0 * (CODE_GROUP + 1) + c1).as_ptr() as *const __m256i);
+    let (col, n) = (_mm256_and_si256(_mm256_srli_epi16::<4>(w), low), _mm256_and_si256(w, low));
+    let x = _mm256_and_si256(_mm256_shuffle_epi8(x, col), keep);
+    let eight = _mm256_set1_epi8(8);
+    if VNNI {
+        let zero = _mm256_setzero_si256();
+        _mm256_sub_epi32(vpdpbusd(zero, n, x), vpdpbusd(zero, eight, x))
+    } else {
+        let p = _mm256_sub_epi16(_mm256_maddubs_epi16(n, x), _mm256_maddubs_epi16(eight, x));
+        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+    }
+}
+
+/// Row `17·a + b` of [`KEEP2`]: 0xFF in the first `a` bytes of the low 128-bit lane and the first `b` of the
+/// high one, 0 elsewhere.
+#[repr(C, align(64))]
+struct Keep2([[u8; 32]; (CODE_GROUP + 1) * (CODE_GROUP + 1)]);
+
+static KEEP2: Keep2 = Keep2({
+    let mut t = [[0u8; 32]; (CODE_GROUP + 1) * (CODE_GROUP + 1)];
+    let mut a = 0;
+    while a <= CODE_GROUP {
+        let mut b = 0;
+        while b <= CODE_GROUP {
+            let mut j = 0;
+            while j < CODE_GROUP {
+                t[a * (CODE_GROUP + 1) + b][j] = if j < a { 0xFF } else { 0 };
+                t[a * (CODE_GROUP + 1) + b][CODE_GROUP + j] = if j < b { 0xFF } else { 0 };
+                j += 1;
+            }
+            b += 1;
+        }
+        a += 1;
+    }
+    t
+});
 
 /// Row `n` of [`TAIL`]: 0xFF in its first `n` bytes and 0 after, AND-ed into a gather step's values.
 #[repr(C, align(64))]
@@ -849,6 +1011,17 @@ unsafe fn pair_scales(s: &RowScales, g: usize) -> __m256 {
         _mm256_cvtph_ps(_mm_shuffle_epi8(both, _mm_set_epi8(3, 2, 3, 2, 3, 2, 3, 2, 1, 0, 1, 0, 1, 0, 1, 0)))
     } else {
         _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(_mm_set1_ps(*s.d.add(g))), _mm_set1_ps(*s.d.add(g + 1)))
+    }
+}
+
+/// Scales `g` and `g + 1` of a row in alternate lanes, the first in the even ones.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn alternate_scales(s: &RowScales, g: usize) -> __m256 {
+    if s.half {
+        _mm256_cvtph_ps(_mm_set1_epi32((s.d16.add(g) as *const i32).read_unaligned()))
+    } else {
+        _mm256_castpd_ps(_mm256_set1_pd((s.d.add(g) as *const f64).read_unaligned()))
     }
 }
 
