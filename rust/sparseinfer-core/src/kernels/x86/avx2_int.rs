@@ -6,10 +6,12 @@
 //! as their nibbles `n = q + 8` (unsigned; pruned lanes 8). A sparse chunk is expanded 32 columns at a time
 //! ([`expand32`]: one `vpshufb` whose control is built from four per-mask-byte table rows, the second of each
 //! 16-column half already offset by the first's count), once per weight row for up to four activation rows.
-//! Sparse int4 rows are first unpacked to bytes ([`unpack_row_int4`]; one row ahead in decode), and their
-//! chunks then expand as int8 ones do. A sparse int8 matvec with few values per chunk ([`gathers`]) expands
-//! nothing: it reads each value's position in its chunk ([`crate::formats::Positions`]) and looks the
-//! activations up at those positions, 32 values a step ([`gather_rows`]). The products `Σ q·x` are exact:
+//! Sparse int4 rows are first unpacked to bytes ([`unpack_row_int4`]), and their chunks then expand as int8
+//! ones do. A sparse matvec with few values per chunk ([`gathers`]) expands nothing: sparse int8 reads each
+//! value's position in its chunk ([`crate::formats::Positions`]) and looks the activations up at those
+//! positions, 32 values a step ([`gather_rows`]); sparse int4 reads each value's code beside its column in its
+//! 16-column group ([`ColumnCodes`]) and looks its activation up within the group's 16, two groups a step
+//! ([`gather4_rows`]). The products `Σ q·x` are exact:
 //!
 //! ```text
 //! int8:  vpsignb     x' = x · sign(q)                     (0 where q = 0)
