@@ -201,8 +201,8 @@ fn check_weights(w: &[f32], rows: usize, cols: usize, what: &str, seed: u64, f: 
             let mut got = vec![0.0f32; k * rows];
             kernels::matmul_on(isa, &m, &x, k, &mut got, act).unwrap();
             // A matmul row is the matvec bit for bit where one kernel family serves both; the AMX kernels
-            // (many rows) match the VNNI ones exactly on tiled matrices only (see `x86::amx`). The AVX2 gather
-            // (a sparse int8 matvec) adds the same integer sums as the expansion in other f32 lanes.
+            // (many rows) match the VNNI ones exactly on tiled matrices only (see `x86::amx`). The AVX2 gathers
+            // (a sparse int8 or symmetric int4 matvec) add the same integer sums as the expansion in other f32 lanes.
             let (many, one) = (kernels::kernel_name_on(isa, &m, act, k), kernels::kernel_name_on(isa, &m, act, 1));
             let exact = many == one || (m.layout() == Layout::Tiles && isa == Isa::Avx512);
             for a in 0..k {
@@ -314,8 +314,8 @@ fn sparse_int8_gather_chunk_counts() {
 }
 
 /// The AVX2 sparse int4 matvec gathers activations by the column stored beside each code
-/// (`x86::avx2_int::gathers`, `ColumnCodes`): 16-column groups of 0, 1, 15 and 16 values (the lookups' 16-byte
-/// reads, and the lanes past a group's count) among groups of 4, in a row whose last chunk is cut short, with
+/// (`x86::avx2_int::gathers`, `ColumnCodes`): 16-column groups of 0, 1, 15 and 16 values, every pair of them in
+/// the two lanes of a step (the lookups' 16-byte reads, and the lanes past a group's count), among groups of 4, in a row whose last chunk is cut short, with
 /// scale groups of 32 (two per chunk, the default), 64 and 128, checked against the
 /// reference in both activation modes and against the expansion (four activation rows) by `check_weights`.
 #[test]
@@ -327,7 +327,10 @@ fn sparse_int4_gather_group_counts() {
     for r in 0..rows {
         for g in 0..cols.div_ceil(16) {
             let width = (cols - 16 * g).min(16);
-            let n = if (r + g) % 5 == 0 { edge[(r + g) / 5 % edge.len()] } else { 4 }.min(width);
+            // The two groups of a step (2p, 2p + 1) take every pair of edge counts over the first 16 rows.
+            let p = g / 2;
+            let pick = if g % 2 == 0 { r % 4 } else { r / 4 % 4 };
+            let n = if (r + p) % 3 == 0 { edge[pick] } else { 4 }.min(width);
             let shift = (rng.uniform() * width as f32) as usize;
             for j in 0..n {
                 w[r * cols + 16 * g + (j + shift) % width] = rng.normal() + 0.5f32.copysign(rng.normal());

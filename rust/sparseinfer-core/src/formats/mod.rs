@@ -418,7 +418,8 @@ impl PackedMatrix {
     /// Bytes a matvec with integer activations reads: values, masks, row (or tile) offsets (as u32, as on
     /// disk), scales and mins (a tiled matrix with scale groups reads its tile scales instead; half scales
     /// take two bytes each). Where the matrix's `Positions` have been built, a matvec reads them and the
-    /// chunk counts instead of the masks. Excludes the trailing pad, which is never multiplied, and a tiled
+    /// chunk counts instead of the masks; where its `ColumnCodes` have, it reads them and their counts instead
+    /// of the values and the masks. Excludes the trailing pad, which is never multiplied, and a tiled
     /// matrix's row-layout twin.
     pub fn nbytes(&self) -> usize {
         // A tiled dense matrix's offsets and full masks follow from its shape; its kernels read neither.
@@ -537,7 +538,7 @@ impl Positions {
     }
 }
 
-/// Columns per group of [`ColumnCodes`]: the activations one 128-bit `vpshufb` (or NEON `tbl`) looks up from.
+/// Columns per group of [`ColumnCodes`]: the activations one 128-bit `vpshufb` looks up from.
 pub(crate) const CODE_GROUP: usize = 16;
 
 /// A symmetric sparse int4 matrix restated for kernels that gather activations (decode on AVX2): one byte per

@@ -210,7 +210,7 @@ pub fn set_isa(isa: Option<Isa>) -> Result<()> {
 /// packed matrix (the AVX2 gathers' positions or column codes), so a model's first decode step does not pay for it.
 pub fn prepare(m: &PackedMatrix, act: Activations) {
     // `gathers` reads only the format, the grouping and the density, the same on a tiled matrix's twin, on
-    // which the positions live (built here then).
+    // which the positions or column codes live (built here then).
     #[cfg(target_arch = "x86_64")]
     if let Some(isa) = active_isa().ok().filter(|i| i.avx2_level()) {
         if act.is_int8() && x86::avx2_int::gathers(m) {

@@ -70,16 +70,17 @@ const DECODE_STREAMS: usize = 4;
 /// ([`rows_with`]).
 const PREFILL_ROWS: usize = 8;
 
-/// Mean stored values per chunk up to which a sparse int8 matvec gathers activations ([`gather_rows`]) instead
-/// of expanding masks: a gather step takes 32 values, so denser chunks often need two, and the positions it
-/// reads (a byte per value) outweigh the mask bits they replace.
+/// Mean stored values per chunk up to which a sparse matvec gathers activations instead of expanding masks.
+/// Sparse int8 ([`gather_rows`]): a gather step takes 32 values, so denser chunks often need two, and the
+/// positions it reads (a byte per value) outweigh the mask bits they replace. Sparse int4 ([`gather4_rows`])
+/// costs the same per chunk at any density, but its column codes take half a byte per value more than the
+/// nibbles and a sixteenth per column less than the masks, so the bytes it reads grow with density faster.
 const GATHER_MAX_MEAN: f64 = 24.0;
 
 /// Whether a one-row call on `m` gathers activations: sparse int8 ([`gather_rows`]) at [`GATHER_MAX_MEAN`] or
 /// below, with scales per row or per group of 64 columns or more (two 32-column groups in a chunk would need
-/// their sums apart), or symmetric sparse int4 ([`gather4_rows`]) at [`GATHER_MAX_MEAN`] or below: its values
-/// then take a byte each with their columns ([`ColumnCodes`]), and denser rows would read over half as many
-/// bytes again as their masks and nibbles.
+/// their sums apart), or symmetric sparse int4 ([`gather4_rows`]) at [`GATHER_MAX_MEAN`] or below, reading a
+/// byte per value with its column ([`ColumnCodes`]).
 pub(crate) fn gathers(m: &PackedMatrix) -> bool {
     let sparse_enough = m.mean_chunk_count() <= GATHER_MAX_MEAN;
     match m.format {
@@ -560,8 +561,8 @@ unsafe fn gather4_rows<const VNNI: bool, const R: usize, const MODE: u8>(
 }
 
 /// Chunk `ch` of [`gather4_rows`]'s rows into their f32 lanes `acc`, their codes read from `o` on (moved past
-/// the chunk); `fetch`: prefetch each row's codes (see `PREFETCH`), every other chunk, as ~23-byte chunks of
-/// 70 % sparsity need no more. A function rather than a closure, so that it is always inlined: called, it would
+/// the chunk); `fetch`: prefetch each row's codes (see `PREFETCH`), every other chunk, as chunks of at most
+/// [`GATHER_MAX_MEAN`] bytes on average need no more. A function rather than a closure, so that it is always inlined: called, it would
 /// keep `acc` and `o` in memory.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
