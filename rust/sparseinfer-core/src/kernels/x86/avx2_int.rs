@@ -191,10 +191,10 @@ unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
         // Two rows in lockstep, from the two halves of the range, then the row left over.
         let half = (r1 - r0) / 2;
         for r in r0..r0 + half {
-            by_scaling!(scaling, gather4_rows::<VNNI, 2>(m, codes, [r, r + half], q.xq.as_ptr(), q.sx.as_ptr(), y));
+            by_scaling!(scaling, gather4_rows::<2>(m, codes, [r, r + half], q.xq.as_ptr(), q.sx.as_ptr(), y));
         }
         for r in r0 + 2 * half..r1 {
-            by_scaling!(scaling, gather4_rows::<VNNI, 1>(m, codes, [r], q.xq.as_ptr(), q.sx.as_ptr(), y));
+            by_scaling!(scaling, gather4_rows::<1>(m, codes, [r], q.xq.as_ptr(), q.sx.as_ptr(), y));
         }
         return;
     }
@@ -528,7 +528,7 @@ unsafe fn lookup64<const AMD: bool>(d: &[__m256i; 4], p: __m256i) -> __m256i {
 /// differs from [`row`]'s by the rounding of its f32 scaling and additions.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt,bmi2")]
-unsafe fn gather4_rows<const VNNI: bool, const R: usize, const MODE: u8>(
+unsafe fn gather4_rows<const R: usize, const MODE: u8>(
     m: &PackedMatrix,
     codes: &ColumnCodes,
     rows: [usize; R],
@@ -547,12 +547,12 @@ unsafe fn gather4_rows<const VNNI: bool, const R: usize, const MODE: u8>(
     let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
     let mut ch = 0;
     while ch + 2 <= chunks {
-        gather4_chunk::<VNNI, R, MODE>(&mut acc0, &mut o, &counts, at, &s, xq, sx, ch, true);
-        gather4_chunk::<VNNI, R, MODE>(&mut acc1, &mut o, &counts, at, &s, xq, sx, ch + 1, false);
+        gather4_chunk::<R, MODE>(&mut acc0, &mut o, &counts, at, &s, xq, sx, ch, true);
+        gather4_chunk::<R, MODE>(&mut acc1, &mut o, &counts, at, &s, xq, sx, ch + 1, false);
         ch += 2;
     }
     if ch < chunks {
-        gather4_chunk::<VNNI, R, MODE>(&mut acc0, &mut o, &counts, at, &s, xq, sx, ch, true);
+        gather4_chunk::<R, MODE>(&mut acc0, &mut o, &counts, at, &s, xq, sx, ch, true);
     }
     for (i, &r) in rows.iter().enumerate() {
         let scale = if MODE == ROW { *s[i].d } else { 1.0 };
@@ -566,7 +566,7 @@ unsafe fn gather4_rows<const VNNI: bool, const R: usize, const MODE: u8>(
 /// keep `acc` and `o` in memory.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn gather4_chunk<const VNNI: bool, const R: usize, const MODE: u8>(
+unsafe fn gather4_chunk<const R: usize, const MODE: u8>(
     acc: &mut [__m256; R],
     o: &mut [usize; R],
     counts: &[*const u8; R],
@@ -587,8 +587,8 @@ unsafe fn gather4_chunk<const VNNI: bool, const R: usize, const MODE: u8>(
         }
         let c = counts[i].add(ch * GROUPS);
         let (c0, c1, c2, c3) = (*c as usize, *c.add(1) as usize, *c.add(2) as usize, *c.add(3) as usize);
-        let lo = gather4_step::<VNNI>(at.add(o[i]), c0, c1, x0);
-        let hi = gather4_step::<VNNI>(at.add(o[i] + c0 + c1), c2, c3, x1);
+        let lo = gather4_step(at.add(o[i]), c0, c1, x0);
+        let hi = gather4_step(at.add(o[i] + c0 + c1), c2, c3, x1);
         o[i] += c0 + c1 + c2 + c3;
         if MODE == GRP32 {
             // Each half is one scale group: their lanes interleaved and added in pairs, the first group's sums
@@ -609,9 +609,10 @@ unsafe fn gather4_chunk<const VNNI: bool, const R: usize, const MODE: u8>(
 /// against its high lane. `vpshufb` looks each value's activation up by its column (the high nibble); the
 /// lanes past a group's count (the next group's codes, or padding) are zeroed ([`KEEP2`]), and with them
 /// their products. `Σ (n - 8)·x` is `Σ n·x - Σ 8·x` of two unsigned-by-signed products (each pair's i16 sum
-/// at most 2·15·127 in size, so neither saturates).
+/// at most 2·15·127 in size, so neither saturates). AVX-VNNI takes the same steps: two `vpdpbusd` and a
+/// subtraction in their place measured slower.
 #[inline(always)]
-unsafe fn gather4_step<const VNNI: bool>(v: *const u8, c0: usize, c1: usize, x: __m256i) -> __m256i {
+unsafe fn gather4_step(v: *const u8, c0: usize, c1: usize, x: __m256i) -> __m256i {
     debug_assert!(c0 <= CODE_GROUP && c1 <= CODE_GROUP);
     let low = _mm256_set1_epi8(0x0F);
     let w = _mm256_loadu2_m128i(v.add(c0) as *const __m128i, v as *const __m128i);
@@ -619,14 +620,8 @@ unsafe fn gather4_step<const VNNI: bool>(v: *const u8, c0: usize, c1: usize, x: 
     let keep = _mm256_load_si256(KEEP2.0.get_unchecked(c0 * (CODE_GROUP + 1) + c1).as_ptr() as *const __m256i);
     let (col, n) = (_mm256_and_si256(_mm256_srli_epi16::<4>(w), low), _mm256_and_si256(w, low));
     let x = _mm256_and_si256(_mm256_shuffle_epi8(x, col), keep);
-    let eight = _mm256_set1_epi8(8);
-    if VNNI {
-        let zero = _mm256_setzero_si256();
-        _mm256_sub_epi32(vpdpbusd(zero, n, x), vpdpbusd(zero, eight, x))
-    } else {
-        let p = _mm256_sub_epi16(_mm256_maddubs_epi16(n, x), _mm256_maddubs_epi16(eight, x));
-        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
-    }
+    let p = _mm256_sub_epi16(_mm256_maddubs_epi16(n, x), _mm256_maddubs_epi16(_mm256_set1_epi8(8), x));
+    _mm256_madd_epi16(p, _mm256_set1_epi16(1))
 }
 
 /// Row `17·a + b` of [`KEEP2`]: 0xFF in the first `a` bytes of the low 128-bit lane and the first `b` of the
