@@ -89,7 +89,7 @@ def check(w, fmt, group, asym, rng, k=3, layout="auto"):
         assert np.all(np.abs(got - want) <= tol), f"{fmt} activations={act}"
         if act == default:
             np.testing.assert_array_equal(m.matmul(x), got)
-        # A matvec is a matmul row bit for bit, but where it gathers (AVX2 sparse int8): the same integer
+        # A matvec is a matmul row bit for bit, but where it gathers (AVX2 sparse int8, int4): the same integer
         # sums, added in other f32 lanes than the expansion's.
         gathers = k > 1 and act != "f32" and "gather" in m.kernel(activations=act)
         for a in range(k):
