@@ -270,6 +270,20 @@ fn every_variant_on_odd_and_model_shapes() {
     }
 }
 
+/// Every AVX2-level path this CPU has runs `w`'s matvec by gathering, so the checks that follow test the gather.
+fn assert_gathers(w: &[f32], rows: usize, cols: usize, f: Format, o: PackOptions) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let m = PackedMatrix::pack(w, rows, cols, f, o).unwrap();
+        for isa in [Isa::Avx2, Isa::AvxVnni].into_iter().filter(|i| i.is_supported()) {
+            let name = kernels::kernel_name_on(isa, &m, Activations::Int8, 1);
+            assert!(name.ends_with(&format!("({}, gather)", isa.name())), "{o:?}: {name}");
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (w, rows, cols, f, o);
+}
+
 /// The AVX2 sparse int8 matvec gathers activations where chunks hold few values (`x86::avx2_int::gathers`):
 /// chunks of 0, 1, 31, 32, 33 and 64 values (one gather step or two, and the bytes past a chunk's count) among
 /// chunks of 12, with per-row scales and groups of 64 and 128, under both vendor tunings, checked against the
@@ -293,14 +307,7 @@ fn sparse_int8_gather_chunk_counts() {
     }
     for group in [None, Some(64), Some(128)] {
         let o = PackOptions { group_size: group, layout: Layout::Rows, ..Default::default() };
-        #[cfg(target_arch = "x86_64")]
-        {
-            let m = PackedMatrix::pack(&w, rows, cols, Format::SparseInt8, o).unwrap();
-            for isa in [Isa::Avx2, Isa::AvxVnni].into_iter().filter(|i| i.is_supported()) {
-                let name = kernels::kernel_name_on(isa, &m, Activations::Int8, 1);
-                assert!(name.ends_with(&format!("({}, gather)", isa.name())), "{group:?}: {name}");
-            }
-        }
+        assert_gathers(&w, rows, cols, Format::SparseInt8, o);
         // Under both vendor tunings: their gathers read the positions in different encodings.
         for amd in [false, true] {
             #[cfg(target_arch = "x86_64")]
@@ -315,9 +322,10 @@ fn sparse_int8_gather_chunk_counts() {
 
 /// The AVX2 sparse int4 matvec gathers activations by the column stored beside each code
 /// (`x86::avx2_int::gathers`, `ColumnCodes`): 16-column groups of 0, 1, 15 and 16 values, every pair of them in
-/// the two lanes of a step (the lookups' 16-byte reads, and the lanes past a group's count), among groups of 4, in a row whose last chunk is cut short, with
-/// scale groups of 32 (two per chunk, the default), 64 and 128, checked against the
-/// reference in both activation modes and against the expansion (four activation rows) by `check_weights`.
+/// the two lanes of a step (the lookups' 16-byte reads, and the lanes past a group's count), among groups of 4,
+/// in a row whose last chunk is cut short, with scale groups of 32 (two per chunk, the default), 64 and 128,
+/// checked against the reference in both activation modes and against the expansion (four activation rows) by
+/// `check_weights`.
 #[test]
 fn sparse_int4_gather_group_counts() {
     let (rows, cols) = (37, 64 * 9 + 13);
@@ -339,14 +347,7 @@ fn sparse_int4_gather_group_counts() {
     }
     for group in [Some(32), Some(64), Some(128)] {
         let o = PackOptions { group_size: group, layout: Layout::Rows, ..Default::default() };
-        #[cfg(target_arch = "x86_64")]
-        {
-            let m = PackedMatrix::pack(&w, rows, cols, Format::SparseInt4, o).unwrap();
-            for isa in [Isa::Avx2, Isa::AvxVnni].into_iter().filter(|i| i.is_supported()) {
-                let name = kernels::kernel_name_on(isa, &m, Activations::Int8, 1);
-                assert!(name.ends_with(&format!("({}, gather)", isa.name())), "{group:?}: {name}");
-            }
-        }
+        assert_gathers(&w, rows, cols, Format::SparseInt4, o);
         check_weights(&w, rows, cols, "group counts 0-16", 19, Format::SparseInt4, o, 1);
         check_weights(&w, rows, cols, "group counts 0-16", 19, Format::SparseInt4, o, 4);
     }

@@ -186,22 +186,20 @@ unsafe fn rows_with<const VNNI: bool, const AMD: bool>(
 ) {
     debug_assert!(!m.tiled && q.k == k && q.xq.len() == k * m.cols_pad && q.sx.len() == k * m.chunks());
     let scaling = chunk_scaling(m);
-    if k == 1 && gathers(m) && m.format == Format::SparseInt4 {
-        let codes = m.column_codes();
-        // Two rows in lockstep, from the two halves of the range, then the row left over.
-        let half = (r1 - r0) / 2;
-        for r in r0..r0 + half {
-            by_scaling!(scaling, gather4_rows::<2>(m, codes, [r, r + half], q.xq.as_ptr(), q.sx.as_ptr(), y));
-        }
-        for r in r0 + 2 * half..r1 {
-            by_scaling!(scaling, gather4_rows::<1>(m, codes, [r], q.xq.as_ptr(), q.sx.as_ptr(), y));
-        }
-        return;
-    }
     if k == 1 && gathers(m) {
-        let (pos, tabs) = (m.positions(AMD), gather_tables::<AMD>(&q.xq));
         // Two rows in lockstep, from the two halves of the range, then the row left over.
         let half = (r1 - r0) / 2;
+        if m.format == Format::SparseInt4 {
+            let (codes, xq, sx) = (m.column_codes(), q.xq.as_ptr(), q.sx.as_ptr());
+            for r in r0..r0 + half {
+                by_scaling!(scaling, gather4_rows::<2>(m, codes, [r, r + half], xq, sx, y));
+            }
+            for r in r0 + 2 * half..r1 {
+                by_scaling!(scaling, gather4_rows::<1>(m, codes, [r], xq, sx, y));
+            }
+            return;
+        }
+        let (pos, tabs) = (m.positions(AMD), gather_tables::<AMD>(&q.xq));
         for r in r0..r0 + half {
             by_scaling!(scaling, gather_rows::<VNNI, AMD, 2>(m, pos, [r, r + half], &tabs, q.sx.as_ptr(), y));
         }
