@@ -253,16 +253,19 @@ pub struct PackedMatrix {
     /// Sparse int4, row layout: each stored value's code beside its column ([`ColumnCodes`]), built on first use
     /// by a kernel that gathers activations instead of expanding masks.
     pub(crate) column_codes: std::sync::OnceLock<ColumnCodes>,
-    /// Integer formats: `rows × groups` scales.
+    /// Integer formats: `rows × groups` scales, unless they are half (then empty: [`PackedMatrix::scale_at`]
+    /// reads the f16 copy, and [`PackedMatrix::scales_f32`] restates them all).
     pub(crate) scales: Vec<f32>,
-    /// Asymmetric only: `rows × groups` minimums (`ŵ = d·q + m`).
+    /// Asymmetric only: `rows × groups` minimums (`ŵ = d·q + m`); empty when half, as `scales`.
     pub(crate) mins: Vec<f32>,
     /// Whether the scales (and minimums) are half: the matrix has scale groups and every scale and minimum is
-    /// an f16 value (as packing fits int4 grids). The integer-activation kernels then read them as f16 (from
-    /// `scales16`/`mins16`, or `tile_scales16` when tiled), half the bytes of f32; `scales` and `mins` stay the
-    /// grid every other reader takes. A checkpoint's scales that f16 cannot hold exactly stay f32 throughout.
+    /// an f16 value (as packing fits int4 grids). They are then kept as f16 alone (`scales16`/`mins16`, or
+    /// `tile_scales16` and `mins16` when tiled), which the integer-activation kernels read directly: an f32 copy
+    /// beside them would take twice their bytes again (an eighth of a byte per weight at 32-column groups) and
+    /// hold nothing more. A checkpoint's scales that f16 cannot hold exactly stay f32 throughout.
     pub(crate) half: bool,
-    /// Half scales, row layout: `scales` and `mins` as f16 (empty otherwise).
+    /// Half scales: `rows × groups` scales as f16 (row layout; a tiled matrix keeps `tile_scales16` instead)
+    /// and minimums (both layouts); empty otherwise.
     pub(crate) scales16: Vec<u16>,
     pub(crate) mins16: Vec<u16>,
     pub(crate) nnz: usize,
@@ -400,11 +403,12 @@ impl PackedMatrix {
         }
     }
 
-    /// Everything but the packed values, masks, offsets and tile data (which are left empty).
+    /// Everything but the packed values, masks, offsets and tile data (which are left empty), the scales as
+    /// f32 (`derive_scales` makes them half again).
     pub(crate) fn clone_meta(&self) -> PackedMatrix {
         PackedMatrix {
-            scales: self.scales.clone(),
-            mins: self.mins.clone(),
+            scales: self.scales_f32().into_owned(),
+            mins: self.mins_f32().into_owned(),
             nnz: self.nnz,
             ..Self::unpacked(self.rows, self.cols, self.cols_pad, self.format, self.group, self.asym)
         }
@@ -450,19 +454,68 @@ impl PackedMatrix {
         self.half
     }
 
-    /// Derives what the kernels read from `scales` and `mins`: whether they are half, their f16 copies, and
-    /// (tiled) the tile scales. Every constructor ends with it.
+    /// Derives what the kernels read from the scales and minimums: whether they are half, their f16 copies
+    /// (which then replace the f32 ones), and (tiled) the tile scales. Every constructor ends with it; it may
+    /// run again on a matrix whose scales are half already.
     pub(crate) fn derive_scales(&mut self) {
+        let (scales, mins) = (self.scales_f32().into_owned(), self.mins_f32().into_owned());
         let halves = |v: &[f32]| v.iter().map(|&x| f16_of(x)).collect::<Option<Vec<u16>>>();
         let grouped = self.format.elem().is_int() && self.groups() > 1;
-        let half = if grouped { halves(&self.scales).zip(halves(&self.mins)) } else { None };
+        let half = if grouped { halves(&scales).zip(halves(&mins)) } else { None };
         self.half = half.is_some();
         (self.scales16, self.mins16, self.tile_scales, self.tile_scales16) = Default::default();
-        match (half, self.tiled) {
-            (Some(_), true) => self.tile_scales16 = tiles::tile_scales(self).iter().map(|&x| f16_round(x)).collect(),
-            (None, true) => self.tile_scales = tiles::tile_scales(self),
-            (Some((d, m)), false) => (self.scales16, self.mins16) = (d, m),
-            (None, false) => {}
+        let tile = if self.tiled { tiles::tile_scales(self, &scales) } else { Vec::new() };
+        match half {
+            Some((d, m)) => {
+                if self.tiled {
+                    self.tile_scales16 = tile.iter().map(|&x| f16_round(x)).collect();
+                } else {
+                    self.scales16 = d;
+                }
+                self.mins16 = m;
+                (self.scales, self.mins) = Default::default();
+            }
+            None => (self.scales, self.mins, self.tile_scales) = (scales, mins, tile),
+        }
+    }
+
+    /// Scale `i` (`r · groups + g`: row `r`, group `g`) of an integer matrix, from whichever copy it keeps.
+    pub(crate) fn scale_at(&self, i: usize) -> f32 {
+        if !self.half {
+            self.scales[i]
+        } else if self.tiled {
+            let (groups, r) = (self.groups(), i / self.groups());
+            f16_to_f32(self.tile_scales16[((r / tiles::TILE) * groups + i % groups) * tiles::TILE + r % tiles::TILE])
+        } else {
+            f16_to_f32(self.scales16[i])
+        }
+    }
+
+    /// Minimum `i` (as [`PackedMatrix::scale_at`]) of an asymmetric integer matrix.
+    pub(crate) fn min_at(&self, i: usize) -> f32 {
+        if self.half {
+            f16_to_f32(self.mins16[i])
+        } else {
+            self.mins[i]
+        }
+    }
+
+    /// Every scale as f32, `rows × groups` (borrowed unless they are half).
+    pub(crate) fn scales_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        if self.half {
+            let n = self.rows * self.groups();
+            std::borrow::Cow::Owned((0..n).map(|i| self.scale_at(i)).collect())
+        } else {
+            std::borrow::Cow::Borrowed(&self.scales)
+        }
+    }
+
+    /// Every minimum as f32 (asymmetric; empty otherwise), as [`PackedMatrix::scales_f32`].
+    pub(crate) fn mins_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        if self.half {
+            std::borrow::Cow::Owned(self.mins16.iter().map(|&h| f16_to_f32(h)).collect())
+        } else {
+            std::borrow::Cow::Borrowed(&self.mins)
         }
     }
 
@@ -693,5 +746,45 @@ mod tests {
         }
         assert_eq!(f16_round(65520.0), 0x7C00, "past the largest f16: infinity");
         assert_eq!((f16_of(65520.0), f16_of(1e9), f16_of(-0.0)), (None, None, Some(0x8000)));
+    }
+
+    #[test]
+    fn half_scales_are_kept_once_and_read_back_exactly() {
+        // 37 rows (a partial last tile) of 200 columns: 7 groups of 32, each (row, group) its own f16 scale, and
+        // an eighth in the padding (to 256 columns), whose scale is 0.
+        let (rows, cols, groups) = (37, 200, 7);
+        let w: Vec<f32> =
+            (0..rows * cols).map(|i| if i % 3 == 0 { 0.0 } else { ((i * 7919) % 13) as f32 - 6.0 }).collect();
+        let scales: Vec<f32> = (0..rows * groups).map(|i| f16_to_f32(0x2000 + (i as u16 * 37) % 0x1800)).collect();
+        let mins: Vec<f32> = (0..rows * groups).map(|i| -f16_to_f32(0x2400 + i as u16 % 0x800)).collect();
+        for (format, layout, asym) in [
+            (Format::SparseInt4, Layout::Rows, false),
+            (Format::SparseInt4, Layout::Tiles, false),
+            (Format::DenseInt4, Layout::Tiles, false),
+            (Format::DenseInt4, Layout::Rows, true),
+        ] {
+            let opts = PackOptions { asymmetric: asym, group_size: Some(32), layout };
+            let grid = GivenScales { scales: &scales, mins: asym.then_some(&mins[..]), per_row: groups };
+            let m = PackedMatrix::pack_with_scales(&w, rows, cols, format, opts, grid).unwrap();
+            let what = format!("{format:?} {layout:?} asymmetric {asym}");
+            assert!(m.half && m.tiled == (layout == Layout::Tiles), "{what}");
+            assert!(m.scales.is_empty() && m.mins.is_empty(), "{what}: an f32 copy beside the f16 one");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let padded =
+                |v: &[f32]| bits(&v.chunks(groups).flat_map(|r| r.iter().copied().chain([0.0])).collect::<Vec<_>>());
+            let (scales, mins_want) = (padded(&scales), if asym { padded(&mins) } else { Vec::new() });
+            assert_eq!((bits(&m.scales_f32()), bits(&m.mins_f32())), (scales.clone(), mins_want.clone()), "{what}");
+            let raw = m.to_raw();
+            assert_eq!((bits(&raw.scales), bits(&raw.mins)), (scales.clone(), mins_want), "{what}: to_raw");
+            // Rebuilt from its arrays (the pack cache), and as the row-layout twin of a tiled matrix: the same
+            // grid, half again, and the same weights.
+            let back = PackedMatrix::from_raw(raw).unwrap();
+            assert!(back.half && back.scales.is_empty(), "{what}: from_raw");
+            assert_eq!(bits(&back.scales_f32()), scales, "{what}: from_raw");
+            let twin = m.row_major();
+            assert!(twin.half && twin.scales.is_empty() && !twin.tiled, "{what}: twin");
+            assert_eq!(bits(&twin.scales_f32()), scales, "{what}: twin");
+            assert_eq!(bits(&back.to_dense()), bits(&m.to_dense()), "{what}");
+        }
     }
 }

@@ -782,13 +782,13 @@ mod tests {
                 assert_eq!(one.masks, four.masks, "{what}");
                 assert_eq!(one.row_offsets, four.row_offsets, "{what}");
                 assert_eq!(
-                    one.scales.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    four.scales.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    one.scales_f32().iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    four.scales_f32().iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                     "{what}"
                 );
                 assert_eq!(
-                    one.mins.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    four.mins.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    one.mins_f32().iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    four.mins_f32().iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                     "{what}"
                 );
                 assert_eq!(

@@ -7,6 +7,7 @@
 use super::tiles::{QUAD, TILE};
 use super::{Elem, Format, PackedMatrix, CHUNK, VALUE_PAD};
 use crate::error::{Error, Result};
+use std::borrow::Cow;
 
 /// The stored arrays and shape of a packed matrix ([`PackedMatrix::to_raw`], [`PackedMatrix::from_raw`]).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -37,6 +38,9 @@ pub struct RawMatrix {
     pub mins: Vec<f32>,
 }
 
+/// [`PackedMatrix::raw_arrays`]: values, masks, scales, minimums.
+pub type RawArrays<'a> = (&'a [u8], &'a [u64], Cow<'a, [f32]>, Cow<'a, [f32]>);
+
 impl PackedMatrix {
     /// The stored arrays (copies), with the shape needed to rebuild the matrix.
     pub fn to_raw(&self) -> RawMatrix {
@@ -44,8 +48,8 @@ impl PackedMatrix {
         RawMatrix {
             data: data.to_vec(),
             masks: masks.to_vec(),
-            scales: scales.to_vec(),
-            mins: mins.to_vec(),
+            scales: scales.into_owned(),
+            mins: mins.into_owned(),
             ..self.raw_header()
         }
     }
@@ -65,11 +69,11 @@ impl PackedMatrix {
         }
     }
 
-    /// The arrays [`PackedMatrix::to_raw`] copies, borrowed: values, masks (none for a dense format: a tiled
-    /// one's full words follow from its shape), scales, minimums.
-    pub fn raw_arrays(&self) -> (&[u8], &[u64], &[f32], &[f32]) {
+    /// The arrays [`PackedMatrix::to_raw`] copies: values, masks (none for a dense format: a tiled one's full
+    /// words follow from its shape), scales, minimums; borrowed but for half scales, restated as f32.
+    pub fn raw_arrays(&self) -> RawArrays<'_> {
         let masks: &[u64] = if self.format.is_sparse() { &self.masks } else { &[] };
-        (&self.data, masks, &self.scales, &self.mins)
+        (&self.data, masks, self.scales_f32(), self.mins_f32())
     }
 
     /// Rebuilds a matrix from its stored arrays after checking every invariant a kernel relies on (see the

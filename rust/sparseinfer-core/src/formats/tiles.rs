@@ -194,7 +194,7 @@ pub(crate) fn tile(m: &PackedMatrix) -> PackedMatrix {
 
 /// Per tile and scale group, the 16 rows' scales (0 for padding rows); empty for one scale per row, which
 /// the kernels apply to the finished sums instead.
-pub(super) fn tile_scales(m: &PackedMatrix) -> Vec<f32> {
+pub(super) fn tile_scales(m: &PackedMatrix, scales: &[f32]) -> Vec<f32> {
     let groups = m.groups();
     if groups <= 1 {
         return Vec::new();
@@ -204,7 +204,7 @@ pub(super) fn tile_scales(m: &PackedMatrix) -> Vec<f32> {
     for r in 0..m.rows {
         let (t, i) = (r / TILE, r % TILE);
         for g in 0..groups {
-            s[(t * groups + g) * TILE + i] = m.scales[r * groups + g];
+            s[(t * groups + g) * TILE + i] = scales[r * groups + g];
         }
     }
     s

@@ -15,9 +15,9 @@ pub fn decode_row(m: &PackedMatrix, r: usize, out: &mut [f32]) {
     let dequant = |q: i32, c: usize| -> f32 {
         let g = r * groups + c / m.group;
         if m.asym {
-            m.scales[g] * q as f32 + m.mins[g]
+            m.scale_at(g) * q as f32 + m.min_at(g)
         } else {
-            m.scales[g] * q as f32
+            m.scale_at(g) * q as f32
         }
     };
     let int4 = |nibble: u8| -> i32 {

@@ -342,7 +342,7 @@ impl Writer {
         ];
         let head: Vec<u8> = fields.iter().flat_map(|f| f.to_le_bytes()).collect();
         let parts: [&[u8]; 6] =
-            [&head, data, as_bytes(masks), as_bytes(scales), as_bytes(mins), as_bytes(bias.unwrap_or(&[]))];
+            [&head, data, as_bytes(masks), as_bytes(&scales), as_bytes(&mins), as_bytes(bias.unwrap_or(&[]))];
         let size: u64 = parts.iter().map(|p| p.len() as u64).sum();
         if self.error.is_none() {
             if let Some((avail, total)) = disk_space(&self.tmp) {

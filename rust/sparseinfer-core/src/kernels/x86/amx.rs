@@ -322,7 +322,7 @@ unsafe fn rows_with<const H: usize>(m: &PackedMatrix, r0: usize, r1: usize, q: &
                     } else {
                         for (j, d) in d.iter_mut().enumerate() {
                             let (g, r) = (j / TILE, t * TILE + j % TILE);
-                            *d = if r < m.rows { m.scales[r * groups + g] } else { 0.0 };
+                            *d = if r < m.rows { m.scale_at(r * groups + g) } else { 0.0 };
                         }
                     }
                 }
