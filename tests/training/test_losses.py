@@ -62,3 +62,31 @@ def test_ce_and_total():
     assert T.total_loss(one, None, 2 * one, w_ce=1, w_kd=0, w_sq=1).item() == 3.0
     with pytest.raises(ValueError):
         T.total_loss(None, None, None)
+
+
+@pytest.mark.parametrize("w_ce,w_kd", [(1.0, 0.0), (0.0, 1.0), (1.0, 0.5)])
+def test_head_losses_match_the_losses_of_the_full_logits(w_ce, w_kd):
+    """``head_losses`` against ``ce_loss`` / ``kd_loss`` of the whole logits: values and both gradients, with
+    unlabelled rows and a short last chunk (23 rows in chunks of 8)."""
+    from sparseinfer.training.distill.losses import ce_loss, head_losses, kd_loss
+
+    g = torch.Generator().manual_seed(3)
+    n, d, v, temp = 23, 16, 40, 2.0
+    h = torch.randn(n, d, generator=g, requires_grad=True)
+    w = torch.randn(v, d, generator=g, requires_grad=True)
+    h_t, w_t = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g)
+    y = torch.randint(0, v, (n,), generator=g)
+    y[[2, 11, 22]] = -100
+    loss, ce, kd = head_losses(h, w, y, h_t, w_t, w_ce=w_ce, w_kd=w_kd, temperature=temp, chunk=8)
+    loss.backward()
+    got = (float(ce), float(kd), h.grad.clone(), w.grad.clone())
+    h.grad, w.grad = None, None
+    z, zt = (h @ w.t())[None], (h_t @ w_t.t())[None]
+    ref_ce, ref_kd = ce_loss(z, y[None], shift=False), kd_loss(z, zt, temperature=temp)
+    (w_ce * ref_ce + w_kd * ref_kd).backward()
+    if w_ce:
+        assert got[0] == pytest.approx(float(ref_ce.detach()), rel=1e-5)
+    if w_kd:
+        assert got[1] == pytest.approx(float(ref_kd.detach()), rel=1e-5)
+    assert torch.allclose(got[2], h.grad, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(got[3], w.grad, rtol=1e-4, atol=1e-6)
