@@ -112,9 +112,9 @@ pub(crate) fn gather_blend(isa: crate::kernels::Isa) -> bool {
 /// ALUs are apart from its vector pipes and the loop is bound by its loads; Intel's ALU ports are shared with
 /// the vector work), dense int4 decode reads two rows in lockstep rather than [`DECODE_STREAMS`], and the
 /// sparse int8 gather picks its lookups' blocks with blends ([`lookup64`]) on positions stored for them
-/// ([`gather_blend`]). None changes a result: the bytes
-/// and each row's integer sums are the same. [`rows_avxvnni`] (Intel only) keeps
-/// Intel's.
+/// ([`gather_blend`]); and the AVX-512 dense int4 tiles prefetch a line per step rather than every line
+/// (`super::vnni::PREFETCH`). None changes a result: the bytes and each row's integer sums are the same.
+/// [`rows_avxvnni`] (Intel only) keeps Intel's.
 pub(crate) fn amd_tuning() -> bool {
     match TUNING.load(Ordering::Relaxed) {
         UNSET => {

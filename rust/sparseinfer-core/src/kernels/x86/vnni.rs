@@ -66,9 +66,11 @@ macro_rules! for_chunks {
 /// Bytes ahead of a sparse weight stream to prefetch: the sparse kernels do enough work per byte that the
 /// hardware prefetcher falls behind. With both cores streaming, 4096 was 6-8 % faster than 1024 for sparse
 /// int8 on AMD Zen 5 (8192: no better). The address may lie past the end of the matrix (`wrapping_add`): a
-/// prefetch never faults. Dense kernels do not prefetch: on AMD Zen 4 dropping it made dense bf16 9-28 %,
-/// dense int8 2-11 % and dense int4 ~2 % faster from DRAM (the hardware prefetcher streams them alone, as it
-/// always did for dense f32), while sparse int8 and int4 were within noise either way.
+/// prefetch never faults. Dense row-layout kernels do not prefetch: on AMD Zen 4 dropping it made dense bf16
+/// 9-28 %, dense int8 2-11 % and dense int4 ~2 % faster from DRAM (the hardware prefetcher streams them alone,
+/// as it always did for dense f32), while sparse int8 and int4 were within noise either way. Dense int4 tiles
+/// prefetch every line of their stream in decode steps on Intel, where that measured faster than a line per
+/// step (every other tile's rate, kept on AMD, where it is unmeasured), see docs/benchmarks/kernels.md.
 pub(super) const PREFETCH: usize = 4096;
 
 /// Whether these kernels serve `m` (and the CPU has VNNI), with per-block (`token: false`) or per-row
@@ -799,6 +801,9 @@ unsafe fn tile_acc<const NR: usize, const T: usize, const FMT: u8, const TOKEN: 
         core::array::from_fn(|i| m.tile_scales16.as_ptr().wrapping_add(ts[i] * m.groups() * TILE));
     let shift = m.group.trailing_zeros();
     let seg = tile_segment(m, TOKEN);
+    // Every tile's stream is prefetched a line per step of four quads; a dense int4 one in a decode step on
+    // Intel every line (`PREFETCH`).
+    let every_line = FMT == DI4 && NR == 1 && !super::avx2_int::amd_tuning();
     let mut f = [[_mm512_setzero_ps(); NR]; T];
     for s in 0..m.cols_pad / seg {
         // Four i32 accumulators per tile and activation row: `vpdpbusd` latency would bind one.
@@ -808,6 +813,10 @@ unsafe fn tile_acc<const NR: usize, const T: usize, const FMT: u8, const TOKEN: 
             for i in 0..T {
                 let (p, masks, ia) = (&mut p[i], masks[i], &mut ia[i]);
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+                if every_line {
+                    // A dense int4 step reads 128 bytes: its second line.
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + 64) as *const i8);
+                }
                 if FMT == SI8 {
                     for (j, acc) in ia.iter_mut().enumerate() {
                         quad_dot(acc, int8_quad_codes(p, *masks.add(quad + j)), act, quad + j);
