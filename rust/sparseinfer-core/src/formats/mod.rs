@@ -458,7 +458,11 @@ impl PackedMatrix {
     /// (which then replace the f32 ones), and (tiled) the tile scales. Every constructor ends with it; it may
     /// run again on a matrix whose scales are half already.
     pub(crate) fn derive_scales(&mut self) {
-        let (scales, mins) = (self.scales_f32().into_owned(), self.mins_f32().into_owned());
+        let (scales, mins) = if self.half {
+            (self.scales_f32().into_owned(), self.mins_f32().into_owned())
+        } else {
+            (std::mem::take(&mut self.scales), std::mem::take(&mut self.mins))
+        };
         let halves = |v: &[f32]| v.iter().map(|&x| f16_of(x)).collect::<Option<Vec<u16>>>();
         let grouped = self.format.elem().is_int() && self.groups() > 1;
         let half = if grouped { halves(&scales).zip(halves(&mins)) } else { None };

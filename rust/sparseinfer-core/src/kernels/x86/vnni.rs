@@ -63,14 +63,11 @@ macro_rules! for_chunks {
     }};
 }
 
-/// Bytes ahead of a sparse weight stream to prefetch: the sparse kernels do enough work per byte that the
-/// hardware prefetcher falls behind. With both cores streaming, 4096 was 6-8 % faster than 1024 for sparse
-/// int8 on AMD Zen 5 (8192: no better). The address may lie past the end of the matrix (`wrapping_add`): a
-/// prefetch never faults. Dense row-layout kernels do not prefetch: on AMD Zen 4 dropping it made dense bf16
-/// 9-28 %, dense int8 2-11 % and dense int4 ~2 % faster from DRAM (the hardware prefetcher streams them alone,
-/// as it always did for dense f32), while sparse int8 and int4 were within noise either way. Dense int4 tiles
-/// prefetch every line of their stream in decode steps on Intel, where that measured faster than a line per
-/// step (every other tile's rate, kept on AMD, where it is unmeasured), see docs/benchmarks/kernels.md.
+/// Bytes ahead of a weight stream to prefetch: the sparse kernels do enough work per byte that the hardware
+/// prefetcher falls behind. The address may lie past the end of the matrix (`wrapping_add`): a prefetch never
+/// faults. Dense row-layout kernels do not prefetch (the hardware prefetcher streams them alone, as it does
+/// dense f32); every tile stream is prefetched a line per step of four quads, and a dense int4 one every line
+/// in decode steps on Intel. The distance and each choice were measured: docs/benchmarks/kernels.md.
 pub(super) const PREFETCH: usize = 4096;
 
 /// Whether these kernels serve `m` (and the CPU has VNNI), with per-block (`token: false`) or per-row
