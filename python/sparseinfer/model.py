@@ -514,10 +514,12 @@ def load(
     options, the directory and its weight files' sizes and times; a stale or damaged one is rebuilt, never
     trusted. ``info()["pack_cache"]`` says what this load did (``hit``, ``written``, ``rebuilt``, ``off``).
 
-    ``kv_cache``: how the self-attention caches keep keys and values, ``"f32"`` (``None``, the default) or
-    ``"int8"`` (codes with one scale per position and head: a quarter of the bytes every decoded token reads,
-    which dominate long contexts, at a small cost in accuracy that grows with the size of the attention
-    scores: check a model's outputs before relying on it). ``info()["kv_cache"]`` says which."""
+    ``kv_cache``: how the self-attention caches keep keys and values: ``"f32"``; ``"f16"`` (half the bytes
+    every decoded token reads, which dominate long contexts; each value rounded to 11 significant bits,
+    saturating at ±65504); or ``"int8"`` (codes with one scale per position and head: a quarter of the bytes,
+    at a small cost in accuracy that grows with the size of the attention scores: check a model's outputs
+    before relying on it). ``None``: ``"f16"`` where the linear layers take int8 activations (whose own
+    rounding is far coarser), else ``"f32"``. ``info()["kv_cache"]`` says which."""
     if model_dir is None or not os.path.exists(model_dir):
         from .models import resolve
 

@@ -499,7 +499,7 @@ fn load_options(
     let activations = parse_act(py, activations)?;
     let pack = PackOptions { group_size, asymmetric, ..Default::default() };
     let kv_cache = kv_cache.map(runtime::KvFormat::from_name).transpose().map_err(|e| to_py(py, e))?;
-    Ok(LoadOptions { weights, pack, activations, cache, kv_cache: kv_cache.unwrap_or_default() })
+    Ok(LoadOptions { weights, pack, activations, cache, kv_cache })
 }
 
 /// The sampling parameters of a generator's arguments.
@@ -774,7 +774,8 @@ impl PySeq2SeqModel {
 
 /// Loads a model directory of either kind: a `Model` (decoder-only) or a `Seq2SeqModel` (encoder-decoder).
 /// Arguments as for `Model.load`, plus the load cache: `pack_cache` a directory (None: no cache) that keeps
-/// at most `pack_cache_max_bytes` of packed models; `kv_cache`: "f32" (None) or "int8" self-attention caches.
+/// at most `pack_cache_max_bytes` of packed models; `kv_cache`: "f32", "f16" or "int8" self-attention caches
+/// (None: f16 where the linear layers take int8 activations, else f32).
 #[pyfunction]
 #[pyo3(signature = (
     path, weights = None, group_size = None, asymmetric = false, activations = None, pack_cache = None,

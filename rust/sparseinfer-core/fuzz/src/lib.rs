@@ -128,7 +128,7 @@ pub fn pack_cache(data: &[u8]) -> Outcome {
         pack: PackOptions { group_size, asymmetric, layout },
         activations: None,
         cache: Some(cache.clone()),
-        kv_cache: Default::default(),
+        kv_cache: None,
     };
     load_in(&dir.0, opts.clone()).expect("the tiny Llama loads");
     let entry = std::fs::read_dir(&cache.dir)
@@ -236,7 +236,8 @@ pub fn load_options(b: u8) -> LoadOptions {
         pack: PackOptions { group_size, asymmetric, ..Default::default() },
         activations: None,
         cache: None,
-        kv_cache: if b & 0x40 != 0 { runtime::KvFormat::Int8 } else { runtime::KvFormat::F32 },
+        // Unset: each format's default (f16 for the int8-activation formats).
+        kv_cache: (b & 0x40 != 0).then_some(runtime::KvFormat::Int8),
     }
 }
 

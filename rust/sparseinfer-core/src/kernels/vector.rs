@@ -1,6 +1,6 @@
 //! f32 vector operations for attention: the scores of up to [`MAX_QUERIES`] queries over keys packed in
-//! [`PANEL`]-position panels, their weighted sums of position-major values (keys and values in f32 or as int8
-//! codes), and the softmax numerators `exp(s - max)`; plus the dot product the VNNI kernels use. AVX2+FMA variants
+//! [`PANEL`]-position panels, their weighted sums of position-major values (keys and values in f32, f16 or as
+//! int8 codes), and the softmax numerators `exp(s - max)`; plus the dot product the VNNI kernels use. AVX2+FMA variants
 //! serve every x86 SIMD path, AVX-512 ones the AVX-512 path. The scalar versions are the reference: the block
 //! kernels differ from them only by summation order and FMA rounding, the exponential by at most [`EXP_BUDGET`].
 
@@ -29,21 +29,55 @@ pub fn key_panels<T: Copy + Default>(keys: &[T], n: usize, hd: usize) -> Vec<T> 
     out
 }
 
-/// The element types keys and values are stored in: f32, or int8 codes whose scales the caller applies.
+/// An IEEE half-precision value by its bits: the element of half-precision key/value caches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct F16(pub u16);
+
+impl F16 {
+    /// The half nearest `v` (round to nearest even), saturating at ±65504 where the half would be infinite
+    /// (a cache keeps every value finite); NaN stays NaN.
+    pub fn saturating(v: f32) -> F16 {
+        use crate::formats::{f16_round, F16_MAX};
+        if v.is_nan() {
+            return F16(0x7E00);
+        }
+        F16(f16_round(v.clamp(-F16_MAX, F16_MAX)))
+    }
+}
+
+impl From<F16> for f32 {
+    fn from(h: F16) -> f32 {
+        crate::formats::f16_to_f32(h.0)
+    }
+}
+
+/// [`KvElem::KIND`] of f32.
+pub const KIND_F32: u8 = 0;
+/// [`KvElem::KIND`] of int8 codes.
+pub const KIND_I8: u8 = 1;
+/// [`KvElem::KIND`] of [`F16`].
+pub const KIND_F16: u8 = 2;
+
+/// The element types keys and values are stored in: f32, f16, or int8 codes whose scales the caller applies.
 pub trait KvElem: Copy + Default + Into<f32> + sealed::Sealed {
-    /// Whether the type is `i8`.
-    const I8: bool;
+    /// How the SIMD kernels load it ([`KIND_F32`], [`KIND_I8`], [`KIND_F16`]).
+    const KIND: u8;
 }
 impl KvElem for f32 {
-    const I8: bool = false;
+    const KIND: u8 = KIND_F32;
 }
 impl KvElem for i8 {
-    const I8: bool = true;
+    const KIND: u8 = KIND_I8;
+}
+impl KvElem for F16 {
+    const KIND: u8 = KIND_F16;
 }
 mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for i8 {}
+    impl Sealed for super::F16 {}
 }
 
 /// `(q[m × hd], m, panels, positions, out[m × L])`: see [`scores_scalar`].
@@ -59,10 +93,14 @@ pub struct VectorOps {
     pub scores: Scores<f32>,
     /// The same over int8 key panels (unscaled sums of the codes).
     pub scores_i8: Scores<i8>,
+    /// The same over f16 key panels.
+    pub scores_f16: Scores<F16>,
     /// Weighted value sums of up to [`MAX_QUERIES`] queries: see [`weighted_scalar`].
     pub weighted: Weighted<f32>,
     /// The same over int8 value codes (the caller folds their scales into the weights).
     pub weighted_i8: Weighted<i8>,
+    /// The same over f16 values.
+    pub weighted_f16: Weighted<F16>,
     /// Softmax numerators in place, returning their sum: see [`exp_shifted_scalar`].
     pub exp_shifted: fn(&mut [f32]) -> f32,
 }
@@ -79,8 +117,10 @@ pub fn ops() -> VectorOps {
     VectorOps {
         scores: scores_scalar,
         scores_i8: scores_scalar,
+        scores_f16: scores_scalar,
         weighted: weighted_scalar,
         weighted_i8: weighted_scalar,
+        weighted_f16: weighted_scalar,
         exp_shifted: exp_shifted_scalar,
     }
 }
@@ -157,7 +197,7 @@ pub const EXP_BF16_BUDGET: f32 = 3e-6;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
-    use super::{KvElem, MAX_QUERIES, PANEL};
+    use super::{KvElem, KIND_F16, KIND_F32, KIND_I8, MAX_QUERIES, PANEL};
     use core::arch::x86_64::*;
     use std::ops::Range;
 
@@ -195,8 +235,10 @@ pub(crate) mod x86 {
         super::VectorOps {
             scores: scores_checked::<WIDE, f32>,
             scores_i8: scores_checked::<WIDE, i8>,
+            scores_f16: scores_checked::<WIDE, super::F16>,
             weighted: weighted_checked::<WIDE, f32>,
             weighted_i8: weighted_checked::<WIDE, i8>,
+            weighted_f16: weighted_checked::<WIDE, super::F16>,
             exp_shifted: if WIDE { exp_shifted512_checked } else { exp_shifted_checked },
         }
     }
@@ -220,18 +262,19 @@ pub(crate) mod x86 {
         // SAFETY: `ops` installs the WIDE variant only on the AVX-512 path and the other only where AVX2 and
         // FMA run; the bounds are checked above (whole panels, so padded lanes are readable).
         unsafe {
-            match (WIDE, T::I8) {
-                (true, false) => by_queries!(@8 m, scores512<false>, q, base, l, out),
-                (true, true) => by_queries!(@8 m, scores512<true>, q, base, l, out),
+            match (WIDE, T::KIND) {
+                (true, KIND_I8) => by_queries!(@8 m, scores512<KIND_I8>, q, base, l, out),
+                (true, KIND_F16) => by_queries!(@8 m, scores512<KIND_F16>, q, base, l, out),
+                (true, _) => by_queries!(@8 m, scores512<KIND_F32>, q, base, l, out),
                 // Four queries at a time: ymm registers hold no more accumulators.
-                (false, int8) => {
+                (false, kind) => {
                     for a0 in (0..m).step_by(4) {
                         let mm = (m - a0).min(4);
                         let (qa, oa) = (&q[a0 * hd..(a0 + mm) * hd], &mut out[a0 * l..(a0 + mm) * l]);
-                        if int8 {
-                            by_queries!(@4 mm, scores256<true>, qa, base, l, oa)
-                        } else {
-                            by_queries!(@4 mm, scores256<false>, qa, base, l, oa)
+                        match kind {
+                            KIND_I8 => by_queries!(@4 mm, scores256<KIND_I8>, qa, base, l, oa),
+                            KIND_F16 => by_queries!(@4 mm, scores256<KIND_F16>, qa, base, l, oa),
+                            _ => by_queries!(@4 mm, scores256<KIND_F32>, qa, base, l, oa),
                         }
                     }
                 }
@@ -256,19 +299,21 @@ pub(crate) mod x86 {
         let v = v[start * hd..].as_ptr() as *const u8;
         // SAFETY: as for `scores_checked`.
         unsafe {
-            match (WIDE, m > 4, T::I8) {
-                (true, true, false) => by_queries!(@8 m, weighted512<2, false>, p, v, hd, out),
-                (true, true, true) => by_queries!(@8 m, weighted512<2, true>, p, v, hd, out),
-                (true, false, false) => by_queries!(@4 m, weighted512<4, false>, p, v, hd, out),
-                (true, false, true) => by_queries!(@4 m, weighted512<4, true>, p, v, hd, out),
-                (false, _, int8) => {
+            match (WIDE, m > 4, T::KIND) {
+                (true, true, KIND_I8) => by_queries!(@8 m, weighted512<2, KIND_I8>, p, v, hd, out),
+                (true, true, KIND_F16) => by_queries!(@8 m, weighted512<2, KIND_F16>, p, v, hd, out),
+                (true, true, _) => by_queries!(@8 m, weighted512<2, KIND_F32>, p, v, hd, out),
+                (true, false, KIND_I8) => by_queries!(@4 m, weighted512<4, KIND_I8>, p, v, hd, out),
+                (true, false, KIND_F16) => by_queries!(@4 m, weighted512<4, KIND_F16>, p, v, hd, out),
+                (true, false, _) => by_queries!(@4 m, weighted512<4, KIND_F32>, p, v, hd, out),
+                (false, _, kind) => {
                     for a0 in (0..m).step_by(4) {
                         let mm = (m - a0).min(4);
                         let (pa, oa) = (&p[a0 * l..(a0 + mm) * l], &mut out[a0 * hd..(a0 + mm) * hd]);
-                        if int8 {
-                            by_queries!(@4 mm, weighted256<true>, pa, v, hd, oa)
-                        } else {
-                            by_queries!(@4 mm, weighted256<false>, pa, v, hd, oa)
+                        match kind {
+                            KIND_I8 => by_queries!(@4 mm, weighted256<KIND_I8>, pa, v, hd, oa),
+                            KIND_F16 => by_queries!(@4 mm, weighted256<KIND_F16>, pa, v, hd, oa),
+                            _ => by_queries!(@4 mm, weighted256<KIND_F32>, pa, v, hd, oa),
                         }
                     }
                 }
@@ -289,24 +334,33 @@ pub(crate) mod x86 {
         unsafe { exp_shifted512(s) }
     }
 
-    /// Eight f32 lanes from `i8` codes (`I8`) or f32 values at byte address `$p`.
+    /// Bytes of an element of kind `E` ([`KvElem::KIND`]).
+    const fn size(e: u8) -> usize {
+        match e {
+            KIND_I8 => 1,
+            KIND_F16 => 2,
+            _ => 4,
+        }
+    }
+
+    /// Eight f32 lanes from elements of kind `$e` (`i8` codes, f16 or f32 values) at byte address `$p`.
     macro_rules! load8 {
-        ($i8:expr, $p:expr) => {
-            if $i8 {
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64($p as *const __m128i)))
-            } else {
-                _mm256_loadu_ps($p as *const f32)
+        ($e:expr, $p:expr) => {
+            match $e {
+                KIND_I8 => _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64($p as *const __m128i))),
+                KIND_F16 => _mm256_cvtph_ps(_mm_loadu_si128($p as *const __m128i)),
+                _ => _mm256_loadu_ps($p as *const f32),
             }
         };
     }
 
     /// Sixteen f32 lanes likewise, the lanes outside `$mask` zero and unread.
     macro_rules! load16 {
-        ($i8:expr, $p:expr, $mask:expr) => {
-            if $i8 {
-                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8($mask, $p as *const i8)))
-            } else {
-                _mm512_maskz_loadu_ps($mask, $p as *const f32)
+        ($e:expr, $p:expr, $mask:expr) => {
+            match $e {
+                KIND_I8 => _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8($mask, $p as *const i8))),
+                KIND_F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16($mask, $p as *const i16)),
+                _ => _mm512_maskz_loadu_ps($mask, $p as *const f32),
             }
         };
     }
@@ -314,11 +368,11 @@ pub(crate) mod x86 {
     /// Per panel half, 16 positions × `M` (at most 4) queries in `2M` accumulators: each key load feeds `M` FMAs.
     ///
     /// # Safety
-    /// AVX2 and FMA; `panels` holds `⌈l / PANEL⌉` whole panels of `hd = q.len() / M` values (f32, or i8 when
-    /// `I8`), `out` `M · l`.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn scores256<const M: usize, const I8: bool>(q: &[f32], panels: *const u8, l: usize, out: &mut [f32]) {
-        let (hd, size) = (q.len() / M, if I8 { 1 } else { 4 });
+    /// AVX2, FMA and F16C; `panels` holds `⌈l / PANEL⌉` whole panels of `hd = q.len() / M` elements of kind
+    /// `E`, `out` `M · l`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scores256<const M: usize, const E: u8>(q: &[f32], panels: *const u8, l: usize, out: &mut [f32]) {
+        let (hd, size) = (q.len() / M, size(E));
         let (op, qp) = (out.as_mut_ptr(), q.as_ptr());
         let mut j = 0;
         while j < l {
@@ -326,7 +380,7 @@ pub(crate) mod x86 {
             let mut acc = [[_mm256_setzero_ps(); 2]; M];
             for d in 0..hd {
                 let row = base.add(d * PANEL * size);
-                let (k0, k1) = (load8!(I8, row), load8!(I8, row.add(8 * size)));
+                let (k0, k1) = (load8!(E, row), load8!(E, row.add(8 * size)));
                 for (a, acc) in acc.iter_mut().enumerate() {
                     let b = _mm256_broadcast_ss(&*qp.add(a * hd + d));
                     acc[0] = _mm256_fmadd_ps(b, k0, acc[0]);
@@ -356,8 +410,8 @@ pub(crate) mod x86 {
     /// # Safety
     /// AVX-512 F/BW/VL; as [`scores256`] otherwise.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn scores512<const M: usize, const I8: bool>(q: &[f32], panels: *const u8, l: usize, out: &mut [f32]) {
-        let (hd, size) = (q.len() / M, if I8 { 1 } else { 4 });
+    unsafe fn scores512<const M: usize, const E: u8>(q: &[f32], panels: *const u8, l: usize, out: &mut [f32]) {
+        let (hd, size) = (q.len() / M, size(E));
         let (op, qp) = (out.as_mut_ptr(), q.as_ptr());
         let mut j = 0;
         while j < l {
@@ -365,7 +419,7 @@ pub(crate) mod x86 {
             let mut acc = [[_mm512_setzero_ps(); 2]; M];
             for d in 0..hd {
                 let row = base.add(d * PANEL * size);
-                let (k0, k1) = (load16!(I8, row, 0xffff), load16!(I8, row.add(16 * size), 0xffff));
+                let (k0, k1) = (load16!(E, row, 0xffff), load16!(E, row.add(16 * size), 0xffff));
                 for (a, acc) in acc.iter_mut().enumerate() {
                     let b = _mm512_set1_ps(*qp.add(a * hd + d));
                     acc[0] = _mm512_fmadd_ps(b, k0, acc[0]);
@@ -391,17 +445,17 @@ pub(crate) mod x86 {
     /// 16 dimensions × `M` (at most 4) queries in `2M` accumulators over every position.
     ///
     /// # Safety
-    /// AVX2 and FMA; `v` holds `l = p.len() / M` rows of `hd` values (f32, or i8 when `I8`), `out` `M · hd`.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn weighted256<const M: usize, const I8: bool>(p: &[f32], v: *const u8, hd: usize, out: &mut [f32]) {
-        let (l, size) = (p.len() / M, if I8 { 1 } else { 4 });
+    /// AVX2, FMA and F16C; `v` holds `l = p.len() / M` rows of `hd` elements of kind `E`, `out` `M · hd`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn weighted256<const M: usize, const E: u8>(p: &[f32], v: *const u8, hd: usize, out: &mut [f32]) {
+        let (l, size) = (p.len() / M, size(E));
         let (op, pp) = (out.as_mut_ptr(), p.as_ptr());
         let mut d0 = 0;
         while d0 + 16 <= hd {
             let mut acc = [[_mm256_setzero_ps(); 2]; M];
             for i in 0..l {
                 let row = v.add((i * hd + d0) * size);
-                let (v0, v1) = (load8!(I8, row), load8!(I8, row.add(8 * size)));
+                let (v0, v1) = (load8!(E, row), load8!(E, row.add(8 * size)));
                 for (a, acc) in acc.iter_mut().enumerate() {
                     let b = _mm256_broadcast_ss(&*pp.add(a * l + i));
                     acc[0] = _mm256_fmadd_ps(b, v0, acc[0]);
@@ -419,7 +473,11 @@ pub(crate) mod x86 {
                 let mut s = 0.0f32;
                 for i in 0..l {
                     let at = v.add((i * hd + d) * size);
-                    let x = if I8 { *(at as *const i8) as f32 } else { *(at as *const f32) };
+                    let x = match E {
+                        KIND_I8 => *(at as *const i8) as f32,
+                        KIND_F16 => crate::formats::f16_to_f32(*(at as *const u16)),
+                        _ => *(at as *const f32),
+                    };
                     s += p[a * l + i] * x;
                 }
                 out[a * hd + d] = s;
@@ -434,20 +492,20 @@ pub(crate) mod x86 {
     /// # Safety
     /// AVX-512 F/BW/VL; as [`weighted256`] otherwise.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn weighted512<const M: usize, const D: usize, const I8: bool>(
+    unsafe fn weighted512<const M: usize, const D: usize, const E: u8>(
         p: &[f32],
         v: *const u8,
         hd: usize,
         out: &mut [f32],
     ) {
-        let (l, size) = (p.len() / M, if I8 { 1 } else { 4 });
+        let (l, size) = (p.len() / M, size(E));
         let (op, pp) = (out.as_mut_ptr(), p.as_ptr());
         let mut d0 = 0;
         while d0 + 16 * D <= hd {
             let mut acc = [[_mm512_setzero_ps(); D]; M];
             for i in 0..l {
                 let row = v.add((i * hd + d0) * size);
-                let vs: [__m512; D] = std::array::from_fn(|c| load16!(I8, row.add(16 * c * size), 0xffff));
+                let vs: [__m512; D] = std::array::from_fn(|c| load16!(E, row.add(16 * c * size), 0xffff));
                 for (a, acc) in acc.iter_mut().enumerate() {
                     let b = _mm512_set1_ps(*pp.add(a * l + i));
                     for (x, v) in acc.iter_mut().zip(vs) {
@@ -466,7 +524,7 @@ pub(crate) mod x86 {
             let mask: __mmask16 = if hd - d0 >= 16 { 0xffff } else { (1u16 << (hd - d0)) - 1 };
             let mut acc = [_mm512_setzero_ps(); M];
             for i in 0..l {
-                let v0 = load16!(I8, v.add((i * hd + d0) * size), mask);
+                let v0 = load16!(E, v.add((i * hd + d0) * size), mask);
                 for (a, acc) in acc.iter_mut().enumerate() {
                     *acc = _mm512_fmadd_ps(_mm512_set1_ps(*pp.add(a * l + i)), v0, *acc);
                 }
@@ -777,8 +835,39 @@ mod tests {
                 (ops().weighted_i8)(&p, m, &vc, hd, start, &mut b);
                 assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= tol * 127.0), "int8 weighted hd {hd} m {m}");
                 assert_eq!(b[m * hd..], [7.0; 3], "int8 weighted sums wrote past their output");
+                // f16 values: the sums of the f32 values they stand for (the reference reads both the same way).
+                let (kh, vh): (Vec<F16>, Vec<F16>) = (
+                    keys.iter().map(|&x| F16::saturating(x)).collect(),
+                    v.iter().map(|&x| F16::saturating(x)).collect(),
+                );
+                let (kf, vf): (Vec<f32>, Vec<f32>) =
+                    (kh.iter().map(|&h| h.into()).collect(), vh.iter().map(|&h| h.into()).collect());
+                let (mut a, mut b) = (vec![0.0f32; m * l], vec![7.0f32; m * l + 3]);
+                scores_scalar(&q, m, &key_panels(&kf, n, hd), start..end, &mut a);
+                (ops().scores_f16)(&q, m, &key_panels(&kh, n, hd), start..end, &mut b);
+                assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-4), "f16 scores hd {hd} m {m}");
+                assert_eq!(b[m * l..], [7.0; 3], "f16 scores wrote past their output");
+                let (mut a, mut b) = (vec![0.0f32; m * hd], vec![7.0f32; m * hd + 3]);
+                weighted_scalar(&p, m, &vf, hd, start, &mut a);
+                (ops().weighted_f16)(&p, m, &vh, hd, start, &mut b);
+                assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= tol), "f16 weighted hd {hd} m {m}");
+                assert_eq!(b[m * hd..], [7.0; 3], "f16 weighted sums wrote past their output");
             }
         }
+    }
+
+    /// Halves round to nearest, saturate instead of overflowing, keep NaN, and read back as the f32 they hold.
+    #[test]
+    fn f16_elements_round_saturate_and_read_back() {
+        for (v, want) in [(1.0f32, 1.0f32), (-2.5, -2.5), (1.0 + 1.0 / 4096.0, 1.0), (65504.0, 65504.0)] {
+            assert_eq!(f32::from(F16::saturating(v)), want, "{v}");
+        }
+        for (v, want) in [(65520.0f32, 65504.0f32), (1e9, 65504.0), (-1e9, -65504.0), (f32::INFINITY, 65504.0)] {
+            assert_eq!(f32::from(F16::saturating(v)), want, "{v}");
+        }
+        assert!(f32::from(F16::saturating(f32::NAN)).is_nan());
+        assert_eq!(f32::from(F16::saturating(1e-8)), 0.0, "below the smallest subnormal half");
+        assert_eq!(f32::from(F16::saturating(6e-8)), 5.960_464_5e-8, "the smallest subnormal half");
     }
 
     /// The softmax numerators of the active ISA within [`EXP_BUDGET`] of the f64 exponential, for every tail

@@ -10,13 +10,14 @@
 //! values[layer · kv_heads + kv_head][position][head_dim]
 //! ```
 //!
-//! An int8 cache stores codes instead, one scale per position and head, quantized as each position is written.
+//! A half-precision cache stores each value as the nearest f16 (saturating at its largest); an int8 cache stores
+//! codes, one scale per position and head, quantized as each position is written.
 
 use super::ops::attention::KvView;
 use crate::error::{Error, Result};
 #[cfg(test)]
 use crate::kernels::vector::key_panels;
-use crate::kernels::vector::PANEL;
+use crate::kernels::vector::{F16, PANEL};
 
 /// Cached keys and values for up to `capacity` positions.
 pub struct KvCache {
@@ -30,6 +31,7 @@ pub struct KvCache {
 /// Per layer and key/value head: key panels and position-major values.
 enum Store {
     F32 { keys: Vec<Vec<f32>>, values: Vec<Vec<f32>> },
+    F16 { keys: Vec<Vec<F16>>, values: Vec<Vec<F16>> },
     I8(Box<Int8>),
 }
 
@@ -94,6 +96,37 @@ struct HeadRows<'a> {
     values_at: usize,
 }
 
+/// The float stores' part of [`KvCache::write_rows`] for one layer's heads (`keys[h]`, `values[h]`): every
+/// head's buffers grow first (serially, so a failure is reported before anything is written); then each pool task
+/// writes one head's positions from `src(h)`, each value through `conv`.
+fn write_floats<'a, T: Copy + Default + Send>(
+    keys: &mut [Vec<T>],
+    values: &mut [Vec<T>],
+    hd: usize,
+    src: &(dyn Fn(usize) -> HeadRows<'a> + Sync),
+    conv: fn(f32) -> T,
+) -> Result<()> {
+    let (pos, end) = (src(0).pos, src(0).end);
+    for (k, v) in keys.iter_mut().zip(values.iter_mut()) {
+        grow(k, end.div_ceil(PANEL) * hd * PANEL, end - 1)?;
+        grow(v, end * hd, end - 1)?;
+    }
+    let bufs: Vec<_> = keys.iter_mut().zip(values.iter_mut()).map(std::sync::Mutex::new).collect();
+    for_heads(bufs.len(), end - pos, |h| {
+        let mut guard = bufs[h].lock().unwrap_or_else(|e| e.into_inner());
+        let (keys, values) = &mut *guard;
+        let HeadRows { rows, stride, keys_at, values_at, .. } = src(h);
+        for p in pos..end {
+            let row = &rows[(p - pos) * stride..];
+            let at = (p / PANEL) * hd * PANEL + p % PANEL;
+            row[keys_at..keys_at + hd].iter().enumerate().for_each(|(d, &x)| keys[at + d * PANEL] = conv(x));
+            let dst = &mut values[p * hd..(p + 1) * hd];
+            dst.iter_mut().zip(&row[values_at..values_at + hd]).for_each(|(v, &x)| *v = conv(x));
+        }
+    });
+    Ok(())
+}
+
 /// One head's int8 buffers in the cache's layout.
 struct HeadCodes<'a> {
     keys: &'a mut [i8],
@@ -129,25 +162,39 @@ fn round_code(y: f32) -> i8 {
     (t + step) as i8
 }
 
-/// How self-attention caches store keys and values: f32, or int8 codes with one scale per position and head
-/// (a quarter of the bytes every decoding step reads, which dominate long contexts; values move by up to half a
-/// code step).
+/// How self-attention caches store keys and values: f32; f16 (half the bytes every decoding step reads, which
+/// dominate long contexts; each value rounded to 11 significant bits); or int8 codes with one scale per position
+/// and head (a quarter of the bytes; values move by up to half a code step).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvFormat {
     /// f32 keys and values.
     #[default]
     F32,
+    /// f16 keys and values, saturating at ±65504.
+    F16,
     /// int8 codes, one scale per position and head.
     Int8,
 }
 
 impl KvFormat {
-    /// The format called `name` (`"f32"` or `"int8"`).
+    /// The format called `name` (`"f32"`, `"f16"` or `"int8"`).
     pub fn from_name(name: &str) -> Result<KvFormat> {
         match name {
             "f32" => Ok(KvFormat::F32),
+            "f16" => Ok(KvFormat::F16),
             "int8" => Ok(KvFormat::Int8),
-            _ => Err(Error::invalid("load", format!("kv_cache: unknown format {name:?}; expected f32 or int8"))),
+            _ => Err(Error::invalid("load", format!("kv_cache: unknown format {name:?}; expected f32, f16 or int8"))),
+        }
+    }
+
+    /// The format a load takes unless told: f16 for models whose linear layers take int8 activations (a half's
+    /// rounding, 2⁻¹¹ of each value, is far below theirs), f32 for the rest (which match transformers' logits to
+    /// within f32 rounding).
+    pub fn default_for(int8_activations: bool) -> KvFormat {
+        if int8_activations {
+            KvFormat::F16
+        } else {
+            KvFormat::F32
         }
     }
 
@@ -155,6 +202,7 @@ impl KvFormat {
     pub fn name(self) -> &'static str {
         match self {
             KvFormat::F32 => "f32",
+            KvFormat::F16 => "f16",
             KvFormat::Int8 => "int8",
         }
     }
@@ -165,6 +213,7 @@ impl KvCache {
     pub fn with_format(format: KvFormat, layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> KvCache {
         match format {
             KvFormat::F32 => KvCache::new(layers, kv_heads, head_dim, capacity),
+            KvFormat::F16 => KvCache::new_f16(layers, kv_heads, head_dim, capacity),
             KvFormat::Int8 => KvCache::new_int8(layers, kv_heads, head_dim, capacity),
         }
     }
@@ -175,6 +224,13 @@ impl KvCache {
         let heads = layers * kv_heads;
         let empty = || (0..heads).map(|_| Vec::new()).collect();
         KvCache { kv_heads, head_dim, capacity, len: 0, store: Store::F32 { keys: empty(), values: empty() } }
+    }
+
+    /// An empty cache that stores keys and values as f16 ([`KvFormat::F16`]: half the bytes attention reads).
+    pub fn new_f16(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> KvCache {
+        let heads = layers * kv_heads;
+        let empty = || (0..heads).map(|_| Vec::new()).collect();
+        KvCache { kv_heads, head_dim, capacity, len: 0, store: Store::F16 { keys: empty(), values: empty() } }
     }
 
     /// An empty cache that stores each position's keys and values as int8 codes with one scale per head (a
@@ -239,28 +295,14 @@ impl KvCache {
         }
         let panels = end.div_ceil(PANEL) * hd * PANEL;
         let heads = layer * self.kv_heads..(layer + 1) * self.kv_heads;
-        // Head h's keys and values at position p.
-        let key = |p: usize, h: usize| &rows[(p - pos) * stride + offset + h * hd..][..hd];
-        let value = |p: usize, h: usize| &rows[(p - pos) * stride + offset + w + h * hd..][..hd];
+        let src =
+            |h: usize| HeadRows { rows, pos, end, stride, keys_at: offset + h * hd, values_at: offset + w + h * hd };
         // Every head's buffers grow first (serially, so a failure is reported before anything is written); then
         // each pool task fills one head's, which no other task touches.
         match &mut self.store {
-            Store::F32 { keys, values } => {
-                for i in heads.clone() {
-                    grow(&mut keys[i], panels, end - 1)?;
-                    grow(&mut values[i], end * hd, end - 1)?;
-                }
-                let bufs: Vec<_> =
-                    keys[heads.clone()].iter_mut().zip(&mut values[heads]).map(std::sync::Mutex::new).collect();
-                for_heads(bufs.len(), n, |h| {
-                    let mut guard = bufs[h].lock().unwrap_or_else(|e| e.into_inner());
-                    let (keys, values) = &mut *guard;
-                    for p in pos..end {
-                        let at = (p / PANEL) * hd * PANEL + p % PANEL;
-                        key(p, h).iter().enumerate().for_each(|(d, &x)| keys[at + d * PANEL] = x);
-                        values[p * hd..(p + 1) * hd].copy_from_slice(value(p, h));
-                    }
-                });
+            Store::F32 { keys, values } => write_floats(&mut keys[heads.clone()], &mut values[heads], hd, &src, |x| x)?,
+            Store::F16 { keys, values } => {
+                write_floats(&mut keys[heads.clone()], &mut values[heads], hd, &src, F16::saturating)?
             }
             Store::I8(q) => {
                 let Int8 { keys, key_scales, values, value_scales } = &mut **q;
@@ -279,10 +321,8 @@ impl KvCache {
                 for_heads(bufs.len(), n, |h| {
                     let mut guard = bufs[h].lock().unwrap_or_else(|e| e.into_inner());
                     let ((keys, key_scales), (values, value_scales)) = &mut *guard;
-                    let src =
-                        HeadRows { rows, pos, end, stride, keys_at: offset + h * hd, values_at: offset + w + h * hd };
                     let dst = HeadCodes { keys, key_scales, values, value_scales };
-                    quantize_head(&src, hd, dst);
+                    quantize_head(&src(h), hd, dst);
                 });
             }
         }
@@ -293,6 +333,7 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         let (heads, per_position) = match &self.store {
             Store::F32 { keys, .. } => (keys.len(), 2 * self.head_dim * 4),
+            Store::F16 { keys, .. } => (keys.len(), 2 * self.head_dim * 2),
             Store::I8(q) => (q.keys.len(), 2 * (self.head_dim + 4)),
         };
         heads * self.len * per_position
@@ -303,6 +344,7 @@ impl KvCache {
         let h = layer * self.kv_heads..(layer + 1) * self.kv_heads;
         match &self.store {
             Store::F32 { keys, values } => KvView::F32 { keys: &keys[h.clone()], values: &values[h] },
+            Store::F16 { keys, values } => KvView::F16 { keys: &keys[h.clone()], values: &values[h] },
             Store::I8(q) => KvView::I8 {
                 keys: &q.keys[h.clone()],
                 key_scales: &q.key_scales[h.clone()],
@@ -323,15 +365,18 @@ mod tests {
     use super::*;
 
     /// Positions written one by one land where the key panels of the whole sequence put them, across a panel
-    /// boundary; an int8 cache keeps every value within half a step of its scale. Writing them all at once
-    /// (from rows with a query part before the keys, on the pool) stores the same bits.
+    /// boundary; an f16 cache holds the nearest halves (saturated), an int8 cache keeps every value within half a
+    /// step of its scale. Writing them all at once (from rows with a query part before the keys, on the pool)
+    /// stores the same bits.
     #[test]
     fn writes_fill_key_panels_and_int8_codes_stay_close() {
         let (heads, hd, n) = (2, 8, PANEL + 5);
-        let val = |i: usize| ((i * 7 + 3) % 23) as f32 / 11.0 - 1.0;
+        // Values past the largest half among them, which the f16 cache saturates.
+        let val = |i: usize| if i % 41 == 0 { 7e4 } else { ((i * 7 + 3) % 23) as f32 / 11.0 - 1.0 };
         let rows: Vec<Vec<f32>> = (0..n).map(|p| (0..2 * heads * hd).map(|i| val(p * 97 + i)).collect()).collect();
         let (mut cache, mut int8) = (KvCache::new(2, heads, hd, 100), KvCache::new_int8(2, heads, hd, 100));
-        for c in [&mut cache, &mut int8] {
+        let mut half = KvCache::with_format(KvFormat::F16, 2, heads, hd, 100);
+        for c in [&mut cache, &mut int8, &mut half] {
             for (p, r) in rows.iter().enumerate() {
                 c.write_rows(0, p, r, 1, r.len(), 0).unwrap();
                 c.advance(1);
@@ -339,7 +384,7 @@ mod tests {
         }
         // Layer 1: all positions in one call, each row `[3 query values | keys | values]`.
         let qkv: Vec<f32> = rows.iter().flat_map(|r| [7.0, 8.0, 9.0].into_iter().chain(r.iter().copied())).collect();
-        for c in [&mut cache, &mut int8] {
+        for c in [&mut cache, &mut int8, &mut half] {
             c.write_rows(1, 0, &qkv, n, 3 + 2 * heads * hd, 3).unwrap();
         }
         match (cache.layer(0), cache.layer(1)) {
@@ -362,6 +407,19 @@ mod tests {
             let v: Vec<f32> = rows.iter().flat_map(|r| r[(heads + h) * hd..(heads + h + 1) * hd].to_vec()).collect();
             assert_eq!(values[h][..n * hd], v[..]);
         }
+        let (KvView::F16 { keys: k0, values: v0 }, KvView::F16 { keys: k1, values: v1 }) =
+            (half.layer(0), half.layer(1))
+        else {
+            panic!("f16")
+        };
+        assert!(k0 == k1 && v0 == v1);
+        let KvView::F32 { keys: fk, values: fv } = cache.layer(0) else { panic!("f32") };
+        for h in 0..heads {
+            let want = |x: &[f32]| x.iter().map(|&x| F16::saturating(x)).collect::<Vec<_>>();
+            assert_eq!(k0[h], want(&fk[h]), "f16 keys");
+            assert_eq!(v0[h][..n * hd], want(&fv[h][..n * hd])[..], "f16 values");
+            assert!(k0[h].iter().chain(&v0[h]).any(|&x| f32::from(x) == 65504.0), "a saturated value");
+        }
         let KvView::I8 { keys, key_scales, values, value_scales } = int8.layer(0) else { panic!("int8") };
         for h in 0..heads {
             for (p, r) in rows.iter().enumerate() {
@@ -375,6 +433,7 @@ mod tests {
             }
         }
         assert_eq!((cache.bytes(), int8.bytes()), (2 * heads * n * 2 * hd * 4, 2 * heads * n * 2 * (hd + 4)));
+        assert_eq!(half.bytes(), 2 * heads * n * 2 * hd * 2);
         assert!(cache.write_rows(0, 100, &rows[0], 1, rows[0].len(), 0).is_err());
         assert!(cache.write_rows(0, 99, &qkv, 2, 3 + 2 * heads * hd, 3).is_err());
     }

@@ -48,8 +48,9 @@ pub struct LoadOptions {
     pub activations: Option<crate::kernels::Activations>,
     /// The load cache of packed layers ([`pack_cache`]); `None`: pack from the checkpoint every time.
     pub cache: Option<pack_cache::CacheOptions>,
-    /// How self-attention caches store keys and values.
-    pub kv_cache: kv_cache::KvFormat,
+    /// How self-attention caches store keys and values; `None`: f16 where the linear layers take int8
+    /// activations (whose own rounding is far coarser than a half's), else f32.
+    pub kv_cache: Option<kv_cache::KvFormat>,
 }
 
 /// How a load went.
@@ -153,8 +154,8 @@ pub fn load_any(dir: &Path, opts: LoadOptions) -> Result<AnyModel> {
     };
     let report = LoadReport { seconds: start.elapsed().as_secs_f64(), pack_cache: outcome };
     match &mut model {
-        AnyModel::Decoder(m) => (m.load_report, m.kv_format) = (report, opts.kv_cache),
-        AnyModel::Seq2Seq(m) => (m.load_report, m.kv_format) = (report, opts.kv_cache),
+        AnyModel::Decoder(m) => (m.load_report, m.kv_format) = (report, opts.kv_cache.unwrap_or(m.default_kv_format())),
+        AnyModel::Seq2Seq(m) => (m.load_report, m.kv_format) = (report, opts.kv_cache.unwrap_or(m.default_kv_format())),
     }
     Ok(model)
 }

@@ -142,18 +142,8 @@ impl TensorView<'_> {
     }
 }
 
-/// IEEE half to single, exactly (subnormals, infinities and NaN included). Branch-free, so LLVM vectorizes
-/// loops over it (a `match` on the exponent cost ~1 ns per weight when loading f16 checkpoints): the
-/// exponent and mantissa shifted into place are the f32 with the same bits scaled by 2^-112 (subnormal
-/// halves become f32 subnormals), so one exact multiply by 2^112 rebiases both; infinities and NaNs only
-/// need the exponent set to all ones.
-pub fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h & 0x8000) as u32) << 16;
-    let body = ((h & 0x7fff) as u32) << 13;
-    let scaled = (f32::from_bits(body) * f32::from_bits(0x7780_0000)).to_bits(); // × 2^112
-    let bits = if h & 0x7c00 == 0x7c00 { body | 0x7f80_0000 } else { scaled };
-    f32::from_bits(sign | bits)
-}
+/// IEEE half to single, exactly (kept here, where checkpoints are read, for its callers).
+pub use crate::formats::f16_to_f32;
 
 impl SafeTensors {
     /// Opens and validates a file (a regular file only).

@@ -66,6 +66,11 @@ impl Model {
         self.final_norm.as_ref()
     }
 
+    /// How a load stores keys and values unless told ([`crate::runtime::KvFormat::default_for`]).
+    pub fn default_kv_format(&self) -> crate::runtime::KvFormat {
+        crate::runtime::KvFormat::default_for(self.layers.first().is_some_and(|b| b.attn.qkv.activations().is_int8()))
+    }
+
     /// A fresh cache for up to `capacity` positions (capped at the model's context).
     pub fn new_cache(&self, capacity: usize) -> KvCache {
         let s = &self.spec;

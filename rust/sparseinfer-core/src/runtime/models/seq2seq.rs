@@ -89,6 +89,12 @@ impl Seq2Seq {
         Seq2Seq { spec, p, load_report: Default::default(), kv_format: Default::default() }
     }
 
+    /// How a load stores the decoder's keys and values unless told ([`crate::runtime::KvFormat::default_for`]).
+    pub fn default_kv_format(&self) -> crate::runtime::KvFormat {
+        let int8 = self.p.decoder.first().is_some_and(|b| b.attn.qkv.activations().is_int8());
+        crate::runtime::KvFormat::default_for(int8)
+    }
+
     /// Bytes of the encoder's packed linear layers and convolutions (read once per input), of the decoder's
     /// and the head (read once per generated token), and of the embedding table as stored.
     pub fn weight_bytes(&self) -> (usize, usize, usize) {

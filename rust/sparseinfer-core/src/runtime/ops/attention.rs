@@ -3,7 +3,7 @@
 //! query sees: causal self-attention over a KV cache (with an optional sliding window and ALiBi biases, Press et
 //! al., arXiv 2108.12409), or every position, as encoder self-attention and cross-attention need.
 
-use crate::kernels::vector::{self, MAX_QUERIES, PANEL};
+use crate::kernels::vector::{self, F16, MAX_QUERIES, PANEL};
 use crate::parallel;
 
 /// The heads of one attention layer.
@@ -25,8 +25,8 @@ pub struct Heads {
 
 /// Keys and values of one layer, per key/value head (`[g]`): keys in panels ([`vector::key_panels`]: each run of
 /// [`PANEL`] positions dimension-major, as the cache writes them), so the score kernels read them sequentially
-/// with no horizontal sums; values position-major (`hd` per position). In f32 while a cache grows; a cache that
-/// has stopped growing (cross-attention's) may hold int8 codes with one scale per position.
+/// with no horizontal sums; values position-major (`hd` per position). In f32 or f16, or as int8 codes with one
+/// scale per position.
 #[derive(Clone, Copy)]
 pub enum KvView<'a> {
     /// f32 keys and values.
@@ -35,6 +35,13 @@ pub enum KvView<'a> {
         keys: &'a [Vec<f32>],
         /// Values.
         values: &'a [Vec<f32>],
+    },
+    /// f16 keys and values.
+    F16 {
+        /// Key panels.
+        keys: &'a [Vec<F16>],
+        /// Values.
+        values: &'a [Vec<F16>],
     },
     /// Int8 codes: position `j`'s key is `key_scales[g][j] · code`, its value likewise.
     I8 {
@@ -190,6 +197,7 @@ pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv
             };
             match kv {
                 KvView::F32 { keys, .. } => (ops.scores)(qs, m, &keys[g], from..to, scores),
+                KvView::F16 { keys, .. } => (ops.scores_f16)(qs, m, &keys[g], from..to, scores),
                 KvView::I8 { keys, key_scales, .. } => {
                     (ops.scores_i8)(qs, m, &keys[g], from..to, scores);
                     rescale(scores, &key_scales[g]);
@@ -202,6 +210,7 @@ pub fn attend(heads: Heads, span: Span, q: &[f32], q_stride: usize, k: usize, kv
             }
             match kv {
                 KvView::F32 { values, .. } => (ops.weighted)(scores, m, &values[g], hd, from, o),
+                KvView::F16 { values, .. } => (ops.weighted_f16)(scores, m, &values[g], hd, from, o),
                 KvView::I8 { values, value_scales, .. } => {
                     rescale(scores, &value_scales[g]);
                     (ops.weighted_i8)(scores, m, &values[g], hd, from, o);
@@ -474,6 +483,15 @@ mod tests {
             };
             let (dk, dv) = (deq(&kc, &ks), deq(&vc, &vs));
             let kp: Vec<Vec<i8>> = kc.iter().map(|x| vector::key_panels(x, n, hd)).collect();
+            // f16 values, and the f32 values they hold.
+            let half = |x: &[Vec<f32>]| -> Vec<Vec<F16>> {
+                x.iter().map(|x| x.iter().map(|&v| F16::saturating(v)).collect()).collect()
+            };
+            let (hk, hv) = (half(&keys), half(&values));
+            let widen =
+                |x: &[Vec<F16>]| -> Vec<Vec<f32>> { x.iter().map(|x| x.iter().map(|&v| v.into()).collect()).collect() };
+            let (wk, wv) = (widen(&hk), widen(&hv));
+            let hp: Vec<Vec<F16>> = hk.iter().map(|x| vector::key_panels(x, n, hd)).collect();
             for k in [1, 3, 20, 23] {
                 let q: Vec<f32> = (0..k * h * hd).map(|i| val(i, 3)).collect();
                 let spans = [
@@ -496,6 +514,11 @@ mod tests {
                     attend(heads, span, &q, h * hd, k, view, &mut got);
                     for (x, y) in want.iter().zip(&got) {
                         assert!((x - y).abs() <= 1e-5, "{x} vs {y} over int8: {h} heads / {g}, {k} queries");
+                    }
+                    let want = reference(heads, span, &q, k, &wk, &wv);
+                    attend(heads, span, &q, h * hd, k, KvView::F16 { keys: &hp, values: &hv }, &mut got);
+                    for (x, y) in want.iter().zip(&got) {
+                        assert!((x - y).abs() <= 1e-5, "{x} vs {y} over f16: {h} heads / {g}, {k} queries");
                     }
                 }
             }
