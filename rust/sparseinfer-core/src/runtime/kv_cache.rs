@@ -372,7 +372,7 @@ mod tests {
     fn writes_fill_key_panels_and_int8_codes_stay_close() {
         let (heads, hd, n) = (2, 8, PANEL + 5);
         // Values past the largest half among them, which the f16 cache saturates.
-        let val = |i: usize| if i % 41 == 0 { 7e4 } else { ((i * 7 + 3) % 23) as f32 / 11.0 - 1.0 };
+        let val = |i: usize| if i.is_multiple_of(41) { 7e4 } else { ((i * 7 + 3) % 23) as f32 / 11.0 - 1.0 };
         let rows: Vec<Vec<f32>> = (0..n).map(|p| (0..2 * heads * hd).map(|i| val(p * 97 + i)).collect()).collect();
         let (mut cache, mut int8) = (KvCache::new(2, heads, hd, 100), KvCache::new_int8(2, heads, hd, 100));
         let mut half = KvCache::with_format(KvFormat::F16, 2, heads, hd, 100);
