@@ -93,3 +93,15 @@ def fmt_spread(values: Sequence[float], unit: str = "x", digits: int = 2) -> str
     """``median (min-max)`` of per-round figures, e.g. ``1.84x (1.79-1.90)``."""
     s = spread(values)
     return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+# Bytes one cached position costs per key/value head and head dimension, keys and values together, by the
+# cache's format (`info()["kv_cache"]`; "bf16" for transformers' bf16 runs). int8 adds two f32 scales per head.
+CACHE_VALUE_BYTES = {"f32": 8, "bf16": 4, "f16": 4, "int8": 2}
+
+
+def cache_bytes_per_token(layers: int, kv_heads: int, head_dim: int, kv: str, prompt: int, new_tokens: int) -> float:
+    """Mean bytes of the attention cache that one decoded token reads (every earlier position's keys and values),
+    over the decoded positions ``prompt .. prompt + new_tokens - 1``."""
+    per_position = layers * kv_heads * (head_dim * CACHE_VALUE_BYTES[kv] + (8 if kv == "int8" else 0))
+    return per_position * (prompt + (new_tokens - 1) / 2)

@@ -18,22 +18,18 @@ import platform
 import statistics
 from pathlib import Path
 
-import numpy as np
-
 import harness
+import numpy as np
 from int4_quality import nll_and_top1, text
 
 FORMATS = ("f32", "f16", "int8")
-BYTES = {"f32": 8, "f16": 4, "int8": 2}  # per value pair (key and value), int8's scales aside
 NEW_TOKENS = 128
 
 
 def kv_bytes(info: dict, kv: str, prompt: int) -> float:
     """Mean cache bytes one decoded token reads over positions prompt .. prompt + NEW_TOKENS - 1."""
-    per_position = info["num_layers"] * info["num_kv_heads"] * info["head_dim"] * BYTES[kv]
-    if kv == "int8":
-        per_position += info["num_layers"] * info["num_kv_heads"] * 2 * 4
-    return per_position * (prompt + (NEW_TOKENS - 1) / 2)
+    shape = (info["num_layers"], info["num_kv_heads"], info["head_dim"])
+    return harness.cache_bytes_per_token(*shape, kv, prompt, NEW_TOKENS)
 
 
 def decode_rounds(model_dir: str, weights: str, prompts: list[int], rounds: int) -> dict:
@@ -74,9 +70,7 @@ def perplexities(weights: str, tokens: int) -> dict:
         nll, top = nll_and_top1(m.logits([int(i) for i in ids]), ids)
         res[kv] = {"ppl": float(np.exp(nll.mean())), "top": top}
     base = res["f32"]["top"]
-    return {
-        kv: {"ppl": r["ppl"], "top1_agreement_with_f32": float((r["top"] == base).mean())} for kv, r in res.items()
-    }
+    return {kv: {"ppl": r["ppl"], "top1_agreement_with_f32": float((r["top"] == base).mean())} for kv, r in res.items()}
 
 
 def report(dec: dict, ppl: dict, args) -> str:

@@ -65,7 +65,9 @@ def table(data, rows):
         f"Random Llama-shaped models; prompt {rows[0]['prompt_tokens']} "
         f"tokens, {rows[0]['new_tokens']} new tokens, batch 1, greedy. Decode tok/s excludes the prompt. "
         "Bytes/token: packed linear layers + head read once per decoded token (for transformers, every parameter "
-        "at its dtype). Best of 2 runs for sparseinfer, 1 for transformers. Integer formats take int8 "
+        "at its dtype), plus the attention cache a decoded token reads at the mean decoded position (f32 for "
+        "transformers fp32, bf16 for its bf16 run, the load's `kv_cache` for ours: f16 with int8 activations, "
+        "else f32). Best of 2 runs for sparseinfer, 1 for transformers. Integer formats take int8 "
         "activations per 64-column block; `+token` rows scale them per token instead (fewer instructions per "
         "weight, coarser activations), and compare with dense-int8+token.",
         "",
@@ -80,8 +82,8 @@ def table(data, rows):
         out += [
             f"## {size} ({rs[0]['parameters'] / 1e6:.0f}M parameters)",
             "",
-            "| runtime / format | MB/token | prefill tok/s | decode tok/s | GB/s | probes (GB/s) | % of bandwidth "
-            "| vs transformers fp32 | vs our dense-int8 |",
+            "| runtime / format | MB/token (weights + cache) | prefill tok/s | decode tok/s | GB/s | probes (GB/s) "
+            "| % of bandwidth | vs transformers fp32 | vs our dense-int8 |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rs:
@@ -89,12 +91,18 @@ def table(data, rows):
             d8 = dense8["+token" if r["format"].endswith("+token") else ""]
             vs8 = f"{r['decode_tok_s'] / d8:.2f}x" if d8 and r["runtime"] == "sparseinfer" else "-"
             out.append(
-                f"| {label(r)} | {r['bytes_per_token'] / 1e6:.0f} | {r['prefill_tok_s']:.1f} | "
+                f"| {label(r)} | {mb_per_token(r)} | {r['prefill_tok_s']:.1f} | "
                 f"{r['decode_tok_s']:.1f} | {r['gbs']:.1f} | {probes(r)} | {r['fraction_of_bandwidth']:.0%} | "
                 f"{vs} | {vs8} |"
             )
         out.append("")
     return "\n".join(out)
+
+
+def mb_per_token(r: dict) -> str:
+    """The weights' and the cache's megabytes per decoded token (runs before the cache was counted: weights)."""
+    weights = f"{r['bytes_per_token'] / 1e6:.0f}"
+    return f"{weights} + {r['cache_bytes_per_token'] / 1e6:.1f}" if "cache_bytes_per_token" in r else weights
 
 
 def plot(rows, path):

@@ -2,8 +2,9 @@
 
 A 16-token prompt, 128 new tokens, batch 1, the kernels' thread count (2 here) on both sides, on random
 Llama-shaped models of ~134M and ~1B parameters (`llama_models.py`). Each case records prefill and decode
-tokens/s, bytes read per decoded token (the packed linear layers and head) and the GB/s that implies, as a
-fraction of the read bandwidth probed just before and just after the case (this VM's bandwidth drifts by tens of
+tokens/s, bytes read per decoded token (the packed linear layers and head, and the attention cache at the mean
+decoded position) and the GB/s that implies, as a fraction of the read bandwidth probed just before and just
+after the case (this VM's bandwidth drifts by tens of
 percent over minutes, so a probe at the start of the run says little about a case timed ten minutes later).
 
     make bench-e2e   # JSON in bench/results/, table and plot in docs/benchmarks/
@@ -89,6 +90,7 @@ def run_ours(path, fmt, new_tokens):
         "prefill_tok_s": best.prefill_tokens_per_s,
         "decode_tok_s": best.decode_tokens_per_s,
         "bytes_per_token": info["bytes_per_token"],
+        "kv_cache": info["kv_cache"],
         "kernel": info["kernel"],
         "activations": info["activations"],
         "runtime": "sparseinfer",
@@ -109,12 +111,19 @@ def test_decode(benchmark, bandwidth, model_size, runtime, fmt, sparsity):
     if runtime == "transformers":
         result = run_transformers(path, fmt, new_tokens)
         result["bytes_per_token"] = llama_models.parameters(size) * (4 if fmt == "fp32" else 2)
+        result["kv_cache"] = "f32" if fmt == "fp32" else "bf16"
     else:
         result = run_ours(path, fmt, new_tokens)
+    c = llama_models.config(size)
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    shape = (c["num_hidden_layers"], c["num_key_value_heads"], head_dim)
+    result["cache_bytes_per_token"] = harness.cache_bytes_per_token(
+        *shape, result["kv_cache"], PROMPT_TOKENS, new_tokens
+    )
     after = None if disabled else bandwidth.probe()
     case_bw = 1.0 if disabled else (before + after) / 2
     read_bandwidth = 1.0 if disabled else bandwidth.at_start()
-    gbs = result["bytes_per_token"] * result["decode_tok_s"] / 1e9
+    gbs = (result["bytes_per_token"] + result["cache_bytes_per_token"]) * result["decode_tok_s"] / 1e9
     benchmark.group = f"e2e {size}"
     benchmark.extra_info.update(
         size=size,

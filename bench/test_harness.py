@@ -49,3 +49,13 @@ def test_run_json_reads_the_last_result_line_and_stops_on_failure():
         harness.run_json([sys.executable, "-c", fail], what="case X")
     with pytest.raises(SystemExit, match="no result line"):
         harness.run_json([sys.executable, "-c", "print('nothing')"], prefix="RESULT ")
+
+
+def test_cache_bytes_count_every_earlier_position_at_the_mean_decoded_one():
+    # A 16-layer model with 16 key/value heads of 128: 256 KiB per position in f32, keys and values together.
+    per_position = 16 * 16 * 128 * 8
+    assert harness.cache_bytes_per_token(16, 16, 128, "f32", 16, 128) == per_position * (16 + 127 / 2)
+    assert harness.cache_bytes_per_token(16, 16, 128, "f16", 16, 1) == per_position / 2 * 16
+    assert harness.cache_bytes_per_token(16, 16, 128, "bf16", 16, 1) == per_position / 2 * 16
+    # int8: a byte per value and two f32 scales per head and position.
+    assert harness.cache_bytes_per_token(2, 3, 64, "int8", 10, 1) == 2 * 3 * (2 * 64 + 8) * 10
