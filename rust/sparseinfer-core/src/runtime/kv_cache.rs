@@ -104,7 +104,7 @@ fn write_floats<'a, T: Copy + Default + Send>(
     values: &mut [Vec<T>],
     hd: usize,
     src: &(dyn Fn(usize) -> HeadRows<'a> + Sync),
-    conv: fn(f32) -> T,
+    conv: impl Fn(f32) -> T + Sync,
 ) -> Result<()> {
     let (pos, end) = (src(0).pos, src(0).end);
     for (k, v) in keys.iter_mut().zip(values.iter_mut()) {
