@@ -673,7 +673,7 @@ pub(crate) fn f16_round(v: f32) -> u16 {
 }
 
 /// IEEE half to single, exactly (subnormals, infinities and NaN included). Branch-free, so LLVM vectorizes
-/// loops over it (a `match` on the exponent cost ~1 ns per weight when loading f16 checkpoints): the
+/// loops over it (a `match` on the exponent does not vectorize, and f16 checkpoints convert every weight): the
 /// exponent and mantissa shifted into place are the f32 with the same bits scaled by 2^-112 (subnormal
 /// halves become f32 subnormals), so one exact multiply by 2^112 rebiases both; infinities and NaNs only
 /// need the exponent set to all ones.

@@ -36,7 +36,7 @@ pub struct F16(pub u16);
 
 impl F16 {
     /// The half nearest `v` (round to nearest even), saturating at ±65504 where the half would be infinite
-    /// (a cache keeps every value finite); NaN stays NaN.
+    /// (infinities too, where an f32 cache keeps them); NaN stays NaN.
     pub fn saturating(v: f32) -> F16 {
         use crate::formats::{f16_round, F16_MAX};
         if v.is_nan() {
@@ -259,13 +259,14 @@ pub(crate) mod x86 {
         assert!(needed.is_some_and(|n| panels.len() >= n), "keys out of range");
         assert!(m.checked_mul(l).is_some_and(|n| out.len() >= n), "output too short");
         let base = panels[range.start * hd..].as_ptr() as *const u8;
-        // SAFETY: `ops` installs the WIDE variant only on the AVX-512 path and the other only where AVX2 and
-        // FMA run; the bounds are checked above (whole panels, so padded lanes are readable).
+        // SAFETY: `ops` installs the WIDE variant only on the AVX-512 path and the other only where the AVX2 path
+        // runs (`avx2_supported`: AVX2, FMA and F16C); the bounds are checked above in elements of `T` (whole
+        // panels, so padded lanes are readable).
         unsafe {
             match (WIDE, T::KIND) {
                 (true, KIND_I8) => by_queries!(@8 m, scores512<KIND_I8>, q, base, l, out),
                 (true, KIND_F16) => by_queries!(@8 m, scores512<KIND_F16>, q, base, l, out),
-                (true, _) => by_queries!(@8 m, scores512<KIND_F32>, q, base, l, out),
+                (true, KIND_F32) => by_queries!(@8 m, scores512<KIND_F32>, q, base, l, out),
                 // Four queries at a time: ymm registers hold no more accumulators.
                 (false, kind) => {
                     for a0 in (0..m).step_by(4) {
@@ -274,10 +275,12 @@ pub(crate) mod x86 {
                         match kind {
                             KIND_I8 => by_queries!(@4 mm, scores256<KIND_I8>, qa, base, l, oa),
                             KIND_F16 => by_queries!(@4 mm, scores256<KIND_F16>, qa, base, l, oa),
-                            _ => by_queries!(@4 mm, scores256<KIND_F32>, qa, base, l, oa),
+                            KIND_F32 => by_queries!(@4 mm, scores256<KIND_F32>, qa, base, l, oa),
+                            kind => unreachable!("key element kind {kind}"),
                         }
                     }
                 }
+                (true, kind) => unreachable!("key element kind {kind}"),
             }
         }
     }
@@ -302,10 +305,10 @@ pub(crate) mod x86 {
             match (WIDE, m > 4, T::KIND) {
                 (true, true, KIND_I8) => by_queries!(@8 m, weighted512<2, KIND_I8>, p, v, hd, out),
                 (true, true, KIND_F16) => by_queries!(@8 m, weighted512<2, KIND_F16>, p, v, hd, out),
-                (true, true, _) => by_queries!(@8 m, weighted512<2, KIND_F32>, p, v, hd, out),
+                (true, true, KIND_F32) => by_queries!(@8 m, weighted512<2, KIND_F32>, p, v, hd, out),
                 (true, false, KIND_I8) => by_queries!(@4 m, weighted512<4, KIND_I8>, p, v, hd, out),
                 (true, false, KIND_F16) => by_queries!(@4 m, weighted512<4, KIND_F16>, p, v, hd, out),
-                (true, false, _) => by_queries!(@4 m, weighted512<4, KIND_F32>, p, v, hd, out),
+                (true, false, KIND_F32) => by_queries!(@4 m, weighted512<4, KIND_F32>, p, v, hd, out),
                 (false, _, kind) => {
                     for a0 in (0..m).step_by(4) {
                         let mm = (m - a0).min(4);
@@ -313,10 +316,12 @@ pub(crate) mod x86 {
                         match kind {
                             KIND_I8 => by_queries!(@4 mm, weighted256<KIND_I8>, pa, v, hd, oa),
                             KIND_F16 => by_queries!(@4 mm, weighted256<KIND_F16>, pa, v, hd, oa),
-                            _ => by_queries!(@4 mm, weighted256<KIND_F32>, pa, v, hd, oa),
+                            KIND_F32 => by_queries!(@4 mm, weighted256<KIND_F32>, pa, v, hd, oa),
+                            kind => unreachable!("value element kind {kind}"),
                         }
                     }
                 }
+                (true, _, kind) => unreachable!("value element kind {kind}"),
             }
         }
     }
@@ -339,20 +344,24 @@ pub(crate) mod x86 {
     /// prefetchers short of the memory's bandwidth.
     const AHEAD: usize = 4096;
 
-    /// Prefetches the lines of `bytes` bytes from `p` (which may lie past the data: a prefetch never faults).
+    /// Prefetches the lines of `bytes` bytes from `p`, which may lie past the data.
     #[inline(always)]
-    unsafe fn prefetch(p: *const u8, bytes: usize) {
+    fn prefetch(p: *const u8, bytes: usize) {
         for off in (0..bytes).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8);
+            // SAFETY: a prefetch reads nothing the program sees and never faults, whatever the address (SSE,
+            // which every x86-64 CPU has).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
         }
     }
 
-    /// Bytes of an element of kind `E` ([`KvElem::KIND`]).
+    /// Bytes of an element of kind `e` ([`KvElem::KIND`]); the kernels evaluate it at compile time, so a kind
+    /// without a case here fails to build.
     const fn size(e: u8) -> usize {
         match e {
             KIND_I8 => 1,
             KIND_F16 => 2,
-            _ => 4,
+            KIND_F32 => 4,
+            _ => panic!("unknown key/value element kind"),
         }
     }
 
@@ -362,7 +371,8 @@ pub(crate) mod x86 {
             match $e {
                 KIND_I8 => _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64($p as *const __m128i))),
                 KIND_F16 => _mm256_cvtph_ps(_mm_loadu_si128($p as *const __m128i)),
-                _ => _mm256_loadu_ps($p as *const f32),
+                KIND_F32 => _mm256_loadu_ps($p as *const f32),
+                _ => unreachable!(),
             }
         };
     }
@@ -373,7 +383,8 @@ pub(crate) mod x86 {
             match $e {
                 KIND_I8 => _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8($mask, $p as *const i8))),
                 KIND_F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16($mask, $p as *const i16)),
-                _ => _mm512_maskz_loadu_ps($mask, $p as *const f32),
+                KIND_F32 => _mm512_maskz_loadu_ps($mask, $p as *const f32),
+                _ => unreachable!(),
             }
         };
     }
@@ -385,7 +396,7 @@ pub(crate) mod x86 {
     /// `E`, `out` `M · l`.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn scores256<const M: usize, const E: u8>(q: &[f32], panels: *const u8, l: usize, out: &mut [f32]) {
-        let (hd, size) = (q.len() / M, size(E));
+        let (hd, size) = (q.len() / M, const { size(E) });
         let (op, qp) = (out.as_mut_ptr(), q.as_ptr());
         let mut j = 0;
         while j < l {
@@ -424,7 +435,7 @@ pub(crate) mod x86 {
     /// AVX-512 F/BW/VL; as [`scores256`] otherwise.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn scores512<const M: usize, const E: u8>(q: &[f32], panels: *const u8, l: usize, out: &mut [f32]) {
-        let (hd, size) = (q.len() / M, size(E));
+        let (hd, size) = (q.len() / M, const { size(E) });
         let (op, qp) = (out.as_mut_ptr(), q.as_ptr());
         let mut j = 0;
         while j < l {
@@ -462,7 +473,7 @@ pub(crate) mod x86 {
     /// AVX2, FMA and F16C; `v` holds `l = p.len() / M` rows of `hd` elements of kind `E`, `out` `M · hd`.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn weighted256<const M: usize, const E: u8>(p: &[f32], v: *const u8, hd: usize, out: &mut [f32]) {
-        let (l, size) = (p.len() / M, size(E));
+        let (l, size) = (p.len() / M, const { size(E) });
         let (op, pp) = (out.as_mut_ptr(), p.as_ptr());
         let mut d0 = 0;
         while d0 + 16 <= hd {
@@ -490,7 +501,8 @@ pub(crate) mod x86 {
                     let x = match E {
                         KIND_I8 => *(at as *const i8) as f32,
                         KIND_F16 => crate::formats::f16_to_f32(*(at as *const u16)),
-                        _ => *(at as *const f32),
+                        KIND_F32 => *(at as *const f32),
+                        _ => unreachable!(),
                     };
                     s += p[a * l + i] * x;
                 }
@@ -512,10 +524,10 @@ pub(crate) mod x86 {
         hd: usize,
         out: &mut [f32],
     ) {
-        let (l, size) = (p.len() / M, size(E));
+        let (l, size) = (p.len() / M, const { size(E) });
         let (op, pp) = (out.as_mut_ptr(), p.as_ptr());
         // Whole positions ahead, so each prefetch lands on the columns this pass will read.
-        let ahead = AHEAD.div_ceil(hd * size) * hd * size;
+        let ahead = AHEAD.div_ceil((hd * size).max(1)) * hd * size;
         let mut d0 = 0;
         while d0 + 16 * D <= hd {
             let mut acc = [[_mm512_setzero_ps(); D]; M];
@@ -804,15 +816,31 @@ pub(crate) mod x86 {
 mod tests {
     use super::*;
 
+    /// The kernels of the active ISA and, on x86, of every SIMD path this CPU runs, whichever is active.
+    fn every_ops() -> Vec<VectorOps> {
+        #[allow(unused_mut)]
+        let mut all = vec![ops()];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if Isa::Avx2.is_supported() {
+                all.push(x86::ops::<false>());
+            }
+            if Isa::Avx512.is_supported() {
+                all.push(x86::ops::<true>());
+            }
+        }
+        all
+    }
+
     /// Every query count and a spread of head widths and position ranges (whole panels, partial last panels,
-    /// scalar and masked dimension tails) against the references, on the active ISA (the test run sets each in
-    /// turn).
+    /// scalar and masked dimension tails) against the references, on the active ISA and every x86 SIMD path this
+    /// CPU runs.
     #[test]
     fn block_kernels_match_their_references() {
         let val = |i: usize, m: usize| ((i * m + 5) % 29) as f32 / 14.0 - 1.0;
         let shapes =
             [(64, 90, 0, 90), (16, 40, 32, 37), (24, 17, 0, 17), (8, 5, 0, 4), (80, 1500, 0, 1500), (72, 50, 32, 32)];
-        for (hd, n, start, end) in shapes {
+        for (o, (hd, n, start, end)) in every_ops().into_iter().flat_map(|o| shapes.map(|s| (o, s))) {
             let keys: Vec<f32> = (0..n * hd).map(|i| val(i, 7)).collect();
             let panels = key_panels(&keys, n, hd);
             for m in 1..=MAX_QUERIES {
@@ -824,7 +852,7 @@ mod tests {
                     .collect();
                 let (mut a, mut b) = (vec![0.0f32; m * l], vec![7.0f32; m * l + 3]);
                 scores_scalar(&q, m, &panels, start..end, &mut a);
-                (ops().scores)(&q, m, &panels, start..end, &mut b);
+                (o.scores)(&q, m, &panels, start..end, &mut b);
                 assert!(want.iter().zip(&a).all(|(x, y)| (x - y).abs() <= 1e-4), "reference scores hd {hd} m {m}");
                 assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-4), "scores hd {hd} n {n} m {m}");
                 assert_eq!(b[m * l..], [7.0; 3], "scores wrote past their output");
@@ -832,7 +860,7 @@ mod tests {
                 let v: Vec<f32> = (0..n * hd).map(|i| val(i, 13)).collect();
                 let (mut a, mut b) = (vec![0.0f32; m * hd], vec![7.0f32; m * hd + 3]);
                 weighted_scalar(&p, m, &v, hd, start, &mut a);
-                (ops().weighted)(&p, m, &v, hd, start, &mut b);
+                (o.weighted)(&p, m, &v, hd, start, &mut b);
                 let tol = 1e-5 * (l as f32 + 1.0);
                 assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= tol), "weighted hd {hd} n {n} m {m}");
                 assert_eq!(b[m * hd..], [7.0; 3], "weighted sums wrote past their output");
@@ -844,12 +872,12 @@ mod tests {
                     (kc.iter().map(|&c| c as f32).collect(), vc.iter().map(|&c| c as f32).collect());
                 let (mut a, mut b) = (vec![0.0f32; m * l], vec![7.0f32; m * l + 3]);
                 scores_scalar(&q, m, &key_panels(&kf, n, hd), start..end, &mut a);
-                (ops().scores_i8)(&q, m, &key_panels(&kc, n, hd), start..end, &mut b);
+                (o.scores_i8)(&q, m, &key_panels(&kc, n, hd), start..end, &mut b);
                 assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-4 * 127.0), "int8 scores hd {hd} m {m}");
                 assert_eq!(b[m * l..], [7.0; 3], "int8 scores wrote past their output");
                 let (mut a, mut b) = (vec![0.0f32; m * hd], vec![7.0f32; m * hd + 3]);
                 weighted_scalar(&p, m, &vf, hd, start, &mut a);
-                (ops().weighted_i8)(&p, m, &vc, hd, start, &mut b);
+                (o.weighted_i8)(&p, m, &vc, hd, start, &mut b);
                 assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= tol * 127.0), "int8 weighted hd {hd} m {m}");
                 assert_eq!(b[m * hd..], [7.0; 3], "int8 weighted sums wrote past their output");
                 // f16 values: the sums of the f32 values they stand for (the reference reads both the same way).
@@ -861,12 +889,12 @@ mod tests {
                     (kh.iter().map(|&h| h.into()).collect(), vh.iter().map(|&h| h.into()).collect());
                 let (mut a, mut b) = (vec![0.0f32; m * l], vec![7.0f32; m * l + 3]);
                 scores_scalar(&q, m, &key_panels(&kf, n, hd), start..end, &mut a);
-                (ops().scores_f16)(&q, m, &key_panels(&kh, n, hd), start..end, &mut b);
+                (o.scores_f16)(&q, m, &key_panels(&kh, n, hd), start..end, &mut b);
                 assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-4), "f16 scores hd {hd} m {m}");
                 assert_eq!(b[m * l..], [7.0; 3], "f16 scores wrote past their output");
                 let (mut a, mut b) = (vec![0.0f32; m * hd], vec![7.0f32; m * hd + 3]);
                 weighted_scalar(&p, m, &vf, hd, start, &mut a);
-                (ops().weighted_f16)(&p, m, &vh, hd, start, &mut b);
+                (o.weighted_f16)(&p, m, &vh, hd, start, &mut b);
                 assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= tol), "f16 weighted hd {hd} m {m}");
                 assert_eq!(b[m * hd..], [7.0; 3], "f16 weighted sums wrote past their output");
             }

@@ -170,7 +170,7 @@ pub enum KvFormat {
     /// f32 keys and values.
     #[default]
     F32,
-    /// f16 keys and values, saturating at ±65504.
+    /// f16 keys and values, saturating at ±65504 (infinities too, where f32 keeps them).
     F16,
     /// int8 codes, one scale per position and head.
     Int8,
