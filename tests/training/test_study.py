@@ -291,6 +291,8 @@ def test_a_curve_without_a_visible_floor_fits_at_the_bound_not_below_any_perplex
     assert max(abs(f / y - 1) for f, y in zip(fitted, curve[1:])) < 0.02
     assert S.floor_label(a, 17.0) == ("none visible (power law)", "-")
     assert S.floor_label(20.0, 16.0) == ("20.00", "+25.0%")
+    # A floor below the teacher is an extrapolation of a curve still falling, not one it shows.
+    assert S.floor_label(9.7, 17.5) == ("none visible (power law)", "-")
     # Reaching a target is still answered on the bounded fit.
     assert S.tokens_to_reach((a, b, c), fitted[-1] - 1.0) > 1e6
 
