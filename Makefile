@@ -63,12 +63,15 @@ aarch64-toolchain:  ## install the aarch64 cross toolchain if missing (rustup st
 		(apt-get update -q >/dev/null && apt-get install -y -q $(AARCH64_APT) >/dev/null)
 
 # qemu's default CPU has the dot-product extension (the `sdot` integer kernels); a second run as a Cortex-A72,
-# which lacks it, checks the `smull` ones on the tests that reach them.
-AARCH64_TEST := CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+# which lacks it, checks the `smull` ones on the tests that reach them. The unit tests (the NEON attention
+# kernels against their references among them) run once.
+AARCH64_CARGO := CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
 	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" \
-	cargo test -p sparseinfer-core --target $(AARCH64) --release --quiet --test kernels
+	cargo test -p sparseinfer-core --target $(AARCH64) --release --quiet
+AARCH64_TEST := $(AARCH64_CARGO) --test kernels
 test-aarch64: aarch64-toolchain  ## kernel tests for aarch64 (NEON and scalar paths) under qemu
 	cargo clippy -p sparseinfer-core --target $(AARCH64) --all-targets --quiet -- -D warnings
+	$(AARCH64_CARGO) --lib
 	SPARSEINFER_EXPECT_KERNEL="neon sdot" $(AARCH64_TEST)
 	QEMU_CPU=cortex-a72 SPARSEINFER_EXPECT_KERNEL="neon smull" $(AARCH64_TEST) -- \
 		integer_weights every_variant many_activation_rows int4_code_minus_8

@@ -1,10 +1,11 @@
 //! f32 vector operations for attention: the scores of up to [`MAX_QUERIES`] queries over keys packed in
 //! [`PANEL`]-position panels, their weighted sums of position-major values (keys and values in f32, f16 or as
 //! int8 codes), and the softmax numerators `exp(s - max)`; plus the dot product the VNNI kernels use. AVX2+FMA variants
-//! serve every x86 SIMD path, AVX-512 ones the AVX-512 path. The scalar versions are the reference: the block
-//! kernels differ from them only by summation order and FMA rounding, the exponential by at most [`EXP_BUDGET`].
+//! serve every x86 SIMD path, AVX-512 ones the AVX-512 path, NEON ones (`aarch64::attention`) the NEON path. The
+//! scalar versions are the reference: the block kernels differ from them only by summation order and FMA
+//! rounding, the exponential by at most [`EXP_BUDGET`].
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use super::{active_isa, Isa};
 use std::ops::Range;
 
@@ -106,13 +107,17 @@ pub struct VectorOps {
 }
 
 /// The operations for the active ISA (AVX-512 block kernels on the AVX-512 path, AVX2+FMA for the rest of every
-/// x86 SIMD path, else the scalar reference).
+/// x86 SIMD path, NEON on the NEON path, else the scalar reference).
 pub fn ops() -> VectorOps {
     #[cfg(target_arch = "x86_64")]
     match active_isa() {
         Ok(Isa::Avx512) => return x86::ops::<true>(),
         Ok(Isa::Avx2 | Isa::AvxVnni) => return x86::ops::<false>(),
         _ => {}
+    }
+    #[cfg(target_arch = "aarch64")]
+    if active_isa().is_ok_and(|i| i == Isa::Neon) {
+        return super::aarch64::attention::ops();
     }
     VectorOps {
         scores: scores_scalar,
@@ -816,10 +821,14 @@ pub(crate) mod x86 {
 mod tests {
     use super::*;
 
-    /// The kernels of the active ISA and, on x86, of every SIMD path this CPU runs, whichever is active.
+    /// The kernels of the active ISA and of every SIMD path this CPU runs, whichever is active.
     fn every_ops() -> Vec<VectorOps> {
         #[allow(unused_mut)]
         let mut all = vec![ops()];
+        #[cfg(target_arch = "aarch64")]
+        if Isa::Neon.is_supported() {
+            all.push(crate::kernels::aarch64::attention::ops());
+        }
         #[cfg(target_arch = "x86_64")]
         {
             if Isa::Avx2.is_supported() {
@@ -915,50 +924,52 @@ mod tests {
         assert_eq!(f32::from(F16::saturating(6e-8)), 5.960_464_5e-8, "the smallest subnormal half");
     }
 
-    /// The softmax numerators of the active ISA within [`EXP_BUDGET`] of the f64 exponential, for every tail
+    /// The softmax numerators of every path this CPU runs within [`EXP_BUDGET`] of the f64 exponential, for every tail
     /// length and over the whole clamped range, and their sum.
     #[test]
     fn exp_shifted_is_within_its_budget() {
-        let mut worst = 0.0f64;
-        for len in 0..40 {
-            // Scores from -87 below the maximum to the maximum itself, so exp spans [e^-87, 1].
-            let s: Vec<f32> = (0..len).map(|i| 3.0 - 90.0 * ((i * 7 % 40) as f32 / 39.0).powi(2)).collect();
-            let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut got = s.clone();
-            let sum = (ops().exp_shifted)(&mut got);
-            let mut want_sum = 0.0f64;
-            for (x, g) in s.iter().zip(&got) {
-                let want = ((*x - max) as f64).exp();
-                want_sum += want;
+        for exp_shifted in every_ops().into_iter().map(|o| o.exp_shifted) {
+            let mut worst = 0.0f64;
+            for len in 0..40 {
+                // Scores from -87 below the maximum to the maximum itself, so exp spans [e^-87, 1].
+                let s: Vec<f32> = (0..len).map(|i| 3.0 - 90.0 * ((i * 7 % 40) as f32 / 39.0).powi(2)).collect();
+                let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let mut got = s.clone();
+                let sum = exp_shifted(&mut got);
+                let mut want_sum = 0.0f64;
+                for (x, g) in s.iter().zip(&got) {
+                    let want = ((*x - max) as f64).exp();
+                    want_sum += want;
+                    if want > 1e-37 {
+                        // Smaller results are subnormal in f32 (or clamped): absolute error below 2e-38.
+                        worst = worst.max((*g as f64 - want).abs() / want);
+                    } else {
+                        assert!((*g as f64 - want).abs() < 2e-38, "exp({}) = {g}", x - max);
+                    }
+                }
+                assert!((sum as f64 - want_sum).abs() <= 1e-6 * want_sum.max(1e-30), "sum of {len}");
+            }
+            // Dense sweep of the exponential itself, through one long row.
+            let mut row: Vec<f32> = (0..=175_000).map(|i| -87.0 + i as f32 * 1e-3).collect();
+            let orig = row.clone();
+            exp_shifted(&mut row);
+            let top = orig[orig.len() - 1];
+            for (x, g) in orig.iter().zip(&row) {
+                let want = ((*x - top) as f64).exp();
                 if want > 1e-37 {
-                    // Smaller results are subnormal in f32 (or clamped): absolute error below 2e-38.
                     worst = worst.max((*g as f64 - want).abs() / want);
-                } else {
-                    assert!((*g as f64 - want).abs() < 2e-38, "exp({}) = {g}", x - max);
                 }
             }
-            assert!((sum as f64 - want_sum).abs() <= 1e-6 * want_sum.max(1e-30), "sum of {len}");
-        }
-        // Dense sweep of the exponential itself, through one long row.
-        let mut row: Vec<f32> = (0..=175_000).map(|i| -87.0 + i as f32 * 1e-3).collect();
-        let orig = row.clone();
-        (ops().exp_shifted)(&mut row);
-        let top = orig[orig.len() - 1];
-        for (x, g) in orig.iter().zip(&row) {
-            let want = ((*x - top) as f64).exp();
-            if want > 1e-37 {
-                worst = worst.max((*g as f64 - want).abs() / want);
-            }
-        }
-        assert!(worst <= EXP_BUDGET as f64, "worst relative error {worst:e} over {EXP_BUDGET:e}");
-        assert_eq!((ops().exp_shifted)(&mut []), 0.0);
-        // A NaN score is not hidden: its numerator and the sum are NaN, wherever it sits.
-        for len in [1, 7, 16, 23, 40] {
-            for at in [0, len / 2, len - 1] {
-                let mut row: Vec<f32> = (0..len).map(|i| i as f32 * 0.1).collect();
-                row[at] = f32::NAN;
-                let sum = (ops().exp_shifted)(&mut row);
-                assert!(sum.is_nan() && row[at].is_nan(), "NaN at {at} of {len}");
+            assert!(worst <= EXP_BUDGET as f64, "worst relative error {worst:e} over {EXP_BUDGET:e}");
+            assert_eq!(exp_shifted(&mut []), 0.0);
+            // A NaN score is not hidden: its numerator and the sum are NaN, wherever it sits.
+            for len in [1, 7, 16, 23, 40] {
+                for at in [0, len / 2, len - 1] {
+                    let mut row: Vec<f32> = (0..len).map(|i| i as f32 * 0.1).collect();
+                    row[at] = f32::NAN;
+                    let sum = exp_shifted(&mut row);
+                    assert!(sum.is_nan() && row[at].is_nan(), "NaN at {at} of {len}");
+                }
             }
         }
     }

@@ -1,6 +1,7 @@
 //! aarch64 SIMD kernels: NEON (Advanced SIMD), which every aarch64 CPU has, enabled per function with
 //! `#[target_feature]` and still detected at run time like the x86 paths.
 
+pub(crate) mod attention;
 pub(crate) mod neon;
 pub(crate) mod neon_int;
 
