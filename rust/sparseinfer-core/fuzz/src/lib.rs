@@ -212,8 +212,9 @@ fn load_in(dir: &Path, opts: LoadOptions) -> Outcome {
     }
 }
 
-/// The [`LoadOptions`] byte: mostly "as stored", else a kernel format with a group size and symmetry, and
-/// f32 or int8 self-attention caches.
+/// The [`LoadOptions`] byte: below 128 the weights as stored, with each self-attention cache (the default for
+/// the format, f16, f32 or int8: bits 0-1); else a kernel format with a group size and symmetry, and the default
+/// or an int8 cache.
 pub fn load_options(b: u8) -> LoadOptions {
     const FORMATS: [Format; 8] = [
         Format::DenseF32,
@@ -226,7 +227,8 @@ pub fn load_options(b: u8) -> LoadOptions {
         Format::SparseInt4,
     ];
     if b < 128 {
-        return LoadOptions::default();
+        let kv = [None, Some(runtime::KvFormat::F16), Some(runtime::KvFormat::F32), Some(runtime::KvFormat::Int8)];
+        return LoadOptions { kv_cache: kv[(b & 3) as usize], ..LoadOptions::default() };
     }
     let format = FORMATS[(b & 7) as usize];
     let group_size = [None, Some(32), Some(64), Some(128)][((b >> 3) & 3) as usize];
