@@ -972,6 +972,8 @@ def report(work: Path, out: Path, budget: str):
             lo, hi = D.bootstrap_interval(_nll(c), _nll(ce))
             verdict = "better" if hi < 1 else ("worse" if lo > 1 else "not resolved")
             L.append(f"- {s:.0%}: {LABELS[r]} / CE = {c['ppl'] / ce['ppl']:.3f} [{lo:.3f}, {hi:.3f}]: {verdict}")
+        if order := ordering(cells, s):
+            L.append(f"- {s:.0%}, best to worst: {order}")
     L += ["", *curve_lines(cells, curves, d)]
     timing = [c for c in cells.values() if c.get("kind") == "sparse-ft"]
     if timing:
@@ -1188,6 +1190,21 @@ def sweep_lines(cells: dict, budget: dict) -> list[str]:
     return L
 
 
+def ordering(cells: dict, sparsity: float) -> str | None:
+    """The finished recipes at ``sparsity`` from the lowest held-out perplexity to the highest, each step with
+    the paired ratio of the one before to the next and its 95 % interval over the same chunks: ``<`` where the
+    interval lies below 1 (resolved), ``~`` where it does not. None with fewer than two recipes."""
+    pct = round(sparsity * 100)
+    done = sorted((cells[f"ft-{r}-{pct}"]["ppl"], r) for r in RECIPES if f"ft-{r}-{pct}" in cells)
+    if len(done) < 2:
+        return None
+    parts = [f"{LABELS[done[0][1]]} {done[0][0]:.2f}"]
+    for (pa, a), (pb, b) in zip(done, done[1:]):
+        lo, hi = D.bootstrap_interval(_nll(cells[f"ft-{a}-{pct}"]), _nll(cells[f"ft-{b}-{pct}"]))
+        parts.append(f"{'<' if hi < 1 else '~'} {LABELS[b]} {pb:.2f} ({pa / pb:.3f} [{lo:.3f}, {hi:.3f}])")
+    return " ".join(parts)
+
+
 def goal_lines(cells: dict, curves: dict, dense: float) -> list[str]:
     """The issue's goals, each with the figure that answers it: met, or not and whether the learning curves say
     more budget would close it."""
@@ -1236,6 +1253,14 @@ def goal_lines(cells: dict, curves: dict, dense: float) -> list[str]:
         )
     else:
         L.append(head + "cells pending.")
+    head = "- The ordering of CE, KD and SquareHead with its interval, at every sparsity: "
+    parts = []
+    for s in SPARSITIES:
+        n = sum(f"ft-{r}-{round(s * 100)}" in cells for r in RECIPES)
+        order = ordering(cells, s) if n == len(RECIPES) else None
+        parts.append(f"{s:.0%}: {order}" if order else f"{s:.0%}: {n} of {len(RECIPES)} recipes finished")
+    done = all(p.count(" recipes finished") == 0 for p in parts)
+    L.append(head + ("measured" if done else "pending") + "; " + "; ".join(parts) + ".")
     return L
 
 

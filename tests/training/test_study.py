@@ -3,6 +3,7 @@ fine-tuning recipes at both sparsities, GPTQ INT8/INT4 exports read back by the 
 resume from finished cells, and the guard against resuming a study of another model."""
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -332,3 +333,26 @@ def test_a_ratio_to_ce_moving_toward_1_is_a_narrowing_gap_on_either_side():
     assert S.gap_trend(1.01, 1.03) == "widening"
     assert S.gap_trend(1.02, 0.98) == "crossed 1"
     assert S.gap_trend(0.960, 0.958) == "flat"
+
+
+def test_the_ordering_steps_from_best_to_worst_with_paired_intervals():
+    S = _study_module()
+    tokens = [512] * 40
+    rng = __import__("random").Random(0)
+    base = [rng.uniform(1400, 1800) for _ in tokens]
+
+    def cell(shift, jitter):
+        nll = [b + shift + rng.uniform(-jitter, jitter) for b in base]
+        return {"ppl": math.exp(sum(nll) / sum(tokens)), "chunk_nll": nll, "chunk_tokens": tokens}
+
+    # KD clearly below CE; SquareHead within noise of CE.
+    cells = {"ft-ce-70": cell(0.0, 1.0), "ft-kd-70": cell(-50.0, 1.0), "ft-squarehead-70": cell(0.2, 5.0)}
+    order = S.ordering(cells, 0.7)
+    first, rest = order.split(" < ", 1)
+    assert first.startswith("CE + KD ") and re.fullmatch(
+        r"CE \d.* ~ CE \+ SquareHead .*|CE \+ SquareHead .* ~ CE .*", rest
+    )
+    assert S.ordering({"ft-ce-70": cells["ft-ce-70"]}, 0.7) is None
+    goals = "\n".join(S.goal_lines(cells, {}, 10.0))
+    assert "The ordering of CE, KD and SquareHead with its interval, at every sparsity: pending" in goals
+    assert "70%: 3 of 4 recipes finished" in goals
