@@ -33,8 +33,18 @@ def test_presets_and_resolve(monkeypatch, tmp_path):
     exp = tmp_path / "study-full" / "exports" / "sparse70-squarehead-int8"
     exp.mkdir(parents=True)
     (exp / "config.json").write_text("{}")
+    # The tuned study's export of a name wins over the first study's; the others stay.
+    tuned = tmp_path / "study-full-tuned" / "exports" / "sparse70-squarehead-int8"
+    tuned.mkdir(parents=True)
+    (tuned / "config.json").write_text("{}")
+    only_first = tmp_path / "study-full" / "exports" / "sparse50-kd-int4"
+    only_first.mkdir(parents=True)
+    (only_first / "config.json").write_text("{}")
     p = models.presets()
-    assert {"dense", "dense-int8", "dense-int4", "study-sparse70-squarehead-int8"} <= set(p)
+    assert {"dense", "dense-int8", "dense-int4", "study-sparse70-squarehead-int8", "study-sparse50-kd-int4"} <= set(p)
+    assert models.resolve("study-sparse70-squarehead-int8") == (tuned, None)
+    assert models.resolve("study-sparse50-kd-int4") == (only_first, None)
+    (tuned / "config.json").unlink()  # an unfinished export is no preset
     assert models.resolve("study-sparse70-squarehead-int8") == (exp, None)
     monkeypatch.setattr(models, "default_model_dir", lambda: Path("/converted"))
     assert models.resolve("dense-int8") == (Path("/converted"), "dense-int8")

@@ -6,9 +6,9 @@ first use converts it once, with a progress bar, into a Hugging Face directory u
 (``$SPARSEINFER_CACHE``, else ``$XDG_CACHE_HOME/sparseinfer``, else ``~/.cache/sparseinfer``).
 
 Presets name variants of the default: ``dense`` (the converted model) and ``dense-bf16`` / ``dense-int8`` /
-``dense-int4`` load the same weights packed into a kernel format. The pruned, SquareHead-fine-tuned and quantized
-models of the study (``training/study.py``, results in ``docs/results``) are presets named
-``study-sparse70-squarehead-int8`` and so on once the study has run on this machine.
+``dense-int4`` load the same weights packed into a kernel format. The pruned, fine-tuned and quantized models of
+the study (``training/study.py``, results in ``docs/results``) are presets named ``study-sparse70-kd-int8`` and so
+on (sparsity, recipe, bits) once the study has exported them on this machine.
 """
 
 from __future__ import annotations
@@ -72,17 +72,24 @@ def default_model_dir() -> Path:
     return convert_gguf(src, out, overwrite=True)
 
 
+# The study budgets whose exports become presets (training/study.py writes them to `study-<budget>/exports` under
+# the cache), the first holding a name winning: the tuned-rate study's models are the better ones
+# (docs/results/study-tuned.md).
+STUDY_BUDGETS = ("full-tuned", "full")
+
+
 def presets() -> dict[str, tuple[Path, str | None]]:
     """Preset name → (model directory, weight format or None). The study's exported models appear as
     ``study-<name>`` when present under the cache."""
     out: dict[str, tuple[Path, str | None]] = {}
     for name in ("dense", "dense-bf16", "dense-int8", "dense-int4"):
         out[name] = (Path(), None if name == "dense" else name)  # Path(): the default model, converted lazily
-    study = cache_dir() / "study-full" / "exports"  # written by training/study.py
-    if study.is_dir():
-        for d in sorted(study.iterdir()):
-            if (d / "config.json").is_file():
-                out[f"study-{d.name}"] = (d, None)
+    for budget in STUDY_BUDGETS:
+        study = cache_dir() / f"study-{budget}" / "exports"
+        if study.is_dir():
+            for d in sorted(study.iterdir()):
+                if (d / "config.json").is_file():
+                    out.setdefault(f"study-{d.name}", (d, None))
     return out
 
 
