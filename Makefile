@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: help setup setup-train setup-interop setup-audio develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-load bench-seq2seq bench-train bench-llamacpp bench-llamacpp-avx2 bench-llamacpp-8b study wheel clean fuzz-build fuzz fuzz-merge fuzz-seeds fuzz-regress fuzz-convert
+.PHONY: help setup setup-train setup-interop setup-audio develop test aarch64-toolchain test-aarch64 lint demo bench bench-e2e bench-bandwidth bench-load bench-seq2seq bench-train bench-llamacpp bench-llamacpp-avx2 bench-llamacpp-8b study wheel clean fuzz-build fuzz fuzz-merge fuzz-seeds fuzz-regress fuzz-convert
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -130,6 +130,9 @@ $(LCPP_AVX2_VENV)/.installed:
 		-DGGML_OPENMP=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
 		$(LCPP_AVX2_VENV)/bin/pip install -q --no-cache-dir --no-binary llama-cpp-python llama-cpp-python
 	touch $@
+
+bench-bandwidth: develop  ## each format's decode fraction of the read bandwidth over 5 alternated rounds, 1B (~6 min)
+	$(PY) bench/bandwidth_rounds.py --rounds 5 --report docs/benchmarks
 
 bench-load: develop  ## load time, packing vs the load cache, 1B model (~3 min): docs/benchmarks/load.md
 	$(PY) -m pytest bench/test_load_bench.py --benchmark-enable --benchmark-only -q \
