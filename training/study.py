@@ -971,7 +971,7 @@ def report(work: Path, out: Path, budget: str):
                 continue
             lo, hi = D.bootstrap_interval(_nll(c), _nll(ce))
             verdict = "better" if hi < 1 else ("worse" if lo > 1 else "not resolved")
-            L.append(f"- {s:.0%}: {LABELS[r]} / CE = {c['ppl'] / ce['ppl']:.3f} [{lo:.3f}, {hi:.3f}]: {verdict}")
+            L.append(f"- {s:.0%}: {LABELS[r]} / CE = {_ratio(c['ppl'] / ce['ppl'], lo, hi)}: {verdict}")
         if order := ordering(cells, s):
             L.append(f"- {s:.0%}, best to worst: {order}")
     L += ["", *curve_lines(cells, curves, d)]
@@ -1190,6 +1190,13 @@ def sweep_lines(cells: dict, budget: dict) -> list[str]:
     return L
 
 
+def _ratio(r: float, lo: float, hi: float) -> str:
+    """A paired ratio and its interval, with a fourth decimal where three would round an end to 1.000 (an
+    interval that excludes 1 must not read as touching it)."""
+    digits = 4 if "1.000" in (f"{lo:.3f}", f"{hi:.3f}") else 3
+    return f"{r:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
 def ordering(cells: dict, sparsity: float) -> str | None:
     """The finished recipes at ``sparsity`` from the lowest held-out perplexity to the highest, each step with
     the paired ratio of the one before to the next and its 95 % interval over the same chunks: ``<`` where the
@@ -1201,7 +1208,7 @@ def ordering(cells: dict, sparsity: float) -> str | None:
     parts = [f"{LABELS[done[0][1]]} {done[0][0]:.2f}"]
     for (pa, a), (pb, b) in zip(done, done[1:]):
         lo, hi = D.bootstrap_interval(_nll(cells[f"ft-{a}-{pct}"]), _nll(cells[f"ft-{b}-{pct}"]))
-        parts.append(f"{'<' if hi < 1 else '~'} {LABELS[b]} {pb:.2f} ({pa / pb:.3f} [{lo:.3f}, {hi:.3f}])")
+        parts.append(f"{'<' if hi < 1 else '~'} {LABELS[b]} {pb:.2f} ({_ratio(pa / pb, lo, hi)})")
     return " ".join(parts)
 
 

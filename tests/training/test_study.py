@@ -353,6 +353,9 @@ def test_the_ordering_steps_from_best_to_worst_with_paired_intervals():
         r"CE \d.* ~ CE \+ SquareHead .*|CE \+ SquareHead .* ~ CE .*", rest
     )
     assert S.ordering({"ft-ce-70": cells["ft-ce-70"]}, 0.7) is None
+    # An end that three decimals would round to 1.000 gets a fourth.
+    assert S._ratio(0.9952, 0.9911, 0.99996) == "0.9952 [0.9911, 1.0000]"
+    assert S._ratio(0.898, 0.890, 0.905) == "0.898 [0.890, 0.905]"
     goals = "\n".join(S.goal_lines(cells, {}, 10.0))
     assert "The ordering of CE, KD and SquareHead with its interval, at every sparsity: pending" in goals
     assert "70%: 3 of 4 recipes finished" in goals

@@ -260,7 +260,7 @@ pub(crate) mod x86 {
         assert!((1..=MAX_QUERIES).contains(&m) && q.len().is_multiple_of(m), "1 to {MAX_QUERIES} queries");
         let (hd, l) = (q.len() / m, range.len());
         assert!(range.start.is_multiple_of(PANEL) && range.start <= range.end, "positions start a panel");
-        let needed = (range.end.div_ceil(PANEL) * PANEL).checked_mul(hd);
+        let needed = range.end.div_ceil(PANEL).checked_mul(PANEL).and_then(|n| n.checked_mul(hd));
         assert!(needed.is_some_and(|n| panels.len() >= n), "keys out of range");
         assert!(m.checked_mul(l).is_some_and(|n| out.len() >= n), "output too short");
         let base = panels[range.start * hd..].as_ptr() as *const u8;
@@ -907,6 +907,17 @@ mod tests {
                 assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= tol), "f16 weighted hd {hd} m {m}");
                 assert_eq!(b[m * hd..], [7.0; 3], "f16 weighted sums wrote past their output");
             }
+        }
+    }
+
+    /// A position range whose panel count overflows is refused (a panic, as the reference's indexing gives), not
+    /// read from a wrapped size, on every path.
+    #[test]
+    fn block_kernels_refuse_ranges_past_any_panel() {
+        for o in every_ops() {
+            let far = (usize::MAX - 31)..usize::MAX;
+            let r = std::panic::catch_unwind(|| (o.scores)(&[1.0], 1, &[] as &[f32], far.clone(), &mut [0.0; 31]));
+            assert!(r.is_err(), "scores over {far:?}");
         }
     }
 

@@ -75,7 +75,7 @@ fn scores<T: Lanes>(q: &[f32], m: usize, panels: &[T], range: Range<usize>, out:
     assert!((1..=MAX_QUERIES).contains(&m) && q.len().is_multiple_of(m), "1 to {MAX_QUERIES} queries");
     let (hd, l) = (q.len() / m, range.len());
     assert!(range.start.is_multiple_of(PANEL) && range.start <= range.end, "positions start a panel");
-    let needed = (range.end.div_ceil(PANEL) * PANEL).checked_mul(hd);
+    let needed = range.end.div_ceil(PANEL).checked_mul(PANEL).and_then(|n| n.checked_mul(hd));
     assert!(needed.is_some_and(|n| panels.len() >= n), "keys out of range");
     assert!(m.checked_mul(l).is_some_and(|n| out.len() >= n), "output too short");
     for a0 in (0..m).step_by(2) {
