@@ -191,6 +191,45 @@ pub fn exp_shifted_scalar(s: &mut [f32]) -> f32 {
     sum
 }
 
+/// The bounds every SIMD block kernel checks before its raw loads, in one place: `1..=MAX_QUERIES` queries of
+/// `hd = q_len / m`, positions from a panel's start, whole panels covering them (no product may wrap), and room
+/// for `m × L` scores. Returns `(hd, L)`.
+pub(crate) fn check_scores(
+    q_len: usize,
+    m: usize,
+    panels_len: usize,
+    range: &Range<usize>,
+    out_len: usize,
+) -> (usize, usize) {
+    assert!((1..=MAX_QUERIES).contains(&m) && q_len.is_multiple_of(m), "1 to {MAX_QUERIES} queries");
+    let (hd, l) = (q_len / m, range.len());
+    assert!(range.start.is_multiple_of(PANEL) && range.start <= range.end, "positions start a panel");
+    let needed = range.end.div_ceil(PANEL).checked_mul(PANEL).and_then(|n| n.checked_mul(hd));
+    assert!(needed.is_some_and(|n| panels_len >= n), "keys out of range");
+    assert!(m.checked_mul(l).is_some_and(|n| out_len >= n), "output too short");
+    (hd, l)
+}
+
+/// [`check_scores`] for the weighted sums: `m` queries of `L = p_len / m` weights, `L` value rows of `hd` from
+/// row `start`, room for `m × hd` sums. Returns `L`.
+pub(crate) fn check_weighted(p_len: usize, m: usize, v_len: usize, hd: usize, start: usize, out_len: usize) -> usize {
+    assert!((1..=MAX_QUERIES).contains(&m) && p_len.is_multiple_of(m), "1 to {MAX_QUERIES} queries");
+    let l = p_len / m;
+    let needed = start.checked_add(l).and_then(|n| n.checked_mul(hd));
+    assert!(needed.is_some_and(|n| v_len >= n), "values out of range");
+    assert!(m.checked_mul(hd).is_some_and(|n| out_len >= n), "output too short");
+    l
+}
+
+/// The SIMD exponentials' constants (`exp(x)` for `x` in `[EXP_LO, EXP_HI]`: `n = round(x / ln 2)`, `r = x -
+/// n · (LN2_HI + LN2_LO)`, then `1/k!` for k = 7 down to 2 by Horner and `2^n` in the exponent bits), shared by
+/// every ISA's copy so all compute the same polynomial.
+pub(crate) const EXP_LO: f32 = -87.3;
+pub(crate) const EXP_HI: f32 = 88.0;
+pub(crate) const EXP_LN2_HI: f32 = 0.693_359_4;
+pub(crate) const EXP_LN2_LO: f32 = -2.121_944_4e-4;
+pub(crate) const EXP_TAYLOR: [f32; 6] = [1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5];
+
 /// Largest relative error of the SIMD softmax numerators against the exact `exp(s - max)` where that is a normal
 /// f32 (arguments in `[-85, 0]`; below, results are within 2e-38 of it): the degree-7 Taylor polynomial's 7e-9
 /// on `|r| <= ln2/2` plus about one rounding of the result (6e-8), with room for the argument's reduction.
@@ -202,7 +241,7 @@ pub const EXP_BF16_BUDGET: f32 = 3e-6;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
-    use super::{KvElem, KIND_F16, KIND_F32, KIND_I8, MAX_QUERIES, PANEL};
+    use super::{KvElem, EXP_HI, EXP_LN2_HI, EXP_LN2_LO, EXP_LO, EXP_TAYLOR, KIND_F16, KIND_F32, KIND_I8, PANEL};
     use core::arch::x86_64::*;
     use std::ops::Range;
 
@@ -257,12 +296,7 @@ pub(crate) mod x86 {
         range: Range<usize>,
         out: &mut [f32],
     ) {
-        assert!((1..=MAX_QUERIES).contains(&m) && q.len().is_multiple_of(m), "1 to {MAX_QUERIES} queries");
-        let (hd, l) = (q.len() / m, range.len());
-        assert!(range.start.is_multiple_of(PANEL) && range.start <= range.end, "positions start a panel");
-        let needed = range.end.div_ceil(PANEL).checked_mul(PANEL).and_then(|n| n.checked_mul(hd));
-        assert!(needed.is_some_and(|n| panels.len() >= n), "keys out of range");
-        assert!(m.checked_mul(l).is_some_and(|n| out.len() >= n), "output too short");
+        let (hd, l) = super::check_scores(q.len(), m, panels.len(), &range, out.len());
         let base = panels[range.start * hd..].as_ptr() as *const u8;
         // SAFETY: `ops` installs the WIDE variant only on the AVX-512 path and the other only where the AVX2 path
         // runs (`avx2_supported`: AVX2, FMA and F16C); the bounds are checked above in elements of `T` (whole
@@ -299,11 +333,7 @@ pub(crate) mod x86 {
         start: usize,
         out: &mut [f32],
     ) {
-        assert!((1..=MAX_QUERIES).contains(&m) && p.len().is_multiple_of(m), "1 to {MAX_QUERIES} queries");
-        let l = p.len() / m;
-        let needed = start.checked_add(l).and_then(|n| n.checked_mul(hd));
-        assert!(needed.is_some_and(|n| v.len() >= n), "values out of range");
-        assert!(m.checked_mul(hd).is_some_and(|n| out.len() >= n), "output too short");
+        let l = super::check_weighted(p.len(), m, v.len(), hd, start, out.len());
         let v = v[start * hd..].as_ptr() as *const u8;
         // SAFETY: as for `scores_checked`.
         unsafe {
@@ -578,20 +608,16 @@ pub(crate) mod x86 {
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn exp256(x: __m256) -> __m256 {
-        const LN2_HI: f32 = 0.693_359_4;
-        const LN2_LO: f32 = -2.121_944_4e-4;
-        // 1/k! for k = 7 down to 2.
-        const C: [f32; 6] = [1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5];
         // The bound first: `max`/`min` return their second operand when either is NaN, so a NaN stays NaN.
-        let x = _mm256_min_ps(_mm256_set1_ps(88.0), _mm256_max_ps(_mm256_set1_ps(-87.3), x));
+        let x = _mm256_min_ps(_mm256_set1_ps(EXP_HI), _mm256_max_ps(_mm256_set1_ps(EXP_LO), x));
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
             x,
             _mm256_set1_ps(std::f32::consts::LOG2_E),
         ));
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
-        let mut poly = _mm256_set1_ps(C[0]);
-        for c in &C[1..] {
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_LO), r);
+        let mut poly = _mm256_set1_ps(EXP_TAYLOR[0]);
+        for c in &EXP_TAYLOR[1..] {
             poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(*c));
         }
         let poly = _mm256_fmadd_ps(_mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0)), r, _mm256_set1_ps(1.0));
@@ -664,18 +690,15 @@ pub(crate) mod x86 {
     /// The CPU must support AVX-512 F.
     #[target_feature(enable = "avx512f")]
     unsafe fn exp512(x: __m512) -> __m512 {
-        const LN2_HI: f32 = 0.693_359_4;
-        const LN2_LO: f32 = -2.121_944_4e-4;
-        const C: [f32; 6] = [1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5];
-        let x = _mm512_min_ps(_mm512_set1_ps(88.0), _mm512_max_ps(_mm512_set1_ps(-87.3), x));
+        let x = _mm512_min_ps(_mm512_set1_ps(EXP_HI), _mm512_max_ps(_mm512_set1_ps(EXP_LO), x));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
             x,
             _mm512_set1_ps(std::f32::consts::LOG2_E),
         ));
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
-        let mut poly = _mm512_set1_ps(C[0]);
-        for c in &C[1..] {
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);
+        let mut poly = _mm512_set1_ps(EXP_TAYLOR[0]);
+        for c in &EXP_TAYLOR[1..] {
             poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(*c));
         }
         let poly = _mm512_fmadd_ps(_mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0)), r, _mm512_set1_ps(1.0));

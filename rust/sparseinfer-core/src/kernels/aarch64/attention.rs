@@ -1,12 +1,12 @@
 //! The attention block kernels on NEON (the NEON path's [`VectorOps`]), the counterparts of the x86 ones in
-//! [`crate::kernels::vector`]: the scores of up to [`MAX_QUERIES`] queries over key panels (a panel's [`PANEL`]
+//! [`crate::kernels::vector`]: the scores of up to [`MAX_QUERIES`](vector::MAX_QUERIES) queries over key panels (a panel's [`PANEL`]
 //! positions as eight vectors of four lanes, each key row loaded once for two queries), the weighted sums of
 //! position-major values (sixteen dimensions at a time for up to four queries), and the softmax numerators with
 //! the x86 kernels' polynomial exponential. Keys and values are f32, f16 (widened by `fcvtl`) or int8 codes
 //! (widened by `sxtl` and `scvtf`). The scalar references are the contract: the sums differ from theirs only by
 //! FMA rounding, the exponential by at most [`EXP_BUDGET`](crate::kernels::vector::EXP_BUDGET).
 
-use crate::kernels::vector::{KvElem, VectorOps, F16, MAX_QUERIES, PANEL};
+use crate::kernels::vector::{self, KvElem, VectorOps, EXP_HI, EXP_LN2_HI, EXP_LN2_LO, EXP_LO, EXP_TAYLOR, F16, PANEL};
 use core::arch::aarch64::*;
 use std::ops::Range;
 
@@ -70,14 +70,9 @@ impl Lanes for i8 {
     }
 }
 
-/// [`crate::kernels::vector::scores_scalar`] on NEON, with the same bounds checks as the x86 kernels.
+/// [`crate::kernels::vector::scores_scalar`] on NEON, with the bounds checks every block kernel makes (`check_scores`).
 fn scores<T: Lanes>(q: &[f32], m: usize, panels: &[T], range: Range<usize>, out: &mut [f32]) {
-    assert!((1..=MAX_QUERIES).contains(&m) && q.len().is_multiple_of(m), "1 to {MAX_QUERIES} queries");
-    let (hd, l) = (q.len() / m, range.len());
-    assert!(range.start.is_multiple_of(PANEL) && range.start <= range.end, "positions start a panel");
-    let needed = range.end.div_ceil(PANEL).checked_mul(PANEL).and_then(|n| n.checked_mul(hd));
-    assert!(needed.is_some_and(|n| panels.len() >= n), "keys out of range");
-    assert!(m.checked_mul(l).is_some_and(|n| out.len() >= n), "output too short");
+    let (hd, l) = vector::check_scores(q.len(), m, panels.len(), &range, out.len());
     for a0 in (0..m).step_by(2) {
         let (qa, oa) = (&q[a0 * hd..], &mut out[a0 * l..]);
         // SAFETY: `ops` installs this only where the NEON path runs; the panels cover `range` (checked above),
@@ -132,13 +127,9 @@ unsafe fn panel_scores<T: Lanes, const M: usize>(
     }
 }
 
-/// [`crate::kernels::vector::weighted_scalar`] on NEON, with the same bounds checks as the x86 kernels.
+/// [`crate::kernels::vector::weighted_scalar`] on NEON, with the bounds checks every block kernel makes (`check_weighted`).
 fn weighted<T: Lanes>(p: &[f32], m: usize, v: &[T], hd: usize, start: usize, out: &mut [f32]) {
-    assert!((1..=MAX_QUERIES).contains(&m) && p.len().is_multiple_of(m), "1 to {MAX_QUERIES} queries");
-    let l = p.len() / m;
-    let needed = start.checked_add(l).and_then(|n| n.checked_mul(hd));
-    assert!(needed.is_some_and(|n| v.len() >= n), "values out of range");
-    assert!(m.checked_mul(hd).is_some_and(|n| out.len() >= n), "output too short");
+    let l = vector::check_weighted(p.len(), m, v.len(), hd, start, out.len());
     let v = &v[start * hd..(start + l) * hd];
     for a0 in (0..m).step_by(4) {
         let (pa, oa) = (&p[a0 * l..], &mut out[a0 * hd..]);
@@ -241,16 +232,12 @@ unsafe fn exp_shifted_neon(s: &mut [f32]) -> f32 {
 /// NEON.
 #[target_feature(enable = "neon")]
 unsafe fn exp4(x: float32x4_t) -> float32x4_t {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // 1/k! for k = 7 down to 2.
-    const C: [f32; 6] = [1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5];
-    let x = vminq_f32(vdupq_n_f32(88.0), vmaxq_f32(vdupq_n_f32(-87.3), x));
+    let x = vminq_f32(vdupq_n_f32(EXP_HI), vmaxq_f32(vdupq_n_f32(EXP_LO), x));
     let n = vrndnq_f32(vmulq_n_f32(x, std::f32::consts::LOG2_E));
-    let r = vfmsq_f32(x, n, vdupq_n_f32(LN2_HI));
-    let r = vfmsq_f32(r, n, vdupq_n_f32(LN2_LO));
-    let mut poly = vdupq_n_f32(C[0]);
-    for c in &C[1..] {
+    let r = vfmsq_f32(x, n, vdupq_n_f32(EXP_LN2_HI));
+    let r = vfmsq_f32(r, n, vdupq_n_f32(EXP_LN2_LO));
+    let mut poly = vdupq_n_f32(EXP_TAYLOR[0]);
+    for c in &EXP_TAYLOR[1..] {
         poly = vfmaq_f32(vdupq_n_f32(*c), poly, r);
     }
     let one = vdupq_n_f32(1.0);
