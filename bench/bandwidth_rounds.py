@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import harness
 import llama_models
 import numpy as np
+from report_train import cpu_name
 
 import sparseinfer
 from sparseinfer import kernels
@@ -80,13 +80,7 @@ def main() -> None:
         }
 
     rounds = harness.interleave(cases, a.rounds, run, log=lambda s: print(s, flush=True))
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(
-            ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo", encoding="utf-8") if ln.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     rows = []
     for n, _ in cases:
         fr = harness.per_round(rounds, n, "fraction")
